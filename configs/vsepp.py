@@ -1,0 +1,30 @@
+"""VSE++ (Faghri et al., BMVC 2018) on region features: mean-pooled regions, GRU caption, hardest negatives.
+
+  python -m xmatch_jax.train --config=configs/vsepp.py:shapes --workdir=W
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
+  dataset, _ = common.parse_arg(arg, 'vsepp')
+  c = common.base_config(dataset)
+  m = c.model = ml_collections.ConfigDict()
+  m.name = 'vsepp'
+  m.embed_size = 1024             # joint space D
+  m.word_dim = 300
+  m.num_layers = 1
+  m.bidirectional = False         # VSE++ uses a uni-directional GRU and its last hidden state
+
+  if dataset in common.PAPER_DATASETS:
+    common.apply_paper_schedule(c, dataset)
+  else:
+    m.embed_size = 256
+    m.word_dim = 128
+    c.vocab_min_count = 1
+    c.num_epochs = 12
+    c.optim.learning_rate = 5e-4
+    c.optim.lr_decay_epochs = 8
+  return c

@@ -1,0 +1,59 @@
+"""The Python API: score dataset-format images against raw caption strings with a trained workdir.
+
+  from xmatch_jax import Retriever
+  r = Retriever.from_workdir('runs/scan_shapes')
+  images, captions, caption_to_image = xmatch_jax.data.load_split('shapes', 'test')
+  scores = r.score({k: v[:10] for k, v in images.items()}, ['a red circle above a blue square'])  # [10, 1]
+"""
+
+import numpy as np
+
+from xmatch_jax import evaluate
+from xmatch_jax import inference
+from xmatch_jax import run_setup
+
+
+class Retriever:
+  """A trained matcher: config, vocabulary and the best checkpoint of a workdir."""
+
+  def __init__(self, config, vocab, model, params, checkpoint: str = ''):
+    self.config = config
+    self.vocab = vocab
+    self.model = model
+    self.checkpoint = checkpoint
+    self._scorer = inference.Scorer(model, {'params': params}, config.eval_image_chunk, config.eval_text_batch)
+
+  @classmethod
+  def from_workdir(cls, workdir: str) -> 'Retriever':
+    config = run_setup.load_config(workdir)
+    vocab = run_setup.load_vocab(workdir)
+    model, params, which = _load_model(workdir, config, vocab)
+    return cls(config, vocab, model, params, checkpoint=which)
+
+  def score(self, images: dict, captions: list) -> np.ndarray:
+    """images: dataset-format dict (`regions` [n_img, k, d], ...); captions: raw strings -> [n_img, n_cap]."""
+    if isinstance(captions, str):
+      raise ValueError('captions must be a list of strings, not one string.')
+    if not captions:
+      raise ValueError('captions is empty; pass at least one caption string.')
+    inputs = inference.image_inputs(self.model, images)
+    regions = inputs['regions'] if 'regions' in inputs else None
+    if regions is not None:
+      if regions.ndim != 3 or regions.shape[-1] != self.img_dim:
+        raise ValueError(f'images["regions"] must be [n_images, k, {self.img_dim}]; got shape {regions.shape}.')
+      if not np.isfinite(regions).all():
+        raise ValueError('images["regions"] holds NaN or inf; features must be finite.')
+    tokens, mask = run_setup.encode_captions(self.vocab, list(captions), self.config)
+    return self._scorer.score(inputs, tokens, mask)
+
+  @property
+  def img_dim(self) -> int:
+    return int(self.config.data_info.img_dim)
+
+
+def _load_model(workdir: str, config, vocab):
+  img_dim = int(config.data_info.img_dim)
+  model = run_setup.build_model(config, len(vocab), img_dim)
+  probe = {'regions': np.zeros((2, 1, img_dim), np.float32)}
+  params, _, which = evaluate.load_params(workdir, model, probe)
+  return model, params, which

@@ -1,0 +1,93 @@
+"""Orbax checkpoints of a training run: the latest few steps plus the best on dev rsum.
+
+Layout in the workdir: `checkpoints/<step>/` (latest, `keep` of them) and `best/<step>/` (one). Each holds
+`state` (params, optimizer state, step) and `meta` (json: epoch, dev metrics, best rsum). The data position is
+the step itself: batches are a pure function of (seed, step).
+"""
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class RunCheckpoints:
+  """Latest and best checkpoints of one workdir."""
+
+  def __init__(self, workdir: str, keep: int = 2):
+    self.workdir = workdir
+    self.latest = _manager(os.path.join(workdir, 'checkpoints'), keep)
+    self.best = _manager(os.path.join(workdir, 'best'), 1)
+
+  def save(self, step: int, state, meta: dict, is_best: bool = False) -> None:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    self.latest.save(step, args=args, force=True)
+    if is_best:
+      self.best.save(step, args=args, force=True)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def has_checkpoint(self) -> bool:
+    return self.latest.latest_step() is not None or self.best.latest_step() is not None
+
+  def restore_latest(self, target_state):
+    """Restores the newest readable latest-checkpoint into the structure of `target_state`.
+
+    Returns (state, meta), or None when there is none. A checkpoint that fails to read (half-written or
+    corrupted) is reported and the previous one is used.
+    """
+    return _restore_newest(self.latest, target_state)
+
+  def restore_for_eval(self, target_state=None):
+    """The best checkpoint if one was kept, else the latest. Returns (state, meta, which).
+
+    With `target_state` None the saved tree is returned as saved (for reading params only).
+    """
+    for which, manager in (('best', self.best), ('latest', self.latest)):
+      restored = _restore_newest(manager, target_state)
+      if restored is not None:
+        return (*restored, which)
+    raise FileNotFoundError(f'{self.workdir}: no checkpoint in best/ or checkpoints/; train first.')
+
+  def close(self) -> None:
+    self.wait()
+    self.latest.close()
+    self.best.close()
+
+
+def _restore_newest(manager: ocp.CheckpointManager, target_state):
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state_args = ocp.args.StandardRestore(None if target_state is None else _abstract(target_state))
+      restored = manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable; try the previous one
+      logging.warning('checkpoint %s/%d could not be read (%s: %s); trying the previous one.',
+                      manager.directory, step, type(e).__name__, e)
+      continue
+    return restored['state'], restored['meta']
+  return None
+
+
+def check_params_match(params, expected, source: str) -> None:
+  """Raises naming the first parameter whose path or shape differs from what the model expects."""
+  got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  missing, unknown = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  if missing or unknown:
+    raise ValueError(f'{source}: checkpoint parameters do not fit the model: missing {missing[:5]}, '
+                     f'unknown {unknown[:5]} (is this a checkpoint of another model?).')
+  for key, shape in want.items():
+    if got[key] != shape:
+      raise ValueError(f'{source}: parameter {key} has shape {got[key]} in the checkpoint; the model expects {shape}.')

@@ -1,0 +1,67 @@
+"""Datasets: a registry of split loaders, all returning the same in-memory layout.
+
+`load_split(name, split)` returns `Split(images, captions, caption_to_image)`: `images` is a dict of stacked
+arrays with DESIGN.md's keys (`regions` [N, k, d] float32, `boxes` [N, k, 4], `pixels`, `label`, `tags` ...),
+`captions` a list of strings and `caption_to_image` [N_cap] int (caption c belongs to image c // 5 in test splits).
+These are the inputs `Retriever.score` takes, so any subset can be scored.
+"""
+
+import os
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from xmatch_jax.data import validation
+
+
+class Split(NamedTuple):
+  images: dict
+  captions: list
+  caption_to_image: np.ndarray
+
+
+def default_data_dir() -> str:
+  return os.environ.get('XMATCH_DATA_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'xmatch_jax', 'tfds')
+
+
+def _load_shapes(split: str, data_dir: str, builder_config: str) -> Split:
+  from xmatch_jax.data import shapes  # pylint: disable=g-import-not-at-top (imports tfds)
+
+  builder = shapes.shapes_builder(data_dir, config=builder_config)
+  if split not in builder.info.splits:
+    raise ValueError(f'dataset xmatch_shapes/{builder_config}: no split {split!r}; '
+                     f'expected one of {sorted(builder.info.splits)}.')
+  source = builder.as_data_source(split)
+  examples = [source[i] for i in range(len(source))]
+  images = {
+      'regions': np.stack([e['regions'] for e in examples]).astype(np.float32),
+      'boxes': np.stack([e['boxes'] for e in examples]).astype(np.float32),
+      'pixels': np.stack([e['pixels'] for e in examples]),
+      'label': np.array([e['label'] for e in examples], np.int64),
+      'image_id': np.array([e['image_id'] for e in examples], np.int64),
+      'tags': np.array([[_text(t) for t in e['tags']] for e in examples], dtype=object),
+      'scene': np.array([_text(e['scene']) for e in examples], dtype=object),
+  }
+  captions = [_text(c) for e in examples for c in e['captions']]
+  caption_to_image = np.repeat(np.arange(len(examples)), shapes.CAPTIONS_PER_IMAGE)
+  return Split(images, captions, caption_to_image)
+
+
+def _text(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+# name -> loader(split, data_dir). The paper datasets (f30k, coco precomp) get builders with manual_dir.
+DATASETS: dict[str, Callable[[str, str], Split]] = {
+    'shapes': lambda split, data_dir: _load_shapes(split, data_dir, 'default'),
+    'shapes_tiny': lambda split, data_dir: _load_shapes(split, data_dir, 'tiny'),
+}
+
+
+def load_split(dataset_name: str, split: str, data_dir: str | None = None) -> Split:
+  """Loads one split of a registered dataset into memory and validates it."""
+  if dataset_name not in DATASETS:
+    raise ValueError(f'no dataset builder named {dataset_name!r}; registered datasets: {sorted(DATASETS)}.')
+  data = DATASETS[dataset_name](split, data_dir or default_data_dir())
+  validation.check_split(*data, source=f'dataset {dataset_name}/{split}')
+  return data

@@ -1,0 +1,44 @@
+"""Checks on a loaded split: every error names the source, the field and what was expected."""
+
+import numpy as np
+
+
+def check_split(images: dict, captions: list, caption_to_image: np.ndarray, source: str,
+                captions_per_image: int | None = 5, region_dim: int | None = None) -> None:
+  """Validates a split as returned by `load_split`.
+
+  Args:
+    images: dict with at least `regions` [N, k, d] float32.
+    captions: list of N_cap caption strings.
+    caption_to_image: [N_cap] int index into images.
+    source: where the data came from (file or dataset name), used in every message.
+    captions_per_image: expected captions per image (None: any count).
+    region_dim: expected feature size d (None: any).
+  """
+  if 'regions' not in images:
+    raise ValueError(f'{source}: image inputs have no field "regions"; got fields {sorted(images)}.')
+  regions = images['regions']
+  if regions.ndim != 3:
+    raise ValueError(f'{source}: field "regions" must be [n_images, k, d]; got shape {regions.shape}.')
+  n_img = regions.shape[0]
+  if region_dim is not None and regions.shape[-1] != region_dim:
+    raise ValueError(f'{source}: field "regions" has feature size {regions.shape[-1]}; expected {region_dim}.')
+  bad = ~np.isfinite(regions).reshape(n_img, -1).all(axis=1)
+  if bad.any():
+    raise ValueError(f'{source}: field "regions" holds NaN or inf in {int(bad.sum())} image(s), first at '
+                     f'index {int(np.argmax(bad))}; features must be finite.')
+  for key, value in images.items():
+    if len(value) != n_img:
+      raise ValueError(f'{source}: field "{key}" has {len(value)} entries; expected one per image ({n_img}).')
+  if captions_per_image is not None and len(captions) != captions_per_image * n_img:
+    raise ValueError(f'{source}: {len(captions)} captions for {n_img} images; expected '
+                     f'{captions_per_image} x {n_img} = {captions_per_image * n_img}.')
+  caption_to_image = np.asarray(caption_to_image)
+  if caption_to_image.shape != (len(captions),):
+    raise ValueError(f'{source}: caption_to_image has shape {caption_to_image.shape}; expected '
+                     f'({len(captions)},).')
+  if len(captions) and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
+    raise ValueError(f'{source}: caption_to_image must index images in [0, {n_img}).')
+  for i, caption in enumerate(captions):
+    if not isinstance(caption, str) or not caption.strip():
+      raise ValueError(f'{source}: caption {i} is empty; every caption needs at least one word.')

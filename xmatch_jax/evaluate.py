@@ -1,0 +1,110 @@
+"""Evaluation: `python -m xmatch_jax.evaluate --workdir=W [--split=test] [--protocol=1k|5k|fold5]`.
+
+Scores every image against every caption of the split with the workdir's best checkpoint (latest if no best),
+computes recall exactly as SCAN's evaluation.py and writes W/eval/<split>.json.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from xmatch_jax import checkpoints
+from xmatch_jax import inference
+from xmatch_jax import metrics as metrics_lib
+from xmatch_jax import run_setup
+from xmatch_jax.data import load_split
+
+PROTOCOLS = {
+    '1k': 'all images of a 1000-image split (Flickr30K test, shapes test)',
+    '5k': 'all images of a 5000-image split (MS-COCO 5K test)',
+    'fold5': 'mean over 5 sequential folds of n/5 images (MS-COCO 1K: 5 folds of 1000); rsum = sum of mean recalls',
+}
+RECALL_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum')
+
+
+def protocol_metrics(sims: np.ndarray, protocol: str) -> dict:
+  """Recall metrics of an [n_img, 5 n_img] score matrix under a named protocol."""
+  n_img = sims.shape[0]
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.')
+  if protocol == '1k' and n_img != 1000 or protocol == '5k' and n_img != 5000:
+    raise ValueError(f'protocol {protocol!r} needs a split of {1000 if protocol == "1k" else 5000} images; '
+                     f'this split has {n_img}. Use --protocol=fold5 for fold-wise evaluation.')
+  if protocol == 'fold5':
+    if n_img % 5:
+      raise ValueError(f'protocol "fold5" needs a number of images divisible by 5; got {n_img}.')
+    fold = n_img // 5
+    return metrics_lib.fold_metrics([sims[f * fold:(f + 1) * fold, 5 * f * fold:5 * (f + 1) * fold]
+                                     for f in range(5)])
+  return metrics_lib.recall_metrics(sims)
+
+
+def default_protocol(n_img: int) -> str:
+  if n_img == 1000:
+    return '1k'
+  if n_img == 5000:
+    raise ValueError('a 5000-image split is ambiguous (MS-COCO 5K or 5 folds of 1K): pass --protocol=5k or fold5.')
+  return 'all'
+
+
+def evaluate_workdir(workdir: str, split: str = 'test', protocol: str | None = None) -> dict:
+  """Scores `split` with W's best checkpoint and writes W/eval/<split>.json. Returns the result dict."""
+  config = run_setup.load_config(workdir)
+  vocab = run_setup.load_vocab(workdir)
+  data = load_split(config.dataset, split, config.data_dir or None)
+  model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(data.images))
+  params, meta, which = load_params(workdir, model, data.images)
+  tokens, mask = run_setup.encode_captions(vocab, data.captions, config)
+  scorer = inference.Scorer(model, {'params': params}, config.eval_image_chunk, config.eval_text_batch)
+  sims = scorer.score(data.images, tokens, mask)
+  n_img = sims.shape[0]
+  protocol = protocol or default_protocol(n_img)
+  metrics = metrics_lib.recall_metrics(sims) if protocol == 'all' else protocol_metrics(sims, protocol)
+  result = {**metrics, 'protocol': protocol, 'dataset': config.dataset, 'split': split, 'n_images': n_img,
+            'n_captions': sims.shape[1], 'model': config.model.name, 'checkpoint': which,
+            'checkpoint_step': int(meta.get('step', -1))}
+  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+  with open(os.path.join(workdir, 'eval', f'{split}.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def load_params(workdir: str, model, images: dict):
+  """Best (else latest) params of W, checked against the model's parameter shapes. Returns (params, meta, which)."""
+  inputs = {k: v[:2] for k, v in inference.image_inputs(model, images).items()}
+  text = {'tokens': np.ones((2, 4), np.int32), 'mask': np.ones((2, 4), np.float32)}
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), inputs, text)['params']
+  state, meta, which = checkpoints.RunCheckpoints(workdir).restore_for_eval()
+  checkpoints.check_params_match(state['params'], expected, f'{workdir}/{which}')
+  return state['params'], meta, which
+
+
+def format_table(result: dict) -> str:
+  head = f'{result["model"]} on {result["dataset"]}/{result["split"]} ({result["n_images"]} images, ' \
+         f'{result["n_captions"]} captions, protocol {result["protocol"]}, {result["checkpoint"]} checkpoint ' \
+         f'step {result["checkpoint_step"]})'
+  names = '  '.join(f'{k:>8}' for k in RECALL_KEYS)
+  values = '  '.join(f'{result[k]:8.1f}' for k in RECALL_KEYS)
+  return f'{head}\n{names}\n{values}'
+
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
+_SPLIT = flags.DEFINE_string('split', 'test', 'Split to evaluate.')
+_PROTOCOL = flags.DEFINE_enum('protocol', None, sorted(PROTOCOLS), 'Evaluation protocol (default: from split size).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  result = evaluate_workdir(_WORKDIR.value, _SPLIT.value, _PROTOCOL.value)
+  print(format_table(result))
+  print(f'written to {os.path.join(_WORKDIR.value, "eval", _SPLIT.value + ".json")}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

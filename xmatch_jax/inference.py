@@ -1,0 +1,71 @@
+"""Encoding and all-pairs scoring of whole splits in fixed-size chunks (one compile per chunk shape).
+
+Used by dev evaluation during training, `xmatch_jax.evaluate` and the `Retriever` API.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def image_inputs(model, images: dict) -> dict:
+  """The image fields the model reads (`model.image_keys`, default `regions`), as numpy arrays."""
+  keys = getattr(model, 'image_keys', ('regions',))
+  missing = [k for k in keys if k not in images]
+  if missing:
+    raise ValueError(f'image inputs lack field(s) {missing} that model {type(model).__name__} needs; '
+                     f'got {sorted(images)}.')
+  return {k: np.asarray(images[k]) for k in keys}
+
+
+def _pad_rows(tree, size: int):
+  """Pads the leading axis of every leaf to `size` with zeros."""
+  def pad(x):
+    widths = [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+    return np.pad(x, widths)
+  return jax.tree.map(pad, tree)
+
+
+def _chunked(fn, tree, chunk: int):
+  """Applies `fn` to fixed-size row chunks of `tree` (last one zero-padded) and concatenates the results."""
+  n = jax.tree.leaves(tree)[0].shape[0]
+  outputs = []
+  for start in range(0, n, chunk):
+    part = jax.tree.map(lambda x: x[start:start + chunk], tree)
+    rows = jax.tree.leaves(part)[0].shape[0]
+    out = fn(_pad_rows(part, chunk) if rows < chunk else part)
+    outputs.append(jax.tree.map(lambda y: y[:rows], out))
+  return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *outputs)
+
+
+class Scorer:
+  """Jitted `encode_image`, `encode_text` and `pair_scores` of one model and its variables."""
+
+  def __init__(self, model, variables, image_chunk: int = 128, text_batch: int = 256):
+    if image_chunk < 1 or text_batch < 1:
+      raise ValueError(f'image_chunk and text_batch must be >= 1; got {image_chunk}, {text_batch}.')
+    self.model = model
+    self.variables = variables
+    self.image_chunk = image_chunk
+    self.text_batch = text_batch
+    self._encode_image = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
+    self._encode_text = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_text))
+    self._pair_scores = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
+
+  def encode_images(self, images: dict):
+    """images: dataset-format dict -> image rep pytree with leading dim n_img."""
+    inputs = image_inputs(self.model, images)
+    return _chunked(lambda x: self._encode_image(self.variables, x), inputs, self.image_chunk)
+
+  def encode_text(self, tokens: np.ndarray, mask: np.ndarray):
+    """tokens, mask: [n_txt, n] -> text rep pytree with leading dim n_txt."""
+    inputs = {'tokens': np.asarray(tokens, np.int32), 'mask': np.asarray(mask, np.float32)}
+    return _chunked(lambda x: self._encode_text(self.variables, x), inputs, self.text_batch)
+
+  def pair_scores(self, image_rep, text_rep) -> np.ndarray:
+    """All pairs, streamed in chunks of images against all captions -> [n_img, n_txt] numpy."""
+    scores = _chunked(lambda i: self._pair_scores(self.variables, i, text_rep), image_rep, self.image_chunk)
+    return np.asarray(scores)
+
+  def score(self, images: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return self.pair_scores(self.encode_images(images), self.encode_text(tokens, mask))

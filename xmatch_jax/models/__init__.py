@@ -1,0 +1,65 @@
+"""Matcher registry: model name -> Flax module, and `build_model` from a config.
+
+Every matcher has `encode_image(images)`, `encode_text(text)`, `pair_scores(image_rep, text_rep)`
+and `__call__(images, text)` (see DESIGN.md, "The matcher interface").
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+
+from xmatch_jax.models.scan import SCAN
+from xmatch_jax.models.vsepp import VSEPP
+
+MODELS: dict[str, type[nn.Module]] = {
+    'vsepp': VSEPP,
+    'scan': SCAN,
+}
+
+# Set from the data, not from the model config.
+_DATA_FIELDS = ('vocab_size', 'img_dim')
+# Fields every Flax module has that are not model hyper-parameters.
+_MODULE_FIELDS = ('parent', 'name')
+
+
+def model_fields(model_cls: type[nn.Module]) -> tuple[str, ...]:
+    """The hyper-parameter fields a model config may set for `model_cls`."""
+    return tuple(
+        f.name for f in dataclasses.fields(model_cls)
+        if f.init and f.name not in _DATA_FIELDS + _MODULE_FIELDS)
+
+
+def build_model(model_config: Any, vocab_size: int, img_dim: int) -> nn.Module:
+    """Builds the matcher named by `model_config.name`.
+
+    Args:
+      model_config: ml_collections ConfigDict (or mapping) with `name` (a key of MODELS) and any of
+        the model's fields other than vocab_size / img_dim.
+      vocab_size: number of token ids of the dataset's vocabulary.
+      img_dim: size of the dataset's precomputed region features.
+
+    Returns:
+      The (unbound) Flax module.
+
+    Raises:
+      ValueError: no or unknown `name`, or a field the model does not have.
+    """
+    if hasattr(model_config, 'to_dict'):
+        model_config = model_config.to_dict()
+    if not isinstance(model_config, Mapping):
+        raise ValueError(f"model config must be a ConfigDict or mapping, got {type(model_config)}")
+    kwargs = dict(model_config)
+    name = kwargs.pop('name', None)
+    if name not in MODELS:
+        raise ValueError(f"model config name must be one of {sorted(MODELS)}, got {name!r}")
+    model_cls = MODELS[name]
+    allowed = model_fields(model_cls)
+    for field in kwargs:
+        if field in _DATA_FIELDS:
+            raise ValueError(
+                f"model config for {name!r} sets {field!r}, which comes from the dataset; remove it")
+        if field not in allowed:
+            raise ValueError(
+                f"model config for {name!r} has unknown field {field!r}; known fields: {list(allowed)}")
+    return model_cls(vocab_size=vocab_size, img_dim=img_dim, **kwargs)

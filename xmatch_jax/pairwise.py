@@ -1,0 +1,124 @@
+"""All-pairs scoring: blocked evaluation of per-pair heads and batch-wide similarity helpers.
+
+A cross-attention head scores every (image, caption) pair. Written naively it builds per-pair
+D-dimensional context vectors; here it is written with the batch-wide region-word similarity tensor
+`S = einsum('ikd,cnd->ickn')` (one large matmul), per-item Gram matrices and norms (see DESIGN.md,
+"The batch-wide similarity tensor"). `score_in_blocks` bounds peak memory by scoring blocks of images
+against all captions with `lax.map`, optionally rematerialising each block in the backward pass.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def score_in_blocks(
+    head_fn: Callable[[PyTree, PyTree], PyTree],
+    image_rep: PyTree,
+    text_rep: PyTree,
+    block_size: int,
+    remat: bool = False,
+) -> PyTree:
+    """Scores all images against all captions, `block_size` images at a time.
+
+    Args:
+      head_fn: pure function `(image_block_rep, text_rep) -> [b, n_txt]` (or a pytree of arrays with
+        leading dim b) scoring a block of b images against every caption. Rows must depend only on
+        their own image, so zero-padded rows can be dropped.
+      image_rep: pytree of arrays, each with leading dim n_img.
+      text_rep: pytree of arrays passed whole to every call of `head_fn`.
+      block_size: images per block; a value >= n_img scores everything in one call.
+      remat: wrap each block in `jax.checkpoint` (training: the backward pass recomputes a block's
+        intermediates instead of storing those of all blocks).
+
+    Returns:
+      `head_fn`'s output for all images: [n_img, n_txt] (or the matching pytree).
+
+    Raises:
+      ValueError: block_size < 1, or image_rep leaves with different leading dims.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    leaves = jax.tree_util.tree_leaves(image_rep)
+    if not leaves:
+        raise ValueError("image_rep has no arrays")
+    n_img = leaves[0].shape[0]
+    if any(leaf.shape[0] != n_img for leaf in leaves):
+        shapes = [leaf.shape for leaf in leaves]
+        raise ValueError(f"image_rep leaves must share the leading (image) dim, got shapes {shapes}")
+
+    fn = jax.checkpoint(head_fn) if remat else head_fn
+    if block_size >= n_img:
+        return fn(image_rep, text_rep)
+
+    n_blocks = -(-n_img // block_size)
+    n_pad = n_blocks * block_size - n_img
+
+    def to_blocks(x):
+        x = jnp.pad(x, [(0, n_pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((n_blocks, block_size) + x.shape[1:])
+
+    blocks = jax.tree_util.tree_map(to_blocks, image_rep)
+    out = jax.lax.map(lambda block: fn(block, text_rep), blocks)
+    return jax.tree_util.tree_map(
+        lambda y: y.reshape((n_blocks * block_size,) + y.shape[2:])[:n_img], out)
+
+
+def region_word_similarity(regions: jax.Array, words: jax.Array) -> jax.Array:
+    """Dot products of every region of every image with every word of every caption.
+
+    Args:
+      regions: [I, k, D].
+      words: [C, n, D].
+
+    Returns:
+      S: [I, C, k, n], S[i, c, r, j] = regions[i, r] . words[c, j].
+    """
+    return jnp.einsum('ikd,cnd->ickn', regions, words)
+
+
+def gram(x: jax.Array) -> jax.Array:
+    """Per-item Gram matrices.
+
+    Args:
+      x: [N, m, D] (regions of N images or words of N captions).
+
+    Returns:
+      [N, m, m], G[a, p, q] = x[a, p] . x[a, q].
+    """
+    return jnp.einsum('apd,aqd->apq', x, x)
+
+
+def attended_region_sq_norms(weights: jax.Array, region_gram: jax.Array) -> jax.Array:
+    """Squared norms of region-attended vectors a_j = sum_r w[r, j] v_r, without forming them.
+
+    |a_j|^2 = w_j^T G_img w_j.
+
+    Args:
+      weights: [I, C, k, n], weights over regions r (axis 2) for each word j.
+      region_gram: [I, k, k], G_img = V V^T per image.
+
+    Returns:
+      [I, C, n].
+    """
+    g_w = jnp.einsum('ikl,icln->ickn', region_gram, weights)
+    return jnp.sum(weights * g_w, axis=2)
+
+
+def attended_word_sq_norms(weights: jax.Array, word_gram: jax.Array) -> jax.Array:
+    """Squared norms of word-attended vectors a_r = sum_j w[r, j] e_j, without forming them.
+
+    |a_r|^2 = w_r^T G_txt w_r.
+
+    Args:
+      weights: [I, C, k, n], weights over words j (axis 3) for each region r.
+      word_gram: [C, n, n], G_txt = E E^T per caption.
+
+    Returns:
+      [I, C, k].
+    """
+    g_w = jnp.einsum('cnm,ickm->ickn', word_gram, weights)
+    return jnp.sum(weights * g_w, axis=3)

@@ -1,0 +1,67 @@
+"""What training, evaluation and the Retriever share: workdir files, vocab, model and caption encoding."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from xmatch_jax import models
+from xmatch_jax.data import batching
+from xmatch_jax.data import vocab as vocab_lib
+
+CONFIG_FILE = 'config.json'
+VOCAB_FILE = 'vocab.json'
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str, img_dim: int) -> None:
+  """Writes W/config.json: the run's config plus `data_info` (what the model was built for)."""
+  saved = ml_collections.ConfigDict(config.to_dict())
+  saved.data_info = {'img_dim': int(img_dim)}
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    f.write(saved.to_json(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir (train into it first).')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir whose checkpoint belongs to another model or model configuration."""
+  old, new = saved.model.to_dict(), config.model.to_dict()
+  if old != new or saved.dataset != config.dataset:
+    diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise ValueError(
+        f'{workdir} holds a checkpoint of model {old.get("name")!r} on dataset {saved.dataset!r}; the config asks for '
+        f'model {new.get("name")!r} on {config.dataset!r} (differing model fields: {diffs}). '
+        'Use a new --workdir (or delete the old one) to start this run.')
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int, img_dim: int):
+  return models.build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
+
+
+def load_vocab(workdir: str) -> vocab_lib.Vocabulary:
+  return vocab_lib.Vocabulary.from_json(os.path.join(workdir, VOCAB_FILE))
+
+
+def encode_captions(vocab: vocab_lib.Vocabulary, captions: list, config: ml_collections.ConfigDict):
+  """Raw strings -> (tokens [n, L] int32, mask [n, L] float32) padded to one bucket; counts truncations."""
+  for i, caption in enumerate(captions):
+    if not isinstance(caption, str) or not caption.strip():
+      raise ValueError(f'caption {i} is empty ({caption!r}); captions need at least one word.')
+  token_arrays = [vocab.encode(c) for c in captions]
+  tokens, mask, n_truncated = batching.pad_captions(
+      token_arrays, tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
+  if n_truncated:
+    print(f'note: {n_truncated} caption(s) longer than {max(config.caption_buckets)} tokens were truncated '
+          '(config.truncate_captions=True).')
+  return tokens, mask
+
+
+def img_dim_of(images: dict) -> int:
+  return int(np.asarray(images['regions']).shape[-1])

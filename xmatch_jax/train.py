@@ -1,0 +1,259 @@
+"""Training: `python -m xmatch_jax.train --config=configs/scan.py:shapes --workdir=W [--config.key=value ...]`.
+
+Resumes automatically from W's latest checkpoint. Writes W/config.json, W/vocab.json, W/metrics.jsonl,
+TensorBoard logs in W/tb, checkpoints in W/checkpoints (latest) and W/best (best dev rsum).
+"""
+
+import functools
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from xmatch_jax import checkpoints
+from xmatch_jax import inference
+from xmatch_jax import losses
+from xmatch_jax import metrics as metrics_lib
+from xmatch_jax import run_setup
+from xmatch_jax.data import batching
+from xmatch_jax.data import load_split
+from xmatch_jax.data import vocab as vocab_lib
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Impossible values are errors before any work starts."""
+  rules = [
+      ('batch_size', config.batch_size >= 2, 'an int >= 2 (the loss needs negatives)'),
+      ('num_epochs', config.num_epochs >= 1, 'an int >= 1'),
+      ('loss.margin', config.loss.margin >= 0, 'a float >= 0'),
+      ('optim.learning_rate', config.optim.learning_rate > 0, 'a float > 0'),
+      ('optim.grad_clip', config.optim.grad_clip >= 0, 'a float >= 0 (0 disables clipping)'),
+      ('optim.lr_decay_factor', config.optim.lr_decay_factor > 0, 'a float > 0'),
+      ('optim.warmup_steps', config.optim.warmup_steps >= 0, 'an int >= 0'),
+      ('log_every_steps', config.log_every_steps >= 1, 'an int >= 1'),
+      ('eval_every_epochs', config.eval_every_epochs >= 1, 'an int >= 1'),
+      ('checkpoint_every_steps', config.checkpoint_every_steps >= 1, 'an int >= 1'),
+      ('keep_checkpoints', config.keep_checkpoints >= 1, 'an int >= 1'),
+      ('caption_buckets', len(config.caption_buckets) > 0 and min(config.caption_buckets) >= 1,
+       'a non-empty tuple of ints >= 1'),
+  ]
+  if 'block_size' in config.model:
+    rules.append(('model.block_size', config.model.block_size >= 1, 'an int >= 1 (images per scoring block)'))
+  for name, ok, expected in rules:
+    if not ok:
+      value = functools.reduce(lambda c, k: c[k], name.split('.'), config)
+      raise ValueError(f'config.{name} = {value!r} is impossible; expected {expected}.')
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int):
+  """Adam with SCAN's step decay (x lr_decay_factor after lr_decay_epochs), optional warm-up and clipping.
+
+  Returns (optax transformation, learning-rate schedule).
+  """
+  decay_step = optim.lr_decay_epochs * steps_per_epoch
+  schedule = optax.piecewise_constant_schedule(
+      optim.learning_rate, {max(decay_step - optim.warmup_steps, 1): optim.lr_decay_factor})
+  if optim.warmup_steps:
+    warmup = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+    schedule = optax.join_schedules([warmup, schedule], [optim.warmup_steps])
+  parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+  parts.append(optax.scale_by_adam())
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts), schedule
+
+
+def train_step(state, batch, *, model, tx, schedule, loss_cfg):
+  """One optimiser step on the B x B score matrix of a batch. Returns (state, metrics)."""
+  def loss_fn(params):
+    scores = model.apply({'params': params}, batch['images'], batch['text'])
+    image_ids = batch['image_ids'] if loss_cfg.mask_same_image else None
+    return losses.contrastive_loss(scores, loss_cfg.margin, loss_cfg.max_violation, image_ids=image_ids)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'update_norm': optax.global_norm(updates),
+             'param_norm': optax.global_norm(params), 'learning_rate': schedule(state['step'])}
+  return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+
+
+class MetricsWriter:
+  """metrics.jsonl and TensorBoard, written by process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in values.items()}}) + '\n')
+    self._jsonl.flush()
+    for k, v in values.items():
+      self._tb.add_scalar(k, float(v), step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _prepare_vocab(config, workdir: str, train_captions: list) -> vocab_lib.Vocabulary:
+  path = os.path.join(workdir, run_setup.VOCAB_FILE)
+  if os.path.exists(path):  # resuming: keep the vocabulary the checkpoint was trained with
+    return vocab_lib.Vocabulary.from_json(path)
+  if config.vocab_path:
+    vocab = vocab_lib.Vocabulary.from_json(config.vocab_path)
+  else:
+    vocab = vocab_lib.Vocabulary.build(train_captions, min_count=config.vocab_min_count)
+  if jax.process_index() == 0:
+    vocab.to_json(path)
+  return vocab
+
+
+def evaluate_dev(scorer: inference.Scorer, dev_images: dict, dev_tokens, dev_mask) -> dict:
+  sims = scorer.score(dev_images, dev_tokens, dev_mask)
+  return metrics_lib.recall_metrics(sims)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming if W has a checkpoint); returns the last dev metrics."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  ckpts = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  resuming = ckpts.has_checkpoint()
+  if resuming:
+    run_setup.check_same_model(run_setup.load_config(workdir), config, workdir)
+
+  train = load_split(config.dataset, 'train', config.data_dir or None)
+  dev = load_split(config.dataset, 'dev', config.data_dir or None)
+  vocab = _prepare_vocab(config, workdir, train.captions)
+  img_dim = run_setup.img_dim_of(train.images)
+  if jax.process_index() == 0:
+    run_setup.save_config(config, workdir, img_dim)
+  model = run_setup.build_model(config, len(vocab), img_dim)
+
+  batcher = batching.TrainBatcher(
+      images=inference.image_inputs(model, train.images), captions=[vocab.encode(c) for c in train.captions],
+      caption_to_image=train.caption_to_image, batch_size=config.batch_size, seed=config.seed,
+      buckets=tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
+  dev_tokens, dev_mask = run_setup.encode_captions(vocab, dev.captions, config)
+  steps_per_epoch = batcher.steps_per_epoch
+  total_steps = config.num_epochs * steps_per_epoch
+  tx, schedule = make_optimizer(config.optim, steps_per_epoch)
+
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P('data'))
+  if config.batch_size % mesh.size:
+    raise ValueError(f'config.batch_size = {config.batch_size} does not divide over {mesh.size} devices.')
+
+  first = batcher.batch(0)
+  init_rng = jax.random.PRNGKey(config.seed)
+  params = jax.jit(model.init, out_shardings=replicated)(init_rng, first['images'], first['text'])['params']
+  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+  meta = {'best_rsum': -1.0}
+  if resuming:
+    restored = ckpts.restore_latest(state)
+    if restored is not None:
+      state, meta = restored
+      print(f'resumed from {workdir} at step {int(state["step"])}')
+  state = jax.device_put(state, replicated)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss),
+      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=(0,))
+  n_params = sum(x.size for x in jax.tree.leaves(state['params']))
+  print(f'{config.model.name} on {config.dataset}: {n_params:,} params, vocab {len(vocab)}, '
+        f'{len(train.captions)} train captions, {steps_per_epoch} steps/epoch x {config.num_epochs} epochs, '
+        f'{mesh.size} device(s) ({jax.devices()[0].platform})')
+
+  writer = MetricsWriter(workdir)
+  pending = []  # per-step metrics on device, fetched once per log interval
+  dev_metrics = meta.get('dev', {})
+  start = int(state['step'])
+  progress = tqdm.tqdm(total=total_steps, initial=start, desc='train', unit='step', mininterval=5,
+                       disable=jax.process_index() != 0)
+  t0 = time.time()
+  try:
+    for step in range(start, total_steps):
+      batch = jax.device_put(batcher.batch(step), data_sharding)
+      state, step_metrics = step_fn(state, batch)
+      pending.append(step_metrics)
+      progress.update(1)
+      done = step + 1
+      end_of_epoch = done % steps_per_epoch == 0
+      epoch = done // steps_per_epoch
+      if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
+        summary = _flush(pending, done, workdir, meta, t0)
+        writer.write(done, summary)
+        progress.set_postfix(loss=f'{summary["loss"]:.3f}')
+        pending, t0 = [], time.time()
+      if end_of_epoch and (epoch % config.eval_every_epochs == 0 or done == total_steps):
+        scorer = inference.Scorer(model, {'params': state['params']}, config.eval_image_chunk, config.eval_text_batch)
+        dev_metrics = evaluate_dev(scorer, dev.images, dev_tokens, dev_mask)
+        writer.write(done, {f'dev_{k}': v for k, v in dev_metrics.items()})
+        is_best = dev_metrics['rsum'] > meta['best_rsum']
+        if is_best:
+          meta['best_rsum'] = dev_metrics['rsum']
+        meta.update(step=done, epoch=epoch, dev=dev_metrics)
+        ckpts.save(done, state, dict(meta), is_best=is_best)
+        tqdm.tqdm.write(f'epoch {epoch}: dev rsum {dev_metrics["rsum"]:.1f} (R@1 i2t {dev_metrics["i2t_r1"]:.1f}, '
+                        f't2i {dev_metrics["t2i_r1"]:.1f}){"  *best*" if is_best else ""}')
+      elif done % config.checkpoint_every_steps == 0:
+        if pending:
+          writer.write(done, _flush(pending, done, workdir, meta, t0))
+          pending, t0 = [], time.time()
+        meta.update(step=done, epoch=done / steps_per_epoch)
+        ckpts.save(done, state, dict(meta))
+  finally:
+    progress.close()
+    writer.close()
+    ckpts.close()
+  return dev_metrics
+
+
+def _flush(pending: list, step: int, workdir: str, meta: dict, t0: float) -> dict:
+  """Fetches pending step metrics; stops the run on a non-finite loss (the last checkpoint stays as it is)."""
+  fetched = jax.device_get(pending)
+  losses_seen = np.array([m['loss'] for m in fetched])
+  if not np.isfinite(losses_seen).all():
+    bad = step - len(fetched) + int(np.argmax(~np.isfinite(losses_seen))) + 1
+    raise FloatingPointError(
+        f'loss is {losses_seen[~np.isfinite(losses_seen)][0]} at step {bad}; training stopped. The last good '
+        f'checkpoint (step {meta.get("step", "none")}) is kept in {workdir}/checkpoints.')
+  summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  summary['steps_per_s'] = len(fetched) / max(time.time() - t0, 1e-9)
+  return summary
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file, e.g. configs/scan.py:shapes.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, eval).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except FloatingPointError as e:
+    raise SystemExit(f'error: {e}') from e
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
