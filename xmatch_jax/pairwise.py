@@ -3,8 +3,9 @@
 A cross-attention head scores every (image, caption) pair. Written naively it builds per-pair
 D-dimensional context vectors; here it is written with the batch-wide region-word similarity tensor
 `S = einsum('ikd,cnd->ickn')` (one large matmul), per-item Gram matrices and norms (see DESIGN.md,
-"The batch-wide similarity tensor"). `score_in_blocks` bounds peak memory by scoring blocks of images
-against all captions with `lax.map`, optionally rematerialising each block in the backward pass.
+"The batch-wide similarity tensor"). `score_in_blocks` bounds peak memory by scoring blocks of
+images against all captions with `lax.map`, optionally rematerialising each block in the backward
+pass.
 """
 
 from typing import Any, Callable
@@ -48,7 +49,8 @@ def score_in_blocks(
     n_img = leaves[0].shape[0]
     if any(leaf.shape[0] != n_img for leaf in leaves):
         shapes = [leaf.shape for leaf in leaves]
-        raise ValueError(f"image_rep leaves must share the leading (image) dim, got shapes {shapes}")
+        raise ValueError(
+            f"image_rep leaves must share the leading (image) dim, got shapes {shapes}")
 
     fn = jax.checkpoint(head_fn) if remat else head_fn
     if block_size >= n_img:

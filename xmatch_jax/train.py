@@ -146,8 +146,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run_setup.save_config(config, workdir, img_dim)
   model = run_setup.build_model(config, len(vocab), img_dim)
 
+  train_inputs = inference.image_inputs(model, train.images)
   batcher = batching.TrainBatcher(
-      images=inference.image_inputs(model, train.images), captions=[vocab.encode(c) for c in train.captions],
+      images=train_inputs, image_keys=tuple(train_inputs), captions=[vocab.encode(c) for c in train.captions],
       caption_to_image=train.caption_to_image, batch_size=config.batch_size, seed=config.seed,
       buckets=tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
   dev_tokens, dev_mask = run_setup.encode_captions(vocab, dev.captions, config)

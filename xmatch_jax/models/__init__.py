@@ -9,12 +9,14 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
+from xmatch_jax.models.rdan import RDAN
 from xmatch_jax.models.scan import SCAN
 from xmatch_jax.models.vsepp import VSEPP
 
 MODELS: dict[str, type[nn.Module]] = {
     'vsepp': VSEPP,
     'scan': SCAN,
+    'rdan': RDAN,
 }
 
 # Set from the data, not from the model config.
@@ -57,9 +59,9 @@ def build_model(model_config: Any, vocab_size: int, img_dim: int) -> nn.Module:
     allowed = model_fields(model_cls)
     for field in kwargs:
         if field in _DATA_FIELDS:
-            raise ValueError(
-                f"model config for {name!r} sets {field!r}, which comes from the dataset; remove it")
+            raise ValueError(f"model config for {name!r} sets {field!r}, which comes from the "
+                             "dataset; remove it")
         if field not in allowed:
-            raise ValueError(
-                f"model config for {name!r} has unknown field {field!r}; known fields: {list(allowed)}")
+            raise ValueError(f"model config for {name!r} has unknown field {field!r}; "
+                             f"known fields: {list(allowed)}")
     return model_cls(vocab_size=vocab_size, img_dim=img_dim, **kwargs)

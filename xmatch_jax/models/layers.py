@@ -63,7 +63,7 @@ class RegionEncoder(nn.Module):
 
 
 def _gru(hidden: int, name: str) -> nn.RNN:
-    """A GRU over time, initialised like PyTorch's nn.GRU: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)).
+    """A GRU over time, initialised like PyTorch's nn.GRU: all weights and biases ~ U(+-1/sqrt(H)).
 
     Flax's GRUCell computes the same equations as PyTorch's GRU
         r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z = sigmoid(W_iz x + b_iz + W_hz h + b_hz),
@@ -74,7 +74,8 @@ def _gru(hidden: int, name: str) -> nn.RNN:
     """
     init = symmetric_uniform(hidden ** -0.5)
     # The cell is created in the caller's scope, so its name is the parameter path.
-    cell = nn.GRUCell(hidden, kernel_init=init, recurrent_kernel_init=init, bias_init=init, name=name)
+    cell = nn.GRUCell(
+        hidden, kernel_init=init, recurrent_kernel_init=init, bias_init=init, name=name)
     return nn.RNN(cell)
 
 
@@ -118,7 +119,8 @@ class GRUTextEncoder(nn.Module):
             first token, i.e. each direction's final state). Not normalised.
         """
         if tokens.shape != mask.shape:
-            raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must have the same shape")
+            raise ValueError(
+                f"tokens {tokens.shape} and mask {mask.shape} must have the same shape")
         valid = mask > 0
         lengths = jnp.sum(valid, axis=-1).astype(jnp.int32)
         x = nn.Embed(

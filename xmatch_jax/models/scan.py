@@ -2,10 +2,10 @@
 
 Scores follow the official code (github.com/kuanghuei/SCAN, model.py: func_attention,
 xattn_score_t2i, xattn_score_i2t, cosine_similarity), which loops over captions truncated to their
-lengths. Here all pairs of a block of images are scored at once from the batch-wide similarity tensor
-S [I, C, k, n], per-item Gram matrices and norms (DESIGN.md), with padded words masked out of every
-normalisation, softmax and aggregation exactly as truncation would drop them. No per-pair context
-vectors are built: with attention weights w, the attended vector a = sum w v has
+lengths. Here all pairs of a block of images are scored at once from the batch-wide similarity
+tensor S [I, C, k, n], per-item Gram matrices and norms (DESIGN.md), with padded words masked out
+of every normalisation, softmax and aggregation exactly as truncation would drop them. No per-pair
+context vectors are built: with attention weights w, the attended vector a = sum w v has
 query . a = sum w S and |a|^2 = w^T G w.
 """
 
@@ -193,9 +193,10 @@ class SCAN(nn.Module):
     remat: bool = False
 
     def __post_init__(self):
-        for field, value, choices in (('cross_attn', self.cross_attn, CROSS_ATTN),
-                                      ('raw_feature_norm', self.raw_feature_norm, RAW_FEATURE_NORMS),
-                                      ('agg_func', self.agg_func, AGG_FUNCS)):
+        choices_by_field = (('cross_attn', self.cross_attn, CROSS_ATTN),
+                            ('raw_feature_norm', self.raw_feature_norm, RAW_FEATURE_NORMS),
+                            ('agg_func', self.agg_func, AGG_FUNCS))
+        for field, value, choices in choices_by_field:
             if value not in choices:
                 raise ValueError(f"SCAN.{field} must be one of {choices}, got {value!r}")
         if self.block_size < 1:

@@ -4,7 +4,8 @@ One vector per image and per caption, score = cosine (dot product of l2-normalis
 the official code (github.com/fartashf/vsepp, model.py). VSE++ encodes a whole-image CNN feature;
 here the image vector is the projected mean of the precomputed regions, so it reads the same inputs
 as the other models. The caption vector is the GRU output at the last real token (VSE++'s gather
-at `lengths - 1`).
+at `lengths - 1`). Normalisation uses SCAN's l2norm (eps 1e-8; VSE++'s has none), and
+`no_txtnorm` is an addition (VSE++ always normalises the caption vector).
 """
 
 import flax.linen as nn

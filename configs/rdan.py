@@ -1,0 +1,61 @@
+"""RDAN (Hu et al., IJCAI 2019): relation CNN over the region-word cosine map, dual pathway attention.
+
+  python -m xmatch_jax.train --config=configs/rdan.py:f30k --workdir=W           # the paper's model
+  python -m xmatch_jax.train --config=configs/rdan.py:f30k,no_cnn --workdir=W    # a Table 3 ablation
+
+Variants (Table 3): mu0 / mu1 (only the row-wise / column-wise pathway), one_path (one learned map for
+both attentions), no_cnn (attend with the cosine map S), no_res (no residual S), no_hard (sum over all
+negatives instead of the hardest).
+"""
+
+import ml_collections
+
+from configs import common
+
+VARIANTS = ('mu0', 'mu1', 'one_path', 'no_cnn', 'no_res', 'no_hard')
+
+
+def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
+  dataset, variants = common.parse_arg(arg, 'rdan', variants=VARIANTS)
+  c = common.base_config(dataset)  # margin 0.2, hardest negatives, batch 128, Adam + grad clip 2
+  m = c.model = ml_collections.ConfigDict()
+  m.name = 'rdan'
+  m.embed_size = 1024             # joint space D (sec 3.1)
+  m.word_dim = 300                # word embedding size (eq 2)
+  m.num_layers = 1                # GRU layers
+  m.bidirectional = True          # bi-GRU, directions averaged (eq 4)
+  m.l2norm_features = False       # the paper's eqs 1 and 4 do not normalise (SCAN-family code does)
+  m.lambda_ = 4.0                 # inverse softmax temperature of both attentions (sec 3.5)
+  m.mu = 0.1                      # weight of the word relevance in F (eq 11)
+  m.cnn_channels = 32             # channels of the 3x1, 1x3 and 3x3 relation convs (sec 3.2)
+  m.use_cnn = True                # False: no-cnn ablation
+  m.use_residual = True           # False: no-res ablation
+  m.one_path = False              # True: one-path ablation
+  m.block_size = 8                # images per block of the all-pairs scorer (bounds memory)
+  m.remat = True                  # recompute each block in the backward pass instead of storing it
+
+  if dataset in common.PAPER_DATASETS:
+    common.apply_paper_schedule(c, dataset)
+  else:  # shapes: small and fast on one CPU, as configs/scan.py
+    m.embed_size = 256
+    m.word_dim = 128
+    m.cnn_channels = 16             # paper: 32; 16 makes a batch-128 step ~3x cheaper on CPU
+    m.block_size = 16
+    c.vocab_min_count = 1
+    c.num_epochs = 12
+    c.optim.learning_rate = 5e-4
+    c.optim.lr_decay_epochs = 8
+
+  if 'mu0' in variants:
+    m.mu = 0.0
+  if 'mu1' in variants:
+    m.mu = 1.0
+  if 'one_path' in variants:
+    m.one_path = True
+  if 'no_cnn' in variants:
+    m.use_cnn = False
+  if 'no_res' in variants:
+    m.use_residual = False
+  if 'no_hard' in variants:
+    c.loss.max_violation = False
+  return c

@@ -1,0 +1,235 @@
+"""SCAN's word vocabulary (vocab.py / data.py) and an nltk-free stand-in for its tokenizer.
+
+The json format is SCAN's `serialize_vocab`: `{"idx2word": {"0": "<pad>", ...}, "word2idx": {...}, "idx": n}` with
+string keys in `idx2word`. Ids 0-3 are `<pad>`, `<start>`, `<end>`, `<unk>`; a caption encodes as
+`[<start>] + ids + [<end>]` (SCAN's PrecompDataset.__getitem__).
+
+Tokenizer. SCAN tokenises with `nltk.word_tokenize(caption.lower())`: Punkt sentence splitting, then NLTK's
+Treebank-style word tokenizer on each sentence. `tokenize` reproduces the word tokenizer's regex cascade
+(NLTKWordTokenizer, nltk 3.9, Apache-2.0): punctuation, brackets and quotes become tokens, an opening / closing
+double quote becomes ``` `` ``` / `''`, clitics split as `'s 'm 'd 're 've 'll n't` (`don't` -> `do n't`,
+`can't` -> `ca n't`, `cannot` -> `can not`), commas inside numbers stay (`1,000`), and only a sentence-final
+period is split off. Punkt is replaced by a rule: a word ending in `.` and followed by more text ends a sentence
+unless it looks like an abbreviation (a word with inner periods such as `u.s.`, one letter, a number, an
+ellipsis, or a common title/abbreviation such as `mr.` or `st.`). On lower-cased captions this is what Punkt's
+English model does in the common cases; rare Punkt decisions that depend on its learned statistics can differ.
+"""
+
+import collections
+import json
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+PAD, START, END, UNK = '<pad>', '<start>', '<end>', '<unk>'
+SPECIAL_TOKENS = (PAD, START, END, UNK)
+PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
+DEFAULT_MIN_COUNT = 4  # SCAN's vocab.py --threshold default
+
+# --- tokenizer -------------------------------------------------------------------------------------------------
+
+_STARTING_QUOTES = [
+    (re.compile('([«“‘„]|[`]+)'), r' \1 '),
+    (re.compile(r'^\"'), r'``'),
+    (re.compile(r'(``)'), r' \1 '),
+    (re.compile(r'([ \(\[{<])(\"|\'{2})'), r'\1 `` '),
+    (re.compile(r"(?i)(\')(?!re|ve|ll|m|t|s|d|n)(\w)\b"), r'\1 \2'),
+]
+_PUNCTUATION = [
+    (re.compile(r'([^\.])(\.)([\]\)}>"\'' '»”’ ' r']*)\s*$'), r'\1 \2 \3 '),
+    (re.compile(r'([:,])([^\d])'), r' \1 \2'),
+    (re.compile(r'([:,])$'), r' \1 '),
+    (re.compile(r'\.{2,}'), r' \g<0> '),
+    (re.compile(r'[;@#$%&]'), r' \g<0> '),
+    (re.compile(r'([^\.])(\.)([\]\)}>"\']*)\s*$'), r'\1 \2\3 '),  # the sentence-final period
+    (re.compile(r'[?!]'), r' \g<0> '),
+    (re.compile(r"([^'])' "), r"\1 ' "),
+    (re.compile(r'[*]'), r' \g<0> '),
+]
+_BRACKETS = (re.compile(r'[\]\[\(\)\{\}\<\>]'), r' \g<0> ')
+_DOUBLE_DASHES = (re.compile(r'--'), r' -- ')
+_ENDING_QUOTES = [
+    (re.compile('([»”’])'), r' \1 '),
+    (re.compile(r"''"), " '' "),
+    (re.compile(r'"'), " '' "),
+    (re.compile(r'\s+'), ' '),
+    (re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|') "), r'\1 \2 '),
+    (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) "), r'\1 \2 '),
+]
+_CONTRACTIONS = [re.compile(p) for p in (
+    r"(?i)\b(can)(?#X)(not)\b", r"(?i)\b(d)(?#X)('ye)\b", r"(?i)\b(gim)(?#X)(me)\b", r"(?i)\b(gon)(?#X)(na)\b",
+    r"(?i)\b(got)(?#X)(ta)\b", r"(?i)\b(lem)(?#X)(me)\b", r"(?i)\b(more)(?#X)('n)\b", r"(?i)\b(wan)(?#X)(na)(?=\s)",
+    r"(?i) ('t)(?#X)(is)\b", r"(?i) ('t)(?#X)(was)\b")]
+
+# Words that keep their period mid-caption (Punkt treats them as abbreviations before a lower-case word).
+_ABBREVIATIONS = frozenset(
+    'mr mrs ms dr st jr sr vs etc inc co ltd mt ft ave blvd rd prof gen gov sgt lt capt col rev no approx dept '
+    'jan feb mar apr jun jul aug sep sept oct nov dec'.split())
+_NUMBER = re.compile(r'^-?[\.,]?\d[\d,\.-]*$')
+_CLOSING = '])}>"\'»”’'
+
+
+def _ends_sentence(word: str) -> bool:
+  """Whether a whitespace-delimited word ending in '.' closes a sentence (the Punkt stand-in)."""
+  core = word.rstrip(_CLOSING)
+  if not core.endswith('.'):
+    return False
+  stem = core[:-1]
+  if not stem:  # a lone '.' token
+    return True
+  if stem.endswith('.') or '.' in stem:  # ellipsis, or inner periods (u.s., e.g.)
+    return False
+  return not (len(stem) == 1 and stem.isalpha()) and not _NUMBER.match(stem) and stem not in _ABBREVIATIONS
+
+
+def _split_sentences(text: str) -> list:
+  words = list(re.finditer(r'\S+', text))
+  sentences, start = [], 0
+  for match in words[:-1]:
+    if _ends_sentence(match.group()):
+      sentences.append(text[start:match.end()])
+      start = match.end()
+  sentences.append(text[start:])
+  return sentences
+
+
+def _word_tokenize(sentence: str) -> list:
+  """NLTKWordTokenizer's cascade on one sentence."""
+  text = sentence
+  for regexp, repl in _STARTING_QUOTES + _PUNCTUATION + [_BRACKETS, _DOUBLE_DASHES]:
+    text = regexp.sub(repl, text)
+  text = ' ' + text + ' '
+  for regexp, repl in _ENDING_QUOTES:
+    text = regexp.sub(repl, text)
+  for regexp in _CONTRACTIONS:
+    text = regexp.sub(r' \1 \2 ', text)
+  return text.split()
+
+
+def tokenize(caption: str) -> list:
+  """Lower-cases and tokenises a caption like SCAN's `nltk.word_tokenize(caption.lower())` (see module doc)."""
+  if not isinstance(caption, str):
+    raise ValueError(f'caption must be a str; got {type(caption).__name__} ({caption!r}).')
+  return [token for sentence in _split_sentences(caption.lower()) for token in _word_tokenize(sentence)]
+
+
+# --- vocabulary ------------------------------------------------------------------------------------------------
+
+
+class Vocabulary:
+  """Word <-> id map in SCAN's layout: `<pad>`=0, `<start>`=1, `<end>`=2, `<unk>`=3, then the words."""
+
+  def __init__(self, words: Sequence[str]):
+    """Args: words: every token in id order, starting with the four special tokens."""
+    words = list(words)
+    if tuple(words[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+      raise ValueError(f'vocabulary must start with {SPECIAL_TOKENS} at ids 0-3; got {tuple(words[:4])}.')
+    bad = [w for w in words if not isinstance(w, str) or not w]
+    if bad:
+      raise ValueError(f'vocabulary words must be non-empty strings; got {bad[:5]}.')
+    self._idx2word = words
+    self._word2idx = {w: i for i, w in enumerate(words)}
+    if len(self._word2idx) != len(words):
+      dup = [w for w, c in collections.Counter(words).items() if c > 1]
+      raise ValueError(f'vocabulary words must be unique; repeated: {dup[:5]}.')
+
+  def __len__(self) -> int:
+    return len(self._idx2word)
+
+  def __contains__(self, word: str) -> bool:
+    return word in self._word2idx
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Vocabulary) and self._idx2word == other._idx2word
+
+  def __repr__(self) -> str:
+    return f'Vocabulary({len(self)} words)'
+
+  def __call__(self, word: str) -> int:
+    """Id of a word, `<unk>` for unknown words (SCAN's `vocab(word)`)."""
+    return self._word2idx.get(word, UNK_ID)
+
+  @property
+  def words(self) -> tuple:
+    """All tokens in id order."""
+    return tuple(self._idx2word)
+
+  def encode(self, caption: str) -> np.ndarray:
+    """[n + 2] int32 ids: `<start>`, the caption's token ids (unknown -> `<unk>`), `<end>`."""
+    tokens = tokenize(caption)
+    if not tokens:
+      raise ValueError(f'caption {caption!r} has no tokens; every caption needs at least one word.')
+    return np.array([START_ID] + [self(t) for t in tokens] + [END_ID], np.int32)
+
+  def decode(self, ids: Iterable[int]) -> list:
+    """Tokens of an id sequence (ids out of range raise ValueError)."""
+    out = []
+    for i in ids:
+      if not 0 <= int(i) < len(self):
+        raise ValueError(f'token id {int(i)} is outside the vocabulary [0, {len(self)}).')
+      out.append(self._idx2word[int(i)])
+    return out
+
+  @classmethod
+  def build(cls, captions: Iterable[str], min_count: int = DEFAULT_MIN_COUNT) -> 'Vocabulary':
+    """SCAN's build_vocab: words seen at least `min_count` times, after the special tokens.
+
+    Words keep the order of their first occurrence (what SCAN's `Counter.items()` loop gives on Python 3.7+), so the
+    same captions always give the same ids.
+    """
+    if int(min_count) != min_count or min_count < 1:
+      raise ValueError(f'min_count must be an integer >= 1; got {min_count}.')
+    counter = collections.Counter()
+    for caption in captions:
+      counter.update(tokenize(caption))
+    words = [w for w, c in counter.items() if c >= min_count and w not in SPECIAL_TOKENS]
+    return cls(list(SPECIAL_TOKENS) + words)
+
+  @classmethod
+  def from_json(cls, path: str) -> 'Vocabulary':
+    """Reads and validates a SCAN vocabulary json (`idx2word` with string keys, `word2idx`, `idx`)."""
+    with open(path) as f:
+      try:
+        data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid json ({e}); expected a SCAN vocabulary file.') from e
+    if not isinstance(data, dict):
+      raise ValueError(f'{path}: expected a json object with fields idx2word, word2idx, idx; got '
+                       f'{type(data).__name__}.')
+    for field in ('idx2word', 'word2idx', 'idx'):
+      if field not in data:
+        raise ValueError(f'{path}: missing field "{field}" (a SCAN vocabulary has idx2word, word2idx, idx).')
+    idx2word, word2idx, idx = data['idx2word'], data['word2idx'], data['idx']
+    if not isinstance(idx2word, dict) or not isinstance(word2idx, dict):
+      raise ValueError(f'{path}: fields "idx2word" and "word2idx" must be json objects.')
+    expected_keys = [str(i) for i in range(len(idx2word))]
+    if set(idx2word) != set(expected_keys):
+      raise ValueError(f'{path}: field "idx2word" must have the string keys "0" .. "{len(idx2word) - 1}" '
+                       'without gaps.')
+    if not isinstance(idx, int) or isinstance(idx, bool) or idx != len(idx2word):
+      raise ValueError(f'{path}: field "idx" is {idx!r}; expected the vocabulary size {len(idx2word)}.')
+    words = [idx2word[k] for k in expected_keys]
+    if not all(isinstance(w, str) and w for w in words):
+      raise ValueError(f'{path}: field "idx2word" must map to non-empty strings.')
+    if len(word2idx) != len(words) or any(type(word2idx.get(w)) is not int or word2idx[w] != i
+                                          for i, w in enumerate(words)):
+      raise ValueError(f'{path}: fields "idx2word" and "word2idx" disagree; word2idx must be the exact inverse '
+                       'of idx2word.')
+    missing = [f'{t} at {i}' for i, t in enumerate(SPECIAL_TOKENS) if i >= len(words) or words[i] != t]
+    if missing:
+      raise ValueError(f'{path}: field "idx2word" lacks the special token(s) {missing}.')
+    try:
+      vocab = cls(words)
+    except ValueError as e:
+      raise ValueError(f'{path}: field "idx2word": {e}') from e
+    # Same mapping; keep the file's key order so that to_json writes the file back byte for byte.
+    vocab._word2idx = dict(word2idx)
+    return vocab
+
+  def to_json(self, path: str) -> None:
+    """Writes SCAN's json format (as `json.dump` in SCAN's serialize_vocab)."""
+    data = {'idx2word': {str(i): w for i, w in enumerate(self._idx2word)}, 'word2idx': self._word2idx,
+            'idx': len(self)}
+    with open(path, 'w') as f:
+      json.dump(data, f)

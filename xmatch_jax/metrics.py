@@ -1,0 +1,180 @@
+"""Retrieval metrics in plain numpy: SCAN's recall protocol and mAP for category-labelled data (DAER eq 12).
+
+Recall follows SCAN's evaluation.py `i2t`/`t2i` exactly, including how ties are broken: the ranking of each row
+comes from the same `np.argsort(row)[::-1]` call (numpy's default sort), applied to blocks of rows at once. Rows are
+processed in chunks so that a COCO 5K matrix (5000 x 25000) never needs more than a bounded temporary.
+"""
+
+import numpy as np
+
+RECALL_KS = (1, 5, 10)
+RECALL_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10')
+# Temporaries per chunk hold about this many elements (int64 argsort output: 64 MB).
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+
+
+def _check_sims(sims, captions_per_image: int) -> np.ndarray:
+  sims = np.asarray(sims)
+  if sims.ndim != 2 or sims.shape[0] < 1:
+    raise ValueError(f'sims must be a 2-D [n_images, n_captions] matrix with n_images >= 1; got shape {sims.shape}.')
+  n_img, n_cap = sims.shape
+  if n_cap != captions_per_image * n_img:
+    raise ValueError(f'sims has {n_cap} caption columns for {n_img} image rows; the protocol needs '
+                     f'{captions_per_image} captions per image ({captions_per_image} x {n_img} = '
+                     f'{captions_per_image * n_img} columns, caption c belonging to image c // {captions_per_image}).')
+  if np.issubdtype(sims.dtype, np.floating) and np.isnan(sims).any():
+    raise ValueError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
+  return sims
+
+
+def _row_chunks(n_rows: int, n_cols: int, chunk_elements: int):
+  step = max(1, chunk_elements // max(n_cols, 1))
+  for start in range(0, n_rows, step):
+    yield start, min(start + step, n_rows)
+
+
+def i2t_ranks(sims, captions_per_image: int = 5, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> np.ndarray:
+  """Image-to-text ranks as SCAN's `i2t`.
+
+  Args:
+    sims: [n_img, 5 n_img] scores, caption c belongs to image c // 5.
+    captions_per_image: captions per image (5 in every paper's protocol).
+    chunk_elements: bound on the elements of the per-chunk temporaries.
+
+  Returns:
+    [n_img] int64: for each image, the 0-based position of its best-ranked ground-truth caption in
+    `np.argsort(sims[i])[::-1]`.
+  """
+  sims = _check_sims(sims, captions_per_image)
+  n_img, n_cap = sims.shape
+  ranks = np.empty(n_img, np.int64)
+  for start, stop in _row_chunks(n_img, n_cap, chunk_elements):
+    inds = np.argsort(sims[start:stop], axis=1)[:, ::-1]
+    # SCAN takes the min over the image's captions of their positions = the first position holding one of them.
+    is_gt = (inds // captions_per_image) == np.arange(start, stop)[:, None]
+    ranks[start:stop] = np.argmax(is_gt, axis=1)
+  return ranks
+
+
+def t2i_ranks(sims, captions_per_image: int = 5, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> np.ndarray:
+  """Text-to-image ranks as SCAN's `t2i`.
+
+  Args:
+    sims: [n_img, 5 n_img] scores, caption c belongs to image c // 5.
+    captions_per_image: captions per image.
+    chunk_elements: bound on the elements of the per-chunk temporaries.
+
+  Returns:
+    [5 n_img] int64: for each caption c, the 0-based position of image c // 5 in `np.argsort(sims.T[c])[::-1]`.
+  """
+  sims_t = _check_sims(sims, captions_per_image).T
+  n_cap, n_img = sims_t.shape
+  ranks = np.empty(n_cap, np.int64)
+  for start, stop in _row_chunks(n_cap, n_img, chunk_elements):
+    inds = np.argsort(sims_t[start:stop], axis=1)[:, ::-1]
+    targets = np.arange(start, stop) // captions_per_image
+    ranks[start:stop] = np.argmax(inds == targets[:, None], axis=1)
+  return ranks
+
+
+def _rank_summary(ranks: np.ndarray, prefix: str) -> dict:
+  out = {f'{prefix}_r{k}': 100.0 * float(np.mean(ranks < k)) for k in RECALL_KS}
+  out[f'{prefix}_medr'] = float(np.floor(np.median(ranks)) + 1)
+  out[f'{prefix}_meanr'] = float(ranks.mean() + 1)
+  return out
+
+
+def recall_metrics(sims, captions_per_image: int = 5, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> dict:
+  """R@1/5/10 both ways (percent), rsum (sum of the six), and median/mean rank (1-based) as SCAN prints them.
+
+  Args:
+    sims: [n_img, 5 n_img] scores, caption c belongs to image c // 5.
+    captions_per_image: captions per image.
+    chunk_elements: bound on the elements of the per-chunk temporaries.
+
+  Returns:
+    dict with `i2t_r1 i2t_r5 i2t_r10 t2i_r1 t2i_r5 t2i_r10 rsum i2t_medr i2t_meanr t2i_medr t2i_meanr` (floats).
+  """
+  out = {**_rank_summary(i2t_ranks(sims, captions_per_image, chunk_elements), 'i2t'),
+         **_rank_summary(t2i_ranks(sims, captions_per_image, chunk_elements), 't2i')}
+  out['rsum'] = sum(out[k] for k in RECALL_KEYS)
+  return out
+
+
+def fold_metrics(sims_per_fold: list, captions_per_image: int = 5) -> dict:
+  """Mean of `recall_metrics` over folds (MS-COCO 1K: 5 folds of 1000 images).
+
+  Every metric is averaged over the folds as in SCAN's `evalrank(fold5=True)`; rsum is the sum of the six
+  averaged recalls (SCAN's script prints 6 x the mean i2t recall there instead, a known slip).
+
+  Args:
+    sims_per_fold: list of [n_img_f, 5 n_img_f] score matrices, one per fold.
+    captions_per_image: captions per image.
+
+  Returns:
+    dict with the same keys as `recall_metrics`.
+  """
+  if not len(sims_per_fold):
+    raise ValueError('sims_per_fold is empty; expected one score matrix per fold.')
+  per_fold = [recall_metrics(s, captions_per_image) for s in sims_per_fold]
+  out = {k: float(np.mean([m[k] for m in per_fold])) for k in per_fold[0] if k != 'rsum'}
+  out['rsum'] = sum(out[k] for k in RECALL_KEYS)
+  return out
+
+
+def average_precisions(sims, query_labels, doc_labels, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> np.ndarray:
+  """Average precision of every query over the full ranking of all documents (DAER eq 12).
+
+  AP = (1/R) sum_k (R_k / k) rel_k with R the number of relevant documents (same label as the query), R_k the
+  relevant ones among the top k. Documents are ranked by decreasing score; equal scores keep document order
+  (stable sort), so ties are resolved deterministically, not optimistically.
+
+  Args:
+    sims: [n_queries, n_docs] scores.
+    query_labels: [n_queries] class labels.
+    doc_labels: [n_docs] class labels.
+    chunk_elements: bound on the elements of the per-chunk temporaries.
+
+  Returns:
+    [n_queries] float64 APs.
+
+  Raises:
+    ValueError: on shape mismatches, NaN scores, or a query with no relevant document (its AP is undefined; we
+      refuse rather than silently drop it, since it means the labels of the two sides do not match).
+  """
+  sims = np.asarray(sims)
+  query_labels, doc_labels = np.asarray(query_labels), np.asarray(doc_labels)
+  if sims.ndim != 2:
+    raise ValueError(f'sims must be a 2-D [n_queries, n_docs] matrix; got shape {sims.shape}.')
+  if query_labels.shape != (sims.shape[0],):
+    raise ValueError(f'query_labels must have shape ({sims.shape[0]},) (one per sims row); got {query_labels.shape}.')
+  if doc_labels.shape != (sims.shape[1],):
+    raise ValueError(f'doc_labels must have shape ({sims.shape[1]},) (one per sims column); got {doc_labels.shape}.')
+  if np.issubdtype(sims.dtype, np.floating) and np.isnan(sims).any():
+    raise ValueError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
+  n_relevant = (query_labels[:, None] == doc_labels[None, :]).sum(axis=1)
+  if (n_relevant == 0).any():
+    first = int(np.argmax(n_relevant == 0))
+    raise ValueError(f'{int((n_relevant == 0).sum())} query(ies) have no relevant document (first: query {first} '
+                     f'with label {query_labels[first]!r}); AP is undefined for them.')
+  aps = np.empty(sims.shape[0], np.float64)
+  positions = np.arange(1, sims.shape[1] + 1)
+  for start, stop in _row_chunks(sims.shape[0], sims.shape[1], chunk_elements):
+    order = np.argsort(-sims[start:stop].astype(np.float64), axis=1, kind='stable')
+    rel = doc_labels[order] == query_labels[start:stop, None]
+    precision_at_k = np.cumsum(rel, axis=1) / positions
+    aps[start:stop] = (precision_at_k * rel).sum(axis=1) / n_relevant[start:stop]
+  return aps
+
+
+def mean_average_precision(sims, query_labels, doc_labels) -> float:
+  """mAP: the mean over queries of `average_precisions` (each row of sims is a query)."""
+  return float(average_precisions(sims, query_labels, doc_labels).mean())
+
+
+def map_metrics(sims, image_labels, text_labels) -> dict:
+  """mAP both ways for a [n_img, n_txt] score matrix: `i2t_map`, `t2i_map` and their mean `mean_map`."""
+  sims = np.asarray(sims)
+  i2t = mean_average_precision(sims, image_labels, text_labels)
+  t2i = mean_average_precision(sims.T, text_labels, image_labels)
+  return {'i2t_map': i2t, 't2i_map': t2i, 'mean_map': (i2t + t2i) / 2}

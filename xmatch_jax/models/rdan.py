@@ -1,0 +1,366 @@
+"""RDAN: relation-wise dual attention network (Hu et al., IJCAI 2019), sections 3.1-3.5.
+
+No official code was released; this follows the paper's equations:
+  (1) v_i = W_v r_i + b_v                        region features, D-dim
+  (2-4) e_j = (fwd GRU_j + bwd GRU_j) / 2         word features, D-dim
+  (5) s_ij = cos(v_i, e_j)                        S [k, n] of every pair
+  (6) conv layers 3x1, 1x3, 3x3 (32 channels, ReLU, 'same' size, no pooling), then a 1x1 conv to
+      two maps S1, S2
+  (7) S^1 = S1 + S, S^2 = S2 + S                  S as residual
+  (8) a_i = sum_j alpha_ij e_j, alpha = softmax_j(lambda S^2_ij)   row-wise: over words
+  (9) b_j = sum_i beta_ij v_i,  beta = softmax_i(lambda S^1_ij)    column-wise: over regions
+  (10) R_r(i) = cos(v_i, a_i), R_w(j) = cos(e_j, b_j)
+  (11) F = (1 - mu) mean_i R_r + mu mean_j R_w
+
+Reading of the paper where it is not explicit (see also the module fields):
+- Features are NOT l2-normalised: eqs 1 and 4 define v_i and e_j without it, and eqs 5 and 10
+  take cosines explicitly. (SCAN-family code normalises in the encoders; `l2norm_features=True`
+  does that.) The choice matters only for the attended vectors a_i, b_j of eqs 8-9, which sum the
+  raw v / e.
+- The 1x1 output conv has no ReLU (eq 6 applies ReLU to the three relation layers; S1, S2 are then
+  added to S and used as logits). Every conv has a bias and PyTorch's default init
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the paper's code is PyTorch). Channel 0 is S1, channel 1 S2.
+- Typos read as intended: eq 5 and eq 10 denominators ||e_i||, ||b_i|| mean ||e_j||, ||b_j||;
+  eq 9's sum over s_ii means the sum over regions l of exp(lambda s^1_lj).
+- Ablations (Table 3): mu=0 / mu=1 are values of mu; one-path = a single 1x1 output map used by both
+  attentions; no-cnn = both attentions use S itself; no-res = S^1 = S1, S^2 = S2.
+
+Padded words (mask 0) are removed everywhere, so scores equal those of the caption truncated to its
+real words: S is zero in padded columns, and the CNN's activations are re-zeroed there after every
+layer, so with 'same' zero padding a real position sees exactly what it would see at the border of
+the truncated k x n_c map; the row-wise softmax and the word mean run over real words only.
+
+All pairs of a block of images are scored together from the batch-wide cosine tensor S
+[b, C, k, n] (DESIGN.md): the relation CNN is one batched convolution over the b * C pair maps, and
+the cosines of eq 10 use S, the weights and per-item Gram matrices, never per-pair D-dim vectors:
+v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T (E E^T) alpha_i (same for b_j).
+"""
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xmatch_jax import pairwise
+from xmatch_jax.models import layers
+
+_EPS = 1e-8
+# (name, kernel height over regions, kernel width over words) of the relation layers, eq 6.
+RELATION_LAYERS = (('conv1', 3, 1), ('conv2', 1, 3), ('conv3', 3, 3))
+_CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _torch_conv_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's Conv2d default for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return layers.symmetric_uniform(fan_in ** -0.5)
+
+
+class RelationCNN(nn.Module):
+    """Creates the parameters of the visual-semantic relation CNN (eqs 6-7) and returns them.
+
+    The convolution itself is the pure function `relation_maps`, so that it can run inside the
+    `lax.map` of the blocked scorer (a linen submodule cannot be called there).
+
+    Attributes:
+      channels: channels of the three relation layers (32 in the paper).
+      out_channels: 2 (S1, S2) or 1 (one-path).
+    """
+
+    channels: int
+    out_channels: int
+
+    @nn.compact
+    def __call__(self) -> dict:
+        """Returns {'<layer>_kernel': [h, w, in, out] (HWIO), '<layer>_bias': [out]}."""
+        params = {}
+        in_channels = 1
+        shapes = RELATION_LAYERS + (('out', 1, 1),)
+        for name, height, width in shapes:
+            out = self.out_channels if name == 'out' else self.channels
+            init = _torch_conv_init(in_channels * height * width)
+            params[f'{name}_kernel'] = self.param(
+                f'{name}_kernel', init, (height, width, in_channels, out))
+            params[f'{name}_bias'] = self.param(f'{name}_bias', init, (out,))
+            in_channels = out
+        return params
+
+
+def _lax_same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding='SAME',
+                                        dimension_numbers=_CONV_DIMS)
+
+
+@jax.custom_vjp
+def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 'same' cross-correlation (PyTorch's Conv2d): x [P, H, W, I], kernel [h, w, I, O].
+
+    Kernel sizes must be odd. The backward pass is written out because XLA:CPU runs the autodiff
+    kernel-gradient convolution inside `lax.map` (the blocked scorer) with a non-canonical layout
+    ~40x slower than this: dx is the 'same' convolution of the cotangent with the flipped, in/out
+    swapped kernel; dk[a, b] = (x shifted by (a, b))^T cotangent over all pairs and positions, one
+    matmul per kernel row.
+    Reverse mode only (no jvp).
+    """
+    return _lax_same_conv(x, kernel)
+
+
+def _same_conv_fwd(x, kernel):
+    return _lax_same_conv(x, kernel), (x, kernel)
+
+
+def _same_conv_bwd(residuals, grad):
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    height, width = x.shape[1:3]
+    in_channels, out_channels = kernel.shape[2:]
+    dx = _lax_same_conv(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    grad = grad.reshape(-1, out_channels)
+    rows = []
+    for a in range(kh):  # one matmul per kernel row: [kw * I, positions] @ [positions, O]
+        shifted = jnp.concatenate(
+            [padded[:, a:a + height, b:b + width] for b in range(kw)], axis=-1)
+        rows.append((shifted.reshape(-1, kw * in_channels).T @ grad).reshape(kw, in_channels,
+                                                                             out_channels))
+    return dx, jnp.stack(rows)
+
+
+same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """`same_conv` plus bias, on NHWC maps."""
+    if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+        raise ValueError(f"relation conv kernels must have odd sizes, got {kernel.shape[:2]}")
+    return same_conv(x, kernel) + bias
+
+
+def relation_maps(sim: jax.Array, word_valid: jax.Array, cnn_params: Optional[dict], *,
+                  use_residual: bool) -> tuple[jax.Array, jax.Array]:
+    """The attention logit maps S^1 (column-wise) and S^2 (row-wise) of eqs 6-7.
+
+    Args:
+      sim: cosine maps S [b, C, k, n], zero in padded word columns.
+      word_valid: [C, n] bool, True for real words.
+      cnn_params: output of `RelationCNN` (1 or 2 output channels), or None for no-cnn
+        (S^1 = S^2 = S).
+      use_residual: add S to the CNN outputs (eq 7); False is the no-res ablation.
+
+    Returns:
+      (S^1, S^2), each [b, C, k, n]; the same array twice for one-path and no-cnn.
+    """
+    if cnn_params is None:
+        return sim, sim
+    b, c, k, n = sim.shape
+    # One batched convolution over the b * C pair maps, NHWC = [pairs, regions, words, channels].
+    column_mask = jnp.broadcast_to(word_valid[None, :, None, :], (b, c, 1, n))
+    column_mask = column_mask.reshape(b * c, 1, n, 1).astype(sim.dtype)
+    x = sim.reshape(b * c, k, n, 1) * column_mask
+    for name, _, _ in RELATION_LAYERS:
+        x = jax.nn.relu(_conv(x, cnn_params[f'{name}_kernel'], cnn_params[f'{name}_bias']))
+        # Re-zero padded columns: the next layer's 'same' padding sees zeros past the real words.
+        x = x * column_mask
+    out = _conv(x, cnn_params['out_kernel'], cnn_params['out_bias'])   # [pairs, k, n, 1 or 2]
+    out = jnp.moveaxis(out, -1, 0).reshape(out.shape[-1], b, c, k, n)
+    if use_residual:
+        out = out + sim[None]
+    return out[0], out[-1]
+
+
+def _masked_softmax(x: jax.Array, axis: int, mask: jax.Array) -> jax.Array:
+    """Softmax along `axis` over the entries where `mask` (broadcastable bool) is True."""
+    x = jnp.where(mask, x, -jnp.inf)
+    x = x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    e = jnp.exp(x)
+    return e / jnp.sum(e, axis=axis, keepdims=True)
+
+
+def prepare_items(features: jax.Array, valid: Optional[jax.Array] = None) -> dict:
+    """Per-item quantities (computed once, outside the blocked pair loop).
+
+    Args:
+      features: [N, m, D] regions of N images or words of N captions.
+      valid: optional [N, m] bool; invalid positions are zeroed (padding is ignored).
+
+    Returns:
+      dict with `unit` [N, m, D] (l2-normalised, zero where invalid), `norms` [N, m], `gram`
+      [N, m, m] (features features^T) and, if given, `valid`.
+    """
+    if valid is not None:
+        features = jnp.where(valid[..., None], features, 0.0)
+    items = {
+        'unit': layers.l2norm(features),
+        'norms': layers.safe_sqrt(jnp.sum(jnp.square(features), axis=-1)),
+        'gram': pairwise.gram(features),
+    }
+    if valid is not None:
+        items['valid'] = valid
+    return items
+
+
+def dual_attention_weights(image: dict, text: dict, cnn_params: Optional[dict], *,
+                           lambda_: float, use_residual: bool) -> dict:
+    """The attention weights of eqs 8-9 (e.g. for a figure like the paper's Figure 3).
+
+    Args: as `rdan_block_scores`.
+
+    Returns:
+      {'alpha': [b, C, k, n] weights over words for each region (eq 8, zero at padded words),
+       'beta': [b, C, k, n] weights over regions for each word (eq 9)}.
+    """
+    sim = pairwise.region_word_similarity(image['unit'], text['unit'])
+    valid = text['valid']
+    s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual)
+    return {'alpha': _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :]),
+            'beta': jax.nn.softmax(lambda_ * s1, axis=-2)}
+
+
+def _cosine(dots: jax.Array, norms_a: jax.Array, sq_norms_b: jax.Array) -> jax.Array:
+    """dots / max(|a| |b|, eps) (PyTorch's cosine_similarity clamp)."""
+    return dots / jnp.maximum(norms_a * layers.safe_sqrt(sq_norms_b), _EPS)
+
+
+def rdan_block_scores(image: dict, text: dict, cnn_params: Optional[dict], *, lambda_: float,
+                      mu: float, use_residual: bool) -> jax.Array:
+    """RDAN scores F (eqs 5-11) of a block of images against all captions.
+
+    Args:
+      image: `prepare_items(regions)` for b images: unit [b, k, D], norms [b, k], gram [b, k, k].
+      text: `prepare_items(words, valid)` for C captions: unit [C, n, D], norms [C, n],
+        gram [C, n, n], valid [C, n].
+      cnn_params: `RelationCNN` output, or None for no-cnn.
+      lambda_: inverse softmax temperature.
+      mu: weight of the word relevance (eq 11).
+      use_residual: add S to the CNN maps (eq 7).
+
+    Returns:
+      [b, C] scores.
+    """
+    sim = pairwise.region_word_similarity(image['unit'], text['unit'])   # cosines S [b, C, k, n]
+    valid = text['valid']                                                # [C, n]
+    s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual)
+    region_norms = image['norms'][:, None]                               # [b, 1, k]
+    word_norms = text['norms'][None]                                     # [1, C, n]
+    score = 0.0
+    if mu != 1:
+        # Row-wise pathway, eq 8: each region attends over the caption's real words.
+        alpha = _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :])
+        # v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j|
+        dots = region_norms * jnp.sum(alpha * sim * word_norms[:, :, None, :], axis=-1)
+        attended_sq = pairwise.attended_word_sq_norms(alpha, text['gram'])
+        region_relevance = _cosine(dots, region_norms, attended_sq)     # R_r [b, C, k]
+        score = score + (1 - mu) * jnp.mean(region_relevance, axis=-1)
+    if mu != 0:
+        # Column-wise pathway, eq 9: each word attends over the image's regions.
+        beta = jax.nn.softmax(lambda_ * s1, axis=-2)
+        # e_j . b_j = |e_j| sum_i beta_ij S_ij |v_i|
+        dots = word_norms * jnp.sum(beta * sim * region_norms[..., None], axis=-2)
+        attended_sq = pairwise.attended_region_sq_norms(beta, image['gram'])
+        word_relevance = _cosine(dots, word_norms, attended_sq)         # R_w [b, C, n]
+        word_relevance = jnp.where(valid[None], word_relevance, 0.0)
+        score = score + mu * jnp.sum(word_relevance, axis=-1) / jnp.sum(valid, axis=-1)[None]
+    return score
+
+
+class RDAN(nn.Module):
+    """RDAN matcher: region FC + bi-GRU words, relation CNN over S, dual pathway attention.
+
+    Attributes:
+      vocab_size: number of token ids.
+      img_dim: precomputed region feature size.
+      embed_size: joint space D (1024).
+      word_dim: word embedding size (300).
+      num_layers: GRU layers.
+      bidirectional: bi-GRU with the directions averaged (eq 4).
+      l2norm_features: l2-normalise region and word features as SCAN-family code does; the paper's
+        eqs 1 and 4 do not (default False).
+      lambda_: inverse temperature of both attention softmaxes (4).
+      mu: weight of the word relevance in eq 11 (0.1); 0 and 1 are Table 3's single-pathway
+        ablations.
+      cnn_channels: channels of the three relation conv layers (32).
+      use_cnn: False is the no-cnn ablation (attend with S directly).
+      use_residual: False is the no-res ablation (attend with the CNN maps only).
+      one_path: one learned map used by both attentions (one-path ablation).
+      block_size: images scored per block in `pair_scores` (bounds peak memory).
+      remat: recompute each block in the backward pass instead of storing it.
+    """
+
+    vocab_size: int
+    img_dim: int
+    embed_size: int = 1024
+    word_dim: int = 300
+    num_layers: int = 1
+    bidirectional: bool = True
+    l2norm_features: bool = False
+    lambda_: float = 4.0
+    mu: float = 0.1
+    cnn_channels: int = 32
+    use_cnn: bool = True
+    use_residual: bool = True
+    one_path: bool = False
+    block_size: int = 16
+    remat: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.mu <= 1:
+            raise ValueError(f"RDAN.mu must be in [0, 1], got {self.mu}")
+        if self.cnn_channels < 1:
+            raise ValueError(f"RDAN.cnn_channels must be >= 1, got {self.cnn_channels}")
+        if self.block_size < 1:
+            raise ValueError(f"RDAN.block_size must be >= 1, got {self.block_size}")
+        if not self.use_cnn and (self.one_path or not self.use_residual):
+            raise ValueError(
+                "RDAN.use_cnn=False (no-cnn: both attentions use S) cannot be combined with "
+                f"one_path=True or use_residual=False; got one_path={self.one_path}, "
+                f"use_residual={self.use_residual}")
+        super().__post_init__()
+
+    def setup(self):
+        self.image_encoder = layers.RegionEncoder(
+            self.embed_size, no_imgnorm=not self.l2norm_features)
+        self.text_encoder = layers.GRUTextEncoder(
+            vocab_size=self.vocab_size, word_dim=self.word_dim, embed_size=self.embed_size,
+            num_layers=self.num_layers, bidirectional=self.bidirectional,
+            no_txtnorm=not self.l2norm_features)
+        if self.use_cnn:
+            self.relation_cnn = RelationCNN(self.cnn_channels, 1 if self.one_path else 2)
+
+    def encode_image(self, images: dict) -> dict:
+        """images['regions'] [I, k, img_dim] -> {'regions': [I, k, D]} (eq 1)."""
+        layers.require_keys(images, ('regions',), 'RDAN.encode_image')
+        return {'regions': self.image_encoder(images['regions'])}
+
+    def encode_text(self, text: dict) -> dict:
+        """text['tokens'], text['mask'] [C, n] -> {'words': [C, n, D], 'mask': [C, n]} (eqs 2-4)."""
+        layers.require_keys(text, ('tokens', 'mask'), 'RDAN.encode_text')
+        words, _ = self.text_encoder(text['tokens'], text['mask'])
+        return {'words': words, 'mask': text['mask']}
+
+    def pair_scores(self, image_rep: dict, text_rep: dict) -> jax.Array:
+        """Scores F of every pair, [I, C], computed in blocks of `block_size` images."""
+        words, mask = text_rep['words'], text_rep['mask']
+        if words.shape[:2] != mask.shape:
+            raise ValueError(
+                f"text_rep words {words.shape} and mask {mask.shape} disagree on [C, n]")
+        image = prepare_items(image_rep['regions'])
+        text = prepare_items(words, mask > 0)
+        cnn_params = self.relation_cnn() if self.use_cnn else None
+        head = functools.partial(rdan_block_scores, lambda_=self.lambda_, mu=self.mu,
+                                 use_residual=self.use_residual)
+        # The CNN params go with the (unblocked) text argument: jax.checkpoint sees them as inputs.
+        return pairwise.score_in_blocks(
+            lambda image_block, shared: head(image_block, shared[0], shared[1]),
+            image, (text, cnn_params), self.block_size, remat=self.remat)
+
+    def attention_weights(self, image_rep: dict, text_rep: dict) -> dict:
+        """`dual_attention_weights` of every pair (unblocked: for a few images and captions)."""
+        image = prepare_items(image_rep['regions'])
+        text = prepare_items(text_rep['words'], text_rep['mask'] > 0)
+        return dual_attention_weights(
+            image, text, self.relation_cnn() if self.use_cnn else None, lambda_=self.lambda_,
+            use_residual=self.use_residual)
+
+    def __call__(self, images: dict, text: dict) -> jax.Array:
+        return self.pair_scores(self.encode_image(images), self.encode_text(text))
