@@ -8,6 +8,7 @@ import json
 import os
 
 from absl import app
+from absl import logging as absl_logging
 from absl import flags
 import jax
 import numpy as np
@@ -100,6 +101,7 @@ _PROTOCOL = flags.DEFINE_enum('protocol', None, sorted(PROTOCOLS), 'Evaluation p
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   result = evaluate_workdir(_WORKDIR.value, _SPLIT.value, _PROTOCOL.value)
   print(format_table(result))
   print(f'written to {os.path.join(_WORKDIR.value, "eval", _SPLIT.value + ".json")}')

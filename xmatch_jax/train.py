@@ -10,6 +10,7 @@ import os
 import time
 
 from absl import app
+from absl import logging as absl_logging
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -249,6 +250,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, log
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except FloatingPointError as e:

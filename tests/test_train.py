@@ -1,0 +1,197 @@
+"""End to end on the tiny shapes split: training learns, evaluation writes the protocol's keys, runs resume
+exactly, the Retriever agrees with evaluation, and bad input is refused with a clear message."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import scan as scan_config
+from configs import vsepp as vsepp_config
+from xmatch_jax import Retriever
+from xmatch_jax import evaluate
+from xmatch_jax import train
+from xmatch_jax.checkpoints import RunCheckpoints
+from xmatch_jax.data import load_split
+from xmatch_jax.data import validation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def tiny_config(data_dir, module=scan_config, **overrides):
+  c = module.get_config('shapes_tiny')
+  c.data_dir = data_dir
+  c.batch_size = 32
+  c.num_epochs = 2
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 20
+  c.model.embed_size = 64
+  c.model.word_dim = 32
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('scan_run'))
+  config = tiny_config(data_dir, num_epochs=6, **{'optim.learning_rate': 2e-3})
+  dev = train.train_and_evaluate(config, workdir)
+  return workdir, config, dev
+
+
+def _params(workdir):
+  state, _, _ = RunCheckpoints(workdir).restore_for_eval()
+  return state['params']
+
+
+def test_training_learns_far_above_chance(trained):
+  workdir, _, dev = trained
+  # Chance rsum on 100 images / 500 captions is ~32 (R@K = K% each way, i2t a little higher with 5 positives).
+  assert dev['rsum'] > 120, dev
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  losses = [l['loss'] for l in lines if 'loss' in l]
+  assert losses[-1] < losses[0]
+
+
+def test_evaluate_writes_protocol_keys(trained):
+  workdir, _, _ = trained
+  result = evaluate.evaluate_workdir(workdir, split='test')
+  saved = json.load(open(os.path.join(workdir, 'eval', 'test.json')))
+  for key in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum'):
+    assert saved[key] == pytest.approx(result[key])
+  assert saved['rsum'] == pytest.approx(sum(saved[k] for k in evaluate.RECALL_KEYS[:6]))
+  assert saved['n_images'] == 100 and saved['n_captions'] == 500
+
+
+def test_protocols_refuse_wrong_split_sizes():
+  sims = np.random.default_rng(0).normal(size=(100, 500))
+  with pytest.raises(ValueError, match='1000 images'):
+    evaluate.protocol_metrics(sims, '1k')
+  with pytest.raises(ValueError, match='5000 images'):
+    evaluate.protocol_metrics(sims, '5k')
+  folds = evaluate.protocol_metrics(sims, 'fold5')
+  assert folds['rsum'] == pytest.approx(sum(folds[k] for k in evaluate.RECALL_KEYS[:6]))
+
+
+def test_retriever_matches_evaluation_scores(trained, data_dir):
+  workdir, _, _ = trained
+  images, captions, _ = load_split('shapes_tiny', 'test', data_dir)
+  r = Retriever.from_workdir(workdir)
+  subset = {k: v[:7] for k, v in images.items()}
+  scores = r.score(subset, captions[:11])
+  assert scores.shape == (7, 11) and np.isfinite(scores).all()
+  # The same pairs scored within the whole split give the same numbers (chunking does not matter).
+  full = r.score(images, captions[:11])
+  np.testing.assert_allclose(scores, full[:7], atol=1e-5)
+  unk = r.score(subset, ['a zebra xylophone'])  # unknown words map to <unk>
+  assert np.isfinite(unk).all()
+  with pytest.raises(ValueError, match='empty'):
+    r.score(subset, ['  '])
+  with pytest.raises(ValueError, match='regions'):
+    r.score({'regions': subset['regions'][..., :10]}, captions[:2])
+  bad = subset['regions'].copy()
+  bad[0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match='NaN'):
+    r.score({'regions': bad}, captions[:2])
+
+
+def test_resume_after_interruption_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
+  config = tiny_config(data_dir, num_epochs=1)
+  full_dir, cut_dir = str(tmp_path / 'full'), str(tmp_path / 'cut')
+  train.train_and_evaluate(config, full_dir)
+
+  original = train.batching.TrainBatcher.batch
+
+  def crash_at_25(self, step):
+    if step == 25:  # after the checkpoint at step 20
+      raise KeyboardInterrupt('simulated kill')
+    return original(self, step)
+
+  monkeypatch.setattr(train.batching.TrainBatcher, 'batch', crash_at_25)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, cut_dir)
+  monkeypatch.setattr(train.batching.TrainBatcher, 'batch', original)
+  assert RunCheckpoints(cut_dir).latest.latest_step() == 20
+  train.train_and_evaluate(config, cut_dir)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               _params(full_dir), _params(cut_dir))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'nan')
+  config = tiny_config(data_dir, num_epochs=1)
+  train.train_and_evaluate(config, workdir)
+  good_step = RunCheckpoints(workdir).latest.latest_step()
+  good = _params(workdir)
+  monkeypatch.setattr(train.losses, 'contrastive_loss', lambda scores, *a, **k: jnp.sum(scores) * jnp.nan)
+  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+    train.train_and_evaluate(tiny_config(data_dir, num_epochs=2), workdir)
+  assert RunCheckpoints(workdir).latest.latest_step() == good_step
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), good, _params(workdir))
+
+
+def test_workdir_of_another_model_is_refused(trained, data_dir):
+  workdir, _, _ = trained
+  with pytest.raises(ValueError, match="model 'scan'.*model 'vsepp'"):
+    train.train_and_evaluate(tiny_config(data_dir, module=vsepp_config), workdir)
+
+
+def test_vsepp_trains_one_epoch(data_dir, tmp_path):
+  dev = train.train_and_evaluate(tiny_config(data_dir, module=vsepp_config, num_epochs=1), str(tmp_path / 'v'))
+  assert np.isfinite(dev['rsum'])
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('model.block_size', 0, 'block_size'),
+    ('loss.margin', -0.1, 'margin'),
+    ('batch_size', 1, 'batch_size'),
+])
+def test_impossible_config_values(data_dir, tmp_path, key, value, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(data_dir, **{key: value}), str(tmp_path))
+
+
+def test_dataset_without_builder(tmp_path):
+  config = scan_config.get_config('f30k')
+  with pytest.raises(ValueError, match="no dataset builder named 'f30k'"):
+    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(ValueError, match='unknown dataset'):
+    scan_config.get_config('flickr')
+
+
+def test_unknown_config_key_on_command_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'xmatch_jax.train', '--config=configs/scan.py:shapes_tiny',
+       f'--workdir={tmp_path}', '--config.model.no_such_key=3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'no_such_key' in proc.stderr
+
+
+def test_split_validation_errors():
+  regions = np.zeros((2, 3, 4), np.float32)
+  with pytest.raises(ValueError, match=r'expected 5 x 2 = 10'):
+    validation.check_split({'regions': regions}, ['a b'] * 9, np.arange(9) // 5, 'src')
+  with pytest.raises(ValueError, match='feature size 4; expected 8'):
+    validation.check_split({'regions': regions}, ['a b'] * 10, np.arange(10) // 5, 'src', region_dim=8)
+  bad = regions.copy()
+  bad[1, 2, 3] = np.inf
+  with pytest.raises(ValueError, match='NaN or inf in 1 image.*index 1'):
+    validation.check_split({'regions': bad}, ['a b'] * 10, np.arange(10) // 5, 'src')
+  with pytest.raises(ValueError, match='caption 3 is empty'):
+    validation.check_split({'regions': regions}, ['a b'] * 3 + [''] + ['a'] * 6, np.arange(10) // 5, 'src')
