@@ -49,7 +49,7 @@ def tiny_config(data_dir, module=scan_config, **overrides):
 @pytest.fixture(scope='module')
 def trained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('scan_run'))
-  config = tiny_config(data_dir, num_epochs=6, **{'optim.learning_rate': 2e-3})
+  config = tiny_config(data_dir, num_epochs=6, **{'model.embed_size': 256, 'model.word_dim': 128})
   dev = train.train_and_evaluate(config, workdir)
   return workdir, config, dev
 

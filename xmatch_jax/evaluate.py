@@ -93,20 +93,19 @@ def format_table(result: dict) -> str:
   return f'{head}\n{names}\n{values}'
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
-_SPLIT = flags.DEFINE_string('split', 'test', 'Split to evaluate.')
-_PROTOCOL = flags.DEFINE_enum('protocol', None, sorted(PROTOCOLS), 'Evaluation protocol (default: from split size).')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-  result = evaluate_workdir(_WORKDIR.value, _SPLIT.value, _PROTOCOL.value)
+  f = flags.FLAGS
+  result = evaluate_workdir(f.workdir, f.split, f.protocol)
   print(format_table(result))
-  print(f'written to {os.path.join(_WORKDIR.value, "eval", _SPLIT.value + ".json")}')
+  print(f'written to {os.path.join(f.workdir, "eval", f.split + ".json")}')
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'Training workdir.')
+  flags.DEFINE_string('split', 'test', 'Split to evaluate.')
+  flags.DEFINE_enum('protocol', None, sorted(PROTOCOLS), 'Evaluation protocol (default: from split size).')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -83,8 +83,8 @@ def train_step(state, batch, *, model, tx, schedule, loss_cfg):
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'update_norm': optax.global_norm(updates),
-             'param_norm': optax.global_norm(params), 'learning_rate': schedule(state['step'])}
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'update_norm': optax.tree.norm(updates),
+             'param_norm': optax.tree.norm(params), 'learning_rate': schedule(state['step'])}
   return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
 
 
@@ -242,21 +242,19 @@ def _flush(pending: list, step: int, workdir: str, meta: dict, t0: float) -> dic
   return summary
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file, e.g. configs/scan.py:shapes.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, eval).')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except FloatingPointError as e:
     raise SystemExit(f'error: {e}') from e
 
 
 if __name__ == '__main__':
+  # Flags are defined here, not at import, so train and evaluate can be imported together.
+  config_flags.DEFINE_config_file('config', None, 'Model config file, e.g. configs/scan.py:shapes.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, eval).')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)
