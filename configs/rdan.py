@@ -34,17 +34,10 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.block_size = 8                # images per block of the all-pairs scorer (bounds memory)
   m.remat = True                  # recompute each block in the backward pass instead of storing it
 
-  if dataset in common.PAPER_DATASETS:
-    common.apply_paper_schedule(c, dataset)
-  else:  # shapes: small and fast on one CPU, as configs/scan.py
-    m.embed_size = 256
-    m.word_dim = 128
+  common.apply_schedule(c, dataset)
+  if dataset not in common.PAPER_DATASETS:
     m.cnn_channels = 16             # paper: 32; 16 makes a batch-128 step ~3x cheaper on CPU
     m.block_size = 16
-    c.vocab_min_count = 1
-    c.num_epochs = 3
-    c.optim.learning_rate = 5e-4
-    c.optim.lr_decay_epochs = 2
 
   if 'mu0' in variants:
     m.mu = 0.0

@@ -28,15 +28,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.block_size = 32               # images per block of the all-pairs scorer (bounds memory)
   m.remat = True                  # recompute each block in the backward pass instead of storing it
 
-  if dataset in common.PAPER_DATASETS:
-    common.apply_paper_schedule(c, dataset)
-  else:  # shapes: small and fast on one CPU
-    m.embed_size = 256
-    m.word_dim = 128
-    c.vocab_min_count = 1
-    c.num_epochs = 3               # SCAN passes the bag-of-objects oracle after one epoch here
-    c.optim.learning_rate = 5e-4
-    c.optim.lr_decay_epochs = 2
+  common.apply_schedule(c, dataset)
   if 'i2t' in variants:  # SCAN's published i2t settings
     m.cross_attn = 'i2t'
     m.lambda_softmax = 4.0

@@ -18,13 +18,5 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.num_layers = 1
   m.bidirectional = False         # VSE++ uses a uni-directional GRU and its last hidden state
 
-  if dataset in common.PAPER_DATASETS:
-    common.apply_paper_schedule(c, dataset)
-  else:
-    m.embed_size = 256
-    m.word_dim = 128
-    c.vocab_min_count = 1
-    c.num_epochs = 3               # SCAN passes the bag-of-objects oracle after one epoch here
-    c.optim.learning_rate = 5e-4
-    c.optim.lr_decay_epochs = 2
+  common.apply_schedule(c, dataset)
   return c
