@@ -1,7 +1,7 @@
 """The Python API: score dataset-format images against raw caption strings with a trained workdir.
 
   from xmatch_jax import Retriever
-  r = Retriever.from_workdir('runs/scan_shapes')
+  r = Retriever.from_workdir('runs/rdan_shapes')
   images, captions, caption_to_image = xmatch_jax.data.load_split('shapes', 'test')
   scores = r.score({k: v[:10] for k, v in images.items()}, ['a red circle above a blue square'])  # [10, 1]
 """
