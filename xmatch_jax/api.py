@@ -20,6 +20,7 @@ class Retriever:
     self.config = config
     self.vocab = vocab
     self.model = model
+    self.params = params
     self.checkpoint = checkpoint
     self._scorer = inference.Scorer(model, {'params': params}, config.eval_image_chunk, config.eval_text_batch)
 
