@@ -1,0 +1,109 @@
+"""tools/benchmark.py: its analytic FLOP counts against XLA's own count, its PyTorch references against the
+models, and an end-to-end run writing the JSON report. (Timings are measured by the tool, never tested.)"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
+import benchmark  # pylint: disable=g-import-not-at-top
+
+from xmatch_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+
+def _model(spec, **overrides):
+  config = benchmark.load_config(spec)
+  if 'block_size' in config.model:
+    config.model.block_size = 1000   # unblocked: XLA's cost analysis does not look inside lax.map
+  for key, value in overrides.items():
+    config.model[key] = value
+  model = build_model(config.model, vocab_size=50, img_dim=8)
+  return config, model
+
+
+def _variables(model, k, n):
+  return model.init(jax.random.key(0), {'regions': jnp.zeros((1, k, 8))},
+                    {'tokens': jnp.ones((1, n), jnp.int32), 'mask': jnp.ones((1, n))})
+
+
+@pytest.mark.parametrize('spec,overrides', [
+    ('configs/rdan.py:f30k', {}),
+    ('configs/rdan.py:f30k', {'one_path': True, 'cnn_channels': 8}),
+    ('configs/rdan.py:f30k,mu0', {}),
+    ('configs/rdan.py:f30k,no_cnn', {}),
+    ('configs/scan.py:f30k', {'cross_attn': 't2i'}),
+    ('configs/scan.py:f30k', {'cross_attn': 'i2t'}),
+    ('configs/vsepp.py:f30k', {}),
+])
+def test_analytic_flops_match_xlas_count(spec, overrides):
+  config, model = _model(spec, **overrides)
+  n_img, n_cap, k, n, d = 3, 5, 36, 20, 512
+  reps = benchmark.random_reps(0, n_img, n_cap, k, n, n, d)
+  image_rep, text_rep = benchmark.pair_inputs(config.model.name, reps)
+  fn = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
+  cost = fn.lower(_variables(model, k, n), image_rep, text_rep).compile().cost_analysis()
+  xla_flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+  ours = benchmark.scoring_flops(config.model.to_dict(), n_img, n_cap, k, n, d)['total']
+  # XLA also counts element-wise work (which we leave out) and skips the zero taps of 'same' padding (which
+  # we count), so the two agree to a few percent, not exactly.
+  assert 0.85 * xla_flops <= ours <= 1.1 * xla_flops, (ours, xla_flops)
+
+
+def _jax_scores(model, variables, reps):
+  return np.asarray(model.apply(variables, {'regions': reps['regions']},
+                                {'words': reps['words'], 'mask': reps['mask']}, method=model.pair_scores))
+
+
+@pytest.mark.torch
+def test_torch_scan_t2i_loop_equals_the_model():
+  torch = pytest.importorskip('torch')
+  config, model = _model('configs/scan.py:f30k', cross_attn='t2i')
+  reps = benchmark.random_reps(1, 6, 7, 9, 11, 3, 16)
+  expected = _jax_scores(model, _variables(model, 9, 11), reps)
+  m = config.model
+  got = benchmark.torch_scan_t2i_official(
+      torch.from_numpy(reps['regions']), torch.from_numpy(reps['words']), reps['mask'].sum(1).astype(int),
+      m.lambda_softmax, m.lambda_lse).numpy()
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize('block', [1, 4, 100])
+def test_torch_rdan_head_equals_the_model(block):
+  torch = pytest.importorskip('torch')
+  config, model = _model('configs/rdan.py:f30k', cnn_channels=4)
+  reps = benchmark.random_reps(2, 5, 7, 9, 11, 3, 16)
+  variables = _variables(model, 9, 11)
+  expected = _jax_scores(model, variables, reps)
+  got = benchmark.torch_rdan(torch.from_numpy(reps['regions']), torch.from_numpy(reps['words']),
+                             torch.from_numpy(reps['mask']), benchmark.flat_params(variables),
+                             config.model.to_dict(), block).numpy()
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_cli_writes_the_json_report(tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  assert benchmark.main(['--config=configs/rdan.py:shapes', '--n_images=6', '--n_captions=5', '--k=8', '--n=7',
+                         '--min_len=3', '--embed_size=32', '--cnn_channels=4', '--block_size=4', '--train_batch=4',
+                         '--repeats=2', '--train_repeats=1', '--matmul_size=256', f'--json={out}']) == 0
+  report = json.loads(out.read_text())
+  for key in ('pairs_per_s', 'pair_gflops_per_s', 'matmul_gflops_per_s', 'peak_memory_bytes', 'train_step_s'):
+    assert report[key], key
+  assert report['pairs_per_s'] == pytest.approx(30 / report['score_time_s']['median'])
+  assert report['pair_gflops_per_s'] == pytest.approx(report['flops']['total'] / report['score_time_s']['median'] / 1e9)
+  assert report['sizes']['block_size'] == 4 and report['model']['cnn_channels'] == 4
+  assert report['peak_memory_bytes'] >= report['train_peak_host_bytes'] > 0
+  assert 'pairs/s' in capsys.readouterr().out
+
+
+def test_bad_sizes_are_refused():
+  with pytest.raises(SystemExit):
+    benchmark.main(['--n=5', '--min_len=9'])
+  with pytest.raises(ValueError, match='has no field cnn_channels'):
+    benchmark.apply_overrides(benchmark.load_config('configs/scan.py:f30k'),
+                              benchmark.parse_args(['--cnn_channels=4']))
