@@ -1,0 +1,1 @@
+"""Readers and converters for checkpoints and files from other frameworks (PyTorch, Hugging Face)."""

