@@ -54,7 +54,7 @@ class Retriever:
 
 def _load_model(workdir: str, config, vocab):
   img_dim = int(config.data_info.img_dim)
-  model = run_setup.build_model(config, len(vocab), img_dim)
+  model = run_setup.build_model(config, len(vocab), img_dim, workdir)
   probe = {'regions': np.zeros((2, 1, img_dim), np.float32)}
   params, _, which = evaluate.load_params(workdir, model, probe)
   return model, params, which

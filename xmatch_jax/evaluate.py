@@ -57,7 +57,7 @@ def evaluate_workdir(workdir: str, split: str = 'test', protocol: str | None = N
   config = run_setup.load_config(workdir)
   vocab = run_setup.load_vocab(workdir)
   data = load_split(config.dataset, split, config.data_dir or None)
-  model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(data.images))
+  model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(data.images), workdir)
   params, meta, which = load_params(workdir, model, data.images)
   tokens, mask = run_setup.encode_captions(vocab, data.captions, config)
   scorer = inference.Scorer(model, {'params': params}, config.eval_image_chunk, config.eval_text_batch)

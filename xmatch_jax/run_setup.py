@@ -9,6 +9,7 @@ import numpy as np
 from xmatch_jax import models
 from xmatch_jax.data import batching
 from xmatch_jax.data import vocab as vocab_lib
+from xmatch_jax.data import wordpiece
 
 CONFIG_FILE = 'config.json'
 VOCAB_FILE = 'vocab.json'
@@ -41,11 +42,29 @@ def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.Co
         'Use a new --workdir (or delete the old one) to start this run.')
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int, img_dim: int):
-  return models.build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
+def uses_bert(config: ml_collections.ConfigDict) -> bool:
+  """The model reads WordPiece tokens through a BERT (its captions use the BERT's tokenizer)."""
+  model_cls = models.MODELS.get(config.model.name)
+  return getattr(model_cls, 'text_input', 'words') == 'wordpiece'
 
 
-def load_vocab(workdir: str) -> vocab_lib.Vocabulary:
+def workdir_bert_dir(workdir: str) -> str:
+  return os.path.join(workdir, wordpiece.BERT_SUBDIR)
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int, img_dim: int, workdir: str = ''):
+  """The model of `config`; a BERT-based model of a workdir takes the BERT config saved in W/bert."""
+  model_config = config.model
+  if workdir and uses_bert(config) and os.path.exists(os.path.join(workdir_bert_dir(workdir), 'config.json')):
+    model_config = ml_collections.ConfigDict(config.model.to_dict())
+    model_config.bert_dir = workdir_bert_dir(workdir)
+  return models.build_model(model_config, vocab_size=vocab_size, img_dim=img_dim)
+
+
+def load_vocab(workdir: str):
+  """W/vocab.json (SCAN word vocabulary), or for BERT-based models the WordPiece tokenizer in W/bert."""
+  if os.path.isdir(workdir_bert_dir(workdir)):
+    return wordpiece.WordPieceVocab(workdir_bert_dir(workdir))
   return vocab_lib.Vocabulary.from_json(os.path.join(workdir, VOCAB_FILE))
 
 

@@ -26,9 +26,11 @@ from xmatch_jax import inference
 from xmatch_jax import losses
 from xmatch_jax import metrics as metrics_lib
 from xmatch_jax import run_setup
+from xmatch_jax.convert import hf_bert
 from xmatch_jax.data import batching
 from xmatch_jax.data import load_split
 from xmatch_jax.data import vocab as vocab_lib
+from xmatch_jax.data import wordpiece
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -112,7 +114,20 @@ class MetricsWriter:
       self._tb.close()
 
 
-def _prepare_vocab(config, workdir: str, train_captions: list) -> vocab_lib.Vocabulary:
+def _prepare_vocab(config, workdir: str, train_captions: list):
+  """The caption vocabulary: kept from W when resuming; else SCAN's word vocabulary (from config.vocab_path or
+  built from the training captions), or for BERT-based models the BERT's WordPiece tokenizer (copied to W/bert)."""
+  if run_setup.uses_bert(config):
+    bert_dir = run_setup.workdir_bert_dir(workdir)
+    if os.path.exists(os.path.join(bert_dir, 'config.json')):
+      return wordpiece.WordPieceVocab(bert_dir)
+    if not config.model.bert_dir:
+      raise ValueError('config.model.bert_dir is empty; set it to a Hugging Face BERT directory (e.g. your '
+                       "bert-base-uncased) or to 'minilm'.")
+    vocab = wordpiece.WordPieceVocab(config.model.bert_dir)
+    if jax.process_index() == 0:
+      vocab.save(workdir)
+    return vocab
   path = os.path.join(workdir, run_setup.VOCAB_FILE)
   if os.path.exists(path):  # resuming: keep the vocabulary the checkpoint was trained with
     return vocab_lib.Vocabulary.from_json(path)
@@ -123,6 +138,28 @@ def _prepare_vocab(config, workdir: str, train_captions: list) -> vocab_lib.Voca
   if jax.process_index() == 0:
     vocab.to_json(path)
   return vocab
+
+
+def load_pretrained(config, params: dict) -> dict:
+  """Puts the pre-trained weights a model starts from into freshly initialised params (the BERT of MMCA/GLFN)."""
+  if not run_setup.uses_bert(config):
+    return params
+  _, bert, _ = hf_bert.load_checkpoint(config.model.bert_dir)
+  bert.pop('pooler_dense', None)   # the matchers read token states, not the pooled [CLS]
+  expected = jax.tree.map(lambda x: x.shape, params['bert'])
+  got = jax.tree.map(lambda x: x.shape, bert)
+  if expected != got:
+    raise ValueError(f'{config.model.bert_dir}: BERT weights do not fit the model built from its config.json')
+  return {**params, 'bert': jax.tree.map(jnp.asarray, bert)}
+
+
+def freeze(tx, params: dict, frozen: tuple):
+  """Leaves the top-level param groups named in `frozen` untouched (no optimizer state, zero updates)."""
+  if not frozen:
+    return tx
+  labels = {name: jax.tree.map(lambda _, n=name: 'frozen' if n in frozen else 'train', group)
+            for name, group in params.items()}
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def evaluate_dev(scorer: inference.Scorer, dev_images: dict, dev_tokens, dev_mask) -> dict:
@@ -145,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   img_dim = run_setup.img_dim_of(train.images)
   if jax.process_index() == 0:
     run_setup.save_config(config, workdir, img_dim)
-  model = run_setup.build_model(config, len(vocab), img_dim)
+  model = run_setup.build_model(config, len(vocab), img_dim, workdir)
 
   train_inputs = inference.image_inputs(model, train.images)
   batcher = batching.TrainBatcher(
@@ -166,6 +203,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   first = batcher.batch(0)
   init_rng = jax.random.PRNGKey(config.seed)
   params = jax.jit(model.init, out_shardings=replicated)(init_rng, first['images'], first['text'])['params']
+  if not resuming:
+    params = jax.device_put(load_pretrained(config, params), replicated)
+  tx = freeze(tx, params, getattr(model, 'frozen_params', ()))
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   meta = {'best_rsum': -1.0}
   if resuming:
