@@ -118,7 +118,7 @@ def load_config(spec: str):
 
 
 def apply_overrides(config, args) -> None:
-  for flag in ('block_size', 'embed_size', 'cnn_channels'):
+  for flag in ('block_size', 'embed_size', 'cnn_channels', 'bert_dir'):
     value = getattr(args, flag)
     if value:
       if flag not in config.model:
@@ -384,7 +384,7 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
 
 # ----------------------------------------------------------------------------------------------- report
 _CHILD_FLAGS = ('config', 'n_images', 'n_captions', 'k', 'n', 'min_len', 'block_size', 'embed_size',
-                'cnn_channels', 'train_batch', 'repeats', 'train_repeats', 'seed')
+                'cnn_channels', 'bert_dir', 'train_batch', 'repeats', 'train_repeats', 'seed')
 
 
 def run(args) -> dict:
@@ -493,6 +493,7 @@ def parse_args(argv):
   p.add_argument('--block_size', type=int, default=0, help='images per scoring block (0: the config\'s)')
   p.add_argument('--embed_size', type=int, default=0, help='D (0: the config\'s)')
   p.add_argument('--cnn_channels', type=int, default=0, help='RDAN relation CNN channels (0: the config\'s)')
+  p.add_argument('--bert_dir', default='', help="BERT of a BERT-based model ('minilm', or a directory)")
   p.add_argument('--train_batch', type=int, default=128, help='batch of the timed training step (0: skip)')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--train_repeats', type=int, default=3)
