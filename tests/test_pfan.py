@@ -27,18 +27,21 @@ def brute_force(box, width, height, grid, top_l):
   return [m if c > 0 else grid * grid for m, c in zip(order, top)], list(top / top.sum())
 
 
-@pytest.mark.parametrize('seed', range(4))
-def test_equals_pixel_counting(seed):
-  rng = np.random.default_rng(seed)
-  grid, top_l, width, height = 4, 6, 32, 24          # blocks of 8 x 6 whole pixels
-  x1, y1 = rng.integers(0, width - 1, 5), rng.integers(0, height - 1, 5)
-  boxes = np.stack([x1, y1, x1 + rng.integers(1, width, 5), y1 + rng.integers(1, height, 5)], -1)
-  boxes = np.minimum(boxes, [width, height, width, height])
-  indices, weights = pfan.block_positions(boxes[None], np.array([[width, height]]), grid, top_l)
-  for r, box in enumerate(boxes):
-    expected_indices, expected_weights = brute_force(box, width, height, grid, top_l)
-    np.testing.assert_array_equal(indices[0, r], expected_indices)
-    np.testing.assert_allclose(weights[0, r], expected_weights, rtol=1e-6)
+def test_equals_pixel_counting():
+  rng = np.random.default_rng(0)
+  grid, top_l = 4, 6
+  sizes = np.array([[32, 24], [16, 40], [24, 24]])    # blocks of whole pixels, a different size per image
+  boxes = []
+  for width, height in sizes:
+    x1, y1 = rng.integers(0, width - 1, 5), rng.integers(0, height - 1, 5)
+    b = np.stack([x1, y1, x1 + rng.integers(1, width, 5), y1 + rng.integers(1, height, 5)], -1)
+    boxes.append(np.minimum(b, [width, height, width, height]))
+  indices, weights = pfan.block_positions(np.array(boxes), sizes, grid, top_l)
+  for i, (width, height) in enumerate(sizes):
+    for r, box in enumerate(boxes[i]):
+      expected_indices, expected_weights = brute_force(box, width, height, grid, top_l)
+      np.testing.assert_array_equal(indices[i, r], expected_indices)
+      np.testing.assert_allclose(weights[i, r], expected_weights, rtol=1e-6)
 
 
 def test_small_box_is_padded_with_weight_zero():

@@ -50,8 +50,8 @@ def block_positions(boxes: np.ndarray, image_sizes: np.ndarray, grid: int = GRID
   if not 1 <= top_l <= grid * grid:
     raise ValueError(f'top_l must be in [1, {grid * grid}], got {top_l}')
   edges = np.arange(grid + 1) / grid                                       # block edges as image fractions
-  x0, x1 = edges[:-1] * sizes[:, None, None, 0:1], edges[1:] * sizes[:, None, None, 0:1]   # [N, 1, 1, G]
-  y0, y1 = edges[:-1] * sizes[:, None, None, 1:2], edges[1:] * sizes[:, None, None, 1:2]
+  x0, x1 = edges[:-1] * sizes[:, None, 0:1], edges[1:] * sizes[:, None, 0:1]            # [N, 1, G]
+  y0, y1 = edges[:-1] * sizes[:, None, 1:2], edges[1:] * sizes[:, None, 1:2]
   overlap_x = np.clip(np.minimum(boxes[..., 2:3], x1) - np.maximum(boxes[..., 0:1], x0), 0, None)  # [N, k, G]
   overlap_y = np.clip(np.minimum(boxes[..., 3:4], y1) - np.maximum(boxes[..., 1:2], y0), 0, None)
   overlap = (overlap_y[..., :, None] * overlap_x[..., None, :]).reshape(boxes.shape[:2] + (grid * grid,))  # eq 2

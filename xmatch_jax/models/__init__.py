@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 
 from xmatch_jax.models.bert import BertConfig
+from xmatch_jax.models.glfn import GLFN
 from xmatch_jax.models.mmca import MMCA
 from xmatch_jax.models.rdan import RDAN
 from xmatch_jax.models.scan import SCAN
@@ -21,6 +22,7 @@ MODELS: dict[str, type[nn.Module]] = {
     'scan': SCAN,
     'rdan': RDAN,
     'mmca': MMCA,
+    'glfn': GLFN,
 }
 
 # Set from the data, not from the model config.

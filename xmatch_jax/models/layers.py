@@ -104,12 +104,15 @@ class GRUTextEncoder(nn.Module):
     no_txtnorm: bool = False
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, mask: jax.Array,
+                 embedded: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Encodes captions.
 
         Args:
           tokens: [C, n] int token ids.
           mask: [C, n], 1 for real tokens (a non-empty prefix of each row), 0 for padding.
+          embedded: optional [C, n, word_dim] word vectors to run the GRU on instead of the embedding table
+            (GLFN feeds projected BERT features); no embedding table is created then.
 
         Returns:
           words: [C, n, embed_size], per-word features (l2-normalised unless no_txtnorm), exactly
@@ -123,9 +126,12 @@ class GRUTextEncoder(nn.Module):
                 f"tokens {tokens.shape} and mask {mask.shape} must have the same shape")
         valid = mask > 0
         lengths = jnp.sum(valid, axis=-1).astype(jnp.int32)
-        x = nn.Embed(
-            self.vocab_size, self.word_dim, embedding_init=symmetric_uniform(0.1), name='embed'
-        )(tokens)
+        if embedded is not None:
+            x = embedded
+        else:
+            x = nn.Embed(
+                self.vocab_size, self.word_dim, embedding_init=symmetric_uniform(0.1), name='embed'
+            )(tokens)
 
         for layer in range(self.num_layers):
             forward = _gru(self.embed_size, f'forward_{layer}')(x, seq_lengths=lengths)

@@ -1,0 +1,130 @@
+"""GLFN against numpy implementations of the paper's equations: position attention (eqs 2-12, padding rule
+included, also on the real PFAN fixture), the image side (1-14), the text side (15-27, reusing the GRU checked in
+test_scan) and the fused SCAN score (28-33, numpy port of SCAN's official loop)."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from test_scan import np_xattn_scores  # pylint: disable=g-import-not-at-top
+from xmatch_jax.data import pfan
+from xmatch_jax.data import wordpiece
+from xmatch_jax.models import build_model
+from xmatch_jax.models import glfn as glfn_lib
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+TINY_BERT = os.path.join(FIXTURES, 'tiny_bert')
+N_IMG, K, IMG_DIM, GRID, TOP_L = 4, 5, 12, 4, 6
+LENGTHS = [6, 3, 1, 4]
+
+
+def np_position_attention(objects, blocks, weights, table):
+  """Eqs 6-12 region by region, block by block."""
+  out = np.zeros(objects.shape)
+  for idx in np.ndindex(objects.shape[:-1]):
+    v = table[blocks[idx]]                                          # [L, D_b]
+    att = np.tanh(v @ objects[idx])                                 # eq 8
+    att = np.exp(att) / np.exp(att).sum()                           # eq 9
+    p = att * weights[idx]                                          # eq 10
+    p = p / p.sum()                                                 # eq 11
+    out[idx] = p @ v                                                # eq 12
+  return out
+
+
+def test_position_attention_on_the_real_pfan_file_ignores_padding():
+  indices, weights = pfan.from_pfan_layout(np.load(os.path.join(FIXTURES, 'f30k_sample_train_boxes_8.npy')))
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(257, 7))
+  objects = rng.normal(size=indices.shape[:2] + (7,))
+  got = np.asarray(glfn_lib.position_attention(objects, indices, weights, table))
+  np.testing.assert_allclose(got, np_position_attention(objects, indices, weights, table), atol=1e-5)
+  # The padding row's embedding never matters (its weight is 0).
+  table2 = table.copy()
+  table2[256] = 1e3
+  np.testing.assert_allclose(glfn_lib.position_attention(objects, indices, weights, table2), got, atol=1e-5)
+  assert (indices == 256).any()
+
+
+def _model(**fields):
+  config = {'name': 'glfn', 'bert_dir': TINY_BERT, 'embed_size': 16, 'word_dim': 8, 'position_dim': 6, 'grid': GRID,
+            'top_l': TOP_L, 'block_size': 3, **fields}
+  return build_model(config, vocab_size=34, img_dim=IMG_DIM)
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  x1, y1 = rng.uniform(0, 0.7, (N_IMG, K)), rng.uniform(0, 0.7, (N_IMG, K))
+  boxes = np.stack([x1, y1, x1 + rng.uniform(0.05, 0.3, (N_IMG, K)), y1 + rng.uniform(0.05, 0.3, (N_IMG, K))], -1)
+  tags = [[['red circle', 'blue square', 'big yellow cross', 'circle', 'green items'][(i + r) % 5]
+           for r in range(K)] for i in range(N_IMG)]
+  images = {'regions': rng.normal(size=(N_IMG, K, IMG_DIM)).astype(np.float32), 'boxes': boxes, 'tags': tags}
+  images = glfn_lib.prepare_images(images, wordpiece.WordPieceVocab(TINY_BERT), GRID, TOP_L)
+  mask = (np.arange(max(LENGTHS))[None] < np.array(LENGTHS)[:, None]).astype(np.float32)
+  tokens = (rng.integers(5, 34, mask.shape) * mask).astype(np.int32)
+  return images, {'tokens': tokens, 'mask': mask}
+
+
+def _np_image_side(model, variables, images):
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), variables['params'])
+  tags = np.asarray(model.apply(variables, images['tag_tokens'], images['tag_mask'],
+                                method=model.tag_features), np.float64) if model.use_tags else None
+  regions = images['regions'].astype(np.float64)
+  objects = np.concatenate([regions, tags], -1) if model.use_tags else regions            # eq 1
+  compressed = objects @ p['object_fc']['kernel'] + p['object_fc']['bias']              # eq 7
+  positions = np_position_attention(compressed, images['pfan_blocks'], images['pfan_weights'],
+                                    p['block_embed']['embedding'])
+  parts = [objects, positions] + ([tags] if model.use_tags else [])                      # eq 13
+  v = np.concatenate(parts, -1) @ p['region_fc']['kernel'] + p['region_fc']['bias']     # eq 14
+  return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-8)
+
+
+@pytest.mark.parametrize('fields', [{}, {'use_tags': False}, {'score': 't2i'}, {'score': 'i2t', 'alpha': 0.3},
+                                    {'text_encoder': 'bert'}, {'text_encoder': 'gru', 'alpha': 0.8}])
+def test_scores_equal_numpy_equations(fields):
+  model = _model(**fields)
+  images, text = _inputs()
+  variables = model.init(jax.random.key(0), {k: images[k] for k in model.image_keys}, text)
+  regions = _np_image_side(model, variables, images)
+  image_rep = model.apply(variables, {k: images[k] for k in model.image_keys}, method=model.encode_image)
+  np.testing.assert_allclose(image_rep['regions'], regions, atol=1e-5)
+  words = np.asarray(model.apply(variables, text, method=model.encode_text)['words'], np.float64)
+  t2i = np_xattn_scores(regions, words, LENGTHS, 't2i', 'clipped_l2norm', 'LogSumExp', 9.0, 6.0)
+  i2t = np_xattn_scores(regions, words, LENGTHS, 'i2t', 'clipped_l2norm', 'LogSumExp', 4.0, 5.0)
+  expected = {'t2i': t2i, 'i2t': i2t, 'fused': model.alpha * i2t + (1 - model.alpha) * t2i}[model.score]
+  scores = model.apply(variables, {k: images[k] for k in model.image_keys}, text)
+  np.testing.assert_allclose(scores, expected, atol=1e-5)
+
+
+def test_text_side_is_bert_fc_then_bigru_and_bert_is_frozen():
+  model = _model()
+  images, text = _inputs()
+  inputs = {k: images[k] for k in model.image_keys}
+  variables = model.init(jax.random.key(1), inputs, text)
+  grads = jax.grad(lambda p: model.apply({'params': p}, inputs, text).sum())(variables['params'])
+  assert all(float(np.abs(g).max()) == 0 for g in jax.tree.leaves(grads['bert']))
+  assert float(np.abs(grads['gru']['forward_0']['ir']['kernel']).max()) > 0
+  assert 'embed' not in variables['params']['gru']     # the GRU reads projected BERT features (eq 16)
+
+
+def test_ablations_change_the_parameters_they_should():
+  images, text = _inputs()
+  params = {}
+  for name, fields in {'full': {}, 'no_tag': {'use_tags': False}, 'only_gru': {'text_encoder': 'gru'},
+                       'only_bert': {'text_encoder': 'bert'}}.items():
+    model = _model(**fields)
+    params[name] = model.init(jax.random.key(0), {k: images[k] for k in model.image_keys}, text)['params']
+  assert params['no_tag']['object_fc']['kernel'].shape[0] == IMG_DIM
+  assert params['full']['object_fc']['kernel'].shape[0] == IMG_DIM + 16
+  assert 'embed' in params['only_gru']['gru'] and 'word_fc' not in params['only_gru']   # BERT only for tags
+  assert 'gru' not in params['only_bert']
+
+
+def test_missing_inputs_are_named():
+  with pytest.raises(ValueError, match='needs block positions'):
+    glfn_lib.prepare_images({'regions': np.zeros((1, 2, 3)), 'tags': [['a', 'b']]}, None)
+  with pytest.raises(ValueError, match='needs per-region tags'):
+    glfn_lib.prepare_images({'regions': np.zeros((1, 1, 3)), 'boxes': np.array([[[0, 0, 1, 1.]]])}, None)
+  with pytest.raises(ValueError, match='score must be one of'):
+    _model(score='both')

@@ -1,0 +1,251 @@
+"""GLFN: generative label fused network (Zhao et al., Neurocomputing 2023), section 3.
+
+Image side, per region i:
+  (1) o_i = [i_i, v^t_i]                       detector feature and the BERT embedding of its generated tag
+  (2-5) the top-L blocks of a G x G grid by overlap with the box, weights w_im (xmatch_jax.data.pfan)
+  (6) v^b_im: embeddings (D_b) of the block indices; index G*G is padding (weight 0)
+  (7-9) att_im = softmax_m(tanh(f(o_i) . v^b_im)), f: linear to D_b
+  (10-12) p_i = sum_m (att_im w_im / sum_m' att_im' w_im') v^b_im
+  (13-14) v^o_i = l2norm(W [o_i, p_i, t_i] + b) (D = 1024; t_i is the tag embedding again, as eq 13 writes it)
+Text side (15-27): frozen BERT token features -> FC to 300 -> bi-GRU (hidden D, directions averaged) -> l2norm.
+Similarity (28-33): SCAN's stacked cross attention t2i and i2t on these vectors (raw-feature norm,
+lambda_softmax, aggregation as in SCAN, computed from the batch-wide similarity tensor), S = alpha S_i2t +
+(1 - alpha) S_t2i, alpha = 0.5.
+
+Readings and deviations (module fields where they matter):
+- Eq 10 multiplies the pre-softmax att'_im; eq 9 computes the softmax and is otherwise unused, and PFAN (which
+  eqs 2-12 take from) multiplies the softmax weights. This follows eq 9 -> eq 10 with the softmax weights.
+  (The softmax normaliser then cancels in eq 11.)
+- Eqs 28-31 describe SCAN t2i without its softmax, temperature or LogSumExp; the paper uses "stack cross
+  attention [2]" (SCAN), so SCAN's attention is used with its published t2i / i2t settings.
+- Tag embedding: mean of the tag's BERT token states over its real tokens ([CLS] and [SEP] included) (the
+  paper does not say how the 768-d tag vector is pooled).
+- The paper's bi-GRU dropout 0.5 acts only between stacked layers; with one layer (the paper's) it does nothing.
+- Ablations (Table 3): use_tags=False (no-tag: o_i = i_i, no t_i), text_encoder='gru' (only-GRU: learned
+  embeddings of the WordPiece tokens, no BERT), text_encoder='bert' (only-BERT: BERT features -> FC to D).
+"""
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xmatch_jax import pairwise
+from xmatch_jax.data import pfan
+from xmatch_jax.models import bert as bert_lib
+from xmatch_jax.models import layers
+from xmatch_jax.models import scan
+
+SCORES = ('fused', 't2i', 'i2t')
+TEXT_ENCODERS = ('bert_gru', 'gru', 'bert')
+
+
+def position_attention(objects: jax.Array, blocks: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
+  """Eqs 6-12: objects [..., k, D_b] (= f(o_i)), blocks [..., k, L] int, weights [..., k, L], table
+  [G*G + 1, D_b] -> position vectors p_i [..., k, D_b]."""
+  v = table[blocks]                                                   # eq 6: [..., k, L, D_b]
+  att = jax.nn.softmax(jnp.tanh(jnp.einsum('...kd,...kld->...kl', objects, v)), axis=-1)   # eqs 8-9
+  p = att * weights                                                   # eq 10
+  p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-12)       # eq 11
+  return jnp.einsum('...kl,...kld->...kd', p, v)                      # eq 12
+
+
+class GLFN(nn.Module):
+  """GLFN matcher.
+
+  Attributes:
+    vocab_size: WordPiece vocabulary size (the BERT's).
+    img_dim: detector feature size.
+    bert: the BERT's sizes (set from `bert_dir` by `models.build_model`).
+    bert_dir: Hugging Face BERT directory, or 'minilm'.
+    embed_size: D (1024): region vectors and GRU hidden size.
+    word_dim: size BERT features are reduced to before the GRU (300, eq 16).
+    num_layers: GRU layers.
+    position_dim: D_b (200).
+    grid: G (16); top_l: L (15) (must match the data's block positions).
+    use_tags: eq 1 / 13 tag features (False: no-tag ablation).
+    text_encoder: 'bert_gru' (the paper), 'gru' (only-GRU), 'bert' (only-BERT).
+    score: 'fused' (eq 33), 't2i' or 'i2t'.
+    alpha: weight of S_i2t in the fused score (0.5).
+    raw_feature_norm, agg_func: SCAN's options for both directions.
+    t2i_lambda_softmax, t2i_lambda_lse, i2t_lambda_softmax, i2t_lambda_lse: SCAN's published settings.
+    block_size: images per block of the all-pairs scorer; remat: recompute blocks in the backward pass.
+  """
+
+  vocab_size: int
+  img_dim: int
+  bert: Optional[bert_lib.BertConfig] = None
+  bert_dir: str = 'minilm'
+  embed_size: int = 1024
+  word_dim: int = 300
+  num_layers: int = 1
+  position_dim: int = 200
+  grid: int = pfan.GRID
+  top_l: int = pfan.TOP_L
+  use_tags: bool = True
+  text_encoder: str = 'bert_gru'
+  score: str = 'fused'
+  alpha: float = 0.5
+  raw_feature_norm: str = 'clipped_l2norm'
+  agg_func: str = 'LogSumExp'
+  t2i_lambda_softmax: float = 9.0
+  t2i_lambda_lse: float = 6.0
+  i2t_lambda_softmax: float = 4.0
+  i2t_lambda_lse: float = 5.0
+  block_size: int = 32
+  remat: bool = False
+
+  text_input = 'wordpiece'
+  frozen_params = ('bert',)
+
+  @property
+  def image_keys(self) -> tuple:
+    keys = ('regions', 'pfan_blocks', 'pfan_weights')
+    return keys + ('tag_tokens', 'tag_mask') if self.use_tags else keys
+
+  def __post_init__(self):
+    if self.bert is None:
+      raise ValueError('GLFN needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model')
+    if self.score not in SCORES:
+      raise ValueError(f'GLFN.score must be one of {SCORES}, got {self.score!r}')
+    if self.text_encoder not in TEXT_ENCODERS:
+      raise ValueError(f'GLFN.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}')
+    if not 0 <= self.alpha <= 1:
+      raise ValueError(f'GLFN.alpha must be in [0, 1], got {self.alpha}')
+    if self.vocab_size != self.bert.vocab_size:
+      raise ValueError(f'GLFN: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
+    if self.block_size < 1:
+      raise ValueError(f'GLFN.block_size must be >= 1, got {self.block_size}')
+    super().__post_init__()
+
+  def setup(self):
+    needs_bert = self.use_tags or self.text_encoder != 'gru'
+    if needs_bert:
+      self.bert_encoder = bert_lib.BertModel(self.bert, add_pooling_layer=False, name='bert')
+    self.object_fc = nn.Dense(self.position_dim, name='object_fc')                        # f of eq 7
+    self.block_embed = nn.Embed(self.grid * self.grid + 1, self.position_dim, name='block_embed')
+    self.region_fc = nn.Dense(self.embed_size, kernel_init=nn.initializers.glorot_uniform(), name='region_fc')
+    if self.text_encoder == 'bert':
+      self.word_fc = nn.Dense(self.embed_size, name='word_fc')
+    else:
+      if self.text_encoder == 'bert_gru':
+        self.word_fc = nn.Dense(self.word_dim, name='word_fc')                                # eq 16
+      self.gru = layers.GRUTextEncoder(vocab_size=self.vocab_size, word_dim=self.word_dim,
+                                       embed_size=self.embed_size, num_layers=self.num_layers,
+                                       bidirectional=True, name='gru')
+
+  def _bert_states(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    return jax.lax.stop_gradient(self.bert_encoder(tokens, mask)['last_hidden_state'])
+
+  def tag_features(self, tag_tokens: jax.Array, tag_mask: jax.Array) -> jax.Array:
+    """tag_tokens, tag_mask [I, k, t] -> mean BERT state over each tag's real tokens, [I, k, H]."""
+    i, k, t = tag_tokens.shape
+    states = self._bert_states(tag_tokens.reshape(i * k, t), tag_mask.reshape(i * k, t)).reshape(i, k, t, -1)
+    mask = tag_mask[..., None]
+    return jnp.sum(states * mask, axis=2) / jnp.maximum(jnp.sum(mask, axis=2), 1.0)
+
+  def encode_image(self, images: dict) -> dict:
+    """regions [I, k, img_dim], pfan_blocks / pfan_weights [I, k, L], tag_tokens / tag_mask [I, k, t] ->
+    {'regions': [I, k, D]} (eqs 1-14)."""
+    layers.require_keys(images, self.image_keys, 'GLFN.encode_image')
+    regions = images['regions']
+    blocks = images['pfan_blocks']
+    if blocks.shape[-1] != self.top_l:
+      raise ValueError(f'GLFN: pfan_blocks has L={blocks.shape[-1]}; the model was built for top_l={self.top_l}')
+    if self.use_tags:
+      tags = self.tag_features(images['tag_tokens'], images['tag_mask'])
+      objects = jnp.concatenate([regions, tags], axis=-1)                          # eq 1
+    else:
+      objects = regions
+    positions = position_attention(self.object_fc(objects), blocks, images['pfan_weights'],
+                                   self.block_embed.embedding)                     # eqs 7-12
+    parts = [objects, positions] + ([tags] if self.use_tags else [])              # eq 13
+    return {'regions': layers.l2norm(self.region_fc(jnp.concatenate(parts, axis=-1)))}   # eq 14
+
+  def encode_text(self, text: dict) -> dict:
+    """tokens / mask [C, n] (WordPiece) -> {'words': [C, n, D], 'mask'} (eqs 15-27)."""
+    layers.require_keys(text, ('tokens', 'mask'), 'GLFN.encode_text')
+    tokens, mask = text['tokens'], text['mask']
+    if self.text_encoder == 'bert':
+      words = layers.l2norm(self.word_fc(self._bert_states(tokens, mask)))
+      words = jnp.where(mask[..., None] > 0, words, 0.0)
+    elif self.text_encoder == 'bert_gru':
+      words, _ = self.gru(tokens, mask, embedded=self.word_fc(self._bert_states(tokens, mask)))
+    else:
+      words, _ = self.gru(tokens, mask)
+    return {'words': words, 'mask': mask}
+
+  def pair_scores(self, image_rep: dict, text_rep: dict) -> jax.Array:
+    """S of every pair, [I, C] (eq 33 for 'fused'), in blocks of `block_size` images."""
+    need_gram = self.score in ('fused', 'i2t')
+    text = scan.prepare_text(text_rep['words'], text_rep['mask'], with_gram=need_gram)
+    t2i = functools.partial(scan.t2i_scores, raw_feature_norm=self.raw_feature_norm,
+                            lambda_softmax=self.t2i_lambda_softmax, agg_func=self.agg_func,
+                            lambda_lse=self.t2i_lambda_lse)
+    i2t = functools.partial(scan.i2t_scores, raw_feature_norm=self.raw_feature_norm,
+                            lambda_softmax=self.i2t_lambda_softmax, agg_func=self.agg_func,
+                            lambda_lse=self.i2t_lambda_lse)
+
+    def head(image_block, text_):
+      regions = image_block['regions']
+      if self.score == 't2i':
+        return t2i(regions, text_)
+      if self.score == 'i2t':
+        return i2t(regions, text_)
+      return self.alpha * i2t(regions, text_) + (1 - self.alpha) * t2i(regions, text_)
+    return pairwise.score_in_blocks(head, image_rep, text, self.block_size, remat=self.remat)
+
+  def __call__(self, images: dict, text: dict) -> jax.Array:
+    return self.pair_scores(self.encode_image(images), self.encode_text(text))
+
+
+def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = pfan.TOP_L,
+                   use_tags: bool = True, where: str = 'images') -> dict:
+  """Dataset-format images -> GLFN inputs.
+
+  Block positions come from `pfan_blocks` / `pfan_weights` if present, else from `boxes` ([I, k, 4] x1, y1, x2, y2
+  normalised to [0, 1], as `shapes` stores them); tags from `tag_tokens` / `tag_mask`, else tokenised from `tags`
+  (k strings per image) with `tokenizer` (a WordPieceVocab).
+
+  Raises:
+    ValueError: a needed field is missing (named, with what would provide it).
+  """
+  out = {'regions': np.asarray(images['regions'], np.float32)}
+  if 'pfan_blocks' in images and 'pfan_weights' in images:
+    out['pfan_blocks'] = np.asarray(images['pfan_blocks'], np.int32)
+    out['pfan_weights'] = np.asarray(images['pfan_weights'], np.float32)
+  elif 'boxes' in images:
+    boxes = np.asarray(images['boxes'], np.float64)
+    out['pfan_blocks'], out['pfan_weights'] = pfan.block_positions(
+        boxes, np.ones((boxes.shape[0], 2)), grid, top_l, where=f'{where}["boxes"]')
+  else:
+    raise ValueError(f'{where}: GLFN needs block positions: fields pfan_blocks + pfan_weights (PFAN boxes.npy, see '
+                     'tools/pfan_positions.py) or boxes; got fields ' + str(sorted(images)))
+  if not use_tags:
+    return out
+  if 'tag_tokens' in images and 'tag_mask' in images:
+    out['tag_tokens'] = np.asarray(images['tag_tokens'], np.int32)
+    out['tag_mask'] = np.asarray(images['tag_mask'], np.float32)
+    return out
+  if 'tags' not in images:
+    raise ValueError(f'{where}: GLFN with use_tags needs per-region tags (field tags: k strings per image) or '
+                     f'tag_tokens + tag_mask; got fields {sorted(images)} (or set use_tags=False)')
+  encoded = []
+  for i, image_tags in enumerate(images['tags']):
+    row = []
+    for r, tag in enumerate(image_tags):
+      tag = tag.decode() if isinstance(tag, bytes) else str(tag)
+      if not tag.strip():
+        raise ValueError(f'{where}: image {i} region {r} has an empty tag')
+      row.append(tokenizer.encode(tag))
+    encoded.append(row)
+  t = max(len(ids) for row in encoded for ids in row)
+  tokens = np.zeros((len(encoded), len(encoded[0]), t), np.int32)
+  for i, row in enumerate(encoded):
+    for r, ids in enumerate(row):
+      tokens[i, r, :len(ids)] = ids
+  out['tag_tokens'], out['tag_mask'] = tokens, (tokens > 0).astype(np.float32)
+  return out
