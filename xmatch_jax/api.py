@@ -55,6 +55,8 @@ class Retriever:
 def _load_model(workdir: str, config, vocab):
   img_dim = int(config.data_info.img_dim)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
-  probe = {'regions': np.zeros((2, 1, img_dim), np.float32)}
+  # A two-image probe with every field a model may derive its inputs from (GLFN: boxes, tags).
+  probe = {'regions': np.zeros((2, 1, img_dim), np.float32), 'boxes': np.tile(np.float32([0, 0, 1, 1]), (2, 1, 1)),
+           'tags': np.array([['object'], ['object']], dtype=object)}
   params, _, which = evaluate.load_params(workdir, model, probe)
   return model, params, which

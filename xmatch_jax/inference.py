@@ -9,7 +9,11 @@ import numpy as np
 
 
 def image_inputs(model, images: dict) -> dict:
-  """The image fields the model reads (`model.image_keys`, default `regions`), as numpy arrays."""
+  """The image fields the model reads (`model.image_keys`, default `regions`), as numpy arrays; models that derive
+  inputs from dataset fields (GLFN: block positions from boxes, tag tokens from tags) do it in `prepare_images`."""
+  prepare = getattr(model, 'prepare_images', None)
+  if prepare is not None:
+    images = prepare(images)
   keys = getattr(model, 'image_keys', ('regions',))
   missing = [k for k in keys if k not in images]
   if missing:

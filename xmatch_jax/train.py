@@ -142,7 +142,7 @@ def _prepare_vocab(config, workdir: str, train_captions: list):
 
 def load_pretrained(config, params: dict) -> dict:
   """Puts the pre-trained weights a model starts from into freshly initialised params (the BERT of MMCA/GLFN)."""
-  if not run_setup.uses_bert(config):
+  if not run_setup.uses_bert(config) or 'bert' not in params:
     return params
   _, bert, _ = hf_bert.load_checkpoint(config.model.bert_dir)
   bert.pop('pooler_dense', None)   # the matchers read token states, not the pooled [CLS]

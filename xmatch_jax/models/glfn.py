@@ -35,6 +35,7 @@ import numpy as np
 
 from xmatch_jax import pairwise
 from xmatch_jax.data import pfan
+from xmatch_jax.data import wordpiece
 from xmatch_jax.models import bert as bert_lib
 from xmatch_jax.models import layers
 from xmatch_jax.models import scan
@@ -137,6 +138,12 @@ class GLFN(nn.Module):
                                        embed_size=self.embed_size, num_layers=self.num_layers,
                                        bidirectional=True, name='gru')
 
+  def prepare_images(self, images: dict) -> dict:
+    """Dataset-format images -> this model's inputs (block positions from boxes, tags tokenised by the BERT's
+    own tokenizer); called by the data pipeline outside jit."""
+    tokenizer = _tokenizer(self.bert_dir) if self.use_tags and 'tag_tokens' not in images else None
+    return prepare_images(images, tokenizer, self.grid, self.top_l, self.use_tags)
+
   def _bert_states(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(self.bert_encoder(tokens, mask)['last_hidden_state'])
 
@@ -202,6 +209,11 @@ class GLFN(nn.Module):
     return self.pair_scores(self.encode_image(images), self.encode_text(text))
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(bert_dir: str):
+  return wordpiece.WordPieceVocab(bert_dir)
+
+
 def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = pfan.TOP_L,
                    use_tags: bool = True, where: str = 'images') -> dict:
   """Dataset-format images -> GLFN inputs.
@@ -233,14 +245,16 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
   if 'tags' not in images:
     raise ValueError(f'{where}: GLFN with use_tags needs per-region tags (field tags: k strings per image) or '
                      f'tag_tokens + tag_mask; got fields {sorted(images)} (or set use_tags=False)')
-  encoded = []
+  encoded, cache = [], {}
   for i, image_tags in enumerate(images['tags']):
     row = []
     for r, tag in enumerate(image_tags):
       tag = tag.decode() if isinstance(tag, bytes) else str(tag)
       if not tag.strip():
         raise ValueError(f'{where}: image {i} region {r} has an empty tag')
-      row.append(tokenizer.encode(tag))
+      if tag not in cache:
+        cache[tag] = tokenizer.encode(tag)
+      row.append(cache[tag])
     encoded.append(row)
   t = max(len(ids) for row in encoded for ids in row)
   tokens = np.zeros((len(encoded), len(encoded[0]), t), np.int32)

@@ -1,0 +1,66 @@
+"""GLFN (Zhao et al., Neurocomputing 2023): tag-fused regions with PFAN position attention, BERT + bi-GRU words,
+SCAN t2i / i2t similarity fused as S = alpha S_i2t + (1 - alpha) S_t2i.
+
+  python -m xmatch_jax.train --config=configs/glfn.py:f30k --config.model.bert_dir=PATH/bert-base-uncased --workdir=W
+  python -m xmatch_jax.train --config=configs/glfn.py:shapes --workdir=W          # all-MiniLM-L6-v2
+
+Variants: t2i / i2t (train and score one direction; default the fused score), no_tag, only_gru, only_bert
+(Table 3). Real datasets need per-region tags and PFAN block positions (tools/pfan_positions.py).
+"""
+
+import ml_collections
+
+from configs import common
+
+VARIANTS = ('t2i', 'i2t', 'no_tag', 'only_gru', 'only_bert')
+
+
+def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
+  dataset, variants = common.parse_arg(arg, 'glfn', variants=VARIANTS)
+  c = common.base_config(dataset)
+  m = c.model = ml_collections.ConfigDict()
+  m.name = 'glfn'
+  m.bert_dir = ''                 # paper datasets: the user's bert-base-uncased directory (required)
+  m.embed_size = 1024             # D: region vectors and bi-GRU hidden size (sec 4.2)
+  m.word_dim = 300                # BERT features reduced to this before the GRU (eq 16)
+  m.num_layers = 1
+  m.position_dim = 200            # D_b, block embeddings (sec 4.2)
+  m.grid = 16                     # G x G blocks
+  m.top_l = 15                    # L blocks per region
+  m.use_tags = True
+  m.text_encoder = 'bert_gru'     # 'gru': only-GRU, 'bert': only-BERT (Table 3)
+  m.score = 'fused'               # eq 33; 't2i' / 'i2t' train and score one direction
+  m.alpha = 0.5
+  m.raw_feature_norm = 'clipped_l2norm'
+  m.agg_func = 'LogSumExp'
+  m.t2i_lambda_softmax = 9.0      # SCAN's published settings per direction
+  m.t2i_lambda_lse = 6.0
+  m.i2t_lambda_softmax = 4.0
+  m.i2t_lambda_lse = 5.0
+  m.block_size = 16
+  m.remat = True
+
+  common.apply_schedule(c, dataset)
+  if dataset in common.PAPER_DATASETS:
+    # Sec 4.2: Adam 2e-4, gradient clipping 2, 30 epochs; no learning-rate decay is mentioned.
+    c.optim.learning_rate = 2e-4
+    c.num_epochs = 30
+    c.optim.lr_decay_epochs = 30
+  else:
+    m.bert_dir = 'minilm'
+    m.position_dim = 32
+
+  if 't2i' in variants and 'i2t' in variants:
+    raise ValueError('configs/glfn.py: choose at most one of the variants t2i, i2t')
+  for score in ('t2i', 'i2t'):
+    if score in variants:
+      m.score = score
+  if 'no_tag' in variants:
+    m.use_tags = False
+  if 'only_gru' in variants and 'only_bert' in variants:
+    raise ValueError('configs/glfn.py: choose at most one of the variants only_gru, only_bert')
+  if 'only_gru' in variants:
+    m.text_encoder = 'gru'
+  if 'only_bert' in variants:
+    m.text_encoder = 'bert'
+  return c
