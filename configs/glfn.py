@@ -5,14 +5,14 @@ SCAN t2i / i2t similarity fused as S = alpha S_i2t + (1 - alpha) S_t2i.
   python -m xmatch_jax.train --config=configs/glfn.py:shapes --workdir=W          # all-MiniLM-L6-v2
 
 Variants: t2i / i2t (train and score one direction; default the fused score), no_tag, only_gru, only_bert
-(Table 3). Real datasets need per-region tags and PFAN block positions (tools/pfan_positions.py).
+(Table 3), official (the official code's behaviour where it departs from the equations; see models/glfn.py). Real datasets need per-region tags and PFAN block positions (tools/pfan_positions.py).
 """
 
 import ml_collections
 
 from configs import common
 
-VARIANTS = ('t2i', 'i2t', 'no_tag', 'only_gru', 'only_bert')
+VARIANTS = ('t2i', 'i2t', 'no_tag', 'only_gru', 'only_bert', 'official')
 
 
 def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
@@ -37,6 +37,9 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.t2i_lambda_lse = 6.0
   m.i2t_lambda_softmax = 4.0
   m.i2t_lambda_lse = 5.0
+  m.tag_in_fusion = 'twice'       # eq 13 as written; 'once' = official code
+  m.train_position_attention = True   # False = official code (position vectors detached)
+  m.t2i_max_attention_weight = 0.0    # 0.5 = official code's extra t2i term
   m.block_size = 16
   m.remat = True
 
@@ -55,6 +58,10 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   for score in ('t2i', 'i2t'):
     if score in variants:
       m.score = score
+  if 'official' in variants:
+    m.tag_in_fusion = 'once'
+    m.train_position_attention = False
+    m.t2i_max_attention_weight = 0.5
   if 'no_tag' in variants:
     m.use_tags = False
   if 'only_gru' in variants and 'only_bert' in variants:

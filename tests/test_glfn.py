@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_scan import np_xattn_scores  # pylint: disable=g-import-not-at-top
+from test_scan import np_aggregate, np_l2norm, np_leaky_relu, np_softmax, np_xattn_scores  # pylint: disable=g-import-not-at-top
 from xmatch_jax.data import pfan
 from xmatch_jax.data import wordpiece
 from xmatch_jax.models import build_model
@@ -72,16 +72,36 @@ def _np_image_side(model, variables, images):
                                 method=model.tag_features), np.float64) if model.use_tags else None
   regions = images['regions'].astype(np.float64)
   objects = np.concatenate([regions, tags], -1) if model.use_tags else regions            # eq 1
-  compressed = objects @ p['object_fc']['kernel'] + p['object_fc']['bias']              # eq 7
+  compressed = objects @ p['object_fc']['kernel']                                         # eq 7 (no bias)
   positions = np_position_attention(compressed, images['pfan_blocks'], images['pfan_weights'],
                                     p['block_embed']['embedding'])
-  parts = [objects, positions] + ([tags] if model.use_tags else [])                      # eq 13
+  if not model.use_tags:
+    parts = [regions, positions]
+  elif model.tag_in_fusion == 'twice':
+    parts = [objects, positions, tags]                                                    # eq 13 as written
+  else:
+    parts = [regions, positions, tags]                                                    # official code
   v = np.concatenate(parts, -1) @ p['region_fc']['kernel'] + p['region_fc']['bias']     # eq 14
   return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-8)
 
 
+def np_official_max_attention(regions, words, lengths, lambda_softmax, lambda_lse):
+  """The official GLFN t2i extra term: LogSumExp over words of each word's largest attention weight."""
+  columns = []
+  for c, n_word in enumerate(lengths):
+    attn = regions @ words[c, :n_word].T                                  # [I, k, n] (func_attention)
+    attn = np_l2norm(np_leaky_relu(attn), 2)
+    weights = np_softmax(attn.transpose(0, 2, 1) * lambda_softmax, axis=2)   # [I, n, k] over regions
+    columns.append(np_aggregate(weights.max(axis=2), 'LogSumExp', lambda_lse))
+  return np.stack(columns, axis=1)
+
+
+OFFICIAL = {'tag_in_fusion': 'once', 'train_position_attention': False, 't2i_max_attention_weight': 0.5}
+
+
 @pytest.mark.parametrize('fields', [{}, {'use_tags': False}, {'score': 't2i'}, {'score': 'i2t', 'alpha': 0.3},
-                                    {'text_encoder': 'bert'}, {'text_encoder': 'gru', 'alpha': 0.8}])
+                                    {'text_encoder': 'bert'}, {'text_encoder': 'gru', 'alpha': 0.8}, OFFICIAL,
+                                    {**OFFICIAL, 'score': 't2i'}])
 def test_scores_equal_numpy_equations(fields):
   model = _model(**fields)
   images, text = _inputs()
@@ -91,6 +111,8 @@ def test_scores_equal_numpy_equations(fields):
   np.testing.assert_allclose(image_rep['regions'], regions, atol=1e-5)
   words = np.asarray(model.apply(variables, text, method=model.encode_text)['words'], np.float64)
   t2i = np_xattn_scores(regions, words, LENGTHS, 't2i', 'clipped_l2norm', 'LogSumExp', 9.0, 6.0)
+  if model.t2i_max_attention_weight:
+    t2i = t2i + model.t2i_max_attention_weight * np_official_max_attention(regions, words, LENGTHS, 9.0, 6.0)
   i2t = np_xattn_scores(regions, words, LENGTHS, 'i2t', 'clipped_l2norm', 'LogSumExp', 4.0, 5.0)
   expected = {'t2i': t2i, 'i2t': i2t, 'fused': model.alpha * i2t + (1 - model.alpha) * t2i}[model.score]
   scores = model.apply(variables, {k: images[k] for k in model.image_keys}, text)
@@ -106,6 +128,17 @@ def test_text_side_is_bert_fc_then_bigru_and_bert_is_frozen():
   assert all(float(np.abs(g).max()) == 0 for g in jax.tree.leaves(grads['bert']))
   assert float(np.abs(grads['gru']['forward_0']['ir']['kernel']).max()) > 0
   assert 'embed' not in variables['params']['gru']     # the GRU reads projected BERT features (eq 16)
+
+
+def test_official_code_never_trains_the_position_attention():
+  images, text = _inputs()
+  for train_position, expect_zero in ((True, False), (False, True)):
+    model = _model(train_position_attention=train_position)
+    inputs = {k: images[k] for k in model.image_keys}
+    params = model.init(jax.random.key(1), inputs, text)['params']
+    grads = jax.grad(lambda p, m=model: m.apply({'params': p}, inputs, text).sum())(params)
+    for name in ('object_fc', 'block_embed'):
+      assert (float(np.abs(jax.tree.leaves(grads[name])[0]).max()) == 0) == expect_zero, (name, train_position)
 
 
 def test_ablations_change_the_parameters_they_should():

@@ -21,6 +21,10 @@ Readings and deviations (module fields where they matter):
 - Tag embedding: mean of the tag's BERT token states over its real tokens ([CLS] and [SEP] included) (the
   paper does not say how the 768-d tag vector is pooled).
 - The paper's bi-GRU dropout 0.5 acts only between stacked layers; with one layer (the paper's) it does nothing.
+- The official code (smileslabsh/Generative-Label-Fused-Network, model.py) differs from the equations in three
+  places, each a field: `tag_in_fusion='once'`, `train_position_attention=False` (it detaches the position
+  vectors), `t2i_max_attention_weight=0.5` (an extra t2i term). It also trains t2i and i2t as two models and
+  fuses their scores at evaluation; `score='fused'` here trains one model on the fused score.
 - Ablations (Table 3): use_tags=False (no-tag: o_i = i_i, no t_i), text_encoder='gru' (only-GRU: learned
   embeddings of the WordPiece tokens, no BERT), text_encoder='bert' (only-BERT: BERT features -> FC to D).
 """
@@ -73,6 +77,12 @@ class GLFN(nn.Module):
     alpha: weight of S_i2t in the fused score (0.5).
     raw_feature_norm, agg_func: SCAN's options for both directions.
     t2i_lambda_softmax, t2i_lambda_lse, i2t_lambda_softmax, i2t_lambda_lse: SCAN's published settings.
+    tag_in_fusion: 'twice' (eq 13 as written: [o_i, p_i, t_i] with o_i = [i_i, t_i]) or 'once' (the official
+      code: [i_i, p_i, t_i]).
+    train_position_attention: False reproduces the official code, whose position vectors are detached
+      (`.data`), so f and the block embeddings are never trained.
+    t2i_max_attention_weight: the official t2i score adds 0.5 x LogSumExp over words of each word's largest
+      attention weight; 0 (the paper's eqs 28-31) leaves it out.
     block_size: images per block of the all-pairs scorer; remat: recompute blocks in the backward pass.
   """
 
@@ -96,6 +106,9 @@ class GLFN(nn.Module):
   t2i_lambda_lse: float = 6.0
   i2t_lambda_softmax: float = 4.0
   i2t_lambda_lse: float = 5.0
+  tag_in_fusion: str = 'twice'
+  train_position_attention: bool = True
+  t2i_max_attention_weight: float = 0.0
   block_size: int = 32
   remat: bool = False
 
@@ -120,13 +133,16 @@ class GLFN(nn.Module):
       raise ValueError(f'GLFN: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
     if self.block_size < 1:
       raise ValueError(f'GLFN.block_size must be >= 1, got {self.block_size}')
+    if self.tag_in_fusion not in ('twice', 'once'):
+      raise ValueError(f"GLFN.tag_in_fusion must be 'twice' or 'once', got {self.tag_in_fusion!r}")
     super().__post_init__()
 
   def setup(self):
     needs_bert = self.use_tags or self.text_encoder != 'gru'
     if needs_bert:
       self.bert_encoder = bert_lib.BertModel(self.bert, add_pooling_layer=False, name='bert')
-    self.object_fc = nn.Dense(self.position_dim, name='object_fc')                        # f of eq 7
+    # f of eq 7; the paper does not say whether it has a bias, the official code has none.
+    self.object_fc = nn.Dense(self.position_dim, use_bias=False, name='object_fc')
     self.block_embed = nn.Embed(self.grid * self.grid + 1, self.position_dim, name='block_embed')
     self.region_fc = nn.Dense(self.embed_size, kernel_init=nn.initializers.glorot_uniform(), name='region_fc')
     if self.text_encoder == 'bert':
@@ -169,7 +185,14 @@ class GLFN(nn.Module):
       objects = regions
     positions = position_attention(self.object_fc(objects), blocks, images['pfan_weights'],
                                    self.block_embed.embedding)                     # eqs 7-12
-    parts = [objects, positions] + ([tags] if self.use_tags else [])              # eq 13
+    if not self.train_position_attention:
+      positions = jax.lax.stop_gradient(positions)
+    if not self.use_tags:
+      parts = [regions, positions]
+    elif self.tag_in_fusion == 'twice':
+      parts = [objects, positions, tags]                                           # eq 13
+    else:
+      parts = [regions, positions, tags]
     return {'regions': layers.l2norm(self.region_fc(jnp.concatenate(parts, axis=-1)))}   # eq 14
 
   def encode_text(self, text: dict) -> dict:
@@ -191,7 +214,7 @@ class GLFN(nn.Module):
     text = scan.prepare_text(text_rep['words'], text_rep['mask'], with_gram=need_gram)
     t2i = functools.partial(scan.t2i_scores, raw_feature_norm=self.raw_feature_norm,
                             lambda_softmax=self.t2i_lambda_softmax, agg_func=self.agg_func,
-                            lambda_lse=self.t2i_lambda_lse)
+                            lambda_lse=self.t2i_lambda_lse, max_attention_weight=self.t2i_max_attention_weight)
     i2t = functools.partial(scan.i2t_scores, raw_feature_norm=self.raw_feature_norm,
                             lambda_softmax=self.i2t_lambda_softmax, agg_func=self.agg_func,
                             lambda_lse=self.i2t_lambda_lse)

@@ -113,12 +113,14 @@ def prepare_text(words: jax.Array, mask: jax.Array, with_gram: bool) -> dict:
 
 
 def t2i_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_softmax: float,
-               agg_func: str, lambda_lse: float) -> jax.Array:
+               agg_func: str, lambda_lse: float, max_attention_weight: float = 0.0) -> jax.Array:
     """SCAN text-to-image scores: each word attends over the image's regions.
 
     Args:
       regions: [I, k, D].
       text: output of `prepare_text` for C captions.
+      max_attention_weight: GLFN's official code adds this times the aggregate (same agg_func) over words of
+        each word's largest attention weight; 0 is SCAN.
 
     Returns:
       [I, C].
@@ -130,7 +132,12 @@ def t2i_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_
     dots = jnp.sum(weights * sim, axis=-2)                                # e_j . a_j  [I, C, n]
     attended_sq = pairwise.attended_region_sq_norms(weights, pairwise.gram(regions))
     denom = jnp.maximum(text['norms'][None] * layers.safe_sqrt(attended_sq), _EPS)
-    return aggregate(dots / denom, agg_func, lambda_lse, mask=text['valid'][None])
+    scores = aggregate(dots / denom, agg_func, lambda_lse, mask=text['valid'][None])
+    if max_attention_weight:
+        max_attention = jnp.max(weights, axis=-2)                         # [I, C, n]
+        scores = scores + max_attention_weight * aggregate(max_attention, agg_func, lambda_lse,
+                                                           mask=text['valid'][None])
+    return scores
 
 
 def i2t_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_softmax: float,
