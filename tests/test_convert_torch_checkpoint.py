@@ -1,0 +1,60 @@
+"""tools/convert_torch_checkpoint.py: official-layout SCAN and VSE++ checkpoints (legacy torch.save, made by
+tests/fixtures/make_fixtures.py) become workdirs whose Retriever reproduces the official forward's scores."""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from xmatch_jax import Retriever
+from xmatch_jax import run_setup
+from xmatch_jax.convert import scan_checkpoint
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+sys.path.insert(0, os.path.join(os.path.dirname(FIXTURES), '..', 'tools'))
+import convert_torch_checkpoint  # pylint: disable=g-import-not-at-top
+
+
+@pytest.mark.parametrize('fmt,name,dataset', [('scan', 'scan_t2i', 'f30k'), ('vsepp', 'vsepp', 'coco')])
+def test_converted_workdir_reproduces_the_official_scores(fmt, name, dataset, tmp_path):
+  workdir = str(tmp_path / 'w')
+  assert convert_torch_checkpoint.main([f'--format={fmt}', f'--checkpoint={FIXTURES}/{name}.pth.tar',
+                                        f'--vocab={FIXTURES}/vocab_small.json', f'--workdir={workdir}']) == 0
+  expected = np.load(os.path.join(FIXTURES, 'scan_vsepp_expected.npz'))
+  retriever = Retriever.from_workdir(workdir)
+  assert retriever.config.dataset == dataset and retriever.config.model.name == fmt
+  tokens, lengths = expected['tokens'], expected['lengths']
+  mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
+  scores = retriever._scorer.score({'regions': expected['regions']}, tokens.astype(np.int32), mask)  # pylint: disable=protected-access
+  np.testing.assert_allclose(scores, expected[f'{name}_scores'], atol=1e-5)
+  # Captions as strings go through the imported vocabulary: <start> words <end>.
+  words = [retriever.vocab.decode(t[1:n - 1]) for t, n in zip(tokens, lengths)]
+  by_string = retriever.score({'regions': expected['regions']}, [' '.join(w) for w in words])
+  np.testing.assert_allclose(by_string, expected[f'{name}_scores'], atol=1e-5)
+  meta = json.load(open(os.path.join(workdir, 'config.json')))
+  assert meta['data_info']['img_dim'] == 10
+
+
+def test_wrong_vocab_format_or_target_are_refused(tmp_path):
+  vocab = json.load(open(os.path.join(FIXTURES, 'vocab_small.json')))
+  del vocab['idx2word'][str(vocab['idx'] - 1)]
+  vocab['word2idx'] = {w: int(i) for i, w in vocab['idx2word'].items()}
+  vocab['idx'] -= 1
+  (tmp_path / 'v.json').write_text(json.dumps(vocab))
+  with pytest.raises(ValueError, match='11 words, but the checkpoint.s embedding has 12 rows'):
+    convert_torch_checkpoint.convert('scan', f'{FIXTURES}/scan_t2i.pth.tar', str(tmp_path / 'v.json'),
+                                     str(tmp_path / 'a'))
+  with pytest.raises(ValueError, match='unexpected weights .*_reverse'):
+    convert_torch_checkpoint.convert('vsepp', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json',
+                                     str(tmp_path / 'b'))
+  with pytest.raises(ValueError, match='opt has no field .cross_attn'):
+    convert_torch_checkpoint.convert('scan', f'{FIXTURES}/vsepp.pth.tar', f'{FIXTURES}/vocab_small.json',
+                                     str(tmp_path / 'c'))
+  convert_torch_checkpoint.convert('scan', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json',
+                                   str(tmp_path / 'd'))
+  with pytest.raises(ValueError, match='already holds checkpoints'):
+    convert_torch_checkpoint.convert('scan', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json',
+                                     str(tmp_path / 'd'))
