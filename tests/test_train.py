@@ -195,3 +195,27 @@ def test_split_validation_errors():
     validation.check_split({'regions': bad}, ['a b'] * 10, np.arange(10) // 5, 'src')
   with pytest.raises(ValueError, match='caption 3 is empty'):
     validation.check_split({'regions': regions}, ['a b'] * 3 + [''] + ['a'] * 6, np.arange(10) // 5, 'src')
+
+
+def test_retrieve_ranks_by_the_retrievers_scores(trained, data_dir, monkeypatch, capsys):
+  from xmatch_jax import retrieve  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = trained
+  monkeypatch.setenv('XMATCH_DATA_DIR', data_dir)
+  split = load_split('shapes_tiny', 'test', data_dir)
+  r = Retriever.from_workdir(workdir)
+  caption = split.captions[12]
+  top = retrieve.run(workdir, 'test', caption, None, 3)
+  scores = r.score(split.images, [caption])[:, 0]
+  assert [i for i, _ in top] == list(np.argsort(-scores, kind='stable')[:3])
+  assert top[0][1] >= top[1][1] >= top[2][1]
+  by_image = retrieve.run(workdir, 'test', None, 4, 10)
+  assert len(by_image) == 10 and 'captions of shapes_tiny/test for image 4' in capsys.readouterr().out
+  with pytest.raises(ValueError, match='exactly one'):
+    retrieve.run(workdir, 'test', caption, 4, 3)
+  with pytest.raises(ValueError, match='outside the split'):
+    retrieve.run(workdir, 'test', None, 100, 3)
+  out = subprocess.run([sys.executable, '-m', 'xmatch_jax.retrieve', f'--workdir={workdir}', '--caption', caption,
+                        '-k', '2'], capture_output=True, text=True, env={**os.environ, 'XMATCH_DATA_DIR': data_dir},
+                       cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f'  1. image {top[0][0]:5d}' in out.stdout and '  3.' not in out.stdout
