@@ -1,0 +1,88 @@
+"""torchvision `mobilenet_v3_large` state_dict -> Flax variables of `models.mobilenet_v3.MobileNetV3Large`.
+
+Read from a .pth (safe unpickler: no pickled code runs) or .safetensors file. Conv weights OIHW -> HWIO (depthwise
+[C, 1, k, k] -> [k, k, 1, C]), Linear [out, in] -> [in, out], BatchNorm weight/bias -> params scale/bias and
+running_mean/var -> batch_stats mean/var; num_batches_tracked is dropped. Unknown or missing keys and wrong shapes
+are errors naming the key.
+"""
+
+import re
+
+import jax
+import numpy as np
+
+from xmatch_jax.convert import torch_pickle
+
+_BLOCK = re.compile(r'^features\.(\d+)\.block\.(\d+)\.(.+)$')
+_STEM = re.compile(r'^features\.(\d+)\.([01])\.(.+)$')
+
+
+def read_state_dict(path: str) -> dict:
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(path)
+  state = torch_pickle.load(path)
+  if isinstance(state, dict) and 'state_dict' in state:
+    state = state['state_dict']
+  if not isinstance(state, dict):
+    raise ValueError(f'{path}: expected a state_dict')
+  return dict(state)
+
+
+def _conv_bn(part: str, rest: str, value: np.ndarray):
+  """'0'/'1' (conv / bn) + leaf -> (collection, sub-path, array)."""
+  if part == '0' and rest == 'weight':
+    return 'params', ('conv', 'kernel'), value.transpose(2, 3, 1, 0)
+  if part == '1':
+    return {'weight': ('params', ('bn', 'scale')), 'bias': ('params', ('bn', 'bias')),
+            'running_mean': ('batch_stats', ('bn', 'mean')), 'running_var': ('batch_stats', ('bn', 'var'))}.get(
+                rest, (None, None)) + (value,)
+  return None, None, value
+
+
+def convert_state_dict(state: dict, expected: dict, source: str = 'state_dict') -> dict:
+  """state: torchvision keys -> numpy; expected: `model.init(...)` variables (for shapes). Returns variables."""
+  flat = {}
+  for key, value in state.items():
+    value = np.asarray(value, np.float32) if not key.endswith('num_batches_tracked') else value
+    if key.endswith('num_batches_tracked'):
+      continue
+    collection, path = None, None
+    if m := _BLOCK.match(key):
+      layer, index, rest = m.groups()
+      prefix = (f'features_{layer}', f'block_{index}')
+      if rest.startswith(('fc1.', 'fc2.')):
+        name, leaf = rest.split('.')
+        collection = 'params'
+        path = prefix + (name, 'kernel' if leaf == 'weight' else 'bias')
+        value = value.transpose(2, 3, 1, 0) if leaf == 'weight' else value
+      else:
+        part, _, leaf = rest.partition('.')
+        collection, sub, value = _conv_bn(part, leaf, value)
+        path = prefix + sub if sub else None
+    elif m := _STEM.match(key):
+      layer, part, leaf = m.groups()
+      collection, sub, value = _conv_bn(part, leaf, value)
+      path = (f'features_{layer}',) + sub if sub else None
+    elif m := re.match(r'^classifier\.(\d+)\.(weight|bias)$', key):
+      collection, path = 'params', (f'classifier_{m.group(1)}', 'kernel' if m.group(2) == 'weight' else 'bias')
+      value = value.T if m.group(2) == 'weight' else value
+    if path is None:
+      raise ValueError(f'{source}: key {key!r} is not a mobilenet_v3_large weight')
+    flat[(collection,) + path] = value
+  want = {(col,) + tuple(str(p.key) for p in path): leaf.shape
+          for col in expected for path, leaf in jax.tree_util.tree_leaves_with_path(expected[col])}
+  missing = sorted('/'.join(k) for k in set(want) - set(flat))
+  unknown = sorted('/'.join(k) for k in set(flat) - set(want))
+  if missing or unknown:
+    raise ValueError(f'{source}: does not fit the model: missing {missing[:4]}, unexpected {unknown[:4]} '
+                     '(a different num_classes or width?)')
+  variables = {}
+  for key, value in flat.items():
+    if value.shape != want[key]:
+      raise ValueError(f'{source}: {"/".join(key)} has shape {value.shape}; the model expects {want[key]}')
+    node = variables
+    for part in key[:-1]:
+      node = node.setdefault(part, {})
+    node[key[-1]] = value
+  return variables

@@ -1,0 +1,121 @@
+"""DAER building blocks (Cai et al., 2023): dual attention and the enhanced relation network, sections 3.1-3.3.
+
+  (1-3) text, dual region attention over word positions: X^ts = sigma(f(W_0 avg_s(X) + W_0 max_s(X))),
+        X^tb = sigma(f(W_1 avg_b(X) + W_1 max_b(X))), X^tf = X^ts * X^tb * X  (kernels s = 3, b = 7; f an MLP with
+        hidden layers 512, 1024, 512, shared by both)
+  (4-6) image, dual spatial attention inside every MobileNetV3 bottleneck: X^is = sigma(conv_nxn([avg_c; max_c])),
+        X^ib = sigma(conv_mxm([avg_c; max_c])), X^if = X^is * X^ib * X  (n = 3, m = 7; channel-wise pools)
+  (7-10) relation network on every (text, image) pair: R = [R^t; R^i], R^e = sign(R) |R|^k (k = 0.6),
+        S = MLP 600-1024-512-1 (sigmoid output: trained towards T in {0, 1}, eq 11)
+
+Readings where the paper is silent: pooling windows over words are 'same' sized, stride 1, over real words only;
+W_0 / W_1 are d x d linear maps; f ends in a d-wide layer so the weights are per position and feature; the text
+vector is the mean of X^tf over real words. The relation MLP's first layer acts on the concatenation, so it splits
+into per-item projections W_t R^e_t + W_i R^e_i computed once per text and per image (the pair-wise work is then the
+1024 -> 512 -> 1 layers only).
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+POWER = 0.6
+
+
+@jax.custom_jvp
+def signed_power(x: jax.Array, k: float = POWER) -> jax.Array:
+  """Eqs 8-9: sign(x) |x|^k. The derivative k |x|^(k-1) is infinite at 0 for k < 1; it is defined as 0 there."""
+  return jnp.sign(x) * jnp.abs(x) ** k
+
+
+@signed_power.defjvp
+def _signed_power_jvp(primals, tangents):
+  x, k = primals
+  dx, _ = tangents
+  nonzero = x != 0
+  slope = jnp.where(nonzero, k * jnp.abs(jnp.where(nonzero, x, 1.0)) ** (k - 1), 0.0)
+  return signed_power(x, k), slope * dx
+
+
+def _masked_window_pool(x: jax.Array, valid: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+  """Average and max over a centred window of `window` positions along axis 1, real positions only.
+
+  x [N, n, d], valid [N, n] bool -> (avg, max) [N, n, d]; padded positions get 0.
+  """
+  half = window // 2
+  n = x.shape[1]
+  padded = jnp.pad(jnp.where(valid[..., None], x, 0.0), ((0, 0), (half, half), (0, 0)))
+  mask = jnp.pad(valid, ((0, 0), (half, half)))
+  windows = jnp.stack([padded[:, j:j + n] for j in range(window)], axis=2)       # [N, n, window, d]
+  window_mask = jnp.stack([mask[:, j:j + n] for j in range(window)], axis=2)[..., None]
+  count = jnp.maximum(jnp.sum(window_mask, axis=2), 1)
+  avg = jnp.sum(windows * window_mask, axis=2) / count
+  mx = jnp.max(jnp.where(window_mask, windows, -jnp.inf), axis=2)
+  keep = valid[..., None]
+  return jnp.where(keep, avg, 0.0), jnp.where(keep, mx, 0.0)
+
+
+class DualRegionAttention(nn.Module):
+  """Eqs 1-3 on word features x [N, n, d] with valid [N, n] -> X^tf [N, n, d] (zero at padding)."""
+
+  small: int = 3
+  large: int = 7
+  hidden: Sequence[int] = (512, 1024, 512)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    layers = [nn.Dense(h, name=f'mlp_{i}') for i, h in enumerate(self.hidden)] + [nn.Dense(d, name='mlp_out')]
+
+    def f(h):   # f_theta, shared by both kernel sizes
+      for layer in layers[:-1]:
+        h = jax.nn.relu(layer(h))
+      return layers[-1](h)
+
+    weights = []
+    for window, name in ((self.small, 'w0'), (self.large, 'w1')):
+      avg, mx = _masked_window_pool(x, valid, window)
+      shared = nn.Dense(d, use_bias=False, name=name)          # W_0 / W_1, shared by the avg and max pools
+      weights.append(jax.nn.sigmoid(f(shared(avg) + shared(mx))))
+    return jnp.where(valid[..., None], weights[0] * weights[1] * x, 0.0)
+
+
+class DualSpatialAttention(nn.Module):
+  """Eqs 4-6 on a feature map x [B, H, W, C] -> X^if [B, H, W, C]."""
+
+  small: int = 3
+  large: int = 7
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pooled = jnp.concatenate([jnp.mean(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)], axis=-1)
+    out = x
+    for size, name in ((self.small, 'conv_small'), (self.large, 'conv_large')):
+      pad = size // 2
+      out = out * jax.nn.sigmoid(nn.Conv(1, (size, size), padding=[(pad, pad), (pad, pad)], name=name)(pooled))
+    return out
+
+
+class RelationNetwork(nn.Module):
+  """Eqs 7-10 for every (text, image) pair: text [T, d_t], image [I, d_i] -> similarities [T, I] in (0, 1)."""
+
+  hidden: Sequence[int] = (1024, 512)
+  power: float = POWER
+
+  @nn.compact
+  def __call__(self, text: jax.Array, image: jax.Array) -> jax.Array:
+    # First layer on [R^e_t; R^e_i] = W_t R^e_t + W_i R^e_i + b: per item, then broadcast over pairs.
+    first_t = nn.Dense(self.hidden[0], name='fc0_text')(signed_power(text, self.power))
+    first_i = nn.Dense(self.hidden[0], use_bias=False, name='fc0_image')(signed_power(image, self.power))
+    h = jax.nn.relu(first_t[:, None, :] + first_i[None, :, :])                  # [T, I, 1024]
+    for i, width in enumerate(self.hidden[1:], 1):
+      h = jax.nn.relu(nn.Dense(width, name=f'fc{i}')(h))
+    return jax.nn.sigmoid(nn.Dense(1, name='out')(h)[..., 0])
+
+
+def relation_loss(similarities: jax.Array, text_labels: jax.Array, image_labels: jax.Array) -> jax.Array:
+  """Eq 11: ||T - P||_F^2 with T[q, p] = 1 when text q and image p share a category."""
+  target = (text_labels[:, None] == image_labels[None, :]).astype(similarities.dtype)
+  return jnp.sum(jnp.square(target - similarities))
