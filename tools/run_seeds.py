@@ -1,0 +1,108 @@
+"""Trains and evaluates one config with several seeds and reports the mean and standard deviation of every metric.
+
+  python tools/run_seeds.py --config=configs/scan.py:shapes --seeds=0,1,2 --workdir=runs/scan_seeds \
+      [--split=test] [--json=runs/scan_seeds/summary.json] [--set=num_epochs=1 ...]
+
+Each seed trains into W/seed_<s> (resuming if it already has checkpoints), selects its checkpoint on dev only, then
+evaluates `--split`. The table lists every seed's recalls and the mean +- std (sample std, n - 1).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from xmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
+from xmatch_jax import train  # pylint: disable=g-import-not-at-top
+
+METRICS = evaluate.RECALL_KEYS
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(':')
+  path = path if os.path.exists(path) else os.path.join(REPO, path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'--config: {spec.partition(":")[0]!r} not found')
+  module_spec = importlib.util.spec_from_file_location('seed_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def apply_sets(config, sets: list) -> None:
+  """--set=key.sub=value overrides (value parsed as JSON when it can be, else a string); unknown keys are errors."""
+  for item in sets:
+    key, sep, raw = item.partition('=')
+    if not sep:
+      raise ValueError(f'--set {item!r}: expected key=value')
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError:
+      value = raw
+    *parents, leaf = key.split('.')
+    target = config
+    for part in parents:
+      target = target[part]
+    if leaf not in target:
+      raise ValueError(f'--set {item!r}: config has no field {key!r}')
+    target[leaf] = type(target[leaf])(value) if isinstance(target[leaf], (int, float)) and \
+        not isinstance(target[leaf], bool) else value
+
+
+def run(spec: str, seeds: list, workdir: str, split: str, sets: list) -> dict:
+  results = {}
+  for seed in seeds:
+    config = load_config(spec)
+    apply_sets(config, sets)
+    config.seed = seed
+    seed_dir = os.path.join(workdir, f'seed_{seed}')
+    train.train_and_evaluate(config, seed_dir)
+    results[seed] = evaluate.evaluate_workdir(seed_dir, split)
+  table = np.array([[results[s][k] for k in METRICS] for s in seeds], np.float64)
+  summary = {'config': spec, 'split': split, 'seeds': seeds, 'sets': sets,
+             'per_seed': {str(s): {k: results[s][k] for k in METRICS} for s in seeds},
+             'mean': dict(zip(METRICS, table.mean(0).tolist())),
+             'std': dict(zip(METRICS, (table.std(0, ddof=1) if len(seeds) > 1 else np.zeros(len(METRICS))).tolist()))}
+  return summary
+
+
+def format_table(summary: dict) -> str:
+  head = 'seed  ' + '  '.join(f'{k:>8}' for k in METRICS)
+  rows = [f'{s:>4}  ' + '  '.join(f'{v[k]:8.1f}' for k in METRICS) for s, v in summary['per_seed'].items()]
+  rows.append('mean  ' + '  '.join(f'{summary["mean"][k]:8.1f}' for k in METRICS))
+  rows.append(' std  ' + '  '.join(f'{summary["std"][k]:8.2f}' for k in METRICS))
+  return '\n'.join([head] + rows)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True)
+  parser.add_argument('--seeds', default='0,1,2', help='comma-separated seeds')
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--split', default='test')
+  parser.add_argument('--set', action='append', default=[], help='config override key=value (repeatable)')
+  parser.add_argument('--json', default='')
+  args = parser.parse_args(argv)
+  try:
+    seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
+  except ValueError:
+    parser.error(f'--seeds must be comma-separated integers, got {args.seeds!r}')
+  if not seeds or len(set(seeds)) != len(seeds):
+    parser.error(f'--seeds must list distinct seeds, got {args.seeds!r}')
+  summary = run(args.config, seeds, args.workdir, args.split, args.set)
+  print(format_table(summary))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(summary, f, indent=2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
