@@ -47,6 +47,32 @@ def _load_shapes(split: str, data_dir: str, builder_config: str) -> Split:
   return Split(images, captions, caption_to_image)
 
 
+def manual_dir(name: str, data_dir: str) -> str:
+  """Where the SCAN precomp files of `name` are read from: $XMATCH_MANUAL_DIR/<name>_precomp, else
+  <data_dir>/manual/<name>_precomp."""
+  base = os.environ.get('XMATCH_MANUAL_DIR') or os.path.join(data_dir, 'manual')
+  return os.path.join(base, f'{name}_precomp')
+
+
+def _load_precomp(name: str, split: str, data_dir: str) -> Split:
+  from xmatch_jax.data import precomp  # pylint: disable=g-import-not-at-top (imports tfds)
+
+  builder = precomp.build(name, manual_dir(name, data_dir), data_dir)
+  if split not in builder.info.splits:
+    raise ValueError(f'dataset xmatch_precomp/{name}: no split {split!r}; expected one of '
+                     f'{sorted(builder.info.splits)}.')
+  source = builder.as_data_source(split)
+  examples = [source[i] for i in range(len(source))]
+  images = {'regions': np.stack([e['regions'] for e in examples]).astype(np.float32),
+            'image_id': np.array([e['image_id'] for e in examples], np.int64)}
+  if examples and examples[0]['pfan_blocks'].size:
+    images['pfan_blocks'] = np.stack([e['pfan_blocks'] for e in examples])
+    images['pfan_weights'] = np.stack([e['pfan_weights'] for e in examples])
+  captions = [_text(c) for e in examples for c in e['captions']]
+  caption_to_image = np.repeat(np.arange(len(examples)), precomp.CAPTIONS_PER_IMAGE)
+  return Split(images, captions, caption_to_image)
+
+
 def _text(value) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
@@ -55,6 +81,10 @@ def _text(value) -> str:
 DATASETS: dict[str, Callable[[str, str], Split]] = {
     'shapes': lambda split, data_dir: _load_shapes(split, data_dir, 'default'),
     'shapes_tiny': lambda split, data_dir: _load_shapes(split, data_dir, 'tiny'),
+    # SCAN precomp features from a manual dir (see data/precomp.py); loaded into memory.
+    'f30k': lambda split, data_dir: _load_precomp('f30k', split, data_dir),
+    'coco': lambda split, data_dir: _load_precomp('coco', split, data_dir),
+    'precomp': lambda split, data_dir: _load_precomp('custom', split, data_dir),
 }
 
 

@@ -1,0 +1,86 @@
+"""The SCAN precomp builder: a build from a manual dir reads back exactly (features, captions, PFAN positions from
+the real fixture), the repeated-rows layout is de-duplicated, and every integrity check names file and expectation."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from xmatch_jax import data as data_lib
+from xmatch_jax.data import precomp
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+CAPTIONS = [f'caption number {i} of a test image' for i in range(60)]
+
+
+def _write(directory, sizes, k=36, d=6, repeat=1, seed=0):
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, n in sizes.items():
+    ims = rng.normal(size=(n, k, d)).astype(np.float32)
+    arrays[split] = ims
+    np.save(os.path.join(directory, f'{split}_ims.npy'), np.repeat(ims, repeat, axis=0))
+    with open(os.path.join(directory, f'{split}_caps.txt'), 'w') as f:
+      f.write('\n'.join(CAPTIONS[:5 * n]) + '\n')
+  return arrays
+
+
+def test_build_and_load_round_trip_with_pfan_positions(tmp_path, monkeypatch):
+  manual = tmp_path / 'manual'
+  arrays = _write(manual / 'custom_precomp', {'train': 3, 'dev': 2, 'test': 8})
+  shutil.copy(os.path.join(FIXTURES, 'f30k_sample_train_boxes_8.npy'), manual / 'custom_precomp' / 'test_boxes.npy')
+  monkeypatch.setenv('XMATCH_MANUAL_DIR', str(manual))
+  split = data_lib.load_split('precomp', 'test', str(tmp_path / 'tfds'))
+  np.testing.assert_array_equal(split.images['regions'], arrays['test'])
+  assert split.captions == CAPTIONS[:40] and list(split.caption_to_image[:6]) == [0, 0, 0, 0, 0, 1]
+  blocks, weights = data_lib.pfan.from_pfan_layout(np.load(os.path.join(FIXTURES, 'f30k_sample_train_boxes_8.npy')))
+  np.testing.assert_array_equal(split.images['pfan_blocks'], blocks)
+  np.testing.assert_allclose(split.images['pfan_weights'], weights)
+  dev = data_lib.load_split('precomp', 'dev', str(tmp_path / 'tfds'))
+  assert 'pfan_blocks' not in dev.images and len(dev.captions) == 10
+
+
+def test_one_feature_row_per_caption_is_deduplicated(tmp_path):
+  arrays = _write(tmp_path / 'm', {'train': 2, 'dev': 1, 'test': 3}, repeat=5)
+  builder = precomp.build('custom', str(tmp_path / 'm'), str(tmp_path / 'tfds'))
+  source = builder.as_data_source('test')
+  assert len(source) == 3
+  np.testing.assert_array_equal(source[2]['regions'], arrays['test'][2])
+
+
+@pytest.mark.parametrize('edit,message', [
+    (lambda d: os.remove(d / 'dev_caps.txt'), r'dev_caps.txt: missing'),
+    (lambda d: open(d / 'test_caps.txt', 'a').write('one caption too many\n'),
+     r'test_caps.txt: 16 captions for 3 images .* expected 5 x 3 = 15'),
+    (lambda d: np.save(d / 'train_ims.npy', np.zeros((2, 36, 6))), r'train_ims.npy: dtype float64; expected float32'),
+    (lambda d: open(d / 'dev_caps.txt', 'w').write('a\n\nb\nc\nd\n'), r'dev_caps.txt: line 2 is empty'),
+    (lambda d: np.save(d / 'test_boxes.npy', np.zeros((3, 35, 30))), r'test_boxes.npy: shape \(3, 35, 30\)'),
+])
+def test_integrity_errors_name_the_file(edit, message, tmp_path):
+  directory = tmp_path / 'm'
+  _write(directory, {'train': 2, 'dev': 1, 'test': 3})
+  edit(directory)
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    precomp.build('custom', str(directory), str(tmp_path / 'tfds'))
+
+
+def test_nan_features_name_the_image(tmp_path):
+  _write(tmp_path / 'm', {'train': 2, 'dev': 1, 'test': 3})
+  ims = np.load(tmp_path / 'm' / 'test_ims.npy')
+  ims[1, 4, 2] = np.nan
+  np.save(tmp_path / 'm' / 'test_ims.npy', ims)
+  with pytest.raises(ValueError, match='test_ims.npy: image 1 holds NaN'):
+    precomp.build('custom', str(tmp_path / 'm'), str(tmp_path / 'tfds'))
+
+
+def test_flickr30k_counts_and_feature_size_are_checked(tmp_path):
+  _write(tmp_path / 'f', {'train': 2, 'dev': 1, 'test': 3}, d=2048)
+  with pytest.raises(ValueError, match=r'dev_ims.npy: 1 images; f30k dev has 1000 \(5000 captions\)'):
+    precomp.build('f30k', str(tmp_path / 'f'), str(tmp_path / 'tfds'))
+  _write(tmp_path / 'g', {'train': 2, 'dev': 1, 'test': 3}, d=6)
+  with pytest.raises(ValueError, match='train_ims.npy: feature size 6; expected 2048'):
+    precomp.build('f30k', str(tmp_path / 'g'), str(tmp_path / 'tfds'))
+  with pytest.raises(FileNotFoundError, match='manual dir not found'):
+    precomp.build('coco', str(tmp_path / 'none'), str(tmp_path / 'tfds'))

@@ -1,0 +1,160 @@
+"""TFDS builder for SCAN's precomputed-feature layout (`xmatch_precomp`: f30k, coco, custom), from a manual dir.
+
+Expected files in the manual dir (SCAN's `data/<name>_precomp/`, e.g. f30k_precomp):
+
+  {split}_ims.npy     [n_images, k, d] float32 bottom-up-attention region features (k = 36, d = 2048), or one row
+                      per caption (images repeated 5 times, as some SCAN releases store them)
+  {split}_caps.txt    one caption per line, 5 consecutive lines per image
+  {split}_boxes.npy   optional, PFAN block positions [n_images, k, 2L] (see xmatch_jax.data.pfan)
+
+Splits: train, dev, test (and testall for coco). Checks on build, each naming the file and the expected value:
+Flickr30K test = 1000 images / 5000 captions, COCO testall = 5000 / 25000, captions = 5 x images, feature size,
+dtype float32, no NaN / inf, no empty caption, boxes matching the images. Features are read memory-mapped one
+image at a time, so COCO's ~17 GB train file never has to fit in memory.
+
+  python -c "from xmatch_jax.data import precomp; precomp.build('f30k', manual_dir='data/f30k_precomp')"
+
+The name does not clash with TFDS's own flickr30k / coco datasets.
+"""
+
+import dataclasses
+import os
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from xmatch_jax.data import pfan
+
+CAPTIONS_PER_IMAGE = 5
+_RAW = tfds.features.Encoding.BYTES
+
+
+@dataclasses.dataclass(eq=False)
+class PrecompConfig(tfds.core.BuilderConfig):
+  """splits: names to build; expected: {split: n_images} checked on build; region_dim: 0 = any."""
+  splits: tuple = ('train', 'dev', 'test')
+  expected: dict = dataclasses.field(default_factory=dict)
+  region_dim: int = 0
+  num_regions: int = 0
+
+
+CONFIGS = {
+    'f30k': PrecompConfig(name='f30k', description='Flickr30K, SCAN precomp (Karpathy split)',
+                          expected={'test': 1000, 'dev': 1000}, region_dim=2048, num_regions=36),
+    'coco': PrecompConfig(name='coco', description='MS-COCO, SCAN precomp (testall = 5K test)',
+                          splits=('train', 'dev', 'test', 'testall'), expected={'testall': 5000},
+                          region_dim=2048, num_regions=36),
+    'custom': PrecompConfig(name='custom', description='Your own features in the SCAN precomp layout: only '
+                            'internal consistency is checked'),
+}
+
+
+def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
+  """Opens and checks every split's files; returns {split: (ims memmap, captions, boxes or None, repeat)}."""
+  out = {}
+  for split in config.splits:
+    ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
+    caps_path = os.path.join(manual_dir, f'{split}_caps.txt')
+    for path in (ims_path, caps_path):
+      if not os.path.exists(path):
+        raise FileNotFoundError(f'{path}: missing; the {config.name} precomp layout needs {split}_ims.npy and '
+                                f'{split}_caps.txt in {manual_dir}')
+    try:
+      ims = np.load(ims_path, mmap_mode='r', allow_pickle=False)
+    except ValueError as e:
+      raise ValueError(f'{ims_path}: not a plain .npy array ({e})') from None
+    if ims.ndim != 3:
+      raise ValueError(f'{ims_path}: shape {ims.shape}; expected [n_images, k, d]')
+    if ims.dtype != np.float32:
+      raise ValueError(f'{ims_path}: dtype {ims.dtype}; expected float32')
+    if config.region_dim and ims.shape[2] != config.region_dim:
+      raise ValueError(f'{ims_path}: feature size {ims.shape[2]}; expected {config.region_dim}')
+    if config.num_regions and ims.shape[1] != config.num_regions:
+      raise ValueError(f'{ims_path}: {ims.shape[1]} regions per image; expected {config.num_regions}')
+    with open(caps_path, encoding='utf-8') as f:
+      captions = [line.rstrip('\n') for line in f]
+    if captions and captions[-1] == '':
+      captions.pop()
+    empty = [i + 1 for i, c in enumerate(captions) if not c.strip()]
+    if empty:
+      raise ValueError(f'{caps_path}: line {empty[0]} is empty ({len(empty)} empty caption(s))')
+    repeat = 1
+    if ims.shape[0] == len(captions) and ims.shape[0] % CAPTIONS_PER_IMAGE == 0 and ims.shape[0] > 1:
+      repeat = CAPTIONS_PER_IMAGE   # one feature row per caption: the image repeated 5 times
+    n_images = ims.shape[0] // repeat
+    if len(captions) != CAPTIONS_PER_IMAGE * n_images:
+      raise ValueError(f'{caps_path}: {len(captions)} captions for {n_images} images in {ims_path}; expected '
+                       f'{CAPTIONS_PER_IMAGE} x {n_images} = {CAPTIONS_PER_IMAGE * n_images}')
+    if split in config.expected and n_images != config.expected[split]:
+      raise ValueError(f'{ims_path}: {n_images} images; {config.name} {split} has {config.expected[split]} '
+                       f'({CAPTIONS_PER_IMAGE * config.expected[split]} captions)')
+    boxes = None
+    boxes_path = os.path.join(manual_dir, f'{split}_boxes.npy')
+    if os.path.exists(boxes_path):
+      boxes = np.load(boxes_path, mmap_mode='r', allow_pickle=False)
+      if boxes.shape[:2] != (n_images, ims.shape[1]):
+        raise ValueError(f'{boxes_path}: shape {boxes.shape}; expected [{n_images}, {ims.shape[1]}, 2L]')
+    out[split] = (ims, captions, boxes, repeat)
+  return out
+
+
+class XmatchPrecomp(tfds.core.GeneratorBasedBuilder):
+  """Region features + 5 captions per image from SCAN's precomp files (manual download)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'SCAN precomp layout: regions, 5 captions, optional PFAN positions.'}
+  BUILDER_CONFIGS = list(CONFIGS.values())
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)   # as shapes.py: editable installs confuse TFDS's lookup
+
+  def __init__(self, *, file_format: str = 'array_record', **kwargs):
+    super().__init__(file_format=file_format, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=__doc__,
+        features=tfds.features.FeaturesDict({
+            'image_id': tfds.features.Scalar(np.int64),
+            'regions': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=_RAW),
+            'captions': tfds.features.Sequence(tfds.features.Text(), length=CAPTIONS_PER_IMAGE),
+            'pfan_blocks': tfds.features.Tensor(shape=(None, None), dtype=np.int32, encoding='zlib'),
+            'pfan_weights': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding='zlib'),
+        }),
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    manual_dir = os.fspath(dl_manager.manual_dir)
+    files = _check_files(manual_dir, self.builder_config)
+    return {split: self._generate_examples(split, manual_dir, *files[split]) for split in self.builder_config.splits}
+
+  def _generate_examples(self, split, manual_dir, ims, captions, boxes, repeat):
+    ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
+    for i in range(len(captions) // CAPTIONS_PER_IMAGE):
+      regions = np.array(ims[i * repeat], np.float32)
+      if not np.isfinite(regions).all():
+        raise ValueError(f'{ims_path}: image {i} holds NaN or inf')
+      if boxes is not None:
+        blocks, weights = pfan.from_pfan_layout(np.asarray(boxes[i:i + 1]), where=f'{split}_boxes.npy image {i}')
+        blocks, weights = blocks[0], weights[0]
+      else:
+        blocks, weights = np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32)
+      yield i, {'image_id': i, 'regions': regions,
+                'captions': captions[i * CAPTIONS_PER_IMAGE:(i + 1) * CAPTIONS_PER_IMAGE],
+                'pfan_blocks': blocks, 'pfan_weights': weights}
+
+
+def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrecomp:
+  """Builds (once) and returns the `xmatch_precomp/<name>` builder from `manual_dir`."""
+  if name not in CONFIGS:
+    raise ValueError(f'xmatch_precomp has no config {name!r}; expected one of {sorted(CONFIGS)}')
+  if not os.path.isdir(manual_dir):
+    raise FileNotFoundError(f'{manual_dir}: manual dir not found; it must hold the SCAN precomp files '
+                            '({split}_ims.npy, {split}_caps.txt)')
+  builder = XmatchPrecomp(config=name, data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
