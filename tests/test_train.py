@@ -219,3 +219,14 @@ def test_retrieve_ranks_by_the_retrievers_scores(trained, data_dir, monkeypatch,
                        cwd=ROOT)
   assert out.returncode == 0, out.stderr[-2000:]
   assert f'  1. image {top[0][0]:5d}' in out.stdout and '  3.' not in out.stdout
+
+
+def test_named_protocols_fix_dataset_and_split():
+  assert evaluate.resolve_protocol('coco_5k', 'coco', None) == ('testall', '5k', 'coco_5k')
+  assert evaluate.resolve_protocol('coco_1k_fold5', 'coco', 'testall') == ('testall', 'fold5', 'coco_1k_fold5')
+  assert evaluate.resolve_protocol('f30k_1k', 'f30k', None) == ('test', '1k', 'f30k_1k')
+  assert evaluate.resolve_protocol(None, 'shapes', None) == ('test', None, None)
+  with pytest.raises(ValueError, match="'coco_5k' evaluates split 'testall'; got --split=test"):
+    evaluate.resolve_protocol('coco_5k', 'coco', 'test')
+  with pytest.raises(ValueError, match="defined on dataset 'f30k'; this workdir was trained on 'shapes'"):
+    evaluate.resolve_protocol('f30k_1k', 'shapes', None)

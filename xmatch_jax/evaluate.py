@@ -1,4 +1,4 @@
-"""Evaluation: `python -m xmatch_jax.evaluate --workdir=W [--split=test] [--protocol=1k|5k|fold5]`.
+"""Evaluation: `python -m xmatch_jax.evaluate --workdir=W [--split=test] [--protocol=1k|5k|fold5|f30k_1k|coco_1k_fold5|coco_5k]`.
 
 Scores every image against every caption of the split with the workdir's best checkpoint (latest if no best),
 computes recall exactly as SCAN's evaluation.py and writes W/eval/<split>.json.
@@ -23,6 +23,12 @@ PROTOCOLS = {
     '1k': 'all images of a 1000-image split (Flickr30K test, shapes test)',
     '5k': 'all images of a 5000-image split (MS-COCO 5K test)',
     'fold5': 'mean over 5 sequential folds of n/5 images (MS-COCO 1K: 5 folds of 1000); rsum = sum of mean recalls',
+}
+# The field's named protocols: (dataset, split, protocol). Results carry the name.
+NAMED_PROTOCOLS = {
+    'f30k_1k': ('f30k', 'test', '1k'),
+    'coco_1k_fold5': ('coco', 'testall', 'fold5'),
+    'coco_5k': ('coco', 'testall', '5k'),
 }
 RECALL_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum')
 
@@ -52,9 +58,28 @@ def default_protocol(n_img: int) -> str:
   return 'all'
 
 
-def evaluate_workdir(workdir: str, split: str = 'test', protocol: str | None = None) -> dict:
-  """Scores `split` with W's best checkpoint and writes W/eval/<split>.json. Returns the result dict."""
+def resolve_protocol(protocol: str | None, dataset: str, split: str | None) -> tuple[str, str | None, str | None]:
+  """A named protocol (f30k_1k, coco_1k_fold5, coco_5k) -> (split, base protocol, name); checks that the dataset
+  and an explicitly given split agree with it. Other protocols pass through with split defaulting to test."""
+  if protocol not in NAMED_PROTOCOLS:
+    return split or 'test', protocol, protocol
+  want_dataset, want_split, base = NAMED_PROTOCOLS[protocol]
+  if dataset != want_dataset:
+    raise ValueError(f'protocol {protocol!r} is defined on dataset {want_dataset!r}; this workdir was trained on '
+                     f'{dataset!r}.')
+  if split is not None and split != want_split:
+    raise ValueError(f'protocol {protocol!r} evaluates split {want_split!r}; got --split={split}.')
+  return want_split, base, protocol
+
+
+def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | None = None) -> dict:
+  """Scores `split` with W's best checkpoint and writes W/eval/<split>.json. Returns the result dict.
+
+  `protocol`: 1k / 5k / fold5, a named protocol (f30k_1k, coco_1k_fold5, coco_5k; split None = its split), or
+  None (from the split size; a 5000-image split is ambiguous and must be named).
+  """
   config = run_setup.load_config(workdir)
+  split, protocol, name = resolve_protocol(protocol, config.dataset, split)
   vocab = run_setup.load_vocab(workdir)
   data = load_split(config.dataset, split, config.data_dir or None)
   model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(data.images), workdir)
@@ -65,7 +90,7 @@ def evaluate_workdir(workdir: str, split: str = 'test', protocol: str | None = N
   n_img = sims.shape[0]
   protocol = protocol or default_protocol(n_img)
   metrics = metrics_lib.recall_metrics(sims) if protocol == 'all' else protocol_metrics(sims, protocol)
-  result = {**metrics, 'protocol': protocol, 'dataset': config.dataset, 'split': split, 'n_images': n_img,
+  result = {**metrics, 'protocol': name or protocol, 'dataset': config.dataset, 'split': split, 'n_images': n_img,
             'n_captions': sims.shape[1], 'model': config.model.name, 'checkpoint': which,
             'checkpoint_step': int(meta.get('step', -1))}
   os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
@@ -100,12 +125,13 @@ def main(argv):
   f = flags.FLAGS
   result = evaluate_workdir(f.workdir, f.split, f.protocol)
   print(format_table(result))
-  print(f'written to {os.path.join(f.workdir, "eval", f.split + ".json")}')
+  print(f"written to {os.path.join(f.workdir, 'eval', result['split'] + '.json')}")
 
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Training workdir.')
-  flags.DEFINE_string('split', 'test', 'Split to evaluate.')
-  flags.DEFINE_enum('protocol', None, sorted(PROTOCOLS), 'Evaluation protocol (default: from split size).')
+  flags.DEFINE_string('split', None, 'Split to evaluate (default: test, or the named protocol\'s split).')
+  flags.DEFINE_enum('protocol', None, sorted(PROTOCOLS) + sorted(NAMED_PROTOCOLS),
+                    'Evaluation protocol (default: from the split size).')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)
