@@ -230,3 +230,18 @@ def test_named_protocols_fix_dataset_and_split():
     evaluate.resolve_protocol('coco_5k', 'coco', 'test')
   with pytest.raises(ValueError, match="defined on dataset 'f30k'; this workdir was trained on 'shapes'"):
     evaluate.resolve_protocol('f30k_1k', 'shapes', None)
+
+
+def test_ensemble_of_two_runs_is_the_weighted_score_sum(trained, data_dir, tmp_path, monkeypatch):
+  from xmatch_jax import ensemble  # pylint: disable=g-import-not-at-top
+  from xmatch_jax import metrics  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = trained
+  other = str(tmp_path / 'vsepp')
+  train.train_and_evaluate(tiny_config(data_dir, module=vsepp_config, num_epochs=1), other)
+  result = ensemble.ensemble([workdir, other], [0.7, 0.3], 'test')
+  a = np.load(evaluate.scores_path(workdir, 'test'))
+  b = np.load(evaluate.scores_path(other, 'test'))
+  assert result['rsum'] == pytest.approx(metrics.recall_metrics(0.7 * a.astype(np.float64) + 0.3 * b)['rsum'])
+  assert result['protocol'] == 'all' and result['weights'] == [0.7, 0.3]
+  with pytest.raises(ValueError, match='at least 2'):
+    ensemble.ensemble([workdir])

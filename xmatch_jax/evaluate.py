@@ -72,11 +72,24 @@ def resolve_protocol(protocol: str | None, dataset: str, split: str | None) -> t
   return want_split, base, protocol
 
 
-def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | None = None) -> dict:
+def scores_path(workdir: str, split: str) -> str:
+  return os.path.join(workdir, 'eval', f'{split}_scores.npy')
+
+
+def metrics_for(sims: np.ndarray, protocol: str | None) -> tuple[dict, str]:
+  """Recall metrics of a split's score matrix under `protocol` (None: from its size). Returns (metrics, protocol)."""
+  protocol = protocol or default_protocol(sims.shape[0])
+  metrics = metrics_lib.recall_metrics(sims) if protocol == 'all' else protocol_metrics(sims, protocol)
+  return metrics, protocol
+
+
+def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | None = None,
+                     save_scores: bool = False) -> dict:
   """Scores `split` with W's best checkpoint and writes W/eval/<split>.json. Returns the result dict.
 
   `protocol`: 1k / 5k / fold5, a named protocol (f30k_1k, coco_1k_fold5, coco_5k; split None = its split), or
-  None (from the split size; a 5000-image split is ambiguous and must be named).
+  None (from the split size; a 5000-image split is ambiguous and must be named). `save_scores` also writes the
+  [n_images, n_captions] float32 score matrix to W/eval/<split>_scores.npy (for ensembles, xmatch_jax.ensemble).
   """
   config = run_setup.load_config(workdir)
   split, protocol, name = resolve_protocol(protocol, config.dataset, split)
@@ -88,14 +101,15 @@ def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | N
   scorer = inference.Scorer(model, {'params': params}, config.eval_image_chunk, config.eval_text_batch)
   sims = scorer.score(data.images, tokens, mask)
   n_img = sims.shape[0]
-  protocol = protocol or default_protocol(n_img)
-  metrics = metrics_lib.recall_metrics(sims) if protocol == 'all' else protocol_metrics(sims, protocol)
+  metrics, protocol = metrics_for(sims, protocol)
   result = {**metrics, 'protocol': name or protocol, 'dataset': config.dataset, 'split': split, 'n_images': n_img,
             'n_captions': sims.shape[1], 'model': config.model.name, 'checkpoint': which,
             'checkpoint_step': int(meta.get('step', -1))}
   os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
   with open(os.path.join(workdir, 'eval', f'{split}.json'), 'w') as f:
     json.dump(result, f, indent=2)
+  if save_scores:
+    np.save(scores_path(workdir, split), np.asarray(sims, np.float32))
   return result
 
 
@@ -123,7 +137,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   f = flags.FLAGS
-  result = evaluate_workdir(f.workdir, f.split, f.protocol)
+  result = evaluate_workdir(f.workdir, f.split, f.protocol, save_scores=f.save_scores)
   print(format_table(result))
   print(f"written to {os.path.join(f.workdir, 'eval', result['split'] + '.json')}")
 
@@ -133,5 +147,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('split', None, 'Split to evaluate (default: test, or the named protocol\'s split).')
   flags.DEFINE_enum('protocol', None, sorted(PROTOCOLS) + sorted(NAMED_PROTOCOLS),
                     'Evaluation protocol (default: from the split size).')
+  flags.DEFINE_bool('save_scores', False, 'Also write W/eval/<split>_scores.npy (for xmatch_jax.ensemble).')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

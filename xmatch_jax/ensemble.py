@@ -1,0 +1,67 @@
+"""Ensembles of trained workdirs: `python -m xmatch_jax.ensemble --workdir=W1 --workdir=W2 [--weights=0.5,0.5]
+[--split=test] [--protocol=...]` sums the runs' score matrices with the weights and reports recall (e.g. GLFN's
+t2i + i2t fusion of two runs, eq 33, or SCAN's t2i + i2t ensemble).
+
+Each run's matrix is read from W/eval/<split>_scores.npy, or computed (and saved) with its best checkpoint. The runs
+must be on the same dataset and split; the result goes to --out (json) if given.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import numpy as np
+
+from xmatch_jax import evaluate
+from xmatch_jax import run_setup
+
+
+def ensemble(workdirs: list, weights: list | None = None, split: str | None = None,
+             protocol: str | None = None) -> dict:
+  if len(workdirs) < 2:
+    raise ValueError(f'an ensemble needs at least 2 workdirs, got {len(workdirs)}')
+  weights = weights or [1.0 / len(workdirs)] * len(workdirs)
+  if len(weights) != len(workdirs):
+    raise ValueError(f'{len(weights)} weights for {len(workdirs)} workdirs')
+  datasets = {w: run_setup.load_config(w).dataset for w in workdirs}
+  if len(set(datasets.values())) != 1:
+    raise ValueError(f'the runs are on different datasets: {datasets}')
+  dataset = next(iter(datasets.values()))
+  split, base, name = evaluate.resolve_protocol(protocol, dataset, split)
+  total = None
+  for workdir, weight in zip(workdirs, weights):
+    path = evaluate.scores_path(workdir, split)
+    if not os.path.exists(path):
+      evaluate.evaluate_workdir(workdir, split, protocol, save_scores=True)
+    sims = np.load(path, allow_pickle=False)
+    if total is not None and sims.shape != total.shape:
+      raise ValueError(f'{path}: scores of shape {sims.shape}; the first run has {total.shape}')
+    total = weight * sims.astype(np.float64) if total is None else total + weight * sims
+  metrics, base = evaluate.metrics_for(total, base)
+  return {**metrics, 'protocol': name or base, 'dataset': dataset, 'split': split, 'workdirs': workdirs,
+          'weights': weights, 'n_images': total.shape[0], 'n_captions': total.shape[1]}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  f = flags.FLAGS
+  weights = [float(w) for w in f.weights.split(',')] if f.weights else None
+  result = ensemble(f.workdir, weights, f.split, f.protocol)
+  print(' '.join(f'{k} {result[k]:.1f}' for k in evaluate.RECALL_KEYS) + f'  ({result["protocol"]})')
+  if f.out:
+    with open(f.out, 'w') as out:
+      json.dump(result, out, indent=2)
+
+
+if __name__ == '__main__':
+  flags.DEFINE_multi_string('workdir', None, 'Runs to ensemble (repeat the flag).')
+  flags.DEFINE_string('weights', '', 'Comma-separated weights (default: equal).')
+  flags.DEFINE_string('split', None, 'Split (default: test, or the named protocol\'s split).')
+  flags.DEFINE_string('protocol', None, 'Evaluation protocol, as for xmatch_jax.evaluate.')
+  flags.DEFINE_string('out', '', 'Write the result to this json file.')
+  flags.mark_flag_as_required('workdir')
+  app.run(main)
