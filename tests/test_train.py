@@ -166,10 +166,15 @@ def test_impossible_config_values(data_dir, tmp_path, key, value, message):
     train.train_and_evaluate(tiny_config(data_dir, **{key: value}), str(tmp_path))
 
 
-def test_dataset_without_builder(tmp_path):
+def test_paper_dataset_without_its_files(tmp_path, monkeypatch):
+  monkeypatch.setenv('XMATCH_MANUAL_DIR', str(tmp_path / 'manual'))
   config = scan_config.get_config('f30k')
-  with pytest.raises(ValueError, match="no dataset builder named 'f30k'"):
-    train.train_and_evaluate(config, str(tmp_path))
+  config.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(FileNotFoundError, match=r'manual/f30k_precomp: manual dir not found'):
+    train.train_and_evaluate(config, str(tmp_path / 'w'))
+  config.dataset = 'flickr8k'
+  with pytest.raises(ValueError, match="no dataset builder named 'flickr8k'"):
+    train.train_and_evaluate(config, str(tmp_path / 'w2'))
   with pytest.raises(ValueError, match='unknown dataset'):
     scan_config.get_config('flickr')
 

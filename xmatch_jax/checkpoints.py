@@ -53,7 +53,8 @@ class RunCheckpoints:
   def restore_for_eval(self, target_state=None):
     """The best checkpoint if one was kept, else the latest. Returns (state, meta, which).
 
-    With `target_state` None the saved tree is returned as saved (for reading params only).
+    With `target_state` None the saved tree is returned as saved, on this process's first device (for reading
+    params; whatever mesh wrote it).
     """
     for which, manager in (('best', self.best), ('latest', self.latest)):
       restored = _restore_newest(manager, target_state)
@@ -67,10 +68,20 @@ class RunCheckpoints:
     self.best.close()
 
 
+def _local_target(manager: ocp.CheckpointManager, step: int):
+  """The saved tree's shapes and dtypes placed on this process's first device: a checkpoint written by any mesh
+  (8 devices, several hosts) restores for reading on one device."""
+  metadata = ocp.StandardCheckpointer().metadata(os.path.join(manager.directory, str(step), 'state')).item_metadata
+  metadata = getattr(metadata, 'tree', metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+
+
 def _restore_newest(manager: ocp.CheckpointManager, target_state):
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      state_args = ocp.args.StandardRestore(None if target_state is None else _abstract(target_state))
+      target = _local_target(manager, step) if target_state is None else _abstract(target_state)
+      state_args = ocp.args.StandardRestore(target)
       restored = manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable; try the previous one
       logging.warning('checkpoint %s/%d could not be read (%s: %s); trying the previous one.',

@@ -1,0 +1,44 @@
+"""Data parallelism on 8 fake CPU devices (tests/parallel_check.py in a subprocess): loss, gradients and one Adam
+step equal the single-device result to 1e-5 for SCAN and RDAN, and the checkpoint saved there restores on 1 device."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from xmatch_jax.checkpoints import RunCheckpoints
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope='module')
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp('parallel')
+  proc = subprocess.run([sys.executable, os.path.join(HERE, 'parallel_check.py'), str(out)], capture_output=True,
+                        text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1]), out
+
+
+@pytest.mark.parametrize('model', ['scan', 'rdan'])
+def test_eight_devices_equal_one(report, model):
+  result = report[0][model]
+  assert result['devices'] == 8
+  assert result['loss_multi'] == pytest.approx(result['loss_single'], abs=1e-5)
+  assert result['grad_diff'] <= 1e-5 * max(1.0, result['grad_scale'])
+  assert result['step_diff'] <= 1e-5 and result['opt_diff'] <= 1e-5   # see parallel_check.py on Adam's first step
+
+
+@pytest.mark.parametrize('model', ['scan', 'rdan'])
+def test_checkpoint_saved_on_eight_devices_restores_on_one(report, model):
+  out = report[1]
+  state, meta, which = RunCheckpoints(str(out / model)).restore_for_eval()
+  saved = np.load(out / f'{model}_params.npz')
+  restored = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state['params'])}
+  assert which == 'best' and meta['step'] == 1 and sorted(restored) == sorted(saved.files)
+  for key in saved.files:
+    np.testing.assert_array_equal(restored[key], saved[key])
