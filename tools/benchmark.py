@@ -19,7 +19,6 @@ vectors; RDAN: batched channels_last convolutions) and checks that the outputs a
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -105,16 +104,9 @@ def scoring_flops(model_config: dict, n_images: int, n_captions: int, k: int, n:
 
 # ----------------------------------------------------------------------------------------------- set-up
 def load_config(spec: str):
-  """'configs/rdan.py:f30k' -> get_config('f30k') of that file."""
-  path, _, arg = spec.partition(':')
-  if not os.path.exists(path):
-    path = os.path.join(REPO, path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'--config: file {spec.partition(":")[0]!r} not found')
-  module_spec = importlib.util.spec_from_file_location('benchmark_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  """'configs/rdan.py:f30k' -> get_config('f30k') of that file (relative paths also under the repository)."""
+  from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+  return run_setup.load_config_file(spec, REPO)
 
 
 def apply_overrides(config, args) -> None:

@@ -8,7 +8,6 @@ evaluates `--split`. The table lists every seed's recalls and the mean +- std (s
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -26,14 +25,9 @@ METRICS = evaluate.RECALL_KEYS
 
 
 def load_config(spec: str):
-  path, _, arg = spec.partition(':')
-  path = path if os.path.exists(path) else os.path.join(REPO, path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'--config: {spec.partition(":")[0]!r} not found')
-  module_spec = importlib.util.spec_from_file_location('seed_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  """'configs/rdan.py:f30k' -> get_config('f30k') of that file (relative paths also under the repository)."""
+  from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+  return run_setup.load_config_file(spec, REPO)
 
 
 def apply_sets(config, sets: list) -> None:

@@ -15,6 +15,21 @@ CONFIG_FILE = 'config.json'
 VOCAB_FILE = 'vocab.json'
 
 
+def load_config_file(spec: str, root: str = '') -> ml_collections.ConfigDict:
+  """'configs/rdan.py:f30k' -> that file's get_config('f30k'); the path is tried as given, then under `root`.
+  (Tools use this; `xmatch_jax.train` reads --config through ml_collections' config_flags.)"""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  if not os.path.exists(path) and root:
+    path = os.path.join(root, path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config file {spec.partition(":")[0]!r} not found')
+  module_spec = importlib.util.spec_from_file_location('xmatch_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str, img_dim: int) -> None:
   """Writes W/config.json: the run's config plus `data_info` (what the model was built for)."""
   saved = ml_collections.ConfigDict(config.to_dict())
