@@ -3,15 +3,12 @@ tests/fixtures/make_fixtures.py) become workdirs whose Retriever reproduces the 
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 import pytest
 
 from xmatch_jax import Retriever
-from xmatch_jax import run_setup
-from xmatch_jax.convert import scan_checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 sys.path.insert(0, os.path.join(os.path.dirname(FIXTURES), '..', 'tools'))
