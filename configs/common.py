@@ -54,8 +54,8 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1         # dev recall + checkpoint (latest, and best on dev rsum)
   c.checkpoint_every_steps = 1000  # extra saves inside long epochs
   c.keep_checkpoints = 2
-  c.eval_image_chunk = 128        # images scored against all captions at once in evaluation
-  c.eval_text_batch = 256         # captions encoded at once in evaluation
+  c.eval_image_chunk = 128        # images per scoring tile in evaluation
+  c.eval_text_batch = 256         # captions per encoding batch and per scoring tile in evaluation
   return c
 
 

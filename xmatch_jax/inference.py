@@ -67,9 +67,21 @@ class Scorer:
     return _chunked(lambda x: self._encode_text(self.variables, x), inputs, self.text_batch)
 
   def pair_scores(self, image_rep, text_rep) -> np.ndarray:
-    """All pairs, streamed in chunks of images against all captions -> [n_img, n_txt] numpy."""
-    scores = _chunked(lambda i: self._pair_scores(self.variables, i, text_rep), image_rep, self.image_chunk)
-    return np.asarray(scores)
+    """All pairs -> [n_img, n_txt] numpy, streamed in tiles of image_chunk images x text_batch captions.
+
+    Tiling both sides bounds memory for heads whose pair tensors grow with the caption count (MMCA's joint
+    sequence); the columns of zero-padded captions in the last tile are dropped.
+    """
+    n_txt = jax.tree.leaves(text_rep)[0].shape[0]
+    columns = []
+    for start in range(0, n_txt, self.text_batch):
+      part = jax.tree.map(lambda x: x[start:start + self.text_batch], text_rep)
+      rows = jax.tree.leaves(part)[0].shape[0]
+      if rows < self.text_batch:
+        part = _pad_rows(part, self.text_batch)
+      tile = _chunked(lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk)
+      columns.append(np.asarray(tile)[:, :rows])
+    return np.concatenate(columns, axis=1)
 
   def score(self, images: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return self.pair_scores(self.encode_images(images), self.encode_text(tokens, mask))
