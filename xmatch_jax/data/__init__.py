@@ -2,7 +2,8 @@
 
 `load_split(name, split)` returns `Split(images, captions, caption_to_image)`: `images` is a dict of stacked
 arrays with DESIGN.md's keys (`regions` [N, k, d] float32, `boxes` [N, k, 4], `pixels`, `label`, `tags` ...),
-`captions` a list of strings and `caption_to_image` [N_cap] int (caption c belongs to image c // 5 in test splits).
+`captions` a list of strings and `caption_to_image` [N_cap] int (caption c belongs to image c // 5 in test splits
+of the caption datasets; the category datasets of data/category.py have one text per image, `pixels` and `label`).
 These are the inputs `Retriever.score` takes, so any subset can be scored.
 """
 
@@ -73,6 +74,33 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
   return Split(images, captions, caption_to_image)
 
 
+def category_manual_dir(name: str, data_dir: str) -> str:
+  """Where the files of category dataset `name` are read from: $XMATCH_MANUAL_DIR/<name>, else
+  <data_dir>/manual/<name>."""
+  base = os.environ.get('XMATCH_MANUAL_DIR') or os.path.join(data_dir, 'manual')
+  return os.path.join(base, name)
+
+
+def _load_category(name: str, split: str, data_dir: str) -> Split:
+  from xmatch_jax.data import category  # pylint: disable=g-import-not-at-top (imports tfds)
+
+  builder = category.build(name, category_manual_dir(name, data_dir), data_dir)
+  if split not in builder.info.splits:
+    raise ValueError(f'dataset xmatch_category/{name}: no split {split!r}; expected one of '
+                     f'{sorted(builder.info.splits)}.')
+  source = builder.as_data_source(split)
+  n = len(source)
+  size = builder.builder_config.image_size
+  # Filled in place: stacking a list of examples would hold XMediaNet's 4.8 GB train pixels twice.
+  pixels = np.empty((n, size, size, 3), np.uint8)
+  labels, image_ids, captions = np.empty(n, np.int64), np.empty(n, np.int64), []
+  for i in range(n):
+    e = source[i]
+    pixels[i], labels[i], image_ids[i] = e['pixels'], e['label'], e['image_id']
+    captions.append(_text(e['text']))
+  return Split({'pixels': pixels, 'label': labels, 'image_id': image_ids}, captions, np.arange(n))
+
+
 def _text(value) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
@@ -85,7 +113,16 @@ DATASETS: dict[str, Callable[[str, str], Split]] = {
     'f30k': lambda split, data_dir: _load_precomp('f30k', split, data_dir),
     'coco': lambda split, data_dir: _load_precomp('coco', split, data_dir),
     'precomp': lambda split, data_dir: _load_precomp('custom', split, data_dir),
+    # DAER's category datasets (pixels, one text per image, label) from a manual dir (see data/category.py);
+    # 'category' is your own pairs in the same manifest layout as xmedianet.
+    'wikipedia': lambda split, data_dir: _load_category('wikipedia', split, data_dir),
+    'pascal': lambda split, data_dir: _load_category('pascal', split, data_dir),
+    'xmedianet': lambda split, data_dir: _load_category('xmedianet', split, data_dir),
+    'category': lambda split, data_dir: _load_category('category', split, data_dir),
 }
+
+# Datasets whose layout is not 5 captions per image (checked by load_split).
+CAPTIONS_PER_IMAGE = {'wikipedia': 1, 'pascal': 1, 'xmedianet': 1, 'category': 1}
 
 
 def load_split(dataset_name: str, split: str, data_dir: str | None = None) -> Split:
@@ -93,5 +130,6 @@ def load_split(dataset_name: str, split: str, data_dir: str | None = None) -> Sp
   if dataset_name not in DATASETS:
     raise ValueError(f'no dataset builder named {dataset_name!r}; registered datasets: {sorted(DATASETS)}.')
   data = DATASETS[dataset_name](split, data_dir or default_data_dir())
-  validation.check_split(*data, source=f'dataset {dataset_name}/{split}')
+  validation.check_split(*data, source=f'dataset {dataset_name}/{split}',
+                         captions_per_image=CAPTIONS_PER_IMAGE.get(dataset_name, 5))
   return data

@@ -8,25 +8,34 @@ def check_split(images: dict, captions: list, caption_to_image: np.ndarray, sour
   """Validates a split as returned by `load_split`.
 
   Args:
-    images: dict with at least `regions` [N, k, d] float32.
+    images: dict with `regions` [N, k, d] float32 (region datasets) or `pixels` [N, H, W, 3] uint8 (image
+      datasets), or both.
     captions: list of N_cap caption strings.
     caption_to_image: [N_cap] int index into images.
     source: where the data came from (file or dataset name), used in every message.
     captions_per_image: expected captions per image (None: any count).
     region_dim: expected feature size d (None: any).
   """
-  if 'regions' not in images:
-    raise ValueError(f'{source}: image inputs have no field "regions"; got fields {sorted(images)}.')
-  regions = images['regions']
-  if regions.ndim != 3:
-    raise ValueError(f'{source}: field "regions" must be [n_images, k, d]; got shape {regions.shape}.')
-  n_img = regions.shape[0]
-  if region_dim is not None and regions.shape[-1] != region_dim:
-    raise ValueError(f'{source}: field "regions" has feature size {regions.shape[-1]}; expected {region_dim}.')
-  bad = ~np.isfinite(regions).reshape(n_img, -1).all(axis=1)
-  if bad.any():
-    raise ValueError(f'{source}: field "regions" holds NaN or inf in {int(bad.sum())} image(s), first at '
-                     f'index {int(np.argmax(bad))}; features must be finite.')
+  if 'regions' not in images and 'pixels' not in images:
+    raise ValueError(f'{source}: image inputs have neither field "regions" nor "pixels"; got fields '
+                     f'{sorted(images)}.')
+  if 'pixels' in images:
+    pixels = images['pixels']
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+      raise ValueError(f'{source}: field "pixels" must be [n_images, H, W, 3] uint8; got shape {pixels.shape}, '
+                       f'dtype {pixels.dtype}.')
+    n_img = pixels.shape[0]
+  if 'regions' in images:
+    regions = images['regions']
+    if regions.ndim != 3:
+      raise ValueError(f'{source}: field "regions" must be [n_images, k, d]; got shape {regions.shape}.')
+    n_img = regions.shape[0]
+    if region_dim is not None and regions.shape[-1] != region_dim:
+      raise ValueError(f'{source}: field "regions" has feature size {regions.shape[-1]}; expected {region_dim}.')
+    bad = ~np.isfinite(regions).reshape(n_img, -1).all(axis=1)
+    if bad.any():
+      raise ValueError(f'{source}: field "regions" holds NaN or inf in {int(bad.sum())} image(s), first at '
+                       f'index {int(np.argmax(bad))}; features must be finite.')
   for key, value in images.items():
     if len(value) != n_img:
       raise ValueError(f'{source}: field "{key}" has {len(value)} entries; expected one per image ({n_img}).')
