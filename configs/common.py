@@ -11,14 +11,15 @@ PAPER_DATASETS = ('f30k', 'coco')
 DATASETS = ('shapes', 'shapes_tiny') + PAPER_DATASETS
 
 
-def parse_arg(arg: str, model: str, variants: tuple[str, ...] = ()) -> tuple[str, set[str]]:
+def parse_arg(arg: str, model: str, variants: tuple[str, ...] = (),
+              datasets: tuple[str, ...] = DATASETS) -> tuple[str, set[str]]:
   """Parses the text after ':' in --config: 'dataset' or 'dataset,variant,...'.
 
   Returns (dataset, variants); raises naming the choices for an unknown dataset or variant.
   """
   dataset, *chosen = [part.strip() for part in (arg or 'shapes').split(',')]
-  if dataset not in DATASETS:
-    raise ValueError(f'configs/{model}.py: unknown dataset {dataset!r} after ":"; expected one of {DATASETS}.')
+  if dataset not in datasets:
+    raise ValueError(f'configs/{model}.py: unknown dataset {dataset!r} after ":"; expected one of {datasets}.')
   unknown = sorted(set(chosen) - set(variants))
   if unknown:
     raise ValueError(f'configs/{model}.py: unknown variant(s) {unknown}; expected some of {variants}.')
@@ -38,6 +39,8 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
 
   c.batch_size = 128              # captions per step (each with its image), as SCAN
   c.num_epochs = 30
+  c.max_steps = 0                 # stop after this many steps in all (0: num_epochs x steps per epoch); the
+                                  # last step evaluates dev and saves a checkpoint
   c.loss = ml_collections.ConfigDict()
   c.loss.margin = 0.2             # hinge margin alpha
   c.loss.max_violation = True     # hardest negative (VSE++) instead of the sum over negatives
@@ -56,6 +59,7 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.eval_image_chunk = 128        # images per scoring tile in evaluation
   c.eval_text_batch = 256         # captions per encoding batch and per scoring tile in evaluation
+  c.eval_metric = 'recall'        # 'recall' (R@K, 5 captions per image) or 'map' (category labels, DAER)
   return c
 
 

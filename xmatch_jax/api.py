@@ -16,20 +16,25 @@ from xmatch_jax import run_setup
 class Retriever:
   """A trained matcher: config, vocabulary and the best checkpoint of a workdir."""
 
-  def __init__(self, config, vocab, model, params, checkpoint: str = ''):
+  def __init__(self, config, vocab, model, variables, checkpoint: str = ''):
+    """variables: {'params': ...} (and 'batch_stats' for models with BatchNorm)."""
     self.config = config
     self.vocab = vocab
     self.model = model
-    self.params = params
+    self.variables = variables
     self.checkpoint = checkpoint
-    self._scorer = inference.Scorer(model, {'params': params}, config.eval_image_chunk, config.eval_text_batch)
+    self._scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch)
 
   @classmethod
   def from_workdir(cls, workdir: str) -> 'Retriever':
     config = run_setup.load_config(workdir)
     vocab = run_setup.load_vocab(workdir)
-    model, params, which = _load_model(workdir, config, vocab)
-    return cls(config, vocab, model, params, checkpoint=which)
+    model, variables, which = _load_model(workdir, config, vocab)
+    return cls(config, vocab, model, variables, checkpoint=which)
+
+  @property
+  def params(self) -> dict:
+    return self.variables['params']
 
   def score(self, images: dict, captions: list) -> np.ndarray:
     """images: dataset-format dict (`regions` [n_img, k, d], ...); captions: raw strings -> [n_img, n_cap]."""
@@ -58,5 +63,7 @@ def _load_model(workdir: str, config, vocab):
   # A two-image probe with every field a model may derive its inputs from (GLFN: boxes, tags).
   probe = {'regions': np.zeros((2, 1, img_dim), np.float32), 'boxes': np.tile(np.float32([0, 0, 1, 1]), (2, 1, 1)),
            'tags': np.array([['object'], ['object']], dtype=object)}
-  params, _, which = evaluate.load_params(workdir, model, probe)
-  return model, params, which
+  if 'pixels' in getattr(model, 'image_keys', ()):
+    probe = {'pixels': np.zeros((2, 64, 64, 3), np.uint8)}   # DAER: any canvas; the CNN pools globally
+  variables, _, which = evaluate.load_variables(workdir, model, probe)
+  return model, variables, which

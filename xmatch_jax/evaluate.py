@@ -1,7 +1,8 @@
 """Evaluation: `python -m xmatch_jax.evaluate --workdir=W [--split=test] [--protocol=1k|5k|fold5|f30k_1k|coco_1k_fold5|coco_5k]`.
 
 Scores every image against every caption of the split with the workdir's best checkpoint (latest if no best),
-computes recall exactly as SCAN's evaluation.py and writes W/eval/<split>.json.
+computes recall exactly as SCAN's evaluation.py (or, for runs with config.eval_metric = 'map' such as DAER on
+category datasets, mAP both ways, eq 12 of the DAER paper) and writes W/eval/<split>.json.
 """
 
 import json
@@ -31,6 +32,7 @@ NAMED_PROTOCOLS = {
     'coco_5k': ('coco', 'testall', '5k'),
 }
 RECALL_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum')
+MAP_KEYS = ('i2t_map', 't2i_map', 'mean_map')
 
 
 def protocol_metrics(sims: np.ndarray, protocol: str) -> dict:
@@ -96,12 +98,19 @@ def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | N
   vocab = run_setup.load_vocab(workdir)
   data = load_split(config.dataset, split, config.data_dir or None)
   model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(data.images), workdir)
-  params, meta, which = load_params(workdir, model, data.images)
+  variables, meta, which = load_variables(workdir, model, data.images)
   tokens, mask = run_setup.encode_captions(vocab, data.captions, config)
-  scorer = inference.Scorer(model, {'params': params}, config.eval_image_chunk, config.eval_text_batch)
+  scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch)
   sims = scorer.score(data.images, tokens, mask)
   n_img = sims.shape[0]
-  metrics, protocol = metrics_for(sims, protocol)
+  if config.get('eval_metric', 'recall') == 'map':
+    if protocol is not None:
+      raise ValueError(f'--protocol={protocol} is a recall protocol; this run is evaluated by mAP over category '
+                       'labels (config.eval_metric = "map").')
+    labels = np.asarray(data.images['label'])
+    metrics, protocol = metrics_lib.map_metrics(sims, labels, labels[data.caption_to_image]), 'map'
+  else:
+    metrics, protocol = metrics_for(sims, protocol)
   result = {**metrics, 'protocol': name or protocol, 'dataset': config.dataset, 'split': split, 'n_images': n_img,
             'n_captions': sims.shape[1], 'model': config.model.name, 'checkpoint': which,
             'checkpoint_step': int(meta.get('step', -1))}
@@ -113,22 +122,27 @@ def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | N
   return result
 
 
-def load_params(workdir: str, model, images: dict):
-  """Best (else latest) params of W, checked against the model's parameter shapes. Returns (params, meta, which)."""
+def load_variables(workdir: str, model, images: dict):
+  """Best (else latest) variables of W (params, and BatchNorm statistics where the model has them), checked against
+  the model's parameter shapes. Returns (variables, meta, which)."""
   inputs = {k: v[:2] for k, v in inference.image_inputs(model, images).items()}
   text = {'tokens': np.ones((2, 4), np.int32), 'mask': np.ones((2, 4), np.float32)}
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), inputs, text)['params']
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), inputs, text)
   state, meta, which = checkpoints.RunCheckpoints(workdir).restore_for_eval()
-  checkpoints.check_params_match(state['params'], expected, f'{workdir}/{which}')
-  return state['params'], meta, which
+  for collection in expected:
+    if collection not in state:
+      raise ValueError(f'{workdir}/{which}: the checkpoint has no {collection!r}; the model needs it.')
+    checkpoints.check_params_match(state[collection], expected[collection], f'{workdir}/{which}')
+  return {collection: state[collection] for collection in expected}, meta, which
 
 
 def format_table(result: dict) -> str:
   head = f'{result["model"]} on {result["dataset"]}/{result["split"]} ({result["n_images"]} images, ' \
          f'{result["n_captions"]} captions, protocol {result["protocol"]}, {result["checkpoint"]} checkpoint ' \
          f'step {result["checkpoint_step"]})'
-  names = '  '.join(f'{k:>8}' for k in RECALL_KEYS)
-  values = '  '.join(f'{result[k]:8.1f}' for k in RECALL_KEYS)
+  keys = MAP_KEYS if result['protocol'] == 'map' else RECALL_KEYS
+  names = '  '.join(f'{k:>8}' for k in keys)
+  values = '  '.join(f'{result[k]:8.4f}' if result['protocol'] == 'map' else f'{result[k]:8.1f}' for k in keys)
   return f'{head}\n{names}\n{values}'
 
 

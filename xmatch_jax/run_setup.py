@@ -98,4 +98,5 @@ def encode_captions(vocab: vocab_lib.Vocabulary, captions: list, config: ml_coll
 
 
 def img_dim_of(images: dict) -> int:
-  return int(np.asarray(images['regions']).shape[-1])
+  """Size of the region features (0 for datasets of pixels only, which DAER reads)."""
+  return int(np.asarray(images['regions']).shape[-1]) if 'regions' in images else 0

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 
 from xmatch_jax.models.bert import BertConfig
+from xmatch_jax.models.daer import DAER
 from xmatch_jax.models.glfn import GLFN
 from xmatch_jax.models.mmca import MMCA
 from xmatch_jax.models.rdan import RDAN
@@ -23,6 +24,7 @@ MODELS: dict[str, type[nn.Module]] = {
     'rdan': RDAN,
     'mmca': MMCA,
     'glfn': GLFN,
+    'daer': DAER,
 }
 
 # Set from the data, not from the model config.

@@ -21,7 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmatch_jax import pairwise
+from xmatch_jax.models.mobilenet_v3 import MobileNetV3Large
+
 POWER = 0.6
+# torchvision's ImageNet normalisation, which the MobileNetV3 weights a user converts were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @jax.custom_jvp
@@ -119,3 +125,115 @@ def relation_loss(similarities: jax.Array, text_labels: jax.Array, image_labels:
   """Eq 11: ||T - P||_F^2 with T[q, p] = 1 when text q and image p share a category."""
   target = (text_labels[:, None] == image_labels[None, :]).astype(similarities.dtype)
   return jnp.sum(jnp.square(target - similarities))
+
+
+class DAERText(nn.Module):
+  """Sec 3.1: word embedding -> LSTM -> dual region attention (eqs 1-3) -> mean over real words -> FC.
+
+  tokens, mask [C, n] -> [C, embed_size]. Without `region_attention` (DAER-C, DAER-I) the LSTM states are pooled
+  directly.
+  """
+
+  vocab_size: int
+  word_dim: int = 300
+  lstm_size: int = 300
+  embed_size: int = 300
+  region_attention: bool = True
+  attention_hidden: Sequence[int] = (512, 1024, 512)
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    valid = mask > 0
+    x = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
+    lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
+    # Padding is at the end, so a forward LSTM's states at real words do not see it.
+    x = nn.RNN(nn.OptimizedLSTMCell(self.lstm_size), name='lstm')(x, seq_lengths=lengths)
+    if self.region_attention:
+      x = DualRegionAttention(hidden=self.attention_hidden, name='region_attention')(x, valid)
+    pooled = jnp.sum(jnp.where(valid[..., None], x, 0.0), axis=1) / jnp.maximum(lengths, 1)[:, None]
+    return nn.Dense(self.embed_size, name='fc')(pooled)
+
+
+class DAERImage(nn.Module):
+  """Sec 3.2: MobileNetV3-large (with dual spatial attention in every bottleneck, eqs 4-6) -> pooled -> FC.
+
+  pixels [B, H, W, 3] uint8 -> (representation [B, embed_size], pooled CNN features [B, 960 x width]).
+  """
+
+  embed_size: int = 300
+  spatial_attention: bool = True
+  width_mult: float = 1.0
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    x = (pixels.astype(jnp.float32) / 255.0 - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
+    cnn = MobileNetV3Large(num_classes=0, width_mult=self.width_mult, name='mobilenet',
+                           block_attention=DualSpatialAttention if self.spatial_attention else None)
+    features = cnn(x, train=train)['features']
+    return nn.Dense(self.embed_size, name='fc')(features), features
+
+
+class DAER(nn.Module):
+  """DAER (Cai et al., 2023): text and image modules, the enhanced relation network on all pairs.
+
+  The matcher interface scores pairs with the relation network (eq 10, a probability of "same category");
+  `classify_text` and `classify_image` are the heads of training stages 1 and 2 (Algorithm 1), which stage 3
+  drops. Variants (Table 3): DAER-C = neither attention and power 1, DAER-I = spatial attention only, DAER-T =
+  region attention only, DAER-I-T = both attentions with power 1, DAER = both with power k = 0.6.
+
+  Inputs: images {'pixels': [B, H, W, 3] uint8}; text {'tokens', 'mask': [C, n]}. BatchNorm statistics live in
+  the `batch_stats` collection; `train=True` uses batch statistics and updates them.
+  """
+
+  vocab_size: int
+  img_dim: int = 0                     # unused: DAER reads pixels, not region features
+  num_classes: int = 0                 # categories of the dataset (stage 1-2 heads)
+  word_dim: int = 300
+  lstm_size: int = 300
+  embed_size: int = 300
+  region_attention: bool = True        # text, eqs 1-3
+  spatial_attention: bool = True       # image, eqs 4-6
+  attention_hidden: Sequence[int] = (512, 1024, 512)
+  width_mult: float = 1.0
+  power: float = POWER                 # eqs 8-9; 1.0 = plain relation network
+  relation_hidden: Sequence[int] = (1024, 512)
+  image_head_hidden: int = 1280        # MobileNetV3's classifier width (stage 2)
+  block_size: int = 256                # images per block of the all-pairs relation MLP
+
+  image_keys = ('pixels',)
+
+  def setup(self):
+    self.text = DAERText(self.vocab_size, self.word_dim, self.lstm_size, self.embed_size, self.region_attention,
+                         self.attention_hidden)
+    self.image = DAERImage(self.embed_size, self.spatial_attention, self.width_mult)
+    self.relation = RelationNetwork(hidden=self.relation_hidden, power=self.power)
+    self.text_classifier = nn.Dense(max(self.num_classes, 1))
+    self.image_classifier_0 = nn.Dense(self.image_head_hidden)
+    self.image_classifier_1 = nn.Dense(max(self.num_classes, 1))
+
+  def encode_image(self, images: dict, train: bool = False) -> jax.Array:
+    """{'pixels': [B, H, W, 3]} -> [B, embed_size]."""
+    return self.image(images['pixels'], train)[0]
+
+  def encode_text(self, text: dict) -> jax.Array:
+    """{'tokens', 'mask': [C, n]} -> [C, embed_size]."""
+    return self.text(text['tokens'], text['mask'])
+
+  def pair_scores(self, image_rep: jax.Array, text_rep: jax.Array) -> jax.Array:
+    """Eqs 7-10 on every pair -> [I, C] in (0, 1), in blocks of `block_size` images."""
+    relation = self.relation
+    return pairwise.score_in_blocks(lambda image, text: relation(text, image).T, image_rep, text_rep,
+                                    self.block_size)
+
+  def classify_text(self, text: dict) -> jax.Array:
+    """Stage 1 logits [C, num_classes]."""
+    return self.text_classifier(self.encode_text(text))
+
+  def classify_image(self, images: dict, train: bool = False) -> jax.Array:
+    """Stage 2 logits [B, num_classes]: MobileNetV3's classifier layout (FC 1280, hard-swish, FC) on the pooled
+    CNN features, removed after this stage (sec 4.4)."""
+    features = self.image(images['pixels'], train)[1]
+    return self.image_classifier_1(jax.nn.hard_swish(self.image_classifier_0(features)))
+
+  def __call__(self, images: dict, text: dict, train: bool = False) -> jax.Array:
+    return self.pair_scores(self.encode_image(images, train), self.encode_text(text))

@@ -1,0 +1,322 @@
+"""DAER's staged training (Algorithm 1): `python -m xmatch_jax.train --config=configs/daer.py:shapes --workdir=W`.
+
+  stage 1 `text`:     text module + a linear classifier, cross-entropy on category labels;
+  stage 2 `image`:    image module + MobileNetV3's classifier head, cross-entropy;
+  stage 3 `relation`: the classifier heads dropped, the relation network trained with eq 11 on all B x B pairs of
+                      a batch, text and image modules fine-tuned.
+
+Stages 1-2 checkpoint into W/stages/<stage>/, stage 3 into W/checkpoints and W/best (best dev mean mAP), so
+`xmatch_jax.evaluate` and the Retriever read it like any other run. Every stage resumes from its own latest
+checkpoint; a finished stage (meta `done`) is skipped. Batches are a pure function of (seed, stage, step).
+"""
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from xmatch_jax import checkpoints
+from xmatch_jax import inference
+from xmatch_jax import metrics as metrics_lib
+from xmatch_jax import run_setup
+from xmatch_jax.convert import torchvision_mobilenet
+from xmatch_jax.data import batching
+from xmatch_jax.data import load_split
+from xmatch_jax.data import word_vectors
+from xmatch_jax.models import daer as daer_lib
+from xmatch_jax.models import mobilenet_v3
+
+STAGES = ('text', 'image', 'relation')
+
+
+def check_stage_config(config: ml_collections.ConfigDict) -> None:
+  for stage in config.stages:
+    if stage not in STAGES:
+      raise ValueError(f'config.stages holds {stage!r}; expected a sub-sequence of {STAGES}.')
+  for stage in STAGES:
+    s = config.stage[stage]
+    for field, ok, expected in (('num_epochs', s.num_epochs >= 0, 'an int >= 0'),
+                                ('batch_size', s.batch_size >= 2, 'an int >= 2'),
+                                ('learning_rate', s.learning_rate > 0, 'a float > 0')):
+      if not ok:
+        raise ValueError(f'config.stage.{stage}.{field} = {s[field]!r} is impossible; expected {expected}.')
+
+
+def _split_labels(split) -> tuple[np.ndarray, np.ndarray]:
+  """(image labels [n_img], caption labels [n_cap]) of a category split."""
+  if 'label' not in split.images:
+    raise ValueError("DAER trains on category labels; this dataset's images have no 'label' field.")
+  image_labels = np.asarray(split.images['label'], np.int64)
+  return image_labels, image_labels[split.caption_to_image]
+
+
+def image_batch_indices(n_images: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Stage 2 batch `step`: images of the epoch permutation default_rng([seed, 2, epoch]) (last partial dropped)."""
+  steps_per_epoch = n_images // batch_size
+  epoch, index = divmod(step, steps_per_epoch)
+  order = np.random.default_rng([seed, 2, epoch]).permutation(n_images)
+  return order[index * batch_size:(index + 1) * batch_size]
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _losses(model):
+  """stage -> loss(variables, batch) -> (loss, (metrics, new batch_stats or None))."""
+  def text_loss(variables, batch):
+    logits = model.apply(variables, batch['text'], method=model.classify_text)
+    labels = batch['labels']
+    return _cross_entropy(logits, labels), ({'accuracy': jnp.mean(logits.argmax(-1) == labels)}, None)
+
+  def image_loss(variables, batch):
+    logits, updates = model.apply(variables, batch['images'], train=True, method=model.classify_image,
+                                  mutable=['batch_stats'])
+    labels = batch['labels']
+    return _cross_entropy(logits, labels), ({'accuracy': jnp.mean(logits.argmax(-1) == labels)},
+                                            updates['batch_stats'])
+
+  def relation_loss(variables, batch):
+    scores, updates = model.apply(variables, batch['images'], batch['text'], train=True, mutable=['batch_stats'])
+    loss = daer_lib.relation_loss(scores.T, batch['labels'], batch['image_labels'])     # eq 11, [T, I]
+    return loss, ({'mean_score': jnp.mean(scores)}, updates['batch_stats'])
+
+  return {'text': text_loss, 'image': image_loss, 'relation': relation_loss}
+
+
+def _train_step(state, batch, *, loss_fn, tx):
+  def f(params):
+    variables = {'params': params}
+    if 'batch_stats' in state:
+      variables['batch_stats'] = state['batch_stats']
+    return loss_fn(variables, batch)
+
+  (loss, (metrics, batch_stats)), grads = jax.value_and_grad(f, has_aux=True)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  new = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state, 'step': state['step'] + 1}
+  if 'batch_stats' in state:
+    new['batch_stats'] = batch_stats
+  return new, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **metrics}
+
+
+def _optimizer(stage_config) -> optax.GradientTransformation:
+  parts = [optax.clip_by_global_norm(stage_config.grad_clip)] if stage_config.grad_clip > 0 else []
+  return optax.chain(*parts, optax.adam(stage_config.learning_rate))
+
+
+def load_imagenet_mobilenet(path: str, width_mult: float) -> dict:
+  """torchvision mobilenet_v3_large weights (.pth / .safetensors) -> {'params', 'batch_stats'} of the plain
+  network without its ImageNet classifier."""
+  net = mobilenet_v3.MobileNetV3Large(num_classes=1000, width_mult=width_mult)
+  expected = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  variables = torchvision_mobilenet.convert_state_dict(torchvision_mobilenet.read_state_dict(path), expected, path)
+  variables['params'] = {k: v for k, v in variables['params'].items() if not k.startswith('classifier_')}
+  return variables
+
+
+def _merge(tree: dict, update: dict, source: str) -> dict:
+  """`tree` with the leaves of `update` put in (same paths and shapes required)."""
+  out = dict(tree)
+  for key, value in update.items():
+    if key not in tree:
+      raise ValueError(f'{source}: {key!r} is not in the model (has {sorted(tree)[:8]})')
+    if isinstance(value, dict):
+      out[key] = _merge(tree[key], value, f'{source}/{key}')
+    else:
+      if tuple(np.shape(value)) != tuple(tree[key].shape):
+        raise ValueError(f'{source}/{key}: shape {np.shape(value)}, the model expects {tree[key].shape}')
+      out[key] = jnp.asarray(value, tree[key].dtype)
+  return out
+
+
+class _Stage:
+  """One stage's data, model call, optimiser and checkpoints."""
+
+  def __init__(self, name, config, model, train, vocab, workdir):
+    self.name = name
+    self.config = config
+    self.stage_config = config.stage[name]
+    self.workdir = workdir if name == 'relation' else os.path.join(workdir, 'stages', name)
+    image_labels, caption_labels = _split_labels(train)
+    self.image_labels = image_labels
+    self.caption_labels = caption_labels
+    batch_size = self.stage_config.batch_size
+    if name == 'image':
+      self.images = inference.image_inputs(model, train.images)
+      self.steps_per_epoch = len(image_labels) // batch_size
+      if self.steps_per_epoch < 1:
+        raise ValueError(f'config.stage.image.batch_size = {batch_size} exceeds the {len(image_labels)} images.')
+    else:
+      keys = ('pixels',) if name == 'relation' else ()
+      images = {**{k: train.images[k] for k in keys}, 'label': image_labels}
+      self.batcher = batching.TrainBatcher(
+          images=images, image_keys=keys + ('label',), captions=[vocab.encode(c) for c in train.captions],
+          caption_to_image=train.caption_to_image, batch_size=batch_size, seed=config.seed + STAGES.index(name),
+          buckets=tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
+      self.steps_per_epoch = self.batcher.steps_per_epoch
+
+  def batch(self, step: int) -> dict:
+    if self.name == 'image':
+      idx = image_batch_indices(len(self.image_labels), self.stage_config.batch_size, self.config.seed, step)
+      return {'images': {k: v[idx] for k, v in self.images.items()}, 'labels': self.image_labels[idx]}
+    b = self.batcher.batch(step)
+    labels = b['images'].pop('label')
+    out = {'text': b['text'], 'labels': labels}
+    if self.name == 'relation':
+      out['images'] = b['images']
+      out['image_labels'] = labels      # caption b is paired with image b, so they share the label
+    return out
+
+  def init(self, model, rng) -> dict:
+    first = self.batch(0)
+    if self.name == 'text':
+      return model.init(rng, first['text'], method=model.classify_text)
+    if self.name == 'image':
+      return model.init(rng, first['images'], method=model.classify_image)
+    return model.init(rng, first['images'], first['text'])
+
+
+def _stage_variables(name, config, model, stage, previous, vocab):
+  """Initial variables of a stage: fresh init, with the earlier stages' modules (and pre-trained weights) put in."""
+  variables = jax.device_get(stage.init(model, jax.random.key(config.seed + 10 * STAGES.index(name))))
+  variables = {k: dict(v) for k, v in variables.items()}
+  params = variables['params']
+  if name == 'text' and config.word_vectors:
+    table, found = word_vectors.load_for_vocab(config.word_vectors, vocab, params['text']['embed']['embedding'])
+    print(f'word vectors: {found} of {len(vocab)} vocabulary words found in {config.word_vectors}')
+    params['text'] = _merge(params['text'], {'embed': {'embedding': table}}, config.word_vectors)
+  if name == 'image' and config.mobilenet_weights:
+    imagenet = load_imagenet_mobilenet(config.mobilenet_weights, config.model.width_mult)
+    image = params['image']
+    image['mobilenet'] = _merge(image['mobilenet'], imagenet['params'], config.mobilenet_weights)
+    variables['batch_stats']['image'] = {
+        'mobilenet': _merge(variables['batch_stats']['image']['mobilenet'], imagenet['batch_stats'],
+                            config.mobilenet_weights)}
+  for module, collections in previous.items():    # trained modules of stages 1-2
+    for collection, value in collections.items():
+      if module in variables.get(collection, {}):
+        variables[collection][module] = _merge(variables[collection][module], value, f'stage {module}')
+  return variables
+
+
+def _evaluate(name, model, variables, config, dev, vocab) -> dict:
+  """Dev metrics: classification accuracy (stages 1-2) or mAP both ways (stage 3)."""
+  image_labels, caption_labels = _split_labels(dev)
+  tokens, mask = run_setup.encode_captions(vocab, dev.captions, config)
+  if name == 'relation':
+    scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch)
+    return metrics_lib.map_metrics(scorer.score(dev.images, tokens, mask), image_labels, caption_labels)
+  if name == 'text':
+    fn = jax.jit(lambda v, t: model.apply(v, t, method=model.classify_text))
+    inputs, labels, chunk = {'tokens': tokens, 'mask': mask}, caption_labels, config.eval_text_batch
+  else:
+    fn = jax.jit(lambda v, x: model.apply(v, x, method=model.classify_image))
+    inputs, labels, chunk = inference.image_inputs(model, dev.images), image_labels, config.eval_image_chunk
+  logits = inference._chunked(lambda x: fn(variables, x), inputs, chunk)  # pylint: disable=protected-access
+  return {'accuracy': float(np.mean(np.asarray(logits).argmax(-1) == labels))}
+
+
+def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, writer) -> tuple[dict, dict]:
+  """Trains one stage (resuming). Returns (trained variables by module {module: {collection: tree}}, the last
+  dev metrics)."""
+  stage = _Stage(name, config, model, train, vocab, workdir)
+  sc = stage.stage_config
+  total = sc.num_epochs * stage.steps_per_epoch
+  tx = _optimizer(sc)
+  ckpts = checkpoints.RunCheckpoints(stage.workdir, keep=config.keep_checkpoints)
+  variables = _stage_variables(name, config, model, stage, previous, vocab)
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  state = {**variables, 'opt_state': tx.init(variables['params']), 'step': jnp.zeros((), jnp.int32)}
+  if not state.get('batch_stats'):
+    state.pop('batch_stats', None)
+  meta = {'best': -1.0, 'done': False}
+  restored = ckpts.restore_latest(state)
+  if restored is not None:
+    state, meta = restored
+  state = jax.device_put(state, replicated)
+  modules = ('text',) if name == 'text' else ('image',) if name == 'image' else ('text', 'image', 'relation')
+
+  def trained():
+    out = {}
+    for module in modules:
+      out[module] = {c: jax.device_get(state[c][module]) for c in ('params', 'batch_stats')
+                     if c in state and module in state[c]}
+    return out
+
+  if meta.get('done'):
+    print(f'stage {name}: done (step {int(state["step"])}), skipped')
+    ckpts.close()
+    return trained(), meta.get('dev', {})
+  step_fn = jax.jit(functools.partial(_train_step, loss_fn=_losses(model)[name], tx=tx),
+                    in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+                    donate_argnums=(0,))
+  start = int(state['step'])
+  print(f'stage {name}: {stage.steps_per_epoch} steps/epoch x {sc.num_epochs} epochs, batch {sc.batch_size}, '
+        f'lr {sc.learning_rate}' + (f', resumed at step {start}' if start else ''))
+  pending, t0 = [], time.time()
+  progress = tqdm.tqdm(total=total, initial=start, desc=f'stage {name}', unit='step', mininterval=5,
+                       disable=jax.process_index() != 0)
+  try:
+    for step in range(start, total):
+      state, metrics = step_fn(state, jax.device_put(stage.batch(step), data_sharding))
+      pending.append(metrics)
+      progress.update(1)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done % stage.steps_per_epoch == 0:
+        fetched = jax.device_get(pending)
+        summary = {f'{name}/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        if not np.isfinite(summary[f'{name}/loss']):
+          raise FloatingPointError(f'stage {name}: loss is {summary[f"{name}/loss"]} before step {done}; the last '
+                                   f'good checkpoint is kept in {stage.workdir}.')
+        summary[f'{name}/steps_per_s'] = len(fetched) / max(time.time() - t0, 1e-9)
+        writer.write(done, summary)
+        progress.set_postfix(loss=f'{summary[f"{name}/loss"]:.4f}')
+        pending, t0 = [], time.time()
+      if done % stage.steps_per_epoch == 0:
+        variables = {c: state[c] for c in ('params', 'batch_stats') if c in state}
+        dev_metrics = _evaluate(name, model, variables, config, dev, vocab)
+        writer.write(done, {f'{name}/dev_{k}': v for k, v in dev_metrics.items()})
+        value = dev_metrics['mean_map' if name == 'relation' else 'accuracy']
+        is_best = value > meta['best']
+        meta.update(step=done, epoch=done // stage.steps_per_epoch, dev=dev_metrics, done=done == total,
+                    best=max(value, meta['best']))
+        ckpts.save(done, state, dict(meta), is_best=is_best and name == 'relation')
+        tqdm.tqdm.write(f'stage {name} epoch {meta["epoch"]}: dev ' +
+                        ', '.join(f'{k} {v:.4f}' for k, v in dev_metrics.items()) + ('  *best*' if is_best else ''))
+    if total == 0:
+      meta['done'] = True
+      ckpts.save(0, state, dict(meta))
+  finally:
+    progress.close()
+    ckpts.close()
+  return trained(), meta.get('dev', {})
+
+
+def train_stages(config: ml_collections.ConfigDict, workdir: str, writer) -> dict:
+  """Runs config.stages in order; returns the last stage's dev metrics."""
+  check_stage_config(config)
+  from xmatch_jax import train as train_lib  # pylint: disable=g-import-not-at-top (train imports this module)
+  train = load_split(config.dataset, 'train', config.data_dir or None)
+  dev = load_split(config.dataset, 'dev', config.data_dir or None)
+  vocab = train_lib._prepare_vocab(  # pylint: disable=protected-access
+      config, workdir, train.captions)
+  image_labels, _ = _split_labels(train)
+  if config.model.num_classes <= int(image_labels.max()):
+    raise ValueError(f'config.model.num_classes = {config.model.num_classes}, but dataset {config.dataset} has label '
+                     f'{int(image_labels.max())}; expected num_classes > every label.')
+  if jax.process_index() == 0:
+    run_setup.save_config(config, workdir, 0)
+  model = run_setup.build_model(config, len(vocab), 0, workdir)
+  previous, dev_metrics = {}, {}
+  for name in config.stages:
+    trained, dev_metrics = run_stage(name, config, model, train, dev, vocab, workdir, previous, writer)
+    previous.update(trained)
+  return dev_metrics
