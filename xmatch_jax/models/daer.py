@@ -104,21 +104,48 @@ class DualSpatialAttention(nn.Module):
     return out
 
 
+class DenseParams(nn.Module):
+  """The params of an nn.Dense (same names and initialisers), returned for use inside jax transforms."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> dict:
+    return {'kernel': self.param('kernel', nn.initializers.lecun_normal(), (in_features, self.features)),
+            'bias': self.param('bias', nn.initializers.zeros_init(), (self.features,))}
+
+
+def _relation_head(first_image: jax.Array, first_text: jax.Array, layers: list) -> jax.Array:
+  """first_image [b, h0], first_text [T, h0] (first layer, per item) -> similarities [b, T]."""
+  h = jax.nn.relu(first_image[:, None, :] + first_text[None, :, :])             # [b, T, h0]
+  for p in layers[:-1]:
+    h = jax.nn.relu(h @ p['kernel'] + p['bias'])
+  return jax.nn.sigmoid((h @ layers[-1]['kernel'] + layers[-1]['bias'])[..., 0])
+
+
 class RelationNetwork(nn.Module):
-  """Eqs 7-10 for every (text, image) pair: text [T, d_t], image [I, d_i] -> similarities [T, I] in (0, 1)."""
+  """Eqs 7-10 for every (text, image) pair: text [T, d_t], image [I, d_i] -> similarities [T, I] in (0, 1).
+
+  The pair-wise layers run in blocks of `block_size` images (0: all at once), so memory is bounded by
+  block_size x T x hidden[0].
+  """
 
   hidden: Sequence[int] = (1024, 512)
   power: float = POWER
+  block_size: int = 0
 
   @nn.compact
   def __call__(self, text: jax.Array, image: jax.Array) -> jax.Array:
     # First layer on [R^e_t; R^e_i] = W_t R^e_t + W_i R^e_i + b: per item, then broadcast over pairs.
     first_t = nn.Dense(self.hidden[0], name='fc0_text')(signed_power(text, self.power))
     first_i = nn.Dense(self.hidden[0], use_bias=False, name='fc0_image')(signed_power(image, self.power))
-    h = jax.nn.relu(first_t[:, None, :] + first_i[None, :, :])                  # [T, I, 1024]
-    for i, width in enumerate(self.hidden[1:], 1):
-      h = jax.nn.relu(nn.Dense(width, name=f'fc{i}')(h))
-    return jax.nn.sigmoid(nn.Dense(1, name='out')(h)[..., 0])
+    widths = list(self.hidden) + [1]
+    layers = [DenseParams(widths[i + 1], name=f'fc{i + 1}' if i + 1 < len(self.hidden) else 'out')(widths[i])
+              for i in range(len(self.hidden))]
+    block = self.block_size or image.shape[0]
+    scores = pairwise.score_in_blocks(lambda image_block, shared: _relation_head(image_block, *shared),
+                                      first_i, (first_t, layers), block)
+    return scores.T
 
 
 def relation_loss(similarities: jax.Array, text_labels: jax.Array, image_labels: jax.Array) -> jax.Array:
@@ -147,7 +174,7 @@ class DAERText(nn.Module):
     x = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
     lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
     # Padding is at the end, so a forward LSTM's states at real words do not see it.
-    x = nn.RNN(nn.OptimizedLSTMCell(self.lstm_size), name='lstm')(x, seq_lengths=lengths)
+    x = nn.RNN(nn.OptimizedLSTMCell(self.lstm_size, name='lstm'))(x, seq_lengths=lengths)
     if self.region_attention:
       x = DualRegionAttention(hidden=self.attention_hidden, name='region_attention')(x, valid)
     pooled = jnp.sum(jnp.where(valid[..., None], x, 0.0), axis=1) / jnp.maximum(lengths, 1)[:, None]
@@ -206,7 +233,7 @@ class DAER(nn.Module):
     self.text = DAERText(self.vocab_size, self.word_dim, self.lstm_size, self.embed_size, self.region_attention,
                          self.attention_hidden)
     self.image = DAERImage(self.embed_size, self.spatial_attention, self.width_mult)
-    self.relation = RelationNetwork(hidden=self.relation_hidden, power=self.power)
+    self.relation = RelationNetwork(hidden=self.relation_hidden, power=self.power, block_size=self.block_size)
     self.text_classifier = nn.Dense(max(self.num_classes, 1))
     self.image_classifier_0 = nn.Dense(self.image_head_hidden)
     self.image_classifier_1 = nn.Dense(max(self.num_classes, 1))
@@ -221,9 +248,7 @@ class DAER(nn.Module):
 
   def pair_scores(self, image_rep: jax.Array, text_rep: jax.Array) -> jax.Array:
     """Eqs 7-10 on every pair -> [I, C] in (0, 1), in blocks of `block_size` images."""
-    relation = self.relation
-    return pairwise.score_in_blocks(lambda image, text: relation(text, image).T, image_rep, text_rep,
-                                    self.block_size)
+    return self.relation(text_rep, image_rep).T
 
   def classify_text(self, text: dict) -> jax.Array:
     """Stage 1 logits [C, num_classes]."""

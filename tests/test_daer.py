@@ -1,0 +1,182 @@
+"""DAER matcher: the text module against a numpy LSTM + eqs 1-3, the all-pairs relation scores against the per-pair
+network, the Table 3 variant switches, and staged training on `shapes_tiny` (learns, resumes, evaluates by mAP)."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from xmatch_jax import evaluate
+from xmatch_jax import metrics as metrics_lib
+from xmatch_jax.data import vocab as vocab_lib
+from xmatch_jax.data import word_vectors
+from xmatch_jax.models import build_model
+from xmatch_jax.models import daer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import daer as daer_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def np_lstm(p, x):
+  """Standard LSTM (i, f, g, o gates), x [n, d] -> states [n, h]; Flax's OptimizedLSTMCell parameter names."""
+  h = np.zeros(p['hi']['kernel'].shape[0])
+  c = np.zeros_like(h)
+  out = []
+  for x_t in x:
+    gate = {g: x_t @ p[f'i{g}']['kernel'] + h @ p[f'h{g}']['kernel'] + p[f'h{g}']['bias'] for g in 'ifgo'}
+    c = sigmoid(gate['f']) * c + sigmoid(gate['i']) * np.tanh(gate['g'])
+    h = sigmoid(gate['o']) * np.tanh(c)
+    out.append(h)
+  return np.stack(out)
+
+
+def np_region_attention(p, x):
+  """Eqs 1-3 on one caption's real words x [n, d]."""
+  def f(h):
+    for name in ('mlp_0', 'mlp_1', 'mlp_2'):
+      h = np.maximum(h @ p[name]['kernel'] + p[name]['bias'], 0)
+    return h @ p['mlp_out']['kernel'] + p['mlp_out']['bias']
+
+  n, out = len(x), x
+  for window, w in ((3, 'w0'), (7, 'w1')):
+    half = window // 2
+    avg = np.stack([x[max(0, j - half):j + half + 1].mean(0) for j in range(n)])
+    mx = np.stack([x[max(0, j - half):j + half + 1].max(0) for j in range(n)])
+    out = out * sigmoid(f(avg @ p[w]['kernel'] + mx @ p[w]['kernel']))
+  return out
+
+
+@pytest.mark.parametrize('region_attention', [True, False])
+def test_text_module_equals_numpy_lstm_attention_pool_fc(region_attention):
+  rng = np.random.default_rng(0)
+  lengths = [6, 2, 4]
+  mask = (np.arange(6)[None] < np.array(lengths)[:, None]).astype(np.float32)
+  tokens = (rng.integers(1, 12, size=(3, 6)) * mask).astype(np.int32)
+  module = daer.DAERText(vocab_size=12, word_dim=5, lstm_size=4, embed_size=3, region_attention=region_attention,
+                         attention_hidden=(6, 8, 6))
+  variables = module.init(jax.random.key(1), tokens, mask)
+  got = np.asarray(module.apply(variables, tokens, mask))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
+  for q, n in enumerate(lengths):
+    states = np_lstm(p['lstm'], p['embed']['embedding'][tokens[q, :n]])
+    if region_attention:
+      states = np_region_attention(p['region_attention'], states)
+    want = states.mean(0) @ p['fc']['kernel'] + p['fc']['bias']
+    np.testing.assert_allclose(got[q], want, atol=1e-5)
+
+
+def test_text_padding_does_not_change_the_representation():
+  module = daer.DAERText(vocab_size=12, word_dim=5, lstm_size=4, embed_size=3, attention_hidden=(6, 8, 6))
+  tokens = np.array([[3, 4, 5]], np.int32)
+  variables = module.init(jax.random.key(1), tokens, np.ones((1, 3), np.float32))
+  short = module.apply(variables, tokens, np.ones((1, 3), np.float32))
+  padded = module.apply(variables, np.array([[3, 4, 5, 0, 0, 0, 0, 0]], np.int32),
+                        np.array([[1, 1, 1, 0, 0, 0, 0, 0]], np.float32))
+  np.testing.assert_allclose(padded, short, atol=1e-6)
+
+
+def _tiny_daer(**kwargs):
+  fields = dict(name='daer', num_classes=4, word_dim=8, lstm_size=8, embed_size=6, attention_hidden=(8, 8, 8),
+                width_mult=0.25, relation_hidden=(10, 6), image_head_hidden=12)
+  fields.update(kwargs)
+  return build_model(fields, vocab_size=15, img_dim=0)
+
+
+def test_pair_scores_are_the_relation_network_of_every_pair_in_any_block_size():
+  rng = np.random.default_rng(3)
+  images = {'pixels': rng.integers(0, 256, size=(5, 32, 32, 3)).astype(np.uint8)}
+  text = {'tokens': rng.integers(1, 15, size=(7, 4)).astype(np.int32), 'mask': np.ones((7, 4), np.float32)}
+  model = _tiny_daer(block_size=2)
+  variables = model.init(jax.random.key(0), images, text)
+  assert set(variables) == {'params', 'batch_stats'}
+  assert 'text_classifier' not in variables['params'] and 'image_classifier_0' not in variables['params']
+  image_rep = model.apply(variables, images, method=model.encode_image)
+  text_rep = model.apply(variables, text, method=model.encode_text)
+  got = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
+  assert got.shape == (5, 7)
+  relation = daer.RelationNetwork(hidden=(10, 6), block_size=0)
+  want = np.asarray(relation.apply({'params': variables['params']['relation']}, text_rep, image_rep)).T
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  whole = _tiny_daer(block_size=256)
+  np.testing.assert_allclose(whole.apply(variables, images, text), got, atol=1e-6)
+
+
+def test_variants_switch_the_parts_of_table_3():
+  flags = {}
+  for arg in ('shapes', 'shapes,c', 'shapes,i', 'shapes,t', 'shapes,i_t'):
+    m = daer_config.get_config(arg).model
+    flags[arg] = (m.spatial_attention, m.region_attention, m.power)
+  assert flags == {'shapes': (True, True, 0.6), 'shapes,c': (False, False, 1.0), 'shapes,i': (True, False, 1.0),
+                   'shapes,t': (False, True, 1.0), 'shapes,i_t': (True, True, 1.0)}
+  with pytest.raises(ValueError, match='at most one variant'):
+    daer_config.get_config('shapes,i,t')
+  with pytest.raises(ValueError, match='unknown dataset'):
+    daer_config.get_config('f30k')
+  model = _tiny_daer(spatial_attention=False, region_attention=False)
+  images = {'pixels': np.zeros((2, 32, 32, 3), np.uint8)}
+  text = {'tokens': np.ones((2, 3), np.int32), 'mask': np.ones((2, 3), np.float32)}
+  params = model.init(jax.random.key(0), images, text)['params']
+  assert 'region_attention' not in params['text']
+  assert not any('DualSpatialAttention' in k for k in jax.tree_util.keystr(params).split("'"))
+
+
+def test_word_vectors_fill_the_vocabulary_rows(tmp_path):
+  vocab = vocab_lib.Vocabulary(list(vocab_lib.SPECIAL_TOKENS) + ['red', 'circle', 'square'])
+  path = tmp_path / 'glove.txt'
+  path.write_text('2 3\nred 1 2 3\nblue 4 5 6\nsquare 7 8 9\n')
+  init = np.zeros((len(vocab), 3), np.float32)
+  table, found = word_vectors.load_for_vocab(str(path), vocab, init)
+  assert found == 2
+  np.testing.assert_array_equal(table[vocab('red')], [1, 2, 3])
+  np.testing.assert_array_equal(table[vocab('square')], [7, 8, 9])
+  np.testing.assert_array_equal(table[vocab('circle')], 0)
+  path.write_text('red 1 2\n')
+  with pytest.raises(ValueError, match=r'line 1: word .red. has 2 values; expected 3'):
+    word_vectors.load_for_vocab(str(path), vocab, init)
+
+
+def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypatch):
+  from xmatch_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from xmatch_jax import Retriever  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.data import load_split  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('XMATCH_DATA_DIR', os.environ.get('XMATCH_DATA_DIR', str(tmp_path / 'data')))
+  config = daer_config.get_config('shapes_tiny')
+  config.model.update(word_dim=32, lstm_size=32, embed_size=32, attention_hidden=(32, 32, 32), width_mult=0.25,
+                      relation_hidden=(64, 32), image_head_hidden=64)
+  for stage, epochs in (('text', 3), ('image', 1), ('relation', 1)):
+    config.stage[stage].update(num_epochs=epochs, batch_size=32, learning_rate=3e-3 if stage != 'relation' else 1e-3)
+  config.log_every_steps = 10
+  workdir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(config, workdir)
+
+  logged = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  text_acc = [r['text/dev_accuracy'] for r in logged if 'text/dev_accuracy' in r]
+  relation_loss = [r['relation/loss'] for r in logged if 'relation/loss' in r]
+  assert len(text_acc) == 3 and text_acc[-1] > 2 / 30, text_acc      # chance is 1/30
+  assert relation_loss[-1] < relation_loss[0], relation_loss       # from ~B^2/4 (all 0.5) down
+  assert os.path.isdir(os.path.join(workdir, 'stages', 'text', 'checkpoints'))
+
+  # The evaluation restores params and BatchNorm statistics; its mAP equals mAP of the Retriever's scores.
+  result = evaluate.evaluate_workdir(workdir, 'test')
+  assert result['protocol'] == 'map' and result['model'] == 'daer' and result['checkpoint'] == 'best'
+  test = load_split('shapes_tiny', 'test')
+  scores = Retriever.from_workdir(workdir).score(test.images, test.captions)
+  labels = test.images['label']
+  want = metrics_lib.map_metrics(scores, labels, labels[test.caption_to_image])
+  for key in ('i2t_map', 't2i_map', 'mean_map'):
+    assert result[key] == pytest.approx(want[key], abs=1e-9)
+  with pytest.raises(ValueError, match='recall protocol'):
+    evaluate.evaluate_workdir(workdir, 'test', protocol='1k')
+
+  # A second run finds every stage done and trains nothing.
+  lines = len(logged)
+  train_lib.train_and_evaluate(config, workdir)
+  assert len(open(os.path.join(workdir, 'metrics.jsonl')).readlines()) == lines
