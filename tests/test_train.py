@@ -77,6 +77,14 @@ def test_evaluate_writes_protocol_keys(trained):
   assert saved['rsum'] == pytest.approx(sum(saved[k] for k in evaluate.RECALL_KEYS[:6]))
   assert saved['n_images'] == 100 and saved['n_captions'] == 500
 
+  # Two-stage retrieval: shortlisting every item reproduces exhaustive scoring; a short list is written apart.
+  every = evaluate.evaluate_workdir(workdir, split='test', rerank_k=500)
+  for key in evaluate.RECALL_KEYS:
+    assert every[key] == pytest.approx(result[key])
+  short = evaluate.evaluate_workdir(workdir, split='test', rerank_k=5)
+  assert short['rerank_k'] == 5 and os.path.exists(os.path.join(workdir, 'eval', 'test_rerank5.json'))
+  assert short['t2i_r5'] <= 100 and short['rsum'] != result['rsum']
+
 
 def test_protocols_refuse_wrong_split_sizes():
   sims = np.random.default_rng(0).normal(size=(100, 500))
@@ -98,6 +106,9 @@ def test_retriever_matches_evaluation_scores(trained, data_dir):
   # The same pairs scored within the whole split give the same numbers (chunking does not matter).
   full = r.score(images, captions[:11])
   np.testing.assert_allclose(scores, full[:7], atol=1e-5)
+  shortlisted = r.score(images, captions[:11], rerank_k=3)    # two-stage: each caption's 3 shortlisted images
+  top = np.argsort(-shortlisted, axis=0, kind='stable')[:3]
+  np.testing.assert_allclose(np.take_along_axis(shortlisted, top, 0), np.take_along_axis(full, top, 0), atol=1e-5)
   unk = r.score(subset, ['a zebra xylophone'])  # unknown words map to <unk>
   assert np.isfinite(unk).all()
   with pytest.raises(ValueError, match='empty'):

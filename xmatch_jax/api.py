@@ -10,6 +10,7 @@ import numpy as np
 
 from xmatch_jax import evaluate
 from xmatch_jax import inference
+from xmatch_jax import rerank
 from xmatch_jax import run_setup
 
 
@@ -36,8 +37,12 @@ class Retriever:
   def params(self) -> dict:
     return self.variables['params']
 
-  def score(self, images: dict, captions: list) -> np.ndarray:
-    """images: dataset-format dict (`regions` [n_img, k, d], ...); captions: raw strings -> [n_img, n_cap]."""
+  def score(self, images: dict, captions: list, rerank_k: int = 0) -> np.ndarray:
+    """images: dataset-format dict (`regions` [n_img, k, d], ...); captions: raw strings -> [n_img, n_cap].
+
+    rerank_k > 0: two-stage text-to-image retrieval (xmatch_jax.rerank): per caption only the top rerank_k images
+    of the global score get the full score; the others rank below them in global-score order.
+    """
     if isinstance(captions, str):
       raise ValueError('captions must be a list of strings, not one string.')
     if not captions:
@@ -50,6 +55,9 @@ class Retriever:
       if not np.isfinite(regions).all():
         raise ValueError('images["regions"] holds NaN or inf; features must be finite.')
     tokens, mask = run_setup.encode_captions(self.vocab, list(captions), self.config)
+    if rerank_k:
+      image_rep, text_rep = self._scorer.encode_images(inputs), self._scorer.encode_text(tokens, mask)
+      return rerank.rerank(self._scorer, image_rep, text_rep, rerank_k)[1]
     return self._scorer.score(inputs, tokens, mask)
 
   @property

@@ -55,6 +55,9 @@ class Scorer:
     self._encode_image = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
     self._encode_text = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_text))
     self._pair_scores = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
+    # pair_scores of many small (images, captions) groups at once: [G, a, ...], [G, b, ...] -> [G, a, b].
+    self._group_scores = jax.jit(jax.vmap(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores),
+                                          in_axes=(None, 0, 0)))
 
   def encode_images(self, images: dict):
     """images: dataset-format dict -> image rep pytree with leading dim n_img."""
@@ -82,6 +85,33 @@ class Scorer:
       tile = _chunked(lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk)
       columns.append(np.asarray(tile)[:, :rows])
     return np.concatenate(columns, axis=1)
+
+  def candidate_scores(self, image_rep, text_rep, candidates: np.ndarray, query_side: str,
+                       chunk: int = 64) -> np.ndarray:
+    """Full scores of each query with its candidates (two-stage retrieval, `xmatch_jax.rerank`).
+
+    candidates: [n_query, k] indices of images (query_side='text': query q is caption q) or of captions
+    (query_side='image': query q is image q). Returns [n_query, k] numpy, `chunk` queries per call.
+    """
+    if query_side not in ('text', 'image'):
+      raise ValueError(f"query_side must be 'text' or 'image'; got {query_side!r}.")
+    candidates = np.asarray(candidates)
+    n_query = candidates.shape[0]
+    take = lambda rep, index: jax.tree.map(lambda x: x[index], rep)
+    out = []
+    for start in range(0, n_query, chunk):
+      index = candidates[start:start + chunk]
+      queries = np.arange(start, start + len(index))[:, None]
+      rows = len(index)
+      if rows < chunk:   # one compiled shape: repeat the first query in the padding rows
+        index = np.concatenate([index, np.repeat(index[:1], chunk - rows, axis=0)])
+        queries = np.concatenate([queries, np.repeat(queries[:1], chunk - rows, axis=0)])
+      if query_side == 'text':
+        scores = self._group_scores(self.variables, take(image_rep, index), take(text_rep, queries))[:, :, 0]
+      else:
+        scores = self._group_scores(self.variables, take(image_rep, queries), take(text_rep, index))[:, 0, :]
+      out.append(np.asarray(scores)[:rows])
+    return np.concatenate(out)
 
   def score(self, images: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return self.pair_scores(self.encode_images(images), self.encode_text(tokens, mask))
