@@ -1,12 +1,17 @@
-"""Official SCAN / VSE++ PyTorch checkpoints (`model_best.pth.tar`) -> xmatch workdirs.
+"""Official SCAN / VSE++ PyTorch checkpoints (`model_best.pth.tar`) <-> xmatch workdirs.
 
 The checkpoints hold `model` = [image encoder state_dict, text encoder state_dict] and `opt` (the argparse
 hyper-parameters): `fc.weight` / `fc.bias` (EncoderImagePrecomp), `embed.weight` and `rnn.{weight,bias}_{ih,hh}_l<k>
 [_reverse]` (EncoderText's nn.GRU). They are read with the safe unpickler (no pickled code runs). PyTorch's GRU gate
 blocks (r, z, n rows of weight_ih / weight_hh) map onto Flax's GRUCell as described in models/layers.py:
 ir/iz get b_i + b_h, in gets b_in, hn gets b_hn, hr/hz have no bias.
+
+The way back (export_params, opt_from_config; tools/export_torch_checkpoint.py) writes the same layout.
 """
 
+import argparse
+import collections
+import dataclasses
 import os
 import types
 
@@ -16,7 +21,9 @@ import numpy as np
 from xmatch_jax.convert import torch_pickle
 
 FORMATS = ('scan', 'vsepp')
-DATA_NAMES = {'f30k_precomp': 'f30k', 'coco_precomp': 'coco'}
+# Official data_name -> xmatch dataset (shapes: the synthetic datasets, as written by the exporter).
+DATA_NAMES = {'f30k_precomp': 'f30k', 'coco_precomp': 'coco', 'shapes_precomp': 'shapes',
+              'shapes_tiny_precomp': 'shapes_tiny'}
 
 
 def _get(state: dict, key: str, source: str) -> np.ndarray:
@@ -129,3 +136,140 @@ def load(path: str, fmt: str):
                           bool(config.model.get('bidirectional', False)), os.path.basename(path))
   meta = {k: float(checkpoint[k]) for k in ('epoch', 'best_rsum', 'Eiters') if k in checkpoint}
   return config, params, meta
+
+
+# --- xmatch -> official (the inverse of the functions above) -----------------------------------------------------
+
+
+def _param(params: dict, path: tuple, source: str) -> np.ndarray:
+  node = params
+  for i, key in enumerate(path):
+    if not hasattr(node, 'keys'):
+      raise ValueError(f'{source}: {"/".join(path[:i])} is an array; expected a group holding {key!r}')
+    if key not in node:
+      raise ValueError(f'{source}: missing parameter {"/".join(path[:i + 1])} (have {sorted(node)[:8]})')
+    node = node[key]
+  return np.array(node, np.float32)   # a copy, C-contiguous
+
+
+def gru_state(cell: dict, layer: int, reverse: bool, source: str) -> collections.OrderedDict:
+  """Flax GRUCell params -> one direction of one layer of a PyTorch nn.GRU state_dict ('rnn.' prefix).
+
+  Rows r, z, n of weight_ih / weight_hh are ir, iz, in / hr, hz, hn. Flax's ir and iz biases are PyTorch's
+  b_ir + b_hr and b_iz + b_hz, which cannot be split again: they go whole into bias_ih and bias_hh gets zeros
+  there (its n rows are hn's bias, which must stay inside r * (W_hn h + b_hn)). The forward is identical; only
+  the split of those two bias sums differs from the checkpoint a model was imported from.
+  """
+  name = 'backward' if reverse else 'forward'
+  get = lambda *path: _param(cell, path, f'{source} ({name}_{layer})')
+  hidden = get('hr', 'kernel').shape[1]
+  suffix = f'l{layer}' + ('_reverse' if reverse else '')
+  return collections.OrderedDict([
+      (f'rnn.weight_ih_{suffix}', np.concatenate([get(g, 'kernel').T for g in ('ir', 'iz', 'in')])),
+      (f'rnn.weight_hh_{suffix}', np.concatenate([get(g, 'kernel').T for g in ('hr', 'hz', 'hn')])),
+      (f'rnn.bias_ih_{suffix}', np.concatenate([get(g, 'bias') for g in ('ir', 'iz', 'in')])),
+      (f'rnn.bias_hh_{suffix}', np.concatenate([np.zeros(2 * hidden, np.float32), get('hn', 'bias')])),
+  ])
+
+
+def export_params(params: dict, num_layers: int, bidirectional: bool, source: str = 'params'):
+  """Flax params of xmatch's SCAN / VSEPP -> (image encoder state_dict, text encoder state_dict), the official
+  layout `convert_params` reads (OrderedDicts of float32 arrays, in nn.Module.state_dict order).
+
+  convert_params(*export_params(p, ...)) == p exactly. The GRU's r and z biases come back as bias_ih = the sum,
+  bias_hh = 0 (see gru_state): the same forward as the imported checkpoint, not the same split.
+  """
+  image = collections.OrderedDict([
+      ('fc.weight', _param(params, ('image_encoder', 'fc', 'kernel'), source).T.copy()),
+      ('fc.bias', _param(params, ('image_encoder', 'fc', 'bias'), source)),
+  ])
+  text = collections.OrderedDict([('embed.weight', _param(params, ('text_encoder', 'embed', 'embedding'), source))])
+  encoder = params.get('text_encoder', {}) if hasattr(params, 'get') else {}
+  for layer in range(num_layers):
+    for reverse in ([False, True] if bidirectional else [False]):
+      key = f'{"backward" if reverse else "forward"}_{layer}'
+      if key not in encoder:
+        raise ValueError(f'{source}: missing parameter text_encoder/{key} (num_layers={num_layers}, '
+                         f'bidirectional={bidirectional})')
+      text.update(gru_state(encoder[key], layer, reverse, f'{source}: text_encoder'))
+  expected = {f'{d}_{l}' for l in range(num_layers) for d in (['forward', 'backward'] if bidirectional
+                                                              else ['forward'])} | {'embed'}
+  unknown = sorted(set(encoder) - expected)
+  if unknown:
+    raise ValueError(f'{source}: unexpected text_encoder parameters {unknown} for num_layers={num_layers}, '
+                     f'bidirectional={bidirectional}')
+  return image, text
+
+
+# Official train.py flags that no xmatch field holds: their defaults (SCAN's / VSE++'s argparse).
+_SCAN_RUNTIME = {'data_path': './data/', 'vocab_path': './vocab/', 'workers': 10, 'log_step': 10, 'val_step': 500,
+                 'logger_name': './runs/runX/log', 'model_name': './runs/runX/checkpoint', 'resume': '',
+                 'precomp_enc_type': 'basic'}
+_VSEPP_RUNTIME = {'data_path': './data/', 'vocab_path': './vocab/', 'crop_size': 224, 'workers': 10,
+                  'log_step': 10, 'val_step': 500, 'logger_name': 'runs/runX', 'resume': '', 'finetune': False,
+                  'cnn_type': 'vgg19', 'use_restval': False, 'measure': 'cosine'}
+# Model fields that only change how xmatch computes (memory, recomputation), not what.
+_COMPUTE_ONLY = {'block_size', 'remat'}
+_L1_NORMS = ('l1norm', 'clipped_l1norm')
+
+
+def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
+                    source: str = 'config') -> argparse.Namespace:
+  """The official train.py `opt` (argparse.Namespace) of an xmatch SCAN / VSE++ config: config_from_opt(fmt, opt)
+  gives the config's model, loss and dataset back.
+
+  Flags without an xmatch counterpart (paths, workers, logging) get the official defaults; img_dim defaults to
+  config.data_info.img_dim (a workdir's config.json). Training settings the official train.py lacks (warm-up,
+  lr_decay_factor, same-image masking in the loss) are not carried; its lr_update decays by 0.1 every lr_update
+  epochs where xmatch decays once.
+
+  Raises:
+    ValueError: not a SCAN / VSE++ config, or a variant the official code cannot express (named in the message).
+  """
+  m = config.model
+  name = m.get('name')
+  if name not in FORMATS:
+    raise ValueError(f'{source}: model {name!r} has no official SCAN / VSE++ checkpoint layout; only '
+                     f'{FORMATS} can be exported')
+  if img_dim is None:
+    if 'data_info' not in config or 'img_dim' not in config.data_info:
+      raise ValueError(f'{source}: no data_info.img_dim (a workdir\'s config.json has it); pass img_dim')
+    img_dim = config.data_info.img_dim
+  from xmatch_jax import models  # pylint: disable=g-import-not-at-top
+  fields = m.to_dict() if hasattr(m, 'to_dict') else dict(m)
+  defaults = {f.name: f.default for f in dataclasses.fields(models.MODELS[name])
+              if f.default is not dataclasses.MISSING}
+  get = lambda field: fields.get(field, defaults.get(field))
+  data_name = {v: k for k, v in DATA_NAMES.items()}.get(config.dataset)
+  if data_name is None:
+    raise ValueError(f'{source}: dataset {config.dataset!r} has no official data_name; expected one of '
+                     f'{sorted(DATA_NAMES.values())}')
+  opt = {
+      'data_name': data_name, 'margin': float(config.loss.margin), 'num_epochs': int(config.num_epochs),
+      'batch_size': int(config.batch_size), 'word_dim': int(get('word_dim')), 'embed_size': int(get('embed_size')),
+      'grad_clip': float(config.optim.grad_clip), 'num_layers': int(get('num_layers')),
+      'learning_rate': float(config.optim.learning_rate), 'lr_update': int(config.optim.lr_decay_epochs),
+      'max_violation': bool(config.loss.max_violation), 'img_dim': int(img_dim),
+      'no_imgnorm': bool(get('no_imgnorm')), 'vocab_size': int(vocab_size),
+  }
+  if name == 'scan':
+    handled = {'name', 'embed_size', 'word_dim', 'num_layers', 'bidirectional', 'no_imgnorm', 'no_txtnorm',
+               'cross_attn', 'raw_feature_norm', 'lambda_softmax', 'agg_func', 'lambda_lse'}
+    if get('raw_feature_norm') in _L1_NORMS:
+      raise ValueError(f'{source}: model.raw_feature_norm is {get("raw_feature_norm")!r}; official SCAN cannot run '
+                       f'{_L1_NORMS} (its func_attention calls an undefined l1norm_d)')
+    opt = {**_SCAN_RUNTIME, **opt, 'no_txtnorm': bool(get('no_txtnorm')),
+           'raw_feature_norm': get('raw_feature_norm'), 'agg_func': get('agg_func'), 'cross_attn': get('cross_attn'),
+           'bi_gru': bool(get('bidirectional')), 'lambda_lse': float(get('lambda_lse')),
+           'lambda_softmax': float(get('lambda_softmax'))}
+  else:
+    handled = {'name', 'embed_size', 'word_dim', 'num_layers', 'bidirectional', 'no_imgnorm', 'no_txtnorm', 'use_abs'}
+    if get('bidirectional'):
+      raise ValueError(f'{source}: model.bidirectional is True; official VSE++ has only a unidirectional GRU')
+    if get('no_txtnorm'):
+      raise ValueError(f'{source}: model.no_txtnorm is True; official VSE++ always l2-normalises the caption vector')
+    opt = {**_VSEPP_RUNTIME, **opt, 'use_abs': bool(get('use_abs'))}
+  unknown = sorted(set(fields) - handled - _COMPUTE_ONLY)
+  if unknown:
+    raise ValueError(f'{source}: model fields {unknown} have no counterpart in official {name.upper()}\'s opt')
+  return argparse.Namespace(**opt)

@@ -1,0 +1,95 @@
+"""Writes a trained xmatch SCAN or VSE++ workdir as an official PyTorch checkpoint (no torch needed).
+
+  python tools/export_torch_checkpoint.py --workdir=runs/scan_f30k --out=model_best.pth.tar \
+      --vocab_out=vocab/f30k_precomp_vocab.json
+
+OUT gets what the official train.py's save_checkpoint writes, in torch.save's zip format:
+{'epoch', 'model': [image encoder state_dict, text encoder state_dict], 'best_rsum', 'opt': argparse.Namespace,
+'Eiters'}, from the workdir's best checkpoint (else its latest). `epoch` follows each codebase: SCAN stores the
+index of the last finished epoch (it resumes at epoch + 1), VSE++ the number of finished epochs. The GRU's r and z
+biases are written whole into bias_ih with zeros in bias_hh (xmatch keeps only their sum; the forward is the
+same). The vocabulary (--vocab_out) is SCAN's json; the official code reads `<vocab_path>/<data_name>_vocab.json`
+(VSE++ reads a pickled vocab.Vocabulary instead, `<data_name>_vocab.pkl`, with the same word <-> id map).
+Reading OUT needs `torch.load(OUT, weights_only=False)` (or argparse.Namespace allowed as a safe global), as for
+the official checkpoints. tools/convert_torch_checkpoint.py reads OUT back into a workdir.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
+from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+from xmatch_jax.convert import scan_checkpoint  # pylint: disable=g-import-not-at-top
+from xmatch_jax.convert import torch_writer  # pylint: disable=g-import-not-at-top
+from xmatch_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+
+
+def export(workdir: str, out: str, vocab_out: str = '') -> dict:
+  """Writes OUT (and the vocabulary to vocab_out if given); returns a summary dict."""
+  config = run_setup.load_config(workdir)
+  source = os.path.join(workdir, run_setup.CONFIG_FILE)
+  name = config.model.get('name') if 'model' in config else None
+  if name not in scan_checkpoint.FORMATS:
+    raise ValueError(f'{source}: model {name!r} cannot be exported: only {scan_checkpoint.FORMATS} workdirs have '
+                     'an official PyTorch checkpoint layout')
+  vocab_path = os.path.join(workdir, run_setup.VOCAB_FILE)
+  if not os.path.exists(vocab_path):
+    raise FileNotFoundError(f'{vocab_path} not found: a SCAN / VSE++ workdir keeps its vocabulary there')
+  vocab = vocab_lib.Vocabulary.from_json(vocab_path)
+  img_dim = int(config.data_info.img_dim)
+  opt = scan_checkpoint.opt_from_config(config, len(vocab), img_dim, source)  # refuses what official code lacks
+
+  model = run_setup.build_model(config, len(vocab), img_dim, workdir)
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), {'regions': jnp.zeros((2, 1, img_dim))},
+                            {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))})['params']
+  ckpts = checkpoints.RunCheckpoints(workdir)
+  try:
+    state, meta, which = ckpts.restore_for_eval()
+  finally:
+    ckpts.close()
+  checkpoints.check_params_match(state['params'], expected, f'{workdir}/{which}')
+  params = jax.tree.map(np.asarray, state['params'])
+  image_state, text_state = scan_checkpoint.export_params(
+      params, int(config.model.num_layers), bool(config.model.get('bidirectional', False)), f'{workdir}/{which}')
+
+  finished = math.floor(float(meta.get('epoch', 0)) + 1e-9)   # xmatch's meta: epochs done (fractional mid-epoch)
+  epoch = finished - 1 if name == 'scan' else finished
+  step = int(meta.get('step', int(np.asarray(state['step']))))
+  checkpoint = {'epoch': int(epoch), 'model': [image_state, text_state],
+                'best_rsum': float(meta.get('best_rsum', 0.0)), 'opt': opt, 'Eiters': step}
+  out_dir = os.path.dirname(os.path.abspath(out))
+  os.makedirs(out_dir, exist_ok=True)
+  torch_writer.save(checkpoint, out)
+  if vocab_out:
+    os.makedirs(os.path.dirname(os.path.abspath(vocab_out)), exist_ok=True)
+    vocab.to_json(vocab_out)
+  return {'model': name, 'dataset': config.dataset, 'data_name': opt.data_name, 'checkpoint': which,
+          'step': step, 'epoch': checkpoint['epoch'], 'vocab': len(vocab),
+          'params': sum(int(x.size) for x in jax.tree.leaves(params))}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True, help='trained xmatch SCAN / VSE++ workdir')
+  parser.add_argument('--out', required=True, help='checkpoint to write, e.g. model_best.pth.tar')
+  parser.add_argument('--vocab_out', default='', help='also write the SCAN-format vocabulary json here')
+  args = parser.parse_args(argv)
+  summary = export(args.workdir, args.out, args.vocab_out)
+  print(f'{args.workdir} -> {args.out}: {summary}')
+  if args.vocab_out:
+    print(f'vocabulary -> {args.vocab_out} (official code reads <vocab_path>/{summary["data_name"]}_vocab.json)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
