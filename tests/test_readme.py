@@ -2,6 +2,7 @@
 
 import os
 import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,3 +35,11 @@ def test_main_job_names_existing_config_and_default_dataset():
     assert os.path.exists(os.path.join(ROOT, path)), path
     assert dataset == 'shapes'
   assert 'xmatch_jax.evaluate' in main_command
+
+
+def test_performance_table_is_generated_from_the_benchmark_json():
+  sys.path.insert(0, os.path.join(ROOT, 'tools'))
+  import perf_table  # pylint: disable=g-import-not-at-top
+  names = ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k')
+  table = perf_table.table([os.path.join(ROOT, 'tools', 'perf_results', f'{n}.json') for n in names])
+  assert table in open(os.path.join(ROOT, 'README.md')).read()

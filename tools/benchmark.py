@@ -517,6 +517,7 @@ def main(argv=None) -> int:
     print(json.dumps(result))
     return 0
   result = run(args)
+  result['command'] = 'python tools/benchmark.py ' + ' '.join(a for a in argv if not a.startswith('--json'))
   print(format_table(result))
   if args.json:
     with open(args.json, 'w') as f:

@@ -1,0 +1,63 @@
+"""The README's performance table, generated from `tools/benchmark.py --json` results.
+
+  python tools/perf_table.py tools/perf_results/scan_t2i_f30k.json tools/perf_results/rdan_f30k.json \
+      tools/perf_results/mmca_f30k.json
+
+Prints a Markdown table (pairs/s, achieved GFLOP/s and % of the matmul rate measured in the same run, speed-up over
+the PyTorch implementation, training step time and batch, peak host memory) and the command of every row.
+tests/test_readme.py checks that README.md holds exactly this output for the files in tools/perf_results.
+"""
+
+import json
+import sys
+
+HEADER = ('| pair head | pairs/s | GFLOP/s (% of matmul) | vs PyTorch | train step (batch) | peak host memory |\n'
+          '| --- | --- | --- | --- | --- | --- |')
+
+
+def describe(result: dict) -> str:
+  """'SCAN t2i, D 1024, n 14' from the model config and sizes of a result."""
+  model, sizes = result['model'], result['sizes']
+  name = model['name']
+  if name == 'scan':
+    return f'SCAN {model.get("cross_attn", "t2i")}, D {sizes["embed_size"]}, n {sizes["n"]}'
+  if name == 'rdan':
+    return f'RDAN, D {sizes["embed_size"]}, {model["cnn_channels"]} channels, n {sizes["min_len"]}-{sizes["n"]}'
+  if name == 'mmca':
+    return f'MMCA, d {model["embed_size"]}, {model["num_heads"]} heads, n {sizes["min_len"]}-{sizes["n"]}'
+  return f'{name.upper()}, D {sizes["embed_size"]}'
+
+
+def row(result: dict) -> str:
+  speedup = result.get('speedup_vs_torch')
+  torch = f'{speedup:.2f}x ({result["torch_implementation"]})' if speedup else '-'
+  train = result.get('train_step_s')
+  step = f'{train["median"]:.1f} s ({result["sizes"]["train_batch"]})' if train else '-'
+  memory = result['peak_memory_bytes'] / 1e9
+  which = 'training step' if train else 'scoring'
+  return (f'| {describe(result)} | {result["pairs_per_s"]:,.0f} | {result["pair_gflops_per_s"]:.0f} '
+          f'({result["pct_of_matmul"]:.0f}% of {result["matmul_gflops_per_s"]:.0f}) | {torch} | {step} | '
+          f'{memory:.2f} GB ({which}) |')
+
+
+def table(paths: list) -> str:
+  results = [json.load(open(p)) for p in paths]
+  lines = [HEADER] + [row(r) for r in results]
+  lines.append('')
+  lines.append('Commands, one per row:')
+  lines.append('')
+  lines += [f'- `{r["command"]}`' for r in results]
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  paths = list(sys.argv[1:] if argv is None else argv)
+  if not paths:
+    print(__doc__)
+    return 2
+  print(table(paths))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
