@@ -7,10 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xmatch_jax.data import lazy
+
 
 def image_inputs(model, images: dict) -> dict:
   """The image fields the model reads (`model.image_keys`, default `regions`), as numpy arrays; models that derive
-  inputs from dataset fields (GLFN: block positions from boxes, tag tokens from tags) do it in `prepare_images`."""
+  inputs from dataset fields (GLFN: block positions from boxes, tag tokens from tags) do it in `prepare_images`.
+  Lazy fields (data/lazy.py LazyRows: a large split read from disk on demand) are passed on as they are, unread."""
   prepare = getattr(model, 'prepare_images', None)
   if prepare is not None:
     images = prepare(images)
@@ -19,7 +22,7 @@ def image_inputs(model, images: dict) -> dict:
   if missing:
     raise ValueError(f'image inputs lack field(s) {missing} that model {type(model).__name__} needs; '
                      f'got {sorted(images)}.')
-  return {k: np.asarray(images[k]) for k in keys}
+  return {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in keys}
 
 
 def _pad_rows(tree, size: int):

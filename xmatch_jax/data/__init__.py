@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from xmatch_jax.data import lazy
 from xmatch_jax.data import validation
 
 
@@ -55,7 +56,25 @@ def manual_dir(name: str, data_dir: str) -> str:
   return os.path.join(base, f'{name}_precomp')
 
 
+# A precomp split whose image fields (regions, PFAN positions) exceed this many bytes is not loaded into memory: its
+# image fields are LazyRows (data/lazy.py) read from the TFDS array_record files batch by batch. $XMATCH_LAZY=1 / 0
+# forces either way.
+LAZY_THRESHOLD_BYTES = 2 << 30
+
+
+def _lazy_wanted(nbytes: int, where: str) -> bool:
+  value = os.environ.get('XMATCH_LAZY', '').strip()
+  if value in ('1', '0'):
+    return value == '1'
+  if value:
+    raise ValueError(f'XMATCH_LAZY={value!r} (loading {where}); expected 1 (read image features from disk on '
+                     f'demand), 0 (load them into memory) or unset (on demand above {LAZY_THRESHOLD_BYTES} bytes).')
+  return nbytes > LAZY_THRESHOLD_BYTES
+
+
 def _load_precomp(name: str, split: str, data_dir: str) -> Split:
+  """Small splits in memory; large ones (see LAZY_THRESHOLD_BYTES) with `regions` (and `pfan_blocks` /
+  `pfan_weights`) as LazyRows, captions and image ids in memory."""
   from xmatch_jax.data import precomp  # pylint: disable=g-import-not-at-top (imports tfds)
 
   builder = precomp.build(name, manual_dir(name, data_dir), data_dir)
@@ -63,15 +82,45 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
     raise ValueError(f'dataset xmatch_precomp/{name}: no split {split!r}; expected one of '
                      f'{sorted(builder.info.splits)}.')
   source = builder.as_data_source(split)
-  examples = [source[i] for i in range(len(source))]
-  images = {'regions': np.stack([e['regions'] for e in examples]).astype(np.float32),
-            'image_id': np.array([e['image_id'] for e in examples], np.int64)}
-  if examples and examples[0]['pfan_blocks'].size:
-    images['pfan_blocks'] = np.stack([e['pfan_blocks'] for e in examples])
-    images['pfan_weights'] = np.stack([e['pfan_weights'] for e in examples])
-  captions = [_text(c) for e in examples for c in e['captions']]
-  caption_to_image = np.repeat(np.arange(len(examples)), precomp.CAPTIONS_PER_IMAGE)
+  where = f'dataset xmatch_precomp/{name} split {split}'
+  n = len(source)
+  if not n:
+    raise ValueError(f'{where}: the split has no images; expected at least one.')
+  first = source[0]
+  fields = ['regions'] + (['pfan_blocks', 'pfan_weights'] if first['pfan_blocks'].size else [])
+  if _lazy_wanted(n * sum(first[f].nbytes for f in fields), where):
+    return _load_precomp_lazy(source, first, fields, where, precomp.CAPTIONS_PER_IMAGE)
+  # Filled in place, one example at a time: stacking a list of examples would hold the features twice.
+  images = {f: np.empty((n,) + first[f].shape, np.float32 if f == 'regions' else first[f].dtype) for f in fields}
+  images['image_id'] = np.empty(n, np.int64)
+  captions = []
+  for i in range(n):
+    e = source[i]
+    for f in fields:
+      if e[f].shape != images[f].shape[1:]:
+        raise ValueError(f'{where}: field "{f}" row {i} has shape {e[f].shape}; expected {images[f].shape[1:]} '
+                         'like row 0.')
+      images[f][i] = e[f]
+    images['image_id'][i] = e['image_id']
+    captions.extend(_text(c) for c in e['captions'])
+  caption_to_image = np.repeat(np.arange(n), precomp.CAPTIONS_PER_IMAGE)
   return Split(images, captions, caption_to_image)
+
+
+def _load_precomp_lazy(source, first: dict, fields: list, where: str, captions_per_image: int) -> Split:
+  """Image fields as LazyRows over `source` (row shape and dtype of the first example, checked on every read);
+  one pass over the examples, a chunk at a time, collects the captions and image ids."""
+  reader = lazy.RowReader(source, where)
+  images = {f: lazy.LazyRows(reader, f, first[f].shape, np.float32 if f == 'regions' else first[f].dtype)
+            for f in fields}
+  n = len(source)
+  image_ids, captions = np.empty(n, np.int64), []
+  for start in range(0, n, lazy.SCAN_CHUNK):
+    for i, e in enumerate(reader.read(np.arange(start, min(start + lazy.SCAN_CHUNK, n)), cache=False)):
+      image_ids[start + i] = e['image_id']
+      captions.extend(_text(c) for c in e['captions'])
+  images['image_id'] = image_ids
+  return Split(images, captions, np.repeat(np.arange(n), captions_per_image))
 
 
 def category_manual_dir(name: str, data_dir: str) -> str:
@@ -109,7 +158,7 @@ def _text(value) -> str:
 DATASETS: dict[str, Callable[[str, str], Split]] = {
     'shapes': lambda split, data_dir: _load_shapes(split, data_dir, 'default'),
     'shapes_tiny': lambda split, data_dir: _load_shapes(split, data_dir, 'tiny'),
-    # SCAN precomp features from a manual dir (see data/precomp.py); loaded into memory.
+    # SCAN precomp features from a manual dir (see data/precomp.py); in memory, or read on demand when large.
     'f30k': lambda split, data_dir: _load_precomp('f30k', split, data_dir),
     'coco': lambda split, data_dir: _load_precomp('coco', split, data_dir),
     'precomp': lambda split, data_dir: _load_precomp('custom', split, data_dir),

@@ -12,6 +12,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from xmatch_jax.data import lazy
+
 
 def _check_buckets(buckets: Sequence[int]) -> tuple:
   buckets = tuple(sorted(set(int(b) for b in buckets)))
@@ -94,7 +96,8 @@ class TrainBatcher:
   def __init__(self, images: dict, captions: Sequence[np.ndarray], caption_to_image: np.ndarray, batch_size: int,
                seed: int, buckets: Sequence[int], image_keys: Sequence[str] = ('regions',), truncate: bool = False):
     """Args:
-      images: dict of arrays [n_img, ...] (at least the `image_keys`).
+      images: dict of arrays [n_img, ...] (at least the `image_keys`); lazy ones (data/lazy.py LazyRows, or any
+        row-indexable object with `shape` that is not an in-memory array) stay on disk: each batch reads its rows.
       captions: n_cap 1-D integer token arrays.
       caption_to_image: [n_cap] int, the image of each caption.
       batch_size: captions per batch (<= n_cap).
@@ -111,7 +114,7 @@ class TrainBatcher:
     if not self.image_keys or missing:
       raise ValueError(f'images lack field(s) {missing or list(self.image_keys)} named in image_keys; got fields '
                        f'{sorted(images)}.')
-    self._images = {k: np.asarray(images[k]) for k in self.image_keys}
+    self._images = {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in self.image_keys}
     n_img = len(self._images[self.image_keys[0]])
     for key, value in self._images.items():
       if value.ndim < 1 or len(value) != n_img:
@@ -175,7 +178,7 @@ class TrainBatcher:
     image_ids = self._caption_to_image[indices]
     tokens, mask, _ = pad_captions([self._captions[i] for i in indices], self.buckets, self.truncate)
     return {
-        'images': {k: v[image_ids] for k, v in self._images.items()},
+        'images': {k: lazy.take_rows(v, image_ids) for k, v in self._images.items()},
         'text': {'tokens': tokens, 'mask': mask},
         'image_ids': image_ids,
     }

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from xmatch_jax.data import lazy
+
 
 def check_split(images: dict, captions: list, caption_to_image: np.ndarray, source: str,
                 captions_per_image: int | None = 5, region_dim: int | None = None) -> None:
@@ -15,6 +17,10 @@ def check_split(images: dict, captions: list, caption_to_image: np.ndarray, sour
     source: where the data came from (file or dataset name), used in every message.
     captions_per_image: expected captions per image (None: any count).
     region_dim: expected feature size d (None: any).
+
+  A lazy field (data/lazy.py LazyRows, read from disk on demand) is checked from its metadata only (shape, dtype),
+  so validating a large split costs O(captions), not O(features): its values were checked finite by the builder
+  (data/precomp.py refuses NaN / inf at build time) and are checked again row by row whenever they are read.
   """
   if 'regions' not in images and 'pixels' not in images:
     raise ValueError(f'{source}: image inputs have neither field "regions" nor "pixels"; got fields '
@@ -32,10 +38,14 @@ def check_split(images: dict, captions: list, caption_to_image: np.ndarray, sour
     n_img = regions.shape[0]
     if region_dim is not None and regions.shape[-1] != region_dim:
       raise ValueError(f'{source}: field "regions" has feature size {regions.shape[-1]}; expected {region_dim}.')
-    bad = ~np.isfinite(regions).reshape(n_img, -1).all(axis=1)
-    if bad.any():
-      raise ValueError(f'{source}: field "regions" holds NaN or inf in {int(bad.sum())} image(s), first at '
-                       f'index {int(np.argmax(bad))}; features must be finite.')
+    if lazy.is_lazy(regions):   # metadata only, see the docstring
+      if regions.dtype != np.float32:
+        raise ValueError(f'{source}: field "regions" has dtype {regions.dtype}; expected float32.')
+    else:
+      bad = ~np.isfinite(regions).reshape(n_img, -1).all(axis=1)
+      if bad.any():
+        raise ValueError(f'{source}: field "regions" holds NaN or inf in {int(bad.sum())} image(s), first at '
+                         f'index {int(np.argmax(bad))}; features must be finite.')
   for key, value in images.items():
     if len(value) != n_img:
       raise ValueError(f'{source}: field "{key}" has {len(value)} entries; expected one per image ({n_img}).')
