@@ -99,4 +99,4 @@ def encode_captions(vocab: vocab_lib.Vocabulary, captions: list, config: ml_coll
 
 def img_dim_of(images: dict) -> int:
   """Size of the region features (0 for datasets of pixels only, which DAER reads)."""
-  return int(np.asarray(images['regions']).shape[-1]) if 'regions' in images else 0
+  return int(np.shape(images['regions'])[-1]) if 'regions' in images else 0   # np.shape: no read of lazy rows

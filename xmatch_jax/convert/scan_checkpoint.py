@@ -135,6 +135,8 @@ def load(path: str, fmt: str):
   params = convert_params(dict(model[0]), dict(model[1]), config.model.num_layers,
                           bool(config.model.get('bidirectional', False)), os.path.basename(path))
   meta = {k: float(checkpoint[k]) for k in ('epoch', 'best_rsum', 'Eiters') if k in checkpoint}
+  if fmt == 'scan' and 'epoch' in meta:
+    meta['epoch'] += 1   # SCAN saves the index of its last finished epoch; xmatch's meta counts finished epochs
   return config, params, meta
 
 
