@@ -261,3 +261,15 @@ def test_lazy_split_of_200_mb_adds_little_resident_memory(tmp_path):
   # In memory the split alone would be 206 MB; lazily: captions, one batch / chunk of 32 rows (9 MB) and its copy.
   assert result['load_mb'] < 25 and result['total_mb'] < 50, result
   assert result['in_memory_load_mb'] > 180, result
+
+
+def test_glfn_inputs_keep_lazy_region_and_position_fields():
+  from xmatch_jax.models import glfn  # pylint: disable=g-import-not-at-top
+  source = CountingSource([{'regions': np.ones((2, 3), np.float32), 'pfan_blocks': np.zeros((2, 15), np.int32),
+                            'pfan_weights': np.full((2, 15), 1 / 15, np.float32)} for _ in range(4)])
+  reader = lazy.RowReader(source, 'dataset d split s')
+  images = {'regions': lazy.LazyRows(reader, 'regions', (2, 3), np.float32),
+            'pfan_blocks': lazy.LazyRows(reader, 'pfan_blocks', (2, 15), np.int32),
+            'pfan_weights': lazy.LazyRows(reader, 'pfan_weights', (2, 15), np.float32)}
+  out = glfn.prepare_images(images, tokenizer=None, use_tags=False)
+  assert all(out[k] is images[k] for k in images) and source.reads == []

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xmatch_jax import pairwise
+from xmatch_jax.data import lazy
 from xmatch_jax.data import pfan
 from xmatch_jax.data import wordpiece
 from xmatch_jax.models import bert as bert_lib
@@ -237,6 +238,13 @@ def _tokenizer(bert_dir: str):
   return wordpiece.WordPieceVocab(bert_dir)
 
 
+def _rows(field, dtype):
+  """A field as a numpy array of `dtype`; a lazily read field of that dtype (large precomp splits) stays lazy."""
+  if isinstance(field, lazy.LazyRows) and field.dtype == dtype:
+    return field
+  return np.asarray(field, dtype)
+
+
 def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = pfan.TOP_L,
                    use_tags: bool = True, where: str = 'images') -> dict:
   """Dataset-format images -> GLFN inputs.
@@ -248,10 +256,10 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
   Raises:
     ValueError: a needed field is missing (named, with what would provide it).
   """
-  out = {'regions': np.asarray(images['regions'], np.float32)}
+  out = {'regions': _rows(images['regions'], np.float32)}
   if 'pfan_blocks' in images and 'pfan_weights' in images:
-    out['pfan_blocks'] = np.asarray(images['pfan_blocks'], np.int32)
-    out['pfan_weights'] = np.asarray(images['pfan_weights'], np.float32)
+    out['pfan_blocks'] = _rows(images['pfan_blocks'], np.int32)
+    out['pfan_weights'] = _rows(images['pfan_weights'], np.float32)
   elif 'boxes' in images:
     boxes = np.asarray(images['boxes'], np.float64)
     out['pfan_blocks'], out['pfan_weights'] = pfan.block_positions(
