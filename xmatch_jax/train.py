@@ -2,6 +2,8 @@
 
 Resumes automatically from W's latest checkpoint. Writes W/config.json, W/vocab.json, W/metrics.jsonl,
 TensorBoard logs in W/tb, checkpoints in W/checkpoints (latest) and W/best (best dev rsum).
+Several processes (hosts): add `--coordinator=host:port --num_processes=N --process_id=i` to each, or run under
+srun (SLURM is detected); see launch/. Each process loads its rows of every batch; process 0 writes the logs.
 """
 
 import functools
@@ -14,7 +16,7 @@ from absl import logging as absl_logging
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 import ml_collections
 import numpy as np
@@ -25,6 +27,7 @@ from xmatch_jax import checkpoints
 from xmatch_jax import inference
 from xmatch_jax import losses
 from xmatch_jax import metrics as metrics_lib
+from xmatch_jax import parallel
 from xmatch_jax import run_setup
 from xmatch_jax.convert import hf_bert
 from xmatch_jax.data import batching
@@ -38,6 +41,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   rules = [
       ('batch_size', config.batch_size >= 2, 'an int >= 2 (the loss needs negatives)'),
       ('num_epochs', config.num_epochs >= 1, 'an int >= 1'),
+      ('max_steps', config.max_steps >= 0, 'an int >= 0 (0: no limit but num_epochs)'),
       ('loss.margin', config.loss.margin >= 0, 'a float >= 0'),
       ('optim.learning_rate', config.optim.learning_rate > 0, 'a float > 0'),
       ('optim.grad_clip', config.optim.grad_clip >= 0, 'a float >= 0 (0 disables clipping)'),
@@ -176,9 +180,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if resuming:
     run_setup.check_same_model(run_setup.load_config(workdir), config, workdir)
 
-  train = load_split(config.dataset, 'train', config.data_dir or None)
-  dev = load_split(config.dataset, 'dev', config.data_dir or None)
-  vocab = _prepare_vocab(config, workdir, train.captions)
+  # Process 0 first: it generates a built-in dataset that is not there yet; the others then read it.
+  train, dev = parallel.first_on_process_zero(
+      lambda: tuple(load_split(config.dataset, split, config.data_dir or None) for split in ('train', 'dev')), 'data')
+  # Process 0 keeps or writes W's vocabulary first, the others then read it (every process read W before that).
+  vocab = parallel.first_on_process_zero(lambda: _prepare_vocab(config, workdir, train.captions), 'vocab')
   img_dim = run_setup.img_dim_of(train.images)
   if jax.process_index() == 0:
     run_setup.save_config(config, workdir, img_dim)
@@ -192,13 +198,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dev_tokens, dev_mask = run_setup.encode_captions(vocab, dev.captions, config)
   steps_per_epoch = batcher.steps_per_epoch
   total_steps = config.num_epochs * steps_per_epoch
+  if config.max_steps:
+    total_steps = min(total_steps, config.max_steps)
   tx, schedule = make_optimizer(config.optim, steps_per_epoch)
 
-  mesh = Mesh(np.array(jax.devices()), ('data',))
+  mesh = parallel.data_mesh()
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
   if config.batch_size % mesh.size:
-    raise ValueError(f'config.batch_size = {config.batch_size} does not divide over {mesh.size} devices.')
+    raise ValueError(f'config.batch_size = {config.batch_size} does not divide over {mesh.size} devices; expected '
+                     f'a multiple of {mesh.size}.')
+  chief = jax.process_index() == 0
 
   first = batcher.batch(0)
   init_rng = jax.random.PRNGKey(config.seed)
@@ -206,33 +216,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not resuming:
     params = jax.device_put(load_pretrained(config, params), replicated)
   tx = freeze(tx, params, getattr(model, 'frozen_params', ()))
-  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+  # Replicated before restoring: the checkpoint is read into this sharding (a single-device array restored on
+  # each process could not become a global one).
+  state = jax.device_put({'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)},
+                         replicated)
   meta = {'best_rsum': -1.0}
   if resuming:
     restored = ckpts.restore_latest(state)
     if restored is not None:
       state, meta = restored
-      print(f'resumed from {workdir} at step {int(state["step"])}')
-  state = jax.device_put(state, replicated)
+      if chief:
+        print(f'resumed from {workdir} at step {int(state["step"])}')
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=(0,))
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
-  print(f'{config.model.name} on {config.dataset}: {n_params:,} params, vocab {len(vocab)}, '
-        f'{len(train.captions)} train captions, {steps_per_epoch} steps/epoch x {config.num_epochs} epochs, '
-        f'{mesh.size} device(s) ({jax.devices()[0].platform})')
+  if chief:
+    print(f'{config.model.name} on {config.dataset}: {n_params:,} params, vocab {len(vocab)}, '
+          f'{len(train.captions)} train captions, {steps_per_epoch} steps/epoch x {config.num_epochs} epochs'
+          f'{f" (stop at step {total_steps})" if config.max_steps else ""}, {mesh.size} device(s) in '
+          f'{jax.process_count()} process(es) ({jax.devices()[0].platform})')
 
   writer = MetricsWriter(workdir)
   pending = []  # per-step metrics on device, fetched once per log interval
   dev_metrics = meta.get('dev', {})
   start = int(state['step'])
   progress = tqdm.tqdm(total=total_steps, initial=start, desc='train', unit='step', mininterval=5,
-                       disable=jax.process_index() != 0)
+                       disable=not chief)
   t0 = time.time()
   try:
     for step in range(start, total_steps):
-      batch = jax.device_put(batcher.batch(step), data_sharding)
+      batch = parallel.shard_batch(batcher.batch(step), data_sharding)  # this process's rows of the global batch
       state, step_metrics = step_fn(state, batch)
       pending.append(step_metrics)
       progress.update(1)
@@ -244,17 +259,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(done, summary)
         progress.set_postfix(loss=f'{summary["loss"]:.3f}')
         pending, t0 = [], time.time()
-      if end_of_epoch and (epoch % config.eval_every_epochs == 0 or done == total_steps):
-        scorer = inference.Scorer(model, {'params': state['params']}, config.eval_image_chunk, config.eval_text_batch)
-        dev_metrics = evaluate_dev(scorer, dev.images, dev_tokens, dev_mask)
+      if (end_of_epoch and epoch % config.eval_every_epochs == 0) or done == total_steps:
+        # Every process scores dev alone on its first device; process 0's numbers decide for all.
+        scorer = inference.Scorer(model, {'params': parallel.local_copy(state['params'])}, config.eval_image_chunk,
+                                  config.eval_text_batch)
+        dev_metrics = parallel.agree(evaluate_dev(scorer, dev.images, dev_tokens, dev_mask))
+        del scorer  # holds the params' buffers, which the next step donates
         writer.write(done, {f'dev_{k}': v for k, v in dev_metrics.items()})
         is_best = dev_metrics['rsum'] > meta['best_rsum']
         if is_best:
           meta['best_rsum'] = dev_metrics['rsum']
-        meta.update(step=done, epoch=epoch, dev=dev_metrics)
+        meta.update(step=done, epoch=epoch if end_of_epoch else done / steps_per_epoch, dev=dev_metrics)
         ckpts.save(done, state, dict(meta), is_best=is_best)
-        tqdm.tqdm.write(f'epoch {epoch}: dev rsum {dev_metrics["rsum"]:.1f} (R@1 i2t {dev_metrics["i2t_r1"]:.1f}, '
-                        f't2i {dev_metrics["t2i_r1"]:.1f}){"  *best*" if is_best else ""}')
+        if chief:
+          tqdm.tqdm.write(f'{f"epoch {epoch}" if end_of_epoch else f"step {done}"}: dev rsum '
+                          f'{dev_metrics["rsum"]:.1f} (R@1 i2t {dev_metrics["i2t_r1"]:.1f}, '
+                          f't2i {dev_metrics["t2i_r1"]:.1f}){"  *best*" if is_best else ""}')
       elif done % config.checkpoint_every_steps == 0:
         if pending:
           writer.write(done, _flush(pending, done, workdir, meta, t0))
@@ -286,6 +306,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+  parallel.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+                      flags.FLAGS.cpu_collectives)
+  print(parallel.topology(), flush=True)
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except FloatingPointError as e:
@@ -296,5 +319,11 @@ if __name__ == '__main__':
   # Flags are defined here, not at import, so train and evaluate can be imported together.
   config_flags.DEFINE_config_file('config', None, 'Model config file, e.g. configs/scan.py:shapes.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, eval).')
+  flags.DEFINE_string('coordinator', '', 'host:port of process 0 in a multi-process run (or $XMATCH_COORDINATOR); '
+                      'not needed under srun, where SLURM is detected.')
+  flags.DEFINE_integer('num_processes', 0, 'Processes in the run, with --coordinator (or $XMATCH_NUM_PROCESSES).')
+  flags.DEFINE_integer('process_id', -1, 'This process, 0 ... num_processes - 1 (or $XMATCH_PROCESS_ID).')
+  flags.DEFINE_string('cpu_collectives', '', "Cross-process collectives on CPU: 'gloo' or 'mpi' (or "
+                      '$XMATCH_CPU_COLLECTIVES); for several CPU processes, e.g. launch/localhost_cpu.sh.')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -1,0 +1,140 @@
+"""Several devices and processes: `jax.distributed` start-up, the `data` mesh, per-process batches, topology.
+
+One code path from 1 CPU to many hosts (DESIGN.md, Parallelism). `python -m xmatch_jax.parallel` prints the
+device topology (after starting `jax.distributed` when the environment asks for it, as training does).
+"""
+
+import os
+import socket
+
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+import numpy as np
+
+CPU_COLLECTIVES = ('gloo', 'mpi')
+
+
+def _env_int(name: str, default: int) -> int:
+  value = os.environ.get(name, '')
+  try:
+    return int(value) if value else default
+  except ValueError:
+    raise ValueError(f'${name} = {value!r}; expected an int.') from None
+
+
+def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = -1,
+               cpu_collectives: str = '') -> bool:
+  """Starts `jax.distributed` when a multi-process run is asked for; returns whether it did.
+
+  Explicit arguments win over $XMATCH_COORDINATOR (host:port of process 0), $XMATCH_NUM_PROCESSES,
+  $XMATCH_PROCESS_ID and $XMATCH_CPU_COLLECTIVES. Without a coordinator, a SLURM job step of several tasks
+  (srun, $SLURM_STEP_NUM_TASKS > 1) is detected by jax itself (one process per task, the task's GPU by
+  $SLURM_LOCALID unless $JAX_LOCAL_DEVICE_IDS says otherwise). `cpu_collectives` ('gloo' or 'mpi') sets the
+  CPU backend's cross-process collectives. Must run before any JAX computation.
+  """
+  coordinator = coordinator or os.environ.get('XMATCH_COORDINATOR', '')
+  num_processes = num_processes or _env_int('XMATCH_NUM_PROCESSES', 0)
+  process_id = process_id if process_id >= 0 else _env_int('XMATCH_PROCESS_ID', -1)
+  cpu_collectives = cpu_collectives or os.environ.get('XMATCH_CPU_COLLECTIVES', '')
+  if cpu_collectives:
+    if cpu_collectives not in CPU_COLLECTIVES:
+      raise ValueError(f'cpu_collectives = {cpu_collectives!r}; expected one of {CPU_COLLECTIVES}.')
+    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+  if coordinator:
+    if ':' not in coordinator:
+      raise ValueError(f'coordinator = {coordinator!r}; expected host:port of process 0.')
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f'num_processes = {num_processes}, process_id = {process_id}; expected num_processes >= 1 '
+                       'and 0 <= process_id < num_processes with a coordinator.')
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+    return True
+  if num_processes > 1 or process_id >= 0:
+    raise ValueError(f'num_processes = {num_processes}, process_id = {process_id} without a coordinator; expected '
+                     '--coordinator=host:port (or $XMATCH_COORDINATOR) as well.')
+  if 'SLURM_JOB_ID' in os.environ and _env_int('SLURM_STEP_NUM_TASKS', 1) > 1:
+    jax.distributed.initialize()  # jax reads coordinator, process count and id from SLURM
+    return True
+  return False
+
+
+def topology() -> str:
+  """One line: this process and the devices of every process."""
+  by_process = {}
+  for d in jax.devices():
+    by_process.setdefault(d.process_index, []).append(d.id)
+  local = jax.local_devices()
+  return (f'topology: process {jax.process_index()} of {jax.process_count()} on {socket.gethostname()}; '
+          f'{jax.device_count()} {local[0].platform} device(s) ({local[0].device_kind}), ids by process '
+          + ', '.join(f'{p}: {ids}' for p, ids in sorted(by_process.items())))
+
+
+def data_mesh() -> Mesh:
+  """All devices of all processes on one `data` axis, each process's devices next to each other (so each
+  process holds a contiguous block of a batch's rows)."""
+  return Mesh(np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))), ('data',))
+
+
+def process_rows(sharding, n: int) -> slice:
+  """The rows of an [n, ...] array that this process's devices hold under a row `sharding`."""
+  spans = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
+                  for s in sharding.addressable_devices_indices_map((n,)).values()})
+  start, stop = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(f'this process holds rows {spans} of {n}; expected one contiguous block (see data_mesh).')
+  return slice(start, stop)
+
+
+def shard_batch(batch, sharding):
+  """A global batch (the same numpy tree on every process) -> global arrays split by rows over `sharding`.
+
+  Each process transfers only its own rows; every leaf is computed from the whole batch, so all processes agree
+  on shapes such as the padded caption length.
+  """
+  rows = process_rows(sharding, len(jax.tree.leaves(batch)[0]))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)[rows], np.shape(x)), batch)
+
+
+def local_copy(tree):
+  """Replicated arrays -> the same values on this process's first device, for work each process does alone
+  (dev scoring) without collectives."""
+  def one(x):
+    if not x.is_fully_replicated:
+      raise ValueError(f'array of shape {x.shape} is sharded ({x.sharding}); expected a replicated array.')
+    return x.addressable_data(0)
+  return jax.tree.map(one, tree)
+
+
+def sync(name: str) -> None:
+  """Waits until every process gets here (nothing to wait for with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def first_on_process_zero(fn, name: str):
+  """fn() on process 0, then on the others: for steps where process 0 writes files that the others then read."""
+  result = fn() if jax.process_index() == 0 else None
+  sync(name)
+  return result if jax.process_index() == 0 else fn()
+
+
+def agree(values: dict) -> dict:
+  """Process 0's float values on every process (decisions such as "best checkpoint" must be the same)."""
+  if jax.process_count() == 1:
+    return values
+  keys = list(values)  # the same order on every process (the same code made the dict)
+  bits = np.array([values[k] for k in keys], np.float64).view(np.uint32)  # exact, without jax_enable_x64
+  got = np.asarray(multihost_utils.broadcast_one_to_all(bits)).astype(np.uint32).view(np.float64)
+  return {k: float(v) for k, v in zip(keys, got)}
+
+
+if __name__ == '__main__':
+  initialize()
+  try:
+    line = topology()
+  except (RuntimeError, AssertionError) as e:  # jax 0.10 asserts when no platform of JAX_PLATFORMS starts
+    raise SystemExit(f'error: jax started no backend for JAX_PLATFORMS={os.environ.get("JAX_PLATFORMS", "")!r} '
+                     f'({type(e).__name__}: {e}); expected a jax build for those devices (for GPUs e.g. '
+                     "pip install -U 'jax[cuda12]').") from e
+  print(line, flush=True)
