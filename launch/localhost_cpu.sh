@@ -34,8 +34,12 @@ fi
 echo "localhost_cpu: $N processes x $D CPU device(s), coordinator localhost:$PORT, logs of processes 1-$((N - 1)) in $LOG_DIR"
 
 pids=()
-stop_all() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+stop_all() {  # TERM, then KILL: jax catches SIGTERM (preemption notice), and a process stuck in a collective stays
+  local pid alive=0
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null && alive=1; done
+  ((alive)) || return 0
+  sleep 2
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 trap stop_all EXIT INT TERM
 for ((i = 0; i < N; i++)); do
