@@ -13,8 +13,11 @@ import orbax.checkpoint as ocp
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(directory),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+  # latest/ and best/ save the same step at once: in multi-process runs their background threads need their own
+  # barrier names, or orbax's barriers collide (hangs / "barrier already ongoing").
+  multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=os.path.basename(directory))
+  return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, multiprocessing_options=multiprocessing))
 
 
 def _abstract(tree):

@@ -173,6 +173,8 @@ def evaluate_dev(scorer: inference.Scorer, dev_images: dict, dev_tokens, dev_mas
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming if W has a checkpoint); returns the last dev metrics."""
+  if 'stages' in config:   # DAER: classification stages, then the relation network (Algorithm 1)
+    return _train_in_stages(config, workdir)
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
@@ -286,6 +288,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
     ckpts.close()
   return dev_metrics
+
+
+def _train_in_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top (imports this module)
+  if jax.process_count() > 1:
+    raise ValueError('staged training (DAER) runs in one process (any number of local devices); got '
+                     f'{jax.process_count()} processes.')
+  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(os.path.join(workdir, run_setup.CONFIG_FILE)):
+    run_setup.check_same_model(run_setup.load_config(workdir), config, workdir)
+  writer = MetricsWriter(workdir)
+  try:
+    return train_stages.train_stages(config, workdir, writer)
+  finally:
+    writer.close()
 
 
 def _flush(pending: list, step: int, workdir: str, meta: dict, t0: float) -> dict:
