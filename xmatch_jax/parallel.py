@@ -5,7 +5,9 @@ device topology (after starting `jax.distributed` when the environment asks for 
 """
 
 import os
+import signal
 import socket
+import threading
 
 import jax
 from jax.experimental import multihost_utils
@@ -127,6 +129,39 @@ def agree(values: dict) -> dict:
   bits = np.array([values[k] for k in keys], np.float64).view(np.uint32)  # exact, without jax_enable_x64
   got = np.asarray(multihost_utils.broadcast_one_to_all(bits)).astype(np.uint32).view(np.float64)
   return {k: float(v) for k, v in zip(keys, got)}
+
+
+class StopRequest:
+  """SIGTERM / SIGINT (cluster preemption, Ctrl-C) recorded as a request to save and stop at a step boundary.
+
+  Handlers are installed in the main thread only and restored by `close`. With several processes a request on any
+  of them stops all at the same step: the flags are all-gathered every `every` steps.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.signum = 0
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for s in signals:
+        self._previous[s] = signal.signal(s, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def should_stop(self, step: int, every: int) -> bool:
+    if jax.process_count() == 1:
+      return bool(self.signum)
+    if step % every:
+      return False
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.signum)))
+    self.signum = int(flags.max())
+    return bool(self.signum)
+
+  def close(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
 
 
 if __name__ == '__main__':

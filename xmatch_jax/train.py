@@ -9,6 +9,8 @@ srun (SLURM is detected); see launch/. Each process loads its rows of every batc
 import functools
 import json
 import os
+import signal
+import sys
 import time
 
 from absl import app
@@ -247,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = tqdm.tqdm(total=total_steps, initial=start, desc='train', unit='step', mininterval=5,
                        disable=not chief)
   t0 = time.time()
+  stop = parallel.StopRequest()
+  saved_at = start
   try:
     for step in range(start, total_steps):
       batch = parallel.shard_batch(batcher.batch(step), data_sharding)  # this process's rows of the global batch
@@ -273,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           meta['best_rsum'] = dev_metrics['rsum']
         meta.update(step=done, epoch=epoch if end_of_epoch else done / steps_per_epoch, dev=dev_metrics)
         ckpts.save(done, state, dict(meta), is_best=is_best)
+        saved_at = done
         if chief:
           tqdm.tqdm.write(f'{f"epoch {epoch}" if end_of_epoch else f"step {done}"}: dev rsum '
                           f'{dev_metrics["rsum"]:.1f} (R@1 i2t {dev_metrics["i2t_r1"]:.1f}, '
@@ -283,11 +288,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           pending, t0 = [], time.time()
         meta.update(step=done, epoch=done / steps_per_epoch)
         ckpts.save(done, state, dict(meta))
+        saved_at = done
+      if done < total_steps and stop.should_stop(done, config.log_every_steps):
+        if pending:
+          writer.write(done, _flush(pending, done, workdir, meta, t0))
+          pending = []
+        if saved_at != done:
+          meta.update(step=done, epoch=done / steps_per_epoch)
+          ckpts.save(done, state, dict(meta))
+        raise Interrupted(stop.signum, done, workdir)
   finally:
+    stop.close()
     progress.close()
     writer.close()
     ckpts.close()
   return dev_metrics
+
+
+class Interrupted(Exception):
+  """Training stopped on a signal after saving a checkpoint at `step`; the same command resumes it."""
+
+  def __init__(self, signum: int, step: int, workdir: str):
+    self.signum, self.step = signum, step
+    super().__init__(f'stopped by signal {signal.Signals(signum).name} at step {step}; checkpoint saved in '
+                     f'{workdir}/checkpoints. Run the same command to resume.')
 
 
 def _train_in_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -330,6 +354,9 @@ def main(argv):
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except FloatingPointError as e:
     raise SystemExit(f'error: {e}') from e
+  except Interrupted as e:
+    print(e, flush=True)
+    sys.exit(128 + e.signum)   # the shell convention for "ended by this signal", after a clean save
 
 
 if __name__ == '__main__':

@@ -1,0 +1,119 @@
+"""Crash safety with real processes: SIGTERM saves a checkpoint and exits 143; kill -9 at a random step, then the
+same command, ends with the parameters of an uninterrupted run; a corrupted newest checkpoint falls back to the
+previous one."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from xmatch_jax.checkpoints import RunCheckpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ['--config=configs/scan.py:shapes_tiny', '--config.model.embed_size=32', '--config.model.word_dim=16',
+         '--config.batch_size=16', '--config.num_epochs=1', '--config.log_every_steps=1',
+         '--config.checkpoint_every_steps=4']   # 93 steps; a checkpoint every 4 steps and at the end
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _start(workdir, data_dir):
+  env = {**os.environ, 'XMATCH_DATA_DIR': data_dir}
+  return subprocess.Popen([sys.executable, '-m', 'xmatch_jax.train', *FLAGS, f'--workdir={workdir}'], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _logged_step(workdir) -> int:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return 0
+  steps = [json.loads(line)['step'] for line in open(path) if line.strip().endswith('}')]
+  return max(steps, default=0)
+
+
+def _wait_for_step(proc, workdir, step, timeout=300):
+  deadline = time.time() + timeout
+  while _logged_step(workdir) < step:
+    if proc.poll() is not None:
+      raise AssertionError(f'training ended early ({proc.returncode}):\n{proc.stdout.read()}')
+    if time.time() > deadline:
+      proc.kill()
+      raise AssertionError(f'no step {step} within {timeout} s')
+    time.sleep(0.2)
+
+
+def _params(workdir):
+  return RunCheckpoints(workdir).restore_for_eval()[0]['params']
+
+
+def _finish(workdir, data_dir):
+  proc = _start(workdir, data_dir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  return out
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('full'))
+  _finish(workdir, data_dir)
+  return workdir
+
+
+def test_sigterm_saves_and_exits_then_resumes(data_dir, uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'w')
+  proc = _start(workdir, data_dir)
+  _wait_for_step(proc, workdir, 6)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, out
+  stopped = int(out.split('stopped by signal SIGTERM at step ')[1].split(';')[0])
+  assert stopped >= 6   # any step, not only a multiple of checkpoint_every_steps: it saves where it stops
+  assert stopped in RunCheckpoints(workdir).latest.all_steps()
+  out = _finish(workdir, data_dir)
+  assert f'resumed from {workdir} at step {stopped}' in out
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir), _params(uninterrupted))
+
+
+def test_kill_9_at_a_random_step_then_resume_equals_uninterrupted(data_dir, uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'w')
+  proc = _start(workdir, data_dir)
+  kill_at = int(np.random.default_rng().integers(5, 40))
+  _wait_for_step(proc, workdir, kill_at)
+  proc.kill()   # SIGKILL: no handler runs
+  proc.communicate()
+  saved = max(RunCheckpoints(workdir).latest.all_steps())
+  assert saved >= 4
+  out = _finish(workdir, data_dir)
+  assert 'resumed from' in out, out
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir), _params(uninterrupted))
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, caplog):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(uninterrupted, workdir)
+  ckpts = RunCheckpoints(workdir)
+  steps = sorted(ckpts.latest.all_steps())
+  assert len(steps) >= 2
+  truncated = 0
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', str(steps[-1]), 'state')):
+    for name in files:   # cut every array data file of the newest step to a third, as a crash mid-write would
+      path = os.path.join(root, name)
+      if not name.endswith('.json') and not name.startswith('_') and os.path.getsize(path) > 16:
+        with open(path, 'r+b') as f:
+          f.truncate(os.path.getsize(path) // 3)
+        truncated += 1
+  assert truncated
+  restored = ckpts.restore_latest(None)
+  assert restored is not None and int(restored[1]['step']) == steps[-2]
+  assert any('could not be read' in r.getMessage() for r in caplog.records)
