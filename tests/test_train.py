@@ -15,6 +15,7 @@ from configs import scan as scan_config
 from configs import vsepp as vsepp_config
 from xmatch_jax import Retriever
 from xmatch_jax import evaluate
+from xmatch_jax import losses
 from xmatch_jax import train
 from xmatch_jax.checkpoints import RunCheckpoints
 from xmatch_jax.data import load_split
@@ -162,15 +163,31 @@ def test_workdir_of_another_model_is_refused(trained, data_dir):
     train.train_and_evaluate(tiny_config(data_dir, module=vsepp_config), workdir)
 
 
-def test_vsepp_trains_one_epoch(data_dir, tmp_path):
-  dev = train.train_and_evaluate(tiny_config(data_dir, module=vsepp_config, num_epochs=1), str(tmp_path / 'v'))
+def test_vsepp_trains_two_epochs_with_a_sum_of_violations_warmup(data_dir, tmp_path):
+  workdir = str(tmp_path / 'v')
+  config = tiny_config(data_dir, module=vsepp_config, num_epochs=2, log_every_steps=1, **{'loss.warmup_epochs': 1})
+  dev = train.train_and_evaluate(config, workdir)
   assert np.isfinite(dev['rsum'])
+  logged = {l['step']: l['loss'] for l in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl'))) if 'loss' in l}
+  per_epoch = 1500 // 32
+  hardest_at_most = 2 * 32 * config.loss.margin + 1e-3   # the hardest-negative loss with equal scores; the sum
+  assert logged[1] > 5 * hardest_at_most                  # over all 31 negatives per query starts far above it
+  assert max(logged[s] for s in range(per_epoch + 1, 2 * per_epoch + 1)) < 2 * hardest_at_most
+
+
+def test_collapse_watch_warns_once_after_a_run_at_the_collapse_value():
+  watch = train.CollapseWatch(losses.collapse_value(128, 0.2, True), intervals=3)
+  assert watch.collapsed_loss == pytest.approx(51.2)
+  assert [watch.update(v) for v in (51.2, 51.3, 40.0, 51.2, 51.0, 51.25, 51.2, 51.2)] == \
+      [False, False, False, False, False, True, False, False]
+  assert '2 x batch x margin' in watch.message(100)
 
 
 @pytest.mark.parametrize('key, value, message', [
     ('model.block_size', 0, 'block_size'),
     ('loss.margin', -0.1, 'margin'),
     ('batch_size', 1, 'batch_size'),
+    ('loss.warmup_epochs', 3, 'warmup_epochs'),
 ])
 def test_impossible_config_values(data_dir, tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):

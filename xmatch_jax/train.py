@@ -45,6 +45,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('num_epochs', config.num_epochs >= 1, 'an int >= 1'),
       ('max_steps', config.max_steps >= 0, 'an int >= 0 (0: no limit but num_epochs)'),
       ('loss.margin', config.loss.margin >= 0, 'a float >= 0'),
+      ('loss.warmup_epochs', 0 <= config.loss.warmup_epochs <= config.num_epochs, 'an int in [0, num_epochs]'),
       ('optim.learning_rate', config.optim.learning_rate > 0, 'a float > 0'),
       ('optim.grad_clip', config.optim.grad_clip >= 0, 'a float >= 0 (0 disables clipping)'),
       ('optim.lr_decay_factor', config.optim.lr_decay_factor > 0, 'a float > 0'),
@@ -81,12 +82,17 @@ def make_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int):
   return optax.chain(*parts), schedule
 
 
-def train_step(state, batch, *, model, tx, schedule, loss_cfg):
-  """One optimiser step on the B x B score matrix of a batch. Returns (state, metrics)."""
+def train_step(state, batch, *, model, tx, schedule, loss_cfg, max_violation=None):
+  """One optimiser step on the B x B score matrix of a batch. Returns (state, metrics).
+
+  max_violation: overrides loss_cfg.max_violation (False during the sum-of-violations warm-up epochs).
+  """
+  hardest = loss_cfg.max_violation if max_violation is None else max_violation
+
   def loss_fn(params):
     scores = model.apply({'params': params}, batch['images'], batch['text'])
     image_ids = batch['image_ids'] if loss_cfg.mask_same_image else None
-    return losses.contrastive_loss(scores, loss_cfg.margin, loss_cfg.max_violation, image_ids=image_ids)
+    return losses.contrastive_loss(scores, loss_cfg.margin, hardest, image_ids=image_ids)
 
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -232,9 +238,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if chief:
         print(f'resumed from {workdir} at step {int(state["step"])}')
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=(0,))
+  def make_step(max_violation):
+    return jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
+                          max_violation=max_violation),
+        in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+  step_fn = make_step(None)
+  # VSE++'s practice: the sum over all negatives for the first epochs, then the configured (hardest) loss.
+  warmup_steps = config.loss.warmup_epochs * steps_per_epoch if config.loss.max_violation else 0
+  warmup_fn = make_step(False) if warmup_steps else None
+  collapse = CollapseWatch(losses.collapse_value(config.batch_size, config.loss.margin, config.loss.max_violation))
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
   if chief:
     print(f'{config.model.name} on {config.dataset}: {n_params:,} params, vocab {len(vocab)}, '
@@ -254,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     for step in range(start, total_steps):
       batch = parallel.shard_batch(batcher.batch(step), data_sharding)  # this process's rows of the global batch
-      state, step_metrics = step_fn(state, batch)
+      state, step_metrics = (warmup_fn if step < warmup_steps else step_fn)(state, batch)
       pending.append(step_metrics)
       progress.update(1)
       done = step + 1
@@ -263,6 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
         summary = _flush(pending, done, workdir, meta, t0)
         writer.write(done, summary)
+        if done > warmup_steps and collapse.update(summary['loss']) and chief:
+          tqdm.tqdm.write(collapse.message(done))
         progress.set_postfix(loss=f'{summary["loss"]:.3f}')
         pending, t0 = [], time.time()
       if (end_of_epoch and epoch % config.eval_every_epochs == 0) or done == total_steps:
@@ -327,6 +343,30 @@ def _train_in_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return train_stages.train_stages(config, workdir, writer)
   finally:
     writer.close()
+
+
+class CollapseWatch:
+  """Notices a loss that sits at the value every collapsed (all-equal) score matrix gives, 2 B margin with hardest
+  negatives: the embeddings stopped separating pairs (too high a learning rate, no warm-up, a data bug)."""
+
+  def __init__(self, collapsed_loss: float, intervals: int = 5, tolerance: float = 0.02):
+    self.collapsed_loss, self.intervals, self.tolerance = collapsed_loss, intervals, tolerance
+    self.run = 0
+    self.warned = False
+
+  def update(self, loss: float) -> bool:
+    """Records a logged mean loss; True once, when it has been at the collapse value for `intervals` logs."""
+    near = abs(loss - self.collapsed_loss) <= self.tolerance * max(self.collapsed_loss, 1e-9)
+    self.run = self.run + 1 if near else 0
+    if self.run >= self.intervals and not self.warned:
+      self.warned = True
+      return True
+    return False
+
+  def message(self, step: int) -> str:
+    return (f'warning: at step {step} the loss has been {self.collapsed_loss:.2f} (= 2 x batch x margin, every score '
+            f'equal) for {self.run} log intervals: training may have collapsed. Try a lower learning rate or '
+            'config.loss.warmup_epochs=1 (sum over negatives first, as VSE++).')
 
 
 def _flush(pending: list, step: int, workdir: str, meta: dict, t0: float) -> dict:
