@@ -190,7 +190,7 @@ def test_image_inputs_keeps_lazy_fields_and_chunks_read_them(built, monkeypatch)
   inputs = inference.image_inputs(Model(), lazy_split.images)
   assert all(inputs[k] is lazy_split.images[k] for k in Model.image_keys)
   assert inference.image_inputs(object(), lazy_split.images)['regions'] is lazy_split.images['regions']
-  got = inference._chunked(lambda x: x, inputs, 3)   # pylint: disable=protected-access
+  got = inference.map_chunks(lambda x: x, inputs, 3)
   for k in Model.image_keys:
     np.testing.assert_array_equal(got[k], memory.images[k])
   assert isinstance(inference.image_inputs(object(), memory.images)['regions'], np.ndarray)
@@ -221,7 +221,7 @@ def peak_mb():
 
 encode = lambda x: x['regions'].sum(axis=(1, 2))   # stands in for encode_image: one chunk in memory at a time
 warm = data_lib.load_split('precomp', 'dev', sys.argv[1])   # imports, TFDS reader, jax: before the baseline
-inference._chunked(encode, inference.image_inputs(object(), warm.images), 32)
+inference.map_chunks(encode, inference.image_inputs(object(), warm.images), 32)
 reset_peak()
 base = peak_mb()
 split = data_lib.load_split('precomp', 'train', sys.argv[1])
@@ -231,7 +231,7 @@ batcher = batching.TrainBatcher(inputs, [np.ones(3, np.int32)] * len(split.capti
                                 batch_size=32, seed=0, buckets=(4,))
 for step in range(10):
   batcher.batch(step)
-sums = np.asarray(inference._chunked(encode, inputs, 32))
+sums = np.asarray(inference.map_chunks(encode, inputs, 32))
 result = {'type': type(split.images['regions']).__name__, 'nbytes': split.images['regions'].nbytes,
           'load_mb': loaded - base, 'total_mb': peak_mb() - base, 'rows': len(sums)}
 del split, inputs, batcher

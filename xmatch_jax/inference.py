@@ -33,7 +33,7 @@ def _pad_rows(tree, size: int):
   return jax.tree.map(pad, tree)
 
 
-def _chunked(fn, tree, chunk: int):
+def map_chunks(fn, tree, chunk: int):
   """Applies `fn` to fixed-size row chunks of `tree` (last one zero-padded) and concatenates the results."""
   n = jax.tree.leaves(tree)[0].shape[0]
   outputs = []
@@ -65,12 +65,12 @@ class Scorer:
   def encode_images(self, images: dict):
     """images: dataset-format dict -> image rep pytree with leading dim n_img."""
     inputs = image_inputs(self.model, images)
-    return _chunked(lambda x: self._encode_image(self.variables, x), inputs, self.image_chunk)
+    return map_chunks(lambda x: self._encode_image(self.variables, x), inputs, self.image_chunk)
 
   def encode_text(self, tokens: np.ndarray, mask: np.ndarray):
     """tokens, mask: [n_txt, n] -> text rep pytree with leading dim n_txt."""
     inputs = {'tokens': np.asarray(tokens, np.int32), 'mask': np.asarray(mask, np.float32)}
-    return _chunked(lambda x: self._encode_text(self.variables, x), inputs, self.text_batch)
+    return map_chunks(lambda x: self._encode_text(self.variables, x), inputs, self.text_batch)
 
   def pair_scores(self, image_rep, text_rep) -> np.ndarray:
     """All pairs -> [n_img, n_txt] numpy, streamed in tiles of image_chunk images x text_batch captions.
@@ -85,7 +85,7 @@ class Scorer:
       rows = jax.tree.leaves(part)[0].shape[0]
       if rows < self.text_batch:
         part = _pad_rows(part, self.text_batch)
-      tile = _chunked(lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk)
+      tile = map_chunks(lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk)
       columns.append(np.asarray(tile)[:, :rows])
     return np.concatenate(columns, axis=1)
 

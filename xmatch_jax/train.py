@@ -56,6 +56,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('keep_checkpoints', config.keep_checkpoints >= 1, 'an int >= 1'),
       ('caption_buckets', len(config.caption_buckets) > 0 and min(config.caption_buckets) >= 1,
        'a non-empty tuple of ints >= 1'),
+      ('optim.lr_decay_epochs', config.optim.lr_decay_epochs >= 0, 'an int >= 0'),
+      ('vocab_min_count', config.vocab_min_count >= 1, 'an int >= 1 (words seen fewer times become <unk>)'),
+      ('vocab_path', not config.vocab_path or os.path.isfile(config.vocab_path),
+       "'' (build the vocabulary from the training captions) or an existing SCAN vocab json file"),
+      ('eval_image_chunk', config.eval_image_chunk >= 1, 'an int >= 1 (images per scoring tile)'),
+      ('eval_text_batch', config.eval_text_batch >= 1, 'an int >= 1 (captions per encoding batch)'),
+      ('eval_metric', config.eval_metric in ('recall', 'map'), "'recall' or 'map'"),
   ]
   if 'block_size' in config.model:
     rules.append(('model.block_size', config.model.block_size >= 1, 'an int >= 1 (images per scoring block)'))
@@ -126,7 +133,7 @@ class MetricsWriter:
       self._tb.close()
 
 
-def _prepare_vocab(config, workdir: str, train_captions: list):
+def prepare_vocab(config, workdir: str, train_captions: list):
   """The caption vocabulary: kept from W when resuming; else SCAN's word vocabulary (from config.vocab_path or
   built from the training captions), or for BERT-based models the BERT's WordPiece tokenizer (copied to W/bert)."""
   if run_setup.uses_bert(config):
@@ -194,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train, dev = parallel.first_on_process_zero(
       lambda: tuple(load_split(config.dataset, split, config.data_dir or None) for split in ('train', 'dev')), 'data')
   # Process 0 keeps or writes W's vocabulary first, the others then read it (every process read W before that).
-  vocab = parallel.first_on_process_zero(lambda: _prepare_vocab(config, workdir, train.captions), 'vocab')
+  vocab = parallel.first_on_process_zero(lambda: prepare_vocab(config, workdir, train.captions), 'vocab')
   img_dim = run_setup.img_dim_of(train.images)
   if jax.process_index() == 0:
     run_setup.save_config(config, workdir, img_dim)

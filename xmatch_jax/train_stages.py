@@ -219,7 +219,7 @@ def _evaluate(name, model, variables, config, dev, vocab) -> dict:
   else:
     fn = jax.jit(lambda v, x: model.apply(v, x, method=model.classify_image))
     inputs, labels, chunk = inference.image_inputs(model, dev.images), image_labels, config.eval_image_chunk
-  logits = inference._chunked(lambda x: fn(variables, x), inputs, chunk)  # pylint: disable=protected-access
+  logits = inference.map_chunks(lambda x: fn(variables, x), inputs, chunk)
   return {'accuracy': float(np.mean(np.asarray(logits).argmax(-1) == labels))}
 
 
@@ -306,8 +306,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, writer) -> dic
   from xmatch_jax import train as train_lib  # pylint: disable=g-import-not-at-top (train imports this module)
   train = load_split(config.dataset, 'train', config.data_dir or None)
   dev = load_split(config.dataset, 'dev', config.data_dir or None)
-  vocab = train_lib._prepare_vocab(  # pylint: disable=protected-access
-      config, workdir, train.captions)
+  vocab = train_lib.prepare_vocab(config, workdir, train.captions)
   image_labels, _ = _split_labels(train)
   if config.model.num_classes <= int(image_labels.max()):
     raise ValueError(f'config.model.num_classes = {config.model.num_classes}, but dataset {config.dataset} has label '
