@@ -20,6 +20,7 @@ import base64
 import csv
 import os
 import sys
+import zipfile
 
 import numpy as np
 
@@ -70,15 +71,28 @@ def read_npz(directory: str, image_ids: list):
     path = os.path.join(directory, f'{image_id}.npz')
     if not os.path.exists(path):
       raise FileNotFoundError(f'{path}: missing (image {image_id} of --image_ids)')
-    with np.load(path, allow_pickle=False) as z:
+    unreadable = (zipfile.BadZipFile, ValueError, EOFError, OSError)
+    expected = 'expected an .npz with x (or features) [k, d], bbox (or boxes) [k, 4], image_w, image_h'
+    try:
+      z = np.load(path, allow_pickle=False)
+    except unreadable as e:
+      raise ValueError(f'{path}: not a readable .npz file ({type(e).__name__}: {e}); {expected} (truncated or '
+                       'partly copied?)') from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+      raise ValueError(f'{path}: a single array, not an .npz archive; {expected}')
+    with z:
       keys = set(z.files)
       feature_key = 'x' if 'x' in keys else 'features'
       box_key = 'bbox' if 'bbox' in keys else 'boxes'
       missing = [k for k in (feature_key, box_key, 'image_w', 'image_h') if k not in keys]
       if missing:
         raise ValueError(f'{path}: missing field(s) {missing}; has {sorted(keys)}')
-      yield image_id, np.asarray(z[feature_key], np.float32), np.asarray(z[box_key], np.float32), \
-          (float(z['image_w']), float(z['image_h']))
+      try:
+        record = (np.asarray(z[feature_key], np.float32), np.asarray(z[box_key], np.float32),
+                  (float(z['image_w']), float(z['image_h'])))
+      except unreadable as e:
+        raise ValueError(f'{path}: a field cannot be read ({type(e).__name__}: {e}); {expected}') from None
+    yield (image_id, *record)
 
 
 def convert(records, out_dir: str, split: str, image_ids: list | None, source: str) -> dict:

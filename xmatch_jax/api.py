@@ -47,7 +47,18 @@ class Retriever:
       raise ValueError('captions must be a list of strings, not one string.')
     if not captions:
       raise ValueError('captions is empty; pass at least one caption string.')
+    if not isinstance(rerank_k, (int, np.integer)) or rerank_k < 0:
+      raise ValueError(f'rerank_k must be an int >= 0 (0: score every pair); got {rerank_k!r}.')
+    if not hasattr(images, 'keys'):
+      raise ValueError(f'images must be a dict of dataset fields such as {{"regions": [n_images, k, d]}}; got '
+                       f'{type(images).__name__}.')
     inputs = inference.image_inputs(self.model, images)
+    counts = {key: len(value) for key, value in inputs.items()}
+    if min(counts.values()) == 0:
+      raise ValueError(f'images hold no image (fields {counts}); pass at least one.')
+    if len(set(counts.values())) > 1:
+      raise ValueError(f'images fields have different numbers of images {counts}; expected one row per image in '
+                       'every field.')
     regions = inputs['regions'] if 'regions' in inputs else None
     if regions is not None:
       if regions.ndim != 3 or regions.shape[-1] != self.img_dim:

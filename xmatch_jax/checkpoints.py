@@ -49,7 +49,7 @@ class RunCheckpoints:
     """Restores the newest readable latest-checkpoint into the structure of `target_state`.
 
     Returns (state, meta), or None when there is none. A checkpoint that fails to read (half-written or
-    corrupted) is reported and the previous one is used.
+    corrupted) is reported and the previous one is used; UnreadableCheckpoints when none can be read.
     """
     return _restore_newest(self.latest, target_state)
 
@@ -59,10 +59,17 @@ class RunCheckpoints:
     With `target_state` None the saved tree is returned as saved, on this process's first device (for reading
     params; whatever mesh wrote it).
     """
+    unreadable = []
     for which, manager in (('best', self.best), ('latest', self.latest)):
-      restored = _restore_newest(manager, target_state)
+      try:
+        restored = _restore_newest(manager, target_state)
+      except UnreadableCheckpoints as e:
+        unreadable.append(str(e))
+        continue
       if restored is not None:
         return (*restored, which)
+    if unreadable:
+      raise UnreadableCheckpoints(' '.join(unreadable))
     raise FileNotFoundError(f'{self.workdir}: no checkpoint in best/ or checkpoints/; train first.')
 
   def close(self) -> None:
@@ -80,8 +87,16 @@ def _local_target(manager: ocp.CheckpointManager, step: int):
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
 
 
+class UnreadableCheckpoints(ValueError):
+  """A checkpoint directory holds steps, but none of them can be read (or none fits the model's state)."""
+
+
 def _restore_newest(manager: ocp.CheckpointManager, target_state):
-  for step in sorted(manager.all_steps(), reverse=True):
+  """(state, meta) of the newest readable step; None when there is no step; UnreadableCheckpoints when every step
+  fails to read (truncated files, or the state of another model / optimiser setting)."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  first_error = None
+  for step in steps:
     try:
       target = _local_target(manager, step) if target_state is None else _abstract(target_state)
       state_args = ocp.args.StandardRestore(target)
@@ -89,8 +104,14 @@ def _restore_newest(manager: ocp.CheckpointManager, target_state):
     except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable; try the previous one
       logging.warning('checkpoint %s/%d could not be read (%s: %s); trying the previous one.',
                       manager.directory, step, type(e).__name__, e)
+      first_error = first_error or f'{type(e).__name__}: {str(e)[:300]}'
       continue
     return restored['state'], restored['meta']
+  if steps:
+    raise UnreadableCheckpoints(
+        f'{manager.directory}: none of the checkpoint steps {sorted(steps)} can be read (the newest failed with '
+        f'{first_error}); expected a complete orbax checkpoint of this model and optimiser. Delete the broken step '
+        'directories or use a new --workdir.')
   return None
 
 

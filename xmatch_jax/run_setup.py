@@ -43,7 +43,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir (train into it first).')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not valid JSON ({e}); expected the config.json that training writes.') from None
+  if not isinstance(data, dict) or not isinstance(data.get('model'), dict):
+    raise ValueError(f'{path}: no "model" object; expected the config.json that training writes.')
+  return ml_collections.ConfigDict(data)
 
 
 def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -86,9 +92,18 @@ def load_vocab(workdir: str):
 def encode_captions(vocab: vocab_lib.Vocabulary, captions: list, config: ml_collections.ConfigDict):
   """Raw strings -> (tokens [n, L] int32, mask [n, L] float32) padded to one bucket; counts truncations."""
   for i, caption in enumerate(captions):
-    if not isinstance(caption, str) or not caption.strip():
+    if not isinstance(caption, str):
+      raise ValueError(f'caption {i} is a {type(caption).__name__} ({caption!r:.60}); expected a str.')
+    if not caption.strip():
       raise ValueError(f'caption {i} is empty ({caption!r}); captions need at least one word.')
   token_arrays = [vocab.encode(c) for c in captions]
+  longest = max(config.caption_buckets)
+  if not config.truncate_captions:
+    for i, tokens in enumerate(token_arrays):
+      if len(tokens) > longest:
+        raise ValueError(f'caption {i} has {len(tokens)} tokens, longer than the largest bucket ({longest}) of '
+                         'config.caption_buckets; add a larger bucket or set config.truncate_captions=True (longer '
+                         'captions are then cut to it and counted).')
   tokens, mask, n_truncated = batching.pad_captions(
       token_arrays, tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
   if n_truncated:

@@ -166,7 +166,11 @@ def write_flax_params(params: dict, path: str) -> None:
 def read_flax_params(path: str, config: BertConfig) -> dict:
   """Params written by `write_flax_params`, checked against the config's shapes."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  flat = {tuple(k.split('/')): v for k, v in load_file(path).items()}
+  try:
+    flat = {tuple(k.split('/')): v for k, v in load_file(path).items()}
+  except Exception as e:  # pylint: disable=broad-except - safetensors raises its own error types
+    raise ValueError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected the Flax BERT '
+                     'params that tools/convert_bert.py writes') from None
   expected = _expected_shapes(config)
   unknown = sorted('/'.join(k) for k in set(flat) - set(expected))
   missing = sorted('/'.join(k) for k in set(expected) - set(flat))

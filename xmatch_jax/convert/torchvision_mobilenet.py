@@ -6,6 +6,7 @@ running_mean/var -> batch_stats mean/var; num_batches_tracked is dropped. Unknow
 are errors naming the key.
 """
 
+import os
 import re
 
 import jax
@@ -20,12 +21,19 @@ _STEM = re.compile(r'^features\.(\d+)\.([01])\.(.+)$')
 def read_state_dict(path: str) -> dict:
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path}: no such weights file (config.mobilenet_weights)')
+    try:
+      return load_file(path)
+    except Exception as e:  # pylint: disable=broad-except - safetensors raises its own error types
+      raise ValueError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected a torchvision '
+                       'mobilenet_v3_large state_dict') from None
   state = torch_pickle.load(path)
   if isinstance(state, dict) and 'state_dict' in state:
     state = state['state_dict']
-  if not isinstance(state, dict):
-    raise ValueError(f'{path}: expected a state_dict')
+  if not isinstance(state, dict) or not all(isinstance(v, (np.ndarray, np.generic)) for v in state.values()):
+    raise ValueError(f'{path}: expected a state_dict (a mapping of names to tensors) of torchvision '
+                     f'mobilenet_v3_large; got {type(state).__name__}')
   return dict(state)
 
 

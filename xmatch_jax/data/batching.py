@@ -31,7 +31,7 @@ def bucket_length(n: int, buckets: Sequence[int], truncate: bool = False) -> int
   if truncate:
     return buckets[-1]
   raise ValueError(f'caption of {n} tokens is longer than the largest bucket ({buckets[-1]}); add a larger '
-                   'bucket or allow truncation.')
+                   'bucket (config.caption_buckets) or allow truncation (config.truncate_captions=True).')
 
 
 def _check_token_array(tokens, index: int) -> np.ndarray:
@@ -137,8 +137,8 @@ class TrainBatcher:
     self.num_truncated = int((lengths > self.buckets[-1]).sum())
     if self.num_truncated and not self.truncate:
       raise ValueError(f'{self.num_truncated} caption(s) are longer than the largest bucket ({self.buckets[-1]}); '
-                       f'the longest has {lengths.max()} tokens (caption {int(lengths.argmax())}). Add a bucket or '
-                       'set truncate=True.')
+                       f'the longest has {lengths.max()} tokens (caption {int(lengths.argmax())}). Add a bucket '
+                       '(config.caption_buckets) or set truncate=True (config.truncate_captions).')
     self._cached_order = (None, None)  # (epoch, permutation): a cache only, batches never depend on it
 
   @property

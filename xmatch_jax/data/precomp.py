@@ -50,6 +50,15 @@ CONFIGS = {
 }
 
 
+def _load_npy(path: str, expected: str) -> np.ndarray:
+  """Memory-maps a .npy file; an unreadable one (truncated, empty, pickled objects, not .npy) names the file."""
+  try:
+    return np.load(path, mmap_mode='r', allow_pickle=False)
+  except (ValueError, EOFError, OSError) as e:
+    raise ValueError(f'{path}: not a readable .npy array ({type(e).__name__}: {e}); expected a complete .npy file '
+                     f'of {expected} written by numpy.save (truncated or partly copied?)') from None
+
+
 def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
   """Opens and checks every split's files; returns {split: (ims memmap, captions, boxes or None, repeat)}."""
   out = {}
@@ -60,10 +69,7 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
       if not os.path.exists(path):
         raise FileNotFoundError(f'{path}: missing; the {config.name} precomp layout needs {split}_ims.npy and '
                                 f'{split}_caps.txt in {manual_dir}')
-    try:
-      ims = np.load(ims_path, mmap_mode='r', allow_pickle=False)
-    except ValueError as e:
-      raise ValueError(f'{ims_path}: not a plain .npy array ({e})') from None
+    ims = _load_npy(ims_path, 'float32 [n_images, k, d] region features')
     if ims.ndim != 3:
       raise ValueError(f'{ims_path}: shape {ims.shape}; expected [n_images, k, d]')
     if ims.dtype != np.float32:
@@ -72,8 +78,11 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
       raise ValueError(f'{ims_path}: feature size {ims.shape[2]}; expected {config.region_dim}')
     if config.num_regions and ims.shape[1] != config.num_regions:
       raise ValueError(f'{ims_path}: {ims.shape[1]} regions per image; expected {config.num_regions}')
-    with open(caps_path, encoding='utf-8') as f:
-      captions = [line.rstrip('\n') for line in f]
+    try:
+      with open(caps_path, encoding='utf-8') as f:
+        captions = [line.rstrip('\n') for line in f]
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{caps_path}: not UTF-8 text ({e}); expected one caption per line in UTF-8') from None
     if captions and captions[-1] == '':
       captions.pop()
     empty = [i + 1 for i, c in enumerate(captions) if not c.strip()]
@@ -92,7 +101,7 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
     boxes = None
     boxes_path = os.path.join(manual_dir, f'{split}_boxes.npy')
     if os.path.exists(boxes_path):
-      boxes = np.load(boxes_path, mmap_mode='r', allow_pickle=False)
+      boxes = _load_npy(boxes_path, f'PFAN block positions [{n_images}, {ims.shape[1]}, 2L]')
       if boxes.shape[:2] != (n_images, ims.shape[1]):
         raise ValueError(f'{boxes_path}: shape {boxes.shape}; expected [{n_images}, {ims.shape[1]}, 2L]')
     out[split] = (ims, captions, boxes, repeat)

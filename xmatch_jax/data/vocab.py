@@ -17,6 +17,7 @@ English model does in the common cases; rare Punkt decisions that depend on its 
 
 import collections
 import json
+import os
 import re
 from typing import Iterable, Sequence
 
@@ -189,11 +190,16 @@ class Vocabulary:
   @classmethod
   def from_json(cls, path: str) -> 'Vocabulary':
     """Reads and validates a SCAN vocabulary json (`idx2word` with string keys, `word2idx`, `idx`)."""
-    with open(path) as f:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: vocabulary file not found; expected a SCAN vocabulary json (idx2word, '
+                              'word2idx, idx), e.g. the vocab.json of a training workdir.')
+    with open(path, encoding='utf-8') as f:
       try:
         data = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f'{path}: not valid json ({e}); expected a SCAN vocabulary file.') from e
+      except UnicodeDecodeError as e:
+        raise ValueError(f'{path}: not UTF-8 text ({e}); expected a SCAN vocabulary json file.') from None
     if not isinstance(data, dict):
       raise ValueError(f'{path}: expected a json object with fields idx2word, word2idx, idx; got '
                        f'{type(data).__name__}.')
