@@ -214,6 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       buckets=tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
   dev_tokens, dev_mask = run_setup.encode_captions(vocab, dev.captions, config)
   steps_per_epoch = batcher.steps_per_epoch
+  if batcher.num_truncated and jax.process_index() == 0:
+    print(f'note: {batcher.num_truncated} training caption(s) are longer than {max(config.caption_buckets)} tokens and '
+          'are truncated to it (config.truncate_captions=True).')
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
