@@ -1,24 +1,46 @@
-"""Region features from a detector's output files -> SCAN's precomp layout (`{split}_ims.npy`, `{split}_boxes.npy`).
+"""Region features from a detector's output files -> SCAN's precomp layout (`{split}_ims.npy`, `{split}_boxes.npy`,
+optionally `{split}_tags.txt`).
 
   python tools/convert_features.py tsv --input=trainval_resnet101_faster_rcnn_genome_36.tsv --image_ids=test_ids.txt \
       --out_dir=data/f30k_precomp --split=test
   python tools/convert_features.py npz --input=features_dir --image_ids=test_ids.txt --out_dir=... --split=test
 
 tsv: bottom-up-attention's format, tab-separated columns image_id, image_w, image_h, num_boxes, boxes, features
-(boxes and features base64 float32, [num_boxes, 4] and [num_boxes, d]); several --input files may be given.
+(boxes and features base64 float32, [num_boxes, 4] and [num_boxes, d]); several --input files may be given. TSVs
+with 10 columns are read as the layout with detections (py-bottom-up-attention, LXMERT): img_id, img_h, img_w,
+objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes, features (ids base64 int64 or int32, confidences
+float32); --tsv_fields=a,b,... names the columns of any other order. A header row naming the columns is skipped.
 npz: one `<image_id>.npz` per image with `x` (or `features`) [k, d], `bbox` (or `boxes`) [k, 4] and `image_w`,
-`image_h` (bottom-up-attention.pytorch's extractor). --image_ids lists one image id per line in the order of the
-split's captions (5 lines per image in `{split}_caps.txt`); without it the TSV order is kept.
+`image_h` (bottom-up-attention.pytorch's extractor), and for tags `objects_id` (or `objects`), `attrs_id` (or
+`attrs`), optional `attrs_conf`, either as arrays or inside that extractor's pickled `info` dict (read by an
+unpickler that builds numpy arrays and plain values only, never running code). --image_ids lists one image id per
+line in the order of the split's captions (5 lines per image in `{split}_caps.txt`); without it the TSV order is
+kept.
 
 Writes `{split}_ims.npy` [n, k, d] float32 through a memory map, one image at a time (the whole file never sits in
 memory), and `{split}_boxes.npy`, the PFAN block positions [n, k, 2L] computed from the boxes and image sizes.
 Every image must have the same k; errors name the file, the image and the field.
+
+Tags (GLFN): with --objects_vocab=objects_vocab.txt [--attributes_vocab=attributes_vocab.txt] (the Visual Genome
+1600 / 400 names shipped with bottom-up-attention, data/genome/1600-400-20/: line j names id j, first of its
+comma-separated synonyms; ids count from 0, as bottom-up-attention's argmax over the scores without the background
+column gives them) it also writes `{split}_tags.txt`: per image one line of k TAB-separated tags "attribute class"
+(e.g. "white plate"), or "class" without --attributes_vocab or where the attribute's confidence (attrs_conf) is
+<= --attr_threshold (default 0, so only the confidence 0 that exports without an attribute head write drops one;
+bottom-up-attention's demo shows attributes above 0.1). Only the ids are kept while reading (2 small ints per
+region); the file is written at the end in the split's order.
+
+  python tools/convert_features.py tsv --input=f30k_lxmert_36.tsv --image_ids=test_ids.txt --out_dir=DIR \
+      --split=test --objects_vocab=objects_vocab.txt --attributes_vocab=attributes_vocab.txt
 """
 
 import argparse
 import base64
+import codecs
 import csv
+import importlib
 import os
+import pickle
 import sys
 import zipfile
 
@@ -31,6 +53,12 @@ if REPO not in sys.path:
 from xmatch_jax.data import pfan  # pylint: disable=g-import-not-at-top
 
 TSV_FIELDS = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features')
+# With detections (py-bottom-up-attention's and LXMERT's extractors; note img_h before img_w).
+TSV_FIELDS_DETECTIONS = ('img_id', 'img_h', 'img_w', 'objects_id', 'objects_conf', 'attrs_id', 'attrs_conf',
+                         'num_boxes', 'boxes', 'features')
+_ALIASES = {'img_id': 'image_id', 'img_w': 'image_w', 'img_h': 'image_h', 'objects': 'objects_id',
+            'attrs': 'attrs_id'}
+LABEL_FIELDS = ('objects_id', 'attrs_id', 'attrs_conf')
 
 
 def _decode(text: str, count: int, where: str, field: str) -> np.ndarray:
@@ -44,16 +72,46 @@ def _decode(text: str, count: int, where: str, field: str) -> np.ndarray:
   return np.frombuffer(raw, np.float32).reshape(count, -1)
 
 
-def read_tsv(paths: list):
-  """Yields (image_id, regions [k, d], boxes [k, 4], (width, height)) from bottom-up-attention TSV files."""
+def _decode_vector(text: str, count: int, where: str, field: str) -> np.ndarray:
+  """A base64 vector of num_boxes ids (int64 or int32) or confidences (float32 or float64), told apart by size."""
+  try:
+    raw = base64.b64decode(text, validate=True)
+  except ValueError as e:
+    raise ValueError(f'{where}: field {field} is not base64 ({e})') from None
+  kinds = (np.int64, np.int32) if field.endswith('_id') else (np.float32, np.float64)
+  for dtype in kinds:
+    if len(raw) == count * np.dtype(dtype).itemsize:
+      return np.frombuffer(raw, dtype)
+  names = ' or '.join(np.dtype(d).name for d in kinds)
+  raise ValueError(f'{where}: field {field} holds {len(raw)} bytes; expected num_boxes ({count}) values of {names}')
+
+
+def _canonical(name: str) -> str:
+  return _ALIASES.get(name, name)
+
+
+def read_tsv(paths: list, fields: tuple | None = None):
+  """Yields (image_id, regions [k, d], boxes [k, 4], (width, height), labels) from bottom-up-attention TSV files;
+  labels: {objects_id, attrs_id, attrs_conf: [k]} for the columns the TSV has. fields: the column names (default:
+  told by the column count, 6 or 10)."""
   csv.field_size_limit(sys.maxsize)
+  layouts = {len(f): f for f in ((fields,) if fields else (TSV_FIELDS, TSV_FIELDS_DETECTIONS))}
   for path in paths:
     with open(path, newline='') as f:
+      names = None
       for line, row in enumerate(csv.reader(f, delimiter='\t'), 1):
         where = f'{path}:{line}'
-        if len(row) != len(TSV_FIELDS):
-          raise ValueError(f'{where}: {len(row)} columns; expected {len(TSV_FIELDS)} ({", ".join(TSV_FIELDS)})')
-        record = dict(zip(TSV_FIELDS, row))
+        if names is None:
+          if len(row) not in layouts:
+            expected = ' or '.join(f'{n} ({", ".join(v)})' for n, v in layouts.items())
+            raise ValueError(f'{where}: {len(row)} columns; expected {expected}'
+                             f'{"" if fields else ", or name them with --tsv_fields"}')
+          names = tuple(_canonical(n) for n in layouts[len(row)])
+          if tuple(_canonical(c) for c in row) == names:
+            continue   # a header row
+        if len(row) != len(names):
+          raise ValueError(f'{where}: {len(row)} columns; expected {len(names)} ({", ".join(names)}) like line 1')
+        record = dict(zip(names, row))
         try:
           count = int(record['num_boxes'])
           size = (float(record['image_w']), float(record['image_h']))
@@ -62,11 +120,61 @@ def read_tsv(paths: list):
         boxes = _decode(record['boxes'], count, where, 'boxes')
         if boxes.shape[1] != 4:
           raise ValueError(f'{where}: field boxes has {boxes.shape[1]} values per box; expected 4')
-        yield record['image_id'], _decode(record['features'], count, where, 'features'), boxes, size
+        labels = {k: _decode_vector(record[k], count, where, k) for k in LABEL_FIELDS if k in record}
+        yield record['image_id'], _decode(record['features'], count, where, 'features'), boxes, size, labels
 
 
-def read_npz(directory: str, image_ids: list):
-  """Yields (image_id, regions, boxes, (width, height)) from `<image_id>.npz` files."""
+class _NumpyUnpickler(pickle.Unpickler):
+  """Builds numpy arrays, scalars and plain values only; any other global (code) is refused, naming it."""
+
+  def __init__(self, file, where: str):
+    super().__init__(file)
+    self._where = where
+
+  def find_class(self, module: str, name: str):
+    if module in ('numpy.core.multiarray', 'numpy._core.multiarray') and name in ('_reconstruct', 'scalar'):
+      try:
+        return getattr(importlib.import_module('numpy._core.multiarray'), name)
+      except ImportError:
+        return getattr(importlib.import_module('numpy.core.multiarray'), name)
+    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype, ('_codecs', 'encode'): codecs.encode}
+    if (module, name) not in allowed:
+      raise pickle.UnpicklingError(f'{self._where}: refusing to load global {module}.{name}; only numpy arrays and '
+                                   'plain values are read')
+    return allowed[(module, name)]
+
+
+def _read_pickled_member(path: str, member: str):
+  """The object array `member` (e.g. 'info') of an .npz, unpickled by _NumpyUnpickler."""
+  where = f'{path} field {member}'
+  with zipfile.ZipFile(path) as archive, archive.open(f'{member}.npy') as f:
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    _, _, dtype = read_header(f)
+    if not dtype.hasobject:
+      raise ValueError(f'{where}: dtype {dtype}; expected a pickled dict (object array)')
+    value = _NumpyUnpickler(f, where).load()
+  return value.item() if isinstance(value, np.ndarray) and value.shape == () else value
+
+
+def _npz_labels(z, path: str) -> dict:
+  """objects_id / attrs_id / attrs_conf from an .npz: top-level arrays (also `objects`, `attrs`), else the pickled
+  `info` dict of bottom-up-attention.pytorch."""
+  labels = {}
+  for key in z.files:
+    if _canonical(key) in LABEL_FIELDS:
+      labels[_canonical(key)] = np.asarray(z[key]).reshape(-1)
+  if 'objects_id' not in labels and 'info' in z.files:
+    info = _read_pickled_member(path, 'info')
+    if not isinstance(info, dict):
+      raise ValueError(f'{path}: field info is a {type(info).__name__}; expected a dict with objects_id, attrs_id')
+    labels = {k: np.asarray(info[k]).reshape(-1) for k in LABEL_FIELDS if k in info}
+  return labels
+
+
+def read_npz(directory: str, image_ids: list, with_labels: bool = False):
+  """Yields (image_id, regions, boxes, (width, height), labels) from `<image_id>.npz` files; labels (see read_tsv)
+  only with_labels, else {}."""
   for image_id in image_ids:
     path = os.path.join(directory, f'{image_id}.npz')
     if not os.path.exists(path):
@@ -90,23 +198,91 @@ def read_npz(directory: str, image_ids: list):
       try:
         record = (np.asarray(z[feature_key], np.float32), np.asarray(z[box_key], np.float32),
                   (float(z['image_w']), float(z['image_h'])))
-      except unreadable as e:
+        labels = _npz_labels(z, path) if with_labels else {}
+      except (pickle.UnpicklingError, KeyError, *unreadable) as e:
         raise ValueError(f'{path}: a field cannot be read ({type(e).__name__}: {e}); {expected}') from None
-    yield (image_id, *record)
+    yield (image_id, *record, labels)
 
 
-def convert(records, out_dir: str, split: str, image_ids: list | None, source: str) -> dict:
-  """Writes `{split}_ims.npy` and `{split}_boxes.npy` in `image_ids` order (or the records' order)."""
+def load_vocab(path: str, what: str) -> list:
+  """Names, one per line, each the first of the line's comma-separated synonyms (bottom-up-attention's
+  objects_vocab.txt / attributes_vocab.txt); line j (from 0) names id j."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.rstrip('\n').rstrip('\r') for line in f]
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text ({e}); expected one {what} name per line') from None
+  while lines and not lines[-1].strip():
+    lines.pop()
+  if not lines:
+    raise ValueError(f'{path}: no names; expected one {what} name per line')
+  names = []
+  for lineno, line in enumerate(lines, 1):
+    name = line.split(',')[0].strip()
+    if not name or '\t' in name:
+      raise ValueError(f'{path}: line {lineno} {"holds a TAB" if name else "is empty"}; expected one {what} name '
+                       'per line (synonyms after commas)')
+    names.append(name)
+  return names
+
+
+class Tagger:
+  """Region tags "attribute class" from detector ids. `ids` checks one image's ids and returns them compactly
+  ([k, 2] int32: class, attribute or -1); `line` turns those into the TAB-separated tags of `{split}_tags.txt`."""
+
+  def __init__(self, objects_path: str, attributes_path: str | None = None, attr_threshold: float = 0.0):
+    self.objects_path, self.attributes_path = objects_path, attributes_path
+    self.objects = load_vocab(objects_path, 'object class')
+    self.attributes = load_vocab(attributes_path, 'attribute') if attributes_path else None
+    self.attr_threshold = attr_threshold
+
+  def _vector(self, labels: dict, field: str, count: int, where: str, vocab: list | None, path: str | None):
+    value = labels.get(field)
+    if value is None:
+      raise ValueError(f'{where} has no {field}; tags need detections with class ids (TSV columns objects_id / '
+                       'attrs_id / attrs_conf, or those npz fields or npz info dict)')
+    value = np.asarray(value).reshape(-1)
+    if value.shape != (count,):
+      raise ValueError(f'{where}: field {field} has {value.size} values; expected one per region ({count})')
+    if vocab is not None:
+      bad = (value < 0) | (value >= len(vocab))
+      if bad.any():
+        r = int(np.argmax(bad))
+        raise ValueError(f'{where} region {r}: {field} {value[r]} is outside {path} ({len(vocab)} names: ids 0 .. '
+                         f'{len(vocab) - 1})')
+    return value
+
+  def ids(self, labels: dict, count: int, where: str) -> np.ndarray:
+    out = np.full((count, 2), -1, np.int32)
+    out[:, 0] = self._vector(labels, 'objects_id', count, where, self.objects, self.objects_path)
+    if self.attributes is not None:
+      attrs = self._vector(labels, 'attrs_id', count, where, self.attributes, self.attributes_path)
+      keep = np.ones(count, bool)
+      if labels.get('attrs_conf') is not None:
+        keep = self._vector(labels, 'attrs_conf', count, where, None, None) > self.attr_threshold
+      out[:, 1] = np.where(keep, attrs, -1)
+    return out
+
+  def line(self, ids: np.ndarray) -> str:
+    return '\t'.join(self.objects[o] if a < 0 else f'{self.attributes[a]} {self.objects[o]}' for o, a in ids)
+
+
+def convert(records, out_dir: str, split: str, image_ids: list | None, source: str,
+            tagger: Tagger | None = None) -> dict:
+  """Writes `{split}_ims.npy` and `{split}_boxes.npy` (and with a tagger `{split}_tags.txt`) in `image_ids` order
+  (or the records' order)."""
   os.makedirs(out_dir, exist_ok=True)
   if image_ids is not None:
     wanted = {image_id: i for i, image_id in enumerate(image_ids)}
     if len(wanted) != len(image_ids):
       twice = sorted({i for i in image_ids if image_ids.count(i) > 1})
       raise ValueError(f'--image_ids lists image(s) {twice[:3]} more than once')
-  ims = positions = None
+  ims = positions = tag_ids = None
   seen = {}
   shape = None
-  for image_id, regions, boxes, size in records:
+  has_labels = False
+  for image_id, regions, boxes, size, *rest in records:
+    labels = rest[0] if rest else {}
     if image_ids is not None and image_id not in wanted:
       continue
     index = wanted[image_id] if image_ids is not None else len(seen)
@@ -118,8 +294,9 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
       shape = regions.shape
       n = len(image_ids) if image_ids is not None else None
       if n is None:   # unknown count: collect (TSV order, no ids file)
-        ims, positions = [], []
+        ims, positions, tag_ids = [], [], []
       else:
+        tag_ids = np.full((n, shape[0], 2), -1, np.int32) if tagger else None
         ims = np.lib.format.open_memmap(os.path.join(out_dir, f'{split}_ims.npy'), 'w+', np.float32, (n,) + shape)
         positions = np.lib.format.open_memmap(os.path.join(out_dir, f'{split}_boxes.npy'), 'w+', np.float64,
                                               (n, shape[0], 2 * pfan.TOP_L))
@@ -130,12 +307,17 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
       raise ValueError(f'{source}: image {image_id} features hold NaN or inf')
     blocks, weights = pfan.block_positions(boxes[None], np.array([size]), where=f'{source} image {image_id}')
     layout = pfan.to_pfan_layout(blocks, weights)[0]
+    has_labels = has_labels or 'objects_id' in labels
+    ids = tagger.ids(labels, shape[0], f'{source}: image {image_id}') if tagger else None
     if isinstance(ims, list):
       ims.append(regions)
       positions.append(layout)
+      tag_ids.append(ids)
     else:
       ims[index] = regions
       positions[index] = layout
+      if tagger:
+        tag_ids[index] = ids
     seen[image_id] = index
   if image_ids is not None:
     missing = [i for i in image_ids if i not in seen]
@@ -148,7 +330,11 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
   else:
     np.save(os.path.join(out_dir, f'{split}_ims.npy'), np.stack(ims))
     np.save(os.path.join(out_dir, f'{split}_boxes.npy'), np.stack(positions))
-  return {'images': len(seen), 'regions': shape[0], 'dim': shape[1],
+  if tagger:
+    with open(os.path.join(out_dir, f'{split}_tags.txt'), 'w', encoding='utf-8', newline='\n') as f:
+      for ids in tag_ids:
+        f.write(tagger.line(ids) + '\n')
+  return {'images': len(seen), 'regions': shape[0], 'dim': shape[1], 'has_labels': has_labels,
           'order': [i for i, _ in sorted(seen.items(), key=lambda kv: kv[1])]}
 
 
@@ -159,7 +345,21 @@ def main(argv=None) -> int:
   parser.add_argument('--image_ids', help='file with one image id per line, in the split\'s caption order')
   parser.add_argument('--out_dir', required=True)
   parser.add_argument('--split', required=True)
+  parser.add_argument('--tsv_fields', help='comma-separated TSV column names (default: by column count, see above)')
+  parser.add_argument('--objects_vocab', help='class names, one per line (objects_vocab.txt): write {split}_tags.txt')
+  parser.add_argument('--attributes_vocab', help='attribute names, one per line (attributes_vocab.txt)')
+  parser.add_argument('--attr_threshold', type=float, default=0.0,
+                      help='drop an attribute whose confidence (attrs_conf) is <= this (default 0)')
   args = parser.parse_args(argv)
+  if args.attributes_vocab and not args.objects_vocab:
+    parser.error('--attributes_vocab needs --objects_vocab (tags are "attribute class")')
+  tagger = Tagger(args.objects_vocab, args.attributes_vocab, args.attr_threshold) if args.objects_vocab else None
+  fields = None
+  if args.tsv_fields:
+    fields = tuple(_canonical(n.strip()) for n in args.tsv_fields.split(','))
+    missing = [n for n in ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features') if n not in fields]
+    if missing:
+      parser.error(f'--tsv_fields lacks {missing}; got {list(fields)}')
   image_ids = None
   if args.image_ids:
     with open(args.image_ids) as f:
@@ -167,12 +367,19 @@ def main(argv=None) -> int:
   if args.format == 'npz':
     if image_ids is None:
       parser.error('npz needs --image_ids (the order of the split)')
-    records = read_npz(args.input[0], image_ids)
+    records = read_npz(args.input[0], image_ids, with_labels=tagger is not None)
   else:
-    records = read_tsv(args.input)
-  summary = convert(records, args.out_dir, args.split, image_ids, ', '.join(args.input))
+    records = read_tsv(args.input, fields)
+  summary = convert(records, args.out_dir, args.split, image_ids, ', '.join(args.input), tagger)
   print(f'{args.split}: {summary["images"]} images x {summary["regions"]} regions x {summary["dim"]} -> '
-        f'{args.out_dir}/{args.split}_ims.npy, {args.split}_boxes.npy')
+        f'{args.out_dir}/{args.split}_ims.npy, {args.split}_boxes.npy{f", {args.split}_tags.txt" if tagger else ""}')
+  stale = os.path.join(args.out_dir, f'{args.split}_tags.txt')
+  if not tagger and os.path.exists(stale):
+    print(f'Note: {stale} was not rewritten (no --objects_vocab); the precomp builder reads it, so it must describe '
+          'these regions, or be deleted.')
+  if summary['has_labels'] and not tagger:
+    print('The input has class ids (objects_id): --objects_vocab=objects_vocab.txt '
+          '--attributes_vocab=attributes_vocab.txt would also write the region tags GLFN uses.')
   if image_ids is None:
     with open(os.path.join(args.out_dir, f'{args.split}_ids.txt'), 'w') as f:
       f.write('\n'.join(summary['order']) + '\n')

@@ -74,7 +74,12 @@ def _lazy_wanted(nbytes: int, where: str) -> bool:
 
 def _load_precomp(name: str, split: str, data_dir: str) -> Split:
   """Small splits in memory; large ones (see LAZY_THRESHOLD_BYTES) with `regions` (and `pfan_blocks` /
-  `pfan_weights`) as LazyRows, captions and image ids in memory."""
+  `pfan_weights`) as LazyRows, captions and image ids in memory.
+
+  `tags` ([N, k] object array of str, only when the dataset was built with `{split}_tags.txt`) is always in memory,
+  also for lazy splits: equal tags share one str object, so COCO train (113k x 36) costs ~33 MB of pointers plus
+  its few thousand distinct tags, and GLFN's prepare_images tokenises the whole field at once anyway.
+  """
   from xmatch_jax.data import precomp  # pylint: disable=g-import-not-at-top (imports tfds)
 
   builder = precomp.build(name, manual_dir(name, data_dir), data_dir)
@@ -88,8 +93,9 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
     raise ValueError(f'{where}: the split has no images; expected at least one.')
   first = source[0]
   fields = ['regions'] + (['pfan_blocks', 'pfan_weights'] if first['pfan_blocks'].size else [])
+  tags = _Tags(n, len(first['tags']), where) if len(first['tags']) else None
   if _lazy_wanted(n * sum(first[f].nbytes for f in fields), where):
-    return _load_precomp_lazy(source, first, fields, where, precomp.CAPTIONS_PER_IMAGE)
+    return _load_precomp_lazy(source, first, fields, where, precomp.CAPTIONS_PER_IMAGE, tags)
   # Filled in place, one example at a time: stacking a list of examples would hold the features twice.
   images = {f: np.empty((n,) + first[f].shape, np.float32 if f == 'regions' else first[f].dtype) for f in fields}
   images['image_id'] = np.empty(n, np.int64)
@@ -103,13 +109,34 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
       images[f][i] = e[f]
     images['image_id'][i] = e['image_id']
     captions.extend(_text(c) for c in e['captions'])
+    if tags is not None:
+      tags.set(i, e['tags'])
+  if tags is not None:
+    images['tags'] = tags.values
   caption_to_image = np.repeat(np.arange(n), precomp.CAPTIONS_PER_IMAGE)
   return Split(images, captions, caption_to_image)
 
 
-def _load_precomp_lazy(source, first: dict, fields: list, where: str, captions_per_image: int) -> Split:
+class _Tags:
+  """The `tags` field being filled: [n, k] object array of str; equal tags share one str object."""
+
+  def __init__(self, n: int, k: int, where: str):
+    self.values = np.empty((n, k), dtype=object)
+    self.where = where
+    self._interned = {}
+
+  def set(self, i: int, row) -> None:
+    if len(row) != self.values.shape[1]:
+      raise ValueError(f'{self.where}: field "tags" row {i} has {len(row)} tags; expected {self.values.shape[1]} '
+                       'like row 0 (one per region).')
+    for r, tag in enumerate(row):
+      self.values[i, r] = self._interned.setdefault(tag, _text(tag))
+
+
+def _load_precomp_lazy(source, first: dict, fields: list, where: str, captions_per_image: int,
+                       tags: _Tags | None = None) -> Split:
   """Image fields as LazyRows over `source` (row shape and dtype of the first example, checked on every read);
-  one pass over the examples, a chunk at a time, collects the captions and image ids."""
+  one pass over the examples, a chunk at a time, collects the captions, image ids and tags (in memory)."""
   reader = lazy.RowReader(source, where)
   images = {f: lazy.LazyRows(reader, f, first[f].shape, np.float32 if f == 'regions' else first[f].dtype)
             for f in fields}
@@ -119,7 +146,11 @@ def _load_precomp_lazy(source, first: dict, fields: list, where: str, captions_p
     for i, e in enumerate(reader.read(np.arange(start, min(start + lazy.SCAN_CHUNK, n)), cache=False)):
       image_ids[start + i] = e['image_id']
       captions.extend(_text(c) for c in e['captions'])
+      if tags is not None:
+        tags.set(start + i, e['tags'])
   images['image_id'] = image_ids
+  if tags is not None:
+    images['tags'] = tags.values
   return Split(images, captions, np.repeat(np.arange(n), captions_per_image))
 
 

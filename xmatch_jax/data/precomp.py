@@ -6,15 +6,33 @@ Expected files in the manual dir (SCAN's `data/<name>_precomp/`, e.g. f30k_preco
                       per caption (images repeated 5 times, as some SCAN releases store them)
   {split}_caps.txt    one caption per line, 5 consecutive lines per image
   {split}_boxes.npy   optional, PFAN block positions [n_images, k, 2L] (see xmatch_jax.data.pfan)
+  {split}_tags.txt    optional, per-region tags (GLFN): line i holds the k tags of image i ("red car", ...), in the
+                      order of its regions in {split}_ims.npy, separated by TAB characters (a tag may contain
+                      spaces; spaces around a tag are dropped); UTF-8; one line per image, also when
+                      {split}_ims.npy repeats each image per caption. Every split has one, or none does.
 
 Splits: train, dev, test (and testall for coco). Checks on build, each naming the file and the expected value:
 Flickr30K test = 1000 images / 5000 captions, COCO testall = 5000 / 25000, captions = 5 x images, feature size,
-dtype float32, no NaN / inf, no empty caption, boxes matching the images. Features are read memory-mapped one
-image at a time, so COCO's ~17 GB train file never has to fit in memory.
+dtype float32, no NaN / inf, no empty caption, boxes matching the images, tags files for all splits or none, one
+line per image with exactly k non-empty tags (named by line). Features are read memory-mapped one image at a time,
+so COCO's ~17 GB train file never has to fit in memory.
+
+Tags come from the detector that produced the features: bottom-up-attention predicts a Visual Genome class and
+attribute per box, and GLFN's tag is "attribute class" (e.g. "white plate"), the names taken from the vocab files
+shipped with bottom-up-attention (data/genome/1600-400-20/objects_vocab.txt, attributes_vocab.txt: line j names
+class / attribute j, the first of its comma-separated synonyms). tools/convert_features.py writes {split}_tags.txt
+with {split}_ims.npy when given --objects_vocab / --attributes_vocab and detections that carry objects_id /
+attrs_id. The tags must describe the same boxes, in the same order, as the features: SCAN's released precomp
+features carry no class ids, so for them the detector has to be re-run on their boxes.
 
   python -c "from xmatch_jax.data import precomp; precomp.build('f30k', manual_dir='data/f30k_precomp')"
 
-The name does not clash with TFDS's own flickr30k / coco datasets.
+The name does not clash with TFDS's own flickr30k / coco datasets. A build is stored in
+<data_dir>/xmatch_precomp/<config>/<VERSION> and reused from then on; TFDS does not look at the manual dir again.
+Version 1.1.0 added `tags`, so the first load after that update rebuilds every config from its manual dir (which must
+still hold the files; as slow as the first build; the 1.0.0 directory is no longer read and may be deleted). Tags
+files added after a build need a rebuild too: delete <data_dir>/xmatch_precomp/<config>/1.1.0 (a load refuses a
+build whose tags disagree with the manual dir, naming that directory).
 """
 
 import dataclasses
@@ -60,8 +78,16 @@ def _load_npy(path: str, expected: str) -> np.ndarray:
 
 
 def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
-  """Opens and checks every split's files; returns {split: (ims memmap, captions, boxes or None, repeat)}."""
+  """Opens and checks every split's files; returns {split: (ims memmap, captions, boxes or None, repeat, tags path
+  or None)}."""
   out = {}
+  tags_paths = {split: os.path.join(manual_dir, f'{split}_tags.txt') for split in config.splits}
+  have_tags = [split for split in config.splits if os.path.exists(tags_paths[split])]
+  if have_tags and len(have_tags) != len(config.splits):
+    missing = [tags_paths[split] for split in config.splits if split not in have_tags]
+    raise FileNotFoundError(f'{", ".join(missing)}: missing, but {", ".join(f"{s}_tags.txt" for s in have_tags)} '
+                            f'exist(s) in {manual_dir}; expected a {{split}}_tags.txt for every split '
+                            f'({", ".join(config.splits)}) or for none')
   for split in config.splits:
     ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
     caps_path = os.path.join(manual_dir, f'{split}_caps.txt')
@@ -104,15 +130,64 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
       boxes = _load_npy(boxes_path, f'PFAN block positions [{n_images}, {ims.shape[1]}, 2L]')
       if boxes.shape[:2] != (n_images, ims.shape[1]):
         raise ValueError(f'{boxes_path}: shape {boxes.shape}; expected [{n_images}, {ims.shape[1]}, 2L]')
-    out[split] = (ims, captions, boxes, repeat)
+    tags_path = tags_paths[split] if have_tags else None
+    if tags_path:
+      _check_tags(tags_path, n_images, ims.shape[1], ims_path)
+    out[split] = (ims, captions, boxes, repeat, tags_path)
   return out
+
+
+def _split_tags(line: str, path: str, lineno: int, k: int) -> list:
+  """One line of a tags file -> its k tags (stripped); errors name the file, the line and the expectation."""
+  tags = [t.strip() for t in line.split('\t')]
+  if len(tags) != k:
+    hint = ' (this line has no TAB: are the tags separated by spaces?)' if len(tags) == 1 and k > 1 else ''
+    ims = os.path.basename(path)[:-len('_tags.txt')] + '_ims.npy'
+    raise ValueError(f'{path}: line {lineno} has {len(tags)} tag(s); expected {k} (one per region of {ims}), '
+                     f'separated by TAB characters{hint}')
+  empty = [r + 1 for r, t in enumerate(tags) if not t]
+  if empty:
+    raise ValueError(f'{path}: line {lineno}: tag {empty[0]} is empty ({len(empty)} empty); expected {k} '
+                     'non-empty tags')
+  return tags
+
+
+def _tag_lines(path: str):
+  """Yields (line number, text without the line end) of a UTF-8 tags file; non-UTF-8 bytes name the line."""
+  with open(path, 'rb') as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise ValueError(f'{path}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start} of the line); expected '
+                         'UTF-8 text') from None
+      yield lineno, line.rstrip('\n').rstrip('\r')
+
+
+def _check_tags(path: str, n_images: int, k: int, ims_path: str) -> None:
+  """One line per image of `ims_path` with k tags each (empty lines after the last image are ignored)."""
+  lines = 0
+  for lineno, line in _tag_lines(path):
+    if lineno > n_images:
+      if line.strip():
+        raise ValueError(f'{path}: line {lineno}: more lines than images; expected {n_images} lines, one per image '
+                         f'of {ims_path}')
+      continue
+    _split_tags(line, path, lineno, k)
+    lines = lineno
+  if lines < n_images:
+    raise ValueError(f'{path}: ends after {lines} line(s): line {lines + 1} is missing; expected {n_images} lines, '
+                     f'one per image of {ims_path}')
 
 
 class XmatchPrecomp(tfds.core.GeneratorBasedBuilder):
   """Region features + 5 captions per image from SCAN's precomp files (manual download)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'SCAN precomp layout: regions, 5 captions, optional PFAN positions.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'SCAN precomp layout: regions, 5 captions, optional PFAN positions.',
+      '1.1.0': 'Optional per-region tags from {split}_tags.txt (feature `tags`, empty when the dataset has none).',
+  }
   BUILDER_CONFIGS = list(CONFIGS.values())
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
@@ -133,6 +208,7 @@ class XmatchPrecomp(tfds.core.GeneratorBasedBuilder):
             'captions': tfds.features.Sequence(tfds.features.Text(), length=CAPTIONS_PER_IMAGE),
             'pfan_blocks': tfds.features.Tensor(shape=(None, None), dtype=np.int32, encoding='zlib'),
             'pfan_weights': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding='zlib'),
+            'tags': tfds.features.Sequence(tfds.features.Text()),   # k tags, or none
         }),
         disable_shuffling=True)
 
@@ -141,8 +217,10 @@ class XmatchPrecomp(tfds.core.GeneratorBasedBuilder):
     files = _check_files(manual_dir, self.builder_config)
     return {split: self._generate_examples(split, manual_dir, *files[split]) for split in self.builder_config.splits}
 
-  def _generate_examples(self, split, manual_dir, ims, captions, boxes, repeat):
+  def _generate_examples(self, split, manual_dir, ims, captions, boxes, repeat, tags_path):
     ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
+    # Read in step with the images (checked by _check_files): the file is never held in memory.
+    tag_lines = _tag_lines(tags_path) if tags_path else None
     for i in range(len(captions) // CAPTIONS_PER_IMAGE):
       regions = np.array(ims[i * repeat], np.float32)
       if not np.isfinite(regions).all():
@@ -152,9 +230,15 @@ class XmatchPrecomp(tfds.core.GeneratorBasedBuilder):
         blocks, weights = blocks[0], weights[0]
       else:
         blocks, weights = np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32)
+      tags = []
+      if tag_lines is not None:
+        lineno, line = next(tag_lines)
+        tags = _split_tags(line, tags_path, lineno, regions.shape[0])
       yield i, {'image_id': i, 'regions': regions,
                 'captions': captions[i * CAPTIONS_PER_IMAGE:(i + 1) * CAPTIONS_PER_IMAGE],
-                'pfan_blocks': blocks, 'pfan_weights': weights}
+                'pfan_blocks': blocks, 'pfan_weights': weights, 'tags': tags}
+    if tag_lines is not None:
+      tag_lines.close()
 
 
 def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrecomp:
@@ -166,4 +250,23 @@ def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrec
                             '({split}_ims.npy, {split}_caps.txt)')
   builder = XmatchPrecomp(config=name, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  _check_built_tags(builder, manual_dir)
   return builder
+
+
+def _check_built_tags(builder: XmatchPrecomp, manual_dir: str) -> None:
+  """A reused build must agree with the manual dir on tags (TFDS never looks at the manual dir again)."""
+  splits = builder.builder_config.splits
+  files = [f'{split}_tags.txt' for split in splits if os.path.exists(os.path.join(manual_dir, f'{split}_tags.txt'))]
+  built = False
+  for split in splits:   # the first split with an image tells
+    source = builder.as_data_source(split)
+    if len(source):
+      built = len(source[0]['tags']) > 0
+      break
+  if bool(files) != built:
+    now = f'now holds {", ".join(files)}' if files else 'now holds no {split}_tags.txt'
+    raise ValueError(f'{builder.data_dir}: this build of xmatch_precomp/{builder.builder_config.name} has '
+                     f'{"" if built else "no "}tags, but {manual_dir} {now}; expected them to agree. Delete '
+                     f'{builder.data_dir} to rebuild from {manual_dir} (see the rebuild note in '
+                     'xmatch_jax/data/precomp.py).')

@@ -275,7 +275,12 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
     return out
   if 'tags' not in images:
     raise ValueError(f'{where}: GLFN with use_tags needs per-region tags (field tags: k strings per image) or '
-                     f'tag_tokens + tag_mask; got fields {sorted(images)} (or set use_tags=False)')
+                     f'tag_tokens + tag_mask; got fields {sorted(images)}. For the SCAN precomp datasets (f30k, coco, '
+                     'precomp) this means the manual dir has no {split}_tags.txt (line i: the k region tags of image '
+                     'i, TAB-separated, e.g. "white plate"; see xmatch_jax/data/precomp.py; tools/convert_features.py '
+                     '--objects_vocab=objects_vocab.txt --attributes_vocab=attributes_vocab.txt writes them from '
+                     'bottom-up-attention detections); add them to every split and delete the built dataset to '
+                     'rebuild, or train without tags: --config.model.use_tags=False (the no-tag ablation).')
   encoded, cache = [], {}
   for i, image_tags in enumerate(images['tags']):
     row = []
