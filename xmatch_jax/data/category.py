@@ -62,11 +62,12 @@ import re
 from typing import NamedTuple
 from xml.etree import ElementTree
 
-from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
+
+from xmatch_jax.data import array_record
 
 IMAGE_SIZE = 224
 SPLITS = ('train', 'dev', 'test')
@@ -286,21 +287,13 @@ def load_image(path: str, size: int) -> np.ndarray:
     raise ValueError(f'{path}: unreadable image ({e})') from None
 
 
-class XmatchCategory(tfds.core.GeneratorBasedBuilder):
+class XmatchCategory(array_record.ArrayRecordBuilder):
   """Image pixels, one text and a class label per pair, from a manual dir (manual download)."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Wikipedia, Pascal Sentence, XMediaNet and manifest pairs: pixels, text, label.'}
   BUILDER_CONFIGS = list(CONFIGS.values())
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)   # as shapes.py: editable installs confuse TFDS's lookup
-
-  def __init__(self, *, file_format: str = 'array_record', **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size

@@ -38,10 +38,10 @@ build whose tags disagree with the manual dir, naming that directory).
 import dataclasses
 import os
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from xmatch_jax.data import array_record
 from xmatch_jax.data import pfan
 
 CAPTIONS_PER_IMAGE = 5
@@ -180,7 +180,7 @@ def _check_tags(path: str, n_images: int, k: int, ims_path: str) -> None:
                      f'one per image of {ims_path}')
 
 
-class XmatchPrecomp(tfds.core.GeneratorBasedBuilder):
+class XmatchPrecomp(array_record.ArrayRecordBuilder):
   """Region features + 5 captions per image from SCAN's precomp files (manual download)."""
 
   VERSION = tfds.core.Version('1.1.0')
@@ -190,14 +190,6 @@ class XmatchPrecomp(tfds.core.GeneratorBasedBuilder):
   }
   BUILDER_CONFIGS = list(CONFIGS.values())
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)   # as shapes.py: editable installs confuse TFDS's lookup
-
-  def __init__(self, *, file_format: str = 'array_record', **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

@@ -17,10 +17,10 @@ ClassLabel in [0, NUM_LABELS = 30): shape and colour of the largest object (ties
 
 import dataclasses
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from xmatch_jax.data import array_record
 from xmatch_jax.data import shapes_scenes
 from xmatch_jax.data.shapes_scenes import CANVAS, CAPTIONS_PER_IMAGE, NUM_LABELS, NUM_REGIONS, REGION_DIM
 
@@ -40,7 +40,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
   test: int = 0
 
 
-class XmatchShapes(tfds.core.GeneratorBasedBuilder):
+class XmatchShapes(array_record.ArrayRecordBuilder):
   """Scenes of 2-4 coloured shapes with region features, tags, labels and 5 captions per image."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -55,17 +55,6 @@ class XmatchShapes(tfds.core.GeneratorBasedBuilder):
                    train=300, dev=100, test=100),
   ]
   DEFAULT_CONFIG_NAME = 'default'
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS finds this file through importlib.resources, which fails while `xmatch_jax` is a namespace package
-    # spread over several path entries (editable installs); the file itself is what it needs.
-    return epath.Path(__file__)
-
-  def __init__(self, *, file_format: str = 'array_record', **kwargs):
-    # array_record gives random access (`as_data_source`) without TensorFlow.
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
