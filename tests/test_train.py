@@ -275,6 +275,31 @@ def test_ensemble_of_two_runs_is_the_weighted_score_sum(trained, data_dir, tmp_p
   a = np.load(evaluate.scores_path(workdir, 'test'))
   b = np.load(evaluate.scores_path(other, 'test'))
   assert result['rsum'] == pytest.approx(metrics.recall_metrics(0.7 * a.astype(np.float64) + 0.3 * b)['rsum'])
-  assert result['protocol'] == 'all' and result['weights'] == [0.7, 0.3]
+  assert result['protocol'] == 'all' and result['weights'] == [0.7, 0.3] and result['kind'] == 'ensemble'
+  assert json.load(open(os.path.join(workdir, 'eval', 'test.json')))['kind'] == 'single'
   with pytest.raises(ValueError, match='at least 2'):
     ensemble.ensemble([workdir])
+
+
+@pytest.mark.parametrize('suffix', ['safetensors', 'npz'])
+def test_export_params_writes_every_variable_under_its_path(trained, tmp_path, suffix):
+  sys.path.insert(0, os.path.join(ROOT, 'tools'))
+  import export_params  # pylint: disable=g-import-not-at-top
+  workdir, config, _ = trained
+  out = str(tmp_path / f'p.{suffix}')
+  assert export_params.main([f'--workdir={workdir}', f'--out={out}']) == 0
+  if suffix == 'safetensors':
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(out, 'np') as f:
+      loaded = {k: f.get_tensor(k) for k in f.keys()}
+      assert f.metadata()['model'] == 'scan'
+      assert json.loads(f.metadata()['config'])['model']['embed_size'] == config.model.embed_size
+  else:
+    loaded = dict(np.load(out))
+    assert json.loads(str(loaded.pop('__config__')))['model']['name'] == 'scan'
+  params = _params(workdir)
+  want = {'params/' + '/'.join(str(p.key) for p in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(params)}
+  assert sorted(loaded) == sorted(want) and 'params/image_encoder/fc/kernel' in loaded
+  for key, value in want.items():
+    np.testing.assert_array_equal(loaded[key], value)

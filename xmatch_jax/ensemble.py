@@ -40,7 +40,8 @@ def ensemble(workdirs: list, weights: list | None = None, split: str | None = No
       raise ValueError(f'{path}: scores of shape {sims.shape}; the first run has {total.shape}')
     total = weight * sims.astype(np.float64) if total is None else total + weight * sims
   metrics, base = evaluate.metrics_for(total, base)
-  return {**metrics, 'protocol': name or base, 'dataset': dataset, 'split': split, 'workdirs': workdirs,
+  return {**metrics, 'kind': 'ensemble', 'protocol': name or base, 'dataset': dataset, 'split': split,
+          'workdirs': workdirs,
           'weights': weights, 'n_images': total.shape[0], 'n_captions': total.shape[1]}
 
 

@@ -132,7 +132,8 @@ def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | N
     metrics, protocol = metrics_for(sims, protocol)
     if rerank_k:
       metrics = rerank.two_way_recall(sims_i2t, sims)
-  result = {**metrics, 'protocol': name or protocol, 'dataset': config.dataset, 'split': split, 'n_images': n_img,
+  result = {**metrics, 'kind': 'single', 'protocol': name or protocol, 'dataset': config.dataset, 'split': split,
+            'n_images': n_img,
             'n_captions': sims.shape[1], 'model': config.model.name, 'checkpoint': which,
             'checkpoint_step': int(meta.get('step', -1)), 'rerank_k': int(rerank_k),
             'scoring_seconds': round(seconds, 3)}
