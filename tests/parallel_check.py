@@ -61,6 +61,18 @@ def run(module, out_dir):
   ckpts = checkpoints.RunCheckpoints(os.path.join(out_dir, config.model.name))
   ckpts.save(1, multi_state, {'step': 1}, is_best=True)
   ckpts.close()
+  # The other way: a checkpoint written on one device restores onto the 8-device mesh (replicated) unchanged.
+  one_dir = os.path.join(out_dir, f'{config.model.name}_one_device')
+  ckpts_one = checkpoints.RunCheckpoints(one_dir)
+  ckpts_one.save(1, single_state, {'step': 1})
+  ckpts_one.close()
+  restored8, _ = checkpoints.RunCheckpoints(one_dir).restore_latest(jax.device_put(single_state, replicated))
+  restore_diff = diff(restored8, single_state)
+  restored_sharding = jax.tree.leaves(restored8['params'])[0].sharding
+  # Scoring with the images sharded over the mesh equals scoring on one device.
+  score = lambda s, x: model.apply({'params': s['params']}, x['images'], x['text'])
+  scores_one = jax.jit(score)(jax.device_put(single_state, one), jax.device_put(data, one))
+  scores_multi = jax.jit(score, in_shardings=(replicated, sharded))(jax.device_put(single_state, replicated), data8)
   np.savez(os.path.join(out_dir, f'{config.model.name}_params.npz'),
            **{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(multi_state['params'])})
   # Adam's first step is lr * g / (|g| + eps): for entries with |g| near eps it amplifies float noise in g to a
@@ -72,7 +84,9 @@ def run(module, out_dir):
           'loss_multi': float(multi_metrics['loss']), 'grad_diff': diff(single_grads, multi_grads),
           'param_diff': diff(single_state['params'], multi_state['params']),
           'opt_diff': diff(single_state['opt_state'], multi_state['opt_state']),
-          'grad_scale': max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(single_grads))}
+          'grad_scale': max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(single_grads)),
+          'restore_one_to_mesh_diff': restore_diff, 'restored_on_mesh': restored_sharding == replicated,
+          'scores_diff': float(np.max(np.abs(np.asarray(scores_one) - np.asarray(scores_multi))))}
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """Data parallelism on 8 fake CPU devices (tests/parallel_check.py in a subprocess): loss, gradients and one Adam
-step equal the single-device result to 1e-5 for SCAN and RDAN, and the checkpoint saved there restores on 1 device."""
+step equal the single-device result to 1e-5 for SCAN and RDAN, so do the scores; the checkpoint saved there restores
+on 1 device and one saved on 1 device restores on the 8."""
 
 import json
 import os
@@ -31,6 +32,13 @@ def test_eight_devices_equal_one(report, model):
   assert result['loss_multi'] == pytest.approx(result['loss_single'], abs=1e-5)
   assert result['grad_diff'] <= 1e-5 * max(1.0, result['grad_scale'])
   assert result['step_diff'] <= 1e-5 and result['opt_diff'] <= 1e-5   # see parallel_check.py on Adam's first step
+  assert result['scores_diff'] <= 1e-5   # evaluation: the score matrix with images sharded over 8 devices
+
+
+@pytest.mark.parametrize('model', ['scan', 'rdan'])
+def test_checkpoint_saved_on_one_device_restores_on_eight(report, model):
+  result = report[0][model]
+  assert result['restored_on_mesh'] and result['restore_one_to_mesh_diff'] == 0.0
 
 
 @pytest.mark.parametrize('model', ['scan', 'rdan'])
