@@ -32,6 +32,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.block_size = 2                # images per block of the cross branch's all-pairs scorer; on 2 CPU cores
                                   # block 2 scores 4,239 pairs/s at k=36, n=12..20 (8: 2,885; 32: 2,767)
   m.remat = True
+  m.dtype = 'float32'             # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
+                                  # params, softmaxes, norms, scores and the loss stay float32)
 
   # Sec 4.2: Adam 2e-4 for 10 epochs, x0.1 for 10 more, batch 64, margin 0.2 with hardest negatives,
   # model selected on dev. Gradient clipping is not mentioned: off.

@@ -36,6 +36,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
                                   # pairs/s (block 8: 4,024, 32: 3,957) and trains in 10.4 s/step (8: 14.8 s);
                                   # the per-block maps then fit in cache. On a GPU a larger block fills the device.
   m.remat = True                  # recompute each block in the backward pass instead of storing it
+  m.dtype = 'float32'             # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
+                                  # params, softmaxes, norms, scores and the loss stay float32)
 
   common.apply_schedule(c, dataset)
   if dataset not in common.PAPER_DATASETS:

@@ -17,6 +17,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.word_dim = 300
   m.num_layers = 1
   m.bidirectional = False         # VSE++ uses a uni-directional GRU and its last hidden state
+  m.dtype = 'float32'             # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
+                                  # params, softmaxes, norms, scores and the loss stay float32)
 
   common.apply_schedule(c, dataset)
   return c

@@ -3,6 +3,7 @@
   python tools/benchmark.py --config=configs/rdan.py:f30k --n=20 --min_len=12 --json=rdan.json
   python tools/benchmark.py --config=configs/scan.py:f30k --n=14 --min_len=14 --compare-torch
   python tools/benchmark.py --config=configs/rdan.py:f30k --train_batch=0      # scoring only
+  python tools/benchmark.py --config=configs/scan.py:f30k --dtype=bfloat16      # mixed precision (config.model.dtype)
 
 Every figure is measured after a warm-up (compilation) over `--repeats` runs and reported as the median with
 min/max. Achieved GFLOP/s is set against the rate of a large float32 matmul through jax measured in the same
@@ -110,7 +111,7 @@ def load_config(spec: str):
 
 
 def apply_overrides(config, args) -> None:
-  for flag in ('block_size', 'embed_size', 'cnn_channels', 'bert_dir'):
+  for flag in ('block_size', 'embed_size', 'cnn_channels', 'bert_dir', 'dtype'):
     value = getattr(args, flag)
     if value:
       if flag not in config.model:
@@ -376,7 +377,7 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
 
 # ----------------------------------------------------------------------------------------------- report
 _CHILD_FLAGS = ('config', 'n_images', 'n_captions', 'k', 'n', 'min_len', 'block_size', 'embed_size',
-                'cnn_channels', 'bert_dir', 'train_batch', 'repeats', 'train_repeats', 'seed')
+                'cnn_channels', 'bert_dir', 'dtype', 'train_batch', 'repeats', 'train_repeats', 'seed')
 
 
 def run(args) -> dict:
@@ -388,7 +389,7 @@ def run(args) -> dict:
   result = {'config': args.config, 'model': m,
             'sizes': {'n_images': args.n_images, 'n_captions': args.n_captions, 'k': args.k, 'n': args.n,
                       'min_len': args.min_len, 'embed_size': d, 'block_size': m.get('block_size'),
-                      'train_batch': args.train_batch, 'dtype': 'float32'},
+                      'train_batch': args.train_batch, 'dtype': m.get('dtype', 'float32')},
             'devices': _devices()}
   rate_before = matmul_gflops(args.matmul_size, args.repeats)
   scores_file = os.path.join(args.tmpdir, f'benchmark_scores_{os.getpid()}.npy')
@@ -486,6 +487,8 @@ def parse_args(argv):
   p.add_argument('--embed_size', type=int, default=0, help='D (0: the config\'s)')
   p.add_argument('--cnn_channels', type=int, default=0, help='RDAN relation CNN channels (0: the config\'s)')
   p.add_argument('--bert_dir', default='', help="BERT of a BERT-based model ('minilm', or a directory)")
+  p.add_argument('--dtype', default='', choices=['', 'float32', 'bfloat16'],
+                 help="config.model.dtype: compute dtype of the model's matmuls ('': the config's)")
   p.add_argument('--train_batch', type=int, default=128, help='batch of the timed training step (0: skip)')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--train_repeats', type=int, default=3)

@@ -6,6 +6,10 @@ D-dimensional context vectors; here it is written with the batch-wide region-wor
 "The batch-wide similarity tensor"). `score_in_blocks` bounds peak memory by scoring blocks of
 images against all captions with `lax.map`, optionally rematerialising each block in the backward
 pass.
+
+Mixed precision: `einsum` and `matmul` take their operands in a compute dtype (float32 or
+bfloat16) and accumulate and return float32, so a head stays float32 outside its large
+contractions.
 """
 
 from typing import Any, Callable
@@ -14,6 +18,18 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
+DTypeLike = Any
+
+
+def einsum(spec: str, *operands: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
+    """`jnp.einsum` of the operands cast to `dtype`, accumulated and returned in float32."""
+    return jnp.einsum(spec, *(x.astype(dtype) for x in operands),
+                      preferred_element_type=jnp.float32)
+
+
+def matmul(a: jax.Array, b: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
+    """`a @ b` of the operands cast to `dtype`, accumulated and returned in float32."""
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def score_in_blocks(
@@ -69,29 +85,32 @@ def score_in_blocks(
         lambda y: y.reshape((n_blocks * block_size,) + y.shape[2:])[:n_img], out)
 
 
-def region_word_similarity(regions: jax.Array, words: jax.Array) -> jax.Array:
+def region_word_similarity(regions: jax.Array, words: jax.Array,
+                           dtype: DTypeLike = jnp.float32) -> jax.Array:
     """Dot products of every region of every image with every word of every caption.
 
     Args:
       regions: [I, k, D].
       words: [C, n, D].
+      dtype: compute dtype of the operands (the result is float32).
 
     Returns:
       S: [I, C, k, n], S[i, c, r, j] = regions[i, r] . words[c, j].
     """
-    return jnp.einsum('ikd,cnd->ickn', regions, words)
+    return einsum('ikd,cnd->ickn', regions, words, dtype=dtype)
 
 
-def gram(x: jax.Array) -> jax.Array:
+def gram(x: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """Per-item Gram matrices.
 
     Args:
       x: [N, m, D] (regions of N images or words of N captions).
+      dtype: compute dtype of the operands (the result is float32).
 
     Returns:
       [N, m, m], G[a, p, q] = x[a, p] . x[a, q].
     """
-    return jnp.einsum('apd,aqd->apq', x, x)
+    return einsum('apd,aqd->apq', x, x, dtype=dtype)
 
 
 def attended_region_sq_norms(weights: jax.Array, region_gram: jax.Array) -> jax.Array:

@@ -1,14 +1,40 @@
-"""Shared layers: SCAN's normalisation, region encoder and GRU text encoder.
+"""Shared layers: SCAN's normalisation, region encoder and GRU text encoder; the compute dtypes.
 
 Follows the official SCAN code (github.com/kuanghuei/SCAN, model.py: l2norm, EncoderImagePrecomp,
 EncoderText), which VSE++ shares up to how it reads the caption vector.
 """
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# Values of a matcher's `dtype` field (config.model.dtype): the dtype of its matmuls' operands.
+# Params, norms, softmaxes, the returned scores and the loss stay float32 either way.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str, model: str) -> Any:
+    """The jnp dtype named by a matcher's `dtype` field; unknown names are a ValueError."""
+    if name not in DTYPES:
+        raise ValueError(f"config.model.dtype ({model}.dtype) must be one of {tuple(DTYPES)}, "
+                         f"got {name!r}")
+    return DTYPES[name]
+
+
+def mixed_dot_general(dtype: Any):
+    """A `dot_general` for nn.Dense: operands cast to `dtype`, accumulated and returned in float32.
+
+    Unlike nn.Dense(dtype=...), the bias and the output stay float32.
+    """
+
+    def dot_general(x, y, dimension_numbers, precision=None, preferred_element_type=None):
+        del preferred_element_type
+        return jax.lax.dot_general(x.astype(dtype), y.astype(dtype), dimension_numbers,
+                                   precision=precision, preferred_element_type=jnp.float32)
+
+    return dot_general
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
@@ -45,10 +71,12 @@ class RegionEncoder(nn.Module):
     Attributes:
       embed_size: joint embedding size D.
       no_imgnorm: skip the final l2 normalisation.
+      dtype: compute dtype of the linear map's operands (output float32).
     """
 
     embed_size: int
     no_imgnorm: bool = False
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, regions: jax.Array) -> jax.Array:
@@ -57,12 +85,13 @@ class RegionEncoder(nn.Module):
             self.embed_size,
             kernel_init=nn.initializers.glorot_uniform(),
             bias_init=nn.initializers.zeros_init(),
+            dot_general=mixed_dot_general(self.dtype),
             name='fc',
         )(regions)
         return features if self.no_imgnorm else l2norm(features)
 
 
-def _gru(hidden: int, name: str) -> nn.RNN:
+def _gru(hidden: int, name: str, dtype: Any = jnp.float32) -> nn.RNN:
     """A GRU over time, initialised like PyTorch's nn.GRU: all weights and biases ~ U(+-1/sqrt(H)).
 
     Flax's GRUCell computes the same equations as PyTorch's GRU
@@ -71,11 +100,13 @@ def _gru(hidden: int, name: str) -> nn.RNN:
     but keeps one bias per gate for r and z: Flax `ir.bias` = b_ir + b_hr, `iz.bias` = b_iz + b_hz,
     `hr`/`hz` have no bias, `in.bias` = b_in and `hn.bias` = b_hn. Flax kernels are the transposed
     PyTorch row blocks (PyTorch stacks the gates in the order r, z, n in weight_ih / weight_hh).
+    With a `dtype` other than float32 the gates are computed in it (flax's GRUCell `dtype`); params
+    and the carried hidden state stay float32.
     """
     init = symmetric_uniform(hidden ** -0.5)
     # The cell is created in the caller's scope, so its name is the parameter path.
-    cell = nn.GRUCell(
-        hidden, kernel_init=init, recurrent_kernel_init=init, bias_init=init, name=name)
+    cell = nn.GRUCell(hidden, kernel_init=init, recurrent_kernel_init=init, bias_init=init,
+                      dtype=dtype, param_dtype=jnp.float32, name=name)
     return nn.RNN(cell)
 
 
@@ -94,6 +125,7 @@ class GRUTextEncoder(nn.Module):
       num_layers: stacked GRU layers.
       bidirectional: run a backward GRU too and average the directions.
       no_txtnorm: skip the per-word l2 normalisation.
+      dtype: compute dtype of the GRU gates (outputs float32).
     """
 
     vocab_size: int
@@ -102,6 +134,7 @@ class GRUTextEncoder(nn.Module):
     num_layers: int = 1
     bidirectional: bool = False
     no_txtnorm: bool = False
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array,
@@ -134,11 +167,11 @@ class GRUTextEncoder(nn.Module):
             )(tokens)
 
         for layer in range(self.num_layers):
-            forward = _gru(self.embed_size, f'forward_{layer}')(x, seq_lengths=lengths)
+            forward = _gru(self.embed_size, f'forward_{layer}', self.dtype)(x, seq_lengths=lengths)
             if not self.bidirectional:
                 x = forward
                 continue
-            backward = _gru(self.embed_size, f'backward_{layer}')(
+            backward = _gru(self.embed_size, f'backward_{layer}', self.dtype)(
                 x, seq_lengths=lengths, reverse=True, keep_order=True)
             x = jnp.concatenate([forward, backward], axis=-1)
 

@@ -34,6 +34,9 @@ All pairs of a block of images are scored together from the batch-wide cosine te
 [b, C, k, n] (DESIGN.md): the relation CNN is one batched convolution over the b * C pair maps, and
 the cosines of eq 10 use S, the weights and per-item Gram matrices, never per-pair D-dim vectors:
 v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T (E E^T) alpha_i (same for b_j).
+
+With `dtype='bfloat16'` the operands of S, of the Gram matrices and of the relation convolutions
+(forward and backward) are bfloat16; they accumulate in float32 and everything else is float32.
 """
 
 import functools
@@ -89,13 +92,16 @@ class RelationCNN(nn.Module):
 
 def _lax_same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding='SAME',
-                                        dimension_numbers=_CONV_DIMS)
+                                        dimension_numbers=_CONV_DIMS,
+                                        preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
 def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 'same' cross-correlation (PyTorch's Conv2d): x [P, H, W, I], kernel [h, w, I, O].
 
+    x and kernel share a dtype (float32 or bfloat16); the result is accumulated and returned in
+    float32, and the gradients are computed in the operands' dtype the same way.
     Kernel sizes must be odd. The backward pass is written out because XLA:CPU runs the autodiff
     kernel-gradient convolution inside `lax.map` (the blocked scorer) with a non-canonical layout
     ~40x slower than this: dx is the 'same' convolution of the cotangent with the flipped, in/out
@@ -115,30 +121,33 @@ def _same_conv_bwd(residuals, grad):
     kh, kw = kernel.shape[:2]
     height, width = x.shape[1:3]
     in_channels, out_channels = kernel.shape[2:]
-    dx = _lax_same_conv(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    grad = grad.astype(x.dtype)
+    dx = _lax_same_conv(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3)).astype(x.dtype)
     padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
     grad = grad.reshape(-1, out_channels)
     rows = []
     for a in range(kh):  # one matmul per kernel row: [kw * I, positions] @ [positions, O]
         shifted = jnp.concatenate(
             [padded[:, a:a + height, b:b + width] for b in range(kw)], axis=-1)
-        rows.append((shifted.reshape(-1, kw * in_channels).T @ grad).reshape(kw, in_channels,
-                                                                             out_channels))
-    return dx, jnp.stack(rows)
+        rows.append(pairwise.matmul(shifted.reshape(-1, kw * in_channels).T, grad, x.dtype)
+                    .reshape(kw, in_channels, out_channels))
+    return dx, jnp.stack(rows).astype(kernel.dtype)
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
-def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """`same_conv` plus bias, on NHWC maps."""
+def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+          dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
+    """`same_conv` of x and kernel cast to `dtype`, plus bias, on NHWC maps (float32 result)."""
     if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
         raise ValueError(f"relation conv kernels must have odd sizes, got {kernel.shape[:2]}")
-    return same_conv(x, kernel) + bias
+    return same_conv(x.astype(dtype), kernel.astype(dtype)) + bias
 
 
 def relation_maps(sim: jax.Array, word_valid: jax.Array, cnn_params: Optional[dict], *,
-                  use_residual: bool) -> tuple[jax.Array, jax.Array]:
+                  use_residual: bool,
+                  dtype: pairwise.DTypeLike = jnp.float32) -> tuple[jax.Array, jax.Array]:
     """The attention logit maps S^1 (column-wise) and S^2 (row-wise) of eqs 6-7.
 
     Args:
@@ -147,6 +156,7 @@ def relation_maps(sim: jax.Array, word_valid: jax.Array, cnn_params: Optional[di
       cnn_params: output of `RelationCNN` (1 or 2 output channels), or None for no-cnn
         (S^1 = S^2 = S).
       use_residual: add S to the CNN outputs (eq 7); False is the no-res ablation.
+      dtype: compute dtype of the convolutions' operands.
 
     Returns:
       (S^1, S^2), each [b, C, k, n]; the same array twice for one-path and no-cnn.
@@ -159,10 +169,11 @@ def relation_maps(sim: jax.Array, word_valid: jax.Array, cnn_params: Optional[di
     column_mask = column_mask.reshape(b * c, 1, n, 1).astype(sim.dtype)
     x = sim.reshape(b * c, k, n, 1) * column_mask
     for name, _, _ in RELATION_LAYERS:
-        x = jax.nn.relu(_conv(x, cnn_params[f'{name}_kernel'], cnn_params[f'{name}_bias']))
+        x = jax.nn.relu(
+            _conv(x, cnn_params[f'{name}_kernel'], cnn_params[f'{name}_bias'], dtype))
         # Re-zero padded columns: the next layer's 'same' padding sees zeros past the real words.
         x = x * column_mask
-    out = _conv(x, cnn_params['out_kernel'], cnn_params['out_bias'])   # [pairs, k, n, 1 or 2]
+    out = _conv(x, cnn_params['out_kernel'], cnn_params['out_bias'], dtype)  # [pairs, k, n, 1|2]
     out = jnp.moveaxis(out, -1, 0).reshape(out.shape[-1], b, c, k, n)
     if use_residual:
         out = out + sim[None]
@@ -177,12 +188,14 @@ def _masked_softmax(x: jax.Array, axis: int, mask: jax.Array) -> jax.Array:
     return e / jnp.sum(e, axis=axis, keepdims=True)
 
 
-def prepare_items(features: jax.Array, valid: Optional[jax.Array] = None) -> dict:
+def prepare_items(features: jax.Array, valid: Optional[jax.Array] = None,
+                  dtype: pairwise.DTypeLike = jnp.float32) -> dict:
     """Per-item quantities (computed once, outside the blocked pair loop).
 
     Args:
       features: [N, m, D] regions of N images or words of N captions.
       valid: optional [N, m] bool; invalid positions are zeroed (padding is ignored).
+      dtype: compute dtype of the Gram matrices' operands.
 
     Returns:
       dict with `unit` [N, m, D] (l2-normalised, zero where invalid), `norms` [N, m], `gram`
@@ -193,7 +206,7 @@ def prepare_items(features: jax.Array, valid: Optional[jax.Array] = None) -> dic
     items = {
         'unit': layers.l2norm(features),
         'norms': layers.safe_sqrt(jnp.sum(jnp.square(features), axis=-1)),
-        'gram': pairwise.gram(features),
+        'gram': pairwise.gram(features, dtype),
     }
     if valid is not None:
         items['valid'] = valid
@@ -201,7 +214,8 @@ def prepare_items(features: jax.Array, valid: Optional[jax.Array] = None) -> dic
 
 
 def dual_attention_weights(image: dict, text: dict, cnn_params: Optional[dict], *,
-                           lambda_: float, use_residual: bool) -> dict:
+                           lambda_: float, use_residual: bool,
+                           dtype: pairwise.DTypeLike = jnp.float32) -> dict:
     """The attention weights of eqs 8-9 (e.g. for a figure like the paper's Figure 3).
 
     Args: as `rdan_block_scores`.
@@ -210,9 +224,9 @@ def dual_attention_weights(image: dict, text: dict, cnn_params: Optional[dict], 
       {'alpha': [b, C, k, n] weights over words for each region (eq 8, zero at padded words),
        'beta': [b, C, k, n] weights over regions for each word (eq 9)}.
     """
-    sim = pairwise.region_word_similarity(image['unit'], text['unit'])
+    sim = pairwise.region_word_similarity(image['unit'], text['unit'], dtype)
     valid = text['valid']
-    s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual)
+    s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype)
     return {'alpha': _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :]),
             'beta': jax.nn.softmax(lambda_ * s1, axis=-2)}
 
@@ -223,7 +237,8 @@ def _cosine(dots: jax.Array, norms_a: jax.Array, sq_norms_b: jax.Array) -> jax.A
 
 
 def rdan_block_scores(image: dict, text: dict, cnn_params: Optional[dict], *, lambda_: float,
-                      mu: float, use_residual: bool) -> jax.Array:
+                      mu: float, use_residual: bool,
+                      dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
     """RDAN scores F (eqs 5-11) of a block of images against all captions.
 
     Args:
@@ -234,13 +249,14 @@ def rdan_block_scores(image: dict, text: dict, cnn_params: Optional[dict], *, la
       lambda_: inverse softmax temperature.
       mu: weight of the word relevance (eq 11).
       use_residual: add S to the CNN maps (eq 7).
+      dtype: compute dtype of the operands of S and of the relation convolutions.
 
     Returns:
       [b, C] scores.
     """
-    sim = pairwise.region_word_similarity(image['unit'], text['unit'])   # cosines S [b, C, k, n]
+    sim = pairwise.region_word_similarity(image['unit'], text['unit'], dtype)  # S [b, C, k, n]
     valid = text['valid']                                                # [C, n]
-    s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual)
+    s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype)
     region_norms = image['norms'][:, None]                               # [b, 1, k]
     word_norms = text['norms'][None]                                     # [1, C, n]
     score = 0.0
@@ -285,6 +301,10 @@ class RDAN(nn.Module):
       one_path: one learned map used by both attentions (one-path ablation).
       block_size: images scored per block in `pair_scores` (bounds peak memory).
       remat: recompute each block in the backward pass instead of storing it.
+      dtype: 'float32' or 'bfloat16': compute dtype of the encoders' matmuls and GRU gates and of
+        the operands of S, the Gram matrices and the relation convolutions. Params, norms,
+        softmaxes and the returned scores stay float32. bfloat16 scores are within 2e-3 of float32
+        ones (measured 5e-4 at D=64, tests/test_mixed_precision.py).
     """
 
     vocab_size: int
@@ -302,6 +322,7 @@ class RDAN(nn.Module):
     one_path: bool = False
     block_size: int = 16
     remat: bool = False
+    dtype: str = 'float32'
 
     def __post_init__(self):
         if not 0 <= self.mu <= 1:
@@ -315,15 +336,17 @@ class RDAN(nn.Module):
                 "RDAN.use_cnn=False (no-cnn: both attentions use S) cannot be combined with "
                 f"one_path=True or use_residual=False; got one_path={self.one_path}, "
                 f"use_residual={self.use_residual}")
+        layers.compute_dtype(self.dtype, 'RDAN')
         super().__post_init__()
 
     def setup(self):
+        dtype = layers.DTYPES[self.dtype]
         self.image_encoder = layers.RegionEncoder(
-            self.embed_size, no_imgnorm=not self.l2norm_features)
+            self.embed_size, no_imgnorm=not self.l2norm_features, dtype=dtype)
         self.text_encoder = layers.GRUTextEncoder(
             vocab_size=self.vocab_size, word_dim=self.word_dim, embed_size=self.embed_size,
             num_layers=self.num_layers, bidirectional=self.bidirectional,
-            no_txtnorm=not self.l2norm_features)
+            no_txtnorm=not self.l2norm_features, dtype=dtype)
         if self.use_cnn:
             self.relation_cnn = RelationCNN(self.cnn_channels, 1 if self.one_path else 2)
 
@@ -344,11 +367,12 @@ class RDAN(nn.Module):
         if words.shape[:2] != mask.shape:
             raise ValueError(
                 f"text_rep words {words.shape} and mask {mask.shape} disagree on [C, n]")
-        image = prepare_items(image_rep['regions'])
-        text = prepare_items(words, mask > 0)
+        dtype = layers.DTYPES[self.dtype]
+        image = prepare_items(image_rep['regions'], dtype=dtype)
+        text = prepare_items(words, mask > 0, dtype)
         cnn_params = self.relation_cnn() if self.use_cnn else None
         head = functools.partial(rdan_block_scores, lambda_=self.lambda_, mu=self.mu,
-                                 use_residual=self.use_residual)
+                                 use_residual=self.use_residual, dtype=dtype)
         # The CNN params go with the (unblocked) text argument: jax.checkpoint sees them as inputs.
         return pairwise.score_in_blocks(
             lambda image_block, shared: head(image_block, shared[0], shared[1]),
@@ -356,11 +380,12 @@ class RDAN(nn.Module):
 
     def attention_weights(self, image_rep: dict, text_rep: dict) -> dict:
         """`dual_attention_weights` of every pair (unblocked: for a few images and captions)."""
-        image = prepare_items(image_rep['regions'])
-        text = prepare_items(text_rep['words'], text_rep['mask'] > 0)
+        dtype = layers.DTYPES[self.dtype]
+        image = prepare_items(image_rep['regions'], dtype=dtype)
+        text = prepare_items(text_rep['words'], text_rep['mask'] > 0, dtype)
         return dual_attention_weights(
             image, text, self.relation_cnn() if self.use_cnn else None, lambda_=self.lambda_,
-            use_residual=self.use_residual)
+            use_residual=self.use_residual, dtype=dtype)
 
     def __call__(self, images: dict, text: dict) -> jax.Array:
         return self.pair_scores(self.encode_image(images), self.encode_text(text))
