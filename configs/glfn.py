@@ -40,6 +40,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.tag_in_fusion = 'twice'       # eq 13 as written; 'once' = official code
   m.train_position_attention = True   # False = official code (position vectors detached)
   m.t2i_max_attention_weight = 0.0    # 0.5 = official code's extra t2i term
+  m.position_eps = 0.0            # eq 11 exactly; 1e-6 = official code (sum + 1e-6)
   m.block_size = 16
   m.remat = True
 
@@ -62,6 +63,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
     m.tag_in_fusion = 'once'
     m.train_position_attention = False
     m.t2i_max_attention_weight = 0.5
+    m.position_eps = 1e-6
   if 'no_tag' in variants:
     m.use_tags = False
   if 'only_gru' in variants and 'only_bert' in variants:

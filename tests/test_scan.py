@@ -294,7 +294,7 @@ def test_build_model_sets_fields():
 @pytest.mark.parametrize('config,message', [
     ({'name': 'scan', 'embed_sise': 16}, "unknown field 'embed_sise'"),
     ({'name': 'scan', 'vocab_size': 16}, "'vocab_size', which comes from the dataset"),
-    ({'name': 'sacn'}, "model config name must be one of ['glfn', 'mmca', 'rdan', 'scan', 'vsepp'], got 'sacn'"),
+    ({'name': 'sacn'}, "model config name must be one of ['daer', 'glfn', 'mmca', 'rdan', 'scan', 'vsepp'], got 'sacn'"),
     ({'embed_size': 16}, "got None"),
     ({'name': 'scan', 'agg_func': 'Median'}, "SCAN.agg_func must be one of"),
     ({'name': 'scan', 'raw_feature_norm': 'l3norm'}, "SCAN.raw_feature_norm must be one of"),

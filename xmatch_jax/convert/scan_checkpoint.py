@@ -211,7 +211,7 @@ _VSEPP_RUNTIME = {'data_path': './data/', 'vocab_path': './vocab/', 'crop_size':
                   'log_step': 10, 'val_step': 500, 'logger_name': 'runs/runX', 'resume': '', 'finetune': False,
                   'cnn_type': 'vgg19', 'use_restval': False, 'measure': 'cosine'}
 # Model fields that only change how xmatch computes (memory, recomputation), not what.
-_COMPUTE_ONLY = {'block_size', 'remat'}
+_COMPUTE_ONLY = {'block_size', 'remat', 'dtype'}   # how xmatch computes, not what the weights mean
 _L1_NORMS = ('l1norm', 'clipped_l1norm')
 
 

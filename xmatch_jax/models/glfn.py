@@ -23,7 +23,8 @@ Readings and deviations (module fields where they matter):
 - The paper's bi-GRU dropout 0.5 acts only between stacked layers; with one layer (the paper's) it does nothing.
 - The official code (smileslabsh/Generative-Label-Fused-Network, model.py) differs from the equations in three
   places, each a field: `tag_in_fusion='once'`, `train_position_attention=False` (it detaches the position
-  vectors), `t2i_max_attention_weight=0.5` (an extra t2i term). It also trains t2i and i2t as two models and
+  vectors), `t2i_max_attention_weight=0.5` (an extra t2i term), and `position_eps=1e-6` (eq 11 divides by
+  sum + 1e-6). It also trains t2i and i2t as two models and
   fuses their scores at evaluation; `score='fused'` here trains one model on the fused score.
 - Ablations (Table 3): use_tags=False (no-tag: o_i = i_i, no t_i), text_encoder='gru' (only-GRU: learned
   embeddings of the WordPiece tokens, no BERT), text_encoder='bert' (only-BERT: BERT features -> FC to D).
@@ -49,13 +50,16 @@ SCORES = ('fused', 't2i', 'i2t')
 TEXT_ENCODERS = ('bert_gru', 'gru', 'bert')
 
 
-def position_attention(objects: jax.Array, blocks: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
+def position_attention(objects: jax.Array, blocks: jax.Array, weights: jax.Array, table: jax.Array,
+                       eps: float = 0.0) -> jax.Array:
   """Eqs 6-12: objects [..., k, D_b] (= f(o_i)), blocks [..., k, L] int, weights [..., k, L], table
-  [G*G + 1, D_b] -> position vectors p_i [..., k, D_b]."""
+  [G*G + 1, D_b] -> position vectors p_i [..., k, D_b]. eps > 0 renormalises by (sum + eps) as the official code
+  (1e-6); 0 divides by the sum itself (eq 11)."""
   v = table[blocks]                                                   # eq 6: [..., k, L, D_b]
   att = jax.nn.softmax(jnp.tanh(jnp.einsum('...kd,...kld->...kl', objects, v)), axis=-1)   # eqs 8-9
   p = att * weights                                                   # eq 10
-  p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-12)       # eq 11
+  total = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / (total + eps if eps else jnp.maximum(total, 1e-12))         # eq 11
   return jnp.einsum('...kl,...kld->...kd', p, v)                      # eq 12
 
 
@@ -84,6 +88,7 @@ class GLFN(nn.Module):
       (`.data`), so f and the block embeddings are never trained.
     t2i_max_attention_weight: the official t2i score adds 0.5 x LogSumExp over words of each word's largest
       attention weight; 0 (the paper's eqs 28-31) leaves it out.
+    position_eps: 0 renormalises the position weights exactly (eq 11); the official code adds 1e-6 to the sum.
     block_size: images per block of the all-pairs scorer; remat: recompute blocks in the backward pass.
   """
 
@@ -110,6 +115,7 @@ class GLFN(nn.Module):
   tag_in_fusion: str = 'twice'
   train_position_attention: bool = True
   t2i_max_attention_weight: float = 0.0
+  position_eps: float = 0.0
   block_size: int = 32
   remat: bool = False
 
@@ -185,7 +191,7 @@ class GLFN(nn.Module):
     else:
       objects = regions
     positions = position_attention(self.object_fc(objects), blocks, images['pfan_weights'],
-                                   self.block_embed.embedding)                     # eqs 7-12
+                                   self.block_embed.embedding, self.position_eps)  # eqs 7-12
     if not self.train_position_attention:
       positions = jax.lax.stop_gradient(positions)
     if not self.use_tags:
