@@ -54,6 +54,7 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.optim.grad_clip = 2.0         # clip by global norm; 0 disables
   c.optim.warmup_steps = 0        # linear warm-up of the learning rate
 
+  c.memory_budget_gb = 0.0        # > 0: halve model.block_size until a training step's XLA estimate fits
   c.log_every_steps = 100         # metrics to workdir/metrics.jsonl and TensorBoard
   c.eval_every_epochs = 1         # dev recall + checkpoint (latest, and best on dev rsum)
   c.checkpoint_every_steps = 1000  # extra saves inside long epochs

@@ -53,6 +53,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('log_every_steps', config.log_every_steps >= 1, 'an int >= 1'),
       ('eval_every_epochs', config.eval_every_epochs >= 1, 'an int >= 1'),
       ('checkpoint_every_steps', config.checkpoint_every_steps >= 1, 'an int >= 1'),
+      ('memory_budget_gb', config.memory_budget_gb >= 0, 'a float >= 0 (0: no budget)'),
       ('keep_checkpoints', config.keep_checkpoints >= 1, 'an int >= 1'),
       ('caption_buckets', len(config.caption_buckets) > 0 and min(config.caption_buckets) >= 1,
        'a non-empty tuple of ints >= 1'),
@@ -248,16 +249,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if chief:
         print(f'resumed from {workdir} at step {int(state["step"])}')
 
-  def make_step(max_violation):
+  def make_step(max_violation, model=model):
     return jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
                           max_violation=max_violation),
         in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=(0,))
 
-  step_fn = make_step(None)
+  model, step_fn = plan_memory(config, model, make_step, state,
+                               parallel.shard_batch(batcher.batch(int(state['step'])), data_sharding))
   # VSE++'s practice: the sum over all negatives for the first epochs, then the configured (hardest) loss.
   warmup_steps = config.loss.warmup_epochs * steps_per_epoch if config.loss.max_violation else 0
-  warmup_fn = make_step(False) if warmup_steps else None
+  warmup_fn = make_step(False, model) if warmup_steps else None
   collapse = CollapseWatch(losses.collapse_value(config.batch_size, config.loss.margin, config.loss.max_violation))
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
   if chief:
@@ -353,6 +355,41 @@ def _train_in_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return train_stages.train_stages(config, workdir, writer)
   finally:
     writer.close()
+
+
+def step_memory_bytes(step_fn, state, batch) -> dict:
+  """XLA's memory analysis of one compiled training step, per device: arguments (params, optimizer state, batch),
+  outputs and temporaries (activations kept for the backward pass, the pair blocks' tensors)."""
+  stats = step_fn.lower(state, batch).compile().memory_analysis()
+  out = {'arguments': stats.argument_size_in_bytes, 'outputs': stats.output_size_in_bytes,
+         'temporaries': stats.temp_size_in_bytes, 'aliased': stats.alias_size_in_bytes}
+  out['peak'] = out['arguments'] + out['outputs'] + out['temporaries'] - out['aliased']
+  return out
+
+
+def plan_memory(config, model, make_step, state, batch):
+  """Prints the per-device memory estimate of a training step before the first one; with
+  config.memory_budget_gb > 0 halves the model's block_size (images per block of the all-pairs scorer) until the
+  estimate fits. Returns (model, compiled step function)."""
+  budget = config.memory_budget_gb * 1e9
+  block = getattr(model, 'block_size', None)
+  while True:
+    step_fn = make_step(None, model)
+    memory = step_memory_bytes(step_fn, state, batch)
+    fits = not budget or memory['peak'] <= budget
+    if jax.process_index() == 0:
+      print(f'memory per device for one training step (XLA estimate'
+            f'{f", block_size {block}" if block else ""}): {memory["peak"] / 1e9:.2f} GB (arguments '
+            f'{memory["arguments"] / 1e9:.2f}, temporaries {memory["temporaries"] / 1e9:.2f})'
+            f'{"" if fits else f" > budget {config.memory_budget_gb} GB"}')
+    if fits:
+      return model, step_fn
+    if not block or block == 1:
+      raise ValueError(f'config.memory_budget_gb = {config.memory_budget_gb}: a training step needs '
+                       f'{memory["peak"] / 1e9:.2f} GB per device even at block_size {block or "-"}; lower '
+                       'config.batch_size or raise the budget.')
+    block = max(block // 2, 1)
+    model = model.clone(block_size=block)
 
 
 class CollapseWatch:
