@@ -180,3 +180,30 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
   lines = len(logged)
   train_lib.train_and_evaluate(config, workdir)
   assert len(open(os.path.join(workdir, 'metrics.jsonl')).readlines()) == lines
+
+
+def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_path):
+  from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.data import load_split  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('XMATCH_DATA_DIR', os.environ.get('XMATCH_DATA_DIR', str(tmp_path / 'data')))
+  weights = os.path.join(ROOT, 'tests', 'fixtures', 'mobilenet_v3_large_w025.safetensors')
+  config = daer_config.get_config('shapes_tiny')
+  config.model.update(width_mult=0.25, word_dim=8, lstm_size=8, embed_size=8, attention_hidden=(8, 8, 8))
+  config.mobilenet_weights = weights
+  model = build_model(config.model, vocab_size=10, img_dim=0)
+  train = load_split('shapes_tiny', 'train')
+  vocab = vocab_lib.Vocabulary.build(train.captions, min_count=1)
+  stage = train_stages._Stage('image', config, model, train, vocab, str(tmp_path))  # pylint: disable=protected-access
+  variables = train_stages._stage_variables('image', config, model, stage, {}, vocab)  # pylint: disable=protected-access
+  imagenet = train_stages.load_imagenet_mobilenet(weights, 0.25)
+  got = {'params': variables['params']['image']['mobilenet'],
+         'batch_stats': variables['batch_stats']['image']['mobilenet']}
+  # Every converted weight is in place; the dual spatial attention convolutions (not in torchvision) stay initialised.
+  for collection in ('params', 'batch_stats'):
+    for path, value in jax.tree_util.tree_leaves_with_path(imagenet[collection]):
+      node = got[collection]
+      for p in path:
+        node = node[p.key]
+      np.testing.assert_array_equal(np.asarray(node), value)
+  assert any('DualSpatialAttention' in jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(got['params']))

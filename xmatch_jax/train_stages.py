@@ -113,10 +113,12 @@ def _optimizer(stage_config) -> optax.GradientTransformation:
 
 def load_imagenet_mobilenet(path: str, width_mult: float) -> dict:
   """torchvision mobilenet_v3_large weights (.pth / .safetensors) -> {'params', 'batch_stats'} of the plain
-  network without its ImageNet classifier."""
-  net = mobilenet_v3.MobileNetV3Large(num_classes=1000, width_mult=width_mult)
+  network without its classifier (whatever its number of classes)."""
+  state = torchvision_mobilenet.read_state_dict(path)
+  classes = int(np.shape(state['classifier.3.weight'])[0]) if 'classifier.3.weight' in state else 0
+  net = mobilenet_v3.MobileNetV3Large(num_classes=classes, width_mult=width_mult)
   expected = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  variables = torchvision_mobilenet.convert_state_dict(torchvision_mobilenet.read_state_dict(path), expected, path)
+  variables = torchvision_mobilenet.convert_state_dict(state, expected, path)
   variables['params'] = {k: v for k, v in variables['params'].items() if not k.startswith('classifier_')}
   return variables
 
