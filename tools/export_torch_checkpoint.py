@@ -1,7 +1,8 @@
-"""Writes a trained xmatch SCAN or VSE++ workdir as an official PyTorch checkpoint (no torch needed).
+"""Writes a trained xmatch SCAN, VSE++ or GLFN workdir as an official PyTorch checkpoint (no torch needed).
 
   python tools/export_torch_checkpoint.py --workdir=runs/scan_f30k --out=model_best.pth.tar \
       --vocab_out=vocab/f30k_precomp_vocab.json
+  python tools/export_torch_checkpoint.py --workdir=runs/glfn_f30k_official_t2i --out=model_best_t2i.pth.tar
 
 OUT gets what the official train.py's save_checkpoint writes, in torch.save's zip format:
 {'epoch', 'model': [image encoder state_dict, text encoder state_dict], 'best_rsum', 'opt': argparse.Namespace,
@@ -12,6 +13,11 @@ same). The vocabulary (--vocab_out) is SCAN's json; the official code reads `<vo
 (VSE++ reads a pickled vocab.Vocabulary instead, `<data_name>_vocab.pkl`, with the same word <-> id map).
 Reading OUT needs `torch.load(OUT, weights_only=False)` (or argparse.Namespace allowed as a safe global), as for
 the official checkpoints. tools/convert_torch_checkpoint.py reads OUT back into a workdir.
+
+GLFN (xmatch_jax/convert/glfn_checkpoint.py): only configs/glfn.py's `official` variant with score t2i or i2t (the
+official code has one direction per model); `epoch` is the number of finished epochs. Official GLFN checkpoints
+hold no BERT: OUT has none either (keep the BERT directory; W/bert has its config and tokenizer), and there is no
+vocabulary to write (--vocab_out is refused).
 """
 
 import argparse
@@ -29,9 +35,57 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+from xmatch_jax.convert import glfn_checkpoint  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import scan_checkpoint  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import torch_writer  # pylint: disable=g-import-not-at-top
 from xmatch_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+
+
+FORMATS = scan_checkpoint.FORMATS + ('glfn',)
+
+
+def _restore(workdir: str, expected) -> tuple:
+  """The best (else latest) checkpoint's params as numpy, checked against the model's, with its meta."""
+  ckpts = checkpoints.RunCheckpoints(workdir)
+  try:
+    state, meta, which = ckpts.restore_for_eval()
+  finally:
+    ckpts.close()
+  checkpoints.check_params_match(state['params'], expected, f'{workdir}/{which}')
+  step = int(meta.get('step', int(np.asarray(state['step']))))
+  return jax.tree.map(np.asarray, state['params']), meta, which, step
+
+
+def _finished_epochs(meta: dict) -> int:
+  return math.floor(float(meta.get('epoch', 0)) + 1e-9)   # xmatch's meta: epochs done (fractional mid-epoch)
+
+
+def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
+  """A GLFN workdir -> OUT ({'epoch', 'model': [image, text state_dicts], 'best_rsum', 'opt', 'Eiters'}, no BERT)."""
+  source = os.path.join(workdir, run_setup.CONFIG_FILE)
+  if vocab_out:
+    raise ValueError('--vocab_out does not apply to GLFN: its captions use the BERT\'s WordPiece tokenizer '
+                     f'({run_setup.workdir_bert_dir(workdir)}), not a vocabulary json')
+  img_dim = int(config.data_info.img_dim)
+  opt = glfn_checkpoint.opt_from_config(config, img_dim, source)  # refuses what official code lacks
+  vocab = run_setup.load_vocab(workdir)
+  model = run_setup.build_model(config, len(vocab), img_dim, workdir)
+  k, top_l = 2, config.model.top_l
+  images = {'regions': jnp.zeros((2, k, img_dim)), 'pfan_blocks': jnp.zeros((2, k, top_l), jnp.int32),
+            'pfan_weights': jnp.ones((2, k, top_l)), 'tag_tokens': jnp.ones((2, k, 3), jnp.int32),
+            'tag_mask': jnp.ones((2, k, 3))}
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), images,
+                            {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))})['params']
+  params, meta, which, step = _restore(workdir, expected)
+  image_state, text_state = glfn_checkpoint.export_params(params, config, f'{workdir}/{which}')
+  checkpoint = {'epoch': _finished_epochs(meta), 'model': [image_state, text_state],
+                'best_rsum': float(meta.get('best_rsum', 0.0)), 'opt': opt, 'Eiters': step}
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  torch_writer.save(checkpoint, out)
+  return {'model': 'glfn', 'score': opt.cross_attn, 'dataset': config.dataset, 'data_name': opt.data_name,
+          'checkpoint': which, 'step': step, 'epoch': checkpoint['epoch'],
+          'params': sum(int(np.size(x)) for x in jax.tree.leaves([image_state, text_state])),
+          'bert_not_exported': run_setup.workdir_bert_dir(workdir)}
 
 
 def export(workdir: str, out: str, vocab_out: str = '') -> dict:
@@ -39,9 +93,11 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   config = run_setup.load_config(workdir)
   source = os.path.join(workdir, run_setup.CONFIG_FILE)
   name = config.model.get('name') if 'model' in config else None
-  if name not in scan_checkpoint.FORMATS:
-    raise ValueError(f'{source}: model {name!r} cannot be exported: only {scan_checkpoint.FORMATS} workdirs have '
+  if name not in FORMATS:
+    raise ValueError(f'{source}: model {name!r} cannot be exported: only {FORMATS} workdirs have '
                      'an official PyTorch checkpoint layout')
+  if name == 'glfn':
+    return export_glfn(workdir, config, out, vocab_out)
   vocab_path = os.path.join(workdir, run_setup.VOCAB_FILE)
   if not os.path.exists(vocab_path):
     raise FileNotFoundError(f'{vocab_path} not found: a SCAN / VSE++ workdir keeps its vocabulary there')
@@ -52,19 +108,12 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
   expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), {'regions': jnp.zeros((2, 1, img_dim))},
                             {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))})['params']
-  ckpts = checkpoints.RunCheckpoints(workdir)
-  try:
-    state, meta, which = ckpts.restore_for_eval()
-  finally:
-    ckpts.close()
-  checkpoints.check_params_match(state['params'], expected, f'{workdir}/{which}')
-  params = jax.tree.map(np.asarray, state['params'])
+  params, meta, which, step = _restore(workdir, expected)
   image_state, text_state = scan_checkpoint.export_params(
       params, int(config.model.num_layers), bool(config.model.get('bidirectional', False)), f'{workdir}/{which}')
 
-  finished = math.floor(float(meta.get('epoch', 0)) + 1e-9)   # xmatch's meta: epochs done (fractional mid-epoch)
+  finished = _finished_epochs(meta)
   epoch = finished - 1 if name == 'scan' else finished
-  step = int(meta.get('step', int(np.asarray(state['step']))))
   checkpoint = {'epoch': int(epoch), 'model': [image_state, text_state],
                 'best_rsum': float(meta.get('best_rsum', 0.0)), 'opt': opt, 'Eiters': step}
   out_dir = os.path.dirname(os.path.abspath(out))
@@ -80,12 +129,16 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='trained xmatch SCAN / VSE++ workdir')
+  parser.add_argument('--workdir', required=True, help='trained xmatch SCAN / VSE++ / GLFN workdir')
   parser.add_argument('--out', required=True, help='checkpoint to write, e.g. model_best.pth.tar')
-  parser.add_argument('--vocab_out', default='', help='also write the SCAN-format vocabulary json here')
+  parser.add_argument('--vocab_out', default='', help='also write the SCAN-format vocabulary json here (scan, vsepp)')
   args = parser.parse_args(argv)
   summary = export(args.workdir, args.out, args.vocab_out)
   print(f'{args.workdir} -> {args.out}: {summary}')
+  if summary['model'] == 'glfn':
+    print(f'BERT weights are not part of official GLFN checkpoints and were not written: keep the BERT directory '
+          f'(its config and tokenizer are in {summary["bert_not_exported"]}); importing OUT again needs it as '
+          '--bert_dir')
   if args.vocab_out:
     print(f'vocabulary -> {args.vocab_out} (official code reads <vocab_path>/{summary["data_name"]}_vocab.json)')
   return 0

@@ -22,8 +22,14 @@ hidden states of its [CLS] tokens [SEP]. Scores equal the official ones only for
 Refused (named in the error): unidirectional GRU (bi_gru False), no_imgnorm / no_txtnorm, precomp_enc_type other
 than 'basic', three state_dicts (the GAT fork), opt fields official GLFN's train.py does not have, unknown or
 missing weights, shapes that disagree with each other, with opt or with the BERT.
+
+The way back (export_params, opt_from_config; tools/export_torch_checkpoint.py) writes the same layout for the
+`official` variant with score t2i or i2t only, without the BERT (the user keeps the BERT directory).
 """
 
+import argparse
+import collections
+import dataclasses
 import os
 import types
 
@@ -143,7 +149,7 @@ def convert_params(image_state: dict, text_state: dict, source: str = 'checkpoin
 
 
 def _opt_dict(opt, source: str) -> dict:
-  if isinstance(opt, types.SimpleNamespace):
+  if isinstance(opt, (types.SimpleNamespace, argparse.Namespace)):
     return dict(vars(opt))
   if isinstance(opt, dict):
     return dict(opt)
@@ -256,3 +262,107 @@ def load(path: str, bert_dir: str, dataset: str = ''):
   # Official GLFN saves 'epoch': epoch + 1, already the number of finished epochs.
   meta = {k: float(checkpoint[k]) for k in ('epoch', 'best_rsum', 'Eiters') if k in checkpoint}
   return config, params, meta
+
+
+# The official code's fixed behaviour: config fields export requires, with the official value.
+OFFICIAL_FIELDS = {'tag_in_fusion': 'once', 'train_position_attention': False,
+                   't2i_max_attention_weight': OFFICIAL_T2I_MAX_ATTENTION_WEIGHT, 'position_eps': 1e-6,
+                   'use_tags': True, 'text_encoder': 'bert_gru', 'top_l': BOX_LEN}
+# Official train.py flags no xmatch field holds: its argparse defaults (vocab_size: set from a vocab json the model
+# never reads; not written).
+_RUNTIME = {'data_path': './data/', 'vocab_path': './vocab/', 'vocab_name': 'f30k_precomp_vocab.json',
+            'nltk_data_path': '', 'workers': 10, 'log_step': 10, 'val_step': 2000, 'logger_name': './runs/runX/log',
+            'model_name': './runs/runX/checkpoint', 'resume': '', 'no_imgnorm': False, 'no_txtnorm': False,
+            'precomp_enc_type': 'basic', 'bi_gru': True, 'drop_out': 0.5, 'current_path': '',
+            'word_dim': 300}   # word_dim: unused by GLFN (bert_to_gru_size is the GRU input)
+# xmatch dataset -> official data_name (the official run scripts' names where they have one).
+_DATA_NAME_OF = {'f30k': 'f30k_bottom', 'coco': 'coco_bottom',
+                 **{v: k for k, v in scan_checkpoint.DATA_NAMES.items() if v not in ('f30k', 'coco')}}
+# Model fields that change how xmatch computes or where the BERT is, not what the exported weights mean; alpha and
+# the other direction's lambdas are unused by a one-direction model and not carried.
+_NOT_CARRIED = {'block_size', 'remat', 'dtype', 'bert_dir', 'bert', 'alpha', 'embed_size', 'word_dim', 'num_layers',
+                'position_dim', 'grid'}
+
+
+def export_params(params: dict, config, source: str = 'params') -> tuple:
+  """xmatch GLFN params -> (image encoder state_dict, text encoder state_dict) in the official layout (OrderedDicts
+  of float32 arrays); the `bert` group is not exported. convert_params(*export_params(p, c)) == p without `bert`.
+
+  GRU r / z biases go whole into bias_ih, zeros into bias_hh (scan_checkpoint.gru_state): the same forward.
+  """
+  get = lambda *path: scan_checkpoint._param(params, path, source)  # pylint: disable=protected-access
+  num_layers = int(config.model.num_layers)
+  unknown = sorted(set(params) - {'object_fc', 'block_embed', 'region_fc', 'word_fc', 'gru', 'bert'})
+  if unknown:
+    raise ValueError(f'{source}: parameter groups {unknown} have no place in the official GLFN layout')
+  image = collections.OrderedDict([
+      ('fc.weight', get('region_fc', 'kernel').T.copy()), ('fc.bias', get('region_fc', 'bias')),
+      ('position_embedding.weight', get('block_embed', 'embedding')),
+      ('posi_attn_matrix_add_tag.weight', get('object_fc', 'kernel').T.copy()),
+  ])
+  text = collections.OrderedDict([('fc.weight', get('word_fc', 'kernel').T.copy()),
+                                  ('fc.bias', get('word_fc', 'bias'))])
+  gru = params.get('gru', {}) if hasattr(params, 'get') else {}
+  expected = {f'{d}_{layer}' for layer in range(num_layers) for d in ('forward', 'backward')}
+  missing, extra = sorted(expected - set(gru)), sorted(set(gru) - expected)
+  if missing or extra:
+    raise ValueError(f'{source}: gru has {sorted(gru)}, expected {sorted(expected)} (model.num_layers={num_layers}, '
+                     'bidirectional)')
+  for layer in range(num_layers):
+    for reverse in (False, True):
+      cell = gru[f'{"backward" if reverse else "forward"}_{layer}']
+      text.update(scan_checkpoint.gru_state(cell, layer, reverse, f'{source}: gru'))
+  sizes_of(image, text, source)   # the shapes must fit together as the importer reads them
+  return image, text
+
+
+def opt_from_config(config, img_dim: int | None = None, source: str = 'config') -> argparse.Namespace:
+  """The official train.py `opt` of an xmatch GLFN config: config_from_opt(opt, sizes, bert_dir) gives back its
+  dataset, model (up to bert_dir and fields a one-direction model does not use) and loss.
+
+  Raises:
+    ValueError: not GLFN, or not the official variant with score t2i / i2t (the field and official value named).
+  """
+  m = config.model
+  if m.get('name') != 'glfn':
+    raise ValueError(f'{source}: model {m.get("name")!r} is not glfn')
+  if img_dim is None:
+    if 'data_info' not in config or 'img_dim' not in config.data_info:
+      raise ValueError(f'{source}: no data_info.img_dim (a workdir\'s config.json has it); pass img_dim')
+    img_dim = config.data_info.img_dim
+  from xmatch_jax import models  # pylint: disable=g-import-not-at-top
+  fields = m.to_dict() if hasattr(m, 'to_dict') else dict(m)
+  defaults = {f.name: f.default for f in dataclasses.fields(models.MODELS['glfn'])
+              if f.default is not dataclasses.MISSING}
+  get = lambda field: fields.get(field, defaults.get(field))
+  refusals = []
+  score = get('score')
+  if score not in scan.CROSS_ATTN:
+    refusals.append(f'model.score is {score!r}; official GLFN scores one direction per model (t2i or i2t; the '
+                    'fused score is an ensemble of two exports)')
+  for field, value in OFFICIAL_FIELDS.items():
+    if get(field) != value:
+      refusals.append(f'model.{field} is {get(field)!r}; official GLFN has {value!r}')
+  data_name = _DATA_NAME_OF.get(config.dataset)
+  if data_name is None:
+    refusals.append(f'dataset {config.dataset!r} has no official data_name; expected one of {sorted(_DATA_NAME_OF)}')
+  handled = set(OFFICIAL_FIELDS) | _NOT_CARRIED | {'name', 'score', 'raw_feature_norm', 'agg_func',
+                                                   't2i_lambda_softmax', 't2i_lambda_lse', 'i2t_lambda_softmax',
+                                                   'i2t_lambda_lse'}
+  unknown = sorted(set(fields) - handled)
+  if unknown:
+    refusals.append(f'model fields {unknown} have no counterpart in official GLFN\'s opt')
+  if refusals:
+    raise ValueError(f'{source}: cannot export as an official GLFN checkpoint (only configs/glfn.py\'s official '
+                     'variant with score t2i or i2t): ' + '; '.join(refusals))
+  opt = {
+      **_RUNTIME, 'data_name': data_name, 'margin': float(config.loss.margin), 'num_epochs': int(config.num_epochs),
+      'batch_size': int(config.batch_size), 'embed_size': int(get('embed_size')),
+      'grad_clip': float(config.optim.grad_clip), 'num_layers': int(get('num_layers')),
+      'learning_rate': float(config.optim.learning_rate), 'lr_update': int(config.optim.lr_decay_epochs),
+      'max_violation': bool(config.loss.max_violation), 'img_dim': int(img_dim),
+      'raw_feature_norm': get('raw_feature_norm'), 'agg_func': get('agg_func'), 'cross_attn': score,
+      'lambda_lse': float(get(f'{score}_lambda_lse')), 'lambda_softmax': float(get(f'{score}_lambda_softmax')),
+      'bert_to_gru_size': int(get('word_dim')),
+  }
+  return argparse.Namespace(**opt)
