@@ -54,7 +54,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a workdir whose checkpoint belongs to another model or model configuration."""
-  old, new = saved.model.to_dict(), config.model.to_dict()
+  # Through json on both sides: the saved config.json holds lists where the config has tuples.
+  old, new = json.loads(saved.model.to_json()), json.loads(config.model.to_json())
   if old != new or saved.dataset != config.dataset:
     diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     raise ValueError(
