@@ -72,12 +72,7 @@ def convert_glfn(checkpoint_path: str, bert_dir: str, workdir: str, dataset: str
   os.makedirs(workdir, exist_ok=True)
   vocab.save(workdir)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
-  k, top_l = 2, config.model.top_l
-  images = {'regions': jnp.zeros((2, k, img_dim)), 'pfan_blocks': jnp.zeros((2, k, top_l), jnp.int32),
-            'pfan_weights': jnp.ones((2, k, top_l)), 'tag_tokens': jnp.ones((2, k, 3), jnp.int32),
-            'tag_mask': jnp.ones((2, k, 3))}
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), images,
-                            {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))})['params']
+  expected = glfn_checkpoint.expected_params(model, img_dim, config.model.top_l)
   checkpoints.check_params_match(params, expected, checkpoint_path)
   step = _save(config, params, meta, model, img_dim, checkpoint_path, 'glfn', workdir)
   return {'model': 'glfn', 'score': config.model.score, 'dataset': config.dataset, 'img_dim': img_dim,

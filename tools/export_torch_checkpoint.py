@@ -70,12 +70,7 @@ def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
   opt = glfn_checkpoint.opt_from_config(config, img_dim, source)  # refuses what official code lacks
   vocab = run_setup.load_vocab(workdir)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
-  k, top_l = 2, config.model.top_l
-  images = {'regions': jnp.zeros((2, k, img_dim)), 'pfan_blocks': jnp.zeros((2, k, top_l), jnp.int32),
-            'pfan_weights': jnp.ones((2, k, top_l)), 'tag_tokens': jnp.ones((2, k, 3), jnp.int32),
-            'tag_mask': jnp.ones((2, k, 3))}
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), images,
-                            {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))})['params']
+  expected = glfn_checkpoint.expected_params(model, img_dim, config.model.top_l)
   params, meta, which, step = _restore(workdir, expected)
   image_state, text_state = glfn_checkpoint.export_params(params, config, f'{workdir}/{which}')
   checkpoint = {'epoch': _finished_epochs(meta), 'model': [image_state, text_state],
