@@ -32,7 +32,8 @@ def rank_captions(retriever: api.Retriever, images: dict, captions: list, image_
   return [(int(c), float(scores[c])) for c in order]
 
 
-def run(workdir: str, split: str, caption: str | None, image_index: int | None, k: int, out=sys.stdout) -> list:
+def run(workdir: str, split: str, caption: str | None, image_index: int | None, k: int, out=None) -> list:
+  out = out or sys.stdout  # looked up per call: a default bound at import would keep a replaced stream
   if (caption is None) == (image_index is None):
     raise ValueError('give exactly one of --caption or --image_index')
   if k < 1:
