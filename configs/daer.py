@@ -25,9 +25,10 @@ NUM_CLASSES = {'wikipedia': 10, 'pascal': 20, 'xmedianet': 200, 'shapes': 30, 's
 VARIANTS = ('c', 'i', 't', 'i_t')
 
 
-def _stage(num_epochs: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
+def _stage(num_epochs: int, batch_size: int, learning_rate: float, max_steps: int = 0) -> ml_collections.ConfigDict:
+  # max_steps > 0 stops the stage early (dev evaluation and checkpoint at that step).
   return ml_collections.ConfigDict({'num_epochs': num_epochs, 'batch_size': batch_size,
-                                    'learning_rate': learning_rate, 'grad_clip': 0.0})
+                                    'learning_rate': learning_rate, 'grad_clip': 0.0, 'max_steps': max_steps})
 
 
 def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
@@ -62,6 +63,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   c.stage.relation = _stage(20, 32, 1e-4)
   c.mobilenet_weights = ''        # torchvision mobilenet_v3_large ImageNet weights (.pth / .safetensors)
   c.word_vectors = ''             # GloVe / word2vec text file, 300-d
+  c.stages_from = ''              # DAER workdirs (comma-separated) whose text / image stages to reuse where equal
   c.eval_metric = 'map'
   c.vocab_min_count = 1 if dataset.startswith('shapes') else 4
   c.caption_buckets = (16, 32, 64, 128, 256, 512, 1024)

@@ -143,7 +143,7 @@ def test_word_vectors_fill_the_vocabulary_rows(tmp_path):
     word_vectors.load_for_vocab(str(path), vocab, init)
 
 
-def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypatch):
+def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypatch, capsys):
   from xmatch_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from xmatch_jax import Retriever  # pylint: disable=g-import-not-at-top
   from xmatch_jax.data import load_split  # pylint: disable=g-import-not-at-top
@@ -153,6 +153,7 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
                       relation_hidden=(64, 32), image_head_hidden=64)
   for stage, epochs in (('text', 3), ('image', 1), ('relation', 1)):
     config.stage[stage].update(num_epochs=epochs, batch_size=32, learning_rate=3e-3 if stage != 'relation' else 1e-3)
+  config.stage.image.update(num_epochs=2, max_steps=3)   # stops inside epoch 1, evaluating dev there
   config.log_every_steps = 10
   workdir = str(tmp_path / 'run')
   train_lib.train_and_evaluate(config, workdir)
@@ -162,6 +163,7 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
   relation_loss = [r['relation/loss'] for r in logged if 'relation/loss' in r]
   assert len(text_acc) == 3 and text_acc[-1] > 2 / 30, text_acc      # chance is 1/30
   assert relation_loss[-1] < relation_loss[0], relation_loss       # from ~B^2/4 (all 0.5) down
+  assert [r['step'] for r in logged if 'image/dev_accuracy' in r] == [3]
   assert os.path.isdir(os.path.join(workdir, 'stages', 'text', 'checkpoints'))
 
   # The evaluation restores params and BatchNorm statistics; its mAP equals mAP of the Retriever's scores.
@@ -180,6 +182,27 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
   lines = len(logged)
   train_lib.train_and_evaluate(config, workdir)
   assert len(open(os.path.join(workdir, 'metrics.jsonl')).readlines()) == lines
+
+  # A Table 3 sweep: DAER-I-T (power 1, a relation-stage field) takes stages 1-2 from this run and trains stage 3.
+  capsys.readouterr()
+  sweep = config.copy_and_resolve_references()
+  sweep.model.power = 1.0
+  sweep.stages_from = workdir
+  sweep.stage.relation.max_steps = 2
+  train_lib.train_and_evaluate(sweep, str(tmp_path / 'i_t'))
+  out = capsys.readouterr().out
+  for stage in ('text', 'image'):
+    assert f'stage {stage}: checkpoints copied from {workdir}' in out and f'stage {stage}: done' in out
+  assert 'stage relation: ' in out and 'stage relation: done' not in out
+  # Without region attention the text stage differs (it is trained, not copied); the image stage does not.
+  from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+  other = config.copy_and_resolve_references()
+  other.model.region_attention = False
+  assert not train_stages.reuse_stage('text', other, workdir, str(tmp_path / 't'))
+  assert 'fields differ: model.region_attention' in capsys.readouterr().out
+  assert train_stages.reuse_stage('image', other, workdir, str(tmp_path / 't'))
+  with pytest.raises(FileNotFoundError, match='stages_from'):
+    train_stages.reuse_stage('text', other, str(tmp_path / 'nothing'), str(tmp_path / 'u'))
 
 
 def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_path):

@@ -8,10 +8,16 @@
 Stages 1-2 checkpoint into W/stages/<stage>/, stage 3 into W/checkpoints and W/best (best dev mean mAP), so
 `xmatch_jax.evaluate` and the Retriever read it like any other run. Every stage resumes from its own latest
 checkpoint; a finished stage (meta `done`) is skipped. Batches are a pure function of (seed, stage, step).
+
+`config.stages_from = 'W0[,W1...]'` starts stages 1-2 from the first of those runs whose stage has every config field
+it depends on equal to ours (a Table 3 sweep trains the text module once for DAER, DAER-T and DAER-I-T). Training is
+deterministic, so the copy is the stage this run would have trained. Stages whose fields differ are trained here.
 """
 
 import functools
+import json
 import os
+import shutil
 import time
 
 import jax
@@ -43,6 +49,7 @@ def check_stage_config(config: ml_collections.ConfigDict) -> None:
   for stage in STAGES:
     s = config.stage[stage]
     for field, ok, expected in (('num_epochs', s.num_epochs >= 0, 'an int >= 0'),
+                                ('max_steps', s.get('max_steps', 0) >= 0, 'an int >= 0 (0: num_epochs only)'),
                                 ('batch_size', s.batch_size >= 2, 'an int >= 2'),
                                 ('learning_rate', s.learning_rate > 0, 'a float > 0')):
       if not ok:
@@ -138,6 +145,57 @@ def _merge(tree: dict, update: dict, source: str) -> dict:
   return out
 
 
+# Config fields a stage does not depend on (beyond the ones every stage ignores).
+_IGNORED_BY_ALL = ('stages_from', 'data_dir', 'stages', 'stage.relation', 'model.power', 'model.relation_hidden',
+                   'model.block_size', 'eval_image_chunk', 'eval_text_batch', 'eval_metric', 'log_every_steps',
+                   'checkpoint_every_steps', 'keep_checkpoints', 'data_info')
+_IGNORED_BY = {
+    'text': ('stage.image', 'model.spatial_attention', 'model.width_mult', 'model.image_head_hidden',
+             'mobilenet_weights'),
+    'image': ('stage.text', 'model.region_attention', 'model.word_dim', 'model.lstm_size', 'model.attention_hidden',
+              'word_vectors', 'vocab_path', 'vocab_min_count', 'caption_buckets', 'truncate_captions'),
+}
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    out.update(_flat(value, name + '.') if isinstance(value, dict) else {name: value})
+  return out
+
+
+def stage_fields(config: dict, name: str) -> dict:
+  """The flattened config fields stage `name` (text / image) depends on; lists and tuples compare equal."""
+  ignored = _IGNORED_BY_ALL + _IGNORED_BY[name]
+  flat = _flat(json.loads(json.dumps(config)))
+  return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + '.') for i in ignored)}
+
+
+def reuse_stage(name: str, config: ml_collections.ConfigDict, source: str, workdir: str) -> bool:
+  """Copies `source`'s checkpoints of stage `name` into `workdir` if its stage fields equal ours (and `workdir` has
+  none yet). Returns whether it did; prints why not otherwise."""
+  target = os.path.join(workdir, 'stages', name)
+  if os.path.isdir(os.path.join(target, 'checkpoints')):
+    return False    # this run's own stage (resumed or done) wins
+  src = os.path.join(source, 'stages', name)
+  if not os.path.isdir(os.path.join(src, 'checkpoints')):
+    raise FileNotFoundError(f'config.stages_from = {source!r}: {src}/checkpoints not found; expected a DAER workdir '
+                            f'whose stage {name!r} has been trained.')
+  theirs = stage_fields(run_setup.load_config(source).to_dict(), name)
+  ours = stage_fields(config.to_dict(), name)
+  # A field missing on one side (a config written before it existed) counts as its neutral default, 0 or ''.
+  differ = sorted(k for k in set(theirs) | set(ours)
+                  if theirs.get(k, ours[k] if ours.get(k) in (0, '') else '<missing>') !=
+                  ours.get(k, theirs[k] if theirs.get(k) in (0, '') else '<missing>'))
+  if differ:
+    print(f'stage {name}: trained here, not taken from {source} (fields differ: {", ".join(differ)})')
+    return False
+  shutil.copytree(src, target)
+  print(f'stage {name}: checkpoints copied from {source} (every field stage {name} depends on is equal)')
+  return True
+
+
 class _Stage:
   """One stage's data, model call, optimiser and checkpoints."""
 
@@ -231,6 +289,8 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
   stage = _Stage(name, config, model, train, vocab, workdir)
   sc = stage.stage_config
   total = sc.num_epochs * stage.steps_per_epoch
+  if sc.get('max_steps', 0):
+    total = min(total, sc.max_steps)
   tx = _optimizer(sc)
   ckpts = checkpoints.RunCheckpoints(stage.workdir, keep=config.keep_checkpoints)
   variables = _stage_variables(name, config, model, stage, previous, vocab)
@@ -261,7 +321,8 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
                     in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
                     donate_argnums=(0,))
   start = int(state['step'])
-  print(f'stage {name}: {stage.steps_per_epoch} steps/epoch x {sc.num_epochs} epochs, batch {sc.batch_size}, '
+  print(f'stage {name}: {stage.steps_per_epoch} steps/epoch x {sc.num_epochs} epochs'
+        f'{f" (stop at step {total})" if total < sc.num_epochs * stage.steps_per_epoch else ""}, batch {sc.batch_size}, '
         f'lr {sc.learning_rate}' + (f', resumed at step {start}' if start else ''))
   pending, t0 = [], time.time()
   progress = tqdm.tqdm(total=total, initial=start, desc=f'stage {name}', unit='step', mininterval=5,
@@ -272,7 +333,8 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
       pending.append(metrics)
       progress.update(1)
       done = step + 1
-      if done % config.log_every_steps == 0 or done % stage.steps_per_epoch == 0:
+      end_of_epoch = done % stage.steps_per_epoch == 0
+      if done % config.log_every_steps == 0 or end_of_epoch or done == total:
         fetched = jax.device_get(pending)
         summary = {f'{name}/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         if not np.isfinite(summary[f'{name}/loss']):
@@ -282,16 +344,16 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
         writer.write(done, summary)
         progress.set_postfix(loss=f'{summary[f"{name}/loss"]:.4f}')
         pending, t0 = [], time.time()
-      if done % stage.steps_per_epoch == 0:
+      if end_of_epoch or done == total:   # dev evaluation and a checkpoint at every epoch end and at the last step
         variables = {c: state[c] for c in ('params', 'batch_stats') if c in state}
         dev_metrics = _evaluate(name, model, variables, config, dev, vocab)
         writer.write(done, {f'{name}/dev_{k}': v for k, v in dev_metrics.items()})
         value = dev_metrics['mean_map' if name == 'relation' else 'accuracy']
         is_best = value > meta['best']
-        meta.update(step=done, epoch=done // stage.steps_per_epoch, dev=dev_metrics, done=done == total,
+        meta.update(step=done, epoch=done / stage.steps_per_epoch, dev=dev_metrics, done=done == total,
                     best=max(value, meta['best']))
         ckpts.save(done, state, dict(meta), is_best=is_best and name == 'relation')
-        tqdm.tqdm.write(f'stage {name} epoch {meta["epoch"]}: dev ' +
+        tqdm.tqdm.write(f'stage {name} epoch {meta["epoch"]:g}: dev ' +
                         ', '.join(f'{k} {v:.4f}' for k, v in dev_metrics.items()) + ('  *best*' if is_best else ''))
     if total == 0:
       meta['done'] = True
@@ -318,6 +380,10 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, writer) -> dic
   model = run_setup.build_model(config, len(vocab), 0, workdir)
   previous, dev_metrics = {}, {}
   for name in config.stages:
+    if config.get('stages_from') and name != 'relation' and jax.process_index() == 0:
+      for source in config.stages_from.split(','):   # the first source whose stage fields equal ours
+        if reuse_stage(name, config, source.strip(), workdir):
+          break
     trained, dev_metrics = run_stage(name, config, model, train, dev, vocab, workdir, previous, writer)
     previous.update(trained)
   return dev_metrics
