@@ -16,6 +16,7 @@ from configs import vsepp as vsepp_config
 from xmatch_jax import Retriever
 from xmatch_jax import evaluate
 from xmatch_jax import losses
+from xmatch_jax import run_setup
 from xmatch_jax import train
 from xmatch_jax.checkpoints import RunCheckpoints
 from xmatch_jax.data import load_split
@@ -210,10 +211,18 @@ def test_paper_dataset_without_its_files(tmp_path, monkeypatch):
 def test_unknown_config_key_on_command_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'xmatch_jax.train', '--config=configs/scan.py:shapes_tiny',
-       f'--workdir={tmp_path}', '--config.model.no_such_key=3'],
+       f'--workdir={tmp_path}', '--config.model.embed_sise=3'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
-  assert 'no_such_key' in proc.stderr
+  assert ("--config.model.embed_sise: config.model of configs/scan.py:shapes_tiny has no field 'embed_sise'. "
+          "Did you mean 'embed_size'?") in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  with pytest.raises(SystemExit, match=r"--config.optim.learning_rate.x: config.optim.learning_rate of .* is a value"):
+    run_setup.check_config_overrides([f'--config={ROOT}/configs/scan.py:shapes', '--config.optim.learning_rate.x=1'])
+  with pytest.raises(SystemExit, match=r"the config of .*configs/scan.py has no field 'nope'.* Its fields: .*batch_size"):
+    run_setup.check_config_overrides(['--config', f'{ROOT}/configs/scan.py', '--config.nope', '2'])
+  run_setup.check_config_overrides([f'--config={ROOT}/configs/scan.py', '--config.model.embed_size=3',
+                                    '--noconfig.seed'])
 
 
 def test_split_validation_errors():

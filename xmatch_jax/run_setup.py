@@ -30,6 +30,42 @@ def load_config_file(spec: str, root: str = '') -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def check_config_overrides(argv: list[str]) -> None:
+  """Raises SystemExit naming the field and the nearest existing ones when a `--config.a.b=...` override in `argv`
+  has no field a.b in the config file given by `--config=FILE[:ARG]` (ml_collections' own error is a bare
+  AttributeError traceback)."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  spec, keys = None, []
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      spec = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith(('--config.', '--noconfig.')):
+      keys.append(arg.split('=', 1)[0].split('config.', 1)[1])
+  if spec is None or not keys:
+    return
+  try:
+    config = load_config_file(spec)
+  except Exception:  # pylint: disable=broad-except  (the flag parser reports a bad config file itself)
+    return
+  for key in keys:
+    node, parts = config, key.split('.')
+    for depth, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      parent = '.'.join(parts[:depth])
+      fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      near = difflib.get_close_matches(part, fields, n=2, cutoff=0.8)
+      where = f'config.{parent}' if parent else 'the config'
+      hint = f' Did you mean {", ".join(repr(n) for n in near)}?' if near else ''
+      if isinstance(node, ml_collections.ConfigDict):
+        raise SystemExit(f'error: --config.{key}: {where} of {spec} has no field {part!r}.{hint} Its fields: '
+                         f'{", ".join(fields)}.')
+      raise SystemExit(f'error: --config.{key}: {where} of {spec} is a value ({node!r}), not a group of fields.')
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str, img_dim: int) -> None:
   """Writes W/config.json: the run's config plus `data_info` (what the model was built for)."""
   saved = ml_collections.ConfigDict(config.to_dict())

@@ -457,4 +457,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('cpu_collectives', '', "Cross-process collectives on CPU: 'gloo' or 'mpi' (or "
                       '$XMATCH_CPU_COLLECTIVES); for several CPU processes, e.g. launch/localhost_cpu.sh.')
   flags.mark_flags_as_required(['config', 'workdir'])
+  run_setup.check_config_overrides(sys.argv[1:])
   app.run(main)
