@@ -13,8 +13,6 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
 import benchmark  # pylint: disable=g-import-not-at-top
 
-from xmatch_jax.models import build_model  # pylint: disable=g-import-not-at-top
-
 
 def _model(spec, **overrides):
   config = benchmark.load_config(spec)
@@ -22,7 +20,7 @@ def _model(spec, **overrides):
     config.model.block_size = 1000   # unblocked: XLA's cost analysis does not look inside lax.map
   for key, value in overrides.items():
     config.model[key] = value
-  model = build_model(config.model, vocab_size=50, img_dim=8)
+  model = benchmark.build(config, vocab_size=50, img_dim=8)   # a BERT-based model: its BERT's vocabulary
   return config, model
 
 
@@ -39,6 +37,10 @@ def _variables(model, k, n):
     ('configs/scan.py:f30k', {'cross_attn': 't2i'}),
     ('configs/scan.py:f30k', {'cross_attn': 'i2t'}),
     ('configs/vsepp.py:f30k', {}),
+    ('configs/glfn.py:f30k', {'bert_dir': 'minilm'}),          # fused: t2i and i2t each compute S
+    ('configs/glfn.py:f30k,t2i', {'bert_dir': 'minilm'}),
+    ('configs/glfn.py:f30k,i2t', {'bert_dir': 'minilm'}),
+    ('configs/daer.py:wikipedia', {}),
 ])
 def test_analytic_flops_match_xlas_count(spec, overrides):
   config, model = _model(spec, **overrides)
@@ -46,7 +48,8 @@ def test_analytic_flops_match_xlas_count(spec, overrides):
   reps = benchmark.random_reps(0, n_img, n_cap, k, n, n, d)
   image_rep, text_rep = benchmark.pair_inputs(config.model.name, reps)
   fn = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
-  cost = fn.lower(_variables(model, k, n), image_rep, text_rep).compile().cost_analysis()
+  variables = benchmark.init_pair_head(model, 0, image_rep, text_rep)
+  cost = fn.lower(variables, image_rep, text_rep).compile().cost_analysis()
   xla_flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
   ours = benchmark.scoring_flops(config.model.to_dict(), n_img, n_cap, k, n, d)['total']
   # XLA also counts element-wise work (which we leave out) and skips the zero taps of 'same' padding (which
@@ -101,9 +104,31 @@ def test_cli_writes_the_json_report(tmp_path, capsys):
   assert 'pairs/s' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('spec,flags,flop_keys', [
+    ('configs/glfn.py:f30k', ['--bert_dir=minilm', '--k=8', '--n=7', '--min_len=3', '--train_batch=2'],
+     ['similarity', 'attention', 'item_gram']),
+    ('configs/daer.py:wikipedia', ['--train_batch=0'], ['relation_mlp', 'item_first_layer']),
+])
+def test_cli_reports_glfn_and_daer(tmp_path, capsys, spec, flags, flop_keys):
+  out = tmp_path / 'bench.json'
+  assert benchmark.main([f'--config={spec}', '--n_images=6', '--n_captions=5', '--embed_size=32', '--block_size=4',
+                         '--repeats=2', '--train_repeats=1', '--matmul_size=256', f'--json={out}'] + flags) == 0
+  report = json.loads(out.read_text())
+  assert sorted(report['flops']) == sorted(flop_keys + ['total'])
+  s = report['sizes']
+  assert report['flops'] == benchmark.scoring_flops(report['model'], 6, 5, s['k'], s['n'], 32)
+  assert report['pair_gflops_per_s'] == pytest.approx(report['flops']['total'] / report['score_time_s']['median'] / 1e9)
+  assert ('train_step_s' in report) == (s['train_batch'] > 0)
+  assert 'pairs/s' in capsys.readouterr().out
+
+
 def test_bad_sizes_are_refused():
   with pytest.raises(SystemExit):
     benchmark.main(['--n=5', '--min_len=9'])
   with pytest.raises(ValueError, match='has no field cnn_channels'):
     benchmark.apply_overrides(benchmark.load_config('configs/scan.py:f30k'),
                               benchmark.parse_args(['--cnn_channels=4']))
+  with pytest.raises(ValueError, match='pass --bert_dir'):
+    benchmark.main(['--config=configs/glfn.py:f30k', '--train_batch=0'])
+  with pytest.raises(ValueError, match='DAER trains in stages'):
+    benchmark.main(['--config=configs/daer.py:wikipedia', '--train_batch=4'])

@@ -4,6 +4,8 @@
   python tools/benchmark.py --config=configs/scan.py:f30k --n=14 --min_len=14 --compare-torch
   python tools/benchmark.py --config=configs/rdan.py:f30k --train_batch=0      # scoring only
   python tools/benchmark.py --config=configs/scan.py:f30k --dtype=bfloat16      # mixed precision (config.model.dtype)
+  python tools/benchmark.py --config=configs/glfn.py:f30k --bert_dir=minilm --n=14 --train_batch=0
+  python tools/benchmark.py --config=configs/daer.py:wikipedia --n_images=512 --n_captions=512 --train_batch=0
 
 Every figure is measured after a warm-up (compilation) over `--repeats` runs and reported as the median with
 min/max. Achieved GFLOP/s is set against the rate of a large float32 matmul through jax measured in the same
@@ -11,7 +13,10 @@ run (before and after the model measurements), so the ratio holds on a noisy or 
 
 FLOPs are counted analytically, 2 per multiply-add, for the matmuls, convolutions (all taps, as an im2col
 formulation computes them) and attention contractions of the pair head; element-wise work (softmax, norms) is
-not counted. `similarity` is the batch-wide region-word similarity tensor alone (2 k n D per pair).
+not counted. `similarity` is the batch-wide region-word similarity tensor alone (2 k n D per pair; twice for GLFN's
+fused t2i + i2t score, whose two directions compute it in different layouts). Per-item work (Gram matrices; DAER's first relation layer, which splits into a
+projection of each image and each caption) is counted once per item. The scoring benchmark initialises only the
+variables `pair_scores` reads. DAER's staged training has no `--train_batch` benchmark.
 
 Scoring and the training step each run in a fresh subprocess, so their peak host memory (ru_maxrss) is their own;
 on a GPU the device's peak_bytes_in_use is reported too. `--compare-torch` times a plain PyTorch version of the
@@ -51,10 +56,25 @@ def _rdan_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
   return flops
 
 
-def _scan_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
+def _scan_attention_flops(direction: str, k: int, n: int) -> int:
   # t2i: w . S over regions, w^T G_img w; i2t: w . S over words, w^T G_txt w.
-  gram = 2 * k * k * n if m['cross_attn'] == 't2i' else 2 * k * n * n
-  return {'similarity': 2 * k * n * d, 'attention': 2 * k * n + gram + 2 * k * n}
+  gram = 2 * k * k * n if direction == 't2i' else 2 * k * n * n
+  return 2 * k * n + gram + 2 * k * n
+
+
+def _scan_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
+  return {'similarity': 2 * k * n * d, 'attention': _scan_attention_flops(m['cross_attn'], k, n)}
+
+
+_GLFN_DIRECTIONS = {'fused': ('t2i', 'i2t'), 't2i': ('t2i',), 'i2t': ('i2t',)}
+
+
+def _glfn_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
+  # 'fused' calls scan.t2i_scores and scan.i2t_scores, and each computes S in its own layout ([I, k, C, n] and
+  # [C, n, I, k]): two matmuls, which XLA does not merge, so S is counted twice.
+  directions = _GLFN_DIRECTIONS[m['score']]
+  return {'similarity': 2 * k * n * d * len(directions),
+          'attention': sum(_scan_attention_flops(x, k, n) for x in directions)}
 
 
 def _vsepp_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
@@ -73,17 +93,42 @@ def _mmca_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
   return flops
 
 
+def _daer_widths(m: dict) -> list:
+  """[h0, ..., 1]: the relation MLP's widths after its first layer (DAER's default hidden (1024, 512))."""
+  hidden = m.get('relation_hidden')
+  if hidden is None:
+    from xmatch_jax.models.daer import DAER  # pylint: disable=g-import-not-at-top
+    hidden = DAER.relation_hidden
+  return list(hidden) + [1]
+
+
+def _daer_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
+  # The first layer is split per item (item_flops); per pair only its sum, then h0 -> h1 -> ... -> 1.
+  del k, n, d
+  widths = _daer_widths(m)
+  return {'relation_mlp': sum(2 * a * b for a, b in zip(widths, widths[1:]))}
+
+
 PAIR_FLOPS = {'rdan': _rdan_pair_flops, 'scan': _scan_pair_flops, 'vsepp': _vsepp_pair_flops,
-              'mmca': _mmca_pair_flops}
+              'mmca': _mmca_pair_flops, 'glfn': _glfn_pair_flops, 'daer': _daer_pair_flops}
+# scoring_flops' key of the per-item FLOPs.
+_ITEM_KEY = {'daer': 'item_first_layer'}
 
 
 def item_flops(m: dict, k: int, n: int, d: int) -> tuple[int, int]:
-  """FLOPs of the per-item Gram matrices (computed once per image / caption, outside the pair loop)."""
+  """FLOPs per image and per caption computed once per item, outside the pair loop: Gram matrices, or DAER's
+  first relation layer (W_i R^e_i per image, W_t R^e_t per caption; d = embed_size)."""
   name = m['name']
   if name == 'rdan':
     return 2 * k * k * d, 2 * n * n * d
   if name == 'scan':
     return (2 * k * k * d, 0) if m['cross_attn'] == 't2i' else (0, 2 * n * n * d)
+  if name == 'glfn':
+    directions = _GLFN_DIRECTIONS[m['score']]
+    return 2 * k * k * d * ('t2i' in directions), 2 * n * n * d * ('i2t' in directions)
+  if name == 'daer':
+    h0 = _daer_widths(m)[0]
+    return 2 * d * h0, 2 * d * h0
   if name == 'mmca' and m['alpha']:
     return 2 * k * k * d, 2 * n * n * d          # Q_R K_R^T per image, Q_E K_E^T per caption
   return 0, 0
@@ -98,7 +143,7 @@ def scoring_flops(model_config: dict, n_images: int, n_captions: int, k: int, n:
   pairs = n_images * n_captions
   out = {key: value * pairs for key, value in per_pair.items()}
   per_image, per_caption = item_flops(model_config, k, n, d)
-  out['item_gram'] = per_image * n_images + per_caption * n_captions
+  out[_ITEM_KEY.get(name, 'item_gram')] = per_image * n_images + per_caption * n_captions
   out['total'] = sum(out.values())
   return out
 
@@ -129,11 +174,37 @@ def random_reps(seed: int, n_images: int, n_captions: int, k: int, n: int, min_l
           'mask': mask}
 
 
-def pair_inputs(model_name: str, reps: dict) -> tuple[dict, dict]:
-  """(image_rep, text_rep) of `pair_scores` from `random_reps`; global-embedding models take one vector per item."""
+def pair_inputs(model_name: str, reps: dict) -> tuple:
+  """(image_rep, text_rep) of `pair_scores` from `random_reps`; global-embedding models take one vector per item
+  (VSE++: {'embedding': [I, D]} / [C, D], DAER: arrays [I, D] / [C, D])."""
   if model_name == 'vsepp':
     return {'embedding': reps['regions'][:, 0]}, {'embedding': reps['words'][:, 0]}
+  if model_name == 'daer':
+    return reps['regions'][:, 0], reps['words'][:, 0]
   return {'regions': reps['regions']}, {'words': reps['words'], 'mask': reps['mask']}
+
+
+_TAG_LEN = 4   # GLFN tag tokens: [CLS] + a two-word tag such as "white plate" + [SEP]
+
+
+def random_inputs(model, seed: int, b: int, k: int, n: int, min_len: int, img_dim: int) -> tuple[dict, dict]:
+  """A random dataset-format batch of b pairs as the model reads it (inference.image_inputs): images {'regions':
+  [b, k, img_dim]} (GLFN: + pfan_blocks / pfan_weights [b, k, L] from random boxes, tag_tokens / tag_mask
+  [b, k, 4]), text {'tokens', 'mask': [b, n]} with lengths in [min_len, n]."""
+  from xmatch_jax import inference
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(min_len, n + 1, size=b)
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+  images = {'regions': rng.standard_normal((b, k, img_dim)).astype(np.float32)}
+  text = {'tokens': (rng.integers(1, model.vocab_size, (b, n)) * mask).astype(np.int32), 'mask': mask}
+  keys = getattr(model, 'image_keys', ('regions',))
+  if 'pfan_blocks' in keys:      # x1, y1, x2, y2 in [0, 1]; the model's prepare_images finds the blocks
+    corners = rng.uniform(0, 0.7, (b, k, 2))
+    images['boxes'] = np.concatenate([corners, corners + rng.uniform(0.05, 0.3, (b, k, 2))], axis=-1)
+  if 'tag_tokens' in keys:
+    images['tag_tokens'] = rng.integers(1, model.vocab_size, (b, k, _TAG_LEN)).astype(np.int32)
+    images['tag_mask'] = np.ones((b, k, _TAG_LEN), np.float32)
+  return inference.image_inputs(model, images), text
 
 
 def _time(fn, repeats: int, warmup: int = 1) -> list:
@@ -172,19 +243,42 @@ def _peak_memory() -> dict:
   return out
 
 
-def _init_model(config, vocab_size: int, img_dim: int, k: int, n: int):
-  import jax
-  import jax.numpy as jnp
+def build(config, vocab_size: int, img_dim: int):
+  """The config's (unbound) model; a BERT-based one takes the vocabulary of its own BERT (WordPiece ids)."""
   from xmatch_jax import run_setup
   from xmatch_jax.models import build_model
-  if run_setup.uses_bert(config):   # WordPiece ids of the model's own BERT
+  if run_setup.uses_bert(config):
     from xmatch_jax.convert import hf_bert
     from xmatch_jax.models.bert import BertConfig
+    if not config.model.bert_dir:
+      raise ValueError(f'model {config.model.name!r} needs a BERT: pass --bert_dir (a Hugging Face BERT directory, '
+                       "or 'minilm')")
     vocab_size = BertConfig.from_json(os.path.join(hf_bert.resolve_dir(config.model.bert_dir), 'config.json')).vocab_size
-  model = build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
-  variables = model.init(jax.random.key(config.seed), {'regions': jnp.zeros((1, k, img_dim))},
-                         {'tokens': jnp.ones((1, n), jnp.int32), 'mask': jnp.ones((1, n))})
-  return model, variables
+  return build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
+
+
+def _init_model(config, vocab_size: int, img_dim: int, k: int, n: int):
+  """The model and its full variables, initialised on a random batch of one pair."""
+  import jax
+  model = build(config, vocab_size, img_dim)
+  init = jax.jit(model.init)   # eager init of a BERT takes longer than compiling it
+  return model, init(jax.random.key(config.seed), *random_inputs(model, 0, 1, k, n, n, img_dim))
+
+
+def init_pair_head(model, seed: int, image_rep, text_rep):
+  """The variables `pair_scores` reads (DAER: {'params': {'relation': ...}}; none for SCAN or GLFN). Flax derives
+  each module's init RNG from its path, so they equal those of the full model's init with the same seed."""
+  import jax
+  return model.init(jax.random.key(seed), image_rep, text_rep, method=model.pair_scores)
+
+
+def check_train_batch(config, train_batch: int) -> None:
+  """Refuses a training step for models `child_train` cannot time."""
+  if train_batch and config.model.name == 'daer':
+    raise ValueError(f'--train_batch={train_batch}: DAER trains in stages (xmatch_jax/train_stages.py: classifiers, '
+                     "then the relation network on eq 11's category loss, with BatchNorm statistics and per-stage "
+                     'optimisers), not with the contrastive train.train_step timed here; use --train_batch=0 '
+                     '(scoring only).')
 
 
 def flat_params(variables) -> dict:
@@ -200,13 +294,15 @@ def child_score(args) -> dict:
   import jax
   config = load_config(args.config)
   apply_overrides(config, args)
-  model, variables = _init_model(config, 100, 16, args.k, args.n)
   reps = random_reps(args.seed, args.n_images, args.n_captions, args.k, args.n, args.min_len,
                      config.model.embed_size)
   if config.model.name == 'mmca':   # its reps hold per-item projections: encode random inputs (not timed)
+    model, variables = _init_model(config, 100, 16, args.k, args.n)
     image_rep, text_rep = _encoded_reps(model, variables, reps, args.seed)
-  else:
+  else:   # the pair head's own variables: a full init would run DAER's MobileNet or GLFN's BERT for nothing
+    model = build(config, 100, 16)
     image_rep, text_rep = jax.device_put(pair_inputs(config.model.name, reps))
+    variables = init_pair_head(model, config.seed, image_rep, text_rep)
   score = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
   t0 = time.perf_counter()
   scores = np.asarray(score(variables, image_rep, text_rep))
@@ -225,18 +321,14 @@ def child_train(args) -> dict:
   from xmatch_jax import train
   config = load_config(args.config)
   apply_overrides(config, args)
-  b, vocab_size, img_dim = args.train_batch, 10000, 2048
-  model, variables = _init_model(config, vocab_size, img_dim, args.k, args.n)
-  vocab_size = model.vocab_size
+  check_train_batch(config, args.train_batch)
+  b, img_dim = args.train_batch, 2048
+  model, variables = _init_model(config, 10000, img_dim, args.k, args.n)
   tx, schedule = train.make_optimizer(config.optim, steps_per_epoch=1000)
   tx = train.freeze(tx, variables['params'], getattr(model, 'frozen_params', ()))
   state = {'params': variables['params'], 'opt_state': tx.init(variables['params']), 'step': 0}
-  rng = np.random.default_rng(args.seed)
-  lengths = rng.integers(args.min_len, args.n + 1, size=b)
-  mask = (np.arange(args.n)[None] < lengths[:, None]).astype(np.float32)
-  batch = {'images': {'regions': rng.standard_normal((b, args.k, img_dim)).astype(np.float32)},
-           'text': {'tokens': (rng.integers(1, vocab_size, (b, args.n)) * mask).astype(np.int32), 'mask': mask},
-           'image_ids': np.arange(b, dtype=np.int32)}
+  images, text = random_inputs(model, args.seed, b, args.k, args.n, args.min_len, img_dim)
+  batch = {'images': images, 'text': text, 'image_ids': np.arange(b, dtype=np.int32)}
   step = jax.jit(lambda s, x: train.train_step(s, x, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
@@ -383,6 +475,8 @@ _CHILD_FLAGS = ('config', 'n_images', 'n_captions', 'k', 'n', 'min_len', 'block_
 def run(args) -> dict:
   config = load_config(args.config)
   apply_overrides(config, args)
+  check_train_batch(config, args.train_batch)
+  build(config, 100, 16)   # a config the children cannot build (e.g. no bert_dir) fails here, before any timing
   m = config.model.to_dict()
   d = m.get('embed_size')
   child_argv = [f'--{name}={getattr(args, name)}' for name in _CHILD_FLAGS]
@@ -444,8 +538,9 @@ def format_table(r: dict) -> str:
   rows = [
       ('config', r['config']),
       ('devices', r['devices']),
-      ('sizes', f"{s['n_images']} images x {s['n_captions']} captions, k={s['k']}, n={s['min_len']}..{s['n']}, "
-                f"D={s['embed_size']}, block={s['block_size']}, {s['dtype']}"),
+      ('sizes', f"{s['n_images']} images x {s['n_captions']} captions, "
+                + ('' if r['model']['name'] == 'daer' else f"k={s['k']}, n={s['min_len']}..{s['n']}, ")   # one vector per item
+                + f"D={s['embed_size']}, block={s['block_size']}, {s['dtype']}"),
       ('matmul rate', f"{r['matmul_gflops_per_s']:.1f} GFLOP/s (before/after: "
                       f"{r['matmul_gflops_per_s_before_after'][0]:.1f} / {r['matmul_gflops_per_s_before_after'][1]:.1f})"),
       ('scoring time', _fmt_time(r['score_time_s'])),

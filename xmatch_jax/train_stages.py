@@ -353,7 +353,7 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
         meta.update(step=done, epoch=done / stage.steps_per_epoch, dev=dev_metrics, done=done == total,
                     best=max(value, meta['best']))
         ckpts.save(done, state, dict(meta), is_best=is_best and name == 'relation')
-        tqdm.tqdm.write(f'stage {name} epoch {meta["epoch"]:g}: dev ' +
+        tqdm.tqdm.write(f'stage {name} epoch {meta["epoch"]:.3g}: dev ' +
                         ', '.join(f'{k} {v:.4f}' for k, v in dev_metrics.items()) + ('  *best*' if is_best else ''))
     if total == 0:
       meta['done'] = True

@@ -50,7 +50,7 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
 def l2norm(x: jax.Array, axis: int = -1, eps: float = 1e-8) -> jax.Array:
     """SCAN's l2norm: x / (sqrt(sum x^2) + eps) along `axis` (zero vectors stay zero)."""
     norm = safe_sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / (norm + eps)
+    return x * (1.0 / (norm + eps))   # one reciprocal per vector, not a division per element
 
 
 def symmetric_uniform(limit: float) -> nn.initializers.Initializer:

@@ -3,7 +3,7 @@
 Scores follow the official code (github.com/kuanghuei/SCAN, model.py: func_attention,
 xattn_score_t2i, xattn_score_i2t, cosine_similarity), which loops over captions truncated to their
 lengths. Here all pairs of a block of images are scored at once from the batch-wide similarity
-tensor S [I, C, k, n], per-item Gram matrices and norms (DESIGN.md), with padded words masked out
+tensor S (laid out [I, k, C, n] for t2i, [C, n, I, k] for i2t), per-item Gram matrices and norms (DESIGN.md), with padded words masked out
 of every normalisation, softmax and aggregation exactly as truncation would drop them. No per-pair
 context vectors are built: with attention weights w, the attended vector a = sum w v has
 query . a = sum w S and |a|^2 = w^T G w.
@@ -44,9 +44,9 @@ def normalize_raw_attention(attn: jax.Array, kind: str, axis: int,
     (x / (sum |x| + eps)), the evident intent.
 
     Args:
-      attn: raw region-word dot products, [I, C, k, n].
+      attn: raw region-word dot products, e.g. [I, k, C, n] (t2i) or [C, n, I, k] (i2t).
       kind: one of RAW_FEATURE_NORMS.
-      axis: the query axis (-1 words for t2i, -2 regions for i2t).
+      axis: the query axis (words for t2i, regions for i2t).
       mask: bool, broadcastable to attn, False at padded query positions; None if all are real.
     """
     if kind.startswith('clipped'):
@@ -129,16 +129,19 @@ def t2i_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_
     Returns:
       [I, C].
     """
-    sim = pairwise.region_word_similarity(regions, text['words'], dtype)  # [I, C, k, n]
-    word_valid = text['valid'][None, :, None, :]                          # [1, C, 1, n]
+    # S laid out [I, k, C, n]: the plain matmul [I k, D] x [D, C n] needs no transpose, the softmax and sums over
+    # regions run over a major axis (vectorised along C n), and G_img w is one [k, k] x [k, C n] matmul per image.
+    sim = pairwise.einsum('ikd,cnd->ikcn', regions, text['words'], dtype=dtype)
+    word_valid = text['valid'][None, None]                                # [1, 1, C, n]
     attn = normalize_raw_attention(sim, raw_feature_norm, axis=-1, mask=word_valid)
-    weights = jax.nn.softmax(lambda_softmax * attn, axis=-2)              # over regions
-    dots = jnp.sum(weights * sim, axis=-2)                                # e_j . a_j  [I, C, n]
-    attended_sq = pairwise.attended_region_sq_norms(weights, pairwise.gram(regions, dtype))
+    weights = jax.nn.softmax(lambda_softmax * attn, axis=1)               # over regions
+    dots = jnp.sum(weights * sim, axis=1)                                 # e_j . a_j  [I, C, n]
+    g_w = jnp.einsum('ikl,ilcn->ikcn', pairwise.gram(regions, dtype), weights)
+    attended_sq = jnp.sum(weights * g_w, axis=1)                          # |a_j|^2 = w_j^T G_img w_j
     denom = jnp.maximum(text['norms'][None] * layers.safe_sqrt(attended_sq), _EPS)
     scores = aggregate(dots / denom, agg_func, lambda_lse, mask=text['valid'][None])
     if max_attention_weight:
-        max_attention = jnp.max(weights, axis=-2)                         # [I, C, n]
+        max_attention = jnp.max(weights, axis=1)                          # [I, C, n]
         scores = scores + max_attention_weight * aggregate(max_attention, agg_func, lambda_lse,
                                                            mask=text['valid'][None])
     return scores
@@ -157,15 +160,18 @@ def i2t_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_
     Returns:
       [I, C].
     """
-    sim = pairwise.region_word_similarity(regions, text['words'], dtype)  # [I, C, k, n]
-    word_valid = text['valid'][None, :, None, :]
-    attn = normalize_raw_attention(sim, raw_feature_norm, axis=-2, mask=None)
-    weights = _masked_softmax(lambda_softmax * attn, axis=-1, mask=word_valid)  # over words
-    dots = jnp.sum(weights * sim, axis=-1)                                # v_r . a_r  [I, C, k]
-    attended_sq = pairwise.attended_word_sq_norms(weights, text['gram'])
+    # S laid out [C, n, I, k] (see t2i_scores): softmax and sums over words run over a major axis and
+    # G_txt w is one [n, n] x [n, I k] matmul per caption.
+    sim = pairwise.einsum('cnd,ikd->cnik', text['words'], regions, dtype=dtype)
+    word_valid = text['valid'][:, :, None, None]                          # [C, n, 1, 1]
+    attn = normalize_raw_attention(sim, raw_feature_norm, axis=-1, mask=None)
+    weights = _masked_softmax(lambda_softmax * attn, axis=1, mask=word_valid)  # over words
+    dots = jnp.sum(weights * sim, axis=1)                                 # v_r . a_r  [C, I, k]
+    g_w = jnp.einsum('cnm,cmik->cnik', text['gram'], weights)
+    attended_sq = jnp.sum(weights * g_w, axis=1)                          # |a_r|^2 = w_r^T G_txt w_r
     region_norms = layers.safe_sqrt(jnp.sum(jnp.square(regions), axis=-1))  # [I, k]
-    denom = jnp.maximum(region_norms[:, None] * layers.safe_sqrt(attended_sq), _EPS)
-    return aggregate(dots / denom, agg_func, lambda_lse, mask=None)
+    denom = jnp.maximum(region_norms[None] * layers.safe_sqrt(attended_sq), _EPS)
+    return aggregate(dots / denom, agg_func, lambda_lse, mask=None).T
 
 
 class SCAN(nn.Module):
