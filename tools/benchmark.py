@@ -14,9 +14,10 @@ run (before and after the model measurements), so the ratio holds on a noisy or 
 FLOPs are counted analytically, 2 per multiply-add, for the matmuls, convolutions (all taps, as an im2col
 formulation computes them) and attention contractions of the pair head; element-wise work (softmax, norms) is
 not counted. `similarity` is the batch-wide region-word similarity tensor alone (2 k n D per pair; twice for GLFN's
-fused t2i + i2t score, whose two directions compute it in different layouts). Per-item work (Gram matrices; DAER's first relation layer, which splits into a
-projection of each image and each caption) is counted once per item. The scoring benchmark initialises only the
-variables `pair_scores` reads. DAER's staged training has no `--train_batch` benchmark.
+fused t2i + i2t score, whose two directions compute it in different layouts). Per-item work (Gram matrices; DAER's
+first relation layer, which splits into a projection of each image and of each caption) is counted once per item.
+The scoring benchmark initialises only the variables `pair_scores` reads. DAER's staged training has no
+`--train_batch` benchmark.
 
 Scoring and the training step each run in a fresh subprocess, so their peak host memory (ru_maxrss) is their own;
 on a GPU the device's peak_bytes_in_use is reported too. `--compare-torch` times a plain PyTorch version of the
@@ -539,7 +540,7 @@ def format_table(r: dict) -> str:
       ('config', r['config']),
       ('devices', r['devices']),
       ('sizes', f"{s['n_images']} images x {s['n_captions']} captions, "
-                + ('' if r['model']['name'] == 'daer' else f"k={s['k']}, n={s['min_len']}..{s['n']}, ")   # one vector per item
+                + ('' if r['model']['name'] == 'daer' else f"k={s['k']}, n={s['min_len']}..{s['n']}, ")
                 + f"D={s['embed_size']}, block={s['block_size']}, {s['dtype']}"),
       ('matmul rate', f"{r['matmul_gflops_per_s']:.1f} GFLOP/s (before/after: "
                       f"{r['matmul_gflops_per_s_before_after'][0]:.1f} / {r['matmul_gflops_per_s_before_after'][1]:.1f})"),
