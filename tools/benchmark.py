@@ -71,10 +71,9 @@ _GLFN_DIRECTIONS = {'fused': ('t2i', 'i2t'), 't2i': ('t2i',), 'i2t': ('i2t',)}
 
 
 def _glfn_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
-  # 'fused' calls scan.t2i_scores and scan.i2t_scores, and each computes S in its own layout ([I, k, C, n] and
-  # [C, n, I, k]): two matmuls, which XLA does not merge, so S is counted twice.
+  # 'fused' computes S once ([I, k, C, n]) and hands i2t its transpose.
   directions = _GLFN_DIRECTIONS[m['score']]
-  return {'similarity': 2 * k * n * d * len(directions),
+  return {'similarity': 2 * k * n * d,
           'attention': sum(_scan_attention_flops(x, k, n) for x in directions)}
 
 

@@ -116,7 +116,7 @@ def prepare_text(words: jax.Array, mask: jax.Array, with_gram: bool,
 
 def t2i_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_softmax: float,
                agg_func: str, lambda_lse: float, max_attention_weight: float = 0.0,
-               dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
+               dtype: pairwise.DTypeLike = jnp.float32, sim: Optional[jax.Array] = None) -> jax.Array:
     """SCAN text-to-image scores: each word attends over the image's regions.
 
     Args:
@@ -125,13 +125,15 @@ def t2i_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_
       max_attention_weight: GLFN's official code adds this times the aggregate (same agg_func) over words of
         each word's largest attention weight; 0 is SCAN.
       dtype: compute dtype of the operands of S and the region Gram matrices (the rest is float32).
+      sim: S [I, k, C, n] if the caller has it already (GLFN's fused score computes it once for both directions).
 
     Returns:
       [I, C].
     """
     # S laid out [I, k, C, n]: the plain matmul [I k, D] x [D, C n] needs no transpose, the softmax and sums over
     # regions run over a major axis (vectorised along C n), and G_img w is one [k, k] x [k, C n] matmul per image.
-    sim = pairwise.einsum('ikd,cnd->ikcn', regions, text['words'], dtype=dtype)
+    if sim is None:
+        sim = pairwise.einsum('ikd,cnd->ikcn', regions, text['words'], dtype=dtype)
     word_valid = text['valid'][None, None]                                # [1, 1, C, n]
     attn = normalize_raw_attention(sim, raw_feature_norm, axis=-1, mask=word_valid)
     weights = jax.nn.softmax(lambda_softmax * attn, axis=1)               # over regions
@@ -149,20 +151,22 @@ def t2i_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_
 
 def i2t_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_softmax: float,
                agg_func: str, lambda_lse: float,
-               dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
+               dtype: pairwise.DTypeLike = jnp.float32, sim: Optional[jax.Array] = None) -> jax.Array:
     """SCAN image-to-text scores: each region attends over the caption's real words.
 
     Args:
       regions: [I, k, D].
       text: output of `prepare_text(..., with_gram=True)` for C captions.
       dtype: compute dtype of the operands of S (the rest is float32).
+      sim: S [C, n, I, k] if the caller has it already.
 
     Returns:
       [I, C].
     """
     # S laid out [C, n, I, k] (see t2i_scores): softmax and sums over words run over a major axis and
     # G_txt w is one [n, n] x [n, I k] matmul per caption.
-    sim = pairwise.einsum('cnd,ikd->cnik', text['words'], regions, dtype=dtype)
+    if sim is None:
+        sim = pairwise.einsum('cnd,ikd->cnik', text['words'], regions, dtype=dtype)
     word_valid = text['valid'][:, :, None, None]                          # [C, n, 1, 1]
     attn = normalize_raw_attention(sim, raw_feature_norm, axis=-1, mask=None)
     weights = _masked_softmax(lambda_softmax * attn, axis=1, mask=word_valid)  # over words
