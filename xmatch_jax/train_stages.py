@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -321,8 +322,8 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
                     in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
                     donate_argnums=(0,))
   start = int(state['step'])
-  print(f'stage {name}: {stage.steps_per_epoch} steps/epoch x {sc.num_epochs} epochs'
-        f'{f" (stop at step {total})" if total < sc.num_epochs * stage.steps_per_epoch else ""}, batch {sc.batch_size}, '
+  stop = f' (stop at step {total})' if total < sc.num_epochs * stage.steps_per_epoch else ''
+  print(f'stage {name}: {stage.steps_per_epoch} steps/epoch x {sc.num_epochs} epochs{stop}, batch {sc.batch_size}, '
         f'lr {sc.learning_rate}' + (f', resumed at step {start}' if start else ''))
   pending, t0 = [], time.time()
   progress = tqdm.tqdm(total=total, initial=start, desc=f'stage {name}', unit='step', mininterval=5,
@@ -384,6 +385,8 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, writer) -> dic
       for source in config.stages_from.split(','):   # the first source whose stage fields equal ours
         if reuse_stage(name, config, source.strip(), workdir):
           break
+    if config.get('stages_from') and name != 'relation' and jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'stages_from {name}')   # the copy is on disk before anyone restores
     trained, dev_metrics = run_stage(name, config, model, train, dev, vocab, workdir, previous, writer)
     previous.update(trained)
   return dev_metrics
