@@ -190,7 +190,7 @@ def reuse_stage(name: str, config: ml_collections.ConfigDict, source: str, workd
                   if theirs.get(k, ours[k] if ours.get(k) in (0, '') else '<missing>') !=
                   ours.get(k, theirs[k] if theirs.get(k) in (0, '') else '<missing>'))
   if differ:
-    print(f'stage {name}: trained here, not taken from {source} (fields differ: {", ".join(differ)})')
+    print(f'stage {name}: not taken from {source} (fields differ: {", ".join(differ)})')
     return False
   shutil.copytree(src, target)
   print(f'stage {name}: checkpoints copied from {source} (every field stage {name} depends on is equal)')
