@@ -38,22 +38,16 @@ GPUS = {  # dense peak FLOP/s by compute dtype, HBM bytes/s (datasheets)
 MODELS = ('vsepp', 'scan', 'rdan', 'mmca', 'glfn')
 
 
-def batch_shapes(model, b: int, k: int, n: int, img_dim: int, tag_len: int = 4) -> dict:
-  """Abstract training batch of `b` pairs for `model` (jax.ShapeDtypeStruct leaves)."""
+def batch_shapes(model, b: int, k: int, n: int, img_dim: int) -> dict:
+  """Abstract training batch of `b` pairs for `model`: the shapes of the benchmark's random batch (the model's own
+  input fields, e.g. GLFN's block positions and tag tokens), as jax.ShapeDtypeStruct leaves."""
   import jax
-  import jax.numpy as jnp
-  f32, i32 = jnp.float32, jnp.int32
-  images = {'regions': jax.ShapeDtypeStruct((b, k, img_dim), f32)}
-  if model.__class__.__name__ == 'GLFN':
-    top_l = model.top_l
-    images.update(pfan_blocks=jax.ShapeDtypeStruct((b, k, top_l), i32),
-                  pfan_weights=jax.ShapeDtypeStruct((b, k, top_l), f32))
-    if model.use_tags:
-      images.update(tag_tokens=jax.ShapeDtypeStruct((b, k, tag_len), i32),
-                    tag_mask=jax.ShapeDtypeStruct((b, k, tag_len), f32))
-  return {'images': images,
-          'text': {'tokens': jax.ShapeDtypeStruct((b, n), i32), 'mask': jax.ShapeDtypeStruct((b, n), f32)},
-          'image_ids': jax.ShapeDtypeStruct((b,), i32)}
+  import numpy as np
+  import benchmark  # pylint: disable=g-import-not-at-top  (tools/, beside this file)
+  images, text = benchmark.random_inputs(model, 0, b, k, n, n, img_dim)
+  batch = {'images': images, 'text': text, 'image_ids': np.arange(b, dtype=np.int32)}
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)),
+                      batch)
 
 
 def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:

@@ -173,6 +173,18 @@ def stage_fields(config: dict, name: str) -> dict:
   return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + '.') for i in ignored)}
 
 
+_MISSING = object()
+
+
+def _same_field(a: dict, b: dict, key: str) -> bool:
+  """Equal values; a field missing on one side (a config written before it existed) equals its neutral default,
+  0 or '', on the other."""
+  x, y = a.get(key, _MISSING), b.get(key, _MISSING)
+  if x is _MISSING or y is _MISSING:
+    return (y if x is _MISSING else x) in (0, '')
+  return x == y
+
+
 def reuse_stage(name: str, config: ml_collections.ConfigDict, source: str, workdir: str) -> bool:
   """Copies `source`'s checkpoints of stage `name` into `workdir` if its stage fields equal ours (and `workdir` has
   none yet). Returns whether it did; prints why not otherwise."""
@@ -185,10 +197,7 @@ def reuse_stage(name: str, config: ml_collections.ConfigDict, source: str, workd
                             f'whose stage {name!r} has been trained.')
   theirs = stage_fields(run_setup.load_config(source).to_dict(), name)
   ours = stage_fields(config.to_dict(), name)
-  # A field missing on one side (a config written before it existed) counts as its neutral default, 0 or ''.
-  differ = sorted(k for k in set(theirs) | set(ours)
-                  if theirs.get(k, ours[k] if ours.get(k) in (0, '') else '<missing>') !=
-                  ours.get(k, theirs[k] if theirs.get(k) in (0, '') else '<missing>'))
+  differ = sorted(k for k in set(theirs) | set(ours) if not _same_field(theirs, ours, k))
   if differ:
     print(f'stage {name}: not taken from {source} (fields differ: {", ".join(differ)})')
     return False
@@ -381,12 +390,13 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, writer) -> dic
   model = run_setup.build_model(config, len(vocab), 0, workdir)
   previous, dev_metrics = {}, {}
   for name in config.stages:
-    if config.get('stages_from') and name != 'relation' and jax.process_index() == 0:
-      for source in config.stages_from.split(','):   # the first source whose stage fields equal ours
-        if reuse_stage(name, config, source.strip(), workdir):
-          break
-    if config.get('stages_from') and name != 'relation' and jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'stages_from {name}')   # the copy is on disk before anyone restores
+    if config.get('stages_from') and name != 'relation':
+      if jax.process_index() == 0:
+        for source in config.stages_from.split(','):   # the first source whose stage fields equal ours
+          if reuse_stage(name, config, source.strip(), workdir):
+            break
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'stages_from {name}')   # the copy is on disk before anyone restores
     trained, dev_metrics = run_stage(name, config, model, train, dev, vocab, workdir, previous, writer)
     previous.update(trained)
   return dev_metrics

@@ -232,8 +232,8 @@ class GLFN(nn.Module):
         return t2i(regions, text_)
       if self.score == 'i2t':
         return i2t(regions, text_)
-      sim = pairwise.einsum('ikd,cnd->ikcn', regions, text_['words'])   # S once; i2t reads it transposed
-      return (self.alpha * i2t(regions, text_, sim=jnp.transpose(sim, (2, 3, 0, 1))) +
+      sim = scan.t2i_similarity(regions, text_['words'])   # S once for both directions
+      return (self.alpha * i2t(regions, text_, sim=scan.i2t_layout(sim)) +
               (1 - self.alpha) * t2i(regions, text_, sim=sim))
     return pairwise.score_in_blocks(head, image_rep, text, self.block_size, remat=self.remat)
 

@@ -114,6 +114,17 @@ def prepare_text(words: jax.Array, mask: jax.Array, with_gram: bool,
     return text
 
 
+def t2i_similarity(regions: jax.Array, words: jax.Array,
+                   dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
+    """S laid out for t2i: regions [I, k, D], words [C, n, D] -> [I, k, C, n] (float32)."""
+    return pairwise.einsum('ikd,cnd->ikcn', regions, words, dtype=dtype)
+
+
+def i2t_layout(t2i_sim: jax.Array) -> jax.Array:
+    """S [I, k, C, n] (t2i layout) -> [C, n, I, k] (the layout i2t_scores reads)."""
+    return jnp.transpose(t2i_sim, (2, 3, 0, 1))
+
+
 def t2i_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_softmax: float,
                agg_func: str, lambda_lse: float, max_attention_weight: float = 0.0,
                dtype: pairwise.DTypeLike = jnp.float32, sim: Optional[jax.Array] = None) -> jax.Array:
@@ -133,7 +144,7 @@ def t2i_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_
     # S laid out [I, k, C, n]: the plain matmul [I k, D] x [D, C n] needs no transpose, the softmax and sums over
     # regions run over a major axis (vectorised along C n), and G_img w is one [k, k] x [k, C n] matmul per image.
     if sim is None:
-        sim = pairwise.einsum('ikd,cnd->ikcn', regions, text['words'], dtype=dtype)
+        sim = t2i_similarity(regions, text['words'], dtype)
     word_valid = text['valid'][None, None]                                # [1, 1, C, n]
     attn = normalize_raw_attention(sim, raw_feature_norm, axis=-1, mask=word_valid)
     weights = jax.nn.softmax(lambda_softmax * attn, axis=1)               # over regions
@@ -158,7 +169,7 @@ def i2t_scores(regions: jax.Array, text: dict, *, raw_feature_norm: str, lambda_
       regions: [I, k, D].
       text: output of `prepare_text(..., with_gram=True)` for C captions.
       dtype: compute dtype of the operands of S (the rest is float32).
-      sim: S [C, n, I, k] if the caller has it already.
+      sim: S [C, n, I, k] if the caller has it already (e.g. `i2t_layout` of t2i's S).
 
     Returns:
       [I, C].
