@@ -8,7 +8,9 @@ import pytest
 
 from xmatch_jax.data import vocab as vocab_lib
 
-FIXTURES = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'fixtures', 'f30k_sample')
+# Copies of ../shared/fixtures/f30k_sample (SCAN's Flickr30K vocabulary and a slice of its train captions), shipped so
+# the tests run in any clone.
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'f30k_sample')
 VOCAB_JSON = os.path.join(FIXTURES, 'f30k_vocab.json')
 CAPTIONS_TXT = os.path.join(FIXTURES, 'train_caps.txt')
 
