@@ -31,7 +31,7 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = dataset             # registry name in xmatch_jax.data.DATASETS
   c.data_dir = ''                 # TFDS data dir; '' -> $XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds
-  c.vocab_path = ''               # SCAN-format vocab json; '' -> built from the training captions
+  c.vocab_path = ''               # SCAN vocab json or VSE++ vocab .pkl; '' -> built from the training captions
   c.vocab_min_count = 4           # SCAN's build_vocab threshold
   c.caption_buckets = (16, 24, 32, 48, 64, 96)  # captions are padded to the smallest bucket that fits
   c.truncate_captions = False     # longer than the largest bucket: error, or truncate (counted and logged)

@@ -35,6 +35,24 @@ def test_converted_workdir_reproduces_the_official_scores(fmt, name, dataset, tm
   assert meta['data_info']['img_dim'] == 10
 
 
+def test_vsepp_pickled_vocab_converts_like_the_json(tmp_path):
+  """VSE++ ships its vocabulary as vocab/<data_name>_vocab.pkl (a Python 2 pickle of vocab.Vocabulary)."""
+  sys.path.insert(0, os.path.dirname(FIXTURES))
+  from test_vocab import python2_pickle  # pylint: disable=g-import-not-at-top
+  words = json.load(open(os.path.join(FIXTURES, 'vocab_small.json')))['idx2word']
+  pkl = tmp_path / 'coco_precomp_vocab.pkl'
+  pkl.write_bytes(python2_pickle([words[str(i)] for i in range(len(words))]))
+  for vocab, workdir in ((str(pkl), tmp_path / 'from_pkl'), (f'{FIXTURES}/vocab_small.json', tmp_path / 'from_json')):
+    assert convert_torch_checkpoint.main(['--format=vsepp', f'--checkpoint={FIXTURES}/vsepp.pth.tar',
+                                          f'--vocab={vocab}', f'--workdir={workdir}']) == 0
+  assert (tmp_path / 'from_pkl' / 'vocab.json').read_text() == (tmp_path / 'from_json' / 'vocab.json').read_text()
+  expected = np.load(os.path.join(FIXTURES, 'scan_vsepp_expected.npz'))
+  captions = ['a dog on the grass', 'two men']
+  scores = [Retriever.from_workdir(str(w)).score({'regions': expected['regions']}, captions)
+            for w in (tmp_path / 'from_pkl', tmp_path / 'from_json')]
+  np.testing.assert_array_equal(scores[0], scores[1])
+
+
 def test_wrong_vocab_format_or_target_are_refused(tmp_path):
   vocab = json.load(open(os.path.join(FIXTURES, 'vocab_small.json')))
   del vocab['idx2word'][str(vocab['idx'] - 1)]

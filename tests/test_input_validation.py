@@ -103,7 +103,7 @@ def test_missing_config_file():
     ('caption_buckets', (0, 16), 'a non-empty tuple of ints >= 1'),
     ('vocab_min_count', 0, 'an int >= 1'),
     ('vocab_path', '/no/such/vocab.json',
-     "'' (build the vocabulary from the training captions) or an existing SCAN vocab json file"),
+     "'' (build the vocabulary from the training captions) or an existing SCAN vocab json or VSE++ vocab .pkl file"),
     ('eval_image_chunk', 0, 'an int >= 1'),
     ('eval_text_batch', 0, 'an int >= 1'),
     ('eval_metric', 'bleu', "'recall' or 'map'"),

@@ -2,6 +2,9 @@
 
 import json
 import os
+import pickle
+import struct
+import sys
 
 import numpy as np
 import pytest
@@ -179,3 +182,86 @@ def test_from_json_not_json_or_not_object(tmp_path):
     vocab_lib.Vocabulary.from_json(write_vocab(tmp_path, '{"idx2word": '))
   with pytest.raises(ValueError, match='json object'):
     vocab_lib.Vocabulary.from_json(write_vocab(tmp_path, [1, 2]))
+
+
+# --- VSE++'s pickled vocabulary (vocab/<data_name>_vocab.pkl) ---------------------------------------------------
+
+
+class _VsePPVocabulary:
+  """VSE++ vocab.py's class (word2idx, idx2word with int keys, idx); pickled as `__main__.Vocabulary`, as its
+  `python vocab.py` run did."""
+
+  def __init__(self, words):
+    self.word2idx = {w: i for i, w in enumerate(words)}
+    self.idx2word = dict(enumerate(words))
+    self.idx = len(words)
+
+
+_VsePPVocabulary.__module__, _VsePPVocabulary.__qualname__ = '__main__', 'Vocabulary'
+
+
+def python2_pickle(words, idx=None) -> bytes:
+  """What Python 2.7's pickle.dump(vocab, f, 2) writes: attribute names as byte strings (SHORT_BINSTRING), the
+  words (unicode from nltk on decoded captions) as BINUNICODE, integers as BININT."""
+  def name(b):
+    return b'U' + bytes([len(b)]) + b
+  def word(w):
+    e = w.encode('utf-8')
+    return b'X' + struct.pack('<I', len(e)) + e
+  def integer(n):
+    return b'J' + struct.pack('<i', n)
+  out = b'\x80\x02c__main__\nVocabulary\n)\x81}('
+  out += name(b'word2idx') + b'}(' + b''.join(word(w) + integer(i) for i, w in enumerate(words)) + b'u'
+  out += name(b'idx2word') + b'}(' + b''.join(integer(i) + word(w) for i, w in enumerate(words)) + b'u'
+  out += name(b'idx') + integer(len(words) if idx is None else idx) + b'ub.'
+  return out
+
+
+@pytest.mark.parametrize('protocol', [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_vsepp_pickle_reads_as_the_same_vocabulary(f30k_vocab, tmp_path, monkeypatch, protocol):
+  monkeypatch.setattr(sys.modules['__main__'], 'Vocabulary', _VsePPVocabulary, raising=False)
+  path = tmp_path / 'f30k_precomp_vocab.pkl'
+  path.write_bytes(pickle.dumps(_VsePPVocabulary(f30k_vocab.words), protocol=protocol))
+  loaded = vocab_lib.Vocabulary.from_pickle(str(path))
+  assert loaded == f30k_vocab and len(loaded) == 8531
+  if protocol >= 2:  # load() tells a pickle from json by its first byte
+    assert vocab_lib.Vocabulary.load(str(path)) == f30k_vocab
+  assert vocab_lib.Vocabulary.load(VOCAB_JSON) == f30k_vocab
+
+
+def test_python2_vsepp_pickle(f30k_vocab, tmp_path):
+  path = tmp_path / 'vocab.pkl'
+  words = list(f30k_vocab.words[:50]) + ['café']
+  path.write_bytes(python2_pickle(words))
+  loaded = vocab_lib.Vocabulary.load(str(path))
+  assert loaded.words == tuple(words)
+  np.testing.assert_array_equal(loaded.encode('a café dog'), [1, loaded('a'), 50, 3, 2])
+  loaded.to_json(str(tmp_path / 'v.json'))  # what the checkpoint converter writes into the workdir
+  assert vocab_lib.Vocabulary.from_json(str(tmp_path / 'v.json')) == loaded
+
+
+class _Payload:
+  def __reduce__(self):
+    return (os.system, ('touch pwned',))
+
+
+def test_vocab_pickle_refuses_code_and_bad_fields(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  evil = tmp_path / 'evil.pkl'
+  evil.write_bytes(pickle.dumps(_Payload(), protocol=2))
+  with pytest.raises(ValueError, match=r'evil.pkl: not a readable VSE\+\+ vocabulary pickle \(refusing to load '
+                     r'global (posix|os|nt).system'):
+    vocab_lib.Vocabulary.load(str(evil))
+  assert not (tmp_path / 'pwned').exists()
+  bad = tmp_path / 'bad.pkl'
+  bad.write_bytes(python2_pickle(list(vocab_lib.SPECIAL_TOKENS) + ['dog'], idx=7))
+  with pytest.raises(ValueError, match=r'bad.pkl: field "idx" is 7; expected the vocabulary size 5'):
+    vocab_lib.Vocabulary.load(str(bad))
+  plain = tmp_path / 'dict.pkl'
+  plain.write_bytes(pickle.dumps({'idx2word': {}}, protocol=2))
+  with pytest.raises(ValueError, match=r'dict.pkl: expected a pickled Vocabulary object .*got dict'):
+    vocab_lib.Vocabulary.load(str(plain))
+  cut = tmp_path / 'cut.pkl'
+  cut.write_bytes(python2_pickle(list(vocab_lib.SPECIAL_TOKENS))[:40])
+  with pytest.raises(ValueError, match=r'cut.pkl: not a readable VSE\+\+ vocabulary pickle'):
+    vocab_lib.Vocabulary.load(str(cut))

@@ -2,6 +2,8 @@
 
   python tools/convert_torch_checkpoint.py --format=scan --checkpoint=runs/f30k_scan_t2i/model_best.pth.tar \
       --vocab=vocab/f30k_precomp_vocab.json --workdir=runs/scan_f30k_official
+  python tools/convert_torch_checkpoint.py --format=vsepp --checkpoint=runs/f30k_vse++_precomp/model_best.pth.tar \
+      --vocab=vocab/f30k_precomp_vocab.pkl --workdir=runs/vsepp_f30k_official
   python tools/convert_torch_checkpoint.py --format=glfn --checkpoint=model_best_t2i_posiAttn_16X15.pth.tar \
       --bert_dir=PATH/bert-base --workdir=runs/glfn_f30k_official_t2i
 
@@ -13,8 +15,8 @@ xmatch_jax/convert/glfn_checkpoint.py for what is imported and what is refused. 
 An official checkpoint is one direction (opt.cross_attn); the paper's t2i + i2t score is the ensemble of two
 imported workdirs: python -m xmatch_jax.ensemble --workdir=W_t2i --workdir=W_i2t.
 
-The workdir gets config.json (from the checkpoint's `opt`), vocab.json (scan, vsepp: the SCAN-format vocabulary,
-checked against the embedding size; glfn: W/bert instead) and an orbax checkpoint marked best, so `python -m xmatch_jax.evaluate --workdir=W` and
+The workdir gets config.json (from the checkpoint's `opt`), vocab.json (scan, vsepp: the vocabulary in SCAN's json
+format, read from SCAN's json or VSE++'s pickled vocab .pkl and checked against the embedding size; glfn: W/bert instead) and an orbax checkpoint marked best, so `python -m xmatch_jax.evaluate --workdir=W` and
 `Retriever.from_workdir(W)` use it directly (and training can continue from it). The .pth.tar is read with an
 allow-listed unpickler: no code in it runs.
 """
@@ -90,9 +92,10 @@ def convert(fmt: str, checkpoint_path: str, vocab_path: str, workdir: str, bert_
   if bert_dir or dataset:
     raise ValueError(f'--bert_dir / --dataset apply to --format=glfn only, not {fmt}')
   if not vocab_path:
-    raise ValueError(f'--format={fmt} needs --vocab (the SCAN-format vocabulary json the checkpoint was trained with)')
+    raise ValueError(f'--format={fmt} needs --vocab (the vocabulary json or VSE++ .pkl the checkpoint was trained '
+                     'with)')
   config, params, meta = scan_checkpoint.load(checkpoint_path, fmt)
-  vocab = vocab_lib.Vocabulary.from_json(vocab_path)
+  vocab = vocab_lib.Vocabulary.load(vocab_path)
   rows = params['text_encoder']['embed']['embedding'].shape[0]
   if rows != len(vocab):
     raise ValueError(f'{vocab_path}: {len(vocab)} words, but the checkpoint\'s embedding has {rows} rows; '
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--format', required=True, choices=FORMATS)
   parser.add_argument('--checkpoint', required=True, help='model_best.pth.tar / checkpoint.pth.tar')
-  parser.add_argument('--vocab', default='', help='SCAN-format vocabulary json (scan, vsepp; not glfn)')
+  parser.add_argument('--vocab', default='', help='vocabulary the checkpoint was trained with: SCAN json or VSE++ '
+                      'vocab .pkl (scan, vsepp; not glfn)')
   parser.add_argument('--bert_dir', default='',
                       help='glfn (required): Hugging Face BERT directory whose last hidden states the checkpoint\'s '
                       'precomputed caption / tag features were (the paper: a 768-d BERT-base); the checkpoint holds '

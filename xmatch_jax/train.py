@@ -60,7 +60,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ('optim.lr_decay_epochs', config.optim.lr_decay_epochs >= 0, 'an int >= 0'),
       ('vocab_min_count', config.vocab_min_count >= 1, 'an int >= 1 (words seen fewer times become <unk>)'),
       ('vocab_path', not config.vocab_path or os.path.isfile(config.vocab_path),
-       "'' (build the vocabulary from the training captions) or an existing SCAN vocab json file"),
+       "'' (build the vocabulary from the training captions) or an existing SCAN vocab json or VSE++ vocab .pkl file"),
       ('eval_image_chunk', config.eval_image_chunk >= 1, 'an int >= 1 (images per scoring tile)'),
       ('eval_text_batch', config.eval_text_batch >= 1, 'an int >= 1 (captions per encoding batch)'),
       ('eval_metric', config.eval_metric in ('recall', 'map'), "'recall' or 'map'"),
@@ -152,7 +152,7 @@ def prepare_vocab(config, workdir: str, train_captions: list):
   if os.path.exists(path):  # resuming: keep the vocabulary the checkpoint was trained with
     return vocab_lib.Vocabulary.from_json(path)
   if config.vocab_path:
-    vocab = vocab_lib.Vocabulary.from_json(config.vocab_path)
+    vocab = vocab_lib.Vocabulary.load(config.vocab_path)
   else:
     vocab = vocab_lib.Vocabulary.build(train_captions, min_count=config.vocab_min_count)
   if jax.process_index() == 0:

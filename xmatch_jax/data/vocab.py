@@ -2,7 +2,9 @@
 
 The json format is SCAN's `serialize_vocab`: `{"idx2word": {"0": "<pad>", ...}, "word2idx": {...}, "idx": n}` with
 string keys in `idx2word`. Ids 0-3 are `<pad>`, `<start>`, `<end>`, `<unk>`; a caption encodes as
-`[<start>] + ids + [<end>]` (SCAN's PrecompDataset.__getitem__).
+`[<start>] + ids + [<end>]` (SCAN's PrecompDataset.__getitem__). VSE++ keeps the same fields in a pickled
+`Vocabulary` object (`vocab/<data_name>_vocab.pkl`, int keys); `Vocabulary.load` reads either, the pickle without
+running code.
 
 Tokenizer. SCAN tokenises with `nltk.word_tokenize(caption.lower())`: Punkt sentence splitting, then NLTK's
 Treebank-style word tokenizer on each sentence. `tokenize` reproduces the word tokenizer's regex cascade
@@ -18,6 +20,7 @@ English model does in the common cases; rare Punkt decisions that depend on its 
 import collections
 import json
 import os
+import pickle
 import re
 from typing import Iterable, Sequence
 
@@ -203,16 +206,46 @@ class Vocabulary:
     if not isinstance(data, dict):
       raise ValueError(f'{path}: expected a json object with fields idx2word, word2idx, idx; got '
                        f'{type(data).__name__}.')
+    return cls._from_fields(path, data, key=str, key_kind='string keys', mapping='json objects')
+
+  @classmethod
+  def from_pickle(cls, path: str) -> 'Vocabulary':
+    """Reads VSE++'s `vocab/<data_name>_vocab.pkl` (a pickled `vocab.Vocabulary`) without running pickled code.
+
+    The official files are Python 2 pickles of a class defined in `__main__` (vocab.py run as a script) holding
+    `word2idx`, `idx2word` (int keys) and `idx`; only that class name and plain values are resolved.
+    """
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: vocabulary file not found; expected a VSE++ vocab .pkl.')
+    with open(path, 'rb') as f:
+      try:
+        data = _VocabUnpickler(f).load()
+      except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise ValueError(f'{path}: not a readable VSE++ vocabulary pickle ({e}).') from None
+    if not isinstance(data, _PickledVocabulary):
+      raise ValueError(f'{path}: expected a pickled Vocabulary object (VSE++ vocab.py); got {type(data).__name__}.')
+    return cls._from_fields(path, data.state, key=int, key_kind='integer keys', mapping='dicts')
+
+  @classmethod
+  def load(cls, path: str) -> 'Vocabulary':
+    """A SCAN json vocabulary, or a VSE++ pickle when the file is a pickle (told apart by its first byte)."""
+    if os.path.isfile(path):
+      with open(path, 'rb') as f:
+        if f.read(1) == b'\x80':  # pickle protocol >= 2; json starts with '{'
+          return cls.from_pickle(path)
+    return cls.from_json(path)
+
+  @classmethod
+  def _from_fields(cls, path: str, data: dict, key, key_kind: str, mapping: str) -> 'Vocabulary':
     for field in ('idx2word', 'word2idx', 'idx'):
       if field not in data:
-        raise ValueError(f'{path}: missing field "{field}" (a SCAN vocabulary has idx2word, word2idx, idx).')
+        raise ValueError(f'{path}: missing field "{field}" (a SCAN / VSE++ vocabulary has idx2word, word2idx, idx).')
     idx2word, word2idx, idx = data['idx2word'], data['word2idx'], data['idx']
     if not isinstance(idx2word, dict) or not isinstance(word2idx, dict):
-      raise ValueError(f'{path}: fields "idx2word" and "word2idx" must be json objects.')
-    expected_keys = [str(i) for i in range(len(idx2word))]
+      raise ValueError(f'{path}: fields "idx2word" and "word2idx" must be {mapping}.')
+    expected_keys = [key(i) for i in range(len(idx2word))]
     if set(idx2word) != set(expected_keys):
-      raise ValueError(f'{path}: field "idx2word" must have the string keys "0" .. "{len(idx2word) - 1}" '
-                       'without gaps.')
+      raise ValueError(f'{path}: field "idx2word" must have the {key_kind} 0 .. {len(idx2word) - 1} without gaps.')
     if not isinstance(idx, int) or isinstance(idx, bool) or idx != len(idx2word):
       raise ValueError(f'{path}: field "idx" is {idx!r}; expected the vocabulary size {len(idx2word)}.')
     words = [idx2word[k] for k in expected_keys]
@@ -229,7 +262,7 @@ class Vocabulary:
       vocab = cls(words)
     except ValueError as e:
       raise ValueError(f'{path}: field "idx2word": {e}') from e
-    # Same mapping; keep the file's key order so that to_json writes the file back byte for byte.
+    # Same mapping; keep the file's key order so that to_json writes a SCAN file back byte for byte.
     vocab._word2idx = dict(word2idx)
     return vocab
 
@@ -239,3 +272,42 @@ class Vocabulary:
             'idx': len(self)}
     with open(path, 'w') as f:
       json.dump(data, f)
+
+
+class _PickledVocabulary:
+  """Stand-in for VSE++'s `vocab.Vocabulary` while unpickling: keeps the attribute dict, runs nothing."""
+
+  state: dict = {}  # until BUILD gives the pickled attributes (NEWOBJ skips __init__)
+
+  def __setstate__(self, state):
+    if not isinstance(state, dict):
+      raise pickle.UnpicklingError(f'Vocabulary state is a {type(state).__name__}; expected a dict')
+    self.state = dict(state)
+
+
+def _reconstruct(cls, base, state):
+  """copy_reg._reconstructor of protocol 0/1 pickles, for the Vocabulary stand-in only."""
+  del base, state  # object.__new__; the state comes through BUILD
+  if cls is not _PickledVocabulary:
+    raise pickle.UnpicklingError('copy_reg._reconstructor of a class other than Vocabulary')
+  return _PickledVocabulary.__new__(_PickledVocabulary)
+
+
+class _VocabUnpickler(pickle.Unpickler):
+  """Resolves only the Vocabulary class (and what Python 2 pickles need to build it)."""
+
+  _ALLOWED = {
+      ('__main__', 'Vocabulary'): _PickledVocabulary, ('vocab', 'Vocabulary'): _PickledVocabulary,
+      ('copy_reg', '_reconstructor'): _reconstruct, ('copyreg', '_reconstructor'): _reconstruct,
+      ('__builtin__', 'object'): object, ('builtins', 'object'): object,
+  }
+
+  def __init__(self, file):
+    super().__init__(file, encoding='utf-8')  # Python 2 byte strings (the attribute names) are ASCII
+
+  def find_class(self, module: str, name: str):
+    target = self._ALLOWED.get((module, name))
+    if target is None:
+      raise pickle.UnpicklingError(f'refusing to load global {module}.{name}: only a pickled vocab.Vocabulary '
+                                   'is read')
+    return target
