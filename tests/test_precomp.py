@@ -9,6 +9,7 @@ import pytest
 
 from xmatch_jax import data as data_lib
 from xmatch_jax.data import precomp
+from xmatch_jax.data import vocab as vocab_lib
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 CAPTIONS = [f'caption number {i} of a test image' for i in range(60)]
@@ -84,3 +85,23 @@ def test_flickr30k_counts_and_feature_size_are_checked(tmp_path):
     precomp.build('f30k', str(tmp_path / 'g'), str(tmp_path / 'tfds'))
   with pytest.raises(FileNotFoundError, match='manual dir not found'):
     precomp.build('coco', str(tmp_path / 'none'), str(tmp_path / 'tfds'))
+
+
+def test_real_flickr30k_captions_load_through_the_builder(tmp_path, monkeypatch):
+  """The Flickr30K fixture (SCAN's train_caps.txt, first 250 lines = 50 images; shipped copy of
+  ../shared/fixtures/f30k_sample) goes through the precomp caption reader and SCAN's vocabulary unchanged."""
+  sample = os.path.join(FIXTURES, 'f30k_sample')
+  manual = tmp_path / 'manual' / 'custom_precomp'
+  _write(manual, {'train': 50, 'dev': 1, 'test': 1})
+  shutil.copy(os.path.join(sample, 'train_caps.txt'), manual / 'train_caps.txt')
+  monkeypatch.setenv('XMATCH_MANUAL_DIR', str(tmp_path / 'manual'))
+  split = data_lib.load_split('precomp', 'train', str(tmp_path / 'tfds'))
+  with open(os.path.join(sample, 'train_caps.txt'), encoding='utf-8') as f:
+    lines = [line.strip() for line in f]  # SCAN's PrecompDataset
+  assert len(split.captions) == 250 and [c.strip() for c in split.captions] == lines
+  assert list(split.caption_to_image) == [i // 5 for i in range(250)]
+  assert split.captions[0].startswith('Two young guys with shaggy hair')
+  vocab = vocab_lib.Vocabulary.from_json(os.path.join(sample, 'f30k_vocab.json'))
+  ids = [vocab.encode(c) for c in split.captions]
+  unknown = sum(int((t == vocab_lib.UNK_ID).sum()) for t in ids)
+  assert unknown / sum(len(t) - 2 for t in ids) < 0.01  # SCAN's train vocabulary covers its own train captions
