@@ -1,6 +1,7 @@
 """tools/convert_torch_checkpoint.py: official-layout SCAN and VSE++ checkpoints (legacy torch.save, made by
 tests/fixtures/make_fixtures.py) become workdirs whose Retriever reproduces the official forward's scores."""
 
+import argparse
 import json
 import os
 import sys
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 
 from xmatch_jax import Retriever
+from xmatch_jax.convert import scan_checkpoint
+from xmatch_jax.convert import torch_pickle
+from xmatch_jax.convert import torch_writer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 sys.path.insert(0, os.path.join(os.path.dirname(FIXTURES), '..', 'tools'))
@@ -33,6 +37,40 @@ def test_converted_workdir_reproduces_the_official_scores(fmt, name, dataset, tm
   np.testing.assert_allclose(by_string, expected[f'{name}_scores'], atol=1e-5)
   meta = json.load(open(os.path.join(workdir, 'config.json')))
   assert meta['data_info']['img_dim'] == 10
+
+
+def test_scan_weight_norm_image_encoder_scores_as_the_official(tmp_path):
+  """opt.precomp_enc_type='weight_norm' (SCAN's EncoderImageWeightNormPrecomp: weight_norm(fc, dim=None)) stores
+  fc.weight_g (a scalar) and fc.weight_v; the fixture's fc.weight W as v = 3.7 W, g = ||W|| computes the same W."""
+  checkpoint = torch_pickle.load(f'{FIXTURES}/scan_t2i.pth.tar')
+  image = checkpoint['model'][0]
+  weight = image.pop('fc.weight')
+  image['fc.weight_v'] = (3.7 * weight).astype(np.float32)
+  image['fc.weight_g'] = np.array(np.linalg.norm(weight.astype(np.float64)), np.float32)
+  checkpoint['opt'].precomp_enc_type = 'weight_norm'
+  torch_writer.save({**checkpoint, 'opt': argparse.Namespace(**vars(checkpoint['opt']))}, str(tmp_path / 'wn.pth'))
+  workdir = str(tmp_path / 'w')
+  assert convert_torch_checkpoint.main(['--format=scan', f'--checkpoint={tmp_path}/wn.pth',
+                                        f'--vocab={FIXTURES}/vocab_small.json', f'--workdir={workdir}']) == 0
+  expected = np.load(os.path.join(FIXTURES, 'scan_vsepp_expected.npz'))
+  tokens, lengths = expected['tokens'], expected['lengths']
+  mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
+  scores = Retriever.from_workdir(workdir)._scorer.score(  # pylint: disable=protected-access
+      {'regions': expected['regions']}, tokens.astype(np.int32), mask)
+  np.testing.assert_allclose(scores, expected['scan_t2i_scores'], atol=1e-5)
+
+
+@pytest.mark.parametrize('dim', [None, 0, 1])
+def test_weight_norm_fold_equals_torch(dim):
+  torch = pytest.importorskip('torch', reason='pip install torch==2.13.0 to compare with torch.nn.utils.weight_norm')
+  torch.manual_seed(0)
+  layer = torch.nn.utils.weight_norm(torch.nn.Linear(10, 6), dim=dim)
+  with torch.no_grad():
+    layer.weight_g.mul_(torch.rand_like(layer.weight_g) + 0.5)
+    layer(torch.zeros(1, 10))  # the forward pre-hook recomputes layer.weight from g and v
+  state = {k: v.detach().numpy() for k, v in layer.state_dict().items()}
+  folded = scan_checkpoint.weight_norm_weight(state['weight_g'], state['weight_v'], 'fc')
+  np.testing.assert_allclose(folded, layer.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_vsepp_pickled_vocab_converts_like_the_json(tmp_path):

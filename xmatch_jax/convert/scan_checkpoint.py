@@ -1,7 +1,8 @@
 """Official SCAN / VSE++ PyTorch checkpoints (`model_best.pth.tar`) <-> xmatch workdirs.
 
 The checkpoints hold `model` = [image encoder state_dict, text encoder state_dict] and `opt` (the argparse
-hyper-parameters): `fc.weight` / `fc.bias` (EncoderImagePrecomp), `embed.weight` and `rnn.{weight,bias}_{ih,hh}_l<k>
+hyper-parameters): `fc.weight` / `fc.bias` (EncoderImagePrecomp; SCAN's EncoderImageWeightNormPrecomp stores
+`fc.weight_g` / `fc.weight_v` instead, folded here into the weight it computes), `embed.weight` and `rnn.{weight,bias}_{ih,hh}_l<k>
 [_reverse]` (EncoderText's nn.GRU). They are read with the safe unpickler (no pickled code runs). PyTorch's GRU gate
 blocks (r, z, n rows of weight_ih / weight_hh) map onto Flax's GRUCell as described in models/layers.py:
 ir/iz get b_i + b_h, in gets b_in, hn gets b_hn, hr/hz have no bias.
@@ -21,6 +22,7 @@ import numpy as np
 from xmatch_jax.convert import torch_pickle
 
 FORMATS = ('scan', 'vsepp')
+PRECOMP_ENC_TYPES = ('basic', 'weight_norm')   # SCAN's image encoders over precomputed features
 # Official data_name -> xmatch dataset (shapes: the synthetic datasets, as written by the exporter).
 DATA_NAMES = {'f30k_precomp': 'f30k', 'coco_precomp': 'coco', 'shapes_precomp': 'shapes',
               'shapes_tiny_precomp': 'shapes_tiny'}
@@ -52,9 +54,22 @@ def gru_cell_params(state: dict, layer: int, reverse: bool, source: str) -> dict
   }
 
 
+def weight_norm_weight(g: np.ndarray, v: np.ndarray, source: str) -> np.ndarray:
+  """PyTorch weight_norm's weight g * v / ||v||: with dim=None (SCAN's EncoderImageWeightNormPrecomp) g is a scalar
+  and the norm is over all of v; with dim=k, g keeps only axis k and the norm runs over the other axes."""
+  if g.ndim and (g.ndim != v.ndim or any(a not in (1, b) for a, b in zip(g.shape, v.shape))):
+    raise ValueError(f'{source}: fc.weight_g of shape {g.shape} does not fit fc.weight_v of shape {v.shape}')
+  axes = tuple(i for i in range(v.ndim) if not g.ndim or g.shape[i] == 1)
+  v64 = v.astype(np.float64)
+  return (g * v64 / np.sqrt(np.sum(v64 * v64, axis=axes, keepdims=True))).astype(np.float32)
+
+
 def convert_params(image_state: dict, text_state: dict, num_layers: int, bidirectional: bool,
-                   source: str = 'checkpoint') -> dict:
-  """SCAN/VSE++ encoder state_dicts -> Flax params of xmatch's SCAN / VSEPP (same names for both)."""
+                   source: str = 'checkpoint', weight_norm: bool = False) -> dict:
+  """SCAN/VSE++ encoder state_dicts -> Flax params of xmatch's SCAN / VSEPP (same names for both).
+
+  weight_norm: the image encoder is SCAN's EncoderImageWeightNormPrecomp (opt.precomp_enc_type 'weight_norm').
+  """
   text = {'embed': {'embedding': _get(text_state, 'embed.weight', source + ' (text encoder)')}}
   for layer in range(num_layers):
     text[f'forward_{layer}'] = gru_cell_params(text_state, layer, False, source + ' (text encoder)')
@@ -65,12 +80,18 @@ def convert_params(image_state: dict, text_state: dict, num_layers: int, bidirec
   unknown = sorted(set(text_state) - expected)
   if unknown:
     raise ValueError(f'{source} (text encoder): unexpected weights {unknown}; is --format right?')
-  image_unknown = sorted(set(image_state) - {'fc.weight', 'fc.bias'})
+  where = source + ' (image encoder)'
+  weights = ('fc.weight_g', 'fc.weight_v') if weight_norm else ('fc.weight',)
+  image_unknown = sorted(set(image_state) - {*weights, 'fc.bias'})
   if image_unknown:
-    raise ValueError(f'{source} (image encoder): unexpected weights {image_unknown} (only the precomp encoder\'s '
-                     'fc is supported; weight_norm encoders are not)')
-  image = {'fc': {'kernel': _get(image_state, 'fc.weight', source + ' (image encoder)').T,
-                  'bias': _get(image_state, 'fc.bias', source + ' (image encoder)')}}
+    raise ValueError(f'{where}: unexpected weights {image_unknown}; opt.precomp_enc_type '
+                     f'{"weight_norm" if weight_norm else "basic"} has {sorted({*weights, "fc.bias"})}')
+  if weight_norm:
+    kernel = weight_norm_weight(_get(image_state, 'fc.weight_g', where), _get(image_state, 'fc.weight_v', where),
+                                where)
+  else:
+    kernel = _get(image_state, 'fc.weight', where)
+  image = {'fc': {'kernel': kernel.T, 'bias': _get(image_state, 'fc.bias', where)}}
   return {'image_encoder': image, 'text_encoder': text}
 
 
@@ -104,8 +125,8 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
     m.lambda_lse = float(get('lambda_lse', 6.0))
     m.no_txtnorm = bool(get('no_txtnorm', False))
     precomp = get('precomp_enc_type', 'basic')
-    if precomp != 'basic':
-      raise ValueError(f'{source}: opt.precomp_enc_type is {precomp!r}; only "basic" is supported')
+    if precomp not in PRECOMP_ENC_TYPES:
+      raise ValueError(f'{source}: opt.precomp_enc_type is {precomp!r}; expected one of {PRECOMP_ENC_TYPES}')
   else:
     c = vsepp_config.get_config(dataset)
     m = c.model
@@ -132,8 +153,9 @@ def load(path: str, fmt: str):
   if not isinstance(model, (list, tuple)) or len(model) != 2:
     raise ValueError(f'{path}: "model" must be [image encoder state_dict, text encoder state_dict]')
   config = config_from_opt(fmt, checkpoint['opt'], path)
+  weight_norm = fmt == 'scan' and _opt(checkpoint['opt'], 'precomp_enc_type', 'basic') == 'weight_norm'
   params = convert_params(dict(model[0]), dict(model[1]), config.model.num_layers,
-                          bool(config.model.get('bidirectional', False)), os.path.basename(path))
+                          bool(config.model.get('bidirectional', False)), os.path.basename(path), weight_norm)
   meta = {k: float(checkpoint[k]) for k in ('epoch', 'best_rsum', 'Eiters') if k in checkpoint}
   if fmt == 'scan' and 'epoch' in meta:
     meta['epoch'] += 1   # SCAN saves the index of its last finished epoch; xmatch's meta counts finished epochs
