@@ -14,8 +14,9 @@ Expected files in the manual dir (SCAN's `data/<name>_precomp/`, e.g. f30k_preco
 Splits: train, dev, test (and testall for coco). Checks on build, each naming the file and the expected value:
 Flickr30K test = 1000 images / 5000 captions, COCO testall = 5000 / 25000, captions = 5 x images, feature size,
 dtype float32, no NaN / inf, no empty caption, boxes matching the images, tags files for all splits or none, one
-line per image with exactly k non-empty tags (named by line). Features are read memory-mapped one image at a time,
-so COCO's ~17 GB train file never has to fit in memory.
+line per image with exactly k non-empty tags (named by line). Features are read one image at a time and written
+shard by shard (StreamingArrayRecordBuilder: 256 MB of examples per shard), so COCO's ~17 GB train file never has to
+fit in memory: a synthetic 16.5 GiB split builds with 0.36 GiB peak RSS (tools/precomp_build_memory.py).
 
 Tags come from the detector that produced the features: bottom-up-attention predicts a Visual Genome class and
 attribute per box, and GLFN's tag is "attribute class" (e.g. "white plate"), the names taken from the vocab files
@@ -36,6 +37,8 @@ build whose tags disagree with the manual dir, naming that directory).
 """
 
 import dataclasses
+import functools
+import itertools
 import os
 
 import numpy as np
@@ -180,7 +183,21 @@ def _check_tags(path: str, n_images: int, k: int, ims_path: str) -> None:
                      f'one per image of {ims_path}')
 
 
-class XmatchPrecomp(array_record.ArrayRecordBuilder):
+def _read_row(f, ims: np.ndarray, index: int) -> np.ndarray:
+  """Row `index` of the .npy file behind the memory map `ims`, read with a plain file read: pages read through a
+  memory map stay mapped (and counted in the build's RSS) while memory is free; a read leaves them to the page
+  cache."""
+  if not isinstance(ims, np.memmap) or not ims.flags.c_contiguous:
+    return np.array(ims[index], np.float32)
+  row_bytes = ims[0].nbytes
+  f.seek(ims.offset + index * row_bytes)
+  data = f.read(row_bytes)
+  if len(data) != row_bytes:
+    raise ValueError(f'{f.name}: ends inside image row {index}; expected {row_bytes} bytes (truncated file?)')
+  return np.frombuffer(data, ims.dtype).reshape(ims.shape[1:]).astype(np.float32)
+
+
+class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
   """Region features + 5 captions per image from SCAN's precomp files (manual download)."""
 
   VERSION = tfds.core.Version('1.1.0')
@@ -204,33 +221,47 @@ class XmatchPrecomp(array_record.ArrayRecordBuilder):
         }),
         disable_shuffling=True)
 
-  def _split_generators(self, dl_manager):
+  def _shard_iterators_per_split(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
     files = _check_files(manual_dir, self.builder_config)
-    return {split: self._generate_examples(split, manual_dir, *files[split]) for split in self.builder_config.splits}
+    out = {}
+    for split in self.builder_config.splits:
+      ims, captions, boxes, repeat, tags_path = files[split]
+      n_images = len(captions) // CAPTIONS_PER_IMAGE
+      per_shard = max(1, self.SHARD_BYTES // max(1, ims[0].nbytes if len(ims) else 1))
+      out[split] = [functools.partial(self._generate_examples, split, manual_dir, ims, captions, boxes, repeat,
+                                      tags_path, start, min(start + per_shard, n_images))
+                    for start in range(0, max(n_images, 1), per_shard)]
+    return out
 
-  def _generate_examples(self, split, manual_dir, ims, captions, boxes, repeat, tags_path):
+  def _generate_examples(self, split, manual_dir, ims, captions, boxes, repeat, tags_path, start, stop):
+    """Images [start, stop) of a split: one shard."""
     ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
     # Read in step with the images (checked by _check_files): the file is never held in memory.
-    tag_lines = _tag_lines(tags_path) if tags_path else None
-    for i in range(len(captions) // CAPTIONS_PER_IMAGE):
-      regions = np.array(ims[i * repeat], np.float32)
-      if not np.isfinite(regions).all():
-        raise ValueError(f'{ims_path}: image {i} holds NaN or inf')
-      if boxes is not None:
-        blocks, weights = pfan.from_pfan_layout(np.asarray(boxes[i:i + 1]), where=f'{split}_boxes.npy image {i}')
-        blocks, weights = blocks[0], weights[0]
-      else:
-        blocks, weights = np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32)
-      tags = []
-      if tag_lines is not None:
-        lineno, line = next(tag_lines)
-        tags = _split_tags(line, tags_path, lineno, regions.shape[0])
-      yield i, {'image_id': i, 'regions': regions,
-                'captions': captions[i * CAPTIONS_PER_IMAGE:(i + 1) * CAPTIONS_PER_IMAGE],
-                'pfan_blocks': blocks, 'pfan_weights': weights, 'tags': tags}
-    if tag_lines is not None:
-      tag_lines.close()
+    lines = _tag_lines(tags_path) if tags_path else None
+    tag_lines = itertools.islice(lines, start, None) if lines else None
+    features = open(ims_path, 'rb')
+    try:
+      for i in range(start, stop):
+        regions = _read_row(features, ims, i * repeat)
+        if not np.isfinite(regions).all():
+          raise ValueError(f'{ims_path}: image {i} holds NaN or inf')
+        if boxes is not None:
+          blocks, weights = pfan.from_pfan_layout(np.asarray(boxes[i:i + 1]), where=f'{split}_boxes.npy image {i}')
+          blocks, weights = blocks[0], weights[0]
+        else:
+          blocks, weights = np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32)
+        tags = []
+        if tag_lines is not None:
+          lineno, line = next(tag_lines)
+          tags = _split_tags(line, tags_path, lineno, regions.shape[0])
+        yield i, {'image_id': i, 'regions': regions,
+                  'captions': captions[i * CAPTIONS_PER_IMAGE:(i + 1) * CAPTIONS_PER_IMAGE],
+                  'pfan_blocks': blocks, 'pfan_weights': weights, 'tags': tags}
+    finally:
+      features.close()
+      if lines:
+        lines.close()
 
 
 def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrecomp:
