@@ -187,6 +187,9 @@ def test_build_streams_shard_by_shard_and_keeps_order(tmp_path, monkeypatch):
   blocks, _ = data_lib.pfan.from_pfan_layout(np.load(os.path.join(FIXTURES, 'f30k_sample_train_boxes_8.npy')))
   np.testing.assert_array_equal(split.images['pfan_blocks'], blocks)
   assert len(split.captions) == 40 and list(split.caption_to_image[-6:]) == [6, 7, 7, 7, 7, 7]
+  lazy_regions = _load(tmp_path, monkeypatch, mode='1').images['regions']
+  assert isinstance(lazy_regions, lazy.LazyRows)
+  np.testing.assert_array_equal(lazy_regions[np.array([7, 2, 3, 0])], arrays['test'][[7, 2, 3, 0]])
 
 
 def test_build_memory_tool_checks_its_build(tmp_path):
