@@ -183,18 +183,18 @@ def _check_tags(path: str, n_images: int, k: int, ims_path: str) -> None:
                      f'one per image of {ims_path}')
 
 
-def _read_row(f, ims: np.ndarray, index: int) -> np.ndarray:
-  """Row `index` of the .npy file behind the memory map `ims`, read with a plain file read: pages read through a
-  memory map stay mapped (and counted in the build's RSS) while memory is free; a read leaves them to the page
+def _read_row(f, array: np.ndarray, index: int) -> np.ndarray:
+  """Row `index` of the .npy file `f` behind the memory map `array`, read with a plain file read: pages read through
+  a memory map stay mapped (and counted in the build's RSS) while memory is free; a read leaves them to the page
   cache."""
-  if not isinstance(ims, np.memmap) or not ims.flags.c_contiguous:
-    return np.array(ims[index], np.float32)
-  row_bytes = ims[0].nbytes
-  f.seek(ims.offset + index * row_bytes)
+  if not isinstance(array, np.memmap) or not array.flags.c_contiguous:
+    return np.array(array[index])
+  row_bytes = int(np.prod(array.shape[1:])) * array.itemsize
+  f.seek(array.offset + index * row_bytes)
   data = f.read(row_bytes)
   if len(data) != row_bytes:
-    raise ValueError(f'{f.name}: ends inside image row {index}; expected {row_bytes} bytes (truncated file?)')
-  return np.frombuffer(data, ims.dtype).reshape(ims.shape[1:]).astype(np.float32)
+    raise ValueError(f'{f.name}: ends inside row {index}; expected {row_bytes} bytes (truncated file?)')
+  return np.frombuffer(data, array.dtype).reshape(array.shape[1:]).copy()
 
 
 class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
@@ -228,7 +228,7 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
     for split in self.builder_config.splits:
       ims, captions, boxes, repeat, tags_path = files[split]
       n_images = len(captions) // CAPTIONS_PER_IMAGE
-      per_shard = max(1, self.SHARD_BYTES // max(1, ims[0].nbytes if len(ims) else 1))
+      per_shard = max(1, self.SHARD_BYTES // max(1, int(np.prod(ims.shape[1:])) * ims.itemsize))
       out[split] = [functools.partial(self._generate_examples, split, manual_dir, ims, captions, boxes, repeat,
                                       tags_path, start, min(start + per_shard, n_images))
                     for start in range(0, max(n_images, 1), per_shard)]
@@ -239,29 +239,30 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
     ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
     # Read in step with the images (checked by _check_files): the file is never held in memory.
     lines = _tag_lines(tags_path) if tags_path else None
-    tag_lines = itertools.islice(lines, start, None) if lines else None
-    features = open(ims_path, 'rb')
-    try:
-      for i in range(start, stop):
-        regions = _read_row(features, ims, i * repeat)
-        if not np.isfinite(regions).all():
-          raise ValueError(f'{ims_path}: image {i} holds NaN or inf')
-        if boxes is not None:
-          blocks, weights = pfan.from_pfan_layout(np.asarray(boxes[i:i + 1]), where=f'{split}_boxes.npy image {i}')
-          blocks, weights = blocks[0], weights[0]
-        else:
-          blocks, weights = np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32)
-        tags = []
-        if tag_lines is not None:
-          lineno, line = next(tag_lines)
-          tags = _split_tags(line, tags_path, lineno, regions.shape[0])
-        yield i, {'image_id': i, 'regions': regions,
-                  'captions': captions[i * CAPTIONS_PER_IMAGE:(i + 1) * CAPTIONS_PER_IMAGE],
-                  'pfan_blocks': blocks, 'pfan_weights': weights, 'tags': tags}
-    finally:
-      features.close()
-      if lines:
-        lines.close()
+    tag_lines = itertools.islice(lines, start, None) if lines is not None else None
+    boxes_path = os.path.join(manual_dir, f'{split}_boxes.npy')
+    with open(ims_path, 'rb') as features, (open(boxes_path, 'rb') if boxes is not None else open(os.devnull)) as pos:
+      try:
+        for i in range(start, stop):
+          regions = _read_row(features, ims, i * repeat).astype(np.float32)
+          if not np.isfinite(regions).all():
+            raise ValueError(f'{ims_path}: image {i} holds NaN or inf')
+          if boxes is not None:
+            blocks, weights = pfan.from_pfan_layout(_read_row(pos, boxes, i)[None],
+                                                    where=f'{split}_boxes.npy image {i}')
+            blocks, weights = blocks[0], weights[0]
+          else:
+            blocks, weights = np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32)
+          tags = []
+          if tag_lines is not None:
+            lineno, line = next(tag_lines)
+            tags = _split_tags(line, tags_path, lineno, regions.shape[0])
+          yield i, {'image_id': i, 'regions': regions,
+                    'captions': captions[i * CAPTIONS_PER_IMAGE:(i + 1) * CAPTIONS_PER_IMAGE],
+                    'pfan_blocks': blocks, 'pfan_weights': weights, 'tags': tags}
+      finally:
+        if lines is not None:
+          lines.close()
 
 
 def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrecomp:
