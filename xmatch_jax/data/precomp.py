@@ -36,6 +36,7 @@ files added after a build need a rebuild too: delete <data_dir>/xmatch_precomp/<
 build whose tags disagree with the manual dir, naming that directory).
 """
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -241,7 +242,8 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
     lines = _tag_lines(tags_path) if tags_path else None
     tag_lines = itertools.islice(lines, start, None) if lines is not None else None
     boxes_path = os.path.join(manual_dir, f'{split}_boxes.npy')
-    with open(ims_path, 'rb') as features, (open(boxes_path, 'rb') if boxes is not None else open(os.devnull)) as pos:
+    with open(ims_path, 'rb') as features, (open(boxes_path, 'rb') if boxes is not None
+                                             else contextlib.nullcontext()) as pos:
       try:
         for i in range(start, stop):
           regions = _read_row(features, ims, i * repeat).astype(np.float32)
