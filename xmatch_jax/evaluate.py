@@ -115,7 +115,8 @@ def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | N
   if rerank_k and (metric != 'recall' or protocol == 'fold5'):
     raise ValueError('--rerank_k works with the recall protocols 1k / 5k over a whole split; got '
                      f'metric {metric!r}, protocol {protocol!r}.')
-  scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch)
+  scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch,
+                            desc=f'{split} scoring')
   image_rep = jax.block_until_ready(scorer.encode_images(data.images))
   text_rep = jax.block_until_ready(scorer.encode_text(tokens, mask))
   start = time.perf_counter()

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xmatch_jax import progress
 from xmatch_jax.data import lazy
 
 
@@ -48,13 +49,14 @@ def map_chunks(fn, tree, chunk: int):
 class Scorer:
   """Jitted `encode_image`, `encode_text` and `pair_scores` of one model and its variables."""
 
-  def __init__(self, model, variables, image_chunk: int = 128, text_batch: int = 256):
+  def __init__(self, model, variables, image_chunk: int = 128, text_batch: int = 256, desc: str = 'scoring'):
     if image_chunk < 1 or text_batch < 1:
       raise ValueError(f'image_chunk and text_batch must be >= 1; got {image_chunk}, {text_batch}.')
     self.model = model
     self.variables = variables
     self.image_chunk = image_chunk
     self.text_batch = text_batch
+    self.desc = desc  # the progress bar's label (bars appear for scoring that lasts over 10 s)
     self._encode_image = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
     self._encode_text = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_text))
     self._pair_scores = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
@@ -79,14 +81,17 @@ class Scorer:
     sequence); the columns of zero-padded captions in the last tile are dropped.
     """
     n_txt = jax.tree.leaves(text_rep)[0].shape[0]
+    n_img = jax.tree.leaves(image_rep)[0].shape[0]
     columns = []
-    for start in range(0, n_txt, self.text_batch):
-      part = jax.tree.map(lambda x: x[start:start + self.text_batch], text_rep)
-      rows = jax.tree.leaves(part)[0].shape[0]
-      if rows < self.text_batch:
-        part = _pad_rows(part, self.text_batch)
-      tile = map_chunks(lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk)
-      columns.append(np.asarray(tile)[:, :rows])
+    with progress.bar(total=n_img * n_txt, desc=self.desc, unit='pair', unit_scale=True) as bar:
+      for start in range(0, n_txt, self.text_batch):
+        part = jax.tree.map(lambda x: x[start:start + self.text_batch], text_rep)
+        rows = jax.tree.leaves(part)[0].shape[0]
+        if rows < self.text_batch:
+          part = _pad_rows(part, self.text_batch)
+        tile = map_chunks(lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk)
+        columns.append(np.asarray(tile)[:, :rows])
+        bar.update(n_img * rows)
     return np.concatenate(columns, axis=1)
 
   def candidate_scores(self, image_rep, text_rep, candidates: np.ndarray, query_side: str,
@@ -102,6 +107,8 @@ class Scorer:
     n_query = candidates.shape[0]
     take = lambda rep, index: jax.tree.map(lambda x: x[index], rep)
     out = []
+    bar = progress.bar(total=n_query * candidates.shape[1], desc=f'{self.desc} (re-rank)', unit='pair',
+                       unit_scale=True)
     for start in range(0, n_query, chunk):
       index = candidates[start:start + chunk]
       queries = np.arange(start, start + len(index))[:, None]
@@ -114,6 +121,8 @@ class Scorer:
       else:
         scores = self._group_scores(self.variables, take(image_rep, queries), take(text_rep, index))[:, 0, :]
       out.append(np.asarray(scores)[:rows])
+      bar.update(rows * candidates.shape[1])
+    bar.close()
     return np.concatenate(out)
 
   def score(self, images: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -23,13 +23,13 @@ from ml_collections import config_flags
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
 from xmatch_jax import checkpoints
 from xmatch_jax import inference
 from xmatch_jax import losses
 from xmatch_jax import metrics as metrics_lib
 from xmatch_jax import parallel
+from xmatch_jax import progress as progress_lib
 from xmatch_jax import run_setup
 from xmatch_jax.convert import hf_bert
 from xmatch_jax.data import batching
@@ -272,31 +272,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending = []  # per-step metrics on device, fetched once per log interval
   dev_metrics = meta.get('dev', {})
   start = int(state['step'])
-  progress = tqdm.tqdm(total=total_steps, initial=start, desc='train', unit='step', mininterval=5,
-                       disable=not chief)
+  progress = progress_lib.bar(total=total_steps, desc='train', unit='step', initial=start, disable=not chief,
+                              delay=0)
   t0 = time.time()
   stop = parallel.StopRequest()
   saved_at = start
+  in_flight = None  # the last dispatched step's metrics, not yet known to be computed
   try:
     for step in range(start, total_steps):
       batch = parallel.shard_batch(batcher.batch(step), data_sharding)  # this process's rows of the global batch
       state, step_metrics = (warmup_fn if step < warmup_steps else step_fn)(state, batch)
       pending.append(step_metrics)
-      progress.update(1)
+      # At most one step runs ahead of the host: the next batch is prepared while this step computes, the bar
+      # (and its ETA) counts completed steps, and a stop request is acted on within a step.
+      if in_flight is not None:
+        jax.block_until_ready(in_flight)
+        progress.update(1)
+      in_flight = step_metrics
       done = step + 1
       end_of_epoch = done % steps_per_epoch == 0
       epoch = done // steps_per_epoch
       if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
         summary = _flush(pending, done, workdir, meta, t0)
+        progress.update(done - progress.n)   # _flush waited for every pending step
+        in_flight = None
         writer.write(done, summary)
         if done > warmup_steps and collapse.update(summary['loss']) and chief:
-          tqdm.tqdm.write(collapse.message(done))
+          progress_lib.write(collapse.message(done))
         progress.set_postfix(loss=f'{summary["loss"]:.3f}')
         pending, t0 = [], time.time()
       if (end_of_epoch and epoch % config.eval_every_epochs == 0) or done == total_steps:
         # Every process scores dev alone on its first device; process 0's numbers decide for all.
         scorer = inference.Scorer(model, {'params': parallel.local_copy(state['params'])}, config.eval_image_chunk,
-                                  config.eval_text_batch)
+                                  config.eval_text_batch, desc='dev scoring')
         dev_metrics = parallel.agree(evaluate_dev(scorer, dev.images, dev_tokens, dev_mask))
         del scorer  # holds the params' buffers, which the next step donates
         writer.write(done, {f'dev_{k}': v for k, v in dev_metrics.items()})
@@ -307,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpts.save(done, state, dict(meta), is_best=is_best)
         saved_at = done
         if chief:
-          tqdm.tqdm.write(f'{f"epoch {epoch}" if end_of_epoch else f"step {done}"}: dev rsum '
+          progress_lib.write(f'{f"epoch {epoch}" if end_of_epoch else f"step {done}"}: dev rsum '
                           f'{dev_metrics["rsum"]:.1f} (R@1 i2t {dev_metrics["i2t_r1"]:.1f}, '
                           f't2i {dev_metrics["t2i_r1"]:.1f}){"  *best*" if is_best else ""}')
       elif done % config.checkpoint_every_steps == 0:
