@@ -37,9 +37,9 @@ def _variables(model, k, n):
     ('configs/scan.py:f30k', {'cross_attn': 't2i'}),
     ('configs/scan.py:f30k', {'cross_attn': 'i2t'}),
     ('configs/vsepp.py:f30k', {}),
-    ('configs/glfn.py:f30k', {'bert_dir': 'minilm'}),          # fused: t2i and i2t each compute S
-    ('configs/glfn.py:f30k,t2i', {'bert_dir': 'minilm'}),
-    ('configs/glfn.py:f30k,i2t', {'bert_dir': 'minilm'}),
+    pytest.param('configs/glfn.py:f30k', {'bert_dir': 'minilm'}, marks=pytest.mark.minilm),  # fused: S twice
+    pytest.param('configs/glfn.py:f30k,t2i', {'bert_dir': 'minilm'}, marks=pytest.mark.minilm),
+    pytest.param('configs/glfn.py:f30k,i2t', {'bert_dir': 'minilm'}, marks=pytest.mark.minilm),
     ('configs/daer.py:wikipedia', {}),
 ])
 def test_analytic_flops_match_xlas_count(spec, overrides):
@@ -105,8 +105,8 @@ def test_cli_writes_the_json_report(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('spec,flags,flop_keys', [
-    ('configs/glfn.py:f30k', ['--bert_dir=minilm', '--k=8', '--n=7', '--min_len=3', '--train_batch=2'],
-     ['similarity', 'attention', 'item_gram']),
+    pytest.param('configs/glfn.py:f30k', ['--bert_dir=minilm', '--k=8', '--n=7', '--min_len=3', '--train_batch=2'],
+                 ['similarity', 'attention', 'item_gram'], marks=pytest.mark.minilm),
     ('configs/daer.py:wikipedia', ['--train_batch=0'], ['relation_mlp', 'item_first_layer']),
 ])
 def test_cli_reports_glfn_and_daer(tmp_path, capsys, spec, flags, flop_keys):

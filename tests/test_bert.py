@@ -1,7 +1,6 @@
 """Flax BERT and the Hugging Face checkpoint reader against transformers' BertModel: stored references
 (tests/fixtures, made by make_fixtures.py) in every run, and a live comparison when torch is installed."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -41,9 +40,7 @@ def test_tiny_bert_equals_transformers_reference_at_every_layer_padding_included
   np.testing.assert_allclose(out['pooler_output'], expected['pooler_output'], atol=1e-4, rtol=0)
 
 
-minilm_installed = pytest.mark.skipif(
-    importlib.util.find_spec(hf_bert.MINILM_PACKAGE) is None,
-    reason=f'all-MiniLM-L6-v2 is not installed ({hf_bert.MINILM_INSTALL})')
+minilm_installed = pytest.mark.minilm
 
 
 @minilm_installed

@@ -1,7 +1,6 @@
 """MMCA end to end on tiny shapes: with all-MiniLM-L6-v2 it learns; with a small BERT the BERT stays frozen, the
 workdir is self-contained (W/bert + checkpoint) and evaluation and the Retriever agree."""
 
-import importlib.util
 import os
 
 import jax
@@ -43,8 +42,7 @@ def tiny_run(data_dir, tmp_path_factory):
   return workdir
 
 
-@pytest.mark.skipif(importlib.util.find_spec(hf_bert.MINILM_PACKAGE) is None,
-                    reason=f'all-MiniLM-L6-v2 is not installed ({hf_bert.MINILM_INSTALL})')
+@pytest.mark.minilm
 def test_mmca_with_minilm_learns_far_above_chance(data_dir, tmp_path):
   c = _config(data_dir)       # the shapes config: MiniLM, d=128, 16 heads
   c.num_epochs = 2

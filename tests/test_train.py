@@ -217,9 +217,9 @@ def test_unknown_config_key_on_command_line(tmp_path):
   assert ("--config.model.embed_sise: config.model of configs/scan.py:shapes_tiny has no field 'embed_sise'. "
           "Did you mean 'embed_size'?") in proc.stderr, proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
-  with pytest.raises(SystemExit, match=r"--config.optim.learning_rate.x: config.optim.learning_rate of .* is a value"):
+  with pytest.raises(ValueError, match=r"--config.optim.learning_rate.x: config.optim.learning_rate of .* is a value"):
     run_setup.check_config_overrides([f'--config={ROOT}/configs/scan.py:shapes', '--config.optim.learning_rate.x=1'])
-  with pytest.raises(SystemExit, match=r"the config of .*configs/scan.py has no field 'nope'.* Its fields: .*batch_size"):
+  with pytest.raises(ValueError, match=r"the config of .*configs/scan.py has no field 'nope'.* Its fields: .*batch_size"):
     run_setup.check_config_overrides(['--config', f'{ROOT}/configs/scan.py', '--config.nope', '2'])
   run_setup.check_config_overrides([f'--config={ROOT}/configs/scan.py', '--config.model.embed_size=3',
                                     '--noconfig.seed'])

@@ -39,6 +39,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from xmatch_jax import cli
+from xmatch_jax import errors
+
 
 # ----------------------------------------------------------------------------------------------- FLOP counts
 def _rdan_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
@@ -138,7 +141,7 @@ def scoring_flops(model_config: dict, n_images: int, n_captions: int, k: int, n:
   """FLOPs of scoring every image against every caption: {'similarity', ..., 'total'} for the whole call."""
   name = model_config['name']
   if name not in PAIR_FLOPS:
-    raise ValueError(f'no FLOP count for model {name!r}; known: {sorted(PAIR_FLOPS)}')
+    raise errors.UserError(f'no FLOP count for model {name!r}; known: {sorted(PAIR_FLOPS)}')
   per_pair = PAIR_FLOPS[name](model_config, k, n, d)
   pairs = n_images * n_captions
   out = {key: value * pairs for key, value in per_pair.items()}
@@ -160,7 +163,7 @@ def apply_overrides(config, args) -> None:
     value = getattr(args, flag)
     if value:
       if flag not in config.model:
-        raise ValueError(f'--{flag}: model {config.model.name!r} has no field {flag}')
+        raise errors.UserError(f'--{flag}: model {config.model.name!r} has no field {flag}')
       config.model[flag] = value
 
 
@@ -251,7 +254,7 @@ def build(config, vocab_size: int, img_dim: int):
     from xmatch_jax.convert import hf_bert
     from xmatch_jax.models.bert import BertConfig
     if not config.model.bert_dir:
-      raise ValueError(f'model {config.model.name!r} needs a BERT: pass --bert_dir (a Hugging Face BERT directory, '
+      raise errors.UserError(f'model {config.model.name!r} needs a BERT: pass --bert_dir (a Hugging Face BERT directory, '
                        "or 'minilm')")
     vocab_size = BertConfig.from_json(os.path.join(hf_bert.resolve_dir(config.model.bert_dir), 'config.json')).vocab_size
   return build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
@@ -275,7 +278,7 @@ def init_pair_head(model, seed: int, image_rep, text_rep):
 def check_train_batch(config, train_batch: int) -> None:
   """Refuses a training step for models `child_train` cannot time."""
   if train_batch and config.model.name == 'daer':
-    raise ValueError(f'--train_batch={train_batch}: DAER trains in stages (xmatch_jax/train_stages.py: classifiers, '
+    raise errors.UserError(f'--train_batch={train_batch}: DAER trains in stages (xmatch_jax/train_stages.py: classifiers, '
                      "then the relation network on eq 11's category loss, with BatchNorm statistics and per-stage "
                      'optimisers), not with the contrastive train.train_step timed here; use --train_batch=0 '
                      '(scoring only).')
@@ -570,7 +573,7 @@ def _fmt_time(t: dict) -> str:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', default='configs/rdan.py:f30k', help='config file:arg, as for xmatch_jax.train')
   p.add_argument('--n_images', type=int, default=128)
   p.add_argument('--n_captions', type=int, default=128)
@@ -625,4 +628,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from xmatch_jax import cli
 from xmatch_jax.convert import hf_bert
 
 
@@ -37,7 +38,7 @@ def check_against_transformers(directory: str, config, params, text: str) -> flo
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', required=True, help="Hugging Face BERT directory, or 'minilm'")
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--check', action='store_true', help='compare with transformers (needs torch)')
@@ -84,4 +85,4 @@ def _leaves(tree):
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

@@ -50,6 +50,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from xmatch_jax import cli
+from xmatch_jax import errors
+from xmatch_jax import progress
 from xmatch_jax.data import pfan  # pylint: disable=g-import-not-at-top
 
 TSV_FIELDS = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features')
@@ -65,9 +68,9 @@ def _decode(text: str, count: int, where: str, field: str) -> np.ndarray:
   try:
     raw = base64.b64decode(text, validate=True)
   except ValueError as e:
-    raise ValueError(f'{where}: field {field} is not base64 ({e})') from None
+    raise errors.UserError(f'{where}: field {field} is not base64 ({e})') from None
   if len(raw) % 4 or (len(raw) // 4) % count:
-    raise ValueError(f'{where}: field {field} holds {len(raw)} bytes; expected a multiple of 4 x num_boxes '
+    raise errors.UserError(f'{where}: field {field} holds {len(raw)} bytes; expected a multiple of 4 x num_boxes '
                      f'({count})')
   return np.frombuffer(raw, np.float32).reshape(count, -1)
 
@@ -77,13 +80,13 @@ def _decode_vector(text: str, count: int, where: str, field: str) -> np.ndarray:
   try:
     raw = base64.b64decode(text, validate=True)
   except ValueError as e:
-    raise ValueError(f'{where}: field {field} is not base64 ({e})') from None
+    raise errors.UserError(f'{where}: field {field} is not base64 ({e})') from None
   kinds = (np.int64, np.int32) if field.endswith('_id') else (np.float32, np.float64)
   for dtype in kinds:
     if len(raw) == count * np.dtype(dtype).itemsize:
       return np.frombuffer(raw, dtype)
   names = ' or '.join(np.dtype(d).name for d in kinds)
-  raise ValueError(f'{where}: field {field} holds {len(raw)} bytes; expected num_boxes ({count}) values of {names}')
+  raise errors.UserError(f'{where}: field {field} holds {len(raw)} bytes; expected num_boxes ({count}) values of {names}')
 
 
 def _canonical(name: str) -> str:
@@ -104,22 +107,22 @@ def read_tsv(paths: list, fields: tuple | None = None):
         if names is None:
           if len(row) not in layouts:
             expected = ' or '.join(f'{n} ({", ".join(v)})' for n, v in layouts.items())
-            raise ValueError(f'{where}: {len(row)} columns; expected {expected}'
+            raise errors.UserError(f'{where}: {len(row)} columns; expected {expected}'
                              f'{"" if fields else ", or name them with --tsv_fields"}')
           names = tuple(_canonical(n) for n in layouts[len(row)])
           if tuple(_canonical(c) for c in row) == names:
             continue   # a header row
         if len(row) != len(names):
-          raise ValueError(f'{where}: {len(row)} columns; expected {len(names)} ({", ".join(names)}) like line 1')
+          raise errors.UserError(f'{where}: {len(row)} columns; expected {len(names)} ({", ".join(names)}) like line 1')
         record = dict(zip(names, row))
         try:
           count = int(record['num_boxes'])
           size = (float(record['image_w']), float(record['image_h']))
         except ValueError:
-          raise ValueError(f'{where}: num_boxes / image_w / image_h must be numbers') from None
+          raise errors.UserError(f'{where}: num_boxes / image_w / image_h must be numbers') from None
         boxes = _decode(record['boxes'], count, where, 'boxes')
         if boxes.shape[1] != 4:
-          raise ValueError(f'{where}: field boxes has {boxes.shape[1]} values per box; expected 4')
+          raise errors.UserError(f'{where}: field boxes has {boxes.shape[1]} values per box; expected 4')
         labels = {k: _decode_vector(record[k], count, where, k) for k in LABEL_FIELDS if k in record}
         yield record['image_id'], _decode(record['features'], count, where, 'features'), boxes, size, labels
 
@@ -152,7 +155,7 @@ def _read_pickled_member(path: str, member: str):
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     _, _, dtype = read_header(f)
     if not dtype.hasobject:
-      raise ValueError(f'{where}: dtype {dtype}; expected a pickled dict (object array)')
+      raise errors.UserError(f'{where}: dtype {dtype}; expected a pickled dict (object array)')
     value = _NumpyUnpickler(f, where).load()
   return value.item() if isinstance(value, np.ndarray) and value.shape == () else value
 
@@ -167,7 +170,7 @@ def _npz_labels(z, path: str) -> dict:
   if 'objects_id' not in labels and 'info' in z.files:
     info = _read_pickled_member(path, 'info')
     if not isinstance(info, dict):
-      raise ValueError(f'{path}: field info is a {type(info).__name__}; expected a dict with objects_id, attrs_id')
+      raise errors.UserError(f'{path}: field info is a {type(info).__name__}; expected a dict with objects_id, attrs_id')
     labels = {k: np.asarray(info[k]).reshape(-1) for k in LABEL_FIELDS if k in info}
   return labels
 
@@ -178,29 +181,29 @@ def read_npz(directory: str, image_ids: list, with_labels: bool = False):
   for image_id in image_ids:
     path = os.path.join(directory, f'{image_id}.npz')
     if not os.path.exists(path):
-      raise FileNotFoundError(f'{path}: missing (image {image_id} of --image_ids)')
+      raise errors.MissingFileError(f'{path}: missing (image {image_id} of --image_ids)')
     unreadable = (zipfile.BadZipFile, ValueError, EOFError, OSError)
     expected = 'expected an .npz with x (or features) [k, d], bbox (or boxes) [k, 4], image_w, image_h'
     try:
       z = np.load(path, allow_pickle=False)
     except unreadable as e:
-      raise ValueError(f'{path}: not a readable .npz file ({type(e).__name__}: {e}); {expected} (truncated or '
+      raise errors.UserError(f'{path}: not a readable .npz file ({type(e).__name__}: {e}); {expected} (truncated or '
                        'partly copied?)') from None
     if not isinstance(z, np.lib.npyio.NpzFile):
-      raise ValueError(f'{path}: a single array, not an .npz archive; {expected}')
+      raise errors.UserError(f'{path}: a single array, not an .npz archive; {expected}')
     with z:
       keys = set(z.files)
       feature_key = 'x' if 'x' in keys else 'features'
       box_key = 'bbox' if 'bbox' in keys else 'boxes'
       missing = [k for k in (feature_key, box_key, 'image_w', 'image_h') if k not in keys]
       if missing:
-        raise ValueError(f'{path}: missing field(s) {missing}; has {sorted(keys)}')
+        raise errors.UserError(f'{path}: missing field(s) {missing}; has {sorted(keys)}')
       try:
         record = (np.asarray(z[feature_key], np.float32), np.asarray(z[box_key], np.float32),
                   (float(z['image_w']), float(z['image_h'])))
         labels = _npz_labels(z, path) if with_labels else {}
       except (pickle.UnpicklingError, KeyError, *unreadable) as e:
-        raise ValueError(f'{path}: a field cannot be read ({type(e).__name__}: {e}); {expected}') from None
+        raise errors.UserError(f'{path}: a field cannot be read ({type(e).__name__}: {e}); {expected}') from None
     yield (image_id, *record, labels)
 
 
@@ -211,16 +214,16 @@ def load_vocab(path: str, what: str) -> list:
     with open(path, encoding='utf-8') as f:
       lines = [line.rstrip('\n').rstrip('\r') for line in f]
   except UnicodeDecodeError as e:
-    raise ValueError(f'{path}: not UTF-8 text ({e}); expected one {what} name per line') from None
+    raise errors.UserError(f'{path}: not UTF-8 text ({e}); expected one {what} name per line') from None
   while lines and not lines[-1].strip():
     lines.pop()
   if not lines:
-    raise ValueError(f'{path}: no names; expected one {what} name per line')
+    raise errors.UserError(f'{path}: no names; expected one {what} name per line')
   names = []
   for lineno, line in enumerate(lines, 1):
     name = line.split(',')[0].strip()
     if not name or '\t' in name:
-      raise ValueError(f'{path}: line {lineno} {"holds a TAB" if name else "is empty"}; expected one {what} name '
+      raise errors.UserError(f'{path}: line {lineno} {"holds a TAB" if name else "is empty"}; expected one {what} name '
                        'per line (synonyms after commas)')
     names.append(name)
   return names
@@ -239,16 +242,16 @@ class Tagger:
   def _vector(self, labels: dict, field: str, count: int, where: str, vocab: list | None, path: str | None):
     value = labels.get(field)
     if value is None:
-      raise ValueError(f'{where} has no {field}; tags need detections with class ids (TSV columns objects_id / '
+      raise errors.UserError(f'{where} has no {field}; tags need detections with class ids (TSV columns objects_id / '
                        'attrs_id / attrs_conf, or those npz fields or npz info dict)')
     value = np.asarray(value).reshape(-1)
     if value.shape != (count,):
-      raise ValueError(f'{where}: field {field} has {value.size} values; expected one per region ({count})')
+      raise errors.UserError(f'{where}: field {field} has {value.size} values; expected one per region ({count})')
     if vocab is not None:
       bad = (value < 0) | (value >= len(vocab))
       if bad.any():
         r = int(np.argmax(bad))
-        raise ValueError(f'{where} region {r}: {field} {value[r]} is outside {path} ({len(vocab)} names: ids 0 .. '
+        raise errors.UserError(f'{where} region {r}: {field} {value[r]} is outside {path} ({len(vocab)} names: ids 0 .. '
                          f'{len(vocab) - 1})')
     return value
 
@@ -276,20 +279,22 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
     wanted = {image_id: i for i, image_id in enumerate(image_ids)}
     if len(wanted) != len(image_ids):
       twice = sorted({i for i in image_ids if image_ids.count(i) > 1})
-      raise ValueError(f'--image_ids lists image(s) {twice[:3]} more than once')
+      raise errors.UserError(f'--image_ids lists image(s) {twice[:3]} more than once')
   ims = positions = tag_ids = None
   seen = {}
   shape = None
   has_labels = False
+  bar = progress.bar(total=len(image_ids) if image_ids is not None else None, desc=f'converting {split}',
+                     unit='image')
   for image_id, regions, boxes, size, *rest in records:
     labels = rest[0] if rest else {}
     if image_ids is not None and image_id not in wanted:
       continue
     index = wanted[image_id] if image_ids is not None else len(seen)
     if image_id in seen:
-      raise ValueError(f'{source}: image {image_id} appears twice')
+      raise errors.UserError(f'{source}: image {image_id} appears twice')
     if regions.shape[0] != boxes.shape[0]:
-      raise ValueError(f'{source}: image {image_id} has {regions.shape[0]} feature rows but {boxes.shape[0]} boxes')
+      raise errors.UserError(f'{source}: image {image_id} has {regions.shape[0]} feature rows but {boxes.shape[0]} boxes')
     if shape is None:
       shape = regions.shape
       n = len(image_ids) if image_ids is not None else None
@@ -301,10 +306,10 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
         positions = np.lib.format.open_memmap(os.path.join(out_dir, f'{split}_boxes.npy'), 'w+', np.float64,
                                               (n, shape[0], 2 * pfan.TOP_L))
     if regions.shape != shape:
-      raise ValueError(f'{source}: image {image_id} has features {regions.shape}; the first image had {shape} '
+      raise errors.UserError(f'{source}: image {image_id} has features {regions.shape}; the first image had {shape} '
                        '(every image needs the same number of regions)')
     if not np.isfinite(regions).all():
-      raise ValueError(f'{source}: image {image_id} features hold NaN or inf')
+      raise errors.UserError(f'{source}: image {image_id} features hold NaN or inf')
     blocks, weights = pfan.block_positions(boxes[None], np.array([size]), where=f'{source} image {image_id}')
     layout = pfan.to_pfan_layout(blocks, weights)[0]
     has_labels = has_labels or 'objects_id' in labels
@@ -319,14 +324,16 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
       if tagger:
         tag_ids[index] = ids
     seen[image_id] = index
+    bar.update(1)
+  bar.close()
   if image_ids is not None:
     missing = [i for i in image_ids if i not in seen]
     if missing:
-      raise ValueError(f'{source}: {len(missing)} image(s) of --image_ids not found, e.g. {missing[:3]}')
+      raise errors.UserError(f'{source}: {len(missing)} image(s) of --image_ids not found, e.g. {missing[:3]}')
     ims.flush()
     positions.flush()
   elif ims is None:
-    raise ValueError(f'{source}: no images')
+    raise errors.UserError(f'{source}: no images')
   else:
     np.save(os.path.join(out_dir, f'{split}_ims.npy'), np.stack(ims))
     np.save(os.path.join(out_dir, f'{split}_boxes.npy'), np.stack(positions))
@@ -339,7 +346,7 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('format', choices=('tsv', 'npz'))
   parser.add_argument('--input', action='append', required=True, help='TSV file(s), or the npz directory')
   parser.add_argument('--image_ids', help='file with one image id per line, in the split\'s caption order')
@@ -387,4 +394,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

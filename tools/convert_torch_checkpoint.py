@@ -34,6 +34,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
+from xmatch_jax import cli
+from xmatch_jax import errors
 from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
 from xmatch_jax import train  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import glfn_checkpoint  # pylint: disable=g-import-not-at-top
@@ -46,7 +48,7 @@ FORMATS = scan_checkpoint.FORMATS + ('glfn',)
 
 def _check_new_workdir(workdir: str) -> None:
   if os.path.exists(os.path.join(workdir, 'checkpoints')) or os.path.exists(os.path.join(workdir, 'best')):
-    raise ValueError(f'{workdir} already holds checkpoints; convert into a new directory')
+    raise errors.UserError(f'{workdir} already holds checkpoints; convert into a new directory')
 
 
 def _save(config, params, meta, model, img_dim: int, checkpoint_path: str, fmt: str, workdir: str) -> int:
@@ -86,19 +88,19 @@ def convert(fmt: str, checkpoint_path: str, vocab_path: str, workdir: str, bert_
   """Writes the workdir; returns a summary dict."""
   if fmt == 'glfn':
     if vocab_path:
-      raise ValueError('--vocab is not used by --format=glfn: captions and tags use the WordPiece tokenizer of '
+      raise errors.UserError('--vocab is not used by --format=glfn: captions and tags use the WordPiece tokenizer of '
                        '--bert_dir (the official vocab json is never read by its model)')
     return convert_glfn(checkpoint_path, bert_dir, workdir, dataset)
   if bert_dir or dataset:
-    raise ValueError(f'--bert_dir / --dataset apply to --format=glfn only, not {fmt}')
+    raise errors.UserError(f'--bert_dir / --dataset apply to --format=glfn only, not {fmt}')
   if not vocab_path:
-    raise ValueError(f'--format={fmt} needs --vocab (the vocabulary json or VSE++ .pkl the checkpoint was trained '
+    raise errors.UserError(f'--format={fmt} needs --vocab (the vocabulary json or VSE++ .pkl the checkpoint was trained '
                      'with)')
   config, params, meta = scan_checkpoint.load(checkpoint_path, fmt)
   vocab = vocab_lib.Vocabulary.load(vocab_path)
   rows = params['text_encoder']['embed']['embedding'].shape[0]
   if rows != len(vocab):
-    raise ValueError(f'{vocab_path}: {len(vocab)} words, but the checkpoint\'s embedding has {rows} rows; '
+    raise errors.UserError(f'{vocab_path}: {len(vocab)} words, but the checkpoint\'s embedding has {rows} rows; '
                      'is it the vocabulary the checkpoint was trained with?')
   img_dim = params['image_encoder']['fc']['kernel'].shape[0]
   _check_new_workdir(workdir)
@@ -114,7 +116,7 @@ def convert(fmt: str, checkpoint_path: str, vocab_path: str, workdir: str, bert_
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--format', required=True, choices=FORMATS)
   parser.add_argument('--checkpoint', required=True, help='model_best.pth.tar / checkpoint.pth.tar')
   parser.add_argument('--vocab', default='', help='vocabulary the checkpoint was trained with: SCAN json or VSE++ '
@@ -132,4 +134,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

@@ -17,6 +17,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xmatch_jax import checkpoints  # noqa: E402  pylint: disable=g-import-not-at-top
+from xmatch_jax import cli
+from xmatch_jax import errors
 from xmatch_jax import run_setup  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -42,12 +44,12 @@ def export(workdir: str, out: str) -> dict:
   elif out.endswith('.npz'):
     np.savez(out, __config__=np.array(config_json), **flat)
   else:
-    raise ValueError(f'--out={out}: expected a .safetensors or .npz file name.')
+    raise errors.UserError(f'--out={out}: expected a .safetensors or .npz file name.')
   return flat
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--out', required=True, help='FILE.safetensors or FILE.npz')
   args = parser.parse_args(argv)
@@ -57,4 +59,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

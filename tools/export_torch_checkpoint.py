@@ -34,6 +34,8 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
+from xmatch_jax import cli
+from xmatch_jax import errors
 from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import glfn_checkpoint  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import scan_checkpoint  # pylint: disable=g-import-not-at-top
@@ -64,7 +66,7 @@ def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
   """A GLFN workdir -> OUT ({'epoch', 'model': [image, text state_dicts], 'best_rsum', 'opt', 'Eiters'}, no BERT)."""
   source = os.path.join(workdir, run_setup.CONFIG_FILE)
   if vocab_out:
-    raise ValueError('--vocab_out does not apply to GLFN: its captions use the BERT\'s WordPiece tokenizer '
+    raise errors.UserError('--vocab_out does not apply to GLFN: its captions use the BERT\'s WordPiece tokenizer '
                      f'({run_setup.workdir_bert_dir(workdir)}), not a vocabulary json')
   img_dim = int(config.data_info.img_dim)
   opt = glfn_checkpoint.opt_from_config(config, img_dim, source)  # refuses what official code lacks
@@ -89,13 +91,13 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   source = os.path.join(workdir, run_setup.CONFIG_FILE)
   name = config.model.get('name') if 'model' in config else None
   if name not in FORMATS:
-    raise ValueError(f'{source}: model {name!r} cannot be exported: only {FORMATS} workdirs have '
+    raise errors.UserError(f'{source}: model {name!r} cannot be exported: only {FORMATS} workdirs have '
                      'an official PyTorch checkpoint layout')
   if name == 'glfn':
     return export_glfn(workdir, config, out, vocab_out)
   vocab_path = os.path.join(workdir, run_setup.VOCAB_FILE)
   if not os.path.exists(vocab_path):
-    raise FileNotFoundError(f'{vocab_path} not found: a SCAN / VSE++ workdir keeps its vocabulary there')
+    raise errors.MissingFileError(f'{vocab_path} not found: a SCAN / VSE++ workdir keeps its vocabulary there')
   vocab = vocab_lib.Vocabulary.from_json(vocab_path)
   img_dim = int(config.data_info.img_dim)
   opt = scan_checkpoint.opt_from_config(config, len(vocab), img_dim, source)  # refuses what official code lacks
@@ -123,7 +125,7 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True, help='trained xmatch SCAN / VSE++ / GLFN workdir')
   parser.add_argument('--out', required=True, help='checkpoint to write, e.g. model_best.pth.tar')
   parser.add_argument('--vocab_out', default='', help='also write the SCAN-format vocabulary json here (scan, vsepp)')
@@ -140,4 +142,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

@@ -15,7 +15,6 @@ steps rarely sustain more) and 0.7. The CPU compiler fuses less than the GPU one
 on the GPU's memory traffic. It is an estimate of where the step is bound, not a measurement.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -24,6 +23,9 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+from xmatch_jax import cli
+from xmatch_jax import errors
 
 # bert-base-uncased's config.json (the paper configs' BERT), for shapes only: no weights are read.
 BERT_BASE = {'architectures': ['BertModel'], 'attention_probs_dropout_prob': 0.1, 'hidden_act': 'gelu',
@@ -59,7 +61,7 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
   from xmatch_jax import train
   from xmatch_jax.models import build_model
   if config.model.name not in MODELS:
-    raise ValueError(f'{config.model.name!r}: this estimate covers the models trained by train.train_step '
+    raise errors.UserError(f'{config.model.name!r}: this estimate covers the models trained by train.train_step '
                      f'{MODELS} (DAER trains in stages)')
   vocab_size = 10000
   if run_setup.uses_bert(config):
@@ -92,7 +94,7 @@ def predict(cost: dict, gpu: str, dtype: str, flop_efficiency: float, byte_effic
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p = cli.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--config', required=True, help='e.g. configs/rdan.py:f30k')
   p.add_argument('--batch', type=int, default=0, help='pairs per step (default: the config\'s batch_size)')
   p.add_argument('--k', type=int, default=36, help='regions per image')

@@ -8,8 +8,12 @@ the PyTorch implementation, training step time and batch, peak host memory) and 
 tests/test_readme.py checks that README.md holds exactly this output for the files in tools/perf_results.
 """
 
+import argparse
 import json
 import sys
+
+from xmatch_jax import cli
+from xmatch_jax import errors
 
 HEADER = ('| pair head | pairs/s | GFLOP/s (% of matmul) | vs PyTorch | train step (batch) | peak host memory |\n'
           '| --- | --- | --- | --- | --- | --- |')
@@ -40,8 +44,16 @@ def row(result: dict) -> str:
           f'{memory:.2f} GB ({which}) |')
 
 
+def _load(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise errors.UserError(f'{path}: not valid json ({e}); expected the --json output of tools/benchmark.py.') from None
+
+
 def table(paths: list) -> str:
-  results = [json.load(open(p)) for p in paths]
+  results = [_load(p) for p in paths]
   lines = [HEADER] + [row(r) for r in results]
   lines.append('')
   lines.append('Commands, one per row:')
@@ -51,13 +63,11 @@ def table(paths: list) -> str:
 
 
 def main(argv=None) -> int:
-  paths = list(sys.argv[1:] if argv is None else argv)
-  if not paths:
-    print(__doc__)
-    return 2
-  print(table(paths))
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('results', nargs='+', help='tools/benchmark.py --json files, one per table row')
+  print(table(parser.parse_args(argv).results))
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

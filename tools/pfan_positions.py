@@ -13,11 +13,12 @@ import sys
 
 import numpy as np
 
+from xmatch_jax import cli
 from xmatch_jax.data import pfan
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--boxes', help='[n_images, k, 4] npy of pixel boxes')
   parser.add_argument('--sizes', help='[n_images, 2] npy of (width, height)')
   parser.add_argument('--out', help='output npy in PFAN layout')
@@ -43,4 +44,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

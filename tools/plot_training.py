@@ -13,6 +13,9 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+from xmatch_jax import cli
+from xmatch_jax import errors
+
 PANELS = (('loss', 'training loss'), ('learning_rate', 'learning rate'), ('dev_rsum', 'dev rsum'))
 
 
@@ -20,7 +23,7 @@ def read_metrics(workdir: str) -> dict:
   """{'loss': ([steps], [values]), ...} from W/metrics.jsonl; errors name the file and line."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir (or logged nothing yet)')
+    raise errors.MissingFileError(f'{path} not found: {workdir} is not a training workdir (or logged nothing yet)')
   series = {key: ([], []) for key, _ in PANELS}
   with open(path) as f:
     for number, line in enumerate(f, 1):
@@ -29,9 +32,9 @@ def read_metrics(workdir: str) -> dict:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{number}: not a json line ({e})') from None
+        raise errors.UserError(f'{path}:{number}: not a json line ({e})') from None
       if 'step' not in record:
-        raise ValueError(f'{path}:{number}: record has no "step"')
+        raise errors.UserError(f'{path}:{number}: record has no "step"')
       for key, (steps, values) in series.items():
         if key in record:
           steps.append(record['step'])
@@ -59,7 +62,7 @@ def plot(workdirs: list, out: str) -> None:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', action='append', required=True, help='repeat to overlay runs')
   parser.add_argument('--out', required=True, help='PNG file')
   args = parser.parse_args(argv)
@@ -69,4 +72,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

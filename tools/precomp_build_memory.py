@@ -27,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from xmatch_jax import cli
 from xmatch_jax.data import precomp  # pylint: disable=g-import-not-at-top
 
 _CHUNK_BYTES = 256 << 20
@@ -93,7 +94,7 @@ def check_build(manual: str, data_dir: str, images: int) -> None:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--images', type=int, default=20000, help='train images (COCO train: 113,287)')
   parser.add_argument('--regions', type=int, default=36)
   parser.add_argument('--dim', type=int, default=2048)
@@ -127,4 +128,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

@@ -11,7 +11,6 @@ row-wise weights alpha of eq 8 distribute a region over the words instead). Need
 `shapes`) the scene objects whose centre lies in the box, so one can check that the attention lands on them.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -20,7 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xmatch_jax import api
+from xmatch_jax import cli
 from xmatch_jax import data as data_lib
+from xmatch_jax import errors
 from xmatch_jax.data import shapes_scenes
 from xmatch_jax.data import vocab as vocab_lib
 from xmatch_jax.models.rdan import RDAN
@@ -43,10 +44,10 @@ def word_attention(retriever: api.Retriever, images: dict, caption: str) -> tupl
   """
   model = retriever.model
   if not isinstance(model, RDAN):
-    raise ValueError(f'the workdir holds a {type(model).__name__} model; attention figures are for RDAN.')
+    raise errors.UserError(f'the workdir holds a {type(model).__name__} model; attention figures are for RDAN.')
   tokens = retriever.vocab.encode(caption)
   if all(t == vocab_lib.UNK_ID for t in tokens[1:-1]):
-    raise ValueError(f'caption {caption!r} has no word in the model\'s vocabulary; nothing to attend.')
+    raise errors.UserError(f'caption {caption!r} has no word in the model\'s vocabulary; nothing to attend.')
   mask = np.ones((1, len(tokens)), np.float32)
   variables = {'params': retriever.params}
   image_rep = model.apply(variables, {'regions': images['regions']}, method=model.encode_image)
@@ -101,7 +102,7 @@ def render(pixels: np.ndarray, boxes: np.ndarray, words: list, regions: np.ndarr
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True, help='trained RDAN workdir')
   parser.add_argument('--split', default='test')
   parser.add_argument('--image_index', type=int, default=0)
@@ -116,18 +117,18 @@ def main(argv=None) -> int:
   split = data_lib.load_split(config.dataset, args.split, config.data_dir or None)
   n_images = len(split.images['regions'])
   if not 0 <= args.image_index < n_images:
-    raise ValueError(f'--image_index={args.image_index} is out of range: {config.dataset}/{args.split} has '
+    raise errors.UserError(f'--image_index={args.image_index} is out of range: {config.dataset}/{args.split} has '
                      f'{n_images} images.')
   for key in ('pixels', 'boxes'):
     if key not in split.images:
-      raise ValueError(f'dataset {config.dataset} has no "{key}" field; the figure needs pixels and boxes.')
+      raise errors.UserError(f'dataset {config.dataset} has no "{key}" field; the figure needs pixels and boxes.')
   caption = args.caption
   if caption is None:
     index = args.caption_index
     if index is None:
       index = int(np.flatnonzero(split.caption_to_image == args.image_index)[0])
     if not 0 <= index < len(split.captions):
-      raise ValueError(f'--caption_index={index} is out of range: {len(split.captions)} captions.')
+      raise errors.UserError(f'--caption_index={index} is out of range: {len(split.captions)} captions.')
     caption = split.captions[index]
 
   image = {k: v[args.image_index:args.image_index + 1] for k, v in split.images.items()}
@@ -150,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

@@ -26,7 +26,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from xmatch_jax import api
+from xmatch_jax import cli
 from xmatch_jax import data as data_lib
+from xmatch_jax import errors
 from xmatch_jax import retrieve
 
 PANEL = 256        # images are upscaled (nearest neighbour, integer factor) to about this many pixels a side
@@ -65,7 +67,7 @@ def load(workdir: str, split_name: str) -> tuple[api.Retriever, data_lib.Split]:
   dataset = retriever.config.dataset
   split = data_lib.load_split(dataset, split_name, retriever.config.data_dir or None)
   if 'pixels' not in split.images:
-    raise ValueError(
+    raise errors.UserError(
         f'dataset {dataset}/{split_name} has no "pixels" field (its image fields are {sorted(split.images)}), so '
         'retrieved images cannot be drawn; expected a dataset with pixels such as shapes. For text-only results use '
         f'python -m xmatch_jax.retrieve --workdir={workdir} --split={split_name} --caption="..." (or --image_index=N).')
@@ -74,7 +76,7 @@ def load(workdir: str, split_name: str) -> tuple[api.Retriever, data_lib.Split]:
 
 def _check_index(flag: str, index: int, count: int, what: str, where: str) -> None:
   if not 0 <= index < count:
-    raise ValueError(f'--{flag}={index} is out of range: {where} has {count} {what} (valid 0 .. {count - 1}).')
+    raise errors.UserError(f'--{flag}={index} is out of range: {where} has {count} {what} (valid 0 .. {count - 1}).')
 
 
 def caption_examples(retriever: api.Retriever, split: data_lib.Split, queries: list, k: int,
@@ -290,7 +292,7 @@ def html_images(pixels: np.ndarray, captions: list, examples: list[ImageExample]
 
 def run(argv=None) -> list:
   """The CLI; returns the CaptionExamples or ImageExamples it drew."""
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True, help='trained workdir')
   parser.add_argument('--split', default='test')
   parser.add_argument('--caption_index', dest='captions', action='append', type=int, default=[],
@@ -303,18 +305,18 @@ def run(argv=None) -> list:
   parser.add_argument('--out', required=True, help='.png or .html file')
   args = parser.parse_args(argv)
   if bool(args.captions) == bool(args.image_index):
-    raise ValueError('give caption queries (--caption_index / --caption) or image queries (--image_index); '
+    raise errors.UserError('give caption queries (--caption_index / --caption) or image queries (--image_index); '
                      f'got {len(args.captions)} caption and {len(args.image_index)} image queries.')
   if args.k < 1:
-    raise ValueError(f'-k must be >= 1; got {args.k}.')
+    raise errors.UserError(f'-k must be >= 1; got {args.k}.')
   if args.scale < 0:
-    raise ValueError(f'--scale must be >= 0 (0: automatic); got {args.scale}.')
+    raise errors.UserError(f'--scale must be >= 0 (0: automatic); got {args.scale}.')
   kind = os.path.splitext(args.out)[1].lower()
   if kind not in ('.png', '.html'):
-    raise ValueError(f'--out={args.out}: expected a .png or .html file name.')
+    raise errors.UserError(f'--out={args.out}: expected a .png or .html file name.')
   for q in args.captions:
     if isinstance(q, str) and not q.strip():
-      raise ValueError('--caption is empty; expected some query text.')
+      raise errors.UserError('--caption is empty; expected some query text.')
 
   retriever, split = load(args.workdir, args.split)
   config = retriever.config
@@ -353,4 +355,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

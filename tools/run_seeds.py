@@ -18,6 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from xmatch_jax import cli
+from xmatch_jax import errors
 from xmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
 from xmatch_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -35,7 +37,7 @@ def apply_sets(config, sets: list) -> None:
   for item in sets:
     key, sep, raw = item.partition('=')
     if not sep:
-      raise ValueError(f'--set {item!r}: expected key=value')
+      raise errors.UserError(f'--set {item!r}: expected key=value')
     try:
       value = json.loads(raw)
     except json.JSONDecodeError:
@@ -45,7 +47,7 @@ def apply_sets(config, sets: list) -> None:
     for part in parents:
       target = target[part]
     if leaf not in target:
-      raise ValueError(f'--set {item!r}: config has no field {key!r}')
+      raise errors.UserError(f'--set {item!r}: config has no field {key!r}')
     target[leaf] = type(target[leaf])(value) if isinstance(target[leaf], (int, float)) and \
         not isinstance(target[leaf], bool) else value
 
@@ -76,7 +78,7 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', required=True)
   parser.add_argument('--seeds', default='0,1,2', help='comma-separated seeds')
   parser.add_argument('--workdir', required=True)
@@ -99,4 +101,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run_tool(main))

@@ -1,6 +1,6 @@
 r"""Reference retrieval numbers on the `shapes` dataset: chance level, a bag-of-objects oracle, a scene oracle.
 
-  python tools/shapes_baselines.py --config default --data_dir DIR [--split test]
+  python tools/shapes_baselines.py --config default [--data_dir DIR] [--split test]
 
 - chance: every score equal, so recall is the expected recall of a random ranking: t2i R@K = K / n_images,
   i2t R@K = 1 - C(n_cap - 5, K) / C(n_cap, K) (5 relevant captions among n_cap).
@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from xmatch_jax import cli
+from xmatch_jax import errors
 from xmatch_jax.data import shapes_scenes as scenes
 
 KS = (1, 5, 10)
@@ -58,7 +60,7 @@ def expected_recalls(scores: np.ndarray, captions_per_image: int = scenes.CAPTIO
   """
   n_img, n_cap = scores.shape
   if n_cap != n_img * captions_per_image:
-    raise ValueError(f'scores has {n_cap} captions for {n_img} images; expected {captions_per_image} per image.')
+    raise errors.UserError(f'scores has {n_cap} captions for {n_img} images; expected {captions_per_image} per image.')
   owner = np.arange(n_cap) // captions_per_image
   out = {f'i2t_r{k}': 0.0 for k in ks} | {f't2i_r{k}': 0.0 for k in ks}
   for i in range(n_img):
@@ -167,12 +169,15 @@ def format_table(table: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', default='default', choices=('default', 'tiny'))
-  parser.add_argument('--data_dir', required=True, help='TFDS data dir (the dataset is built there if missing)')
+  parser.add_argument('--data_dir', default=None,
+                      help='TFDS data dir (the dataset is built there if missing); default: the library\'s, '
+                      '$XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds')
   parser.add_argument('--split', default='test', choices=('train', 'dev', 'test'))
   args = parser.parse_args(argv)
-  objects, captions = load_split(args.data_dir, args.config, args.split)
+  from xmatch_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  objects, captions = load_split(args.data_dir or data_lib.default_data_dir(), args.config, args.split)
   print(f'xmatch_shapes/{args.config} {args.split}: {len(objects)} images, {len(captions)} captions')
   print(format_table(baseline_table(objects, captions)))
 

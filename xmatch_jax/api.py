@@ -8,6 +8,7 @@
 
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax import evaluate
 from xmatch_jax import inference
 from xmatch_jax import rerank
@@ -44,27 +45,27 @@ class Retriever:
     of the global score get the full score; the others rank below them in global-score order.
     """
     if isinstance(captions, str):
-      raise ValueError('captions must be a list of strings, not one string.')
+      raise errors.UserError('captions must be a list of strings, not one string.')
     if not captions:
-      raise ValueError('captions is empty; pass at least one caption string.')
+      raise errors.UserError('captions is empty; pass at least one caption string.')
     if not isinstance(rerank_k, (int, np.integer)) or rerank_k < 0:
-      raise ValueError(f'rerank_k must be an int >= 0 (0: score every pair); got {rerank_k!r}.')
+      raise errors.UserError(f'rerank_k must be an int >= 0 (0: score every pair); got {rerank_k!r}.')
     if not hasattr(images, 'keys'):
-      raise ValueError(f'images must be a dict of dataset fields such as {{"regions": [n_images, k, d]}}; got '
+      raise errors.UserError(f'images must be a dict of dataset fields such as {{"regions": [n_images, k, d]}}; got '
                        f'{type(images).__name__}.')
     inputs = inference.image_inputs(self.model, images)
     counts = {key: len(value) for key, value in inputs.items()}
     if min(counts.values()) == 0:
-      raise ValueError(f'images hold no image (fields {counts}); pass at least one.')
+      raise errors.UserError(f'images hold no image (fields {counts}); pass at least one.')
     if len(set(counts.values())) > 1:
-      raise ValueError(f'images fields have different numbers of images {counts}; expected one row per image in '
+      raise errors.UserError(f'images fields have different numbers of images {counts}; expected one row per image in '
                        'every field.')
     regions = inputs['regions'] if 'regions' in inputs else None
     if regions is not None:
       if regions.ndim != 3 or regions.shape[-1] != self.img_dim:
-        raise ValueError(f'images["regions"] must be [n_images, k, {self.img_dim}]; got shape {regions.shape}.')
+        raise errors.UserError(f'images["regions"] must be [n_images, k, {self.img_dim}]; got shape {regions.shape}.')
       if not np.isfinite(regions).all():
-        raise ValueError('images["regions"] holds NaN or inf; features must be finite.')
+        raise errors.UserError('images["regions"] holds NaN or inf; features must be finite.')
     tokens, mask = run_setup.encode_captions(self.vocab, list(captions), self.config)
     if rerank_k:
       image_rep, text_rep = self._scorer.encode_images(inputs), self._scorer.encode_text(tokens, mask)

@@ -8,8 +8,22 @@ the step itself: batches are a pure function of (seed, step).
 import logging
 import os
 
+from absl import logging as absl_logging
 import jax
 import orbax.checkpoint as ocp
+
+from xmatch_jax import errors
+
+
+class _DropMissingMetadataWarning(logging.Filter):
+  """orbax warns 'Metadata file does not exist' on every load of a checkpoint written without its optional
+  metadata file (imported checkpoints, older orbax); the checkpoint is complete, so the warning only alarms."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Metadata file does not exist')
+
+
+absl_logging.get_absl_logger().addFilter(_DropMissingMetadataWarning())
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -70,7 +84,7 @@ class RunCheckpoints:
         return (*restored, which)
     if unreadable:
       raise UnreadableCheckpoints(' '.join(unreadable))
-    raise FileNotFoundError(f'{self.workdir}: no checkpoint in best/ or checkpoints/; train first.')
+    raise errors.MissingFileError(f'{self.workdir}: no checkpoint in best/ or checkpoints/; train first.')
 
   def close(self) -> None:
     self.wait()
@@ -121,8 +135,8 @@ def check_params_match(params, expected, source: str) -> None:
   want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
   missing, unknown = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   if missing or unknown:
-    raise ValueError(f'{source}: checkpoint parameters do not fit the model: missing {missing[:5]}, '
+    raise errors.UserError(f'{source}: checkpoint parameters do not fit the model: missing {missing[:5]}, '
                      f'unknown {unknown[:5]} (is this a checkpoint of another model?).')
   for key, shape in want.items():
     if got[key] != shape:
-      raise ValueError(f'{source}: parameter {key} has shape {got[key]} in the checkpoint; the model expects {shape}.')
+      raise errors.UserError(f'{source}: parameter {key} has shape {got[key]} in the checkpoint; the model expects {shape}.')

@@ -14,6 +14,8 @@ from absl import flags
 from absl import logging as absl_logging
 import numpy as np
 
+from xmatch_jax import cli
+from xmatch_jax import errors
 from xmatch_jax import evaluate
 from xmatch_jax import run_setup
 
@@ -21,13 +23,13 @@ from xmatch_jax import run_setup
 def ensemble(workdirs: list, weights: list | None = None, split: str | None = None,
              protocol: str | None = None) -> dict:
   if len(workdirs) < 2:
-    raise ValueError(f'an ensemble needs at least 2 workdirs, got {len(workdirs)}')
+    raise errors.UserError(f'an ensemble needs at least 2 workdirs, got {len(workdirs)}')
   weights = weights or [1.0 / len(workdirs)] * len(workdirs)
   if len(weights) != len(workdirs):
-    raise ValueError(f'{len(weights)} weights for {len(workdirs)} workdirs')
+    raise errors.UserError(f'{len(weights)} weights for {len(workdirs)} workdirs')
   datasets = {w: run_setup.load_config(w).dataset for w in workdirs}
   if len(set(datasets.values())) != 1:
-    raise ValueError(f'the runs are on different datasets: {datasets}')
+    raise errors.UserError(f'the runs are on different datasets: {datasets}')
   dataset = next(iter(datasets.values()))
   split, base, name = evaluate.resolve_protocol(protocol, dataset, split)
   total = None
@@ -37,7 +39,7 @@ def ensemble(workdirs: list, weights: list | None = None, split: str | None = No
       evaluate.evaluate_workdir(workdir, split, protocol, save_scores=True)
     sims = np.load(path, allow_pickle=False)
     if total is not None and sims.shape != total.shape:
-      raise ValueError(f'{path}: scores of shape {sims.shape}; the first run has {total.shape}')
+      raise errors.UserError(f'{path}: scores of shape {sims.shape}; the first run has {total.shape}')
     total = weight * sims.astype(np.float64) if total is None else total + weight * sims
   metrics, base = evaluate.metrics_for(total, base)
   return {**metrics, 'kind': 'ensemble', 'protocol': name or base, 'dataset': dataset, 'split': split,
@@ -65,4 +67,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('protocol', None, 'Evaluation protocol, as for xmatch_jax.evaluate.')
   flags.DEFINE_string('out', '', 'Write the result to this json file.')
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  cli.run_absl(main)

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 
 from xmatch_jax import checkpoints
+from xmatch_jax import cli
+from xmatch_jax import errors
 from xmatch_jax import inference
 from xmatch_jax import metrics as metrics_lib
 from xmatch_jax import rerank
@@ -41,13 +43,13 @@ def protocol_metrics(sims: np.ndarray, protocol: str) -> dict:
   """Recall metrics of an [n_img, 5 n_img] score matrix under a named protocol."""
   n_img = sims.shape[0]
   if protocol not in PROTOCOLS:
-    raise ValueError(f'unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.')
+    raise errors.UserError(f'unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.')
   if protocol == '1k' and n_img != 1000 or protocol == '5k' and n_img != 5000:
-    raise ValueError(f'protocol {protocol!r} needs a split of {1000 if protocol == "1k" else 5000} images; '
+    raise errors.UserError(f'protocol {protocol!r} needs a split of {1000 if protocol == "1k" else 5000} images; '
                      f'this split has {n_img}. Use --protocol=fold5 for fold-wise evaluation.')
   if protocol == 'fold5':
     if n_img % 5:
-      raise ValueError(f'protocol "fold5" needs a number of images divisible by 5; got {n_img}.')
+      raise errors.UserError(f'protocol "fold5" needs a number of images divisible by 5; got {n_img}.')
     fold = n_img // 5
     return metrics_lib.fold_metrics([sims[f * fold:(f + 1) * fold, 5 * f * fold:5 * (f + 1) * fold]
                                      for f in range(5)])
@@ -58,7 +60,7 @@ def default_protocol(n_img: int) -> str:
   if n_img == 1000:
     return '1k'
   if n_img == 5000:
-    raise ValueError('a 5000-image split is ambiguous (MS-COCO 5K or 5 folds of 1K): pass --protocol=5k or fold5.')
+    raise errors.UserError('a 5000-image split is ambiguous (MS-COCO 5K or 5 folds of 1K): pass --protocol=5k or fold5.')
   return 'all'
 
 
@@ -69,10 +71,10 @@ def resolve_protocol(protocol: str | None, dataset: str, split: str | None) -> t
     return split or 'test', protocol, protocol
   want_dataset, want_split, base = NAMED_PROTOCOLS[protocol]
   if dataset != want_dataset:
-    raise ValueError(f'protocol {protocol!r} is defined on dataset {want_dataset!r}; this workdir was trained on '
+    raise errors.UserError(f'protocol {protocol!r} is defined on dataset {want_dataset!r}; this workdir was trained on '
                      f'{dataset!r}.')
   if split is not None and split != want_split:
-    raise ValueError(f'protocol {protocol!r} evaluates split {want_split!r}; got --split={split}.')
+    raise errors.UserError(f'protocol {protocol!r} evaluates split {want_split!r}; got --split={split}.')
   return want_split, base, protocol
 
 
@@ -110,10 +112,10 @@ def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | N
   tokens, mask = run_setup.encode_captions(vocab, data.captions, config)
   metric = config.get('eval_metric', 'recall')
   if metric == 'map' and protocol is not None:
-    raise ValueError(f'--protocol={protocol} is a recall protocol; this run is evaluated by mAP over category '
+    raise errors.UserError(f'--protocol={protocol} is a recall protocol; this run is evaluated by mAP over category '
                      'labels (config.eval_metric = "map").')
   if rerank_k and (metric != 'recall' or protocol == 'fold5'):
-    raise ValueError('--rerank_k works with the recall protocols 1k / 5k over a whole split; got '
+    raise errors.UserError('--rerank_k works with the recall protocols 1k / 5k over a whole split; got '
                      f'metric {metric!r}, protocol {protocol!r}.')
   scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch,
                             desc=f'{split} scoring')
@@ -155,7 +157,7 @@ def load_variables(workdir: str, model, images: dict):
   state, meta, which = checkpoints.RunCheckpoints(workdir).restore_for_eval()
   for collection in expected:
     if collection not in state:
-      raise ValueError(f'{workdir}/{which}: the checkpoint has no {collection!r}; the model needs it.')
+      raise errors.UserError(f'{workdir}/{which}: the checkpoint has no {collection!r}; the model needs it.')
     checkpoints.check_params_match(state[collection], expected[collection], f'{workdir}/{which}')
   return {collection: state[collection] for collection in expected}, meta, which
 
@@ -191,4 +193,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('rerank_k', 0, 'Two-stage retrieval: re-score only the top K candidates of the global '
                        'score per query (0: score every pair).')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run_absl(main)

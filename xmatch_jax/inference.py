@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax import progress
 from xmatch_jax.data import lazy
 
@@ -21,7 +22,7 @@ def image_inputs(model, images: dict) -> dict:
   keys = getattr(model, 'image_keys', ('regions',))
   missing = [k for k in keys if k not in images]
   if missing:
-    raise ValueError(f'image inputs lack field(s) {missing} that model {type(model).__name__} needs; '
+    raise errors.UserError(f'image inputs lack field(s) {missing} that model {type(model).__name__} needs; '
                      f'got {sorted(images)}.')
   return {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in keys}
 
@@ -34,16 +35,35 @@ def _pad_rows(tree, size: int):
   return jax.tree.map(pad, tree)
 
 
-def map_chunks(fn, tree, chunk: int):
-  """Applies `fn` to fixed-size row chunks of `tree` (last one zero-padded) and concatenates the results."""
+def map_chunks(fn, tree, chunk: int, desc: str | None = None, unit: str = 'row'):
+  """Applies `fn` to fixed-size row chunks of `tree` (last one zero-padded) and concatenates the results.
+
+  With `desc`, a progress bar (shown when the pass lasts over 10 s) counts the `unit`s (rows) whose chunk has been
+  computed: one chunk stays in flight, so the next chunk is read and dispatched while the device computes this one.
+  """
   n = jax.tree.leaves(tree)[0].shape[0]
   outputs = []
-  for start in range(0, n, chunk):
-    part = jax.tree.map(lambda x: x[start:start + chunk], tree)
-    rows = jax.tree.leaves(part)[0].shape[0]
-    out = fn(_pad_rows(part, chunk) if rows < chunk else part)
-    outputs.append(jax.tree.map(lambda y: y[:rows], out))
-  return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *outputs)
+  bar = progress.bar(total=n, desc=desc, unit=unit) if desc is not None else None
+  in_flight = None  # (rows, output) of the last dispatched chunk, not yet known to be computed
+  try:
+    for start in range(0, n, chunk):
+      part = jax.tree.map(lambda x: x[start:start + chunk], tree)
+      rows = jax.tree.leaves(part)[0].shape[0]
+      out = fn(_pad_rows(part, chunk) if rows < chunk else part)
+      outputs.append(jax.tree.map(lambda y: y[:rows], out))
+      if bar is not None:
+        if in_flight is not None:
+          jax.block_until_ready(in_flight[1])
+          bar.update(in_flight[0])
+        in_flight = (rows, out)
+    result = jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=0), *outputs)
+    if bar is not None:
+      jax.block_until_ready(result)
+      bar.update(n - bar.n)
+    return result
+  finally:
+    if bar is not None:
+      bar.close()
 
 
 class Scorer:
@@ -51,7 +71,7 @@ class Scorer:
 
   def __init__(self, model, variables, image_chunk: int = 128, text_batch: int = 256, desc: str = 'scoring'):
     if image_chunk < 1 or text_batch < 1:
-      raise ValueError(f'image_chunk and text_batch must be >= 1; got {image_chunk}, {text_batch}.')
+      raise errors.UserError(f'image_chunk and text_batch must be >= 1; got {image_chunk}, {text_batch}.')
     self.model = model
     self.variables = variables
     self.image_chunk = image_chunk
@@ -67,12 +87,14 @@ class Scorer:
   def encode_images(self, images: dict):
     """images: dataset-format dict -> image rep pytree with leading dim n_img."""
     inputs = image_inputs(self.model, images)
-    return map_chunks(lambda x: self._encode_image(self.variables, x), inputs, self.image_chunk)
+    return map_chunks(lambda x: self._encode_image(self.variables, x), inputs, self.image_chunk,
+                      desc=f'{self.desc}: encoding images', unit='image')
 
   def encode_text(self, tokens: np.ndarray, mask: np.ndarray):
     """tokens, mask: [n_txt, n] -> text rep pytree with leading dim n_txt."""
     inputs = {'tokens': np.asarray(tokens, np.int32), 'mask': np.asarray(mask, np.float32)}
-    return map_chunks(lambda x: self._encode_text(self.variables, x), inputs, self.text_batch)
+    return map_chunks(lambda x: self._encode_text(self.variables, x), inputs, self.text_batch,
+                      desc=f'{self.desc}: encoding captions', unit='caption')
 
   def pair_scores(self, image_rep, text_rep) -> np.ndarray:
     """All pairs -> [n_img, n_txt] numpy, streamed in tiles of image_chunk images x text_batch captions.
@@ -102,7 +124,7 @@ class Scorer:
     (query_side='image': query q is image q). Returns [n_query, k] numpy, `chunk` queries per call.
     """
     if query_side not in ('text', 'image'):
-      raise ValueError(f"query_side must be 'text' or 'image'; got {query_side!r}.")
+      raise errors.UserError(f"query_side must be 'text' or 'image'; got {query_side!r}.")
     candidates = np.asarray(candidates)
     n_query = candidates.shape[0]
     take = lambda rep, index: jax.tree.map(lambda x: x[index], rep)

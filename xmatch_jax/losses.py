@@ -9,6 +9,8 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
+from xmatch_jax import errors
+
 
 def _negatives_mask(batch: int, image_ids) -> jnp.ndarray:
   """[B, B] bool: True where (image i, caption j) is a negative pair."""
@@ -16,7 +18,7 @@ def _negatives_mask(batch: int, image_ids) -> jnp.ndarray:
     return ~jnp.eye(batch, dtype=bool)
   image_ids = jnp.asarray(image_ids)
   if image_ids.shape != (batch,):
-    raise ValueError(f'image_ids must have shape ({batch},) to match scores [{batch}, {batch}]; '
+    raise errors.UserError(f'image_ids must have shape ({batch},) to match scores [{batch}, {batch}]; '
                      f'got {image_ids.shape}.')
   # Caption j of another row whose image is image i is a positive of image i, not a negative.
   return image_ids[:, None] != image_ids[None, :]
@@ -24,7 +26,7 @@ def _negatives_mask(batch: int, image_ids) -> jnp.ndarray:
 
 def _check_margin(margin) -> None:
   if isinstance(margin, numbers.Real) and not margin >= 0:  # traced margins are not checked
-    raise ValueError(f'margin must be >= 0; got {margin}.')
+    raise errors.UserError(f'margin must be >= 0; got {margin}.')
 
 
 def contrastive_loss(scores, margin: float, max_violation: bool, image_ids=None) -> jnp.ndarray:
@@ -42,7 +44,7 @@ def contrastive_loss(scores, margin: float, max_violation: bool, image_ids=None)
   """
   scores = jnp.asarray(scores)
   if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
-    raise ValueError(f'scores must be a square [B, B] matrix (image i vs caption j); got shape {scores.shape}.')
+    raise errors.UserError(f'scores must be a square [B, B] matrix (image i vs caption j); got shape {scores.shape}.')
   _check_margin(margin)
   batch = scores.shape[0]
   diagonal = jnp.diagonal(scores)
@@ -65,14 +67,14 @@ def collapse_value(batch: int, margin: float, max_violation: bool, image_ids=Non
   negatives and the count follows `contrastive_loss`'s mask.
   """
   if batch < 1:
-    raise ValueError(f'batch must be >= 1; got {batch}.')
+    raise errors.UserError(f'batch must be >= 1; got {batch}.')
   _check_margin(margin)
   if image_ids is None:
     negatives = ~np.eye(batch, dtype=bool)
   else:
     image_ids = np.asarray(image_ids)
     if image_ids.shape != (batch,):
-      raise ValueError(f'image_ids must have shape ({batch},); got {image_ids.shape}.')
+      raise errors.UserError(f'image_ids must have shape ({batch},); got {image_ids.shape}.')
     negatives = image_ids[:, None] != image_ids[None, :]
   if max_violation:  # rows and columns with at least one negative each contribute one margin
     count = negatives.any(axis=1).sum() + negatives.any(axis=0).sum()

@@ -7,6 +7,8 @@ processed in chunks so that a COCO 5K matrix (5000 x 25000) never needs more tha
 
 import numpy as np
 
+from xmatch_jax import errors
+
 RECALL_KS = (1, 5, 10)
 RECALL_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10')
 # Temporaries per chunk hold about this many elements (int64 argsort output: 64 MB).
@@ -16,14 +18,14 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 23
 def _check_sims(sims, captions_per_image: int) -> np.ndarray:
   sims = np.asarray(sims)
   if sims.ndim != 2 or sims.shape[0] < 1:
-    raise ValueError(f'sims must be a 2-D [n_images, n_captions] matrix with n_images >= 1; got shape {sims.shape}.')
+    raise errors.UserError(f'sims must be a 2-D [n_images, n_captions] matrix with n_images >= 1; got shape {sims.shape}.')
   n_img, n_cap = sims.shape
   if n_cap != captions_per_image * n_img:
-    raise ValueError(f'sims has {n_cap} caption columns for {n_img} image rows; the protocol needs '
+    raise errors.UserError(f'sims has {n_cap} caption columns for {n_img} image rows; the protocol needs '
                      f'{captions_per_image} captions per image ({captions_per_image} x {n_img} = '
                      f'{captions_per_image * n_img} columns, caption c belonging to image c // {captions_per_image}).')
   if np.issubdtype(sims.dtype, np.floating) and np.isnan(sims).any():
-    raise ValueError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
+    raise errors.UserError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
   return sims
 
 
@@ -115,7 +117,7 @@ def fold_metrics(sims_per_fold: list, captions_per_image: int = 5) -> dict:
     dict with the same keys as `recall_metrics`.
   """
   if not len(sims_per_fold):
-    raise ValueError('sims_per_fold is empty; expected one score matrix per fold.')
+    raise errors.UserError('sims_per_fold is empty; expected one score matrix per fold.')
   per_fold = [recall_metrics(s, captions_per_image) for s in sims_per_fold]
   out = {k: float(np.mean([m[k] for m in per_fold])) for k in per_fold[0] if k != 'rsum'}
   out['rsum'] = sum(out[k] for k in RECALL_KEYS)
@@ -145,17 +147,17 @@ def average_precisions(sims, query_labels, doc_labels, chunk_elements: int = DEF
   sims = np.asarray(sims)
   query_labels, doc_labels = np.asarray(query_labels), np.asarray(doc_labels)
   if sims.ndim != 2:
-    raise ValueError(f'sims must be a 2-D [n_queries, n_docs] matrix; got shape {sims.shape}.')
+    raise errors.UserError(f'sims must be a 2-D [n_queries, n_docs] matrix; got shape {sims.shape}.')
   if query_labels.shape != (sims.shape[0],):
-    raise ValueError(f'query_labels must have shape ({sims.shape[0]},) (one per sims row); got {query_labels.shape}.')
+    raise errors.UserError(f'query_labels must have shape ({sims.shape[0]},) (one per sims row); got {query_labels.shape}.')
   if doc_labels.shape != (sims.shape[1],):
-    raise ValueError(f'doc_labels must have shape ({sims.shape[1]},) (one per sims column); got {doc_labels.shape}.')
+    raise errors.UserError(f'doc_labels must have shape ({sims.shape[1]},) (one per sims column); got {doc_labels.shape}.')
   if np.issubdtype(sims.dtype, np.floating) and np.isnan(sims).any():
-    raise ValueError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
+    raise errors.UserError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
   n_relevant = (query_labels[:, None] == doc_labels[None, :]).sum(axis=1)
   if (n_relevant == 0).any():
     first = int(np.argmax(n_relevant == 0))
-    raise ValueError(f'{int((n_relevant == 0).sum())} query(ies) have no relevant document (first: query {first} '
+    raise errors.UserError(f'{int((n_relevant == 0).sum())} query(ies) have no relevant document (first: query {first} '
                      f'with label {query_labels[first]!r}); AP is undefined for them.')
   aps = np.empty(sims.shape[0], np.float64)
   positions = np.arange(1, sims.shape[1] + 1)

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from xmatch_jax import errors
+
 PyTree = Any
 DTypeLike = Any
 
@@ -58,14 +60,14 @@ def score_in_blocks(
       ValueError: block_size < 1, or image_rep leaves with different leading dims.
     """
     if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+        raise errors.UserError(f"block_size must be >= 1, got {block_size}")
     leaves = jax.tree_util.tree_leaves(image_rep)
     if not leaves:
-        raise ValueError("image_rep has no arrays")
+        raise errors.UserError("image_rep has no arrays")
     n_img = leaves[0].shape[0]
     if any(leaf.shape[0] != n_img for leaf in leaves):
         shapes = [leaf.shape for leaf in leaves]
-        raise ValueError(
+        raise errors.UserError(
             f"image_rep leaves must share the leading (image) dim, got shapes {shapes}")
 
     fn = jax.checkpoint(head_fn) if remat else head_fn

@@ -14,6 +14,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import numpy as np
 
+from xmatch_jax import errors
+
 CPU_COLLECTIVES = ('gloo', 'mpi')
 
 
@@ -22,7 +24,7 @@ def _env_int(name: str, default: int) -> int:
   try:
     return int(value) if value else default
   except ValueError:
-    raise ValueError(f'${name} = {value!r}; expected an int.') from None
+    raise errors.UserError(f'${name} = {value!r}; expected an int.') from None
 
 
 def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = -1,
@@ -41,18 +43,18 @@ def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = 
   cpu_collectives = cpu_collectives or os.environ.get('XMATCH_CPU_COLLECTIVES', '')
   if cpu_collectives:
     if cpu_collectives not in CPU_COLLECTIVES:
-      raise ValueError(f'cpu_collectives = {cpu_collectives!r}; expected one of {CPU_COLLECTIVES}.')
+      raise errors.UserError(f'cpu_collectives = {cpu_collectives!r}; expected one of {CPU_COLLECTIVES}.')
     jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
   if coordinator:
     if ':' not in coordinator:
-      raise ValueError(f'coordinator = {coordinator!r}; expected host:port of process 0.')
+      raise errors.UserError(f'coordinator = {coordinator!r}; expected host:port of process 0.')
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ValueError(f'num_processes = {num_processes}, process_id = {process_id}; expected num_processes >= 1 '
+      raise errors.UserError(f'num_processes = {num_processes}, process_id = {process_id}; expected num_processes >= 1 '
                        'and 0 <= process_id < num_processes with a coordinator.')
     jax.distributed.initialize(coordinator, num_processes, process_id)
     return True
   if num_processes > 1 or process_id >= 0:
-    raise ValueError(f'num_processes = {num_processes}, process_id = {process_id} without a coordinator; expected '
+    raise errors.UserError(f'num_processes = {num_processes}, process_id = {process_id} without a coordinator; expected '
                      '--coordinator=host:port (or $XMATCH_COORDINATOR) as well.')
   if 'SLURM_JOB_ID' in os.environ and _env_int('SLURM_STEP_NUM_TASKS', 1) > 1:
     jax.distributed.initialize()  # jax reads coordinator, process count and id from SLURM
@@ -83,7 +85,7 @@ def process_rows(sharding, n: int) -> slice:
                   for s in sharding.addressable_devices_indices_map((n,)).values()})
   start, stop = spans[0][0], spans[-1][1]
   if sum(b - a for a, b in spans) != stop - start:
-    raise ValueError(f'this process holds rows {spans} of {n}; expected one contiguous block (see data_mesh).')
+    raise errors.UserError(f'this process holds rows {spans} of {n}; expected one contiguous block (see data_mesh).')
   return slice(start, stop)
 
 
@@ -103,7 +105,7 @@ def local_copy(tree):
   (dev scoring) without collectives."""
   def one(x):
     if not x.is_fully_replicated:
-      raise ValueError(f'array of shape {x.shape} is sharded ({x.sharding}); expected a replicated array.')
+      raise errors.UserError(f'array of shape {x.shape} is sharded ({x.sharding}); expected a replicated array.')
     return x.addressable_data(0)
   return jax.tree.map(one, tree)
 

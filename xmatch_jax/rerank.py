@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xmatch_jax import errors
+from xmatch_jax import inference
 from xmatch_jax import metrics as metrics_lib
 from xmatch_jax import pairwise
 
@@ -43,14 +45,29 @@ def global_scores(image_rep: dict, text_rep: dict, block_size: int = 16) -> jax.
   if 'regions' in image_rep and 'words' in text_rep and 'mask' in text_rep:
     return pairwise.score_in_blocks(lambda regions, text: _best_region_cosine(regions, *text), image_rep['regions'],
                                     (text_rep['words'], text_rep['mask']), block_size)
-  raise ValueError(f'no global score for reps with image fields {sorted(image_rep)} and text fields '
+  raise errors.UserError(f'no global score for reps with image fields {sorted(image_rep)} and text fields '
                    f'{sorted(text_rep)}; re-ranking needs i0/c0, embedding, or regions/words/mask.')
+
+
+def _shortlist_scores(image_rep: dict, text_rep: dict, desc: str, block_size: int = 16,
+                      chunk_blocks: int = 8) -> np.ndarray:
+  """`global_scores` as numpy. The region / word score (a pass of S over all pairs, minutes for a large split on
+  CPU) runs `chunk_blocks` blocks of images per call with a progress bar; every call scores the same
+  `block_size`-image blocks global_scores would, so the values are the same."""
+  n_img = jax.tree.leaves(image_rep)[0].shape[0]
+  chunk = block_size * chunk_blocks
+  region_path = not ('i0' in image_rep and 'c0' in text_rep) and \
+      not ('embedding' in image_rep and 'embedding' in text_rep)
+  if not region_path or n_img <= chunk:
+    return np.asarray(global_scores(image_rep, text_rep, block_size=block_size))
+  return np.asarray(inference.map_chunks(lambda x: global_scores(x, text_rep, block_size=block_size), image_rep,
+                                         chunk, desc=desc, unit='image'))
 
 
 def shortlist(scores: np.ndarray, k: int) -> np.ndarray:
   """[n_queries, n_items] -> [n_queries, min(k, n_items)] indices of the best items per row (any order)."""
   if k < 1:
-    raise ValueError(f'rerank k must be >= 1 (candidates per query); got {k}.')
+    raise errors.UserError(f'rerank k must be >= 1 (candidates per query); got {k}.')
   k = min(k, scores.shape[1])
   return np.argpartition(-scores, k - 1, axis=1)[:, :k]
 
@@ -66,7 +83,7 @@ def _merge(global_rows: np.ndarray, candidates: np.ndarray, full: np.ndarray) ->
 def rerank(scorer, image_rep, text_rep, k: int, query_chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
   """Two-stage scores of all pairs. Returns (i2t [n_img, n_txt]: per image its top-k captions re-scored,
   t2i [n_img, n_txt]: per caption its top-k images re-scored). A k above the number of items re-scores them all."""
-  coarse = np.asarray(global_scores(image_rep, text_rep))
+  coarse = _shortlist_scores(image_rep, text_rep, desc=f'{getattr(scorer, "desc", "scoring")} (shortlist)')
   images_per_caption = shortlist(coarse.T, k)                                     # [n_txt, k]
   captions_per_image = shortlist(coarse, k)                                       # [n_img, k]
   t2i = scorer.candidate_scores(image_rep, text_rep, images_per_caption, query_side='text', chunk=query_chunk)

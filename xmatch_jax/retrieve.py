@@ -11,6 +11,8 @@ from absl import logging as absl_logging
 import numpy as np
 
 from xmatch_jax import api
+from xmatch_jax import cli
+from xmatch_jax import errors
 from xmatch_jax.data import load_split
 
 
@@ -25,7 +27,7 @@ def rank_captions(retriever: api.Retriever, images: dict, captions: list, image_
   """[(caption index, score)] of the k best captions for image `image_index`, best first."""
   n_images = len(next(iter(images.values())))
   if not 0 <= image_index < n_images:
-    raise ValueError(f'--image_index={image_index} is outside the split (0 .. {n_images - 1})')
+    raise errors.UserError(f'--image_index={image_index} is outside the split (0 .. {n_images - 1})')
   one = {key: value[image_index:image_index + 1] for key, value in images.items()}
   scores = retriever.score(one, captions)[0]
   order = np.argsort(-scores, kind='stable')[:k]
@@ -35,9 +37,9 @@ def rank_captions(retriever: api.Retriever, images: dict, captions: list, image_
 def run(workdir: str, split: str, caption: str | None, image_index: int | None, k: int, out=None) -> list:
   out = out or sys.stdout  # looked up per call: a default bound at import would keep a replaced stream
   if (caption is None) == (image_index is None):
-    raise ValueError('give exactly one of --caption or --image_index')
+    raise errors.UserError('give exactly one of --caption or --image_index')
   if k < 1:
-    raise ValueError(f'-k must be >= 1, got {k}')
+    raise errors.UserError(f'-k must be >= 1, got {k}')
   retriever = api.Retriever.from_workdir(workdir)
   data = load_split(retriever.config.dataset, split, retriever.config.data_dir or None)
   first_caption = {int(i): c for c, i in reversed(list(zip(data.captions, data.caption_to_image)))}
@@ -73,4 +75,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('image_index', None, 'Query image (index in the split): rank the split\'s captions.')
   flags.DEFINE_integer('k', 5, 'How many results (-k 5 or --k=5).')
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  cli.run_absl(main)

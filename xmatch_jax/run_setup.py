@@ -6,6 +6,7 @@ import os
 import ml_collections
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax import models
 from xmatch_jax.data import batching
 from xmatch_jax.data import vocab as vocab_lib
@@ -23,7 +24,7 @@ def load_config_file(spec: str, root: str = '') -> ml_collections.ConfigDict:
   if not os.path.exists(path) and root:
     path = os.path.join(root, path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'config file {spec.partition(":")[0]!r} not found')
+    raise errors.MissingFileError(f'config file {spec.partition(":")[0]!r} not found')
   module_spec = importlib.util.spec_from_file_location('xmatch_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -31,9 +32,9 @@ def load_config_file(spec: str, root: str = '') -> ml_collections.ConfigDict:
 
 
 def check_config_overrides(argv: list[str]) -> None:
-  """Raises SystemExit naming the field and the nearest existing ones when a `--config.a.b=...` override in `argv`
-  has no field a.b in the config file given by `--config=FILE[:ARG]` (ml_collections' own error is a bare
-  AttributeError traceback)."""
+  """Raises errors.UserError when the config file given by `--config=FILE[:ARG]` in `argv` is missing or refuses
+  its argument, or when a `--config.a.b=...` override has no field a.b (naming the nearest existing ones);
+  ml_collections reports these as tracebacks."""
   import difflib  # pylint: disable=g-import-not-at-top
   spec, keys = None, []
   for i, arg in enumerate(argv):
@@ -43,11 +44,17 @@ def check_config_overrides(argv: list[str]) -> None:
       spec = argv[i + 1]
     elif arg.startswith(('--config.', '--noconfig.')):
       keys.append(arg.split('=', 1)[0].split('config.', 1)[1])
-  if spec is None or not keys:
+  if spec is None:
     return
+  path = spec.partition(':')[0]
+  if not os.path.isfile(path):
+    raise errors.MissingFileError(f'--config={spec}: config file {path!r} not found; expected a config file such as '
+                                  'configs/scan.py:shapes (see configs/).')
   try:
     config = load_config_file(spec)
-  except Exception:  # pylint: disable=broad-except  (the flag parser reports a bad config file itself)
+  except (ValueError, KeyError) as e:   # get_config's own check of its argument, e.g. an unknown dataset
+    raise errors.UserError(f'--config={spec}: {e}') from e
+  if not keys:
     return
   for key in keys:
     node, parts = config, key.split('.')
@@ -61,9 +68,9 @@ def check_config_overrides(argv: list[str]) -> None:
       where = f'config.{parent}' if parent else 'the config'
       hint = f' Did you mean {", ".join(repr(n) for n in near)}?' if near else ''
       if isinstance(node, ml_collections.ConfigDict):
-        raise SystemExit(f'error: --config.{key}: {where} of {spec} has no field {part!r}.{hint} Its fields: '
+        raise errors.UserError(f'--config.{key}: {where} of {spec} has no field {part!r}.{hint} Its fields: '
                          f'{", ".join(fields)}.')
-      raise SystemExit(f'error: --config.{key}: {where} of {spec} is a value ({node!r}), not a group of fields.')
+      raise errors.UserError(f'--config.{key}: {where} of {spec} is a value ({node!r}), not a group of fields.')
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str, img_dim: int) -> None:
@@ -77,14 +84,14 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, img_dim: int) -
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir (train into it first).')
+    raise errors.MissingFileError(f'{path} not found: {workdir} is not a training workdir (train into it first).')
   with open(path) as f:
     try:
       data = json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path}: not valid JSON ({e}); expected the config.json that training writes.') from None
+      raise errors.UserError(f'{path}: not valid JSON ({e}); expected the config.json that training writes.') from None
   if not isinstance(data, dict) or not isinstance(data.get('model'), dict):
-    raise ValueError(f'{path}: no "model" object; expected the config.json that training writes.')
+    raise errors.UserError(f'{path}: no "model" object; expected the config.json that training writes.')
   return ml_collections.ConfigDict(data)
 
 
@@ -94,7 +101,7 @@ def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.Co
   old, new = json.loads(saved.model.to_json()), json.loads(config.model.to_json())
   if old != new or saved.dataset != config.dataset:
     diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    raise ValueError(
+    raise errors.UserError(
         f'{workdir} holds a checkpoint of model {old.get("name")!r} on dataset {saved.dataset!r}; the config asks for '
         f'model {new.get("name")!r} on {config.dataset!r} (differing model fields: {diffs}). '
         'Use a new --workdir (or delete the old one) to start this run.')
@@ -130,15 +137,15 @@ def encode_captions(vocab: vocab_lib.Vocabulary, captions: list, config: ml_coll
   """Raw strings -> (tokens [n, L] int32, mask [n, L] float32) padded to one bucket; counts truncations."""
   for i, caption in enumerate(captions):
     if not isinstance(caption, str):
-      raise ValueError(f'caption {i} is a {type(caption).__name__} ({caption!r:.60}); expected a str.')
+      raise errors.UserError(f'caption {i} is a {type(caption).__name__} ({caption!r:.60}); expected a str.')
     if not caption.strip():
-      raise ValueError(f'caption {i} is empty ({caption!r}); captions need at least one word.')
+      raise errors.UserError(f'caption {i} is empty ({caption!r}); captions need at least one word.')
   token_arrays = [vocab.encode(c) for c in captions]
   longest = max(config.caption_buckets)
   if not config.truncate_captions:
     for i, tokens in enumerate(token_arrays):
       if len(tokens) > longest:
-        raise ValueError(f'caption {i} has {len(tokens)} tokens, longer than the largest bucket ({longest}) of '
+        raise errors.UserError(f'caption {i} has {len(tokens)} tokens, longer than the largest bucket ({longest}) of '
                          'config.caption_buckets; add a larger bucket or set config.truncate_captions=True (longer '
                          'captions are then cut to it and counted).')
   tokens, mask, n_truncated = batching.pad_captions(

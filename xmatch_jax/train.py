@@ -25,6 +25,8 @@ import numpy as np
 import optax
 
 from xmatch_jax import checkpoints
+from xmatch_jax import cli
+from xmatch_jax import errors
 from xmatch_jax import inference
 from xmatch_jax import losses
 from xmatch_jax import metrics as metrics_lib
@@ -70,7 +72,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name, ok, expected in rules:
     if not ok:
       value = functools.reduce(lambda c, k: c[k], name.split('.'), config)
-      raise ValueError(f'config.{name} = {value!r} is impossible; expected {expected}.')
+      raise errors.UserError(f'config.{name} = {value!r} is impossible; expected {expected}.')
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -142,7 +144,7 @@ def prepare_vocab(config, workdir: str, train_captions: list):
     if os.path.exists(os.path.join(bert_dir, 'config.json')):
       return wordpiece.WordPieceVocab(bert_dir)
     if not config.model.bert_dir:
-      raise ValueError('config.model.bert_dir is empty; set it to a Hugging Face BERT directory (e.g. your '
+      raise errors.UserError('config.model.bert_dir is empty; set it to a Hugging Face BERT directory (e.g. your '
                        "bert-base-uncased) or to 'minilm'.")
     vocab = wordpiece.WordPieceVocab(config.model.bert_dir)
     if jax.process_index() == 0:
@@ -169,7 +171,7 @@ def load_pretrained(config, params: dict) -> dict:
   expected = jax.tree.map(lambda x: x.shape, params['bert'])
   got = jax.tree.map(lambda x: x.shape, bert)
   if expected != got:
-    raise ValueError(f'{config.model.bert_dir}: BERT weights do not fit the model built from its config.json')
+    raise errors.UserError(f'{config.model.bert_dir}: BERT weights do not fit the model built from its config.json')
   return {**params, 'bert': jax.tree.map(jnp.asarray, bert)}
 
 
@@ -227,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
   if config.batch_size % mesh.size:
-    raise ValueError(f'config.batch_size = {config.batch_size} does not divide over {mesh.size} devices; expected '
+    raise errors.UserError(f'config.batch_size = {config.batch_size} does not divide over {mesh.size} devices; expected '
                      f'a multiple of {mesh.size}.')
   chief = jax.process_index() == 0
 
@@ -353,7 +355,7 @@ class Interrupted(Exception):
 def _train_in_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top (imports this module)
   if jax.process_count() > 1:
-    raise ValueError('staged training (DAER) runs in one process (any number of local devices); got '
+    raise errors.UserError('staged training (DAER) runs in one process (any number of local devices); got '
                      f'{jax.process_count()} processes.')
   os.makedirs(workdir, exist_ok=True)
   if os.path.exists(os.path.join(workdir, run_setup.CONFIG_FILE)):
@@ -393,7 +395,7 @@ def plan_memory(config, model, make_step, state, batch):
     if fits:
       return model, step_fn
     if not block or block == 1:
-      raise ValueError(f'config.memory_budget_gb = {config.memory_budget_gb}: a training step needs '
+      raise errors.UserError(f'config.memory_budget_gb = {config.memory_budget_gb}: a training step needs '
                        f'{memory["peak"] / 1e9:.2f} GB per device even at block_size {block or "-"}; lower '
                        'config.batch_size or raise the budget.')
     block = max(block // 2, 1)
@@ -465,5 +467,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('cpu_collectives', '', "Cross-process collectives on CPU: 'gloo' or 'mpi' (or "
                       '$XMATCH_CPU_COLLECTIVES); for several CPU processes, e.g. launch/localhost_cpu.sh.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  run_setup.check_config_overrides(sys.argv[1:])
-  app.run(main)
+  with cli.user_errors():
+    run_setup.check_config_overrides(sys.argv[1:])
+  cli.run_absl(main)

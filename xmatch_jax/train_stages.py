@@ -27,11 +27,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
 from xmatch_jax import checkpoints
+from xmatch_jax import errors
 from xmatch_jax import inference
 from xmatch_jax import metrics as metrics_lib
+from xmatch_jax import progress as progress_lib
 from xmatch_jax import run_setup
 from xmatch_jax.convert import torchvision_mobilenet
 from xmatch_jax.data import batching
@@ -46,7 +47,7 @@ STAGES = ('text', 'image', 'relation')
 def check_stage_config(config: ml_collections.ConfigDict) -> None:
   for stage in config.stages:
     if stage not in STAGES:
-      raise ValueError(f'config.stages holds {stage!r}; expected a sub-sequence of {STAGES}.')
+      raise errors.UserError(f'config.stages holds {stage!r}; expected a sub-sequence of {STAGES}.')
   for stage in STAGES:
     s = config.stage[stage]
     for field, ok, expected in (('num_epochs', s.num_epochs >= 0, 'an int >= 0'),
@@ -54,13 +55,13 @@ def check_stage_config(config: ml_collections.ConfigDict) -> None:
                                 ('batch_size', s.batch_size >= 2, 'an int >= 2'),
                                 ('learning_rate', s.learning_rate > 0, 'a float > 0')):
       if not ok:
-        raise ValueError(f'config.stage.{stage}.{field} = {s[field]!r} is impossible; expected {expected}.')
+        raise errors.UserError(f'config.stage.{stage}.{field} = {s[field]!r} is impossible; expected {expected}.')
 
 
 def _split_labels(split) -> tuple[np.ndarray, np.ndarray]:
   """(image labels [n_img], caption labels [n_cap]) of a category split."""
   if 'label' not in split.images:
-    raise ValueError("DAER trains on category labels; this dataset's images have no 'label' field.")
+    raise errors.UserError("DAER trains on category labels; this dataset's images have no 'label' field.")
   image_labels = np.asarray(split.images['label'], np.int64)
   return image_labels, image_labels[split.caption_to_image]
 
@@ -136,12 +137,12 @@ def _merge(tree: dict, update: dict, source: str) -> dict:
   out = dict(tree)
   for key, value in update.items():
     if key not in tree:
-      raise ValueError(f'{source}: {key!r} is not in the model (has {sorted(tree)[:8]})')
+      raise errors.UserError(f'{source}: {key!r} is not in the model (has {sorted(tree)[:8]})')
     if isinstance(value, dict):
       out[key] = _merge(tree[key], value, f'{source}/{key}')
     else:
       if tuple(np.shape(value)) != tuple(tree[key].shape):
-        raise ValueError(f'{source}/{key}: shape {np.shape(value)}, the model expects {tree[key].shape}')
+        raise errors.UserError(f'{source}/{key}: shape {np.shape(value)}, the model expects {tree[key].shape}')
       out[key] = jnp.asarray(value, tree[key].dtype)
   return out
 
@@ -193,7 +194,7 @@ def reuse_stage(name: str, config: ml_collections.ConfigDict, source: str, workd
     return False    # this run's own stage (resumed or done) wins
   src = os.path.join(source, 'stages', name)
   if not os.path.isdir(os.path.join(src, 'checkpoints')):
-    raise FileNotFoundError(f'config.stages_from = {source!r}: {src}/checkpoints not found; expected a DAER workdir '
+    raise errors.MissingFileError(f'config.stages_from = {source!r}: {src}/checkpoints not found; expected a DAER workdir '
                             f'whose stage {name!r} has been trained.')
   theirs = stage_fields(run_setup.load_config(source).to_dict(), name)
   ours = stage_fields(config.to_dict(), name)
@@ -222,7 +223,7 @@ class _Stage:
       self.images = inference.image_inputs(model, train.images)
       self.steps_per_epoch = len(image_labels) // batch_size
       if self.steps_per_epoch < 1:
-        raise ValueError(f'config.stage.image.batch_size = {batch_size} exceeds the {len(image_labels)} images.')
+        raise errors.UserError(f'config.stage.image.batch_size = {batch_size} exceeds the {len(image_labels)} images.')
     else:
       keys = ('pixels',) if name == 'relation' else ()
       images = {**{k: train.images[k] for k in keys}, 'label': image_labels}
@@ -281,15 +282,18 @@ def _evaluate(name, model, variables, config, dev, vocab) -> dict:
   image_labels, caption_labels = _split_labels(dev)
   tokens, mask = run_setup.encode_captions(vocab, dev.captions, config)
   if name == 'relation':
-    scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch)
+    scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch,
+                              desc=f'stage {name} dev scoring')
     return metrics_lib.map_metrics(scorer.score(dev.images, tokens, mask), image_labels, caption_labels)
   if name == 'text':
     fn = jax.jit(lambda v, t: model.apply(v, t, method=model.classify_text))
     inputs, labels, chunk = {'tokens': tokens, 'mask': mask}, caption_labels, config.eval_text_batch
+    unit = 'caption'
   else:
     fn = jax.jit(lambda v, x: model.apply(v, x, method=model.classify_image))
     inputs, labels, chunk = inference.image_inputs(model, dev.images), image_labels, config.eval_image_chunk
-  logits = inference.map_chunks(lambda x: fn(variables, x), inputs, chunk)
+    unit = 'image'
+  logits = inference.map_chunks(lambda x: fn(variables, x), inputs, chunk, desc=f'stage {name} dev', unit=unit)
   return {'accuracy': float(np.mean(np.asarray(logits).argmax(-1) == labels))}
 
 
@@ -335,17 +339,24 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
   print(f'stage {name}: {stage.steps_per_epoch} steps/epoch x {sc.num_epochs} epochs{stop}, batch {sc.batch_size}, '
         f'lr {sc.learning_rate}' + (f', resumed at step {start}' if start else ''))
   pending, t0 = [], time.time()
-  progress = tqdm.tqdm(total=total, initial=start, desc=f'stage {name}', unit='step', mininterval=5,
-                       disable=jax.process_index() != 0)
+  progress = progress_lib.bar(total=total, desc=f'stage {name}', unit='step', initial=start,
+                              disable=jax.process_index() != 0, delay=0)
+  in_flight = None  # the last dispatched step's metrics, not yet known to be computed (as in train.py)
   try:
     for step in range(start, total):
       state, metrics = step_fn(state, jax.device_put(stage.batch(step), data_sharding))
       pending.append(metrics)
-      progress.update(1)
+      # One step runs ahead of the host; the bar (and its ETA) counts completed steps.
+      if in_flight is not None:
+        jax.block_until_ready(in_flight)
+        progress.update(1)
+      in_flight = metrics
       done = step + 1
       end_of_epoch = done % stage.steps_per_epoch == 0
       if done % config.log_every_steps == 0 or end_of_epoch or done == total:
         fetched = jax.device_get(pending)
+        progress.update(done - progress.n)   # device_get waited for every pending step
+        in_flight = None
         summary = {f'{name}/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         if not np.isfinite(summary[f'{name}/loss']):
           raise FloatingPointError(f'stage {name}: loss is {summary[f"{name}/loss"]} before step {done}; the last '
@@ -363,8 +374,8 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
         meta.update(step=done, epoch=done / stage.steps_per_epoch, dev=dev_metrics, done=done == total,
                     best=max(value, meta['best']))
         ckpts.save(done, state, dict(meta), is_best=is_best and name == 'relation')
-        tqdm.tqdm.write(f'stage {name} epoch {meta["epoch"]:.3g}: dev ' +
-                        ', '.join(f'{k} {v:.4f}' for k, v in dev_metrics.items()) + ('  *best*' if is_best else ''))
+        progress_lib.write(f'stage {name} epoch {meta["epoch"]:.3g}: dev ' +
+                           ', '.join(f'{k} {v:.4f}' for k, v in dev_metrics.items()) + ('  *best*' if is_best else ''))
     if total == 0:
       meta['done'] = True
       ckpts.save(0, state, dict(meta))
@@ -383,7 +394,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, writer) -> dic
   vocab = train_lib.prepare_vocab(config, workdir, train.captions)
   image_labels, _ = _split_labels(train)
   if config.model.num_classes <= int(image_labels.max()):
-    raise ValueError(f'config.model.num_classes = {config.model.num_classes}, but dataset {config.dataset} has label '
+    raise errors.UserError(f'config.model.num_classes = {config.model.num_classes}, but dataset {config.dataset} has label '
                      f'{int(image_labels.max())}; expected num_classes > every label.')
   if jax.process_index() == 0:
     run_setup.save_config(config, workdir, 0)

@@ -36,6 +36,7 @@ import types
 import ml_collections
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax.convert import hf_bert
 from xmatch_jax.convert import scan_checkpoint
 from xmatch_jax.convert import torch_pickle
@@ -82,7 +83,7 @@ def sizes_of(image_state: dict, text_state: dict, source: str = 'checkpoint') ->
   problems = (key_problems(image_state, IMAGE_KEYS, 'image encoder') +
               key_problems(text_state, text_keys(max(num_layers, 1)), 'text encoder'))
   if problems:
-    raise ValueError(f'{source}: weights do not match the official GLFN layout: ' + '; '.join(problems) +
+    raise errors.UserError(f'{source}: weights do not match the official GLFN layout: ' + '; '.join(problems) +
                      f' (image encoder keys: {list(IMAGE_KEYS)}; text encoder: fc.weight, fc.bias and a '
                      'bidirectional nn.GRU as rnn.*)')
   shape = lambda state, key: tuple(np.shape(state[key]))
@@ -93,7 +94,7 @@ def sizes_of(image_state: dict, text_state: dict, source: str = 'checkpoint') ->
                                                                 ('posi_attn_matrix_add_tag.weight', posi),
                                                                 ('text fc.weight', text_fc)) if len(s) != 2]
   if problems:
-    raise ValueError(f'{source}: {"; ".join(problems)}')
+    raise errors.UserError(f'{source}: {"; ".join(problems)}')
   word_dim, hidden = text_fc
   position_dim, rows = pos[1], pos[0]
   grid = int(round(np.sqrt(max(rows - 1, 0))))
@@ -124,7 +125,7 @@ def sizes_of(image_state: dict, text_state: dict, source: str = 'checkpoint') ->
   if grid * grid < BOX_LEN:
     problems.append(f'grid {grid} x {grid} has fewer than L = {BOX_LEN} blocks')
   if problems:
-    raise ValueError(f'{source}: shapes do not fit the official GLFN layout (D={embed}, D_b={position_dim}, '
+    raise errors.UserError(f'{source}: shapes do not fit the official GLFN layout (D={embed}, D_b={position_dim}, '
                      f'H={hidden}, W={word_dim}): ' + '; '.join(problems))
   return {'img_dim': img_dim, 'bert_hidden': hidden, 'position_dim': position_dim, 'grid': grid,
           'embed_size': embed, 'word_dim': word_dim, 'num_layers': num_layers}
@@ -153,7 +154,7 @@ def _opt_dict(opt, source: str) -> dict:
     return dict(vars(opt))
   if isinstance(opt, dict):
     return dict(opt)
-  raise ValueError(f'{source}: opt is a {type(opt).__name__}; expected the argparse.Namespace of train.py')
+  raise errors.UserError(f'{source}: opt is a {type(opt).__name__}; expected the argparse.Namespace of train.py')
 
 
 def config_from_opt(opt, sizes: dict, bert_dir: str, dataset: str = '',
@@ -168,13 +169,13 @@ def config_from_opt(opt, sizes: dict, bert_dir: str, dataset: str = '',
   opt = _opt_dict(opt, source)
   unknown = sorted(set(opt) - OPT_FIELDS)
   if unknown:
-    raise ValueError(f'{source}: opt fields {unknown} are not flags of official GLFN\'s train.py (a fork, e.g. the '
+    raise errors.UserError(f'{source}: opt fields {unknown} are not flags of official GLFN\'s train.py (a fork, e.g. the '
                      'GAT variant?); only the official model can be imported')
 
   def get(name, default=None, required=False):
     if name not in opt:
       if required:
-        raise ValueError(f'{source}: opt has no field {name!r} (official GLFN\'s train.py always sets it)')
+        raise errors.UserError(f'{source}: opt has no field {name!r} (official GLFN\'s train.py always sets it)')
       return default
     return opt[name]
 
@@ -182,7 +183,7 @@ def config_from_opt(opt, sizes: dict, bert_dir: str, dataset: str = '',
     data_name = get('data_name', 'precomp')
     dataset = DATA_NAMES.get(data_name)
     if dataset is None:
-      raise ValueError(f'{source}: opt.data_name is {data_name!r}, which names no dataset (expected one of '
+      raise errors.UserError(f'{source}: opt.data_name is {data_name!r}, which names no dataset (expected one of '
                        f'{sorted(DATA_NAMES)}); pass the dataset explicitly (--dataset=f30k or coco)')
   refusals = []
   if not get('bi_gru', False):
@@ -208,7 +209,7 @@ def config_from_opt(opt, sizes: dict, bert_dir: str, dataset: str = '',
     if int(value) != sizes[size]:
       refusals.append(f'opt.{field} is {value} but the weights have {size} {sizes[size]}')
   if refusals:
-    raise ValueError(f'{source}: cannot import: ' + '; '.join(refusals))
+    raise errors.UserError(f'{source}: cannot import: ' + '; '.join(refusals))
 
   c = glfn_config.get_config(f'{dataset},official,{cross_attn}')
   m = c.model
@@ -230,7 +231,7 @@ def load_bert(bert_dir: str, hidden: int, source: str = 'checkpoint') -> dict:
   """The Flax params of the BERT in `bert_dir` (no pooler); its hidden size must be the checkpoint's H."""
   bert_config, params, _ = hf_bert.load_checkpoint(bert_dir)
   if bert_config.hidden_size != hidden:
-    raise ValueError(f'{source}: the text encoder reads {hidden}-d BERT features (fc.weight), but {bert_dir} has '
+    raise errors.UserError(f'{source}: the text encoder reads {hidden}-d BERT features (fc.weight), but {bert_dir} has '
                      f'hidden_size {bert_config.hidden_size}; pass the BERT the features were made with')
   params = dict(params)
   params.pop('pooler_dense', None)   # GLFN reads token states, not the pooled [CLS]
@@ -244,15 +245,15 @@ def load(path: str, bert_dir: str, dataset: str = ''):
     ValueError: no `bert_dir`, or anything the module docstring lists as refused (named in the message).
   """
   if not bert_dir:
-    raise ValueError(f'{path}: GLFN checkpoints hold no BERT; pass the BERT whose features the model was trained on '
+    raise errors.UserError(f'{path}: GLFN checkpoints hold no BERT; pass the BERT whose features the model was trained on '
                      '(--bert_dir: a Hugging Face BERT directory; the paper used a 768-d BERT-base)')
   checkpoint = torch_pickle.load(path)
   if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'opt' not in checkpoint:
-    raise ValueError(f'{path}: expected a dict with "model" ([image state_dict, text state_dict]) and "opt"')
+    raise errors.UserError(f'{path}: expected a dict with "model" ([image state_dict, text state_dict]) and "opt"')
   model = checkpoint['model']
   if not isinstance(model, (list, tuple)) or len(model) != 2:
     n = len(model) if isinstance(model, (list, tuple)) else type(model).__name__
-    raise ValueError(f'{path}: "model" must be [image encoder state_dict, text encoder state_dict]; got {n} '
+    raise errors.UserError(f'{path}: "model" must be [image encoder state_dict, text encoder state_dict]; got {n} '
                      '(three state_dicts are the GAT fork, which is not official GLFN)')
   source = os.path.basename(path)
   params, sizes = convert_params(dict(model[0]), dict(model[1]), source)
@@ -294,7 +295,7 @@ def export_params(params: dict, config, source: str = 'params') -> tuple:
   num_layers = int(config.model.num_layers)
   unknown = sorted(set(params) - {'object_fc', 'block_embed', 'region_fc', 'word_fc', 'gru', 'bert'})
   if unknown:
-    raise ValueError(f'{source}: parameter groups {unknown} have no place in the official GLFN layout')
+    raise errors.UserError(f'{source}: parameter groups {unknown} have no place in the official GLFN layout')
   image = collections.OrderedDict([
       ('fc.weight', get('region_fc', 'kernel').T.copy()), ('fc.bias', get('region_fc', 'bias')),
       ('position_embedding.weight', get('block_embed', 'embedding')),
@@ -306,7 +307,7 @@ def export_params(params: dict, config, source: str = 'params') -> tuple:
   expected = {f'{d}_{layer}' for layer in range(num_layers) for d in ('forward', 'backward')}
   missing, extra = sorted(expected - set(gru)), sorted(set(gru) - expected)
   if missing or extra:
-    raise ValueError(f'{source}: gru has {sorted(gru)}, expected {sorted(expected)} (model.num_layers={num_layers}, '
+    raise errors.UserError(f'{source}: gru has {sorted(gru)}, expected {sorted(expected)} (model.num_layers={num_layers}, '
                      'bidirectional)')
   for layer in range(num_layers):
     for reverse in (False, True):
@@ -325,10 +326,10 @@ def opt_from_config(config, img_dim: int | None = None, source: str = 'config') 
   """
   m = config.model
   if m.get('name') != 'glfn':
-    raise ValueError(f'{source}: model {m.get("name")!r} is not glfn')
+    raise errors.UserError(f'{source}: model {m.get("name")!r} is not glfn')
   if img_dim is None:
     if 'data_info' not in config or 'img_dim' not in config.data_info:
-      raise ValueError(f'{source}: no data_info.img_dim (a workdir\'s config.json has it); pass img_dim')
+      raise errors.UserError(f'{source}: no data_info.img_dim (a workdir\'s config.json has it); pass img_dim')
     img_dim = config.data_info.img_dim
   from xmatch_jax import models  # pylint: disable=g-import-not-at-top
   fields = m.to_dict() if hasattr(m, 'to_dict') else dict(m)
@@ -353,7 +354,7 @@ def opt_from_config(config, img_dim: int | None = None, source: str = 'config') 
   if unknown:
     refusals.append(f'model fields {unknown} have no counterpart in official GLFN\'s opt')
   if refusals:
-    raise ValueError(f'{source}: cannot export as an official GLFN checkpoint (only configs/glfn.py\'s official '
+    raise errors.UserError(f'{source}: cannot export as an official GLFN checkpoint (only configs/glfn.py\'s official '
                      'variant with score t2i or i2t): ' + '; '.join(refusals))
   opt = {
       **_RUNTIME, 'data_name': data_name, 'margin': float(config.loss.margin), 'num_epochs': int(config.num_epochs),

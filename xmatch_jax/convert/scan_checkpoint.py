@@ -19,6 +19,7 @@ import types
 import ml_collections
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax.convert import torch_pickle
 
 FORMATS = ('scan', 'vsepp')
@@ -30,7 +31,7 @@ DATA_NAMES = {'f30k_precomp': 'f30k', 'coco_precomp': 'coco', 'shapes_precomp': 
 
 def _get(state: dict, key: str, source: str) -> np.ndarray:
   if key not in state:
-    raise ValueError(f'{source}: missing weight {key!r} (have {sorted(state)[:8]} ...)')
+    raise errors.UserError(f'{source}: missing weight {key!r} (have {sorted(state)[:8]} ...)')
   return np.asarray(state[key], np.float32)
 
 
@@ -41,7 +42,7 @@ def gru_cell_params(state: dict, layer: int, reverse: bool, source: str) -> dict
   b_ih, b_hh = _get(state, f'rnn.bias_ih_{suffix}', source), _get(state, f'rnn.bias_hh_{suffix}', source)
   hidden = w_hh.shape[1]
   if w_ih.shape[0] != 3 * hidden or w_hh.shape != (3 * hidden, hidden):
-    raise ValueError(f'{source}: rnn.weight_*_{suffix} shapes {w_ih.shape}, {w_hh.shape} are not a GRU of '
+    raise errors.UserError(f'{source}: rnn.weight_*_{suffix} shapes {w_ih.shape}, {w_hh.shape} are not a GRU of '
                      f'hidden size {hidden}')
   rows = lambda a, g: a[g * hidden:(g + 1) * hidden]
   return {
@@ -58,7 +59,7 @@ def weight_norm_weight(g: np.ndarray, v: np.ndarray, source: str) -> np.ndarray:
   """PyTorch weight_norm's weight g * v / ||v||: with dim=None (SCAN's EncoderImageWeightNormPrecomp) g is a scalar
   and the norm is over all of v; with dim=k, g keeps only axis k and the norm runs over the other axes."""
   if g.ndim and (g.ndim != v.ndim or any(a not in (1, b) for a, b in zip(g.shape, v.shape))):
-    raise ValueError(f'{source}: fc.weight_g of shape {g.shape} does not fit fc.weight_v of shape {v.shape}')
+    raise errors.UserError(f'{source}: fc.weight_g of shape {g.shape} does not fit fc.weight_v of shape {v.shape}')
   axes = tuple(i for i in range(v.ndim) if not g.ndim or g.shape[i] == 1)
   v64 = v.astype(np.float64)
   return (g * v64 / np.sqrt(np.sum(v64 * v64, axis=axes, keepdims=True))).astype(np.float32)
@@ -79,12 +80,12 @@ def convert_params(image_state: dict, text_state: dict, num_layers: int, bidirec
                                  for l in range(num_layers) for r in ([''] + (['_reverse'] if bidirectional else []))}
   unknown = sorted(set(text_state) - expected)
   if unknown:
-    raise ValueError(f'{source} (text encoder): unexpected weights {unknown}; is --format right?')
+    raise errors.UserError(f'{source} (text encoder): unexpected weights {unknown}; is --format right?')
   where = source + ' (image encoder)'
   weights = ('fc.weight_g', 'fc.weight_v') if weight_norm else ('fc.weight',)
   image_unknown = sorted(set(image_state) - {*weights, 'fc.bias'})
   if image_unknown:
-    raise ValueError(f'{where}: unexpected weights {image_unknown}; opt.precomp_enc_type '
+    raise errors.UserError(f'{where}: unexpected weights {image_unknown}; opt.precomp_enc_type '
                      f'{"weight_norm" if weight_norm else "basic"} has {sorted({*weights, "fc.bias"})}')
   if weight_norm:
     kernel = weight_norm_weight(_get(image_state, 'fc.weight_g', where), _get(image_state, 'fc.weight_v', where),
@@ -100,7 +101,7 @@ def _opt(opt, name, default=None, required=False, source='checkpoint'):
     opt = vars(opt)
   if name not in opt:
     if required:
-      raise ValueError(f'{source}: opt has no field {name!r}')
+      raise errors.UserError(f'{source}: opt has no field {name!r}')
     return default
   return opt[name]
 
@@ -112,7 +113,7 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
   data_name = _opt(opt, 'data_name', 'f30k_precomp')
   dataset = DATA_NAMES.get(data_name)
   if dataset is None:
-    raise ValueError(f'{source}: opt.data_name is {data_name!r}; expected one of {sorted(DATA_NAMES)}')
+    raise errors.UserError(f'{source}: opt.data_name is {data_name!r}; expected one of {sorted(DATA_NAMES)}')
   get = lambda name, default=None, required=False: _opt(opt, name, default, required, source)
   if fmt == 'scan':
     c = scan_config.get_config(dataset)
@@ -126,13 +127,13 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
     m.no_txtnorm = bool(get('no_txtnorm', False))
     precomp = get('precomp_enc_type', 'basic')
     if precomp not in PRECOMP_ENC_TYPES:
-      raise ValueError(f'{source}: opt.precomp_enc_type is {precomp!r}; expected one of {PRECOMP_ENC_TYPES}')
+      raise errors.UserError(f'{source}: opt.precomp_enc_type is {precomp!r}; expected one of {PRECOMP_ENC_TYPES}')
   else:
     c = vsepp_config.get_config(dataset)
     m = c.model
     m.use_abs = bool(get('use_abs', False))
     if get('measure', 'cosine') != 'cosine':
-      raise ValueError(f'{source}: opt.measure is {get("measure")!r}; only "cosine" is supported')
+      raise errors.UserError(f'{source}: opt.measure is {get("measure")!r}; only "cosine" is supported')
   m.embed_size = int(get('embed_size', required=True))
   m.word_dim = int(get('word_dim', required=True))
   m.num_layers = int(get('num_layers', 1))
@@ -145,13 +146,13 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
 def load(path: str, fmt: str):
   """Reads a checkpoint -> (config, params, meta)."""
   if fmt not in FORMATS:
-    raise ValueError(f'--format must be one of {FORMATS}, got {fmt!r}')
+    raise errors.UserError(f'--format must be one of {FORMATS}, got {fmt!r}')
   checkpoint = torch_pickle.load(path)
   if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'opt' not in checkpoint:
-    raise ValueError(f'{path}: expected a dict with "model" ([image state_dict, text state_dict]) and "opt"')
+    raise errors.UserError(f'{path}: expected a dict with "model" ([image state_dict, text state_dict]) and "opt"')
   model = checkpoint['model']
   if not isinstance(model, (list, tuple)) or len(model) != 2:
-    raise ValueError(f'{path}: "model" must be [image encoder state_dict, text encoder state_dict]')
+    raise errors.UserError(f'{path}: "model" must be [image encoder state_dict, text encoder state_dict]')
   config = config_from_opt(fmt, checkpoint['opt'], path)
   weight_norm = fmt == 'scan' and _opt(checkpoint['opt'], 'precomp_enc_type', 'basic') == 'weight_norm'
   params = convert_params(dict(model[0]), dict(model[1]), config.model.num_layers,
@@ -169,9 +170,9 @@ def _param(params: dict, path: tuple, source: str) -> np.ndarray:
   node = params
   for i, key in enumerate(path):
     if not hasattr(node, 'keys'):
-      raise ValueError(f'{source}: {"/".join(path[:i])} is an array; expected a group holding {key!r}')
+      raise errors.UserError(f'{source}: {"/".join(path[:i])} is an array; expected a group holding {key!r}')
     if key not in node:
-      raise ValueError(f'{source}: missing parameter {"/".join(path[:i + 1])} (have {sorted(node)[:8]})')
+      raise errors.UserError(f'{source}: missing parameter {"/".join(path[:i + 1])} (have {sorted(node)[:8]})')
     node = node[key]
   return np.array(node, np.float32)   # a copy, C-contiguous
 
@@ -213,14 +214,14 @@ def export_params(params: dict, num_layers: int, bidirectional: bool, source: st
     for reverse in ([False, True] if bidirectional else [False]):
       key = f'{"backward" if reverse else "forward"}_{layer}'
       if key not in encoder:
-        raise ValueError(f'{source}: missing parameter text_encoder/{key} (num_layers={num_layers}, '
+        raise errors.UserError(f'{source}: missing parameter text_encoder/{key} (num_layers={num_layers}, '
                          f'bidirectional={bidirectional})')
       text.update(gru_state(encoder[key], layer, reverse, f'{source}: text_encoder'))
   expected = {f'{d}_{l}' for l in range(num_layers) for d in (['forward', 'backward'] if bidirectional
                                                               else ['forward'])} | {'embed'}
   unknown = sorted(set(encoder) - expected)
   if unknown:
-    raise ValueError(f'{source}: unexpected text_encoder parameters {unknown} for num_layers={num_layers}, '
+    raise errors.UserError(f'{source}: unexpected text_encoder parameters {unknown} for num_layers={num_layers}, '
                      f'bidirectional={bidirectional}')
   return image, text
 
@@ -253,11 +254,11 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
   m = config.model
   name = m.get('name')
   if name not in FORMATS:
-    raise ValueError(f'{source}: model {name!r} has no official SCAN / VSE++ checkpoint layout; only '
+    raise errors.UserError(f'{source}: model {name!r} has no official SCAN / VSE++ checkpoint layout; only '
                      f'{FORMATS} can be exported')
   if img_dim is None:
     if 'data_info' not in config or 'img_dim' not in config.data_info:
-      raise ValueError(f'{source}: no data_info.img_dim (a workdir\'s config.json has it); pass img_dim')
+      raise errors.UserError(f'{source}: no data_info.img_dim (a workdir\'s config.json has it); pass img_dim')
     img_dim = config.data_info.img_dim
   from xmatch_jax import models  # pylint: disable=g-import-not-at-top
   fields = m.to_dict() if hasattr(m, 'to_dict') else dict(m)
@@ -266,7 +267,7 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
   get = lambda field: fields.get(field, defaults.get(field))
   data_name = {v: k for k, v in DATA_NAMES.items()}.get(config.dataset)
   if data_name is None:
-    raise ValueError(f'{source}: dataset {config.dataset!r} has no official data_name; expected one of '
+    raise errors.UserError(f'{source}: dataset {config.dataset!r} has no official data_name; expected one of '
                      f'{sorted(DATA_NAMES.values())}')
   opt = {
       'data_name': data_name, 'margin': float(config.loss.margin), 'num_epochs': int(config.num_epochs),
@@ -280,7 +281,7 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
     handled = {'name', 'embed_size', 'word_dim', 'num_layers', 'bidirectional', 'no_imgnorm', 'no_txtnorm',
                'cross_attn', 'raw_feature_norm', 'lambda_softmax', 'agg_func', 'lambda_lse'}
     if get('raw_feature_norm') in _L1_NORMS:
-      raise ValueError(f'{source}: model.raw_feature_norm is {get("raw_feature_norm")!r}; official SCAN cannot run '
+      raise errors.UserError(f'{source}: model.raw_feature_norm is {get("raw_feature_norm")!r}; official SCAN cannot run '
                        f'{_L1_NORMS} (its func_attention calls an undefined l1norm_d)')
     opt = {**_SCAN_RUNTIME, **opt, 'no_txtnorm': bool(get('no_txtnorm')),
            'raw_feature_norm': get('raw_feature_norm'), 'agg_func': get('agg_func'), 'cross_attn': get('cross_attn'),
@@ -289,11 +290,11 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
   else:
     handled = {'name', 'embed_size', 'word_dim', 'num_layers', 'bidirectional', 'no_imgnorm', 'no_txtnorm', 'use_abs'}
     if get('bidirectional'):
-      raise ValueError(f'{source}: model.bidirectional is True; official VSE++ has only a unidirectional GRU')
+      raise errors.UserError(f'{source}: model.bidirectional is True; official VSE++ has only a unidirectional GRU')
     if get('no_txtnorm'):
-      raise ValueError(f'{source}: model.no_txtnorm is True; official VSE++ always l2-normalises the caption vector')
+      raise errors.UserError(f'{source}: model.no_txtnorm is True; official VSE++ always l2-normalises the caption vector')
     opt = {**_VSEPP_RUNTIME, **opt, 'use_abs': bool(get('use_abs'))}
   unknown = sorted(set(fields) - handled - _COMPUTE_ONLY)
   if unknown:
-    raise ValueError(f'{source}: model fields {unknown} have no counterpart in official {name.upper()}\'s opt')
+    raise errors.UserError(f'{source}: model fields {unknown} have no counterpart in official {name.upper()}\'s opt')
   return argparse.Namespace(**opt)

@@ -24,6 +24,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from xmatch_jax import errors
+from xmatch_jax import progress
+
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
 
@@ -56,12 +59,12 @@ class _Tensor:
   def materialise(self, where: str) -> np.ndarray:
     storage = self.storage
     if storage.data is None:
-      raise ValueError(f'{where}: a tensor refers to a storage that the file does not contain')
+      raise errors.UserError(f'{where}: a tensor refers to a storage that the file does not contain')
     if not self.size:
       return storage.data[self.offset].copy()
     extent = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride)) + 1
     if min(self.size) > 0 and extent > storage.data.size:
-      raise ValueError(f'{where}: tensor of shape {self.size} runs past the end of its storage '
+      raise errors.UserError(f'{where}: tensor of shape {self.size} runs past the end of its storage '
                        f'({storage.data.size} elements)')
     item = storage.data.itemsize
     return np.lib.stride_tricks.as_strided(
@@ -159,27 +162,30 @@ def _load_zip(path: str) -> Any:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if len(pickles) != 1:
-      raise ValueError(f'{path}: a torch zip checkpoint has one data.pkl; found {pickles}')
+      raise errors.UserError(f'{path}: a torch zip checkpoint has one data.pkl; found {pickles}')
     prefix = pickles[0][:-len('data.pkl')]
     byteorder = 'little'
     if prefix + 'byteorder' in names:
       byteorder = archive.read(prefix + 'byteorder').decode().strip()
     storages = {}
+    data_bytes = sum(archive.getinfo(n).file_size for n in names if n.startswith(f'{prefix}data/'))
+    bar = progress.bar(total=data_bytes, desc=f'reading {path}', unit='B', unit_scale=True)
 
     def load_storage(saved):
       storage_type, key, _, numel = saved[:4]
       if key not in storages:
         entry = f'{prefix}data/{key}'
         if entry not in names:
-          raise ValueError(f'{path}: storage {key} ({entry}) is missing from the archive')
+          raise errors.UserError(f'{path}: storage {key} ({entry}) is missing from the archive')
         dtype = storage_type.dtype.newbyteorder('<' if byteorder == 'little' else '>')
         raw = archive.read(entry)
         if len(raw) != numel * dtype.itemsize:
-          raise ValueError(f'{path}: storage {entry} has {len(raw)} bytes; expected {numel} x {dtype.itemsize}')
+          raise errors.UserError(f'{path}: storage {entry} has {len(raw)} bytes; expected {numel} x {dtype.itemsize}')
         storages[key] = _Storage(dtype, numel, np.frombuffer(raw, dtype).astype(dtype.newbyteorder('=')))
+        bar.update(len(raw))
       return storages[key]
 
-    with archive.open(pickles[0]) as f:
+    with bar, archive.open(pickles[0]) as f:   # the storages are read as the pickle refers to them
       result = _SafeUnpickler(io.BytesIO(f.read()), path, load_storage).load()
   return _materialise(result, path)
 
@@ -189,15 +195,15 @@ def _load_legacy(path: str) -> Any:
     try:
       magic = pickle.load(f)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'{path}: not a PyTorch checkpoint (neither a zip archive nor the legacy format): {e}')
+      raise errors.UserError(f'{path}: not a PyTorch checkpoint (neither a zip archive nor the legacy format): {e}')
     if magic != _LEGACY_MAGIC:
-      raise ValueError(f'{path}: not a PyTorch checkpoint (wrong magic number)')
+      raise errors.UserError(f'{path}: not a PyTorch checkpoint (wrong magic number)')
     protocol = pickle.load(f)
     if protocol != _LEGACY_PROTOCOL:
-      raise ValueError(f'{path}: legacy checkpoint protocol {protocol}; expected {_LEGACY_PROTOCOL}')
+      raise errors.UserError(f'{path}: legacy checkpoint protocol {protocol}; expected {_LEGACY_PROTOCOL}')
     sys_info = pickle.load(f)
     if not sys_info.get('little_endian', True):
-      raise ValueError(f'{path}: big-endian legacy checkpoints are not supported')
+      raise errors.UserError(f'{path}: big-endian legacy checkpoints are not supported')
     storages, views = {}, []
 
     def load_storage(saved):
@@ -213,15 +219,19 @@ def _load_legacy(path: str) -> Any:
 
     result = _SafeUnpickler(f, path, load_storage).load()
     keys = pickle.load(f)
-    for key in keys:
-      storage = storages.get(key)
-      if storage is None:
-        raise ValueError(f'{path}: storage key {key} is not used by the pickle')
-      (numel,) = struct.unpack('<q', f.read(8))
-      raw = f.read(numel * storage.dtype.itemsize)
-      if len(raw) != numel * storage.dtype.itemsize:
-        raise ValueError(f'{path}: file ends inside storage {key} (truncated checkpoint)')
-      storage.data = np.frombuffer(raw, storage.dtype)
+    # The raw storages fill the rest of the file.
+    with progress.bar(total=os.path.getsize(path) - f.tell(), desc=f'reading {path}', unit='B',
+                      unit_scale=True) as bar:
+      for key in keys:
+        storage = storages.get(key)
+        if storage is None:
+          raise errors.UserError(f'{path}: storage key {key} is not used by the pickle')
+        (numel,) = struct.unpack('<q', f.read(8))
+        raw = f.read(numel * storage.dtype.itemsize)
+        if len(raw) != numel * storage.dtype.itemsize:
+          raise errors.UserError(f'{path}: file ends inside storage {key} (truncated checkpoint)')
+        storage.data = np.frombuffer(raw, storage.dtype)
+        bar.update(8 + len(raw))
     for storage, root_key, offset in views:
       storage.data = storages[root_key].data[offset:offset + storage.numel]
   return _materialise(result, path)
@@ -236,7 +246,7 @@ def load(path: str) -> Any:
       allow-list (the message names the file and the global).
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: no such checkpoint file')
+    raise errors.MissingFileError(f'{path}: no such checkpoint file')
   if zipfile.is_zipfile(path):
     return _load_zip(path)
   return _load_legacy(path)

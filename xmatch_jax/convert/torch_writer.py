@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from xmatch_jax import errors
+
 ARCHIVE = 'archive'
 _ALIGNMENT = 64        # torch's kFieldAlignment: storages start at multiples of 64 bytes in the file
 _VERSION = b'3\n'      # the file format version torch.save writes
@@ -104,7 +106,7 @@ class _Collector:
     array = np.asarray(value)
     name = array.dtype.name
     if name not in _STORAGE_TYPES:
-      raise ValueError(f'{where}: arrays of dtype {array.dtype} cannot be written; expected one of '
+      raise errors.UserError(f'{where}: arrays of dtype {array.dtype} cannot be written; expected one of '
                        f'{sorted(_STORAGE_TYPES)}')
     key = str(len(self.storages))
     self.storages.append((key, array))
@@ -128,7 +130,7 @@ class _Collector:
       out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
       for key, value in obj.items():
         if not isinstance(key, (str, int, float, bool)) and key is not None:
-          raise ValueError(f'{where}: dict key {key!r} of type {type(key).__name__} cannot be written; expected '
+          raise errors.UserError(f'{where}: dict key {key!r} of type {type(key).__name__} cannot be written; expected '
                            'str, int, float, bool or None')
         out[key] = self.prepare(value, f'{where}[{key!r}]')
       return out
@@ -137,7 +139,7 @@ class _Collector:
       return items if isinstance(obj, list) else tuple(items)
     if isinstance(obj, (argparse.Namespace, types.SimpleNamespace)):
       return argparse.Namespace(**{k: self.prepare(v, f'{where}.{k}') for k, v in vars(obj).items()})
-    raise ValueError(f'{where}: cannot write a {type(obj).__name__}; expected arrays, dicts, lists, tuples, '
+    raise errors.UserError(f'{where}: cannot write a {type(obj).__name__}; expected arrays, dicts, lists, tuples, '
                      'argparse.Namespace, None, bool, int, float, str or bytes')
 
 

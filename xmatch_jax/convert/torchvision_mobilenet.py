@@ -12,6 +12,7 @@ import re
 import jax
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax.convert import torch_pickle
 
 _BLOCK = re.compile(r'^features\.(\d+)\.block\.(\d+)\.(.+)$')
@@ -22,17 +23,17 @@ def read_state_dict(path: str) -> dict:
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     if not os.path.exists(path):
-      raise FileNotFoundError(f'{path}: no such weights file (config.mobilenet_weights)')
+      raise errors.MissingFileError(f'{path}: no such weights file (config.mobilenet_weights)')
     try:
       return load_file(path)
     except Exception as e:  # pylint: disable=broad-except - safetensors raises its own error types
-      raise ValueError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected a torchvision '
+      raise errors.UserError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected a torchvision '
                        'mobilenet_v3_large state_dict') from None
   state = torch_pickle.load(path)
   if isinstance(state, dict) and 'state_dict' in state:
     state = state['state_dict']
   if not isinstance(state, dict) or not all(isinstance(v, (np.ndarray, np.generic)) for v in state.values()):
-    raise ValueError(f'{path}: expected a state_dict (a mapping of names to tensors) of torchvision '
+    raise errors.UserError(f'{path}: expected a state_dict (a mapping of names to tensors) of torchvision '
                      f'mobilenet_v3_large; got {type(state).__name__}')
   return dict(state)
 
@@ -76,19 +77,19 @@ def convert_state_dict(state: dict, expected: dict, source: str = 'state_dict') 
       collection, path = 'params', (f'classifier_{m.group(1)}', 'kernel' if m.group(2) == 'weight' else 'bias')
       value = value.T if m.group(2) == 'weight' else value
     if path is None:
-      raise ValueError(f'{source}: key {key!r} is not a mobilenet_v3_large weight')
+      raise errors.UserError(f'{source}: key {key!r} is not a mobilenet_v3_large weight')
     flat[(collection,) + path] = value
   want = {(col,) + tuple(str(p.key) for p in path): leaf.shape
           for col in expected for path, leaf in jax.tree_util.tree_leaves_with_path(expected[col])}
   missing = sorted('/'.join(k) for k in set(want) - set(flat))
   unknown = sorted('/'.join(k) for k in set(flat) - set(want))
   if missing or unknown:
-    raise ValueError(f'{source}: does not fit the model: missing {missing[:4]}, unexpected {unknown[:4]} '
+    raise errors.UserError(f'{source}: does not fit the model: missing {missing[:4]}, unexpected {unknown[:4]} '
                      '(a different num_classes or width?)')
   variables = {}
   for key, value in flat.items():
     if value.shape != want[key]:
-      raise ValueError(f'{source}: {"/".join(key)} has shape {value.shape}; the model expects {want[key]}')
+      raise errors.UserError(f'{source}: {"/".join(key)} has shape {value.shape}; the model expects {want[key]}')
     node = variables
     for part in key[:-1]:
       node = node.setdefault(part, {})

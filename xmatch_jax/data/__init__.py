@@ -12,6 +12,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from xmatch_jax import errors
+from xmatch_jax import progress
 from xmatch_jax.data import lazy
 from xmatch_jax.data import validation
 
@@ -31,7 +33,7 @@ def _load_shapes(split: str, data_dir: str, builder_config: str) -> Split:
 
   builder = shapes.shapes_builder(data_dir, config=builder_config)
   if split not in builder.info.splits:
-    raise ValueError(f'dataset xmatch_shapes/{builder_config}: no split {split!r}; '
+    raise errors.UserError(f'dataset xmatch_shapes/{builder_config}: no split {split!r}; '
                      f'expected one of {sorted(builder.info.splits)}.')
   source = builder.as_data_source(split)
   examples = [source[i] for i in range(len(source))]
@@ -67,7 +69,7 @@ def _lazy_wanted(nbytes: int, where: str) -> bool:
   if value in ('1', '0'):
     return value == '1'
   if value:
-    raise ValueError(f'XMATCH_LAZY={value!r} (loading {where}); expected 1 (read image features from disk on '
+    raise errors.UserError(f'XMATCH_LAZY={value!r} (loading {where}); expected 1 (read image features from disk on '
                      f'demand), 0 (load them into memory) or unset (on demand above {LAZY_THRESHOLD_BYTES} bytes).')
   return nbytes > LAZY_THRESHOLD_BYTES
 
@@ -84,13 +86,13 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
 
   builder = precomp.build(name, manual_dir(name, data_dir), data_dir)
   if split not in builder.info.splits:
-    raise ValueError(f'dataset xmatch_precomp/{name}: no split {split!r}; expected one of '
+    raise errors.UserError(f'dataset xmatch_precomp/{name}: no split {split!r}; expected one of '
                      f'{sorted(builder.info.splits)}.')
   source = builder.as_data_source(split)
   where = f'dataset xmatch_precomp/{name} split {split}'
   n = len(source)
   if not n:
-    raise ValueError(f'{where}: the split has no images; expected at least one.')
+    raise errors.UserError(f'{where}: the split has no images; expected at least one.')
   first = source[0]
   fields = ['regions'] + (['pfan_blocks', 'pfan_weights'] if first['pfan_blocks'].size else [])
   tags = _Tags(n, len(first['tags']), where) if len(first['tags']) else None
@@ -100,17 +102,19 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
   images = {f: np.empty((n,) + first[f].shape, np.float32 if f == 'regions' else first[f].dtype) for f in fields}
   images['image_id'] = np.empty(n, np.int64)
   captions = []
-  for i in range(n):
-    e = source[i]
-    for f in fields:
-      if e[f].shape != images[f].shape[1:]:
-        raise ValueError(f'{where}: field "{f}" row {i} has shape {e[f].shape}; expected {images[f].shape[1:]} '
-                         'like row 0.')
-      images[f][i] = e[f]
-    images['image_id'][i] = e['image_id']
-    captions.extend(_text(c) for c in e['captions'])
-    if tags is not None:
-      tags.set(i, e['tags'])
+  with progress.bar(total=n, desc=f'loading {name}/{split}', unit='image') as bar:
+    for i in range(n):
+      e = source[i]
+      for f in fields:
+        if e[f].shape != images[f].shape[1:]:
+          raise errors.UserError(f'{where}: field "{f}" row {i} has shape {e[f].shape}; expected '
+                                 f'{images[f].shape[1:]} like row 0.')
+        images[f][i] = e[f]
+      images['image_id'][i] = e['image_id']
+      captions.extend(_text(c) for c in e['captions'])
+      if tags is not None:
+        tags.set(i, e['tags'])
+      bar.update(1)
   if tags is not None:
     images['tags'] = tags.values
   caption_to_image = np.repeat(np.arange(n), precomp.CAPTIONS_PER_IMAGE)
@@ -127,7 +131,7 @@ class _Tags:
 
   def set(self, i: int, row) -> None:
     if len(row) != self.values.shape[1]:
-      raise ValueError(f'{self.where}: field "tags" row {i} has {len(row)} tags; expected {self.values.shape[1]} '
+      raise errors.UserError(f'{self.where}: field "tags" row {i} has {len(row)} tags; expected {self.values.shape[1]} '
                        'like row 0 (one per region).')
     for r, tag in enumerate(row):
       self.values[i, r] = self._interned.setdefault(tag, _text(tag))
@@ -142,12 +146,15 @@ def _load_precomp_lazy(source, first: dict, fields: list, where: str, captions_p
             for f in fields}
   n = len(source)
   image_ids, captions = np.empty(n, np.int64), []
-  for start in range(0, n, lazy.SCAN_CHUNK):
-    for i, e in enumerate(reader.read(np.arange(start, min(start + lazy.SCAN_CHUNK, n)), cache=False)):
-      image_ids[start + i] = e['image_id']
-      captions.extend(_text(c) for c in e['captions'])
-      if tags is not None:
-        tags.set(start + i, e['tags'])
+  with progress.bar(total=n, desc=f'scanning {where}', unit='image') as bar:
+    for start in range(0, n, lazy.SCAN_CHUNK):
+      rows = np.arange(start, min(start + lazy.SCAN_CHUNK, n))
+      for i, e in enumerate(reader.read(rows, cache=False)):
+        image_ids[start + i] = e['image_id']
+        captions.extend(_text(c) for c in e['captions'])
+        if tags is not None:
+          tags.set(start + i, e['tags'])
+      bar.update(len(rows))
   images['image_id'] = image_ids
   if tags is not None:
     images['tags'] = tags.values
@@ -166,7 +173,7 @@ def _load_category(name: str, split: str, data_dir: str) -> Split:
 
   builder = category.build(name, category_manual_dir(name, data_dir), data_dir)
   if split not in builder.info.splits:
-    raise ValueError(f'dataset xmatch_category/{name}: no split {split!r}; expected one of '
+    raise errors.UserError(f'dataset xmatch_category/{name}: no split {split!r}; expected one of '
                      f'{sorted(builder.info.splits)}.')
   source = builder.as_data_source(split)
   n = len(source)
@@ -174,10 +181,12 @@ def _load_category(name: str, split: str, data_dir: str) -> Split:
   # Filled in place: stacking a list of examples would hold XMediaNet's 4.8 GB train pixels twice.
   pixels = np.empty((n, size, size, 3), np.uint8)
   labels, image_ids, captions = np.empty(n, np.int64), np.empty(n, np.int64), []
-  for i in range(n):
-    e = source[i]
-    pixels[i], labels[i], image_ids[i] = e['pixels'], e['label'], e['image_id']
-    captions.append(_text(e['text']))
+  with progress.bar(total=n, desc=f'loading {name}/{split}', unit='image') as bar:
+    for i in range(n):
+      e = source[i]
+      pixels[i], labels[i], image_ids[i] = e['pixels'], e['label'], e['image_id']
+      captions.append(_text(e['text']))
+      bar.update(1)
   return Split({'pixels': pixels, 'label': labels, 'image_id': image_ids}, captions, np.arange(n))
 
 
@@ -208,7 +217,7 @@ CAPTIONS_PER_IMAGE = {'wikipedia': 1, 'pascal': 1, 'xmedianet': 1, 'category': 1
 def load_split(dataset_name: str, split: str, data_dir: str | None = None) -> Split:
   """Loads one split of a registered dataset into memory and validates it."""
   if dataset_name not in DATASETS:
-    raise ValueError(f'no dataset builder named {dataset_name!r}; registered datasets: {sorted(DATASETS)}.')
+    raise errors.UserError(f'no dataset builder named {dataset_name!r}; registered datasets: {sorted(DATASETS)}.')
   data = DATASETS[dataset_name](split, data_dir or default_data_dir())
   validation.check_split(*data, source=f'dataset {dataset_name}/{split}',
                          captions_per_image=CAPTIONS_PER_IMAGE.get(dataset_name, 5))

@@ -12,13 +12,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax.data import lazy
 
 
 def _check_buckets(buckets: Sequence[int]) -> tuple:
   buckets = tuple(sorted(set(int(b) for b in buckets)))
   if not buckets or buckets[0] < 1:
-    raise ValueError(f'buckets must be a non-empty sequence of positive lengths; got {buckets}.')
+    raise errors.UserError(f'buckets must be a non-empty sequence of positive lengths; got {buckets}.')
   return buckets
 
 
@@ -30,17 +31,17 @@ def bucket_length(n: int, buckets: Sequence[int], truncate: bool = False) -> int
       return b
   if truncate:
     return buckets[-1]
-  raise ValueError(f'caption of {n} tokens is longer than the largest bucket ({buckets[-1]}); add a larger '
+  raise errors.UserError(f'caption of {n} tokens is longer than the largest bucket ({buckets[-1]}); add a larger '
                    'bucket (config.caption_buckets) or allow truncation (config.truncate_captions=True).')
 
 
 def _check_token_array(tokens, index: int) -> np.ndarray:
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError(f'caption {index}: token ids must be a 1-D integer array; got shape {tokens.shape}, '
+    raise errors.UserError(f'caption {index}: token ids must be a 1-D integer array; got shape {tokens.shape}, '
                      f'dtype {tokens.dtype}.')
   if tokens.size == 0:
-    raise ValueError(f'caption {index} has no tokens; every caption needs at least one.')
+    raise errors.UserError(f'caption {index} has no tokens; every caption needs at least one.')
   return tokens
 
 
@@ -58,7 +59,7 @@ def pad_captions(token_arrays: Sequence[np.ndarray], buckets: Sequence[int],
     bucket of the longest caption.
   """
   if not len(token_arrays):
-    raise ValueError('token_arrays is empty; expected at least one caption.')
+    raise errors.UserError('token_arrays is empty; expected at least one caption.')
   arrays = [_check_token_array(t, i) for i, t in enumerate(token_arrays)]
   lengths = np.array([a.size for a in arrays])
   width = bucket_length(int(lengths.max()), buckets, truncate)
@@ -79,7 +80,7 @@ def iter_caption_batches(captions: Sequence[np.ndarray], batch_size: int, bucket
     (start, tokens [b, L] int32, mask [b, L] float32): captions[start:start + b], L the bucket of their longest.
   """
   if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1; got {batch_size}.')
+    raise errors.UserError(f'batch_size must be >= 1; got {batch_size}.')
   for start in range(0, len(captions), batch_size):
     tokens, mask, _ = pad_captions(captions[start:start + batch_size], buckets, truncate)
     yield start, tokens, mask
@@ -112,31 +113,31 @@ class TrainBatcher:
     self.image_keys = tuple(image_keys)
     missing = [k for k in self.image_keys if k not in images]
     if not self.image_keys or missing:
-      raise ValueError(f'images lack field(s) {missing or list(self.image_keys)} named in image_keys; got fields '
+      raise errors.UserError(f'images lack field(s) {missing or list(self.image_keys)} named in image_keys; got fields '
                        f'{sorted(images)}.')
     self._images = {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in self.image_keys}
     n_img = len(self._images[self.image_keys[0]])
     for key, value in self._images.items():
       if value.ndim < 1 or len(value) != n_img:
-        raise ValueError(f'images["{key}"] has {len(value) if value.ndim else 0} rows; expected {n_img} like '
+        raise errors.UserError(f'images["{key}"] has {len(value) if value.ndim else 0} rows; expected {n_img} like '
                          f'images["{self.image_keys[0]}"].')
     self._captions = [_check_token_array(c, i) for i, c in enumerate(captions)]
     n_cap = len(self._captions)
     caption_to_image = np.asarray(caption_to_image)
     if caption_to_image.shape != (n_cap,) or not np.issubdtype(caption_to_image.dtype, np.integer):
-      raise ValueError(f'caption_to_image must be an integer array of shape ({n_cap},) (one per caption); got '
+      raise errors.UserError(f'caption_to_image must be an integer array of shape ({n_cap},) (one per caption); got '
                        f'shape {caption_to_image.shape}, dtype {caption_to_image.dtype}.')
     if n_cap and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
-      raise ValueError(f'caption_to_image must index images in [0, {n_img}); got values in '
+      raise errors.UserError(f'caption_to_image must index images in [0, {n_img}); got values in '
                        f'[{caption_to_image.min()}, {caption_to_image.max()}].')
     self._caption_to_image = caption_to_image.astype(np.int32)
     if not 1 <= batch_size <= n_cap:
-      raise ValueError(f'batch_size must be in [1, n_captions = {n_cap}]; got {batch_size}.')
+      raise errors.UserError(f'batch_size must be in [1, n_captions = {n_cap}]; got {batch_size}.')
     self.batch_size = int(batch_size)
     lengths = np.array([c.size for c in self._captions])
     self.num_truncated = int((lengths > self.buckets[-1]).sum())
     if self.num_truncated and not self.truncate:
-      raise ValueError(f'{self.num_truncated} caption(s) are longer than the largest bucket ({self.buckets[-1]}); '
+      raise errors.UserError(f'{self.num_truncated} caption(s) are longer than the largest bucket ({self.buckets[-1]}); '
                        f'the longest has {lengths.max()} tokens (caption {int(lengths.argmax())}). Add a bucket '
                        '(config.caption_buckets) or set truncate=True (config.truncate_captions).')
     self._cached_order = (None, None)  # (epoch, permutation): a cache only, batches never depend on it
@@ -152,13 +153,13 @@ class TrainBatcher:
   def epoch_of(self, step: int) -> int:
     """The epoch that training step `step` (0-based) belongs to."""
     if step < 0:
-      raise ValueError(f'step must be >= 0; got {step}.')
+      raise errors.UserError(f'step must be >= 0; got {step}.')
     return int(step) // self.steps_per_epoch
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """[n_cap] the caption order of an epoch: a permutation drawn from default_rng([seed, epoch])."""
     if epoch < 0:
-      raise ValueError(f'epoch must be >= 0; got {epoch}.')
+      raise errors.UserError(f'epoch must be >= 0; got {epoch}.')
     cached_epoch, order = self._cached_order
     if cached_epoch != epoch:
       order = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_captions)

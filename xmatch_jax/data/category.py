@@ -65,8 +65,9 @@ from xml.etree import ElementTree
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
-import tqdm
 
+from xmatch_jax import errors
+from xmatch_jax import progress
 from xmatch_jax.data import array_record
 
 IMAGE_SIZE = 224
@@ -125,7 +126,7 @@ def _clean(text: str) -> str:
 
 def _require(path: str, what: str) -> str:
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: missing; {what}')
+    raise errors.MissingFileError(f'{path}: missing; {what}')
   return path
 
 
@@ -134,7 +135,15 @@ def _read_text(path: str) -> str:
     with open(path, encoding='utf-8') as f:
       return f.read()
   except UnicodeDecodeError as e:
-    raise ValueError(f'{path}: not UTF-8 text ({e})') from None
+    raise errors.UserError(f'{path}: not UTF-8 text ({e})') from None
+
+
+def _counted(items, total: int, desc: str, unit: str):
+  """Yields `items`, counting the ones done on a progress.bar (shown for passes over 10 s)."""
+  with progress.bar(total=total, desc=desc, unit=unit, leave=False) as bar:
+    for item in items:
+      yield item
+      bar.update(1)
 
 
 def _read_lines(path: str) -> list[tuple[int, str]]:
@@ -152,7 +161,7 @@ def _wikipedia_text(path: str) -> str:
     match = re.search(r'<text\b[^>]*>(.*)</text>', raw.decode('utf-8', errors='replace'), re.DOTALL)
     text = None if match is None else html.unescape(match.group(1))
   if text is None or not text.strip():
-    raise ValueError(f'{path}: no <text> element or an empty one; expected the article text inside '
+    raise errors.UserError(f'{path}: no <text> element or an empty one; expected the article text inside '
                      '<text>...</text>')
   return _clean(text)
 
@@ -164,14 +173,15 @@ def _scan_wikipedia(root: str) -> tuple[list[Pair], int, str]:
   pairs = []
   for list_name in ('trainset_txt_img_cat.list', 'testset_txt_img_cat.list'):
     list_path = _require(os.path.join(root, list_name), 'the wikipedia layout needs it')
-    for number, line in tqdm.tqdm(_read_lines(list_path), desc=f'wikipedia {list_name}', leave=False):
+    lines = _read_lines(list_path)
+    for number, line in _counted(lines, len(lines), f'wikipedia {list_name}', 'pair'):
       fields = line.split()
       if len(fields) != 3 or not re.fullmatch(r'-?\d+', fields[2]):
-        raise ValueError(f'{list_path}: line {number} is {line!r}; expected <text_id>\\t<image_name>\\t<category '
+        raise errors.UserError(f'{list_path}: line {number} is {line!r}; expected <text_id>\\t<image_name>\\t<category '
                          '1-based integer>')
       text_id, image_name, category = fields[0], fields[1], int(fields[2])
       if not 1 <= category <= len(categories):
-        raise ValueError(f'{list_path}: line {number}: category {category} out of range; expected 1..'
+        raise errors.UserError(f'{list_path}: line {number}: category {category} out of range; expected 1..'
                          f'{len(categories)} (the lines of categories.list)')
       image = _require(os.path.join(root, 'images', categories[category - 1], image_name + '.jpg'),
                        f'listed in {list_name} line {number}')
@@ -186,13 +196,13 @@ def _scan_pascal(root: str) -> tuple[list[Pair], int, str]:
   categories = sorted(d for d in os.listdir(image_root)
                       if os.path.isdir(os.path.join(image_root, d)) and not d.startswith('.'))
   pairs = []
-  for label, category in enumerate(tqdm.tqdm(categories, desc='pascal', leave=False)):
+  for label, category in enumerate(_counted(categories, len(categories), 'pascal', 'category')):
     for name in sorted(n for n in os.listdir(os.path.join(image_root, category)) if n.lower().endswith('.jpg')):
       text_path = _require(os.path.join(root, 'sentence', category, os.path.splitext(name)[0] + '.txt'),
                            f'the sentences of dataset/{category}/{name}')
       sentences = [line for _, line in _read_lines(text_path)]
       if len(sentences) != SENTENCES_PER_IMAGE:
-        raise ValueError(f'{text_path}: {len(sentences)} non-empty lines; expected {SENTENCES_PER_IMAGE} '
+        raise errors.UserError(f'{text_path}: {len(sentences)} non-empty lines; expected {SENTENCES_PER_IMAGE} '
                          'sentences, one per line')
       pairs.append(Pair(os.path.join(image_root, category, name), _clean(' '.join(sentences)), label))
   return pairs, len(categories), image_root
@@ -202,24 +212,24 @@ def _scan_manifest(root: str, num_classes: int | None) -> list[Pair]:
   path = _require(os.path.join(root, 'pairs.tsv'), 'the manifest layout needs it')
   lines = [line.rstrip('\r') for line in _read_text(path).split('\n')]
   if not lines or lines[0] != 'image\ttext\tlabel':
-    raise ValueError(f'{path}: line 1 is {lines[0] if lines else ""!r}; expected the header image\\ttext\\tlabel')
+    raise errors.UserError(f'{path}: line 1 is {lines[0] if lines else ""!r}; expected the header image\\ttext\\tlabel')
   pairs = []
-  for number, line in tqdm.tqdm(enumerate(lines[1:], 2), total=len(lines) - 1, desc='pairs.tsv', leave=False):
+  for number, line in _counted(enumerate(lines[1:], 2), len(lines) - 1, 'pairs.tsv', 'line'):
     if not line.strip():
       continue
     fields = line.split('\t')
     if len(fields) != 3 or not re.fullmatch(r'\s*-?\d+\s*', fields[2]):
-      raise ValueError(f'{path}: line {number} has {len(fields)} tab-separated field(s) {fields[:3]!r}; expected '
+      raise errors.UserError(f'{path}: line {number} has {len(fields)} tab-separated field(s) {fields[:3]!r}; expected '
                        'image path, text, integer label')
     image, text, label = fields[0].strip(), fields[1], int(fields[2])
     if label < 0 or (num_classes is not None and label >= num_classes):
-      raise ValueError(f'{path}: line {number}: label {label} out of range; expected 0..'
+      raise errors.UserError(f'{path}: line {number}: label {label} out of range; expected 0..'
                        f'{"" if num_classes is None else num_classes - 1} (0-based)')
     image = _require(os.path.join(root, image), f'listed in pairs.tsv line {number}')
     if text.strip().endswith('.txt'):
       text = _read_text(_require(os.path.join(root, text.strip()), f'listed in pairs.tsv line {number}'))
     if not text.strip():
-      raise ValueError(f'{path}: line {number}: empty text; every pair needs at least one word')
+      raise errors.UserError(f'{path}: line {number}: empty text; every pair needs at least one word')
     pairs.append(Pair(image, _clean(text), label))
   return pairs
 
@@ -233,11 +243,11 @@ def scan(name: str, manual_dir: str) -> list[Pair]:
   else:
     pairs, num_classes, where = (_scan_wikipedia if layout == 'wikipedia' else _scan_pascal)(manual_dir)
     if expected_classes is not None and num_classes != expected_classes:
-      raise ValueError(f'{where}: {num_classes} categories; {name} has {expected_classes}')
+      raise errors.UserError(f'{where}: {num_classes} categories; {name} has {expected_classes}')
   if name in EXPECTED_PAIRS and len(pairs) != EXPECTED_PAIRS[name]:
-    raise ValueError(f'{manual_dir}: {len(pairs)} pairs found; {name} has {EXPECTED_PAIRS[name]}')
+    raise errors.UserError(f'{manual_dir}: {len(pairs)} pairs found; {name} has {EXPECTED_PAIRS[name]}')
   if not pairs:
-    raise ValueError(f'{manual_dir}: no pairs found; expected the {name} layout: {LAYOUTS[name]}')
+    raise errors.UserError(f'{manual_dir}: no pairs found; expected the {name} layout: {LAYOUTS[name]}')
   return pairs
 
 
@@ -250,28 +260,28 @@ def split_indices(n: int, manual_dir: str) -> dict[str, np.ndarray]:
     splits = {'train': order[:n_train], 'dev': order[n_train:n_train + n_dev], 'test': order[n_train + n_dev:]}
     for split, indices in splits.items():
       if not len(indices):
-        raise ValueError(f'{manual_dir}: {n} pairs give an empty {split} split under the 80/10/10 split; add more '
+        raise errors.UserError(f'{manual_dir}: {n} pairs give an empty {split} split under the 80/10/10 split; add more '
                          'pairs or a splits.json')
     return splits
   with open(path, encoding='utf-8') as f:
     try:
       raw = json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path}: not valid JSON ({e})') from None
+      raise errors.UserError(f'{path}: not valid JSON ({e})') from None
   if not isinstance(raw, dict) or sorted(raw) != sorted(SPLITS):
-    raise ValueError(f'{path}: keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}; expected an '
+    raise errors.UserError(f'{path}: keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}; expected an '
                      f'object with exactly the keys {list(SPLITS)}')
   splits, seen = {}, {}
   for split in SPLITS:
     values = raw[split]
     # type() rather than isinstance: JSON true / false would pass as 1 / 0.
     if not isinstance(values, list) or not values or not all(type(v) is int for v in values):
-      raise ValueError(f'{path}: "{split}" must be a non-empty list of integer pair indices')
+      raise errors.UserError(f'{path}: "{split}" must be a non-empty list of integer pair indices')
     for v in values:
       if not 0 <= v < n:
-        raise ValueError(f'{path}: "{split}" holds index {v}; expected pair indices in [0, {n})')
+        raise errors.UserError(f'{path}: "{split}" holds index {v}; expected pair indices in [0, {n})')
       if v in seen:
-        raise ValueError(f'{path}: index {v} is in both "{seen[v]}" and "{split}"' if seen[v] != split else
+        raise errors.UserError(f'{path}: index {v} is in both "{seen[v]}" and "{split}"' if seen[v] != split else
                          f'{path}: index {v} appears twice in "{split}"')
       seen[v] = split
     splits[split] = np.array(values, np.int64)
@@ -284,7 +294,7 @@ def load_image(path: str, size: int) -> np.ndarray:
     with Image.open(path) as image:
       return np.asarray(image.convert('RGB').resize((size, size), Image.BILINEAR), np.uint8)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f'{path}: unreadable image ({e})') from None
+    raise errors.UserError(f'{path}: unreadable image ({e})') from None
 
 
 class XmatchCategory(array_record.ArrayRecordBuilder):
@@ -311,11 +321,12 @@ class XmatchCategory(array_record.ArrayRecordBuilder):
     manual_dir = os.fspath(dl_manager.manual_dir)
     pairs = scan(self.builder_config.dataset, manual_dir)
     splits = split_indices(len(pairs), manual_dir)
-    return {split: self._generate_examples(pairs, splits[split]) for split in SPLITS}
+    return {split: self._generate_examples(pairs, splits[split], split) for split in SPLITS}
 
-  def _generate_examples(self, pairs, indices):
+  def _generate_examples(self, pairs, indices, split: str = ''):
     # TFDS writes unshuffled examples in key order, so the key is the position in the split.
-    for position, index in enumerate(indices):
+    desc = f'building xmatch_category/{self.builder_config.name} {split}'.rstrip()
+    for position, index in enumerate(_counted(indices, len(indices), desc, 'image')):
       pair = pairs[index]
       yield position, {'image_id': int(index), 'pixels': load_image(pair.image, self.builder_config.image_size),
                        'label': pair.label, 'text': pair.text}
@@ -324,9 +335,9 @@ class XmatchCategory(array_record.ArrayRecordBuilder):
 def build(name: str, manual_dir: str, data_dir: str | None = None, image_size: int = IMAGE_SIZE) -> XmatchCategory:
   """Builds (once) and returns the `xmatch_category/<name>` builder from `manual_dir`, images at image_size^2."""
   if name not in CONFIGS:
-    raise ValueError(f'xmatch_category has no config {name!r}; expected one of {sorted(CONFIGS)}')
+    raise errors.UserError(f'xmatch_category has no config {name!r}; expected one of {sorted(CONFIGS)}')
   if not os.path.isdir(manual_dir):
-    raise FileNotFoundError(f'{manual_dir}: manual dir not found; the {name} layout is: {LAYOUTS[name]}; '
+    raise errors.MissingFileError(f'{manual_dir}: manual dir not found; the {name} layout is: {LAYOUTS[name]}; '
                             f'plus an {_OPTIONAL}')
   config = CONFIGS[name]
   if image_size != config.image_size:  # a config of its own, so builds of different sizes do not collide

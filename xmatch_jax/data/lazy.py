@@ -16,6 +16,9 @@ import warnings
 
 import numpy as np
 
+from xmatch_jax import errors
+from xmatch_jax import progress
+
 # np.asarray of a LazyRows larger than this many bytes is refused; None: half the machine's physical memory (cgroup
 # limits are not looked at).
 MATERIALIZE_LIMIT_BYTES = None
@@ -183,16 +186,16 @@ class LazyRows:
       raise KeyError(f'{where}: missing from the example; it has fields {sorted(example)}.')
     value = np.asarray(example[self.field])
     if value.shape != self.row_shape:
-      raise ValueError(f'{where}: shape {value.shape}; expected {self.row_shape} like the other rows.')
+      raise errors.UserError(f'{where}: shape {value.shape}; expected {self.row_shape} like the other rows.')
     if value.dtype != self.dtype:
-      raise ValueError(f'{where}: dtype {value.dtype}; expected {self.dtype}.')
+      raise errors.UserError(f'{where}: dtype {value.dtype}; expected {self.dtype}.')
     if self.check_finite and not np.isfinite(value).all():
-      raise ValueError(f'{where}: holds NaN or inf; features must be finite.')
+      raise errors.UserError(f'{where}: holds NaN or inf; features must be finite.')
     return value
 
   def __array__(self, dtype=None, copy=None):
     if copy is False:
-      raise ValueError(f'{self!r}: an array without copying is impossible; its rows are on disk.')
+      raise errors.UserError(f'{self!r}: an array without copying is impossible; its rows are on disk.')
     limit = materialize_limit()
     if limit is not None and self.nbytes > limit:
       raise MemoryError(f'{self!r}: np.asarray would read all {len(self)} rows ({self.nbytes / 2**30:.1f} GiB) '
@@ -201,5 +204,10 @@ class LazyRows:
                         'rows instead (x[i:j], x[rows]).')
     warnings.warn(f'{self!r}: np.asarray reads all {len(self)} rows ({self.nbytes / 2**20:.0f} MiB) into memory; '
                   'index rows instead (x[i:j], x[rows]) to keep the field on disk.', stacklevel=2)
-    out = self[:]
+    out = np.empty(self.shape, self.dtype)
+    with progress.bar(total=len(self), desc=f'reading {self.reader.where} field {self.field}', unit='row') as bar:
+      for start in range(0, len(self), READ_CHUNK):   # self[:], a chunk at a time to count the rows read
+        part = self[start:start + READ_CHUNK]
+        out[start:start + len(part)] = part
+        bar.update(len(part))
     return out if dtype is None else out.astype(dtype, copy=False)

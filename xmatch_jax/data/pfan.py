@@ -14,6 +14,8 @@ ties keep the smaller block index first.
 
 import numpy as np
 
+from xmatch_jax import errors
+
 GRID = 16
 TOP_L = 15
 
@@ -39,16 +41,16 @@ def block_positions(boxes: np.ndarray, image_sizes: np.ndarray, grid: int = GRID
   boxes = np.asarray(boxes, np.float64)
   sizes = np.asarray(image_sizes, np.float64)
   if boxes.ndim != 3 or boxes.shape[-1] != 4:
-    raise ValueError(f'{where}: boxes must be [n_images, k, 4] (x1, y1, x2, y2); got shape {boxes.shape}')
+    raise errors.UserError(f'{where}: boxes must be [n_images, k, 4] (x1, y1, x2, y2); got shape {boxes.shape}')
   if sizes.shape != (boxes.shape[0], 2):
-    raise ValueError(f'{where}: image sizes must be [{boxes.shape[0]}, 2] (width, height); got {sizes.shape}')
+    raise errors.UserError(f'{where}: image sizes must be [{boxes.shape[0]}, 2] (width, height); got {sizes.shape}')
   if not (np.isfinite(boxes).all() and np.isfinite(sizes).all()):
-    raise ValueError(f'{where}: boxes and image sizes must be finite')
+    raise errors.UserError(f'{where}: boxes and image sizes must be finite')
   if (sizes <= 0).any():
     bad = int(np.argwhere((sizes <= 0).any(-1))[0, 0])
-    raise ValueError(f'{where}: image {bad} has size {sizes[bad].tolist()}; width and height must be > 0')
+    raise errors.UserError(f'{where}: image {bad} has size {sizes[bad].tolist()}; width and height must be > 0')
   if not 1 <= top_l <= grid * grid:
-    raise ValueError(f'top_l must be in [1, {grid * grid}], got {top_l}')
+    raise errors.UserError(f'top_l must be in [1, {grid * grid}], got {top_l}')
   edges = np.arange(grid + 1) / grid                                       # block edges as image fractions
   x0, x1 = edges[:-1] * sizes[:, None, 0:1], edges[1:] * sizes[:, None, 0:1]            # [N, 1, G]
   y0, y1 = edges[:-1] * sizes[:, None, 1:2], edges[1:] * sizes[:, None, 1:2]
@@ -58,7 +60,7 @@ def block_positions(boxes: np.ndarray, image_sizes: np.ndarray, grid: int = GRID
   empty = overlap.sum(-1) <= 0
   if empty.any():
     image, region = map(int, np.argwhere(empty)[0])
-    raise ValueError(f'{where}: image {image} region {region} box {boxes[image, region].tolist()} has no area '
+    raise errors.UserError(f'{where}: image {image} region {region} box {boxes[image, region].tolist()} has no area '
                      f'inside the {sizes[image].tolist()} image')
   order = np.argsort(-overlap, axis=-1, kind='stable')[..., :top_l]      # eq 3: top L, ties by block index
   top = np.take_along_axis(overlap, order, axis=-1)
@@ -82,15 +84,15 @@ def from_pfan_layout(array: np.ndarray, grid: int = GRID, where: str = 'boxes.np
   """
   array = np.asarray(array)
   if array.ndim != 3 or array.shape[-1] % 2:
-    raise ValueError(f'{where}: expected [n_images, k, 2L] (L block indices then L weights); got {array.shape}')
+    raise errors.UserError(f'{where}: expected [n_images, k, 2L] (L block indices then L weights); got {array.shape}')
   if not np.isfinite(array).all():
-    raise ValueError(f'{where}: holds NaN or inf')
+    raise errors.UserError(f'{where}: holds NaN or inf')
   top_l = array.shape[-1] // 2
   raw_indices, weights = array[..., :top_l], array[..., top_l:]
 
   def fail(mask, what):
     image, region = map(int, np.argwhere(mask.any(-1) if mask.ndim == 3 else mask)[0])
-    raise ValueError(f'{where}: image {image} region {region}: {what}')
+    raise errors.UserError(f'{where}: image {image} region {region}: {what}')
 
   if (raw_indices != np.round(raw_indices)).any():
     fail(raw_indices != np.round(raw_indices), 'block indices must be integers')

@@ -45,6 +45,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from xmatch_jax import errors
+from xmatch_jax import progress
 from xmatch_jax.data import array_record
 from xmatch_jax.data import pfan
 
@@ -77,7 +79,7 @@ def _load_npy(path: str, expected: str) -> np.ndarray:
   try:
     return np.load(path, mmap_mode='r', allow_pickle=False)
   except (ValueError, EOFError, OSError) as e:
-    raise ValueError(f'{path}: not a readable .npy array ({type(e).__name__}: {e}); expected a complete .npy file '
+    raise errors.UserError(f'{path}: not a readable .npy array ({type(e).__name__}: {e}); expected a complete .npy file '
                      f'of {expected} written by numpy.save (truncated or partly copied?)') from None
 
 
@@ -89,7 +91,7 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
   have_tags = [split for split in config.splits if os.path.exists(tags_paths[split])]
   if have_tags and len(have_tags) != len(config.splits):
     missing = [tags_paths[split] for split in config.splits if split not in have_tags]
-    raise FileNotFoundError(f'{", ".join(missing)}: missing, but {", ".join(f"{s}_tags.txt" for s in have_tags)} '
+    raise errors.MissingFileError(f'{", ".join(missing)}: missing, but {", ".join(f"{s}_tags.txt" for s in have_tags)} '
                             f'exist(s) in {manual_dir}; expected a {{split}}_tags.txt for every split '
                             f'({", ".join(config.splits)}) or for none')
   for split in config.splits:
@@ -97,43 +99,43 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
     caps_path = os.path.join(manual_dir, f'{split}_caps.txt')
     for path in (ims_path, caps_path):
       if not os.path.exists(path):
-        raise FileNotFoundError(f'{path}: missing; the {config.name} precomp layout needs {split}_ims.npy and '
+        raise errors.MissingFileError(f'{path}: missing; the {config.name} precomp layout needs {split}_ims.npy and '
                                 f'{split}_caps.txt in {manual_dir}')
     ims = _load_npy(ims_path, 'float32 [n_images, k, d] region features')
     if ims.ndim != 3:
-      raise ValueError(f'{ims_path}: shape {ims.shape}; expected [n_images, k, d]')
+      raise errors.UserError(f'{ims_path}: shape {ims.shape}; expected [n_images, k, d]')
     if ims.dtype != np.float32:
-      raise ValueError(f'{ims_path}: dtype {ims.dtype}; expected float32')
+      raise errors.UserError(f'{ims_path}: dtype {ims.dtype}; expected float32')
     if config.region_dim and ims.shape[2] != config.region_dim:
-      raise ValueError(f'{ims_path}: feature size {ims.shape[2]}; expected {config.region_dim}')
+      raise errors.UserError(f'{ims_path}: feature size {ims.shape[2]}; expected {config.region_dim}')
     if config.num_regions and ims.shape[1] != config.num_regions:
-      raise ValueError(f'{ims_path}: {ims.shape[1]} regions per image; expected {config.num_regions}')
+      raise errors.UserError(f'{ims_path}: {ims.shape[1]} regions per image; expected {config.num_regions}')
     try:
       with open(caps_path, encoding='utf-8') as f:
         captions = [line.rstrip('\n') for line in f]
     except UnicodeDecodeError as e:
-      raise ValueError(f'{caps_path}: not UTF-8 text ({e}); expected one caption per line in UTF-8') from None
+      raise errors.UserError(f'{caps_path}: not UTF-8 text ({e}); expected one caption per line in UTF-8') from None
     if captions and captions[-1] == '':
       captions.pop()
     empty = [i + 1 for i, c in enumerate(captions) if not c.strip()]
     if empty:
-      raise ValueError(f'{caps_path}: line {empty[0]} is empty ({len(empty)} empty caption(s))')
+      raise errors.UserError(f'{caps_path}: line {empty[0]} is empty ({len(empty)} empty caption(s))')
     repeat = 1
     if ims.shape[0] == len(captions) and ims.shape[0] % CAPTIONS_PER_IMAGE == 0 and ims.shape[0] > 1:
       repeat = CAPTIONS_PER_IMAGE   # one feature row per caption: the image repeated 5 times
     n_images = ims.shape[0] // repeat
     if len(captions) != CAPTIONS_PER_IMAGE * n_images:
-      raise ValueError(f'{caps_path}: {len(captions)} captions for {n_images} images in {ims_path}; expected '
+      raise errors.UserError(f'{caps_path}: {len(captions)} captions for {n_images} images in {ims_path}; expected '
                        f'{CAPTIONS_PER_IMAGE} x {n_images} = {CAPTIONS_PER_IMAGE * n_images}')
     if split in config.expected and n_images != config.expected[split]:
-      raise ValueError(f'{ims_path}: {n_images} images; {config.name} {split} has {config.expected[split]} '
+      raise errors.UserError(f'{ims_path}: {n_images} images; {config.name} {split} has {config.expected[split]} '
                        f'({CAPTIONS_PER_IMAGE * config.expected[split]} captions)')
     boxes = None
     boxes_path = os.path.join(manual_dir, f'{split}_boxes.npy')
     if os.path.exists(boxes_path):
       boxes = _load_npy(boxes_path, f'PFAN block positions [{n_images}, {ims.shape[1]}, 2L]')
       if boxes.shape[:2] != (n_images, ims.shape[1]):
-        raise ValueError(f'{boxes_path}: shape {boxes.shape}; expected [{n_images}, {ims.shape[1]}, 2L]')
+        raise errors.UserError(f'{boxes_path}: shape {boxes.shape}; expected [{n_images}, {ims.shape[1]}, 2L]')
     tags_path = tags_paths[split] if have_tags else None
     if tags_path:
       _check_tags(tags_path, n_images, ims.shape[1], ims_path)
@@ -147,11 +149,11 @@ def _split_tags(line: str, path: str, lineno: int, k: int) -> list:
   if len(tags) != k:
     hint = ' (this line has no TAB: are the tags separated by spaces?)' if len(tags) == 1 and k > 1 else ''
     ims = os.path.basename(path)[:-len('_tags.txt')] + '_ims.npy'
-    raise ValueError(f'{path}: line {lineno} has {len(tags)} tag(s); expected {k} (one per region of {ims}), '
+    raise errors.UserError(f'{path}: line {lineno} has {len(tags)} tag(s); expected {k} (one per region of {ims}), '
                      f'separated by TAB characters{hint}')
   empty = [r + 1 for r, t in enumerate(tags) if not t]
   if empty:
-    raise ValueError(f'{path}: line {lineno}: tag {empty[0]} is empty ({len(empty)} empty); expected {k} '
+    raise errors.UserError(f'{path}: line {lineno}: tag {empty[0]} is empty ({len(empty)} empty); expected {k} '
                      'non-empty tags')
   return tags
 
@@ -163,7 +165,7 @@ def _tag_lines(path: str):
       try:
         line = raw.decode('utf-8')
       except UnicodeDecodeError as e:
-        raise ValueError(f'{path}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start} of the line); expected '
+        raise errors.UserError(f'{path}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start} of the line); expected '
                          'UTF-8 text') from None
       yield lineno, line.rstrip('\n').rstrip('\r')
 
@@ -174,13 +176,13 @@ def _check_tags(path: str, n_images: int, k: int, ims_path: str) -> None:
   for lineno, line in _tag_lines(path):
     if lineno > n_images:
       if line.strip():
-        raise ValueError(f'{path}: line {lineno}: more lines than images; expected {n_images} lines, one per image '
+        raise errors.UserError(f'{path}: line {lineno}: more lines than images; expected {n_images} lines, one per image '
                          f'of {ims_path}')
       continue
     _split_tags(line, path, lineno, k)
     lines = lineno
   if lines < n_images:
-    raise ValueError(f'{path}: ends after {lines} line(s): line {lines + 1} is missing; expected {n_images} lines, '
+    raise errors.UserError(f'{path}: ends after {lines} line(s): line {lines + 1} is missing; expected {n_images} lines, '
                      f'one per image of {ims_path}')
 
 
@@ -194,8 +196,23 @@ def _read_row(f, array: np.ndarray, index: int) -> np.ndarray:
   f.seek(array.offset + index * row_bytes)
   data = f.read(row_bytes)
   if len(data) != row_bytes:
-    raise ValueError(f'{f.name}: ends inside row {index}; expected {row_bytes} bytes (truncated file?)')
+    raise errors.UserError(f'{f.name}: ends inside row {index}; expected {row_bytes} bytes (truncated file?)')
   return np.frombuffer(data, array.dtype).reshape(array.shape[1:]).copy()
+
+
+class _SplitProgress:
+  """One progress bar over the shards of a split (TFDS writes them one after another): images written of the split.
+  The bar starts with the first image and closes after the last."""
+
+  def __init__(self, desc: str, total: int):
+    self.desc, self.total, self.bar = desc, total, None
+
+  def update(self) -> None:
+    if self.bar is None:
+      self.bar = progress.bar(total=self.total, desc=self.desc, unit='image')
+    self.bar.update(1)
+    if self.bar.n >= self.total:
+      self.bar.close()
 
 
 class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
@@ -230,13 +247,15 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
       ims, captions, boxes, repeat, tags_path = files[split]
       n_images = len(captions) // CAPTIONS_PER_IMAGE
       per_shard = max(1, self.SHARD_BYTES // max(1, int(np.prod(ims.shape[1:])) * ims.itemsize))
+      bar = _SplitProgress(f'building xmatch_precomp/{self.builder_config.name} {split}', n_images)
       out[split] = [functools.partial(self._generate_examples, split, manual_dir, ims, captions, boxes, repeat,
-                                      tags_path, start, min(start + per_shard, n_images))
+                                      tags_path, start, min(start + per_shard, n_images), bar)
                     for start in range(0, max(n_images, 1), per_shard)]
     return out
 
-  def _generate_examples(self, split, manual_dir, ims, captions, boxes, repeat, tags_path, start, stop):
-    """Images [start, stop) of a split: one shard."""
+  def _generate_examples(self, split, manual_dir, ims, captions, boxes, repeat, tags_path, start, stop,
+                         bar: _SplitProgress | None = None):
+    """Images [start, stop) of a split: one shard; `bar` counts the images the writer has taken."""
     ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
     # Read in step with the images (checked by _check_files): the file is never held in memory.
     lines = _tag_lines(tags_path) if tags_path else None
@@ -248,7 +267,7 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
         for i in range(start, stop):
           regions = _read_row(features, ims, i * repeat).astype(np.float32)
           if not np.isfinite(regions).all():
-            raise ValueError(f'{ims_path}: image {i} holds NaN or inf')
+            raise errors.UserError(f'{ims_path}: image {i} holds NaN or inf')
           if boxes is not None:
             blocks, weights = pfan.from_pfan_layout(_read_row(pos, boxes, i)[None],
                                                     where=f'{split}_boxes.npy image {i}')
@@ -262,6 +281,8 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
           yield i, {'image_id': i, 'regions': regions,
                     'captions': captions[i * CAPTIONS_PER_IMAGE:(i + 1) * CAPTIONS_PER_IMAGE],
                     'pfan_blocks': blocks, 'pfan_weights': weights, 'tags': tags}
+          if bar is not None:
+            bar.update()
       finally:
         if lines is not None:
           lines.close()
@@ -270,9 +291,9 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
 def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrecomp:
   """Builds (once) and returns the `xmatch_precomp/<name>` builder from `manual_dir`."""
   if name not in CONFIGS:
-    raise ValueError(f'xmatch_precomp has no config {name!r}; expected one of {sorted(CONFIGS)}')
+    raise errors.UserError(f'xmatch_precomp has no config {name!r}; expected one of {sorted(CONFIGS)}')
   if not os.path.isdir(manual_dir):
-    raise FileNotFoundError(f'{manual_dir}: manual dir not found; it must hold the SCAN precomp files '
+    raise errors.MissingFileError(f'{manual_dir}: manual dir not found; it must hold the SCAN precomp files '
                             '({split}_ims.npy, {split}_caps.txt)')
   builder = XmatchPrecomp(config=name, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -292,7 +313,7 @@ def _check_built_tags(builder: XmatchPrecomp, manual_dir: str) -> None:
       break
   if bool(files) != built:
     now = f'now holds {", ".join(files)}' if files else 'now holds no {split}_tags.txt'
-    raise ValueError(f'{builder.data_dir}: this build of xmatch_precomp/{builder.builder_config.name} has '
+    raise errors.UserError(f'{builder.data_dir}: this build of xmatch_precomp/{builder.builder_config.name} has '
                      f'{"" if built else "no "}tags, but {manual_dir} {now}; expected them to agree. Delete '
                      f'{builder.data_dir} to rebuild from {manual_dir} (see the rebuild note in '
                      'xmatch_jax/data/precomp.py).')

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from xmatch_jax import errors
 from xmatch_jax.data import array_record
 from xmatch_jax.data import shapes_scenes
 from xmatch_jax.data.shapes_scenes import CANVAS, CAPTIONS_PER_IMAGE, NUM_LABELS, NUM_REGIONS, REGION_DIM
@@ -92,7 +93,7 @@ def shapes_builder(data_dir: str, config: str = 'default') -> XmatchShapes:
   """
   names = [c.name for c in XmatchShapes.BUILDER_CONFIGS]
   if config not in names:
-    raise ValueError(f'xmatch_shapes has no config {config!r}; expected one of {names}.')
+    raise errors.UserError(f'xmatch_shapes has no config {config!r}; expected one of {names}.')
   builder = XmatchShapes(config=config, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare()  # no-op when the data is already there
   return builder

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from xmatch_jax import errors
+
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross')
 COLOURS = ('red', 'green', 'blue', 'yellow', 'purple', 'white')
 SIZES = ('small', 'large')
@@ -110,31 +112,31 @@ _RELATION_LOOKUP = sorted(((tuple(p.split()), r) for r, ps in RELATION_PHRASES.i
 def validate_scene(scene) -> dict:
   """Checks a scene dict and returns a normalised copy (fixed key order). Raises ValueError naming the field."""
   if not isinstance(scene, dict) or set(scene) != {'objects'}:
-    raise ValueError(f'scene must be a dict with the single key "objects"; got {scene!r}.')
+    raise errors.UserError(f'scene must be a dict with the single key "objects"; got {scene!r}.')
   objects = scene['objects']
   if not isinstance(objects, (list, tuple)) or not 2 <= len(objects) <= MAX_OBJECTS:
-    raise ValueError(f'scene["objects"] must be a list of 2 to {MAX_OBJECTS} objects; got {objects!r}.')
+    raise errors.UserError(f'scene["objects"] must be a list of 2 to {MAX_OBJECTS} objects; got {objects!r}.')
   normalised = []
   for i, obj in enumerate(objects):
     if not isinstance(obj, dict) or set(obj) != {'shape', 'colour', 'size', 'x', 'y'}:
-      raise ValueError(f'scene object {i} must have exactly the keys shape, colour, size, x, y; got {obj!r}.')
+      raise errors.UserError(f'scene object {i} must have exactly the keys shape, colour, size, x, y; got {obj!r}.')
     for key, allowed in (('shape', SHAPES), ('colour', COLOURS), ('size', SIZES)):
       if obj[key] not in allowed:
-        raise ValueError(f'scene object {i}: "{key}" is {obj[key]!r}; expected one of {allowed}.')
+        raise errors.UserError(f'scene object {i}: "{key}" is {obj[key]!r}; expected one of {allowed}.')
     half = HALF_SIZE[obj['size']]
     for key in ('x', 'y'):
       value = obj[key]
       if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f'scene object {i}: "{key}" must be a number; got {value!r}.')
+        raise errors.UserError(f'scene object {i}: "{key}" must be a number; got {value!r}.')
       if not half <= value <= CANVAS - 1 - half:
-        raise ValueError(f'scene object {i}: "{key}" = {value} puts its {obj["size"]} box outside the canvas; '
+        raise errors.UserError(f'scene object {i}: "{key}" = {value} puts its {obj["size"]} box outside the canvas; '
                          f'expected {half} <= {key} <= {CANVAS - 1 - half}.')
     normalised.append({'shape': obj['shape'], 'colour': obj['colour'], 'size': obj['size'],
                        'x': _plain_number(obj['x']), 'y': _plain_number(obj['y'])})
   for (i, a), (j, b) in itertools.combinations(enumerate(normalised), 2):
     gap = HALF_SIZE[a['size']] + HALF_SIZE[b['size']]
     if max(abs(a['x'] - b['x']), abs(a['y'] - b['y'])) <= gap:
-      raise ValueError(f'scene objects {i} and {j} overlap; their centres must differ by more than {gap} px '
+      raise errors.UserError(f'scene objects {i} and {j} overlap; their centres must differ by more than {gap} px '
                        'along x or y.')
   return {'objects': normalised}
 
@@ -168,7 +170,7 @@ def _sample_layout(rng: np.random.Generator, n: int) -> list:
 def sample_scene(rng: np.random.Generator) -> dict:
   """Samples a scene of 2-4 objects; some objects repeat another's shape and colour (for count captions)."""
   if not isinstance(rng, np.random.Generator):
-    raise ValueError(f'rng must be a numpy.random.Generator; got {type(rng).__name__}.')
+    raise errors.UserError(f'rng must be a numpy.random.Generator; got {type(rng).__name__}.')
   n = int(rng.integers(2, MAX_OBJECTS + 1))
   objects = []
   for (x, y) in _sample_layout(rng, n):
@@ -214,7 +216,7 @@ def sample_group(rng: np.random.Generator) -> list:
 
 def _check_split(split: str) -> int:
   if split not in SPLIT_SEEDS:
-    raise ValueError(f'split {split!r} is not a shapes split; expected one of {sorted(SPLIT_SEEDS)}.')
+    raise errors.UserError(f'split {split!r} is not a shapes split; expected one of {sorted(SPLIT_SEEDS)}.')
   return SPLIT_SEEDS[split]
 
 
@@ -223,7 +225,7 @@ _MAX_IMAGES = 10_000_000  # per split
 
 def _check_index(index: int) -> int:
   if not 0 <= int(index) < _MAX_IMAGES:
-    raise ValueError(f'image index must be in [0, {_MAX_IMAGES}); got {index}.')
+    raise errors.UserError(f'image index must be in [0, {_MAX_IMAGES}); got {index}.')
   return int(index)
 
 

@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from xmatch_jax import errors
+
 PAD, START, END, UNK = '<pad>', '<start>', '<end>', '<unk>'
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
@@ -114,7 +116,7 @@ def _word_tokenize(sentence: str) -> list:
 def tokenize(caption: str) -> list:
   """Lower-cases and tokenises a caption like SCAN's `nltk.word_tokenize(caption.lower())` (see module doc)."""
   if not isinstance(caption, str):
-    raise ValueError(f'caption must be a str; got {type(caption).__name__} ({caption!r}).')
+    raise errors.UserError(f'caption must be a str; got {type(caption).__name__} ({caption!r}).')
   return [token for sentence in _split_sentences(caption.lower()) for token in _word_tokenize(sentence)]
 
 
@@ -128,15 +130,15 @@ class Vocabulary:
     """Args: words: every token in id order, starting with the four special tokens."""
     words = list(words)
     if tuple(words[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-      raise ValueError(f'vocabulary must start with {SPECIAL_TOKENS} at ids 0-3; got {tuple(words[:4])}.')
+      raise errors.UserError(f'vocabulary must start with {SPECIAL_TOKENS} at ids 0-3; got {tuple(words[:4])}.')
     bad = [w for w in words if not isinstance(w, str) or not w]
     if bad:
-      raise ValueError(f'vocabulary words must be non-empty strings; got {bad[:5]}.')
+      raise errors.UserError(f'vocabulary words must be non-empty strings; got {bad[:5]}.')
     self._idx2word = words
     self._word2idx = {w: i for i, w in enumerate(words)}
     if len(self._word2idx) != len(words):
       dup = [w for w, c in collections.Counter(words).items() if c > 1]
-      raise ValueError(f'vocabulary words must be unique; repeated: {dup[:5]}.')
+      raise errors.UserError(f'vocabulary words must be unique; repeated: {dup[:5]}.')
 
   def __len__(self) -> int:
     return len(self._idx2word)
@@ -163,7 +165,7 @@ class Vocabulary:
     """[n + 2] int32 ids: `<start>`, the caption's token ids (unknown -> `<unk>`), `<end>`."""
     tokens = tokenize(caption)
     if not tokens:
-      raise ValueError(f'caption {caption!r} has no tokens; every caption needs at least one word.')
+      raise errors.UserError(f'caption {caption!r} has no tokens; every caption needs at least one word.')
     return np.array([START_ID] + [self(t) for t in tokens] + [END_ID], np.int32)
 
   def decode(self, ids: Iterable[int]) -> list:
@@ -171,7 +173,7 @@ class Vocabulary:
     out = []
     for i in ids:
       if not 0 <= int(i) < len(self):
-        raise ValueError(f'token id {int(i)} is outside the vocabulary [0, {len(self)}).')
+        raise errors.UserError(f'token id {int(i)} is outside the vocabulary [0, {len(self)}).')
       out.append(self._idx2word[int(i)])
     return out
 
@@ -183,7 +185,7 @@ class Vocabulary:
     same captions always give the same ids.
     """
     if int(min_count) != min_count or min_count < 1:
-      raise ValueError(f'min_count must be an integer >= 1; got {min_count}.')
+      raise errors.UserError(f'min_count must be an integer >= 1; got {min_count}.')
     counter = collections.Counter()
     for caption in captions:
       counter.update(tokenize(caption))
@@ -194,17 +196,17 @@ class Vocabulary:
   def from_json(cls, path: str) -> 'Vocabulary':
     """Reads and validates a SCAN vocabulary json (`idx2word` with string keys, `word2idx`, `idx`)."""
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path}: vocabulary file not found; expected a SCAN vocabulary json (idx2word, '
+      raise errors.MissingFileError(f'{path}: vocabulary file not found; expected a SCAN vocabulary json (idx2word, '
                               'word2idx, idx), e.g. the vocab.json of a training workdir.')
     with open(path, encoding='utf-8') as f:
       try:
         data = json.load(f)
       except json.JSONDecodeError as e:
-        raise ValueError(f'{path}: not valid json ({e}); expected a SCAN vocabulary file.') from e
+        raise errors.UserError(f'{path}: not valid json ({e}); expected a SCAN vocabulary file.') from e
       except UnicodeDecodeError as e:
-        raise ValueError(f'{path}: not UTF-8 text ({e}); expected a SCAN vocabulary json file.') from None
+        raise errors.UserError(f'{path}: not UTF-8 text ({e}); expected a SCAN vocabulary json file.') from None
     if not isinstance(data, dict):
-      raise ValueError(f'{path}: expected a json object with fields idx2word, word2idx, idx; got '
+      raise errors.UserError(f'{path}: expected a json object with fields idx2word, word2idx, idx; got '
                        f'{type(data).__name__}.')
     return cls._from_fields(path, data, key=str, key_kind='string keys', mapping='json objects')
 
@@ -216,14 +218,14 @@ class Vocabulary:
     `word2idx`, `idx2word` (int keys) and `idx`; only that class name and plain values are resolved.
     """
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path}: vocabulary file not found; expected a VSE++ vocab .pkl.')
+      raise errors.MissingFileError(f'{path}: vocabulary file not found; expected a VSE++ vocab .pkl.')
     with open(path, 'rb') as f:
       try:
         data = _VocabUnpickler(f).load()
       except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError) as e:
-        raise ValueError(f'{path}: not a readable VSE++ vocabulary pickle ({e}).') from None
+        raise errors.UserError(f'{path}: not a readable VSE++ vocabulary pickle ({e}).') from None
     if not isinstance(data, _PickledVocabulary):
-      raise ValueError(f'{path}: expected a pickled Vocabulary object (VSE++ vocab.py); got {type(data).__name__}.')
+      raise errors.UserError(f'{path}: expected a pickled Vocabulary object (VSE++ vocab.py); got {type(data).__name__}.')
     return cls._from_fields(path, data.state, key=int, key_kind='integer keys', mapping='dicts')
 
   @classmethod
@@ -239,29 +241,29 @@ class Vocabulary:
   def _from_fields(cls, path: str, data: dict, key, key_kind: str, mapping: str) -> 'Vocabulary':
     for field in ('idx2word', 'word2idx', 'idx'):
       if field not in data:
-        raise ValueError(f'{path}: missing field "{field}" (a SCAN / VSE++ vocabulary has idx2word, word2idx, idx).')
+        raise errors.UserError(f'{path}: missing field "{field}" (a SCAN / VSE++ vocabulary has idx2word, word2idx, idx).')
     idx2word, word2idx, idx = data['idx2word'], data['word2idx'], data['idx']
     if not isinstance(idx2word, dict) or not isinstance(word2idx, dict):
-      raise ValueError(f'{path}: fields "idx2word" and "word2idx" must be {mapping}.')
+      raise errors.UserError(f'{path}: fields "idx2word" and "word2idx" must be {mapping}.')
     expected_keys = [key(i) for i in range(len(idx2word))]
     if set(idx2word) != set(expected_keys):
-      raise ValueError(f'{path}: field "idx2word" must have the {key_kind} 0 .. {len(idx2word) - 1} without gaps.')
+      raise errors.UserError(f'{path}: field "idx2word" must have the {key_kind} 0 .. {len(idx2word) - 1} without gaps.')
     if not isinstance(idx, int) or isinstance(idx, bool) or idx != len(idx2word):
-      raise ValueError(f'{path}: field "idx" is {idx!r}; expected the vocabulary size {len(idx2word)}.')
+      raise errors.UserError(f'{path}: field "idx" is {idx!r}; expected the vocabulary size {len(idx2word)}.')
     words = [idx2word[k] for k in expected_keys]
     if not all(isinstance(w, str) and w for w in words):
-      raise ValueError(f'{path}: field "idx2word" must map to non-empty strings.')
+      raise errors.UserError(f'{path}: field "idx2word" must map to non-empty strings.')
     if len(word2idx) != len(words) or any(type(word2idx.get(w)) is not int or word2idx[w] != i
                                           for i, w in enumerate(words)):
-      raise ValueError(f'{path}: fields "idx2word" and "word2idx" disagree; word2idx must be the exact inverse '
+      raise errors.UserError(f'{path}: fields "idx2word" and "word2idx" disagree; word2idx must be the exact inverse '
                        'of idx2word.')
     missing = [f'{t} at {i}' for i, t in enumerate(SPECIAL_TOKENS) if i >= len(words) or words[i] != t]
     if missing:
-      raise ValueError(f'{path}: field "idx2word" lacks the special token(s) {missing}.')
+      raise errors.UserError(f'{path}: field "idx2word" lacks the special token(s) {missing}.')
     try:
       vocab = cls(words)
     except ValueError as e:
-      raise ValueError(f'{path}: field "idx2word": {e}') from e
+      raise errors.UserError(f'{path}: field "idx2word": {e}') from e
     # Same mapping; keep the file's key order so that to_json writes a SCAN file back byte for byte.
     vocab._word2idx = dict(word2idx)
     return vocab

@@ -11,6 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax.convert import hf_bert
 
 # Copied into a workdir so that evaluation and the Retriever need nothing outside it.
@@ -25,7 +26,7 @@ class WordPieceVocab:
     self._tokenizer = hf_bert.load_tokenizer(self.directory)
     pad = self._tokenizer.token_to_id('[PAD]')
     if pad != 0:
-      raise ValueError(f'{self.directory}: the tokenizer\'s [PAD] id is {pad}; the batcher pads with id 0')
+      raise errors.UserError(f'{self.directory}: the tokenizer\'s [PAD] id is {pad}; the batcher pads with id 0')
 
   def __len__(self) -> int:
     return self._tokenizer.get_vocab_size(with_added_tokens=True)
@@ -33,7 +34,7 @@ class WordPieceVocab:
   def encode(self, caption: str) -> np.ndarray:
     """[n] int32 ids: [CLS], WordPiece ids, [SEP]."""
     if not isinstance(caption, str) or not caption.strip():
-      raise ValueError(f'caption {caption!r} is empty; every caption needs at least one word.')
+      raise errors.UserError(f'caption {caption!r} is empty; every caption needs at least one word.')
     return np.array(self._tokenizer.encode(caption).ids, np.int32)
 
   def decode(self, ids: Iterable[int]) -> list:
@@ -41,7 +42,7 @@ class WordPieceVocab:
     for i in ids:
       token = self._tokenizer.id_to_token(int(i))
       if token is None:
-        raise ValueError(f'token id {int(i)} is outside the vocabulary [0, {len(self)}).')
+        raise errors.UserError(f'token id {int(i)} is outside the vocabulary [0, {len(self)}).')
       out.append(token)
     return out
 

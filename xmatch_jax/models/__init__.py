@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
+from xmatch_jax import errors
 from xmatch_jax.models.bert import BertConfig
 from xmatch_jax.models.daer import DAER
 from xmatch_jax.models.glfn import GLFN
@@ -58,26 +59,26 @@ def build_model(model_config: Any, vocab_size: int, img_dim: int) -> nn.Module:
     if hasattr(model_config, 'to_dict'):
         model_config = model_config.to_dict()
     if not isinstance(model_config, Mapping):
-        raise ValueError(f"model config must be a ConfigDict or mapping, got {type(model_config)}")
+        raise errors.UserError(f"model config must be a ConfigDict or mapping, got {type(model_config)}")
     kwargs = dict(model_config)
     name = kwargs.pop('name', None)
     if name not in MODELS:
-        raise ValueError(f"model config name must be one of {sorted(MODELS)}, got {name!r}")
+        raise errors.UserError(f"model config name must be one of {sorted(MODELS)}, got {name!r}")
     model_cls = MODELS[name]
     allowed = model_fields(model_cls)
     for field in kwargs:
         if field in _DATA_FIELDS:
-            raise ValueError(f"model config for {name!r} sets {field!r}, which comes from the "
+            raise errors.UserError(f"model config for {name!r} sets {field!r}, which comes from the "
                              "dataset; remove it")
         if field not in allowed:
-            raise ValueError(f"model config for {name!r} has unknown field {field!r}; "
+            raise errors.UserError(f"model config for {name!r} has unknown field {field!r}; "
                              f"known fields: {list(allowed)}")
     if 'bert' in {f.name for f in dataclasses.fields(model_cls)}:
         # Models with a BERT text encoder take its sizes from the checkpoint's config.json.
         from xmatch_jax.convert import hf_bert  # pylint: disable=g-import-not-at-top
         bert_dir = kwargs.get('bert_dir', model_cls.bert_dir)
         if not bert_dir:
-            raise ValueError(f"model config for {name!r} needs bert_dir: a Hugging Face BERT directory "
+            raise errors.UserError(f"model config for {name!r} needs bert_dir: a Hugging Face BERT directory "
                              "(e.g. bert-base-uncased) or 'minilm'")
         bert_dir = hf_bert.resolve_dir(bert_dir)
         kwargs['bert'] = BertConfig.from_json(os.path.join(bert_dir, 'config.json'))

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmatch_jax import errors
+
 _ACTIVATIONS = {
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),   # transformers' 'gelu' is the exact erf form
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
@@ -42,14 +44,14 @@ class BertConfig:
 
   def __post_init__(self):
     if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f'BertConfig.hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}')
+      raise errors.UserError(f'BertConfig.hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}')
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f'BertConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads '
+      raise errors.UserError(f'BertConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads '
                        f'({self.num_attention_heads})')
     for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
                  'max_position_embeddings', 'type_vocab_size'):
       if getattr(self, name) < 1:
-        raise ValueError(f'BertConfig.{name} must be >= 1, got {getattr(self, name)}')
+        raise errors.UserError(f'BertConfig.{name} must be >= 1, got {getattr(self, name)}')
 
   @classmethod
   def from_json(cls, path: str) -> 'BertConfig':
@@ -59,19 +61,19 @@ class BertConfig:
     where = os.path.abspath(path)
     model_type = raw.get('model_type', 'bert')
     if model_type != 'bert':
-      raise ValueError(f'{where}: model_type is {model_type!r}; expected "bert"')
+      raise errors.UserError(f'{where}: model_type is {model_type!r}; expected "bert"')
     position = raw.get('position_embedding_type', 'absolute')
     if position != 'absolute':
-      raise ValueError(f'{where}: position_embedding_type is {position!r}; only "absolute" is supported')
+      raise errors.UserError(f'{where}: position_embedding_type is {position!r}; only "absolute" is supported')
     fields = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
     missing = [name for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
                                  'intermediate_size') if name not in raw]
     if missing:
-      raise ValueError(f'{where}: missing field(s) {missing} of a BERT config')
+      raise errors.UserError(f'{where}: missing field(s) {missing} of a BERT config')
     try:
       return cls(**fields)
     except (TypeError, ValueError) as e:
-      raise ValueError(f'{where}: {e}') from None
+      raise errors.UserError(f'{where}: {e}') from None
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -149,7 +151,7 @@ class BertModel(nn.Module):
     'pooler_output': [B, H] (with the pooler), 'hidden_states': (L + 1) x [B, n, H] (if asked)}."""
     c = self.config
     if input_ids.shape[-1] > c.max_position_embeddings:
-      raise ValueError(f'BERT input has {input_ids.shape[-1]} tokens; this model takes at most '
+      raise errors.UserError(f'BERT input has {input_ids.shape[-1]} tokens; this model takes at most '
                        f'{c.max_position_embeddings} (max_position_embeddings)')
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.data import lazy
 from xmatch_jax.data import pfan
@@ -129,19 +130,19 @@ class GLFN(nn.Module):
 
   def __post_init__(self):
     if self.bert is None:
-      raise ValueError('GLFN needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model')
+      raise errors.UserError('GLFN needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model')
     if self.score not in SCORES:
-      raise ValueError(f'GLFN.score must be one of {SCORES}, got {self.score!r}')
+      raise errors.UserError(f'GLFN.score must be one of {SCORES}, got {self.score!r}')
     if self.text_encoder not in TEXT_ENCODERS:
-      raise ValueError(f'GLFN.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}')
+      raise errors.UserError(f'GLFN.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}')
     if not 0 <= self.alpha <= 1:
-      raise ValueError(f'GLFN.alpha must be in [0, 1], got {self.alpha}')
+      raise errors.UserError(f'GLFN.alpha must be in [0, 1], got {self.alpha}')
     if self.vocab_size != self.bert.vocab_size:
-      raise ValueError(f'GLFN: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
+      raise errors.UserError(f'GLFN: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
     if self.block_size < 1:
-      raise ValueError(f'GLFN.block_size must be >= 1, got {self.block_size}')
+      raise errors.UserError(f'GLFN.block_size must be >= 1, got {self.block_size}')
     if self.tag_in_fusion not in ('twice', 'once'):
-      raise ValueError(f"GLFN.tag_in_fusion must be 'twice' or 'once', got {self.tag_in_fusion!r}")
+      raise errors.UserError(f"GLFN.tag_in_fusion must be 'twice' or 'once', got {self.tag_in_fusion!r}")
     super().__post_init__()
 
   def setup(self):
@@ -184,7 +185,7 @@ class GLFN(nn.Module):
     regions = images['regions']
     blocks = images['pfan_blocks']
     if blocks.shape[-1] != self.top_l:
-      raise ValueError(f'GLFN: pfan_blocks has L={blocks.shape[-1]}; the model was built for top_l={self.top_l}')
+      raise errors.UserError(f'GLFN: pfan_blocks has L={blocks.shape[-1]}; the model was built for top_l={self.top_l}')
     if self.use_tags:
       tags = self.tag_features(images['tag_tokens'], images['tag_mask'])
       objects = jnp.concatenate([regions, tags], axis=-1)                          # eq 1
@@ -273,7 +274,7 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
     out['pfan_blocks'], out['pfan_weights'] = pfan.block_positions(
         boxes, np.ones((boxes.shape[0], 2)), grid, top_l, where=f'{where}["boxes"]')
   else:
-    raise ValueError(f'{where}: GLFN needs block positions: fields pfan_blocks + pfan_weights (PFAN boxes.npy, see '
+    raise errors.UserError(f'{where}: GLFN needs block positions: fields pfan_blocks + pfan_weights (PFAN boxes.npy, see '
                      'tools/pfan_positions.py) or boxes; got fields ' + str(sorted(images)))
   if not use_tags:
     return out
@@ -282,7 +283,7 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
     out['tag_mask'] = np.asarray(images['tag_mask'], np.float32)
     return out
   if 'tags' not in images:
-    raise ValueError(f'{where}: GLFN with use_tags needs per-region tags (field tags: k strings per image) or '
+    raise errors.UserError(f'{where}: GLFN with use_tags needs per-region tags (field tags: k strings per image) or '
                      f'tag_tokens + tag_mask; got fields {sorted(images)}. For the SCAN precomp datasets (f30k, coco, '
                      'precomp) this means the manual dir has no {split}_tags.txt (line i: the k region tags of image '
                      'i, TAB-separated, e.g. "white plate"; see xmatch_jax/data/precomp.py; tools/convert_features.py '
@@ -295,7 +296,7 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
     for r, tag in enumerate(image_tags):
       tag = tag.decode() if isinstance(tag, bytes) else str(tag)
       if not tag.strip():
-        raise ValueError(f'{where}: image {i} region {r} has an empty tag')
+        raise errors.UserError(f'{where}: image {i} region {r} has an empty tag')
       if tag not in cache:
         cache[tag] = tokenizer.encode(tag)
       row.append(cache[tag])

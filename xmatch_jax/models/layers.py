@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmatch_jax import errors
+
 # Values of a matcher's `dtype` field (config.model.dtype): the dtype of its matmuls' operands.
 # Params, norms, softmaxes, the returned scores and the loss stay float32 either way.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -18,7 +20,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def compute_dtype(name: str, model: str) -> Any:
     """The jnp dtype named by a matcher's `dtype` field; unknown names are a ValueError."""
     if name not in DTYPES:
-        raise ValueError(f"config.model.dtype ({model}.dtype) must be one of {tuple(DTYPES)}, "
+        raise errors.UserError(f"config.model.dtype ({model}.dtype) must be one of {tuple(DTYPES)}, "
                          f"got {name!r}")
     return DTYPES[name]
 
@@ -155,7 +157,7 @@ class GRUTextEncoder(nn.Module):
             first token, i.e. each direction's final state). Not normalised.
         """
         if tokens.shape != mask.shape:
-            raise ValueError(
+            raise errors.UserError(
                 f"tokens {tokens.shape} and mask {mask.shape} must have the same shape")
         valid = mask > 0
         lengths = jnp.sum(valid, axis=-1).astype(jnp.int32)
@@ -198,4 +200,4 @@ def require_keys(inputs: dict, keys: Sequence[str], where: str) -> None:
     """Raises a ValueError naming `where` if `inputs` lacks any of `keys`."""
     missing = [key for key in keys if key not in inputs]
     if missing:
-        raise ValueError(f"{where}: input dict lacks {missing}; got keys {sorted(inputs)}")
+        raise errors.UserError(f"{where}: input dict lacks {missing}; got keys {sorted(inputs)}")

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.models import bert as bert_lib
 from xmatch_jax.models import layers
@@ -241,18 +242,18 @@ class MMCA(nn.Module):
 
   def __post_init__(self):
     if self.bert is None:
-      raise ValueError('MMCA needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model, which reads '
+      raise errors.UserError('MMCA needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model, which reads '
                        'it from bert_dir')
     if self.embed_size % self.num_heads:
-      raise ValueError(f'MMCA.embed_size ({self.embed_size}) must be a multiple of num_heads ({self.num_heads})')
+      raise errors.UserError(f'MMCA.embed_size ({self.embed_size}) must be a multiple of num_heads ({self.num_heads})')
     if self.text_norm not in TEXT_NORMS:
-      raise ValueError(f'MMCA.text_norm must be one of {TEXT_NORMS}, got {self.text_norm!r}')
+      raise errors.UserError(f'MMCA.text_norm must be one of {TEXT_NORMS}, got {self.text_norm!r}')
     if self.attention_scale not in ATTENTION_SCALES:
-      raise ValueError(f'MMCA.attention_scale must be one of {ATTENTION_SCALES}, got {self.attention_scale!r}')
+      raise errors.UserError(f'MMCA.attention_scale must be one of {ATTENTION_SCALES}, got {self.attention_scale!r}')
     if self.block_size < 1 or self.cnn_filters < 1:
-      raise ValueError(f'MMCA.block_size and cnn_filters must be >= 1, got {self.block_size}, {self.cnn_filters}')
+      raise errors.UserError(f'MMCA.block_size and cnn_filters must be >= 1, got {self.block_size}, {self.cnn_filters}')
     if self.vocab_size != self.bert.vocab_size:
-      raise ValueError(f'MMCA: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
+      raise errors.UserError(f'MMCA: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
     layers.compute_dtype(self.dtype, 'MMCA')
     super().__post_init__()
 

@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.models import layers
 
@@ -141,7 +142,7 @@ def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
           dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
     """`same_conv` of x and kernel cast to `dtype`, plus bias, on NHWC maps (float32 result)."""
     if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
-        raise ValueError(f"relation conv kernels must have odd sizes, got {kernel.shape[:2]}")
+        raise errors.UserError(f"relation conv kernels must have odd sizes, got {kernel.shape[:2]}")
     return same_conv(x.astype(dtype), kernel.astype(dtype)) + bias
 
 
@@ -326,13 +327,13 @@ class RDAN(nn.Module):
 
     def __post_init__(self):
         if not 0 <= self.mu <= 1:
-            raise ValueError(f"RDAN.mu must be in [0, 1], got {self.mu}")
+            raise errors.UserError(f"RDAN.mu must be in [0, 1], got {self.mu}")
         if self.cnn_channels < 1:
-            raise ValueError(f"RDAN.cnn_channels must be >= 1, got {self.cnn_channels}")
+            raise errors.UserError(f"RDAN.cnn_channels must be >= 1, got {self.cnn_channels}")
         if self.block_size < 1:
-            raise ValueError(f"RDAN.block_size must be >= 1, got {self.block_size}")
+            raise errors.UserError(f"RDAN.block_size must be >= 1, got {self.block_size}")
         if not self.use_cnn and (self.one_path or not self.use_residual):
-            raise ValueError(
+            raise errors.UserError(
                 "RDAN.use_cnn=False (no-cnn: both attentions use S) cannot be combined with "
                 f"one_path=True or use_residual=False; got one_path={self.one_path}, "
                 f"use_residual={self.use_residual}")
@@ -365,7 +366,7 @@ class RDAN(nn.Module):
         """Scores F of every pair, [I, C], computed in blocks of `block_size` images."""
         words, mask = text_rep['words'], text_rep['mask']
         if words.shape[:2] != mask.shape:
-            raise ValueError(
+            raise errors.UserError(
                 f"text_rep words {words.shape} and mask {mask.shape} disagree on [C, n]")
         dtype = layers.DTYPES[self.dtype]
         image = prepare_items(image_rep['regions'], dtype=dtype)

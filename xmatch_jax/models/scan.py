@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.models import layers
 
@@ -61,7 +62,7 @@ def normalize_raw_attention(attn: jax.Array, kind: str, axis: int,
         return layers.l2norm(attn, axis=axis)
     if kind in ('l1norm', 'clipped_l1norm'):
         return attn / (jnp.sum(jnp.abs(attn), axis=axis, keepdims=True) + _EPS)
-    raise ValueError(f"raw_feature_norm must be one of {RAW_FEATURE_NORMS}, got {kind!r}")
+    raise errors.UserError(f"raw_feature_norm must be one of {RAW_FEATURE_NORMS}, got {kind!r}")
 
 
 def aggregate(sims: jax.Array, kind: str, lambda_lse: float,
@@ -83,7 +84,7 @@ def aggregate(sims: jax.Array, kind: str, lambda_lse: float,
     if kind == 'Mean':
         count = sims.shape[-1] if mask is None else jnp.sum(mask, axis=-1)
         return total / count
-    raise ValueError(f"agg_func must be one of {AGG_FUNCS}, got {kind!r}")
+    raise errors.UserError(f"agg_func must be one of {AGG_FUNCS}, got {kind!r}")
 
 
 def prepare_text(words: jax.Array, mask: jax.Array, with_gram: bool,
@@ -101,7 +102,7 @@ def prepare_text(words: jax.Array, mask: jax.Array, with_gram: bool,
       with_gram, `gram` [C, n, n] (E E^T).
     """
     if words.shape[:2] != mask.shape:
-        raise ValueError(f"text_rep words {words.shape} and mask {mask.shape} disagree on [C, n]")
+        raise errors.UserError(f"text_rep words {words.shape} and mask {mask.shape} disagree on [C, n]")
     valid = mask > 0
     words = jnp.where(valid[..., None], words, 0.0)
     text = {
@@ -239,9 +240,9 @@ class SCAN(nn.Module):
                             ('agg_func', self.agg_func, AGG_FUNCS))
         for field, value, choices in choices_by_field:
             if value not in choices:
-                raise ValueError(f"SCAN.{field} must be one of {choices}, got {value!r}")
+                raise errors.UserError(f"SCAN.{field} must be one of {choices}, got {value!r}")
         if self.block_size < 1:
-            raise ValueError(f"SCAN.block_size must be >= 1, got {self.block_size}")
+            raise errors.UserError(f"SCAN.block_size must be >= 1, got {self.block_size}")
         layers.compute_dtype(self.dtype, 'SCAN')
         super().__post_init__()
 
