@@ -28,7 +28,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.cnn_filters = 256             # filters per window size 1, 2, 3 (sec 4.2)
   m.alpha = 0.2                   # weight of i1 . c1 (sec 3.5, Table 6)
   m.text_norm = 'l2'              # sec 3.5's unit-norm embeddings; 'layernorm' = eq 7 literally
-  m.attention_scale = 'head'      # softmax(QK^T / sqrt(d / h)) (eq 1); 'model' = sqrt(d) (eq 11)
+  m.self_attention_scale = 'head'   # eq 1: softmax(QK^T / sqrt(d_k)), d_k = d / h
+  m.cross_attention_scale = 'model'  # eq 11: softmax(QK^T / sqrt(d)) over [R; E]
   m.block_size = 2                # images per block of the cross branch's all-pairs scorer; on 2 CPU cores
                                   # block 2 scores 4,239 pairs/s at k=36, n=12..20 (8: 2,885; 32: 2,767)
   m.remat = True
@@ -58,6 +59,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   for d in DIMS:
     if f'd{d}' in variants:
       m.embed_size = d
+      m.cnn_filters = d           # eq 7: W_e in R^{d x 3d}, i.e. d filters per window size
   for a in ALPHAS:
     if f'alpha{a}' in variants:
       m.alpha = a

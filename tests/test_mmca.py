@@ -1,5 +1,6 @@
 """MMCA against plain numpy implementations of the paper's equations (1-7 and 8-14) with the same weights."""
 
+import json
 import os
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import mmca as mmca_config
+from xmatch_jax import run_setup
 from xmatch_jax.models import build_model
 from xmatch_jax.models import mmca as mmca_lib
 
@@ -64,11 +66,11 @@ def np_text_cnn(p, e, text_norm):
   return np_layer_norm(p['ln'], c) if text_norm == 'layernorm' else np_l2(c)
 
 
-def np_mmca_scores(params, regions, bert_features, lengths, heads, alpha, text_norm, scale_by):
+def np_mmca_scores(params, regions, bert_features, lengths, heads, alpha, text_norm, self_scale, cross_scale):
   scores = np.zeros((len(regions), len(lengths)))
   for i, o in enumerate(regions):
     r = np_linear(params['region_fc'], o)
-    i0 = np_l2(np_transformer(params['image_unit'], r, heads, scale_by).mean(0))     # eq 5
+    i0 = np_l2(np_transformer(params['image_unit'], r, heads, self_scale).mean(0))   # eq 5
     for c, length in enumerate(lengths):
       e = bert_features[c, :length]
       c0 = np_text_cnn(params['text_cnn0'], e, text_norm)                             # eqs 6-7
@@ -76,7 +78,7 @@ def np_mmca_scores(params, regions, bert_features, lengths, heads, alpha, text_n
         scores[i, c] = i0 @ c0
         continue
       y = np.concatenate([r, np_linear(params['word_fc'], e)])                        # Y = [R; E]
-      yc = np_transformer(params['cross_unit'], y, heads, scale_by)                   # eqs 8-14
+      yc = np_transformer(params['cross_unit'], y, heads, cross_scale)                # eqs 8-14
       i1 = np_l2(yc[:len(r)].mean(0))
       c1 = np_text_cnn(params['text_cnn1'], yc[len(r):], text_norm)
       scores[i, c] = i0 @ c0 + alpha * i1 @ c1
@@ -112,7 +114,7 @@ def _numpy_params(model, variables):
 @pytest.mark.parametrize('fields', [
     {},
     {'text_norm': 'layernorm', 'alpha': 0.8},
-    {'attention_scale': 'model', 'block_size': 1},
+    {'self_attention_scale': 'model', 'cross_attention_scale': 'head', 'block_size': 1},
     {'block_size': 100, 'num_heads': 2},
     {'alpha': 0.0},
 ])
@@ -124,8 +126,27 @@ def test_scores_equal_numpy_equations(fields):
   features = np.asarray(model.apply(variables, text['tokens'], text['mask'],
                                     method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']), np.float64)
   expected = np_mmca_scores(_numpy_params(model, variables), images['regions'].astype(np.float64), features,
-                            LENGTHS, model.num_heads, model.alpha, model.text_norm, model.attention_scale)
+                            LENGTHS, model.num_heads, model.alpha, model.text_norm, model.self_attention_scale,
+                            model.cross_attention_scale)
   np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_default_scales_follow_eq_1_and_eq_11():
+  """The self-attention unit divides by sqrt(d_k) (eq 1), the joint cross unit by sqrt(d) (eq 11): the
+  reference is given the paper's scales, not the model's fields, so a default that reads them otherwise fails."""
+  model = _model()
+  images, text = _inputs()
+  variables = model.init(jax.random.key(3), images, text)
+  scores = np.asarray(model.apply(variables, images, text))
+  features = np.asarray(model.apply(variables, text['tokens'], text['mask'],
+                                    method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']), np.float64)
+  params = _numpy_params(model, variables)
+  paper = np_mmca_scores(params, images['regions'].astype(np.float64), features, LENGTHS, model.num_heads,
+                         model.alpha, model.text_norm, 'head', 'model')
+  np.testing.assert_allclose(scores, paper, atol=1e-5, rtol=1e-5)
+  one_scale = np_mmca_scores(params, images['regions'].astype(np.float64), features, LENGTHS, model.num_heads,
+                             model.alpha, model.text_norm, 'head', 'head')
+  assert np.max(np.abs(scores - one_scale)) > 1e-4   # the old single sqrt(d/h) setting differs
 
 
 def test_cross_branch_of_a_pair_equals_the_stacked_sequence_alone():
@@ -179,7 +200,8 @@ def test_blocked_remat_gradients_equal_unblocked_and_bert_gets_none():
 @pytest.mark.parametrize('fields,message', [
     ({'embed_size': 18}, 'multiple of num_heads'),
     ({'text_norm': 'batchnorm'}, 'text_norm'),
-    ({'attention_scale': 'none'}, 'attention_scale'),
+    ({'self_attention_scale': 'none'}, 'self_attention_scale'),
+    ({'cross_attention_scale': 'd'}, 'cross_attention_scale'),
     ({'block_size': 0}, 'block_size'),
 ])
 def test_bad_fields_are_refused(fields, message):
@@ -192,7 +214,57 @@ def test_tokenizer_and_bert_must_agree():
     build_model({'name': 'mmca', 'bert_dir': TINY_BERT}, vocab_size=30, img_dim=IMG_DIM)
 
 
-@pytest.mark.parametrize('arg', ['f30k', 'coco', 'shapes', 'f30k,d512', 'f30k,alpha0.4'])
-def test_configs_build(arg):
-  config = mmca_config.get_config(arg)
-  assert config.model.name == 'mmca' and config.batch_size == (64 if 'shapes' not in arg else config.batch_size)
+# Sec 4.2 and sec 3.5 of the paper, transcribed: (config path, value). The same on both paper datasets.
+PAPER = {
+    'batch_size': 64, 'num_epochs': 20,                                   # "trained for 20 epochs", "batch-size 64"
+    'optim.learning_rate': 2e-4, 'optim.lr_decay_epochs': 10, 'optim.lr_decay_factor': 0.1,   # Adam, x0.1 at 10
+    'loss.margin': 0.2, 'loss.max_violation': True,                       # m = 0.2, hard negatives only
+    'model.embed_size': 256, 'model.num_heads': 16, 'model.cnn_filters': 256,   # d = 256 (Tables 4-5), 16 heads
+    'model.alpha': 0.2,                                                   # Table 6's best alpha
+    'model.self_attention_scale': 'head', 'model.cross_attention_scale': 'model',   # eq 1 sqrt(d_k), eq 11 sqrt(d)
+    'eval_metric': 'recall',
+}
+
+
+def _get(config, path):
+  for part in path.split('.'):
+    config = config[part]
+  return config
+
+
+def _flat(config, prefix=''):
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+@pytest.mark.parametrize('dataset', ['f30k', 'coco'])
+def test_paper_configs_follow_section_4_2(dataset):
+  config = mmca_config.get_config(dataset)
+  wrong = {path: (_get(config, path), value) for path, value in PAPER.items() if _get(config, path) != value}
+  assert not wrong, f'config field: (config, paper): {wrong}'
+
+
+@pytest.mark.parametrize('variant,changes', [
+    ('d64', {'model.embed_size': 64, 'model.cnn_filters': 64}),     # eq 7: W_e in R^{d x 3d}: d filters per size
+    ('d512', {'model.embed_size': 512, 'model.cnn_filters': 512}),
+    ('alpha0.4', {'model.alpha': 0.4}),
+])
+def test_variants_change_what_they_name_and_nothing_else(variant, changes):
+  base, variant_config = _flat(mmca_config.get_config('f30k')), _flat(mmca_config.get_config(f'f30k,{variant}'))
+  changed = {k: variant_config[k] for k in base if base[k] != variant_config[k]}
+  assert changed == changes
+
+
+def test_workdirs_with_the_single_attention_scale_keep_their_meaning(tmp_path):
+  config = mmca_config.get_config('shapes').to_dict()
+  del config['model']['self_attention_scale'], config['model']['cross_attention_scale']
+  config['model']['attention_scale'] = 'head'     # config.json of a run trained before the split
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  model = run_setup.load_config(str(tmp_path)).model
+  assert (model.self_attention_scale, model.cross_attention_scale) == ('head', 'head')
+  assert 'attention_scale' not in model

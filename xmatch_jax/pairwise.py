@@ -2,7 +2,7 @@
 
 A cross-attention head scores every (image, caption) pair. Written naively it builds per-pair
 D-dimensional context vectors; here it is written with the batch-wide region-word similarity tensor
-`S = einsum('ikd,cnd->ickn')` (one large matmul), per-item Gram matrices and norms (see DESIGN.md,
+`S = einsum('ikd,cnd->ickn')` (one large matmul), per-item Gram matrices and norms (see docs/architecture.md,
 "The batch-wide similarity tensor"). `score_in_blocks` bounds peak memory by scoring blocks of
 images against all captions with `lax.map`, optionally rematerialising each block in the backward
 pass.

@@ -1,6 +1,6 @@
 """Several devices and processes: `jax.distributed` start-up, the `data` mesh, per-process batches, topology.
 
-One code path from 1 CPU to many hosts (DESIGN.md, Parallelism). `python -m xmatch_jax.parallel` prints the
+One code path from 1 CPU to many hosts (docs/architecture.md, "Parallelism"). `python -m xmatch_jax.parallel` prints the
 device topology (after starting `jax.distributed` when the environment asks for it, as training does).
 """
 

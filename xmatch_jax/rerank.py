@@ -1,5 +1,6 @@
 """Two-stage retrieval for cross-attention matchers: a cheap global score shortlists the top K candidates of every
-query, the model's full pair head re-scores only those (DESIGN.md; `evaluate --rerank_k=K`, `Retriever.score`).
+query, the model's full pair head re-scores only those (docs/architecture.md, "Two-stage retrieval";
+`evaluate --rerank_k=K`, `Retriever.score`).
 
 Global score, from the encoded reps (no parameters): MMCA's i0 . c0 when the reps carry them, the global embeddings
 of VSE++, else for region / word models (SCAN, RDAN, GLFN) the mean over real words of each word's best region

@@ -92,7 +92,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       raise errors.UserError(f'{path}: not valid JSON ({e}); expected the config.json that training writes.') from None
   if not isinstance(data, dict) or not isinstance(data.get('model'), dict):
     raise errors.UserError(f'{path}: no "model" object; expected the config.json that training writes.')
+  _upgrade_model_fields(data['model'])
   return ml_collections.ConfigDict(data)
+
+
+def _upgrade_model_fields(model: dict) -> None:
+  """Renames fields of workdirs written by earlier versions, keeping their meaning."""
+  if model.get('name') == 'mmca' and 'attention_scale' in model:   # one setting for both units until 0.1.x
+    scale = model.pop('attention_scale')
+    model.setdefault('self_attention_scale', scale)
+    model.setdefault('cross_attention_scale', scale)
 
 
 def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -1,7 +1,8 @@
 """Datasets: a registry of split loaders, all returning the same in-memory layout.
 
 `load_split(name, split)` returns `Split(images, captions, caption_to_image)`: `images` is a dict of stacked
-arrays with DESIGN.md's keys (`regions` [N, k, d] float32, `boxes` [N, k, 4], `pixels`, `label`, `tags` ...),
+arrays with the keys of docs/architecture.md, "Datasets" (`regions` [N, k, d] float32, `boxes` [N, k, 4],
+`pixels`, `label`, `tags` ...),
 `captions` a list of strings and `caption_to_image` [N_cap] int (caption c belongs to image c // 5 in test splits
 of the caption datasets; the category datasets of data/category.py have one text per image, `pixels` and `label`).
 These are the inputs `Retriever.score` takes, so any subset can be scored.

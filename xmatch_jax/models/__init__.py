@@ -1,7 +1,7 @@
 """Matcher registry: model name -> Flax module, and `build_model` from a config.
 
 Every matcher has `encode_image(images)`, `encode_text(text)`, `pair_scores(image_rep, text_rep)`
-and `__call__(images, text)` (see DESIGN.md, "The matcher interface").
+and `__call__(images, text)` (see docs/architecture.md, "The matcher interface").
 """
 
 import dataclasses

@@ -15,8 +15,9 @@ No official code was released. Readings where the paper is not explicit (module 
   same W^K, W^Q, W^V to regions (d-dim) and words (768-dim for BERT-base), so the words must be d-dim first.
 - Eq 7 writes LayerNorm, the text after it and sec 3.5 ("the embeddings are scaled to have a unit norm") say l2
   normalisation: `text_norm='l2'` (default) follows sec 3.5, 'layernorm' follows eq 7 literally.
-- Eq 11 scales by sqrt(d); eq 1 and the multi-head Transformer it cites scale each head by sqrt(d_k), d_k = d / h.
-  Both units here use the per-head sqrt(d_k) (`attention_scale='head'`; 'model' uses sqrt(d)).
+- Eq 1 (the self-attention unit) scales each head by sqrt(d_k), d_k = d / h; eq 11 (the joint cross unit) scales
+  by sqrt(d). Each unit has its own setting, defaulting to its equation's text: `self_attention_scale='head'`,
+  `cross_attention_scale='model'` (docs/fidelity.md, MMCA).
 - LayerNorm epsilon 1e-5 (PyTorch's default, the paper's framework); no dropout (not described).
 - The CNN runs over all WordPiece tokens including [CLS] and [SEP]; a window is used only if all its tokens are
   real (padding never enters a max); a caption shorter than a window contributes 0 for it (ReLU outputs are >= 0).
@@ -215,7 +216,8 @@ class MMCA(nn.Module):
     cnn_filters: filters per window size of the 1d-CNNs (256).
     alpha: weight of the cross-attention score (0.2).
     text_norm: 'l2' (sec 3.5) or 'layernorm' (eq 7) for c_0 and c_1.
-    attention_scale: 'head' (sqrt(d/h), eq 1) or 'model' (sqrt(d), eq 11).
+    self_attention_scale: the self-attention unit's logits over 'head' = sqrt(d/h) (eq 1) or 'model' = sqrt(d).
+    cross_attention_scale: the joint cross unit's logits over 'model' = sqrt(d) (eq 11) or 'head' = sqrt(d/h).
     block_size: images per block of the cross branch's all-pairs scorer.
     remat: recompute each block in the backward pass.
     dtype: 'float32' or 'bfloat16': compute dtype of the matmuls outside the (float32) BERT. Params, softmaxes,
@@ -232,7 +234,8 @@ class MMCA(nn.Module):
   cnn_filters: int = 256
   alpha: float = 0.2
   text_norm: str = 'l2'
-  attention_scale: str = 'head'
+  self_attention_scale: str = 'head'
+  cross_attention_scale: str = 'model'
   block_size: int = 16
   remat: bool = False
   dtype: str = 'float32'
@@ -248,8 +251,9 @@ class MMCA(nn.Module):
       raise errors.UserError(f'MMCA.embed_size ({self.embed_size}) must be a multiple of num_heads ({self.num_heads})')
     if self.text_norm not in TEXT_NORMS:
       raise errors.UserError(f'MMCA.text_norm must be one of {TEXT_NORMS}, got {self.text_norm!r}')
-    if self.attention_scale not in ATTENTION_SCALES:
-      raise errors.UserError(f'MMCA.attention_scale must be one of {ATTENTION_SCALES}, got {self.attention_scale!r}')
+    for field in ('self_attention_scale', 'cross_attention_scale'):
+      if getattr(self, field) not in ATTENTION_SCALES:
+        raise errors.UserError(f'MMCA.{field} must be one of {ATTENTION_SCALES}, got {getattr(self, field)!r}')
     if self.block_size < 1 or self.cnn_filters < 1:
       raise errors.UserError(f'MMCA.block_size and cnn_filters must be >= 1, got {self.block_size}, {self.cnn_filters}')
     if self.vocab_size != self.bert.vocab_size:
@@ -278,7 +282,7 @@ class MMCA(nn.Module):
     """images['regions'] [I, k, img_dim] -> {'i0' [I, d], 'regions' [I, k, d], 'q', 'k', 'v' [I, k, h, d/h]}."""
     layers.require_keys(images, ('regions',), 'MMCA.encode_image')
     regions = self.region_fc(images['regions'])
-    attended = transformer_unit(self.image_unit(), regions, None, self.num_heads, self.attention_scale,
+    attended = transformer_unit(self.image_unit(), regions, None, self.num_heads, self.self_attention_scale,
                                 self._dtype)
     return {'i0': layers.l2norm(jnp.mean(attended, axis=1)), 'regions': regions,
             **project_qkv(self.cross_unit(), regions, self.num_heads, self._dtype)}
@@ -303,7 +307,7 @@ class MMCA(nn.Module):
     text = {key: text_rep[key] for key in ('words', 'q', 'k', 'v')}
     text['valid'] = text_rep['mask'] > 0
     head = functools.partial(cross_block_scores, heads=self.num_heads, text_norm=self.text_norm,
-                             attention_scale=self.attention_scale, dtype=self._dtype)
+                             attention_scale=self.cross_attention_scale, dtype=self._dtype)
     cross = pairwise.score_in_blocks(
         lambda image_block, shared: head(image_block, shared[0], shared[1], shared[2]),
         image, (text, self.cross_unit(), self.text_cnn1()), self.block_size, remat=self.remat)

@@ -4,7 +4,8 @@ Scores follow the official code (github.com/kuanghuei/SCAN, model.py: func_atten
 xattn_score_t2i, xattn_score_i2t, cosine_similarity), which loops over captions truncated to their
 lengths. Here all pairs of a block of images are scored at once from the batch-wide similarity
 tensor S (laid out [I, k, C, n] for t2i, [C, n, I, k] for i2t), per-item Gram matrices and norms
-(DESIGN.md), with padded words masked out of every normalisation, softmax and aggregation exactly
+(docs/architecture.md, "The batch-wide similarity tensor"), with padded words masked out of every
+normalisation, softmax and aggregation exactly
 as truncation would drop them. No per-pair context vectors are built: with attention weights w,
 the attended vector a = sum w v has query . a = sum w S and |a|^2 = w^T G w.
 """
