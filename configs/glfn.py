@@ -32,7 +32,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.score = 'fused'               # eq 33; 't2i' / 'i2t' train and score one direction
   m.alpha = 0.5
   m.raw_feature_norm = 'clipped_l2norm'
-  m.agg_func = 'LogSumExp'
+  m.t2i_agg_func = 'Mean'         # eq 31: the mean over words
+  m.i2t_agg_func = 'Mean'         # eq 32: the mean over regions (official f30k_i2t.sh: --agg_func=Mean)
   m.t2i_lambda_softmax = 9.0      # SCAN's published settings per direction
   m.t2i_lambda_lse = 6.0
   m.i2t_lambda_softmax = 4.0
@@ -41,6 +42,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.train_position_attention = True   # False = official code (position vectors detached)
   m.t2i_max_attention_weight = 0.0    # 0.5 = official code's extra t2i term
   m.position_eps = 0.0            # eq 11 exactly; 1e-6 = official code (sum + 1e-6)
+  m.official_init = False         # True = official code's init (block embeddings N(0, 1), Xavier f and word FC)
   m.block_size = 16
   m.remat = True
 
@@ -64,6 +66,12 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
     m.train_position_attention = False
     m.t2i_max_attention_weight = 0.5
     m.position_eps = 1e-6
+    m.official_init = True
+    c.loss.mask_same_image = False   # the official ContrastiveLoss masks only the diagonal
+    if dataset in common.PAPER_DATASETS:   # the official f30k_i2t.sh
+      c.num_epochs = 40
+      c.batch_size = 196
+      c.optim.lr_decay_epochs = 15
   if 'no_tag' in variants:
     m.use_tags = False
   if 'only_gru' in variants and 'only_bert' in variants:

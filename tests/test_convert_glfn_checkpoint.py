@@ -87,7 +87,7 @@ def test_i2t_checkpoint_scores_as_the_official_i2t(expected, tmp_path):
   path = _rewritten(tmp_path, 'i2t', opt={'cross_attn': 'i2t', 'agg_func': 'Mean', 'lambda_softmax': 4.0})
   retriever, scores = _convert_and_score(path, str(tmp_path / 'w'), expected)
   m = retriever.config.model
-  assert (m.score, m.agg_func, m.i2t_lambda_softmax) == ('i2t', 'Mean', 4.0)
+  assert (m.score, m.i2t_agg_func, m.i2t_lambda_softmax) == ('i2t', 'Mean', 4.0)
   np.testing.assert_allclose(scores, expected['i2t_scores'], atol=1e-5)
 
 

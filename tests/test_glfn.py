@@ -2,6 +2,7 @@
 included, also on the real PFAN fixture), the image side (1-14), the text side (15-27, reusing the GRU checked in
 test_scan) and the fused SCAN score (28-33, numpy port of SCAN's official loop)."""
 
+import json
 import os
 
 import jax
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 from test_scan import np_aggregate, np_l2norm, np_leaky_relu, np_softmax, np_xattn_scores  # pylint: disable=g-import-not-at-top
+from configs import glfn as glfn_config
+from xmatch_jax import run_setup
 from xmatch_jax.data import pfan
 from xmatch_jax.data import wordpiece
 from xmatch_jax.models import build_model
@@ -85,14 +88,14 @@ def _np_image_side(model, variables, images):
   return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-8)
 
 
-def np_official_max_attention(regions, words, lengths, lambda_softmax, lambda_lse):
-  """The official GLFN t2i extra term: LogSumExp over words of each word's largest attention weight."""
+def np_official_max_attention(regions, words, lengths, lambda_softmax, lambda_lse, agg_func):
+  """The official GLFN t2i extra term: each word's largest attention weight, aggregated over words as the score."""
   columns = []
   for c, n_word in enumerate(lengths):
     attn = regions @ words[c, :n_word].T                                  # [I, k, n] (func_attention)
     attn = np_l2norm(np_leaky_relu(attn), 2)
     weights = np_softmax(attn.transpose(0, 2, 1) * lambda_softmax, axis=2)   # [I, n, k] over regions
-    columns.append(np_aggregate(weights.max(axis=2), 'LogSumExp', lambda_lse))
+    columns.append(np_aggregate(weights.max(axis=2), agg_func, lambda_lse))
   return np.stack(columns, axis=1)
 
 
@@ -101,8 +104,11 @@ OFFICIAL = {'tag_in_fusion': 'once', 'train_position_attention': False, 't2i_max
 
 @pytest.mark.parametrize('fields', [{}, {'use_tags': False}, {'score': 't2i'}, {'score': 'i2t', 'alpha': 0.3},
                                     {'text_encoder': 'bert'}, {'text_encoder': 'gru', 'alpha': 0.8}, OFFICIAL,
-                                    {**OFFICIAL, 'score': 't2i'}])
+                                    {**OFFICIAL, 'score': 't2i', 't2i_agg_func': 'LogSumExp'},
+                                    {'t2i_agg_func': 'LogSumExp', 'i2t_agg_func': 'Max'}])
 def test_scores_equal_numpy_equations(fields):
+  # Eqs 31-32 average over words / regions: the reference uses the mean unless the case names another aggregation.
+  t2i_agg, i2t_agg = fields.get('t2i_agg_func', 'Mean'), fields.get('i2t_agg_func', 'Mean')
   model = _model(**fields)
   images, text = _inputs()
   variables = model.init(jax.random.key(0), {k: images[k] for k in model.image_keys}, text)
@@ -110,10 +116,11 @@ def test_scores_equal_numpy_equations(fields):
   image_rep = model.apply(variables, {k: images[k] for k in model.image_keys}, method=model.encode_image)
   np.testing.assert_allclose(image_rep['regions'], regions, atol=1e-5)
   words = np.asarray(model.apply(variables, text, method=model.encode_text)['words'], np.float64)
-  t2i = np_xattn_scores(regions, words, LENGTHS, 't2i', 'clipped_l2norm', 'LogSumExp', 9.0, 6.0)
+  t2i = np_xattn_scores(regions, words, LENGTHS, 't2i', 'clipped_l2norm', t2i_agg, 9.0, 6.0)
   if model.t2i_max_attention_weight:
-    t2i = t2i + model.t2i_max_attention_weight * np_official_max_attention(regions, words, LENGTHS, 9.0, 6.0)
-  i2t = np_xattn_scores(regions, words, LENGTHS, 'i2t', 'clipped_l2norm', 'LogSumExp', 4.0, 5.0)
+    t2i = t2i + model.t2i_max_attention_weight * np_official_max_attention(regions, words, LENGTHS, 9.0, 6.0,
+                                                                           t2i_agg)
+  i2t = np_xattn_scores(regions, words, LENGTHS, 'i2t', 'clipped_l2norm', i2t_agg, 4.0, 5.0)
   expected = {'t2i': t2i, 'i2t': i2t, 'fused': model.alpha * i2t + (1 - model.alpha) * t2i}[model.score]
   scores = model.apply(variables, {k: images[k] for k in model.image_keys}, text)
   np.testing.assert_allclose(scores, expected, atol=1e-5)
@@ -141,6 +148,27 @@ def test_official_code_never_trains_the_position_attention():
       assert (float(np.abs(jax.tree.leaves(grads[name])[0]).max()) == 0) == expect_zero, (name, train_position)
 
 
+def test_official_init_follows_the_official_code():
+  """official_init: position_embedding is nn.Embedding (N(0, 1)); posi_attn_matrix_add_tag and the text fc are
+  Xavier-uniform, bound sqrt(6 / (fan_in + fan_out)), the fc bias zero (official model.py, init_weights)."""
+  images, text = _inputs()
+  big = {'position_dim': 64, 'grid': GRID}
+  stats = {}
+  for official in (False, True):
+    model = _model(official_init=official, **big)
+    params = model.init(jax.random.key(2), {k: images[k] for k in model.image_keys}, text)['params']
+    stats[official] = params
+  table = np.asarray(stats[True]['block_embed']['embedding'])
+  assert abs(table.std() - 1.0) < 0.1, table.std()                           # N(0, 1)
+  assert np.asarray(stats[False]['block_embed']['embedding']).std() < 0.3    # Flax: N(0, 1 / D_b)
+  for name in ('object_fc', 'word_fc'):
+    kernel = np.asarray(stats[True][name]['kernel'])
+    bound = np.sqrt(6.0 / sum(kernel.shape))
+    assert kernel.max() <= bound and kernel.min() >= -bound and kernel.max() > 0.8 * bound, name
+    assert abs(kernel.std() - bound / np.sqrt(3)) < 0.15 * bound / np.sqrt(3), name   # uniform's std
+  assert float(np.abs(stats[True]['word_fc']['bias']).max()) == 0
+
+
 def test_ablations_change_the_parameters_they_should():
   images, text = _inputs()
   params = {}
@@ -161,3 +189,48 @@ def test_missing_inputs_are_named():
     glfn_lib.prepare_images({'regions': np.zeros((1, 1, 3)), 'boxes': np.array([[[0, 0, 1, 1.]]])}, None)
   with pytest.raises(ValueError, match='score must be one of'):
     _model(score='both')
+
+
+# Sec 4.2 of the paper, transcribed (the margin and batch size are not given: SCAN's 0.2 and 128 are used).
+PAPER = {
+    'optim.learning_rate': 2e-4, 'optim.grad_clip': 2.0, 'num_epochs': 30,          # Adam 0.0002, clip 2, 30 epochs
+    'model.embed_size': 1024, 'model.word_dim': 300, 'model.position_dim': 200,     # D, GRU input size, D_b
+    'model.grid': 16, 'model.top_l': 15, 'model.alpha': 0.5,                        # 16 x 16 blocks, L, eq 33
+    'model.t2i_agg_func': 'Mean', 'model.i2t_agg_func': 'Mean',                     # eqs 31-32
+    'loss.max_violation': True,                                                     # hardest negatives (sec 3.5)
+}
+# The official code's training (f30k_i2t.sh and ContrastiveLoss in model.py).
+OFFICIAL_TRAINING = {'num_epochs': 40, 'batch_size': 196, 'optim.lr_decay_epochs': 15, 'optim.learning_rate': 2e-4,
+                     'loss.mask_same_image': False, 'model.official_init': True, 'model.i2t_agg_func': 'Mean',
+                     'model.i2t_lambda_softmax': 4.0}
+
+
+def _get(config, path):
+  for part in path.split('.'):
+    config = config[part]
+  return config
+
+
+@pytest.mark.parametrize('dataset', ['f30k', 'coco'])
+def test_paper_configs_follow_section_4_2(dataset):
+  config = glfn_config.get_config(dataset)
+  wrong = {k: (_get(config, k), v) for k, v in PAPER.items() if _get(config, k) != v}
+  assert not wrong, f'config field: (config, paper): {wrong}'
+  assert config.optim.lr_decay_epochs >= config.num_epochs   # no decay is mentioned
+
+
+def test_official_variant_trains_as_the_official_script():
+  config = glfn_config.get_config('f30k,official,i2t')
+  wrong = {k: (_get(config, k), v) for k, v in OFFICIAL_TRAINING.items() if _get(config, k) != v}
+  assert not wrong, f'config field: (config, official): {wrong}'
+  assert glfn_config.get_config('f30k').loss.mask_same_image
+
+
+def test_workdirs_with_one_aggregation_keep_their_meaning(tmp_path):
+  config = glfn_config.get_config('shapes').to_dict()
+  for field in ('t2i_agg_func', 'i2t_agg_func', 'official_init'):
+    del config['model'][field]
+  config['model']['agg_func'] = 'LogSumExp'     # config.json of a run trained before the split
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  model = run_setup.load_config(str(tmp_path)).model
+  assert (model.t2i_agg_func, model.i2t_agg_func, model.official_init) == ('LogSumExp', 'LogSumExp', False)

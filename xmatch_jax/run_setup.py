@@ -102,6 +102,12 @@ def _upgrade_model_fields(model: dict) -> None:
     scale = model.pop('attention_scale')
     model.setdefault('self_attention_scale', scale)
     model.setdefault('cross_attention_scale', scale)
+  if model.get('name') == 'glfn' and 'agg_func' in model:         # one aggregation for both directions until 0.1.x
+    agg = model.pop('agg_func')
+    model.setdefault('t2i_agg_func', agg)
+    model.setdefault('i2t_agg_func', agg)
+  if model.get('name') == 'glfn':
+    model.setdefault('official_init', False)
 
 
 def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -218,7 +218,7 @@ def config_from_opt(opt, sizes: dict, bert_dir: str, dataset: str = '',
     m[field] = int(sizes[field])
   m.top_l = BOX_LEN
   m.raw_feature_norm = raw_norm
-  m.agg_func = agg
+  m[f'{cross_attn}_agg_func'] = agg
   m[f'{cross_attn}_lambda_softmax'] = float(get('lambda_softmax', required=True))
   m[f'{cross_attn}_lambda_lse'] = float(get('lambda_lse', required=True))
   m.t2i_max_attention_weight = OFFICIAL_T2I_MAX_ATTENTION_WEIGHT
@@ -282,6 +282,7 @@ _DATA_NAME_OF = {'f30k': 'f30k_bottom', 'coco': 'coco_bottom',
 # Model fields that change how xmatch computes or where the BERT is, not what the exported weights mean; alpha and
 # the other direction's lambdas are unused by a one-direction model and not carried.
 _NOT_CARRIED = {'block_size', 'remat', 'dtype', 'bert_dir', 'bert', 'alpha', 'embed_size', 'word_dim', 'num_layers',
+                'official_init',  # how training starts, not what a checkpoint holds
                 'position_dim', 'grid'}
 
 
@@ -347,7 +348,7 @@ def opt_from_config(config, img_dim: int | None = None, source: str = 'config') 
   data_name = _DATA_NAME_OF.get(config.dataset)
   if data_name is None:
     refusals.append(f'dataset {config.dataset!r} has no official data_name; expected one of {sorted(_DATA_NAME_OF)}')
-  handled = set(OFFICIAL_FIELDS) | _NOT_CARRIED | {'name', 'score', 'raw_feature_norm', 'agg_func',
+  handled = set(OFFICIAL_FIELDS) | _NOT_CARRIED | {'name', 'score', 'raw_feature_norm', 't2i_agg_func', 'i2t_agg_func',
                                                    't2i_lambda_softmax', 't2i_lambda_lse', 'i2t_lambda_softmax',
                                                    'i2t_lambda_lse'}
   unknown = sorted(set(fields) - handled)
@@ -362,7 +363,7 @@ def opt_from_config(config, img_dim: int | None = None, source: str = 'config') 
       'grad_clip': float(config.optim.grad_clip), 'num_layers': int(get('num_layers')),
       'learning_rate': float(config.optim.learning_rate), 'lr_update': int(config.optim.lr_decay_epochs),
       'max_violation': bool(config.loss.max_violation), 'img_dim': int(img_dim),
-      'raw_feature_norm': get('raw_feature_norm'), 'agg_func': get('agg_func'), 'cross_attn': score,
+      'raw_feature_norm': get('raw_feature_norm'), 'agg_func': get(f'{score}_agg_func'), 'cross_attn': score,
       'lambda_lse': float(get(f'{score}_lambda_lse')), 'lambda_softmax': float(get(f'{score}_lambda_softmax')),
       'bert_to_gru_size': int(get('word_dim')),
   }

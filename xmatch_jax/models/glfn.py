@@ -16,16 +16,18 @@ Readings and deviations (module fields where they matter):
 - Eq 10 multiplies the pre-softmax att'_im; eq 9 computes the softmax and is otherwise unused, and PFAN (which
   eqs 2-12 take from) multiplies the softmax weights. This follows eq 9 -> eq 10 with the softmax weights.
   (The softmax normaliser then cancels in eq 11.)
-- Eqs 28-31 describe SCAN t2i without its softmax, temperature or LogSumExp; the paper uses "stack cross
-  attention [2]" (SCAN), so SCAN's attention is used with its published t2i / i2t settings.
+- Eqs 28-31 describe SCAN t2i without its softmax or temperature; the paper uses "stack cross attention [2]"
+  (SCAN), so SCAN's attention is used with its published lambda_softmax per direction. Eqs 31-32 aggregate by
+  the mean, as the official f30k_i2t.sh (`--agg_func=Mean`): `t2i_agg_func` / `i2t_agg_func` default to 'Mean'.
 - Tag embedding: mean of the tag's BERT token states over its real tokens ([CLS] and [SEP] included) (the
   paper does not say how the 768-d tag vector is pooled).
 - The paper's bi-GRU dropout 0.5 acts only between stacked layers; with one layer (the paper's) it does nothing.
 - The official code (smileslabsh/Generative-Label-Fused-Network, model.py) differs from the equations in three
   places, each a field: `tag_in_fusion='once'`, `train_position_attention=False` (it detaches the position
   vectors), `t2i_max_attention_weight=0.5` (an extra t2i term), and `position_eps=1e-6` (eq 11 divides by
-  sum + 1e-6). It also trains t2i and i2t as two models and
-  fuses their scores at evaluation; `score='fused'` here trains one model on the fused score.
+  sum + 1e-6). Its initialisation is another field, `official_init` (block embeddings N(0, 1) as nn.Embedding,
+  Xavier-uniform f and word FC, zero biases). It trains t2i and i2t as two models and fuses their scores at
+  evaluation (sec 4.2, Table 1); `score='fused'` trains one model on the fused score. docs/fidelity.md, GLFN.
 - Ablations (Table 3): use_tags=False (no-tag: o_i = i_i, no t_i), text_encoder='gru' (only-GRU: learned
   embeddings of the WordPiece tokens, no BERT), text_encoder='bert' (only-BERT: BERT features -> FC to D).
 """
@@ -81,8 +83,13 @@ class GLFN(nn.Module):
     text_encoder: 'bert_gru' (the paper), 'gru' (only-GRU), 'bert' (only-BERT).
     score: 'fused' (eq 33), 't2i' or 'i2t'.
     alpha: weight of S_i2t in the fused score (0.5).
-    raw_feature_norm, agg_func: SCAN's options for both directions.
-    t2i_lambda_softmax, t2i_lambda_lse, i2t_lambda_softmax, i2t_lambda_lse: SCAN's published settings.
+    raw_feature_norm: SCAN's option for both directions.
+    t2i_agg_func, i2t_agg_func: aggregation over words (t2i) / regions (i2t): 'Mean' (eqs 31-32), 'LogSumExp',
+      'Max' or 'Sum' (SCAN's).
+    t2i_lambda_softmax, t2i_lambda_lse, i2t_lambda_softmax, i2t_lambda_lse: SCAN's published settings (lse:
+      with agg 'LogSumExp' only).
+    official_init: initialise as the official code (block embeddings N(0, 1), Xavier-uniform f and word FC with
+      zero bias) instead of Flax's defaults (block embeddings N(0, 1 / D_b): ~14x smaller position logits).
     tag_in_fusion: 'twice' (eq 13 as written: [o_i, p_i, t_i] with o_i = [i_i, t_i]) or 'once' (the official
       code: [i_i, p_i, t_i]).
     train_position_attention: False reproduces the official code, whose position vectors are detached
@@ -108,7 +115,8 @@ class GLFN(nn.Module):
   score: str = 'fused'
   alpha: float = 0.5
   raw_feature_norm: str = 'clipped_l2norm'
-  agg_func: str = 'LogSumExp'
+  t2i_agg_func: str = 'Mean'
+  i2t_agg_func: str = 'Mean'
   t2i_lambda_softmax: float = 9.0
   t2i_lambda_lse: float = 6.0
   i2t_lambda_softmax: float = 4.0
@@ -117,6 +125,7 @@ class GLFN(nn.Module):
   train_position_attention: bool = True
   t2i_max_attention_weight: float = 0.0
   position_eps: float = 0.0
+  official_init: bool = False
   block_size: int = 32
   remat: bool = False
 
@@ -141,6 +150,9 @@ class GLFN(nn.Module):
       raise errors.UserError(f'GLFN: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
     if self.block_size < 1:
       raise errors.UserError(f'GLFN.block_size must be >= 1, got {self.block_size}')
+    for field in ('t2i_agg_func', 'i2t_agg_func'):
+      if getattr(self, field) not in scan.AGG_FUNCS:
+        raise errors.UserError(f'GLFN.{field} must be one of {scan.AGG_FUNCS}, got {getattr(self, field)!r}')
     if self.tag_in_fusion not in ('twice', 'once'):
       raise errors.UserError(f"GLFN.tag_in_fusion must be 'twice' or 'once', got {self.tag_in_fusion!r}")
     super().__post_init__()
@@ -150,14 +162,18 @@ class GLFN(nn.Module):
     if needs_bert:
       self.bert_encoder = bert_lib.BertModel(self.bert, add_pooling_layer=False, name='bert')
     # f of eq 7; the paper does not say whether it has a bias, the official code has none.
-    self.object_fc = nn.Dense(self.position_dim, use_bias=False, name='object_fc')
-    self.block_embed = nn.Embed(self.grid * self.grid + 1, self.position_dim, name='block_embed')
+    xavier = nn.initializers.glorot_uniform()
+    official = {'kernel_init': xavier, 'bias_init': nn.initializers.zeros} if self.official_init else {}
+    self.object_fc = nn.Dense(self.position_dim, use_bias=False, name='object_fc',
+                              **({'kernel_init': xavier} if self.official_init else {}))
+    self.block_embed = nn.Embed(self.grid * self.grid + 1, self.position_dim, name='block_embed',
+                                **({'embedding_init': nn.initializers.normal(1.0)} if self.official_init else {}))
     self.region_fc = nn.Dense(self.embed_size, kernel_init=nn.initializers.glorot_uniform(), name='region_fc')
     if self.text_encoder == 'bert':
       self.word_fc = nn.Dense(self.embed_size, name='word_fc')
     else:
       if self.text_encoder == 'bert_gru':
-        self.word_fc = nn.Dense(self.word_dim, name='word_fc')                                # eq 16
+        self.word_fc = nn.Dense(self.word_dim, name='word_fc', **official)                    # eq 16
       self.gru = layers.GRUTextEncoder(vocab_size=self.vocab_size, word_dim=self.word_dim,
                                        embed_size=self.embed_size, num_layers=self.num_layers,
                                        bidirectional=True, name='gru')
@@ -221,10 +237,10 @@ class GLFN(nn.Module):
     need_gram = self.score in ('fused', 'i2t')
     text = scan.prepare_text(text_rep['words'], text_rep['mask'], with_gram=need_gram)
     t2i = functools.partial(scan.t2i_scores, raw_feature_norm=self.raw_feature_norm,
-                            lambda_softmax=self.t2i_lambda_softmax, agg_func=self.agg_func,
+                            lambda_softmax=self.t2i_lambda_softmax, agg_func=self.t2i_agg_func,
                             lambda_lse=self.t2i_lambda_lse, max_attention_weight=self.t2i_max_attention_weight)
     i2t = functools.partial(scan.i2t_scores, raw_feature_norm=self.raw_feature_norm,
-                            lambda_softmax=self.i2t_lambda_softmax, agg_func=self.agg_func,
+                            lambda_softmax=self.i2t_lambda_softmax, agg_func=self.i2t_agg_func,
                             lambda_lse=self.i2t_lambda_lse)
 
     def head(image_block, text_):
