@@ -97,7 +97,7 @@ def test_pair_scores_are_the_relation_network_of_every_pair_in_any_block_size():
   model = _tiny_daer(block_size=2)
   variables = model.init(jax.random.key(0), images, text)
   assert set(variables) == {'params', 'batch_stats'}
-  assert 'text_classifier' not in variables['params'] and 'image_classifier_0' not in variables['params']
+  assert 'text_classifier' not in variables['params'] and 'image_classifier' not in variables['params']
   image_rep = model.apply(variables, images, method=model.encode_image)
   text_rep = model.apply(variables, text, method=model.encode_text)
   got = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
@@ -230,3 +230,44 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
       np.testing.assert_array_equal(np.asarray(node), value)
   assert any('DualSpatialAttention' in jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_leaves_with_path(got['params']))
+  # MobileNetV3's FC 1280 (torchvision classifier.0) starts the image module's head; the classification layer
+  # (classifier.3) is not used.
+  np.testing.assert_array_equal(np.asarray(variables['params']['image']['head']['kernel']),
+                                imagenet['head']['kernel'])
+
+
+def test_stage_two_trains_the_300d_representation_and_drops_only_the_classifier():
+  """Sec 4.4: the classification layer sits on the 1 x 300 output and is removed after stage 2, so stage 2 trains
+  the FC to 300; MobileNetV3's head (FC, hard-swish, dropout 0.2) stays in the image module."""
+  from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = {'pixels': rng.integers(0, 256, size=(4, 32, 32, 3)).astype(np.uint8)}
+  model = _tiny_daer()
+  variables = model.init(jax.random.key(0), images, method=model.classify_image)
+  image = variables['params']['image']
+  assert set(image) == {'mobilenet', 'head', 'fc'} and image['fc']['kernel'].shape[1] == 6
+  assert variables['params']['image_classifier']['kernel'].shape == (6, 4)    # 300-d (here 6) -> classes
+  batch = {'images': images, 'labels': np.array([0, 1, 2, 3])}
+  loss = train_stages._losses(model)['image']  # pylint: disable=protected-access
+  grads = jax.grad(lambda p: loss({**variables, 'params': p}, batch, jax.random.key(1))[0])(variables['params'])
+  assert float(np.abs(grads['image']['fc']['kernel']).max()) > 0
+  assert float(np.abs(grads['image']['head']['kernel']).max()) > 0
+  # Dropout acts in training only.
+  train = lambda key: model.apply(variables, images, train=True, method=model.encode_image,
+                                  rngs={'dropout': key}, mutable=['batch_stats'])[0]
+  assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
+  np.testing.assert_array_equal(model.apply(variables, images, method=model.encode_image),
+                                model.apply(variables, images, method=model.encode_image))
+
+
+@pytest.mark.parametrize('dataset', ['wikipedia', 'pascal', 'xmedianet'])
+def test_paper_datasets_train_every_stage_by_sgd(dataset):
+  config = daer_config.get_config(dataset)
+  assert [config.stage[s].optimizer for s in ('text', 'image', 'relation')] == ['sgd'] * 3   # sec 3.1, alg. 1
+  assert (config.model.word_dim, config.model.lstm_size, config.model.embed_size) == (300, 300, 300)   # sec 4.4
+  assert config.model.power == 0.6 and config.model.image_dropout == 0.2
+  from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+  tx = train_stages._optimizer(config.stage.image)  # pylint: disable=protected-access
+  params = {'w': np.ones(3, np.float32)}
+  updates, _ = tx.update({'w': np.full(3, 2.0, np.float32)}, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -config.stage.image.learning_rate * 2.0)   # plain SGD: -lr g

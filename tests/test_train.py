@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import ml_collections
 
 from configs import scan as scan_config
 from configs import vsepp as vsepp_config
@@ -312,3 +313,16 @@ def test_export_params_writes_every_variable_under_its_path(trained, tmp_path, s
   assert sorted(loaded) == sorted(want) and 'params/image_encoder/fc/kernel' in loaded
   for key, value in want.items():
     np.testing.assert_array_equal(loaded[key], value)
+
+
+def test_learning_rate_decays_every_lr_decay_epochs_as_the_official_code():
+  """SCAN / GLFN adjust_learning_rate: lr * 0.1 ** (epoch // lr_update); warm-up ramps linearly from 0."""
+  config = ml_collections.ConfigDict({'learning_rate': 2e-4, 'lr_decay_epochs': 15, 'lr_decay_factor': 0.1,
+                                      'grad_clip': 0.0, 'warmup_steps': 0})
+  _, schedule = train.make_optimizer(config, steps_per_epoch=10)
+  for epoch, want in ((0, 2e-4), (14, 2e-4), (15, 2e-5), (29, 2e-5), (30, 2e-6), (39, 2e-6)):
+    assert float(schedule(epoch * 10)) == pytest.approx(want, rel=1e-6), epoch
+  config.warmup_steps = 100
+  _, schedule = train.make_optimizer(config, steps_per_epoch=10)
+  assert [float(schedule(s)) for s in (0, 50)] == pytest.approx([0.0, 1e-4])
+  assert float(schedule(149)) == pytest.approx(2e-4) and float(schedule(150)) == pytest.approx(2e-5)

@@ -93,6 +93,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not isinstance(data, dict) or not isinstance(data.get('model'), dict):
     raise errors.UserError(f'{path}: no "model" object; expected the config.json that training writes.')
   _upgrade_model_fields(data['model'])
+  _upgrade_stage_fields(data)
   return ml_collections.ConfigDict(data)
 
 
@@ -108,6 +109,13 @@ def _upgrade_model_fields(model: dict) -> None:
     model.setdefault('i2t_agg_func', agg)
   if model.get('name') == 'glfn':
     model.setdefault('official_init', False)
+
+
+def _upgrade_stage_fields(config: dict) -> None:
+  """DAER stages trained before the per-stage optimiser field used Adam."""
+  for stage in (config.get('stage') or {}).values():
+    if isinstance(stage, dict):
+      stage.setdefault('optimizer', 'adam')
 
 
 def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:

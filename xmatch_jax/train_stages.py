@@ -42,6 +42,7 @@ from xmatch_jax.models import daer as daer_lib
 from xmatch_jax.models import mobilenet_v3
 
 STAGES = ('text', 'image', 'relation')
+OPTIMIZERS = ('sgd', 'adam')
 
 
 def check_stage_config(config: ml_collections.ConfigDict) -> None:
@@ -53,7 +54,8 @@ def check_stage_config(config: ml_collections.ConfigDict) -> None:
     for field, ok, expected in (('num_epochs', s.num_epochs >= 0, 'an int >= 0'),
                                 ('max_steps', s.get('max_steps', 0) >= 0, 'an int >= 0 (0: num_epochs only)'),
                                 ('batch_size', s.batch_size >= 2, 'an int >= 2'),
-                                ('learning_rate', s.learning_rate > 0, 'a float > 0')):
+                                ('learning_rate', s.learning_rate > 0, 'a float > 0'),
+                                ('optimizer', s.get('optimizer', 'adam') in OPTIMIZERS, f'one of {OPTIMIZERS}')):
       if not ok:
         raise errors.UserError(f'config.stage.{stage}.{field} = {s[field]!r} is impossible; expected {expected}.')
 
@@ -79,33 +81,37 @@ def _cross_entropy(logits, labels):
 
 
 def _losses(model):
-  """stage -> loss(variables, batch) -> (loss, (metrics, new batch_stats or None))."""
-  def text_loss(variables, batch):
+  """stage -> loss(variables, batch, rng) -> (loss, (metrics, new batch_stats or None)); rng drives dropout."""
+  def text_loss(variables, batch, rng):
+    del rng
     logits = model.apply(variables, batch['text'], method=model.classify_text)
     labels = batch['labels']
     return _cross_entropy(logits, labels), ({'accuracy': jnp.mean(logits.argmax(-1) == labels)}, None)
 
-  def image_loss(variables, batch):
+  def image_loss(variables, batch, rng):
     logits, updates = model.apply(variables, batch['images'], train=True, method=model.classify_image,
-                                  mutable=['batch_stats'])
+                                  mutable=['batch_stats'], rngs={'dropout': rng})
     labels = batch['labels']
     return _cross_entropy(logits, labels), ({'accuracy': jnp.mean(logits.argmax(-1) == labels)},
                                             updates['batch_stats'])
 
-  def relation_loss(variables, batch):
-    scores, updates = model.apply(variables, batch['images'], batch['text'], train=True, mutable=['batch_stats'])
+  def relation_loss(variables, batch, rng):
+    scores, updates = model.apply(variables, batch['images'], batch['text'], train=True, mutable=['batch_stats'],
+                                  rngs={'dropout': rng})
     loss = daer_lib.relation_loss(scores.T, batch['labels'], batch['image_labels'])     # eq 11, [T, I]
     return loss, ({'mean_score': jnp.mean(scores)}, updates['batch_stats'])
 
   return {'text': text_loss, 'image': image_loss, 'relation': relation_loss}
 
 
-def _train_step(state, batch, *, loss_fn, tx):
+def _train_step(state, batch, *, loss_fn, tx, seed: int):
+  rng = jax.random.fold_in(jax.random.key(seed), state['step'])   # a pure function of (seed, step), as the batches
+
   def f(params):
     variables = {'params': params}
     if 'batch_stats' in state:
       variables['batch_stats'] = state['batch_stats']
-    return loss_fn(variables, batch)
+    return loss_fn(variables, batch, rng)
 
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(f, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -116,19 +122,26 @@ def _train_step(state, batch, *, loss_fn, tx):
 
 
 def _optimizer(stage_config) -> optax.GradientTransformation:
+  """The stage's optimiser: 'sgd' (the paper's, sec 3.1 and Algorithm 1 step 3.5) or 'adam'."""
   parts = [optax.clip_by_global_norm(stage_config.grad_clip)] if stage_config.grad_clip > 0 else []
+  if stage_config.get('optimizer', 'adam') == 'sgd':
+    return optax.chain(*parts, optax.sgd(stage_config.learning_rate))
   return optax.chain(*parts, optax.adam(stage_config.learning_rate))
 
 
 def load_imagenet_mobilenet(path: str, width_mult: float) -> dict:
   """torchvision mobilenet_v3_large weights (.pth / .safetensors) -> {'params', 'batch_stats'} of the plain
-  network without its classifier (whatever its number of classes)."""
+  network and 'head': its classifier's first layer (FC 1280), without the classification layer (any number of
+  classes)."""
   state = torchvision_mobilenet.read_state_dict(path)
   classes = int(np.shape(state['classifier.3.weight'])[0]) if 'classifier.3.weight' in state else 0
   net = mobilenet_v3.MobileNetV3Large(num_classes=classes, width_mult=width_mult)
   expected = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   variables = torchvision_mobilenet.convert_state_dict(state, expected, path)
+  head = variables['params'].get('classifier_0')
   variables['params'] = {k: v for k, v in variables['params'].items() if not k.startswith('classifier_')}
+  if head is not None:
+    variables['head'] = head
   return variables
 
 
@@ -267,6 +280,8 @@ def _stage_variables(name, config, model, stage, previous, vocab):
     imagenet = load_imagenet_mobilenet(config.mobilenet_weights, config.model.width_mult)
     image = params['image']
     image['mobilenet'] = _merge(image['mobilenet'], imagenet['params'], config.mobilenet_weights)
+    if 'head' in imagenet:
+      image['head'] = _merge(image['head'], imagenet['head'], f'{config.mobilenet_weights} (classifier.0)')
     variables['batch_stats']['image'] = {
         'mobilenet': _merge(variables['batch_stats']['image']['mobilenet'], imagenet['batch_stats'],
                             config.mobilenet_weights)}
@@ -331,7 +346,8 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
     print(f'stage {name}: done (step {int(state["step"])}), skipped')
     ckpts.close()
     return trained(), meta.get('dev', {})
-  step_fn = jax.jit(functools.partial(_train_step, loss_fn=_losses(model)[name], tx=tx),
+  step_fn = jax.jit(functools.partial(_train_step, loss_fn=_losses(model)[name], tx=tx,
+                                      seed=config.seed + 100 + STAGES.index(name)),
                     in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
                     donate_argnums=(0,))
   start = int(state['step'])

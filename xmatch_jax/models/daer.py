@@ -1,4 +1,4 @@
-"""DAER building blocks (Cai et al., 2023): dual attention and the enhanced relation network, sections 3.1-3.3.
+"""DAER building blocks (Huang, Hu and Su, Entropy 2023, 25, 1216): dual attention and the enhanced relation network, sections 3.1-3.3.
 
   (1-3) text, dual region attention over word positions: X^ts = sigma(f(W_0 avg_s(X) + W_0 max_s(X))),
         X^tb = sigma(f(W_1 avg_b(X) + W_1 max_b(X))), X^tf = X^ts * X^tb * X  (kernels s = 3, b = 7; f an MLP with
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from xmatch_jax import pairwise
+from xmatch_jax.models import mobilenet_v3
 from xmatch_jax.models.mobilenet_v3 import MobileNetV3Large
 
 POWER = 0.6
@@ -182,14 +183,19 @@ class DAERText(nn.Module):
 
 
 class DAERImage(nn.Module):
-  """Sec 3.2: MobileNetV3-large (with dual spatial attention in every bottleneck, eqs 4-6) -> pooled -> FC.
+  """Sec 3.2 / 4.4: MobileNetV3-large (dual spatial attention in every bottleneck, eqs 4-6) with its head (FC 1280,
+  hard-swish, dropout 0.2) and, in place of its classification layer, an FC to the 1 x 300 representation. Stage 2
+  trains a classification layer on that representation and removes it (docs/fidelity.md, DAER).
 
   pixels [B, H, W, 3] uint8 -> (representation [B, embed_size], pooled CNN features [B, 960 x width]).
+  `train=True` needs a 'dropout' rng.
   """
 
   embed_size: int = 300
   spatial_attention: bool = True
   width_mult: float = 1.0
+  head_hidden: int = mobilenet_v3.LAST_CHANNEL
+  dropout: float = 0.2
 
   @nn.compact
   def __call__(self, pixels: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -197,11 +203,14 @@ class DAERImage(nn.Module):
     cnn = MobileNetV3Large(num_classes=0, width_mult=self.width_mult, name='mobilenet',
                            block_attention=DualSpatialAttention if self.spatial_attention else None)
     features = cnn(x, train=train)['features']
-    return nn.Dense(self.embed_size, name='fc')(features), features
+    width = mobilenet_v3.make_divisible(self.head_hidden * self.width_mult)   # torchvision's last_channel
+    head = jax.nn.hard_swish(nn.Dense(width, name='head')(features))
+    head = nn.Dropout(self.dropout, deterministic=not train)(head)
+    return nn.Dense(self.embed_size, name='fc')(head), features
 
 
 class DAER(nn.Module):
-  """DAER (Cai et al., 2023): text and image modules, the enhanced relation network on all pairs.
+  """DAER (Huang, Hu and Su, Entropy 2023): text and image modules, the enhanced relation network on all pairs.
 
   The matcher interface scores pairs with the relation network (eq 10, a probability of "same category");
   `classify_text` and `classify_image` are the heads of training stages 1 and 2 (Algorithm 1), which stage 3
@@ -224,7 +233,8 @@ class DAER(nn.Module):
   width_mult: float = 1.0
   power: float = POWER                 # eqs 8-9; 1.0 = plain relation network
   relation_hidden: Sequence[int] = (1024, 512)
-  image_head_hidden: int = 1280        # MobileNetV3's classifier width (stage 2)
+  image_head_hidden: int = 1280        # MobileNetV3's head width (x width_mult, as torchvision)
+  image_dropout: float = 0.2           # MobileNetV3's head dropout
   block_size: int = 256                # images per block of the all-pairs relation MLP
 
   image_keys = ('pixels',)
@@ -232,11 +242,11 @@ class DAER(nn.Module):
   def setup(self):
     self.text = DAERText(self.vocab_size, self.word_dim, self.lstm_size, self.embed_size, self.region_attention,
                          self.attention_hidden)
-    self.image = DAERImage(self.embed_size, self.spatial_attention, self.width_mult)
+    self.image = DAERImage(self.embed_size, self.spatial_attention, self.width_mult, self.image_head_hidden,
+                           self.image_dropout)
     self.relation = RelationNetwork(hidden=self.relation_hidden, power=self.power, block_size=self.block_size)
     self.text_classifier = nn.Dense(max(self.num_classes, 1))
-    self.image_classifier_0 = nn.Dense(self.image_head_hidden)
-    self.image_classifier_1 = nn.Dense(max(self.num_classes, 1))
+    self.image_classifier = nn.Dense(max(self.num_classes, 1))
 
   def encode_image(self, images: dict, train: bool = False) -> jax.Array:
     """{'pixels': [B, H, W, 3]} -> [B, embed_size]."""
@@ -255,10 +265,9 @@ class DAER(nn.Module):
     return self.text_classifier(self.encode_text(text))
 
   def classify_image(self, images: dict, train: bool = False) -> jax.Array:
-    """Stage 2 logits [B, num_classes]: MobileNetV3's classifier layout (FC 1280, hard-swish, FC) on the pooled
-    CNN features, removed after this stage (sec 4.4)."""
-    features = self.image(images['pixels'], train)[1]
-    return self.image_classifier_1(jax.nn.hard_swish(self.image_classifier_0(features)))
+    """Stage 2 logits [B, num_classes]: a classification layer on the 1 x 300 representation, removed after this
+    stage (sec 4.4), so stage 2 trains the whole image module, its FC to 300 included."""
+    return self.image_classifier(self.encode_image(images, train))
 
   def __call__(self, images: dict, text: dict, train: bool = False) -> jax.Array:
     return self.pair_scores(self.encode_image(images, train), self.encode_text(text))
