@@ -37,6 +37,7 @@ def test_converted_workdir_reproduces_the_official_scores(fmt, name, dataset, tm
   np.testing.assert_allclose(by_string, expected[f'{name}_scores'], atol=1e-5)
   meta = json.load(open(os.path.join(workdir, 'config.json')))
   assert meta['data_info']['img_dim'] == 10
+  assert meta['loss']['mask_same_image'] is False   # the official ContrastiveLoss masks only the diagonal
 
 
 def test_scan_weight_norm_image_encoder_scores_as_the_official(tmp_path):

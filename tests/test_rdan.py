@@ -371,3 +371,33 @@ def test_config_builds_a_valid_model(dataset, variant):
 def test_config_rejects_unknown_variant():
     with pytest.raises(ValueError, match='unknown variant'):
         rdan_config.get_config('f30k,no_gru')
+
+
+# Sec 3.1, 3.2 and 3.5 of the paper, transcribed. It gives no optimiser, schedule or batch size: those follow SCAN
+# (docs/fidelity.md, RDAN-2) and are not checked here.
+PAPER = {'model.embed_size': 1024, 'model.word_dim': 300, 'model.bidirectional': True, 'model.cnn_channels': 32,
+         'model.mu': 0.1, 'model.lambda_': 4.0, 'loss.margin': 0.2, 'loss.max_violation': True,
+         'model.use_cnn': True, 'model.use_residual': True, 'model.one_path': False}
+
+
+@pytest.mark.parametrize('dataset', ['f30k', 'coco'])
+def test_paper_configs_follow_section_3_5(dataset):
+  config = rdan_config.get_config(dataset)
+  get = lambda path: functools.reduce(lambda node, key: node[key], path.split('.'), config)
+  wrong = {k: (get(k), v) for k, v in PAPER.items() if get(k) != v}
+  assert not wrong, f'config field: (config, paper): {wrong}'
+
+
+@pytest.mark.parametrize('variant,changes', [
+    ('mu0', {'model.mu': 0.0}), ('mu1', {'model.mu': 1.0}), ('one_path', {'model.one_path': True}),
+    ('no_cnn', {'model.use_cnn': False}), ('no_res', {'model.use_residual': False}),
+    ('no_hard', {'loss.max_violation': False}),
+])
+def test_table_3_variants_change_what_they_name_and_nothing_else(variant, changes):
+  def flat(node, prefix=''):
+    out = {}
+    for key, value in node.items():
+      out.update(flat(value, f'{prefix}{key}.') if hasattr(value, 'items') else {f'{prefix}{key}': value})
+    return out
+  base, varied = flat(rdan_config.get_config('f30k')), flat(rdan_config.get_config(f'f30k,{variant}'))
+  assert {k: varied[k] for k in base if base[k] != varied[k]} == changes

@@ -1,5 +1,6 @@
 """SCAN against a numpy port of the official loop (kuanghuei/SCAN model.py), plus encoder checks."""
 
+import functools
 import itertools
 
 import jax
@@ -307,3 +308,30 @@ def test_build_model_errors(config, message):
     assert message in str(error.value)
     if 'unknown field' in message:
         assert "'scan'" in str(error.value)
+
+
+# The official README's training arguments (kuanghuei/SCAN, "Arguments used to train ... models", LSE rows) on top
+# of train.py's defaults (margin 0.2, batch 128, lr 2e-4, 30 epochs, lr_update 15, grad_clip 2, embed 1024).
+OFFICIAL = {
+    ('f30k', ''): {'model.lambda_softmax': 9.0, 'model.lambda_lse': 6.0, 'optim.learning_rate': 2e-4,
+                   'num_epochs': 30, 'optim.lr_decay_epochs': 15},
+    ('f30k', 'i2t'): {'model.lambda_softmax': 4.0, 'model.lambda_lse': 5.0, 'optim.learning_rate': 2e-4,
+                      'num_epochs': 30, 'optim.lr_decay_epochs': 15},
+    ('coco', ''): {'model.lambda_softmax': 9.0, 'model.lambda_lse': 6.0, 'optim.learning_rate': 5e-4,
+                   'num_epochs': 20, 'optim.lr_decay_epochs': 10},
+    ('coco', 'i2t'): {'model.lambda_softmax': 4.0, 'model.lambda_lse': 20.0, 'optim.learning_rate': 5e-4,
+                      'num_epochs': 20, 'optim.lr_decay_epochs': 10},
+}
+COMMON = {'loss.margin': 0.2, 'loss.max_violation': True, 'batch_size': 128, 'optim.grad_clip': 2.0,
+          'model.embed_size': 1024, 'model.word_dim': 300, 'model.bidirectional': True, 'model.num_layers': 1,
+          'model.agg_func': 'LogSumExp', 'model.raw_feature_norm': 'clipped_l2norm'}
+
+
+@pytest.mark.parametrize('dataset,variant', sorted(OFFICIAL))
+def test_paper_configs_follow_the_official_arguments(dataset, variant):
+  from configs import scan as scan_config  # pylint: disable=g-import-not-at-top
+  config = scan_config.get_config(f'{dataset},{variant}' if variant else dataset)
+  get = lambda path: functools.reduce(lambda node, key: node[key], path.split('.'), config)
+  want = {**COMMON, **OFFICIAL[dataset, variant], 'model.cross_attn': variant or 't2i'}
+  wrong = {k: (get(k), v) for k, v in want.items() if get(k) != v}
+  assert not wrong, f'config field: (config, official): {wrong}'

@@ -1,5 +1,7 @@
 """VSE++ against a numpy port of the official encoders (fartashf/vsepp model.py)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -110,3 +112,18 @@ def test_bidirectional_and_use_abs_options():
         np.testing.assert_allclose(text_rep['embedding'][c], np.abs(np_l2norm(final)), rtol=1e-5,
                                    atol=1e-6)
     assert np.all(np.asarray(image_rep['embedding']) >= 0)
+
+
+# VSE++'s train.py defaults, the same on every dataset (its README's VSE++ row adds --max_violation).
+OFFICIAL = {'optim.learning_rate': 2e-4, 'num_epochs': 30, 'optim.lr_decay_epochs': 15, 'batch_size': 128,
+            'loss.margin': 0.2, 'loss.max_violation': True, 'optim.grad_clip': 2.0, 'model.embed_size': 1024,
+            'model.word_dim': 300, 'model.num_layers': 1, 'model.bidirectional': False}
+
+
+@pytest.mark.parametrize('dataset', ['f30k', 'coco'])
+def test_paper_configs_follow_the_official_defaults(dataset):
+  from configs import vsepp as vsepp_config  # pylint: disable=g-import-not-at-top
+  config = vsepp_config.get_config(dataset)
+  get = lambda path: functools.reduce(lambda node, key: node[key], path.split('.'), config)
+  wrong = {k: (get(k), v) for k, v in OFFICIAL.items() if get(k) != v}
+  assert not wrong, f'config field: (config, official): {wrong}'

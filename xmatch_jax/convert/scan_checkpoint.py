@@ -140,6 +140,7 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
   m.no_imgnorm = bool(get('no_imgnorm', False))
   c.loss.margin = float(get('margin', c.loss.margin))
   c.loss.max_violation = bool(get('max_violation', c.loss.max_violation))
+  c.loss.mask_same_image = False   # the official ContrastiveLoss masks only the diagonal (docs/fidelity.md, LOSS-1)
   return c
 
 
