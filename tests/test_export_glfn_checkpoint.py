@@ -94,7 +94,8 @@ def test_export_holds_the_original_tensors_and_opt(trip):
 
 def test_opt_round_trip_of_i2t_and_export_params_inverts_convert_params(trip):
   config = run_setup.load_config(trip[0])
-  config.model.score, config.model.i2t_agg_func, config.model.i2t_lambda_softmax = 'i2t', 'Mean', 4.0
+  config.model.score, config.model.i2t_lambda_softmax = 'i2t', 4.0
+  config.model.t2i_agg_func = config.model.i2t_agg_func = 'Mean'   # official opt: one agg_func for both
   sizes = glfn_checkpoint.sizes_of(*torch_pickle.load(CHECKPOINT)['model'])
   back = glfn_checkpoint.config_from_opt(glfn_checkpoint.opt_from_config(config), sizes, config.model.bert_dir)
   for part in ('model', 'loss'):

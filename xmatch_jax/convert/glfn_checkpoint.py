@@ -218,7 +218,7 @@ def config_from_opt(opt, sizes: dict, bert_dir: str, dataset: str = '',
     m[field] = int(sizes[field])
   m.top_l = BOX_LEN
   m.raw_feature_norm = raw_norm
-  m[f'{cross_attn}_agg_func'] = agg
+  m.t2i_agg_func = m.i2t_agg_func = agg   # the official opt holds one agg_func for the model
   m[f'{cross_attn}_lambda_softmax'] = float(get('lambda_softmax', required=True))
   m[f'{cross_attn}_lambda_lse'] = float(get('lambda_lse', required=True))
   m.t2i_max_attention_weight = OFFICIAL_T2I_MAX_ATTENTION_WEIGHT
