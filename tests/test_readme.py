@@ -27,6 +27,9 @@ def test_ci_runs_the_readme_test_command():
   with open(os.path.join(ROOT, '.ci', 'run')) as f:
     ci_lines = [line.strip() for line in f]
   assert test_command in ci_lines
+  # CI installs nothing the README command does not: CI fails exactly when a user's set-up would.
+  installs = [line for line in ci_lines if 'pip install' in line and not line.startswith('#')]
+  assert installs == [test_command], installs
 
 
 def test_main_job_names_existing_config_and_default_dataset():
