@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import config_tables  # pylint: disable=g-bad-import-order (tests/)
 from test_scan import np_aggregate, np_l2norm, np_leaky_relu, np_softmax, np_xattn_scores  # pylint: disable=g-import-not-at-top
 from configs import glfn as glfn_config
 from xmatch_jax import run_setup
@@ -205,23 +206,17 @@ OFFICIAL_TRAINING = {'num_epochs': 40, 'batch_size': 196, 'optim.lr_decay_epochs
                      'model.i2t_lambda_softmax': 4.0}
 
 
-def _get(config, path):
-  for part in path.split('.'):
-    config = config[part]
-  return config
-
-
 @pytest.mark.parametrize('dataset', ['f30k', 'coco'])
 def test_paper_configs_follow_section_4_2(dataset):
   config = glfn_config.get_config(dataset)
-  wrong = {k: (_get(config, k), v) for k, v in PAPER.items() if _get(config, k) != v}
+  wrong = config_tables.mismatches(config, PAPER)
   assert not wrong, f'config field: (config, paper): {wrong}'
   assert config.optim.lr_decay_epochs >= config.num_epochs   # no decay is mentioned
 
 
 def test_official_variant_trains_as_the_official_script():
   config = glfn_config.get_config('f30k,official,i2t')
-  wrong = {k: (_get(config, k), v) for k, v in OFFICIAL_TRAINING.items() if _get(config, k) != v}
+  wrong = config_tables.mismatches(config, OFFICIAL_TRAINING)
   assert not wrong, f'config field: (config, official): {wrong}'
   assert glfn_config.get_config('f30k').loss.mask_same_image
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import config_tables  # pylint: disable=g-bad-import-order (tests/)
 from configs import mmca as mmca_config
 from xmatch_jax import run_setup
 from xmatch_jax.models import build_model
@@ -226,26 +227,10 @@ PAPER = {
 }
 
 
-def _get(config, path):
-  for part in path.split('.'):
-    config = config[part]
-  return config
-
-
-def _flat(config, prefix=''):
-  out = {}
-  for key, value in config.items():
-    if hasattr(value, 'items'):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 @pytest.mark.parametrize('dataset', ['f30k', 'coco'])
 def test_paper_configs_follow_section_4_2(dataset):
   config = mmca_config.get_config(dataset)
-  wrong = {path: (_get(config, path), value) for path, value in PAPER.items() if _get(config, path) != value}
+  wrong = config_tables.mismatches(config, PAPER)
   assert not wrong, f'config field: (config, paper): {wrong}'
 
 
@@ -255,9 +240,8 @@ def test_paper_configs_follow_section_4_2(dataset):
     ('alpha0.4', {'model.alpha': 0.4}),
 ])
 def test_variants_change_what_they_name_and_nothing_else(variant, changes):
-  base, variant_config = _flat(mmca_config.get_config('f30k')), _flat(mmca_config.get_config(f'f30k,{variant}'))
-  changed = {k: variant_config[k] for k in base if base[k] != variant_config[k]}
-  assert changed == changes
+  assert config_tables.changed_fields(mmca_config.get_config('f30k'),
+                                      mmca_config.get_config(f'f30k,{variant}')) == changes
 
 
 def test_workdirs_with_the_single_attention_scale_keep_their_meaning(tmp_path):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import config_tables  # pylint: disable=g-bad-import-order (tests/)
 from configs import common as config_common
 from configs import rdan as rdan_config
 from xmatch_jax.models import model_fields
@@ -383,8 +384,7 @@ PAPER = {'model.embed_size': 1024, 'model.word_dim': 300, 'model.bidirectional':
 @pytest.mark.parametrize('dataset', ['f30k', 'coco'])
 def test_paper_configs_follow_section_3_5(dataset):
   config = rdan_config.get_config(dataset)
-  get = lambda path: functools.reduce(lambda node, key: node[key], path.split('.'), config)
-  wrong = {k: (get(k), v) for k, v in PAPER.items() if get(k) != v}
+  wrong = config_tables.mismatches(config, PAPER)
   assert not wrong, f'config field: (config, paper): {wrong}'
 
 
@@ -394,10 +394,5 @@ def test_paper_configs_follow_section_3_5(dataset):
     ('no_hard', {'loss.max_violation': False}),
 ])
 def test_table_3_variants_change_what_they_name_and_nothing_else(variant, changes):
-  def flat(node, prefix=''):
-    out = {}
-    for key, value in node.items():
-      out.update(flat(value, f'{prefix}{key}.') if hasattr(value, 'items') else {f'{prefix}{key}': value})
-    return out
-  base, varied = flat(rdan_config.get_config('f30k')), flat(rdan_config.get_config(f'f30k,{variant}'))
-  assert {k: varied[k] for k in base if base[k] != varied[k]} == changes
+  assert config_tables.changed_fields(rdan_config.get_config('f30k'),
+                                      rdan_config.get_config(f'f30k,{variant}')) == changes

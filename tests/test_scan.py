@@ -1,6 +1,5 @@
 """SCAN against a numpy port of the official loop (kuanghuei/SCAN model.py), plus encoder checks."""
 
-import functools
 import itertools
 
 import jax
@@ -9,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import config_tables  # pylint: disable=g-bad-import-order (tests/)
 from xmatch_jax.models import build_model, model_fields
 from xmatch_jax.models.layers import GRUTextEncoder, RegionEncoder
 from xmatch_jax.models.scan import AGG_FUNCS, RAW_FEATURE_NORMS, SCAN
@@ -331,7 +331,6 @@ COMMON = {'loss.margin': 0.2, 'loss.max_violation': True, 'batch_size': 128, 'op
 def test_paper_configs_follow_the_official_arguments(dataset, variant):
   from configs import scan as scan_config  # pylint: disable=g-import-not-at-top
   config = scan_config.get_config(f'{dataset},{variant}' if variant else dataset)
-  get = lambda path: functools.reduce(lambda node, key: node[key], path.split('.'), config)
   want = {**COMMON, **OFFICIAL[dataset, variant], 'model.cross_attn': variant or 't2i'}
-  wrong = {k: (get(k), v) for k, v in want.items() if get(k) != v}
+  wrong = config_tables.mismatches(config, want)
   assert not wrong, f'config field: (config, official): {wrong}'

@@ -1,13 +1,12 @@
 """VSE++ against a numpy port of the official encoders (fartashf/vsepp model.py)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+import config_tables  # pylint: disable=g-bad-import-order (tests/)
 from xmatch_jax.models import build_model
 from xmatch_jax.models.vsepp import VSEPP
 
@@ -124,6 +123,5 @@ OFFICIAL = {'optim.learning_rate': 2e-4, 'num_epochs': 30, 'optim.lr_decay_epoch
 def test_paper_configs_follow_the_official_defaults(dataset):
   from configs import vsepp as vsepp_config  # pylint: disable=g-import-not-at-top
   config = vsepp_config.get_config(dataset)
-  get = lambda path: functools.reduce(lambda node, key: node[key], path.split('.'), config)
-  wrong = {k: (get(k), v) for k, v in OFFICIAL.items() if get(k) != v}
+  wrong = config_tables.mismatches(config, OFFICIAL)
   assert not wrong, f'config field: (config, official): {wrong}'
