@@ -255,7 +255,7 @@ def build(config, vocab_size: int, img_dim: int):
     from xmatch_jax.models.bert import BertConfig
     if not config.model.bert_dir:
       raise errors.UserError(f'model {config.model.name!r} needs a BERT: pass --bert_dir (a Hugging Face BERT directory, '
-                       "or 'minilm')")
+                             "or 'minilm')")
     vocab_size = BertConfig.from_json(os.path.join(hf_bert.resolve_dir(config.model.bert_dir), 'config.json')).vocab_size
   return build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
 
@@ -279,9 +279,9 @@ def check_train_batch(config, train_batch: int) -> None:
   """Refuses a training step for models `child_train` cannot time."""
   if train_batch and config.model.name == 'daer':
     raise errors.UserError(f'--train_batch={train_batch}: DAER trains in stages (xmatch_jax/train_stages.py: classifiers, '
-                     "then the relation network on eq 11's category loss, with BatchNorm statistics and per-stage "
-                     'optimisers), not with the contrastive train.train_step timed here; use --train_batch=0 '
-                     '(scoring only).')
+                           "then the relation network on eq 11's category loss, with BatchNorm statistics and per-stage "
+                           'optimisers), not with the contrastive train.train_step timed here; use --train_batch=0 '
+                           '(scoring only).')
 
 
 def flat_params(variables) -> dict:

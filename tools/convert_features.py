@@ -71,7 +71,7 @@ def _decode(text: str, count: int, where: str, field: str) -> np.ndarray:
     raise errors.UserError(f'{where}: field {field} is not base64 ({e})') from None
   if len(raw) % 4 or (len(raw) // 4) % count:
     raise errors.UserError(f'{where}: field {field} holds {len(raw)} bytes; expected a multiple of 4 x num_boxes '
-                     f'({count})')
+                           f'({count})')
   return np.frombuffer(raw, np.float32).reshape(count, -1)
 
 
@@ -108,7 +108,7 @@ def read_tsv(paths: list, fields: tuple | None = None):
           if len(row) not in layouts:
             expected = ' or '.join(f'{n} ({", ".join(v)})' for n, v in layouts.items())
             raise errors.UserError(f'{where}: {len(row)} columns; expected {expected}'
-                             f'{"" if fields else ", or name them with --tsv_fields"}')
+                                   f'{"" if fields else ", or name them with --tsv_fields"}')
           names = tuple(_canonical(n) for n in layouts[len(row)])
           if tuple(_canonical(c) for c in row) == names:
             continue   # a header row
@@ -188,7 +188,7 @@ def read_npz(directory: str, image_ids: list, with_labels: bool = False):
       z = np.load(path, allow_pickle=False)
     except unreadable as e:
       raise errors.UserError(f'{path}: not a readable .npz file ({type(e).__name__}: {e}); {expected} (truncated or '
-                       'partly copied?)') from None
+                             'partly copied?)') from None
     if not isinstance(z, np.lib.npyio.NpzFile):
       raise errors.UserError(f'{path}: a single array, not an .npz archive; {expected}')
     with z:
@@ -224,7 +224,7 @@ def load_vocab(path: str, what: str) -> list:
     name = line.split(',')[0].strip()
     if not name or '\t' in name:
       raise errors.UserError(f'{path}: line {lineno} {"holds a TAB" if name else "is empty"}; expected one {what} name '
-                       'per line (synonyms after commas)')
+                             'per line (synonyms after commas)')
     names.append(name)
   return names
 
@@ -243,7 +243,7 @@ class Tagger:
     value = labels.get(field)
     if value is None:
       raise errors.UserError(f'{where} has no {field}; tags need detections with class ids (TSV columns objects_id / '
-                       'attrs_id / attrs_conf, or those npz fields or npz info dict)')
+                             'attrs_id / attrs_conf, or those npz fields or npz info dict)')
     value = np.asarray(value).reshape(-1)
     if value.shape != (count,):
       raise errors.UserError(f'{where}: field {field} has {value.size} values; expected one per region ({count})')
@@ -252,7 +252,7 @@ class Tagger:
       if bad.any():
         r = int(np.argmax(bad))
         raise errors.UserError(f'{where} region {r}: {field} {value[r]} is outside {path} ({len(vocab)} names: ids 0 .. '
-                         f'{len(vocab) - 1})')
+                               f'{len(vocab) - 1})')
     return value
 
   def ids(self, labels: dict, count: int, where: str) -> np.ndarray:
@@ -307,7 +307,7 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
                                               (n, shape[0], 2 * pfan.TOP_L))
     if regions.shape != shape:
       raise errors.UserError(f'{source}: image {image_id} has features {regions.shape}; the first image had {shape} '
-                       '(every image needs the same number of regions)')
+                             '(every image needs the same number of regions)')
     if not np.isfinite(regions).all():
       raise errors.UserError(f'{source}: image {image_id} features hold NaN or inf')
     blocks, weights = pfan.block_positions(boxes[None], np.array([size]), where=f'{source} image {image_id}')

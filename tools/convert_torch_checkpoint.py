@@ -89,19 +89,19 @@ def convert(fmt: str, checkpoint_path: str, vocab_path: str, workdir: str, bert_
   if fmt == 'glfn':
     if vocab_path:
       raise errors.UserError('--vocab is not used by --format=glfn: captions and tags use the WordPiece tokenizer of '
-                       '--bert_dir (the official vocab json is never read by its model)')
+                             '--bert_dir (the official vocab json is never read by its model)')
     return convert_glfn(checkpoint_path, bert_dir, workdir, dataset)
   if bert_dir or dataset:
     raise errors.UserError(f'--bert_dir / --dataset apply to --format=glfn only, not {fmt}')
   if not vocab_path:
     raise errors.UserError(f'--format={fmt} needs --vocab (the vocabulary json or VSE++ .pkl the checkpoint was trained '
-                     'with)')
+                           'with)')
   config, params, meta = scan_checkpoint.load(checkpoint_path, fmt)
   vocab = vocab_lib.Vocabulary.load(vocab_path)
   rows = params['text_encoder']['embed']['embedding'].shape[0]
   if rows != len(vocab):
     raise errors.UserError(f'{vocab_path}: {len(vocab)} words, but the checkpoint\'s embedding has {rows} rows; '
-                     'is it the vocabulary the checkpoint was trained with?')
+                           'is it the vocabulary the checkpoint was trained with?')
   img_dim = params['image_encoder']['fc']['kernel'].shape[0]
   _check_new_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)

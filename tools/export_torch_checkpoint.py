@@ -67,7 +67,7 @@ def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
   source = os.path.join(workdir, run_setup.CONFIG_FILE)
   if vocab_out:
     raise errors.UserError('--vocab_out does not apply to GLFN: its captions use the BERT\'s WordPiece tokenizer '
-                     f'({run_setup.workdir_bert_dir(workdir)}), not a vocabulary json')
+                           f'({run_setup.workdir_bert_dir(workdir)}), not a vocabulary json')
   img_dim = int(config.data_info.img_dim)
   opt = glfn_checkpoint.opt_from_config(config, img_dim, source)  # refuses what official code lacks
   vocab = run_setup.load_vocab(workdir)
@@ -92,7 +92,7 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   name = config.model.get('name') if 'model' in config else None
   if name not in FORMATS:
     raise errors.UserError(f'{source}: model {name!r} cannot be exported: only {FORMATS} workdirs have '
-                     'an official PyTorch checkpoint layout')
+                           'an official PyTorch checkpoint layout')
   if name == 'glfn':
     return export_glfn(workdir, config, out, vocab_out)
   vocab_path = os.path.join(workdir, run_setup.VOCAB_FILE)

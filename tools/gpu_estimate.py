@@ -62,7 +62,7 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
   from xmatch_jax.models import build_model
   if config.model.name not in MODELS:
     raise errors.UserError(f'{config.model.name!r}: this estimate covers the models trained by train.train_step '
-                     f'{MODELS} (DAER trains in stages)')
+                           f'{MODELS} (DAER trains in stages)')
   vocab_size = 10000
   if run_setup.uses_bert(config):
     from xmatch_jax.convert import hf_bert  # pylint: disable=g-import-not-at-top

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
   n_images = len(split.images['regions'])
   if not 0 <= args.image_index < n_images:
     raise errors.UserError(f'--image_index={args.image_index} is out of range: {config.dataset}/{args.split} has '
-                     f'{n_images} images.')
+                           f'{n_images} images.')
   for key in ('pixels', 'boxes'):
     if key not in split.images:
       raise errors.UserError(f'dataset {config.dataset} has no "{key}" field; the figure needs pixels and boxes.')

@@ -306,7 +306,7 @@ def run(argv=None) -> list:
   args = parser.parse_args(argv)
   if bool(args.captions) == bool(args.image_index):
     raise errors.UserError('give caption queries (--caption_index / --caption) or image queries (--image_index); '
-                     f'got {len(args.captions)} caption and {len(args.image_index)} image queries.')
+                           f'got {len(args.captions)} caption and {len(args.image_index)} image queries.')
   if args.k < 1:
     raise errors.UserError(f'-k must be >= 1; got {args.k}.')
   if args.scale < 0:

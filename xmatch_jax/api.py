@@ -52,14 +52,14 @@ class Retriever:
       raise errors.UserError(f'rerank_k must be an int >= 0 (0: score every pair); got {rerank_k!r}.')
     if not hasattr(images, 'keys'):
       raise errors.UserError(f'images must be a dict of dataset fields such as {{"regions": [n_images, k, d]}}; got '
-                       f'{type(images).__name__}.')
+                             f'{type(images).__name__}.')
     inputs = inference.image_inputs(self.model, images)
     counts = {key: len(value) for key, value in inputs.items()}
     if min(counts.values()) == 0:
       raise errors.UserError(f'images hold no image (fields {counts}); pass at least one.')
     if len(set(counts.values())) > 1:
       raise errors.UserError(f'images fields have different numbers of images {counts}; expected one row per image in '
-                       'every field.')
+                             'every field.')
     regions = inputs['regions'] if 'regions' in inputs else None
     if regions is not None:
       if regions.ndim != 3 or regions.shape[-1] != self.img_dim:

@@ -136,7 +136,7 @@ def check_params_match(params, expected, source: str) -> None:
   missing, unknown = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   if missing or unknown:
     raise errors.UserError(f'{source}: checkpoint parameters do not fit the model: missing {missing[:5]}, '
-                     f'unknown {unknown[:5]} (is this a checkpoint of another model?).')
+                           f'unknown {unknown[:5]} (is this a checkpoint of another model?).')
   for key, shape in want.items():
     if got[key] != shape:
       raise errors.UserError(f'{source}: parameter {key} has shape {got[key]} in the checkpoint; the model expects {shape}.')

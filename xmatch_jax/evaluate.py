@@ -46,7 +46,7 @@ def protocol_metrics(sims: np.ndarray, protocol: str) -> dict:
     raise errors.UserError(f'unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.')
   if protocol == '1k' and n_img != 1000 or protocol == '5k' and n_img != 5000:
     raise errors.UserError(f'protocol {protocol!r} needs a split of {1000 if protocol == "1k" else 5000} images; '
-                     f'this split has {n_img}. Use --protocol=fold5 for fold-wise evaluation.')
+                           f'this split has {n_img}. Use --protocol=fold5 for fold-wise evaluation.')
   if protocol == 'fold5':
     if n_img % 5:
       raise errors.UserError(f'protocol "fold5" needs a number of images divisible by 5; got {n_img}.')
@@ -72,7 +72,7 @@ def resolve_protocol(protocol: str | None, dataset: str, split: str | None) -> t
   want_dataset, want_split, base = NAMED_PROTOCOLS[protocol]
   if dataset != want_dataset:
     raise errors.UserError(f'protocol {protocol!r} is defined on dataset {want_dataset!r}; this workdir was trained on '
-                     f'{dataset!r}.')
+                           f'{dataset!r}.')
   if split is not None and split != want_split:
     raise errors.UserError(f'protocol {protocol!r} evaluates split {want_split!r}; got --split={split}.')
   return want_split, base, protocol
@@ -113,10 +113,10 @@ def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | N
   metric = config.get('eval_metric', 'recall')
   if metric == 'map' and protocol is not None:
     raise errors.UserError(f'--protocol={protocol} is a recall protocol; this run is evaluated by mAP over category '
-                     'labels (config.eval_metric = "map").')
+                           'labels (config.eval_metric = "map").')
   if rerank_k and (metric != 'recall' or protocol == 'fold5'):
     raise errors.UserError('--rerank_k works with the recall protocols 1k / 5k over a whole split; got '
-                     f'metric {metric!r}, protocol {protocol!r}.')
+                           f'metric {metric!r}, protocol {protocol!r}.')
   scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch,
                             desc=f'{split} scoring')
   image_rep = jax.block_until_ready(scorer.encode_images(data.images))

@@ -23,7 +23,7 @@ def image_inputs(model, images: dict) -> dict:
   missing = [k for k in keys if k not in images]
   if missing:
     raise errors.UserError(f'image inputs lack field(s) {missing} that model {type(model).__name__} needs; '
-                     f'got {sorted(images)}.')
+                           f'got {sorted(images)}.')
   return {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in keys}
 
 

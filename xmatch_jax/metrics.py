@@ -22,8 +22,8 @@ def _check_sims(sims, captions_per_image: int) -> np.ndarray:
   n_img, n_cap = sims.shape
   if n_cap != captions_per_image * n_img:
     raise errors.UserError(f'sims has {n_cap} caption columns for {n_img} image rows; the protocol needs '
-                     f'{captions_per_image} captions per image ({captions_per_image} x {n_img} = '
-                     f'{captions_per_image * n_img} columns, caption c belonging to image c // {captions_per_image}).')
+                           f'{captions_per_image} captions per image ({captions_per_image} x {n_img} = '
+                           f'{captions_per_image * n_img} columns, caption c belonging to image c // {captions_per_image}).')
   if np.issubdtype(sims.dtype, np.floating) and np.isnan(sims).any():
     raise errors.UserError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
   return sims
@@ -158,7 +158,7 @@ def average_precisions(sims, query_labels, doc_labels, chunk_elements: int = DEF
   if (n_relevant == 0).any():
     first = int(np.argmax(n_relevant == 0))
     raise errors.UserError(f'{int((n_relevant == 0).sum())} query(ies) have no relevant document (first: query {first} '
-                     f'with label {query_labels[first]!r}); AP is undefined for them.')
+                           f'with label {query_labels[first]!r}); AP is undefined for them.')
   aps = np.empty(sims.shape[0], np.float64)
   positions = np.arange(1, sims.shape[1] + 1)
   for start, stop in _row_chunks(sims.shape[0], sims.shape[1], chunk_elements):

@@ -50,12 +50,12 @@ def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = 
       raise errors.UserError(f'coordinator = {coordinator!r}; expected host:port of process 0.')
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise errors.UserError(f'num_processes = {num_processes}, process_id = {process_id}; expected num_processes >= 1 '
-                       'and 0 <= process_id < num_processes with a coordinator.')
+                             'and 0 <= process_id < num_processes with a coordinator.')
     jax.distributed.initialize(coordinator, num_processes, process_id)
     return True
   if num_processes > 1 or process_id >= 0:
     raise errors.UserError(f'num_processes = {num_processes}, process_id = {process_id} without a coordinator; expected '
-                     '--coordinator=host:port (or $XMATCH_COORDINATOR) as well.')
+                           '--coordinator=host:port (or $XMATCH_COORDINATOR) as well.')
   if 'SLURM_JOB_ID' in os.environ and _env_int('SLURM_STEP_NUM_TASKS', 1) > 1:
     jax.distributed.initialize()  # jax reads coordinator, process count and id from SLURM
     return True

@@ -47,7 +47,7 @@ def global_scores(image_rep: dict, text_rep: dict, block_size: int = 16) -> jax.
     return pairwise.score_in_blocks(lambda regions, text: _best_region_cosine(regions, *text), image_rep['regions'],
                                     (text_rep['words'], text_rep['mask']), block_size)
   raise errors.UserError(f'no global score for reps with image fields {sorted(image_rep)} and text fields '
-                   f'{sorted(text_rep)}; re-ranking needs i0/c0, embedding, or regions/words/mask.')
+                         f'{sorted(text_rep)}; re-ranking needs i0/c0, embedding, or regions/words/mask.')
 
 
 def _shortlist_scores(image_rep: dict, text_rep: dict, desc: str, block_size: int = 16,

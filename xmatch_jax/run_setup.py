@@ -69,7 +69,7 @@ def check_config_overrides(argv: list[str]) -> None:
       hint = f' Did you mean {", ".join(repr(n) for n in near)}?' if near else ''
       if isinstance(node, ml_collections.ConfigDict):
         raise errors.UserError(f'--config.{key}: {where} of {spec} has no field {part!r}.{hint} Its fields: '
-                         f'{", ".join(fields)}.')
+                               f'{", ".join(fields)}.')
       raise errors.UserError(f'--config.{key}: {where} of {spec} is a value ({node!r}), not a group of fields.')
 
 
@@ -169,8 +169,8 @@ def encode_captions(vocab: vocab_lib.Vocabulary, captions: list, config: ml_coll
     for i, tokens in enumerate(token_arrays):
       if len(tokens) > longest:
         raise errors.UserError(f'caption {i} has {len(tokens)} tokens, longer than the largest bucket ({longest}) of '
-                         'config.caption_buckets; add a larger bucket or set config.truncate_captions=True (longer '
-                         'captions are then cut to it and counted).')
+                               'config.caption_buckets; add a larger bucket or set config.truncate_captions=True (longer '
+                               'captions are then cut to it and counted).')
   tokens, mask, n_truncated = batching.pad_captions(
       token_arrays, tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
   if n_truncated:

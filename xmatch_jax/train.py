@@ -147,7 +147,7 @@ def prepare_vocab(config, workdir: str, train_captions: list):
       return wordpiece.WordPieceVocab(bert_dir)
     if not config.model.bert_dir:
       raise errors.UserError('config.model.bert_dir is empty; set it to a Hugging Face BERT directory (e.g. your '
-                       "bert-base-uncased) or to 'minilm'.")
+                             "bert-base-uncased) or to 'minilm'.")
     vocab = wordpiece.WordPieceVocab(config.model.bert_dir)
     if jax.process_index() == 0:
       vocab.save(workdir)
@@ -232,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_sharding = NamedSharding(mesh, P('data'))
   if config.batch_size % mesh.size:
     raise errors.UserError(f'config.batch_size = {config.batch_size} does not divide over {mesh.size} devices; expected '
-                     f'a multiple of {mesh.size}.')
+                           f'a multiple of {mesh.size}.')
   chief = jax.process_index() == 0
 
   first = batcher.batch(0)
@@ -358,7 +358,7 @@ def _train_in_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top (imports this module)
   if jax.process_count() > 1:
     raise errors.UserError('staged training (DAER) runs in one process (any number of local devices); got '
-                     f'{jax.process_count()} processes.')
+                           f'{jax.process_count()} processes.')
   os.makedirs(workdir, exist_ok=True)
   if os.path.exists(os.path.join(workdir, run_setup.CONFIG_FILE)):
     run_setup.check_same_model(run_setup.load_config(workdir), config, workdir)
@@ -398,8 +398,8 @@ def plan_memory(config, model, make_step, state, batch):
       return model, step_fn
     if not block or block == 1:
       raise errors.UserError(f'config.memory_budget_gb = {config.memory_budget_gb}: a training step needs '
-                       f'{memory["peak"] / 1e9:.2f} GB per device even at block_size {block or "-"}; lower '
-                       'config.batch_size or raise the budget.')
+                             f'{memory["peak"] / 1e9:.2f} GB per device even at block_size {block or "-"}; lower '
+                             'config.batch_size or raise the budget.')
     block = max(block // 2, 1)
     model = model.clone(block_size=block)
 

@@ -208,7 +208,7 @@ def reuse_stage(name: str, config: ml_collections.ConfigDict, source: str, workd
   src = os.path.join(source, 'stages', name)
   if not os.path.isdir(os.path.join(src, 'checkpoints')):
     raise errors.MissingFileError(f'config.stages_from = {source!r}: {src}/checkpoints not found; expected a DAER workdir '
-                            f'whose stage {name!r} has been trained.')
+                                  f'whose stage {name!r} has been trained.')
   theirs = stage_fields(run_setup.load_config(source).to_dict(), name)
   ours = stage_fields(config.to_dict(), name)
   differ = sorted(k for k in set(theirs) | set(ours) if not _same_field(theirs, ours, k))
@@ -411,7 +411,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, writer) -> dic
   image_labels, _ = _split_labels(train)
   if config.model.num_classes <= int(image_labels.max()):
     raise errors.UserError(f'config.model.num_classes = {config.model.num_classes}, but dataset {config.dataset} has label '
-                     f'{int(image_labels.max())}; expected num_classes > every label.')
+                           f'{int(image_labels.max())}; expected num_classes > every label.')
   if jax.process_index() == 0:
     run_setup.save_config(config, workdir, 0)
   model = run_setup.build_model(config, len(vocab), 0, workdir)

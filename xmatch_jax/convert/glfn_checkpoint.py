@@ -84,8 +84,8 @@ def sizes_of(image_state: dict, text_state: dict, source: str = 'checkpoint') ->
               key_problems(text_state, text_keys(max(num_layers, 1)), 'text encoder'))
   if problems:
     raise errors.UserError(f'{source}: weights do not match the official GLFN layout: ' + '; '.join(problems) +
-                     f' (image encoder keys: {list(IMAGE_KEYS)}; text encoder: fc.weight, fc.bias and a '
-                     'bidirectional nn.GRU as rnn.*)')
+                           f' (image encoder keys: {list(IMAGE_KEYS)}; text encoder: fc.weight, fc.bias and a '
+                           'bidirectional nn.GRU as rnn.*)')
   shape = lambda state, key: tuple(np.shape(state[key]))
   fc, pos, posi = (shape(image_state, k) for k in ('fc.weight', 'position_embedding.weight',
                                                    'posi_attn_matrix_add_tag.weight'))
@@ -126,7 +126,7 @@ def sizes_of(image_state: dict, text_state: dict, source: str = 'checkpoint') ->
     problems.append(f'grid {grid} x {grid} has fewer than L = {BOX_LEN} blocks')
   if problems:
     raise errors.UserError(f'{source}: shapes do not fit the official GLFN layout (D={embed}, D_b={position_dim}, '
-                     f'H={hidden}, W={word_dim}): ' + '; '.join(problems))
+                           f'H={hidden}, W={word_dim}): ' + '; '.join(problems))
   return {'img_dim': img_dim, 'bert_hidden': hidden, 'position_dim': position_dim, 'grid': grid,
           'embed_size': embed, 'word_dim': word_dim, 'num_layers': num_layers}
 
@@ -170,7 +170,7 @@ def config_from_opt(opt, sizes: dict, bert_dir: str, dataset: str = '',
   unknown = sorted(set(opt) - OPT_FIELDS)
   if unknown:
     raise errors.UserError(f'{source}: opt fields {unknown} are not flags of official GLFN\'s train.py (a fork, e.g. the '
-                     'GAT variant?); only the official model can be imported')
+                           'GAT variant?); only the official model can be imported')
 
   def get(name, default=None, required=False):
     if name not in opt:
@@ -184,7 +184,7 @@ def config_from_opt(opt, sizes: dict, bert_dir: str, dataset: str = '',
     dataset = DATA_NAMES.get(data_name)
     if dataset is None:
       raise errors.UserError(f'{source}: opt.data_name is {data_name!r}, which names no dataset (expected one of '
-                       f'{sorted(DATA_NAMES)}); pass the dataset explicitly (--dataset=f30k or coco)')
+                             f'{sorted(DATA_NAMES)}); pass the dataset explicitly (--dataset=f30k or coco)')
   refusals = []
   if not get('bi_gru', False):
     refusals.append('opt.bi_gru is False: xmatch\'s GLFN has only the bidirectional GRU (directions averaged)')
@@ -232,7 +232,7 @@ def load_bert(bert_dir: str, hidden: int, source: str = 'checkpoint') -> dict:
   bert_config, params, _ = hf_bert.load_checkpoint(bert_dir)
   if bert_config.hidden_size != hidden:
     raise errors.UserError(f'{source}: the text encoder reads {hidden}-d BERT features (fc.weight), but {bert_dir} has '
-                     f'hidden_size {bert_config.hidden_size}; pass the BERT the features were made with')
+                           f'hidden_size {bert_config.hidden_size}; pass the BERT the features were made with')
   params = dict(params)
   params.pop('pooler_dense', None)   # GLFN reads token states, not the pooled [CLS]
   return params
@@ -246,7 +246,7 @@ def load(path: str, bert_dir: str, dataset: str = ''):
   """
   if not bert_dir:
     raise errors.UserError(f'{path}: GLFN checkpoints hold no BERT; pass the BERT whose features the model was trained on '
-                     '(--bert_dir: a Hugging Face BERT directory; the paper used a 768-d BERT-base)')
+                           '(--bert_dir: a Hugging Face BERT directory; the paper used a 768-d BERT-base)')
   checkpoint = torch_pickle.load(path)
   if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'opt' not in checkpoint:
     raise errors.UserError(f'{path}: expected a dict with "model" ([image state_dict, text state_dict]) and "opt"')
@@ -254,7 +254,7 @@ def load(path: str, bert_dir: str, dataset: str = ''):
   if not isinstance(model, (list, tuple)) or len(model) != 2:
     n = len(model) if isinstance(model, (list, tuple)) else type(model).__name__
     raise errors.UserError(f'{path}: "model" must be [image encoder state_dict, text encoder state_dict]; got {n} '
-                     '(three state_dicts are the GAT fork, which is not official GLFN)')
+                           '(three state_dicts are the GAT fork, which is not official GLFN)')
   source = os.path.basename(path)
   params, sizes = convert_params(dict(model[0]), dict(model[1]), source)
   config = config_from_opt(checkpoint['opt'], sizes, os.path.abspath(bert_dir) if os.path.isdir(bert_dir)
@@ -309,7 +309,7 @@ def export_params(params: dict, config, source: str = 'params') -> tuple:
   missing, extra = sorted(expected - set(gru)), sorted(set(gru) - expected)
   if missing or extra:
     raise errors.UserError(f'{source}: gru has {sorted(gru)}, expected {sorted(expected)} (model.num_layers={num_layers}, '
-                     'bidirectional)')
+                           'bidirectional)')
   for layer in range(num_layers):
     for reverse in (False, True):
       cell = gru[f'{"backward" if reverse else "forward"}_{layer}']
@@ -356,7 +356,7 @@ def opt_from_config(config, img_dim: int | None = None, source: str = 'config') 
     refusals.append(f'model fields {unknown} have no counterpart in official GLFN\'s opt')
   if refusals:
     raise errors.UserError(f'{source}: cannot export as an official GLFN checkpoint (only configs/glfn.py\'s official '
-                     'variant with score t2i or i2t): ' + '; '.join(refusals))
+                           'variant with score t2i or i2t): ' + '; '.join(refusals))
   opt = {
       **_RUNTIME, 'data_name': data_name, 'margin': float(config.loss.margin), 'num_epochs': int(config.num_epochs),
       'batch_size': int(config.batch_size), 'embed_size': int(get('embed_size')),

@@ -123,7 +123,7 @@ def convert_state_dict(state: dict, config: BertConfig, source: str = 'state_dic
     path = _flax_path(name)
     if path is None or path not in expected:
       raise errors.UserError(f'{source}: key {key!r} is not a BERT encoder weight this model knows '
-                       '(is the checkpoint a BERT model?)')
+                             '(is the checkpoint a BERT model?)')
     value = np.asarray(value, np.float32)
     if path[-1] == 'kernel':
       value = value.T       # torch Linear stores [out, in]
@@ -171,7 +171,7 @@ def read_flax_params(path: str, config: BertConfig) -> dict:
     flat = {tuple(k.split('/')): v for k, v in load_file(path).items()}
   except Exception as e:  # pylint: disable=broad-except - safetensors raises its own error types
     raise errors.UserError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected the Flax BERT '
-                     'params that tools/convert_bert.py writes') from None
+                           'params that tools/convert_bert.py writes') from None
   expected = _expected_shapes(config)
   unknown = sorted('/'.join(k) for k in set(flat) - set(expected))
   missing = sorted('/'.join(k) for k in set(expected) - set(flat))

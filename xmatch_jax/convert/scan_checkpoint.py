@@ -43,7 +43,7 @@ def gru_cell_params(state: dict, layer: int, reverse: bool, source: str) -> dict
   hidden = w_hh.shape[1]
   if w_ih.shape[0] != 3 * hidden or w_hh.shape != (3 * hidden, hidden):
     raise errors.UserError(f'{source}: rnn.weight_*_{suffix} shapes {w_ih.shape}, {w_hh.shape} are not a GRU of '
-                     f'hidden size {hidden}')
+                           f'hidden size {hidden}')
   rows = lambda a, g: a[g * hidden:(g + 1) * hidden]
   return {
       'ir': {'kernel': rows(w_ih, 0).T, 'bias': rows(b_ih, 0) + rows(b_hh, 0)},
@@ -86,7 +86,7 @@ def convert_params(image_state: dict, text_state: dict, num_layers: int, bidirec
   image_unknown = sorted(set(image_state) - {*weights, 'fc.bias'})
   if image_unknown:
     raise errors.UserError(f'{where}: unexpected weights {image_unknown}; opt.precomp_enc_type '
-                     f'{"weight_norm" if weight_norm else "basic"} has {sorted({*weights, "fc.bias"})}')
+                           f'{"weight_norm" if weight_norm else "basic"} has {sorted({*weights, "fc.bias"})}')
   if weight_norm:
     kernel = weight_norm_weight(_get(image_state, 'fc.weight_g', where), _get(image_state, 'fc.weight_v', where),
                                 where)
@@ -216,14 +216,14 @@ def export_params(params: dict, num_layers: int, bidirectional: bool, source: st
       key = f'{"backward" if reverse else "forward"}_{layer}'
       if key not in encoder:
         raise errors.UserError(f'{source}: missing parameter text_encoder/{key} (num_layers={num_layers}, '
-                         f'bidirectional={bidirectional})')
+                               f'bidirectional={bidirectional})')
       text.update(gru_state(encoder[key], layer, reverse, f'{source}: text_encoder'))
   expected = {f'{d}_{l}' for l in range(num_layers) for d in (['forward', 'backward'] if bidirectional
                                                               else ['forward'])} | {'embed'}
   unknown = sorted(set(encoder) - expected)
   if unknown:
     raise errors.UserError(f'{source}: unexpected text_encoder parameters {unknown} for num_layers={num_layers}, '
-                     f'bidirectional={bidirectional}')
+                           f'bidirectional={bidirectional}')
   return image, text
 
 
@@ -256,7 +256,7 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
   name = m.get('name')
   if name not in FORMATS:
     raise errors.UserError(f'{source}: model {name!r} has no official SCAN / VSE++ checkpoint layout; only '
-                     f'{FORMATS} can be exported')
+                           f'{FORMATS} can be exported')
   if img_dim is None:
     if 'data_info' not in config or 'img_dim' not in config.data_info:
       raise errors.UserError(f'{source}: no data_info.img_dim (a workdir\'s config.json has it); pass img_dim')
@@ -269,7 +269,7 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
   data_name = {v: k for k, v in DATA_NAMES.items()}.get(config.dataset)
   if data_name is None:
     raise errors.UserError(f'{source}: dataset {config.dataset!r} has no official data_name; expected one of '
-                     f'{sorted(DATA_NAMES.values())}')
+                           f'{sorted(DATA_NAMES.values())}')
   opt = {
       'data_name': data_name, 'margin': float(config.loss.margin), 'num_epochs': int(config.num_epochs),
       'batch_size': int(config.batch_size), 'word_dim': int(get('word_dim')), 'embed_size': int(get('embed_size')),
@@ -283,7 +283,7 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
                'cross_attn', 'raw_feature_norm', 'lambda_softmax', 'agg_func', 'lambda_lse'}
     if get('raw_feature_norm') in _L1_NORMS:
       raise errors.UserError(f'{source}: model.raw_feature_norm is {get("raw_feature_norm")!r}; official SCAN cannot run '
-                       f'{_L1_NORMS} (its func_attention calls an undefined l1norm_d)')
+                             f'{_L1_NORMS} (its func_attention calls an undefined l1norm_d)')
     opt = {**_SCAN_RUNTIME, **opt, 'no_txtnorm': bool(get('no_txtnorm')),
            'raw_feature_norm': get('raw_feature_norm'), 'agg_func': get('agg_func'), 'cross_attn': get('cross_attn'),
            'bi_gru': bool(get('bidirectional')), 'lambda_lse': float(get('lambda_lse')),

@@ -65,7 +65,7 @@ class _Tensor:
     extent = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride)) + 1
     if min(self.size) > 0 and extent > storage.data.size:
       raise errors.UserError(f'{where}: tensor of shape {self.size} runs past the end of its storage '
-                       f'({storage.data.size} elements)')
+                             f'({storage.data.size} elements)')
     item = storage.data.itemsize
     return np.lib.stride_tricks.as_strided(
         storage.data[self.offset:], self.size, [s * item for s in self.stride]).copy()

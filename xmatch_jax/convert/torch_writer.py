@@ -107,7 +107,7 @@ class _Collector:
     name = array.dtype.name
     if name not in _STORAGE_TYPES:
       raise errors.UserError(f'{where}: arrays of dtype {array.dtype} cannot be written; expected one of '
-                       f'{sorted(_STORAGE_TYPES)}')
+                             f'{sorted(_STORAGE_TYPES)}')
     key = str(len(self.storages))
     self.storages.append((key, array))
     stride, step = [], 1
@@ -131,7 +131,7 @@ class _Collector:
       for key, value in obj.items():
         if not isinstance(key, (str, int, float, bool)) and key is not None:
           raise errors.UserError(f'{where}: dict key {key!r} of type {type(key).__name__} cannot be written; expected '
-                           'str, int, float, bool or None')
+                                 'str, int, float, bool or None')
         out[key] = self.prepare(value, f'{where}[{key!r}]')
       return out
     if isinstance(obj, (list, tuple)):
@@ -140,7 +140,7 @@ class _Collector:
     if isinstance(obj, (argparse.Namespace, types.SimpleNamespace)):
       return argparse.Namespace(**{k: self.prepare(v, f'{where}.{k}') for k, v in vars(obj).items()})
     raise errors.UserError(f'{where}: cannot write a {type(obj).__name__}; expected arrays, dicts, lists, tuples, '
-                     'argparse.Namespace, None, bool, int, float, str or bytes')
+                           'argparse.Namespace, None, bool, int, float, str or bytes')
 
 
 def _little_endian_bytes(array: np.ndarray) -> bytes:

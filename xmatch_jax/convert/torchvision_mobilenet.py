@@ -28,13 +28,13 @@ def read_state_dict(path: str) -> dict:
       return load_file(path)
     except Exception as e:  # pylint: disable=broad-except - safetensors raises its own error types
       raise errors.UserError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected a torchvision '
-                       'mobilenet_v3_large state_dict') from None
+                             'mobilenet_v3_large state_dict') from None
   state = torch_pickle.load(path)
   if isinstance(state, dict) and 'state_dict' in state:
     state = state['state_dict']
   if not isinstance(state, dict) or not all(isinstance(v, (np.ndarray, np.generic)) for v in state.values()):
     raise errors.UserError(f'{path}: expected a state_dict (a mapping of names to tensors) of torchvision '
-                     f'mobilenet_v3_large; got {type(state).__name__}')
+                           f'mobilenet_v3_large; got {type(state).__name__}')
   return dict(state)
 
 
@@ -85,7 +85,7 @@ def convert_state_dict(state: dict, expected: dict, source: str = 'state_dict') 
   unknown = sorted('/'.join(k) for k in set(flat) - set(want))
   if missing or unknown:
     raise errors.UserError(f'{source}: does not fit the model: missing {missing[:4]}, unexpected {unknown[:4]} '
-                     '(a different num_classes or width?)')
+                           '(a different num_classes or width?)')
   variables = {}
   for key, value in flat.items():
     if value.shape != want[key]:

@@ -35,7 +35,7 @@ def _load_shapes(split: str, data_dir: str, builder_config: str) -> Split:
   builder = shapes.shapes_builder(data_dir, config=builder_config)
   if split not in builder.info.splits:
     raise errors.UserError(f'dataset xmatch_shapes/{builder_config}: no split {split!r}; '
-                     f'expected one of {sorted(builder.info.splits)}.')
+                           f'expected one of {sorted(builder.info.splits)}.')
   source = builder.as_data_source(split)
   examples = [source[i] for i in range(len(source))]
   images = {
@@ -71,7 +71,7 @@ def _lazy_wanted(nbytes: int, where: str) -> bool:
     return value == '1'
   if value:
     raise errors.UserError(f'XMATCH_LAZY={value!r} (loading {where}); expected 1 (read image features from disk on '
-                     f'demand), 0 (load them into memory) or unset (on demand above {LAZY_THRESHOLD_BYTES} bytes).')
+                           f'demand), 0 (load them into memory) or unset (on demand above {LAZY_THRESHOLD_BYTES} bytes).')
   return nbytes > LAZY_THRESHOLD_BYTES
 
 
@@ -88,7 +88,7 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
   builder = precomp.build(name, manual_dir(name, data_dir), data_dir)
   if split not in builder.info.splits:
     raise errors.UserError(f'dataset xmatch_precomp/{name}: no split {split!r}; expected one of '
-                     f'{sorted(builder.info.splits)}.')
+                           f'{sorted(builder.info.splits)}.')
   source = builder.as_data_source(split)
   where = f'dataset xmatch_precomp/{name} split {split}'
   n = len(source)
@@ -133,7 +133,7 @@ class _Tags:
   def set(self, i: int, row) -> None:
     if len(row) != self.values.shape[1]:
       raise errors.UserError(f'{self.where}: field "tags" row {i} has {len(row)} tags; expected {self.values.shape[1]} '
-                       'like row 0 (one per region).')
+                             'like row 0 (one per region).')
     for r, tag in enumerate(row):
       self.values[i, r] = self._interned.setdefault(tag, _text(tag))
 
@@ -175,7 +175,7 @@ def _load_category(name: str, split: str, data_dir: str) -> Split:
   builder = category.build(name, category_manual_dir(name, data_dir), data_dir)
   if split not in builder.info.splits:
     raise errors.UserError(f'dataset xmatch_category/{name}: no split {split!r}; expected one of '
-                     f'{sorted(builder.info.splits)}.')
+                           f'{sorted(builder.info.splits)}.')
   source = builder.as_data_source(split)
   n = len(source)
   size = builder.builder_config.image_size

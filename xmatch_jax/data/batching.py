@@ -32,14 +32,14 @@ def bucket_length(n: int, buckets: Sequence[int], truncate: bool = False) -> int
   if truncate:
     return buckets[-1]
   raise errors.UserError(f'caption of {n} tokens is longer than the largest bucket ({buckets[-1]}); add a larger '
-                   'bucket (config.caption_buckets) or allow truncation (config.truncate_captions=True).')
+                         'bucket (config.caption_buckets) or allow truncation (config.truncate_captions=True).')
 
 
 def _check_token_array(tokens, index: int) -> np.ndarray:
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
     raise errors.UserError(f'caption {index}: token ids must be a 1-D integer array; got shape {tokens.shape}, '
-                     f'dtype {tokens.dtype}.')
+                           f'dtype {tokens.dtype}.')
   if tokens.size == 0:
     raise errors.UserError(f'caption {index} has no tokens; every caption needs at least one.')
   return tokens
@@ -114,22 +114,22 @@ class TrainBatcher:
     missing = [k for k in self.image_keys if k not in images]
     if not self.image_keys or missing:
       raise errors.UserError(f'images lack field(s) {missing or list(self.image_keys)} named in image_keys; got fields '
-                       f'{sorted(images)}.')
+                             f'{sorted(images)}.')
     self._images = {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in self.image_keys}
     n_img = len(self._images[self.image_keys[0]])
     for key, value in self._images.items():
       if value.ndim < 1 or len(value) != n_img:
         raise errors.UserError(f'images["{key}"] has {len(value) if value.ndim else 0} rows; expected {n_img} like '
-                         f'images["{self.image_keys[0]}"].')
+                               f'images["{self.image_keys[0]}"].')
     self._captions = [_check_token_array(c, i) for i, c in enumerate(captions)]
     n_cap = len(self._captions)
     caption_to_image = np.asarray(caption_to_image)
     if caption_to_image.shape != (n_cap,) or not np.issubdtype(caption_to_image.dtype, np.integer):
       raise errors.UserError(f'caption_to_image must be an integer array of shape ({n_cap},) (one per caption); got '
-                       f'shape {caption_to_image.shape}, dtype {caption_to_image.dtype}.')
+                             f'shape {caption_to_image.shape}, dtype {caption_to_image.dtype}.')
     if n_cap and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
       raise errors.UserError(f'caption_to_image must index images in [0, {n_img}); got values in '
-                       f'[{caption_to_image.min()}, {caption_to_image.max()}].')
+                             f'[{caption_to_image.min()}, {caption_to_image.max()}].')
     self._caption_to_image = caption_to_image.astype(np.int32)
     if not 1 <= batch_size <= n_cap:
       raise errors.UserError(f'batch_size must be in [1, n_captions = {n_cap}]; got {batch_size}.')
@@ -138,8 +138,8 @@ class TrainBatcher:
     self.num_truncated = int((lengths > self.buckets[-1]).sum())
     if self.num_truncated and not self.truncate:
       raise errors.UserError(f'{self.num_truncated} caption(s) are longer than the largest bucket ({self.buckets[-1]}); '
-                       f'the longest has {lengths.max()} tokens (caption {int(lengths.argmax())}). Add a bucket '
-                       '(config.caption_buckets) or set truncate=True (config.truncate_captions).')
+                             f'the longest has {lengths.max()} tokens (caption {int(lengths.argmax())}). Add a bucket '
+                             '(config.caption_buckets) or set truncate=True (config.truncate_captions).')
     self._cached_order = (None, None)  # (epoch, permutation): a cache only, batches never depend on it
 
   @property

@@ -162,7 +162,7 @@ def _wikipedia_text(path: str) -> str:
     text = None if match is None else html.unescape(match.group(1))
   if text is None or not text.strip():
     raise errors.UserError(f'{path}: no <text> element or an empty one; expected the article text inside '
-                     '<text>...</text>')
+                           '<text>...</text>')
   return _clean(text)
 
 
@@ -178,11 +178,11 @@ def _scan_wikipedia(root: str) -> tuple[list[Pair], int, str]:
       fields = line.split()
       if len(fields) != 3 or not re.fullmatch(r'-?\d+', fields[2]):
         raise errors.UserError(f'{list_path}: line {number} is {line!r}; expected <text_id>\\t<image_name>\\t<category '
-                         '1-based integer>')
+                               '1-based integer>')
       text_id, image_name, category = fields[0], fields[1], int(fields[2])
       if not 1 <= category <= len(categories):
         raise errors.UserError(f'{list_path}: line {number}: category {category} out of range; expected 1..'
-                         f'{len(categories)} (the lines of categories.list)')
+                               f'{len(categories)} (the lines of categories.list)')
       image = _require(os.path.join(root, 'images', categories[category - 1], image_name + '.jpg'),
                        f'listed in {list_name} line {number}')
       text_path = _require(os.path.join(root, 'texts', text_id + '.xml'), f'listed in {list_name} line {number}')
@@ -203,7 +203,7 @@ def _scan_pascal(root: str) -> tuple[list[Pair], int, str]:
       sentences = [line for _, line in _read_lines(text_path)]
       if len(sentences) != SENTENCES_PER_IMAGE:
         raise errors.UserError(f'{text_path}: {len(sentences)} non-empty lines; expected {SENTENCES_PER_IMAGE} '
-                         'sentences, one per line')
+                               'sentences, one per line')
       pairs.append(Pair(os.path.join(image_root, category, name), _clean(' '.join(sentences)), label))
   return pairs, len(categories), image_root
 
@@ -220,11 +220,11 @@ def _scan_manifest(root: str, num_classes: int | None) -> list[Pair]:
     fields = line.split('\t')
     if len(fields) != 3 or not re.fullmatch(r'\s*-?\d+\s*', fields[2]):
       raise errors.UserError(f'{path}: line {number} has {len(fields)} tab-separated field(s) {fields[:3]!r}; expected '
-                       'image path, text, integer label')
+                             'image path, text, integer label')
     image, text, label = fields[0].strip(), fields[1], int(fields[2])
     if label < 0 or (num_classes is not None and label >= num_classes):
       raise errors.UserError(f'{path}: line {number}: label {label} out of range; expected 0..'
-                       f'{"" if num_classes is None else num_classes - 1} (0-based)')
+                             f'{"" if num_classes is None else num_classes - 1} (0-based)')
     image = _require(os.path.join(root, image), f'listed in pairs.tsv line {number}')
     if text.strip().endswith('.txt'):
       text = _read_text(_require(os.path.join(root, text.strip()), f'listed in pairs.tsv line {number}'))
@@ -261,7 +261,7 @@ def split_indices(n: int, manual_dir: str) -> dict[str, np.ndarray]:
     for split, indices in splits.items():
       if not len(indices):
         raise errors.UserError(f'{manual_dir}: {n} pairs give an empty {split} split under the 80/10/10 split; add more '
-                         'pairs or a splits.json')
+                               'pairs or a splits.json')
     return splits
   with open(path, encoding='utf-8') as f:
     try:
@@ -270,7 +270,7 @@ def split_indices(n: int, manual_dir: str) -> dict[str, np.ndarray]:
       raise errors.UserError(f'{path}: not valid JSON ({e})') from None
   if not isinstance(raw, dict) or sorted(raw) != sorted(SPLITS):
     raise errors.UserError(f'{path}: keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}; expected an '
-                     f'object with exactly the keys {list(SPLITS)}')
+                           f'object with exactly the keys {list(SPLITS)}')
   splits, seen = {}, {}
   for split in SPLITS:
     values = raw[split]
@@ -282,7 +282,7 @@ def split_indices(n: int, manual_dir: str) -> dict[str, np.ndarray]:
         raise errors.UserError(f'{path}: "{split}" holds index {v}; expected pair indices in [0, {n})')
       if v in seen:
         raise errors.UserError(f'{path}: index {v} is in both "{seen[v]}" and "{split}"' if seen[v] != split else
-                         f'{path}: index {v} appears twice in "{split}"')
+                               f'{path}: index {v} appears twice in "{split}"')
       seen[v] = split
     splits[split] = np.array(values, np.int64)
   return splits
@@ -338,7 +338,7 @@ def build(name: str, manual_dir: str, data_dir: str | None = None, image_size: i
     raise errors.UserError(f'xmatch_category has no config {name!r}; expected one of {sorted(CONFIGS)}')
   if not os.path.isdir(manual_dir):
     raise errors.MissingFileError(f'{manual_dir}: manual dir not found; the {name} layout is: {LAYOUTS[name]}; '
-                            f'plus an {_OPTIONAL}')
+                                  f'plus an {_OPTIONAL}')
   config = CONFIGS[name]
   if image_size != config.image_size:  # a config of its own, so builds of different sizes do not collide
     config = dataclasses.replace(config, name=f'{name}_{image_size}px', image_size=image_size)

@@ -61,7 +61,7 @@ def block_positions(boxes: np.ndarray, image_sizes: np.ndarray, grid: int = GRID
   if empty.any():
     image, region = map(int, np.argwhere(empty)[0])
     raise errors.UserError(f'{where}: image {image} region {region} box {boxes[image, region].tolist()} has no area '
-                     f'inside the {sizes[image].tolist()} image')
+                           f'inside the {sizes[image].tolist()} image')
   order = np.argsort(-overlap, axis=-1, kind='stable')[..., :top_l]      # eq 3: top L, ties by block index
   top = np.take_along_axis(overlap, order, axis=-1)
   weights = top / top.sum(-1, keepdims=True)                               # eqs 4-5

@@ -80,7 +80,7 @@ def _load_npy(path: str, expected: str) -> np.ndarray:
     return np.load(path, mmap_mode='r', allow_pickle=False)
   except (ValueError, EOFError, OSError) as e:
     raise errors.UserError(f'{path}: not a readable .npy array ({type(e).__name__}: {e}); expected a complete .npy file '
-                     f'of {expected} written by numpy.save (truncated or partly copied?)') from None
+                           f'of {expected} written by numpy.save (truncated or partly copied?)') from None
 
 
 def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
@@ -92,15 +92,15 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
   if have_tags and len(have_tags) != len(config.splits):
     missing = [tags_paths[split] for split in config.splits if split not in have_tags]
     raise errors.MissingFileError(f'{", ".join(missing)}: missing, but {", ".join(f"{s}_tags.txt" for s in have_tags)} '
-                            f'exist(s) in {manual_dir}; expected a {{split}}_tags.txt for every split '
-                            f'({", ".join(config.splits)}) or for none')
+                                  f'exist(s) in {manual_dir}; expected a {{split}}_tags.txt for every split '
+                                  f'({", ".join(config.splits)}) or for none')
   for split in config.splits:
     ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
     caps_path = os.path.join(manual_dir, f'{split}_caps.txt')
     for path in (ims_path, caps_path):
       if not os.path.exists(path):
         raise errors.MissingFileError(f'{path}: missing; the {config.name} precomp layout needs {split}_ims.npy and '
-                                f'{split}_caps.txt in {manual_dir}')
+                                      f'{split}_caps.txt in {manual_dir}')
     ims = _load_npy(ims_path, 'float32 [n_images, k, d] region features')
     if ims.ndim != 3:
       raise errors.UserError(f'{ims_path}: shape {ims.shape}; expected [n_images, k, d]')
@@ -126,10 +126,10 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
     n_images = ims.shape[0] // repeat
     if len(captions) != CAPTIONS_PER_IMAGE * n_images:
       raise errors.UserError(f'{caps_path}: {len(captions)} captions for {n_images} images in {ims_path}; expected '
-                       f'{CAPTIONS_PER_IMAGE} x {n_images} = {CAPTIONS_PER_IMAGE * n_images}')
+                             f'{CAPTIONS_PER_IMAGE} x {n_images} = {CAPTIONS_PER_IMAGE * n_images}')
     if split in config.expected and n_images != config.expected[split]:
       raise errors.UserError(f'{ims_path}: {n_images} images; {config.name} {split} has {config.expected[split]} '
-                       f'({CAPTIONS_PER_IMAGE * config.expected[split]} captions)')
+                             f'({CAPTIONS_PER_IMAGE * config.expected[split]} captions)')
     boxes = None
     boxes_path = os.path.join(manual_dir, f'{split}_boxes.npy')
     if os.path.exists(boxes_path):
@@ -150,11 +150,11 @@ def _split_tags(line: str, path: str, lineno: int, k: int) -> list:
     hint = ' (this line has no TAB: are the tags separated by spaces?)' if len(tags) == 1 and k > 1 else ''
     ims = os.path.basename(path)[:-len('_tags.txt')] + '_ims.npy'
     raise errors.UserError(f'{path}: line {lineno} has {len(tags)} tag(s); expected {k} (one per region of {ims}), '
-                     f'separated by TAB characters{hint}')
+                           f'separated by TAB characters{hint}')
   empty = [r + 1 for r, t in enumerate(tags) if not t]
   if empty:
     raise errors.UserError(f'{path}: line {lineno}: tag {empty[0]} is empty ({len(empty)} empty); expected {k} '
-                     'non-empty tags')
+                           'non-empty tags')
   return tags
 
 
@@ -166,7 +166,7 @@ def _tag_lines(path: str):
         line = raw.decode('utf-8')
       except UnicodeDecodeError as e:
         raise errors.UserError(f'{path}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start} of the line); expected '
-                         'UTF-8 text') from None
+                               'UTF-8 text') from None
       yield lineno, line.rstrip('\n').rstrip('\r')
 
 
@@ -177,13 +177,13 @@ def _check_tags(path: str, n_images: int, k: int, ims_path: str) -> None:
     if lineno > n_images:
       if line.strip():
         raise errors.UserError(f'{path}: line {lineno}: more lines than images; expected {n_images} lines, one per image '
-                         f'of {ims_path}')
+                               f'of {ims_path}')
       continue
     _split_tags(line, path, lineno, k)
     lines = lineno
   if lines < n_images:
     raise errors.UserError(f'{path}: ends after {lines} line(s): line {lines + 1} is missing; expected {n_images} lines, '
-                     f'one per image of {ims_path}')
+                           f'one per image of {ims_path}')
 
 
 def _read_row(f, array: np.ndarray, index: int) -> np.ndarray:
@@ -294,7 +294,7 @@ def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrec
     raise errors.UserError(f'xmatch_precomp has no config {name!r}; expected one of {sorted(CONFIGS)}')
   if not os.path.isdir(manual_dir):
     raise errors.MissingFileError(f'{manual_dir}: manual dir not found; it must hold the SCAN precomp files '
-                            '({split}_ims.npy, {split}_caps.txt)')
+                                  '({split}_ims.npy, {split}_caps.txt)')
   builder = XmatchPrecomp(config=name, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   _check_built_tags(builder, manual_dir)
@@ -314,6 +314,6 @@ def _check_built_tags(builder: XmatchPrecomp, manual_dir: str) -> None:
   if bool(files) != built:
     now = f'now holds {", ".join(files)}' if files else 'now holds no {split}_tags.txt'
     raise errors.UserError(f'{builder.data_dir}: this build of xmatch_precomp/{builder.builder_config.name} has '
-                     f'{"" if built else "no "}tags, but {manual_dir} {now}; expected them to agree. Delete '
-                     f'{builder.data_dir} to rebuild from {manual_dir} (see the rebuild note in '
-                     'xmatch_jax/data/precomp.py).')
+                           f'{"" if built else "no "}tags, but {manual_dir} {now}; expected them to agree. Delete '
+                           f'{builder.data_dir} to rebuild from {manual_dir} (see the rebuild note in '
+                           'xmatch_jax/data/precomp.py).')

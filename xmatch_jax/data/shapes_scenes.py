@@ -130,14 +130,14 @@ def validate_scene(scene) -> dict:
         raise errors.UserError(f'scene object {i}: "{key}" must be a number; got {value!r}.')
       if not half <= value <= CANVAS - 1 - half:
         raise errors.UserError(f'scene object {i}: "{key}" = {value} puts its {obj["size"]} box outside the canvas; '
-                         f'expected {half} <= {key} <= {CANVAS - 1 - half}.')
+                               f'expected {half} <= {key} <= {CANVAS - 1 - half}.')
     normalised.append({'shape': obj['shape'], 'colour': obj['colour'], 'size': obj['size'],
                        'x': _plain_number(obj['x']), 'y': _plain_number(obj['y'])})
   for (i, a), (j, b) in itertools.combinations(enumerate(normalised), 2):
     gap = HALF_SIZE[a['size']] + HALF_SIZE[b['size']]
     if max(abs(a['x'] - b['x']), abs(a['y'] - b['y'])) <= gap:
       raise errors.UserError(f'scene objects {i} and {j} overlap; their centres must differ by more than {gap} px '
-                       'along x or y.')
+                             'along x or y.')
   return {'objects': normalised}
 
 

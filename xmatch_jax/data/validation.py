@@ -25,12 +25,12 @@ def check_split(images: dict, captions: list, caption_to_image: np.ndarray, sour
   """
   if 'regions' not in images and 'pixels' not in images:
     raise errors.UserError(f'{source}: image inputs have neither field "regions" nor "pixels"; got fields '
-                     f'{sorted(images)}.')
+                           f'{sorted(images)}.')
   if 'pixels' in images:
     pixels = images['pixels']
     if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
       raise errors.UserError(f'{source}: field "pixels" must be [n_images, H, W, 3] uint8; got shape {pixels.shape}, '
-                       f'dtype {pixels.dtype}.')
+                             f'dtype {pixels.dtype}.')
     n_img = pixels.shape[0]
   if 'regions' in images:
     regions = images['regions']
@@ -46,17 +46,17 @@ def check_split(images: dict, captions: list, caption_to_image: np.ndarray, sour
       bad = ~np.isfinite(regions).reshape(n_img, -1).all(axis=1)
       if bad.any():
         raise errors.UserError(f'{source}: field "regions" holds NaN or inf in {int(bad.sum())} image(s), first at '
-                         f'index {int(np.argmax(bad))}; features must be finite.')
+                               f'index {int(np.argmax(bad))}; features must be finite.')
   for key, value in images.items():
     if len(value) != n_img:
       raise errors.UserError(f'{source}: field "{key}" has {len(value)} entries; expected one per image ({n_img}).')
   if captions_per_image is not None and len(captions) != captions_per_image * n_img:
     raise errors.UserError(f'{source}: {len(captions)} captions for {n_img} images; expected '
-                     f'{captions_per_image} x {n_img} = {captions_per_image * n_img}.')
+                           f'{captions_per_image} x {n_img} = {captions_per_image * n_img}.')
   caption_to_image = np.asarray(caption_to_image)
   if caption_to_image.shape != (len(captions),):
     raise errors.UserError(f'{source}: caption_to_image has shape {caption_to_image.shape}; expected '
-                     f'({len(captions)},).')
+                           f'({len(captions)},).')
   if len(captions) and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
     raise errors.UserError(f'{source}: caption_to_image must index images in [0, {n_img}).')
   for i, caption in enumerate(captions):

@@ -197,7 +197,7 @@ class Vocabulary:
     """Reads and validates a SCAN vocabulary json (`idx2word` with string keys, `word2idx`, `idx`)."""
     if not os.path.isfile(path):
       raise errors.MissingFileError(f'{path}: vocabulary file not found; expected a SCAN vocabulary json (idx2word, '
-                              'word2idx, idx), e.g. the vocab.json of a training workdir.')
+                                    'word2idx, idx), e.g. the vocab.json of a training workdir.')
     with open(path, encoding='utf-8') as f:
       try:
         data = json.load(f)
@@ -207,7 +207,7 @@ class Vocabulary:
         raise errors.UserError(f'{path}: not UTF-8 text ({e}); expected a SCAN vocabulary json file.') from None
     if not isinstance(data, dict):
       raise errors.UserError(f'{path}: expected a json object with fields idx2word, word2idx, idx; got '
-                       f'{type(data).__name__}.')
+                             f'{type(data).__name__}.')
     return cls._from_fields(path, data, key=str, key_kind='string keys', mapping='json objects')
 
   @classmethod
@@ -256,7 +256,7 @@ class Vocabulary:
     if len(word2idx) != len(words) or any(type(word2idx.get(w)) is not int or word2idx[w] != i
                                           for i, w in enumerate(words)):
       raise errors.UserError(f'{path}: fields "idx2word" and "word2idx" disagree; word2idx must be the exact inverse '
-                       'of idx2word.')
+                             'of idx2word.')
     missing = [f'{t} at {i}' for i, t in enumerate(SPECIAL_TOKENS) if i >= len(words) or words[i] != t]
     if missing:
       raise errors.UserError(f'{path}: field "idx2word" lacks the special token(s) {missing}.')

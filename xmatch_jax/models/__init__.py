@@ -69,17 +69,17 @@ def build_model(model_config: Any, vocab_size: int, img_dim: int) -> nn.Module:
     for field in kwargs:
         if field in _DATA_FIELDS:
             raise errors.UserError(f"model config for {name!r} sets {field!r}, which comes from the "
-                             "dataset; remove it")
+                                   "dataset; remove it")
         if field not in allowed:
             raise errors.UserError(f"model config for {name!r} has unknown field {field!r}; "
-                             f"known fields: {list(allowed)}")
+                                   f"known fields: {list(allowed)}")
     if 'bert' in {f.name for f in dataclasses.fields(model_cls)}:
         # Models with a BERT text encoder take its sizes from the checkpoint's config.json.
         from xmatch_jax.convert import hf_bert  # pylint: disable=g-import-not-at-top
         bert_dir = kwargs.get('bert_dir', model_cls.bert_dir)
         if not bert_dir:
             raise errors.UserError(f"model config for {name!r} needs bert_dir: a Hugging Face BERT directory "
-                             "(e.g. bert-base-uncased) or 'minilm'")
+                                   "(e.g. bert-base-uncased) or 'minilm'")
         bert_dir = hf_bert.resolve_dir(bert_dir)
         kwargs['bert'] = BertConfig.from_json(os.path.join(bert_dir, 'config.json'))
     return model_cls(vocab_size=vocab_size, img_dim=img_dim, **kwargs)

@@ -47,7 +47,7 @@ class BertConfig:
       raise errors.UserError(f'BertConfig.hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}')
     if self.hidden_size % self.num_attention_heads:
       raise errors.UserError(f'BertConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads '
-                       f'({self.num_attention_heads})')
+                             f'({self.num_attention_heads})')
     for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
                  'max_position_embeddings', 'type_vocab_size'):
       if getattr(self, name) < 1:
@@ -152,7 +152,7 @@ class BertModel(nn.Module):
     c = self.config
     if input_ids.shape[-1] > c.max_position_embeddings:
       raise errors.UserError(f'BERT input has {input_ids.shape[-1]} tokens; this model takes at most '
-                       f'{c.max_position_embeddings} (max_position_embeddings)')
+                             f'{c.max_position_embeddings} (max_position_embeddings)')
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = BertEmbeddings(c, name='embeddings')(input_ids, token_type_ids)

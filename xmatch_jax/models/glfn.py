@@ -291,7 +291,7 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
         boxes, np.ones((boxes.shape[0], 2)), grid, top_l, where=f'{where}["boxes"]')
   else:
     raise errors.UserError(f'{where}: GLFN needs block positions: fields pfan_blocks + pfan_weights (PFAN boxes.npy, see '
-                     'tools/pfan_positions.py) or boxes; got fields ' + str(sorted(images)))
+                           'tools/pfan_positions.py) or boxes; got fields ' + str(sorted(images)))
   if not use_tags:
     return out
   if 'tag_tokens' in images and 'tag_mask' in images:
@@ -300,12 +300,12 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
     return out
   if 'tags' not in images:
     raise errors.UserError(f'{where}: GLFN with use_tags needs per-region tags (field tags: k strings per image) or '
-                     f'tag_tokens + tag_mask; got fields {sorted(images)}. For the SCAN precomp datasets (f30k, coco, '
-                     'precomp) this means the manual dir has no {split}_tags.txt (line i: the k region tags of image '
-                     'i, TAB-separated, e.g. "white plate"; see xmatch_jax/data/precomp.py; tools/convert_features.py '
-                     '--objects_vocab=objects_vocab.txt --attributes_vocab=attributes_vocab.txt writes them from '
-                     'bottom-up-attention detections); add them to every split and delete the built dataset to '
-                     'rebuild, or train without tags: --config.model.use_tags=False (the no-tag ablation).')
+                           f'tag_tokens + tag_mask; got fields {sorted(images)}. For the SCAN precomp datasets (f30k, coco, '
+                           'precomp) this means the manual dir has no {split}_tags.txt (line i: the k region tags of image '
+                           'i, TAB-separated, e.g. "white plate"; see xmatch_jax/data/precomp.py; tools/convert_features.py '
+                           '--objects_vocab=objects_vocab.txt --attributes_vocab=attributes_vocab.txt writes them from '
+                           'bottom-up-attention detections); add them to every split and delete the built dataset to '
+                           'rebuild, or train without tags: --config.model.use_tags=False (the no-tag ablation).')
   encoded, cache = [], {}
   for i, image_tags in enumerate(images['tags']):
     row = []

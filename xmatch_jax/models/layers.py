@@ -21,7 +21,7 @@ def compute_dtype(name: str, model: str) -> Any:
     """The jnp dtype named by a matcher's `dtype` field; unknown names are a ValueError."""
     if name not in DTYPES:
         raise errors.UserError(f"config.model.dtype ({model}.dtype) must be one of {tuple(DTYPES)}, "
-                         f"got {name!r}")
+                               f"got {name!r}")
     return DTYPES[name]
 
 

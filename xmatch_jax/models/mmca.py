@@ -246,7 +246,7 @@ class MMCA(nn.Module):
   def __post_init__(self):
     if self.bert is None:
       raise errors.UserError('MMCA needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model, which reads '
-                       'it from bert_dir')
+                             'it from bert_dir')
     if self.embed_size % self.num_heads:
       raise errors.UserError(f'MMCA.embed_size ({self.embed_size}) must be a multiple of num_heads ({self.num_heads})')
     if self.text_norm not in TEXT_NORMS:
