@@ -36,18 +36,28 @@ def _best_region_cosine(regions: jax.Array, words: jax.Array, mask: jax.Array) -
   return jnp.sum(best * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
 
 
+def _global_kind(image_rep: dict, text_rep: dict) -> str:
+  """Which global score the reps allow: 'i0' (i0 . c0), 'embedding' or 'regions' (best region cosine)."""
+  if 'i0' in image_rep and 'c0' in text_rep:
+    return 'i0'
+  if 'embedding' in image_rep and 'embedding' in text_rep:
+    return 'embedding'
+  if 'regions' in image_rep and 'words' in text_rep and 'mask' in text_rep:
+    return 'regions'
+  raise errors.UserError(f'no global score for reps with image fields {sorted(image_rep)} and text fields '
+                         f'{sorted(text_rep)}; re-ranking needs i0/c0, embedding, or regions/words/mask.')
+
+
 @functools.partial(jax.jit, static_argnames='block_size')
 def global_scores(image_rep: dict, text_rep: dict, block_size: int = 16) -> jax.Array:
   """[n_img, n_txt] shortlist scores from encoded reps (region / word models: in blocks of block_size images)."""
-  if 'i0' in image_rep and 'c0' in text_rep:
+  kind = _global_kind(image_rep, text_rep)
+  if kind == 'i0':
     return image_rep['i0'] @ text_rep['c0'].T
-  if 'embedding' in image_rep and 'embedding' in text_rep:
+  if kind == 'embedding':
     return image_rep['embedding'] @ text_rep['embedding'].T
-  if 'regions' in image_rep and 'words' in text_rep and 'mask' in text_rep:
-    return pairwise.score_in_blocks(lambda regions, text: _best_region_cosine(regions, *text), image_rep['regions'],
-                                    (text_rep['words'], text_rep['mask']), block_size)
-  raise errors.UserError(f'no global score for reps with image fields {sorted(image_rep)} and text fields '
-                         f'{sorted(text_rep)}; re-ranking needs i0/c0, embedding, or regions/words/mask.')
+  return pairwise.score_in_blocks(lambda regions, text: _best_region_cosine(regions, *text), image_rep['regions'],
+                                  (text_rep['words'], text_rep['mask']), block_size)
 
 
 def _shortlist_scores(image_rep: dict, text_rep: dict, desc: str, block_size: int = 16,
@@ -57,9 +67,7 @@ def _shortlist_scores(image_rep: dict, text_rep: dict, desc: str, block_size: in
   `block_size`-image blocks global_scores would, so the values are the same."""
   n_img = jax.tree.leaves(image_rep)[0].shape[0]
   chunk = block_size * chunk_blocks
-  region_path = not ('i0' in image_rep and 'c0' in text_rep) and \
-      not ('embedding' in image_rep and 'embedding' in text_rep)
-  if not region_path or n_img <= chunk:
+  if _global_kind(image_rep, text_rep) != 'regions' or n_img <= chunk:
     return np.asarray(global_scores(image_rep, text_rep, block_size=block_size))
   return np.asarray(inference.map_chunks(lambda x: global_scores(x, text_rep, block_size=block_size), image_rep,
                                          chunk, desc=desc, unit='image'))

@@ -24,7 +24,8 @@ def load_config_file(spec: str, root: str = '') -> ml_collections.ConfigDict:
   if not os.path.exists(path) and root:
     path = os.path.join(root, path)
   if not os.path.exists(path):
-    raise errors.MissingFileError(f'config file {spec.partition(":")[0]!r} not found')
+    raise errors.MissingFileError(f'config file {spec.partition(":")[0]!r} not found; expected a config file such as '
+                                  'configs/scan.py:shapes (see configs/).')
   module_spec = importlib.util.spec_from_file_location('xmatch_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -46,14 +47,11 @@ def check_config_overrides(argv: list[str]) -> None:
       keys.append(arg.split('=', 1)[0].split('config.', 1)[1])
   if spec is None:
     return
-  path = spec.partition(':')[0]
-  if not os.path.isfile(path):
-    raise errors.MissingFileError(f'--config={spec}: config file {path!r} not found; expected a config file such as '
-                                  'configs/scan.py:shapes (see configs/).')
   try:
     config = load_config_file(spec)
-  except (ValueError, KeyError) as e:   # get_config's own check of its argument, e.g. an unknown dataset
-    raise errors.UserError(f'--config={spec}: {e}') from e
+  except (ValueError, KeyError) as e:   # no such file, or get_config refusing its argument (an unknown dataset)
+    kind = errors.MissingFileError if isinstance(e, FileNotFoundError) else errors.UserError
+    raise kind(f'--config={spec}: {e}') from e
   if not keys:
     return
   for key in keys:
@@ -97,16 +95,20 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(data)
 
 
+# (model, field of earlier versions) -> the fields that replaced it, each taking its value.
+_SPLIT_FIELDS = {
+    ('mmca', 'attention_scale'): ('self_attention_scale', 'cross_attention_scale'),   # one scale for both units
+    ('glfn', 'agg_func'): ('t2i_agg_func', 'i2t_agg_func'),                          # one aggregation both ways
+}
+
+
 def _upgrade_model_fields(model: dict) -> None:
   """Renames fields of workdirs written by earlier versions, keeping their meaning."""
-  if model.get('name') == 'mmca' and 'attention_scale' in model:   # one setting for both units until 0.1.x
-    scale = model.pop('attention_scale')
-    model.setdefault('self_attention_scale', scale)
-    model.setdefault('cross_attention_scale', scale)
-  if model.get('name') == 'glfn' and 'agg_func' in model:         # one aggregation for both directions until 0.1.x
-    agg = model.pop('agg_func')
-    model.setdefault('t2i_agg_func', agg)
-    model.setdefault('i2t_agg_func', agg)
+  for (name, old), new_fields in _SPLIT_FIELDS.items():
+    if model.get('name') == name and old in model:
+      value = model.pop(old)
+      for field in new_fields:
+        model.setdefault(field, value)
   if model.get('name') == 'glfn':
     model.setdefault('official_init', False)
 

@@ -87,7 +87,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int):
   def schedule(count):
     periods = count // decay_step if optim.lr_decay_epochs else jnp.minimum(count, 1)   # 0: decayed from step 1
     decayed = lr * factor ** periods
-    return jnp.where(count < warmup, lr * count / max(warmup, 1), decayed) if warmup else decayed
+    return jnp.where(count < warmup, lr * count / warmup, decayed) if warmup else decayed
   parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
   parts.append(optax.scale_by_adam())
   parts.append(optax.scale_by_learning_rate(schedule))
