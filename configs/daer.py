@@ -49,6 +49,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.embed_size = 300              # text and image representations, 1 x 300
   m.region_attention = True       # eqs 1-3, kernels 3 and 7, MLP 512-1024-512
   m.spatial_attention = True      # eqs 4-6, convolutions 3x3 and 7x7
+  m.spatial_attention_at = 'projection'   # its place in each bottleneck: 'projection' / 'expanded' (CBAM order) /
+                                          # 'residual' (docs/fidelity.md#daer-5)
   m.power = 0.6                   # eqs 8-9
   m.width_mult = 1.0              # MobileNetV3-large
   m.image_dropout = 0.2           # MobileNetV3's head dropout, before the FC to 300

@@ -5,6 +5,7 @@ when torchvision is installed."""
 import importlib.util
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from xmatch_jax.convert import torchvision_mobilenet
 from xmatch_jax.models import daer
+from xmatch_jax.models import mobilenet_v3
 from xmatch_jax.models.mobilenet_v3 import MobileNetV3Large
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
@@ -48,6 +50,32 @@ def test_dual_spatial_attention_goes_inside_every_bottleneck():
   with_attention = [name for name, block in variables['params'].items()
                     if any(k.startswith('DualSpatialAttention') for k in block)]
   assert len(with_attention) == 15 and 'classifier_0' not in variables['params']
+
+
+class _ZeroGate(nn.Module):
+  """Multiplies by a per-channel parameter initialised to zero: its shape shows which tensor it gates."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x * self.param('gate', nn.initializers.zeros, (x.shape[-1],))
+
+
+@pytest.mark.parametrize('place, channels, output_is_input', [('projection', 40, True), ('expanded', 120, True),
+                                                               ('residual', 40, False)])
+def test_block_attention_places(place, channels, output_is_input):
+  """docs/fidelity.md#daer-5: the gate sees the projected (40) or expanded (120) features, before or after the
+  residual add (a zero gate leaves x, or zeroes the block)."""
+  block = mobilenet_v3.InvertedResidual(40, 5, 120, 40, True, 'RE', 1, block_attention=_ZeroGate,
+                                        block_attention_at=place)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 40))
+  variables = block.init(jax.random.key(1), x, train=False)
+  gates = [v['gate'] for k, v in variables['params'].items() if k.startswith('_ZeroGate')]
+  assert [g.shape for g in gates] == [(channels,)]
+  out = block.apply(variables, x, train=False)
+  np.testing.assert_allclose(out, x if output_is_input else np.zeros_like(x), atol=1e-6)
+  with pytest.raises(ValueError, match='block_attention_at'):
+    mobilenet_v3.InvertedResidual(40, 5, 120, 40, True, 'RE', 1, block_attention=_ZeroGate,
+                                  block_attention_at='after').init(jax.random.key(1), x, train=False)
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torchvision') is None,

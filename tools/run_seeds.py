@@ -77,6 +77,17 @@ def format_table(summary: dict) -> str:
   return '\n'.join([head] + rows)
 
 
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list:
+  """'0,1,2' -> [0, 1, 2]; anything else is a usage error."""
+  try:
+    seeds = [int(s) for s in text.split(',') if s.strip()]
+  except ValueError:
+    parser.error(f'--seeds must be comma-separated integers, got {text!r}')
+  if not seeds or len(set(seeds)) != len(seeds):
+    parser.error(f'--seeds must list distinct seeds, got {text!r}')
+  return seeds
+
+
 def main(argv=None) -> int:
   parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', required=True)
@@ -86,12 +97,7 @@ def main(argv=None) -> int:
   parser.add_argument('--set', action='append', default=[], help='config override key=value (repeatable)')
   parser.add_argument('--json', default='')
   args = parser.parse_args(argv)
-  try:
-    seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
-  except ValueError:
-    parser.error(f'--seeds must be comma-separated integers, got {args.seeds!r}')
-  if not seeds or len(set(seeds)) != len(seeds):
-    parser.error(f'--seeds must list distinct seeds, got {args.seeds!r}')
+  seeds = parse_seeds(parser, args.seeds)
   summary = run(args.config, seeds, args.workdir, args.split, args.set)
   print(format_table(summary))
   if args.json:

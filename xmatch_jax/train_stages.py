@@ -165,8 +165,8 @@ _IGNORED_BY_ALL = ('stages_from', 'data_dir', 'stages', 'stage.relation', 'model
                    'model.block_size', 'eval_image_chunk', 'eval_text_batch', 'eval_metric', 'log_every_steps',
                    'checkpoint_every_steps', 'keep_checkpoints', 'data_info')
 _IGNORED_BY = {
-    'text': ('stage.image', 'model.spatial_attention', 'model.width_mult', 'model.image_head_hidden',
-             'mobilenet_weights'),
+    'text': ('stage.image', 'model.spatial_attention', 'model.spatial_attention_at', 'model.width_mult',
+             'model.image_head_hidden', 'model.image_dropout', 'mobilenet_weights'),
     'image': ('stage.text', 'model.region_attention', 'model.word_dim', 'model.lstm_size', 'model.attention_hidden',
               'word_vectors', 'vocab_path', 'vocab_min_count', 'caption_buckets', 'truncate_captions'),
 }

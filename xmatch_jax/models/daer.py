@@ -196,12 +196,14 @@ class DAERImage(nn.Module):
   width_mult: float = 1.0
   head_hidden: int = mobilenet_v3.LAST_CHANNEL
   dropout: float = 0.2
+  spatial_attention_at: str = 'projection'   # place in each bottleneck (docs/fidelity.md#daer-5)
 
   @nn.compact
   def __call__(self, pixels: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     x = (pixels.astype(jnp.float32) / 255.0 - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
     cnn = MobileNetV3Large(num_classes=0, width_mult=self.width_mult, name='mobilenet',
-                           block_attention=DualSpatialAttention if self.spatial_attention else None)
+                           block_attention=DualSpatialAttention if self.spatial_attention else None,
+                           block_attention_at=self.spatial_attention_at)
     features = cnn(x, train=train)['features']
     width = mobilenet_v3.make_divisible(self.head_hidden * self.width_mult)   # torchvision's last_channel
     head = jax.nn.hard_swish(nn.Dense(width, name='head')(features))
@@ -229,6 +231,7 @@ class DAER(nn.Module):
   embed_size: int = 300
   region_attention: bool = True        # text, eqs 1-3
   spatial_attention: bool = True       # image, eqs 4-6
+  spatial_attention_at: str = 'projection'   # its place in a bottleneck: mobilenet_v3.ATTENTION_PLACES
   attention_hidden: Sequence[int] = (512, 1024, 512)
   width_mult: float = 1.0
   power: float = POWER                 # eqs 8-9; 1.0 = plain relation network
@@ -243,7 +246,7 @@ class DAER(nn.Module):
     self.text = DAERText(self.vocab_size, self.word_dim, self.lstm_size, self.embed_size, self.region_attention,
                          self.attention_hidden)
     self.image = DAERImage(self.embed_size, self.spatial_attention, self.width_mult, self.image_head_hidden,
-                           self.image_dropout)
+                           self.image_dropout, self.spatial_attention_at)
     self.relation = RelationNetwork(hidden=self.relation_hidden, power=self.power, block_size=self.block_size)
     self.text_classifier = nn.Dense(max(self.num_classes, 1))
     self.image_classifier = nn.Dense(max(self.num_classes, 1))

@@ -2,8 +2,8 @@
 
 Inverted-residual bottlenecks (1x1 expand, k x k depthwise, optional squeeze-excitation, 1x1 project; residual when
 stride 1 and widths match), hard-swish / ReLU, BatchNorm (eps 1e-3), PyTorch's symmetric padding (k - 1) // 2.
-`block_attention` inserts a module into every bottleneck after the projection, before the residual add (DAER's
-dual spatial attention, eqs 4-6). Module names follow torchvision's indices (`features_3`, `block_0`, ...) so
+`block_attention` inserts a module into every bottleneck (DAER's dual spatial attention, eqs 4-6), by default after
+the projection, before the residual add (`block_attention_at`). Module names follow torchvision's indices (`features_3`, `block_0`, ...) so
 `xmatch_jax.convert.torchvision_mobilenet` maps a torchvision state_dict key by key. Inputs are NHWC.
 """
 
@@ -33,6 +33,7 @@ LARGE = (
 )
 LAST_CHANNEL = 1280
 BN_EPS = 1e-3
+ATTENTION_PLACES = ('projection', 'expanded', 'residual')
 _ACT = {'RE': jax.nn.relu, 'HS': jax.nn.hard_swish}
 
 
@@ -81,9 +82,13 @@ class InvertedResidual(nn.Module):
   activation: str
   stride: int
   block_attention: Optional[Callable[[], nn.Module]] = None
+  block_attention_at: str = 'projection'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.block_attention_at not in ATTENTION_PLACES:
+      raise ValueError(f'block_attention_at must be one of {ATTENTION_PLACES}, got {self.block_attention_at!r}')
+    attend = self.block_attention is not None
     act = _ACT[self.activation]
     y, index = x, 0
     if self.expanded != self.in_channels:
@@ -95,11 +100,15 @@ class InvertedResidual(nn.Module):
     if self.use_se:
       y = SqueezeExcitation(self.expanded, name=f'block_{index}')(y)
       index += 1
+    if attend and self.block_attention_at == 'expanded':
+      y = self.block_attention()(y)
     y = ConvBN(self.out_channels, 1, name=f'block_{index}')(y, train)
-    if self.block_attention is not None:
+    if attend and self.block_attention_at == 'projection':
       y = self.block_attention()(y)
     if self.stride == 1 and self.in_channels == self.out_channels:
       y = y + x
+    if attend and self.block_attention_at == 'residual':
+      y = self.block_attention()(y)
     return y
 
 
@@ -109,11 +118,15 @@ class MobileNetV3Large(nn.Module):
   Attributes:
     num_classes: classifier outputs (0: no classifier head, as DAER after stage 1-2 training).
     block_attention: factory of a module applied inside every bottleneck (None: the standard network).
+    block_attention_at: where in the bottleneck (ATTENTION_PLACES): 'projection' (after the 1x1 projection, before
+      the residual add), 'expanded' (on the expanded features after the SE, before the projection: CBAM's
+      channel-then-spatial order) or 'residual' (after the residual add). docs/fidelity.md#daer-5.
     config: the bottleneck table (default: LARGE).
   """
 
   num_classes: int = 1000
   block_attention: Optional[Callable[[], nn.Module]] = None
+  block_attention_at: str = 'projection'
   width_mult: float = 1.0
   config: Sequence[tuple] = LARGE
 
@@ -125,7 +138,8 @@ class MobileNetV3Large(nn.Module):
     config = [(adjust(i), k, adjust(e), adjust(o), se, act, s) for i, k, e, o, se, act, s in self.config]
     x = ConvBN(config[0][0], 3, 2, activation=jax.nn.hard_swish, name='features_0')(images, train)
     for i, conf in enumerate(config, 1):
-      x = InvertedResidual(*conf, block_attention=self.block_attention, name=f'features_{i}')(x, train)
+      x = InvertedResidual(*conf, block_attention=self.block_attention,
+                           block_attention_at=self.block_attention_at, name=f'features_{i}')(x, train)
     x = ConvBN(6 * config[-1][3], 1, activation=jax.nn.hard_swish, name=f'features_{len(config) + 1}')(x, train)
     features = jnp.mean(x, axis=(1, 2))
     out = {'features': features}
