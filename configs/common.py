@@ -11,8 +11,9 @@ PAPER_DATASETS = ('f30k', 'coco')
 DATASETS = ('shapes', 'shapes_tiny') + PAPER_DATASETS
 
 
-def parse_arg(arg: str, model: str, variants: tuple[str, ...] = (),
-              datasets: tuple[str, ...] = DATASETS) -> tuple[str, set[str]]:
+def parse_arg(
+  arg: str, model: str, variants: tuple[str, ...] = (), datasets: tuple[str, ...] = DATASETS
+) -> tuple[str, set[str]]:
   """Parses the text after ':' in --config: 'dataset' or 'dataset,variant,...'.
 
   Returns (dataset, variants); raises naming the choices for an unknown dataset or variant.
@@ -29,39 +30,39 @@ def parse_arg(arg: str, model: str, variants: tuple[str, ...] = (),
 def base_config(dataset: str) -> ml_collections.ConfigDict:
   """Dataset, batching, loss, optimiser, logging and checkpoint fields shared by all models."""
   c = ml_collections.ConfigDict()
-  c.dataset = dataset             # registry name in xmatch_jax.data.DATASETS
-  c.data_dir = ''                 # TFDS data dir; '' -> $XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds
-  c.vocab_path = ''               # SCAN vocab json or VSE++ vocab .pkl; '' -> built from the training captions
-  c.vocab_min_count = 4           # SCAN's build_vocab threshold
+  c.dataset = dataset  # registry name in xmatch_jax.data.DATASETS
+  c.data_dir = ''  # TFDS data dir; '' -> $XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds
+  c.vocab_path = ''  # SCAN vocab json or VSE++ vocab .pkl; '' -> built from the training captions
+  c.vocab_min_count = 4  # SCAN's build_vocab threshold
   c.caption_buckets = (16, 24, 32, 48, 64, 96)  # captions are padded to the smallest bucket that fits
-  c.truncate_captions = False     # longer than the largest bucket: error, or truncate (counted and logged)
-  c.seed = 0                      # params init and data order; the run is a pure function of (seed, step)
+  c.truncate_captions = False  # longer than the largest bucket: error, or truncate (counted and logged)
+  c.seed = 0  # params init and data order; the run is a pure function of (seed, step)
 
-  c.batch_size = 128              # captions per step (each with its image), as SCAN
+  c.batch_size = 128  # captions per step (each with its image), as SCAN
   c.num_epochs = 30
-  c.max_steps = 0                 # stop after this many steps in all (0: num_epochs x steps per epoch); the
-                                  # last step evaluates dev and saves a checkpoint
+  c.max_steps = 0  # stop after this many steps in all (0: num_epochs x steps per epoch); the
+  # last step evaluates dev and saves a checkpoint
   c.loss = ml_collections.ConfigDict()
-  c.loss.margin = 0.2             # hinge margin alpha
-  c.loss.max_violation = True     # hardest negative (VSE++) instead of the sum over negatives
-  c.loss.mask_same_image = True   # captions of the same image in a batch are not negatives of each other
-  c.loss.warmup_epochs = 0        # with max_violation: sum over all negatives for this many epochs first (VSE++)
+  c.loss.margin = 0.2  # hinge margin alpha
+  c.loss.max_violation = True  # hardest negative (VSE++) instead of the sum over negatives
+  c.loss.mask_same_image = True  # captions of the same image in a batch are not negatives of each other
+  c.loss.warmup_epochs = 0  # with max_violation: sum over all negatives for this many epochs first (VSE++)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 2e-4    # Adam
-  c.optim.lr_decay_epochs = 15    # multiply the learning rate by lr_decay_factor after this many epochs
+  c.optim.learning_rate = 2e-4  # Adam
+  c.optim.lr_decay_epochs = 15  # multiply the learning rate by lr_decay_factor after this many epochs
   c.optim.lr_decay_factor = 0.1
-  c.optim.grad_clip = 2.0         # clip by global norm; 0 disables
-  c.optim.warmup_steps = 0        # linear warm-up of the learning rate
+  c.optim.grad_clip = 2.0  # clip by global norm; 0 disables
+  c.optim.warmup_steps = 0  # linear warm-up of the learning rate
 
-  c.memory_budget_gb = 0.0        # > 0: halve model.block_size until a training step's XLA estimate fits
-  c.log_every_steps = 100         # metrics to workdir/metrics.jsonl and TensorBoard
-  c.eval_every_epochs = 1         # dev recall + checkpoint (latest, and best on dev rsum)
+  c.memory_budget_gb = 0.0  # > 0: halve model.block_size until a training step's XLA estimate fits
+  c.log_every_steps = 100  # metrics to workdir/metrics.jsonl and TensorBoard
+  c.eval_every_epochs = 1  # dev recall + checkpoint (latest, and best on dev rsum)
   c.checkpoint_every_steps = 1000  # extra saves inside long epochs
   c.keep_checkpoints = 2
-  c.eval_image_chunk = 128        # images per scoring tile in evaluation
-  c.eval_text_batch = 256         # captions per encoding batch and per scoring tile in evaluation
-  c.eval_metric = 'recall'        # 'recall' (R@K, 5 captions per image) or 'map' (category labels, DAER)
+  c.eval_image_chunk = 128  # images per scoring tile in evaluation
+  c.eval_text_batch = 256  # captions per encoding batch and per scoring tile in evaluation
+  c.eval_metric = 'recall'  # 'recall' (R@K, 5 captions per image) or 'map' (category labels, DAER)
   return c
 
 
@@ -76,7 +77,7 @@ def apply_schedule(c: ml_collections.ConfigDict, dataset: str) -> None:
   c.model.embed_size = 256
   c.model.word_dim = 128
   c.vocab_min_count = 1
-  c.num_epochs = 3               # SCAN passes the bag-of-objects oracle after one epoch here
+  c.num_epochs = 3  # SCAN passes the bag-of-objects oracle after one epoch here
   c.optim.learning_rate = 5e-4
   c.optim.lr_decay_epochs = 2
 

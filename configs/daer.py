@@ -27,11 +27,20 @@ NUM_CLASSES = {'wikipedia': 10, 'pascal': 20, 'xmedianet': 200, 'shapes': 30, 's
 VARIANTS = ('c', 'i', 't', 'i_t')
 
 
-def _stage(num_epochs: int, batch_size: int, learning_rate: float, optimizer: str = 'sgd',
-           max_steps: int = 0) -> ml_collections.ConfigDict:
+def _stage(
+  num_epochs: int, batch_size: int, learning_rate: float, optimizer: str = 'sgd', max_steps: int = 0
+) -> ml_collections.ConfigDict:
   # max_steps > 0 stops the stage early (dev evaluation and checkpoint at that step).
-  return ml_collections.ConfigDict({'num_epochs': num_epochs, 'batch_size': batch_size, 'optimizer': optimizer,
-                                    'learning_rate': learning_rate, 'grad_clip': 0.0, 'max_steps': max_steps})
+  return ml_collections.ConfigDict(
+    {
+      'num_epochs': num_epochs,
+      'batch_size': batch_size,
+      'optimizer': optimizer,
+      'learning_rate': learning_rate,
+      'grad_clip': 0.0,
+      'max_steps': max_steps,
+    }
+  )
 
 
 def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
@@ -39,22 +48,22 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   if len(variants) > 1:
     raise ValueError(f'configs/daer.py: pick at most one variant of {VARIANTS}; got {sorted(variants)}.')
   c = common.base_config(dataset)
-  for unused in ('batch_size', 'num_epochs', 'loss', 'optim'):   # the stages below have their own
+  for unused in ('batch_size', 'num_epochs', 'loss', 'optim'):  # the stages below have their own
     del c[unused]
   m = c.model = ml_collections.ConfigDict()
   m.name = 'daer'
-  m.num_classes = NUM_CLASSES.get(dataset, 0)   # 'category' (your own data): set it
-  m.word_dim = 300                # sec 4.4
+  m.num_classes = NUM_CLASSES.get(dataset, 0)  # 'category' (your own data): set it
+  m.word_dim = 300  # sec 4.4
   m.lstm_size = 300
-  m.embed_size = 300              # text and image representations, 1 x 300
-  m.region_attention = True       # eqs 1-3, kernels 3 and 7, MLP 512-1024-512
-  m.spatial_attention = True      # eqs 4-6, convolutions 3x3 and 7x7
-  m.spatial_attention_at = 'projection'   # its place in each bottleneck: 'projection' / 'expanded' (CBAM order) /
-                                          # 'residual' (docs/fidelity.md#daer-5)
-  m.power = 0.6                   # eqs 8-9
-  m.width_mult = 1.0              # MobileNetV3-large
-  m.image_dropout = 0.2           # MobileNetV3's head dropout, before the FC to 300
-  m.block_size = 256              # images per block of the all-pairs relation MLP
+  m.embed_size = 300  # text and image representations, 1 x 300
+  m.region_attention = True  # eqs 1-3, kernels 3 and 7, MLP 512-1024-512
+  m.spatial_attention = True  # eqs 4-6, convolutions 3x3 and 7x7
+  m.spatial_attention_at = 'projection'  # its place in each bottleneck: 'projection' / 'expanded' (CBAM order) /
+  # 'residual' (docs/fidelity.md#daer-5)
+  m.power = 0.6  # eqs 8-9
+  m.width_mult = 1.0  # MobileNetV3-large
+  m.image_dropout = 0.2  # MobileNetV3's head dropout, before the FC to 300
+  m.block_size = 256  # images per block of the all-pairs relation MLP
   if variants & {'c', 'i'}:
     m.region_attention = False
   if variants & {'c', 't'}:
@@ -62,18 +71,18 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   if variants & {'c', 'i', 't', 'i_t'}:
     m.power = 1.0
 
-  c.stages = ('text', 'image', 'relation')   # Algorithm 1, steps 1-3
+  c.stages = ('text', 'image', 'relation')  # Algorithm 1, steps 1-3
   c.stage = ml_collections.ConfigDict()
-  c.stage.text = _stage(20, 64, 1e-2)       # SGD (sec 3.1), Keras' default rate: the paper gives none
+  c.stage.text = _stage(20, 64, 1e-2)  # SGD (sec 3.1), Keras' default rate: the paper gives none
   c.stage.image = _stage(20, 32, 1e-2)
   c.stage.relation = _stage(20, 32, 1e-2)
-  c.mobilenet_weights = ''        # torchvision mobilenet_v3_large ImageNet weights (.pth / .safetensors)
-  c.word_vectors = ''             # GloVe / word2vec text file, 300-d
-  c.stages_from = ''              # DAER workdirs (comma-separated) whose text / image stages to reuse where equal
+  c.mobilenet_weights = ''  # torchvision mobilenet_v3_large ImageNet weights (.pth / .safetensors)
+  c.word_vectors = ''  # GloVe / word2vec text file, 300-d
+  c.stages_from = ''  # DAER workdirs (comma-separated) whose text / image stages to reuse where equal
   c.eval_metric = 'map'
   c.vocab_min_count = 1 if dataset.startswith('shapes') else 4
   c.caption_buckets = (16, 32, 64, 128, 256, 512, 1024)
-  c.truncate_captions = dataset in ('wikipedia', 'xmedianet', 'category')   # whole articles: cut to 1024 words
+  c.truncate_captions = dataset in ('wikipedia', 'xmedianet', 'category')  # whole articles: cut to 1024 words
   c.log_every_steps = 50
   if dataset.startswith('shapes'):
     # 64 x 64 canvas, from scratch; minutes per stage on 2 CPU cores.

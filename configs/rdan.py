@@ -20,28 +20,28 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   c = common.base_config(dataset)  # margin 0.2, hardest negatives, batch 128, Adam + grad clip 2
   m = c.model = ml_collections.ConfigDict()
   m.name = 'rdan'
-  m.embed_size = 1024             # joint space D (sec 3.1)
-  m.word_dim = 300                # word embedding size (eq 2)
-  m.num_layers = 1                # GRU layers
-  m.bidirectional = True          # bi-GRU, directions averaged (eq 4)
-  m.l2norm_features = False       # the paper's eqs 1 and 4 do not normalise (SCAN-family code does)
-  m.lambda_ = 4.0                 # inverse softmax temperature of both attentions (sec 3.5)
-  m.mu = 0.1                      # weight of the word relevance in F (eq 11)
-  m.cnn_channels = 32             # channels of the 3x1, 1x3 and 3x3 relation convs (sec 3.2)
-  m.use_cnn = True                # False: no-cnn ablation
-  m.use_residual = True           # False: no-res ablation
-  m.one_path = False              # True: one-path ablation
-  m.block_size = 2                # images per block of the all-pairs scorer (bounds memory). tools/benchmark.py
-                                  # at k=36, n=12..20, 128 x 128 pairs on 2 CPU cores: block 2 scores 7,975
-                                  # pairs/s (block 8: 4,024, 32: 3,957) and trains in 10.4 s/step (8: 14.8 s);
-                                  # the per-block maps then fit in cache. On a GPU a larger block fills the device.
-  m.remat = True                  # recompute each block in the backward pass instead of storing it
-  m.dtype = 'float32'             # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
-                                  # params, softmaxes, norms, scores and the loss stay float32)
+  m.embed_size = 1024  # joint space D (sec 3.1)
+  m.word_dim = 300  # word embedding size (eq 2)
+  m.num_layers = 1  # GRU layers
+  m.bidirectional = True  # bi-GRU, directions averaged (eq 4)
+  m.l2norm_features = False  # the paper's eqs 1 and 4 do not normalise (SCAN-family code does)
+  m.lambda_ = 4.0  # inverse softmax temperature of both attentions (sec 3.5)
+  m.mu = 0.1  # weight of the word relevance in F (eq 11)
+  m.cnn_channels = 32  # channels of the 3x1, 1x3 and 3x3 relation convs (sec 3.2)
+  m.use_cnn = True  # False: no-cnn ablation
+  m.use_residual = True  # False: no-res ablation
+  m.one_path = False  # True: one-path ablation
+  m.block_size = 2  # images per block of the all-pairs scorer (bounds memory). tools/benchmark.py
+  # at k=36, n=12..20, 128 x 128 pairs on 2 CPU cores: block 2 scores 7,975
+  # pairs/s (block 8: 4,024, 32: 3,957) and trains in 10.4 s/step (8: 14.8 s);
+  # the per-block maps then fit in cache. On a GPU a larger block fills the device.
+  m.remat = True  # recompute each block in the backward pass instead of storing it
+  m.dtype = 'float32'  # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
+  # params, softmaxes, norms, scores and the loss stay float32)
 
   common.apply_schedule(c, dataset)
   if dataset not in common.PAPER_DATASETS:
-    m.cnn_channels = 16             # paper: 32; 16 makes a batch-128 step ~3x cheaper on CPU
+    m.cnn_channels = 16  # paper: 32; 16 makes a batch-128 step ~3x cheaper on CPU
     m.block_size = 16
 
   if 'mu0' in variants:

@@ -1,7 +1,7 @@
 """SCAN (Lee et al., ECCV 2018): stacked cross attention, t2i or i2t.
 
-  python -m xmatch_jax.train --config=configs/scan.py:f30k --workdir=W       # t2i (text attends to regions)
-  python -m xmatch_jax.train --config=configs/scan.py:f30k,i2t --workdir=W   # i2t with its published lambdas
+python -m xmatch_jax.train --config=configs/scan.py:f30k --workdir=W       # t2i (text attends to regions)
+python -m xmatch_jax.train --config=configs/scan.py:f30k,i2t --workdir=W   # i2t with its published lambdas
 """
 
 import ml_collections
@@ -14,21 +14,21 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   c = common.base_config(dataset)
   m = c.model = ml_collections.ConfigDict()
   m.name = 'scan'
-  m.embed_size = 1024             # joint space D
-  m.word_dim = 300                # word embedding size
-  m.num_layers = 1                # GRU layers
-  m.bidirectional = True          # bi-GRU, directions averaged
+  m.embed_size = 1024  # joint space D
+  m.word_dim = 300  # word embedding size
+  m.num_layers = 1  # GRU layers
+  m.bidirectional = True  # bi-GRU, directions averaged
   m.no_imgnorm = False
   m.no_txtnorm = False
-  m.cross_attn = 't2i'            # 't2i' (words attend to regions) or 'i2t'
+  m.cross_attn = 't2i'  # 't2i' (words attend to regions) or 'i2t'
   m.raw_feature_norm = 'clipped_l2norm'
-  m.lambda_softmax = 9.0          # t2i: 9, i2t: 4 (SCAN's best settings)
-  m.agg_func = 'LogSumExp'        # LogSumExp | Mean | Max | Sum
-  m.lambda_lse = 6.0              # t2i: 6; i2t: 5 (F30K) / 20 (COCO)
-  m.block_size = 16               # images per block of the all-pairs scorer (bounds memory; 16 fastest on 2 CPU cores)
-  m.remat = True                  # recompute each block in the backward pass instead of storing it
-  m.dtype = 'float32'             # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
-                                  # params, softmaxes, norms, scores and the loss stay float32)
+  m.lambda_softmax = 9.0  # t2i: 9, i2t: 4 (SCAN's best settings)
+  m.agg_func = 'LogSumExp'  # LogSumExp | Mean | Max | Sum
+  m.lambda_lse = 6.0  # t2i: 6; i2t: 5 (F30K) / 20 (COCO)
+  m.block_size = 16  # images per block of the all-pairs scorer (bounds memory; 16 fastest on 2 CPU cores)
+  m.remat = True  # recompute each block in the backward pass instead of storing it
+  m.dtype = 'float32'  # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
+  # params, softmaxes, norms, scores and the loss stay float32)
 
   common.apply_schedule(c, dataset)
   if dataset == 'shapes':

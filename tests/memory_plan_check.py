@@ -16,8 +16,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import rdan as rdan_config  # noqa: E402  pylint: disable=g-import-not-at-top
 from parallel_check import batch  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from configs import rdan as rdan_config  # noqa: E402  pylint: disable=g-import-not-at-top
 from xmatch_jax import train  # noqa: E402  pylint: disable=g-import-not-at-top
 from xmatch_jax.models import build_model  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -33,10 +34,15 @@ def main() -> dict:
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
 
   def make_step(max_violation, model=model):
-    return jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
-                                     max_violation=max_violation))
-  peaks = {b: train.step_memory_bytes(make_step(None, model.clone(block_size=b)), state, data)['peak']
-           for b in (16, 8, 4, 2)}
+    return jax.jit(
+      functools.partial(
+        train.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss, max_violation=max_violation
+      )
+    )
+
+  peaks = {
+    b: train.step_memory_bytes(make_step(None, model.clone(block_size=b)), state, data)['peak'] for b in (16, 8, 4, 2)
+  }
   out = {'peaks': peaks}
 
   def plan(budget_gb):

@@ -11,7 +11,9 @@ os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_p
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,9 +28,11 @@ def batch(seed, b=16, k=6, n=7, img_dim=10, vocab=20):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(2, n + 1, b)
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
-  return {'images': {'regions': rng.normal(size=(b, k, img_dim)).astype(np.float32)},
-          'text': {'tokens': (rng.integers(4, vocab, (b, n)) * mask).astype(np.int32), 'mask': mask},
-          'image_ids': np.arange(b, dtype=np.int32) // 2}   # pairs of captions share an image
+  return {
+    'images': {'regions': rng.normal(size=(b, k, img_dim)).astype(np.float32)},
+    'text': {'tokens': (rng.integers(4, vocab, (b, n)) * mask).astype(np.int32), 'mask': mask},
+    'image_ids': np.arange(b, dtype=np.int32) // 2,
+  }  # pairs of captions share an image
 
 
 def run(module, out_dir):
@@ -42,9 +46,14 @@ def run(module, out_dir):
   tx, schedule = train.make_optimizer(config.optim, 10)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss)
-  grads_fn = lambda s, x: jax.grad(lambda p: train.losses.contrastive_loss(
-      model.apply({'params': p}, x['images'], x['text']), config.loss.margin, config.loss.max_violation,
-      image_ids=x['image_ids']))(s['params'])
+  grads_fn = lambda s, x: jax.grad(
+    lambda p: train.losses.contrastive_loss(
+      model.apply({'params': p}, x['images'], x['text']),
+      config.loss.margin,
+      config.loss.max_violation,
+      image_ids=x['image_ids'],
+    )
+  )(s['params'])
 
   one = jax.devices()[0]
   single_state, single_metrics = jax.jit(step)(jax.device_put(state, one), jax.device_put(data, one))
@@ -53,11 +62,13 @@ def run(module, out_dir):
   mesh = Mesh(np.array(jax.devices()), ('data',))
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   state8, data8 = jax.device_put(state, replicated), jax.device_put(data, sharded)
-  multi_state, multi_metrics = jax.jit(step, in_shardings=(replicated, sharded),
-                                       out_shardings=(replicated, replicated))(state8, data8)
+  multi_state, multi_metrics = jax.jit(
+    step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated)
+  )(state8, data8)
   multi_grads = jax.jit(grads_fn, in_shardings=(replicated, sharded))(state8, data8)
-  diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-                         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  diff = lambda a, b: max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
   ckpts = checkpoints.RunCheckpoints(os.path.join(out_dir, config.model.name))
   ckpts.save(1, multi_state, {'step': 1}, is_best=True)
   ckpts.close()
@@ -73,20 +84,31 @@ def run(module, out_dir):
   score = lambda s, x: model.apply({'params': s['params']}, x['images'], x['text'])
   scores_one = jax.jit(score)(jax.device_put(single_state, one), jax.device_put(data, one))
   scores_multi = jax.jit(score, in_shardings=(replicated, sharded))(jax.device_put(single_state, replicated), data8)
-  np.savez(os.path.join(out_dir, f'{config.model.name}_params.npz'),
-           **{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(multi_state['params'])})
+  np.savez(
+    os.path.join(out_dir, f'{config.model.name}_params.npz'),
+    **{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(multi_state['params'])},
+  )
   # Adam's first step is lr * g / (|g| + eps): for entries with |g| near eps it amplifies float noise in g to a
   # sizeable fraction of lr, so the step is compared where |g| > 1e-4 (everything else is equal through g itself).
-  step_diff = max(float(np.max(np.where(np.abs(np.asarray(g)) > 1e-4, np.abs(np.asarray(a) - np.asarray(b)), 0)))
-                  for a, b, g in zip(jax.tree.leaves(single_state['params']), jax.tree.leaves(multi_state['params']),
-                                     jax.tree.leaves(single_grads)))
-  return {'devices': len(jax.devices()), 'step_diff': step_diff, 'loss_single': float(single_metrics['loss']),
-          'loss_multi': float(multi_metrics['loss']), 'grad_diff': diff(single_grads, multi_grads),
-          'param_diff': diff(single_state['params'], multi_state['params']),
-          'opt_diff': diff(single_state['opt_state'], multi_state['opt_state']),
-          'grad_scale': max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(single_grads)),
-          'restore_one_to_mesh_diff': restore_diff, 'restored_on_mesh': restored_sharding == replicated,
-          'scores_diff': float(np.max(np.abs(np.asarray(scores_one) - np.asarray(scores_multi))))}
+  step_diff = max(
+    float(np.max(np.where(np.abs(np.asarray(g)) > 1e-4, np.abs(np.asarray(a) - np.asarray(b)), 0)))
+    for a, b, g in zip(
+      jax.tree.leaves(single_state['params']), jax.tree.leaves(multi_state['params']), jax.tree.leaves(single_grads)
+    )
+  )
+  return {
+    'devices': len(jax.devices()),
+    'step_diff': step_diff,
+    'loss_single': float(single_metrics['loss']),
+    'loss_multi': float(multi_metrics['loss']),
+    'grad_diff': diff(single_grads, multi_grads),
+    'param_diff': diff(single_state['params'], multi_state['params']),
+    'opt_diff': diff(single_state['opt_state'], multi_state['opt_state']),
+    'grad_scale': max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(single_grads)),
+    'restore_one_to_mesh_diff': restore_diff,
+    'restored_on_mesh': restored_sharding == replicated,
+    'scores_diff': float(np.max(np.abs(np.asarray(scores_one) - np.asarray(scores_multi)))),
+  }
 
 
 if __name__ == '__main__':

@@ -10,19 +10,33 @@ BUCKETS = (4, 8, 12)
 
 def make_data(n_img=7, per_image=5, seed=0, max_len=12):
   rng = np.random.default_rng(seed)
-  images = {'regions': rng.normal(size=(n_img, 3, 2)).astype(np.float32),
-            'boxes': rng.random(size=(n_img, 3, 4)).astype(np.float32),
-            'label': np.arange(n_img) * 10}
-  captions = [rng.integers(4, 50, size=rng.integers(1, max_len + 1)).astype(np.int32)
-              for _ in range(n_img * per_image)]
+  images = {
+    'regions': rng.normal(size=(n_img, 3, 2)).astype(np.float32),
+    'boxes': rng.random(size=(n_img, 3, 4)).astype(np.float32),
+    'label': np.arange(n_img) * 10,
+  }
+  captions = [rng.integers(4, 50, size=rng.integers(1, max_len + 1)).astype(np.int32) for _ in range(n_img * per_image)]
   caption_to_image = np.repeat(np.arange(n_img), per_image)
   return images, captions, caption_to_image
 
 
 def make_batcher(batch_size=4, seed=3, **kwargs):
   images, captions, c2i = make_data()
-  return batching.TrainBatcher(images, captions, c2i, batch_size=batch_size, seed=seed, buckets=BUCKETS,
-                               image_keys=('regions', 'label'), **kwargs), images, captions, c2i
+  return (
+    batching.TrainBatcher(
+      images,
+      captions,
+      c2i,
+      batch_size=batch_size,
+      seed=seed,
+      buckets=BUCKETS,
+      image_keys=('regions', 'label'),
+      **kwargs,
+    ),
+    images,
+    captions,
+    c2i,
+  )
 
 
 def test_bucket_length():
@@ -43,8 +57,8 @@ def test_pad_captions_values_and_masks():
   assert tokens.shape == mask.shape == (3, 8)  # longest is 6 -> bucket 8
   assert tokens.dtype == np.int32 and mask.dtype == np.float32 and n_truncated == 0
   for row, a in enumerate(arrays):
-    np.testing.assert_array_equal(tokens[row, :len(a)], a)
-    assert np.all(tokens[row, len(a):] == 0)
+    np.testing.assert_array_equal(tokens[row, : len(a)], a)
+    assert np.all(tokens[row, len(a) :] == 0)
     np.testing.assert_array_equal(mask[row], np.arange(8) < len(a))  # real tokens are a prefix
 
 
@@ -86,7 +100,7 @@ def test_batch_is_pure_function_of_step():
   spe = batcher.steps_per_epoch
   for step in np.random.default_rng(0).permutation(5 * spe):
     epoch, within = divmod(int(step), spe)
-    want = np.random.default_rng([3, epoch]).permutation(35)[within * 4:(within + 1) * 4]
+    want = np.random.default_rng([3, epoch]).permutation(35)[within * 4 : (within + 1) * 4]
     np.testing.assert_array_equal(batcher.caption_indices(step), want)
   other_seed, *_ = make_batcher(seed=4)
   assert not np.array_equal(other_seed.caption_indices(17), batcher.caption_indices(17))
@@ -150,7 +164,7 @@ def test_iter_caption_batches_fixed_order():
   assert [start for start, _, _ in got] == [0, 8, 16, 24, 32]
   assert [len(t) for _, t, _ in got] == [8, 8, 8, 8, 3]
   for start, tokens, mask in got:
-    want_tokens, want_mask, _ = batching.pad_captions(captions[start:start + 8], BUCKETS)
+    want_tokens, want_mask, _ = batching.pad_captions(captions[start : start + 8], BUCKETS)
     np.testing.assert_array_equal(tokens, want_tokens)
     np.testing.assert_array_equal(mask, want_mask)
   with pytest.raises(ValueError, match='batch_size'):
@@ -159,10 +173,12 @@ def test_iter_caption_batches_fixed_order():
 
 def test_batcher_input_errors():
   images, captions, c2i = make_data()
+
   def build(**overrides):
     args = dict(images=images, captions=captions, caption_to_image=c2i, batch_size=4, seed=0, buckets=BUCKETS)
     args.update(overrides)
     return batching.TrainBatcher(**args)
+
   with pytest.raises(ValueError, match='caption_to_image'):
     build(caption_to_image=c2i[:-1])
   with pytest.raises(ValueError, match=r'\[0, 7\)'):

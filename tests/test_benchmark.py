@@ -17,19 +17,24 @@ import benchmark  # pylint: disable=g-import-not-at-top
 def _model(spec, **overrides):
   config = benchmark.load_config(spec)
   if 'block_size' in config.model:
-    config.model.block_size = 1000   # unblocked: XLA's cost analysis does not look inside lax.map
+    config.model.block_size = 1000  # unblocked: XLA's cost analysis does not look inside lax.map
   for key, value in overrides.items():
     config.model[key] = value
-  model = benchmark.build(config, vocab_size=50, img_dim=8)   # a BERT-based model: its BERT's vocabulary
+  model = benchmark.build(config, vocab_size=50, img_dim=8)  # a BERT-based model: its BERT's vocabulary
   return config, model
 
 
 def _variables(model, k, n):
-  return model.init(jax.random.key(0), {'regions': jnp.zeros((1, k, 8))},
-                    {'tokens': jnp.ones((1, n), jnp.int32), 'mask': jnp.ones((1, n))})
+  return model.init(
+    jax.random.key(0),
+    {'regions': jnp.zeros((1, k, 8))},
+    {'tokens': jnp.ones((1, n), jnp.int32), 'mask': jnp.ones((1, n))},
+  )
 
 
-@pytest.mark.parametrize('spec,overrides', [
+@pytest.mark.parametrize(
+  'spec,overrides',
+  [
     ('configs/rdan.py:f30k', {}),
     ('configs/rdan.py:f30k', {'one_path': True, 'cnn_channels': 8}),
     ('configs/rdan.py:f30k,mu0', {}),
@@ -41,7 +46,8 @@ def _variables(model, k, n):
     pytest.param('configs/glfn.py:f30k,t2i', {'bert_dir': 'minilm'}, marks=pytest.mark.minilm),
     pytest.param('configs/glfn.py:f30k,i2t', {'bert_dir': 'minilm'}, marks=pytest.mark.minilm),
     ('configs/daer.py:wikipedia', {}),
-])
+  ],
+)
 def test_analytic_flops_match_xlas_count(spec, overrides):
   config, model = _model(spec, **overrides)
   n_img, n_cap, k, n, d = 3, 5, 36, 20, 512
@@ -58,8 +64,11 @@ def test_analytic_flops_match_xlas_count(spec, overrides):
 
 
 def _jax_scores(model, variables, reps):
-  return np.asarray(model.apply(variables, {'regions': reps['regions']},
-                                {'words': reps['words'], 'mask': reps['mask']}, method=model.pair_scores))
+  return np.asarray(
+    model.apply(
+      variables, {'regions': reps['regions']}, {'words': reps['words'], 'mask': reps['mask']}, method=model.pair_scores
+    )
+  )
 
 
 @pytest.mark.torch
@@ -70,8 +79,12 @@ def test_torch_scan_t2i_loop_equals_the_model():
   expected = _jax_scores(model, _variables(model, 9, 11), reps)
   m = config.model
   got = benchmark.torch_scan_t2i_official(
-      torch.from_numpy(reps['regions']), torch.from_numpy(reps['words']), reps['mask'].sum(1).astype(int),
-      m.lambda_softmax, m.lambda_lse).numpy()
+    torch.from_numpy(reps['regions']),
+    torch.from_numpy(reps['words']),
+    reps['mask'].sum(1).astype(int),
+    m.lambda_softmax,
+    m.lambda_lse,
+  ).numpy()
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -83,17 +96,40 @@ def test_torch_rdan_head_equals_the_model(block):
   reps = benchmark.random_reps(2, 5, 7, 9, 11, 3, 16)
   variables = _variables(model, 9, 11)
   expected = _jax_scores(model, variables, reps)
-  got = benchmark.torch_rdan(torch.from_numpy(reps['regions']), torch.from_numpy(reps['words']),
-                             torch.from_numpy(reps['mask']), benchmark.flat_params(variables),
-                             config.model.to_dict(), block).numpy()
+  got = benchmark.torch_rdan(
+    torch.from_numpy(reps['regions']),
+    torch.from_numpy(reps['words']),
+    torch.from_numpy(reps['mask']),
+    benchmark.flat_params(variables),
+    config.model.to_dict(),
+    block,
+  ).numpy()
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_cli_writes_the_json_report(tmp_path, capsys):
   out = tmp_path / 'bench.json'
-  assert benchmark.main(['--config=configs/rdan.py:shapes', '--n_images=6', '--n_captions=5', '--k=8', '--n=7',
-                         '--min_len=3', '--embed_size=32', '--cnn_channels=4', '--block_size=4', '--train_batch=4',
-                         '--repeats=2', '--train_repeats=1', '--matmul_size=256', f'--json={out}']) == 0
+  assert (
+    benchmark.main(
+      [
+        '--config=configs/rdan.py:shapes',
+        '--n_images=6',
+        '--n_captions=5',
+        '--k=8',
+        '--n=7',
+        '--min_len=3',
+        '--embed_size=32',
+        '--cnn_channels=4',
+        '--block_size=4',
+        '--train_batch=4',
+        '--repeats=2',
+        '--train_repeats=1',
+        '--matmul_size=256',
+        f'--json={out}',
+      ]
+    )
+    == 0
+  )
   report = json.loads(out.read_text())
   for key in ('pairs_per_s', 'pair_gflops_per_s', 'matmul_gflops_per_s', 'peak_memory_bytes', 'train_step_s'):
     assert report[key], key
@@ -104,15 +140,37 @@ def test_cli_writes_the_json_report(tmp_path, capsys):
   assert 'pairs/s' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('spec,flags,flop_keys', [
-    pytest.param('configs/glfn.py:f30k', ['--bert_dir=minilm', '--k=8', '--n=7', '--min_len=3', '--train_batch=2'],
-                 ['similarity', 'attention', 'item_gram'], marks=pytest.mark.minilm),
+@pytest.mark.parametrize(
+  'spec,flags,flop_keys',
+  [
+    pytest.param(
+      'configs/glfn.py:f30k',
+      ['--bert_dir=minilm', '--k=8', '--n=7', '--min_len=3', '--train_batch=2'],
+      ['similarity', 'attention', 'item_gram'],
+      marks=pytest.mark.minilm,
+    ),
     ('configs/daer.py:wikipedia', ['--train_batch=0'], ['relation_mlp', 'item_first_layer']),
-])
+  ],
+)
 def test_cli_reports_glfn_and_daer(tmp_path, capsys, spec, flags, flop_keys):
   out = tmp_path / 'bench.json'
-  assert benchmark.main([f'--config={spec}', '--n_images=6', '--n_captions=5', '--embed_size=32', '--block_size=4',
-                         '--repeats=2', '--train_repeats=1', '--matmul_size=256', f'--json={out}'] + flags) == 0
+  assert (
+    benchmark.main(
+      [
+        f'--config={spec}',
+        '--n_images=6',
+        '--n_captions=5',
+        '--embed_size=32',
+        '--block_size=4',
+        '--repeats=2',
+        '--train_repeats=1',
+        '--matmul_size=256',
+        f'--json={out}',
+      ]
+      + flags
+    )
+    == 0
+  )
   report = json.loads(out.read_text())
   assert sorted(report['flops']) == sorted(flop_keys + ['total'])
   s = report['sizes']
@@ -126,8 +184,7 @@ def test_bad_sizes_are_refused():
   with pytest.raises(SystemExit):
     benchmark.main(['--n=5', '--min_len=9'])
   with pytest.raises(ValueError, match='has no field cnn_channels'):
-    benchmark.apply_overrides(benchmark.load_config('configs/scan.py:f30k'),
-                              benchmark.parse_args(['--cnn_channels=4']))
+    benchmark.apply_overrides(benchmark.load_config('configs/scan.py:f30k'), benchmark.parse_args(['--cnn_channels=4']))
   with pytest.raises(ValueError, match='pass --bert_dir'):
     benchmark.main(['--config=configs/glfn.py:f30k', '--train_batch=0'])
   with pytest.raises(ValueError, match='DAER trains in stages'):

@@ -11,20 +11,19 @@ import numpy as np
 import pytest
 
 from xmatch_jax.convert import hf_bert
-from xmatch_jax.models.bert import BertConfig, BertModel
+from xmatch_jax.models.bert import BertConfig
+from xmatch_jax.models.bert import BertModel
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 TINY = os.path.join(FIXTURES, 'tiny_bert')
-SENTENCES = ['a small red circle to the left of a blue square',
-             'Two green items, and a BIG yellow cross!',
-             'circles']
+SENTENCES = ['a small red circle to the left of a blue square', 'Two green items, and a BIG yellow cross!', 'circles']
 
 
 def _pad(tokenizer, sentences):
   ids = [e.ids for e in tokenizer.encode_batch(sentences)]
   tokens = np.zeros((len(ids), max(map(len, ids))), np.int32)
   for i, row in enumerate(ids):
-    tokens[i, :len(row)] = row
+    tokens[i, : len(row)] = row
   return tokens, (tokens > 0).astype(np.float32)
 
 
@@ -33,8 +32,8 @@ def test_tiny_bert_equals_transformers_reference_at_every_layer_padding_included
   config, params, skipped = hf_bert.load_checkpoint(TINY)
   assert config.num_hidden_layers == 2 and config.hidden_size == 16 and skipped == []
   tokens, mask = _pad(hf_bert.load_tokenizer(TINY), SENTENCES)
-  np.testing.assert_array_equal(tokens, expected['input_ids'])     # WordPiece from vocab.txt as BertTokenizer
-  assert mask.min() == 0                                             # the batch has padding
+  np.testing.assert_array_equal(tokens, expected['input_ids'])  # WordPiece from vocab.txt as BertTokenizer
+  assert mask.min() == 0  # the batch has padding
   out = BertModel(config).apply({'params': params}, tokens, mask, output_hidden_states=True)
   np.testing.assert_allclose(np.stack(out['hidden_states']), expected['hidden_states'], atol=1e-4, rtol=0)
   np.testing.assert_allclose(out['pooler_output'], expected['pooler_output'], atol=1e-4, rtol=0)
@@ -56,7 +55,7 @@ def test_minilm_tokens_and_hidden_states_equal_transformers_reference():
 
 @minilm_installed
 def test_minilm_tokenizer_keeps_long_captions_whole():
-  tokenizer = hf_bert.load_tokenizer('minilm')   # tokenizer.json asks for truncation and padding to 128
+  tokenizer = hf_bert.load_tokenizer('minilm')  # tokenizer.json asks for truncation and padding to 128
   ids = tokenizer.encode(' '.join(['circle'] * 200)).ids
   assert len(ids) == 202
 
@@ -64,6 +63,7 @@ def test_minilm_tokenizer_keeps_long_captions_whole():
 def test_convert_bert_cli_writes_a_directory_that_loads_the_same(tmp_path, capsys):
   sys.path.insert(0, os.path.join(os.path.dirname(FIXTURES), '..', 'tools'))
   import convert_bert  # pylint: disable=g-import-not-at-top
+
   out = str(tmp_path / 'converted')
   assert convert_bert.main([f'--checkpoint={TINY}', f'--out={out}']) == 0
   assert sorted(os.listdir(out)) == ['config.json', hf_bert.FLAX_WEIGHTS, 'tokenizer_config.json', 'vocab.txt']
@@ -75,14 +75,17 @@ def test_convert_bert_cli_writes_a_directory_that_loads_the_same(tmp_path, capsy
 
 def _state():
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   return load_file(os.path.join(TINY, 'model.safetensors'))
 
 
 def test_pretraining_checkpoint_keys_prefix_and_heads_and_old_layernorm_names():
   config = BertConfig.from_json(os.path.join(TINY, 'config.json'))
   reference, _ = hf_bert.convert_state_dict(_state(), config)
-  state = {'bert.' + k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias', 'LayerNorm.beta'): v
-           for k, v in _state().items()}
+  state = {
+    'bert.' + k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias', 'LayerNorm.beta'): v
+    for k, v in _state().items()
+  }
   state['cls.predictions.bias'] = np.zeros(config.vocab_size, np.float32)
   state['bert.embeddings.position_ids'] = np.arange(32)[None]
   params, skipped = hf_bert.convert_state_dict(state, config)
@@ -90,11 +93,14 @@ def test_pretraining_checkpoint_keys_prefix_and_heads_and_old_layernorm_names():
   jax.tree.map(np.testing.assert_array_equal, reference, params)
 
 
-@pytest.mark.parametrize('edit,message', [
+@pytest.mark.parametrize(
+  'edit,message',
+  [
     (lambda s: s.pop('encoder.layer.1.output.dense.weight'), 'missing BERT weight'),
     (lambda s: s.update({'encoder.layer.0.attention.self.rotary.weight': np.zeros(2)}), 'not a BERT encoder weight'),
     (lambda s: s.update({'pooler.dense.bias': np.zeros(3, np.float32)}), r'pooler.dense.bias has shape \(3,\)'),
-])
+  ],
+)
 def test_bad_state_dicts_are_refused_naming_the_key(edit, message):
   state = _state()
   edit(state)
@@ -131,8 +137,15 @@ def test_too_long_input_is_an_error():
 def test_random_bert_equals_transformers_live(weights, tmp_path):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  config = transformers.BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=3, num_attention_heads=3,
-                                   intermediate_size=40, max_position_embeddings=20, type_vocab_size=3)
+  config = transformers.BertConfig(
+    vocab_size=50,
+    hidden_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    intermediate_size=40,
+    max_position_embeddings=20,
+    type_vocab_size=3,
+  )
   torch.manual_seed(1)
   model = transformers.BertModel(config).eval()
   if weights == 'safetensors':
@@ -146,10 +159,19 @@ def test_random_bert_equals_transformers_live(weights, tmp_path):
   mask = (np.arange(11)[None] < np.array([[11], [7], [3], [1]])).astype(np.int64)
   segments = rng.integers(0, 3, (4, 11))
   with torch.no_grad():
-    theirs = model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask),
-                   token_type_ids=torch.from_numpy(segments), output_hidden_states=True)
-  ours = BertModel(ours_config).apply({'params': params}, tokens.astype(np.int32), mask.astype(np.float32),
-                                      segments.astype(np.int32), output_hidden_states=True)
+    theirs = model(
+      input_ids=torch.from_numpy(tokens),
+      attention_mask=torch.from_numpy(mask),
+      token_type_ids=torch.from_numpy(segments),
+      output_hidden_states=True,
+    )
+  ours = BertModel(ours_config).apply(
+    {'params': params},
+    tokens.astype(np.int32),
+    mask.astype(np.float32),
+    segments.astype(np.int32),
+    output_hidden_states=True,
+  )
   for a, b in zip(ours['hidden_states'], theirs.hidden_states):
     np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=0)
   np.testing.assert_allclose(ours['pooler_output'], theirs.pooler_output.numpy(), atol=1e-4, rtol=0)

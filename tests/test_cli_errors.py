@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from absl import logging as absl_logging
+
 from xmatch_jax import checkpoints  # noqa: F401  (installs the orbax warning filter)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,34 +30,62 @@ def _cases(tmp):
   bad_json.write_text('{not json')
   # (command line, a piece of the expected message)
   return [
-      # flags
-      (['-m', 'xmatch_jax.evaluate'], 'Flag --workdir must have a value other than None'),
-      (['-m', 'xmatch_jax.evaluate', f'--workdir={nowhere}', '--protocol=2k'], 'flag --protocol=2k'),
-      (['-m', 'xmatch_jax.train', '--config=configs/scan.py:shapes_tiny', f'--workdir={nowhere}',
-        '--config.batch_size=abc'], "flag --config.batch_size=abc: invalid literal for int()"),
-      (['tools/export_params.py', f'--workdir={nowhere}'], 'the following arguments are required: --out'),
-      (['tools/shapes_baselines.py', '--config', 'huge'], "invalid choice: 'huge'"),
-      # configs
-      (['-m', 'xmatch_jax.train', '--config=configs/no_such_model.py', f'--workdir={nowhere}'],
-       "config file 'configs/no_such_model.py' not found"),
-      (['-m', 'xmatch_jax.train', '--config=configs/scan.py:flickr', f'--workdir={nowhere}'],
-       "unknown dataset 'flickr'"),
-      (['-m', 'xmatch_jax.train', '--config=configs/scan.py:shapes_tiny', f'--workdir={nowhere}',
-        '--config.model.embed_sise=3'], "has no field 'embed_sise'. Did you mean 'embed_size'?"),
-      # paths and data
-      (['-m', 'xmatch_jax.evaluate', f'--workdir={nowhere}'], 'is not a training workdir'),
-      (['-m', 'xmatch_jax.retrieve', f'--workdir={nowhere}', '--caption', 'a red circle'],
-       'is not a training workdir'),
-      (['-m', 'xmatch_jax.ensemble', f'--workdir={nowhere}'], 'an ensemble needs at least 2 workdirs'),
-      (['-m', 'xmatch_jax.train', '--config=configs/scan.py:f30k', f'--workdir={nowhere}'],
-       'f30k_precomp: manual dir not found'),
-      # files
-      (['tools/convert_torch_checkpoint.py', '--format=scan', f'--checkpoint={tmp / "none.pth"}',
-        f'--vocab={tmp / "v.json"}', f'--workdir={tmp / "w"}'], 'none.pth: no such checkpoint file'),
-      (['tools/convert_features.py', 'tsv', f'--input={tmp / "none.tsv"}', f'--out_dir={tmp / "o"}',
-        '--split=test'], 'none.tsv: No such file or directory'),
-      (['tools/perf_table.py', str(bad_json)], 'bad.json: not valid json'),
-      (['tools/plot_training.py', f'--workdir={nowhere}', f'--out={tmp / "c.png"}'], 'is not a training workdir'),
+    # flags
+    (['-m', 'xmatch_jax.evaluate'], 'Flag --workdir must have a value other than None'),
+    (['-m', 'xmatch_jax.evaluate', f'--workdir={nowhere}', '--protocol=2k'], 'flag --protocol=2k'),
+    (
+      [
+        '-m',
+        'xmatch_jax.train',
+        '--config=configs/scan.py:shapes_tiny',
+        f'--workdir={nowhere}',
+        '--config.batch_size=abc',
+      ],
+      'flag --config.batch_size=abc: invalid literal for int()',
+    ),
+    (['tools/export_params.py', f'--workdir={nowhere}'], 'the following arguments are required: --out'),
+    (['tools/shapes_baselines.py', '--config', 'huge'], "invalid choice: 'huge'"),
+    # configs
+    (
+      ['-m', 'xmatch_jax.train', '--config=configs/no_such_model.py', f'--workdir={nowhere}'],
+      "config file 'configs/no_such_model.py' not found",
+    ),
+    (['-m', 'xmatch_jax.train', '--config=configs/scan.py:flickr', f'--workdir={nowhere}'], "unknown dataset 'flickr'"),
+    (
+      [
+        '-m',
+        'xmatch_jax.train',
+        '--config=configs/scan.py:shapes_tiny',
+        f'--workdir={nowhere}',
+        '--config.model.embed_sise=3',
+      ],
+      "has no field 'embed_sise'. Did you mean 'embed_size'?",
+    ),
+    # paths and data
+    (['-m', 'xmatch_jax.evaluate', f'--workdir={nowhere}'], 'is not a training workdir'),
+    (['-m', 'xmatch_jax.retrieve', f'--workdir={nowhere}', '--caption', 'a red circle'], 'is not a training workdir'),
+    (['-m', 'xmatch_jax.ensemble', f'--workdir={nowhere}'], 'an ensemble needs at least 2 workdirs'),
+    (
+      ['-m', 'xmatch_jax.train', '--config=configs/scan.py:f30k', f'--workdir={nowhere}'],
+      'f30k_precomp: manual dir not found',
+    ),
+    # files
+    (
+      [
+        'tools/convert_torch_checkpoint.py',
+        '--format=scan',
+        f'--checkpoint={tmp / "none.pth"}',
+        f'--vocab={tmp / "v.json"}',
+        f'--workdir={tmp / "w"}',
+      ],
+      'none.pth: no such checkpoint file',
+    ),
+    (
+      ['tools/convert_features.py', 'tsv', f'--input={tmp / "none.tsv"}', f'--out_dir={tmp / "o"}', '--split=test'],
+      'none.tsv: No such file or directory',
+    ),
+    (['tools/perf_table.py', str(bad_json)], 'bad.json: not valid json'),
+    (['tools/plot_training.py', f'--workdir={nowhere}', f'--out={tmp / "c.png"}'], 'is not a training workdir'),
   ]
 
 
@@ -84,15 +113,18 @@ def test_bugs_keep_their_traceback():
   code = 'from xmatch_jax import cli; import sys; sys.exit(cli.run_tool(lambda: {}["missing"]))'
   proc = _run(['-c', code])
   assert proc.returncode == 1 and 'Traceback' in proc.stderr and "KeyError: 'missing'" in proc.stderr
-  code = ('from xmatch_jax import cli, errors; import sys\n'
-          'def main():\n  raise errors.UserError("x.npy: field regions is 2-D; expected 3-D")\n'
-          'sys.exit(cli.run_tool(main))')
+  code = (
+    'from xmatch_jax import cli, errors; import sys\n'
+    'def main():\n  raise errors.UserError("x.npy: field regions is 2-D; expected 3-D")\n'
+    'sys.exit(cli.run_tool(main))'
+  )
   proc = _run(['-c', code])
   assert proc.returncode == 2 and proc.stderr == 'error: x.npy: field regions is 2-D; expected 3-D\n'
 
 
 def test_user_errors_are_still_value_and_file_errors():
   from xmatch_jax import errors  # pylint: disable=g-import-not-at-top
+
   assert issubclass(errors.UserError, ValueError)
   assert issubclass(errors.MissingFileError, FileNotFoundError) and issubclass(errors.MissingFileError, ValueError)
 
@@ -114,4 +146,3 @@ def test_orbax_missing_metadata_warning_is_dropped():
 def test_help_is_not_an_error():
   proc = _run(['-m', 'xmatch_jax.evaluate', '--helpshort'])
   assert proc.returncode in (0, 1) and '--workdir' in proc.stdout + proc.stderr and 'error:' not in proc.stderr
-

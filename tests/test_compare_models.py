@@ -16,12 +16,21 @@ TINY = ['num_epochs=1', 'batch_size=32', 'model.embed_size=32', 'model.word_dim=
 def test_two_models_over_two_seeds(tmp_path, capsys):
   data_dir = str(tmp_path / 'tfds')
   sets = [f'--set={s}' for s in TINY + [f'data_dir="{data_dir}"']]
-  assert compare_models.main(['--model=single=configs/vsepp.py:shapes_tiny',
-                              '--model=fused=configs/vsepp.py:shapes_tiny+configs/vsepp.py:shapes_tiny',
-                              '--seeds=3,4', f'--workdir={tmp_path / "w"}', *sets]) == 0
+  assert (
+    compare_models.main(
+      [
+        '--model=single=configs/vsepp.py:shapes_tiny',
+        '--model=fused=configs/vsepp.py:shapes_tiny+configs/vsepp.py:shapes_tiny',
+        '--seeds=3,4',
+        f'--workdir={tmp_path / "w"}',
+        *sets,
+      ]
+    )
+    == 0
+  )
   summary = json.loads((tmp_path / 'w' / 'summary.json').read_text())
   single, fused = summary['models']['single'], summary['models']['fused']
-  assert single['per_seed']['3'] != single['per_seed']['4']       # the seed reaches every run
+  assert single['per_seed']['3'] != single['per_seed']['4']  # the seed reaches every run
   # Two parts with the same config and seed train the same model: their equal-weight fusion scores as one run.
   assert fused['per_seed'] == single['per_seed']
   rsums = [single['per_seed'][s]['rsum'] for s in ('3', '4')]
@@ -61,7 +70,7 @@ def test_bad_arguments_are_refused():
 def test_glfn_pair_is_fused_by_eq_33():
   models = compare_models.parse_models(['g=configs/glfn.py:shapes,i2t+configs/glfn.py:shapes,t2i'])
   configs = compare_models.build_configs(models, compare_models.split_sets(['model.alpha=0.3'], models))
-  assert compare_models.fusion_weights(configs['g']) == pytest.approx([0.3, 0.7])   # alpha S_i2t + (1 - alpha) S_t2i
+  assert compare_models.fusion_weights(configs['g']) == pytest.approx([0.3, 0.7])  # alpha S_i2t + (1 - alpha) S_t2i
   models = compare_models.parse_models(['s=configs/scan.py:shapes+configs/scan.py:shapes,i2t+configs/vsepp.py:shapes'])
   configs = compare_models.build_configs(models, compare_models.split_sets([], models))
   assert compare_models.fusion_weights(configs['s']) == pytest.approx([1 / 3] * 3)

@@ -31,8 +31,12 @@ def expected():
 def _images(expected):
   """Dataset-format images: PFAN block positions (the official boxes.npy rows) and per-region tag strings."""
   blocks, weights = pfan.from_pfan_layout(expected['boxes_npy'], grid=4)
-  return {'regions': expected['regions'], 'pfan_blocks': blocks, 'pfan_weights': weights,
-          'tags': expected['tags'].tolist()}
+  return {
+    'regions': expected['regions'],
+    'pfan_blocks': blocks,
+    'pfan_weights': weights,
+    'tags': expected['tags'].tolist(),
+  }
 
 
 def _rewritten(tmp_path, name, opt=None, image=None, text=None, model=None):
@@ -54,8 +58,12 @@ def _rewritten(tmp_path, name, opt=None, image=None, text=None, model=None):
 
 
 def _convert_and_score(checkpoint, workdir, expected):
-  assert convert_torch_checkpoint.main(['--format=glfn', f'--checkpoint={checkpoint}', f'--bert_dir={TINY_BERT}',
-                                        f'--workdir={workdir}']) == 0
+  assert (
+    convert_torch_checkpoint.main(
+      ['--format=glfn', f'--checkpoint={checkpoint}', f'--bert_dir={TINY_BERT}', f'--workdir={workdir}']
+    )
+    == 0
+  )
   retriever = Retriever.from_workdir(workdir)
   return retriever, retriever.score(_images(expected), expected['captions'].tolist())
 
@@ -76,10 +84,11 @@ def test_converted_t2i_workdir_reproduces_the_official_forward(expected, tmp_pat
   model, variables = retriever.model, retriever.variables
   inputs = {k: jnp.asarray(v) for k, v in model.prepare_images(_images(expected)).items()}
   regions = model.apply(variables, inputs, method=model.encode_image)['regions']
-  np.testing.assert_allclose(regions, expected["image_embeddings"], atol=1e-6)   # position_eps=1e-6 as official
+  np.testing.assert_allclose(regions, expected['image_embeddings'], atol=1e-6)  # position_eps=1e-6 as official
   tokens = expected['caption_ids'].astype(np.int32)
-  words = model.apply(variables, {'tokens': tokens, 'mask': (tokens > 0).astype(np.float32)},
-                      method=model.encode_text)['words']
+  words = model.apply(variables, {'tokens': tokens, 'mask': (tokens > 0).astype(np.float32)}, method=model.encode_text)[
+    'words'
+  ]
   np.testing.assert_allclose(words, expected['word_embeddings'], atol=1e-5)
 
 
@@ -94,12 +103,19 @@ def test_i2t_checkpoint_scores_as_the_official_i2t(expected, tmp_path):
 def test_weights_that_do_not_fit_are_listed(tmp_path):
   checkpoint = torch_pickle.load(CHECKPOINT)
   image_state = checkpoint['model'][0]
-  path = _rewritten(tmp_path, 'keys', image={'extra.weight': np.zeros(3, np.float32), 'fc.bias': None},
-                    text={'rnn.bias_hh_l1_reverse': None})
-  with pytest.raises(ValueError, match=r"image encoder: missing \['fc.bias'\]; image encoder: unexpected "
-                     r"\['extra.weight'\]; text encoder: missing \['rnn.bias_hh_l1_reverse'\]"):
+  path = _rewritten(
+    tmp_path,
+    'keys',
+    image={'extra.weight': np.zeros(3, np.float32), 'fc.bias': None},
+    text={'rnn.bias_hh_l1_reverse': None},
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"image encoder: missing \['fc.bias'\]; image encoder: unexpected "
+    r"\['extra.weight'\]; text encoder: missing \['rnn.bias_hh_l1_reverse'\]",
+  ):
     glfn_checkpoint.load(path, TINY_BERT)
-  wide = np.zeros((6, 27), np.float32)   # posi_attn_matrix_add_tag on 11 + 16 inputs, fc still on 10 + 6 + 16
+  wide = np.zeros((6, 27), np.float32)  # posi_attn_matrix_add_tag on 11 + 16 inputs, fc still on 10 + 6 + 16
   path = _rewritten(tmp_path, 'shape', image={'posi_attn_matrix_add_tag.weight': wide})
   with pytest.raises(ValueError, match=r'image fc.weight is \[8, 32\], expected \[8, 33\]'):
     glfn_checkpoint.load(path, TINY_BERT)
@@ -107,9 +123,15 @@ def test_weights_that_do_not_fit_are_listed(tmp_path):
   with pytest.raises(ValueError, match='position_embedding.weight has 18 rows, expected G.G . 1'):
     glfn_checkpoint.load(path, TINY_BERT)
   # 20-d BERT features throughout (consistent shapes), but tiny_bert is 16-d.
-  path = _rewritten(tmp_path, 'bert', image={'fc.weight': np.zeros((8, 36), np.float32),
-                                             'posi_attn_matrix_add_tag.weight': np.zeros((6, 30), np.float32)},
-                    text={'fc.weight': np.zeros((5, 20), np.float32)})
+  path = _rewritten(
+    tmp_path,
+    'bert',
+    image={
+      'fc.weight': np.zeros((8, 36), np.float32),
+      'posi_attn_matrix_add_tag.weight': np.zeros((6, 30), np.float32),
+    },
+    text={'fc.weight': np.zeros((5, 20), np.float32)},
+  )
   with pytest.raises(ValueError, match='reads 20-d BERT features .* has hidden_size 16'):
     glfn_checkpoint.load(path, TINY_BERT)
   path = _rewritten(tmp_path, 'gat', model=[image_state, checkpoint['model'][1], {'W': np.zeros(2, np.float32)}])
@@ -117,7 +139,9 @@ def test_weights_that_do_not_fit_are_listed(tmp_path):
     glfn_checkpoint.load(path, TINY_BERT)
 
 
-@pytest.mark.parametrize('opt,message', [
+@pytest.mark.parametrize(
+  'opt,message',
+  [
     ({'bi_gru': False}, 'opt.bi_gru is False'),
     ({'no_imgnorm': True, 'no_txtnorm': True}, 'opt.no_imgnorm is True.*opt.no_txtnorm is True'),
     ({'precomp_enc_type': 'weight_norm'}, "opt.precomp_enc_type is 'weight_norm'"),
@@ -128,22 +152,26 @@ def test_weights_that_do_not_fit_are_listed(tmp_path):
     ({'use_GAT': True}, r"opt fields \['use_GAT'\] are not flags"),
     ({'cross_attn': None}, "opt has no field 'cross_attn'"),
     ({'data_name': 'precomp'}, "opt.data_name is 'precomp'.*--dataset"),
-])
+  ],
+)
 def test_opt_that_cannot_be_expressed_is_refused(opt, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     glfn_checkpoint.load(_rewritten(tmp_path, 'opt', opt=opt), TINY_BERT)
 
 
 def test_dataset_override_and_tool_arguments(tmp_path):
-  config, params, meta = glfn_checkpoint.load(_rewritten(tmp_path, 'p', opt={'data_name': 'precomp'}), TINY_BERT,
-                                              dataset='coco')
+  config, params, meta = glfn_checkpoint.load(
+    _rewritten(tmp_path, 'p', opt={'data_name': 'precomp'}), TINY_BERT, dataset='coco'
+  )
   assert config.dataset == 'coco' and 'bert' in params and meta == {'epoch': 9, 'best_rsum': 500.25, 'Eiters': 1234}
   with pytest.raises(ValueError, match='hold no BERT; pass the BERT'):
     convert_torch_checkpoint.convert('glfn', CHECKPOINT, '', str(tmp_path / 'a'))
   with pytest.raises(ValueError, match='--vocab is not used by --format=glfn'):
-    convert_torch_checkpoint.convert('glfn', CHECKPOINT, f'{FIXTURES}/vocab_small.json', str(tmp_path / 'b'),
-                                     bert_dir=TINY_BERT)
+    convert_torch_checkpoint.convert(
+      'glfn', CHECKPOINT, f'{FIXTURES}/vocab_small.json', str(tmp_path / 'b'), bert_dir=TINY_BERT
+    )
   with pytest.raises(ValueError, match='apply to --format=glfn only'):
-    convert_torch_checkpoint.convert('scan', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json',
-                                     str(tmp_path / 'c'), bert_dir=TINY_BERT)
+    convert_torch_checkpoint.convert(
+      'scan', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json', str(tmp_path / 'c'), bert_dir=TINY_BERT
+    )
   assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'b')

@@ -22,8 +22,17 @@ import convert_torch_checkpoint  # pylint: disable=g-import-not-at-top
 @pytest.mark.parametrize('fmt,name,dataset', [('scan', 'scan_t2i', 'f30k'), ('vsepp', 'vsepp', 'coco')])
 def test_converted_workdir_reproduces_the_official_scores(fmt, name, dataset, tmp_path):
   workdir = str(tmp_path / 'w')
-  assert convert_torch_checkpoint.main([f'--format={fmt}', f'--checkpoint={FIXTURES}/{name}.pth.tar',
-                                        f'--vocab={FIXTURES}/vocab_small.json', f'--workdir={workdir}']) == 0
+  assert (
+    convert_torch_checkpoint.main(
+      [
+        f'--format={fmt}',
+        f'--checkpoint={FIXTURES}/{name}.pth.tar',
+        f'--vocab={FIXTURES}/vocab_small.json',
+        f'--workdir={workdir}',
+      ]
+    )
+    == 0
+  )
   expected = np.load(os.path.join(FIXTURES, 'scan_vsepp_expected.npz'))
   retriever = Retriever.from_workdir(workdir)
   assert retriever.config.dataset == dataset and retriever.config.model.name == fmt
@@ -32,12 +41,12 @@ def test_converted_workdir_reproduces_the_official_scores(fmt, name, dataset, tm
   scores = retriever._scorer.score({'regions': expected['regions']}, tokens.astype(np.int32), mask)  # pylint: disable=protected-access
   np.testing.assert_allclose(scores, expected[f'{name}_scores'], atol=1e-5)
   # Captions as strings go through the imported vocabulary: <start> words <end>.
-  words = [retriever.vocab.decode(t[1:n - 1]) for t, n in zip(tokens, lengths)]
+  words = [retriever.vocab.decode(t[1 : n - 1]) for t, n in zip(tokens, lengths)]
   by_string = retriever.score({'regions': expected['regions']}, [' '.join(w) for w in words])
   np.testing.assert_allclose(by_string, expected[f'{name}_scores'], atol=1e-5)
   meta = json.load(open(os.path.join(workdir, 'config.json')))
   assert meta['data_info']['img_dim'] == 10
-  assert meta['loss']['mask_same_image'] is False   # the official ContrastiveLoss masks only the diagonal
+  assert meta['loss']['mask_same_image'] is False  # the official ContrastiveLoss masks only the diagonal
 
 
 def test_scan_weight_norm_image_encoder_scores_as_the_official(tmp_path):
@@ -51,13 +60,23 @@ def test_scan_weight_norm_image_encoder_scores_as_the_official(tmp_path):
   checkpoint['opt'].precomp_enc_type = 'weight_norm'
   torch_writer.save({**checkpoint, 'opt': argparse.Namespace(**vars(checkpoint['opt']))}, str(tmp_path / 'wn.pth'))
   workdir = str(tmp_path / 'w')
-  assert convert_torch_checkpoint.main(['--format=scan', f'--checkpoint={tmp_path}/wn.pth',
-                                        f'--vocab={FIXTURES}/vocab_small.json', f'--workdir={workdir}']) == 0
+  assert (
+    convert_torch_checkpoint.main(
+      [
+        '--format=scan',
+        f'--checkpoint={tmp_path}/wn.pth',
+        f'--vocab={FIXTURES}/vocab_small.json',
+        f'--workdir={workdir}',
+      ]
+    )
+    == 0
+  )
   expected = np.load(os.path.join(FIXTURES, 'scan_vsepp_expected.npz'))
   tokens, lengths = expected['tokens'], expected['lengths']
   mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
   scores = Retriever.from_workdir(workdir)._scorer.score(  # pylint: disable=protected-access
-      {'regions': expected['regions']}, tokens.astype(np.int32), mask)
+    {'regions': expected['regions']}, tokens.astype(np.int32), mask
+  )
   np.testing.assert_allclose(scores, expected['scan_t2i_scores'], atol=1e-5)
 
 
@@ -78,17 +97,24 @@ def test_vsepp_pickled_vocab_converts_like_the_json(tmp_path):
   """VSE++ ships its vocabulary as vocab/<data_name>_vocab.pkl (a Python 2 pickle of vocab.Vocabulary)."""
   sys.path.insert(0, os.path.dirname(FIXTURES))
   from test_vocab import python2_pickle  # pylint: disable=g-import-not-at-top
+
   words = json.load(open(os.path.join(FIXTURES, 'vocab_small.json')))['idx2word']
   pkl = tmp_path / 'coco_precomp_vocab.pkl'
   pkl.write_bytes(python2_pickle([words[str(i)] for i in range(len(words))]))
   for vocab, workdir in ((str(pkl), tmp_path / 'from_pkl'), (f'{FIXTURES}/vocab_small.json', tmp_path / 'from_json')):
-    assert convert_torch_checkpoint.main(['--format=vsepp', f'--checkpoint={FIXTURES}/vsepp.pth.tar',
-                                          f'--vocab={vocab}', f'--workdir={workdir}']) == 0
+    assert (
+      convert_torch_checkpoint.main(
+        ['--format=vsepp', f'--checkpoint={FIXTURES}/vsepp.pth.tar', f'--vocab={vocab}', f'--workdir={workdir}']
+      )
+      == 0
+    )
   assert (tmp_path / 'from_pkl' / 'vocab.json').read_text() == (tmp_path / 'from_json' / 'vocab.json').read_text()
   expected = np.load(os.path.join(FIXTURES, 'scan_vsepp_expected.npz'))
   captions = ['a dog on the grass', 'two men']
-  scores = [Retriever.from_workdir(str(w)).score({'regions': expected['regions']}, captions)
-            for w in (tmp_path / 'from_pkl', tmp_path / 'from_json')]
+  scores = [
+    Retriever.from_workdir(str(w)).score({'regions': expected['regions']}, captions)
+    for w in (tmp_path / 'from_pkl', tmp_path / 'from_json')
+  ]
   np.testing.assert_array_equal(scores[0], scores[1])
 
 
@@ -99,16 +125,21 @@ def test_wrong_vocab_format_or_target_are_refused(tmp_path):
   vocab['idx'] -= 1
   (tmp_path / 'v.json').write_text(json.dumps(vocab))
   with pytest.raises(ValueError, match='11 words, but the checkpoint.s embedding has 12 rows'):
-    convert_torch_checkpoint.convert('scan', f'{FIXTURES}/scan_t2i.pth.tar', str(tmp_path / 'v.json'),
-                                     str(tmp_path / 'a'))
+    convert_torch_checkpoint.convert(
+      'scan', f'{FIXTURES}/scan_t2i.pth.tar', str(tmp_path / 'v.json'), str(tmp_path / 'a')
+    )
   with pytest.raises(ValueError, match='unexpected weights .*_reverse'):
-    convert_torch_checkpoint.convert('vsepp', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json',
-                                     str(tmp_path / 'b'))
+    convert_torch_checkpoint.convert(
+      'vsepp', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json', str(tmp_path / 'b')
+    )
   with pytest.raises(ValueError, match='opt has no field .cross_attn'):
-    convert_torch_checkpoint.convert('scan', f'{FIXTURES}/vsepp.pth.tar', f'{FIXTURES}/vocab_small.json',
-                                     str(tmp_path / 'c'))
-  convert_torch_checkpoint.convert('scan', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json',
-                                   str(tmp_path / 'd'))
+    convert_torch_checkpoint.convert(
+      'scan', f'{FIXTURES}/vsepp.pth.tar', f'{FIXTURES}/vocab_small.json', str(tmp_path / 'c')
+    )
+  convert_torch_checkpoint.convert(
+    'scan', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json', str(tmp_path / 'd')
+  )
   with pytest.raises(ValueError, match='already holds checkpoints'):
-    convert_torch_checkpoint.convert('scan', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json',
-                                     str(tmp_path / 'd'))
+    convert_torch_checkpoint.convert(
+      'scan', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json', str(tmp_path / 'd')
+    )

@@ -40,6 +40,7 @@ def np_lstm(p, x):
 
 def np_region_attention(p, x):
   """Eqs 1-3 on one caption's real words x [n, d]."""
+
   def f(h):
     for name in ('mlp_0', 'mlp_1', 'mlp_2'):
       h = np.maximum(h @ p[name]['kernel'] + p[name]['bias'], 0)
@@ -48,8 +49,8 @@ def np_region_attention(p, x):
   n, out = len(x), x
   for window, w in ((3, 'w0'), (7, 'w1')):
     half = window // 2
-    avg = np.stack([x[max(0, j - half):j + half + 1].mean(0) for j in range(n)])
-    mx = np.stack([x[max(0, j - half):j + half + 1].max(0) for j in range(n)])
+    avg = np.stack([x[max(0, j - half) : j + half + 1].mean(0) for j in range(n)])
+    mx = np.stack([x[max(0, j - half) : j + half + 1].max(0) for j in range(n)])
     out = out * sigmoid(f(avg @ p[w]['kernel'] + mx @ p[w]['kernel']))
   return out
 
@@ -60,8 +61,9 @@ def test_text_module_equals_numpy_lstm_attention_pool_fc(region_attention):
   lengths = [6, 2, 4]
   mask = (np.arange(6)[None] < np.array(lengths)[:, None]).astype(np.float32)
   tokens = (rng.integers(1, 12, size=(3, 6)) * mask).astype(np.int32)
-  module = daer.DAERText(vocab_size=12, word_dim=5, lstm_size=4, embed_size=3, region_attention=region_attention,
-                         attention_hidden=(6, 8, 6))
+  module = daer.DAERText(
+    vocab_size=12, word_dim=5, lstm_size=4, embed_size=3, region_attention=region_attention, attention_hidden=(6, 8, 6)
+  )
   variables = module.init(jax.random.key(1), tokens, mask)
   got = np.asarray(module.apply(variables, tokens, mask))
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
@@ -78,14 +80,24 @@ def test_text_padding_does_not_change_the_representation():
   tokens = np.array([[3, 4, 5]], np.int32)
   variables = module.init(jax.random.key(1), tokens, np.ones((1, 3), np.float32))
   short = module.apply(variables, tokens, np.ones((1, 3), np.float32))
-  padded = module.apply(variables, np.array([[3, 4, 5, 0, 0, 0, 0, 0]], np.int32),
-                        np.array([[1, 1, 1, 0, 0, 0, 0, 0]], np.float32))
+  padded = module.apply(
+    variables, np.array([[3, 4, 5, 0, 0, 0, 0, 0]], np.int32), np.array([[1, 1, 1, 0, 0, 0, 0, 0]], np.float32)
+  )
   np.testing.assert_allclose(padded, short, atol=1e-6)
 
 
 def _tiny_daer(**kwargs):
-  fields = dict(name='daer', num_classes=4, word_dim=8, lstm_size=8, embed_size=6, attention_hidden=(8, 8, 8),
-                width_mult=0.25, relation_hidden=(10, 6), image_head_hidden=12)
+  fields = dict(
+    name='daer',
+    num_classes=4,
+    word_dim=8,
+    lstm_size=8,
+    embed_size=6,
+    attention_hidden=(8, 8, 8),
+    width_mult=0.25,
+    relation_hidden=(10, 6),
+    image_head_hidden=12,
+  )
   fields.update(kwargs)
   return build_model(fields, vocab_size=15, img_dim=0)
 
@@ -114,8 +126,13 @@ def test_variants_switch_the_parts_of_table_3():
   for arg in ('shapes', 'shapes,c', 'shapes,i', 'shapes,t', 'shapes,i_t'):
     m = daer_config.get_config(arg).model
     flags[arg] = (m.spatial_attention, m.region_attention, m.power)
-  assert flags == {'shapes': (True, True, 0.6), 'shapes,c': (False, False, 1.0), 'shapes,i': (True, False, 1.0),
-                   'shapes,t': (False, True, 1.0), 'shapes,i_t': (True, True, 1.0)}
+  assert flags == {
+    'shapes': (True, True, 0.6),
+    'shapes,c': (False, False, 1.0),
+    'shapes,i': (True, False, 1.0),
+    'shapes,t': (False, True, 1.0),
+    'shapes,i_t': (True, True, 1.0),
+  }
   with pytest.raises(ValueError, match='at most one variant'):
     daer_config.get_config('shapes,i,t')
   with pytest.raises(ValueError, match='unknown dataset'):
@@ -144,16 +161,24 @@ def test_word_vectors_fill_the_vocabulary_rows(tmp_path):
 
 
 def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypatch, capsys):
-  from xmatch_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from xmatch_jax import Retriever  # pylint: disable=g-import-not-at-top
+  from xmatch_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from xmatch_jax.data import load_split  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setenv('XMATCH_DATA_DIR', os.environ.get('XMATCH_DATA_DIR', str(tmp_path / 'data')))
   config = daer_config.get_config('shapes_tiny')
-  config.model.update(word_dim=32, lstm_size=32, embed_size=32, attention_hidden=(32, 32, 32), width_mult=0.25,
-                      relation_hidden=(64, 32), image_head_hidden=64)
+  config.model.update(
+    word_dim=32,
+    lstm_size=32,
+    embed_size=32,
+    attention_hidden=(32, 32, 32),
+    width_mult=0.25,
+    relation_hidden=(64, 32),
+    image_head_hidden=64,
+  )
   for stage, epochs in (('text', 3), ('image', 1), ('relation', 1)):
     config.stage[stage].update(num_epochs=epochs, batch_size=32, learning_rate=3e-3 if stage != 'relation' else 1e-3)
-  config.stage.image.update(num_epochs=2, max_steps=3)   # stops inside epoch 1, evaluating dev there
+  config.stage.image.update(num_epochs=2, max_steps=3)  # stops inside epoch 1, evaluating dev there
   config.log_every_steps = 10
   workdir = str(tmp_path / 'run')
   train_lib.train_and_evaluate(config, workdir)
@@ -161,8 +186,8 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
   logged = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   text_acc = [r['text/dev_accuracy'] for r in logged if 'text/dev_accuracy' in r]
   relation_loss = [r['relation/loss'] for r in logged if 'relation/loss' in r]
-  assert len(text_acc) == 3 and text_acc[-1] > 2 / 30, text_acc      # chance is 1/30
-  assert relation_loss[-1] < relation_loss[0], relation_loss       # from ~B^2/4 (all 0.5) down
+  assert len(text_acc) == 3 and text_acc[-1] > 2 / 30, text_acc  # chance is 1/30
+  assert relation_loss[-1] < relation_loss[0], relation_loss  # from ~B^2/4 (all 0.5) down
   assert [r['step'] for r in logged if 'image/dev_accuracy' in r] == [3]
   assert os.path.isdir(os.path.join(workdir, 'stages', 'text', 'checkpoints'))
 
@@ -196,6 +221,7 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
   assert 'stage relation: ' in out and 'stage relation: done' not in out
   # Without region attention the text stage differs (it is trained, not copied); the image stage does not.
   from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+
   other = config.copy_and_resolve_references()
   other.model.region_attention = False
   assert not train_stages.reuse_stage('text', other, workdir, str(tmp_path / 't'))
@@ -208,6 +234,7 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
 def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_path):
   from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
   from xmatch_jax.data import load_split  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setenv('XMATCH_DATA_DIR', os.environ.get('XMATCH_DATA_DIR', str(tmp_path / 'data')))
   weights = os.path.join(ROOT, 'tests', 'fixtures', 'mobilenet_v3_large_w025.safetensors')
   config = daer_config.get_config('shapes_tiny')
@@ -219,8 +246,10 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
   stage = train_stages._Stage('image', config, model, train, vocab, str(tmp_path))  # pylint: disable=protected-access
   variables = train_stages._stage_variables('image', config, model, stage, {}, vocab)  # pylint: disable=protected-access
   imagenet = train_stages.load_imagenet_mobilenet(weights, 0.25)
-  got = {'params': variables['params']['image']['mobilenet'],
-         'batch_stats': variables['batch_stats']['image']['mobilenet']}
+  got = {
+    'params': variables['params']['image']['mobilenet'],
+    'batch_stats': variables['batch_stats']['image']['mobilenet'],
+  }
   # Every converted weight is in place; the dual spatial attention convolutions (not in torchvision) stay initialised.
   for collection in ('params', 'batch_stats'):
     for path, value in jax.tree_util.tree_leaves_with_path(imagenet[collection]):
@@ -228,56 +257,61 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
       for p in path:
         node = node[p.key]
       np.testing.assert_array_equal(np.asarray(node), value)
-  assert any('DualSpatialAttention' in jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_leaves_with_path(got['params']))
+  assert any(
+    'DualSpatialAttention' in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(got['params'])
+  )
   # MobileNetV3's FC 1280 (torchvision classifier.0) starts the image module's head; the classification layer
   # (classifier.3) is not used.
-  np.testing.assert_array_equal(np.asarray(variables['params']['image']['head']['kernel']),
-                                imagenet['head']['kernel'])
+  np.testing.assert_array_equal(np.asarray(variables['params']['image']['head']['kernel']), imagenet['head']['kernel'])
 
 
 def test_stage_two_trains_the_300d_representation_and_drops_only_the_classifier():
   """Sec 4.4: the classification layer sits on the 1 x 300 output and is removed after stage 2, so stage 2 trains
   the FC to 300; MobileNetV3's head (FC, hard-swish, dropout 0.2) stays in the image module."""
   from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   images = {'pixels': rng.integers(0, 256, size=(4, 32, 32, 3)).astype(np.uint8)}
   model = _tiny_daer()
   variables = model.init(jax.random.key(0), images, method=model.classify_image)
   image = variables['params']['image']
   assert set(image) == {'mobilenet', 'head', 'fc'} and image['fc']['kernel'].shape[1] == 6
-  assert variables['params']['image_classifier']['kernel'].shape == (6, 4)    # 300-d (here 6) -> classes
+  assert variables['params']['image_classifier']['kernel'].shape == (6, 4)  # 300-d (here 6) -> classes
   batch = {'images': images, 'labels': np.array([0, 1, 2, 3])}
   loss = train_stages._losses(model)['image']  # pylint: disable=protected-access
   grads = jax.grad(lambda p: loss({**variables, 'params': p}, batch, jax.random.key(1))[0])(variables['params'])
   assert float(np.abs(grads['image']['fc']['kernel']).max()) > 0
   assert float(np.abs(grads['image']['head']['kernel']).max()) > 0
   # Dropout acts in training only.
-  train = lambda key: model.apply(variables, images, train=True, method=model.encode_image,
-                                  rngs={'dropout': key}, mutable=['batch_stats'])[0]
+  train = lambda key: model.apply(
+    variables, images, train=True, method=model.encode_image, rngs={'dropout': key}, mutable=['batch_stats']
+  )[0]
   assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
-  np.testing.assert_array_equal(model.apply(variables, images, method=model.encode_image),
-                                model.apply(variables, images, method=model.encode_image))
+  np.testing.assert_array_equal(
+    model.apply(variables, images, method=model.encode_image), model.apply(variables, images, method=model.encode_image)
+  )
 
 
 @pytest.mark.parametrize('dataset', ['wikipedia', 'pascal', 'xmedianet'])
 def test_paper_datasets_train_every_stage_by_sgd(dataset):
   config = daer_config.get_config(dataset)
-  assert [config.stage[s].optimizer for s in ('text', 'image', 'relation')] == ['sgd'] * 3   # sec 3.1, alg. 1
-  assert (config.model.word_dim, config.model.lstm_size, config.model.embed_size) == (300, 300, 300)   # sec 4.4
+  assert [config.stage[s].optimizer for s in ('text', 'image', 'relation')] == ['sgd'] * 3  # sec 3.1, alg. 1
+  assert (config.model.word_dim, config.model.lstm_size, config.model.embed_size) == (300, 300, 300)  # sec 4.4
   assert config.model.power == 0.6 and config.model.image_dropout == 0.2
   from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+
   tx = train_stages._optimizer(config.stage.image)  # pylint: disable=protected-access
   params = {'w': np.ones(3, np.float32)}
   updates, _ = tx.update({'w': np.full(3, 2.0, np.float32)}, tx.init(params), params)
-  np.testing.assert_allclose(updates['w'], -config.stage.image.learning_rate * 2.0)   # plain SGD: -lr g
+  np.testing.assert_allclose(updates['w'], -config.stage.image.learning_rate * 2.0)  # plain SGD: -lr g
 
 
 def test_workdirs_trained_before_the_optimizer_field_resume_with_adam(tmp_path):
   from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+
   config = daer_config.get_config('wikipedia').to_dict()
   for stage in config['stage'].values():
-    del stage['optimizer']                     # config.json of a run trained with Adam before the field
+    del stage['optimizer']  # config.json of a run trained with Adam before the field
   (tmp_path / 'config.json').write_text(json.dumps(config))
   loaded = run_setup.load_config(str(tmp_path))
   assert [loaded.stage[s].optimizer for s in ('text', 'image', 'relation')] == ['adam'] * 3

@@ -24,8 +24,12 @@ import export_torch_checkpoint  # pylint: disable=g-import-not-at-top
 
 
 def _import(checkpoint, workdir):
-  assert convert_torch_checkpoint.main(['--format=glfn', f'--checkpoint={checkpoint}', f'--bert_dir={TINY_BERT}',
-                                        f'--workdir={workdir}']) == 0
+  assert (
+    convert_torch_checkpoint.main(
+      ['--format=glfn', f'--checkpoint={checkpoint}', f'--bert_dir={TINY_BERT}', f'--workdir={workdir}']
+    )
+    == 0
+  )
 
 
 @pytest.fixture(scope='module')
@@ -56,8 +60,12 @@ def test_import_export_import_gives_the_same_params_config_and_scores(trip):
   assert ra.config.to_dict() == rb.config.to_dict()
   expected = np.load(os.path.join(FIXTURES, 'glfn_expected.npz'))
   blocks, weights = pfan.from_pfan_layout(expected['boxes_npy'], grid=4)
-  images = {'regions': expected['regions'], 'pfan_blocks': blocks, 'pfan_weights': weights,
-            'tags': expected['tags'].tolist()}
+  images = {
+    'regions': expected['regions'],
+    'pfan_blocks': blocks,
+    'pfan_weights': weights,
+    'tags': expected['tags'].tolist(),
+  }
   captions = expected['captions'].tolist()
   scores_a, scores_b = ra.score(images, captions), rb.score(images, captions)
   assert np.array_equal(scores_a, scores_b)
@@ -82,9 +90,24 @@ def test_export_holds_the_original_tensors_and_opt(trip):
       np.testing.assert_array_equal(ours[key][:rz] + ours[hh][:rz], theirs[key][:rz] + theirs[hh][:rz])
   opt, theirs = vars(exported['opt']), vars(original['opt'])
   assert set(opt) == set(theirs) - {'vocab_size'}
-  for key in ('data_name', 'margin', 'embed_size', 'num_layers', 'max_violation', 'img_dim', 'raw_feature_norm',
-              'agg_func', 'cross_attn', 'bi_gru', 'lambda_lse', 'lambda_softmax', 'bert_to_gru_size',
-              'precomp_enc_type', 'no_imgnorm', 'no_txtnorm'):
+  for key in (
+    'data_name',
+    'margin',
+    'embed_size',
+    'num_layers',
+    'max_violation',
+    'img_dim',
+    'raw_feature_norm',
+    'agg_func',
+    'cross_attn',
+    'bi_gru',
+    'lambda_lse',
+    'lambda_softmax',
+    'bert_to_gru_size',
+    'precomp_enc_type',
+    'no_imgnorm',
+    'no_txtnorm',
+  ):
     assert opt[key] == theirs[key] and type(opt[key]) is type(theirs[key]), key
   sizes = glfn_checkpoint.sizes_of(*exported['model'])
   config_a = glfn_checkpoint.config_from_opt(original['opt'], sizes, TINY_BERT)
@@ -95,7 +118,7 @@ def test_export_holds_the_original_tensors_and_opt(trip):
 def test_opt_round_trip_of_i2t_and_export_params_inverts_convert_params(trip):
   config = run_setup.load_config(trip[0])
   config.model.score, config.model.i2t_lambda_softmax = 'i2t', 4.0
-  config.model.t2i_agg_func = config.model.i2t_agg_func = 'Mean'   # official opt: one agg_func for both
+  config.model.t2i_agg_func = config.model.i2t_agg_func = 'Mean'  # official opt: one agg_func for both
   sizes = glfn_checkpoint.sizes_of(*torch_pickle.load(CHECKPOINT)['model'])
   back = glfn_checkpoint.config_from_opt(glfn_checkpoint.opt_from_config(config), sizes, config.model.bert_dir)
   for part in ('model', 'loss'):
@@ -107,16 +130,19 @@ def test_opt_round_trip_of_i2t_and_export_params_inverts_convert_params(trip):
   assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize('field,value,message', [
+@pytest.mark.parametrize(
+  'field,value,message',
+  [
     ('score', 'fused', "model.score is 'fused'; official GLFN scores one direction"),
     ('tag_in_fusion', 'twice', "model.tag_in_fusion is 'twice'; official GLFN has 'once'"),
     ('train_position_attention', True, 'model.train_position_attention is True; official GLFN has False'),
     ('t2i_max_attention_weight', 0.0, 'model.t2i_max_attention_weight is 0.0; official GLFN has 0.5'),
     ('position_eps', 0.0, 'model.position_eps is 0.0; official GLFN has 1e-06'),
-    ('use_tags', False, 'model.use_tags is False; official GLFN has True'),        # no_tag
-    ('text_encoder', 'gru', "model.text_encoder is 'gru'; official GLFN has 'bert_gru'"),   # only_gru
+    ('use_tags', False, 'model.use_tags is False; official GLFN has True'),  # no_tag
+    ('text_encoder', 'gru', "model.text_encoder is 'gru'; official GLFN has 'bert_gru'"),  # only_gru
     ('top_l', 8, 'model.top_l is 8; official GLFN has 15'),
-])
+  ],
+)
 def test_non_official_configs_are_refused(trip, tmp_path, field, value, message):
   config = run_setup.load_config(trip[0])
   config.model[field] = value

@@ -30,15 +30,67 @@ import export_torch_checkpoint  # pylint: disable=g-import-not-at-top
 
 CASES = {'scan': 'scan_t2i', 'vsepp': 'vsepp'}
 # Flags of the official train.py argparsers (kuanghuei/SCAN, fartashf/vsepp) plus the vocab_size they add.
-SCAN_FLAGS = {'data_path', 'data_name', 'vocab_path', 'margin', 'num_epochs', 'batch_size', 'word_dim', 'embed_size',
-              'grad_clip', 'num_layers', 'learning_rate', 'lr_update', 'workers', 'log_step', 'val_step',
-              'logger_name', 'model_name', 'resume', 'max_violation', 'img_dim', 'no_imgnorm', 'no_txtnorm',
-              'raw_feature_norm', 'agg_func', 'cross_attn', 'precomp_enc_type', 'bi_gru', 'lambda_lse',
-              'lambda_softmax', 'vocab_size'}
-VSEPP_FLAGS = {'data_path', 'data_name', 'vocab_path', 'margin', 'num_epochs', 'batch_size', 'word_dim', 'embed_size',
-               'grad_clip', 'crop_size', 'num_layers', 'learning_rate', 'lr_update', 'workers', 'log_step',
-               'val_step', 'logger_name', 'resume', 'max_violation', 'img_dim', 'finetune', 'cnn_type',
-               'use_restval', 'measure', 'use_abs', 'no_imgnorm', 'vocab_size'}
+SCAN_FLAGS = {
+  'data_path',
+  'data_name',
+  'vocab_path',
+  'margin',
+  'num_epochs',
+  'batch_size',
+  'word_dim',
+  'embed_size',
+  'grad_clip',
+  'num_layers',
+  'learning_rate',
+  'lr_update',
+  'workers',
+  'log_step',
+  'val_step',
+  'logger_name',
+  'model_name',
+  'resume',
+  'max_violation',
+  'img_dim',
+  'no_imgnorm',
+  'no_txtnorm',
+  'raw_feature_norm',
+  'agg_func',
+  'cross_attn',
+  'precomp_enc_type',
+  'bi_gru',
+  'lambda_lse',
+  'lambda_softmax',
+  'vocab_size',
+}
+VSEPP_FLAGS = {
+  'data_path',
+  'data_name',
+  'vocab_path',
+  'margin',
+  'num_epochs',
+  'batch_size',
+  'word_dim',
+  'embed_size',
+  'grad_clip',
+  'crop_size',
+  'num_layers',
+  'learning_rate',
+  'lr_update',
+  'workers',
+  'log_step',
+  'val_step',
+  'logger_name',
+  'resume',
+  'max_violation',
+  'img_dim',
+  'finetune',
+  'cnn_type',
+  'use_restval',
+  'measure',
+  'use_abs',
+  'no_imgnorm',
+  'vocab_size',
+}
 
 
 @pytest.fixture(scope='module', params=sorted(CASES))
@@ -63,10 +115,10 @@ def test_import_export_import_gives_the_same_workdir(round_trip):
   assert ra.config.to_dict() == rb.config.to_dict()
   assert ra.vocab == rb.vocab
   with open(os.path.join(FIXTURES, 'vocab_small.json')) as f, open(round_trip.vocab) as g:
-    assert f.read() == g.read()   # the workdir's vocab.json is SCAN's format, written back byte for byte
+    assert f.read() == g.read()  # the workdir's vocab.json is SCAN's format, written back byte for byte
   expected = np.load(os.path.join(FIXTURES, 'scan_vsepp_expected.npz'))
   tokens, lengths = expected['tokens'], expected['lengths']
-  captions = [' '.join(ra.vocab.decode(t[1:n - 1])) for t, n in zip(tokens, lengths)]
+  captions = [' '.join(ra.vocab.decode(t[1 : n - 1])) for t, n in zip(tokens, lengths)]
   scores_a = ra.score({'regions': expected['regions']}, captions)
   scores_b = rb.score({'regions': expected['regions']}, captions)
   assert np.array_equal(scores_a, scores_b)
@@ -92,8 +144,9 @@ def _check_against_original(exported: dict, original: dict) -> None:
   for key in [k for k in exported if '.bias_ih_' in k]:
     hh = key.replace('.bias_ih_', '.bias_hh_')
     rz = 2 * len(exported[key]) // 3
-    assert np.array_equal(exported[key][rz:], original[key][rz:]) and np.array_equal(exported[hh][rz:],
-                                                                                     original[hh][rz:]), key
+    assert np.array_equal(exported[key][rz:], original[key][rz:]) and np.array_equal(
+      exported[hh][rz:], original[hh][rz:]
+    ), key
     assert not exported[hh][:rz].any(), hh
     assert np.array_equal(exported[key][:rz] + exported[hh][:rz], original[key][:rz] + original[hh][:rz]), key
 
@@ -119,15 +172,18 @@ def test_exported_file_holds_the_original_tensors_and_opt(round_trip):
 
 def test_export_params_inverts_convert_params_with_stacked_bidirectional_layers():
   import jax  # pylint: disable=g-import-not-at-top
-  model = models.build_model({'name': 'scan', 'embed_size': 5, 'word_dim': 3, 'num_layers': 2}, vocab_size=9,
-                             img_dim=4)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(3), {'regions': np.ones((2, 3, 4), np.float32)},
-                          {'tokens': np.ones((2, 4), np.int32), 'mask': np.ones((2, 4), np.float32)})['params']
+
+  model = models.build_model({'name': 'scan', 'embed_size': 5, 'word_dim': 3, 'num_layers': 2}, vocab_size=9, img_dim=4)
+  shapes = jax.eval_shape(
+    model.init,
+    jax.random.PRNGKey(3),
+    {'regions': np.ones((2, 3, 4), np.float32)},
+    {'tokens': np.ones((2, 4), np.int32), 'mask': np.ones((2, 4), np.float32)},
+  )['params']
   rng = np.random.default_rng(3)
   params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   image, text = scan_checkpoint.export_params(params, 2, True)
-  assert list(text)[:5] == ['embed.weight', 'rnn.weight_ih_l0', 'rnn.weight_hh_l0', 'rnn.bias_ih_l0',
-                            'rnn.bias_hh_l0']
+  assert list(text)[:5] == ['embed.weight', 'rnn.weight_ih_l0', 'rnn.weight_hh_l0', 'rnn.bias_ih_l0', 'rnn.bias_hh_l0']
   assert text['rnn.weight_ih_l1'].shape == (15, 10) and text['rnn.weight_ih_l1_reverse'].shape == (15, 10)
   back = scan_checkpoint.convert_params(image, text, 2, True)
   got = {p: v for p, v in _flat(back)}
@@ -136,26 +192,41 @@ def test_export_params_inverts_convert_params_with_stacked_bidirectional_layers(
   for key in want:
     assert np.array_equal(got[key], want[key]), key
   with pytest.raises(ValueError, match='missing parameter text_encoder/backward_0'):
-    scan_checkpoint.export_params({**params, 'text_encoder': {k: v for k, v in params['text_encoder'].items()
-                                                              if k != 'backward_0'}}, 2, True)
+    scan_checkpoint.export_params(
+      {**params, 'text_encoder': {k: v for k, v in params['text_encoder'].items() if k != 'backward_0'}}, 2, True
+    )
   with pytest.raises(ValueError, match=r'unexpected text_encoder parameters \[.backward_1.\]'):
-    scan_checkpoint.export_params({**params, 'text_encoder': {k: v for k, v in params['text_encoder'].items()
-                                                              if k != 'backward_0'}}, 2, False)
+    scan_checkpoint.export_params(
+      {**params, 'text_encoder': {k: v for k, v in params['text_encoder'].items() if k != 'backward_0'}}, 2, False
+    )
 
 
 WRITER_STATE = collections.OrderedDict(
-    weight=np.arange(12, dtype=np.float32).reshape(3, 4) / 7, transposed=np.arange(6, dtype=np.float32).reshape(2, 3).T,
-    double=np.linspace(0, 1, 5), half=np.float16([1.5, -2.25]), bf16=np.array([0.5, -3], ml_dtypes.bfloat16),
-    steps=np.arange(4), ints=np.int32([7, -8]), bytes_=np.uint8([0, 255]), flag=np.array(True),
-    scalar=np.array(2.5, np.float32), empty=np.zeros((2, 0, 3), np.float32),
-    big_endian=np.arange(4, dtype='>f4'))
+  weight=np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+  transposed=np.arange(6, dtype=np.float32).reshape(2, 3).T,
+  double=np.linspace(0, 1, 5),
+  half=np.float16([1.5, -2.25]),
+  bf16=np.array([0.5, -3], ml_dtypes.bfloat16),
+  steps=np.arange(4),
+  ints=np.int32([7, -8]),
+  bytes_=np.uint8([0, 255]),
+  flag=np.array(True),
+  scalar=np.array(2.5, np.float32),
+  empty=np.zeros((2, 0, 3), np.float32),
+  big_endian=np.arange(4, dtype='>f4'),
+)
 
 
 def _writer_checkpoint():
   shared = np.ones((2, 2), np.float32)
-  return {'model': [WRITER_STATE, {'a': shared, 'b': shared}], 'epoch': 7, 'best_rsum': np.float64(412.5),
-          'opt': argparse.Namespace(margin=0.2, max_violation=True, data_name='f30k_precomp', ratio=np.float32(0.5)),
-          'meta': types.SimpleNamespace(note='x'), 'misc': (None, b'raw', [1, 2.0])}
+  return {
+    'model': [WRITER_STATE, {'a': shared, 'b': shared}],
+    'epoch': 7,
+    'best_rsum': np.float64(412.5),
+    'opt': argparse.Namespace(margin=0.2, max_violation=True, data_name='f30k_precomp', ratio=np.float32(0.5)),
+    'meta': types.SimpleNamespace(note='x'),
+    'misc': (None, b'raw', [1, 2.0]),
+  }
 
 
 def test_writer_round_trips_through_our_reader_with_aligned_storages(tmp_path):
@@ -173,20 +244,23 @@ def test_writer_round_trips_through_our_reader_with_aligned_storages(tmp_path):
   assert vars(loaded['meta']) == {'note': 'x'} and loaded['misc'] == (None, b'raw', [1, 2.0])
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
-    assert names[0] == 'archive/data.pkl' and {'archive/byteorder', 'archive/version',
-                                              'archive/.data/serialization_id'} <= set(names)
+    assert names[0] == 'archive/data.pkl' and {
+      'archive/byteorder',
+      'archive/version',
+      'archive/.data/serialization_id',
+    } <= set(names)
     assert archive.read('archive/byteorder') == b'little' and archive.read('archive/version') == b'3\n'
     # One storage per distinct array (the shared one once); every record's data starts at a multiple of 64.
     assert len([n for n in names if n.startswith('archive/data/')]) == len(WRITER_STATE) + 1
     with open(path, 'rb') as f:
       raw = f.read()
     for info in archive.infolist():
-      name_len, extra_len = struct.unpack('<HH', raw[info.header_offset + 26:info.header_offset + 30])
+      name_len, extra_len = struct.unpack('<HH', raw[info.header_offset + 26 : info.header_offset + 30])
       assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
   torch_writer.save(_writer_checkpoint(), again)
   with open(again, 'rb') as f:
-    assert f.read() == raw   # deterministic
-  assert sorted(os.listdir(tmp_path)) == ['w.pt', 'w2.pt']   # no temporary files left
+    assert f.read() == raw  # deterministic
+  assert sorted(os.listdir(tmp_path)) == ['w.pt', 'w2.pt']  # no temporary files left
 
 
 def test_writer_refuses_what_torch_cannot_hold(tmp_path):
@@ -235,8 +309,9 @@ def test_torch_loads_the_export_into_the_official_modules(round_trip):
   ours = torch_pickle.load(round_trip.out)
   original = torch_pickle.load(round_trip.original)
   assert isinstance(loaded['opt'], argparse.Namespace) and vars(loaded['opt']) == vars(ours['opt'])
-  assert {k: loaded[k] for k in ('epoch', 'best_rsum', 'Eiters')} == {k: ours[k] for k in ('epoch', 'best_rsum',
-                                                                                            'Eiters')}
+  assert {k: loaded[k] for k in ('epoch', 'best_rsum', 'Eiters')} == {
+    k: ours[k] for k in ('epoch', 'best_rsum', 'Eiters')
+  }
   for theirs, mine in zip(loaded['model'], ours['model']):
     assert isinstance(theirs, collections.OrderedDict) and list(theirs) == list(mine)
     for key, tensor in theirs.items():
@@ -248,11 +323,13 @@ def test_torch_loads_the_export_into_the_official_modules(round_trip):
   image.load_state_dict(loaded['model'][0])
   text = torch.nn.Module()
   text.embed = torch.nn.Embedding(opt.vocab_size, opt.word_dim)
-  text.rnn = torch.nn.GRU(opt.word_dim, opt.embed_size, opt.num_layers, batch_first=True,
-                          bidirectional=bool(getattr(opt, 'bi_gru', False)))
+  text.rnn = torch.nn.GRU(
+    opt.word_dim, opt.embed_size, opt.num_layers, batch_first=True, bidirectional=bool(getattr(opt, 'bi_gru', False))
+  )
   text.load_state_dict(loaded['model'][1])
-  reference = torch.nn.GRU(opt.word_dim, opt.embed_size, opt.num_layers, batch_first=True,
-                           bidirectional=bool(getattr(opt, 'bi_gru', False)))
+  reference = torch.nn.GRU(
+    opt.word_dim, opt.embed_size, opt.num_layers, batch_first=True, bidirectional=bool(getattr(opt, 'bi_gru', False))
+  )
   reference.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in original['model'][1].items() if k[:4] == 'rnn.'})
   x = torch.randn(3, 5, opt.word_dim, generator=torch.Generator().manual_seed(0))
   with torch.no_grad():
@@ -291,11 +368,12 @@ def test_torch_loads_what_the_writer_writes(tmp_path):
 def test_stacked_bidirectional_export_computes_the_flax_words_in_torch():
   torch = pytest.importorskip('torch')
   import jax  # pylint: disable=g-import-not-at-top
-  model = models.build_model({'name': 'scan', 'embed_size': 5, 'word_dim': 3, 'num_layers': 2}, vocab_size=9,
-                             img_dim=4)
+
+  model = models.build_model({'name': 'scan', 'embed_size': 5, 'word_dim': 3, 'num_layers': 2}, vocab_size=9, img_dim=4)
   tokens, mask = np.array([[1, 4, 7, 2], [1, 8, 5, 2]], np.int32), np.ones((2, 4), np.float32)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), {'regions': np.ones((2, 3, 4), np.float32)},
-                          {'tokens': tokens, 'mask': mask})['params']
+  shapes = jax.eval_shape(
+    model.init, jax.random.PRNGKey(0), {'regions': np.ones((2, 3, 4), np.float32)}, {'tokens': tokens, 'mask': mask}
+  )['params']
   rng = np.random.default_rng(5)
   params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   words = model.apply({'params': params}, {'tokens': tokens, 'mask': mask}, method='encode_text')['words']
@@ -304,7 +382,7 @@ def test_stacked_bidirectional_export_computes_the_flax_words_in_torch():
   text.embed = torch.nn.Embedding(9, 3)
   text.rnn = torch.nn.GRU(3, 5, 2, batch_first=True, bidirectional=True)
   text.load_state_dict({k: torch.from_numpy(v) for k, v in text_state.items()})
-  with torch.no_grad():   # SCAN's EncoderText: average the directions, l2norm each word
+  with torch.no_grad():  # SCAN's EncoderText: average the directions, l2norm each word
     out = text.rnn(text.embed(torch.from_numpy(tokens).long()))[0]
     out = (out[:, :, :5] + out[:, :, 5:]) / 2
     out = out / (out.pow(2).sum(-1, keepdim=True).sqrt() + 1e-8)

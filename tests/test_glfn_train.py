@@ -32,7 +32,7 @@ def test_glfn_trains_and_the_workdir_scores_alone(variant, data_dir, tmp_path):
   c.batch_size = 32
   c.num_epochs = 6
   dev = train.train_and_evaluate(c, str(tmp_path))
-  assert dev['rsum'] > 80, dev     # chance is ~32 on 100 images / 500 captions
+  assert dev['rsum'] > 80, dev  # chance is ~32 on 100 images / 500 captions
   result = evaluate.evaluate_workdir(str(tmp_path), split='test')
   split = load_split('shapes_tiny', 'test', data_dir)
   scores = Retriever.from_workdir(str(tmp_path)).score(split.images, split.captions)

@@ -14,6 +14,7 @@ import gpu_estimate  # noqa: E402  pylint: disable=g-import-not-at-top
 
 def test_step_flops_cover_the_pair_head_forward_and_backward():
   from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+
   k, n, d = 6, 5, 32
   costs = {}
   for b in (4, 8):
@@ -41,6 +42,7 @@ def test_bad_arguments_and_stage_trained_models_are_refused(capsys):
     gpu_estimate.parse_args(['--config=configs/scan.py:f30k', '--flop_efficiency=2'])
   assert '--flop_efficiency must be in (0, 1]' in capsys.readouterr().err
   from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+
   config = run_setup.load_config_file('configs/daer.py:shapes', ROOT)
   with pytest.raises(ValueError, match='DAER trains in stages'):
     gpu_estimate.step_cost(config, 4, 6, 5, 24)

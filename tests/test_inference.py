@@ -11,67 +11,69 @@ from xmatch_jax.models import build_model
 
 @pytest.mark.parametrize('image_chunk,text_batch', [(2, 3), (4, 5), (16, 64)])
 def test_tiled_scores_equal_one_call(image_chunk, text_batch):
-    rng = np.random.default_rng(0)
-    n_img, n_txt, k, n, vocab = 5, 11, 4, 6, 20
-    config = ml_collections.ConfigDict({'name': 'scan', 'embed_size': 8, 'word_dim': 8, 'cross_attn': 't2i'})
-    model = build_model(config, vocab_size=vocab, img_dim=7)
-    images = {'regions': rng.normal(size=(n_img, k, 7)).astype(np.float32)}
-    lengths = rng.integers(1, n + 1, size=n_txt)
-    mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
-    tokens = (rng.integers(1, vocab, size=(n_txt, n)) * mask).astype(np.int32)
-    text = {'tokens': tokens, 'mask': mask}
-    variables = model.init(jax.random.key(0), images, text)
+  rng = np.random.default_rng(0)
+  n_img, n_txt, k, n, vocab = 5, 11, 4, 6, 20
+  config = ml_collections.ConfigDict({'name': 'scan', 'embed_size': 8, 'word_dim': 8, 'cross_attn': 't2i'})
+  model = build_model(config, vocab_size=vocab, img_dim=7)
+  images = {'regions': rng.normal(size=(n_img, k, 7)).astype(np.float32)}
+  lengths = rng.integers(1, n + 1, size=n_txt)
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+  tokens = (rng.integers(1, vocab, size=(n_txt, n)) * mask).astype(np.int32)
+  text = {'tokens': tokens, 'mask': mask}
+  variables = model.init(jax.random.key(0), images, text)
 
-    scorer = inference.Scorer(model, variables, image_chunk=image_chunk, text_batch=text_batch)
-    got = scorer.score(images, tokens, mask)
-    want = np.asarray(model.apply(variables, images, text))
-    assert got.shape == (n_img, n_txt)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  scorer = inference.Scorer(model, variables, image_chunk=image_chunk, text_batch=text_batch)
+  got = scorer.score(images, tokens, mask)
+  want = np.asarray(model.apply(variables, images, text))
+  assert got.shape == (n_img, n_txt)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_chunk_sizes_must_be_positive():
-    with pytest.raises(ValueError, match='image_chunk and text_batch'):
-        inference.Scorer(None, {}, image_chunk=0)
+  with pytest.raises(ValueError, match='image_chunk and text_batch'):
+    inference.Scorer(None, {}, image_chunk=0)
 
 
 @pytest.mark.parametrize('name', ['scan', 'vsepp'])
 def test_rerank_candidates_carry_full_scores_and_k_all_equals_exhaustive(name):
-    from xmatch_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-    from xmatch_jax import rerank  # pylint: disable=g-import-not-at-top
-    rng = np.random.default_rng(1)
-    n_img, k_regions, n, vocab = 6, 4, 5, 20
-    config = ml_collections.ConfigDict({'name': name, 'embed_size': 8, 'word_dim': 8})
-    model = build_model(config, vocab_size=vocab, img_dim=7)
-    images = {'regions': rng.normal(size=(n_img, k_regions, 7)).astype(np.float32)}
-    lengths = rng.integers(2, n + 1, size=5 * n_img)
-    mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
-    tokens = (rng.integers(1, vocab, size=(5 * n_img, n)) * mask).astype(np.int32)
-    variables = model.init(jax.random.key(0), images, {'tokens': tokens, 'mask': mask})
-    scorer = inference.Scorer(model, variables, image_chunk=4, text_batch=7)
-    image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
-    full = scorer.pair_scores(image_rep, text_rep)
+  from xmatch_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from xmatch_jax import rerank  # pylint: disable=g-import-not-at-top
 
-    i2t, t2i = rerank.rerank(scorer, image_rep, text_rep, k=3, query_chunk=4)
-    coarse = np.asarray(rerank.global_scores(image_rep, text_rep))
-    for c in range(5 * n_img):          # each caption: its 3 shortlisted images hold full scores, ranked first
-        top = np.argsort(-coarse[:, c], kind='stable')[:3]
-        np.testing.assert_allclose(t2i[top, c], full[top, c], rtol=1e-5, atol=1e-6)
-        rest = np.setdiff1d(np.arange(n_img), top)
-        assert t2i[rest, c].max() < t2i[top, c].min()
-        assert list(rest[np.argsort(-t2i[rest, c], kind='stable')]) == \
-            list(rest[np.argsort(-coarse[rest, c], kind='stable')])
-    for i in range(n_img):
-        top = np.argsort(-coarse[i], kind='stable')[:3]
-        np.testing.assert_allclose(i2t[i, top], full[i, top], rtol=1e-5, atol=1e-6)
+  rng = np.random.default_rng(1)
+  n_img, k_regions, n, vocab = 6, 4, 5, 20
+  config = ml_collections.ConfigDict({'name': name, 'embed_size': 8, 'word_dim': 8})
+  model = build_model(config, vocab_size=vocab, img_dim=7)
+  images = {'regions': rng.normal(size=(n_img, k_regions, 7)).astype(np.float32)}
+  lengths = rng.integers(2, n + 1, size=5 * n_img)
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+  tokens = (rng.integers(1, vocab, size=(5 * n_img, n)) * mask).astype(np.int32)
+  variables = model.init(jax.random.key(0), images, {'tokens': tokens, 'mask': mask})
+  scorer = inference.Scorer(model, variables, image_chunk=4, text_batch=7)
+  image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
+  full = scorer.pair_scores(image_rep, text_rep)
 
-    # Shortlisting everything is exhaustive scoring.
-    _, t2i_all = rerank.rerank(scorer, image_rep, text_rep, k=n_img, query_chunk=4)
-    np.testing.assert_allclose(t2i_all, full, rtol=1e-5, atol=1e-6)
-    i2t_every, t2i_every = rerank.rerank(scorer, image_rep, text_rep, k=5 * n_img, query_chunk=4)
-    np.testing.assert_allclose(i2t_every, full, rtol=1e-5, atol=1e-6)
-    got = rerank.two_way_recall(i2t_every, t2i_every)
-    want = metrics_lib.recall_metrics(full)
-    for key in metrics_lib.RECALL_KEYS + ('rsum',):
-        assert got[key] == pytest.approx(want[key])
-    with pytest.raises(ValueError, match='rerank k must be >= 1'):
-        rerank.rerank(scorer, image_rep, text_rep, k=0)
+  i2t, t2i = rerank.rerank(scorer, image_rep, text_rep, k=3, query_chunk=4)
+  coarse = np.asarray(rerank.global_scores(image_rep, text_rep))
+  for c in range(5 * n_img):  # each caption: its 3 shortlisted images hold full scores, ranked first
+    top = np.argsort(-coarse[:, c], kind='stable')[:3]
+    np.testing.assert_allclose(t2i[top, c], full[top, c], rtol=1e-5, atol=1e-6)
+    rest = np.setdiff1d(np.arange(n_img), top)
+    assert t2i[rest, c].max() < t2i[top, c].min()
+    assert list(rest[np.argsort(-t2i[rest, c], kind='stable')]) == list(
+      rest[np.argsort(-coarse[rest, c], kind='stable')]
+    )
+  for i in range(n_img):
+    top = np.argsort(-coarse[i], kind='stable')[:3]
+    np.testing.assert_allclose(i2t[i, top], full[i, top], rtol=1e-5, atol=1e-6)
+
+  # Shortlisting everything is exhaustive scoring.
+  _, t2i_all = rerank.rerank(scorer, image_rep, text_rep, k=n_img, query_chunk=4)
+  np.testing.assert_allclose(t2i_all, full, rtol=1e-5, atol=1e-6)
+  i2t_every, t2i_every = rerank.rerank(scorer, image_rep, text_rep, k=5 * n_img, query_chunk=4)
+  np.testing.assert_allclose(i2t_every, full, rtol=1e-5, atol=1e-6)
+  got = rerank.two_way_recall(i2t_every, t2i_every)
+  want = metrics_lib.recall_metrics(full)
+  for key in metrics_lib.RECALL_KEYS + ('rsum',):
+    assert got[key] == pytest.approx(want[key])
+  with pytest.raises(ValueError, match='rerank k must be >= 1'):
+    rerank.rerank(scorer, image_rep, text_rep, k=0)

@@ -30,7 +30,7 @@ def write_precomp(directory, sizes, k=36, d=6, seed=0):
   for split, n in sizes.items():
     ims = np.lib.format.open_memmap(os.path.join(directory, f'{split}_ims.npy'), 'w+', np.float32, (n, k, d))
     for start in range(0, n, 64):
-      ims[start:start + 64] = rng.standard_normal((min(64, n - start), k, d), np.float32)
+      ims[start : start + 64] = rng.standard_normal((min(64, n - start), k, d), np.float32)
     ims.flush()
     arrays[split] = np.asarray(ims) if n * k * d < 1e6 else None
     del ims
@@ -62,8 +62,12 @@ def test_env_var_and_threshold_choose_lazy_or_memory(built, monkeypatch):
   for key in ('regions', 'pfan_blocks', 'pfan_weights'):
     value = lazy_split.images[key]
     assert isinstance(value, lazy.LazyRows) and isinstance(memory.images[key], np.ndarray)
-    assert (value.shape, value.dtype, value.ndim, len(value)) == (memory.images[key].shape, memory.images[key].dtype,
-                                                                  memory.images[key].ndim, 8)
+    assert (value.shape, value.dtype, value.ndim, len(value)) == (
+      memory.images[key].shape,
+      memory.images[key].dtype,
+      memory.images[key].ndim,
+      8,
+    )
     np.testing.assert_array_equal(value[:], memory.images[key])
   np.testing.assert_array_equal(memory.images['regions'], built[2]['test'])
   assert isinstance(lazy_split.images['image_id'], np.ndarray)
@@ -72,7 +76,7 @@ def test_env_var_and_threshold_choose_lazy_or_memory(built, monkeypatch):
   np.testing.assert_array_equal(lazy_split.caption_to_image, memory.caption_to_image)
   assert 'pfan_blocks' not in load(built, monkeypatch, 'dev', '1').images
 
-  assert isinstance(load(built, monkeypatch, 'test', '').images['regions'], np.ndarray)   # 8 x 36 x 6 floats
+  assert isinstance(load(built, monkeypatch, 'test', '').images['regions'], np.ndarray)  # 8 x 36 x 6 floats
   monkeypatch.setattr(data_lib, 'LAZY_THRESHOLD_BYTES', 1000)
   assert isinstance(load(built, monkeypatch, 'test', '').images['regions'], lazy.LazyRows)
   with pytest.raises(ValueError, match=r"XMATCH_LAZY='yes' .*expected 1 .* 0 .* or unset"):
@@ -82,16 +86,30 @@ def test_env_var_and_threshold_choose_lazy_or_memory(built, monkeypatch):
 def test_lazy_rows_indexing(built, monkeypatch):
   regions = load(built, monkeypatch, 'test', '1').images['regions']
   expected = built[2]['test']
-  keys = [3, -1, np.int64(5), slice(2, 7, 2), slice(None, None, -3), slice(5, 2), [], [4, 0],
-          np.array([5, 1, 5, 0, 7]), np.array([[1, 2], [7, 0]]), np.arange(8) % 3 == 0]
+  keys = [
+    3,
+    -1,
+    np.int64(5),
+    slice(2, 7, 2),
+    slice(None, None, -3),
+    slice(5, 2),
+    [],
+    [4, 0],
+    np.array([5, 1, 5, 0, 7]),
+    np.array([[1, 2], [7, 0]]),
+    np.arange(8) % 3 == 0,
+  ]
   for key in keys:
     got = regions[key]
     assert isinstance(got, np.ndarray) and got.dtype == np.float32
     assert got.shape == expected[key].shape
     np.testing.assert_array_equal(got, expected[key])
   for key in (8, -9, np.array([0, 8])):
-    with pytest.raises(IndexError, match=r'xmatch_precomp/custom split test: row (8|-9) of field "regions" is out '
-                                         r'of range; the split has 8 rows'):
+    with pytest.raises(
+      IndexError,
+      match=r'xmatch_precomp/custom split test: row (8|-9) of field "regions" is out '
+      r'of range; the split has 8 rows',
+    ):
       regions[key]
   with pytest.raises(IndexError, match='indexed by row only'):
     regions[1.5]
@@ -143,13 +161,18 @@ def test_check_split_reads_no_rows_of_a_lazy_field():
   source = CountingSource([{'regions': np.full((2, 3), np.nan, np.float32)} for _ in range(4)])
   regions = lazy.LazyRows(lazy.RowReader(source, 'dataset d split s'), 'regions', (2, 3), np.float32)
   validation.check_split({'regions': regions}, ['a caption'] * 20, np.repeat(np.arange(4), 5), source='d/s')
-  assert source.reads == []   # the NaNs are not seen: the builder refuses them, and every read checks them
+  assert source.reads == []  # the NaNs are not seen: the builder refuses them, and every read checks them
   with pytest.raises(ValueError, match='d/s: field "regions" has dtype float64; expected float32'):
-    validation.check_split({'regions': lazy.LazyRows(regions.reader, 'regions', (2, 3), np.float64)},
-                           ['a caption'] * 20, np.repeat(np.arange(4), 5), source='d/s')
+    validation.check_split(
+      {'regions': lazy.LazyRows(regions.reader, 'regions', (2, 3), np.float64)},
+      ['a caption'] * 20,
+      np.repeat(np.arange(4), 5),
+      source='d/s',
+    )
   with pytest.raises(ValueError, match='d/s: field "regions" has feature size 3; expected 2048'):
-    validation.check_split({'regions': regions}, ['a caption'] * 20, np.repeat(np.arange(4), 5), source='d/s',
-                           region_dim=2048)
+    validation.check_split(
+      {'regions': regions}, ['a caption'] * 20, np.repeat(np.arange(4), 5), source='d/s', region_dim=2048
+    )
 
 
 def test_train_batcher_gives_the_same_batches_reading_each_row_once(built, monkeypatch):
@@ -159,14 +182,15 @@ def test_train_batcher_gives_the_same_batches_reading_each_row_once(built, monke
   captions = [np.array([len(w) + 4 for w in c.split()], np.int32) for c in memory.captions]
 
   def batcher(split):
-    return batching.TrainBatcher(split.images, captions, split.caption_to_image, batch_size=7, seed=1,
-                                 buckets=(4, 8, 16), image_keys=keys)
+    return batching.TrainBatcher(
+      split.images, captions, split.caption_to_image, batch_size=7, seed=1, buckets=(4, 8, 16), image_keys=keys
+    )
 
   reader = lazy_split.images['regions'].reader
   reader.source = CountingSource(reader.source)
   lazy_batcher, memory_batcher = batcher(lazy_split), batcher(memory)
-  assert all(lazy_batcher._images[k] is lazy_split.images[k] for k in keys)   # pylint: disable=protected-access
-  for step in range(12):   # 5 steps per epoch: crosses two epoch boundaries
+  assert all(lazy_batcher._images[k] is lazy_split.images[k] for k in keys)  # pylint: disable=protected-access
+  for step in range(12):  # 5 steps per epoch: crosses two epoch boundaries
     got, want = lazy_batcher.batch(step), memory_batcher.batch(step)
     assert sorted(got['images']) == sorted(keys)
     for k in keys:
@@ -196,7 +220,7 @@ def test_image_inputs_keeps_lazy_fields_and_chunks_read_them(built, monkeypatch)
   assert isinstance(inference.image_inputs(object(), memory.images)['regions'], np.ndarray)
 
 
-_MEMORY_SCRIPT = r'''
+_MEMORY_SCRIPT = r"""
 import json, os, resource, sys
 import numpy as np
 from xmatch_jax import data as data_lib, inference
@@ -240,20 +264,25 @@ reset_peak()
 base = peak_mb()
 data_lib.load_split('precomp', 'train', sys.argv[1])
 print(json.dumps({**result, 'in_memory_load_mb': peak_mb() - base}))
-'''
+"""
 
 
 def test_lazy_split_of_200_mb_adds_little_resident_memory(tmp_path):
-  n, k, d = 700, 36, 2048   # 206 MB of float32 regions
+  n, k, d = 700, 36, 2048  # 206 MB of float32 regions
   write_precomp(tmp_path / 'manual' / 'custom_precomp', {'train': n, 'dev': 2, 'test': 1}, k=k, d=d)
   env = {**os.environ, 'XMATCH_MANUAL_DIR': str(tmp_path / 'manual'), 'XMATCH_LAZY': '1', 'JAX_PLATFORMS': 'cpu'}
   # Built in a process of its own: building holds the features in memory (a one-off), and ru_maxrss is a peak.
-  build = ('import sys; from xmatch_jax.data import precomp; '
-           'precomp.build("custom", sys.argv[1] + "/custom_precomp", sys.argv[2])')
-  for script, args in ((build, [str(tmp_path / 'manual'), str(tmp_path / 'tfds')]),
-                       (_MEMORY_SCRIPT, [str(tmp_path / 'tfds')])):
-    proc = subprocess.run([sys.executable, '-c', script, *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, check=False)
+  build = (
+    'import sys; from xmatch_jax.data import precomp; '
+    'precomp.build("custom", sys.argv[1] + "/custom_precomp", sys.argv[2])'
+  )
+  for script, args in (
+    (build, [str(tmp_path / 'manual'), str(tmp_path / 'tfds')]),
+    (_MEMORY_SCRIPT, [str(tmp_path / 'tfds')]),
+  ):
+    proc = subprocess.run(
+      [sys.executable, '-c', script, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   print(result)
@@ -265,11 +294,22 @@ def test_lazy_split_of_200_mb_adds_little_resident_memory(tmp_path):
 
 def test_glfn_inputs_keep_lazy_region_and_position_fields():
   from xmatch_jax.models import glfn  # pylint: disable=g-import-not-at-top
-  source = CountingSource([{'regions': np.ones((2, 3), np.float32), 'pfan_blocks': np.zeros((2, 15), np.int32),
-                            'pfan_weights': np.full((2, 15), 1 / 15, np.float32)} for _ in range(4)])
+
+  source = CountingSource(
+    [
+      {
+        'regions': np.ones((2, 3), np.float32),
+        'pfan_blocks': np.zeros((2, 15), np.int32),
+        'pfan_weights': np.full((2, 15), 1 / 15, np.float32),
+      }
+      for _ in range(4)
+    ]
+  )
   reader = lazy.RowReader(source, 'dataset d split s')
-  images = {'regions': lazy.LazyRows(reader, 'regions', (2, 3), np.float32),
-            'pfan_blocks': lazy.LazyRows(reader, 'pfan_blocks', (2, 15), np.int32),
-            'pfan_weights': lazy.LazyRows(reader, 'pfan_weights', (2, 15), np.float32)}
+  images = {
+    'regions': lazy.LazyRows(reader, 'regions', (2, 3), np.float32),
+    'pfan_blocks': lazy.LazyRows(reader, 'pfan_blocks', (2, 15), np.int32),
+    'pfan_weights': lazy.LazyRows(reader, 'pfan_weights', (2, 15), np.float32),
+  }
   out = glfn.prepare_images(images, tokenizer=None, use_tags=False)
   assert all(out[k] is images[k] for k in images) and source.reads == []

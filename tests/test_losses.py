@@ -85,9 +85,11 @@ def test_collapse_value(max_violation):
   assert losses.collapse_value(b, margin, max_violation) == pytest.approx(want)
   np.testing.assert_allclose(float(losses.contrastive_loss(equal_scores, margin, max_violation)), want, rtol=1e-5)
   ids = np.array([0, 0, 0, 1, 2, 2])
-  np.testing.assert_allclose(losses.collapse_value(b, margin, max_violation, image_ids=ids),
-                             float(losses.contrastive_loss(equal_scores, margin, max_violation, image_ids=ids)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.collapse_value(b, margin, max_violation, image_ids=ids),
+    float(losses.contrastive_loss(equal_scores, margin, max_violation, image_ids=ids)),
+    rtol=1e-5,
+  )
   # One image only: no negatives at all.
   assert losses.collapse_value(1, margin, max_violation) == 0.0
   assert losses.collapse_value(3, margin, max_violation, image_ids=[4, 4, 4]) == 0.0

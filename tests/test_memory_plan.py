@@ -15,8 +15,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope='module')
 def seen():
-  run = subprocess.run([sys.executable, os.path.join(HERE, 'memory_plan_check.py')], capture_output=True, text=True,
-                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=600)
+  run = subprocess.run(
+    [sys.executable, os.path.join(HERE, 'memory_plan_check.py')],
+    capture_output=True,
+    text=True,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    timeout=600,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   return json.loads(run.stdout.strip().splitlines()[-1])
 

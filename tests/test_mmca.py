@@ -3,19 +3,19 @@
 import json
 import os
 
+import config_tables  # pylint: disable=g-bad-import-order (tests/)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import config_tables  # pylint: disable=g-bad-import-order (tests/)
 from configs import mmca as mmca_config
 from xmatch_jax import run_setup
 from xmatch_jax.models import build_model
 from xmatch_jax.models import mmca as mmca_lib
 
 TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
-VOCAB = 34   # tiny_bert's vocab.txt
+VOCAB = 34  # tiny_bert's vocab.txt
 N_IMG, K, IMG_DIM = 5, 6, 10
 LENGTHS = [7, 5, 2, 3, 1]
 N = max(LENGTHS)
@@ -45,14 +45,14 @@ def np_transformer(p, f, heads, scale_by='head'):
     q = np_linear(p['q'], f)[:, cols]
     k = np_linear(p['k'], f)[:, cols]
     v = np_linear(p['v'], f)[:, cols]
-    outs.append(np_softmax(q @ k.T / np.sqrt(dk if scale_by == 'head' else d)) @ v)   # eq 1-2
-  y = np_layer_norm(p['ln1'], f + np_linear(p['o'], np.concatenate(outs, -1)))        # eq 3 + residual, LN
-  ffn = np_linear(p['ffn2'], np.maximum(np_linear(p['ffn1'], y), 0))                  # eq 4
+    outs.append(np_softmax(q @ k.T / np.sqrt(dk if scale_by == 'head' else d)) @ v)  # eq 1-2
+  y = np_layer_norm(p['ln1'], f + np_linear(p['o'], np.concatenate(outs, -1)))  # eq 3 + residual, LN
+  ffn = np_linear(p['ffn2'], np.maximum(np_linear(p['ffn1'], y), 0))  # eq 4
   return np_layer_norm(p['ln2'], y + ffn)
 
 
 def np_l2(x):
-  return x / (np.sqrt((x ** 2).sum(-1, keepdims=True)) + 1e-8)
+  return x / (np.sqrt((x**2).sum(-1, keepdims=True)) + 1e-8)
 
 
 def np_text_cnn(p, e, text_norm):
@@ -61,7 +61,7 @@ def np_text_cnn(p, e, text_norm):
   q = []
   for width in (1, 2, 3):
     kernel, bias = p[f'conv{width}']['kernel'], p[f'conv{width}']['bias']
-    windows = [np.maximum(e[j:j + width].reshape(-1) @ kernel + bias, 0) for j in range(n - width + 1)]
+    windows = [np.maximum(e[j : j + width].reshape(-1) @ kernel + bias, 0) for j in range(n - width + 1)]
     q.append(np.max(windows, axis=0) if windows else np.zeros(kernel.shape[1]))
   c = np_linear(p['fc'], np.concatenate(q))
   return np_layer_norm(p['ln'], c) if text_norm == 'layernorm' else np_l2(c)
@@ -71,25 +71,32 @@ def np_mmca_scores(params, regions, bert_features, lengths, heads, alpha, text_n
   scores = np.zeros((len(regions), len(lengths)))
   for i, o in enumerate(regions):
     r = np_linear(params['region_fc'], o)
-    i0 = np_l2(np_transformer(params['image_unit'], r, heads, self_scale).mean(0))   # eq 5
+    i0 = np_l2(np_transformer(params['image_unit'], r, heads, self_scale).mean(0))  # eq 5
     for c, length in enumerate(lengths):
       e = bert_features[c, :length]
-      c0 = np_text_cnn(params['text_cnn0'], e, text_norm)                             # eqs 6-7
+      c0 = np_text_cnn(params['text_cnn0'], e, text_norm)  # eqs 6-7
       if not alpha:
         scores[i, c] = i0 @ c0
         continue
-      y = np.concatenate([r, np_linear(params['word_fc'], e)])                        # Y = [R; E]
-      yc = np_transformer(params['cross_unit'], y, heads, cross_scale)                # eqs 8-14
-      i1 = np_l2(yc[:len(r)].mean(0))
-      c1 = np_text_cnn(params['text_cnn1'], yc[len(r):], text_norm)
+      y = np.concatenate([r, np_linear(params['word_fc'], e)])  # Y = [R; E]
+      yc = np_transformer(params['cross_unit'], y, heads, cross_scale)  # eqs 8-14
+      i1 = np_l2(yc[: len(r)].mean(0))
+      c1 = np_text_cnn(params['text_cnn1'], yc[len(r) :], text_norm)
       scores[i, c] = i0 @ c0 + alpha * i1 @ c1
   return scores
 
 
 # ------------------------------------------------------------------------------------------ helpers
 def _model(**fields):
-  config = {'name': 'mmca', 'bert_dir': TINY_BERT, 'embed_size': 16, 'num_heads': 4, 'cnn_filters': 6,
-            'block_size': 2, **fields}
+  config = {
+    'name': 'mmca',
+    'bert_dir': TINY_BERT,
+    'embed_size': 16,
+    'num_heads': 4,
+    'cnn_filters': 6,
+    'block_size': 2,
+    **fields,
+  }
   return build_model(config, vocab_size=VOCAB, img_dim=IMG_DIM)
 
 
@@ -102,33 +109,57 @@ def _inputs(seed=0, pad_to=N):
 
 def _numpy_params(model, variables):
   def collect(module):
-    return {'region_fc': {'kernel': module.region_fc.variables['params']['kernel'],
-                          'bias': module.region_fc.variables['params']['bias']},
-            'word_fc': {'kernel': module.word_fc.variables['params']['kernel'],
-                        'bias': module.word_fc.variables['params']['bias']},
-            'image_unit': module.image_unit(), 'cross_unit': module.cross_unit(),
-            'text_cnn0': module.text_cnn0(), 'text_cnn1': module.text_cnn1() if module.alpha else {}}
+    return {
+      'region_fc': {
+        'kernel': module.region_fc.variables['params']['kernel'],
+        'bias': module.region_fc.variables['params']['bias'],
+      },
+      'word_fc': {
+        'kernel': module.word_fc.variables['params']['kernel'],
+        'bias': module.word_fc.variables['params']['bias'],
+      },
+      'image_unit': module.image_unit(),
+      'cross_unit': module.cross_unit(),
+      'text_cnn0': module.text_cnn0(),
+      'text_cnn1': module.text_cnn1() if module.alpha else {},
+    }
+
   return jax.tree.map(lambda x: np.asarray(x, np.float64), model.apply(variables, method=collect))
 
 
 # ------------------------------------------------------------------------------------------ tests
-@pytest.mark.parametrize('fields', [
+@pytest.mark.parametrize(
+  'fields',
+  [
     {},
     {'text_norm': 'layernorm', 'alpha': 0.8},
     {'self_attention_scale': 'model', 'cross_attention_scale': 'head', 'block_size': 1},
     {'block_size': 100, 'num_heads': 2},
     {'alpha': 0.0},
-])
+  ],
+)
 def test_scores_equal_numpy_equations(fields):
   model = _model(**fields)
   images, text = _inputs()
   variables = model.init(jax.random.key(1), images, text)
   scores = np.asarray(model.apply(variables, images, text))
-  features = np.asarray(model.apply(variables, text['tokens'], text['mask'],
-                                    method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']), np.float64)
-  expected = np_mmca_scores(_numpy_params(model, variables), images['regions'].astype(np.float64), features,
-                            LENGTHS, model.num_heads, model.alpha, model.text_norm, model.self_attention_scale,
-                            model.cross_attention_scale)
+  features = np.asarray(
+    model.apply(
+      variables, text['tokens'], text['mask'], method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']
+    ),
+    np.float64,
+  )
+  expected = np_mmca_scores(
+    _numpy_params(model, variables),
+    images['regions'].astype(np.float64),
+    features,
+    LENGTHS,
+    model.num_heads,
+    model.alpha,
+    model.text_norm,
+    model.self_attention_scale,
+    model.cross_attention_scale,
+  )
   np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -139,15 +170,37 @@ def test_default_scales_follow_eq_1_and_eq_11():
   images, text = _inputs()
   variables = model.init(jax.random.key(3), images, text)
   scores = np.asarray(model.apply(variables, images, text))
-  features = np.asarray(model.apply(variables, text['tokens'], text['mask'],
-                                    method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']), np.float64)
+  features = np.asarray(
+    model.apply(
+      variables, text['tokens'], text['mask'], method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']
+    ),
+    np.float64,
+  )
   params = _numpy_params(model, variables)
-  paper = np_mmca_scores(params, images['regions'].astype(np.float64), features, LENGTHS, model.num_heads,
-                         model.alpha, model.text_norm, 'head', 'model')
+  paper = np_mmca_scores(
+    params,
+    images['regions'].astype(np.float64),
+    features,
+    LENGTHS,
+    model.num_heads,
+    model.alpha,
+    model.text_norm,
+    'head',
+    'model',
+  )
   np.testing.assert_allclose(scores, paper, atol=1e-5, rtol=1e-5)
-  one_scale = np_mmca_scores(params, images['regions'].astype(np.float64), features, LENGTHS, model.num_heads,
-                             model.alpha, model.text_norm, 'head', 'head')
-  assert np.max(np.abs(scores - one_scale)) > 1e-4   # the old single sqrt(d/h) setting differs
+  one_scale = np_mmca_scores(
+    params,
+    images['regions'].astype(np.float64),
+    features,
+    LENGTHS,
+    model.num_heads,
+    model.alpha,
+    model.text_norm,
+    'head',
+    'head',
+  )
+  assert np.max(np.abs(scores - one_scale)) > 1e-4  # the old single sqrt(d/h) setting differs
 
 
 def test_cross_branch_of_a_pair_equals_the_stacked_sequence_alone():
@@ -158,7 +211,7 @@ def test_cross_branch_of_a_pair_equals_the_stacked_sequence_alone():
   text_rep = model.apply(variables, text, method=model.encode_text)
 
   def alone(module, i, c):
-    y = jnp.concatenate([image_rep['regions'][i], text_rep['words'][c, :LENGTHS[c]]])[None]
+    y = jnp.concatenate([image_rep['regions'][i], text_rep['words'][c, : LENGTHS[c]]])[None]
     yc = mmca_lib.transformer_unit(module.cross_unit(), y, None, module.num_heads)[0]
     i1 = yc[:K].mean(0)
     c1 = mmca_lib.text_cnn(module.text_cnn1(), yc[K:][None], jnp.ones((1, LENGTHS[c]), bool), 'l2')[0]
@@ -166,9 +219,15 @@ def test_cross_branch_of_a_pair_equals_the_stacked_sequence_alone():
 
   def blocked(module):
     return mmca_lib.cross_block_scores(
-        {k: image_rep[k] for k in ('regions', 'q', 'k', 'v')},
-        {**{k: text_rep[k] for k in ('words', 'q', 'k', 'v')}, 'valid': text_rep['mask'] > 0},
-        module.cross_unit(), module.text_cnn1(), heads=module.num_heads, text_norm='l2', attention_scale='head')
+      {k: image_rep[k] for k in ('regions', 'q', 'k', 'v')},
+      {**{k: text_rep[k] for k in ('words', 'q', 'k', 'v')}, 'valid': text_rep['mask'] > 0},
+      module.cross_unit(),
+      module.text_cnn1(),
+      heads=module.num_heads,
+      text_norm='l2',
+      attention_scale='head',
+    )
+
   cross = np.asarray(model.apply(variables, method=blocked))
   for i in range(N_IMG):
     for c in range(len(LENGTHS)):
@@ -191,6 +250,7 @@ def test_blocked_remat_gradients_equal_unblocked_and_bert_gets_none():
   def grads(model):
     loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, images, text)))
     return jax.grad(loss)(variables['params'])
+
   unblocked = grads(_model(block_size=100))
   blocked = grads(_model(block_size=2, remat=True))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), unblocked, blocked)
@@ -198,13 +258,16 @@ def test_blocked_remat_gradients_equal_unblocked_and_bert_gets_none():
   assert float(jnp.max(jnp.abs(blocked['cross_unit']['q_kernel']))) > 0
 
 
-@pytest.mark.parametrize('fields,message', [
+@pytest.mark.parametrize(
+  'fields,message',
+  [
     ({'embed_size': 18}, 'multiple of num_heads'),
     ({'text_norm': 'batchnorm'}, 'text_norm'),
     ({'self_attention_scale': 'none'}, 'self_attention_scale'),
     ({'cross_attention_scale': 'd'}, 'cross_attention_scale'),
     ({'block_size': 0}, 'block_size'),
-])
+  ],
+)
 def test_bad_fields_are_refused(fields, message):
   with pytest.raises(ValueError, match=message):
     _model(**fields)
@@ -217,13 +280,20 @@ def test_tokenizer_and_bert_must_agree():
 
 # Sec 4.2 and sec 3.5 of the paper, transcribed: (config path, value). The same on both paper datasets.
 PAPER = {
-    'batch_size': 64, 'num_epochs': 20,                                   # "trained for 20 epochs", "batch-size 64"
-    'optim.learning_rate': 2e-4, 'optim.lr_decay_epochs': 10, 'optim.lr_decay_factor': 0.1,   # Adam, x0.1 at 10
-    'loss.margin': 0.2, 'loss.max_violation': True,                       # m = 0.2, hard negatives only
-    'model.embed_size': 256, 'model.num_heads': 16, 'model.cnn_filters': 256,   # d = 256 (Tables 4-5), 16 heads
-    'model.alpha': 0.2,                                                   # Table 6's best alpha
-    'model.self_attention_scale': 'head', 'model.cross_attention_scale': 'model',   # eq 1 sqrt(d_k), eq 11 sqrt(d)
-    'eval_metric': 'recall',
+  'batch_size': 64,
+  'num_epochs': 20,  # "trained for 20 epochs", "batch-size 64"
+  'optim.learning_rate': 2e-4,
+  'optim.lr_decay_epochs': 10,
+  'optim.lr_decay_factor': 0.1,  # Adam, x0.1 at 10
+  'loss.margin': 0.2,
+  'loss.max_violation': True,  # m = 0.2, hard negatives only
+  'model.embed_size': 256,
+  'model.num_heads': 16,
+  'model.cnn_filters': 256,  # d = 256 (Tables 4-5), 16 heads
+  'model.alpha': 0.2,  # Table 6's best alpha
+  'model.self_attention_scale': 'head',
+  'model.cross_attention_scale': 'model',  # eq 1 sqrt(d_k), eq 11 sqrt(d)
+  'eval_metric': 'recall',
 }
 
 
@@ -234,20 +304,24 @@ def test_paper_configs_follow_section_4_2(dataset):
   assert not wrong, f'config field: (config, paper): {wrong}'
 
 
-@pytest.mark.parametrize('variant,changes', [
-    ('d64', {'model.embed_size': 64, 'model.cnn_filters': 64}),     # eq 7: W_e in R^{d x 3d}: d filters per size
+@pytest.mark.parametrize(
+  'variant,changes',
+  [
+    ('d64', {'model.embed_size': 64, 'model.cnn_filters': 64}),  # eq 7: W_e in R^{d x 3d}: d filters per size
     ('d512', {'model.embed_size': 512, 'model.cnn_filters': 512}),
     ('alpha0.4', {'model.alpha': 0.4}),
-])
+  ],
+)
 def test_variants_change_what_they_name_and_nothing_else(variant, changes):
-  assert config_tables.changed_fields(mmca_config.get_config('f30k'),
-                                      mmca_config.get_config(f'f30k,{variant}')) == changes
+  assert (
+    config_tables.changed_fields(mmca_config.get_config('f30k'), mmca_config.get_config(f'f30k,{variant}')) == changes
+  )
 
 
 def test_workdirs_with_the_single_attention_scale_keep_their_meaning(tmp_path):
   config = mmca_config.get_config('shapes').to_dict()
   del config['model']['self_attention_scale'], config['model']['cross_attention_scale']
-  config['model']['attention_scale'] = 'head'     # config.json of a run trained before the split
+  config['model']['attention_scale'] = 'head'  # config.json of a run trained before the split
   (tmp_path / 'config.json').write_text(json.dumps(config))
   model = run_setup.load_config(str(tmp_path)).model
   assert (model.self_attention_scale, model.cross_attention_scale) == ('head', 'head')

@@ -44,10 +44,10 @@ def tiny_run(data_dir, tmp_path_factory):
 
 @pytest.mark.minilm
 def test_mmca_with_minilm_learns_far_above_chance(data_dir, tmp_path):
-  c = _config(data_dir)       # the shapes config: MiniLM, d=128, 16 heads
+  c = _config(data_dir)  # the shapes config: MiniLM, d=128, 16 heads
   c.num_epochs = 2
   dev = train.train_and_evaluate(c, str(tmp_path))
-  assert dev['rsum'] > 150, dev   # chance is ~32 on 100 images / 500 captions (measured: ~200 after 2 epochs)
+  assert dev['rsum'] > 150, dev  # chance is ~32 on 100 images / 500 captions (measured: ~200 after 2 epochs)
 
 
 def test_bert_stays_frozen_and_the_workdir_holds_its_tokenizer(tiny_run):
@@ -65,4 +65,4 @@ def test_evaluation_and_retriever_agree_from_the_workdir_alone(tiny_run, data_di
   split = load_split('shapes_tiny', 'test', data_dir)
   scores = retriever.score(split.images, split.captions)
   assert metrics.recall_metrics(scores)['rsum'] == pytest.approx(result['rsum'])
-  assert list(retriever.vocab.encode('a red circle')[[0, -1]]) == [2, 3]    # [CLS] ... [SEP] of tiny_bert
+  assert list(retriever.vocab.encode('a red circle')[[0, -1]]) == [2, 3]  # [CLS] ... [SEP] of tiny_bert

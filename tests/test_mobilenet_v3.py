@@ -47,8 +47,9 @@ def test_bad_state_dicts_name_the_key():
 def test_dual_spatial_attention_goes_inside_every_bottleneck():
   model = MobileNetV3Large(num_classes=0, width_mult=0.25, block_attention=daer.DualSpatialAttention)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  with_attention = [name for name, block in variables['params'].items()
-                    if any(k.startswith('DualSpatialAttention') for k in block)]
+  with_attention = [
+    name for name, block in variables['params'].items() if any(k.startswith('DualSpatialAttention') for k in block)
+  ]
   assert len(with_attention) == 15 and 'classifier_0' not in variables['params']
 
 
@@ -60,13 +61,15 @@ class _ZeroGate(nn.Module):
     return x * self.param('gate', nn.initializers.zeros, (x.shape[-1],))
 
 
-@pytest.mark.parametrize('place, channels, output_is_input', [('projection', 40, True), ('expanded', 120, True),
-                                                               ('residual', 40, False)])
+@pytest.mark.parametrize(
+  'place, channels, output_is_input', [('projection', 40, True), ('expanded', 120, True), ('residual', 40, False)]
+)
 def test_block_attention_places(place, channels, output_is_input):
   """docs/fidelity.md#daer-5: the gate sees the projected (40) or expanded (120) features, before or after the
   residual add (a zero gate leaves x, or zeroes the block)."""
-  block = mobilenet_v3.InvertedResidual(40, 5, 120, 40, True, 'RE', 1, block_attention=_ZeroGate,
-                                        block_attention_at=place)
+  block = mobilenet_v3.InvertedResidual(
+    40, 5, 120, 40, True, 'RE', 1, block_attention=_ZeroGate, block_attention_at=place
+  )
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 40))
   variables = block.init(jax.random.key(1), x, train=False)
   gates = [v['gate'] for k, v in variables['params'].items() if k.startswith('_ZeroGate')]
@@ -74,15 +77,19 @@ def test_block_attention_places(place, channels, output_is_input):
   out = block.apply(variables, x, train=False)
   np.testing.assert_allclose(out, x if output_is_input else np.zeros_like(x), atol=1e-6)
   with pytest.raises(ValueError, match='block_attention_at'):
-    mobilenet_v3.InvertedResidual(40, 5, 120, 40, True, 'RE', 1, block_attention=_ZeroGate,
-                                  block_attention_at='after').init(jax.random.key(1), x, train=False)
+    mobilenet_v3.InvertedResidual(
+      40, 5, 120, 40, True, 'RE', 1, block_attention=_ZeroGate, block_attention_at='after'
+    ).init(jax.random.key(1), x, train=False)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('torchvision') is None,
-                    reason='torchvision is not installed (pip install torch==2.14.1 torchvision==0.29.1 here)')
+@pytest.mark.skipif(
+  importlib.util.find_spec('torchvision') is None,
+  reason='torchvision is not installed (pip install torch==2.14.1 torchvision==0.29.1 here)',
+)
 def test_equals_torchvision_live_full_width():
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(1)
   reference = torchvision.models.mobilenet_v3_large(num_classes=11).eval()
   images = torch.randn(1, 3, 96, 96)

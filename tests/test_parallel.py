@@ -19,8 +19,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope='module')
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp('parallel')
-  proc = subprocess.run([sys.executable, os.path.join(HERE, 'parallel_check.py'), str(out)], capture_output=True,
-                        text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  proc = subprocess.run(
+    [sys.executable, os.path.join(HERE, 'parallel_check.py'), str(out)],
+    capture_output=True,
+    text=True,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1]), out
 
@@ -31,8 +35,8 @@ def test_eight_devices_equal_one(report, model):
   assert result['devices'] == 8
   assert result['loss_multi'] == pytest.approx(result['loss_single'], abs=1e-5)
   assert result['grad_diff'] <= 1e-5 * max(1.0, result['grad_scale'])
-  assert result['step_diff'] <= 1e-5 and result['opt_diff'] <= 1e-5   # see parallel_check.py on Adam's first step
-  assert result['scores_diff'] <= 1e-5   # evaluation: the score matrix with images sharded over 8 devices
+  assert result['step_diff'] <= 1e-5 and result['opt_diff'] <= 1e-5  # see parallel_check.py on Adam's first step
+  assert result['scores_diff'] <= 1e-5  # evaluation: the score matrix with images sharded over 8 devices
 
 
 @pytest.mark.parametrize('model', ['scan', 'rdan'])

@@ -30,7 +30,7 @@ def brute_force(box, width, height, grid, top_l):
 def test_equals_pixel_counting():
   rng = np.random.default_rng(0)
   grid, top_l = 4, 6
-  sizes = np.array([[32, 24], [16, 40], [24, 24]])    # blocks of whole pixels, a different size per image
+  sizes = np.array([[32, 24], [16, 40], [24, 24]])  # blocks of whole pixels, a different size per image
   boxes = []
   for width, height in sizes:
     x1, y1 = rng.integers(0, width - 1, 5), rng.integers(0, height - 1, 5)
@@ -56,7 +56,7 @@ def test_the_pfan_fixture_satisfies_the_invariants_and_round_trips(tmp_path):
   assert indices.shape == (8, 36, 15)
   np.testing.assert_allclose(weights.sum(-1), 1, atol=1e-5)
   assert (weights[indices == 256] == 0).all() and (indices == 256).any()
-  assert (np.diff(weights, axis=-1) <= 1e-7).all()       # decreasing, as our tool writes them
+  assert (np.diff(weights, axis=-1) <= 1e-7).all()  # decreasing, as our tool writes them
   np.testing.assert_array_equal(pfan.to_pfan_layout(indices, weights)[..., :15], raw[..., :15])
   assert pfan_positions.main([f'--check={FIXTURE}']) == 0
 
@@ -64,19 +64,26 @@ def test_the_pfan_fixture_satisfies_the_invariants_and_round_trips(tmp_path):
 def test_cli_writes_the_layout(tmp_path):
   np.save(tmp_path / 'b.npy', np.array([[[0, 0, 50, 40], [10, 10, 300, 200]]], np.float32))
   np.save(tmp_path / 's.npy', np.array([[320, 240]]))
-  assert pfan_positions.main([f'--boxes={tmp_path / "b.npy"}', f'--sizes={tmp_path / "s.npy"}',
-                              f'--out={tmp_path / "o.npy"}']) == 0
+  assert (
+    pfan_positions.main(
+      [f'--boxes={tmp_path / "b.npy"}', f'--sizes={tmp_path / "s.npy"}', f'--out={tmp_path / "o.npy"}']
+    )
+    == 0
+  )
   out = np.load(tmp_path / 'o.npy')
   assert out.shape == (1, 2, 30)
   pfan.from_pfan_layout(out)
 
 
-@pytest.mark.parametrize('edit,message', [
+@pytest.mark.parametrize(
+  'edit,message',
+  [
     (lambda a: a.__setitem__((0, 1, 0), 3.5), 'image 0 region 1: block indices must be integers'),
     (lambda a: a.__setitem__((2, 0, 0), 300), r'in \[0, 256\]'),
     (lambda a: a.__setitem__((0, 0, 15), a[0, 0, 15] + 0.5), 'sum to'),
     (lambda a: a.__setitem__((0, 0, slice(None)), np.r_[[256] * 15, [1] + [0] * 14]), 'padding index 256'),
-])
+  ],
+)
 def test_bad_files_name_image_and_region(edit, message):
   indices = np.tile(np.arange(15.0), (3, 2, 1))
   array = np.concatenate([indices, np.full((3, 2, 15), 1 / 15)], -1)

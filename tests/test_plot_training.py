@@ -18,8 +18,10 @@ def _write(workdir, records):
 
 
 def test_plots_every_series(tmp_path):
-  _write(tmp_path / 'a', [{'step': s, 'loss': 10 / s, 'learning_rate': 1e-3} for s in range(1, 50)]
-         + [{'step': 49, 'dev_rsum': 123.0}])
+  _write(
+    tmp_path / 'a',
+    [{'step': s, 'loss': 10 / s, 'learning_rate': 1e-3} for s in range(1, 50)] + [{'step': 49, 'dev_rsum': 123.0}],
+  )
   series = plot_training.read_metrics(str(tmp_path / 'a'))
   assert len(series['loss'][0]) == 49 and series['dev_rsum'] == ([49], [123.0])
   out = tmp_path / 'plots' / 'p.png'

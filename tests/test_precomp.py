@@ -24,7 +24,7 @@ def _write(directory, sizes, k=36, d=6, repeat=1, seed=0):
     arrays[split] = ims
     np.save(os.path.join(directory, f'{split}_ims.npy'), np.repeat(ims, repeat, axis=0))
     with open(os.path.join(directory, f'{split}_caps.txt'), 'w') as f:
-      f.write('\n'.join(CAPTIONS[:5 * n]) + '\n')
+      f.write('\n'.join(CAPTIONS[: 5 * n]) + '\n')
   return arrays
 
 
@@ -51,14 +51,19 @@ def test_one_feature_row_per_caption_is_deduplicated(tmp_path):
   np.testing.assert_array_equal(source[2]['regions'], arrays['test'][2])
 
 
-@pytest.mark.parametrize('edit,message', [
+@pytest.mark.parametrize(
+  'edit,message',
+  [
     (lambda d: os.remove(d / 'dev_caps.txt'), r'dev_caps.txt: missing'),
-    (lambda d: open(d / 'test_caps.txt', 'a').write('one caption too many\n'),
-     r'test_caps.txt: 16 captions for 3 images .* expected 5 x 3 = 15'),
+    (
+      lambda d: open(d / 'test_caps.txt', 'a').write('one caption too many\n'),
+      r'test_caps.txt: 16 captions for 3 images .* expected 5 x 3 = 15',
+    ),
     (lambda d: np.save(d / 'train_ims.npy', np.zeros((2, 36, 6))), r'train_ims.npy: dtype float64; expected float32'),
     (lambda d: open(d / 'dev_caps.txt', 'w').write('a\n\nb\nc\nd\n'), r'dev_caps.txt: line 2 is empty'),
     (lambda d: np.save(d / 'test_boxes.npy', np.zeros((3, 35, 30))), r'test_boxes.npy: shape \(3, 35, 30\)'),
-])
+  ],
+)
 def test_integrity_errors_name_the_file(edit, message, tmp_path):
   directory = tmp_path / 'm'
   _write(directory, {'train': 2, 'dev': 1, 'test': 3})

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from test_precomp import _write  # pylint: disable=g-import-not-at-top
+
 from xmatch_jax import data as data_lib
 from xmatch_jax.data import lazy
 from xmatch_jax.data import precomp
@@ -52,8 +52,15 @@ def _load(tmp_path, monkeypatch, split='test', mode='0'):
 
 
 def _glfn(**fields):
-  config = {'name': 'glfn', 'bert_dir': TINY_BERT, 'embed_size': 16, 'word_dim': 8, 'position_dim': 6,
-            'block_size': 3, **fields}
+  config = {
+    'name': 'glfn',
+    'bert_dir': TINY_BERT,
+    'embed_size': 16,
+    'word_dim': 8,
+    'position_dim': 6,
+    'block_size': 3,
+    **fields,
+  }
   return build_model(config, vocab_size=34, img_dim=6)
 
 
@@ -72,7 +79,7 @@ def test_tags_round_trip_in_memory_and_lazy_and_glfn_tokenises_them(tmp_path, mo
   assert isinstance(lazy_split.images['regions'], lazy.LazyRows)
   assert isinstance(lazy_split.images['tags'], np.ndarray)
   np.testing.assert_array_equal(lazy_split.images['tags'], tags)
-  assert tags[0, 1] == tags[6, 1] and tags[0, 1] is tags[6, 1]   # equal tags share one str
+  assert tags[0, 1] == tags[6, 1] and tags[0, 1] is tags[6, 1]  # equal tags share one str
 
   tokenizer = wordpiece.WordPieceVocab(TINY_BERT)
   for images in (split.images, lazy_split.images):
@@ -80,9 +87,9 @@ def test_tags_round_trip_in_memory_and_lazy_and_glfn_tokenises_them(tmp_path, mo
     assert inputs['tag_tokens'].shape[:2] == (8, K)
     for i, r in ((0, 1), (3, 0), (7, 35)):
       ids = tokenizer.encode(tags[i, r])
-      np.testing.assert_array_equal(inputs['tag_tokens'][i, r, :len(ids)], ids)
+      np.testing.assert_array_equal(inputs['tag_tokens'][i, r, : len(ids)], ids)
       assert inputs['tag_mask'][i, r].sum() == len(ids)
-    assert isinstance(inputs['regions'], type(images['regions']))   # lazy features stay lazy
+    assert isinstance(inputs['regions'], type(images['regions']))  # lazy features stay lazy
 
   # A dataset without tags files: no field, and GLFN names the file to add and the way out.
   monkeypatch.setenv('XMATCH_MANUAL_DIR', str(tmp_path / 'bare'))
@@ -121,23 +128,47 @@ def _edit_line(path, lineno, text):
   open(path, 'w', encoding='utf-8').write('\n'.join(lines))
 
 
-@pytest.mark.parametrize('edit,error,message', [
-    (lambda d: os.remove(d / 'dev_tags.txt'), FileNotFoundError,
-     r'dev_tags.txt: missing, but train_tags.txt, test_tags.txt exist\(s\) .*expected a \{split\}_tags.txt for every '
-     r'split \(train, dev, test\) or for none'),
-    (lambda d: _edit_line(d / 'test_tags.txt', 9, 'one\ttoo\tmany'), ValueError,
-     r'test_tags.txt: line 9: more lines than images; expected 8 lines, one per image of .*test_ims.npy'),
-    (lambda d: open(d / 'test_tags.txt', 'w').write('\t'.join(['x'] * K) + '\n'), ValueError,
-     r'test_tags.txt: ends after 1 line\(s\): line 2 is missing; expected 8 lines'),
-    (lambda d: _edit_line(d / 'train_tags.txt', 2, '\t'.join(['x'] * (K - 1))), ValueError,
-     r'train_tags.txt: line 2 has 35 tag\(s\); expected 36 \(one per region of train_ims.npy\), separated by TAB'),
-    (lambda d: _edit_line(d / 'train_tags.txt', 1, ' '.join(['x'] * K)), ValueError,
-     r'train_tags.txt: line 1 has 1 tag\(s\); expected 36 .*this line has no TAB'),
-    (lambda d: _edit_line(d / 'test_tags.txt', 4, '\t'.join(['x'] * 5 + ['  '] + ['y'] * (K - 6))), ValueError,
-     r'test_tags.txt: line 4: tag 6 is empty \(1 empty\); expected 36 non-empty tags'),
-    (lambda d: open(d / 'dev_tags.txt', 'wb').write('\t'.join(['caf\xe9'] * K).encode('latin-1') + b'\n'),
-     ValueError, r'dev_tags.txt: line 1 is not UTF-8 .*expected UTF-8 text'),
-])
+@pytest.mark.parametrize(
+  'edit,error,message',
+  [
+    (
+      lambda d: os.remove(d / 'dev_tags.txt'),
+      FileNotFoundError,
+      r'dev_tags.txt: missing, but train_tags.txt, test_tags.txt exist\(s\) .*expected a \{split\}_tags.txt for every '
+      r'split \(train, dev, test\) or for none',
+    ),
+    (
+      lambda d: _edit_line(d / 'test_tags.txt', 9, 'one\ttoo\tmany'),
+      ValueError,
+      r'test_tags.txt: line 9: more lines than images; expected 8 lines, one per image of .*test_ims.npy',
+    ),
+    (
+      lambda d: open(d / 'test_tags.txt', 'w').write('\t'.join(['x'] * K) + '\n'),
+      ValueError,
+      r'test_tags.txt: ends after 1 line\(s\): line 2 is missing; expected 8 lines',
+    ),
+    (
+      lambda d: _edit_line(d / 'train_tags.txt', 2, '\t'.join(['x'] * (K - 1))),
+      ValueError,
+      r'train_tags.txt: line 2 has 35 tag\(s\); expected 36 \(one per region of train_ims.npy\), separated by TAB',
+    ),
+    (
+      lambda d: _edit_line(d / 'train_tags.txt', 1, ' '.join(['x'] * K)),
+      ValueError,
+      r'train_tags.txt: line 1 has 1 tag\(s\); expected 36 .*this line has no TAB',
+    ),
+    (
+      lambda d: _edit_line(d / 'test_tags.txt', 4, '\t'.join(['x'] * 5 + ['  '] + ['y'] * (K - 6))),
+      ValueError,
+      r'test_tags.txt: line 4: tag 6 is empty \(1 empty\); expected 36 non-empty tags',
+    ),
+    (
+      lambda d: open(d / 'dev_tags.txt', 'wb').write('\t'.join(['caf\xe9'] * K).encode('latin-1') + b'\n'),
+      ValueError,
+      r'dev_tags.txt: line 1 is not UTF-8 .*expected UTF-8 text',
+    ),
+  ],
+)
 def test_tags_integrity_errors_name_file_and_line(edit, error, message, tmp_path):
   directory = tmp_path / 'm'
   _write(directory, SIZES, k=K)
@@ -151,6 +182,7 @@ def test_converter_tags_build(tmp_path, monkeypatch):
   """tools/convert_features.py output (features + tags from class / attribute ids) builds and loads."""
   sys.path.insert(0, os.path.join(ROOT, 'tools'))
   import convert_features  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   manual = tmp_path / 'manual' / 'custom_precomp'
   os.makedirs(manual)
@@ -159,13 +191,29 @@ def test_converter_tags_build(tmp_path, monkeypatch):
   for split, n in SIZES.items():
     for i in range(n):
       boxes = np.tile(np.array([[1, 2, 30, 40]], np.float32), (3, 1))
-      np.savez(tmp_path / f'{split}{i}.npz', x=rng.normal(size=(3, 6)).astype(np.float32), bbox=boxes,
-               image_w=50, image_h=60, objects_id=np.array([i % 3, 2, 0]), attrs_id=np.array([1, 0, 1]),
-               attrs_conf=np.array([0.9, 0.05, 0.5], np.float32))
+      np.savez(
+        tmp_path / f'{split}{i}.npz',
+        x=rng.normal(size=(3, 6)).astype(np.float32),
+        bbox=boxes,
+        image_w=50,
+        image_h=60,
+        objects_id=np.array([i % 3, 2, 0]),
+        attrs_id=np.array([1, 0, 1]),
+        attrs_conf=np.array([0.9, 0.05, 0.5], np.float32),
+      )
     (tmp_path / f'{split}_ids.txt').write_text(''.join(f'{split}{i}\n' for i in range(n)))
-    convert_features.main(['npz', f'--input={tmp_path}', f'--image_ids={tmp_path / f"{split}_ids.txt"}',
-                           f'--out_dir={manual}', f'--split={split}', f'--objects_vocab={tmp_path / "objects.txt"}',
-                           f'--attributes_vocab={tmp_path / "attrs.txt"}', '--attr_threshold=0.1'])
+    convert_features.main(
+      [
+        'npz',
+        f'--input={tmp_path}',
+        f'--image_ids={tmp_path / f"{split}_ids.txt"}',
+        f'--out_dir={manual}',
+        f'--split={split}',
+        f'--objects_vocab={tmp_path / "objects.txt"}',
+        f'--attributes_vocab={tmp_path / "attrs.txt"}',
+        '--attr_threshold=0.1',
+      ]
+    )
     (manual / f'{split}_caps.txt').write_text(''.join(f'caption {c}\n' for c in range(5 * n)))
   images = _load(tmp_path, monkeypatch).images
   assert images['tags'].tolist()[:2] == [['red car', 'stop sign', 'red car'], ['red plate', 'stop sign', 'red car']]
@@ -197,9 +245,14 @@ def test_build_memory_tool_checks_its_build(tmp_path):
   sampled peaks are reported."""
   sys.path.insert(0, os.path.join(ROOT, 'tools'))
   import precomp_build_memory  # pylint: disable=g-import-not-at-top
+
   out = tmp_path / 'mem.json'
-  assert precomp_build_memory.main(['--images=40', '--regions=4', '--dim=8', f'--dir={tmp_path / "scratch"}',
-                                    f'--json={out}']) == 0
+  assert (
+    precomp_build_memory.main(
+      ['--images=40', '--regions=4', '--dim=8', f'--dir={tmp_path / "scratch"}', f'--json={out}']
+    )
+    == 0
+  )
   result = json.loads(out.read_text())
   assert result['input_bytes'] == 40 * 4 * 8 * 4 and result['peak_anon_bytes'] > 0
   assert not (tmp_path / 'scratch').exists()

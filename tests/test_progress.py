@@ -48,7 +48,7 @@ def test_plain_lines_with_counts_when_not_a_terminal():
 
 def test_short_jobs_stay_quiet_unless_the_delay_is_overridden(monkeypatch):
   with captured_stderr() as stderr:
-    with progress.bar(total=3, desc='quiet', unit='step') as bar:   # default delay 10 s
+    with progress.bar(total=3, desc='quiet', unit='step') as bar:  # default delay 10 s
       bar.update(3)
     assert stderr.getvalue() == ''
     monkeypatch.setenv('XMATCH_PROGRESS_DELAY', '0')
@@ -66,7 +66,7 @@ def test_map_chunks_counts_rows_and_keeps_results(monkeypatch):
   fn = lambda t: {'y': jnp.sum(t['x'], axis=1) * 2}
   with captured_stderr() as stderr:
     want = inference.map_chunks(fn, tree, 4)
-    assert stderr.getvalue() == ''   # no desc: no bar
+    assert stderr.getvalue() == ''  # no desc: no bar
     got = inference.map_chunks(fn, tree, 4, desc='encoding images', unit='image')
   np.testing.assert_array_equal(np.asarray(got['y']), np.asarray(want['y']))
   np.testing.assert_array_equal(np.asarray(got['y']), tree['x'].sum(1) * 2)
@@ -74,7 +74,7 @@ def test_map_chunks_counts_rows_and_keeps_results(monkeypatch):
   assert '\r' not in text
   counts = [int(m) for m in re.findall(r'^encoding images: .*?\b(\d+)/11\b', text, re.M)]
   assert counts[0] == 0 and counts[-1] == 11 and counts == sorted(counts), text
-  assert set(counts) <= {0, 4, 8, 11}, text   # whole chunks, counted once computed
+  assert set(counts) <= {0, 4, 8, 11}, text  # whole chunks, counted once computed
   assert 'image/s' in text
 
 
@@ -85,14 +85,33 @@ def test_evaluate_shows_plain_progress_lines_in_a_log(tmp_path):
   env.pop('XMATCH_PROGRESS_DELAY', None)
   workdir = str(tmp_path / 'run')
   train = subprocess.run(
-      [sys.executable, '-m', 'xmatch_jax.train', '--config=configs/scan.py:shapes_tiny', f'--workdir={workdir}',
-       '--config.max_steps=3', '--config.batch_size=32', '--config.model.embed_size=32',
-       '--config.model.word_dim=16'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'xmatch_jax.train',
+      '--config=configs/scan.py:shapes_tiny',
+      f'--workdir={workdir}',
+      '--config.max_steps=3',
+      '--config.batch_size=32',
+      '--config.model.embed_size=32',
+      '--config.model.word_dim=16',
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert train.returncode == 0, train.stderr[-3000:]
   env.update(XMATCH_PROGRESS_SECONDS='0', XMATCH_PROGRESS_DELAY='0')
-  proc = subprocess.run([sys.executable, '-m', 'xmatch_jax.evaluate', f'--workdir={workdir}', '--split=test'],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'xmatch_jax.evaluate', f'--workdir={workdir}', '--split=test'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   err = proc.stderr
   assert '\r' not in err

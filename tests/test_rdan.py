@@ -2,16 +2,17 @@
 
 import functools
 
+import config_tables  # pylint: disable=g-bad-import-order (tests/)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import config_tables  # pylint: disable=g-bad-import-order (tests/)
 from configs import common as config_common
 from configs import rdan as rdan_config
 from xmatch_jax.models import model_fields
-from xmatch_jax.models.rdan import RDAN, same_conv
+from xmatch_jax.models.rdan import RDAN
+from xmatch_jax.models.rdan import same_conv
 
 N_IMG, K, D, CHANNELS = 5, 4, 6, 3
 CAP_LENS = [7, 3, 1, 5, 2, 7]
@@ -19,235 +20,236 @@ N_WORDS = max(CAP_LENS)
 
 # Table 3's ablations that change the scoring head (no-hard is a loss setting).
 VARIANTS = {
-    'full': {},
-    'mu0': {'mu': 0.0},
-    'mu1': {'mu': 1.0},
-    'one_path': {'one_path': True},
-    'no_cnn': {'use_cnn': False},
-    'no_res': {'use_residual': False},
+  'full': {},
+  'mu0': {'mu': 0.0},
+  'mu1': {'mu': 1.0},
+  'one_path': {'one_path': True},
+  'no_cnn': {'use_cnn': False},
+  'no_res': {'use_residual': False},
 }
 
 
 # ---------------------------------------------------------------- numpy reference, pair by pair
 def np_softmax(x, axis):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
 
 
 def np_cosine_rows(x, y):
-    """Cosine of x[r] with y[r] for every row r."""
-    return np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+  """Cosine of x[r] with y[r] for every row r."""
+  return np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
 
 
 def np_conv_same(x, kernel, bias):
-    """Stride-1 cross-correlation of x [H, W, Cin] and kernel [kh, kw, Cin, Cout], 'same' zeros."""
-    kh, kw = kernel.shape[:2]
-    height, width = x.shape[:2]
-    padded = np.pad(x, ((kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    out = np.zeros((height, width, kernel.shape[3])) + bias
-    for di in range(kh):
-        for dj in range(kw):
-            out += padded[di:di + height, dj:dj + width] @ kernel[di, dj]
-    return out
+  """Stride-1 cross-correlation of x [H, W, Cin] and kernel [kh, kw, Cin, Cout], 'same' zeros."""
+  kh, kw = kernel.shape[:2]
+  height, width = x.shape[:2]
+  padded = np.pad(x, ((kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out = np.zeros((height, width, kernel.shape[3])) + bias
+  for di in range(kh):
+    for dj in range(kw):
+      out += padded[di : di + height, dj : dj + width] @ kernel[di, dj]
+  return out
 
 
 def np_rdan_pair(v, e, cnn, lambda_=4.0, mu=0.1, use_cnn=True, use_residual=True, one_path=False):
-    """F(I, T) of eqs 5-11 for regions v [k, D] and the caption's real words e [n_c, D].
+  """F(I, T) of eqs 5-11 for regions v [k, D] and the caption's real words e [n_c, D].
 
-    Returns (score, alpha [k, n_c], beta [k, n_c]).
-    """
-    s = (v @ e.T) / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(e, axis=1))   # eq 5
-    if use_cnn:                                                                        # eqs 6-7
-        x = s[:, :, None]
-        for layer in ('conv1', 'conv2', 'conv3'):
-            x = np.maximum(np_conv_same(x, cnn[f'{layer}_kernel'], cnn[f'{layer}_bias']), 0.0)
-        out = np_conv_same(x, cnn['out_kernel'], cnn['out_bias'])
-        assert out.shape[2] == (1 if one_path else 2)
-        s1, s2 = out[:, :, 0], out[:, :, -1]
-        if use_residual:
-            s1, s2 = s1 + s, s2 + s
-    else:
-        s1 = s2 = s
-    alpha = np_softmax(lambda_ * s2, axis=1)          # eq 8: over words, for each region
-    a = alpha @ e                                     # [k, D]
-    beta = np_softmax(lambda_ * s1, axis=0)           # eq 9: over regions, for each word
-    b = beta.T @ v                                    # [n_c, D]
-    region_relevance = np_cosine_rows(v, a)           # eq 10
-    word_relevance = np_cosine_rows(e, b)
-    score = (1 - mu) * region_relevance.mean() + mu * word_relevance.mean()   # eq 11
-    return score, alpha, beta
+  Returns (score, alpha [k, n_c], beta [k, n_c]).
+  """
+  s = (v @ e.T) / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(e, axis=1))  # eq 5
+  if use_cnn:  # eqs 6-7
+    x = s[:, :, None]
+    for layer in ('conv1', 'conv2', 'conv3'):
+      x = np.maximum(np_conv_same(x, cnn[f'{layer}_kernel'], cnn[f'{layer}_bias']), 0.0)
+    out = np_conv_same(x, cnn['out_kernel'], cnn['out_bias'])
+    assert out.shape[2] == (1 if one_path else 2)
+    s1, s2 = out[:, :, 0], out[:, :, -1]
+    if use_residual:
+      s1, s2 = s1 + s, s2 + s
+  else:
+    s1 = s2 = s
+  alpha = np_softmax(lambda_ * s2, axis=1)  # eq 8: over words, for each region
+  a = alpha @ e  # [k, D]
+  beta = np_softmax(lambda_ * s1, axis=0)  # eq 9: over regions, for each word
+  b = beta.T @ v  # [n_c, D]
+  region_relevance = np_cosine_rows(v, a)  # eq 10
+  word_relevance = np_cosine_rows(e, b)
+  score = (1 - mu) * region_relevance.mean() + mu * word_relevance.mean()  # eq 11
+  return score, alpha, beta
 
 
 def np_rdan_scores(regions, words, cap_lens, cnn, **opts):
-    regions, words = np.asarray(regions, np.float64), np.asarray(words, np.float64)
-    scores = np.zeros((len(regions), len(cap_lens)))
-    for i, v in enumerate(regions):
-        for c, n_c in enumerate(cap_lens):
-            scores[i, c] = np_rdan_pair(v, words[c, :n_c], cnn, **opts)[0]
-    return scores
+  regions, words = np.asarray(regions, np.float64), np.asarray(words, np.float64)
+  scores = np.zeros((len(regions), len(cap_lens)))
+  for i, v in enumerate(regions):
+    for c, n_c in enumerate(cap_lens):
+      scores[i, c] = np_rdan_pair(v, words[c, :n_c], cnn, **opts)[0]
+  return scores
 
 
 # ---------------------------------------------------------------- inputs and parameters
 def random_reps(seed=0):
-    """Unnormalised reps of varied norms; padded word positions hold large garbage to be ignored."""
-    rng = np.random.default_rng(seed)
-    n = N_WORDS
-    regions = rng.normal(size=(N_IMG, K, D)) * rng.uniform(0.3, 3.0, size=(N_IMG, K, 1))
-    n_cap = len(CAP_LENS)
-    words = rng.normal(size=(n_cap, n, D)) * rng.uniform(0.3, 3.0, size=(n_cap, n, 1))
-    mask = np.arange(n)[None] < np.asarray(CAP_LENS)[:, None]
-    words = np.where(mask[..., None], words, 50.0 * rng.normal(size=words.shape))
-    image_rep = {'regions': jnp.asarray(regions, jnp.float32)}
-    text_rep = {'words': jnp.asarray(words, jnp.float32), 'mask': jnp.asarray(mask, jnp.float32)}
-    return image_rep, text_rep
+  """Unnormalised reps of varied norms; padded word positions hold large garbage to be ignored."""
+  rng = np.random.default_rng(seed)
+  n = N_WORDS
+  regions = rng.normal(size=(N_IMG, K, D)) * rng.uniform(0.3, 3.0, size=(N_IMG, K, 1))
+  n_cap = len(CAP_LENS)
+  words = rng.normal(size=(n_cap, n, D)) * rng.uniform(0.3, 3.0, size=(n_cap, n, 1))
+  mask = np.arange(n)[None] < np.asarray(CAP_LENS)[:, None]
+  words = np.where(mask[..., None], words, 50.0 * rng.normal(size=words.shape))
+  image_rep = {'regions': jnp.asarray(regions, jnp.float32)}
+  text_rep = {'words': jnp.asarray(words, jnp.float32), 'mask': jnp.asarray(mask, jnp.float32)}
+  return image_rep, text_rep
 
 
 def make_model(**fields):
-    fields.setdefault('cnn_channels', CHANNELS)
-    return RDAN(vocab_size=10, img_dim=3, **fields)
+  fields.setdefault('cnn_channels', CHANNELS)
+  return RDAN(vocab_size=10, img_dim=3, **fields)
 
 
 def head_params(model, image_rep, text_rep, seed=0):
-    """Relation CNN params of `model`, redrawn ~N(0, 1/fan_in) so that the CNN maps are O(1)."""
-    variables = model.init(jax.random.key(seed), image_rep, text_rep, method=model.pair_scores)
-    rng = np.random.default_rng(seed + 100)
-    params = {}
-    for module, leaves in variables.get('params', {}).items():
-        params[module] = {}
-        for name, leaf in leaves.items():
-            fan_in = np.prod(leaf.shape[:3]) if leaf.ndim == 4 else 3.0
-            params[module][name] = jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in),
-                                               jnp.float32)
-    return {'params': params}
+  """Relation CNN params of `model`, redrawn ~N(0, 1/fan_in) so that the CNN maps are O(1)."""
+  variables = model.init(jax.random.key(seed), image_rep, text_rep, method=model.pair_scores)
+  rng = np.random.default_rng(seed + 100)
+  params = {}
+  for module, leaves in variables.get('params', {}).items():
+    params[module] = {}
+    for name, leaf in leaves.items():
+      fan_in = np.prod(leaf.shape[:3]) if leaf.ndim == 4 else 3.0
+      params[module][name] = jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), jnp.float32)
+  return {'params': params}
 
 
 def numpy_cnn(variables):
-    cnn = variables['params'].get('relation_cnn', {})
-    return {name: np.asarray(leaf, np.float64) for name, leaf in cnn.items()}
+  cnn = variables['params'].get('relation_cnn', {})
+  return {name: np.asarray(leaf, np.float64) for name, leaf in cnn.items()}
 
 
 def reference_opts(model):
-    return dict(lambda_=model.lambda_, mu=model.mu, use_cnn=model.use_cnn,
-                use_residual=model.use_residual, one_path=model.one_path)
+  return dict(
+    lambda_=model.lambda_, mu=model.mu, use_cnn=model.use_cnn, use_residual=model.use_residual, one_path=model.one_path
+  )
 
 
 # ---------------------------------------------------------------- scores
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_matches_numpy_equations(variant):
-    image_rep, text_rep = random_reps(seed=1)
-    model = make_model(block_size=2, **VARIANTS[variant])
-    variables = head_params(model, image_rep, text_rep)
-    got = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))(
-        variables, image_rep, text_rep)
-    want = np_rdan_scores(image_rep['regions'], text_rep['words'], CAP_LENS, numpy_cnn(variables),
-                          **reference_opts(model))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  image_rep, text_rep = random_reps(seed=1)
+  model = make_model(block_size=2, **VARIANTS[variant])
+  variables = head_params(model, image_rep, text_rep)
+  got = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))(variables, image_rep, text_rep)
+  want = np_rdan_scores(
+    image_rep['regions'], text_rep['words'], CAP_LENS, numpy_cnn(variables), **reference_opts(model)
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_cnn_and_ablations_change_the_scores():
-    """The reference comparison is not vacuous: each variant moves the scores far beyond 1e-5."""
-    image_rep, text_rep = random_reps(seed=1)
-    scores = {}
-    for variant, fields in VARIANTS.items():
-        model = make_model(**fields)
-        variables = head_params(model, image_rep, text_rep)
-        scores[variant] = np.asarray(
-            model.apply(variables, image_rep, text_rep, method=model.pair_scores))
-    for variant in VARIANTS:
-        if variant != 'full':
-            assert np.abs(scores[variant] - scores['full']).max() > 1e-3, variant
+  """The reference comparison is not vacuous: each variant moves the scores far beyond 1e-5."""
+  image_rep, text_rep = random_reps(seed=1)
+  scores = {}
+  for variant, fields in VARIANTS.items():
+    model = make_model(**fields)
+    variables = head_params(model, image_rep, text_rep)
+    scores[variant] = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
+  for variant in VARIANTS:
+    if variant != 'full':
+      assert np.abs(scores[variant] - scores['full']).max() > 1e-3, variant
 
 
 def test_other_temperature_and_weight():
-    image_rep, text_rep = random_reps(seed=2)
-    model = make_model(lambda_=9.0, mu=0.6, block_size=3)
-    variables = head_params(model, image_rep, text_rep, seed=1)
-    got = model.apply(variables, image_rep, text_rep, method=model.pair_scores)
-    want = np_rdan_scores(image_rep['regions'], text_rep['words'], CAP_LENS, numpy_cnn(variables),
-                          **reference_opts(model))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  image_rep, text_rep = random_reps(seed=2)
+  model = make_model(lambda_=9.0, mu=0.6, block_size=3)
+  variables = head_params(model, image_rep, text_rep, seed=1)
+  got = model.apply(variables, image_rep, text_rep, method=model.pair_scores)
+  want = np_rdan_scores(
+    image_rep['regions'], text_rep['words'], CAP_LENS, numpy_cnn(variables), **reference_opts(model)
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('variant', ['full', 'one_path'])
 def test_attention_weights_match_numpy(variant):
-    image_rep, text_rep = random_reps(seed=3)
-    model = make_model(**VARIANTS[variant])
-    variables = head_params(model, image_rep, text_rep)
-    weights = model.apply(variables, image_rep, text_rep, method=model.attention_weights)
-    cnn = numpy_cnn(variables)
-    regions = np.asarray(image_rep['regions'], np.float64)
-    words = np.asarray(text_rep['words'], np.float64)
-    for i in range(N_IMG):
-        for c, n_c in enumerate(CAP_LENS):
-            _, alpha, beta = np_rdan_pair(regions[i], words[c, :n_c], cnn, **reference_opts(model))
-            np.testing.assert_allclose(weights['alpha'][i, c, :, :n_c], alpha, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(weights['beta'][i, c, :, :n_c], beta, rtol=1e-5, atol=1e-6)
-            assert np.all(weights['alpha'][i, c, :, n_c:] == 0)
+  image_rep, text_rep = random_reps(seed=3)
+  model = make_model(**VARIANTS[variant])
+  variables = head_params(model, image_rep, text_rep)
+  weights = model.apply(variables, image_rep, text_rep, method=model.attention_weights)
+  cnn = numpy_cnn(variables)
+  regions = np.asarray(image_rep['regions'], np.float64)
+  words = np.asarray(text_rep['words'], np.float64)
+  for i in range(N_IMG):
+    for c, n_c in enumerate(CAP_LENS):
+      _, alpha, beta = np_rdan_pair(regions[i], words[c, :n_c], cnn, **reference_opts(model))
+      np.testing.assert_allclose(weights['alpha'][i, c, :, :n_c], alpha, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(weights['beta'][i, c, :, :n_c], beta, rtol=1e-5, atol=1e-6)
+      assert np.all(weights['alpha'][i, c, :, n_c:] == 0)
 
 
 def test_extra_padding_does_not_change_scores():
-    image_rep, text_rep = random_reps(seed=4)
-    garbage = 50.0 * np.random.default_rng(9).normal(size=(len(CAP_LENS), 5, D))
-    text_rep_padded = {
-        'words': jnp.concatenate([text_rep['words'], jnp.asarray(garbage, jnp.float32)], axis=1),
-        'mask': jnp.pad(text_rep['mask'], ((0, 0), (0, 5)))}
-    model = make_model(block_size=2)
-    variables = head_params(model, image_rep, text_rep)
-    scores = model.apply(variables, image_rep, text_rep, method=model.pair_scores)
-    padded = model.apply(variables, image_rep, text_rep_padded, method=model.pair_scores)
-    np.testing.assert_allclose(padded, scores, rtol=1e-6, atol=1e-6)
+  image_rep, text_rep = random_reps(seed=4)
+  garbage = 50.0 * np.random.default_rng(9).normal(size=(len(CAP_LENS), 5, D))
+  text_rep_padded = {
+    'words': jnp.concatenate([text_rep['words'], jnp.asarray(garbage, jnp.float32)], axis=1),
+    'mask': jnp.pad(text_rep['mask'], ((0, 0), (0, 5))),
+  }
+  model = make_model(block_size=2)
+  variables = head_params(model, image_rep, text_rep)
+  scores = model.apply(variables, image_rep, text_rep, method=model.pair_scores)
+  padded = model.apply(variables, image_rep, text_rep_padded, method=model.pair_scores)
+  np.testing.assert_allclose(padded, scores, rtol=1e-6, atol=1e-6)
 
 
 def _scores_and_grads(model, variables, image_rep, text_rep):
-    """pair_scores and the gradient of a weighted sum w.r.t. the CNN params, regions and words."""
-    weights = jnp.asarray(np.random.default_rng(0).normal(size=(N_IMG, len(CAP_LENS))), jnp.float32)
+  """pair_scores and the gradient of a weighted sum w.r.t. the CNN params, regions and words."""
+  weights = jnp.asarray(np.random.default_rng(0).normal(size=(N_IMG, len(CAP_LENS))), jnp.float32)
 
-    def total(variables, regions, words):
-        scores = model.apply(variables, {'regions': regions},
-                             {'words': words, 'mask': text_rep['mask']}, method=model.pair_scores)
-        return jnp.sum(weights * scores), scores
+  def total(variables, regions, words):
+    scores = model.apply(
+      variables, {'regions': regions}, {'words': words, 'mask': text_rep['mask']}, method=model.pair_scores
+    )
+    return jnp.sum(weights * scores), scores
 
-    grad_fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True))
-    (_, scores), grads = grad_fn(variables, image_rep['regions'], text_rep['words'])
-    return scores, grads
+  grad_fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True))
+  (_, scores), grads = grad_fn(variables, image_rep['regions'], text_rep['words'])
+  return scores, grads
 
 
 def test_blocked_equals_unblocked_values_and_gradients():
-    image_rep, text_rep = random_reps(seed=5)
-    reference = make_model(block_size=N_IMG)
-    variables = head_params(reference, image_rep, text_rep)
-    want_scores, want_grads = _scores_and_grads(reference, variables, image_rep, text_rep)
-    leaves = jax.tree_util.tree_leaves(want_grads)
-    assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
-    assert all(np.abs(leaf).max() > 0 for leaf in leaves)
-    # Padded word positions are not part of any score: their gradient is exactly zero.
-    padded = ~np.asarray(text_rep['mask'], bool)
-    assert np.all(np.asarray(want_grads[2])[padded] == 0)
-    # Neither 2 nor 3 divides N_IMG = 5: the last block is zero-padded.
-    for block_size, remat in [(2, True), (3, False)]:
-        model = make_model(block_size=block_size, remat=remat)
-        scores, grads = _scores_and_grads(model, variables, image_rep, text_rep)
-        np.testing.assert_allclose(scores, want_scores, rtol=1e-6, atol=1e-6)
-        for grad, want in zip(jax.tree_util.tree_leaves(grads), leaves):
-            np.testing.assert_allclose(grad, want, rtol=1e-5, atol=2e-5)
+  image_rep, text_rep = random_reps(seed=5)
+  reference = make_model(block_size=N_IMG)
+  variables = head_params(reference, image_rep, text_rep)
+  want_scores, want_grads = _scores_and_grads(reference, variables, image_rep, text_rep)
+  leaves = jax.tree_util.tree_leaves(want_grads)
+  assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
+  assert all(np.abs(leaf).max() > 0 for leaf in leaves)
+  # Padded word positions are not part of any score: their gradient is exactly zero.
+  padded = ~np.asarray(text_rep['mask'], bool)
+  assert np.all(np.asarray(want_grads[2])[padded] == 0)
+  # Neither 2 nor 3 divides N_IMG = 5: the last block is zero-padded.
+  for block_size, remat in [(2, True), (3, False)]:
+    model = make_model(block_size=block_size, remat=remat)
+    scores, grads = _scores_and_grads(model, variables, image_rep, text_rep)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6, atol=1e-6)
+    for grad, want in zip(jax.tree_util.tree_leaves(grads), leaves):
+      np.testing.assert_allclose(grad, want, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize('kernel_shape', [(3, 1, 1, 4), (1, 3, 4, 4), (3, 3, 4, 4), (1, 1, 4, 2)])
 def test_conv_backward_equals_autodiff_of_lax_conv(kernel_shape):
-    rng = np.random.default_rng(10)
-    x = jnp.asarray(rng.normal(size=(6, 5, 7, kernel_shape[2])), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
-    cotangent = jnp.asarray(rng.normal(size=(6, 5, 7, kernel_shape[3])), jnp.float32)
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.normal(size=(6, 5, 7, kernel_shape[2])), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(6, 5, 7, kernel_shape[3])), jnp.float32)
 
-    def lax_conv(x, kernel):
-        return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
-                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  def lax_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
-    got_out, got_vjp = jax.vjp(same_conv, x, kernel)
-    want_out, want_vjp = jax.vjp(lax_conv, x, kernel)
-    np.testing.assert_allclose(got_out, want_out, rtol=1e-6, atol=1e-6)
-    for got, want in zip(got_vjp(cotangent), want_vjp(cotangent)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  got_out, got_vjp = jax.vjp(same_conv, x, kernel)
+  want_out, want_vjp = jax.vjp(lax_conv, x, kernel)
+  np.testing.assert_allclose(got_out, want_out, rtol=1e-6, atol=1e-6)
+  for got, want in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- the whole model
@@ -255,130 +257,156 @@ VOCAB, IMG_DIM, EMBED, WORD_DIM = 30, 10, 8, 5
 
 
 def random_batch(seed, n_img=4, lens=(6, 2, 4), n_tokens=8):
-    rng = np.random.default_rng(seed)
-    mask = (np.arange(n_tokens)[None] < np.asarray(lens)[:, None]).astype(np.float32)
-    tokens = np.where(mask > 0, rng.integers(1, VOCAB, size=mask.shape), 0).astype(np.int32)
-    images = {'regions': jnp.asarray(rng.normal(size=(n_img, K, IMG_DIM)), jnp.float32)}
-    return images, {'tokens': jnp.asarray(tokens), 'mask': jnp.asarray(mask)}
+  rng = np.random.default_rng(seed)
+  mask = (np.arange(n_tokens)[None] < np.asarray(lens)[:, None]).astype(np.float32)
+  tokens = np.where(mask > 0, rng.integers(1, VOCAB, size=mask.shape), 0).astype(np.int32)
+  images = {'regions': jnp.asarray(rng.normal(size=(n_img, K, IMG_DIM)), jnp.float32)}
+  return images, {'tokens': jnp.asarray(tokens), 'mask': jnp.asarray(mask)}
 
 
 def _encode_then_score(model, variables, images, text):
-    image_rep = model.apply(variables, images, method=model.encode_image)
-    text_rep = model.apply(variables, text, method=model.encode_text)
-    scores = model.apply(variables, image_rep, text_rep, method=model.pair_scores)
-    return image_rep, text_rep, scores
+  image_rep = model.apply(variables, images, method=model.encode_image)
+  text_rep = model.apply(variables, text, method=model.encode_text)
+  scores = model.apply(variables, image_rep, text_rep, method=model.pair_scores)
+  return image_rep, text_rep, scores
 
 
 def test_model_end_to_end_gradients_and_pad_tokens():
-    model = RDAN(vocab_size=VOCAB, img_dim=IMG_DIM, embed_size=EMBED, word_dim=WORD_DIM,
-                 cnn_channels=CHANNELS, block_size=3, remat=True)
-    images, text = random_batch(seed=6)
-    variables = jax.jit(model.init)(jax.random.key(0), images, text)
-    assert set(variables['params']) == {'image_encoder', 'text_encoder', 'relation_cnn'}
+  model = RDAN(
+    vocab_size=VOCAB,
+    img_dim=IMG_DIM,
+    embed_size=EMBED,
+    word_dim=WORD_DIM,
+    cnn_channels=CHANNELS,
+    block_size=3,
+    remat=True,
+  )
+  images, text = random_batch(seed=6)
+  variables = jax.jit(model.init)(jax.random.key(0), images, text)
+  assert set(variables['params']) == {'image_encoder', 'text_encoder', 'relation_cnn'}
 
-    def loss(variables):
-        image_rep, _, scores = _encode_then_score(model, variables, images, text)
-        hinge = jnp.maximum(0.2 + scores - jnp.diagonal(scores[:3])[None], 0)
-        return jnp.sum(hinge), (scores, image_rep)
+  def loss(variables):
+    image_rep, _, scores = _encode_then_score(model, variables, images, text)
+    hinge = jnp.maximum(0.2 + scores - jnp.diagonal(scores[:3])[None], 0)
+    return jnp.sum(hinge), (scores, image_rep)
 
-    (_, (scores, image_rep)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables)
-    assert scores.shape == (4, 3) and np.all(np.isfinite(scores))
-    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.all(np.isfinite(grad)), path
-    for module in ('image_encoder', 'text_encoder', 'relation_cnn'):
-        assert max(np.abs(g).max() for g in jax.tree_util.tree_leaves(grads['params'][module])) > 0
+  (_, (scores, image_rep)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables)
+  assert scores.shape == (4, 3) and np.all(np.isfinite(scores))
+  for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.all(np.isfinite(grad)), path
+  for module in ('image_encoder', 'text_encoder', 'relation_cnn'):
+    assert max(np.abs(g).max() for g in jax.tree_util.tree_leaves(grads['params'][module])) > 0
 
-    # Eq 1 is a plain linear map: the paper does not l2-normalise the region features.
-    fc = variables['params']['image_encoder']['fc']
-    np.testing.assert_allclose(
-        image_rep['regions'], np.asarray(images['regions']) @ fc['kernel'] + fc['bias'], rtol=1e-5,
-        atol=1e-6)
+  # Eq 1 is a plain linear map: the paper does not l2-normalise the region features.
+  fc = variables['params']['image_encoder']['fc']
+  np.testing.assert_allclose(
+    image_rep['regions'], np.asarray(images['regions']) @ fc['kernel'] + fc['bias'], rtol=1e-5, atol=1e-6
+  )
 
-    # Other pad token ids and extra pad positions do not change the scores.
-    mask = np.asarray(text['mask'])
-    longer_mask = np.pad(mask, ((0, 0), (0, 4)))
-    other_pads = np.where(longer_mask > 0, np.pad(text['tokens'], ((0, 0), (0, 4))),
-                          np.arange(longer_mask.size).reshape(longer_mask.shape) % VOCAB)
-    scores_padded = jax.jit(model.apply)(
-        variables, images, {'tokens': jnp.asarray(other_pads, jnp.int32),
-                            'mask': jnp.asarray(longer_mask)})
-    np.testing.assert_allclose(scores_padded, scores, rtol=1e-6, atol=1e-6)
+  # Other pad token ids and extra pad positions do not change the scores.
+  mask = np.asarray(text['mask'])
+  longer_mask = np.pad(mask, ((0, 0), (0, 4)))
+  other_pads = np.where(
+    longer_mask > 0,
+    np.pad(text['tokens'], ((0, 0), (0, 4))),
+    np.arange(longer_mask.size).reshape(longer_mask.shape) % VOCAB,
+  )
+  scores_padded = jax.jit(model.apply)(
+    variables, images, {'tokens': jnp.asarray(other_pads, jnp.int32), 'mask': jnp.asarray(longer_mask)}
+  )
+  np.testing.assert_allclose(scores_padded, scores, rtol=1e-6, atol=1e-6)
 
 
 def test_l2norm_features_normalises_both_modalities():
-    model = RDAN(vocab_size=VOCAB, img_dim=IMG_DIM, embed_size=EMBED, word_dim=WORD_DIM,
-                 cnn_channels=CHANNELS, l2norm_features=True)
-    images, text = random_batch(seed=7)
-    encode_both = lambda m, i, t: (m.encode_image(i)['regions'], m.encode_text(t)['words'])
-    (regions, words), _ = jax.jit(functools.partial(model.init_with_output, method=encode_both))(
-        jax.random.key(1), images, text)
-    np.testing.assert_allclose(np.linalg.norm(regions, axis=-1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(words[np.asarray(text['mask']) > 0], axis=-1), 1.0,
-                               rtol=1e-5)
+  model = RDAN(
+    vocab_size=VOCAB, img_dim=IMG_DIM, embed_size=EMBED, word_dim=WORD_DIM, cnn_channels=CHANNELS, l2norm_features=True
+  )
+  images, text = random_batch(seed=7)
+  encode_both = lambda m, i, t: (m.encode_image(i)['regions'], m.encode_text(t)['words'])
+  (regions, words), _ = jax.jit(functools.partial(model.init_with_output, method=encode_both))(
+    jax.random.key(1), images, text
+  )
+  np.testing.assert_allclose(np.linalg.norm(regions, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(words[np.asarray(text['mask']) > 0], axis=-1), 1.0, rtol=1e-5)
 
 
 def test_relation_cnn_shapes_and_pytorch_init():
-    model = make_model(cnn_channels=5)
-    image_rep, text_rep = random_reps(seed=8)
-    cnn = model.init(jax.random.key(2), image_rep, text_rep, method=model.pair_scores)['params'][
-        'relation_cnn']
-    shapes = {name: leaf.shape for name, leaf in cnn.items()}
-    assert shapes == {'conv1_kernel': (3, 1, 1, 5), 'conv1_bias': (5,),
-                      'conv2_kernel': (1, 3, 5, 5), 'conv2_bias': (5,),
-                      'conv3_kernel': (3, 3, 5, 5), 'conv3_bias': (5,),
-                      'out_kernel': (1, 1, 5, 2), 'out_bias': (2,)}
-    for layer, fan_in in (('conv1', 3), ('conv2', 15), ('conv3', 45), ('out', 5)):
-        for part in ('kernel', 'bias'):
-            assert np.abs(cnn[f'{layer}_{part}']).max() <= fan_in ** -0.5
-    one_path = make_model(one_path=True).init(jax.random.key(2), image_rep, text_rep,
-                                              method=RDAN.pair_scores)
-    assert one_path['params']['relation_cnn']['out_kernel'].shape == (1, 1, CHANNELS, 1)
-    assert 'params' not in make_model(use_cnn=False).init(
-        jax.random.key(2), image_rep, text_rep, method=RDAN.pair_scores)
+  model = make_model(cnn_channels=5)
+  image_rep, text_rep = random_reps(seed=8)
+  cnn = model.init(jax.random.key(2), image_rep, text_rep, method=model.pair_scores)['params']['relation_cnn']
+  shapes = {name: leaf.shape for name, leaf in cnn.items()}
+  assert shapes == {
+    'conv1_kernel': (3, 1, 1, 5),
+    'conv1_bias': (5,),
+    'conv2_kernel': (1, 3, 5, 5),
+    'conv2_bias': (5,),
+    'conv3_kernel': (3, 3, 5, 5),
+    'conv3_bias': (5,),
+    'out_kernel': (1, 1, 5, 2),
+    'out_bias': (2,),
+  }
+  for layer, fan_in in (('conv1', 3), ('conv2', 15), ('conv3', 45), ('out', 5)):
+    for part in ('kernel', 'bias'):
+      assert np.abs(cnn[f'{layer}_{part}']).max() <= fan_in**-0.5
+  one_path = make_model(one_path=True).init(jax.random.key(2), image_rep, text_rep, method=RDAN.pair_scores)
+  assert one_path['params']['relation_cnn']['out_kernel'].shape == (1, 1, CHANNELS, 1)
+  assert 'params' not in make_model(use_cnn=False).init(jax.random.key(2), image_rep, text_rep, method=RDAN.pair_scores)
 
 
-@pytest.mark.parametrize('fields,message', [
+@pytest.mark.parametrize(
+  'fields,message',
+  [
     ({'mu': 1.5}, 'RDAN.mu must be in [0, 1]'),
     ({'cnn_channels': 0}, 'RDAN.cnn_channels must be >= 1'),
     ({'block_size': 0}, 'RDAN.block_size must be >= 1'),
     ({'use_cnn': False, 'one_path': True}, 'RDAN.use_cnn=False'),
     ({'use_cnn': False, 'use_residual': False}, 'RDAN.use_cnn=False'),
-])
+  ],
+)
 def test_bad_fields_raise(fields, message):
-    with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(']', r'\]')):
-        make_model(**fields)
+  with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(']', r'\]')):
+    make_model(**fields)
 
 
 # ---------------------------------------------------------------- configs
 @pytest.mark.parametrize('dataset', config_common.DATASETS)
 @pytest.mark.parametrize('variant', [None, 'mu0', 'mu1', 'one_path', 'no_cnn', 'no_res', 'no_hard'])
 def test_config_builds_a_valid_model(dataset, variant):
-    config = rdan_config.get_config(dataset if variant is None else f'{dataset},{variant}')
-    fields = config.model.to_dict()
-    assert fields.pop('name') == 'rdan'
-    assert set(fields) <= set(model_fields(RDAN))
-    model = RDAN(vocab_size=10, img_dim=3, **fields)
-    assert config.loss.max_violation == (variant != 'no_hard')
-    assert model.mu == {'mu0': 0.0, 'mu1': 1.0}.get(variant, 0.1)
-    assert model.one_path == (variant == 'one_path')
-    assert model.use_cnn == (variant != 'no_cnn')
-    assert model.use_residual == (variant != 'no_res')
-    if dataset in config_common.PAPER_DATASETS:
-        assert (model.embed_size, model.word_dim, model.lambda_, model.cnn_channels) == (
-            1024, 300, 4.0, 32)
-        assert (config.loss.margin, model.l2norm_features) == (0.2, False)
+  config = rdan_config.get_config(dataset if variant is None else f'{dataset},{variant}')
+  fields = config.model.to_dict()
+  assert fields.pop('name') == 'rdan'
+  assert set(fields) <= set(model_fields(RDAN))
+  model = RDAN(vocab_size=10, img_dim=3, **fields)
+  assert config.loss.max_violation == (variant != 'no_hard')
+  assert model.mu == {'mu0': 0.0, 'mu1': 1.0}.get(variant, 0.1)
+  assert model.one_path == (variant == 'one_path')
+  assert model.use_cnn == (variant != 'no_cnn')
+  assert model.use_residual == (variant != 'no_res')
+  if dataset in config_common.PAPER_DATASETS:
+    assert (model.embed_size, model.word_dim, model.lambda_, model.cnn_channels) == (1024, 300, 4.0, 32)
+    assert (config.loss.margin, model.l2norm_features) == (0.2, False)
 
 
 def test_config_rejects_unknown_variant():
-    with pytest.raises(ValueError, match='unknown variant'):
-        rdan_config.get_config('f30k,no_gru')
+  with pytest.raises(ValueError, match='unknown variant'):
+    rdan_config.get_config('f30k,no_gru')
 
 
 # Sec 3.1, 3.2 and 3.5 of the paper, transcribed. It gives no optimiser, schedule or batch size: those follow SCAN
 # (docs/fidelity.md, RDAN-2) and are not checked here.
-PAPER = {'model.embed_size': 1024, 'model.word_dim': 300, 'model.bidirectional': True, 'model.cnn_channels': 32,
-         'model.mu': 0.1, 'model.lambda_': 4.0, 'loss.margin': 0.2, 'loss.max_violation': True,
-         'model.use_cnn': True, 'model.use_residual': True, 'model.one_path': False}
+PAPER = {
+  'model.embed_size': 1024,
+  'model.word_dim': 300,
+  'model.bidirectional': True,
+  'model.cnn_channels': 32,
+  'model.mu': 0.1,
+  'model.lambda_': 4.0,
+  'loss.margin': 0.2,
+  'loss.max_violation': True,
+  'model.use_cnn': True,
+  'model.use_residual': True,
+  'model.one_path': False,
+}
 
 
 @pytest.mark.parametrize('dataset', ['f30k', 'coco'])
@@ -388,11 +416,18 @@ def test_paper_configs_follow_section_3_5(dataset):
   assert not wrong, f'config field: (config, paper): {wrong}'
 
 
-@pytest.mark.parametrize('variant,changes', [
-    ('mu0', {'model.mu': 0.0}), ('mu1', {'model.mu': 1.0}), ('one_path', {'model.one_path': True}),
-    ('no_cnn', {'model.use_cnn': False}), ('no_res', {'model.use_residual': False}),
+@pytest.mark.parametrize(
+  'variant,changes',
+  [
+    ('mu0', {'model.mu': 0.0}),
+    ('mu1', {'model.mu': 1.0}),
+    ('one_path', {'model.one_path': True}),
+    ('no_cnn', {'model.use_cnn': False}),
+    ('no_res', {'model.use_residual': False}),
     ('no_hard', {'loss.max_violation': False}),
-])
+  ],
+)
 def test_table_3_variants_change_what_they_name_and_nothing_else(variant, changes):
-  assert config_tables.changed_fields(rdan_config.get_config('f30k'),
-                                      rdan_config.get_config(f'f30k,{variant}')) == changes
+  assert (
+    config_tables.changed_fields(rdan_config.get_config('f30k'), rdan_config.get_config(f'f30k,{variant}')) == changes
+  )

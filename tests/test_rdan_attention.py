@@ -26,8 +26,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def rdan_workdir(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('rdan_run'))
-  config = tiny_config(data_dir, module=rdan_config, num_epochs=1,
-                       **{'model.cnn_channels': 4, 'model.block_size': 8})
+  config = tiny_config(data_dir, module=rdan_config, num_epochs=1, **{'model.cnn_channels': 4, 'model.block_size': 8})
   train.train_and_evaluate(config, workdir)
   return workdir
 
@@ -39,25 +38,27 @@ def test_words_point_at_the_argmax_of_the_models_column_attention(rdan_workdir, 
   caption = split.captions[15]
   words, beta = rdan_attention.word_attention(retriever, image, caption)
   assert words[0] == '<start>' and words[-1] == '<end>' and len(words) == beta.shape[1]
-  np.testing.assert_allclose(beta.sum(axis=0), 1.0, rtol=1e-5)   # eq 9: a distribution over regions
+  np.testing.assert_allclose(beta.sum(axis=0), 1.0, rtol=1e-5)  # eq 9: a distribution over regions
   # Independent path: the model's weights for a batch of two images and the caption padded to 24 tokens.
   model, params = retriever.model, retriever.params
   tokens = np.zeros((1, 24), np.int32)
   mask = np.zeros((1, 24), np.float32)
   encoded = retriever.vocab.encode(caption)
-  tokens[0, :len(encoded)], mask[0, :len(encoded)] = encoded, 1
+  tokens[0, : len(encoded)], mask[0, : len(encoded)] = encoded, 1
   image_rep = model.apply({'params': params}, {'regions': split.images['regions'][2:4]}, method=model.encode_image)
   text_rep = model.apply({'params': params}, {'tokens': tokens, 'mask': mask}, method=model.encode_text)
   expected = np.asarray(model.apply({'params': params}, image_rep, text_rep, method=model.attention_weights)['beta'])
   regions, weights = rdan_attention.most_attended_regions(beta)
-  np.testing.assert_array_equal(regions, np.argmax(expected[1, 0, :, :len(encoded)], axis=0))
-  np.testing.assert_allclose(weights, np.max(expected[1, 0, :, :len(encoded)], axis=0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(regions, np.argmax(expected[1, 0, :, : len(encoded)], axis=0))
+  np.testing.assert_allclose(weights, np.max(expected[1, 0, :, : len(encoded)], axis=0), rtol=1e-5, atol=1e-6)
 
 
 def test_cli_writes_a_png_grid_with_one_panel_per_word(rdan_workdir, data_dir, tmp_path, monkeypatch, capsys):
   monkeypatch.setenv('XMATCH_DATA_DIR', data_dir)
   out = str(tmp_path / 'fig' / 'attention.png')
-  assert rdan_attention.main([f'--workdir={rdan_workdir}', '--image_index=2', '--caption=a red circle', f'--out={out}']) == 0
+  assert (
+    rdan_attention.main([f'--workdir={rdan_workdir}', '--image_index=2', '--caption=a red circle', f'--out={out}']) == 0
+  )
   printed = capsys.readouterr().out
   assert ' red -> region' in printed and ' circle -> region' in printed
   png = Image.open(out)
@@ -68,8 +69,10 @@ def test_cli_writes_a_png_grid_with_one_panel_per_word(rdan_workdir, data_dir, t
 
 
 def test_objects_in_box():
-  scene = '{"objects": [{"shape": "circle", "colour": "red", "size": "small", "x": 10, "y": 10}, ' \
-          '{"shape": "square", "colour": "blue", "size": "large", "x": 50, "y": 40}]}'
+  scene = (
+    '{"objects": [{"shape": "circle", "colour": "red", "size": "small", "x": 10, "y": 10}, '
+    '{"shape": "square", "colour": "blue", "size": "large", "x": 50, "y": 40}]}'
+  )
   assert rdan_attention.objects_in_box(scene, np.array([0, 0, 0.3, 0.3])) == ['small red circle']
   assert rdan_attention.objects_in_box(scene, np.array([0, 0, 1, 1])) == ['small red circle', 'large blue square']
   assert rdan_attention.objects_in_box(scene, np.array([0.5, 0, 0.6, 0.1])) == []
@@ -89,7 +92,9 @@ def test_bad_input_is_refused(rdan_workdir, data_dir, tmp_path, monkeypatch):
 
 def test_other_models_are_refused():
   from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+
   from xmatch_jax.models.scan import SCAN  # pylint: disable=g-import-not-at-top
+
   fake = SimpleNamespace(model=SCAN(vocab_size=10, img_dim=4))
   with pytest.raises(ValueError, match='holds a SCAN model; attention figures are for RDAN'):
     rdan_attention.word_attention(fake, {'regions': np.zeros((1, 2, 4), np.float32)}, 'a red circle')

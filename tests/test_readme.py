@@ -45,6 +45,7 @@ def test_main_job_names_existing_config_and_default_dataset():
 def test_performance_table_is_generated_from_the_benchmark_json():
   sys.path.insert(0, os.path.join(ROOT, 'tools'))
   import perf_table  # pylint: disable=g-import-not-at-top
+
   names = ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k')
   table = perf_table.table([os.path.join(ROOT, 'tools', 'perf_results', f'{n}.json') for n in names])
   assert table in open(os.path.join(ROOT, 'README.md')).read()
@@ -56,7 +57,7 @@ import concurrent.futures  # pylint: disable=g-import-not-at-top,g-bad-import-or
 import functools  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import subprocess  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-ABSL_PROGRAMS = ('train', 'evaluate', 'retrieve', 'ensemble')   # python -m xmatch_jax.<x>: absl flags, --helpshort
+ABSL_PROGRAMS = ('train', 'evaluate', 'retrieve', 'ensemble')  # python -m xmatch_jax.<x>: absl flags, --helpshort
 # Tools whose --help cannot list their flags (none today; every tool is argparse-based). A tool listed here gets
 # only its existence checked, not its flags.
 NO_USABLE_HELP = ()
@@ -68,7 +69,7 @@ _COMMAND = re.compile(r'(?:^|[\s/])python3?\s+(?:-m\s+xmatch_jax\.(\w+)|(tools/[
 def _readme_text(skip_validation_table: bool = False) -> str:
   with open(os.path.join(ROOT, 'README.md')) as f:
     text = f.read()
-  if skip_validation_table:   # its error messages name files that do not exist on purpose (test_validation_docs.py)
+  if skip_validation_table:  # its error messages name files that do not exist on purpose (test_validation_docs.py)
     head, _, rest = text.partition('\n## Input validation')
     text = head + ('\n## ' + rest.split('\n## ', 1)[1] if '\n## ' in rest else '')
   return text
@@ -133,16 +134,19 @@ def _defined_flags(program: str, help_text: str) -> set[str]:
 @functools.lru_cache(maxsize=None)
 def _help_of_every_program() -> dict:
   """program -> (help text, exit status), one subprocess per distinct program, a few at a time."""
-  programs = sorted({p for p, _ in _readme_commands()
-                     if p.removeprefix('xmatch_jax.') in ABSL_PROGRAMS or p.startswith('tools/')} - set(NO_USABLE_HELP))
+  programs = sorted(
+    {p for p, _ in _readme_commands() if p.removeprefix('xmatch_jax.') in ABSL_PROGRAMS or p.startswith('tools/')}
+    - set(NO_USABLE_HELP)
+  )
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
     return {program: (text, status) for program, text, status in pool.map(_help_text, programs)}
 
 
 def _load_config(spec: str):
   if str(ROOT) not in sys.path:
-    sys.path.insert(0, ROOT)   # config files import `configs.common`
+    sys.path.insert(0, ROOT)  # config files import `configs.common`
   from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+
   return run_setup.load_config_file(spec, root=ROOT)
 
 
@@ -155,6 +159,7 @@ def _concrete_config_spec(spec: str) -> str | None:
 
 def _has_field(config, dotted: str) -> bool:
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   node = config
   for part in dotted.split('.'):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -166,8 +171,9 @@ def _has_field(config, dotted: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def _every_model_config() -> tuple:
   """Each configs/<model>.py at its default dataset (to check overrides shown without a config file)."""
-  names = sorted(n for n in os.listdir(os.path.join(ROOT, 'configs')) if n.endswith('.py') and n not in
-                 ('__init__.py', 'common.py'))
+  names = sorted(
+    n for n in os.listdir(os.path.join(ROOT, 'configs')) if n.endswith('.py') and n not in ('__init__.py', 'common.py')
+  )
   return tuple(_load_config(f'configs/{name}') for name in names)
 
 
@@ -179,7 +185,7 @@ def _config_overrides_ok(spec: str | None, overrides: list[str]) -> list[str]:
 
 def test_readme_commands_name_existing_programs():
   commands = _readme_commands()
-  assert len(commands) > 20, commands   # the parser still finds README's commands
+  assert len(commands) > 20, commands  # the parser still finds README's commands
   for program, _ in commands:
     if program.startswith('xmatch_jax.'):
       path = os.path.join(ROOT, *program.split('.')) + '.py'
@@ -195,15 +201,16 @@ def test_readme_commands_use_only_flags_their_program_defines():
     absl = program.startswith('xmatch_jax.')
     # absl's --helpshort exits with status 1 after printing; argparse's --help with 0.
     if status not in ((0, 1) if absl else (0,)) or ('flags:' not in text if absl else 'usage:' not in text):
-      problems.append(f'{program}: its help ({"--helpshort" if absl else "--help"}) failed with status {status}: '
-                      f'{text[-500:]}')
+      problems.append(
+        f'{program}: its help ({"--helpshort" if absl else "--help"}) failed with status {status}: {text[-500:]}'
+      )
   for program, arguments in _readme_commands():
     if program not in helps:
       continue
     defined = _defined_flags(program, helps[program][0])
     for name in _flags_used(arguments):
       if name.startswith('config.') and program.startswith('xmatch_jax.'):
-        continue   # config field overrides: test_readme_config_overrides_name_existing_fields
+        continue  # config field overrides: test_readme_config_overrides_name_existing_fields
       if name not in defined:
         problems.append(f'README: python {program} {arguments}: flag {name!r} is not one of {sorted(defined)}')
   assert not problems, '\n'.join(problems)
@@ -224,8 +231,10 @@ def test_readme_config_files_and_overrides_exist():
       overrides = [n.split('.', 1)[1] for n in _flags_used(arguments) if n.startswith('config.')]
       spec = _concrete_config_spec(specs[0]) if specs else None
       missing = _config_overrides_ok(spec, overrides) if overrides else []
-      problems += [f'README: python {program} {arguments}: --config.{f} is not a field of '
-                   f'{spec or "any configs/*.py"}' for f in missing]
+      problems += [
+        f'README: python {program} {arguments}: --config.{f} is not a field of {spec or "any configs/*.py"}'
+        for f in missing
+      ]
   # Overrides shown on their own (`--config.model.dtype=bfloat16`): a field of some model's config, or of the
   # config file the same span names.
   for span in _code_spans(_readme_text(skip_validation_table=True)):
@@ -234,15 +243,17 @@ def test_readme_config_files_and_overrides_exist():
     specs = [_concrete_config_spec(s) for s in re.findall(r'--config=(\S+)', span)]
     spec = specs[0] if specs else None
     overrides = [n.split('.', 1)[1] for n in _flags_used(span) if n.startswith('config.')]
-    problems += [f'README: `{span}`: --config.{f} is not a field of {spec or "any configs/*.py"}'
-                 for f in _config_overrides_ok(spec, overrides)]
+    problems += [
+      f'README: `{span}`: --config.{f} is not a field of {spec or "any configs/*.py"}'
+      for f in _config_overrides_ok(spec, overrides)
+    ]
   assert not problems, '\n'.join(problems)
 
 
 def test_readme_names_only_existing_repository_files():
   text = _readme_text(skip_validation_table=True)
   words = [w for span in _code_spans(text) for w in span.split()]
-  words += re.findall(r'\]\(([^)\s]+)\)', text)   # markdown link targets
+  words += re.findall(r'\]\(([^)\s]+)\)', text)  # markdown link targets
   missing = []
   for word in words:
     path = word.split('=', 1)[1] if word.startswith('-') and '=' in word else word

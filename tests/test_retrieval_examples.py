@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import retrieval_examples as rex  # pylint: disable=g-import-not-at-top
 from test_train import tiny_config  # pylint: disable=g-import-not-at-top
 
-SIDE = 64 * 4   # shapes pixels upscaled 4x
+SIDE = 64 * 4  # shapes pixels upscaled 4x
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +49,7 @@ def retriever(workdir):
 
 @pytest.fixture(scope='module')
 def scores(retriever, split):
-  return retriever.score(split.images, split.captions)   # [100, 500]
+  return retriever.score(split.images, split.captions)  # [100, 500]
 
 
 def test_caption_png_draws_rank_images_rows(workdir, split, retriever, scores, tmp_path):
@@ -57,8 +57,17 @@ def test_caption_png_draws_rank_images_rows(workdir, split, retriever, scores, t
   t2i_rank = (scores > scores[split.caption_to_image, np.arange(500)]).sum(axis=0)
   hit = int(np.flatnonzero(t2i_rank < 3)[0])
   out = str(tmp_path / 'fig' / 'captions.png')
-  examples = rex.run([f'--workdir={workdir}', '--caption_index=0', f'--caption_index={hit}',
-                      '--caption=a red circle', '-k', '3', f'--out={out}'])
+  examples = rex.run(
+    [
+      f'--workdir={workdir}',
+      '--caption_index=0',
+      f'--caption_index={hit}',
+      '--caption=a red circle',
+      '-k',
+      '3',
+      f'--out={out}',
+    ]
+  )
   texts = [split.captions[0], split.captions[hit], 'a red circle']
   assert [e.caption for e in examples] == texts
   for e, text in zip(examples, texts):
@@ -76,17 +85,20 @@ def test_caption_png_draws_rank_images_rows(workdir, split, retriever, scores, t
   row_h = rex.LABEL_HEIGHT + cell + rex.ROW_GAP
   assert png.size == (rex.TEXT_WIDTH + 3 * (cell + rex.GAP), rex.TITLE_HEIGHT + 3 * row_h)
   pixels = np.asarray(png.convert('RGB'))
-  for row, e in enumerate(examples):    # frame colours: green = ground truth, red = not, grey = free text
+  for row, e in enumerate(examples):  # frame colours: green = ground truth, red = not, grey = free text
     for j, (i, _) in enumerate(e.results):
       x, y = rex.TEXT_WIDTH + j * (cell + rex.GAP) + 1, rex.TITLE_HEIGHT + row * row_h + rex.LABEL_HEIGHT + 1
       expected = rex.GREY if e.truth is None else (rex.GREEN if i == e.truth else rex.RED)
       assert tuple(pixels[y, x]) == expected, (row, j)
 
-  out = str(tmp_path / 'captions.html')   # the same queries as a standalone page
+  out = str(tmp_path / 'captions.html')  # the same queries as a standalone page
   rex.run([f'--workdir={workdir}', f'--caption_index={hit}', '-k', '3', f'--out={out}'])
   page = open(out, encoding='utf-8').read()
-  figures = re.findall(r'<figure( class="truth")?><img src="data:image/png;base64,[^"]+" style="border-color: '
-                       r'rgb\(([\d, ]+)\)" alt="image (\d+)">', page)
+  figures = re.findall(
+    r'<figure( class="truth")?><img src="data:image/png;base64,[^"]+" style="border-color: '
+    r'rgb\(([\d, ]+)\)" alt="image (\d+)">',
+    page,
+  )
   assert [int(i) for _, _, i in figures] == [i for i, _ in examples[1].results]
   for mark, colour, i in figures:
     assert bool(mark) == (int(i) == examples[1].truth)
@@ -96,23 +108,23 @@ def test_caption_png_draws_rank_images_rows(workdir, split, retriever, scores, t
 def test_image_html_lists_rank_captions_and_marks_ground_truth(workdir, split, retriever, scores, tmp_path):
   own = scores[split.caption_to_image, np.arange(500)]
   best_own = np.array([(scores[i] > own[split.caption_to_image == i].max()).sum() for i in range(100)])
-  hit = int(np.flatnonzero(best_own < 5)[0])   # an image with one of its captions in its top 5
+  hit = int(np.flatnonzero(best_own < 5)[0])  # an image with one of its captions in its top 5
   out = str(tmp_path / 'images.html')
   examples = rex.run([f'--workdir={workdir}', f'--image_index={hit}', '--image_index=7', '--k=5', f'--out={out}'])
   page = open(out, encoding='utf-8').read()
   sources = re.findall(r'<img src="([^"]*)"', page)
-  assert len(sources) == 2 and all(s.startswith('data:image/png;base64,') for s in sources)   # standalone
+  assert len(sources) == 2 and all(s.startswith('data:image/png;base64,') for s in sources)  # standalone
   assert Image.open(io.BytesIO(base64.b64decode(sources[0].split(',', 1)[1]))).size == (SIDE, SIDE)
   items = re.findall(r'<li( class="truth")?>.*?\(caption (\d+)\)</small></li>', page)
   assert len(items) == 10
   for n, (e, i) in enumerate(zip(examples, [hit, 7])):
     expected = retrieve.rank_captions(retriever, split.images, split.captions, i, 5)
     assert e.image_index == i and [c for c, _ in e.results] == [c for c, _ in expected]
-    shown = items[5 * n:5 * n + 5]
+    shown = items[5 * n : 5 * n + 5]
     assert [int(c) for _, c in shown] == [c for c, _ in expected]
     assert [bool(mark) for mark, _ in shown] == [split.caption_to_image[c] == i for c, _ in expected]
     position = 0
-    for c, _ in expected:   # the caption texts, in rank order
+    for c, _ in expected:  # the caption texts, in rank order
       position = page.index(split.captions[c], position)
   assert any(mark for mark, _ in items[:5])
   assert f'first own caption at rank {examples[0].truth_rank}' in page
@@ -120,8 +132,18 @@ def test_image_html_lists_rank_captions_and_marks_ground_truth(workdir, split, r
 
 def test_image_png_size(workdir, tmp_path):
   out = str(tmp_path / 'images.png')
-  rex.run([f'--workdir={workdir}', '--image_index=0', '--image_index=1', '--image_index=99', '-k', '4',
-           '--scale=2', f'--out={out}'])
+  rex.run(
+    [
+      f'--workdir={workdir}',
+      '--image_index=0',
+      '--image_index=1',
+      '--image_index=99',
+      '-k',
+      '4',
+      '--scale=2',
+      f'--out={out}',
+    ]
+  )
   side = 64 * 2
   row_h = max(rex.LABEL_HEIGHT + side, 5 * rex.LINE_HEIGHT + rex.LABEL_HEIGHT) + rex.ROW_GAP
   assert Image.open(out).size == (side + 2 * rex.PAD + rex.CAPTIONS_WIDTH, rex.TITLE_HEIGHT + 3 * row_h)
@@ -129,11 +151,17 @@ def test_image_png_size(workdir, tmp_path):
 
 def test_bad_input_is_refused(workdir, tmp_path):
   out = str(tmp_path / 'x.png')
-  with pytest.raises(ValueError, match=r'--caption_index=500 is out of range: shapes_tiny/test has 500 captions '
-                                       r'\(valid 0 \.\. 499\)'):
+  with pytest.raises(
+    ValueError,
+    match=r'--caption_index=500 is out of range: shapes_tiny/test has 500 captions '
+    r'\(valid 0 \.\. 499\)',
+  ):
     rex.run([f'--workdir={workdir}', '--caption_index=3', '--caption_index=500', f'--out={out}'])
-  with pytest.raises(ValueError, match=r'--image_index=-1 is out of range: shapes_tiny/test has 100 images '
-                                       r'\(valid 0 \.\. 99\)'):
+  with pytest.raises(
+    ValueError,
+    match=r'--image_index=-1 is out of range: shapes_tiny/test has 100 images '
+    r'\(valid 0 \.\. 99\)',
+  ):
     rex.run([f'--workdir={workdir}', '--image_index=-1', f'--out={out}'])
   with pytest.raises(ValueError, match='or image queries'):
     rex.run([f'--workdir={workdir}', '--caption_index=1', '--image_index=1', f'--out={out}'])
@@ -155,13 +183,16 @@ def test_bad_input_is_refused(workdir, tmp_path):
 def test_split_without_pixels_is_refused(workdir, monkeypatch, tmp_path):
   real = rex.data_lib.load_split
 
-  def no_pixels(*args, **kwargs):   # as a SCAN precomp split: region features only
+  def no_pixels(*args, **kwargs):  # as a SCAN precomp split: region features only
     images, captions, caption_to_image = real(*args, **kwargs)
     return rex.data_lib.Split({'regions': images['regions']}, captions, caption_to_image)
 
   monkeypatch.setattr(rex.data_lib, 'load_split', no_pixels)
   out = str(tmp_path / 'x.png')
-  with pytest.raises(ValueError, match=r'dataset shapes_tiny/test has no "pixels" field.*'
-                                       r'python -m xmatch_jax\.retrieve --workdir='):
+  with pytest.raises(
+    ValueError,
+    match=r'dataset shapes_tiny/test has no "pixels" field.*'
+    r'python -m xmatch_jax\.retrieve --workdir=',
+  ):
     rex.run([f'--workdir={workdir}', '--caption_index=0', f'--out={out}'])
   assert not os.path.exists(out)

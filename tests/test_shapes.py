@@ -58,14 +58,17 @@ def _true_of(meaning, objects):
   for chosen in itertools.permutations(objects, len(single)):
     pick = dict(zip(single, chosen))
     if all(_fits(meaning['mentions'][i], pick[i]) for i in single) and all(
-        _relation(pick[i], pick[j]) == rel for i, rel, j in meaning['relations']):
+      _relation(pick[i], pick[j]) == rel for i, rel, j in meaning['relations']
+    ):
       return True
   return False
 
 
-_WORD_KIND = {**{w: ('colour', c) for c, ws in ss.COLOUR_WORDS.items() for w in ws},
-              **{w: ('size', s) for s, ws in ss.SIZE_WORDS.items() for w in ws},
-              **{f: ('shape', s) for s, forms in ss.SHAPE_NOUNS.items() for pair in forms for f in pair}}
+_WORD_KIND = {
+  **{w: ('colour', c) for c, ws in ss.COLOUR_WORDS.items() for w in ws},
+  **{w: ('size', s) for s, ws in ss.SIZE_WORDS.items() for w in ws},
+  **{f: ('shape', s) for s, forms in ss.SHAPE_NOUNS.items() for pair in forms for f in pair},
+}
 
 
 def _words_exist(caption, objects):
@@ -152,16 +155,40 @@ def test_sampled_scenes_are_valid():
   assert set(counts) == {2, 3, 4}
 
 
-@pytest.mark.parametrize('bad, field', [
-    ({'objects': [{'shape': 'star', 'colour': 'red', 'size': 'small', 'x': 20, 'y': 20},
-                  {'shape': 'circle', 'colour': 'red', 'size': 'small', 'x': 40, 'y': 40}]}, '"shape"'),
-    ({'objects': [{'shape': 'circle', 'colour': 'red', 'size': 'large', 'x': 3, 'y': 20},
-                  {'shape': 'circle', 'colour': 'red', 'size': 'small', 'x': 40, 'y': 40}]}, '"x"'),
-    ({'objects': [{'shape': 'circle', 'colour': 'red', 'size': 'large', 'x': 20, 'y': 20},
-                  {'shape': 'circle', 'colour': 'blue', 'size': 'small', 'x': 26, 'y': 22}]}, 'overlap'),
+@pytest.mark.parametrize(
+  'bad, field',
+  [
+    (
+      {
+        'objects': [
+          {'shape': 'star', 'colour': 'red', 'size': 'small', 'x': 20, 'y': 20},
+          {'shape': 'circle', 'colour': 'red', 'size': 'small', 'x': 40, 'y': 40},
+        ]
+      },
+      '"shape"',
+    ),
+    (
+      {
+        'objects': [
+          {'shape': 'circle', 'colour': 'red', 'size': 'large', 'x': 3, 'y': 20},
+          {'shape': 'circle', 'colour': 'red', 'size': 'small', 'x': 40, 'y': 40},
+        ]
+      },
+      '"x"',
+    ),
+    (
+      {
+        'objects': [
+          {'shape': 'circle', 'colour': 'red', 'size': 'large', 'x': 20, 'y': 20},
+          {'shape': 'circle', 'colour': 'blue', 'size': 'small', 'x': 26, 'y': 22},
+        ]
+      },
+      'overlap',
+    ),
     ({'objects': [{'shape': 'circle', 'colour': 'red', 'size': 'large', 'x': 20, 'y': 20}]}, '2 to 4'),
     ({'things': []}, '"objects"'),
-])
+  ],
+)
 def test_bad_scene_raises(bad, field):
   with pytest.raises(ValueError, match=field):
     ss.example_from_scene(bad, seed=0)
@@ -175,7 +202,7 @@ def test_pixels_show_objects_in_their_colour():
       assert np.abs(pixels[o['y'], o['x']] - ss.RGB[o['colour']]).max() < 40
     far = np.ones((64, 64), bool)
     for o in scene['objects']:
-      far[max(o['y'] - 9, 0):o['y'] + 10, max(o['x'] - 9, 0):o['x'] + 10] = False
+      far[max(o['y'] - 9, 0) : o['y'] + 10, max(o['x'] - 9, 0) : o['x'] + 10] = False
     assert np.abs(pixels[far] - ss.BACKGROUND_RGB).mean() < 8
 
 
@@ -184,7 +211,7 @@ def test_label_is_largest_object_colour_and_shape(test_split):
     objects = json.loads(_text(e['scene']))['objects']
     large = [o for o in objects if o['size'] == 'large'] or objects
     leftmost = sorted(large, key=lambda o: (o['x'], o['y']))[0]
-    assert ss.LABEL_NAMES[int(e['label'])] == f"{leftmost['colour']} {leftmost['shape']}"
+    assert ss.LABEL_NAMES[int(e['label'])] == f'{leftmost["colour"]} {leftmost["shape"]}'
 
 
 def test_regions_boxes_and_tags(test_split):
@@ -203,18 +230,24 @@ def test_regions_boxes_and_tags(test_split):
       box = np.array([o['x'] - h, o['y'] - h, o['x'] + h + 1, o['y'] + h + 1]) / 64
       hits = np.nonzero(np.abs(boxes - box).max(1) < 1e-6)[0]
       assert len(hits) >= 1
-      wrong += all(tags[k] != f"{o['colour']} {o['shape']}" for k in hits)
+      wrong += all(tags[k] != f'{o["colour"]} {o["shape"]}' for k in hits)
       total += 1
   assert 0.02 < wrong / total < 0.3  # ~TAG_NOISE of the object tags are wrong
 
 
 def test_region_features_encode_attributes_not_just_noise():
   # Same scene, different seeds: features of a region type agree far better than across objects.
-  scene = {'objects': [{'shape': 'circle', 'colour': 'red', 'size': 'small', 'x': 15, 'y': 15},
-                       {'shape': 'square', 'colour': 'blue', 'size': 'small', 'x': 45, 'y': 45}]}
+  scene = {
+    'objects': [
+      {'shape': 'circle', 'colour': 'red', 'size': 'small', 'x': 15, 'y': 15},
+      {'shape': 'square', 'colour': 'blue', 'size': 'small', 'x': 45, 'y': 45},
+    ]
+  }
+
   def object_region(example, obj):
     box = np.array([obj['x'] - 5, obj['y'] - 5, obj['x'] + 6, obj['y'] + 6]) / 64
     return example['regions'][np.argmin(np.abs(example['boxes'] - box).max(1))]
+
   first, second = (ss.example_from_scene(scene, seed=s) for s in range(2))
   circle, square = scene['objects']
   same = np.linalg.norm(object_region(first, circle) - object_region(second, circle))
@@ -239,8 +272,17 @@ def test_captions_are_true_and_parse_back():
 
 
 def test_relation_words_agree_with_geometry_and_flipping_them_fails(test_split):
-  flip = {'left': 'right', 'right': 'left', 'above': 'below', 'below': 'above',
-          'over': 'under', 'under': 'over', 'beneath': 'over', 'higher': 'lower', 'lower': 'higher'}
+  flip = {
+    'left': 'right',
+    'right': 'left',
+    'above': 'below',
+    'below': 'above',
+    'over': 'under',
+    'under': 'over',
+    'beneath': 'over',
+    'higher': 'lower',
+    'lower': 'higher',
+  }
   n_relational = 0
   for e in test_split:
     objects = json.loads(_text(e['scene']))['objects']
@@ -284,15 +326,16 @@ def test_look_alike_groups():
     for binding in (group[:4], group[4:]):
       assert all(bag(s) == bag(binding[0]) for s in binding)
       for a, b in itertools.combinations(binding, 2):  # every pairwise relation differs between layouts
-        for (i, j) in itertools.combinations(range(len(a)), 2):
+        for i, j in itertools.combinations(range(len(a)), 2):
           assert _relation(a[i], a[j]) != _relation(b[i], b[j])
     assert bag(group[0]) != bag(group[4]) and words(group[0]) == words(group[4])
 
 
 def test_look_alikes_in_built_test_split(test_split):
   bags = collections.Counter(
-      tuple(sorted((o['shape'], o['colour'], o['size']) for o in json.loads(_text(e['scene']))['objects']))
-      for e in test_split)
+    tuple(sorted((o['shape'], o['colour'], o['size']) for o in json.loads(_text(e['scene']))['objects']))
+    for e in test_split
+  )
   assert sum(c for c in bags.values() if c >= 4) >= 80
 
 

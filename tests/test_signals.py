@@ -17,9 +17,15 @@ import pytest
 from xmatch_jax.checkpoints import RunCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ['--config=configs/scan.py:shapes_tiny', '--config.model.embed_size=32', '--config.model.word_dim=16',
-         '--config.batch_size=16', '--config.num_epochs=1', '--config.log_every_steps=1',
-         '--config.checkpoint_every_steps=4']   # 93 steps; a checkpoint every 4 steps and at the end
+FLAGS = [
+  '--config=configs/scan.py:shapes_tiny',
+  '--config.model.embed_size=32',
+  '--config.model.word_dim=16',
+  '--config.batch_size=16',
+  '--config.num_epochs=1',
+  '--config.log_every_steps=1',
+  '--config.checkpoint_every_steps=4',
+]  # 93 steps; a checkpoint every 4 steps and at the end
 
 
 @pytest.fixture(scope='module')
@@ -29,8 +35,14 @@ def data_dir(tmp_path_factory):
 
 def _start(workdir, data_dir):
   env = {**os.environ, 'XMATCH_DATA_DIR': data_dir}
-  return subprocess.Popen([sys.executable, '-m', 'xmatch_jax.train', *FLAGS, f'--workdir={workdir}'], cwd=ROOT,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, '-m', 'xmatch_jax.train', *FLAGS, f'--workdir={workdir}'],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _logged_step(workdir) -> int:
@@ -78,7 +90,7 @@ def test_sigterm_saves_and_exits_then_resumes(data_dir, uninterrupted, tmp_path)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, out
   stopped = int(out.split('stopped by signal SIGTERM at step ')[1].split(';')[0])
-  assert stopped >= 6   # any step, not only a multiple of checkpoint_every_steps: it saves where it stops
+  assert stopped >= 6  # any step, not only a multiple of checkpoint_every_steps: it saves where it stops
   assert stopped in RunCheckpoints(workdir).latest.all_steps()
   out = _finish(workdir, data_dir)
   assert f'resumed from {workdir} at step {stopped}' in out
@@ -90,7 +102,7 @@ def test_kill_9_at_a_random_step_then_resume_equals_uninterrupted(data_dir, unin
   proc = _start(workdir, data_dir)
   kill_at = int(np.random.default_rng().integers(5, 40))
   _wait_for_step(proc, workdir, kill_at)
-  proc.kill()   # SIGKILL: no handler runs
+  proc.kill()  # SIGKILL: no handler runs
   proc.communicate()
   saved = max(RunCheckpoints(workdir).latest.all_steps())
   assert saved >= 4
@@ -107,7 +119,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(uninterrupted, t
   assert len(steps) >= 2
   truncated = 0
   for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', str(steps[-1]), 'state')):
-    for name in files:   # cut every array data file of the newest step to a third, as a crash mid-write would
+    for name in files:  # cut every array data file of the newest step to a third, as a crash mid-write would
       path = os.path.join(root, name)
       if not name.endswith('.json') and not name.startswith('_') and os.path.getsize(path) > 16:
         with open(path, 'r+b') as f:

@@ -18,7 +18,7 @@ def test_both_torch_save_formats_give_the_saved_values(name):
   checkpoint = torch_pickle.load(os.path.join(FIXTURES, name))
   expected = np.load(os.path.join(FIXTURES, 'torch_state_expected.npz'))
   state, extra = checkpoint['model']
-  assert list(state) == list(expected.files)   # order kept (OrderedDict)
+  assert list(state) == list(expected.files)  # order kept (OrderedDict)
   for key in expected.files:
     np.testing.assert_array_equal(np.asarray(state[key], expected[key].dtype), expected[key], err_msg=key)
     assert state[key].shape == expected[key].shape
@@ -37,7 +37,7 @@ class _Payload:
 def test_code_in_a_legacy_pickle_is_refused(tmp_path):
   path = tmp_path / 'evil.pth'
   with open(path, 'wb') as f:
-    for header in (0x1950a86a20f9469cfc6c, 1001, {'little_endian': True}):
+    for header in (0x1950A86A20F9469CFC6C, 1001, {'little_endian': True}):
       pickle.dump(header, f)
     pickle.dump({'state_dict': _Payload()}, f)
   with pytest.raises(pickle.UnpicklingError, match=r'evil.pth: refusing to load global (posix|os)\.system'):

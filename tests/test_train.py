@@ -8,9 +8,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
-import ml_collections
 
 from configs import scan as scan_config
 from configs import vsepp as vsepp_config
@@ -66,8 +66,8 @@ def test_training_learns_far_above_chance(trained):
   workdir, _, dev = trained
   # Chance rsum on 100 images / 500 captions is ~32 (R@K = K% each way, i2t a little higher with 5 positives).
   assert dev['rsum'] > 120, dev
-  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  losses = [l['loss'] for l in lines if 'loss' in l]
+  lines = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  losses = [line['loss'] for line in lines if 'loss' in line]
   assert losses[-1] < losses[0]
 
 
@@ -109,7 +109,7 @@ def test_retriever_matches_evaluation_scores(trained, data_dir):
   # The same pairs scored within the whole split give the same numbers (chunking does not matter).
   full = r.score(images, captions[:11])
   np.testing.assert_allclose(scores, full[:7], atol=1e-5)
-  shortlisted = r.score(images, captions[:11], rerank_k=3)    # two-stage: each caption's 3 shortlisted images
+  shortlisted = r.score(images, captions[:11], rerank_k=3)  # two-stage: each caption's 3 shortlisted images
   top = np.argsort(-shortlisted, axis=0, kind='stable')[:3]
   np.testing.assert_allclose(np.take_along_axis(shortlisted, top, 0), np.take_along_axis(full, top, 0), atol=1e-5)
   unk = r.score(subset, ['a zebra xylophone'])  # unknown words map to <unk>
@@ -142,8 +142,9 @@ def test_resume_after_interruption_equals_uninterrupted(data_dir, tmp_path, monk
   monkeypatch.setattr(train.batching.TrainBatcher, 'batch', original)
   assert RunCheckpoints(cut_dir).latest.latest_step() == 20
   train.train_and_evaluate(config, cut_dir)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               _params(full_dir), _params(cut_dir))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), _params(full_dir), _params(cut_dir)
+  )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -170,27 +171,38 @@ def test_vsepp_trains_two_epochs_with_a_sum_of_violations_warmup(data_dir, tmp_p
   config = tiny_config(data_dir, module=vsepp_config, num_epochs=2, log_every_steps=1, **{'loss.warmup_epochs': 1})
   dev = train.train_and_evaluate(config, workdir)
   assert np.isfinite(dev['rsum'])
-  logged = {l['step']: l['loss'] for l in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl'))) if 'loss' in l}
+  logged = {r['step']: r['loss'] for r in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl'))) if 'loss' in r}
   per_epoch = 1500 // 32
-  hardest_at_most = 2 * 32 * config.loss.margin + 1e-3   # the hardest-negative loss with equal scores; the sum
-  assert logged[1] > 5 * hardest_at_most                  # over all 31 negatives per query starts far above it
+  hardest_at_most = 2 * 32 * config.loss.margin + 1e-3  # the hardest-negative loss with equal scores; the sum
+  assert logged[1] > 5 * hardest_at_most  # over all 31 negatives per query starts far above it
   assert max(logged[s] for s in range(per_epoch + 1, 2 * per_epoch + 1)) < 2 * hardest_at_most
 
 
 def test_collapse_watch_warns_once_after_a_run_at_the_collapse_value():
   watch = train.CollapseWatch(losses.collapse_value(128, 0.2, True), intervals=3)
   assert watch.collapsed_loss == pytest.approx(51.2)
-  assert [watch.update(v) for v in (51.2, 51.3, 40.0, 51.2, 51.0, 51.25, 51.2, 51.2)] == \
-      [False, False, False, False, False, True, False, False]
+  assert [watch.update(v) for v in (51.2, 51.3, 40.0, 51.2, 51.0, 51.25, 51.2, 51.2)] == [
+    False,
+    False,
+    False,
+    False,
+    False,
+    True,
+    False,
+    False,
+  ]
   assert '2 x batch x margin' in watch.message(100)
 
 
-@pytest.mark.parametrize('key, value, message', [
+@pytest.mark.parametrize(
+  'key, value, message',
+  [
     ('model.block_size', 0, 'block_size'),
     ('loss.margin', -0.1, 'margin'),
     ('batch_size', 1, 'batch_size'),
     ('loss.warmup_epochs', 3, 'warmup_epochs'),
-])
+  ],
+)
 def test_impossible_config_values(data_dir, tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(tiny_config(data_dir, **{key: value}), str(tmp_path))
@@ -211,19 +223,34 @@ def test_paper_dataset_without_its_files(tmp_path, monkeypatch):
 
 def test_unknown_config_key_on_command_line(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'xmatch_jax.train', '--config=configs/scan.py:shapes_tiny',
-       f'--workdir={tmp_path}', '--config.model.embed_sise=3'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'xmatch_jax.train',
+      '--config=configs/scan.py:shapes_tiny',
+      f'--workdir={tmp_path}',
+      '--config.model.embed_sise=3',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode != 0
-  assert ("--config.model.embed_sise: config.model of configs/scan.py:shapes_tiny has no field 'embed_sise'. "
-          "Did you mean 'embed_size'?") in proc.stderr, proc.stderr[-2000:]
+  assert (
+    "--config.model.embed_sise: config.model of configs/scan.py:shapes_tiny has no field 'embed_sise'. "
+    "Did you mean 'embed_size'?"
+  ) in proc.stderr, proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
-  with pytest.raises(ValueError, match=r"--config.optim.learning_rate.x: config.optim.learning_rate of .* is a value"):
+  with pytest.raises(ValueError, match=r'--config.optim.learning_rate.x: config.optim.learning_rate of .* is a value'):
     run_setup.check_config_overrides([f'--config={ROOT}/configs/scan.py:shapes', '--config.optim.learning_rate.x=1'])
-  with pytest.raises(ValueError, match=r"the config of .*configs/scan.py has no field 'nope'.* Its fields: .*batch_size"):
+  with pytest.raises(
+    ValueError, match=r"the config of .*configs/scan.py has no field 'nope'.* Its fields: .*batch_size"
+  ):
     run_setup.check_config_overrides(['--config', f'{ROOT}/configs/scan.py', '--config.nope', '2'])
-  run_setup.check_config_overrides([f'--config={ROOT}/configs/scan.py', '--config.model.embed_size=3',
-                                    '--noconfig.seed'])
+  run_setup.check_config_overrides(
+    [f'--config={ROOT}/configs/scan.py', '--config.model.embed_size=3', '--noconfig.seed']
+  )
 
 
 def test_split_validation_errors():
@@ -242,6 +269,7 @@ def test_split_validation_errors():
 
 def test_retrieve_ranks_by_the_retrievers_scores(trained, data_dir, monkeypatch, capsys):
   from xmatch_jax import retrieve  # pylint: disable=g-import-not-at-top
+
   workdir, _, _ = trained
   monkeypatch.setenv('XMATCH_DATA_DIR', data_dir)
   split = load_split('shapes_tiny', 'test', data_dir)
@@ -257,9 +285,13 @@ def test_retrieve_ranks_by_the_retrievers_scores(trained, data_dir, monkeypatch,
     retrieve.run(workdir, 'test', caption, 4, 3)
   with pytest.raises(ValueError, match='outside the split'):
     retrieve.run(workdir, 'test', None, 100, 3)
-  out = subprocess.run([sys.executable, '-m', 'xmatch_jax.retrieve', f'--workdir={workdir}', '--caption', caption,
-                        '-k', '2'], capture_output=True, text=True, env={**os.environ, 'XMATCH_DATA_DIR': data_dir},
-                       cwd=ROOT)
+  out = subprocess.run(
+    [sys.executable, '-m', 'xmatch_jax.retrieve', f'--workdir={workdir}', '--caption', caption, '-k', '2'],
+    capture_output=True,
+    text=True,
+    env={**os.environ, 'XMATCH_DATA_DIR': data_dir},
+    cwd=ROOT,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert f'  1. image {top[0][0]:5d}' in out.stdout and '  3.' not in out.stdout
 
@@ -278,6 +310,7 @@ def test_named_protocols_fix_dataset_and_split():
 def test_ensemble_of_two_runs_is_the_weighted_score_sum(trained, data_dir, tmp_path, monkeypatch):
   from xmatch_jax import ensemble  # pylint: disable=g-import-not-at-top
   from xmatch_jax import metrics  # pylint: disable=g-import-not-at-top
+
   workdir, _, _ = trained
   other = str(tmp_path / 'vsepp')
   train.train_and_evaluate(tiny_config(data_dir, module=vsepp_config, num_epochs=1), other)
@@ -295,11 +328,13 @@ def test_ensemble_of_two_runs_is_the_weighted_score_sum(trained, data_dir, tmp_p
 def test_export_params_writes_every_variable_under_its_path(trained, tmp_path, suffix):
   sys.path.insert(0, os.path.join(ROOT, 'tools'))
   import export_params  # pylint: disable=g-import-not-at-top
+
   workdir, config, _ = trained
   out = str(tmp_path / f'p.{suffix}')
   assert export_params.main([f'--workdir={workdir}', f'--out={out}']) == 0
   if suffix == 'safetensors':
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
     with safe_open(out, 'np') as f:
       loaded = {k: f.get_tensor(k) for k in f.keys()}
       assert f.metadata()['model'] == 'scan'
@@ -308,8 +343,10 @@ def test_export_params_writes_every_variable_under_its_path(trained, tmp_path, s
     loaded = dict(np.load(out))
     assert json.loads(str(loaded.pop('__config__')))['model']['name'] == 'scan'
   params = _params(workdir)
-  want = {'params/' + '/'.join(str(p.key) for p in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_leaves_with_path(params)}
+  want = {
+    'params/' + '/'.join(str(p.key) for p in path): np.asarray(v)
+    for path, v in jax.tree_util.tree_leaves_with_path(params)
+  }
   assert sorted(loaded) == sorted(want) and 'params/image_encoder/fc/kernel' in loaded
   for key, value in want.items():
     np.testing.assert_array_equal(loaded[key], value)
@@ -317,8 +354,9 @@ def test_export_params_writes_every_variable_under_its_path(trained, tmp_path, s
 
 def test_learning_rate_decays_every_lr_decay_epochs_as_the_official_code():
   """SCAN / GLFN adjust_learning_rate: lr * 0.1 ** (epoch // lr_update); warm-up ramps linearly from 0."""
-  config = ml_collections.ConfigDict({'learning_rate': 2e-4, 'lr_decay_epochs': 15, 'lr_decay_factor': 0.1,
-                                      'grad_clip': 0.0, 'warmup_steps': 0})
+  config = ml_collections.ConfigDict(
+    {'learning_rate': 2e-4, 'lr_decay_epochs': 15, 'lr_decay_factor': 0.1, 'grad_clip': 0.0, 'warmup_steps': 0}
+  )
   _, schedule = train.make_optimizer(config, steps_per_epoch=10)
   for epoch, want in ((0, 2e-4), (14, 2e-4), (15, 2e-5), (29, 2e-5), (30, 2e-6), (39, 2e-6)):
     assert float(schedule(epoch * 10)) == pytest.approx(want, rel=1e-6), epoch

@@ -20,7 +20,7 @@ def _table_rows(readme: str) -> list:
       break
     if line.strip().startswith('|'):
       table.append(line.strip())
-    elif table:   # the first table ended
+    elif table:  # the first table ended
       break
   split = lambda row: [cell.strip() for cell in re.split(r'(?<!\\)\|', row.strip().strip('|'))]
   assert len(table) >= 3, f'no table (header, separator, rows) under "{HEADING}"'

@@ -70,21 +70,21 @@ def test_encode_fixture_captions(f30k_vocab):
 # Outputs of nltk 3.9.1's NLTKWordTokenizer (word_tokenize's word step) on text.lower(), recorded with nltk at
 # development time (nltk is not a dependency). Each input is one sentence for Punkt, so word_tokenize agrees.
 NLTK_CASES = [
-    ("A man's coat.", ['a', 'man', "'s", 'coat', '.']),
-    ("Don't, can't, cannot", ['do', "n't", ',', 'ca', "n't", ',', 'can', 'not']),
-    ("the boys' toys", ['the', 'boys', "'", 'toys']),
-    ('"Hi" she said', ['``', 'hi', "''", 'she', 'said']),
-    ('1,000 people, 50% off $5', ['1,000', 'people', ',', '50', '%', 'off', '$', '5']),
-    ("I'm here; you're there!", ['i', "'m", 'here', ';', 'you', "'re", 'there', '!']),
-    ('a (red) car [left]', ['a', '(', 'red', ')', 'car', '[', 'left', ']']),
-    ('wait -- what?', ['wait', '--', 'what', '?']),
-    ("they'll we've he'd", ['they', "'ll", 'we', "'ve", 'he', "'d"]),
-    ('gonna wanna', ['gon', 'na', 'wan', 'na']),
-    ('a dog...running', ['a', 'dog', '...', 'running']),
-    ('the U.S. flag', ['the', 'u.s.', 'flag']),
-    ('A man in St. Louis with Mr. Smith', ['a', 'man', 'in', 'st.', 'louis', 'with', 'mr.', 'smith']),
-    ('a red t-shirt , blue jeans .', ['a', 'red', 't-shirt', ',', 'blue', 'jeans', '.']),
-    ('Time: 3:30', ['time', ':', '3:30']),
+  ("A man's coat.", ['a', 'man', "'s", 'coat', '.']),
+  ("Don't, can't, cannot", ['do', "n't", ',', 'ca', "n't", ',', 'can', 'not']),
+  ("the boys' toys", ['the', 'boys', "'", 'toys']),
+  ('"Hi" she said', ['``', 'hi', "''", 'she', 'said']),
+  ('1,000 people, 50% off $5', ['1,000', 'people', ',', '50', '%', 'off', '$', '5']),
+  ("I'm here; you're there!", ['i', "'m", 'here', ';', 'you', "'re", 'there', '!']),
+  ('a (red) car [left]', ['a', '(', 'red', ')', 'car', '[', 'left', ']']),
+  ('wait -- what?', ['wait', '--', 'what', '?']),
+  ("they'll we've he'd", ['they', "'ll", 'we', "'ve", 'he', "'d"]),
+  ('gonna wanna', ['gon', 'na', 'wan', 'na']),
+  ('a dog...running', ['a', 'dog', '...', 'running']),
+  ('the U.S. flag', ['the', 'u.s.', 'flag']),
+  ('A man in St. Louis with Mr. Smith', ['a', 'man', 'in', 'st.', 'louis', 'with', 'mr.', 'smith']),
+  ('a red t-shirt , blue jeans .', ['a', 'red', 't-shirt', ',', 'blue', 'jeans', '.']),
+  ('Time: 3:30', ['time', ':', '3:30']),
 ]
 
 
@@ -96,10 +96,12 @@ def test_tokenize_like_nltk(text, expected):
 # Multi-sentence captions, our stand-in for Punkt (see vocab.py): a period ending an ordinary word ends a sentence,
 # so it becomes a token; abbreviations, initials and numbers followed by more (lower-cased) text keep theirs.
 PUNKT_CASES = [
-    ('A dog runs. A cat sits.', ['a', 'dog', 'runs', '.', 'a', 'cat', 'sits', '.']),
-    ('two dogs. one is brown . the other (a puppy.) sleeps',
-     ['two', 'dogs', '.', 'one', 'is', 'brown', '.', 'the', 'other', '(', 'a', 'puppy', '.', ')', 'sleeps']),
-    ('a boy, age 5. he plays with j. smith', ['a', 'boy', ',', 'age', '5.', 'he', 'plays', 'with', 'j.', 'smith']),
+  ('A dog runs. A cat sits.', ['a', 'dog', 'runs', '.', 'a', 'cat', 'sits', '.']),
+  (
+    'two dogs. one is brown . the other (a puppy.) sleeps',
+    ['two', 'dogs', '.', 'one', 'is', 'brown', '.', 'the', 'other', '(', 'a', 'puppy', '.', ')', 'sleeps'],
+  ),
+  ('a boy, age 5. he plays with j. smith', ['a', 'boy', ',', 'age', '5.', 'he', 'plays', 'with', 'j.', 'smith']),
 ]
 
 
@@ -150,11 +152,16 @@ def write_vocab(tmp_path, data, name='bad.json'):
 
 def good_data():
   words = list(vocab_lib.SPECIAL_TOKENS) + ['a', 'dog']
-  return {'idx2word': {str(i): w for i, w in enumerate(words)}, 'word2idx': {w: i for i, w in enumerate(words)},
-          'idx': len(words)}
+  return {
+    'idx2word': {str(i): w for i, w in enumerate(words)},
+    'word2idx': {w: i for i, w in enumerate(words)},
+    'idx': len(words),
+  }
 
 
-@pytest.mark.parametrize('corrupt,field', [
+@pytest.mark.parametrize(
+  'corrupt,field',
+  [
     (lambda d: d.pop('idx2word'), 'idx2word'),
     (lambda d: d.pop('word2idx'), 'word2idx'),
     (lambda d: d.pop('idx'), 'idx'),
@@ -164,9 +171,12 @@ def good_data():
     (lambda d: d['word2idx'].update(cat=6), 'disagree'),
     (lambda d: d['idx2word'].update({'5': 'a'}), 'disagree'),  # duplicate word
     (lambda d: d.update(idx2word={'0': '<pad>', '1': '<start>', '3': '<end>'}), 'idx2word'),  # gap in keys
-    (lambda d: (d['idx2word'].update({'3': 'unknown'}), d['word2idx'].pop('<unk>'), d['word2idx'].update(unknown=3)),
-     '<unk>'),
-])
+    (
+      lambda d: (d['idx2word'].update({'3': 'unknown'}), d['word2idx'].pop('<unk>'), d['word2idx'].update(unknown=3)),
+      '<unk>',
+    ),
+  ],
+)
 def test_from_json_errors_name_file_and_field(tmp_path, corrupt, field):
   data = good_data()
   assert vocab_lib.Vocabulary.from_json(write_vocab(tmp_path, data, 'good.json')).words[-1] == 'dog'
@@ -203,13 +213,17 @@ _VsePPVocabulary.__module__, _VsePPVocabulary.__qualname__ = '__main__', 'Vocabu
 def python2_pickle(words, idx=None) -> bytes:
   """What Python 2.7's pickle.dump(vocab, f, 2) writes: attribute names as byte strings (SHORT_BINSTRING), the
   words (unicode from nltk on decoded captions) as BINUNICODE, integers as BININT."""
+
   def name(b):
     return b'U' + bytes([len(b)]) + b
+
   def word(w):
     e = w.encode('utf-8')
     return b'X' + struct.pack('<I', len(e)) + e
+
   def integer(n):
     return b'J' + struct.pack('<i', n)
+
   out = b'\x80\x02c__main__\nVocabulary\n)\x81}('
   out += name(b'word2idx') + b'}(' + b''.join(word(w) + integer(i) for i, w in enumerate(words)) + b'u'
   out += name(b'idx2word') + b'}(' + b''.join(integer(i) + word(w) for i, w in enumerate(words)) + b'u'
@@ -249,8 +263,11 @@ def test_vocab_pickle_refuses_code_and_bad_fields(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   evil = tmp_path / 'evil.pkl'
   evil.write_bytes(pickle.dumps(_Payload(), protocol=2))
-  with pytest.raises(ValueError, match=r'evil.pkl: not a readable VSE\+\+ vocabulary pickle \(refusing to load '
-                     r'global (posix|os|nt).system'):
+  with pytest.raises(
+    ValueError,
+    match=r'evil.pkl: not a readable VSE\+\+ vocabulary pickle \(refusing to load '
+    r'global (posix|os|nt).system',
+  ):
     vocab_lib.Vocabulary.load(str(evil))
   assert not (tmp_path / 'pwned').exists()
   bad = tmp_path / 'bad.pkl'

@@ -52,9 +52,9 @@ def _rdan_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
     # 3x1 (1 -> c), 1x3 (c -> c), 3x3 (c -> c), 1x1 (c -> out) at every one of the k x n positions.
     flops['convolution'] = 2 * k * n * (3 * c + 3 * c * c + 9 * c * c + c * out)
   attention = 0
-  if m['mu'] != 1:   # row-wise: alpha . (S |e|), alpha^T G_txt alpha
+  if m['mu'] != 1:  # row-wise: alpha . (S |e|), alpha^T G_txt alpha
     attention += 2 * k * n + 2 * k * n * n + 2 * k * n
-  if m['mu'] != 0:   # column-wise: beta . (S |v|), beta^T G_img beta
+  if m['mu'] != 0:  # column-wise: beta . (S |v|), beta^T G_img beta
     attention += 2 * k * n + 2 * k * k * n + 2 * k * n
   flops['attention'] = attention
   return flops
@@ -76,8 +76,7 @@ _GLFN_DIRECTIONS = {'fused': ('t2i', 'i2t'), 't2i': ('t2i',), 'i2t': ('i2t',)}
 def _glfn_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
   # 'fused' computes S once ([I, k, C, n]) and hands i2t its transpose.
   directions = _GLFN_DIRECTIONS[m['score']]
-  return {'similarity': 2 * k * n * d,
-          'attention': sum(_scan_attention_flops(x, k, n) for x in directions)}
+  return {'similarity': 2 * k * n * d, 'attention': sum(_scan_attention_flops(x, k, n) for x in directions)}
 
 
 def _vsepp_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
@@ -89,8 +88,8 @@ def _mmca_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
   flops = {'self_score': 2 * d}
   if m['alpha']:
     f, t = m['cnn_filters'], k + n
-    flops['attention'] = 2 * k * n * d * 2 + 2 * t * t * d        # Q_R K_E^T, Q_E K_R^T; weights x [V_R; V_E]
-    flops['transformer_ffn'] = 2 * t * d * d * 3                    # W^O and the two FFN layers, per token
+    flops['attention'] = 2 * k * n * d * 2 + 2 * t * t * d  # Q_R K_E^T, Q_E K_R^T; weights x [V_R; V_E]
+    flops['transformer_ffn'] = 2 * t * d * d * 3  # W^O and the two FFN layers, per token
     flops['text_cnn'] = sum(2 * (n - w + 1) * w * d * f for w in (1, 2, 3)) + 2 * 3 * f * d
     flops['cross_score'] = 2 * d
   return flops
@@ -101,6 +100,7 @@ def _daer_widths(m: dict) -> list:
   hidden = m.get('relation_hidden')
   if hidden is None:
     from xmatch_jax.models.daer import DAER  # pylint: disable=g-import-not-at-top
+
     hidden = DAER.relation_hidden
   return list(hidden) + [1]
 
@@ -112,8 +112,14 @@ def _daer_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
   return {'relation_mlp': sum(2 * a * b for a, b in zip(widths, widths[1:]))}
 
 
-PAIR_FLOPS = {'rdan': _rdan_pair_flops, 'scan': _scan_pair_flops, 'vsepp': _vsepp_pair_flops,
-              'mmca': _mmca_pair_flops, 'glfn': _glfn_pair_flops, 'daer': _daer_pair_flops}
+PAIR_FLOPS = {
+  'rdan': _rdan_pair_flops,
+  'scan': _scan_pair_flops,
+  'vsepp': _vsepp_pair_flops,
+  'mmca': _mmca_pair_flops,
+  'glfn': _glfn_pair_flops,
+  'daer': _daer_pair_flops,
+}
 # scoring_flops' key of the per-item FLOPs.
 _ITEM_KEY = {'daer': 'item_first_layer'}
 
@@ -133,7 +139,7 @@ def item_flops(m: dict, k: int, n: int, d: int) -> tuple[int, int]:
     h0 = _daer_widths(m)[0]
     return 2 * d * h0, 2 * d * h0
   if name == 'mmca' and m['alpha']:
-    return 2 * k * k * d, 2 * n * n * d          # Q_R K_R^T per image, Q_E K_E^T per caption
+    return 2 * k * k * d, 2 * n * n * d  # Q_R K_R^T per image, Q_E K_E^T per caption
   return 0, 0
 
 
@@ -155,6 +161,7 @@ def scoring_flops(model_config: dict, n_images: int, n_captions: int, k: int, n:
 def load_config(spec: str):
   """'configs/rdan.py:f30k' -> get_config('f30k') of that file (relative paths also under the repository)."""
   from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+
   return run_setup.load_config_file(spec, REPO)
 
 
@@ -172,9 +179,11 @@ def random_reps(seed: int, n_images: int, n_captions: int, k: int, n: int, min_l
   rng = np.random.default_rng(seed)
   lengths = rng.integers(min_len, n + 1, size=n_captions)
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
-  return {'regions': rng.standard_normal((n_images, k, d)).astype(np.float32),
-          'words': rng.standard_normal((n_captions, n, d)).astype(np.float32) * mask[..., None],
-          'mask': mask}
+  return {
+    'regions': rng.standard_normal((n_images, k, d)).astype(np.float32),
+    'words': rng.standard_normal((n_captions, n, d)).astype(np.float32) * mask[..., None],
+    'mask': mask,
+  }
 
 
 def pair_inputs(model_name: str, reps: dict) -> tuple:
@@ -187,7 +196,7 @@ def pair_inputs(model_name: str, reps: dict) -> tuple:
   return {'regions': reps['regions']}, {'words': reps['words'], 'mask': reps['mask']}
 
 
-_TAG_LEN = 4   # GLFN tag tokens: [CLS] + a two-word tag such as "white plate" + [SEP]
+_TAG_LEN = 4  # GLFN tag tokens: [CLS] + a two-word tag such as "white plate" + [SEP]
 
 
 def random_inputs(model, seed: int, b: int, k: int, n: int, min_len: int, img_dim: int) -> tuple[dict, dict]:
@@ -195,13 +204,14 @@ def random_inputs(model, seed: int, b: int, k: int, n: int, min_len: int, img_di
   [b, k, img_dim]} (GLFN: + pfan_blocks / pfan_weights [b, k, L] from random boxes, tag_tokens / tag_mask
   [b, k, 4]), text {'tokens', 'mask': [b, n]} with lengths in [min_len, n]."""
   from xmatch_jax import inference
+
   rng = np.random.default_rng(seed)
   lengths = rng.integers(min_len, n + 1, size=b)
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
   images = {'regions': rng.standard_normal((b, k, img_dim)).astype(np.float32)}
   text = {'tokens': (rng.integers(1, model.vocab_size, (b, n)) * mask).astype(np.int32), 'mask': mask}
   keys = getattr(model, 'image_keys', ('regions',))
-  if 'pfan_blocks' in keys:      # x1, y1, x2, y2 in [0, 1]; the model's prepare_images finds the blocks
+  if 'pfan_blocks' in keys:  # x1, y1, x2, y2 in [0, 1]; the model's prepare_images finds the blocks
     corners = rng.uniform(0, 0.7, (b, k, 2))
     images['boxes'] = np.concatenate([corners, corners + rng.uniform(0.05, 0.3, (b, k, 2))], axis=-1)
   if 'tag_tokens' in keys:
@@ -222,23 +232,29 @@ def _time(fn, repeats: int, warmup: int = 1) -> list:
 
 
 def _summary(times: list) -> dict:
-  return {'median': float(np.median(times)), 'min': float(np.min(times)), 'max': float(np.max(times)),
-          'repeats': len(times)}
+  return {
+    'median': float(np.median(times)),
+    'min': float(np.min(times)),
+    'max': float(np.max(times)),
+    'repeats': len(times),
+  }
 
 
 def matmul_gflops(size: int, repeats: int) -> float:
   """The machine's float32 matmul rate through jax: median GFLOP/s of a [size, size] @ [size, size]."""
   import jax
   import jax.numpy as jnp
+
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
   f = jax.jit(jnp.matmul)
   times = _time(lambda: f(a, b).block_until_ready(), repeats)
-  return 2 * size ** 3 / np.median(times) / 1e9
+  return 2 * size**3 / np.median(times) / 1e9
 
 
 def _peak_memory() -> dict:
   import jax
+
   out = {'peak_host_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
   stats = jax.local_devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
@@ -250,21 +266,27 @@ def build(config, vocab_size: int, img_dim: int):
   """The config's (unbound) model; a BERT-based one takes the vocabulary of its own BERT (WordPiece ids)."""
   from xmatch_jax import run_setup
   from xmatch_jax.models import build_model
+
   if run_setup.uses_bert(config):
     from xmatch_jax.convert import hf_bert
     from xmatch_jax.models.bert import BertConfig
+
     if not config.model.bert_dir:
-      raise errors.UserError(f'model {config.model.name!r} needs a BERT: pass --bert_dir (a Hugging Face BERT directory, '
-                             "or 'minilm')")
-    vocab_size = BertConfig.from_json(os.path.join(hf_bert.resolve_dir(config.model.bert_dir), 'config.json')).vocab_size
+      raise errors.UserError(
+        f"model {config.model.name!r} needs a BERT: pass --bert_dir (a Hugging Face BERT directory, or 'minilm')"
+      )
+    vocab_size = BertConfig.from_json(
+      os.path.join(hf_bert.resolve_dir(config.model.bert_dir), 'config.json')
+    ).vocab_size
   return build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
 
 
 def _init_model(config, vocab_size: int, img_dim: int, k: int, n: int):
   """The model and its full variables, initialised on a random batch of one pair."""
   import jax
+
   model = build(config, vocab_size, img_dim)
-  init = jax.jit(model.init)   # eager init of a BERT takes longer than compiling it
+  init = jax.jit(model.init)  # eager init of a BERT takes longer than compiling it
   return model, init(jax.random.key(config.seed), *random_inputs(model, 0, 1, k, n, n, img_dim))
 
 
@@ -272,37 +294,43 @@ def init_pair_head(model, seed: int, image_rep, text_rep):
   """The variables `pair_scores` reads (DAER: {'params': {'relation': ...}}; none for SCAN or GLFN). Flax derives
   each module's init RNG from its path, so they equal those of the full model's init with the same seed."""
   import jax
+
   return model.init(jax.random.key(seed), image_rep, text_rep, method=model.pair_scores)
 
 
 def check_train_batch(config, train_batch: int) -> None:
   """Refuses a training step for models `child_train` cannot time."""
   if train_batch and config.model.name == 'daer':
-    raise errors.UserError(f'--train_batch={train_batch}: DAER trains in stages (xmatch_jax/train_stages.py: classifiers, '
-                           "then the relation network on eq 11's category loss, with BatchNorm statistics and per-stage "
-                           'optimisers), not with the contrastive train.train_step timed here; use --train_batch=0 '
-                           '(scoring only).')
+    raise errors.UserError(
+      f'--train_batch={train_batch}: DAER trains in stages (xmatch_jax/train_stages.py: classifiers, '
+      "then the relation network on eq 11's category loss, with BatchNorm statistics and per-stage "
+      'optimisers), not with the contrastive train.train_step timed here; use --train_batch=0 '
+      '(scoring only).'
+    )
 
 
 def flat_params(variables) -> dict:
   """{'params/relation_cnn/conv1_kernel': numpy array, ...}."""
   import jax
-  return {'/'.join(str(getattr(p, 'key', p)) for p in path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+
+  return {
+    '/'.join(str(getattr(p, 'key', p)) for p in path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables)
+  }
 
 
 # ----------------------------------------------------------------------------------------------- children
 def child_score(args) -> dict:
   """All-pairs scoring of random encoder outputs (the pair head alone)."""
   import jax
+
   config = load_config(args.config)
   apply_overrides(config, args)
-  reps = random_reps(args.seed, args.n_images, args.n_captions, args.k, args.n, args.min_len,
-                     config.model.embed_size)
-  if config.model.name == 'mmca':   # its reps hold per-item projections: encode random inputs (not timed)
+  reps = random_reps(args.seed, args.n_images, args.n_captions, args.k, args.n, args.min_len, config.model.embed_size)
+  if config.model.name == 'mmca':  # its reps hold per-item projections: encode random inputs (not timed)
     model, variables = _init_model(config, 100, 16, args.k, args.n)
     image_rep, text_rep = _encoded_reps(model, variables, reps, args.seed)
-  else:   # the pair head's own variables: a full init would run DAER's MobileNet or GLFN's BERT for nothing
+  else:  # the pair head's own variables: a full init would run DAER's MobileNet or GLFN's BERT for nothing
     model = build(config, 100, 16)
     image_rep, text_rep = jax.device_put(pair_inputs(config.model.name, reps))
     variables = init_pair_head(model, config.seed, image_rep, text_rep)
@@ -321,7 +349,9 @@ def child_score(args) -> dict:
 def child_train(args) -> dict:
   """One optimiser step (encoders + pair head + loss + Adam) on a random batch of `train_batch` pairs."""
   import jax
+
   from xmatch_jax import train
+
   config = load_config(args.config)
   apply_overrides(config, args)
   check_train_batch(config, args.train_batch)
@@ -342,12 +372,14 @@ def child_train(args) -> dict:
     nonlocal state
     state, m = step(state, batch)
     jax.block_until_ready(m)
+
   times = _time(run, args.train_repeats, warmup=0)
   return {'train_step_s': _summary(times), 'train_first_call_s': compile_s, **_peak_memory()}
 
 
 def _encoded_reps(model, variables, reps: dict, seed: int):
   import jax
+
   rng = np.random.default_rng(seed)
   images = {'regions': rng.standard_normal(reps['regions'].shape[:2] + (16,)).astype(np.float32)}
   tokens = (rng.integers(1, model.vocab_size, reps['mask'].shape) * reps['mask']).astype(np.int32)
@@ -389,7 +421,7 @@ def torch_scan_t2i_official(regions, words, lengths, lambda_softmax: float, lamb
   similarities = []
   n_image = regions.size(0)
   for i in range(words.size(0)):
-    cap = words[i, :int(lengths[i])].unsqueeze(0).repeat(n_image, 1, 1)
+    cap = words[i, : int(lengths[i])].unsqueeze(0).repeat(n_image, 1, 1)
     context = func_attention(cap, regions, lambda_softmax)
     row = cosine_similarity(cap, context, dim=2)
     row = torch.log(torch.exp(row * lambda_lse).sum(dim=1, keepdim=True)) / lambda_lse
@@ -402,6 +434,7 @@ def torch_rdan(regions, words, mask, params: dict, m: dict, block: int):
   convolutions over a block of images x all captions, and the Gram-matrix cosines."""
   import torch
   import torch.nn.functional as F
+
   eps = 1e-8
   valid = mask > 0
   words = words * valid[..., None]
@@ -411,14 +444,18 @@ def torch_rdan(regions, words, mask, params: dict, m: dict, block: int):
   convs = []
   for name in ('conv1', 'conv2', 'conv3', 'out'):
     kernel = torch.from_numpy(np.array(params[f'params/relation_cnn/{name}_kernel'])).permute(3, 2, 0, 1).contiguous()
-    convs.append((kernel.contiguous(memory_format=torch.channels_last),
-                  torch.from_numpy(np.array(params[f'params/relation_cnn/{name}_bias']))))
+    convs.append(
+      (
+        kernel.contiguous(memory_format=torch.channels_last),
+        torch.from_numpy(np.array(params[f'params/relation_cnn/{name}_bias'])),
+      )
+    )
   lam, mu = m['lambda_'], m['mu']
   c, k, n = words.size(0), regions.size(1), words.size(1)
   colmask = valid[None, :, None, :].float()
   out = []
   for start in range(0, regions.size(0), block):
-    sim = torch.einsum('ikd,cnd->ickn', r_unit[start:start + block], w_unit)
+    sim = torch.einsum('ikd,cnd->ickn', r_unit[start : start + block], w_unit)
     b = sim.size(0)
     x = (sim * colmask).reshape(b * c, 1, k, n).contiguous(memory_format=torch.channels_last)
     pm = colmask.expand(b, c, 1, n).reshape(b * c, 1, 1, n)
@@ -429,14 +466,14 @@ def torch_rdan(regions, words, mask, params: dict, m: dict, block: int):
         x = F.relu(x) * pm
     maps = x.reshape(b, c, -1, k, n)
     s1, s2 = maps[:, :, 0] + sim, maps[:, :, -1] + sim
-    rn, wn = r_norm[start:start + b][:, None], w_norm[None]
+    rn, wn = r_norm[start : start + b][:, None], w_norm[None]
     alpha = torch.softmax((lam * s2).masked_fill(~valid[None, :, None, :], float('-inf')), dim=-1)
     dots = rn * (alpha * sim * wn[:, :, None, :]).sum(-1)
     att = (alpha * torch.einsum('cnm,ickm->ickn', g_txt, alpha)).sum(-1)
     rr = dots / (rn * att.clamp(min=0).sqrt()).clamp(min=eps)
     beta = torch.softmax(lam * s1, dim=-2)
     dots = wn * (beta * sim * rn[..., None]).sum(-2)
-    att = (beta * torch.einsum('ikl,icln->ickn', g_img[start:start + b], beta)).sum(-2)
+    att = (beta * torch.einsum('ikl,icln->ickn', g_img[start : start + b], beta)).sum(-2)
     wr = (dots / (wn * att.clamp(min=0).sqrt()).clamp(min=eps)) * valid[None]
     out.append((1 - mu) * rr.mean(-1) + mu * wr.sum(-1) / valid.sum(-1)[None])
   return torch.cat(out, 0)
@@ -452,8 +489,12 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
   m = config.model.to_dict()
   regions, words = torch.from_numpy(reps['regions']), torch.from_numpy(reps['words'])
   mask = torch.from_numpy(reps['mask'])
-  if m['name'] == 'scan' and m['cross_attn'] == 't2i' and m['raw_feature_norm'] == 'clipped_l2norm' \
-      and m['agg_func'] == 'LogSumExp':
+  if (
+    m['name'] == 'scan'
+    and m['cross_attn'] == 't2i'
+    and m['raw_feature_norm'] == 'clipped_l2norm'
+    and m['agg_func'] == 'LogSumExp'
+  ):
     lengths = mask.sum(1).int()
     fn = lambda: torch_scan_t2i_official(regions, words, lengths, m['lambda_softmax'], m['lambda_lse'])
     kind = 'official SCAN xattn_score_t2i loop'
@@ -466,28 +507,57 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
   with torch.no_grad():
     reference = fn().numpy()
     times = _time(fn, args.repeats, warmup=0)
-  return {'torch_implementation': kind, 'torch_time_s': _summary(times),
-          'max_abs_diff': float(np.max(np.abs(reference - scores)))}
+  return {
+    'torch_implementation': kind,
+    'torch_time_s': _summary(times),
+    'max_abs_diff': float(np.max(np.abs(reference - scores))),
+  }
 
 
 # ----------------------------------------------------------------------------------------------- report
-_CHILD_FLAGS = ('config', 'n_images', 'n_captions', 'k', 'n', 'min_len', 'block_size', 'embed_size',
-                'cnn_channels', 'bert_dir', 'dtype', 'train_batch', 'repeats', 'train_repeats', 'seed')
+_CHILD_FLAGS = (
+  'config',
+  'n_images',
+  'n_captions',
+  'k',
+  'n',
+  'min_len',
+  'block_size',
+  'embed_size',
+  'cnn_channels',
+  'bert_dir',
+  'dtype',
+  'train_batch',
+  'repeats',
+  'train_repeats',
+  'seed',
+)
 
 
 def run(args) -> dict:
   config = load_config(args.config)
   apply_overrides(config, args)
   check_train_batch(config, args.train_batch)
-  build(config, 100, 16)   # a config the children cannot build (e.g. no bert_dir) fails here, before any timing
+  build(config, 100, 16)  # a config the children cannot build (e.g. no bert_dir) fails here, before any timing
   m = config.model.to_dict()
   d = m.get('embed_size')
   child_argv = [f'--{name}={getattr(args, name)}' for name in _CHILD_FLAGS]
-  result = {'config': args.config, 'model': m,
-            'sizes': {'n_images': args.n_images, 'n_captions': args.n_captions, 'k': args.k, 'n': args.n,
-                      'min_len': args.min_len, 'embed_size': d, 'block_size': m.get('block_size'),
-                      'train_batch': args.train_batch, 'dtype': m.get('dtype', 'float32')},
-            'devices': _devices()}
+  result = {
+    'config': args.config,
+    'model': m,
+    'sizes': {
+      'n_images': args.n_images,
+      'n_captions': args.n_captions,
+      'k': args.k,
+      'n': args.n,
+      'min_len': args.min_len,
+      'embed_size': d,
+      'block_size': m.get('block_size'),
+      'train_batch': args.train_batch,
+      'dtype': m.get('dtype', 'float32'),
+    },
+    'devices': _devices(),
+  }
   rate_before = matmul_gflops(args.matmul_size, args.repeats)
   scores_file = os.path.join(args.tmpdir, f'benchmark_scores_{os.getpid()}.npy')
   score = _run_child('score', child_argv + [f'--scores_out={scores_file}'] if args.compare_torch else child_argv)
@@ -498,20 +568,30 @@ def run(args) -> dict:
   pairs = args.n_images * args.n_captions
   t = score['score_time_s']['median']
   flops = scoring_flops(m, args.n_images, args.n_captions, args.k, args.n, d)
-  result.update({
-      'matmul_gflops_per_s': rate, 'matmul_gflops_per_s_before_after': [rate_before, rate_after],
-      'pairs_per_s': pairs / t, 'score_time_s': score['score_time_s'], 'score_first_call_s': score['first_call_s'],
-      'flops': flops, 'pair_gflops_per_s': flops['total'] / t / 1e9,
+  result.update(
+    {
+      'matmul_gflops_per_s': rate,
+      'matmul_gflops_per_s_before_after': [rate_before, rate_after],
+      'pairs_per_s': pairs / t,
+      'score_time_s': score['score_time_s'],
+      'score_first_call_s': score['first_call_s'],
+      'flops': flops,
+      'pair_gflops_per_s': flops['total'] / t / 1e9,
       'similarity_gflops_per_s': flops.get('similarity', 0) / t / 1e9,
       'score_peak_host_bytes': score['peak_host_bytes'],
-  })
+    }
+  )
   result['pct_of_matmul'] = 100 * result['pair_gflops_per_s'] / rate
   result['similarity_pct_of_matmul'] = 100 * result['similarity_gflops_per_s'] / rate
   peaks = [score['peak_host_bytes']]
   if train_result:
-    result.update({'train_step_s': train_result['train_step_s'],
-                   'train_first_call_s': train_result['train_first_call_s'],
-                   'train_peak_host_bytes': train_result['peak_host_bytes']})
+    result.update(
+      {
+        'train_step_s': train_result['train_step_s'],
+        'train_first_call_s': train_result['train_first_call_s'],
+        'train_peak_host_bytes': train_result['peak_host_bytes'],
+      }
+    )
     peaks.append(train_result['peak_host_bytes'])
     if 'peak_device_bytes' in train_result:
       result['train_peak_device_bytes'] = train_result['peak_device_bytes']
@@ -531,45 +611,62 @@ def run(args) -> dict:
 
 def _devices() -> str:
   import jax
+
   devices = jax.devices()
   return f'{len(devices)} x {devices[0].platform} ({devices[0].device_kind}), {os.cpu_count()} host cores'
 
 
 def format_table(r: dict) -> str:
   s = r['sizes']
-  gb = 1024 ** 3
+  gb = 1024**3
   rows = [
-      ('config', r['config']),
-      ('devices', r['devices']),
-      ('sizes', f"{s['n_images']} images x {s['n_captions']} captions, "
-                + ('' if r['model']['name'] == 'daer' else f"k={s['k']}, n={s['min_len']}..{s['n']}, ")
-                + f"D={s['embed_size']}, block={s['block_size']}, {s['dtype']}"),
-      ('matmul rate', f"{r['matmul_gflops_per_s']:.1f} GFLOP/s (before/after: "
-                      f"{r['matmul_gflops_per_s_before_after'][0]:.1f} / {r['matmul_gflops_per_s_before_after'][1]:.1f})"),
-      ('scoring time', _fmt_time(r['score_time_s'])),
-      ('pairs/s', f"{r['pairs_per_s']:,.0f}"),
-      ('pair head', f"{r['flops']['total'] / (s['n_images'] * s['n_captions']) / 1e6:.2f} MFLOP/pair: "
-                    + ', '.join(f"{k} {v / r['flops']['total']:.0%}" for k, v in r['flops'].items() if k != 'total')),
-      ('achieved', f"{r['pair_gflops_per_s']:.1f} GFLOP/s = {r['pct_of_matmul']:.0f}% of matmul"
-                   + (f" (similarity tensor alone: {r['similarity_gflops_per_s']:.1f} GFLOP/s = "
-                      f"{r['similarity_pct_of_matmul']:.0f}%)" if r['flops'].get('similarity') else '')),
-      ('scoring peak host memory', f"{r['score_peak_host_bytes'] / gb:.2f} GB"),
+    ('config', r['config']),
+    ('devices', r['devices']),
+    (
+      'sizes',
+      f'{s["n_images"]} images x {s["n_captions"]} captions, '
+      + ('' if r['model']['name'] == 'daer' else f'k={s["k"]}, n={s["min_len"]}..{s["n"]}, ')
+      + f'D={s["embed_size"]}, block={s["block_size"]}, {s["dtype"]}',
+    ),
+    (
+      'matmul rate',
+      f'{r["matmul_gflops_per_s"]:.1f} GFLOP/s (before/after: '
+      f'{r["matmul_gflops_per_s_before_after"][0]:.1f} / {r["matmul_gflops_per_s_before_after"][1]:.1f})',
+    ),
+    ('scoring time', _fmt_time(r['score_time_s'])),
+    ('pairs/s', f'{r["pairs_per_s"]:,.0f}'),
+    (
+      'pair head',
+      f'{r["flops"]["total"] / (s["n_images"] * s["n_captions"]) / 1e6:.2f} MFLOP/pair: '
+      + ', '.join(f'{k} {v / r["flops"]["total"]:.0%}' for k, v in r['flops'].items() if k != 'total'),
+    ),
+    (
+      'achieved',
+      f'{r["pair_gflops_per_s"]:.1f} GFLOP/s = {r["pct_of_matmul"]:.0f}% of matmul'
+      + (
+        f' (similarity tensor alone: {r["similarity_gflops_per_s"]:.1f} GFLOP/s = {r["similarity_pct_of_matmul"]:.0f}%)'
+        if r['flops'].get('similarity')
+        else ''
+      ),
+    ),
+    ('scoring peak host memory', f'{r["score_peak_host_bytes"] / gb:.2f} GB'),
   ]
   if 'train_step_s' in r:
-    rows.append((f"train step (batch {s['train_batch']})", _fmt_time(r['train_step_s'])))
-    rows.append(('train step peak host memory', f"{r['train_peak_host_bytes'] / gb:.2f} GB"))
+    rows.append((f'train step (batch {s["train_batch"]})', _fmt_time(r['train_step_s'])))
+    rows.append(('train step peak host memory', f'{r["train_peak_host_bytes"] / gb:.2f} GB'))
     if 'train_peak_device_bytes' in r:
-      rows.append(('train step peak device memory', f"{r['train_peak_device_bytes'] / gb:.2f} GB"))
+      rows.append(('train step peak device memory', f'{r["train_peak_device_bytes"] / gb:.2f} GB'))
   if 'torch_pairs_per_s' in r:
-    rows.append(('torch', f"{r['torch_implementation']}: {_fmt_time(r['torch_time_s'])}, "
-                          f"{r['torch_pairs_per_s']:,.0f} pairs/s"))
-    rows.append(('speed-up over torch', f"{r['speedup_vs_torch']:.2f}x (max |diff| {r['max_abs_diff']:.2e})"))
+    rows.append(
+      ('torch', f'{r["torch_implementation"]}: {_fmt_time(r["torch_time_s"])}, {r["torch_pairs_per_s"]:,.0f} pairs/s')
+    )
+    rows.append(('speed-up over torch', f'{r["speedup_vs_torch"]:.2f}x (max |diff| {r["max_abs_diff"]:.2e})'))
   width = max(len(k) for k, _ in rows)
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
 
 
 def _fmt_time(t: dict) -> str:
-  return f"{t['median'] * 1e3:.1f} ms median (min {t['min'] * 1e3:.1f}, max {t['max'] * 1e3:.1f}, {t['repeats']} runs)"
+  return f'{t["median"] * 1e3:.1f} ms median (min {t["min"] * 1e3:.1f}, max {t["max"] * 1e3:.1f}, {t["repeats"]} runs)'
 
 
 def parse_args(argv):
@@ -579,14 +676,19 @@ def parse_args(argv):
   p.add_argument('--n_captions', type=int, default=128)
   p.add_argument('--k', type=int, default=36, help='regions per image')
   p.add_argument('--n', type=int, default=20, help='padded caption length')
-  p.add_argument('--min_len', type=int, default=None, help='shortest caption (lengths uniform in [min_len, n]); '
-                                                           'default n')
-  p.add_argument('--block_size', type=int, default=0, help='images per scoring block (0: the config\'s)')
-  p.add_argument('--embed_size', type=int, default=0, help='D (0: the config\'s)')
-  p.add_argument('--cnn_channels', type=int, default=0, help='RDAN relation CNN channels (0: the config\'s)')
+  p.add_argument(
+    '--min_len', type=int, default=None, help='shortest caption (lengths uniform in [min_len, n]); default n'
+  )
+  p.add_argument('--block_size', type=int, default=0, help="images per scoring block (0: the config's)")
+  p.add_argument('--embed_size', type=int, default=0, help="D (0: the config's)")
+  p.add_argument('--cnn_channels', type=int, default=0, help="RDAN relation CNN channels (0: the config's)")
   p.add_argument('--bert_dir', default='', help="BERT of a BERT-based model ('minilm', or a directory)")
-  p.add_argument('--dtype', default='', choices=['', 'float32', 'bfloat16'],
-                 help="config.model.dtype: compute dtype of the model's matmuls ('': the config's)")
+  p.add_argument(
+    '--dtype',
+    default='',
+    choices=['', 'float32', 'bfloat16'],
+    help="config.model.dtype: compute dtype of the model's matmuls ('': the config's)",
+  )
   p.add_argument('--train_batch', type=int, default=128, help='batch of the timed training step (0: skip)')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--train_repeats', type=int, default=3)

@@ -31,12 +31,13 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import run_seeds  # pylint: disable=g-import-not-at-top
+
 from xmatch_jax import cli  # pylint: disable=g-import-not-at-top
 from xmatch_jax import ensemble  # pylint: disable=g-import-not-at-top
 from xmatch_jax import errors  # pylint: disable=g-import-not-at-top
 from xmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
 from xmatch_jax import train  # pylint: disable=g-import-not-at-top
-import run_seeds  # pylint: disable=g-import-not-at-top
 
 MAP_KEYS = ('i2t_map', 't2i_map', 'mean_map')
 
@@ -64,7 +65,7 @@ def split_sets(sets: list, names) -> dict:
     target, colon, key_value = item.partition(':') if ':' in head else ('', '', item)
     if colon and target not in per_model:
       raise errors.UserError(f'--set {item!r}: no --model named {target!r}; models: {sorted(per_model)}')
-    for name in ([target] if colon else per_model):
+    for name in [target] if colon else per_model:
       per_model[name].append(key_value)
   return per_model
 
@@ -72,9 +73,13 @@ def split_sets(sets: list, names) -> dict:
 def budget_of(config) -> tuple:
   """What one run spends: equal tuples mean an equal number of training captions (same dataset)."""
   if 'stages' in config:
-    return (config.dataset, 'stages',
-            tuple((s, config.stage[s].num_epochs, config.stage[s].max_steps * config.stage[s].batch_size)
-                  for s in config.stages))
+    return (
+      config.dataset,
+      'stages',
+      tuple(
+        (s, config.stage[s].num_epochs, config.stage[s].max_steps * config.stage[s].batch_size) for s in config.stages
+      ),
+    )
   if config.max_steps:
     return (config.dataset, 'captions', config.max_steps * config.batch_size)
   return (config.dataset, 'epochs', config.num_epochs)
@@ -127,8 +132,14 @@ def run_model(name: str, parts: list, seed: int, workdir: str, split: str) -> di
 def compare(models: dict, seeds: list, workdir: str, split: str, sets: list) -> dict:
   configs = build_configs(models, split_sets(sets, models))
   keys = MAP_KEYS if next(iter(configs.values()))[0].get('eval_metric', 'recall') == 'map' else evaluate.RECALL_KEYS
-  summary = {'split': split, 'seeds': seeds, 'sets': sets, 'metric': keys[-1],
-             'budget': list(budget_of(next(iter(configs.values()))[0])), 'models': {}}
+  summary = {
+    'split': split,
+    'seeds': seeds,
+    'sets': sets,
+    'metric': keys[-1],
+    'budget': list(budget_of(next(iter(configs.values()))[0])),
+    'models': {},
+  }
   for name, parts in configs.items():
     per_seed = {}
     for seed in seeds:
@@ -136,15 +147,21 @@ def compare(models: dict, seeds: list, workdir: str, split: str, sets: list) -> 
       per_seed[str(seed)] = {k: float(result[k]) for k in keys}
     table = np.array([[per_seed[str(s)][k] for k in keys] for s in seeds], np.float64)
     std = table.std(0, ddof=1) if len(seeds) > 1 else np.zeros(len(keys))
-    summary['models'][name] = {'specs': models[name], 'per_seed': per_seed,
-                               'mean': dict(zip(keys, table.mean(0).tolist())), 'std': dict(zip(keys, std.tolist()))}
+    summary['models'][name] = {
+      'specs': models[name],
+      'per_seed': per_seed,
+      'mean': dict(zip(keys, table.mean(0).tolist())),
+      'std': dict(zip(keys, std.tolist())),
+    }
   return summary
 
 
 def format_table(summary: dict) -> str:
   metric, seeds = summary['metric'], summary['seeds']
   width = max(len(n) for n in summary['models'])
-  head = f'{"model":<{width}}  ' + '  '.join(f'{"seed " + str(s):>10}' for s in seeds) + f'  {metric + " mean +- std":>22}'
+  head = (
+    f'{"model":<{width}}  ' + '  '.join(f'{"seed " + str(s):>10}' for s in seeds) + f'  {metric + " mean +- std":>22}'
+  )
   rows = [head]
   for name, m in summary['models'].items():
     cells = '  '.join(f'{m["per_seed"][str(s)][metric]:10.1f}' for s in seeds)
@@ -158,8 +175,12 @@ def main(argv=None) -> int:
   parser.add_argument('--seeds', default='0,1,2', help='comma-separated seeds')
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--split', default='test')
-  parser.add_argument('--set', action='append', default=[],
-                      help='config override key=value for every model, or NAME:key=value for one (repeatable)')
+  parser.add_argument(
+    '--set',
+    action='append',
+    default=[],
+    help='config override key=value for every model, or NAME:key=value for one (repeatable)',
+  )
   parser.add_argument('--json', default='', help='also write the summary here (default: W/summary.json)')
   args = parser.parse_args(argv)
   seeds = run_seeds.parse_seeds(parser, args.seeds)

@@ -25,11 +25,13 @@ def check_against_transformers(directory: str, config, params, text: str) -> flo
   """Max |Flax - transformers| over the last hidden states of `text` padded by 3 tokens."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+
   from xmatch_jax.models.bert import BertModel  # pylint: disable=g-import-not-at-top
+
   ids = hf_bert.load_tokenizer(directory).encode(text).ids
   tokens = np.zeros((1, len(ids) + 3), np.int64)
   mask = np.zeros_like(tokens)
-  tokens[0, :len(ids)], mask[0, :len(ids)] = ids, 1
+  tokens[0, : len(ids)], mask[0, : len(ids)] = ids, 1
   ours = BertModel(config).apply({'params': params}, tokens.astype(np.int32), mask.astype(np.float32))
   reference = transformers.BertModel.from_pretrained(directory).eval()
   with torch.no_grad():
@@ -58,8 +60,10 @@ def main(argv=None) -> int:
       copied.append(name)
   hf_bert.write_flax_params(params, os.path.join(args.out, hf_bert.FLAX_WEIGHTS))
   n_params = sum(int(np.prod(v.shape)) for v in _leaves(params))
-  print(f'{source}: BERT with {config.num_hidden_layers} layers, hidden {config.hidden_size}, '
-        f'{n_params:,} params -> {os.path.join(args.out, hf_bert.FLAX_WEIGHTS)}')
+  print(
+    f'{source}: BERT with {config.num_hidden_layers} layers, hidden {config.hidden_size}, '
+    f'{n_params:,} params -> {os.path.join(args.out, hf_bert.FLAX_WEIGHTS)}'
+  )
   print(f'tokenizer files: {copied}')
   if skipped:
     print(f'skipped (not part of the encoder): {skipped}')

@@ -57,10 +57,19 @@ from xmatch_jax.data import pfan  # pylint: disable=g-import-not-at-top
 
 TSV_FIELDS = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features')
 # With detections (py-bottom-up-attention's and LXMERT's extractors; note img_h before img_w).
-TSV_FIELDS_DETECTIONS = ('img_id', 'img_h', 'img_w', 'objects_id', 'objects_conf', 'attrs_id', 'attrs_conf',
-                         'num_boxes', 'boxes', 'features')
-_ALIASES = {'img_id': 'image_id', 'img_w': 'image_w', 'img_h': 'image_h', 'objects': 'objects_id',
-            'attrs': 'attrs_id'}
+TSV_FIELDS_DETECTIONS = (
+  'img_id',
+  'img_h',
+  'img_w',
+  'objects_id',
+  'objects_conf',
+  'attrs_id',
+  'attrs_conf',
+  'num_boxes',
+  'boxes',
+  'features',
+)
+_ALIASES = {'img_id': 'image_id', 'img_w': 'image_w', 'img_h': 'image_h', 'objects': 'objects_id', 'attrs': 'attrs_id'}
 LABEL_FIELDS = ('objects_id', 'attrs_id', 'attrs_conf')
 
 
@@ -70,8 +79,9 @@ def _decode(text: str, count: int, where: str, field: str) -> np.ndarray:
   except ValueError as e:
     raise errors.UserError(f'{where}: field {field} is not base64 ({e})') from None
   if len(raw) % 4 or (len(raw) // 4) % count:
-    raise errors.UserError(f'{where}: field {field} holds {len(raw)} bytes; expected a multiple of 4 x num_boxes '
-                           f'({count})')
+    raise errors.UserError(
+      f'{where}: field {field} holds {len(raw)} bytes; expected a multiple of 4 x num_boxes ({count})'
+    )
   return np.frombuffer(raw, np.float32).reshape(count, -1)
 
 
@@ -86,7 +96,9 @@ def _decode_vector(text: str, count: int, where: str, field: str) -> np.ndarray:
     if len(raw) == count * np.dtype(dtype).itemsize:
       return np.frombuffer(raw, dtype)
   names = ' or '.join(np.dtype(d).name for d in kinds)
-  raise errors.UserError(f'{where}: field {field} holds {len(raw)} bytes; expected num_boxes ({count}) values of {names}')
+  raise errors.UserError(
+    f'{where}: field {field} holds {len(raw)} bytes; expected num_boxes ({count}) values of {names}'
+  )
 
 
 def _canonical(name: str) -> str:
@@ -107,11 +119,12 @@ def read_tsv(paths: list, fields: tuple | None = None):
         if names is None:
           if len(row) not in layouts:
             expected = ' or '.join(f'{n} ({", ".join(v)})' for n, v in layouts.items())
-            raise errors.UserError(f'{where}: {len(row)} columns; expected {expected}'
-                                   f'{"" if fields else ", or name them with --tsv_fields"}')
+            raise errors.UserError(
+              f'{where}: {len(row)} columns; expected {expected}{"" if fields else ", or name them with --tsv_fields"}'
+            )
           names = tuple(_canonical(n) for n in layouts[len(row)])
           if tuple(_canonical(c) for c in row) == names:
-            continue   # a header row
+            continue  # a header row
         if len(row) != len(names):
           raise errors.UserError(f'{where}: {len(row)} columns; expected {len(names)} ({", ".join(names)}) like line 1')
         record = dict(zip(names, row))
@@ -142,8 +155,9 @@ class _NumpyUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module('numpy.core.multiarray'), name)
     allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype, ('_codecs', 'encode'): codecs.encode}
     if (module, name) not in allowed:
-      raise pickle.UnpicklingError(f'{self._where}: refusing to load global {module}.{name}; only numpy arrays and '
-                                   'plain values are read')
+      raise pickle.UnpicklingError(
+        f'{self._where}: refusing to load global {module}.{name}; only numpy arrays and plain values are read'
+      )
     return allowed[(module, name)]
 
 
@@ -170,7 +184,9 @@ def _npz_labels(z, path: str) -> dict:
   if 'objects_id' not in labels and 'info' in z.files:
     info = _read_pickled_member(path, 'info')
     if not isinstance(info, dict):
-      raise errors.UserError(f'{path}: field info is a {type(info).__name__}; expected a dict with objects_id, attrs_id')
+      raise errors.UserError(
+        f'{path}: field info is a {type(info).__name__}; expected a dict with objects_id, attrs_id'
+      )
     labels = {k: np.asarray(info[k]).reshape(-1) for k in LABEL_FIELDS if k in info}
   return labels
 
@@ -187,8 +203,9 @@ def read_npz(directory: str, image_ids: list, with_labels: bool = False):
     try:
       z = np.load(path, allow_pickle=False)
     except unreadable as e:
-      raise errors.UserError(f'{path}: not a readable .npz file ({type(e).__name__}: {e}); {expected} (truncated or '
-                             'partly copied?)') from None
+      raise errors.UserError(
+        f'{path}: not a readable .npz file ({type(e).__name__}: {e}); {expected} (truncated or partly copied?)'
+      ) from None
     if not isinstance(z, np.lib.npyio.NpzFile):
       raise errors.UserError(f'{path}: a single array, not an .npz archive; {expected}')
     with z:
@@ -199,8 +216,11 @@ def read_npz(directory: str, image_ids: list, with_labels: bool = False):
       if missing:
         raise errors.UserError(f'{path}: missing field(s) {missing}; has {sorted(keys)}')
       try:
-        record = (np.asarray(z[feature_key], np.float32), np.asarray(z[box_key], np.float32),
-                  (float(z['image_w']), float(z['image_h'])))
+        record = (
+          np.asarray(z[feature_key], np.float32),
+          np.asarray(z[box_key], np.float32),
+          (float(z['image_w']), float(z['image_h'])),
+        )
         labels = _npz_labels(z, path) if with_labels else {}
       except (pickle.UnpicklingError, KeyError, *unreadable) as e:
         raise errors.UserError(f'{path}: a field cannot be read ({type(e).__name__}: {e}); {expected}') from None
@@ -223,8 +243,10 @@ def load_vocab(path: str, what: str) -> list:
   for lineno, line in enumerate(lines, 1):
     name = line.split(',')[0].strip()
     if not name or '\t' in name:
-      raise errors.UserError(f'{path}: line {lineno} {"holds a TAB" if name else "is empty"}; expected one {what} name '
-                             'per line (synonyms after commas)')
+      raise errors.UserError(
+        f'{path}: line {lineno} {"holds a TAB" if name else "is empty"}; expected one {what} name '
+        'per line (synonyms after commas)'
+      )
     names.append(name)
   return names
 
@@ -242,8 +264,10 @@ class Tagger:
   def _vector(self, labels: dict, field: str, count: int, where: str, vocab: list | None, path: str | None):
     value = labels.get(field)
     if value is None:
-      raise errors.UserError(f'{where} has no {field}; tags need detections with class ids (TSV columns objects_id / '
-                             'attrs_id / attrs_conf, or those npz fields or npz info dict)')
+      raise errors.UserError(
+        f'{where} has no {field}; tags need detections with class ids (TSV columns objects_id / '
+        'attrs_id / attrs_conf, or those npz fields or npz info dict)'
+      )
     value = np.asarray(value).reshape(-1)
     if value.shape != (count,):
       raise errors.UserError(f'{where}: field {field} has {value.size} values; expected one per region ({count})')
@@ -251,8 +275,9 @@ class Tagger:
       bad = (value < 0) | (value >= len(vocab))
       if bad.any():
         r = int(np.argmax(bad))
-        raise errors.UserError(f'{where} region {r}: {field} {value[r]} is outside {path} ({len(vocab)} names: ids 0 .. '
-                               f'{len(vocab) - 1})')
+        raise errors.UserError(
+          f'{where} region {r}: {field} {value[r]} is outside {path} ({len(vocab)} names: ids 0 .. {len(vocab) - 1})'
+        )
     return value
 
   def ids(self, labels: dict, count: int, where: str) -> np.ndarray:
@@ -270,8 +295,9 @@ class Tagger:
     return '\t'.join(self.objects[o] if a < 0 else f'{self.attributes[a]} {self.objects[o]}' for o, a in ids)
 
 
-def convert(records, out_dir: str, split: str, image_ids: list | None, source: str,
-            tagger: Tagger | None = None) -> dict:
+def convert(
+  records, out_dir: str, split: str, image_ids: list | None, source: str, tagger: Tagger | None = None
+) -> dict:
   """Writes `{split}_ims.npy` and `{split}_boxes.npy` (and with a tagger `{split}_tags.txt`) in `image_ids` order
   (or the records' order)."""
   os.makedirs(out_dir, exist_ok=True)
@@ -284,8 +310,7 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
   seen = {}
   shape = None
   has_labels = False
-  bar = progress.bar(total=len(image_ids) if image_ids is not None else None, desc=f'converting {split}',
-                     unit='image')
+  bar = progress.bar(total=len(image_ids) if image_ids is not None else None, desc=f'converting {split}', unit='image')
   for image_id, regions, boxes, size, *rest in records:
     labels = rest[0] if rest else {}
     if image_ids is not None and image_id not in wanted:
@@ -294,20 +319,25 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
     if image_id in seen:
       raise errors.UserError(f'{source}: image {image_id} appears twice')
     if regions.shape[0] != boxes.shape[0]:
-      raise errors.UserError(f'{source}: image {image_id} has {regions.shape[0]} feature rows but {boxes.shape[0]} boxes')
+      raise errors.UserError(
+        f'{source}: image {image_id} has {regions.shape[0]} feature rows but {boxes.shape[0]} boxes'
+      )
     if shape is None:
       shape = regions.shape
       n = len(image_ids) if image_ids is not None else None
-      if n is None:   # unknown count: collect (TSV order, no ids file)
+      if n is None:  # unknown count: collect (TSV order, no ids file)
         ims, positions, tag_ids = [], [], []
       else:
         tag_ids = np.full((n, shape[0], 2), -1, np.int32) if tagger else None
         ims = np.lib.format.open_memmap(os.path.join(out_dir, f'{split}_ims.npy'), 'w+', np.float32, (n,) + shape)
-        positions = np.lib.format.open_memmap(os.path.join(out_dir, f'{split}_boxes.npy'), 'w+', np.float64,
-                                              (n, shape[0], 2 * pfan.TOP_L))
+        positions = np.lib.format.open_memmap(
+          os.path.join(out_dir, f'{split}_boxes.npy'), 'w+', np.float64, (n, shape[0], 2 * pfan.TOP_L)
+        )
     if regions.shape != shape:
-      raise errors.UserError(f'{source}: image {image_id} has features {regions.shape}; the first image had {shape} '
-                             '(every image needs the same number of regions)')
+      raise errors.UserError(
+        f'{source}: image {image_id} has features {regions.shape}; the first image had {shape} '
+        '(every image needs the same number of regions)'
+      )
     if not np.isfinite(regions).all():
       raise errors.UserError(f'{source}: image {image_id} features hold NaN or inf')
     blocks, weights = pfan.block_positions(boxes[None], np.array([size]), where=f'{source} image {image_id}')
@@ -341,22 +371,31 @@ def convert(records, out_dir: str, split: str, image_ids: list | None, source: s
     with open(os.path.join(out_dir, f'{split}_tags.txt'), 'w', encoding='utf-8', newline='\n') as f:
       for ids in tag_ids:
         f.write(tagger.line(ids) + '\n')
-  return {'images': len(seen), 'regions': shape[0], 'dim': shape[1], 'has_labels': has_labels,
-          'order': [i for i, _ in sorted(seen.items(), key=lambda kv: kv[1])]}
+  return {
+    'images': len(seen),
+    'regions': shape[0],
+    'dim': shape[1],
+    'has_labels': has_labels,
+    'order': [i for i, _ in sorted(seen.items(), key=lambda kv: kv[1])],
+  }
 
 
 def main(argv=None) -> int:
   parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('format', choices=('tsv', 'npz'))
   parser.add_argument('--input', action='append', required=True, help='TSV file(s), or the npz directory')
-  parser.add_argument('--image_ids', help='file with one image id per line, in the split\'s caption order')
+  parser.add_argument('--image_ids', help="file with one image id per line, in the split's caption order")
   parser.add_argument('--out_dir', required=True)
   parser.add_argument('--split', required=True)
   parser.add_argument('--tsv_fields', help='comma-separated TSV column names (default: by column count, see above)')
   parser.add_argument('--objects_vocab', help='class names, one per line (objects_vocab.txt): write {split}_tags.txt')
   parser.add_argument('--attributes_vocab', help='attribute names, one per line (attributes_vocab.txt)')
-  parser.add_argument('--attr_threshold', type=float, default=0.0,
-                      help='drop an attribute whose confidence (attrs_conf) is <= this (default 0)')
+  parser.add_argument(
+    '--attr_threshold',
+    type=float,
+    default=0.0,
+    help='drop an attribute whose confidence (attrs_conf) is <= this (default 0)',
+  )
   args = parser.parse_args(argv)
   if args.attributes_vocab and not args.objects_vocab:
     parser.error('--attributes_vocab needs --objects_vocab (tags are "attribute class")')
@@ -378,15 +417,21 @@ def main(argv=None) -> int:
   else:
     records = read_tsv(args.input, fields)
   summary = convert(records, args.out_dir, args.split, image_ids, ', '.join(args.input), tagger)
-  print(f'{args.split}: {summary["images"]} images x {summary["regions"]} regions x {summary["dim"]} -> '
-        f'{args.out_dir}/{args.split}_ims.npy, {args.split}_boxes.npy{f", {args.split}_tags.txt" if tagger else ""}')
+  print(
+    f'{args.split}: {summary["images"]} images x {summary["regions"]} regions x {summary["dim"]} -> '
+    f'{args.out_dir}/{args.split}_ims.npy, {args.split}_boxes.npy{f", {args.split}_tags.txt" if tagger else ""}'
+  )
   stale = os.path.join(args.out_dir, f'{args.split}_tags.txt')
   if not tagger and os.path.exists(stale):
-    print(f'Note: {stale} was not rewritten (no --objects_vocab); the precomp builder reads it, so it must describe '
-          'these regions, or be deleted.')
+    print(
+      f'Note: {stale} was not rewritten (no --objects_vocab); the precomp builder reads it, so it must describe '
+      'these regions, or be deleted.'
+    )
   if summary['has_labels'] and not tagger:
-    print('The input has class ids (objects_id): --objects_vocab=objects_vocab.txt '
-          '--attributes_vocab=attributes_vocab.txt would also write the region tags GLFN uses.')
+    print(
+      'The input has class ids (objects_id): --objects_vocab=objects_vocab.txt '
+      '--attributes_vocab=attributes_vocab.txt would also write the region tags GLFN uses.'
+    )
   if image_ids is None:
     with open(os.path.join(args.out_dir, f'{args.split}_ids.txt'), 'w') as f:
       f.write('\n'.join(summary['order']) + '\n')

@@ -16,7 +16,8 @@ An official checkpoint is one direction (opt.cross_attn); the paper's t2i + i2t 
 imported workdirs: python -m xmatch_jax.ensemble --workdir=W_t2i --workdir=W_i2t.
 
 The workdir gets config.json (from the checkpoint's `opt`), vocab.json (scan, vsepp: the vocabulary in SCAN's json
-format, read from SCAN's json or VSE++'s pickled vocab .pkl and checked against the embedding size; glfn: W/bert instead) and an orbax checkpoint marked best, so `python -m xmatch_jax.evaluate --workdir=W` and
+format, read from SCAN's json or VSE++'s pickled vocab .pkl and checked against the embedding size; glfn: W/bert
+instead) and an orbax checkpoint marked best, so `python -m xmatch_jax.evaluate --workdir=W` and
 `Retriever.from_workdir(W)` use it directly (and training can continue from it). The .pth.tar is read with an
 allow-listed unpickler: no code in it runs.
 """
@@ -29,9 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-import numpy as np  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 
 from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from xmatch_jax import cli
@@ -59,8 +60,13 @@ def _save(config, params, meta, model, img_dim: int, checkpoint_path: str, fmt: 
   step = int(meta.get('Eiters', 0))
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.asarray(step, jnp.int32)}
   run_setup.save_config(config, workdir, img_dim)
-  meta = {**meta, 'step': step, 'converted_from': os.path.abspath(checkpoint_path), 'format': fmt,
-          'best_rsum': meta.get('best_rsum', -1.0)}
+  meta = {
+    **meta,
+    'step': step,
+    'converted_from': os.path.abspath(checkpoint_path),
+    'format': fmt,
+    'best_rsum': meta.get('best_rsum', -1.0),
+  }
   ckpts = checkpoints.RunCheckpoints(workdir)
   ckpts.save(step, state, meta, is_best=True)
   ckpts.close()
@@ -79,52 +85,81 @@ def convert_glfn(checkpoint_path: str, bert_dir: str, workdir: str, dataset: str
   expected = glfn_checkpoint.expected_params(model, img_dim, config.model.top_l)
   checkpoints.check_params_match(params, expected, checkpoint_path)
   step = _save(config, params, meta, model, img_dim, checkpoint_path, 'glfn', workdir)
-  return {'model': 'glfn', 'score': config.model.score, 'dataset': config.dataset, 'img_dim': img_dim,
-          'vocab': len(vocab), 'step': step, 'params': sum(np.size(x) for x in jax.tree.leaves(params))}
+  return {
+    'model': 'glfn',
+    'score': config.model.score,
+    'dataset': config.dataset,
+    'img_dim': img_dim,
+    'vocab': len(vocab),
+    'step': step,
+    'params': sum(np.size(x) for x in jax.tree.leaves(params)),
+  }
 
 
-def convert(fmt: str, checkpoint_path: str, vocab_path: str, workdir: str, bert_dir: str = '',
-            dataset: str = '') -> dict:
+def convert(
+  fmt: str, checkpoint_path: str, vocab_path: str, workdir: str, bert_dir: str = '', dataset: str = ''
+) -> dict:
   """Writes the workdir; returns a summary dict."""
   if fmt == 'glfn':
     if vocab_path:
-      raise errors.UserError('--vocab is not used by --format=glfn: captions and tags use the WordPiece tokenizer of '
-                             '--bert_dir (the official vocab json is never read by its model)')
+      raise errors.UserError(
+        '--vocab is not used by --format=glfn: captions and tags use the WordPiece tokenizer of '
+        '--bert_dir (the official vocab json is never read by its model)'
+      )
     return convert_glfn(checkpoint_path, bert_dir, workdir, dataset)
   if bert_dir or dataset:
     raise errors.UserError(f'--bert_dir / --dataset apply to --format=glfn only, not {fmt}')
   if not vocab_path:
-    raise errors.UserError(f'--format={fmt} needs --vocab (the vocabulary json or VSE++ .pkl the checkpoint was trained '
-                           'with)')
+    raise errors.UserError(
+      f'--format={fmt} needs --vocab (the vocabulary json or VSE++ .pkl the checkpoint was trained with)'
+    )
   config, params, meta = scan_checkpoint.load(checkpoint_path, fmt)
   vocab = vocab_lib.Vocabulary.load(vocab_path)
   rows = params['text_encoder']['embed']['embedding'].shape[0]
   if rows != len(vocab):
-    raise errors.UserError(f'{vocab_path}: {len(vocab)} words, but the checkpoint\'s embedding has {rows} rows; '
-                           'is it the vocabulary the checkpoint was trained with?')
+    raise errors.UserError(
+      f"{vocab_path}: {len(vocab)} words, but the checkpoint's embedding has {rows} rows; "
+      'is it the vocabulary the checkpoint was trained with?'
+    )
   img_dim = params['image_encoder']['fc']['kernel'].shape[0]
   _check_new_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   model = run_setup.build_model(config, len(vocab), img_dim)
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), {'regions': jnp.zeros((2, 1, img_dim))},
-                            {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))})['params']
+  expected = jax.eval_shape(
+    model.init,
+    jax.random.PRNGKey(0),
+    {'regions': jnp.zeros((2, 1, img_dim))},
+    {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))},
+  )['params']
   checkpoints.check_params_match(params, expected, checkpoint_path)
   vocab.to_json(os.path.join(workdir, run_setup.VOCAB_FILE))
   step = _save(config, params, meta, model, img_dim, checkpoint_path, fmt, workdir)
-  return {'model': config.model.name, 'dataset': config.dataset, 'img_dim': img_dim, 'vocab': len(vocab),
-          'step': step, 'params': sum(x.size for x in jax.tree.leaves(params))}
+  return {
+    'model': config.model.name,
+    'dataset': config.dataset,
+    'img_dim': img_dim,
+    'vocab': len(vocab),
+    'step': step,
+    'params': sum(x.size for x in jax.tree.leaves(params)),
+  }
 
 
 def main(argv=None) -> int:
   parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--format', required=True, choices=FORMATS)
   parser.add_argument('--checkpoint', required=True, help='model_best.pth.tar / checkpoint.pth.tar')
-  parser.add_argument('--vocab', default='', help='vocabulary the checkpoint was trained with: SCAN json or VSE++ '
-                      'vocab .pkl (scan, vsepp; not glfn)')
-  parser.add_argument('--bert_dir', default='',
-                      help='glfn (required): Hugging Face BERT directory whose last hidden states the checkpoint\'s '
-                      'precomputed caption / tag features were (the paper: a 768-d BERT-base); the checkpoint holds '
-                      'no BERT')
+  parser.add_argument(
+    '--vocab',
+    default='',
+    help='vocabulary the checkpoint was trained with: SCAN json or VSE++ vocab .pkl (scan, vsepp; not glfn)',
+  )
+  parser.add_argument(
+    '--bert_dir',
+    default='',
+    help="glfn (required): Hugging Face BERT directory whose last hidden states the checkpoint's "
+    'precomputed caption / tag features were (the paper: a 768-d BERT-base); the checkpoint holds '
+    'no BERT',
+  )
   parser.add_argument('--dataset', default='', help='glfn: xmatch dataset (f30k, coco) when opt.data_name names none')
   parser.add_argument('--workdir', required=True)
   args = parser.parse_args(argv)

@@ -38,9 +38,17 @@ def export(workdir: str, out: str) -> dict:
   config_json = config.to_json(sort_keys=True)
   if out.endswith('.safetensors'):
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, out,
-              metadata={'model': config.model.name, 'config': config_json, 'checkpoint': which,
-                        'step': str(int(meta.get('step', -1)))})
+
+    save_file(
+      {k: np.ascontiguousarray(v) for k, v in flat.items()},
+      out,
+      metadata={
+        'model': config.model.name,
+        'config': config_json,
+        'checkpoint': which,
+        'step': str(int(meta.get('step', -1))),
+      },
+    )
   elif out.endswith('.npz'):
     np.savez(out, __config__=np.array(config_json), **flat)
   else:

@@ -42,7 +42,6 @@ from xmatch_jax.convert import scan_checkpoint  # pylint: disable=g-import-not-a
 from xmatch_jax.convert import torch_writer  # pylint: disable=g-import-not-at-top
 from xmatch_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
 
-
 FORMATS = scan_checkpoint.FORMATS + ('glfn',)
 
 
@@ -59,15 +58,17 @@ def _restore(workdir: str, expected) -> tuple:
 
 
 def _finished_epochs(meta: dict) -> int:
-  return math.floor(float(meta.get('epoch', 0)) + 1e-9)   # xmatch's meta: epochs done (fractional mid-epoch)
+  return math.floor(float(meta.get('epoch', 0)) + 1e-9)  # xmatch's meta: epochs done (fractional mid-epoch)
 
 
 def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
   """A GLFN workdir -> OUT ({'epoch', 'model': [image, text state_dicts], 'best_rsum', 'opt', 'Eiters'}, no BERT)."""
   source = os.path.join(workdir, run_setup.CONFIG_FILE)
   if vocab_out:
-    raise errors.UserError('--vocab_out does not apply to GLFN: its captions use the BERT\'s WordPiece tokenizer '
-                           f'({run_setup.workdir_bert_dir(workdir)}), not a vocabulary json')
+    raise errors.UserError(
+      "--vocab_out does not apply to GLFN: its captions use the BERT's WordPiece tokenizer "
+      f'({run_setup.workdir_bert_dir(workdir)}), not a vocabulary json'
+    )
   img_dim = int(config.data_info.img_dim)
   opt = glfn_checkpoint.opt_from_config(config, img_dim, source)  # refuses what official code lacks
   vocab = run_setup.load_vocab(workdir)
@@ -75,14 +76,26 @@ def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
   expected = glfn_checkpoint.expected_params(model, img_dim, config.model.top_l)
   params, meta, which, step = _restore(workdir, expected)
   image_state, text_state = glfn_checkpoint.export_params(params, config, f'{workdir}/{which}')
-  checkpoint = {'epoch': _finished_epochs(meta), 'model': [image_state, text_state],
-                'best_rsum': float(meta.get('best_rsum', 0.0)), 'opt': opt, 'Eiters': step}
+  checkpoint = {
+    'epoch': _finished_epochs(meta),
+    'model': [image_state, text_state],
+    'best_rsum': float(meta.get('best_rsum', 0.0)),
+    'opt': opt,
+    'Eiters': step,
+  }
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   torch_writer.save(checkpoint, out)
-  return {'model': 'glfn', 'score': opt.cross_attn, 'dataset': config.dataset, 'data_name': opt.data_name,
-          'checkpoint': which, 'step': step, 'epoch': checkpoint['epoch'],
-          'params': sum(int(np.size(x)) for x in jax.tree.leaves([image_state, text_state])),
-          'bert_not_exported': run_setup.workdir_bert_dir(workdir)}
+  return {
+    'model': 'glfn',
+    'score': opt.cross_attn,
+    'dataset': config.dataset,
+    'data_name': opt.data_name,
+    'checkpoint': which,
+    'step': step,
+    'epoch': checkpoint['epoch'],
+    'params': sum(int(np.size(x)) for x in jax.tree.leaves([image_state, text_state])),
+    'bert_not_exported': run_setup.workdir_bert_dir(workdir),
+  }
 
 
 def export(workdir: str, out: str, vocab_out: str = '') -> dict:
@@ -91,8 +104,9 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   source = os.path.join(workdir, run_setup.CONFIG_FILE)
   name = config.model.get('name') if 'model' in config else None
   if name not in FORMATS:
-    raise errors.UserError(f'{source}: model {name!r} cannot be exported: only {FORMATS} workdirs have '
-                           'an official PyTorch checkpoint layout')
+    raise errors.UserError(
+      f'{source}: model {name!r} cannot be exported: only {FORMATS} workdirs have an official PyTorch checkpoint layout'
+    )
   if name == 'glfn':
     return export_glfn(workdir, config, out, vocab_out)
   vocab_path = os.path.join(workdir, run_setup.VOCAB_FILE)
@@ -103,25 +117,42 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   opt = scan_checkpoint.opt_from_config(config, len(vocab), img_dim, source)  # refuses what official code lacks
 
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), {'regions': jnp.zeros((2, 1, img_dim))},
-                            {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))})['params']
+  expected = jax.eval_shape(
+    model.init,
+    jax.random.PRNGKey(0),
+    {'regions': jnp.zeros((2, 1, img_dim))},
+    {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))},
+  )['params']
   params, meta, which, step = _restore(workdir, expected)
   image_state, text_state = scan_checkpoint.export_params(
-      params, int(config.model.num_layers), bool(config.model.get('bidirectional', False)), f'{workdir}/{which}')
+    params, int(config.model.num_layers), bool(config.model.get('bidirectional', False)), f'{workdir}/{which}'
+  )
 
   finished = _finished_epochs(meta)
   epoch = finished - 1 if name == 'scan' else finished
-  checkpoint = {'epoch': int(epoch), 'model': [image_state, text_state],
-                'best_rsum': float(meta.get('best_rsum', 0.0)), 'opt': opt, 'Eiters': step}
+  checkpoint = {
+    'epoch': int(epoch),
+    'model': [image_state, text_state],
+    'best_rsum': float(meta.get('best_rsum', 0.0)),
+    'opt': opt,
+    'Eiters': step,
+  }
   out_dir = os.path.dirname(os.path.abspath(out))
   os.makedirs(out_dir, exist_ok=True)
   torch_writer.save(checkpoint, out)
   if vocab_out:
     os.makedirs(os.path.dirname(os.path.abspath(vocab_out)), exist_ok=True)
     vocab.to_json(vocab_out)
-  return {'model': name, 'dataset': config.dataset, 'data_name': opt.data_name, 'checkpoint': which,
-          'step': step, 'epoch': checkpoint['epoch'], 'vocab': len(vocab),
-          'params': sum(int(x.size) for x in jax.tree.leaves(params))}
+  return {
+    'model': name,
+    'dataset': config.dataset,
+    'data_name': opt.data_name,
+    'checkpoint': which,
+    'step': step,
+    'epoch': checkpoint['epoch'],
+    'vocab': len(vocab),
+    'params': sum(int(x.size) for x in jax.tree.leaves(params)),
+  }
 
 
 def main(argv=None) -> int:
@@ -133,9 +164,11 @@ def main(argv=None) -> int:
   summary = export(args.workdir, args.out, args.vocab_out)
   print(f'{args.workdir} -> {args.out}: {summary}')
   if summary['model'] == 'glfn':
-    print(f'BERT weights are not part of official GLFN checkpoints and were not written: keep the BERT directory '
-          f'(its config and tokenizer are in {summary["bert_not_exported"]}); importing OUT again needs it as '
-          '--bert_dir')
+    print(
+      f'BERT weights are not part of official GLFN checkpoints and were not written: keep the BERT directory '
+      f'(its config and tokenizer are in {summary["bert_not_exported"]}); importing OUT again needs it as '
+      '--bert_dir'
+    )
   if args.vocab_out:
     print(f'vocabulary -> {args.vocab_out} (official code reads <vocab_path>/{summary["data_name"]}_vocab.json)')
   return 0

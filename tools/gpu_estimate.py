@@ -28,14 +28,27 @@ from xmatch_jax import cli
 from xmatch_jax import errors
 
 # bert-base-uncased's config.json (the paper configs' BERT), for shapes only: no weights are read.
-BERT_BASE = {'architectures': ['BertModel'], 'attention_probs_dropout_prob': 0.1, 'hidden_act': 'gelu',
-             'hidden_dropout_prob': 0.1, 'hidden_size': 768, 'initializer_range': 0.02, 'intermediate_size': 3072,
-             'layer_norm_eps': 1e-12, 'max_position_embeddings': 512, 'model_type': 'bert', 'num_attention_heads': 12,
-             'num_hidden_layers': 12, 'pad_token_id': 0, 'type_vocab_size': 2, 'vocab_size': 30522}
+BERT_BASE = {
+  'architectures': ['BertModel'],
+  'attention_probs_dropout_prob': 0.1,
+  'hidden_act': 'gelu',
+  'hidden_dropout_prob': 0.1,
+  'hidden_size': 768,
+  'initializer_range': 0.02,
+  'intermediate_size': 3072,
+  'layer_norm_eps': 1e-12,
+  'max_position_embeddings': 512,
+  'model_type': 'bert',
+  'num_attention_heads': 12,
+  'num_hidden_layers': 12,
+  'pad_token_id': 0,
+  'type_vocab_size': 2,
+  'vocab_size': 30522,
+}
 
 GPUS = {  # dense peak FLOP/s by compute dtype, HBM bytes/s (datasheets)
-    'h100_sxm': {'bfloat16': 989e12, 'float32': 495e12, 'bandwidth': 3.35e12},   # float32 matmuls as TF32
-    'a100_sxm': {'bfloat16': 312e12, 'float32': 156e12, 'bandwidth': 2.04e12},
+  'h100_sxm': {'bfloat16': 989e12, 'float32': 495e12, 'bandwidth': 3.35e12},  # float32 matmuls as TF32
+  'a100_sxm': {'bfloat16': 312e12, 'float32': 156e12, 'bandwidth': 2.04e12},
 }
 MODELS = ('vsepp', 'scan', 'rdan', 'mmca', 'glfn')
 
@@ -43,30 +56,38 @@ MODELS = ('vsepp', 'scan', 'rdan', 'mmca', 'glfn')
 def batch_shapes(model, b: int, k: int, n: int, img_dim: int) -> dict:
   """Abstract training batch of `b` pairs for `model`: the shapes of the benchmark's random batch (the model's own
   input fields, e.g. GLFN's block positions and tag tokens), as jax.ShapeDtypeStruct leaves."""
+  import benchmark  # pylint: disable=g-import-not-at-top  (tools/, beside this file)
   import jax
   import numpy as np
-  import benchmark  # pylint: disable=g-import-not-at-top  (tools/, beside this file)
+
   images, text = benchmark.random_inputs(model, 0, b, k, n, n, img_dim)
   batch = {'images': images, 'text': text, 'image_ids': np.arange(b, dtype=np.int32)}
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)),
-                      batch)
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)), batch
+  )
 
 
 def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
   """{'flops', 'bytes'} of one compiled training step (one block of b images), from XLA's cost analysis."""
   import functools
+
   import jax
   import jax.numpy as jnp
+
   from xmatch_jax import run_setup
   from xmatch_jax import train
   from xmatch_jax.models import build_model
+
   if config.model.name not in MODELS:
-    raise errors.UserError(f'{config.model.name!r}: this estimate covers the models trained by train.train_step '
-                           f'{MODELS} (DAER trains in stages)')
+    raise errors.UserError(
+      f'{config.model.name!r}: this estimate covers the models trained by train.train_step '
+      f'{MODELS} (DAER trains in stages)'
+    )
   vocab_size = 10000
   if run_setup.uses_bert(config):
     from xmatch_jax.convert import hf_bert  # pylint: disable=g-import-not-at-top
     from xmatch_jax.models.bert import BertConfig  # pylint: disable=g-import-not-at-top
+
     bert_json = os.path.join(hf_bert.resolve_dir(config.model.bert_dir), 'config.json')
     vocab_size = BertConfig.from_json(bert_json).vocab_size
   if 'block_size' in config.model:
@@ -76,8 +97,7 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
   params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x['images'], x['text']), batch)['params']
   tx, schedule = train.make_optimizer(config.optim, steps_per_epoch=1000)
   tx = train.freeze(tx, params, getattr(model, 'frozen_params', ()))
-  state = {'params': params, 'opt_state': jax.eval_shape(tx.init, params),
-           'step': jax.ShapeDtypeStruct((), jnp.int32)}
+  state = {'params': params, 'opt_state': jax.eval_shape(tx.init, params), 'step': jax.ShapeDtypeStruct((), jnp.int32)}
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
   cost = step.lower(state, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -89,14 +109,18 @@ def predict(cost: dict, gpu: str, dtype: str, flop_efficiency: float, byte_effic
   spec = GPUS[gpu]
   compute_s = cost['flops'] / (flop_efficiency * spec[dtype])
   memory_s = cost['bytes'] / (byte_efficiency * spec['bandwidth'])
-  return {'compute_ms': 1e3 * compute_s, 'memory_ms': 1e3 * memory_s, 'step_ms': 1e3 * max(compute_s, memory_s),
-          'bound': 'compute' if compute_s >= memory_s else 'memory'}
+  return {
+    'compute_ms': 1e3 * compute_s,
+    'memory_ms': 1e3 * memory_s,
+    'step_ms': 1e3 * max(compute_s, memory_s),
+    'bound': 'compute' if compute_s >= memory_s else 'memory',
+  }
 
 
 def parse_args(argv):
   p = cli.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--config', required=True, help='e.g. configs/rdan.py:f30k')
-  p.add_argument('--batch', type=int, default=0, help='pairs per step (default: the config\'s batch_size)')
+  p.add_argument('--batch', type=int, default=0, help="pairs per step (default: the config's batch_size)")
   p.add_argument('--k', type=int, default=36, help='regions per image')
   p.add_argument('--n', type=int, default=16, help='caption length in tokens (the bucket F30K captions fill)')
   p.add_argument('--img_dim', type=int, default=2048)
@@ -117,6 +141,7 @@ def parse_args(argv):
 
 def run(args) -> dict:
   from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+
   config = run_setup.load_config_file(args.config, REPO)
   b = args.batch or config.batch_size
   with tempfile.TemporaryDirectory() as tmp:
@@ -128,21 +153,36 @@ def run(args) -> dict:
       config.model.bert_dir = args.bert
     dtype = config.model.get('dtype', 'float32')
     cost = step_cost(config, b, args.k, args.n, args.img_dim)
-  result = {'config': args.config, 'model': config.model.name, 'batch': b, 'k': args.k, 'n': args.n,
-            'bert': args.bert, 'dtype': dtype, 'gpu': args.gpu, **cost,
-            'flop_efficiency': args.flop_efficiency, 'byte_efficiency': args.byte_efficiency}
-  result['prediction'] = {d: predict(cost, args.gpu, d, args.flop_efficiency, args.byte_efficiency)
-                          for d in ('float32', 'bfloat16')}
+  result = {
+    'config': args.config,
+    'model': config.model.name,
+    'batch': b,
+    'k': args.k,
+    'n': args.n,
+    'bert': args.bert,
+    'dtype': dtype,
+    'gpu': args.gpu,
+    **cost,
+    'flop_efficiency': args.flop_efficiency,
+    'byte_efficiency': args.byte_efficiency,
+  }
+  result['prediction'] = {
+    d: predict(cost, args.gpu, d, args.flop_efficiency, args.byte_efficiency) for d in ('float32', 'bfloat16')
+  }
   return result
 
 
 def format_result(r: dict) -> str:
-  lines = [f"{r['model']} ({r['config']}), batch {r['batch']}, k {r['k']}, n {r['n']}: "
-           f"{r['flops'] / 1e12:.3f} TFLOP and {r['bytes'] / 1e9:.2f} GB accessed per training step (XLA, CPU "
-           f"compile), {r['params'] / 1e6:.1f} M params"]
+  lines = [
+    f'{r["model"]} ({r["config"]}), batch {r["batch"]}, k {r["k"]}, n {r["n"]}: '
+    f'{r["flops"] / 1e12:.3f} TFLOP and {r["bytes"] / 1e9:.2f} GB accessed per training step (XLA, CPU '
+    f'compile), {r["params"] / 1e6:.1f} M params'
+  ]
   for dtype, p in r['prediction'].items():
-    lines.append(f"  {r['gpu']} {dtype:8s}: {p['step_ms']:7.2f} ms/step ({p['bound']}-bound: compute "
-                 f"{p['compute_ms']:.2f} ms, memory {p['memory_ms']:.2f} ms)")
+    lines.append(
+      f'  {r["gpu"]} {dtype:8s}: {p["step_ms"]:7.2f} ms/step ({p["bound"]}-bound: compute '
+      f'{p["compute_ms"]:.2f} ms, memory {p["memory_ms"]:.2f} ms)'
+    )
   return '\n'.join(lines)
 
 

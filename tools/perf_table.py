@@ -15,8 +15,10 @@ import sys
 from xmatch_jax import cli
 from xmatch_jax import errors
 
-HEADER = ('| pair head | pairs/s | GFLOP/s (% of matmul) | vs PyTorch | train step (batch) | peak host memory |\n'
-          '| --- | --- | --- | --- | --- | --- |')
+HEADER = (
+  '| pair head | pairs/s | GFLOP/s (% of matmul) | vs PyTorch | train step (batch) | peak host memory |\n'
+  '| --- | --- | --- | --- | --- | --- |'
+)
 
 
 def describe(result: dict) -> str:
@@ -39,9 +41,11 @@ def row(result: dict) -> str:
   step = f'{train["median"]:.1f} s ({result["sizes"]["train_batch"]})' if train else '-'
   memory = result['peak_memory_bytes'] / 1e9
   which = 'training step' if train else 'scoring'
-  return (f'| {describe(result)} | {result["pairs_per_s"]:,.0f} | {result["pair_gflops_per_s"]:.0f} '
-          f'({result["pct_of_matmul"]:.0f}% of {result["matmul_gflops_per_s"]:.0f}) | {torch} | {step} | '
-          f'{memory:.2f} GB ({which}) |')
+  return (
+    f'| {describe(result)} | {result["pairs_per_s"]:,.0f} | {result["pair_gflops_per_s"]:.0f} '
+    f'({result["pct_of_matmul"]:.0f}% of {result["matmul_gflops_per_s"]:.0f}) | {torch} | {step} | '
+    f'{memory:.2f} GB ({which}) |'
+  )
 
 
 def _load(path: str) -> dict:

@@ -29,8 +29,10 @@ def main(argv=None) -> int:
   if args.check:
     indices, weights = pfan.from_pfan_layout(np.load(args.check, allow_pickle=False), args.grid, args.check)
     padded = indices == args.grid * args.grid
-    print(f'{args.check}: {indices.shape[0]} images x {indices.shape[1]} regions x L={indices.shape[2]}; '
-          f'{padded.mean():.1%} padding entries; weights sum to 1: ok')
+    print(
+      f'{args.check}: {indices.shape[0]} images x {indices.shape[1]} regions x L={indices.shape[2]}; '
+      f'{padded.mean():.1%} padding entries; weights sum to 1: ok'
+    )
     return 0
   if not (args.boxes and args.sizes and args.out):
     parser.error('give --boxes, --sizes and --out (or --check)')
@@ -38,8 +40,10 @@ def main(argv=None) -> int:
   sizes = np.load(args.sizes, allow_pickle=False)
   indices, weights = pfan.block_positions(boxes, sizes, args.grid, args.top_l, where=args.boxes)
   np.save(args.out, pfan.to_pfan_layout(indices, weights))
-  print(f'wrote {args.out}: {indices.shape[0]} images x {indices.shape[1]} regions, L={args.top_l}, '
-        f'grid {args.grid} x {args.grid}')
+  print(
+    f'wrote {args.out}: {indices.shape[0]} images x {indices.shape[1]} regions, L={args.top_l}, '
+    f'grid {args.grid} x {args.grid}'
+  )
   return 0
 
 

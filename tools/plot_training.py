@@ -1,7 +1,7 @@
 """Plots a run's training curves from W/metrics.jsonl: loss, learning rate and dev rsum against steps (PNG).
 
-  python tools/plot_training.py --workdir=runs/rdan_shapes --out=runs/rdan_shapes/training.png
-  python tools/plot_training.py --workdir=runs/scan_shapes --workdir=runs/rdan_shapes --out=compare.png
+python tools/plot_training.py --workdir=runs/rdan_shapes --out=runs/rdan_shapes/training.png
+python tools/plot_training.py --workdir=runs/scan_shapes --workdir=runs/rdan_shapes --out=compare.png
 """
 
 import argparse
@@ -10,6 +10,7 @@ import os
 import sys
 
 import matplotlib
+
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 

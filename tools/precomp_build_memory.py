@@ -39,11 +39,12 @@ def write_manual_dir(manual: str, images: int, regions: int, dim: int, seed: int
   os.makedirs(manual, exist_ok=True)
   rng = np.random.default_rng(seed)
   for split, n in (('train', images), ('dev', 5), ('test', 5)):
-    ims = np.lib.format.open_memmap(os.path.join(manual, f'{split}_ims.npy'), mode='w+', dtype=np.float32,
-                                    shape=(n, regions, dim))
+    ims = np.lib.format.open_memmap(
+      os.path.join(manual, f'{split}_ims.npy'), mode='w+', dtype=np.float32, shape=(n, regions, dim)
+    )
     step = max(1, _CHUNK_BYTES // (regions * dim * 4))
     for start in range(0, n, step):
-      ims[start:start + step] = rng.random((min(step, n - start), regions, dim), dtype=np.float32)
+      ims[start : start + step] = rng.random((min(step, n - start), regions, dim), dtype=np.float32)
     ims.flush()
     del ims
     with open(os.path.join(manual, f'{split}_caps.txt'), 'w') as f:
@@ -68,8 +69,13 @@ def build_and_sample(manual: str, data_dir: str, interval: float = 0.1) -> dict:
   """Builds in a child process; returns peak RssAnon / RssFile / VmHWM (bytes) and the wall time."""
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
   start = time.time()
-  child = subprocess.Popen([sys.executable, '-c', _BUILD, manual, data_dir], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  child = subprocess.Popen(
+    [sys.executable, '-c', _BUILD, manual, data_dir],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   peaks = {'RssAnon': 0, 'RssFile': 0, 'VmHWM': 0}
   while child.poll() is None:
     for key, kb in _status_kb(child.pid).items():
@@ -78,13 +84,16 @@ def build_and_sample(manual: str, data_dir: str, interval: float = 0.1) -> dict:
   stderr = child.stderr.read()
   if child.returncode:
     raise RuntimeError(f'the build failed (exit {child.returncode}):\n{stderr[-3000:]}')
-  return {'peak_anon_bytes': peaks['RssAnon'] * 1024, 'peak_file_bytes': peaks['RssFile'] * 1024,
-          'peak_rss_bytes': peaks['VmHWM'] * 1024, 'build_seconds': time.time() - start}
+  return {
+    'peak_anon_bytes': peaks['RssAnon'] * 1024,
+    'peak_file_bytes': peaks['RssFile'] * 1024,
+    'peak_rss_bytes': peaks['VmHWM'] * 1024,
+    'build_seconds': time.time() - start,
+  }
 
 
 def check_build(manual: str, data_dir: str, images: int) -> None:
-  source = precomp.XmatchPrecomp(config='custom', data_dir=data_dir, file_format='array_record').as_data_source(
-      'train')
+  source = precomp.XmatchPrecomp(config='custom', data_dir=data_dir, file_format='array_record').as_data_source('train')
   expected = np.load(os.path.join(manual, 'train_ims.npy'), mmap_mode='r')
   if len(source) != images:
     raise AssertionError(f'built train split has {len(source)} images; expected {images}')
@@ -105,22 +114,29 @@ def main(argv=None) -> int:
   if args.images < 1 or args.regions < 1 or args.dim < 1:
     parser.error('--images, --regions and --dim must be >= 1')
   if not os.path.exists('/proc/self/status'):
-    parser.error('needs Linux /proc to sample the build\'s memory')
+    parser.error("needs Linux /proc to sample the build's memory")
   if os.path.exists(args.dir) and os.listdir(args.dir):
     parser.error(f'--dir {args.dir} is not empty; give a new scratch directory (it is deleted afterwards)')
   manual, data_dir = os.path.join(args.dir, 'manual'), os.path.join(args.dir, 'tfds')
   try:
     input_bytes = write_manual_dir(manual, args.images, args.regions, args.dim)
-    result = {'images': args.images, 'regions': args.regions, 'dim': args.dim, 'input_bytes': input_bytes,
-              **build_and_sample(manual, data_dir)}
+    result = {
+      'images': args.images,
+      'regions': args.regions,
+      'dim': args.dim,
+      'input_bytes': input_bytes,
+      **build_and_sample(manual, data_dir),
+    }
     check_build(manual, data_dir, args.images)
   finally:
     if not args.keep:
       shutil.rmtree(args.dir, ignore_errors=True)
   gb = lambda b: f'{b / 2**30:.2f} GiB'
-  print(f'train features {gb(result["input_bytes"])} ({args.images} x {args.regions} x {args.dim} float32); build '
-        f'{result["build_seconds"]:.0f} s; peak RssAnon {gb(result["peak_anon_bytes"])}, peak RssFile '
-        f'{gb(result["peak_file_bytes"])}, VmHWM {gb(result["peak_rss_bytes"])}; built split checked')
+  print(
+    f'train features {gb(result["input_bytes"])} ({args.images} x {args.regions} x {args.dim} float32); build '
+    f'{result["build_seconds"]:.0f} s; peak RssAnon {gb(result["peak_anon_bytes"])}, peak RssFile '
+    f'{gb(result["peak_file_bytes"])}, VmHWM {gb(result["peak_rss_bytes"])}; built split checked'
+  )
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(result, f, indent=2)

@@ -16,7 +16,8 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from PIL import ImageDraw
 
 from xmatch_jax import api
 from xmatch_jax import cli
@@ -26,7 +27,7 @@ from xmatch_jax.data import shapes_scenes
 from xmatch_jax.data import vocab as vocab_lib
 from xmatch_jax.models.rdan import RDAN
 
-SCALE = 4          # each 64 x 64 shapes image is drawn 256 x 256
+SCALE = 4  # each 64 x 64 shapes image is drawn 256 x 256
 TITLE_HEIGHT = 28
 COLUMNS = 4
 
@@ -47,7 +48,7 @@ def word_attention(retriever: api.Retriever, images: dict, caption: str) -> tupl
     raise errors.UserError(f'the workdir holds a {type(model).__name__} model; attention figures are for RDAN.')
   tokens = retriever.vocab.encode(caption)
   if all(t == vocab_lib.UNK_ID for t in tokens[1:-1]):
-    raise errors.UserError(f'caption {caption!r} has no word in the model\'s vocabulary; nothing to attend.')
+    raise errors.UserError(f"caption {caption!r} has no word in the model's vocabulary; nothing to attend.")
   mask = np.ones((1, len(tokens)), np.float32)
   variables = {'params': retriever.params}
   image_rep = model.apply(variables, {'regions': images['regions']}, method=model.encode_image)
@@ -69,12 +70,11 @@ def objects_in_box(scene_json: str, box: np.ndarray) -> list[str]:
   for obj in json.loads(scene_json)['objects']:
     x, y = obj['x'] / shapes_scenes.CANVAS, obj['y'] / shapes_scenes.CANVAS
     if box[0] <= x <= box[2] and box[1] <= y <= box[3]:
-      found.append(f"{obj['size']} {obj['colour']} {obj['shape']}")
+      found.append(f'{obj["size"]} {obj["colour"]} {obj["shape"]}')
   return found
 
 
-def render(pixels: np.ndarray, boxes: np.ndarray, words: list, regions: np.ndarray,
-           weights: np.ndarray) -> Image.Image:
+def render(pixels: np.ndarray, boxes: np.ndarray, words: list, regions: np.ndarray, weights: np.ndarray) -> Image.Image:
   """A grid with one panel per word: the image, the word's most attended box, 'word (weight)' above it.
 
   Args:
@@ -95,8 +95,9 @@ def render(pixels: np.ndarray, boxes: np.ndarray, words: list, regions: np.ndarr
     sheet.paste(base, (left, top + TITLE_HEIGHT))
     draw = ImageDraw.Draw(sheet)
     x1, y1, x2, y2 = (boxes[region] * [panel_w, height * SCALE, panel_w, height * SCALE]).tolist()
-    draw.rectangle([left + x1, top + TITLE_HEIGHT + y1, left + x2 - 1, top + TITLE_HEIGHT + y2 - 1],
-                   outline=(255, 160, 0), width=3)
+    draw.rectangle(
+      [left + x1, top + TITLE_HEIGHT + y1, left + x2 - 1, top + TITLE_HEIGHT + y2 - 1], outline=(255, 160, 0), width=3
+    )
     draw.text((left + 6, top + 8), f'{word}  ({weight:.2f}, region {region})', fill='black')
   return sheet
 
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
   parser.add_argument('--split', default='test')
   parser.add_argument('--image_index', type=int, default=0)
   group = parser.add_mutually_exclusive_group()
-  group.add_argument('--caption_index', type=int, help='caption of the split (default: the image\'s first)')
+  group.add_argument('--caption_index', type=int, help="caption of the split (default: the image's first)")
   group.add_argument('--caption', help='a free caption string')
   parser.add_argument('--out', default='rdan_attention.png', help='PNG path')
   args = parser.parse_args(argv)
@@ -117,8 +118,9 @@ def main(argv=None) -> int:
   split = data_lib.load_split(config.dataset, args.split, config.data_dir or None)
   n_images = len(split.images['regions'])
   if not 0 <= args.image_index < n_images:
-    raise errors.UserError(f'--image_index={args.image_index} is out of range: {config.dataset}/{args.split} has '
-                           f'{n_images} images.')
+    raise errors.UserError(
+      f'--image_index={args.image_index} is out of range: {config.dataset}/{args.split} has {n_images} images.'
+    )
   for key in ('pixels', 'boxes'):
     if key not in split.images:
       raise errors.UserError(f'dataset {config.dataset} has no "{key}" field; the figure needs pixels and boxes.')
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
       raise errors.UserError(f'--caption_index={index} is out of range: {len(split.captions)} captions.')
     caption = split.captions[index]
 
-  image = {k: v[args.image_index:args.image_index + 1] for k, v in split.images.items()}
+  image = {k: v[args.image_index : args.image_index + 1] for k, v in split.images.items()}
   words, beta = word_attention(retriever, image, caption)
   regions, weights = most_attended_regions(beta)
   keep = [j for j, w in enumerate(words) if w not in (vocab_lib.START, vocab_lib.END)]
@@ -141,8 +143,10 @@ def main(argv=None) -> int:
     contents = ''
     if 'scene' in image:
       contents = ', '.join(objects_in_box(image['scene'][0], boxes[regions[j]])) or 'no object centre'
-    print(f'  {words[j]:>12s} -> region {regions[j]:2d} box [{", ".join(f"{v:.2f}" for v in boxes[regions[j]])}] '
-          f'weight {weights[j]:.2f}  [{contents}]')
+    print(
+      f'  {words[j]:>12s} -> region {regions[j]:2d} box [{", ".join(f"{v:.2f}" for v in boxes[regions[j]])}] '
+      f'weight {weights[j]:.2f}  [{contents}]'
+    )
   sheet = render(image['pixels'][0], boxes, [words[j] for j in keep], regions[keep], weights[keep])
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   sheet.save(args.out)

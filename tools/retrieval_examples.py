@@ -23,7 +23,9 @@ import sys
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 from xmatch_jax import api
 from xmatch_jax import cli
@@ -31,14 +33,14 @@ from xmatch_jax import data as data_lib
 from xmatch_jax import errors
 from xmatch_jax import retrieve
 
-PANEL = 256        # images are upscaled (nearest neighbour, integer factor) to about this many pixels a side
-FRAME = 6          # frame width around each retrieved image
-GAP = 10           # between image cells
-PAD = 12           # inner margin of text columns
+PANEL = 256  # images are upscaled (nearest neighbour, integer factor) to about this many pixels a side
+FRAME = 6  # frame width around each retrieved image
+GAP = 10  # between image cells
+PAD = 12  # inner margin of text columns
 TITLE_HEIGHT = 34
 LABEL_HEIGHT = 26  # 'rank. image i  score' above each image
 ROW_GAP = 18
-TEXT_WIDTH = 330   # query text column of caption rows
+TEXT_WIDTH = 330  # query text column of caption rows
 CAPTIONS_WIDTH = 780  # caption list column of image rows
 LINE_HEIGHT = 24
 GREEN, RED, GREY = (0, 170, 0), (220, 30, 30), (150, 150, 150)
@@ -46,18 +48,18 @@ GREEN, RED, GREY = (0, 170, 0), (220, 30, 30), (150, 150, 150)
 
 class CaptionExample(NamedTuple):
   caption: str
-  caption_index: int | None   # None for free text
-  truth: int | None           # the caption's image (None for free text)
-  results: list               # [(image index, score)], best first (retrieve.rank_images)
-  truth_rank: int | None      # 1-based rank of `truth` among all images
+  caption_index: int | None  # None for free text
+  truth: int | None  # the caption's image (None for free text)
+  results: list  # [(image index, score)], best first (retrieve.rank_images)
+  truth_rank: int | None  # 1-based rank of `truth` among all images
 
 
 class ImageExample(NamedTuple):
   image_index: int
-  truth: list                 # caption indices of the image
-  results: list               # [(caption index, score)], best first (retrieve.rank_captions)
-  truth_rank: int             # 1-based rank of the image's best-ranked own caption
-  truth_caption: int          # that caption's index
+  truth: list  # caption indices of the image
+  results: list  # [(caption index, score)], best first (retrieve.rank_captions)
+  truth_rank: int  # 1-based rank of the image's best-ranked own caption
+  truth_caption: int  # that caption's index
   truth_score: float
 
 
@@ -68,9 +70,10 @@ def load(workdir: str, split_name: str) -> tuple[api.Retriever, data_lib.Split]:
   split = data_lib.load_split(dataset, split_name, retriever.config.data_dir or None)
   if 'pixels' not in split.images:
     raise errors.UserError(
-        f'dataset {dataset}/{split_name} has no "pixels" field (its image fields are {sorted(split.images)}), so '
-        'retrieved images cannot be drawn; expected a dataset with pixels such as shapes. For text-only results use '
-        f'python -m xmatch_jax.retrieve --workdir={workdir} --split={split_name} --caption="..." (or --image_index=N).')
+      f'dataset {dataset}/{split_name} has no "pixels" field (its image fields are {sorted(split.images)}), so '
+      'retrieved images cannot be drawn; expected a dataset with pixels such as shapes. For text-only results use '
+      f'python -m xmatch_jax.retrieve --workdir={workdir} --split={split_name} --caption="..." (or --image_index=N).'
+    )
   return retriever, split
 
 
@@ -79,8 +82,9 @@ def _check_index(flag: str, index: int, count: int, what: str, where: str) -> No
     raise errors.UserError(f'--{flag}={index} is out of range: {where} has {count} {what} (valid 0 .. {count - 1}).')
 
 
-def caption_examples(retriever: api.Retriever, split: data_lib.Split, queries: list, k: int,
-                     where: str = 'the split') -> list[CaptionExample]:
+def caption_examples(
+  retriever: api.Retriever, split: data_lib.Split, queries: list, k: int, where: str = 'the split'
+) -> list[CaptionExample]:
   """queries: caption indices of the split (int) and free captions (str) -> one CaptionExample each."""
   n_images = len(split.images['pixels'])
   for q in queries:
@@ -89,15 +93,16 @@ def caption_examples(retriever: api.Retriever, split: data_lib.Split, queries: l
   examples = []
   for q in queries:
     text, index = (q, None) if isinstance(q, str) else (split.captions[q], int(q))
-    ranking = retrieve.rank_images(retriever, split.images, text, n_images)   # all images: the truth's rank too
+    ranking = retrieve.rank_images(retriever, split.images, text, n_images)  # all images: the truth's rank too
     truth = None if index is None else int(split.caption_to_image[index])
     truth_rank = None if truth is None else 1 + [i for i, _ in ranking].index(truth)
     examples.append(CaptionExample(text, index, truth, ranking[:k], truth_rank))
   return examples
 
 
-def image_examples(retriever: api.Retriever, split: data_lib.Split, image_indices: list, k: int,
-                   where: str = 'the split') -> list[ImageExample]:
+def image_examples(
+  retriever: api.Retriever, split: data_lib.Split, image_indices: list, k: int, where: str = 'the split'
+) -> list[ImageExample]:
   """One ImageExample per image index of the split."""
   n_images = len(split.images['pixels'])
   for i in image_indices:
@@ -114,7 +119,7 @@ def image_examples(retriever: api.Retriever, split: data_lib.Split, image_indice
 def _font(size: int) -> ImageFont.ImageFont:
   try:
     return ImageFont.load_default(size=size)
-  except (TypeError, OSError, ImportError):   # old Pillow or no FreeType: the fixed bitmap font
+  except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: the fixed bitmap font
     return ImageFont.load_default()
 
 
@@ -158,20 +163,26 @@ def _caption_meta(example: CaptionExample, k: int) -> tuple[list, tuple]:
   if example.truth is None:
     return ['free text (no ground truth)'], GREY
   found = example.truth_rank <= k
-  return ([f'caption {example.caption_index} of image {example.truth}',
-           f'ground truth at rank {example.truth_rank}' + ('' if found else f' (not in the top {k})')],
-          GREEN if found else RED)
+  return (
+    [
+      f'caption {example.caption_index} of image {example.truth}',
+      f'ground truth at rank {example.truth_rank}' + ('' if found else f' (not in the top {k})'),
+    ],
+    GREEN if found else RED,
+  )
 
 
-def render_captions(pixels: np.ndarray, examples: list[CaptionExample], k: int, title: str,
-                    scale: int = 0) -> Image.Image:
+def render_captions(
+  pixels: np.ndarray, examples: list[CaptionExample], k: int, title: str, scale: int = 0
+) -> Image.Image:
   """One row per caption query: its text, then its top-k images (framed, 'rank. image i  score' above each)."""
   side_h, side_w = upscale(pixels[0], scale).size[::-1]
   cell_w, cell_h = side_w + 2 * FRAME, side_h + 2 * FRAME
   big, small = _font(17), _font(15)
   texts = [_wrap(f'"{example.caption}"', big, TEXT_WIDTH - 2 * PAD) for example in examples]
-  text_h = max(len(t) * LINE_HEIGHT + 6 + len(_caption_meta(e, k)[0]) * (LINE_HEIGHT - 2)
-               for t, e in zip(texts, examples))
+  text_h = max(
+    len(t) * LINE_HEIGHT + 6 + len(_caption_meta(e, k)[0]) * (LINE_HEIGHT - 2) for t, e in zip(texts, examples)
+  )
   row_h = LABEL_HEIGHT + max(cell_h, text_h) + ROW_GAP
   sheet = Image.new('RGB', (TEXT_WIDTH + k * (cell_w + GAP), TITLE_HEIGHT + len(examples) * row_h), 'white')
   draw = ImageDraw.Draw(sheet)
@@ -191,26 +202,34 @@ def render_captions(pixels: np.ndarray, examples: list[CaptionExample], k: int, 
       left = TEXT_WIDTH + (rank - 1) * (cell_w + GAP)
       label = f'{rank}. image {i}   {score:.3f}' + ('   ground truth' if i == example.truth else '')
       draw.text((left + 2, top + 4), _fit(label, small, cell_w), fill='black', font=small)
-      draw.rectangle([left, top + LABEL_HEIGHT, left + cell_w - 1, top + LABEL_HEIGHT + cell_h - 1],
-                     fill=_frame_colour(example, i))
+      draw.rectangle(
+        [left, top + LABEL_HEIGHT, left + cell_w - 1, top + LABEL_HEIGHT + cell_h - 1], fill=_frame_colour(example, i)
+      )
       sheet.paste(upscale(pixels[i], scale), (left + FRAME, top + LABEL_HEIGHT + FRAME))
   return sheet
 
 
 def _image_lines(example: ImageExample, captions: list, k: int) -> list[tuple[str, bool]]:
   """(text, is ground truth) per line of an image query: the top-k captions, then the first ground truth's rank."""
-  lines = [(f'{rank}. {score:.3f}  {captions[c]}', c in example.truth)
-           for rank, (c, score) in enumerate(example.results, 1)]
+  lines = [
+    (f'{rank}. {score:.3f}  {captions[c]}', c in example.truth) for rank, (c, score) in enumerate(example.results, 1)
+  ]
   if example.truth_rank <= k:
     lines.append((f'first own caption at rank {example.truth_rank}', True))
   else:
-    lines.append((f'first own caption at rank {example.truth_rank} (not in the top {k}), score '
-                  f'{example.truth_score:.3f}: {captions[example.truth_caption]}', False))
+    lines.append(
+      (
+        f'first own caption at rank {example.truth_rank} (not in the top {k}), score '
+        f'{example.truth_score:.3f}: {captions[example.truth_caption]}',
+        False,
+      )
+    )
   return lines
 
 
-def render_images(pixels: np.ndarray, captions: list, examples: list[ImageExample], k: int, title: str,
-                  scale: int = 0) -> Image.Image:
+def render_images(
+  pixels: np.ndarray, captions: list, examples: list[ImageExample], k: int, title: str, scale: int = 0
+) -> Image.Image:
   """One row per image query: the image, then its top-k captions (own captions green) and the truth's rank."""
   side_h, side_w = upscale(pixels[0], scale).size[::-1]
   image_w = side_w + 2 * PAD
@@ -228,7 +247,7 @@ def render_images(pixels: np.ndarray, captions: list, examples: list[ImageExampl
       last = n == k
       colour = (GREEN if own else RED) if last else (GREEN if own else 'black')
       text = _fit(line, small, CAPTIONS_WIDTH - 2 * PAD)
-      for dx in ((0, 1) if own and not last else (0,)):   # own captions in faux bold
+      for dx in (0, 1) if own and not last else (0,):  # own captions in faux bold
         draw.text((image_w + PAD + dx, y + (6 if last else 0)), text, fill=colour, font=small)
       y += LINE_HEIGHT
   return sheet
@@ -263,25 +282,33 @@ def html_captions(pixels: np.ndarray, examples: list[CaptionExample], k: int, ti
   for example in examples:
     lines, colour = _caption_meta(example, k)
     kind = '' if example.truth is None else (' found' if colour == GREEN else ' missed')
-    page.append(f'<section><div class="query"><p>"{html.escape(example.caption)}"</p>'
-                + ''.join(f'<p class="meta{kind}">{html.escape(line)}</p>' for line in lines) + '</div>')
+    page.append(
+      f'<section><div class="query"><p>"{html.escape(example.caption)}"</p>'
+      + ''.join(f'<p class="meta{kind}">{html.escape(line)}</p>' for line in lines)
+      + '</div>'
+    )
     for rank, (i, score) in enumerate(example.results, 1):
       truth = ' class="truth"' if i == example.truth else ''
-      page.append(f'<figure{truth}><img src="{_data_uri(upscale(pixels[i], scale))}" '
-                  f'style="border-color: {_css(_frame_colour(example, i))}" alt="image {i}">'
-                  f'<figcaption>{rank}. image {i} &nbsp; {score:.3f}{" &nbsp; ground truth" if truth else ""}'
-                  '</figcaption></figure>')
+      page.append(
+        f'<figure{truth}><img src="{_data_uri(upscale(pixels[i], scale))}" '
+        f'style="border-color: {_css(_frame_colour(example, i))}" alt="image {i}">'
+        f'<figcaption>{rank}. image {i} &nbsp; {score:.3f}{" &nbsp; ground truth" if truth else ""}'
+        '</figcaption></figure>'
+      )
     page.append('</section>')
   return '\n'.join(page + ['</body></html>\n'])
 
 
-def html_images(pixels: np.ndarray, captions: list, examples: list[ImageExample], k: int, title: str,
-                scale: int = 0) -> str:
+def html_images(
+  pixels: np.ndarray, captions: list, examples: list[ImageExample], k: int, title: str, scale: int = 0
+) -> str:
   page = [HTML_HEAD.format(title=html.escape(title), frame=0, green=_css(GREEN), red=_css(RED))]
   for example in examples:
     i = example.image_index
-    page.append(f'<section><figure><img src="{_data_uri(upscale(pixels[i], scale))}" alt="image {i}">'
-                f'<figcaption>image {i}</figcaption></figure><div><ol>')
+    page.append(
+      f'<section><figure><img src="{_data_uri(upscale(pixels[i], scale))}" alt="image {i}">'
+      f'<figcaption>image {i}</figcaption></figure><div><ol>'
+    )
     for c, score in example.results:
       truth = ' class="truth"' if c in example.truth else ''
       page.append(f'<li{truth}>{score:.3f} &nbsp; {html.escape(captions[c])} <small>(caption {c})</small></li>')
@@ -295,18 +322,30 @@ def run(argv=None) -> list:
   parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True, help='trained workdir')
   parser.add_argument('--split', default='test')
-  parser.add_argument('--caption_index', dest='captions', action='append', type=int, default=[],
-                      help='caption of the split to query with (repeatable)')
+  parser.add_argument(
+    '--caption_index',
+    dest='captions',
+    action='append',
+    type=int,
+    default=[],
+    help='caption of the split to query with (repeatable)',
+  )
   parser.add_argument('--caption', dest='captions', action='append', type=str, help='free query text (repeatable)')
   parser.add_argument('--image_index', action='append', type=int, default=[], help='query image (repeatable)')
   parser.add_argument('-k', '--k', type=int, default=5, help='results per query')
-  parser.add_argument('--scale', type=int, default=0,
-                      help=f'upscale factor of the images (0: to about {PANEL} pixels a side, 4x for shapes)')
+  parser.add_argument(
+    '--scale',
+    type=int,
+    default=0,
+    help=f'upscale factor of the images (0: to about {PANEL} pixels a side, 4x for shapes)',
+  )
   parser.add_argument('--out', required=True, help='.png or .html file')
   args = parser.parse_args(argv)
   if bool(args.captions) == bool(args.image_index):
-    raise errors.UserError('give caption queries (--caption_index / --caption) or image queries (--image_index); '
-                           f'got {len(args.captions)} caption and {len(args.image_index)} image queries.')
+    raise errors.UserError(
+      'give caption queries (--caption_index / --caption) or image queries (--image_index); '
+      f'got {len(args.captions)} caption and {len(args.image_index)} image queries.'
+    )
   if args.k < 1:
     raise errors.UserError(f'-k must be >= 1; got {args.k}.')
   if args.scale < 0:
@@ -327,18 +366,30 @@ def run(argv=None) -> list:
     examples = caption_examples(retriever, split, args.captions, args.k, where)
     title = f'{where}, {model}: top-{args.k} images per caption; green frame = ground truth, red = not'
     for e in examples:
-      print(f'"{e.caption}": ' + ', '.join(f'{i} ({s:.3f})' for i, s in e.results)
-            + ('' if e.truth is None else f'; ground truth image {e.truth} at rank {e.truth_rank}'))
-    output = (render_captions(pixels, examples, args.k, title, args.scale) if kind == '.png'
-              else html_captions(pixels, examples, args.k, title, args.scale))
+      print(
+        f'"{e.caption}": '
+        + ', '.join(f'{i} ({s:.3f})' for i, s in e.results)
+        + ('' if e.truth is None else f'; ground truth image {e.truth} at rank {e.truth_rank}')
+      )
+    output = (
+      render_captions(pixels, examples, args.k, title, args.scale)
+      if kind == '.png'
+      else html_captions(pixels, examples, args.k, title, args.scale)
+    )
   else:
     examples = image_examples(retriever, split, args.image_index, args.k, where)
     title = f'{where}, {model}: top-{args.k} captions per image; green = a caption of the image'
     for e in examples:
-      print(f'image {e.image_index}: ' + ', '.join(f'{c}{"*" if c in e.truth else ""} ({s:.3f})' for c, s in e.results)
-            + f'; first own caption at rank {e.truth_rank}')
-    output = (render_images(pixels, split.captions, examples, args.k, title, args.scale) if kind == '.png'
-              else html_images(pixels, split.captions, examples, args.k, title, args.scale))
+      print(
+        f'image {e.image_index}: '
+        + ', '.join(f'{c}{"*" if c in e.truth else ""} ({s:.3f})' for c, s in e.results)
+        + f'; first own caption at rank {e.truth_rank}'
+      )
+    output = (
+      render_images(pixels, split.captions, examples, args.k, title, args.scale)
+      if kind == '.png'
+      else html_images(pixels, split.captions, examples, args.k, title, args.scale)
+    )
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   if kind == '.png':
     output.save(args.out, optimize=True)

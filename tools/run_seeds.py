@@ -29,6 +29,7 @@ METRICS = evaluate.RECALL_KEYS
 def load_config(spec: str):
   """'configs/rdan.py:f30k' -> get_config('f30k') of that file (relative paths also under the repository)."""
   from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+
   return run_setup.load_config_file(spec, REPO)
 
 
@@ -48,8 +49,11 @@ def apply_sets(config, sets: list) -> None:
       target = target[part]
     if leaf not in target:
       raise errors.UserError(f'--set {item!r}: config has no field {key!r}')
-    target[leaf] = type(target[leaf])(value) if isinstance(target[leaf], (int, float)) and \
-        not isinstance(target[leaf], bool) else value
+    target[leaf] = (
+      type(target[leaf])(value)
+      if isinstance(target[leaf], (int, float)) and not isinstance(target[leaf], bool)
+      else value
+    )
 
 
 def run(spec: str, seeds: list, workdir: str, split: str, sets: list) -> dict:
@@ -62,10 +66,15 @@ def run(spec: str, seeds: list, workdir: str, split: str, sets: list) -> dict:
     train.train_and_evaluate(config, seed_dir)
     results[seed] = evaluate.evaluate_workdir(seed_dir, split)
   table = np.array([[results[s][k] for k in METRICS] for s in seeds], np.float64)
-  summary = {'config': spec, 'split': split, 'seeds': seeds, 'sets': sets,
-             'per_seed': {str(s): {k: results[s][k] for k in METRICS} for s in seeds},
-             'mean': dict(zip(METRICS, table.mean(0).tolist())),
-             'std': dict(zip(METRICS, (table.std(0, ddof=1) if len(seeds) > 1 else np.zeros(len(METRICS))).tolist()))}
+  summary = {
+    'config': spec,
+    'split': split,
+    'seeds': seeds,
+    'sets': sets,
+    'per_seed': {str(s): {k: results[s][k] for k in METRICS} for s in seeds},
+    'mean': dict(zip(METRICS, table.mean(0).tolist())),
+    'std': dict(zip(METRICS, (table.std(0, ddof=1) if len(seeds) > 1 else np.zeros(len(METRICS))).tolist())),
+  }
   return summary
 
 

@@ -15,10 +15,10 @@ Recalls are in percent, rsum is the sum of the six, as in SCAN's evaluation.py.
 """
 
 import argparse
+from collections.abc import Sequence
 import itertools
 import json
 import math
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -39,8 +39,7 @@ def _miss_probability(n_tied: int, n_relevant: int, n_slots: int) -> float:
   return math.comb(n_tied - n_relevant, n_slots) / math.comb(n_tied, n_slots)
 
 
-def chance_recalls(n_images: int, captions_per_image: int = scenes.CAPTIONS_PER_IMAGE,
-                   ks: Sequence[int] = KS) -> dict:
+def chance_recalls(n_images: int, captions_per_image: int = scenes.CAPTIONS_PER_IMAGE, ks: Sequence[int] = KS) -> dict:
   """Expected recalls (percent) of a random ranking, both ways, and their rsum."""
   n_cap = n_images * captions_per_image
   out = {}
@@ -51,8 +50,9 @@ def chance_recalls(n_images: int, captions_per_image: int = scenes.CAPTIONS_PER_
   return out
 
 
-def expected_recalls(scores: np.ndarray, captions_per_image: int = scenes.CAPTIONS_PER_IMAGE,
-                     ks: Sequence[int] = KS) -> dict:
+def expected_recalls(
+  scores: np.ndarray, captions_per_image: int = scenes.CAPTIONS_PER_IMAGE, ks: Sequence[int] = KS
+) -> dict:
   """Recalls (percent) of a score matrix with ties broken uniformly at random, in expectation.
 
   Args:
@@ -92,8 +92,12 @@ def _bag_counts(objects_per_image: Sequence[Sequence[dict]]) -> np.ndarray:
 
 
 def _kinds_matching(mention: dict) -> np.ndarray:
-  return np.array([all(mention[key] is None or mention[key] == value
-                       for key, value in zip(('shape', 'colour', 'size'), kind)) for kind in _TYPES])
+  return np.array(
+    [
+      all(mention[key] is None or mention[key] == value for key, value in zip(('shape', 'colour', 'size'), kind))
+      for kind in _TYPES
+    ]
+  )
 
 
 def bag_oracle_scores(objects_per_image: Sequence[Sequence[dict]], meanings: Sequence[dict]) -> np.ndarray:
@@ -116,8 +120,9 @@ def bag_oracle_scores(objects_per_image: Sequence[Sequence[dict]], meanings: Seq
   return scores
 
 
-def scene_oracle_scores(objects_per_image: Sequence[Sequence[dict]], meanings: Sequence[dict],
-                        bag_scores: np.ndarray | None = None) -> np.ndarray:
+def scene_oracle_scores(
+  objects_per_image: Sequence[Sequence[dict]], meanings: Sequence[dict], bag_scores: np.ndarray | None = None
+) -> np.ndarray:
   """[n_img, n_cap] 1.0 where the caption is true of the scene (relations included), else 0.0."""
   if bag_scores is None:
     bag_scores = bag_oracle_scores(objects_per_image, meanings)
@@ -154,10 +159,13 @@ def baseline_table(objects_per_image: Sequence[Sequence[dict]], captions: Sequen
   """name -> recalls for chance, the bag-of-objects oracle and the scene oracle."""
   meanings = [scenes.parse_caption(c) for c in captions]
   bag = bag_oracle_scores(objects_per_image, meanings)
-  return {'chance': chance_recalls(len(objects_per_image)),
-          'bag-of-objects oracle': expected_recalls(weight_by_specificity(bag)),
-          'scene oracle (relations)': expected_recalls(
-              weight_by_specificity(scene_oracle_scores(objects_per_image, meanings, bag)))}
+  return {
+    'chance': chance_recalls(len(objects_per_image)),
+    'bag-of-objects oracle': expected_recalls(weight_by_specificity(bag)),
+    'scene oracle (relations)': expected_recalls(
+      weight_by_specificity(scene_oracle_scores(objects_per_image, meanings, bag))
+    ),
+  }
 
 
 def format_table(table: dict) -> str:
@@ -171,12 +179,16 @@ def format_table(table: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', default='default', choices=('default', 'tiny'))
-  parser.add_argument('--data_dir', default=None,
-                      help='TFDS data dir (the dataset is built there if missing); default: the library\'s, '
-                      '$XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds')
+  parser.add_argument(
+    '--data_dir',
+    default=None,
+    help="TFDS data dir (the dataset is built there if missing); default: the library's, "
+    '$XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds',
+  )
   parser.add_argument('--split', default='test', choices=('train', 'dev', 'test'))
   args = parser.parse_args(argv)
   from xmatch_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
   objects, captions = load_split(args.data_dir or data_lib.default_data_dir(), args.config, args.split)
   print(f'xmatch_shapes/{args.config} {args.split}: {len(objects)} images, {len(captions)} captions')
   print(format_table(baseline_table(objects, captions)))

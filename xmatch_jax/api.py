@@ -1,9 +1,9 @@
 """The Python API: score dataset-format images against raw caption strings with a trained workdir.
 
-  from xmatch_jax import Retriever
-  r = Retriever.from_workdir('runs/rdan_shapes')
-  images, captions, caption_to_image = xmatch_jax.data.load_split('shapes', 'test')
-  scores = r.score({k: v[:10] for k, v in images.items()}, ['a red circle above a blue square'])  # [10, 1]
+from xmatch_jax import Retriever
+r = Retriever.from_workdir('runs/rdan_shapes')
+images, captions, caption_to_image = xmatch_jax.data.load_split('shapes', 'test')
+scores = r.score({k: v[:10] for k, v in images.items()}, ['a red circle above a blue square'])  # [10, 1]
 """
 
 import numpy as np
@@ -51,15 +51,17 @@ class Retriever:
     if not isinstance(rerank_k, (int, np.integer)) or rerank_k < 0:
       raise errors.UserError(f'rerank_k must be an int >= 0 (0: score every pair); got {rerank_k!r}.')
     if not hasattr(images, 'keys'):
-      raise errors.UserError(f'images must be a dict of dataset fields such as {{"regions": [n_images, k, d]}}; got '
-                             f'{type(images).__name__}.')
+      raise errors.UserError(
+        f'images must be a dict of dataset fields such as {{"regions": [n_images, k, d]}}; got {type(images).__name__}.'
+      )
     inputs = inference.image_inputs(self.model, images)
     counts = {key: len(value) for key, value in inputs.items()}
     if min(counts.values()) == 0:
       raise errors.UserError(f'images hold no image (fields {counts}); pass at least one.')
     if len(set(counts.values())) > 1:
-      raise errors.UserError(f'images fields have different numbers of images {counts}; expected one row per image in '
-                             'every field.')
+      raise errors.UserError(
+        f'images fields have different numbers of images {counts}; expected one row per image in every field.'
+      )
     regions = inputs['regions'] if 'regions' in inputs else None
     if regions is not None:
       if regions.ndim != 3 or regions.shape[-1] != self.img_dim:
@@ -81,9 +83,12 @@ def _load_model(workdir: str, config, vocab):
   img_dim = int(config.data_info.img_dim)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
   # A two-image probe with every field a model may derive its inputs from (GLFN: boxes, tags).
-  probe = {'regions': np.zeros((2, 1, img_dim), np.float32), 'boxes': np.tile(np.float32([0, 0, 1, 1]), (2, 1, 1)),
-           'tags': np.array([['object'], ['object']], dtype=object)}
+  probe = {
+    'regions': np.zeros((2, 1, img_dim), np.float32),
+    'boxes': np.tile(np.float32([0, 0, 1, 1]), (2, 1, 1)),
+    'tags': np.array([['object'], ['object']], dtype=object),
+  }
   if 'pixels' in getattr(model, 'image_keys', ()):
-    probe = {'pixels': np.zeros((2, 64, 64, 3), np.uint8)}   # DAER: any canvas; the CNN pools globally
+    probe = {'pixels': np.zeros((2, 64, 64, 3), np.uint8)}  # DAER: any canvas; the CNN pools globally
   variables, _, which = evaluate.load_variables(workdir, model, probe)
   return model, variables, which

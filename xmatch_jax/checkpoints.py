@@ -30,8 +30,10 @@ def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
   # latest/ and best/ save the same step at once: in multi-process runs their background threads need their own
   # barrier names, or orbax's barriers collide (hangs / "barrier already ongoing").
   multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=os.path.basename(directory))
-  return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, multiprocessing_options=multiprocessing))
+  return ocp.CheckpointManager(
+    os.path.abspath(directory),
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, multiprocessing_options=multiprocessing),
+  )
 
 
 def _abstract(tree):
@@ -116,16 +118,22 @@ def _restore_newest(manager: ocp.CheckpointManager, target_state):
       state_args = ocp.args.StandardRestore(target)
       restored = manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable; try the previous one
-      logging.warning('checkpoint %s/%d could not be read (%s: %s); trying the previous one.',
-                      manager.directory, step, type(e).__name__, e)
+      logging.warning(
+        'checkpoint %s/%d could not be read (%s: %s); trying the previous one.',
+        manager.directory,
+        step,
+        type(e).__name__,
+        e,
+      )
       first_error = first_error or f'{type(e).__name__}: {str(e)[:300]}'
       continue
     return restored['state'], restored['meta']
   if steps:
     raise UnreadableCheckpoints(
-        f'{manager.directory}: none of the checkpoint steps {sorted(steps)} can be read (the newest failed with '
-        f'{first_error}); expected a complete orbax checkpoint of this model and optimiser. Delete the broken step '
-        'directories or use a new --workdir.')
+      f'{manager.directory}: none of the checkpoint steps {sorted(steps)} can be read (the newest failed with '
+      f'{first_error}); expected a complete orbax checkpoint of this model and optimiser. Delete the broken step '
+      'directories or use a new --workdir.'
+    )
   return None
 
 
@@ -135,8 +143,12 @@ def check_params_match(params, expected, source: str) -> None:
   want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
   missing, unknown = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   if missing or unknown:
-    raise errors.UserError(f'{source}: checkpoint parameters do not fit the model: missing {missing[:5]}, '
-                           f'unknown {unknown[:5]} (is this a checkpoint of another model?).')
+    raise errors.UserError(
+      f'{source}: checkpoint parameters do not fit the model: missing {missing[:5]}, '
+      f'unknown {unknown[:5]} (is this a checkpoint of another model?).'
+    )
   for key, shape in want.items():
     if got[key] != shape:
-      raise errors.UserError(f'{source}: parameter {key} has shape {got[key]} in the checkpoint; the model expects {shape}.')
+      raise errors.UserError(
+        f'{source}: parameter {key} has shape {got[key]} in the checkpoint; the model expects {shape}.'
+      )

@@ -12,7 +12,8 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import Callable
+from typing import NoReturn
 
 from absl import app
 from absl import flags
@@ -39,7 +40,7 @@ def user_error_message(error: BaseException) -> str | None:
   """The one-line message of an error the user caused; None for a bug."""
   if isinstance(error, (errors.UserError, app.UsageError)):
     return str(error)
-  if isinstance(error, _OS_ERRORS) and error.filename:   # open() of a path the user gave
+  if isinstance(error, _OS_ERRORS) and error.filename:  # open() of a path the user gave
     return f'{error.filename}: {error.strerror}'
   return None
 
@@ -67,9 +68,11 @@ def _parse_absl_flags(argv: list[str]) -> list[str]:
 
 def run_absl(main: Callable[[list[str]], object]) -> None:
   """absl's app.run with one-line errors for bad flags, configs and inputs."""
+
   def guarded(argv):
     with user_errors():
       return main(argv)
+
   app.run(guarded, flags_parser=_parse_absl_flags)
 
 

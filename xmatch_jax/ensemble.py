@@ -20,8 +20,9 @@ from xmatch_jax import evaluate
 from xmatch_jax import run_setup
 
 
-def ensemble(workdirs: list, weights: list | None = None, split: str | None = None,
-             protocol: str | None = None) -> dict:
+def ensemble(
+  workdirs: list, weights: list | None = None, split: str | None = None, protocol: str | None = None
+) -> dict:
   if len(workdirs) < 2:
     raise errors.UserError(f'an ensemble needs at least 2 workdirs, got {len(workdirs)}')
   weights = weights or [1.0 / len(workdirs)] * len(workdirs)
@@ -42,9 +43,17 @@ def ensemble(workdirs: list, weights: list | None = None, split: str | None = No
       raise errors.UserError(f'{path}: scores of shape {sims.shape}; the first run has {total.shape}')
     total = weight * sims.astype(np.float64) if total is None else total + weight * sims
   metrics, base = evaluate.metrics_for(total, base)
-  return {**metrics, 'kind': 'ensemble', 'protocol': name or base, 'dataset': dataset, 'split': split,
-          'workdirs': workdirs,
-          'weights': weights, 'n_images': total.shape[0], 'n_captions': total.shape[1]}
+  return {
+    **metrics,
+    'kind': 'ensemble',
+    'protocol': name or base,
+    'dataset': dataset,
+    'split': split,
+    'workdirs': workdirs,
+    'weights': weights,
+    'n_images': total.shape[0],
+    'n_captions': total.shape[1],
+  }
 
 
 def main(argv):
@@ -63,7 +72,7 @@ def main(argv):
 if __name__ == '__main__':
   flags.DEFINE_multi_string('workdir', None, 'Runs to ensemble (repeat the flag).')
   flags.DEFINE_string('weights', '', 'Comma-separated weights (default: equal).')
-  flags.DEFINE_string('split', None, 'Split (default: test, or the named protocol\'s split).')
+  flags.DEFINE_string('split', None, "Split (default: test, or the named protocol's split).")
   flags.DEFINE_string('protocol', None, 'Evaluation protocol, as for xmatch_jax.evaluate.')
   flags.DEFINE_string('out', '', 'Write the result to this json file.')
   flags.mark_flag_as_required('workdir')

@@ -1,4 +1,6 @@
-"""Evaluation: `python -m xmatch_jax.evaluate --workdir=W [--split=test] [--protocol=1k|5k|fold5|f30k_1k|coco_1k_fold5|coco_5k]`.
+"""Evaluation: `python -m xmatch_jax.evaluate --workdir=W [--split=test] [--protocol=PROTOCOL]`.
+
+PROTOCOL: 1k, 5k, fold5, f30k_1k, coco_1k_fold5 or coco_5k.
 
 Scores every image against every caption of the split with the workdir's best checkpoint (latest if no best),
 computes recall exactly as SCAN's evaluation.py (or, for runs with config.eval_metric = 'map' such as DAER on
@@ -10,8 +12,8 @@ import os
 import time
 
 from absl import app
-from absl import logging as absl_logging
 from absl import flags
+from absl import logging as absl_logging
 import jax
 import numpy as np
 
@@ -25,15 +27,15 @@ from xmatch_jax import run_setup
 from xmatch_jax.data import load_split
 
 PROTOCOLS = {
-    '1k': 'all images of a 1000-image split (Flickr30K test, shapes test)',
-    '5k': 'all images of a 5000-image split (MS-COCO 5K test)',
-    'fold5': 'mean over 5 sequential folds of n/5 images (MS-COCO 1K: 5 folds of 1000); rsum = sum of mean recalls',
+  '1k': 'all images of a 1000-image split (Flickr30K test, shapes test)',
+  '5k': 'all images of a 5000-image split (MS-COCO 5K test)',
+  'fold5': 'mean over 5 sequential folds of n/5 images (MS-COCO 1K: 5 folds of 1000); rsum = sum of mean recalls',
 }
 # The field's named protocols: (dataset, split, protocol). Results carry the name.
 NAMED_PROTOCOLS = {
-    'f30k_1k': ('f30k', 'test', '1k'),
-    'coco_1k_fold5': ('coco', 'testall', 'fold5'),
-    'coco_5k': ('coco', 'testall', '5k'),
+  'f30k_1k': ('f30k', 'test', '1k'),
+  'coco_1k_fold5': ('coco', 'testall', 'fold5'),
+  'coco_5k': ('coco', 'testall', '5k'),
 }
 RECALL_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum')
 MAP_KEYS = ('i2t_map', 't2i_map', 'mean_map')
@@ -45,14 +47,17 @@ def protocol_metrics(sims: np.ndarray, protocol: str) -> dict:
   if protocol not in PROTOCOLS:
     raise errors.UserError(f'unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.')
   if protocol == '1k' and n_img != 1000 or protocol == '5k' and n_img != 5000:
-    raise errors.UserError(f'protocol {protocol!r} needs a split of {1000 if protocol == "1k" else 5000} images; '
-                           f'this split has {n_img}. Use --protocol=fold5 for fold-wise evaluation.')
+    raise errors.UserError(
+      f'protocol {protocol!r} needs a split of {1000 if protocol == "1k" else 5000} images; '
+      f'this split has {n_img}. Use --protocol=fold5 for fold-wise evaluation.'
+    )
   if protocol == 'fold5':
     if n_img % 5:
       raise errors.UserError(f'protocol "fold5" needs a number of images divisible by 5; got {n_img}.')
     fold = n_img // 5
-    return metrics_lib.fold_metrics([sims[f * fold:(f + 1) * fold, 5 * f * fold:5 * (f + 1) * fold]
-                                     for f in range(5)])
+    return metrics_lib.fold_metrics(
+      [sims[f * fold : (f + 1) * fold, 5 * f * fold : 5 * (f + 1) * fold] for f in range(5)]
+    )
   return metrics_lib.recall_metrics(sims)
 
 
@@ -60,7 +65,9 @@ def default_protocol(n_img: int) -> str:
   if n_img == 1000:
     return '1k'
   if n_img == 5000:
-    raise errors.UserError('a 5000-image split is ambiguous (MS-COCO 5K or 5 folds of 1K): pass --protocol=5k or fold5.')
+    raise errors.UserError(
+      'a 5000-image split is ambiguous (MS-COCO 5K or 5 folds of 1K): pass --protocol=5k or fold5.'
+    )
   return 'all'
 
 
@@ -71,8 +78,9 @@ def resolve_protocol(protocol: str | None, dataset: str, split: str | None) -> t
     return split or 'test', protocol, protocol
   want_dataset, want_split, base = NAMED_PROTOCOLS[protocol]
   if dataset != want_dataset:
-    raise errors.UserError(f'protocol {protocol!r} is defined on dataset {want_dataset!r}; this workdir was trained on '
-                           f'{dataset!r}.')
+    raise errors.UserError(
+      f'protocol {protocol!r} is defined on dataset {want_dataset!r}; this workdir was trained on {dataset!r}.'
+    )
   if split is not None and split != want_split:
     raise errors.UserError(f'protocol {protocol!r} evaluates split {want_split!r}; got --split={split}.')
   return want_split, base, protocol
@@ -93,8 +101,9 @@ def metrics_for(sims: np.ndarray, protocol: str | None) -> tuple[dict, str]:
   return metrics, protocol
 
 
-def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | None = None,
-                     save_scores: bool = False, rerank_k: int = 0) -> dict:
+def evaluate_workdir(
+  workdir: str, split: str | None = 'test', protocol: str | None = None, save_scores: bool = False, rerank_k: int = 0
+) -> dict:
   """Scores `split` with W's best checkpoint and writes W/eval/<split>.json. Returns the result dict.
 
   `protocol`: 1k / 5k / fold5, a named protocol (f30k_1k, coco_1k_fold5, coco_5k; split None = its split), or
@@ -112,18 +121,21 @@ def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | N
   tokens, mask = run_setup.encode_captions(vocab, data.captions, config)
   metric = config.get('eval_metric', 'recall')
   if metric == 'map' and protocol is not None:
-    raise errors.UserError(f'--protocol={protocol} is a recall protocol; this run is evaluated by mAP over category '
-                           'labels (config.eval_metric = "map").')
+    raise errors.UserError(
+      f'--protocol={protocol} is a recall protocol; this run is evaluated by mAP over category '
+      'labels (config.eval_metric = "map").'
+    )
   if rerank_k and (metric != 'recall' or protocol == 'fold5'):
-    raise errors.UserError('--rerank_k works with the recall protocols 1k / 5k over a whole split; got '
-                           f'metric {metric!r}, protocol {protocol!r}.')
-  scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch,
-                            desc=f'{split} scoring')
+    raise errors.UserError(
+      '--rerank_k works with the recall protocols 1k / 5k over a whole split; got '
+      f'metric {metric!r}, protocol {protocol!r}.'
+    )
+  scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch, desc=f'{split} scoring')
   image_rep = jax.block_until_ready(scorer.encode_images(data.images))
   text_rep = jax.block_until_ready(scorer.encode_text(tokens, mask))
   start = time.perf_counter()
   if rerank_k:
-    sims_i2t, sims = rerank.rerank(scorer, image_rep, text_rep, rerank_k)   # sims: the text-to-image matrix
+    sims_i2t, sims = rerank.rerank(scorer, image_rep, text_rep, rerank_k)  # sims: the text-to-image matrix
   else:
     sims = scorer.pair_scores(image_rep, text_rep)
   seconds = time.perf_counter() - start
@@ -135,11 +147,20 @@ def evaluate_workdir(workdir: str, split: str | None = 'test', protocol: str | N
     metrics, protocol = metrics_for(sims, protocol)
     if rerank_k:
       metrics = rerank.two_way_recall(sims_i2t, sims)
-  result = {**metrics, 'kind': 'single', 'protocol': name or protocol, 'dataset': config.dataset, 'split': split,
-            'n_images': n_img,
-            'n_captions': sims.shape[1], 'model': config.model.name, 'checkpoint': which,
-            'checkpoint_step': int(meta.get('step', -1)), 'rerank_k': int(rerank_k),
-            'scoring_seconds': round(seconds, 3)}
+  result = {
+    **metrics,
+    'kind': 'single',
+    'protocol': name or protocol,
+    'dataset': config.dataset,
+    'split': split,
+    'n_images': n_img,
+    'n_captions': sims.shape[1],
+    'model': config.model.name,
+    'checkpoint': which,
+    'checkpoint_step': int(meta.get('step', -1)),
+    'rerank_k': int(rerank_k),
+    'scoring_seconds': round(seconds, 3),
+  }
   os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
   with open(result_path(workdir, split, rerank_k), 'w') as f:
     json.dump(result, f, indent=2)
@@ -163,9 +184,11 @@ def load_variables(workdir: str, model, images: dict):
 
 
 def format_table(result: dict) -> str:
-  head = f'{result["model"]} on {result["dataset"]}/{result["split"]} ({result["n_images"]} images, ' \
-         f'{result["n_captions"]} captions, protocol {result["protocol"]}, {result["checkpoint"]} checkpoint ' \
-         f'step {result["checkpoint_step"]})'
+  head = (
+    f'{result["model"]} on {result["dataset"]}/{result["split"]} ({result["n_images"]} images, '
+    f'{result["n_captions"]} captions, protocol {result["protocol"]}, {result["checkpoint"]} checkpoint '
+    f'step {result["checkpoint_step"]})'
+  )
   keys = MAP_KEYS if result['protocol'] == 'map' else RECALL_KEYS
   names = '  '.join(f'{k:>8}' for k in keys)
   values = '  '.join(f'{result[k]:8.4f}' if result['protocol'] == 'map' else f'{result[k]:8.1f}' for k in keys)
@@ -179,18 +202,24 @@ def main(argv):
   f = flags.FLAGS
   result = evaluate_workdir(f.workdir, f.split, f.protocol, save_scores=f.save_scores, rerank_k=f.rerank_k)
   print(format_table(result))
-  print(f"scoring took {result['scoring_seconds']:.1f} s" + (f' (re-ranking the top {f.rerank_k})' if f.rerank_k
-                                                             else ' (exhaustive)'))
+  print(
+    f'scoring took {result["scoring_seconds"]:.1f} s'
+    + (f' (re-ranking the top {f.rerank_k})' if f.rerank_k else ' (exhaustive)')
+  )
   print(f'written to {result_path(f.workdir, result["split"], f.rerank_k)}')
 
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Training workdir.')
-  flags.DEFINE_string('split', None, 'Split to evaluate (default: test, or the named protocol\'s split).')
-  flags.DEFINE_enum('protocol', None, sorted(PROTOCOLS) + sorted(NAMED_PROTOCOLS),
-                    'Evaluation protocol (default: from the split size).')
+  flags.DEFINE_string('split', None, "Split to evaluate (default: test, or the named protocol's split).")
+  flags.DEFINE_enum(
+    'protocol', None, sorted(PROTOCOLS) + sorted(NAMED_PROTOCOLS), 'Evaluation protocol (default: from the split size).'
+  )
   flags.DEFINE_bool('save_scores', False, 'Also write W/eval/<split>_scores.npy (for xmatch_jax.ensemble).')
-  flags.DEFINE_integer('rerank_k', 0, 'Two-stage retrieval: re-score only the top K candidates of the global '
-                       'score per query (0: score every pair).')
+  flags.DEFINE_integer(
+    'rerank_k',
+    0,
+    'Two-stage retrieval: re-score only the top K candidates of the global score per query (0: score every pair).',
+  )
   flags.mark_flags_as_required(['workdir'])
   cli.run_absl(main)

@@ -22,16 +22,19 @@ def image_inputs(model, images: dict) -> dict:
   keys = getattr(model, 'image_keys', ('regions',))
   missing = [k for k in keys if k not in images]
   if missing:
-    raise errors.UserError(f'image inputs lack field(s) {missing} that model {type(model).__name__} needs; '
-                           f'got {sorted(images)}.')
+    raise errors.UserError(
+      f'image inputs lack field(s) {missing} that model {type(model).__name__} needs; got {sorted(images)}.'
+    )
   return {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in keys}
 
 
 def _pad_rows(tree, size: int):
   """Pads the leading axis of every leaf to `size` with zeros."""
+
   def pad(x):
     widths = [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
     return np.pad(x, widths)
+
   return jax.tree.map(pad, tree)
 
 
@@ -47,7 +50,7 @@ def map_chunks(fn, tree, chunk: int, desc: str | None = None, unit: str = 'row')
   in_flight = None  # (rows, output) of the last dispatched chunk, not yet known to be computed
   try:
     for start in range(0, n, chunk):
-      part = jax.tree.map(lambda x: x[start:start + chunk], tree)
+      part = jax.tree.map(lambda x: x[start : start + chunk], tree)
       rows = jax.tree.leaves(part)[0].shape[0]
       out = fn(_pad_rows(part, chunk) if rows < chunk else part)
       outputs.append(jax.tree.map(lambda y: y[:rows], out))
@@ -81,20 +84,31 @@ class Scorer:
     self._encode_text = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_text))
     self._pair_scores = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
     # pair_scores of many small (images, captions) groups at once: [G, a, ...], [G, b, ...] -> [G, a, b].
-    self._group_scores = jax.jit(jax.vmap(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores),
-                                          in_axes=(None, 0, 0)))
+    self._group_scores = jax.jit(
+      jax.vmap(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores), in_axes=(None, 0, 0))
+    )
 
   def encode_images(self, images: dict):
     """images: dataset-format dict -> image rep pytree with leading dim n_img."""
     inputs = image_inputs(self.model, images)
-    return map_chunks(lambda x: self._encode_image(self.variables, x), inputs, self.image_chunk,
-                      desc=f'{self.desc}: encoding images', unit='image')
+    return map_chunks(
+      lambda x: self._encode_image(self.variables, x),
+      inputs,
+      self.image_chunk,
+      desc=f'{self.desc}: encoding images',
+      unit='image',
+    )
 
   def encode_text(self, tokens: np.ndarray, mask: np.ndarray):
     """tokens, mask: [n_txt, n] -> text rep pytree with leading dim n_txt."""
     inputs = {'tokens': np.asarray(tokens, np.int32), 'mask': np.asarray(mask, np.float32)}
-    return map_chunks(lambda x: self._encode_text(self.variables, x), inputs, self.text_batch,
-                      desc=f'{self.desc}: encoding captions', unit='caption')
+    return map_chunks(
+      lambda x: self._encode_text(self.variables, x),
+      inputs,
+      self.text_batch,
+      desc=f'{self.desc}: encoding captions',
+      unit='caption',
+    )
 
   def pair_scores(self, image_rep, text_rep) -> np.ndarray:
     """All pairs -> [n_img, n_txt] numpy, streamed in tiles of image_chunk images x text_batch captions.
@@ -107,7 +121,7 @@ class Scorer:
     columns = []
     with progress.bar(total=n_img * n_txt, desc=self.desc, unit='pair', unit_scale=True) as bar:
       for start in range(0, n_txt, self.text_batch):
-        part = jax.tree.map(lambda x: x[start:start + self.text_batch], text_rep)
+        part = jax.tree.map(lambda x: x[start : start + self.text_batch], text_rep)
         rows = jax.tree.leaves(part)[0].shape[0]
         if rows < self.text_batch:
           part = _pad_rows(part, self.text_batch)
@@ -116,8 +130,9 @@ class Scorer:
         bar.update(n_img * rows)
     return np.concatenate(columns, axis=1)
 
-  def candidate_scores(self, image_rep, text_rep, candidates: np.ndarray, query_side: str,
-                       chunk: int = 64) -> np.ndarray:
+  def candidate_scores(
+    self, image_rep, text_rep, candidates: np.ndarray, query_side: str, chunk: int = 64
+  ) -> np.ndarray:
     """Full scores of each query with its candidates (two-stage retrieval, `xmatch_jax.rerank`).
 
     candidates: [n_query, k] indices of images (query_side='text': query q is caption q) or of captions
@@ -129,13 +144,12 @@ class Scorer:
     n_query = candidates.shape[0]
     take = lambda rep, index: jax.tree.map(lambda x: x[index], rep)
     out = []
-    bar = progress.bar(total=n_query * candidates.shape[1], desc=f'{self.desc} (re-rank)', unit='pair',
-                       unit_scale=True)
+    bar = progress.bar(total=n_query * candidates.shape[1], desc=f'{self.desc} (re-rank)', unit='pair', unit_scale=True)
     for start in range(0, n_query, chunk):
-      index = candidates[start:start + chunk]
+      index = candidates[start : start + chunk]
       queries = np.arange(start, start + len(index))[:, None]
       rows = len(index)
-      if rows < chunk:   # one compiled shape: repeat the first query in the padding rows
+      if rows < chunk:  # one compiled shape: repeat the first query in the padding rows
         index = np.concatenate([index, np.repeat(index[:1], chunk - rows, axis=0)])
         queries = np.concatenate([queries, np.repeat(queries[:1], chunk - rows, axis=0)])
       if query_side == 'text':

@@ -18,8 +18,9 @@ def _negatives_mask(batch: int, image_ids) -> jnp.ndarray:
     return ~jnp.eye(batch, dtype=bool)
   image_ids = jnp.asarray(image_ids)
   if image_ids.shape != (batch,):
-    raise errors.UserError(f'image_ids must have shape ({batch},) to match scores [{batch}, {batch}]; '
-                           f'got {image_ids.shape}.')
+    raise errors.UserError(
+      f'image_ids must have shape ({batch},) to match scores [{batch}, {batch}]; got {image_ids.shape}.'
+    )
   # Caption j of another row whose image is image i is a positive of image i, not a negative.
   return image_ids[:, None] != image_ids[None, :]
 

@@ -18,12 +18,16 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 23
 def _check_sims(sims, captions_per_image: int) -> np.ndarray:
   sims = np.asarray(sims)
   if sims.ndim != 2 or sims.shape[0] < 1:
-    raise errors.UserError(f'sims must be a 2-D [n_images, n_captions] matrix with n_images >= 1; got shape {sims.shape}.')
+    raise errors.UserError(
+      f'sims must be a 2-D [n_images, n_captions] matrix with n_images >= 1; got shape {sims.shape}.'
+    )
   n_img, n_cap = sims.shape
   if n_cap != captions_per_image * n_img:
-    raise errors.UserError(f'sims has {n_cap} caption columns for {n_img} image rows; the protocol needs '
-                           f'{captions_per_image} captions per image ({captions_per_image} x {n_img} = '
-                           f'{captions_per_image * n_img} columns, caption c belonging to image c // {captions_per_image}).')
+    raise errors.UserError(
+      f'sims has {n_cap} caption columns for {n_img} image rows; the protocol needs '
+      f'{captions_per_image} captions per image ({captions_per_image} x {n_img} = '
+      f'{captions_per_image * n_img} columns, caption c belonging to image c // {captions_per_image}).'
+    )
   if np.issubdtype(sims.dtype, np.floating) and np.isnan(sims).any():
     raise errors.UserError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
   return sims
@@ -97,8 +101,10 @@ def recall_metrics(sims, captions_per_image: int = 5, chunk_elements: int = DEFA
   Returns:
     dict with `i2t_r1 i2t_r5 i2t_r10 t2i_r1 t2i_r5 t2i_r10 rsum i2t_medr i2t_meanr t2i_medr t2i_meanr` (floats).
   """
-  out = {**_rank_summary(i2t_ranks(sims, captions_per_image, chunk_elements), 'i2t'),
-         **_rank_summary(t2i_ranks(sims, captions_per_image, chunk_elements), 't2i')}
+  out = {
+    **_rank_summary(i2t_ranks(sims, captions_per_image, chunk_elements), 'i2t'),
+    **_rank_summary(t2i_ranks(sims, captions_per_image, chunk_elements), 't2i'),
+  }
   out['rsum'] = sum(out[k] for k in RECALL_KEYS)
   return out
 
@@ -149,16 +155,22 @@ def average_precisions(sims, query_labels, doc_labels, chunk_elements: int = DEF
   if sims.ndim != 2:
     raise errors.UserError(f'sims must be a 2-D [n_queries, n_docs] matrix; got shape {sims.shape}.')
   if query_labels.shape != (sims.shape[0],):
-    raise errors.UserError(f'query_labels must have shape ({sims.shape[0]},) (one per sims row); got {query_labels.shape}.')
+    raise errors.UserError(
+      f'query_labels must have shape ({sims.shape[0]},) (one per sims row); got {query_labels.shape}.'
+    )
   if doc_labels.shape != (sims.shape[1],):
-    raise errors.UserError(f'doc_labels must have shape ({sims.shape[1]},) (one per sims column); got {doc_labels.shape}.')
+    raise errors.UserError(
+      f'doc_labels must have shape ({sims.shape[1]},) (one per sims column); got {doc_labels.shape}.'
+    )
   if np.issubdtype(sims.dtype, np.floating) and np.isnan(sims).any():
     raise errors.UserError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
   n_relevant = (query_labels[:, None] == doc_labels[None, :]).sum(axis=1)
   if (n_relevant == 0).any():
     first = int(np.argmax(n_relevant == 0))
-    raise errors.UserError(f'{int((n_relevant == 0).sum())} query(ies) have no relevant document (first: query {first} '
-                           f'with label {query_labels[first]!r}); AP is undefined for them.')
+    raise errors.UserError(
+      f'{int((n_relevant == 0).sum())} query(ies) have no relevant document (first: query {first} '
+      f'with label {query_labels[first]!r}); AP is undefined for them.'
+    )
   aps = np.empty(sims.shape[0], np.float64)
   positions = np.arange(1, sims.shape[1] + 1)
   for start, stop in _row_chunks(sims.shape[0], sims.shape[1], chunk_elements):

@@ -12,7 +12,8 @@ bfloat16) and accumulate and return float32, so a head stays float32 outside its
 contractions.
 """
 
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,124 +25,120 @@ DTypeLike = Any
 
 
 def einsum(spec: str, *operands: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
-    """`jnp.einsum` of the operands cast to `dtype`, accumulated and returned in float32."""
-    return jnp.einsum(spec, *(x.astype(dtype) for x in operands),
-                      preferred_element_type=jnp.float32)
+  """`jnp.einsum` of the operands cast to `dtype`, accumulated and returned in float32."""
+  return jnp.einsum(spec, *(x.astype(dtype) for x in operands), preferred_element_type=jnp.float32)
 
 
 def matmul(a: jax.Array, b: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
-    """`a @ b` of the operands cast to `dtype`, accumulated and returned in float32."""
-    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+  """`a @ b` of the operands cast to `dtype`, accumulated and returned in float32."""
+  return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def score_in_blocks(
-    head_fn: Callable[[PyTree, PyTree], PyTree],
-    image_rep: PyTree,
-    text_rep: PyTree,
-    block_size: int,
-    remat: bool = False,
+  head_fn: Callable[[PyTree, PyTree], PyTree],
+  image_rep: PyTree,
+  text_rep: PyTree,
+  block_size: int,
+  remat: bool = False,
 ) -> PyTree:
-    """Scores all images against all captions, `block_size` images at a time.
+  """Scores all images against all captions, `block_size` images at a time.
 
-    Args:
-      head_fn: pure function `(image_block_rep, text_rep) -> [b, n_txt]` (or a pytree of arrays with
-        leading dim b) scoring a block of b images against every caption. Rows must depend only on
-        their own image, so zero-padded rows can be dropped.
-      image_rep: pytree of arrays, each with leading dim n_img.
-      text_rep: pytree of arrays passed whole to every call of `head_fn`.
-      block_size: images per block; a value >= n_img scores everything in one call.
-      remat: wrap each block in `jax.checkpoint` (training: the backward pass recomputes a block's
-        intermediates instead of storing those of all blocks).
+  Args:
+    head_fn: pure function `(image_block_rep, text_rep) -> [b, n_txt]` (or a pytree of arrays with
+      leading dim b) scoring a block of b images against every caption. Rows must depend only on
+      their own image, so zero-padded rows can be dropped.
+    image_rep: pytree of arrays, each with leading dim n_img.
+    text_rep: pytree of arrays passed whole to every call of `head_fn`.
+    block_size: images per block; a value >= n_img scores everything in one call.
+    remat: wrap each block in `jax.checkpoint` (training: the backward pass recomputes a block's
+      intermediates instead of storing those of all blocks).
 
-    Returns:
-      `head_fn`'s output for all images: [n_img, n_txt] (or the matching pytree).
+  Returns:
+    `head_fn`'s output for all images: [n_img, n_txt] (or the matching pytree).
 
-    Raises:
-      ValueError: block_size < 1, or image_rep leaves with different leading dims.
-    """
-    if block_size < 1:
-        raise errors.UserError(f"block_size must be >= 1, got {block_size}")
-    leaves = jax.tree_util.tree_leaves(image_rep)
-    if not leaves:
-        raise errors.UserError("image_rep has no arrays")
-    n_img = leaves[0].shape[0]
-    if any(leaf.shape[0] != n_img for leaf in leaves):
-        shapes = [leaf.shape for leaf in leaves]
-        raise errors.UserError(
-            f"image_rep leaves must share the leading (image) dim, got shapes {shapes}")
+  Raises:
+    ValueError: block_size < 1, or image_rep leaves with different leading dims.
+  """
+  if block_size < 1:
+    raise errors.UserError(f'block_size must be >= 1, got {block_size}')
+  leaves = jax.tree_util.tree_leaves(image_rep)
+  if not leaves:
+    raise errors.UserError('image_rep has no arrays')
+  n_img = leaves[0].shape[0]
+  if any(leaf.shape[0] != n_img for leaf in leaves):
+    shapes = [leaf.shape for leaf in leaves]
+    raise errors.UserError(f'image_rep leaves must share the leading (image) dim, got shapes {shapes}')
 
-    fn = jax.checkpoint(head_fn) if remat else head_fn
-    if block_size >= n_img:
-        return fn(image_rep, text_rep)
+  fn = jax.checkpoint(head_fn) if remat else head_fn
+  if block_size >= n_img:
+    return fn(image_rep, text_rep)
 
-    n_blocks = -(-n_img // block_size)
-    n_pad = n_blocks * block_size - n_img
+  n_blocks = -(-n_img // block_size)
+  n_pad = n_blocks * block_size - n_img
 
-    def to_blocks(x):
-        x = jnp.pad(x, [(0, n_pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape((n_blocks, block_size) + x.shape[1:])
+  def to_blocks(x):
+    x = jnp.pad(x, [(0, n_pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((n_blocks, block_size) + x.shape[1:])
 
-    blocks = jax.tree_util.tree_map(to_blocks, image_rep)
-    out = jax.lax.map(lambda block: fn(block, text_rep), blocks)
-    return jax.tree_util.tree_map(
-        lambda y: y.reshape((n_blocks * block_size,) + y.shape[2:])[:n_img], out)
+  blocks = jax.tree_util.tree_map(to_blocks, image_rep)
+  out = jax.lax.map(lambda block: fn(block, text_rep), blocks)
+  return jax.tree_util.tree_map(lambda y: y.reshape((n_blocks * block_size,) + y.shape[2:])[:n_img], out)
 
 
-def region_word_similarity(regions: jax.Array, words: jax.Array,
-                           dtype: DTypeLike = jnp.float32) -> jax.Array:
-    """Dot products of every region of every image with every word of every caption.
+def region_word_similarity(regions: jax.Array, words: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
+  """Dot products of every region of every image with every word of every caption.
 
-    Args:
-      regions: [I, k, D].
-      words: [C, n, D].
-      dtype: compute dtype of the operands (the result is float32).
+  Args:
+    regions: [I, k, D].
+    words: [C, n, D].
+    dtype: compute dtype of the operands (the result is float32).
 
-    Returns:
-      S: [I, C, k, n], S[i, c, r, j] = regions[i, r] . words[c, j].
-    """
-    return einsum('ikd,cnd->ickn', regions, words, dtype=dtype)
+  Returns:
+    S: [I, C, k, n], S[i, c, r, j] = regions[i, r] . words[c, j].
+  """
+  return einsum('ikd,cnd->ickn', regions, words, dtype=dtype)
 
 
 def gram(x: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
-    """Per-item Gram matrices.
+  """Per-item Gram matrices.
 
-    Args:
-      x: [N, m, D] (regions of N images or words of N captions).
-      dtype: compute dtype of the operands (the result is float32).
+  Args:
+    x: [N, m, D] (regions of N images or words of N captions).
+    dtype: compute dtype of the operands (the result is float32).
 
-    Returns:
-      [N, m, m], G[a, p, q] = x[a, p] . x[a, q].
-    """
-    return einsum('apd,aqd->apq', x, x, dtype=dtype)
+  Returns:
+    [N, m, m], G[a, p, q] = x[a, p] . x[a, q].
+  """
+  return einsum('apd,aqd->apq', x, x, dtype=dtype)
 
 
 def attended_region_sq_norms(weights: jax.Array, region_gram: jax.Array) -> jax.Array:
-    """Squared norms of region-attended vectors a_j = sum_r w[r, j] v_r, without forming them.
+  """Squared norms of region-attended vectors a_j = sum_r w[r, j] v_r, without forming them.
 
-    |a_j|^2 = w_j^T G_img w_j.
+  |a_j|^2 = w_j^T G_img w_j.
 
-    Args:
-      weights: [I, C, k, n], weights over regions r (axis 2) for each word j.
-      region_gram: [I, k, k], G_img = V V^T per image.
+  Args:
+    weights: [I, C, k, n], weights over regions r (axis 2) for each word j.
+    region_gram: [I, k, k], G_img = V V^T per image.
 
-    Returns:
-      [I, C, n].
-    """
-    g_w = jnp.einsum('ikl,icln->ickn', region_gram, weights)
-    return jnp.sum(weights * g_w, axis=2)
+  Returns:
+    [I, C, n].
+  """
+  g_w = jnp.einsum('ikl,icln->ickn', region_gram, weights)
+  return jnp.sum(weights * g_w, axis=2)
 
 
 def attended_word_sq_norms(weights: jax.Array, word_gram: jax.Array) -> jax.Array:
-    """Squared norms of word-attended vectors a_r = sum_j w[r, j] e_j, without forming them.
+  """Squared norms of word-attended vectors a_r = sum_j w[r, j] e_j, without forming them.
 
-    |a_r|^2 = w_r^T G_txt w_r.
+  |a_r|^2 = w_r^T G_txt w_r.
 
-    Args:
-      weights: [I, C, k, n], weights over words j (axis 3) for each region r.
-      word_gram: [C, n, n], G_txt = E E^T per caption.
+  Args:
+    weights: [I, C, k, n], weights over words j (axis 3) for each region r.
+    word_gram: [C, n, n], G_txt = E E^T per caption.
 
-    Returns:
-      [I, C, k].
-    """
-    g_w = jnp.einsum('cnm,ickm->ickn', word_gram, weights)
-    return jnp.sum(weights * g_w, axis=3)
+  Returns:
+    [I, C, k].
+  """
+  g_w = jnp.einsum('cnm,ickm->ickn', word_gram, weights)
+  return jnp.sum(weights * g_w, axis=3)

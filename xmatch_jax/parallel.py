@@ -27,8 +27,7 @@ def _env_int(name: str, default: int) -> int:
     raise errors.UserError(f'${name} = {value!r}; expected an int.') from None
 
 
-def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = -1,
-               cpu_collectives: str = '') -> bool:
+def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = -1, cpu_collectives: str = '') -> bool:
   """Starts `jax.distributed` when a multi-process run is asked for; returns whether it did.
 
   Explicit arguments win over $XMATCH_COORDINATOR (host:port of process 0), $XMATCH_NUM_PROCESSES,
@@ -49,13 +48,17 @@ def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = 
     if ':' not in coordinator:
       raise errors.UserError(f'coordinator = {coordinator!r}; expected host:port of process 0.')
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise errors.UserError(f'num_processes = {num_processes}, process_id = {process_id}; expected num_processes >= 1 '
-                             'and 0 <= process_id < num_processes with a coordinator.')
+      raise errors.UserError(
+        f'num_processes = {num_processes}, process_id = {process_id}; expected num_processes >= 1 '
+        'and 0 <= process_id < num_processes with a coordinator.'
+      )
     jax.distributed.initialize(coordinator, num_processes, process_id)
     return True
   if num_processes > 1 or process_id >= 0:
-    raise errors.UserError(f'num_processes = {num_processes}, process_id = {process_id} without a coordinator; expected '
-                           '--coordinator=host:port (or $XMATCH_COORDINATOR) as well.')
+    raise errors.UserError(
+      f'num_processes = {num_processes}, process_id = {process_id} without a coordinator; expected '
+      '--coordinator=host:port (or $XMATCH_COORDINATOR) as well.'
+    )
   if 'SLURM_JOB_ID' in os.environ and _env_int('SLURM_STEP_NUM_TASKS', 1) > 1:
     jax.distributed.initialize()  # jax reads coordinator, process count and id from SLURM
     return True
@@ -68,9 +71,11 @@ def topology() -> str:
   for d in jax.devices():
     by_process.setdefault(d.process_index, []).append(d.id)
   local = jax.local_devices()
-  return (f'topology: process {jax.process_index()} of {jax.process_count()} on {socket.gethostname()}; '
-          f'{jax.device_count()} {local[0].platform} device(s) ({local[0].device_kind}), ids by process '
-          + ', '.join(f'{p}: {ids}' for p, ids in sorted(by_process.items())))
+  return (
+    f'topology: process {jax.process_index()} of {jax.process_count()} on {socket.gethostname()}; '
+    f'{jax.device_count()} {local[0].platform} device(s) ({local[0].device_kind}), ids by process '
+    + ', '.join(f'{p}: {ids}' for p, ids in sorted(by_process.items()))
+  )
 
 
 def data_mesh() -> Mesh:
@@ -81,8 +86,12 @@ def data_mesh() -> Mesh:
 
 def process_rows(sharding, n: int) -> slice:
   """The rows of an [n, ...] array that this process's devices hold under a row `sharding`."""
-  spans = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
-                  for s in sharding.addressable_devices_indices_map((n,)).values()})
+  spans = sorted(
+    {
+      (s[0].start or 0, n if s[0].stop is None else s[0].stop)
+      for s in sharding.addressable_devices_indices_map((n,)).values()
+    }
+  )
   start, stop = spans[0][0], spans[-1][1]
   if sum(b - a for a, b in spans) != stop - start:
     raise errors.UserError(f'this process holds rows {spans} of {n}; expected one contiguous block (see data_mesh).')
@@ -97,16 +106,19 @@ def shard_batch(batch, sharding):
   """
   rows = process_rows(sharding, len(jax.tree.leaves(batch)[0]))
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)[rows], np.shape(x)), batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)[rows], np.shape(x)), batch
+  )
 
 
 def local_copy(tree):
   """Replicated arrays -> the same values on this process's first device, for work each process does alone
   (dev scoring) without collectives."""
+
   def one(x):
     if not x.is_fully_replicated:
       raise errors.UserError(f'array of shape {x.shape} is sharded ({x.sharding}); expected a replicated array.')
     return x.addressable_data(0)
+
   return jax.tree.map(one, tree)
 
 
@@ -171,7 +183,9 @@ if __name__ == '__main__':
   try:
     line = topology()
   except (RuntimeError, AssertionError) as e:  # jax 0.10 asserts when no platform of JAX_PLATFORMS starts
-    raise SystemExit(f'error: jax started no backend for JAX_PLATFORMS={os.environ.get("JAX_PLATFORMS", "")!r} '
-                     f'({type(e).__name__}: {e}); expected a jax build for those devices (for GPUs e.g. '
-                     "pip install -U 'jax[cuda12]').") from e
+    raise SystemExit(
+      f'error: jax started no backend for JAX_PLATFORMS={os.environ.get("JAX_PLATFORMS", "")!r} '
+      f'({type(e).__name__}: {e}); expected a jax build for those devices (for GPUs e.g. '
+      "pip install -U 'jax[cuda12]')."
+    ) from e
   print(line, flush=True)

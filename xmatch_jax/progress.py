@@ -38,22 +38,34 @@ def is_terminal(stream=None) -> bool:
   return hasattr(stream, 'isatty') and stream.isatty()
 
 
-def bar(total=None, desc: str = '', unit: str = 'it', *, initial: int = 0, disable: bool = False,
-        delay: float = 10.0, unit_scale: bool = False, leave: bool = True) -> tqdm.tqdm:
+def bar(
+  total=None,
+  desc: str = '',
+  unit: str = 'it',
+  *,
+  initial: int = 0,
+  disable: bool = False,
+  delay: float = 10.0,
+  unit_scale: bool = False,
+  leave: bool = True,
+) -> tqdm.tqdm:
   """A progress bar (tqdm) that counts `unit`s done of `total`, with rate and ETA; see the module docstring."""
   if os.environ.get(_DELAY_ENV, '').strip():
     try:
       delay = float(os.environ[_DELAY_ENV])
     except ValueError:
-      raise errors.UserError(f'{_DELAY_ENV}={os.environ[_DELAY_ENV]!r}; expected seconds (a number) before a '
-                             'progress bar shows') from None
-  kwargs = dict(total=total, desc=desc, unit=unit, initial=initial, disable=disable, delay=delay,
-                unit_scale=unit_scale, leave=leave)
+      raise errors.UserError(
+        f'{_DELAY_ENV}={os.environ[_DELAY_ENV]!r}; expected seconds (a number) before a progress bar shows'
+      ) from None
+  kwargs = dict(
+    total=total, desc=desc, unit=unit, initial=initial, disable=disable, delay=delay, unit_scale=unit_scale, leave=leave
+  )
   if is_terminal():
     return tqdm.tqdm(mininterval=1.0, **kwargs)
   seconds = float(os.environ.get(_PLAIN_INTERVAL_ENV, '30'))
-  return tqdm.tqdm(file=_PlainLines(sys.stderr), mininterval=seconds, maxinterval=seconds, ascii=True, ncols=100,
-                   **kwargs)
+  return tqdm.tqdm(
+    file=_PlainLines(sys.stderr), mininterval=seconds, maxinterval=seconds, ascii=True, ncols=100, **kwargs
+  )
 
 
 def write(message: str) -> None:

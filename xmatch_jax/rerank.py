@@ -31,7 +31,7 @@ def _l2norm(x, eps=1e-8):
 
 def _best_region_cosine(regions: jax.Array, words: jax.Array, mask: jax.Array) -> jax.Array:
   """regions [b, k, D], words [C, n, D], mask [C, n] -> [b, C]: mean over real words of max over regions of S."""
-  s = pairwise.region_word_similarity(_l2norm(regions), _l2norm(words))           # [b, C, k, n]
+  s = pairwise.region_word_similarity(_l2norm(regions), _l2norm(words))  # [b, C, k, n]
   best = jnp.max(s, axis=2)
   return jnp.sum(best * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
 
@@ -44,8 +44,10 @@ def _global_kind(image_rep: dict, text_rep: dict) -> str:
     return 'embedding'
   if 'regions' in image_rep and 'words' in text_rep and 'mask' in text_rep:
     return 'regions'
-  raise errors.UserError(f'no global score for reps with image fields {sorted(image_rep)} and text fields '
-                         f'{sorted(text_rep)}; re-ranking needs i0/c0, embedding, or regions/words/mask.')
+  raise errors.UserError(
+    f'no global score for reps with image fields {sorted(image_rep)} and text fields '
+    f'{sorted(text_rep)}; re-ranking needs i0/c0, embedding, or regions/words/mask.'
+  )
 
 
 @functools.partial(jax.jit, static_argnames='block_size')
@@ -56,12 +58,17 @@ def global_scores(image_rep: dict, text_rep: dict, block_size: int = 16) -> jax.
     return image_rep['i0'] @ text_rep['c0'].T
   if kind == 'embedding':
     return image_rep['embedding'] @ text_rep['embedding'].T
-  return pairwise.score_in_blocks(lambda regions, text: _best_region_cosine(regions, *text), image_rep['regions'],
-                                  (text_rep['words'], text_rep['mask']), block_size)
+  return pairwise.score_in_blocks(
+    lambda regions, text: _best_region_cosine(regions, *text),
+    image_rep['regions'],
+    (text_rep['words'], text_rep['mask']),
+    block_size,
+  )
 
 
-def _shortlist_scores(image_rep: dict, text_rep: dict, desc: str, block_size: int = 16,
-                      chunk_blocks: int = 8) -> np.ndarray:
+def _shortlist_scores(
+  image_rep: dict, text_rep: dict, desc: str, block_size: int = 16, chunk_blocks: int = 8
+) -> np.ndarray:
   """`global_scores` as numpy. The region / word score (a pass of S over all pairs, minutes for a large split on
   CPU) runs `chunk_blocks` blocks of images per call with a progress bar; every call scores the same
   `block_size`-image blocks global_scores would, so the values are the same."""
@@ -69,8 +76,11 @@ def _shortlist_scores(image_rep: dict, text_rep: dict, desc: str, block_size: in
   chunk = block_size * chunk_blocks
   if _global_kind(image_rep, text_rep) != 'regions' or n_img <= chunk:
     return np.asarray(global_scores(image_rep, text_rep, block_size=block_size))
-  return np.asarray(inference.map_chunks(lambda x: global_scores(x, text_rep, block_size=block_size), image_rep,
-                                         chunk, desc=desc, unit='image'))
+  return np.asarray(
+    inference.map_chunks(
+      lambda x: global_scores(x, text_rep, block_size=block_size), image_rep, chunk, desc=desc, unit='image'
+    )
+  )
 
 
 def shortlist(scores: np.ndarray, k: int) -> np.ndarray:
@@ -84,7 +94,7 @@ def shortlist(scores: np.ndarray, k: int) -> np.ndarray:
 def _merge(global_rows: np.ndarray, candidates: np.ndarray, full: np.ndarray) -> np.ndarray:
   """Rows of the global score with each row's candidates replaced by full scores placed above every other item."""
   floor = full.min() - 1.0
-  out = floor - (global_rows.max() - global_rows)       # <= floor: below all candidates, in global order
+  out = floor - (global_rows.max() - global_rows)  # <= floor: below all candidates, in global order
   np.put_along_axis(out, candidates, full, axis=1)
   return out
 
@@ -93,8 +103,8 @@ def rerank(scorer, image_rep, text_rep, k: int, query_chunk: int = 64) -> tuple[
   """Two-stage scores of all pairs. Returns (i2t [n_img, n_txt]: per image its top-k captions re-scored,
   t2i [n_img, n_txt]: per caption its top-k images re-scored). A k above the number of items re-scores them all."""
   coarse = _shortlist_scores(image_rep, text_rep, desc=f'{getattr(scorer, "desc", "scoring")} (shortlist)')
-  images_per_caption = shortlist(coarse.T, k)                                     # [n_txt, k]
-  captions_per_image = shortlist(coarse, k)                                       # [n_img, k]
+  images_per_caption = shortlist(coarse.T, k)  # [n_txt, k]
+  captions_per_image = shortlist(coarse, k)  # [n_img, k]
   t2i = scorer.candidate_scores(image_rep, text_rep, images_per_caption, query_side='text', chunk=query_chunk)
   i2t = scorer.candidate_scores(image_rep, text_rep, captions_per_image, query_side='image', chunk=query_chunk)
   return _merge(coarse, captions_per_image, i2t), _merge(coarse.T, images_per_caption, t2i).T
@@ -104,6 +114,9 @@ def two_way_recall(sims_i2t: np.ndarray, sims_t2i: np.ndarray) -> dict:
   """Recall metrics with image-to-text ranks from one matrix and text-to-image ranks from the other."""
   i2t = metrics_lib.recall_metrics(sims_i2t)
   t2i = metrics_lib.recall_metrics(sims_t2i)
-  out = {**{k: v for k, v in i2t.items() if k.startswith('i2t')}, **{k: v for k, v in t2i.items() if k.startswith('t2i')}}
+  out = {
+    **{k: v for k, v in i2t.items() if k.startswith('i2t')},
+    **{k: v for k, v in t2i.items() if k.startswith('t2i')},
+  }
   out['rsum'] = sum(out[k] for k in metrics_lib.RECALL_KEYS)
   return out

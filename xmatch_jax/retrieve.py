@@ -28,7 +28,7 @@ def rank_captions(retriever: api.Retriever, images: dict, captions: list, image_
   n_images = len(next(iter(images.values())))
   if not 0 <= image_index < n_images:
     raise errors.UserError(f'--image_index={image_index} is outside the split (0 .. {n_images - 1})')
-  one = {key: value[image_index:image_index + 1] for key, value in images.items()}
+  one = {key: value[image_index : image_index + 1] for key, value in images.items()}
   scores = retriever.score(one, captions)[0]
   order = np.argsort(-scores, kind='stable')[:k]
   return [(int(c), float(scores[c])) for c in order]
@@ -45,15 +45,20 @@ def run(workdir: str, split: str, caption: str | None, image_index: int | None, 
   first_caption = {int(i): c for c, i in reversed(list(zip(data.captions, data.caption_to_image)))}
   if caption is not None:
     results = rank_images(retriever, data.images, caption, k)
-    print(f'images of {retriever.config.dataset}/{split} for "{caption}" ({retriever.config.model.name}, '
-          f'{retriever.checkpoint} checkpoint):', file=out)
+    print(
+      f'images of {retriever.config.dataset}/{split} for "{caption}" ({retriever.config.model.name}, '
+      f'{retriever.checkpoint} checkpoint):',
+      file=out,
+    )
     for rank, (i, score) in enumerate(results, 1):
       print(f'{rank:3d}. image {i:5d}  score {score:8.4f}  ({first_caption.get(i, "")})', file=out)
   else:
     results = rank_captions(retriever, data.images, data.captions, image_index, k)
-    print(f'captions of {retriever.config.dataset}/{split} for image {image_index} '
-          f'({retriever.config.model.name}, {retriever.checkpoint} checkpoint); * = a caption of this image:',
-          file=out)
+    print(
+      f'captions of {retriever.config.dataset}/{split} for image {image_index} '
+      f'({retriever.config.model.name}, {retriever.checkpoint} checkpoint); * = a caption of this image:',
+      file=out,
+    )
     for rank, (c, score) in enumerate(results, 1):
       mark = '*' if int(data.caption_to_image[c]) == image_index else ' '
       print(f'{rank:3d}.{mark} caption {c:6d}  score {score:8.4f}  {data.captions[c]}', file=out)
@@ -71,8 +76,8 @@ def main(argv):
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Training workdir.')
   flags.DEFINE_string('split', 'test', 'Split to search.')
-  flags.DEFINE_string('caption', None, 'Query caption: rank the split\'s images.')
-  flags.DEFINE_integer('image_index', None, 'Query image (index in the split): rank the split\'s captions.')
+  flags.DEFINE_string('caption', None, "Query caption: rank the split's images.")
+  flags.DEFINE_integer('image_index', None, "Query image (index in the split): rank the split's captions.")
   flags.DEFINE_integer('k', 5, 'How many results (-k 5 or --k=5).')
   flags.mark_flag_as_required('workdir')
   cli.run_absl(main)

@@ -20,12 +20,15 @@ def load_config_file(spec: str, root: str = '') -> ml_collections.ConfigDict:
   """'configs/rdan.py:f30k' -> that file's get_config('f30k'); the path is tried as given, then under `root`.
   (Tools use this; `xmatch_jax.train` reads --config through ml_collections' config_flags.)"""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   path, _, arg = spec.partition(':')
   if not os.path.exists(path) and root:
     path = os.path.join(root, path)
   if not os.path.exists(path):
-    raise errors.MissingFileError(f'config file {spec.partition(":")[0]!r} not found; expected a config file such as '
-                                  'configs/scan.py:shapes (see configs/).')
+    raise errors.MissingFileError(
+      f'config file {spec.partition(":")[0]!r} not found; expected a config file such as '
+      'configs/scan.py:shapes (see configs/).'
+    )
   module_spec = importlib.util.spec_from_file_location('xmatch_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -37,6 +40,7 @@ def check_config_overrides(argv: list[str]) -> None:
   its argument, or when a `--config.a.b=...` override has no field a.b (naming the nearest existing ones);
   ml_collections reports these as tracebacks."""
   import difflib  # pylint: disable=g-import-not-at-top
+
   spec, keys = None, []
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
@@ -49,7 +53,7 @@ def check_config_overrides(argv: list[str]) -> None:
     return
   try:
     config = load_config_file(spec)
-  except (ValueError, KeyError) as e:   # no such file, or get_config refusing its argument (an unknown dataset)
+  except (ValueError, KeyError) as e:  # no such file, or get_config refusing its argument (an unknown dataset)
     kind = errors.MissingFileError if isinstance(e, FileNotFoundError) else errors.UserError
     raise kind(f'--config={spec}: {e}') from e
   if not keys:
@@ -66,8 +70,9 @@ def check_config_overrides(argv: list[str]) -> None:
       where = f'config.{parent}' if parent else 'the config'
       hint = f' Did you mean {", ".join(repr(n) for n in near)}?' if near else ''
       if isinstance(node, ml_collections.ConfigDict):
-        raise errors.UserError(f'--config.{key}: {where} of {spec} has no field {part!r}.{hint} Its fields: '
-                               f'{", ".join(fields)}.')
+        raise errors.UserError(
+          f'--config.{key}: {where} of {spec} has no field {part!r}.{hint} Its fields: {", ".join(fields)}.'
+        )
       raise errors.UserError(f'--config.{key}: {where} of {spec} is a value ({node!r}), not a group of fields.')
 
 
@@ -97,8 +102,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 # (model, field of earlier versions) -> the fields that replaced it, each taking its value.
 _SPLIT_FIELDS = {
-    ('mmca', 'attention_scale'): ('self_attention_scale', 'cross_attention_scale'),   # one scale for both units
-    ('glfn', 'agg_func'): ('t2i_agg_func', 'i2t_agg_func'),                          # one aggregation both ways
+  ('mmca', 'attention_scale'): ('self_attention_scale', 'cross_attention_scale'),  # one scale for both units
+  ('glfn', 'agg_func'): ('t2i_agg_func', 'i2t_agg_func'),  # one aggregation both ways
 }
 
 
@@ -127,9 +132,10 @@ def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.Co
   if old != new or saved.dataset != config.dataset:
     diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     raise errors.UserError(
-        f'{workdir} holds a checkpoint of model {old.get("name")!r} on dataset {saved.dataset!r}; the config asks for '
-        f'model {new.get("name")!r} on {config.dataset!r} (differing model fields: {diffs}). '
-        'Use a new --workdir (or delete the old one) to start this run.')
+      f'{workdir} holds a checkpoint of model {old.get("name")!r} on dataset {saved.dataset!r}; the config asks for '
+      f'model {new.get("name")!r} on {config.dataset!r} (differing model fields: {diffs}). '
+      'Use a new --workdir (or delete the old one) to start this run.'
+    )
 
 
 def uses_bert(config: ml_collections.ConfigDict) -> bool:
@@ -170,17 +176,22 @@ def encode_captions(vocab: vocab_lib.Vocabulary, captions: list, config: ml_coll
   if not config.truncate_captions:
     for i, tokens in enumerate(token_arrays):
       if len(tokens) > longest:
-        raise errors.UserError(f'caption {i} has {len(tokens)} tokens, longer than the largest bucket ({longest}) of '
-                               'config.caption_buckets; add a larger bucket or set config.truncate_captions=True (longer '
-                               'captions are then cut to it and counted).')
+        raise errors.UserError(
+          f'caption {i} has {len(tokens)} tokens, longer than the largest bucket ({longest}) of '
+          'config.caption_buckets; add a larger bucket or set config.truncate_captions=True (longer '
+          'captions are then cut to it and counted).'
+        )
   tokens, mask, n_truncated = batching.pad_captions(
-      token_arrays, tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
+    token_arrays, tuple(config.caption_buckets), truncate=bool(config.truncate_captions)
+  )
   if n_truncated:
-    print(f'note: {n_truncated} caption(s) longer than {max(config.caption_buckets)} tokens were truncated '
-          '(config.truncate_captions=True).')
+    print(
+      f'note: {n_truncated} caption(s) longer than {max(config.caption_buckets)} tokens were truncated '
+      '(config.truncate_captions=True).'
+    )
   return tokens, mask
 
 
 def img_dim_of(images: dict) -> int:
   """Size of the region features (0 for datasets of pixels only, which DAER reads)."""
-  return int(np.shape(images['regions'])[-1]) if 'regions' in images else 0   # np.shape: no read of lazy rows
+  return int(np.shape(images['regions'])[-1]) if 'regions' in images else 0  # np.shape: no read of lazy rows

@@ -14,13 +14,14 @@ import sys
 import time
 
 from absl import app
-from absl import logging as absl_logging
 from absl import flags
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 import optax
 
@@ -43,29 +44,35 @@ from xmatch_jax.data import wordpiece
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Impossible values are errors before any work starts."""
   rules = [
-      ('batch_size', config.batch_size >= 2, 'an int >= 2 (the loss needs negatives)'),
-      ('num_epochs', config.num_epochs >= 1, 'an int >= 1'),
-      ('max_steps', config.max_steps >= 0, 'an int >= 0 (0: no limit but num_epochs)'),
-      ('loss.margin', config.loss.margin >= 0, 'a float >= 0'),
-      ('loss.warmup_epochs', 0 <= config.loss.warmup_epochs <= config.num_epochs, 'an int in [0, num_epochs]'),
-      ('optim.learning_rate', config.optim.learning_rate > 0, 'a float > 0'),
-      ('optim.grad_clip', config.optim.grad_clip >= 0, 'a float >= 0 (0 disables clipping)'),
-      ('optim.lr_decay_factor', config.optim.lr_decay_factor > 0, 'a float > 0'),
-      ('optim.warmup_steps', config.optim.warmup_steps >= 0, 'an int >= 0'),
-      ('log_every_steps', config.log_every_steps >= 1, 'an int >= 1'),
-      ('eval_every_epochs', config.eval_every_epochs >= 1, 'an int >= 1'),
-      ('checkpoint_every_steps', config.checkpoint_every_steps >= 1, 'an int >= 1'),
-      ('memory_budget_gb', config.memory_budget_gb >= 0, 'a float >= 0 (0: no budget)'),
-      ('keep_checkpoints', config.keep_checkpoints >= 1, 'an int >= 1'),
-      ('caption_buckets', len(config.caption_buckets) > 0 and min(config.caption_buckets) >= 1,
-       'a non-empty tuple of ints >= 1'),
-      ('optim.lr_decay_epochs', config.optim.lr_decay_epochs >= 0, 'an int >= 0'),
-      ('vocab_min_count', config.vocab_min_count >= 1, 'an int >= 1 (words seen fewer times become <unk>)'),
-      ('vocab_path', not config.vocab_path or os.path.isfile(config.vocab_path),
-       "'' (build the vocabulary from the training captions) or an existing SCAN vocab json or VSE++ vocab .pkl file"),
-      ('eval_image_chunk', config.eval_image_chunk >= 1, 'an int >= 1 (images per scoring tile)'),
-      ('eval_text_batch', config.eval_text_batch >= 1, 'an int >= 1 (captions per encoding batch)'),
-      ('eval_metric', config.eval_metric in ('recall', 'map'), "'recall' or 'map'"),
+    ('batch_size', config.batch_size >= 2, 'an int >= 2 (the loss needs negatives)'),
+    ('num_epochs', config.num_epochs >= 1, 'an int >= 1'),
+    ('max_steps', config.max_steps >= 0, 'an int >= 0 (0: no limit but num_epochs)'),
+    ('loss.margin', config.loss.margin >= 0, 'a float >= 0'),
+    ('loss.warmup_epochs', 0 <= config.loss.warmup_epochs <= config.num_epochs, 'an int in [0, num_epochs]'),
+    ('optim.learning_rate', config.optim.learning_rate > 0, 'a float > 0'),
+    ('optim.grad_clip', config.optim.grad_clip >= 0, 'a float >= 0 (0 disables clipping)'),
+    ('optim.lr_decay_factor', config.optim.lr_decay_factor > 0, 'a float > 0'),
+    ('optim.warmup_steps', config.optim.warmup_steps >= 0, 'an int >= 0'),
+    ('log_every_steps', config.log_every_steps >= 1, 'an int >= 1'),
+    ('eval_every_epochs', config.eval_every_epochs >= 1, 'an int >= 1'),
+    ('checkpoint_every_steps', config.checkpoint_every_steps >= 1, 'an int >= 1'),
+    ('memory_budget_gb', config.memory_budget_gb >= 0, 'a float >= 0 (0: no budget)'),
+    ('keep_checkpoints', config.keep_checkpoints >= 1, 'an int >= 1'),
+    (
+      'caption_buckets',
+      len(config.caption_buckets) > 0 and min(config.caption_buckets) >= 1,
+      'a non-empty tuple of ints >= 1',
+    ),
+    ('optim.lr_decay_epochs', config.optim.lr_decay_epochs >= 0, 'an int >= 0'),
+    ('vocab_min_count', config.vocab_min_count >= 1, 'an int >= 1 (words seen fewer times become <unk>)'),
+    (
+      'vocab_path',
+      not config.vocab_path or os.path.isfile(config.vocab_path),
+      "'' (build the vocabulary from the training captions) or an existing SCAN vocab json or VSE++ vocab .pkl file",
+    ),
+    ('eval_image_chunk', config.eval_image_chunk >= 1, 'an int >= 1 (images per scoring tile)'),
+    ('eval_text_batch', config.eval_text_batch >= 1, 'an int >= 1 (captions per encoding batch)'),
+    ('eval_metric', config.eval_metric in ('recall', 'map'), "'recall' or 'map'"),
   ]
   if 'block_size' in config.model:
     rules.append(('model.block_size', config.model.block_size >= 1, 'an int >= 1 (images per scoring block)'))
@@ -85,9 +92,10 @@ def make_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int):
   lr, factor, warmup = optim.learning_rate, optim.lr_decay_factor, optim.warmup_steps
 
   def schedule(count):
-    periods = count // decay_step if optim.lr_decay_epochs else jnp.minimum(count, 1)   # 0: decayed from step 1
-    decayed = lr * factor ** periods
+    periods = count // decay_step if optim.lr_decay_epochs else jnp.minimum(count, 1)  # 0: decayed from step 1
+    decayed = lr * factor**periods
     return jnp.where(count < warmup, lr * count / warmup, decayed) if warmup else decayed
+
   parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
   parts.append(optax.scale_by_adam())
   parts.append(optax.scale_by_learning_rate(schedule))
@@ -109,8 +117,13 @@ def train_step(state, batch, *, model, tx, schedule, loss_cfg, max_violation=Non
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'update_norm': optax.tree.norm(updates),
-             'param_norm': optax.tree.norm(params), 'learning_rate': schedule(state['step'])}
+  metrics = {
+    'loss': loss,
+    'grad_norm': optax.tree.norm(grads),
+    'update_norm': optax.tree.norm(updates),
+    'param_norm': optax.tree.norm(params),
+    'learning_rate': schedule(state['step']),
+  }
   return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
 
 
@@ -121,6 +134,7 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
       self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
 
@@ -146,8 +160,10 @@ def prepare_vocab(config, workdir: str, train_captions: list):
     if os.path.exists(os.path.join(bert_dir, 'config.json')):
       return wordpiece.WordPieceVocab(bert_dir)
     if not config.model.bert_dir:
-      raise errors.UserError('config.model.bert_dir is empty; set it to a Hugging Face BERT directory (e.g. your '
-                             "bert-base-uncased) or to 'minilm'.")
+      raise errors.UserError(
+        'config.model.bert_dir is empty; set it to a Hugging Face BERT directory (e.g. your '
+        "bert-base-uncased) or to 'minilm'."
+      )
     vocab = wordpiece.WordPieceVocab(config.model.bert_dir)
     if jax.process_index() == 0:
       vocab.save(workdir)
@@ -169,7 +185,7 @@ def load_pretrained(config, params: dict) -> dict:
   if not run_setup.uses_bert(config) or 'bert' not in params:
     return params
   _, bert, _ = hf_bert.load_checkpoint(config.model.bert_dir)
-  bert.pop('pooler_dense', None)   # the matchers read token states, not the pooled [CLS]
+  bert.pop('pooler_dense', None)  # the matchers read token states, not the pooled [CLS]
   expected = jax.tree.map(lambda x: x.shape, params['bert'])
   got = jax.tree.map(lambda x: x.shape, bert)
   if expected != got:
@@ -181,8 +197,9 @@ def freeze(tx, params: dict, frozen: tuple):
   """Leaves the top-level param groups named in `frozen` untouched (no optimizer state, zero updates)."""
   if not frozen:
     return tx
-  labels = {name: jax.tree.map(lambda _, n=name: 'frozen' if n in frozen else 'train', group)
-            for name, group in params.items()}
+  labels = {
+    name: jax.tree.map(lambda _, n=name: 'frozen' if n in frozen else 'train', group) for name, group in params.items()
+  }
   return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
@@ -193,7 +210,7 @@ def evaluate_dev(scorer: inference.Scorer, dev_images: dict, dev_tokens, dev_mas
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming if W has a checkpoint); returns the last dev metrics."""
-  if 'stages' in config:   # DAER: classification stages, then the relation network (Algorithm 1)
+  if 'stages' in config:  # DAER: classification stages, then the relation network (Algorithm 1)
     return _train_in_stages(config, workdir)
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -204,7 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Process 0 first: it generates a built-in dataset that is not there yet; the others then read it.
   train, dev = parallel.first_on_process_zero(
-      lambda: tuple(load_split(config.dataset, split, config.data_dir or None) for split in ('train', 'dev')), 'data')
+    lambda: tuple(load_split(config.dataset, split, config.data_dir or None) for split in ('train', 'dev')), 'data'
+  )
   # Process 0 keeps or writes W's vocabulary first, the others then read it (every process read W before that).
   vocab = parallel.first_on_process_zero(lambda: prepare_vocab(config, workdir, train.captions), 'vocab')
   img_dim = run_setup.img_dim_of(train.images)
@@ -214,14 +232,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_inputs = inference.image_inputs(model, train.images)
   batcher = batching.TrainBatcher(
-      images=train_inputs, image_keys=tuple(train_inputs), captions=[vocab.encode(c) for c in train.captions],
-      caption_to_image=train.caption_to_image, batch_size=config.batch_size, seed=config.seed,
-      buckets=tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
+    images=train_inputs,
+    image_keys=tuple(train_inputs),
+    captions=[vocab.encode(c) for c in train.captions],
+    caption_to_image=train.caption_to_image,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    buckets=tuple(config.caption_buckets),
+    truncate=bool(config.truncate_captions),
+  )
   dev_tokens, dev_mask = run_setup.encode_captions(vocab, dev.captions, config)
   steps_per_epoch = batcher.steps_per_epoch
   if batcher.num_truncated and jax.process_index() == 0:
-    print(f'note: {batcher.num_truncated} training caption(s) are longer than {max(config.caption_buckets)} tokens and '
-          'are truncated to it (config.truncate_captions=True).')
+    print(
+      f'note: {batcher.num_truncated} training caption(s) are longer than {max(config.caption_buckets)} tokens and '
+      'are truncated to it (config.truncate_captions=True).'
+    )
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
@@ -231,8 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
   if config.batch_size % mesh.size:
-    raise errors.UserError(f'config.batch_size = {config.batch_size} does not divide over {mesh.size} devices; expected '
-                           f'a multiple of {mesh.size}.')
+    raise errors.UserError(
+      f'config.batch_size = {config.batch_size} does not divide over {mesh.size} devices; expected '
+      f'a multiple of {mesh.size}.'
+    )
   chief = jax.process_index() == 0
 
   first = batcher.batch(0)
@@ -243,8 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = freeze(tx, params, getattr(model, 'frozen_params', ()))
   # Replicated before restoring: the checkpoint is read into this sharding (a single-device array restored on
   # each process could not become a global one).
-  state = jax.device_put({'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)},
-                         replicated)
+  state = jax.device_put({'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}, replicated)
   meta = {'best_rsum': -1.0}
   if resuming:
     restored = ckpts.restore_latest(state)
@@ -255,29 +282,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def make_step(max_violation, model=model):
     return jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss,
-                          max_violation=max_violation),
-        in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=(0,))
+      functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss, max_violation=max_violation
+      ),
+      in_shardings=(replicated, data_sharding),
+      out_shardings=(replicated, replicated),
+      donate_argnums=(0,),
+    )
 
-  model, step_fn = plan_memory(config, model, make_step, state,
-                               parallel.shard_batch(batcher.batch(int(state['step'])), data_sharding))
+  model, step_fn = plan_memory(
+    config, model, make_step, state, parallel.shard_batch(batcher.batch(int(state['step'])), data_sharding)
+  )
   # VSE++'s practice: the sum over all negatives for the first epochs, then the configured (hardest) loss.
   warmup_steps = config.loss.warmup_epochs * steps_per_epoch if config.loss.max_violation else 0
   warmup_fn = make_step(False, model) if warmup_steps else None
   collapse = CollapseWatch(losses.collapse_value(config.batch_size, config.loss.margin, config.loss.max_violation))
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
   if chief:
-    print(f'{config.model.name} on {config.dataset}: {n_params:,} params, vocab {len(vocab)}, '
-          f'{len(train.captions)} train captions, {steps_per_epoch} steps/epoch x {config.num_epochs} epochs'
-          f'{f" (stop at step {total_steps})" if config.max_steps else ""}, {mesh.size} device(s) in '
-          f'{jax.process_count()} process(es) ({jax.devices()[0].platform})')
+    print(
+      f'{config.model.name} on {config.dataset}: {n_params:,} params, vocab {len(vocab)}, '
+      f'{len(train.captions)} train captions, {steps_per_epoch} steps/epoch x {config.num_epochs} epochs'
+      f'{f" (stop at step {total_steps})" if config.max_steps else ""}, {mesh.size} device(s) in '
+      f'{jax.process_count()} process(es) ({jax.devices()[0].platform})'
+    )
 
   writer = MetricsWriter(workdir)
   pending = []  # per-step metrics on device, fetched once per log interval
   dev_metrics = meta.get('dev', {})
   start = int(state['step'])
-  progress = progress_lib.bar(total=total_steps, desc='train', unit='step', initial=start, disable=not chief,
-                              delay=0)
+  progress = progress_lib.bar(total=total_steps, desc='train', unit='step', initial=start, disable=not chief, delay=0)
   t0 = time.time()
   stop = parallel.StopRequest()
   saved_at = start
@@ -298,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       epoch = done // steps_per_epoch
       if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
         summary = _flush(pending, done, workdir, meta, t0)
-        progress.update(done - progress.n)   # _flush waited for every pending step
+        progress.update(done - progress.n)  # _flush waited for every pending step
         in_flight = None
         writer.write(done, summary)
         if done > warmup_steps and collapse.update(summary['loss']) and chief:
@@ -307,8 +340,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending, t0 = [], time.time()
       if (end_of_epoch and epoch % config.eval_every_epochs == 0) or done == total_steps:
         # Every process scores dev alone on its first device; process 0's numbers decide for all.
-        scorer = inference.Scorer(model, {'params': parallel.local_copy(state['params'])}, config.eval_image_chunk,
-                                  config.eval_text_batch, desc='dev scoring')
+        scorer = inference.Scorer(
+          model,
+          {'params': parallel.local_copy(state['params'])},
+          config.eval_image_chunk,
+          config.eval_text_batch,
+          desc='dev scoring',
+        )
         dev_metrics = parallel.agree(evaluate_dev(scorer, dev.images, dev_tokens, dev_mask))
         del scorer  # holds the params' buffers, which the next step donates
         writer.write(done, {f'dev_{k}': v for k, v in dev_metrics.items()})
@@ -319,9 +357,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpts.save(done, state, dict(meta), is_best=is_best)
         saved_at = done
         if chief:
-          progress_lib.write(f'{f"epoch {epoch}" if end_of_epoch else f"step {done}"}: dev rsum '
-                          f'{dev_metrics["rsum"]:.1f} (R@1 i2t {dev_metrics["i2t_r1"]:.1f}, '
-                          f't2i {dev_metrics["t2i_r1"]:.1f}){"  *best*" if is_best else ""}')
+          progress_lib.write(
+            f'{f"epoch {epoch}" if end_of_epoch else f"step {done}"}: dev rsum '
+            f'{dev_metrics["rsum"]:.1f} (R@1 i2t {dev_metrics["i2t_r1"]:.1f}, '
+            f't2i {dev_metrics["t2i_r1"]:.1f}){"  *best*" if is_best else ""}'
+          )
       elif done % config.checkpoint_every_steps == 0:
         if pending:
           writer.write(done, _flush(pending, done, workdir, meta, t0))
@@ -350,15 +390,19 @@ class Interrupted(Exception):
 
   def __init__(self, signum: int, step: int, workdir: str):
     self.signum, self.step = signum, step
-    super().__init__(f'stopped by signal {signal.Signals(signum).name} at step {step}; checkpoint saved in '
-                     f'{workdir}/checkpoints. Run the same command to resume.')
+    super().__init__(
+      f'stopped by signal {signal.Signals(signum).name} at step {step}; checkpoint saved in '
+      f'{workdir}/checkpoints. Run the same command to resume.'
+    )
 
 
 def _train_in_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top (imports this module)
+
   if jax.process_count() > 1:
-    raise errors.UserError('staged training (DAER) runs in one process (any number of local devices); got '
-                           f'{jax.process_count()} processes.')
+    raise errors.UserError(
+      f'staged training (DAER) runs in one process (any number of local devices); got {jax.process_count()} processes.'
+    )
   os.makedirs(workdir, exist_ok=True)
   if os.path.exists(os.path.join(workdir, run_setup.CONFIG_FILE)):
     run_setup.check_same_model(run_setup.load_config(workdir), config, workdir)
@@ -373,8 +417,12 @@ def step_memory_bytes(step_fn, state, batch) -> dict:
   """XLA's memory analysis of one compiled training step, per device: arguments (params, optimizer state, batch),
   outputs and temporaries (activations kept for the backward pass, the pair blocks' tensors)."""
   stats = step_fn.lower(state, batch).compile().memory_analysis()
-  out = {'arguments': stats.argument_size_in_bytes, 'outputs': stats.output_size_in_bytes,
-         'temporaries': stats.temp_size_in_bytes, 'aliased': stats.alias_size_in_bytes}
+  out = {
+    'arguments': stats.argument_size_in_bytes,
+    'outputs': stats.output_size_in_bytes,
+    'temporaries': stats.temp_size_in_bytes,
+    'aliased': stats.alias_size_in_bytes,
+  }
   out['peak'] = out['arguments'] + out['outputs'] + out['temporaries'] - out['aliased']
   return out
 
@@ -390,16 +438,20 @@ def plan_memory(config, model, make_step, state, batch):
     memory = step_memory_bytes(step_fn, state, batch)
     fits = not budget or memory['peak'] <= budget
     if jax.process_index() == 0:
-      print(f'memory per device for one training step (XLA estimate'
-            f'{f", block_size {block}" if block else ""}): {memory["peak"] / 1e9:.2f} GB (arguments '
-            f'{memory["arguments"] / 1e9:.2f}, temporaries {memory["temporaries"] / 1e9:.2f})'
-            f'{"" if fits else f" > budget {config.memory_budget_gb} GB"}')
+      print(
+        f'memory per device for one training step (XLA estimate'
+        f'{f", block_size {block}" if block else ""}): {memory["peak"] / 1e9:.2f} GB (arguments '
+        f'{memory["arguments"] / 1e9:.2f}, temporaries {memory["temporaries"] / 1e9:.2f})'
+        f'{"" if fits else f" > budget {config.memory_budget_gb} GB"}'
+      )
     if fits:
       return model, step_fn
     if not block or block == 1:
-      raise errors.UserError(f'config.memory_budget_gb = {config.memory_budget_gb}: a training step needs '
-                             f'{memory["peak"] / 1e9:.2f} GB per device even at block_size {block or "-"}; lower '
-                             'config.batch_size or raise the budget.')
+      raise errors.UserError(
+        f'config.memory_budget_gb = {config.memory_budget_gb}: a training step needs '
+        f'{memory["peak"] / 1e9:.2f} GB per device even at block_size {block or "-"}; lower '
+        'config.batch_size or raise the budget.'
+      )
     block = max(block // 2, 1)
     model = model.clone(block_size=block)
 
@@ -423,9 +475,11 @@ class CollapseWatch:
     return False
 
   def message(self, step: int) -> str:
-    return (f'warning: at step {step} the loss has been {self.collapsed_loss:.2f} (= 2 x batch x margin, every score '
-            f'equal) for {self.run} log intervals: training may have collapsed. Try a lower learning rate or '
-            'config.loss.warmup_epochs=1 (sum over negatives first, as VSE++).')
+    return (
+      f'warning: at step {step} the loss has been {self.collapsed_loss:.2f} (= 2 x batch x margin, every score '
+      f'equal) for {self.run} log intervals: training may have collapsed. Try a lower learning rate or '
+      'config.loss.warmup_epochs=1 (sum over negatives first, as VSE++).'
+    )
 
 
 def _flush(pending: list, step: int, workdir: str, meta: dict, t0: float) -> dict:
@@ -435,8 +489,9 @@ def _flush(pending: list, step: int, workdir: str, meta: dict, t0: float) -> dic
   if not np.isfinite(losses_seen).all():
     bad = step - len(fetched) + int(np.argmax(~np.isfinite(losses_seen))) + 1
     raise FloatingPointError(
-        f'loss is {losses_seen[~np.isfinite(losses_seen)][0]} at step {bad}; training stopped. The last good '
-        f'checkpoint (step {meta.get("step", "none")}) is kept in {workdir}/checkpoints.')
+      f'loss is {losses_seen[~np.isfinite(losses_seen)][0]} at step {bad}; training stopped. The last good '
+      f'checkpoint (step {meta.get("step", "none")}) is kept in {workdir}/checkpoints.'
+    )
   summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   summary['steps_per_s'] = len(fetched) / max(time.time() - t0, 1e-9)
   return summary
@@ -446,8 +501,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-  parallel.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id,
-                      flags.FLAGS.cpu_collectives)
+  parallel.initialize(
+    flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id, flags.FLAGS.cpu_collectives
+  )
   print(parallel.topology(), flush=True)
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
@@ -455,19 +511,27 @@ def main(argv):
     raise SystemExit(f'error: {e}') from e
   except Interrupted as e:
     print(e, flush=True)
-    sys.exit(128 + e.signum)   # the shell convention for "ended by this signal", after a clean save
+    sys.exit(128 + e.signum)  # the shell convention for "ended by this signal", after a clean save
 
 
 if __name__ == '__main__':
   # Flags are defined here, not at import, so train and evaluate can be imported together.
   config_flags.DEFINE_config_file('config', None, 'Model config file, e.g. configs/scan.py:shapes.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, eval).')
-  flags.DEFINE_string('coordinator', '', 'host:port of process 0 in a multi-process run (or $XMATCH_COORDINATOR); '
-                      'not needed under srun, where SLURM is detected.')
+  flags.DEFINE_string(
+    'coordinator',
+    '',
+    'host:port of process 0 in a multi-process run (or $XMATCH_COORDINATOR); '
+    'not needed under srun, where SLURM is detected.',
+  )
   flags.DEFINE_integer('num_processes', 0, 'Processes in the run, with --coordinator (or $XMATCH_NUM_PROCESSES).')
   flags.DEFINE_integer('process_id', -1, 'This process, 0 ... num_processes - 1 (or $XMATCH_PROCESS_ID).')
-  flags.DEFINE_string('cpu_collectives', '', "Cross-process collectives on CPU: 'gloo' or 'mpi' (or "
-                      '$XMATCH_CPU_COLLECTIVES); for several CPU processes, e.g. launch/localhost_cpu.sh.')
+  flags.DEFINE_string(
+    'cpu_collectives',
+    '',
+    "Cross-process collectives on CPU: 'gloo' or 'mpi' (or "
+    '$XMATCH_CPU_COLLECTIVES); for several CPU processes, e.g. launch/localhost_cpu.sh.',
+  )
   flags.mark_flags_as_required(['config', 'workdir'])
   with cli.user_errors():
     run_setup.check_config_overrides(sys.argv[1:])

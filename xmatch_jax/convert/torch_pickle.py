@@ -18,8 +18,8 @@ import os
 import pickle
 import struct
 import types
-import zipfile
 from typing import Any
+import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -27,13 +27,20 @@ import numpy as np
 from xmatch_jax import errors
 from xmatch_jax import progress
 
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 _STORAGE_DTYPES = {
-    'DoubleStorage': np.float64, 'FloatStorage': np.float32, 'HalfStorage': np.float16,
-    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
-    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
+  'DoubleStorage': np.float64,
+  'FloatStorage': np.float32,
+  'HalfStorage': np.float16,
+  'BFloat16Storage': ml_dtypes.bfloat16,
+  'LongStorage': np.int64,
+  'IntStorage': np.int32,
+  'ShortStorage': np.int16,
+  'CharStorage': np.int8,
+  'ByteStorage': np.uint8,
+  'BoolStorage': np.bool_,
 }
 
 
@@ -64,11 +71,13 @@ class _Tensor:
       return storage.data[self.offset].copy()
     extent = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride)) + 1
     if min(self.size) > 0 and extent > storage.data.size:
-      raise errors.UserError(f'{where}: tensor of shape {self.size} runs past the end of its storage '
-                             f'({storage.data.size} elements)')
+      raise errors.UserError(
+        f'{where}: tensor of shape {self.size} runs past the end of its storage ({storage.data.size} elements)'
+      )
     item = storage.data.itemsize
     return np.lib.stride_tricks.as_strided(
-        storage.data[self.offset:], self.size, [s * item for s in self.stride]).copy()
+      storage.data[self.offset :], self.size, [s * item for s in self.stride]
+    ).copy()
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
@@ -92,23 +101,24 @@ class _Namespace(types.SimpleNamespace):
 
 
 _ALLOWED = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
-    ('torch._tensor', '_rebuild_from_type_v2'): _rebuild_from_type_v2,
-    # Only ever the `new_type` argument of _rebuild_from_type_v2, which is ignored.
-    ('torch', 'Tensor'): _rebuild_parameter,
-    ('torch.nn.parameter', 'Parameter'): _rebuild_parameter,
-    ('argparse', 'Namespace'): _Namespace,
-    ('numpy', 'dtype'): np.dtype,
-    ('numpy', 'ndarray'): np.ndarray,
-    ('_codecs', 'encode'): codecs.encode,   # numpy scalars pickled by Python 3 carry latin-1 text
+  ('collections', 'OrderedDict'): collections.OrderedDict,
+  ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
+  ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+  ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+  ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+  ('torch._tensor', '_rebuild_from_type_v2'): _rebuild_from_type_v2,
+  # Only ever the `new_type` argument of _rebuild_from_type_v2, which is ignored.
+  ('torch', 'Tensor'): _rebuild_parameter,
+  ('torch.nn.parameter', 'Parameter'): _rebuild_parameter,
+  ('argparse', 'Namespace'): _Namespace,
+  ('numpy', 'dtype'): np.dtype,
+  ('numpy', 'ndarray'): np.ndarray,
+  ('_codecs', 'encode'): codecs.encode,  # numpy scalars pickled by Python 3 carry latin-1 text
 }
 # numpy's pickled scalars and arrays (e.g. a best_rsum saved as numpy.float64); numpy 2 renamed core -> _core.
-_NUMPY_MULTIARRAY = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray')
-                     for n in ('scalar', '_reconstruct')}
+_NUMPY_MULTIARRAY = {
+  (m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('scalar', '_reconstruct')
+}
 
 
 def _multiarray():
@@ -119,7 +129,6 @@ def _multiarray():
 
 
 class _SafeUnpickler(pickle.Unpickler):
-
   def __init__(self, file, where: str, storage_loader):
     super().__init__(file)
     self._where = where
@@ -133,8 +142,9 @@ class _SafeUnpickler(pickle.Unpickler):
     target = _ALLOWED.get((module, name))
     if target is None:
       raise pickle.UnpicklingError(
-          f'{self._where}: refusing to load global {module}.{name}: only tensors, state_dicts and plain '
-          'values are read (the file may hold a whole pickled model or code; save its state_dict instead)')
+        f'{self._where}: refusing to load global {module}.{name}: only tensors, state_dicts and plain '
+        'values are read (the file may hold a whole pickled model or code; save its state_dict instead)'
+      )
     return target
 
   def persistent_load(self, saved_id):
@@ -163,7 +173,7 @@ def _load_zip(path: str) -> Any:
     pickles = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if len(pickles) != 1:
       raise errors.UserError(f'{path}: a torch zip checkpoint has one data.pkl; found {pickles}')
-    prefix = pickles[0][:-len('data.pkl')]
+    prefix = pickles[0][: -len('data.pkl')]
     byteorder = 'little'
     if prefix + 'byteorder' in names:
       byteorder = archive.read(prefix + 'byteorder').decode().strip()
@@ -185,7 +195,7 @@ def _load_zip(path: str) -> Any:
         bar.update(len(raw))
       return storages[key]
 
-    with bar, archive.open(pickles[0]) as f:   # the storages are read as the pickle refers to them
+    with bar, archive.open(pickles[0]) as f:  # the storages are read as the pickle refers to them
       result = _SafeUnpickler(io.BytesIO(f.read()), path, load_storage).load()
   return _materialise(result, path)
 
@@ -220,8 +230,7 @@ def _load_legacy(path: str) -> Any:
     result = _SafeUnpickler(f, path, load_storage).load()
     keys = pickle.load(f)
     # The raw storages fill the rest of the file.
-    with progress.bar(total=os.path.getsize(path) - f.tell(), desc=f'reading {path}', unit='B',
-                      unit_scale=True) as bar:
+    with progress.bar(total=os.path.getsize(path) - f.tell(), desc=f'reading {path}', unit='B', unit_scale=True) as bar:
       for key in keys:
         storage = storages.get(key)
         if storage is None:
@@ -233,7 +242,7 @@ def _load_legacy(path: str) -> Any:
         storage.data = np.frombuffer(raw, storage.dtype)
         bar.update(8 + len(raw))
     for storage, root_key, offset in views:
-      storage.data = storages[root_key].data[offset:offset + storage.numel]
+      storage.data = storages[root_key].data[offset : offset + storage.numel]
   return _materialise(result, path)
 
 

@@ -26,23 +26,30 @@ import pickle
 import struct
 import sys
 import types
-import zipfile
 from typing import Any
+import zipfile
 
 import numpy as np
 
 from xmatch_jax import errors
 
 ARCHIVE = 'archive'
-_ALIGNMENT = 64        # torch's kFieldAlignment: storages start at multiples of 64 bytes in the file
-_VERSION = b'3\n'      # the file format version torch.save writes
+_ALIGNMENT = 64  # torch's kFieldAlignment: storages start at multiples of 64 bytes in the file
+_VERSION = b'3\n'  # the file format version torch.save writes
 _DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 # numpy dtype name -> torch legacy storage class (what the persistent id names).
 _STORAGE_TYPES = {
-    'float32': 'FloatStorage', 'float64': 'DoubleStorage', 'float16': 'HalfStorage', 'bfloat16': 'BFloat16Storage',
-    'int64': 'LongStorage', 'int32': 'IntStorage', 'int16': 'ShortStorage', 'int8': 'CharStorage',
-    'uint8': 'ByteStorage', 'bool': 'BoolStorage',
+  'float32': 'FloatStorage',
+  'float64': 'DoubleStorage',
+  'float16': 'HalfStorage',
+  'bfloat16': 'BFloat16Storage',
+  'int64': 'LongStorage',
+  'int32': 'IntStorage',
+  'int16': 'ShortStorage',
+  'int8': 'CharStorage',
+  'uint8': 'ByteStorage',
+  'bool': 'BoolStorage',
 }
 
 
@@ -96,8 +103,8 @@ class _Collector:
   """Turns the object tree into picklable values, tensors into _Tensor stand-ins with their storage bytes."""
 
   def __init__(self):
-    self.storages = []   # (key, array) in key order
-    self._seen = {}      # id(array) -> (array, _Tensor): an array met twice is one tensor
+    self.storages = []  # (key, array) in key order
+    self._seen = {}  # id(array) -> (array, _Tensor): an array met twice is one tensor
 
   def tensor(self, value, where: str) -> _Tensor:
     known = self._seen.get(id(value))
@@ -106,12 +113,13 @@ class _Collector:
     array = np.asarray(value)
     name = array.dtype.name
     if name not in _STORAGE_TYPES:
-      raise errors.UserError(f'{where}: arrays of dtype {array.dtype} cannot be written; expected one of '
-                             f'{sorted(_STORAGE_TYPES)}')
+      raise errors.UserError(
+        f'{where}: arrays of dtype {array.dtype} cannot be written; expected one of {sorted(_STORAGE_TYPES)}'
+      )
     key = str(len(self.storages))
     self.storages.append((key, array))
     stride, step = [], 1
-    for size in reversed(array.shape):   # torch's contiguous strides (a size-0 dim counts as 1)
+    for size in reversed(array.shape):  # torch's contiguous strides (a size-0 dim counts as 1)
       stride.insert(0, step)
       step *= max(int(size), 1)
     tensor = _Tensor(_Storage(key, name, int(array.size)), tuple(int(s) for s in array.shape), tuple(stride))
@@ -119,19 +127,20 @@ class _Collector:
     return tensor
 
   def prepare(self, obj, where: str):
-    if isinstance(obj, np.generic):   # first: np.float64 is also a float
+    if isinstance(obj, np.generic):  # first: np.float64 is also a float
       return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
       return obj
-    if isinstance(obj, np.ndarray) or (hasattr(obj, '__array__') and hasattr(obj, 'shape')
-                                       and hasattr(obj, 'dtype')):
+    if isinstance(obj, np.ndarray) or (hasattr(obj, '__array__') and hasattr(obj, 'shape') and hasattr(obj, 'dtype')):
       return self.tensor(obj, where)
     if isinstance(obj, dict):
       out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
       for key, value in obj.items():
         if not isinstance(key, (str, int, float, bool)) and key is not None:
-          raise errors.UserError(f'{where}: dict key {key!r} of type {type(key).__name__} cannot be written; expected '
-                                 'str, int, float, bool or None')
+          raise errors.UserError(
+            f'{where}: dict key {key!r} of type {type(key).__name__} cannot be written; expected '
+            'str, int, float, bool or None'
+          )
         out[key] = self.prepare(value, f'{where}[{key!r}]')
       return out
     if isinstance(obj, (list, tuple)):
@@ -139,8 +148,10 @@ class _Collector:
       return items if isinstance(obj, list) else tuple(items)
     if isinstance(obj, (argparse.Namespace, types.SimpleNamespace)):
       return argparse.Namespace(**{k: self.prepare(v, f'{where}.{k}') for k, v in vars(obj).items()})
-    raise errors.UserError(f'{where}: cannot write a {type(obj).__name__}; expected arrays, dicts, lists, tuples, '
-                           'argparse.Namespace, None, bool, int, float, str or bytes')
+    raise errors.UserError(
+      f'{where}: cannot write a {type(obj).__name__}; expected arrays, dicts, lists, tuples, '
+      'argparse.Namespace, None, bool, int, float, str or bytes'
+    )
 
 
 def _little_endian_bytes(array: np.ndarray) -> bytes:
@@ -154,7 +165,7 @@ def _write_record(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
   """Adds one stored (uncompressed) record whose data starts at a multiple of 64 bytes (torch's 'FB' padding)."""
   info = zipfile.ZipInfo(f'{ARCHIVE}/{name}', date_time=_DATE_TIME)
   info.compress_type = zipfile.ZIP_STORED
-  zip64 = len(data) * 1.05 > zipfile.ZIP64_LIMIT   # what ZipFile.writestr decides; adds a 20-byte extra field
+  zip64 = len(data) * 1.05 > zipfile.ZIP64_LIMIT  # what ZipFile.writestr decides; adds a 20-byte extra field
   start = archive.fp.tell() + 30 + len(info.filename.encode('ascii')) + 4 + (20 if zip64 else 0)
   padding = -start % _ALIGNMENT
   info.extra = b'FB' + struct.pack('<H', padding) + b'Z' * padding

@@ -22,19 +22,24 @@ _STEM = re.compile(r'^features\.(\d+)\.([01])\.(.+)$')
 def read_state_dict(path: str) -> dict:
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
     if not os.path.exists(path):
       raise errors.MissingFileError(f'{path}: no such weights file (config.mobilenet_weights)')
     try:
       return load_file(path)
     except Exception as e:  # pylint: disable=broad-except - safetensors raises its own error types
-      raise errors.UserError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected a torchvision '
-                             'mobilenet_v3_large state_dict') from None
+      raise errors.UserError(
+        f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected a torchvision '
+        'mobilenet_v3_large state_dict'
+      ) from None
   state = torch_pickle.load(path)
   if isinstance(state, dict) and 'state_dict' in state:
     state = state['state_dict']
   if not isinstance(state, dict) or not all(isinstance(v, (np.ndarray, np.generic)) for v in state.values()):
-    raise errors.UserError(f'{path}: expected a state_dict (a mapping of names to tensors) of torchvision '
-                           f'mobilenet_v3_large; got {type(state).__name__}')
+    raise errors.UserError(
+      f'{path}: expected a state_dict (a mapping of names to tensors) of torchvision '
+      f'mobilenet_v3_large; got {type(state).__name__}'
+    )
   return dict(state)
 
 
@@ -43,9 +48,12 @@ def _conv_bn(part: str, rest: str, value: np.ndarray):
   if part == '0' and rest == 'weight':
     return 'params', ('conv', 'kernel'), value.transpose(2, 3, 1, 0)
   if part == '1':
-    return {'weight': ('params', ('bn', 'scale')), 'bias': ('params', ('bn', 'bias')),
-            'running_mean': ('batch_stats', ('bn', 'mean')), 'running_var': ('batch_stats', ('bn', 'var'))}.get(
-                rest, (None, None)) + (value,)
+    return {
+      'weight': ('params', ('bn', 'scale')),
+      'bias': ('params', ('bn', 'bias')),
+      'running_mean': ('batch_stats', ('bn', 'mean')),
+      'running_var': ('batch_stats', ('bn', 'var')),
+    }.get(rest, (None, None)) + (value,)
   return None, None, value
 
 
@@ -79,13 +87,18 @@ def convert_state_dict(state: dict, expected: dict, source: str = 'state_dict') 
     if path is None:
       raise errors.UserError(f'{source}: key {key!r} is not a mobilenet_v3_large weight')
     flat[(collection,) + path] = value
-  want = {(col,) + tuple(str(p.key) for p in path): leaf.shape
-          for col in expected for path, leaf in jax.tree_util.tree_leaves_with_path(expected[col])}
+  want = {
+    (col,) + tuple(str(p.key) for p in path): leaf.shape
+    for col in expected
+    for path, leaf in jax.tree_util.tree_leaves_with_path(expected[col])
+  }
   missing = sorted('/'.join(k) for k in set(want) - set(flat))
   unknown = sorted('/'.join(k) for k in set(flat) - set(want))
   if missing or unknown:
-    raise errors.UserError(f'{source}: does not fit the model: missing {missing[:4]}, unexpected {unknown[:4]} '
-                           '(a different num_classes or width?)')
+    raise errors.UserError(
+      f'{source}: does not fit the model: missing {missing[:4]}, unexpected {unknown[:4]} '
+      '(a different num_classes or width?)'
+    )
   variables = {}
   for key, value in flat.items():
     if value.shape != want[key]:

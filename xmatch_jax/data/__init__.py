@@ -9,7 +9,8 @@ These are the inputs `Retriever.score` takes, so any subset can be scored.
 """
 
 import os
-from typing import Callable, NamedTuple
+from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,18 +35,19 @@ def _load_shapes(split: str, data_dir: str, builder_config: str) -> Split:
 
   builder = shapes.shapes_builder(data_dir, config=builder_config)
   if split not in builder.info.splits:
-    raise errors.UserError(f'dataset xmatch_shapes/{builder_config}: no split {split!r}; '
-                           f'expected one of {sorted(builder.info.splits)}.')
+    raise errors.UserError(
+      f'dataset xmatch_shapes/{builder_config}: no split {split!r}; expected one of {sorted(builder.info.splits)}.'
+    )
   source = builder.as_data_source(split)
   examples = [source[i] for i in range(len(source))]
   images = {
-      'regions': np.stack([e['regions'] for e in examples]).astype(np.float32),
-      'boxes': np.stack([e['boxes'] for e in examples]).astype(np.float32),
-      'pixels': np.stack([e['pixels'] for e in examples]),
-      'label': np.array([e['label'] for e in examples], np.int64),
-      'image_id': np.array([e['image_id'] for e in examples], np.int64),
-      'tags': np.array([[_text(t) for t in e['tags']] for e in examples], dtype=object),
-      'scene': np.array([_text(e['scene']) for e in examples], dtype=object),
+    'regions': np.stack([e['regions'] for e in examples]).astype(np.float32),
+    'boxes': np.stack([e['boxes'] for e in examples]).astype(np.float32),
+    'pixels': np.stack([e['pixels'] for e in examples]),
+    'label': np.array([e['label'] for e in examples], np.int64),
+    'image_id': np.array([e['image_id'] for e in examples], np.int64),
+    'tags': np.array([[_text(t) for t in e['tags']] for e in examples], dtype=object),
+    'scene': np.array([_text(e['scene']) for e in examples], dtype=object),
   }
   captions = [_text(c) for e in examples for c in e['captions']]
   caption_to_image = np.repeat(np.arange(len(examples)), shapes.CAPTIONS_PER_IMAGE)
@@ -70,8 +72,10 @@ def _lazy_wanted(nbytes: int, where: str) -> bool:
   if value in ('1', '0'):
     return value == '1'
   if value:
-    raise errors.UserError(f'XMATCH_LAZY={value!r} (loading {where}); expected 1 (read image features from disk on '
-                           f'demand), 0 (load them into memory) or unset (on demand above {LAZY_THRESHOLD_BYTES} bytes).')
+    raise errors.UserError(
+      f'XMATCH_LAZY={value!r} (loading {where}); expected 1 (read image features from disk on '
+      f'demand), 0 (load them into memory) or unset (on demand above {LAZY_THRESHOLD_BYTES} bytes).'
+    )
   return nbytes > LAZY_THRESHOLD_BYTES
 
 
@@ -87,8 +91,9 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
 
   builder = precomp.build(name, manual_dir(name, data_dir), data_dir)
   if split not in builder.info.splits:
-    raise errors.UserError(f'dataset xmatch_precomp/{name}: no split {split!r}; expected one of '
-                           f'{sorted(builder.info.splits)}.')
+    raise errors.UserError(
+      f'dataset xmatch_precomp/{name}: no split {split!r}; expected one of {sorted(builder.info.splits)}.'
+    )
   source = builder.as_data_source(split)
   where = f'dataset xmatch_precomp/{name} split {split}'
   n = len(source)
@@ -108,8 +113,9 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
       e = source[i]
       for f in fields:
         if e[f].shape != images[f].shape[1:]:
-          raise errors.UserError(f'{where}: field "{f}" row {i} has shape {e[f].shape}; expected '
-                                 f'{images[f].shape[1:]} like row 0.')
+          raise errors.UserError(
+            f'{where}: field "{f}" row {i} has shape {e[f].shape}; expected {images[f].shape[1:]} like row 0.'
+          )
         images[f][i] = e[f]
       images['image_id'][i] = e['image_id']
       captions.extend(_text(c) for c in e['captions'])
@@ -132,19 +138,23 @@ class _Tags:
 
   def set(self, i: int, row) -> None:
     if len(row) != self.values.shape[1]:
-      raise errors.UserError(f'{self.where}: field "tags" row {i} has {len(row)} tags; expected {self.values.shape[1]} '
-                             'like row 0 (one per region).')
+      raise errors.UserError(
+        f'{self.where}: field "tags" row {i} has {len(row)} tags; expected {self.values.shape[1]} '
+        'like row 0 (one per region).'
+      )
     for r, tag in enumerate(row):
       self.values[i, r] = self._interned.setdefault(tag, _text(tag))
 
 
-def _load_precomp_lazy(source, first: dict, fields: list, where: str, captions_per_image: int,
-                       tags: _Tags | None = None) -> Split:
+def _load_precomp_lazy(
+  source, first: dict, fields: list, where: str, captions_per_image: int, tags: _Tags | None = None
+) -> Split:
   """Image fields as LazyRows over `source` (row shape and dtype of the first example, checked on every read);
   one pass over the examples, a chunk at a time, collects the captions, image ids and tags (in memory)."""
   reader = lazy.RowReader(source, where)
-  images = {f: lazy.LazyRows(reader, f, first[f].shape, np.float32 if f == 'regions' else first[f].dtype)
-            for f in fields}
+  images = {
+    f: lazy.LazyRows(reader, f, first[f].shape, np.float32 if f == 'regions' else first[f].dtype) for f in fields
+  }
   n = len(source)
   image_ids, captions = np.empty(n, np.int64), []
   with progress.bar(total=n, desc=f'scanning {where}', unit='image') as bar:
@@ -174,8 +184,9 @@ def _load_category(name: str, split: str, data_dir: str) -> Split:
 
   builder = category.build(name, category_manual_dir(name, data_dir), data_dir)
   if split not in builder.info.splits:
-    raise errors.UserError(f'dataset xmatch_category/{name}: no split {split!r}; expected one of '
-                           f'{sorted(builder.info.splits)}.')
+    raise errors.UserError(
+      f'dataset xmatch_category/{name}: no split {split!r}; expected one of {sorted(builder.info.splits)}.'
+    )
   source = builder.as_data_source(split)
   n = len(source)
   size = builder.builder_config.image_size
@@ -197,18 +208,18 @@ def _text(value) -> str:
 
 # name -> loader(split, data_dir). The paper datasets (f30k, coco precomp) get builders with manual_dir.
 DATASETS: dict[str, Callable[[str, str], Split]] = {
-    'shapes': lambda split, data_dir: _load_shapes(split, data_dir, 'default'),
-    'shapes_tiny': lambda split, data_dir: _load_shapes(split, data_dir, 'tiny'),
-    # SCAN precomp features from a manual dir (see data/precomp.py); in memory, or read on demand when large.
-    'f30k': lambda split, data_dir: _load_precomp('f30k', split, data_dir),
-    'coco': lambda split, data_dir: _load_precomp('coco', split, data_dir),
-    'precomp': lambda split, data_dir: _load_precomp('custom', split, data_dir),
-    # DAER's category datasets (pixels, one text per image, label) from a manual dir (see data/category.py);
-    # 'category' is your own pairs in the same manifest layout as xmedianet.
-    'wikipedia': lambda split, data_dir: _load_category('wikipedia', split, data_dir),
-    'pascal': lambda split, data_dir: _load_category('pascal', split, data_dir),
-    'xmedianet': lambda split, data_dir: _load_category('xmedianet', split, data_dir),
-    'category': lambda split, data_dir: _load_category('category', split, data_dir),
+  'shapes': lambda split, data_dir: _load_shapes(split, data_dir, 'default'),
+  'shapes_tiny': lambda split, data_dir: _load_shapes(split, data_dir, 'tiny'),
+  # SCAN precomp features from a manual dir (see data/precomp.py); in memory, or read on demand when large.
+  'f30k': lambda split, data_dir: _load_precomp('f30k', split, data_dir),
+  'coco': lambda split, data_dir: _load_precomp('coco', split, data_dir),
+  'precomp': lambda split, data_dir: _load_precomp('custom', split, data_dir),
+  # DAER's category datasets (pixels, one text per image, label) from a manual dir (see data/category.py);
+  # 'category' is your own pairs in the same manifest layout as xmedianet.
+  'wikipedia': lambda split, data_dir: _load_category('wikipedia', split, data_dir),
+  'pascal': lambda split, data_dir: _load_category('pascal', split, data_dir),
+  'xmedianet': lambda split, data_dir: _load_category('xmedianet', split, data_dir),
+  'category': lambda split, data_dir: _load_category('category', split, data_dir),
 }
 
 # Datasets whose layout is not 5 captions per image (checked by load_split).
@@ -220,6 +231,7 @@ def load_split(dataset_name: str, split: str, data_dir: str | None = None) -> Sp
   if dataset_name not in DATASETS:
     raise errors.UserError(f'no dataset builder named {dataset_name!r}; registered datasets: {sorted(DATASETS)}.')
   data = DATASETS[dataset_name](split, data_dir or default_data_dir())
-  validation.check_split(*data, source=f'dataset {dataset_name}/{split}',
-                         captions_per_image=CAPTIONS_PER_IMAGE.get(dataset_name, 5))
+  validation.check_split(
+    *data, source=f'dataset {dataset_name}/{split}', captions_per_image=CAPTIONS_PER_IMAGE.get(dataset_name, 5)
+  )
   return data

@@ -36,4 +36,4 @@ class StreamingArrayRecordBuilder(_ModuleCodePath, dataset_builder.ShardBasedBui
   """A ShardBasedBuilder writing array_record: subclasses give `_shard_iterators_per_split`, one example generator
   per shard in order. Abstract, so TFDS does not register it."""
 
-  SHARD_BYTES = 256 << 20   # target size of one shard's examples (the most a build holds in memory at once)
+  SHARD_BYTES = 256 << 20  # target size of one shard's examples (the most a build holds in memory at once)

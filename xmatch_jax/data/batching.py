@@ -8,7 +8,8 @@ The caption order of epoch e is `np.random.default_rng([seed, e]).permutation(n_
 only on (seed, step): a run resumed at any step sees exactly the batches an uninterrupted run would.
 """
 
-from typing import Iterator, Sequence
+from typing import Iterator
+from typing import Sequence
 
 import numpy as np
 
@@ -31,22 +32,24 @@ def bucket_length(n: int, buckets: Sequence[int], truncate: bool = False) -> int
       return b
   if truncate:
     return buckets[-1]
-  raise errors.UserError(f'caption of {n} tokens is longer than the largest bucket ({buckets[-1]}); add a larger '
-                         'bucket (config.caption_buckets) or allow truncation (config.truncate_captions=True).')
+  raise errors.UserError(
+    f'caption of {n} tokens is longer than the largest bucket ({buckets[-1]}); add a larger '
+    'bucket (config.caption_buckets) or allow truncation (config.truncate_captions=True).'
+  )
 
 
 def _check_token_array(tokens, index: int) -> np.ndarray:
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-    raise errors.UserError(f'caption {index}: token ids must be a 1-D integer array; got shape {tokens.shape}, '
-                           f'dtype {tokens.dtype}.')
+    raise errors.UserError(
+      f'caption {index}: token ids must be a 1-D integer array; got shape {tokens.shape}, dtype {tokens.dtype}.'
+    )
   if tokens.size == 0:
     raise errors.UserError(f'caption {index} has no tokens; every caption needs at least one.')
   return tokens
 
 
-def pad_captions(token_arrays: Sequence[np.ndarray], buckets: Sequence[int],
-                 truncate: bool = False) -> tuple:
+def pad_captions(token_arrays: Sequence[np.ndarray], buckets: Sequence[int], truncate: bool = False) -> tuple:
   """Pads token id arrays to one bucket length.
 
   Args:
@@ -72,8 +75,9 @@ def pad_captions(token_arrays: Sequence[np.ndarray], buckets: Sequence[int],
   return tokens, mask, int((lengths > width).sum())
 
 
-def iter_caption_batches(captions: Sequence[np.ndarray], batch_size: int, buckets: Sequence[int],
-                         truncate: bool = False) -> Iterator[tuple]:
+def iter_caption_batches(
+  captions: Sequence[np.ndarray], batch_size: int, buckets: Sequence[int], truncate: bool = False
+) -> Iterator[tuple]:
   """Captions in their fixed order, `batch_size` at a time (the last batch may be smaller), for evaluation.
 
   Yields:
@@ -82,7 +86,7 @@ def iter_caption_batches(captions: Sequence[np.ndarray], batch_size: int, bucket
   if batch_size < 1:
     raise errors.UserError(f'batch_size must be >= 1; got {batch_size}.')
   for start in range(0, len(captions), batch_size):
-    tokens, mask, _ = pad_captions(captions[start:start + batch_size], buckets, truncate)
+    tokens, mask, _ = pad_captions(captions[start : start + batch_size], buckets, truncate)
     yield start, tokens, mask
 
 
@@ -94,18 +98,27 @@ class TrainBatcher:
     num_truncated: captions longer than the largest bucket (cut whenever sampled; only with truncate=True).
   """
 
-  def __init__(self, images: dict, captions: Sequence[np.ndarray], caption_to_image: np.ndarray, batch_size: int,
-               seed: int, buckets: Sequence[int], image_keys: Sequence[str] = ('regions',), truncate: bool = False):
+  def __init__(
+    self,
+    images: dict,
+    captions: Sequence[np.ndarray],
+    caption_to_image: np.ndarray,
+    batch_size: int,
+    seed: int,
+    buckets: Sequence[int],
+    image_keys: Sequence[str] = ('regions',),
+    truncate: bool = False,
+  ):
     """Args:
-      images: dict of arrays [n_img, ...] (at least the `image_keys`); lazy ones (data/lazy.py LazyRows, or any
-        row-indexable object with `shape` that is not an in-memory array) stay on disk: each batch reads its rows.
-      captions: n_cap 1-D integer token arrays.
-      caption_to_image: [n_cap] int, the image of each caption.
-      batch_size: captions per batch (<= n_cap).
-      seed: data-order seed.
-      buckets: allowed padded caption lengths.
-      image_keys: which image fields go into the batch.
-      truncate: cut captions longer than the largest bucket instead of failing.
+    images: dict of arrays [n_img, ...] (at least the `image_keys`); lazy ones (data/lazy.py LazyRows, or any
+      row-indexable object with `shape` that is not an in-memory array) stay on disk: each batch reads its rows.
+    captions: n_cap 1-D integer token arrays.
+    caption_to_image: [n_cap] int, the image of each caption.
+    batch_size: captions per batch (<= n_cap).
+    seed: data-order seed.
+    buckets: allowed padded caption lengths.
+    image_keys: which image fields go into the batch.
+    truncate: cut captions longer than the largest bucket instead of failing.
     """
     self.buckets = _check_buckets(buckets)
     self.truncate = bool(truncate)
@@ -113,23 +126,30 @@ class TrainBatcher:
     self.image_keys = tuple(image_keys)
     missing = [k for k in self.image_keys if k not in images]
     if not self.image_keys or missing:
-      raise errors.UserError(f'images lack field(s) {missing or list(self.image_keys)} named in image_keys; got fields '
-                             f'{sorted(images)}.')
+      raise errors.UserError(
+        f'images lack field(s) {missing or list(self.image_keys)} named in image_keys; got fields {sorted(images)}.'
+      )
     self._images = {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in self.image_keys}
     n_img = len(self._images[self.image_keys[0]])
     for key, value in self._images.items():
       if value.ndim < 1 or len(value) != n_img:
-        raise errors.UserError(f'images["{key}"] has {len(value) if value.ndim else 0} rows; expected {n_img} like '
-                               f'images["{self.image_keys[0]}"].')
+        raise errors.UserError(
+          f'images["{key}"] has {len(value) if value.ndim else 0} rows; expected {n_img} like '
+          f'images["{self.image_keys[0]}"].'
+        )
     self._captions = [_check_token_array(c, i) for i, c in enumerate(captions)]
     n_cap = len(self._captions)
     caption_to_image = np.asarray(caption_to_image)
     if caption_to_image.shape != (n_cap,) or not np.issubdtype(caption_to_image.dtype, np.integer):
-      raise errors.UserError(f'caption_to_image must be an integer array of shape ({n_cap},) (one per caption); got '
-                             f'shape {caption_to_image.shape}, dtype {caption_to_image.dtype}.')
+      raise errors.UserError(
+        f'caption_to_image must be an integer array of shape ({n_cap},) (one per caption); got '
+        f'shape {caption_to_image.shape}, dtype {caption_to_image.dtype}.'
+      )
     if n_cap and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
-      raise errors.UserError(f'caption_to_image must index images in [0, {n_img}); got values in '
-                             f'[{caption_to_image.min()}, {caption_to_image.max()}].')
+      raise errors.UserError(
+        f'caption_to_image must index images in [0, {n_img}); got values in '
+        f'[{caption_to_image.min()}, {caption_to_image.max()}].'
+      )
     self._caption_to_image = caption_to_image.astype(np.int32)
     if not 1 <= batch_size <= n_cap:
       raise errors.UserError(f'batch_size must be in [1, n_captions = {n_cap}]; got {batch_size}.')
@@ -137,9 +157,11 @@ class TrainBatcher:
     lengths = np.array([c.size for c in self._captions])
     self.num_truncated = int((lengths > self.buckets[-1]).sum())
     if self.num_truncated and not self.truncate:
-      raise errors.UserError(f'{self.num_truncated} caption(s) are longer than the largest bucket ({self.buckets[-1]}); '
-                             f'the longest has {lengths.max()} tokens (caption {int(lengths.argmax())}). Add a bucket '
-                             '(config.caption_buckets) or set truncate=True (config.truncate_captions).')
+      raise errors.UserError(
+        f'{self.num_truncated} caption(s) are longer than the largest bucket ({self.buckets[-1]}); '
+        f'the longest has {lengths.max()} tokens (caption {int(lengths.argmax())}). Add a bucket '
+        '(config.caption_buckets) or set truncate=True (config.truncate_captions).'
+      )
     self._cached_order = (None, None)  # (epoch, permutation): a cache only, batches never depend on it
 
   @property
@@ -170,7 +192,7 @@ class TrainBatcher:
     """[B] indices of the captions in batch `step`."""
     epoch = self.epoch_of(step)
     start = (int(step) % self.steps_per_epoch) * self.batch_size
-    return self.epoch_order(epoch)[start:start + self.batch_size]
+    return self.epoch_order(epoch)[start : start + self.batch_size]
 
   def batch(self, step: int) -> dict:
     """Batch `step`: {'images': {key: [B, ...]}, 'text': {'tokens' [B, L] int32, 'mask' [B, L] float32},
@@ -179,7 +201,7 @@ class TrainBatcher:
     image_ids = self._caption_to_image[indices]
     tokens, mask, _ = pad_captions([self._captions[i] for i in indices], self.buckets, self.truncate)
     return {
-        'images': {k: lazy.take_rows(v, image_ids) for k, v in self._images.items()},
-        'text': {'tokens': tokens, 'mask': mask},
-        'image_ids': image_ids,
+      'images': {k: lazy.take_rows(v, image_ids) for k, v in self._images.items()},
+      'text': {'tokens': tokens, 'mask': mask},
+      'image_ids': image_ids,
     }

@@ -72,28 +72,32 @@ from xmatch_jax.data import array_record
 
 IMAGE_SIZE = 224
 SPLITS = ('train', 'dev', 'test')
-SPLIT_FRACTIONS = (0.8, 0.1)   # train, dev; test is the rest
+SPLIT_FRACTIONS = (0.8, 0.1)  # train, dev; test is the rest
 SPLIT_SEED = 0
-SENTENCES_PER_IMAGE = 5        # Pascal Sentence
+SENTENCES_PER_IMAGE = 5  # Pascal Sentence
 # Checked on build; the tests patch them to build tiny fake trees under the real names.
 EXPECTED_PAIRS = {'wikipedia': 2866, 'pascal': 1000, 'xmedianet': 40000}
 EXPECTED_CLASSES = {'wikipedia': 10, 'pascal': 20, 'xmedianet': 200}
 _RAW = tfds.features.Encoding.BYTES
 
 LAYOUTS = {
-    'wikipedia': ('images/<category>/<image_name>.jpg, texts/<text_id>.xml (article in <text>), categories.list '
-                  '(one category per line, label order), trainset_txt_img_cat.list and testset_txt_img_cat.list '
-                  '(lines <text_id>\\t<image_name>\\t<category 1-based>)'),
-    'pascal': 'dataset/<category>/<image>.jpg and sentence/<category>/<image>.txt (5 sentences, one per line)',
-    'xmedianet': ('pairs.tsv with header image\\ttext\\tlabel: image path relative to the manual dir, text inline '
-                  'or a .txt path relative to the manual dir, 0-based integer label'),
+  'wikipedia': (
+    'images/<category>/<image_name>.jpg, texts/<text_id>.xml (article in <text>), categories.list '
+    '(one category per line, label order), trainset_txt_img_cat.list and testset_txt_img_cat.list '
+    '(lines <text_id>\\t<image_name>\\t<category 1-based>)'
+  ),
+  'pascal': 'dataset/<category>/<image>.jpg and sentence/<category>/<image>.txt (5 sentences, one per line)',
+  'xmedianet': (
+    'pairs.tsv with header image\\ttext\\tlabel: image path relative to the manual dir, text inline '
+    'or a .txt path relative to the manual dir, 0-based integer label'
+  ),
 }
 LAYOUTS['category'] = LAYOUTS['xmedianet']
 _OPTIONAL = 'optional splits.json {"train": [...], "dev": [...], "test": [...]} of pair indices'
 
 
 class Pair(NamedTuple):
-  image: str   # path of the image file
+  image: str  # path of the image file
   text: str
   label: int
 
@@ -102,21 +106,33 @@ class Pair(NamedTuple):
 class CategoryConfig(tfds.core.BuilderConfig):
   """dataset: key of LAYOUTS / EXPECTED_*; layout: 'wikipedia', 'pascal' or 'manifest'; image_size: S of the
   stored [S, S, 3] pixels."""
+
   dataset: str = 'category'
   layout: str = 'manifest'
   image_size: int = IMAGE_SIZE
 
 
 CONFIGS = {
-    'wikipedia': CategoryConfig(name='wikipedia', dataset='wikipedia', layout='wikipedia',
-                                description='Wikipedia (Rasiwasia et al. 2010): 2866 pairs, 10 classes'),
-    'pascal': CategoryConfig(name='pascal', dataset='pascal', layout='pascal',
-                             description='Pascal Sentence (Rashtchian et al. 2010): 1000 pairs, 20 classes'),
-    'xmedianet': CategoryConfig(name='xmedianet', dataset='xmedianet',
-                                description='XMediaNet image-text pairs from a pairs.tsv manifest: 40000 pairs, '
-                                '200 classes'),
-    'category': CategoryConfig(name='category', description='Your own pairs from a pairs.tsv manifest: only '
-                               'internal consistency is checked'),
+  'wikipedia': CategoryConfig(
+    name='wikipedia',
+    dataset='wikipedia',
+    layout='wikipedia',
+    description='Wikipedia (Rasiwasia et al. 2010): 2866 pairs, 10 classes',
+  ),
+  'pascal': CategoryConfig(
+    name='pascal',
+    dataset='pascal',
+    layout='pascal',
+    description='Pascal Sentence (Rashtchian et al. 2010): 1000 pairs, 20 classes',
+  ),
+  'xmedianet': CategoryConfig(
+    name='xmedianet',
+    dataset='xmedianet',
+    description='XMediaNet image-text pairs from a pairs.tsv manifest: 40000 pairs, 200 classes',
+  ),
+  'category': CategoryConfig(
+    name='category', description='Your own pairs from a pairs.tsv manifest: only internal consistency is checked'
+  ),
 }
 
 
@@ -161,15 +177,17 @@ def _wikipedia_text(path: str) -> str:
     match = re.search(r'<text\b[^>]*>(.*)</text>', raw.decode('utf-8', errors='replace'), re.DOTALL)
     text = None if match is None else html.unescape(match.group(1))
   if text is None or not text.strip():
-    raise errors.UserError(f'{path}: no <text> element or an empty one; expected the article text inside '
-                           '<text>...</text>')
+    raise errors.UserError(
+      f'{path}: no <text> element or an empty one; expected the article text inside <text>...</text>'
+    )
   return _clean(text)
 
 
 def _scan_wikipedia(root: str) -> tuple[list[Pair], int, str]:
   """(pairs, number of categories, file defining the categories)."""
-  categories = [line for _, line in _read_lines(_require(os.path.join(root, 'categories.list'),
-                                                         'the wikipedia layout needs it'))]
+  categories = [
+    line for _, line in _read_lines(_require(os.path.join(root, 'categories.list'), 'the wikipedia layout needs it'))
+  ]
   pairs = []
   for list_name in ('trainset_txt_img_cat.list', 'testset_txt_img_cat.list'):
     list_path = _require(os.path.join(root, list_name), 'the wikipedia layout needs it')
@@ -177,14 +195,19 @@ def _scan_wikipedia(root: str) -> tuple[list[Pair], int, str]:
     for number, line in _counted(lines, len(lines), f'wikipedia {list_name}', 'pair'):
       fields = line.split()
       if len(fields) != 3 or not re.fullmatch(r'-?\d+', fields[2]):
-        raise errors.UserError(f'{list_path}: line {number} is {line!r}; expected <text_id>\\t<image_name>\\t<category '
-                               '1-based integer>')
+        raise errors.UserError(
+          f'{list_path}: line {number} is {line!r}; expected <text_id>\\t<image_name>\\t<category 1-based integer>'
+        )
       text_id, image_name, category = fields[0], fields[1], int(fields[2])
       if not 1 <= category <= len(categories):
-        raise errors.UserError(f'{list_path}: line {number}: category {category} out of range; expected 1..'
-                               f'{len(categories)} (the lines of categories.list)')
-      image = _require(os.path.join(root, 'images', categories[category - 1], image_name + '.jpg'),
-                       f'listed in {list_name} line {number}')
+        raise errors.UserError(
+          f'{list_path}: line {number}: category {category} out of range; expected 1..'
+          f'{len(categories)} (the lines of categories.list)'
+        )
+      image = _require(
+        os.path.join(root, 'images', categories[category - 1], image_name + '.jpg'),
+        f'listed in {list_name} line {number}',
+      )
       text_path = _require(os.path.join(root, 'texts', text_id + '.xml'), f'listed in {list_name} line {number}')
       pairs.append(Pair(image, _wikipedia_text(text_path), category - 1))
   return pairs, len(categories), os.path.join(root, 'categories.list')
@@ -193,17 +216,21 @@ def _scan_wikipedia(root: str) -> tuple[list[Pair], int, str]:
 def _scan_pascal(root: str) -> tuple[list[Pair], int, str]:
   """(pairs, number of categories, folder defining the categories)."""
   image_root = _require(os.path.join(root, 'dataset'), 'the pascal layout needs dataset/<category>/<image>.jpg')
-  categories = sorted(d for d in os.listdir(image_root)
-                      if os.path.isdir(os.path.join(image_root, d)) and not d.startswith('.'))
+  categories = sorted(
+    d for d in os.listdir(image_root) if os.path.isdir(os.path.join(image_root, d)) and not d.startswith('.')
+  )
   pairs = []
   for label, category in enumerate(_counted(categories, len(categories), 'pascal', 'category')):
     for name in sorted(n for n in os.listdir(os.path.join(image_root, category)) if n.lower().endswith('.jpg')):
-      text_path = _require(os.path.join(root, 'sentence', category, os.path.splitext(name)[0] + '.txt'),
-                           f'the sentences of dataset/{category}/{name}')
+      text_path = _require(
+        os.path.join(root, 'sentence', category, os.path.splitext(name)[0] + '.txt'),
+        f'the sentences of dataset/{category}/{name}',
+      )
       sentences = [line for _, line in _read_lines(text_path)]
       if len(sentences) != SENTENCES_PER_IMAGE:
-        raise errors.UserError(f'{text_path}: {len(sentences)} non-empty lines; expected {SENTENCES_PER_IMAGE} '
-                               'sentences, one per line')
+        raise errors.UserError(
+          f'{text_path}: {len(sentences)} non-empty lines; expected {SENTENCES_PER_IMAGE} sentences, one per line'
+        )
       pairs.append(Pair(os.path.join(image_root, category, name), _clean(' '.join(sentences)), label))
   return pairs, len(categories), image_root
 
@@ -219,12 +246,16 @@ def _scan_manifest(root: str, num_classes: int | None) -> list[Pair]:
       continue
     fields = line.split('\t')
     if len(fields) != 3 or not re.fullmatch(r'\s*-?\d+\s*', fields[2]):
-      raise errors.UserError(f'{path}: line {number} has {len(fields)} tab-separated field(s) {fields[:3]!r}; expected '
-                             'image path, text, integer label')
+      raise errors.UserError(
+        f'{path}: line {number} has {len(fields)} tab-separated field(s) {fields[:3]!r}; expected '
+        'image path, text, integer label'
+      )
     image, text, label = fields[0].strip(), fields[1], int(fields[2])
     if label < 0 or (num_classes is not None and label >= num_classes):
-      raise errors.UserError(f'{path}: line {number}: label {label} out of range; expected 0..'
-                             f'{"" if num_classes is None else num_classes - 1} (0-based)')
+      raise errors.UserError(
+        f'{path}: line {number}: label {label} out of range; expected 0..'
+        f'{"" if num_classes is None else num_classes - 1} (0-based)'
+      )
     image = _require(os.path.join(root, image), f'listed in pairs.tsv line {number}')
     if text.strip().endswith('.txt'):
       text = _read_text(_require(os.path.join(root, text.strip()), f'listed in pairs.tsv line {number}'))
@@ -257,11 +288,13 @@ def split_indices(n: int, manual_dir: str) -> dict[str, np.ndarray]:
   if not os.path.exists(path):
     order = np.random.default_rng(SPLIT_SEED).permutation(n)
     n_train, n_dev = (round(fraction * n) for fraction in SPLIT_FRACTIONS)
-    splits = {'train': order[:n_train], 'dev': order[n_train:n_train + n_dev], 'test': order[n_train + n_dev:]}
+    splits = {'train': order[:n_train], 'dev': order[n_train : n_train + n_dev], 'test': order[n_train + n_dev :]}
     for split, indices in splits.items():
       if not len(indices):
-        raise errors.UserError(f'{manual_dir}: {n} pairs give an empty {split} split under the 80/10/10 split; add more '
-                               'pairs or a splits.json')
+        raise errors.UserError(
+          f'{manual_dir}: {n} pairs give an empty {split} split under the 80/10/10 split; add more '
+          'pairs or a splits.json'
+        )
     return splits
   with open(path, encoding='utf-8') as f:
     try:
@@ -269,8 +302,10 @@ def split_indices(n: int, manual_dir: str) -> dict[str, np.ndarray]:
     except json.JSONDecodeError as e:
       raise errors.UserError(f'{path}: not valid JSON ({e})') from None
   if not isinstance(raw, dict) or sorted(raw) != sorted(SPLITS):
-    raise errors.UserError(f'{path}: keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}; expected an '
-                           f'object with exactly the keys {list(SPLITS)}')
+    raise errors.UserError(
+      f'{path}: keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}; expected an '
+      f'object with exactly the keys {list(SPLITS)}'
+    )
   splits, seen = {}, {}
   for split in SPLITS:
     values = raw[split]
@@ -281,8 +316,11 @@ def split_indices(n: int, manual_dir: str) -> dict[str, np.ndarray]:
       if not 0 <= v < n:
         raise errors.UserError(f'{path}: "{split}" holds index {v}; expected pair indices in [0, {n})')
       if v in seen:
-        raise errors.UserError(f'{path}: index {v} is in both "{seen[v]}" and "{split}"' if seen[v] != split else
-                               f'{path}: index {v} appears twice in "{split}"')
+        raise errors.UserError(
+          f'{path}: index {v} is in both "{seen[v]}" and "{split}"'
+          if seen[v] != split
+          else f'{path}: index {v} appears twice in "{split}"'
+        )
       seen[v] = split
     splits[split] = np.array(values, np.int64)
   return splits
@@ -308,14 +346,18 @@ class XmatchCategory(array_record.ArrayRecordBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
     return tfds.core.DatasetInfo(
-        builder=self, description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image_id': tfds.features.Scalar(np.int64),
-            'pixels': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding=_RAW),
-            'label': tfds.features.Scalar(np.int64),
-            'text': tfds.features.Text(),
-        }),
-        disable_shuffling=True)
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'image_id': tfds.features.Scalar(np.int64),
+          'pixels': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding=_RAW),
+          'label': tfds.features.Scalar(np.int64),
+          'text': tfds.features.Text(),
+        }
+      ),
+      disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
@@ -328,8 +370,15 @@ class XmatchCategory(array_record.ArrayRecordBuilder):
     desc = f'building xmatch_category/{self.builder_config.name} {split}'.rstrip()
     for position, index in enumerate(_counted(indices, len(indices), desc, 'image')):
       pair = pairs[index]
-      yield position, {'image_id': int(index), 'pixels': load_image(pair.image, self.builder_config.image_size),
-                       'label': pair.label, 'text': pair.text}
+      yield (
+        position,
+        {
+          'image_id': int(index),
+          'pixels': load_image(pair.image, self.builder_config.image_size),
+          'label': pair.label,
+          'text': pair.text,
+        },
+      )
 
 
 def build(name: str, manual_dir: str, data_dir: str | None = None, image_size: int = IMAGE_SIZE) -> XmatchCategory:
@@ -337,8 +386,9 @@ def build(name: str, manual_dir: str, data_dir: str | None = None, image_size: i
   if name not in CONFIGS:
     raise errors.UserError(f'xmatch_category has no config {name!r}; expected one of {sorted(CONFIGS)}')
   if not os.path.isdir(manual_dir):
-    raise errors.MissingFileError(f'{manual_dir}: manual dir not found; the {name} layout is: {LAYOUTS[name]}; '
-                                  f'plus an {_OPTIONAL}')
+    raise errors.MissingFileError(
+      f'{manual_dir}: manual dir not found; the {name} layout is: {LAYOUTS[name]}; plus an {_OPTIONAL}'
+    )
   config = CONFIGS[name]
   if image_size != config.image_size:  # a config of its own, so builds of different sizes do not collide
     config = dataclasses.replace(config, name=f'{name}_{image_size}px', image_size=image_size)

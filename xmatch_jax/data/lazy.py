@@ -43,8 +43,11 @@ def is_lazy(value) -> bool:
   """True for row-indexable arrays that are not in memory (LazyRows, h5py datasets ...): they have `shape`,
   `__len__` and `__getitem__` but are neither numpy arrays nor in-memory arrays of another library (jax, torch:
   those have `__dlpack__`)."""
-  return (not isinstance(value, np.ndarray) and not hasattr(value, '__dlpack__')
-          and all(hasattr(value, a) for a in ('shape', '__len__', '__getitem__')))
+  return (
+    not isinstance(value, np.ndarray)
+    and not hasattr(value, '__dlpack__')
+    and all(hasattr(value, a) for a in ('shape', '__len__', '__getitem__'))
+  )
 
 
 def take_rows(value, index: np.ndarray) -> np.ndarray:
@@ -53,7 +56,7 @@ def take_rows(value, index: np.ndarray) -> np.ndarray:
 
   index: integer array of any shape -> [*index.shape, *value.shape[1:]].
   """
-  if not is_lazy(value) or isinstance(value, LazyRows):   # LazyRows reads that way itself
+  if not is_lazy(value) or isinstance(value, LazyRows):  # LazyRows reads that way itself
     return value[index]
   index = np.asarray(index)
   unique, inverse = np.unique(index.reshape(-1), return_inverse=True)
@@ -68,8 +71,8 @@ class RowReader:
   dicts), shared by the LazyRows of its fields: the last read of <= READ_CHUNK rows is kept, so the fields of one
   batch (`regions`, `pfan_blocks`, ...) decode each example once.
 
-  Each distinct row is read once, one `source[i]` at a time, in increasing order. TFDS >= 4.9 sources also have `__getitems__`
-  (array_record reads the rows of each shard in a thread, a new pool of up to 64 threads per call); with
+  Each distinct row is read once, one `source[i]` at a time, in increasing order. TFDS >= 4.9 sources also have
+  `__getitems__` (array_record reads the rows of each shard in a thread, a new pool of up to 64 threads per call); with
   use_getitems=True it is used, but on a 200 MB split it read 128 rows 4x slower than the loop (0.37 s vs 0.09 s,
   on 2 busy cores) and left ~70 MB more resident memory (per-thread malloc arenas).
   """
@@ -81,7 +84,7 @@ class RowReader:
     self.where = where
     self.use_getitems = use_getitems and hasattr(source, '__getitems__')
     self._len = len(source)
-    self._cache = (None, None)   # (row tuple, examples)
+    self._cache = (None, None)  # (row tuple, examples)
 
   def __len__(self) -> int:
     return self._len
@@ -152,30 +155,37 @@ class LazyRows:
     index = np.asarray(key)
     if index.dtype == bool:
       if index.shape != (n,):
-        raise IndexError(f'{self.reader.where}: boolean index of field "{self.field}" has shape {index.shape}; '
-                         f'expected ({n},).')
+        raise IndexError(
+          f'{self.reader.where}: boolean index of field "{self.field}" has shape {index.shape}; expected ({n},).'
+        )
       return np.flatnonzero(index)
     if index.size == 0:
-      return index.astype(np.int64)   # e.g. [] -> no rows
+      return index.astype(np.int64)  # e.g. [] -> no rows
     if not np.issubdtype(index.dtype, np.integer):
-      raise IndexError(f'{self.reader.where}: field "{self.field}" is indexed by row only (an int, a slice or an '
-                       f'integer array); got {type(key).__name__} of dtype {index.dtype}.')
+      raise IndexError(
+        f'{self.reader.where}: field "{self.field}" is indexed by row only (an int, a slice or an '
+        f'integer array); got {type(key).__name__} of dtype {index.dtype}.'
+      )
     bad = (index < -n) | (index >= n)
     if bad.any():
-      raise IndexError(f'{self.reader.where}: row {int(index[bad].reshape(-1)[0])} of field "{self.field}" is out '
-                       f'of range; the split has {n} rows (valid: -{n} .. {n - 1}).')
+      raise IndexError(
+        f'{self.reader.where}: row {int(index[bad].reshape(-1)[0])} of field "{self.field}" is out '
+        f'of range; the split has {n} rows (valid: -{n} .. {n - 1}).'
+      )
     return np.where(index < 0, index + n, index)
 
   def __getitem__(self, key) -> np.ndarray:
     if isinstance(key, tuple):
-      raise IndexError(f'{self.reader.where}: field "{self.field}" is indexed by row only; got a tuple key {key!r} '
-                       '(index the rows first, then the returned numpy array).')
+      raise IndexError(
+        f'{self.reader.where}: field "{self.field}" is indexed by row only; got a tuple key {key!r} '
+        '(index the rows first, then the returned numpy array).'
+      )
     scalar = isinstance(key, (int, np.integer))
     rows = self._rows(key)
     flat = rows.reshape(-1)
     out = np.empty((flat.size,) + self.row_shape, self.dtype)
-    for start in range(0, flat.size, READ_CHUNK):   # bounds the decoded examples held at once
-      part = flat[start:start + READ_CHUNK]
+    for start in range(0, flat.size, READ_CHUNK):  # bounds the decoded examples held at once
+      part = flat[start : start + READ_CHUNK]
       for j, (row, example) in enumerate(zip(part, self.reader.read(part, cache=flat.size <= READ_CHUNK))):
         out[start + j] = self._check(example, int(row))
     return out[0] if scalar else out.reshape(rows.shape + self.row_shape)
@@ -198,16 +208,21 @@ class LazyRows:
       raise errors.UserError(f'{self!r}: an array without copying is impossible; its rows are on disk.')
     limit = materialize_limit()
     if limit is not None and self.nbytes > limit:
-      raise MemoryError(f'{self!r}: np.asarray would read all {len(self)} rows ({self.nbytes / 2**30:.1f} GiB) '
-                        f'into memory, above the limit of {limit / 2**30:.1f} GiB '
-                        '(xmatch_jax.data.lazy.MATERIALIZE_LIMIT_BYTES, default half the physical memory); index '
-                        'rows instead (x[i:j], x[rows]).')
-    warnings.warn(f'{self!r}: np.asarray reads all {len(self)} rows ({self.nbytes / 2**20:.0f} MiB) into memory; '
-                  'index rows instead (x[i:j], x[rows]) to keep the field on disk.', stacklevel=2)
+      raise MemoryError(
+        f'{self!r}: np.asarray would read all {len(self)} rows ({self.nbytes / 2**30:.1f} GiB) '
+        f'into memory, above the limit of {limit / 2**30:.1f} GiB '
+        '(xmatch_jax.data.lazy.MATERIALIZE_LIMIT_BYTES, default half the physical memory); index '
+        'rows instead (x[i:j], x[rows]).'
+      )
+    warnings.warn(
+      f'{self!r}: np.asarray reads all {len(self)} rows ({self.nbytes / 2**20:.0f} MiB) into memory; '
+      'index rows instead (x[i:j], x[rows]) to keep the field on disk.',
+      stacklevel=2,
+    )
     out = np.empty(self.shape, self.dtype)
     with progress.bar(total=len(self), desc=f'reading {self.reader.where} field {self.field}', unit='row') as bar:
-      for start in range(0, len(self), READ_CHUNK):   # self[:], a chunk at a time to count the rows read
-        part = self[start:start + READ_CHUNK]
-        out[start:start + len(part)] = part
+      for start in range(0, len(self), READ_CHUNK):  # self[:], a chunk at a time to count the rows read
+        part = self[start : start + READ_CHUNK]
+        out[start : start + len(part)] = part
         bar.update(len(part))
     return out if dtype is None else out.astype(dtype, copy=False)

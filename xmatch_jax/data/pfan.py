@@ -20,8 +20,9 @@ GRID = 16
 TOP_L = 15
 
 
-def block_positions(boxes: np.ndarray, image_sizes: np.ndarray, grid: int = GRID, top_l: int = TOP_L,
-                    where: str = 'boxes') -> tuple[np.ndarray, np.ndarray]:
+def block_positions(
+  boxes: np.ndarray, image_sizes: np.ndarray, grid: int = GRID, top_l: int = TOP_L, where: str = 'boxes'
+) -> tuple[np.ndarray, np.ndarray]:
   """Block indices and weights of every region.
 
   Args:
@@ -51,8 +52,8 @@ def block_positions(boxes: np.ndarray, image_sizes: np.ndarray, grid: int = GRID
     raise errors.UserError(f'{where}: image {bad} has size {sizes[bad].tolist()}; width and height must be > 0')
   if not 1 <= top_l <= grid * grid:
     raise errors.UserError(f'top_l must be in [1, {grid * grid}], got {top_l}')
-  edges = np.arange(grid + 1) / grid                                       # block edges as image fractions
-  x0, x1 = edges[:-1] * sizes[:, None, 0:1], edges[1:] * sizes[:, None, 0:1]            # [N, 1, G]
+  edges = np.arange(grid + 1) / grid  # block edges as image fractions
+  x0, x1 = edges[:-1] * sizes[:, None, 0:1], edges[1:] * sizes[:, None, 0:1]  # [N, 1, G]
   y0, y1 = edges[:-1] * sizes[:, None, 1:2], edges[1:] * sizes[:, None, 1:2]
   overlap_x = np.clip(np.minimum(boxes[..., 2:3], x1) - np.maximum(boxes[..., 0:1], x0), 0, None)  # [N, k, G]
   overlap_y = np.clip(np.minimum(boxes[..., 3:4], y1) - np.maximum(boxes[..., 1:2], y0), 0, None)
@@ -60,11 +61,13 @@ def block_positions(boxes: np.ndarray, image_sizes: np.ndarray, grid: int = GRID
   empty = overlap.sum(-1) <= 0
   if empty.any():
     image, region = map(int, np.argwhere(empty)[0])
-    raise errors.UserError(f'{where}: image {image} region {region} box {boxes[image, region].tolist()} has no area '
-                           f'inside the {sizes[image].tolist()} image')
-  order = np.argsort(-overlap, axis=-1, kind='stable')[..., :top_l]      # eq 3: top L, ties by block index
+    raise errors.UserError(
+      f'{where}: image {image} region {region} box {boxes[image, region].tolist()} has no area '
+      f'inside the {sizes[image].tolist()} image'
+    )
+  order = np.argsort(-overlap, axis=-1, kind='stable')[..., :top_l]  # eq 3: top L, ties by block index
   top = np.take_along_axis(overlap, order, axis=-1)
-  weights = top / top.sum(-1, keepdims=True)                               # eqs 4-5
+  weights = top / top.sum(-1, keepdims=True)  # eqs 4-5
   indices = np.where(top > 0, order, grid * grid)
   return indices.astype(np.int32), np.where(top > 0, weights, 0.0).astype(np.float32)
 
@@ -74,8 +77,9 @@ def to_pfan_layout(indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
   return np.concatenate([indices.astype(np.float64), weights.astype(np.float64)], axis=-1)
 
 
-def from_pfan_layout(array: np.ndarray, grid: int = GRID, where: str = 'boxes.npy',
-                     atol: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+def from_pfan_layout(
+  array: np.ndarray, grid: int = GRID, where: str = 'boxes.npy', atol: float = 1e-5
+) -> tuple[np.ndarray, np.ndarray]:
   """Reads and checks PFAN's [N, k, 2L] layout -> (indices [N, k, L] int32, weights [N, k, L] float32).
 
   Raises:
@@ -97,8 +101,10 @@ def from_pfan_layout(array: np.ndarray, grid: int = GRID, where: str = 'boxes.np
   if (raw_indices != np.round(raw_indices)).any():
     fail(raw_indices != np.round(raw_indices), 'block indices must be integers')
   if ((raw_indices < 0) | (raw_indices > grid * grid)).any():
-    fail((raw_indices < 0) | (raw_indices > grid * grid), f'block indices must be in [0, {grid * grid}] '
-         f'(grid {grid} x {grid}, {grid * grid} = padding)')
+    fail(
+      (raw_indices < 0) | (raw_indices > grid * grid),
+      f'block indices must be in [0, {grid * grid}] (grid {grid} x {grid}, {grid * grid} = padding)',
+    )
   if (weights < 0).any():
     fail(weights < 0, 'weights must be >= 0')
   padding = raw_indices == grid * grid

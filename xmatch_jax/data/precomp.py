@@ -57,6 +57,7 @@ _RAW = tfds.features.Encoding.BYTES
 @dataclasses.dataclass(eq=False)
 class PrecompConfig(tfds.core.BuilderConfig):
   """splits: names to build; expected: {split: n_images} checked on build; region_dim: 0 = any."""
+
   splits: tuple = ('train', 'dev', 'test')
   expected: dict = dataclasses.field(default_factory=dict)
   region_dim: int = 0
@@ -64,13 +65,24 @@ class PrecompConfig(tfds.core.BuilderConfig):
 
 
 CONFIGS = {
-    'f30k': PrecompConfig(name='f30k', description='Flickr30K, SCAN precomp (Karpathy split)',
-                          expected={'test': 1000, 'dev': 1000}, region_dim=2048, num_regions=36),
-    'coco': PrecompConfig(name='coco', description='MS-COCO, SCAN precomp (testall = 5K test)',
-                          splits=('train', 'dev', 'test', 'testall'), expected={'testall': 5000},
-                          region_dim=2048, num_regions=36),
-    'custom': PrecompConfig(name='custom', description='Your own features in the SCAN precomp layout: only '
-                            'internal consistency is checked'),
+  'f30k': PrecompConfig(
+    name='f30k',
+    description='Flickr30K, SCAN precomp (Karpathy split)',
+    expected={'test': 1000, 'dev': 1000},
+    region_dim=2048,
+    num_regions=36,
+  ),
+  'coco': PrecompConfig(
+    name='coco',
+    description='MS-COCO, SCAN precomp (testall = 5K test)',
+    splits=('train', 'dev', 'test', 'testall'),
+    expected={'testall': 5000},
+    region_dim=2048,
+    num_regions=36,
+  ),
+  'custom': PrecompConfig(
+    name='custom', description='Your own features in the SCAN precomp layout: only internal consistency is checked'
+  ),
 }
 
 
@@ -79,8 +91,10 @@ def _load_npy(path: str, expected: str) -> np.ndarray:
   try:
     return np.load(path, mmap_mode='r', allow_pickle=False)
   except (ValueError, EOFError, OSError) as e:
-    raise errors.UserError(f'{path}: not a readable .npy array ({type(e).__name__}: {e}); expected a complete .npy file '
-                           f'of {expected} written by numpy.save (truncated or partly copied?)') from None
+    raise errors.UserError(
+      f'{path}: not a readable .npy array ({type(e).__name__}: {e}); expected a complete .npy file '
+      f'of {expected} written by numpy.save (truncated or partly copied?)'
+    ) from None
 
 
 def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
@@ -91,16 +105,20 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
   have_tags = [split for split in config.splits if os.path.exists(tags_paths[split])]
   if have_tags and len(have_tags) != len(config.splits):
     missing = [tags_paths[split] for split in config.splits if split not in have_tags]
-    raise errors.MissingFileError(f'{", ".join(missing)}: missing, but {", ".join(f"{s}_tags.txt" for s in have_tags)} '
-                                  f'exist(s) in {manual_dir}; expected a {{split}}_tags.txt for every split '
-                                  f'({", ".join(config.splits)}) or for none')
+    raise errors.MissingFileError(
+      f'{", ".join(missing)}: missing, but {", ".join(f"{s}_tags.txt" for s in have_tags)} '
+      f'exist(s) in {manual_dir}; expected a {{split}}_tags.txt for every split '
+      f'({", ".join(config.splits)}) or for none'
+    )
   for split in config.splits:
     ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
     caps_path = os.path.join(manual_dir, f'{split}_caps.txt')
     for path in (ims_path, caps_path):
       if not os.path.exists(path):
-        raise errors.MissingFileError(f'{path}: missing; the {config.name} precomp layout needs {split}_ims.npy and '
-                                      f'{split}_caps.txt in {manual_dir}')
+        raise errors.MissingFileError(
+          f'{path}: missing; the {config.name} precomp layout needs {split}_ims.npy and '
+          f'{split}_caps.txt in {manual_dir}'
+        )
     ims = _load_npy(ims_path, 'float32 [n_images, k, d] region features')
     if ims.ndim != 3:
       raise errors.UserError(f'{ims_path}: shape {ims.shape}; expected [n_images, k, d]')
@@ -122,14 +140,18 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
       raise errors.UserError(f'{caps_path}: line {empty[0]} is empty ({len(empty)} empty caption(s))')
     repeat = 1
     if ims.shape[0] == len(captions) and ims.shape[0] % CAPTIONS_PER_IMAGE == 0 and ims.shape[0] > 1:
-      repeat = CAPTIONS_PER_IMAGE   # one feature row per caption: the image repeated 5 times
+      repeat = CAPTIONS_PER_IMAGE  # one feature row per caption: the image repeated 5 times
     n_images = ims.shape[0] // repeat
     if len(captions) != CAPTIONS_PER_IMAGE * n_images:
-      raise errors.UserError(f'{caps_path}: {len(captions)} captions for {n_images} images in {ims_path}; expected '
-                             f'{CAPTIONS_PER_IMAGE} x {n_images} = {CAPTIONS_PER_IMAGE * n_images}')
+      raise errors.UserError(
+        f'{caps_path}: {len(captions)} captions for {n_images} images in {ims_path}; expected '
+        f'{CAPTIONS_PER_IMAGE} x {n_images} = {CAPTIONS_PER_IMAGE * n_images}'
+      )
     if split in config.expected and n_images != config.expected[split]:
-      raise errors.UserError(f'{ims_path}: {n_images} images; {config.name} {split} has {config.expected[split]} '
-                             f'({CAPTIONS_PER_IMAGE * config.expected[split]} captions)')
+      raise errors.UserError(
+        f'{ims_path}: {n_images} images; {config.name} {split} has {config.expected[split]} '
+        f'({CAPTIONS_PER_IMAGE * config.expected[split]} captions)'
+      )
     boxes = None
     boxes_path = os.path.join(manual_dir, f'{split}_boxes.npy')
     if os.path.exists(boxes_path):
@@ -148,13 +170,16 @@ def _split_tags(line: str, path: str, lineno: int, k: int) -> list:
   tags = [t.strip() for t in line.split('\t')]
   if len(tags) != k:
     hint = ' (this line has no TAB: are the tags separated by spaces?)' if len(tags) == 1 and k > 1 else ''
-    ims = os.path.basename(path)[:-len('_tags.txt')] + '_ims.npy'
-    raise errors.UserError(f'{path}: line {lineno} has {len(tags)} tag(s); expected {k} (one per region of {ims}), '
-                           f'separated by TAB characters{hint}')
+    ims = os.path.basename(path)[: -len('_tags.txt')] + '_ims.npy'
+    raise errors.UserError(
+      f'{path}: line {lineno} has {len(tags)} tag(s); expected {k} (one per region of {ims}), '
+      f'separated by TAB characters{hint}'
+    )
   empty = [r + 1 for r, t in enumerate(tags) if not t]
   if empty:
-    raise errors.UserError(f'{path}: line {lineno}: tag {empty[0]} is empty ({len(empty)} empty); expected {k} '
-                           'non-empty tags')
+    raise errors.UserError(
+      f'{path}: line {lineno}: tag {empty[0]} is empty ({len(empty)} empty); expected {k} non-empty tags'
+    )
   return tags
 
 
@@ -165,8 +190,9 @@ def _tag_lines(path: str):
       try:
         line = raw.decode('utf-8')
       except UnicodeDecodeError as e:
-        raise errors.UserError(f'{path}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start} of the line); expected '
-                               'UTF-8 text') from None
+        raise errors.UserError(
+          f'{path}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start} of the line); expected UTF-8 text'
+        ) from None
       yield lineno, line.rstrip('\n').rstrip('\r')
 
 
@@ -176,14 +202,17 @@ def _check_tags(path: str, n_images: int, k: int, ims_path: str) -> None:
   for lineno, line in _tag_lines(path):
     if lineno > n_images:
       if line.strip():
-        raise errors.UserError(f'{path}: line {lineno}: more lines than images; expected {n_images} lines, one per image '
-                               f'of {ims_path}')
+        raise errors.UserError(
+          f'{path}: line {lineno}: more lines than images; expected {n_images} lines, one per image of {ims_path}'
+        )
       continue
     _split_tags(line, path, lineno, k)
     lines = lineno
   if lines < n_images:
-    raise errors.UserError(f'{path}: ends after {lines} line(s): line {lines + 1} is missing; expected {n_images} lines, '
-                           f'one per image of {ims_path}')
+    raise errors.UserError(
+      f'{path}: ends after {lines} line(s): line {lines + 1} is missing; expected {n_images} lines, '
+      f'one per image of {ims_path}'
+    )
 
 
 def _read_row(f, array: np.ndarray, index: int) -> np.ndarray:
@@ -220,24 +249,28 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
 
   VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {
-      '1.0.0': 'SCAN precomp layout: regions, 5 captions, optional PFAN positions.',
-      '1.1.0': 'Optional per-region tags from {split}_tags.txt (feature `tags`, empty when the dataset has none).',
+    '1.0.0': 'SCAN precomp layout: regions, 5 captions, optional PFAN positions.',
+    '1.1.0': 'Optional per-region tags from {split}_tags.txt (feature `tags`, empty when the dataset has none).',
   }
   BUILDER_CONFIGS = list(CONFIGS.values())
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image_id': tfds.features.Scalar(np.int64),
-            'regions': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=_RAW),
-            'captions': tfds.features.Sequence(tfds.features.Text(), length=CAPTIONS_PER_IMAGE),
-            'pfan_blocks': tfds.features.Tensor(shape=(None, None), dtype=np.int32, encoding='zlib'),
-            'pfan_weights': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding='zlib'),
-            'tags': tfds.features.Sequence(tfds.features.Text()),   # k tags, or none
-        }),
-        disable_shuffling=True)
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'image_id': tfds.features.Scalar(np.int64),
+          'regions': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=_RAW),
+          'captions': tfds.features.Sequence(tfds.features.Text(), length=CAPTIONS_PER_IMAGE),
+          'pfan_blocks': tfds.features.Tensor(shape=(None, None), dtype=np.int32, encoding='zlib'),
+          'pfan_weights': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding='zlib'),
+          'tags': tfds.features.Sequence(tfds.features.Text()),  # k tags, or none
+        }
+      ),
+      disable_shuffling=True,
+    )
 
   def _shard_iterators_per_split(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
@@ -248,29 +281,46 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
       n_images = len(captions) // CAPTIONS_PER_IMAGE
       per_shard = max(1, self.SHARD_BYTES // max(1, int(np.prod(ims.shape[1:])) * ims.itemsize))
       bar = _SplitProgress(f'building xmatch_precomp/{self.builder_config.name} {split}', n_images)
-      out[split] = [functools.partial(self._generate_examples, split, manual_dir, ims, captions, boxes, repeat,
-                                      tags_path, start, min(start + per_shard, n_images), bar)
-                    for start in range(0, max(n_images, 1), per_shard)]
+      out[split] = [
+        functools.partial(
+          self._generate_examples,
+          split,
+          manual_dir,
+          ims,
+          captions,
+          boxes,
+          repeat,
+          tags_path,
+          start,
+          min(start + per_shard, n_images),
+          bar,
+        )
+        for start in range(0, max(n_images, 1), per_shard)
+      ]
     return out
 
-  def _generate_examples(self, split, manual_dir, ims, captions, boxes, repeat, tags_path, start, stop,
-                         bar: _SplitProgress | None = None):
+  def _generate_examples(
+    self, split, manual_dir, ims, captions, boxes, repeat, tags_path, start, stop, bar: _SplitProgress | None = None
+  ):
     """Images [start, stop) of a split: one shard; `bar` counts the images the writer has taken."""
     ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
     # Read in step with the images (checked by _check_files): the file is never held in memory.
     lines = _tag_lines(tags_path) if tags_path else None
     tag_lines = itertools.islice(lines, start, None) if lines is not None else None
     boxes_path = os.path.join(manual_dir, f'{split}_boxes.npy')
-    with open(ims_path, 'rb') as features, (open(boxes_path, 'rb') if boxes is not None
-                                             else contextlib.nullcontext()) as pos:
+    with (
+      open(ims_path, 'rb') as features,
+      open(boxes_path, 'rb') if boxes is not None else contextlib.nullcontext() as pos,
+    ):
       try:
         for i in range(start, stop):
           regions = _read_row(features, ims, i * repeat).astype(np.float32)
           if not np.isfinite(regions).all():
             raise errors.UserError(f'{ims_path}: image {i} holds NaN or inf')
           if boxes is not None:
-            blocks, weights = pfan.from_pfan_layout(_read_row(pos, boxes, i)[None],
-                                                    where=f'{split}_boxes.npy image {i}')
+            blocks, weights = pfan.from_pfan_layout(
+              _read_row(pos, boxes, i)[None], where=f'{split}_boxes.npy image {i}'
+            )
             blocks, weights = blocks[0], weights[0]
           else:
             blocks, weights = np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32)
@@ -278,9 +328,17 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
           if tag_lines is not None:
             lineno, line = next(tag_lines)
             tags = _split_tags(line, tags_path, lineno, regions.shape[0])
-          yield i, {'image_id': i, 'regions': regions,
-                    'captions': captions[i * CAPTIONS_PER_IMAGE:(i + 1) * CAPTIONS_PER_IMAGE],
-                    'pfan_blocks': blocks, 'pfan_weights': weights, 'tags': tags}
+          yield (
+            i,
+            {
+              'image_id': i,
+              'regions': regions,
+              'captions': captions[i * CAPTIONS_PER_IMAGE : (i + 1) * CAPTIONS_PER_IMAGE],
+              'pfan_blocks': blocks,
+              'pfan_weights': weights,
+              'tags': tags,
+            },
+          )
           if bar is not None:
             bar.update()
       finally:
@@ -293,8 +351,9 @@ def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrec
   if name not in CONFIGS:
     raise errors.UserError(f'xmatch_precomp has no config {name!r}; expected one of {sorted(CONFIGS)}')
   if not os.path.isdir(manual_dir):
-    raise errors.MissingFileError(f'{manual_dir}: manual dir not found; it must hold the SCAN precomp files '
-                                  '({split}_ims.npy, {split}_caps.txt)')
+    raise errors.MissingFileError(
+      f'{manual_dir}: manual dir not found; it must hold the SCAN precomp files ({{split}}_ims.npy, {{split}}_caps.txt)'
+    )
   builder = XmatchPrecomp(config=name, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   _check_built_tags(builder, manual_dir)
@@ -306,14 +365,16 @@ def _check_built_tags(builder: XmatchPrecomp, manual_dir: str) -> None:
   splits = builder.builder_config.splits
   files = [f'{split}_tags.txt' for split in splits if os.path.exists(os.path.join(manual_dir, f'{split}_tags.txt'))]
   built = False
-  for split in splits:   # the first split with an image tells
+  for split in splits:  # the first split with an image tells
     source = builder.as_data_source(split)
     if len(source):
       built = len(source[0]['tags']) > 0
       break
   if bool(files) != built:
     now = f'now holds {", ".join(files)}' if files else 'now holds no {split}_tags.txt'
-    raise errors.UserError(f'{builder.data_dir}: this build of xmatch_precomp/{builder.builder_config.name} has '
-                           f'{"" if built else "no "}tags, but {manual_dir} {now}; expected them to agree. Delete '
-                           f'{builder.data_dir} to rebuild from {manual_dir} (see the rebuild note in '
-                           'xmatch_jax/data/precomp.py).')
+    raise errors.UserError(
+      f'{builder.data_dir}: this build of xmatch_precomp/{builder.builder_config.name} has '
+      f'{"" if built else "no "}tags, but {manual_dir} {now}; expected them to agree. Delete '
+      f'{builder.data_dir} to rebuild from {manual_dir} (see the rebuild note in '
+      'xmatch_jax/data/precomp.py).'
+    )

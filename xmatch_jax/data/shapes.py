@@ -23,10 +23,22 @@ import tensorflow_datasets as tfds
 from xmatch_jax import errors
 from xmatch_jax.data import array_record
 from xmatch_jax.data import shapes_scenes
-from xmatch_jax.data.shapes_scenes import CANVAS, CAPTIONS_PER_IMAGE, NUM_LABELS, NUM_REGIONS, REGION_DIM
+from xmatch_jax.data.shapes_scenes import CANVAS
+from xmatch_jax.data.shapes_scenes import CAPTIONS_PER_IMAGE
+from xmatch_jax.data.shapes_scenes import NUM_LABELS
+from xmatch_jax.data.shapes_scenes import NUM_REGIONS
+from xmatch_jax.data.shapes_scenes import REGION_DIM
 
-__all__ = ['XmatchShapes', 'shapes_builder', 'CANVAS', 'CAPTIONS_PER_IMAGE', 'NUM_LABELS', 'NUM_REGIONS',
-           'REGION_DIM', 'SPLITS']
+__all__ = [
+  'XmatchShapes',
+  'shapes_builder',
+  'CANVAS',
+  'CAPTIONS_PER_IMAGE',
+  'NUM_LABELS',
+  'NUM_REGIONS',
+  'REGION_DIM',
+  'SPLITS',
+]
 
 SPLITS = ('train', 'dev', 'test')
 # Arrays are stored as raw bytes: TFDS's default per-value proto lists doubled the build time (41 s -> 20 s).
@@ -36,6 +48,7 @@ _RAW = tfds.features.Encoding.BYTES
 @dataclasses.dataclass(eq=False)
 class ShapesConfig(tfds.core.BuilderConfig):
   """Number of images per split (images are the first n of each split's fixed sequence)."""
+
   train: int = 0
   dev: int = 0
   test: int = 0
@@ -46,33 +59,41 @@ class XmatchShapes(array_record.ArrayRecordBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {
-      '1.0.0': 'Initial release: 2-4 objects (5 shapes, 6 colours, 2 sizes) on 64x64, 12 regions of 256-d, '
-               'look-alike groups of 8 (4 layouts x 2 colour bindings), 5 grammar captions per image.',
+    '1.0.0': 'Initial release: 2-4 objects (5 shapes, 6 colours, 2 sizes) on 64x64, 12 regions of 256-d, '
+    'look-alike groups of 8 (4 layouts x 2 colour bindings), 5 grammar captions per image.',
   }
   BUILDER_CONFIGS = [
-      ShapesConfig(name='default', description='Flickr30K-sized protocol: 1000 test images, 5000 captions.',
-                   train=10_000, dev=1_000, test=1_000),
-      ShapesConfig(name='tiny', description='For tests: the first images of every split of `default`.',
-                   train=300, dev=100, test=100),
+    ShapesConfig(
+      name='default',
+      description='Flickr30K-sized protocol: 1000 test images, 5000 captions.',
+      train=10_000,
+      dev=1_000,
+      test=1_000,
+    ),
+    ShapesConfig(
+      name='tiny', description='For tests: the first images of every split of `default`.', train=300, dev=100, test=100
+    ),
   ]
   DEFAULT_CONFIG_NAME = 'default'
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image_id': tfds.features.Scalar(np.int64),
-            'regions': tfds.features.Tensor(shape=(NUM_REGIONS, REGION_DIM), dtype=np.float32, encoding=_RAW),
-            'boxes': tfds.features.Tensor(shape=(NUM_REGIONS, 4), dtype=np.float32, encoding=_RAW),
-            'tags': tfds.features.Sequence(tfds.features.Text(), length=NUM_REGIONS),
-            # tfds.features.Image needs TensorFlow to encode; raw uint8 is 12 KB per image.
-            'pixels': tfds.features.Tensor(shape=(CANVAS, CANVAS, 3), dtype=np.uint8, encoding=_RAW),
-            'label': tfds.features.ClassLabel(names=list(shapes_scenes.LABEL_NAMES)),
-            'scene': tfds.features.Text(),
-            'captions': tfds.features.Sequence(tfds.features.Text(), length=CAPTIONS_PER_IMAGE),
-        }),
-        disable_shuffling=True,
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'image_id': tfds.features.Scalar(np.int64),
+          'regions': tfds.features.Tensor(shape=(NUM_REGIONS, REGION_DIM), dtype=np.float32, encoding=_RAW),
+          'boxes': tfds.features.Tensor(shape=(NUM_REGIONS, 4), dtype=np.float32, encoding=_RAW),
+          'tags': tfds.features.Sequence(tfds.features.Text(), length=NUM_REGIONS),
+          # tfds.features.Image needs TensorFlow to encode; raw uint8 is 12 KB per image.
+          'pixels': tfds.features.Tensor(shape=(CANVAS, CANVAS, 3), dtype=np.uint8, encoding=_RAW),
+          'label': tfds.features.ClassLabel(names=list(shapes_scenes.LABEL_NAMES)),
+          'scene': tfds.features.Text(),
+          'captions': tfds.features.Sequence(tfds.features.Text(), length=CAPTIONS_PER_IMAGE),
+        }
+      ),
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):

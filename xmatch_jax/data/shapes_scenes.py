@@ -29,10 +29,10 @@ against a scene. Everything here (seeds, projection, grammar, sampling) defines 
 `XmatchShapes.VERSION`: any change that alters generated examples needs a new dataset version.
 """
 
+from collections.abc import Sequence
 import functools
 import itertools
 import json
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -63,8 +63,14 @@ FEATURE_NOISE = 0.2  # std of the Gaussian noise added before the ReLU (pre-acti
 PIXEL_NOISE = 6.0
 COLOUR_JITTER = 12
 BACKGROUND_RGB = (20, 20, 24)
-RGB = {'red': (220, 40, 40), 'green': (40, 190, 60), 'blue': (50, 90, 235), 'yellow': (235, 215, 40),
-       'purple': (150, 60, 205), 'white': (240, 240, 240)}
+RGB = {
+  'red': (220, 40, 40),
+  'green': (40, 190, 60),
+  'blue': (50, 90, 235),
+  'yellow': (235, 215, 40),
+  'purple': (150, 60, 205),
+  'white': (240, 240, 240),
+}
 
 # Sampling keeps centres apart so that any two positions can be swapped without overlap (large boxes are
 # 17 px wide) and away from the diagonal so that relations are clear-cut.
@@ -73,20 +79,30 @@ _DIAGONAL_MARGIN = 4
 _DUPLICATE_PROB = 0.25
 
 # ---------------------------------------------------------------------------------------------- vocabulary
-SHAPE_NOUNS = {'circle': (('circle', 'circles'), ('disc', 'discs'), ('disk', 'disks')),
-               'square': (('square', 'squares'), ('box', 'boxes'), ('block', 'blocks')),
-               'triangle': (('triangle', 'triangles'),),
-               'diamond': (('diamond', 'diamonds'), ('rhombus', 'rhombuses')),
-               'cross': (('cross', 'crosses'),)}
+SHAPE_NOUNS = {
+  'circle': (('circle', 'circles'), ('disc', 'discs'), ('disk', 'disks')),
+  'square': (('square', 'squares'), ('box', 'boxes'), ('block', 'blocks')),
+  'triangle': (('triangle', 'triangles'),),
+  'diamond': (('diamond', 'diamonds'), ('rhombus', 'rhombuses')),
+  'cross': (('cross', 'crosses'),),
+}
 GENERIC_NOUNS = (('shape', 'shapes'), ('object', 'objects'), ('thing', 'things'), ('item', 'items'))
-COLOUR_WORDS = {'red': ('red',), 'green': ('green',), 'blue': ('blue',), 'yellow': ('yellow',),
-                'purple': ('purple', 'violet'), 'white': ('white',)}
+COLOUR_WORDS = {
+  'red': ('red',),
+  'green': ('green',),
+  'blue': ('blue',),
+  'yellow': ('yellow',),
+  'purple': ('purple', 'violet'),
+  'white': ('white',),
+}
 SIZE_WORDS = {'small': ('small', 'little', 'tiny'), 'large': ('large', 'big', 'huge')}
 COUNT_WORDS = {2: 'two', 3: 'three', 4: 'four'}
-RELATION_PHRASES = {'left': ('to the left of', 'left of', 'on the left of'),
-                    'right': ('to the right of', 'right of', 'on the right of'),
-                    'above': ('above', 'over', 'higher than'),
-                    'below': ('below', 'under', 'beneath', 'lower than')}
+RELATION_PHRASES = {
+  'left': ('to the left of', 'left of', 'on the left of'),
+  'right': ('to the right of', 'right of', 'on the right of'),
+  'above': ('above', 'over', 'higher than'),
+  'below': ('below', 'under', 'beneath', 'lower than'),
+}
 _PREFIX_SINGULAR = ('there is', 'a picture of', 'an image of', 'this image shows', 'a drawing of')
 _PREFIX_PLURAL = ('there are', 'a picture of', 'an image of', 'this image shows')
 _SUFFIXES = ('on a black background', 'in the image', 'in the picture')
@@ -104,8 +120,9 @@ for _singular, _plural in GENERIC_NOUNS:
 _COLOUR_LOOKUP = {w: c for c, words in COLOUR_WORDS.items() for w in words}
 _SIZE_LOOKUP = {w: s for s, words in SIZE_WORDS.items() for w in words}
 _COUNT_LOOKUP = {w: n for n, w in COUNT_WORDS.items()}
-_RELATION_LOOKUP = sorted(((tuple(p.split()), r) for r, ps in RELATION_PHRASES.items() for p in ps),
-                          key=lambda item: -len(item[0]))  # longest phrase first
+_RELATION_LOOKUP = sorted(
+  ((tuple(p.split()), r) for r, ps in RELATION_PHRASES.items() for p in ps), key=lambda item: -len(item[0])
+)  # longest phrase first
 
 
 # ---------------------------------------------------------------------------------------------- scenes
@@ -129,15 +146,25 @@ def validate_scene(scene) -> dict:
       if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise errors.UserError(f'scene object {i}: "{key}" must be a number; got {value!r}.')
       if not half <= value <= CANVAS - 1 - half:
-        raise errors.UserError(f'scene object {i}: "{key}" = {value} puts its {obj["size"]} box outside the canvas; '
-                               f'expected {half} <= {key} <= {CANVAS - 1 - half}.')
-    normalised.append({'shape': obj['shape'], 'colour': obj['colour'], 'size': obj['size'],
-                       'x': _plain_number(obj['x']), 'y': _plain_number(obj['y'])})
+        raise errors.UserError(
+          f'scene object {i}: "{key}" = {value} puts its {obj["size"]} box outside the canvas; '
+          f'expected {half} <= {key} <= {CANVAS - 1 - half}.'
+        )
+    normalised.append(
+      {
+        'shape': obj['shape'],
+        'colour': obj['colour'],
+        'size': obj['size'],
+        'x': _plain_number(obj['x']),
+        'y': _plain_number(obj['y']),
+      }
+    )
   for (i, a), (j, b) in itertools.combinations(enumerate(normalised), 2):
     gap = HALF_SIZE[a['size']] + HALF_SIZE[b['size']]
     if max(abs(a['x'] - b['x']), abs(a['y'] - b['y'])) <= gap:
-      raise errors.UserError(f'scene objects {i} and {j} overlap; their centres must differ by more than {gap} px '
-                             'along x or y.')
+      raise errors.UserError(
+        f'scene objects {i} and {j} overlap; their centres must differ by more than {gap} px along x or y.'
+      )
   return {'objects': normalised}
 
 
@@ -160,8 +187,10 @@ def _sample_layout(rng: np.random.Generator, n: int) -> list:
     points = []
     for _ in range(200):
       x, y = (int(v) for v in rng.integers(low, high, size=2))
-      if all(max(abs(x - px), abs(y - py)) >= _MIN_SEPARATION
-             and abs(abs(x - px) - abs(y - py)) >= _DIAGONAL_MARGIN for px, py in points):
+      if all(
+        max(abs(x - px), abs(y - py)) >= _MIN_SEPARATION and abs(abs(x - px) - abs(y - py)) >= _DIAGONAL_MARGIN
+        for px, py in points
+      ):
         points.append((x, y))
         if len(points) == n:
           return points
@@ -173,14 +202,13 @@ def sample_scene(rng: np.random.Generator) -> dict:
     raise errors.UserError(f'rng must be a numpy.random.Generator; got {type(rng).__name__}.')
   n = int(rng.integers(2, MAX_OBJECTS + 1))
   objects = []
-  for (x, y) in _sample_layout(rng, n):
+  for x, y in _sample_layout(rng, n):
     if objects and rng.random() < _DUPLICATE_PROB:
       template = objects[int(rng.integers(len(objects)))]
       shape, colour = template['shape'], template['colour']
     else:
       shape, colour = SHAPES[int(rng.integers(len(SHAPES)))], COLOURS[int(rng.integers(len(COLOURS)))]
-    objects.append({'shape': shape, 'colour': colour, 'size': SIZES[int(rng.integers(len(SIZES)))],
-                    'x': x, 'y': y})
+    objects.append({'shape': shape, 'colour': colour, 'size': SIZES[int(rng.integers(len(SIZES)))], 'x': x, 'y': y})
   return {'objects': objects}
 
 
@@ -188,8 +216,12 @@ def sample_scene(rng: np.random.Generator) -> dict:
 # 180 degrees (left <-> right, above <-> below), transpose (left -> above, right -> below, above -> left,
 # below -> right) and anti-transpose (left -> below, right -> above, above -> right, below -> left).
 _LAST = CANVAS - 1
-LAYOUT_TRANSFORMS = (lambda x, y: (x, y), lambda x, y: (_LAST - x, _LAST - y), lambda x, y: (y, x),
-                     lambda x, y: (_LAST - y, _LAST - x))
+LAYOUT_TRANSFORMS = (
+  lambda x, y: (x, y),
+  lambda x, y: (_LAST - x, _LAST - y),
+  lambda x, y: (y, x),
+  lambda x, y: (_LAST - y, _LAST - x),
+)
 
 
 def sample_group(rng: np.random.Generator) -> list:
@@ -202,16 +234,22 @@ def sample_group(rng: np.random.Generator) -> list:
   """
   while True:
     base = sample_scene(rng)['objects']
-    bindable = [(i, j) for i, j in itertools.combinations(range(len(base)), 2)
-                if base[i]['colour'] != base[j]['colour']
-                and (base[i]['shape'], base[i]['size']) != (base[j]['shape'], base[j]['size'])]
+    bindable = [
+      (i, j)
+      for i, j in itertools.combinations(range(len(base)), 2)
+      if base[i]['colour'] != base[j]['colour']
+      and (base[i]['shape'], base[i]['size']) != (base[j]['shape'], base[j]['size'])
+    ]
     if bindable:
       break
-  k, l = bindable[int(rng.integers(len(bindable)))]
+  a, b = bindable[int(rng.integers(len(bindable)))]
   rebound = [dict(o) for o in base]
-  rebound[k]['colour'], rebound[l]['colour'] = base[l]['colour'], base[k]['colour']
-  return [{'objects': [dict(o, **dict(zip('xy', move(o['x'], o['y'])))) for o in objects]}
-          for objects in (base, rebound) for move in LAYOUT_TRANSFORMS]
+  rebound[a]['colour'], rebound[b]['colour'] = base[b]['colour'], base[a]['colour']
+  return [
+    {'objects': [dict(o, **dict(zip('xy', move(o['x'], o['y'])))) for o in objects]}
+    for objects in (base, rebound)
+    for move in LAYOUT_TRANSFORMS
+  ]
 
 
 def _check_split(split: str) -> int:
@@ -247,12 +285,14 @@ def example_seed(split: str, index: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- rendering
 def _object_arrays(objects: Sequence[dict]) -> dict:
-  return {'shape': np.array([SHAPES.index(o['shape']) for o in objects]),
-          'colour': np.array([COLOURS.index(o['colour']) for o in objects]),
-          'size': np.array([SIZES.index(o['size']) for o in objects]),
-          'half': np.array([HALF_SIZE[o['size']] for o in objects], np.float64),
-          'x': np.array([o['x'] for o in objects], np.float64),
-          'y': np.array([o['y'] for o in objects], np.float64)}
+  return {
+    'shape': np.array([SHAPES.index(o['shape']) for o in objects]),
+    'colour': np.array([COLOURS.index(o['colour']) for o in objects]),
+    'size': np.array([SIZES.index(o['size']) for o in objects]),
+    'half': np.array([HALF_SIZE[o['size']] for o in objects], np.float64),
+    'x': np.array([o['x'] for o in objects], np.float64),
+    'y': np.array([o['y'] for o in objects], np.float64),
+  }
 
 
 def object_masks(objects: Sequence[dict]) -> np.ndarray:
@@ -264,13 +304,15 @@ def object_masks(objects: Sequence[dict]) -> np.ndarray:
   h = arr['half'][:, None, None].astype(np.float32)
   adx, ady = np.abs(dx), np.abs(dy)
   bar = h / 3
-  masks = np.stack(np.broadcast_arrays(
-      dx ** 2 + dy ** 2 <= (h + 0.5) ** 2,                              # circle
-      (adx <= h - 1) & (ady <= h - 1),                                  # square
-      (dy >= -h) & (dy <= h) & (adx <= (dy + h) / 2),                   # triangle, apex up
-      adx + ady <= h,                                                   # diamond
-      ((adx <= bar) & (ady <= h)) | ((ady <= bar) & (adx <= h)),        # cross
-  ))
+  masks = np.stack(
+    np.broadcast_arrays(
+      dx**2 + dy**2 <= (h + 0.5) ** 2,  # circle
+      (adx <= h - 1) & (ady <= h - 1),  # square
+      (dy >= -h) & (dy <= h) & (adx <= (dy + h) / 2),  # triangle, apex up
+      adx + ady <= h,  # diamond
+      ((adx <= bar) & (ady <= h)) | ((ady <= bar) & (adx <= h)),  # cross
+    )
+  )
   return masks[arr['shape'], np.arange(len(objects))]
 
 
@@ -329,32 +371,39 @@ def region_descriptors(objects: Sequence[dict], rng: np.random.Generator) -> tup
   arr = _object_arrays(objects)
   n = len(objects)
   attrs = _attributes(arr)
-  object_boxes = np.stack([arr['x'] - arr['half'], arr['y'] - arr['half'],
-                           arr['x'] + arr['half'] + 1, arr['y'] + arr['half'] + 1], axis=1) / CANVAS
+  object_boxes = (
+    np.stack(
+      [arr['x'] - arr['half'], arr['y'] - arr['half'], arr['x'] + arr['half'] + 1, arr['y'] + arr['half'] + 1], axis=1
+    )
+    / CANVAS
+  )
   pairs = np.array(list(itertools.combinations(range(n), 2)))
   a, b = pairs[:, 0], pairs[:, 1]
-  pair_boxes = np.concatenate([np.minimum(object_boxes[a, :2], object_boxes[b, :2]),
-                               np.maximum(object_boxes[a, 2:], object_boxes[b, 2:])], axis=1)
+  pair_boxes = np.concatenate(
+    [np.minimum(object_boxes[a, :2], object_boxes[b, :2]), np.maximum(object_boxes[a, 2:], object_boxes[b, 2:])], axis=1
+  )
   n_background = NUM_REGIONS - n - len(pairs) - 1
   size = rng.integers(10, 29, size=(n_background, 2))
   corner = rng.integers(0, CANVAS - size + 1)
   background_boxes = np.concatenate([corner, corner + size], axis=1) / CANVAS
   boxes = np.concatenate([object_boxes, pair_boxes, [[0.0, 0.0, 1.0, 1.0]], background_boxes])
-  kinds = np.concatenate([np.full(n, _TYPE_OBJECT), np.full(len(pairs), _TYPE_PAIR), [_TYPE_WHOLE],
-                          np.full(n_background, _TYPE_BACKGROUND)])
+  kinds = np.concatenate(
+    [np.full(n, _TYPE_OBJECT), np.full(len(pairs), _TYPE_PAIR), [_TYPE_WHOLE], np.full(n_background, _TYPE_BACKGROUND)]
+  )
   desc = np.zeros((NUM_REGIONS, DESCRIPTOR_DIM))
   desc[np.arange(NUM_REGIONS), kinds] = 1
   slot_a, slot_b = slice(4, 4 + _ATTR_DIM), slice(4 + _ATTR_DIM, 4 + 2 * _ATTR_DIM)
   desc[:n, slot_a] = attrs
-  desc[n:n + len(pairs), slot_a] = attrs[a]
-  desc[n:n + len(pairs), slot_b] = attrs[b]
+  desc[n : n + len(pairs), slot_a] = attrs[a]
+  desc[n : n + len(pairs), slot_b] = attrs[b]
   desc[n + len(pairs), slot_a] = attrs.mean(0)  # the whole image sees a blur of every object
   geometry_start = 4 + 2 * _ATTR_DIM
-  desc[:, geometry_start:geometry_start + 8] = _box_geometry(boxes)
+  desc[:, geometry_start : geometry_start + 8] = _box_geometry(boxes)
   offset = np.stack([arr['x'][b] - arr['x'][a], arr['y'][b] - arr['y'][a]], axis=1) / CANVAS
   horizontal = np.abs(offset[:, 0]) >= np.abs(offset[:, 1])
-  desc[n:n + len(pairs), geometry_start + 8:] = np.concatenate(
-      [offset, horizontal[:, None], ~horizontal[:, None]], axis=1)
+  desc[n : n + len(pairs), geometry_start + 8 :] = np.concatenate(
+    [offset, horizontal[:, None], ~horizontal[:, None]], axis=1
+  )
   # A union region is tagged like a detector would: with its larger object (ties: the first of the pair).
   larger = np.where(arr['size'][b] > arr['size'][a], b, a)
   owner = np.concatenate([np.arange(n), larger, np.full(1 + n_background, -1)])
@@ -403,8 +452,9 @@ def _noun_phrase(obj: dict, rng: np.random.Generator, size_prob: float = 0.75) -
     words.append(_pick(rng, COLOUR_WORDS[obj['colour']]))
   words.append(_pick(rng, SHAPE_NOUNS[obj['shape']])[0] if use_shape else _pick(rng, GENERIC_NOUNS)[0])
   determiner = 'an' if words[0][0] in 'aeiou' else 'a'
-  mention = _mention(obj['shape'] if use_shape else None, obj['colour'] if use_colour else None,
-                     obj['size'] if use_size else None)
+  mention = _mention(
+    obj['shape'] if use_shape else None, obj['colour'] if use_colour else None, obj['size'] if use_size else None
+  )
   return [determiner] + words, mention
 
 
@@ -412,8 +462,12 @@ def _count_options(objects: Sequence[dict]) -> dict:
   """Partial descriptions (shape, colour, size; None = unsaid) naming a shape or colour that >= 2 objects fit,
   mapped to the indices of the objects that fit."""
   kinds = [(o['shape'], o['colour'], o['size']) for o in objects]
-  keys = {tuple(v if s else None for v, s in zip(kind, said))
-          for kind in kinds for said in itertools.product((False, True), repeat=3) if said[0] or said[1]}
+  keys = {
+    tuple(v if s else None for v, s in zip(kind, said))
+    for kind in kinds
+    for said in itertools.product((False, True), repeat=3)
+    if said[0] or said[1]
+  }
   options = {}
   for key in keys:
     fitting = [i for i, kind in enumerate(kinds) if all(k is None or k == v for k, v in zip(key, kind))]
@@ -506,15 +560,25 @@ def _count_relation_caption(objects, rng):
   return words, {'mentions': [_mention(count=n), m_a, m_b], 'relations': [(1, rel, 2)]}
 
 
-_CAPTION_KINDS = {'relation': _relation_caption, 'double_relation': _double_relation_caption,
-                  'list': _list_caption, 'count': _count_caption, 'count_relation': _count_relation_caption}
+_CAPTION_KINDS = {
+  'relation': _relation_caption,
+  'double_relation': _double_relation_caption,
+  'list': _list_caption,
+  'count': _count_caption,
+  'count_relation': _count_relation_caption,
+}
 
 
 def caption_plan(n_objects: int, rng: np.random.Generator) -> list:
   """Kinds of the 5 captions: >= 3 that state relations (so layouts are distinguishable), >= 1 without."""
   rich = ['count_relation'] + (['double_relation'] if n_objects >= 3 else [])
-  plan = ['relation', 'relation', _pick(rng, rich), _pick(rng, ['list', 'count']),
-          _pick(rng, rich + ['relation', 'list', 'count'])]
+  plan = [
+    'relation',
+    'relation',
+    _pick(rng, rich),
+    _pick(rng, ['list', 'count']),
+    _pick(rng, rich + ['relation', 'list', 'count']),
+  ]
   return [plan[int(i)] for i in rng.permutation(len(plan))]
 
 
@@ -544,7 +608,7 @@ def parse_caption(text: str) -> dict:
   tokens = text.lower().split()
   items, i = [], 0
   while i < len(tokens):
-    relation = next(((p, r) for p, r in _RELATION_LOOKUP if tuple(tokens[i:i + len(p)]) == p), None)
+    relation = next(((p, r) for p, r in _RELATION_LOOKUP if tuple(tokens[i : i + len(p)]) == p), None)
     if relation is not None:
       items.append(('rel', relation[1]))
       i += len(relation[0])
@@ -611,9 +675,10 @@ def caption_holds(meaning: dict, objects: Sequence[dict], relations: bool = True
     chosen = dict(zip(single, assignment))
     if not all(_matches(meaning['mentions'][i], objects[chosen[i]]) for i in single):
       continue
-    if not relations or all(i in chosen and j in chosen and
-                            relation_between(objects[chosen[i]], objects[chosen[j]]) == rel
-                            for i, rel, j in meaning['relations']):
+    if not relations or all(
+      i in chosen and j in chosen and relation_between(objects[chosen[i]], objects[chosen[j]]) == rel
+      for i, rel, j in meaning['relations']
+    ):
       return True
   return False
 
@@ -630,18 +695,19 @@ def example_from_scene(scene: dict, seed: int, image_id: int = 0) -> dict:
   scene = validate_scene(scene)
   objects = scene['objects']
   pixel_rng, region_rng, tag_rng, caption_rng = (
-      np.random.default_rng(s) for s in np.random.SeedSequence([EXAMPLE_SEED, int(seed)]).spawn(4))
+    np.random.default_rng(s) for s in np.random.SeedSequence([EXAMPLE_SEED, int(seed)]).spawn(4)
+  )
   descriptors, boxes, _, owner = region_descriptors(objects, region_rng)
   features = region_features(descriptors, region_rng)
   tags = [_noisy_tag(objects[o], tag_rng) if o >= 0 else 'background' for o in owner]
   order = region_rng.permutation(NUM_REGIONS)
   return {
-      'image_id': int(image_id),
-      'regions': features[order],
-      'boxes': boxes[order].astype(np.float32),
-      'tags': [tags[i] for i in order],
-      'pixels': render(objects, pixel_rng),
-      'label': scene_label(objects),
-      'scene': json.dumps(scene),
-      'captions': [text for text, _ in generate_captions(objects, caption_rng)],
+    'image_id': int(image_id),
+    'regions': features[order],
+    'boxes': boxes[order].astype(np.float32),
+    'tags': [tags[i] for i in order],
+    'pixels': render(objects, pixel_rng),
+    'label': scene_label(objects),
+    'scene': json.dumps(scene),
+    'captions': [text for text, _ in generate_captions(objects, caption_rng)],
   }

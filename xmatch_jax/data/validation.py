@@ -6,8 +6,14 @@ from xmatch_jax import errors
 from xmatch_jax.data import lazy
 
 
-def check_split(images: dict, captions: list, caption_to_image: np.ndarray, source: str,
-                captions_per_image: int | None = 5, region_dim: int | None = None) -> None:
+def check_split(
+  images: dict,
+  captions: list,
+  caption_to_image: np.ndarray,
+  source: str,
+  captions_per_image: int | None = 5,
+  region_dim: int | None = None,
+) -> None:
   """Validates a split as returned by `load_split`.
 
   Args:
@@ -24,13 +30,15 @@ def check_split(images: dict, captions: list, caption_to_image: np.ndarray, sour
   (data/precomp.py refuses NaN / inf at build time) and are checked again row by row whenever they are read.
   """
   if 'regions' not in images and 'pixels' not in images:
-    raise errors.UserError(f'{source}: image inputs have neither field "regions" nor "pixels"; got fields '
-                           f'{sorted(images)}.')
+    raise errors.UserError(
+      f'{source}: image inputs have neither field "regions" nor "pixels"; got fields {sorted(images)}.'
+    )
   if 'pixels' in images:
     pixels = images['pixels']
     if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
-      raise errors.UserError(f'{source}: field "pixels" must be [n_images, H, W, 3] uint8; got shape {pixels.shape}, '
-                             f'dtype {pixels.dtype}.')
+      raise errors.UserError(
+        f'{source}: field "pixels" must be [n_images, H, W, 3] uint8; got shape {pixels.shape}, dtype {pixels.dtype}.'
+      )
     n_img = pixels.shape[0]
   if 'regions' in images:
     regions = images['regions']
@@ -39,24 +47,29 @@ def check_split(images: dict, captions: list, caption_to_image: np.ndarray, sour
     n_img = regions.shape[0]
     if region_dim is not None and regions.shape[-1] != region_dim:
       raise errors.UserError(f'{source}: field "regions" has feature size {regions.shape[-1]}; expected {region_dim}.')
-    if lazy.is_lazy(regions):   # metadata only, see the docstring
+    if lazy.is_lazy(regions):  # metadata only, see the docstring
       if regions.dtype != np.float32:
         raise errors.UserError(f'{source}: field "regions" has dtype {regions.dtype}; expected float32.')
     else:
       bad = ~np.isfinite(regions).reshape(n_img, -1).all(axis=1)
       if bad.any():
-        raise errors.UserError(f'{source}: field "regions" holds NaN or inf in {int(bad.sum())} image(s), first at '
-                               f'index {int(np.argmax(bad))}; features must be finite.')
+        raise errors.UserError(
+          f'{source}: field "regions" holds NaN or inf in {int(bad.sum())} image(s), first at '
+          f'index {int(np.argmax(bad))}; features must be finite.'
+        )
   for key, value in images.items():
     if len(value) != n_img:
       raise errors.UserError(f'{source}: field "{key}" has {len(value)} entries; expected one per image ({n_img}).')
   if captions_per_image is not None and len(captions) != captions_per_image * n_img:
-    raise errors.UserError(f'{source}: {len(captions)} captions for {n_img} images; expected '
-                           f'{captions_per_image} x {n_img} = {captions_per_image * n_img}.')
+    raise errors.UserError(
+      f'{source}: {len(captions)} captions for {n_img} images; expected '
+      f'{captions_per_image} x {n_img} = {captions_per_image * n_img}.'
+    )
   caption_to_image = np.asarray(caption_to_image)
   if caption_to_image.shape != (len(captions),):
-    raise errors.UserError(f'{source}: caption_to_image has shape {caption_to_image.shape}; expected '
-                           f'({len(captions)},).')
+    raise errors.UserError(
+      f'{source}: caption_to_image has shape {caption_to_image.shape}; expected ({len(captions)},).'
+    )
   if len(captions) and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
     raise errors.UserError(f'{source}: caption_to_image must index images in [0, {n_img}).')
   for i, caption in enumerate(captions):

@@ -22,7 +22,8 @@ import json
 import os
 import pickle
 import re
-from typing import Iterable, Sequence
+from typing import Iterable
+from typing import Sequence
 
 import numpy as np
 
@@ -36,42 +37,54 @@ DEFAULT_MIN_COUNT = 4  # SCAN's vocab.py --threshold default
 # --- tokenizer -------------------------------------------------------------------------------------------------
 
 _STARTING_QUOTES = [
-    (re.compile('([«“‘„]|[`]+)'), r' \1 '),
-    (re.compile(r'^\"'), r'``'),
-    (re.compile(r'(``)'), r' \1 '),
-    (re.compile(r'([ \(\[{<])(\"|\'{2})'), r'\1 `` '),
-    (re.compile(r"(?i)(\')(?!re|ve|ll|m|t|s|d|n)(\w)\b"), r'\1 \2'),
+  (re.compile('([«“‘„]|[`]+)'), r' \1 '),
+  (re.compile(r'^\"'), r'``'),
+  (re.compile(r'(``)'), r' \1 '),
+  (re.compile(r'([ \(\[{<])(\"|\'{2})'), r'\1 `` '),
+  (re.compile(r'(?i)(\')(?!re|ve|ll|m|t|s|d|n)(\w)\b'), r'\1 \2'),
 ]
 _PUNCTUATION = [
-    (re.compile(r'([^\.])(\.)([\]\)}>"\'' '»”’ ' r']*)\s*$'), r'\1 \2 \3 '),
-    (re.compile(r'([:,])([^\d])'), r' \1 \2'),
-    (re.compile(r'([:,])$'), r' \1 '),
-    (re.compile(r'\.{2,}'), r' \g<0> '),
-    (re.compile(r'[;@#$%&]'), r' \g<0> '),
-    (re.compile(r'([^\.])(\.)([\]\)}>"\']*)\s*$'), r'\1 \2\3 '),  # the sentence-final period
-    (re.compile(r'[?!]'), r' \g<0> '),
-    (re.compile(r"([^'])' "), r"\1 ' "),
-    (re.compile(r'[*]'), r' \g<0> '),
+  (re.compile(r'([^\.])(\.)([\]\)}>"\'' '»”’ ' r']*)\s*$'), r'\1 \2 \3 '),
+  (re.compile(r'([:,])([^\d])'), r' \1 \2'),
+  (re.compile(r'([:,])$'), r' \1 '),
+  (re.compile(r'\.{2,}'), r' \g<0> '),
+  (re.compile(r'[;@#$%&]'), r' \g<0> '),
+  (re.compile(r'([^\.])(\.)([\]\)}>"\']*)\s*$'), r'\1 \2\3 '),  # the sentence-final period
+  (re.compile(r'[?!]'), r' \g<0> '),
+  (re.compile(r"([^'])' "), r"\1 ' "),
+  (re.compile(r'[*]'), r' \g<0> '),
 ]
 _BRACKETS = (re.compile(r'[\]\[\(\)\{\}\<\>]'), r' \g<0> ')
 _DOUBLE_DASHES = (re.compile(r'--'), r' -- ')
 _ENDING_QUOTES = [
-    (re.compile('([»”’])'), r' \1 '),
-    (re.compile(r"''"), " '' "),
-    (re.compile(r'"'), " '' "),
-    (re.compile(r'\s+'), ' '),
-    (re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|') "), r'\1 \2 '),
-    (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) "), r'\1 \2 '),
+  (re.compile('([»”’])'), r' \1 '),
+  (re.compile(r"''"), " '' "),
+  (re.compile(r'"'), " '' "),
+  (re.compile(r'\s+'), ' '),
+  (re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|') "), r'\1 \2 '),
+  (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) "), r'\1 \2 '),
 ]
-_CONTRACTIONS = [re.compile(p) for p in (
-    r"(?i)\b(can)(?#X)(not)\b", r"(?i)\b(d)(?#X)('ye)\b", r"(?i)\b(gim)(?#X)(me)\b", r"(?i)\b(gon)(?#X)(na)\b",
-    r"(?i)\b(got)(?#X)(ta)\b", r"(?i)\b(lem)(?#X)(me)\b", r"(?i)\b(more)(?#X)('n)\b", r"(?i)\b(wan)(?#X)(na)(?=\s)",
-    r"(?i) ('t)(?#X)(is)\b", r"(?i) ('t)(?#X)(was)\b")]
+_CONTRACTIONS = [
+  re.compile(p)
+  for p in (
+    r'(?i)\b(can)(?#X)(not)\b',
+    r"(?i)\b(d)(?#X)('ye)\b",
+    r'(?i)\b(gim)(?#X)(me)\b',
+    r'(?i)\b(gon)(?#X)(na)\b',
+    r'(?i)\b(got)(?#X)(ta)\b',
+    r'(?i)\b(lem)(?#X)(me)\b',
+    r"(?i)\b(more)(?#X)('n)\b",
+    r'(?i)\b(wan)(?#X)(na)(?=\s)',
+    r"(?i) ('t)(?#X)(is)\b",
+    r"(?i) ('t)(?#X)(was)\b",
+  )
+]
 
 # Words that keep their period mid-caption (Punkt treats them as abbreviations before a lower-case word).
 _ABBREVIATIONS = frozenset(
-    'mr mrs ms dr st jr sr vs etc inc co ltd mt ft ave blvd rd prof gen gov sgt lt capt col rev no approx dept '
-    'jan feb mar apr jun jul aug sep sept oct nov dec'.split())
+  'mr mrs ms dr st jr sr vs etc inc co ltd mt ft ave blvd rd prof gen gov sgt lt capt col rev no approx dept '
+  'jan feb mar apr jun jul aug sep sept oct nov dec'.split()
+)
 _NUMBER = re.compile(r'^-?[\.,]?\d[\d,\.-]*$')
 _CLOSING = '])}>"\'»”’'
 
@@ -94,7 +107,7 @@ def _split_sentences(text: str) -> list:
   sentences, start = [], 0
   for match in words[:-1]:
     if _ends_sentence(match.group()):
-      sentences.append(text[start:match.end()])
+      sentences.append(text[start : match.end()])
       start = match.end()
   sentences.append(text[start:])
   return sentences
@@ -129,7 +142,7 @@ class Vocabulary:
   def __init__(self, words: Sequence[str]):
     """Args: words: every token in id order, starting with the four special tokens."""
     words = list(words)
-    if tuple(words[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+    if tuple(words[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
       raise errors.UserError(f'vocabulary must start with {SPECIAL_TOKENS} at ids 0-3; got {tuple(words[:4])}.')
     bad = [w for w in words if not isinstance(w, str) or not w]
     if bad:
@@ -196,8 +209,10 @@ class Vocabulary:
   def from_json(cls, path: str) -> 'Vocabulary':
     """Reads and validates a SCAN vocabulary json (`idx2word` with string keys, `word2idx`, `idx`)."""
     if not os.path.isfile(path):
-      raise errors.MissingFileError(f'{path}: vocabulary file not found; expected a SCAN vocabulary json (idx2word, '
-                                    'word2idx, idx), e.g. the vocab.json of a training workdir.')
+      raise errors.MissingFileError(
+        f'{path}: vocabulary file not found; expected a SCAN vocabulary json (idx2word, '
+        'word2idx, idx), e.g. the vocab.json of a training workdir.'
+      )
     with open(path, encoding='utf-8') as f:
       try:
         data = json.load(f)
@@ -206,8 +221,9 @@ class Vocabulary:
       except UnicodeDecodeError as e:
         raise errors.UserError(f'{path}: not UTF-8 text ({e}); expected a SCAN vocabulary json file.') from None
     if not isinstance(data, dict):
-      raise errors.UserError(f'{path}: expected a json object with fields idx2word, word2idx, idx; got '
-                             f'{type(data).__name__}.')
+      raise errors.UserError(
+        f'{path}: expected a json object with fields idx2word, word2idx, idx; got {type(data).__name__}.'
+      )
     return cls._from_fields(path, data, key=str, key_kind='string keys', mapping='json objects')
 
   @classmethod
@@ -225,7 +241,9 @@ class Vocabulary:
       except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError) as e:
         raise errors.UserError(f'{path}: not a readable VSE++ vocabulary pickle ({e}).') from None
     if not isinstance(data, _PickledVocabulary):
-      raise errors.UserError(f'{path}: expected a pickled Vocabulary object (VSE++ vocab.py); got {type(data).__name__}.')
+      raise errors.UserError(
+        f'{path}: expected a pickled Vocabulary object (VSE++ vocab.py); got {type(data).__name__}.'
+      )
     return cls._from_fields(path, data.state, key=int, key_kind='integer keys', mapping='dicts')
 
   @classmethod
@@ -241,22 +259,28 @@ class Vocabulary:
   def _from_fields(cls, path: str, data: dict, key, key_kind: str, mapping: str) -> 'Vocabulary':
     for field in ('idx2word', 'word2idx', 'idx'):
       if field not in data:
-        raise errors.UserError(f'{path}: missing field "{field}" (a SCAN / VSE++ vocabulary has idx2word, word2idx, idx).')
+        raise errors.UserError(
+          f'{path}: missing field "{field}" (a SCAN / VSE++ vocabulary has idx2word, word2idx, idx).'
+        )
     idx2word, word2idx, idx = data['idx2word'], data['word2idx'], data['idx']
     if not isinstance(idx2word, dict) or not isinstance(word2idx, dict):
       raise errors.UserError(f'{path}: fields "idx2word" and "word2idx" must be {mapping}.')
     expected_keys = [key(i) for i in range(len(idx2word))]
     if set(idx2word) != set(expected_keys):
-      raise errors.UserError(f'{path}: field "idx2word" must have the {key_kind} 0 .. {len(idx2word) - 1} without gaps.')
+      raise errors.UserError(
+        f'{path}: field "idx2word" must have the {key_kind} 0 .. {len(idx2word) - 1} without gaps.'
+      )
     if not isinstance(idx, int) or isinstance(idx, bool) or idx != len(idx2word):
       raise errors.UserError(f'{path}: field "idx" is {idx!r}; expected the vocabulary size {len(idx2word)}.')
     words = [idx2word[k] for k in expected_keys]
     if not all(isinstance(w, str) and w for w in words):
       raise errors.UserError(f'{path}: field "idx2word" must map to non-empty strings.')
-    if len(word2idx) != len(words) or any(type(word2idx.get(w)) is not int or word2idx[w] != i
-                                          for i, w in enumerate(words)):
-      raise errors.UserError(f'{path}: fields "idx2word" and "word2idx" disagree; word2idx must be the exact inverse '
-                             'of idx2word.')
+    if len(word2idx) != len(words) or any(
+      type(word2idx.get(w)) is not int or word2idx[w] != i for i, w in enumerate(words)
+    ):
+      raise errors.UserError(
+        f'{path}: fields "idx2word" and "word2idx" disagree; word2idx must be the exact inverse of idx2word.'
+      )
     missing = [f'{t} at {i}' for i, t in enumerate(SPECIAL_TOKENS) if i >= len(words) or words[i] != t]
     if missing:
       raise errors.UserError(f'{path}: field "idx2word" lacks the special token(s) {missing}.')
@@ -270,8 +294,7 @@ class Vocabulary:
 
   def to_json(self, path: str) -> None:
     """Writes SCAN's json format (as `json.dump` in SCAN's serialize_vocab)."""
-    data = {'idx2word': {str(i): w for i, w in enumerate(self._idx2word)}, 'word2idx': self._word2idx,
-            'idx': len(self)}
+    data = {'idx2word': {str(i): w for i, w in enumerate(self._idx2word)}, 'word2idx': self._word2idx, 'idx': len(self)}
     with open(path, 'w') as f:
       json.dump(data, f)
 
@@ -299,9 +322,12 @@ class _VocabUnpickler(pickle.Unpickler):
   """Resolves only the Vocabulary class (and what Python 2 pickles need to build it)."""
 
   _ALLOWED = {
-      ('__main__', 'Vocabulary'): _PickledVocabulary, ('vocab', 'Vocabulary'): _PickledVocabulary,
-      ('copy_reg', '_reconstructor'): _reconstruct, ('copyreg', '_reconstructor'): _reconstruct,
-      ('__builtin__', 'object'): object, ('builtins', 'object'): object,
+    ('__main__', 'Vocabulary'): _PickledVocabulary,
+    ('vocab', 'Vocabulary'): _PickledVocabulary,
+    ('copy_reg', '_reconstructor'): _reconstruct,
+    ('copyreg', '_reconstructor'): _reconstruct,
+    ('__builtin__', 'object'): object,
+    ('builtins', 'object'): object,
   }
 
   def __init__(self, file):
@@ -310,6 +336,5 @@ class _VocabUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str):
     target = self._ALLOWED.get((module, name))
     if target is None:
-      raise pickle.UnpicklingError(f'refusing to load global {module}.{name}: only a pickled vocab.Vocabulary '
-                                   'is read')
+      raise pickle.UnpicklingError(f'refusing to load global {module}.{name}: only a pickled vocab.Vocabulary is read')
     return target

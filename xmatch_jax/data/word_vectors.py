@@ -21,8 +21,10 @@ def load_for_vocab(path: str, vocab, init_table: np.ndarray) -> tuple[np.ndarray
     raise errors.UserError(f'init_table must be [{len(vocab)}, D] (one row per vocabulary word); got {table.shape}.')
   dim = table.shape[1]
   if not os.path.isfile(path):
-    raise errors.MissingFileError(f'{path}: word vectors file not found (config.word_vectors); expected a GloVe / '
-                                  'word2vec text file, one word and its values per line.')
+    raise errors.MissingFileError(
+      f'{path}: word vectors file not found (config.word_vectors); expected a GloVe / '
+      'word2vec text file, one word and its values per line.'
+    )
   found = set()
   try:
     with open(path, encoding='utf-8') as f:
@@ -30,24 +32,28 @@ def load_for_vocab(path: str, vocab, init_table: np.ndarray) -> tuple[np.ndarray
         parts = line.rstrip('\n').rstrip().split(' ')
         if line_no == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
           if int(parts[1]) != dim:
-            raise errors.UserError(f'{path}: header says {parts[1]}-d vectors; the model embeds words in {dim} '
-                                   'dimensions (config.model.word_dim).')
+            raise errors.UserError(
+              f'{path}: header says {parts[1]}-d vectors; the model embeds words in {dim} '
+              'dimensions (config.model.word_dim).'
+            )
           continue
         if len(parts) < 2:
-          continue   # blank line
+          continue  # blank line
         word, values = parts[0], parts[1:]
         if len(values) != dim:
-          raise errors.UserError(f'{path}, line {line_no}: word {word!r} has {len(values)} values; expected {dim} '
-                                 '(config.model.word_dim).')
+          raise errors.UserError(
+            f'{path}, line {line_no}: word {word!r} has {len(values)} values; expected {dim} (config.model.word_dim).'
+          )
         if word in vocab and word not in found:
           try:
             table[vocab(word)] = np.array(values, np.float32)
           except ValueError as e:
-            raise errors.UserError(f'{path}, line {line_no}: word {word!r} has a value that is not a number ({e}); '
-                                   'expected floats.') from e
+            raise errors.UserError(
+              f'{path}, line {line_no}: word {word!r} has a value that is not a number ({e}); expected floats.'
+            ) from e
           found.add(word)
   except UnicodeDecodeError as e:
-    raise errors.UserError(f'{path}: not UTF-8 text ({e.reason}); expected a UTF-8 '
-                           'GloVe / word2vec text file.') from None
+    raise errors.UserError(
+      f'{path}: not UTF-8 text ({e.reason}); expected a UTF-8 GloVe / word2vec text file.'
+    ) from None
   return table, len(found)
-

@@ -26,7 +26,7 @@ class WordPieceVocab:
     self._tokenizer = hf_bert.load_tokenizer(self.directory)
     pad = self._tokenizer.token_to_id('[PAD]')
     if pad != 0:
-      raise errors.UserError(f'{self.directory}: the tokenizer\'s [PAD] id is {pad}; the batcher pads with id 0')
+      raise errors.UserError(f"{self.directory}: the tokenizer's [PAD] id is {pad}; the batcher pads with id 0")
 
   def __len__(self) -> int:
     return self._tokenizer.get_vocab_size(with_added_tokens=True)

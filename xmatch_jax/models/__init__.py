@@ -6,7 +6,8 @@ and `__call__(images, text)` (see docs/architecture.md, "The matcher interface")
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import flax.linen as nn
 
@@ -20,12 +21,12 @@ from xmatch_jax.models.scan import SCAN
 from xmatch_jax.models.vsepp import VSEPP
 
 MODELS: dict[str, type[nn.Module]] = {
-    'vsepp': VSEPP,
-    'scan': SCAN,
-    'rdan': RDAN,
-    'mmca': MMCA,
-    'glfn': GLFN,
-    'daer': DAER,
+  'vsepp': VSEPP,
+  'scan': SCAN,
+  'rdan': RDAN,
+  'mmca': MMCA,
+  'glfn': GLFN,
+  'daer': DAER,
 }
 
 # Set from the data, not from the model config.
@@ -35,51 +36,49 @@ _MODULE_FIELDS = ('parent', 'name')
 
 
 def model_fields(model_cls: type[nn.Module]) -> tuple[str, ...]:
-    """The hyper-parameter fields a model config may set for `model_cls`."""
-    return tuple(
-        f.name for f in dataclasses.fields(model_cls)
-        if f.init and f.name not in _DATA_FIELDS + _MODULE_FIELDS)
+  """The hyper-parameter fields a model config may set for `model_cls`."""
+  return tuple(f.name for f in dataclasses.fields(model_cls) if f.init and f.name not in _DATA_FIELDS + _MODULE_FIELDS)
 
 
 def build_model(model_config: Any, vocab_size: int, img_dim: int) -> nn.Module:
-    """Builds the matcher named by `model_config.name`.
+  """Builds the matcher named by `model_config.name`.
 
-    Args:
-      model_config: ml_collections ConfigDict (or mapping) with `name` (a key of MODELS) and any of
-        the model's fields other than vocab_size / img_dim.
-      vocab_size: number of token ids of the dataset's vocabulary.
-      img_dim: size of the dataset's precomputed region features.
+  Args:
+    model_config: ml_collections ConfigDict (or mapping) with `name` (a key of MODELS) and any of
+      the model's fields other than vocab_size / img_dim.
+    vocab_size: number of token ids of the dataset's vocabulary.
+    img_dim: size of the dataset's precomputed region features.
 
-    Returns:
-      The (unbound) Flax module.
+  Returns:
+    The (unbound) Flax module.
 
-    Raises:
-      ValueError: no or unknown `name`, or a field the model does not have.
-    """
-    if hasattr(model_config, 'to_dict'):
-        model_config = model_config.to_dict()
-    if not isinstance(model_config, Mapping):
-        raise errors.UserError(f"model config must be a ConfigDict or mapping, got {type(model_config)}")
-    kwargs = dict(model_config)
-    name = kwargs.pop('name', None)
-    if name not in MODELS:
-        raise errors.UserError(f"model config name must be one of {sorted(MODELS)}, got {name!r}")
-    model_cls = MODELS[name]
-    allowed = model_fields(model_cls)
-    for field in kwargs:
-        if field in _DATA_FIELDS:
-            raise errors.UserError(f"model config for {name!r} sets {field!r}, which comes from the "
-                                   "dataset; remove it")
-        if field not in allowed:
-            raise errors.UserError(f"model config for {name!r} has unknown field {field!r}; "
-                                   f"known fields: {list(allowed)}")
-    if 'bert' in {f.name for f in dataclasses.fields(model_cls)}:
-        # Models with a BERT text encoder take its sizes from the checkpoint's config.json.
-        from xmatch_jax.convert import hf_bert  # pylint: disable=g-import-not-at-top
-        bert_dir = kwargs.get('bert_dir', model_cls.bert_dir)
-        if not bert_dir:
-            raise errors.UserError(f"model config for {name!r} needs bert_dir: a Hugging Face BERT directory "
-                                   "(e.g. bert-base-uncased) or 'minilm'")
-        bert_dir = hf_bert.resolve_dir(bert_dir)
-        kwargs['bert'] = BertConfig.from_json(os.path.join(bert_dir, 'config.json'))
-    return model_cls(vocab_size=vocab_size, img_dim=img_dim, **kwargs)
+  Raises:
+    ValueError: no or unknown `name`, or a field the model does not have.
+  """
+  if hasattr(model_config, 'to_dict'):
+    model_config = model_config.to_dict()
+  if not isinstance(model_config, Mapping):
+    raise errors.UserError(f'model config must be a ConfigDict or mapping, got {type(model_config)}')
+  kwargs = dict(model_config)
+  name = kwargs.pop('name', None)
+  if name not in MODELS:
+    raise errors.UserError(f'model config name must be one of {sorted(MODELS)}, got {name!r}')
+  model_cls = MODELS[name]
+  allowed = model_fields(model_cls)
+  for field in kwargs:
+    if field in _DATA_FIELDS:
+      raise errors.UserError(f'model config for {name!r} sets {field!r}, which comes from the dataset; remove it')
+    if field not in allowed:
+      raise errors.UserError(f'model config for {name!r} has unknown field {field!r}; known fields: {list(allowed)}')
+  if 'bert' in {f.name for f in dataclasses.fields(model_cls)}:
+    # Models with a BERT text encoder take its sizes from the checkpoint's config.json.
+    from xmatch_jax.convert import hf_bert  # pylint: disable=g-import-not-at-top
+
+    bert_dir = kwargs.get('bert_dir', model_cls.bert_dir)
+    if not bert_dir:
+      raise errors.UserError(
+        f"model config for {name!r} needs bert_dir: a Hugging Face BERT directory (e.g. bert-base-uncased) or 'minilm'"
+      )
+    bert_dir = hf_bert.resolve_dir(bert_dir)
+    kwargs['bert'] = BertConfig.from_json(os.path.join(bert_dir, 'config.json'))
+  return model_cls(vocab_size=vocab_size, img_dim=img_dim, **kwargs)

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 from xmatch_jax import errors
 
 _ACTIVATIONS = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),   # transformers' 'gelu' is the exact erf form
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
-    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'relu': jax.nn.relu,
+  'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # transformers' 'gelu' is the exact erf form
+  'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+  'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+  'relu': jax.nn.relu,
 }
 
 
@@ -46,10 +46,19 @@ class BertConfig:
     if self.hidden_act not in _ACTIVATIONS:
       raise errors.UserError(f'BertConfig.hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}')
     if self.hidden_size % self.num_attention_heads:
-      raise errors.UserError(f'BertConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads '
-                             f'({self.num_attention_heads})')
-    for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
-                 'max_position_embeddings', 'type_vocab_size'):
+      raise errors.UserError(
+        f'BertConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads '
+        f'({self.num_attention_heads})'
+      )
+    for name in (
+      'vocab_size',
+      'hidden_size',
+      'num_hidden_layers',
+      'num_attention_heads',
+      'intermediate_size',
+      'max_position_embeddings',
+      'type_vocab_size',
+    ):
       if getattr(self, name) < 1:
         raise errors.UserError(f'BertConfig.{name} must be >= 1, got {getattr(self, name)}')
 
@@ -66,8 +75,11 @@ class BertConfig:
     if position != 'absolute':
       raise errors.UserError(f'{where}: position_embedding_type is {position!r}; only "absolute" is supported')
     fields = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
-    missing = [name for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
-                                 'intermediate_size') if name not in raw]
+    missing = [
+      name
+      for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size')
+      if name not in raw
+    ]
     if missing:
       raise errors.UserError(f'{where}: missing field(s) {missing} of a BERT config')
     try:
@@ -92,11 +104,13 @@ class BertEmbeddings(nn.Module):
     c = self.config
     init = nn.initializers.normal(0.02)
     positions = jnp.arange(input_ids.shape[-1])
-    x = (nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name='word_embeddings')(input_ids)
-         + nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init,
-                    name='position_embeddings')(positions)[None]
-         + nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=init,
-                    name='token_type_embeddings')(token_type_ids))
+    x = (
+      nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name='word_embeddings')(input_ids)
+      + nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init, name='position_embeddings')(positions)[
+        None
+      ]
+      + nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=init, name='token_type_embeddings')(token_type_ids)
+    )
     return nn.LayerNorm(epsilon=c.layer_norm_eps, name='LayerNorm')(x)
 
 
@@ -127,10 +141,12 @@ class BertLayer(nn.Module):
     c = self.config
     context = BertSelfAttention(c, name='attention_self')(x, mask)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name='attention_output_LayerNorm')(
-        _dense(c.hidden_size, 'attention_output_dense')(context) + x)
+      _dense(c.hidden_size, 'attention_output_dense')(context) + x
+    )
     hidden = _ACTIVATIONS[c.hidden_act](_dense(c.intermediate_size, 'intermediate_dense')(x))
     return nn.LayerNorm(epsilon=c.layer_norm_eps, name='output_LayerNorm')(
-        _dense(c.hidden_size, 'output_dense')(hidden) + x)
+      _dense(c.hidden_size, 'output_dense')(hidden) + x
+    )
 
 
 class BertModel(nn.Module):
@@ -145,14 +161,21 @@ class BertModel(nn.Module):
   add_pooling_layer: bool = True
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: Optional[jax.Array] = None, output_hidden_states: bool = False) -> dict:
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    token_type_ids: Optional[jax.Array] = None,
+    output_hidden_states: bool = False,
+  ) -> dict:
     """input_ids, attention_mask, token_type_ids: [B, n] -> {'last_hidden_state': [B, n, H],
     'pooler_output': [B, H] (with the pooler), 'hidden_states': (L + 1) x [B, n, H] (if asked)}."""
     c = self.config
     if input_ids.shape[-1] > c.max_position_embeddings:
-      raise errors.UserError(f'BERT input has {input_ids.shape[-1]} tokens; this model takes at most '
-                             f'{c.max_position_embeddings} (max_position_embeddings)')
+      raise errors.UserError(
+        f'BERT input has {input_ids.shape[-1]} tokens; this model takes at most '
+        f'{c.max_position_embeddings} (max_position_embeddings)'
+      )
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = BertEmbeddings(c, name='embeddings')(input_ids, token_type_ids)

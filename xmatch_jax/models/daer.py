@@ -1,4 +1,4 @@
-"""DAER building blocks (Huang, Hu and Su, Entropy 2023, 25, 1216): dual attention and the enhanced relation network, sections 3.1-3.3.
+"""DAER (Huang, Hu and Su, Entropy 2023, 25, 1216): dual attention and the enhanced relation network, secs 3.1-3.3.
 
   (1-3) text, dual region attention over word positions: X^ts = sigma(f(W_0 avg_s(X) + W_0 max_s(X))),
         X^tb = sigma(f(W_1 avg_b(X) + W_1 max_b(X))), X^tf = X^ts * X^tb * X  (kernels s = 3, b = 7; f an MLP with
@@ -55,8 +55,8 @@ def _masked_window_pool(x: jax.Array, valid: jax.Array, window: int) -> tuple[ja
   n = x.shape[1]
   padded = jnp.pad(jnp.where(valid[..., None], x, 0.0), ((0, 0), (half, half), (0, 0)))
   mask = jnp.pad(valid, ((0, 0), (half, half)))
-  windows = jnp.stack([padded[:, j:j + n] for j in range(window)], axis=2)       # [N, n, window, d]
-  window_mask = jnp.stack([mask[:, j:j + n] for j in range(window)], axis=2)[..., None]
+  windows = jnp.stack([padded[:, j : j + n] for j in range(window)], axis=2)  # [N, n, window, d]
+  window_mask = jnp.stack([mask[:, j : j + n] for j in range(window)], axis=2)[..., None]
   count = jnp.maximum(jnp.sum(window_mask, axis=2), 1)
   avg = jnp.sum(windows * window_mask, axis=2) / count
   mx = jnp.max(jnp.where(window_mask, windows, -jnp.inf), axis=2)
@@ -76,7 +76,7 @@ class DualRegionAttention(nn.Module):
     d = x.shape[-1]
     layers = [nn.Dense(h, name=f'mlp_{i}') for i, h in enumerate(self.hidden)] + [nn.Dense(d, name='mlp_out')]
 
-    def f(h):   # f_theta, shared by both kernel sizes
+    def f(h):  # f_theta, shared by both kernel sizes
       for layer in layers[:-1]:
         h = jax.nn.relu(layer(h))
       return layers[-1](h)
@@ -84,7 +84,7 @@ class DualRegionAttention(nn.Module):
     weights = []
     for window, name in ((self.small, 'w0'), (self.large, 'w1')):
       avg, mx = _masked_window_pool(x, valid, window)
-      shared = nn.Dense(d, use_bias=False, name=name)          # W_0 / W_1, shared by the avg and max pools
+      shared = nn.Dense(d, use_bias=False, name=name)  # W_0 / W_1, shared by the avg and max pools
       weights.append(jax.nn.sigmoid(f(shared(avg) + shared(mx))))
     return jnp.where(valid[..., None], weights[0] * weights[1] * x, 0.0)
 
@@ -112,13 +112,15 @@ class DenseParams(nn.Module):
 
   @nn.compact
   def __call__(self, in_features: int) -> dict:
-    return {'kernel': self.param('kernel', nn.initializers.lecun_normal(), (in_features, self.features)),
-            'bias': self.param('bias', nn.initializers.zeros_init(), (self.features,))}
+    return {
+      'kernel': self.param('kernel', nn.initializers.lecun_normal(), (in_features, self.features)),
+      'bias': self.param('bias', nn.initializers.zeros_init(), (self.features,)),
+    }
 
 
 def _relation_head(first_image: jax.Array, first_text: jax.Array, layers: list) -> jax.Array:
   """first_image [b, h0], first_text [T, h0] (first layer, per item) -> similarities [b, T]."""
-  h = jax.nn.relu(first_image[:, None, :] + first_text[None, :, :])             # [b, T, h0]
+  h = jax.nn.relu(first_image[:, None, :] + first_text[None, :, :])  # [b, T, h0]
   for p in layers[:-1]:
     h = jax.nn.relu(h @ p['kernel'] + p['bias'])
   return jax.nn.sigmoid((h @ layers[-1]['kernel'] + layers[-1]['bias'])[..., 0])
@@ -141,11 +143,14 @@ class RelationNetwork(nn.Module):
     first_t = nn.Dense(self.hidden[0], name='fc0_text')(signed_power(text, self.power))
     first_i = nn.Dense(self.hidden[0], use_bias=False, name='fc0_image')(signed_power(image, self.power))
     widths = list(self.hidden) + [1]
-    layers = [DenseParams(widths[i + 1], name=f'fc{i + 1}' if i + 1 < len(self.hidden) else 'out')(widths[i])
-              for i in range(len(self.hidden))]
+    layers = [
+      DenseParams(widths[i + 1], name=f'fc{i + 1}' if i + 1 < len(self.hidden) else 'out')(widths[i])
+      for i in range(len(self.hidden))
+    ]
     block = self.block_size or image.shape[0]
-    scores = pairwise.score_in_blocks(lambda image_block, shared: _relation_head(image_block, *shared),
-                                      first_i, (first_t, layers), block)
+    scores = pairwise.score_in_blocks(
+      lambda image_block, shared: _relation_head(image_block, *shared), first_i, (first_t, layers), block
+    )
     return scores.T
 
 
@@ -196,16 +201,20 @@ class DAERImage(nn.Module):
   width_mult: float = 1.0
   head_hidden: int = mobilenet_v3.LAST_CHANNEL
   dropout: float = 0.2
-  spatial_attention_at: str = 'projection'   # place in each bottleneck (docs/fidelity.md#daer-5)
+  spatial_attention_at: str = 'projection'  # place in each bottleneck (docs/fidelity.md#daer-5)
 
   @nn.compact
   def __call__(self, pixels: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     x = (pixels.astype(jnp.float32) / 255.0 - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
-    cnn = MobileNetV3Large(num_classes=0, width_mult=self.width_mult, name='mobilenet',
-                           block_attention=DualSpatialAttention if self.spatial_attention else None,
-                           block_attention_at=self.spatial_attention_at)
+    cnn = MobileNetV3Large(
+      num_classes=0,
+      width_mult=self.width_mult,
+      name='mobilenet',
+      block_attention=DualSpatialAttention if self.spatial_attention else None,
+      block_attention_at=self.spatial_attention_at,
+    )
     features = cnn(x, train=train)['features']
-    width = mobilenet_v3.make_divisible(self.head_hidden * self.width_mult)   # torchvision's last_channel
+    width = mobilenet_v3.make_divisible(self.head_hidden * self.width_mult)  # torchvision's last_channel
     head = jax.nn.hard_swish(nn.Dense(width, name='head')(features))
     head = nn.Dropout(self.dropout, deterministic=not train)(head)
     return nn.Dense(self.embed_size, name='fc')(head), features
@@ -224,29 +233,36 @@ class DAER(nn.Module):
   """
 
   vocab_size: int
-  img_dim: int = 0                     # unused: DAER reads pixels, not region features
-  num_classes: int = 0                 # categories of the dataset (stage 1-2 heads)
+  img_dim: int = 0  # unused: DAER reads pixels, not region features
+  num_classes: int = 0  # categories of the dataset (stage 1-2 heads)
   word_dim: int = 300
   lstm_size: int = 300
   embed_size: int = 300
-  region_attention: bool = True        # text, eqs 1-3
-  spatial_attention: bool = True       # image, eqs 4-6
-  spatial_attention_at: str = 'projection'   # its place in a bottleneck: mobilenet_v3.ATTENTION_PLACES
+  region_attention: bool = True  # text, eqs 1-3
+  spatial_attention: bool = True  # image, eqs 4-6
+  spatial_attention_at: str = 'projection'  # its place in a bottleneck: mobilenet_v3.ATTENTION_PLACES
   attention_hidden: Sequence[int] = (512, 1024, 512)
   width_mult: float = 1.0
-  power: float = POWER                 # eqs 8-9; 1.0 = plain relation network
+  power: float = POWER  # eqs 8-9; 1.0 = plain relation network
   relation_hidden: Sequence[int] = (1024, 512)
-  image_head_hidden: int = 1280        # MobileNetV3's head width (x width_mult, as torchvision)
-  image_dropout: float = 0.2           # MobileNetV3's head dropout
-  block_size: int = 256                # images per block of the all-pairs relation MLP
+  image_head_hidden: int = 1280  # MobileNetV3's head width (x width_mult, as torchvision)
+  image_dropout: float = 0.2  # MobileNetV3's head dropout
+  block_size: int = 256  # images per block of the all-pairs relation MLP
 
   image_keys = ('pixels',)
 
   def setup(self):
-    self.text = DAERText(self.vocab_size, self.word_dim, self.lstm_size, self.embed_size, self.region_attention,
-                         self.attention_hidden)
-    self.image = DAERImage(self.embed_size, self.spatial_attention, self.width_mult, self.image_head_hidden,
-                           self.image_dropout, self.spatial_attention_at)
+    self.text = DAERText(
+      self.vocab_size, self.word_dim, self.lstm_size, self.embed_size, self.region_attention, self.attention_hidden
+    )
+    self.image = DAERImage(
+      self.embed_size,
+      self.spatial_attention,
+      self.width_mult,
+      self.image_head_hidden,
+      self.image_dropout,
+      self.spatial_attention_at,
+    )
     self.relation = RelationNetwork(hidden=self.relation_hidden, power=self.power, block_size=self.block_size)
     self.text_classifier = nn.Dense(max(self.num_classes, 1))
     self.image_classifier = nn.Dense(max(self.num_classes, 1))

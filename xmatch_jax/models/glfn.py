@@ -53,17 +53,18 @@ SCORES = ('fused', 't2i', 'i2t')
 TEXT_ENCODERS = ('bert_gru', 'gru', 'bert')
 
 
-def position_attention(objects: jax.Array, blocks: jax.Array, weights: jax.Array, table: jax.Array,
-                       eps: float = 0.0) -> jax.Array:
+def position_attention(
+  objects: jax.Array, blocks: jax.Array, weights: jax.Array, table: jax.Array, eps: float = 0.0
+) -> jax.Array:
   """Eqs 6-12: objects [..., k, D_b] (= f(o_i)), blocks [..., k, L] int, weights [..., k, L], table
   [G*G + 1, D_b] -> position vectors p_i [..., k, D_b]. eps > 0 renormalises by (sum + eps) as the official code
   (1e-6); 0 divides by the sum itself (eq 11)."""
-  v = table[blocks]                                                   # eq 6: [..., k, L, D_b]
-  att = jax.nn.softmax(jnp.tanh(jnp.einsum('...kd,...kld->...kl', objects, v)), axis=-1)   # eqs 8-9
-  p = att * weights                                                   # eq 10
+  v = table[blocks]  # eq 6: [..., k, L, D_b]
+  att = jax.nn.softmax(jnp.tanh(jnp.einsum('...kd,...kld->...kl', objects, v)), axis=-1)  # eqs 8-9
+  p = att * weights  # eq 10
   total = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / (total + eps if eps else jnp.maximum(total, 1e-12))         # eq 11
-  return jnp.einsum('...kl,...kld->...kd', p, v)                      # eq 12
+  p = p / (total + eps if eps else jnp.maximum(total, 1e-12))  # eq 11
+  return jnp.einsum('...kl,...kld->...kd', p, v)  # eq 12
 
 
 class GLFN(nn.Module):
@@ -147,7 +148,9 @@ class GLFN(nn.Module):
     if not 0 <= self.alpha <= 1:
       raise errors.UserError(f'GLFN.alpha must be in [0, 1], got {self.alpha}')
     if self.vocab_size != self.bert.vocab_size:
-      raise errors.UserError(f'GLFN: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
+      raise errors.UserError(
+        f'GLFN: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}'
+      )
     if self.block_size < 1:
       raise errors.UserError(f'GLFN.block_size must be >= 1, got {self.block_size}')
     for field in ('t2i_agg_func', 'i2t_agg_func'):
@@ -164,19 +167,29 @@ class GLFN(nn.Module):
     # f of eq 7; the paper does not say whether it has a bias, the official code has none.
     xavier = nn.initializers.glorot_uniform()
     official = {'kernel_init': xavier, 'bias_init': nn.initializers.zeros} if self.official_init else {}
-    self.object_fc = nn.Dense(self.position_dim, use_bias=False, name='object_fc',
-                              **({'kernel_init': xavier} if self.official_init else {}))
-    self.block_embed = nn.Embed(self.grid * self.grid + 1, self.position_dim, name='block_embed',
-                                **({'embedding_init': nn.initializers.normal(1.0)} if self.official_init else {}))
+    self.object_fc = nn.Dense(
+      self.position_dim, use_bias=False, name='object_fc', **({'kernel_init': xavier} if self.official_init else {})
+    )
+    self.block_embed = nn.Embed(
+      self.grid * self.grid + 1,
+      self.position_dim,
+      name='block_embed',
+      **({'embedding_init': nn.initializers.normal(1.0)} if self.official_init else {}),
+    )
     self.region_fc = nn.Dense(self.embed_size, kernel_init=nn.initializers.glorot_uniform(), name='region_fc')
     if self.text_encoder == 'bert':
       self.word_fc = nn.Dense(self.embed_size, name='word_fc')
     else:
       if self.text_encoder == 'bert_gru':
-        self.word_fc = nn.Dense(self.word_dim, name='word_fc', **official)                    # eq 16
-      self.gru = layers.GRUTextEncoder(vocab_size=self.vocab_size, word_dim=self.word_dim,
-                                       embed_size=self.embed_size, num_layers=self.num_layers,
-                                       bidirectional=True, name='gru')
+        self.word_fc = nn.Dense(self.word_dim, name='word_fc', **official)  # eq 16
+      self.gru = layers.GRUTextEncoder(
+        vocab_size=self.vocab_size,
+        word_dim=self.word_dim,
+        embed_size=self.embed_size,
+        num_layers=self.num_layers,
+        bidirectional=True,
+        name='gru',
+      )
 
   def prepare_images(self, images: dict) -> dict:
     """Dataset-format images -> this model's inputs (block positions from boxes, tags tokenised by the BERT's
@@ -204,20 +217,21 @@ class GLFN(nn.Module):
       raise errors.UserError(f'GLFN: pfan_blocks has L={blocks.shape[-1]}; the model was built for top_l={self.top_l}')
     if self.use_tags:
       tags = self.tag_features(images['tag_tokens'], images['tag_mask'])
-      objects = jnp.concatenate([regions, tags], axis=-1)                          # eq 1
+      objects = jnp.concatenate([regions, tags], axis=-1)  # eq 1
     else:
       objects = regions
-    positions = position_attention(self.object_fc(objects), blocks, images['pfan_weights'],
-                                   self.block_embed.embedding, self.position_eps)  # eqs 7-12
+    positions = position_attention(
+      self.object_fc(objects), blocks, images['pfan_weights'], self.block_embed.embedding, self.position_eps
+    )  # eqs 7-12
     if not self.train_position_attention:
       positions = jax.lax.stop_gradient(positions)
     if not self.use_tags:
       parts = [regions, positions]
     elif self.tag_in_fusion == 'twice':
-      parts = [objects, positions, tags]                                           # eq 13
+      parts = [objects, positions, tags]  # eq 13
     else:
       parts = [regions, positions, tags]
-    return {'regions': layers.l2norm(self.region_fc(jnp.concatenate(parts, axis=-1)))}   # eq 14
+    return {'regions': layers.l2norm(self.region_fc(jnp.concatenate(parts, axis=-1)))}  # eq 14
 
   def encode_text(self, text: dict) -> dict:
     """tokens / mask [C, n] (WordPiece) -> {'words': [C, n, D], 'mask'} (eqs 15-27)."""
@@ -236,12 +250,21 @@ class GLFN(nn.Module):
     """S of every pair, [I, C] (eq 33 for 'fused'), in blocks of `block_size` images."""
     need_gram = self.score in ('fused', 'i2t')
     text = scan.prepare_text(text_rep['words'], text_rep['mask'], with_gram=need_gram)
-    t2i = functools.partial(scan.t2i_scores, raw_feature_norm=self.raw_feature_norm,
-                            lambda_softmax=self.t2i_lambda_softmax, agg_func=self.t2i_agg_func,
-                            lambda_lse=self.t2i_lambda_lse, max_attention_weight=self.t2i_max_attention_weight)
-    i2t = functools.partial(scan.i2t_scores, raw_feature_norm=self.raw_feature_norm,
-                            lambda_softmax=self.i2t_lambda_softmax, agg_func=self.i2t_agg_func,
-                            lambda_lse=self.i2t_lambda_lse)
+    t2i = functools.partial(
+      scan.t2i_scores,
+      raw_feature_norm=self.raw_feature_norm,
+      lambda_softmax=self.t2i_lambda_softmax,
+      agg_func=self.t2i_agg_func,
+      lambda_lse=self.t2i_lambda_lse,
+      max_attention_weight=self.t2i_max_attention_weight,
+    )
+    i2t = functools.partial(
+      scan.i2t_scores,
+      raw_feature_norm=self.raw_feature_norm,
+      lambda_softmax=self.i2t_lambda_softmax,
+      agg_func=self.i2t_agg_func,
+      lambda_lse=self.i2t_lambda_lse,
+    )
 
     def head(image_block, text_):
       regions = image_block['regions']
@@ -249,9 +272,11 @@ class GLFN(nn.Module):
         return t2i(regions, text_)
       if self.score == 'i2t':
         return i2t(regions, text_)
-      sim = scan.t2i_similarity(regions, text_['words'])   # S once for both directions
-      return (self.alpha * i2t(regions, text_, sim=scan.i2t_layout(sim)) +
-              (1 - self.alpha) * t2i(regions, text_, sim=sim))
+      sim = scan.t2i_similarity(regions, text_['words'])  # S once for both directions
+      return self.alpha * i2t(regions, text_, sim=scan.i2t_layout(sim)) + (1 - self.alpha) * t2i(
+        regions, text_, sim=sim
+      )
+
     return pairwise.score_in_blocks(head, image_rep, text, self.block_size, remat=self.remat)
 
   def __call__(self, images: dict, text: dict) -> jax.Array:
@@ -270,8 +295,9 @@ def _rows(field, dtype):
   return np.asarray(field, dtype)
 
 
-def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = pfan.TOP_L,
-                   use_tags: bool = True, where: str = 'images') -> dict:
+def prepare_images(
+  images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = pfan.TOP_L, use_tags: bool = True, where: str = 'images'
+) -> dict:
   """Dataset-format images -> GLFN inputs.
 
   Block positions come from `pfan_blocks` / `pfan_weights` if present, else from `boxes` ([I, k, 4] x1, y1, x2, y2
@@ -288,10 +314,13 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
   elif 'boxes' in images:
     boxes = np.asarray(images['boxes'], np.float64)
     out['pfan_blocks'], out['pfan_weights'] = pfan.block_positions(
-        boxes, np.ones((boxes.shape[0], 2)), grid, top_l, where=f'{where}["boxes"]')
+      boxes, np.ones((boxes.shape[0], 2)), grid, top_l, where=f'{where}["boxes"]'
+    )
   else:
-    raise errors.UserError(f'{where}: GLFN needs block positions: fields pfan_blocks + pfan_weights (PFAN boxes.npy, see '
-                           'tools/pfan_positions.py) or boxes; got fields ' + str(sorted(images)))
+    raise errors.UserError(
+      f'{where}: GLFN needs block positions: fields pfan_blocks + pfan_weights (PFAN boxes.npy, see '
+      'tools/pfan_positions.py) or boxes; got fields ' + str(sorted(images))
+    )
   if not use_tags:
     return out
   if 'tag_tokens' in images and 'tag_mask' in images:
@@ -299,13 +328,15 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
     out['tag_mask'] = np.asarray(images['tag_mask'], np.float32)
     return out
   if 'tags' not in images:
-    raise errors.UserError(f'{where}: GLFN with use_tags needs per-region tags (field tags: k strings per image) or '
-                           f'tag_tokens + tag_mask; got fields {sorted(images)}. For the SCAN precomp datasets (f30k, coco, '
-                           'precomp) this means the manual dir has no {split}_tags.txt (line i: the k region tags of image '
-                           'i, TAB-separated, e.g. "white plate"; see xmatch_jax/data/precomp.py; tools/convert_features.py '
-                           '--objects_vocab=objects_vocab.txt --attributes_vocab=attributes_vocab.txt writes them from '
-                           'bottom-up-attention detections); add them to every split and delete the built dataset to '
-                           'rebuild, or train without tags: --config.model.use_tags=False (the no-tag ablation).')
+    raise errors.UserError(
+      f'{where}: GLFN with use_tags needs per-region tags (field tags: k strings per image) or '
+      f'tag_tokens + tag_mask; got fields {sorted(images)}. For the SCAN precomp datasets (f30k, coco, '
+      'precomp) this means the manual dir has no {split}_tags.txt (line i: the k region tags of image '
+      'i, TAB-separated, e.g. "white plate"; see xmatch_jax/data/precomp.py; tools/convert_features.py '
+      '--objects_vocab=objects_vocab.txt --attributes_vocab=attributes_vocab.txt writes them from '
+      'bottom-up-attention detections); add them to every split and delete the built dataset to '
+      'rebuild, or train without tags: --config.model.use_tags=False (the no-tag ablation).'
+    )
   encoded, cache = [], {}
   for i, image_tags in enumerate(images['tags']):
     row = []
@@ -321,6 +352,6 @@ def prepare_images(images: dict, tokenizer, grid: int = pfan.GRID, top_l: int = 
   tokens = np.zeros((len(encoded), len(encoded[0]), t), np.int32)
   for i, row in enumerate(encoded):
     for r, ids in enumerate(row):
-      tokens[i, r, :len(ids)] = ids
+      tokens[i, r, : len(ids)] = ids
   out['tag_tokens'], out['tag_mask'] = tokens, (tokens > 0).astype(np.float32)
   return out

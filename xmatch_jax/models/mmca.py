@@ -65,8 +65,9 @@ def project_qkv(p: dict, x: jax.Array, heads: int, dtype: pairwise.DTypeLike = j
   return {name: split(_linear(p[name], x, dtype)) for name in ('q', 'k', 'v')}
 
 
-def transformer_finish(p: dict, x: jax.Array, attended: jax.Array,
-                       dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
+def transformer_finish(
+  p: dict, x: jax.Array, attended: jax.Array, dtype: pairwise.DTypeLike = jnp.float32
+) -> jax.Array:
   """The rest of the unit after the attention heads: x, attended [..., m, d] (heads concatenated) ->
   LN(y + FFN(y)), y = LN(x + attended W^O) (eqs 3-4 with the residual + LayerNorm around each sub-layer)."""
   y = layer_norm(p['ln1'], x + _linear(p['o'], attended, dtype))
@@ -78,8 +79,14 @@ def _scale(head_dim: int, model_dim: int, attention_scale: str) -> float:
   return (head_dim if attention_scale == 'head' else model_dim) ** -0.5
 
 
-def transformer_unit(p: dict, x: jax.Array, valid: Optional[jax.Array], heads: int,
-                     attention_scale: str = 'head', dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
+def transformer_unit(
+  p: dict,
+  x: jax.Array,
+  valid: Optional[jax.Array],
+  heads: int,
+  attention_scale: str = 'head',
+  dtype: pairwise.DTypeLike = jnp.float32,
+) -> jax.Array:
   """Eqs 1-4 on one set of fragments: x [N, m, d], valid [N, m] bool (None: all real) -> [N, m, d]."""
   qkv = project_qkv(p, x, heads, dtype)
   scale = _scale(qkv['q'].shape[-1], x.shape[-1], attention_scale)
@@ -91,31 +98,41 @@ def transformer_unit(p: dict, x: jax.Array, valid: Optional[jax.Array], heads: i
   return transformer_finish(p, x, attended, dtype)
 
 
-def text_cnn(p: dict, words: jax.Array, valid: jax.Array, text_norm: str,
-             dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
+def text_cnn(
+  p: dict, words: jax.Array, valid: jax.Array, text_norm: str, dtype: pairwise.DTypeLike = jnp.float32
+) -> jax.Array:
   """Eqs 6-7: words [N, n, D], valid [N, n] bool (real tokens first) -> sentence embeddings [N, d]."""
   n = words.shape[1]
   lengths = jnp.sum(valid, axis=-1)
   pooled = []
   for width in (1, 2, 3):
-    kernel = p[f'conv{width}']['kernel']                 # [width * D, filters]
+    kernel = p[f'conv{width}']['kernel']  # [width * D, filters]
     positions = max(n - width + 1, 0)
     if positions == 0:
       pooled.append(jnp.zeros(words.shape[:1] + kernel.shape[-1:], words.dtype))
       continue
     # im2col: window k holds e_k .. e_{k+width-1} concatenated.
-    windows = jnp.concatenate([words[:, j:j + positions] for j in range(width)], axis=-1)
-    p_l = jax.nn.relu(_linear(p[f'conv{width}'], windows, dtype))                # [N, positions, filters]
-    inside = jnp.arange(positions)[None, :] + width <= lengths[:, None]          # window within real tokens
-    pooled.append(jnp.max(jnp.where(inside[..., None], p_l, 0.0), axis=1))      # ReLU >= 0, so 0 is neutral
+    windows = jnp.concatenate([words[:, j : j + positions] for j in range(width)], axis=-1)
+    p_l = jax.nn.relu(_linear(p[f'conv{width}'], windows, dtype))  # [N, positions, filters]
+    inside = jnp.arange(positions)[None, :] + width <= lengths[:, None]  # window within real tokens
+    pooled.append(jnp.max(jnp.where(inside[..., None], p_l, 0.0), axis=1))  # ReLU >= 0, so 0 is neutral
   sentence = _linear(p['fc'], jnp.concatenate(pooled, axis=-1), dtype)
   if text_norm == 'layernorm':
     return layer_norm(p['ln'], sentence)
   return layers.l2norm(sentence)
 
 
-def cross_block_scores(image: dict, text: dict, p_cross: dict, p_cnn: dict, *, heads: int, text_norm: str,
-                       attention_scale: str, dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
+def cross_block_scores(
+  image: dict,
+  text: dict,
+  p_cross: dict,
+  p_cnn: dict,
+  *,
+  heads: int,
+  text_norm: str,
+  attention_scale: str,
+  dtype: pairwise.DTypeLike = jnp.float32,
+) -> jax.Array:
   """i_1 . c_1 (eqs 8-14) of a block of b images against all C captions.
 
   Args:
@@ -130,44 +147,57 @@ def cross_block_scores(image: dict, text: dict, p_cross: dict, p_cnn: dict, *, h
   b, k, d = regions.shape
   c, n, _ = words.shape
   scale = _scale(image['q'].shape[-1], d, attention_scale)
-  key_valid = valid[None, :, None, None, :]                                       # [1, C, 1, 1, n]
+  key_valid = valid[None, :, None, None, :]  # [1, C, 1, 1, n]
   # Region queries over [regions; words] keys: Q_R K_R^T is per image, Q_R K_E^T per pair.
-  rr = pairwise.einsum('bkhd,blhd->bhkl', image['q'], image['k'], dtype=dtype) * scale   # [b, h, k, k]
-  re = pairwise.einsum('bkhd,cnhd->bchkn', image['q'], text['k'], dtype=dtype) * scale    # [b, C, h, k, n]
-  logits = jnp.concatenate([jnp.broadcast_to(rr[:, None], (b, c) + rr.shape[1:]),
-                            jnp.where(key_valid, re, -jnp.inf)], axis=-1)
+  rr = pairwise.einsum('bkhd,blhd->bhkl', image['q'], image['k'], dtype=dtype) * scale  # [b, h, k, k]
+  re = pairwise.einsum('bkhd,cnhd->bchkn', image['q'], text['k'], dtype=dtype) * scale  # [b, C, h, k, n]
+  logits = jnp.concatenate(
+    [jnp.broadcast_to(rr[:, None], (b, c) + rr.shape[1:]), jnp.where(key_valid, re, -jnp.inf)], axis=-1
+  )
   w = jax.nn.softmax(logits, axis=-1)
-  att_r = (pairwise.einsum('bchkl,blhd->bckhd', w[..., :k], image['v'], dtype=dtype)
-           + pairwise.einsum('bchkn,cnhd->bckhd', w[..., k:], text['v'], dtype=dtype))   # eq 13
+  att_r = pairwise.einsum('bchkl,blhd->bckhd', w[..., :k], image['v'], dtype=dtype) + pairwise.einsum(
+    'bchkn,cnhd->bckhd', w[..., k:], text['v'], dtype=dtype
+  )  # eq 13
   # Word queries: Q_E K_R^T per pair, Q_E K_E^T per caption.
-  er = pairwise.einsum('cnhd,bkhd->bchnk', text['q'], image['k'], dtype=dtype) * scale    # [b, C, h, n, k]
-  ee = pairwise.einsum('cnhd,cmhd->chnm', text['q'], text['k'], dtype=dtype) * scale      # [C, h, n, n]
+  er = pairwise.einsum('cnhd,bkhd->bchnk', text['q'], image['k'], dtype=dtype) * scale  # [b, C, h, n, k]
+  ee = pairwise.einsum('cnhd,cmhd->chnm', text['q'], text['k'], dtype=dtype) * scale  # [C, h, n, n]
   ee = jnp.where(valid[:, None, None, :], ee, -jnp.inf)
   logits = jnp.concatenate([er, jnp.broadcast_to(ee[None], (b,) + ee.shape)], axis=-1)
   w = jax.nn.softmax(logits, axis=-1)
-  att_e = (pairwise.einsum('bchnk,bkhd->bcnhd', w[..., :k], image['v'], dtype=dtype)
-           + pairwise.einsum('bchnm,cmhd->bcnhd', w[..., k:], text['v'], dtype=dtype))   # eq 14
-  x = jnp.concatenate([jnp.broadcast_to(regions[:, None], (b, c, k, d)),
-                       jnp.broadcast_to(words[None], (b, c, n, d))], axis=2)
+  att_e = pairwise.einsum('bchnk,bkhd->bcnhd', w[..., :k], image['v'], dtype=dtype) + pairwise.einsum(
+    'bchnm,cmhd->bcnhd', w[..., k:], text['v'], dtype=dtype
+  )  # eq 14
+  x = jnp.concatenate(
+    [jnp.broadcast_to(regions[:, None], (b, c, k, d)), jnp.broadcast_to(words[None], (b, c, n, d))], axis=2
+  )
   attended = jnp.concatenate([att_r, att_e], axis=2).reshape(b, c, k + n, d)
-  y = transformer_finish(p_cross, x, attended, dtype)                             # Y_c [b, C, k + n, d]
-  i1 = layers.l2norm(jnp.mean(y[:, :, :k], axis=2))                               # [b, C, d]
-  c1 = text_cnn(p_cnn, y[:, :, k:].reshape(b * c, n, d),
-                jnp.broadcast_to(valid[None], (b, c, n)).reshape(b * c, n), text_norm, dtype).reshape(b, c, d)
+  y = transformer_finish(p_cross, x, attended, dtype)  # Y_c [b, C, k + n, d]
+  i1 = layers.l2norm(jnp.mean(y[:, :, :k], axis=2))  # [b, C, d]
+  c1 = text_cnn(
+    p_cnn,
+    y[:, :, k:].reshape(b * c, n, d),
+    jnp.broadcast_to(valid[None], (b, c, n)).reshape(b * c, n),
+    text_norm,
+    dtype,
+  ).reshape(b, c, d)
   return jnp.sum(i1 * c1, axis=-1)
 
 
 # ------------------------------------------------------------------------------------------ parameters
 def _torch_linear(fan_in: int, out: int, name: str, module: nn.Module) -> dict:
   """nn.Linear's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
-  init = layers.symmetric_uniform(fan_in ** -0.5)
-  return {'kernel': module.param(f'{name}_kernel', init, (fan_in, out)),
-          'bias': module.param(f'{name}_bias', init, (out,))}
+  init = layers.symmetric_uniform(fan_in**-0.5)
+  return {
+    'kernel': module.param(f'{name}_kernel', init, (fan_in, out)),
+    'bias': module.param(f'{name}_bias', init, (out,)),
+  }
 
 
 def _layer_norm_params(dim: int, name: str, module: nn.Module) -> dict:
-  return {'scale': module.param(f'{name}_scale', nn.initializers.ones, (dim,)),
-          'bias': module.param(f'{name}_bias', nn.initializers.zeros, (dim,))}
+  return {
+    'scale': module.param(f'{name}_scale', nn.initializers.ones, (dim,)),
+    'bias': module.param(f'{name}_bias', nn.initializers.zeros, (dim,)),
+  }
 
 
 class TransformerParams(nn.Module):
@@ -240,13 +270,14 @@ class MMCA(nn.Module):
   remat: bool = False
   dtype: str = 'float32'
 
-  text_input = 'wordpiece'               # captions are tokenised with the BERT's own WordPiece vocabulary
-  frozen_params = ('bert',)              # not trained (sec 4.2: "the weights of BERT model is fixed")
+  text_input = 'wordpiece'  # captions are tokenised with the BERT's own WordPiece vocabulary
+  frozen_params = ('bert',)  # not trained (sec 4.2: "the weights of BERT model is fixed")
 
   def __post_init__(self):
     if self.bert is None:
-      raise errors.UserError('MMCA needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model, which reads '
-                             'it from bert_dir')
+      raise errors.UserError(
+        'MMCA needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model, which reads it from bert_dir'
+      )
     if self.embed_size % self.num_heads:
       raise errors.UserError(f'MMCA.embed_size ({self.embed_size}) must be a multiple of num_heads ({self.num_heads})')
     if self.text_norm not in TEXT_NORMS:
@@ -257,7 +288,9 @@ class MMCA(nn.Module):
     if self.block_size < 1 or self.cnn_filters < 1:
       raise errors.UserError(f'MMCA.block_size and cnn_filters must be >= 1, got {self.block_size}, {self.cnn_filters}')
     if self.vocab_size != self.bert.vocab_size:
-      raise errors.UserError(f'MMCA: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}')
+      raise errors.UserError(
+        f'MMCA: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}'
+      )
     layers.compute_dtype(self.dtype, 'MMCA')
     super().__post_init__()
 
@@ -268,11 +301,11 @@ class MMCA(nn.Module):
   def setup(self):
     d = self.embed_size
     dot_general = layers.mixed_dot_general(self._dtype)
-    self.region_fc = nn.Dense(d, kernel_init=nn.initializers.glorot_uniform(), dot_general=dot_general,
-                              name='region_fc')
+    self.region_fc = nn.Dense(
+      d, kernel_init=nn.initializers.glorot_uniform(), dot_general=dot_general, name='region_fc'
+    )
     self.bert_encoder = bert_lib.BertModel(self.bert, add_pooling_layer=False, name='bert')
-    self.word_fc = nn.Dense(d, kernel_init=nn.initializers.glorot_uniform(), dot_general=dot_general,
-                            name='word_fc')
+    self.word_fc = nn.Dense(d, kernel_init=nn.initializers.glorot_uniform(), dot_general=dot_general, name='word_fc')
     self.image_unit = TransformerParams(d, name='image_unit')
     self.text_cnn0 = TextCNNParams(self.bert.hidden_size, self.cnn_filters, d, self.text_norm, name='text_cnn0')
     self.cross_unit = TransformerParams(d, name='cross_unit')
@@ -282,10 +315,14 @@ class MMCA(nn.Module):
     """images['regions'] [I, k, img_dim] -> {'i0' [I, d], 'regions' [I, k, d], 'q', 'k', 'v' [I, k, h, d/h]}."""
     layers.require_keys(images, ('regions',), 'MMCA.encode_image')
     regions = self.region_fc(images['regions'])
-    attended = transformer_unit(self.image_unit(), regions, None, self.num_heads, self.self_attention_scale,
-                                self._dtype)
-    return {'i0': layers.l2norm(jnp.mean(attended, axis=1)), 'regions': regions,
-            **project_qkv(self.cross_unit(), regions, self.num_heads, self._dtype)}
+    attended = transformer_unit(
+      self.image_unit(), regions, None, self.num_heads, self.self_attention_scale, self._dtype
+    )
+    return {
+      'i0': layers.l2norm(jnp.mean(attended, axis=1)),
+      'regions': regions,
+      **project_qkv(self.cross_unit(), regions, self.num_heads, self._dtype),
+    }
 
   def encode_text(self, text: dict) -> dict:
     """text['tokens'] (WordPiece ids), text['mask'] [C, n] -> {'c0' [C, d], 'words' [C, n, d], 'q', 'k', 'v'
@@ -295,8 +332,12 @@ class MMCA(nn.Module):
     features = jax.lax.stop_gradient(self.bert_encoder(text['tokens'], mask)['last_hidden_state'])
     valid = mask > 0
     words = jnp.where(valid[..., None], self.word_fc(features), 0.0)
-    return {'c0': text_cnn(self.text_cnn0(), features, valid, self.text_norm, self._dtype), 'words': words,
-            'mask': mask, **project_qkv(self.cross_unit(), words, self.num_heads, self._dtype)}
+    return {
+      'c0': text_cnn(self.text_cnn0(), features, valid, self.text_norm, self._dtype),
+      'words': words,
+      'mask': mask,
+      **project_qkv(self.cross_unit(), words, self.num_heads, self._dtype),
+    }
 
   def pair_scores(self, image_rep: dict, text_rep: dict) -> jax.Array:
     """S = i_0 . c_0 + alpha i_1 . c_1 of every pair, [I, C]; the cross term in blocks of `block_size` images."""
@@ -306,11 +347,20 @@ class MMCA(nn.Module):
     image = {key: image_rep[key] for key in ('regions', 'q', 'k', 'v')}
     text = {key: text_rep[key] for key in ('words', 'q', 'k', 'v')}
     text['valid'] = text_rep['mask'] > 0
-    head = functools.partial(cross_block_scores, heads=self.num_heads, text_norm=self.text_norm,
-                             attention_scale=self.cross_attention_scale, dtype=self._dtype)
+    head = functools.partial(
+      cross_block_scores,
+      heads=self.num_heads,
+      text_norm=self.text_norm,
+      attention_scale=self.cross_attention_scale,
+      dtype=self._dtype,
+    )
     cross = pairwise.score_in_blocks(
-        lambda image_block, shared: head(image_block, shared[0], shared[1], shared[2]),
-        image, (text, self.cross_unit(), self.text_cnn1()), self.block_size, remat=self.remat)
+      lambda image_block, shared: head(image_block, shared[0], shared[1], shared[2]),
+      image,
+      (text, self.cross_unit(), self.text_cnn1()),
+      self.block_size,
+      remat=self.remat,
+    )
     return self_scores + self.alpha * cross
 
   def __call__(self, images: dict, text: dict) -> jax.Array:

@@ -3,11 +3,14 @@
 Inverted-residual bottlenecks (1x1 expand, k x k depthwise, optional squeeze-excitation, 1x1 project; residual when
 stride 1 and widths match), hard-swish / ReLU, BatchNorm (eps 1e-3), PyTorch's symmetric padding (k - 1) // 2.
 `block_attention` inserts a module into every bottleneck (DAER's dual spatial attention, eqs 4-6), by default after
-the projection, before the residual add (`block_attention_at`). Module names follow torchvision's indices (`features_3`, `block_0`, ...) so
-`xmatch_jax.convert.torchvision_mobilenet` maps a torchvision state_dict key by key. Inputs are NHWC.
+the projection, before the residual add (`block_attention_at`). Module names follow torchvision's indices
+(`features_3`, `block_0`, ...) so `xmatch_jax.convert.torchvision_mobilenet` maps a torchvision state_dict key by
+key. Inputs are NHWC.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -15,21 +18,21 @@ import jax.numpy as jnp
 
 # torchvision's bneck_conf for mobilenet_v3_large: (in, kernel, expanded, out, use_se, activation, stride).
 LARGE = (
-    (16, 3, 16, 16, False, 'RE', 1),
-    (16, 3, 64, 24, False, 'RE', 2),
-    (24, 3, 72, 24, False, 'RE', 1),
-    (24, 5, 72, 40, True, 'RE', 2),
-    (40, 5, 120, 40, True, 'RE', 1),
-    (40, 5, 120, 40, True, 'RE', 1),
-    (40, 3, 240, 80, False, 'HS', 2),
-    (80, 3, 200, 80, False, 'HS', 1),
-    (80, 3, 184, 80, False, 'HS', 1),
-    (80, 3, 184, 80, False, 'HS', 1),
-    (80, 3, 480, 112, True, 'HS', 1),
-    (112, 3, 672, 112, True, 'HS', 1),
-    (112, 5, 672, 160, True, 'HS', 2),
-    (160, 5, 960, 160, True, 'HS', 1),
-    (160, 5, 960, 160, True, 'HS', 1),
+  (16, 3, 16, 16, False, 'RE', 1),
+  (16, 3, 64, 24, False, 'RE', 2),
+  (24, 3, 72, 24, False, 'RE', 1),
+  (24, 5, 72, 40, True, 'RE', 2),
+  (40, 5, 120, 40, True, 'RE', 1),
+  (40, 5, 120, 40, True, 'RE', 1),
+  (40, 3, 240, 80, False, 'HS', 2),
+  (80, 3, 200, 80, False, 'HS', 1),
+  (80, 3, 184, 80, False, 'HS', 1),
+  (80, 3, 184, 80, False, 'HS', 1),
+  (80, 3, 480, 112, True, 'HS', 1),
+  (112, 3, 672, 112, True, 'HS', 1),
+  (112, 5, 672, 160, True, 'HS', 2),
+  (160, 5, 960, 160, True, 'HS', 1),
+  (160, 5, 960, 160, True, 'HS', 1),
 )
 LAST_CHANNEL = 1280
 BN_EPS = 1e-3
@@ -55,8 +58,15 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     pad = (self.kernel - 1) // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding=[(pad, pad), (pad, pad)],
-                feature_group_count=self.groups, use_bias=False, name='conv')(x)
+    x = nn.Conv(
+      self.features,
+      (self.kernel, self.kernel),
+      strides=self.stride,
+      padding=[(pad, pad), (pad, pad)],
+      feature_group_count=self.groups,
+      use_bias=False,
+      name='conv',
+    )(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=BN_EPS, name='bn')(x)
     return self.activation(x) if self.activation is not None else x
 
@@ -94,8 +104,9 @@ class InvertedResidual(nn.Module):
     if self.expanded != self.in_channels:
       y = ConvBN(self.expanded, 1, activation=act, name=f'block_{index}')(y, train)
       index += 1
-    y = ConvBN(self.expanded, self.kernel, self.stride, groups=self.expanded, activation=act,
-               name=f'block_{index}')(y, train)
+    y = ConvBN(self.expanded, self.kernel, self.stride, groups=self.expanded, activation=act, name=f'block_{index}')(
+      y, train
+    )
     index += 1
     if self.use_se:
       y = SqueezeExcitation(self.expanded, name=f'block_{index}')(y)
@@ -134,16 +145,17 @@ class MobileNetV3Large(nn.Module):
   def __call__(self, images: jax.Array, train: bool = False) -> dict:
     """images [B, H, W, 3] (normalised as torchvision: ImageNet mean / std) -> {'features': [B, 960 (x width)],
     'logits': [B, num_classes] if num_classes}."""
-    adjust = lambda c: make_divisible(c * self.width_mult)     # torchvision's InvertedResidualConfig
+    adjust = lambda c: make_divisible(c * self.width_mult)  # torchvision's InvertedResidualConfig
     config = [(adjust(i), k, adjust(e), adjust(o), se, act, s) for i, k, e, o, se, act, s in self.config]
     x = ConvBN(config[0][0], 3, 2, activation=jax.nn.hard_swish, name='features_0')(images, train)
     for i, conf in enumerate(config, 1):
-      x = InvertedResidual(*conf, block_attention=self.block_attention,
-                           block_attention_at=self.block_attention_at, name=f'features_{i}')(x, train)
+      x = InvertedResidual(
+        *conf, block_attention=self.block_attention, block_attention_at=self.block_attention_at, name=f'features_{i}'
+      )(x, train)
     x = ConvBN(6 * config[-1][3], 1, activation=jax.nn.hard_swish, name=f'features_{len(config) + 1}')(x, train)
     features = jnp.mean(x, axis=(1, 2))
     out = {'features': features}
     if self.num_classes:
       h = jax.nn.hard_swish(nn.Dense(adjust(LAST_CHANNEL), name='classifier_0')(features))
-      out['logits'] = nn.Dense(self.num_classes, name='classifier_3')(h)   # dropout (classifier_2) omitted
+      out['logits'] = nn.Dense(self.num_classes, name='classifier_3')(h)  # dropout (classifier_2) omitted
     return out

@@ -58,336 +58,368 @@ _CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
 def _torch_conv_init(fan_in: int) -> nn.initializers.Initializer:
-    """PyTorch's Conv2d default for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    return layers.symmetric_uniform(fan_in ** -0.5)
+  """PyTorch's Conv2d default for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  return layers.symmetric_uniform(fan_in**-0.5)
 
 
 class RelationCNN(nn.Module):
-    """Creates the parameters of the visual-semantic relation CNN (eqs 6-7) and returns them.
+  """Creates the parameters of the visual-semantic relation CNN (eqs 6-7) and returns them.
 
-    The convolution itself is the pure function `relation_maps`, so that it can run inside the
-    `lax.map` of the blocked scorer (a linen submodule cannot be called there).
+  The convolution itself is the pure function `relation_maps`, so that it can run inside the
+  `lax.map` of the blocked scorer (a linen submodule cannot be called there).
 
-    Attributes:
-      channels: channels of the three relation layers (32 in the paper).
-      out_channels: 2 (S1, S2) or 1 (one-path).
-    """
+  Attributes:
+    channels: channels of the three relation layers (32 in the paper).
+    out_channels: 2 (S1, S2) or 1 (one-path).
+  """
 
-    channels: int
-    out_channels: int
+  channels: int
+  out_channels: int
 
-    @nn.compact
-    def __call__(self) -> dict:
-        """Returns {'<layer>_kernel': [h, w, in, out] (HWIO), '<layer>_bias': [out]}."""
-        params = {}
-        in_channels = 1
-        shapes = RELATION_LAYERS + (('out', 1, 1),)
-        for name, height, width in shapes:
-            out = self.out_channels if name == 'out' else self.channels
-            init = _torch_conv_init(in_channels * height * width)
-            params[f'{name}_kernel'] = self.param(
-                f'{name}_kernel', init, (height, width, in_channels, out))
-            params[f'{name}_bias'] = self.param(f'{name}_bias', init, (out,))
-            in_channels = out
-        return params
+  @nn.compact
+  def __call__(self) -> dict:
+    """Returns {'<layer>_kernel': [h, w, in, out] (HWIO), '<layer>_bias': [out]}."""
+    params = {}
+    in_channels = 1
+    shapes = RELATION_LAYERS + (('out', 1, 1),)
+    for name, height, width in shapes:
+      out = self.out_channels if name == 'out' else self.channels
+      init = _torch_conv_init(in_channels * height * width)
+      params[f'{name}_kernel'] = self.param(f'{name}_kernel', init, (height, width, in_channels, out))
+      params[f'{name}_bias'] = self.param(f'{name}_bias', init, (out,))
+      in_channels = out
+    return params
 
 
 def _lax_same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding='SAME',
-                                        dimension_numbers=_CONV_DIMS,
-                                        preferred_element_type=jnp.float32)
+  return jax.lax.conv_general_dilated(
+    x, kernel, window_strides=(1, 1), padding='SAME', dimension_numbers=_CONV_DIMS, preferred_element_type=jnp.float32
+  )
 
 
 @jax.custom_vjp
 def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-1 'same' cross-correlation (PyTorch's Conv2d): x [P, H, W, I], kernel [h, w, I, O].
+  """Stride-1 'same' cross-correlation (PyTorch's Conv2d): x [P, H, W, I], kernel [h, w, I, O].
 
-    x and kernel share a dtype (float32 or bfloat16); the result is accumulated and returned in
-    float32, and the gradients are computed in the operands' dtype the same way.
-    Kernel sizes must be odd. The backward pass is written out because XLA:CPU runs the autodiff
-    kernel-gradient convolution inside `lax.map` (the blocked scorer) with a non-canonical layout
-    ~40x slower than this: dx is the 'same' convolution of the cotangent with the flipped, in/out
-    swapped kernel; dk[a, b] = (x shifted by (a, b))^T cotangent over all pairs and positions, one
-    matmul per kernel row.
-    Reverse mode only (no jvp).
-    """
-    return _lax_same_conv(x, kernel)
+  x and kernel share a dtype (float32 or bfloat16); the result is accumulated and returned in
+  float32, and the gradients are computed in the operands' dtype the same way.
+  Kernel sizes must be odd. The backward pass is written out because XLA:CPU runs the autodiff
+  kernel-gradient convolution inside `lax.map` (the blocked scorer) with a non-canonical layout
+  ~40x slower than this: dx is the 'same' convolution of the cotangent with the flipped, in/out
+  swapped kernel; dk[a, b] = (x shifted by (a, b))^T cotangent over all pairs and positions, one
+  matmul per kernel row.
+  Reverse mode only (no jvp).
+  """
+  return _lax_same_conv(x, kernel)
 
 
 def _same_conv_fwd(x, kernel):
-    return _lax_same_conv(x, kernel), (x, kernel)
+  return _lax_same_conv(x, kernel), (x, kernel)
 
 
 def _same_conv_bwd(residuals, grad):
-    x, kernel = residuals
-    kh, kw = kernel.shape[:2]
-    height, width = x.shape[1:3]
-    in_channels, out_channels = kernel.shape[2:]
-    grad = grad.astype(x.dtype)
-    dx = _lax_same_conv(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3)).astype(x.dtype)
-    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    grad = grad.reshape(-1, out_channels)
-    rows = []
-    for a in range(kh):  # one matmul per kernel row: [kw * I, positions] @ [positions, O]
-        shifted = jnp.concatenate(
-            [padded[:, a:a + height, b:b + width] for b in range(kw)], axis=-1)
-        rows.append(pairwise.matmul(shifted.reshape(-1, kw * in_channels).T, grad, x.dtype)
-                    .reshape(kw, in_channels, out_channels))
-    return dx, jnp.stack(rows).astype(kernel.dtype)
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  height, width = x.shape[1:3]
+  in_channels, out_channels = kernel.shape[2:]
+  grad = grad.astype(x.dtype)
+  dx = _lax_same_conv(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3)).astype(x.dtype)
+  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  grad = grad.reshape(-1, out_channels)
+  rows = []
+  for a in range(kh):  # one matmul per kernel row: [kw * I, positions] @ [positions, O]
+    shifted = jnp.concatenate([padded[:, a : a + height, b : b + width] for b in range(kw)], axis=-1)
+    rows.append(
+      pairwise.matmul(shifted.reshape(-1, kw * in_channels).T, grad, x.dtype).reshape(kw, in_channels, out_channels)
+    )
+  return dx, jnp.stack(rows).astype(kernel.dtype)
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
-def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
-          dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
-    """`same_conv` of x and kernel cast to `dtype`, plus bias, on NHWC maps (float32 result)."""
-    if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
-        raise errors.UserError(f"relation conv kernels must have odd sizes, got {kernel.shape[:2]}")
-    return same_conv(x.astype(dtype), kernel.astype(dtype)) + bias
+def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
+  """`same_conv` of x and kernel cast to `dtype`, plus bias, on NHWC maps (float32 result)."""
+  if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+    raise errors.UserError(f'relation conv kernels must have odd sizes, got {kernel.shape[:2]}')
+  return same_conv(x.astype(dtype), kernel.astype(dtype)) + bias
 
 
-def relation_maps(sim: jax.Array, word_valid: jax.Array, cnn_params: Optional[dict], *,
-                  use_residual: bool,
-                  dtype: pairwise.DTypeLike = jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """The attention logit maps S^1 (column-wise) and S^2 (row-wise) of eqs 6-7.
+def relation_maps(
+  sim: jax.Array,
+  word_valid: jax.Array,
+  cnn_params: Optional[dict],
+  *,
+  use_residual: bool,
+  dtype: pairwise.DTypeLike = jnp.float32,
+) -> tuple[jax.Array, jax.Array]:
+  """The attention logit maps S^1 (column-wise) and S^2 (row-wise) of eqs 6-7.
 
-    Args:
-      sim: cosine maps S [b, C, k, n], zero in padded word columns.
-      word_valid: [C, n] bool, True for real words.
-      cnn_params: output of `RelationCNN` (1 or 2 output channels), or None for no-cnn
-        (S^1 = S^2 = S).
-      use_residual: add S to the CNN outputs (eq 7); False is the no-res ablation.
-      dtype: compute dtype of the convolutions' operands.
+  Args:
+    sim: cosine maps S [b, C, k, n], zero in padded word columns.
+    word_valid: [C, n] bool, True for real words.
+    cnn_params: output of `RelationCNN` (1 or 2 output channels), or None for no-cnn
+      (S^1 = S^2 = S).
+    use_residual: add S to the CNN outputs (eq 7); False is the no-res ablation.
+    dtype: compute dtype of the convolutions' operands.
 
-    Returns:
-      (S^1, S^2), each [b, C, k, n]; the same array twice for one-path and no-cnn.
-    """
-    if cnn_params is None:
-        return sim, sim
-    b, c, k, n = sim.shape
-    # One batched convolution over the b * C pair maps, NHWC = [pairs, regions, words, channels].
-    column_mask = jnp.broadcast_to(word_valid[None, :, None, :], (b, c, 1, n))
-    column_mask = column_mask.reshape(b * c, 1, n, 1).astype(sim.dtype)
-    x = sim.reshape(b * c, k, n, 1) * column_mask
-    for name, _, _ in RELATION_LAYERS:
-        x = jax.nn.relu(
-            _conv(x, cnn_params[f'{name}_kernel'], cnn_params[f'{name}_bias'], dtype))
-        # Re-zero padded columns: the next layer's 'same' padding sees zeros past the real words.
-        x = x * column_mask
-    out = _conv(x, cnn_params['out_kernel'], cnn_params['out_bias'], dtype)  # [pairs, k, n, 1|2]
-    out = jnp.moveaxis(out, -1, 0).reshape(out.shape[-1], b, c, k, n)
-    if use_residual:
-        out = out + sim[None]
-    return out[0], out[-1]
+  Returns:
+    (S^1, S^2), each [b, C, k, n]; the same array twice for one-path and no-cnn.
+  """
+  if cnn_params is None:
+    return sim, sim
+  b, c, k, n = sim.shape
+  # One batched convolution over the b * C pair maps, NHWC = [pairs, regions, words, channels].
+  column_mask = jnp.broadcast_to(word_valid[None, :, None, :], (b, c, 1, n))
+  column_mask = column_mask.reshape(b * c, 1, n, 1).astype(sim.dtype)
+  x = sim.reshape(b * c, k, n, 1) * column_mask
+  for name, _, _ in RELATION_LAYERS:
+    x = jax.nn.relu(_conv(x, cnn_params[f'{name}_kernel'], cnn_params[f'{name}_bias'], dtype))
+    # Re-zero padded columns: the next layer's 'same' padding sees zeros past the real words.
+    x = x * column_mask
+  out = _conv(x, cnn_params['out_kernel'], cnn_params['out_bias'], dtype)  # [pairs, k, n, 1|2]
+  out = jnp.moveaxis(out, -1, 0).reshape(out.shape[-1], b, c, k, n)
+  if use_residual:
+    out = out + sim[None]
+  return out[0], out[-1]
 
 
 def _masked_softmax(x: jax.Array, axis: int, mask: jax.Array) -> jax.Array:
-    """Softmax along `axis` over the entries where `mask` (broadcastable bool) is True."""
-    x = jnp.where(mask, x, -jnp.inf)
-    x = x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    e = jnp.exp(x)
-    return e / jnp.sum(e, axis=axis, keepdims=True)
+  """Softmax along `axis` over the entries where `mask` (broadcastable bool) is True."""
+  x = jnp.where(mask, x, -jnp.inf)
+  x = x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+  e = jnp.exp(x)
+  return e / jnp.sum(e, axis=axis, keepdims=True)
 
 
-def prepare_items(features: jax.Array, valid: Optional[jax.Array] = None,
-                  dtype: pairwise.DTypeLike = jnp.float32) -> dict:
-    """Per-item quantities (computed once, outside the blocked pair loop).
+def prepare_items(
+  features: jax.Array, valid: Optional[jax.Array] = None, dtype: pairwise.DTypeLike = jnp.float32
+) -> dict:
+  """Per-item quantities (computed once, outside the blocked pair loop).
 
-    Args:
-      features: [N, m, D] regions of N images or words of N captions.
-      valid: optional [N, m] bool; invalid positions are zeroed (padding is ignored).
-      dtype: compute dtype of the Gram matrices' operands.
+  Args:
+    features: [N, m, D] regions of N images or words of N captions.
+    valid: optional [N, m] bool; invalid positions are zeroed (padding is ignored).
+    dtype: compute dtype of the Gram matrices' operands.
 
-    Returns:
-      dict with `unit` [N, m, D] (l2-normalised, zero where invalid), `norms` [N, m], `gram`
-      [N, m, m] (features features^T) and, if given, `valid`.
-    """
-    if valid is not None:
-        features = jnp.where(valid[..., None], features, 0.0)
-    items = {
-        'unit': layers.l2norm(features),
-        'norms': layers.safe_sqrt(jnp.sum(jnp.square(features), axis=-1)),
-        'gram': pairwise.gram(features, dtype),
-    }
-    if valid is not None:
-        items['valid'] = valid
-    return items
+  Returns:
+    dict with `unit` [N, m, D] (l2-normalised, zero where invalid), `norms` [N, m], `gram`
+    [N, m, m] (features features^T) and, if given, `valid`.
+  """
+  if valid is not None:
+    features = jnp.where(valid[..., None], features, 0.0)
+  items = {
+    'unit': layers.l2norm(features),
+    'norms': layers.safe_sqrt(jnp.sum(jnp.square(features), axis=-1)),
+    'gram': pairwise.gram(features, dtype),
+  }
+  if valid is not None:
+    items['valid'] = valid
+  return items
 
 
-def dual_attention_weights(image: dict, text: dict, cnn_params: Optional[dict], *,
-                           lambda_: float, use_residual: bool,
-                           dtype: pairwise.DTypeLike = jnp.float32) -> dict:
-    """The attention weights of eqs 8-9 (e.g. for a figure like the paper's Figure 3).
+def dual_attention_weights(
+  image: dict,
+  text: dict,
+  cnn_params: Optional[dict],
+  *,
+  lambda_: float,
+  use_residual: bool,
+  dtype: pairwise.DTypeLike = jnp.float32,
+) -> dict:
+  """The attention weights of eqs 8-9 (e.g. for a figure like the paper's Figure 3).
 
-    Args: as `rdan_block_scores`.
+  Args: as `rdan_block_scores`.
 
-    Returns:
-      {'alpha': [b, C, k, n] weights over words for each region (eq 8, zero at padded words),
-       'beta': [b, C, k, n] weights over regions for each word (eq 9)}.
-    """
-    sim = pairwise.region_word_similarity(image['unit'], text['unit'], dtype)
-    valid = text['valid']
-    s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype)
-    return {'alpha': _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :]),
-            'beta': jax.nn.softmax(lambda_ * s1, axis=-2)}
+  Returns:
+    {'alpha': [b, C, k, n] weights over words for each region (eq 8, zero at padded words),
+     'beta': [b, C, k, n] weights over regions for each word (eq 9)}.
+  """
+  sim = pairwise.region_word_similarity(image['unit'], text['unit'], dtype)
+  valid = text['valid']
+  s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype)
+  return {
+    'alpha': _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :]),
+    'beta': jax.nn.softmax(lambda_ * s1, axis=-2),
+  }
 
 
 def _cosine(dots: jax.Array, norms_a: jax.Array, sq_norms_b: jax.Array) -> jax.Array:
-    """dots / max(|a| |b|, eps) (PyTorch's cosine_similarity clamp)."""
-    return dots / jnp.maximum(norms_a * layers.safe_sqrt(sq_norms_b), _EPS)
+  """dots / max(|a| |b|, eps) (PyTorch's cosine_similarity clamp)."""
+  return dots / jnp.maximum(norms_a * layers.safe_sqrt(sq_norms_b), _EPS)
 
 
-def rdan_block_scores(image: dict, text: dict, cnn_params: Optional[dict], *, lambda_: float,
-                      mu: float, use_residual: bool,
-                      dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
-    """RDAN scores F (eqs 5-11) of a block of images against all captions.
+def rdan_block_scores(
+  image: dict,
+  text: dict,
+  cnn_params: Optional[dict],
+  *,
+  lambda_: float,
+  mu: float,
+  use_residual: bool,
+  dtype: pairwise.DTypeLike = jnp.float32,
+) -> jax.Array:
+  """RDAN scores F (eqs 5-11) of a block of images against all captions.
 
-    Args:
-      image: `prepare_items(regions)` for b images: unit [b, k, D], norms [b, k], gram [b, k, k].
-      text: `prepare_items(words, valid)` for C captions: unit [C, n, D], norms [C, n],
-        gram [C, n, n], valid [C, n].
-      cnn_params: `RelationCNN` output, or None for no-cnn.
-      lambda_: inverse softmax temperature.
-      mu: weight of the word relevance (eq 11).
-      use_residual: add S to the CNN maps (eq 7).
-      dtype: compute dtype of the operands of S and of the relation convolutions.
+  Args:
+    image: `prepare_items(regions)` for b images: unit [b, k, D], norms [b, k], gram [b, k, k].
+    text: `prepare_items(words, valid)` for C captions: unit [C, n, D], norms [C, n],
+      gram [C, n, n], valid [C, n].
+    cnn_params: `RelationCNN` output, or None for no-cnn.
+    lambda_: inverse softmax temperature.
+    mu: weight of the word relevance (eq 11).
+    use_residual: add S to the CNN maps (eq 7).
+    dtype: compute dtype of the operands of S and of the relation convolutions.
 
-    Returns:
-      [b, C] scores.
-    """
-    sim = pairwise.region_word_similarity(image['unit'], text['unit'], dtype)  # S [b, C, k, n]
-    valid = text['valid']                                                # [C, n]
-    s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype)
-    region_norms = image['norms'][:, None]                               # [b, 1, k]
-    word_norms = text['norms'][None]                                     # [1, C, n]
-    score = 0.0
-    if mu != 1:
-        # Row-wise pathway, eq 8: each region attends over the caption's real words.
-        alpha = _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :])
-        # v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j|
-        dots = region_norms * jnp.sum(alpha * sim * word_norms[:, :, None, :], axis=-1)
-        attended_sq = pairwise.attended_word_sq_norms(alpha, text['gram'])
-        region_relevance = _cosine(dots, region_norms, attended_sq)     # R_r [b, C, k]
-        score = score + (1 - mu) * jnp.mean(region_relevance, axis=-1)
-    if mu != 0:
-        # Column-wise pathway, eq 9: each word attends over the image's regions.
-        beta = jax.nn.softmax(lambda_ * s1, axis=-2)
-        # e_j . b_j = |e_j| sum_i beta_ij S_ij |v_i|
-        dots = word_norms * jnp.sum(beta * sim * region_norms[..., None], axis=-2)
-        attended_sq = pairwise.attended_region_sq_norms(beta, image['gram'])
-        word_relevance = _cosine(dots, word_norms, attended_sq)         # R_w [b, C, n]
-        word_relevance = jnp.where(valid[None], word_relevance, 0.0)
-        score = score + mu * jnp.sum(word_relevance, axis=-1) / jnp.sum(valid, axis=-1)[None]
-    return score
+  Returns:
+    [b, C] scores.
+  """
+  sim = pairwise.region_word_similarity(image['unit'], text['unit'], dtype)  # S [b, C, k, n]
+  valid = text['valid']  # [C, n]
+  s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype)
+  region_norms = image['norms'][:, None]  # [b, 1, k]
+  word_norms = text['norms'][None]  # [1, C, n]
+  score = 0.0
+  if mu != 1:
+    # Row-wise pathway, eq 8: each region attends over the caption's real words.
+    alpha = _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :])
+    # v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j|
+    dots = region_norms * jnp.sum(alpha * sim * word_norms[:, :, None, :], axis=-1)
+    attended_sq = pairwise.attended_word_sq_norms(alpha, text['gram'])
+    region_relevance = _cosine(dots, region_norms, attended_sq)  # R_r [b, C, k]
+    score = score + (1 - mu) * jnp.mean(region_relevance, axis=-1)
+  if mu != 0:
+    # Column-wise pathway, eq 9: each word attends over the image's regions.
+    beta = jax.nn.softmax(lambda_ * s1, axis=-2)
+    # e_j . b_j = |e_j| sum_i beta_ij S_ij |v_i|
+    dots = word_norms * jnp.sum(beta * sim * region_norms[..., None], axis=-2)
+    attended_sq = pairwise.attended_region_sq_norms(beta, image['gram'])
+    word_relevance = _cosine(dots, word_norms, attended_sq)  # R_w [b, C, n]
+    word_relevance = jnp.where(valid[None], word_relevance, 0.0)
+    score = score + mu * jnp.sum(word_relevance, axis=-1) / jnp.sum(valid, axis=-1)[None]
+  return score
 
 
 class RDAN(nn.Module):
-    """RDAN matcher: region FC + bi-GRU words, relation CNN over S, dual pathway attention.
+  """RDAN matcher: region FC + bi-GRU words, relation CNN over S, dual pathway attention.
 
-    Attributes:
-      vocab_size: number of token ids.
-      img_dim: precomputed region feature size.
-      embed_size: joint space D (1024).
-      word_dim: word embedding size (300).
-      num_layers: GRU layers.
-      bidirectional: bi-GRU with the directions averaged (eq 4).
-      l2norm_features: l2-normalise region and word features as SCAN-family code does; the paper's
-        eqs 1 and 4 do not (default False).
-      lambda_: inverse temperature of both attention softmaxes (4).
-      mu: weight of the word relevance in eq 11 (0.1); 0 and 1 are Table 3's single-pathway
-        ablations.
-      cnn_channels: channels of the three relation conv layers (32).
-      use_cnn: False is the no-cnn ablation (attend with S directly).
-      use_residual: False is the no-res ablation (attend with the CNN maps only).
-      one_path: one learned map used by both attentions (one-path ablation).
-      block_size: images scored per block in `pair_scores` (bounds peak memory).
-      remat: recompute each block in the backward pass instead of storing it.
-      dtype: 'float32' or 'bfloat16': compute dtype of the encoders' matmuls and GRU gates and of
-        the operands of S, the Gram matrices and the relation convolutions. Params, norms,
-        softmaxes and the returned scores stay float32. bfloat16 scores are within 2e-3 of float32
-        ones (measured 5e-4 at D=64, tests/test_mixed_precision.py).
-    """
+  Attributes:
+    vocab_size: number of token ids.
+    img_dim: precomputed region feature size.
+    embed_size: joint space D (1024).
+    word_dim: word embedding size (300).
+    num_layers: GRU layers.
+    bidirectional: bi-GRU with the directions averaged (eq 4).
+    l2norm_features: l2-normalise region and word features as SCAN-family code does; the paper's
+      eqs 1 and 4 do not (default False).
+    lambda_: inverse temperature of both attention softmaxes (4).
+    mu: weight of the word relevance in eq 11 (0.1); 0 and 1 are Table 3's single-pathway
+      ablations.
+    cnn_channels: channels of the three relation conv layers (32).
+    use_cnn: False is the no-cnn ablation (attend with S directly).
+    use_residual: False is the no-res ablation (attend with the CNN maps only).
+    one_path: one learned map used by both attentions (one-path ablation).
+    block_size: images scored per block in `pair_scores` (bounds peak memory).
+    remat: recompute each block in the backward pass instead of storing it.
+    dtype: 'float32' or 'bfloat16': compute dtype of the encoders' matmuls and GRU gates and of
+      the operands of S, the Gram matrices and the relation convolutions. Params, norms,
+      softmaxes and the returned scores stay float32. bfloat16 scores are within 2e-3 of float32
+      ones (measured 5e-4 at D=64, tests/test_mixed_precision.py).
+  """
 
-    vocab_size: int
-    img_dim: int
-    embed_size: int = 1024
-    word_dim: int = 300
-    num_layers: int = 1
-    bidirectional: bool = True
-    l2norm_features: bool = False
-    lambda_: float = 4.0
-    mu: float = 0.1
-    cnn_channels: int = 32
-    use_cnn: bool = True
-    use_residual: bool = True
-    one_path: bool = False
-    block_size: int = 16
-    remat: bool = False
-    dtype: str = 'float32'
+  vocab_size: int
+  img_dim: int
+  embed_size: int = 1024
+  word_dim: int = 300
+  num_layers: int = 1
+  bidirectional: bool = True
+  l2norm_features: bool = False
+  lambda_: float = 4.0
+  mu: float = 0.1
+  cnn_channels: int = 32
+  use_cnn: bool = True
+  use_residual: bool = True
+  one_path: bool = False
+  block_size: int = 16
+  remat: bool = False
+  dtype: str = 'float32'
 
-    def __post_init__(self):
-        if not 0 <= self.mu <= 1:
-            raise errors.UserError(f"RDAN.mu must be in [0, 1], got {self.mu}")
-        if self.cnn_channels < 1:
-            raise errors.UserError(f"RDAN.cnn_channels must be >= 1, got {self.cnn_channels}")
-        if self.block_size < 1:
-            raise errors.UserError(f"RDAN.block_size must be >= 1, got {self.block_size}")
-        if not self.use_cnn and (self.one_path or not self.use_residual):
-            raise errors.UserError(
-                "RDAN.use_cnn=False (no-cnn: both attentions use S) cannot be combined with "
-                f"one_path=True or use_residual=False; got one_path={self.one_path}, "
-                f"use_residual={self.use_residual}")
-        layers.compute_dtype(self.dtype, 'RDAN')
-        super().__post_init__()
+  def __post_init__(self):
+    if not 0 <= self.mu <= 1:
+      raise errors.UserError(f'RDAN.mu must be in [0, 1], got {self.mu}')
+    if self.cnn_channels < 1:
+      raise errors.UserError(f'RDAN.cnn_channels must be >= 1, got {self.cnn_channels}')
+    if self.block_size < 1:
+      raise errors.UserError(f'RDAN.block_size must be >= 1, got {self.block_size}')
+    if not self.use_cnn and (self.one_path or not self.use_residual):
+      raise errors.UserError(
+        'RDAN.use_cnn=False (no-cnn: both attentions use S) cannot be combined with '
+        f'one_path=True or use_residual=False; got one_path={self.one_path}, '
+        f'use_residual={self.use_residual}'
+      )
+    layers.compute_dtype(self.dtype, 'RDAN')
+    super().__post_init__()
 
-    def setup(self):
-        dtype = layers.DTYPES[self.dtype]
-        self.image_encoder = layers.RegionEncoder(
-            self.embed_size, no_imgnorm=not self.l2norm_features, dtype=dtype)
-        self.text_encoder = layers.GRUTextEncoder(
-            vocab_size=self.vocab_size, word_dim=self.word_dim, embed_size=self.embed_size,
-            num_layers=self.num_layers, bidirectional=self.bidirectional,
-            no_txtnorm=not self.l2norm_features, dtype=dtype)
-        if self.use_cnn:
-            self.relation_cnn = RelationCNN(self.cnn_channels, 1 if self.one_path else 2)
+  def setup(self):
+    dtype = layers.DTYPES[self.dtype]
+    self.image_encoder = layers.RegionEncoder(self.embed_size, no_imgnorm=not self.l2norm_features, dtype=dtype)
+    self.text_encoder = layers.GRUTextEncoder(
+      vocab_size=self.vocab_size,
+      word_dim=self.word_dim,
+      embed_size=self.embed_size,
+      num_layers=self.num_layers,
+      bidirectional=self.bidirectional,
+      no_txtnorm=not self.l2norm_features,
+      dtype=dtype,
+    )
+    if self.use_cnn:
+      self.relation_cnn = RelationCNN(self.cnn_channels, 1 if self.one_path else 2)
 
-    def encode_image(self, images: dict) -> dict:
-        """images['regions'] [I, k, img_dim] -> {'regions': [I, k, D]} (eq 1)."""
-        layers.require_keys(images, ('regions',), 'RDAN.encode_image')
-        return {'regions': self.image_encoder(images['regions'])}
+  def encode_image(self, images: dict) -> dict:
+    """images['regions'] [I, k, img_dim] -> {'regions': [I, k, D]} (eq 1)."""
+    layers.require_keys(images, ('regions',), 'RDAN.encode_image')
+    return {'regions': self.image_encoder(images['regions'])}
 
-    def encode_text(self, text: dict) -> dict:
-        """text['tokens'], text['mask'] [C, n] -> {'words': [C, n, D], 'mask': [C, n]} (eqs 2-4)."""
-        layers.require_keys(text, ('tokens', 'mask'), 'RDAN.encode_text')
-        words, _ = self.text_encoder(text['tokens'], text['mask'])
-        return {'words': words, 'mask': text['mask']}
+  def encode_text(self, text: dict) -> dict:
+    """text['tokens'], text['mask'] [C, n] -> {'words': [C, n, D], 'mask': [C, n]} (eqs 2-4)."""
+    layers.require_keys(text, ('tokens', 'mask'), 'RDAN.encode_text')
+    words, _ = self.text_encoder(text['tokens'], text['mask'])
+    return {'words': words, 'mask': text['mask']}
 
-    def pair_scores(self, image_rep: dict, text_rep: dict) -> jax.Array:
-        """Scores F of every pair, [I, C], computed in blocks of `block_size` images."""
-        words, mask = text_rep['words'], text_rep['mask']
-        if words.shape[:2] != mask.shape:
-            raise errors.UserError(
-                f"text_rep words {words.shape} and mask {mask.shape} disagree on [C, n]")
-        dtype = layers.DTYPES[self.dtype]
-        image = prepare_items(image_rep['regions'], dtype=dtype)
-        text = prepare_items(words, mask > 0, dtype)
-        cnn_params = self.relation_cnn() if self.use_cnn else None
-        head = functools.partial(rdan_block_scores, lambda_=self.lambda_, mu=self.mu,
-                                 use_residual=self.use_residual, dtype=dtype)
-        # The CNN params go with the (unblocked) text argument: jax.checkpoint sees them as inputs.
-        return pairwise.score_in_blocks(
-            lambda image_block, shared: head(image_block, shared[0], shared[1]),
-            image, (text, cnn_params), self.block_size, remat=self.remat)
+  def pair_scores(self, image_rep: dict, text_rep: dict) -> jax.Array:
+    """Scores F of every pair, [I, C], computed in blocks of `block_size` images."""
+    words, mask = text_rep['words'], text_rep['mask']
+    if words.shape[:2] != mask.shape:
+      raise errors.UserError(f'text_rep words {words.shape} and mask {mask.shape} disagree on [C, n]')
+    dtype = layers.DTYPES[self.dtype]
+    image = prepare_items(image_rep['regions'], dtype=dtype)
+    text = prepare_items(words, mask > 0, dtype)
+    cnn_params = self.relation_cnn() if self.use_cnn else None
+    head = functools.partial(
+      rdan_block_scores, lambda_=self.lambda_, mu=self.mu, use_residual=self.use_residual, dtype=dtype
+    )
+    # The CNN params go with the (unblocked) text argument: jax.checkpoint sees them as inputs.
+    return pairwise.score_in_blocks(
+      lambda image_block, shared: head(image_block, shared[0], shared[1]),
+      image,
+      (text, cnn_params),
+      self.block_size,
+      remat=self.remat,
+    )
 
-    def attention_weights(self, image_rep: dict, text_rep: dict) -> dict:
-        """`dual_attention_weights` of every pair (unblocked: for a few images and captions)."""
-        dtype = layers.DTYPES[self.dtype]
-        image = prepare_items(image_rep['regions'], dtype=dtype)
-        text = prepare_items(text_rep['words'], text_rep['mask'] > 0, dtype)
-        return dual_attention_weights(
-            image, text, self.relation_cnn() if self.use_cnn else None, lambda_=self.lambda_,
-            use_residual=self.use_residual, dtype=dtype)
+  def attention_weights(self, image_rep: dict, text_rep: dict) -> dict:
+    """`dual_attention_weights` of every pair (unblocked: for a few images and captions)."""
+    dtype = layers.DTYPES[self.dtype]
+    image = prepare_items(image_rep['regions'], dtype=dtype)
+    text = prepare_items(text_rep['words'], text_rep['mask'] > 0, dtype)
+    return dual_attention_weights(
+      image,
+      text,
+      self.relation_cnn() if self.use_cnn else None,
+      lambda_=self.lambda_,
+      use_residual=self.use_residual,
+      dtype=dtype,
+    )
 
-    def __call__(self, images: dict, text: dict) -> jax.Array:
-        return self.pair_scores(self.encode_image(images), self.encode_text(text))
+  def __call__(self, images: dict, text: dict) -> jax.Array:
+    return self.pair_scores(self.encode_image(images), self.encode_text(text))
