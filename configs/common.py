@@ -30,6 +30,7 @@ def parse_arg(
 def base_config(dataset: str) -> ml_collections.ConfigDict:
   """Dataset, batching, loss, optimiser, logging and checkpoint fields shared by all models."""
   c = ml_collections.ConfigDict()
+  c.trainer = 'contrastive'  # xmatch_jax.trainers: 'contrastive' (hinge loss over B x B scores) or 'staged' (DAER)
   c.dataset = dataset  # registry name in xmatch_jax.data.DATASETS
   c.data_dir = ''  # TFDS data dir; '' -> $XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds
   c.vocab_path = ''  # SCAN vocab json or VSE++ vocab .pkl; '' -> built from the training captions

@@ -71,6 +71,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   if variants & {'c', 'i', 't', 'i_t'}:
     m.power = 1.0
 
+  c.trainer = 'staged'
   c.stages = ('text', 'image', 'relation')  # Algorithm 1, steps 1-3
   c.stage = ml_collections.ConfigDict()
   c.stage.text = _stage(20, 64, 1e-2)  # SGD (sec 3.1), Keras' default rate: the paper gives none

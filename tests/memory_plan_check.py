@@ -19,8 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from parallel_check import batch  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from configs import rdan as rdan_config  # noqa: E402  pylint: disable=g-import-not-at-top
-from xmatch_jax import train  # noqa: E402  pylint: disable=g-import-not-at-top
 from xmatch_jax.models import build_model  # noqa: E402  pylint: disable=g-import-not-at-top
+from xmatch_jax.trainers import contrastive
+from xmatch_jax.trainers import loop
+from xmatch_jax.trainers import optim
 
 
 def main() -> dict:
@@ -30,19 +32,15 @@ def main() -> dict:
   model = build_model(config.model, vocab_size=20, img_dim=10)
   data = batch(0, b=32)
   params = model.init(jax.random.key(0), data['images'], data['text'])['params']
-  tx, schedule = train.make_optimizer(config.optim, 10)
+  tx, schedule = optim.make_optimizer(config.optim, 10)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
 
-  def make_step(max_violation, model=model):
+  def make_step(model):
     return jax.jit(
-      functools.partial(
-        train.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss, max_violation=max_violation
-      )
+      functools.partial(contrastive.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss)
     )
 
-  peaks = {
-    b: train.step_memory_bytes(make_step(None, model.clone(block_size=b)), state, data)['peak'] for b in (16, 8, 4, 2)
-  }
+  peaks = {b: loop.step_memory_bytes(make_step(model.clone(block_size=b)), state, data)['peak'] for b in (16, 8, 4, 2)}
   out = {'peaks': peaks}
 
   def plan(budget_gb):
@@ -50,7 +48,7 @@ def main() -> dict:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
       try:
-        planned, step_fn = train.plan_memory(config, model, make_step, state, data)
+        planned, step_fn = loop.plan_memory(config.memory_budget_gb, model, make_step, state, data)
       except ValueError as e:
         return {'error': str(e)}
     return {'block_size': planned.block_size, 'printed': printed.getvalue(), 'step_fn': step_fn}

@@ -20,8 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import rdan as rdan_config  # pylint: disable=g-import-not-at-top
 from configs import scan as scan_config  # pylint: disable=g-import-not-at-top
 from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
-from xmatch_jax import train  # pylint: disable=g-import-not-at-top
+from xmatch_jax import losses  # pylint: disable=g-import-not-at-top
 from xmatch_jax.models import build_model  # pylint: disable=g-import-not-at-top
+from xmatch_jax.trainers import contrastive
+from xmatch_jax.trainers import optim
 
 
 def batch(seed, b=16, k=6, n=7, img_dim=10, vocab=20):
@@ -43,11 +45,11 @@ def run(module, out_dir):
   model = build_model(config.model, vocab_size=20, img_dim=10)
   data = batch(0)
   params = model.init(jax.random.key(0), data['images'], data['text'])['params']
-  tx, schedule = train.make_optimizer(config.optim, 10)
+  tx, schedule = optim.make_optimizer(config.optim, 10)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
-  step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss)
+  step = functools.partial(contrastive.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss)
   grads_fn = lambda s, x: jax.grad(
-    lambda p: train.losses.contrastive_loss(
+    lambda p: losses.contrastive_loss(
       model.apply({'params': p}, x['images'], x['text']),
       config.loss.margin,
       config.loss.max_violation,

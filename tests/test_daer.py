@@ -1,6 +1,7 @@
 """DAER matcher: the text module against a numpy LSTM + eqs 1-3, the all-pairs relation scores against the per-pair
 network, the Table 3 variant switches, and staged training on `shapes_tiny` (learns, resumes, evaluates by mAP)."""
 
+import functools
 import json
 import os
 import sys
@@ -162,7 +163,7 @@ def test_word_vectors_fill_the_vocabulary_rows(tmp_path):
 
 def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypatch, capsys):
   from xmatch_jax import Retriever  # pylint: disable=g-import-not-at-top
-  from xmatch_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from xmatch_jax import trainers  # pylint: disable=g-import-not-at-top
   from xmatch_jax.data import load_split  # pylint: disable=g-import-not-at-top
 
   monkeypatch.setenv('XMATCH_DATA_DIR', os.environ.get('XMATCH_DATA_DIR', str(tmp_path / 'data')))
@@ -181,7 +182,7 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
   config.stage.image.update(num_epochs=2, max_steps=3)  # stops inside epoch 1, evaluating dev there
   config.log_every_steps = 10
   workdir = str(tmp_path / 'run')
-  train_lib.train_and_evaluate(config, workdir)
+  trainers.train_and_evaluate(config, workdir)
 
   logged = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   text_acc = [r['text/dev_accuracy'] for r in logged if 'text/dev_accuracy' in r]
@@ -205,7 +206,7 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
 
   # A second run finds every stage done and trains nothing.
   lines = len(logged)
-  train_lib.train_and_evaluate(config, workdir)
+  trainers.train_and_evaluate(config, workdir)
   assert len(open(os.path.join(workdir, 'metrics.jsonl')).readlines()) == lines
 
   # A Table 3 sweep: DAER-I-T (power 1, a relation-stage field) takes stages 1-2 from this run and trains stage 3.
@@ -214,26 +215,27 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
   sweep.model.power = 1.0
   sweep.stages_from = workdir
   sweep.stage.relation.max_steps = 2
-  train_lib.train_and_evaluate(sweep, str(tmp_path / 'i_t'))
+  trainers.train_and_evaluate(sweep, str(tmp_path / 'i_t'))
   out = capsys.readouterr().out
   for stage in ('text', 'image'):
     assert f'stage {stage}: checkpoints copied from {workdir}' in out and f'stage {stage}: done' in out
   assert 'stage relation: ' in out and 'stage relation: done' not in out
   # Without region attention the text stage differs (it is trained, not copied); the image stage does not.
-  from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
 
   other = config.copy_and_resolve_references()
   other.model.region_attention = False
-  assert not train_stages.reuse_stage('text', other, workdir, str(tmp_path / 't'))
+  assert not staged.reuse_stage('text', other, workdir, str(tmp_path / 't'))
   assert 'fields differ: model.region_attention' in capsys.readouterr().out
-  assert train_stages.reuse_stage('image', other, workdir, str(tmp_path / 't'))
+  assert staged.reuse_stage('image', other, workdir, str(tmp_path / 't'))
   with pytest.raises(FileNotFoundError, match='stages_from'):
-    train_stages.reuse_stage('text', other, str(tmp_path / 'nothing'), str(tmp_path / 'u'))
+    staged.reuse_stage('text', other, str(tmp_path / 'nothing'), str(tmp_path / 'u'))
 
 
 def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_path):
-  from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.convert import torchvision_mobilenet  # pylint: disable=g-import-not-at-top
   from xmatch_jax.data import load_split  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
 
   monkeypatch.setenv('XMATCH_DATA_DIR', os.environ.get('XMATCH_DATA_DIR', str(tmp_path / 'data')))
   weights = os.path.join(ROOT, 'tests', 'fixtures', 'mobilenet_v3_large_w025.safetensors')
@@ -243,9 +245,9 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
   model = build_model(config.model, vocab_size=10, img_dim=0)
   train = load_split('shapes_tiny', 'train')
   vocab = vocab_lib.Vocabulary.build(train.captions, min_count=1)
-  stage = train_stages._Stage('image', config, model, train, vocab, str(tmp_path))  # pylint: disable=protected-access
-  variables = train_stages._stage_variables('image', config, model, stage, {}, vocab)  # pylint: disable=protected-access
-  imagenet = train_stages.load_imagenet_mobilenet(weights, 0.25)
+  stage = staged.ImageStage(config, model, train, vocab, str(tmp_path))
+  variables = staged.initial_variables(stage, {})
+  imagenet = torchvision_mobilenet.load_imagenet_mobilenet(weights, 0.25)
   got = {
     'params': variables['params']['image']['mobilenet'],
     'batch_stats': variables['batch_stats']['image']['mobilenet'],
@@ -268,7 +270,7 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
 def test_stage_two_trains_the_300d_representation_and_drops_only_the_classifier():
   """Sec 4.4: the classification layer sits on the 1 x 300 output and is removed after stage 2, so stage 2 trains
   the FC to 300; MobileNetV3's head (FC, hard-swish, dropout 0.2) stays in the image module."""
-  from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   images = {'pixels': rng.integers(0, 256, size=(4, 32, 32, 3)).astype(np.uint8)}
@@ -278,7 +280,7 @@ def test_stage_two_trains_the_300d_representation_and_drops_only_the_classifier(
   assert set(image) == {'mobilenet', 'head', 'fc'} and image['fc']['kernel'].shape[1] == 6
   assert variables['params']['image_classifier']['kernel'].shape == (6, 4)  # 300-d (here 6) -> classes
   batch = {'images': images, 'labels': np.array([0, 1, 2, 3])}
-  loss = train_stages._losses(model)['image']  # pylint: disable=protected-access
+  loss = functools.partial(staged.ImageStage.loss, model)
   grads = jax.grad(lambda p: loss({**variables, 'params': p}, batch, jax.random.key(1))[0])(variables['params'])
   assert float(np.abs(grads['image']['fc']['kernel']).max()) > 0
   assert float(np.abs(grads['image']['head']['kernel']).max()) > 0
@@ -298,9 +300,9 @@ def test_paper_datasets_train_every_stage_by_sgd(dataset):
   assert [config.stage[s].optimizer for s in ('text', 'image', 'relation')] == ['sgd'] * 3  # sec 3.1, alg. 1
   assert (config.model.word_dim, config.model.lstm_size, config.model.embed_size) == (300, 300, 300)  # sec 4.4
   assert config.model.power == 0.6 and config.model.image_dropout == 0.2
-  from xmatch_jax import train_stages  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.trainers import optim  # pylint: disable=g-import-not-at-top
 
-  tx = train_stages._optimizer(config.stage.image)  # pylint: disable=protected-access
+  tx = optim.stage_optimizer(config.stage.image)
   params = {'w': np.ones(3, np.float32)}
   updates, _ = tx.update({'w': np.full(3, 2.0, np.float32)}, tx.init(params), params)
   np.testing.assert_allclose(updates['w'], -config.stage.image.learning_rate * 2.0)  # plain SGD: -lr g

@@ -9,7 +9,7 @@ from configs import glfn as glfn_config
 from xmatch_jax import Retriever
 from xmatch_jax import evaluate
 from xmatch_jax import metrics
-from xmatch_jax import train
+from xmatch_jax import trainers
 from xmatch_jax.data import load_split
 
 TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
@@ -31,7 +31,7 @@ def test_glfn_trains_and_the_workdir_scores_alone(variant, data_dir, tmp_path):
   c.model.word_dim = 32
   c.batch_size = 32
   c.num_epochs = 6
-  dev = train.train_and_evaluate(c, str(tmp_path))
+  dev = trainers.train_and_evaluate(c, str(tmp_path))
   assert dev['rsum'] > 80, dev  # chance is ~32 on 100 images / 500 captions
   result = evaluate.evaluate_workdir(str(tmp_path), split='test')
   split = load_split('shapes_tiny', 'test', data_dir)

@@ -24,7 +24,6 @@ from xmatch_jax import api
 from xmatch_jax import checkpoints
 from xmatch_jax import retrieve
 from xmatch_jax import run_setup
-from xmatch_jax import train
 from xmatch_jax.convert import hf_bert
 from xmatch_jax.convert import scan_checkpoint
 from xmatch_jax.convert import torch_pickle
@@ -35,6 +34,7 @@ from xmatch_jax.data import validation
 from xmatch_jax.data import vocab as vocab_lib
 from xmatch_jax.data import word_vectors
 from xmatch_jax.models.mobilenet_v3 import MobileNetV3Large
+from xmatch_jax.trainers import contrastive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -119,10 +119,10 @@ def test_missing_config_file():
 )
 def test_impossible_config_value_is_named(key, value, expected):
   config = scan_config.get_config('shapes_tiny')
-  train.check_config(config)
+  contrastive.check_config(config)
   _set(config, key, value)
   with pytest.raises(ValueError) as error:
-    train.check_config(config)
+    contrastive.check_config(config)
   assert f'config.{key} = {value!r} is impossible; expected {expected}' in str(error.value)
 
 

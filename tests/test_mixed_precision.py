@@ -19,8 +19,9 @@ from configs import rdan as rdan_config
 from configs import scan as scan_config
 from configs import vsepp as vsepp_config
 from xmatch_jax import losses
-from xmatch_jax import train
 from xmatch_jax.models import build_model
+from xmatch_jax.trainers import contrastive
+from xmatch_jax.trainers import optim
 
 N_IMG, N_CAP, K, N, D, IMG_DIM, VOCAB = 6, 9, 12, 10, 64, 32, 50
 TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
@@ -124,10 +125,10 @@ def test_bf16_train_step_from_config_keeps_params_float32(module):
   images, text = _inputs(2, vocab, n_cap=N_IMG)
   batch = {'images': images, 'text': text, 'image_ids': np.arange(N_IMG, dtype=np.int32)}
   params = model.init(jax.random.key(2), images, text)['params']
-  tx, schedule = train.make_optimizer(config.optim, steps_per_epoch=10)
-  tx = train.freeze(tx, params, getattr(model, 'frozen_params', ()))
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=10)
+  tx = optim.freeze(tx, params, getattr(model, 'frozen_params', ()))
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
+  step = jax.jit(functools.partial(contrastive.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
   new_state, metrics = step(state, batch)
   assert np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm']))
   assert float(metrics['grad_norm']) > 0

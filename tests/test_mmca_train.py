@@ -11,7 +11,7 @@ from configs import mmca as mmca_config
 from xmatch_jax import Retriever
 from xmatch_jax import evaluate
 from xmatch_jax import metrics
-from xmatch_jax import train
+from xmatch_jax import trainers
 from xmatch_jax.checkpoints import RunCheckpoints
 from xmatch_jax.convert import hf_bert
 from xmatch_jax.data import load_split
@@ -38,7 +38,7 @@ def tiny_run(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('mmca_tiny'))
   c = _config(data_dir, bert_dir=TINY_BERT, embed_size=32, num_heads=4, cnn_filters=16)
   c.num_epochs = 1
-  train.train_and_evaluate(c, workdir)
+  trainers.train_and_evaluate(c, workdir)
   return workdir
 
 
@@ -46,7 +46,7 @@ def tiny_run(data_dir, tmp_path_factory):
 def test_mmca_with_minilm_learns_far_above_chance(data_dir, tmp_path):
   c = _config(data_dir)  # the shapes config: MiniLM, d=128, 16 heads
   c.num_epochs = 2
-  dev = train.train_and_evaluate(c, str(tmp_path))
+  dev = trainers.train_and_evaluate(c, str(tmp_path))
   assert dev['rsum'] > 150, dev  # chance is ~32 on 100 images / 500 captions (measured: ~200 after 2 epochs)
 
 

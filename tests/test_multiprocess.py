@@ -17,8 +17,8 @@ import pytest
 
 from configs import scan as scan_config
 from xmatch_jax import parallel
-from xmatch_jax import train
 from xmatch_jax.checkpoints import RunCheckpoints
+from xmatch_jax.trainers import contrastive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'launch', 'localhost_cpu.sh')
@@ -122,7 +122,7 @@ def test_negative_max_steps_is_refused():
   config = scan_config.get_config('shapes_tiny')
   config.max_steps = -1
   with pytest.raises(ValueError, match=r'config.max_steps = -1 is impossible; expected an int >= 0'):
-    train.check_config(config)
+    contrastive.check_config(config)
 
 
 def test_half_given_distributed_settings_are_refused(monkeypatch):

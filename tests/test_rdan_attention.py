@@ -10,7 +10,7 @@ import pytest
 
 from configs import rdan as rdan_config
 from xmatch_jax import Retriever
-from xmatch_jax import train
+from xmatch_jax import trainers
 from xmatch_jax.data import load_split
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory):
 def rdan_workdir(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('rdan_run'))
   config = tiny_config(data_dir, module=rdan_config, num_epochs=1, **{'model.cnn_channels': 4, 'model.block_size': 8})
-  train.train_and_evaluate(config, workdir)
+  trainers.train_and_evaluate(config, workdir)
   return workdir
 
 

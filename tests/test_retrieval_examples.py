@@ -13,7 +13,7 @@ import pytest
 
 from xmatch_jax import Retriever
 from xmatch_jax import retrieve
-from xmatch_jax import train
+from xmatch_jax import trainers
 from xmatch_jax.data import load_split
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
@@ -33,7 +33,7 @@ def workdir(data_dir, tmp_path_factory):
   """A barely trained tiny SCAN: the tool needs a workdir, not a good model."""
   workdir = str(tmp_path_factory.mktemp('scan_run'))
   config = tiny_config(data_dir, num_epochs=1, max_steps=3, **{'model.embed_size': 32, 'model.word_dim': 16})
-  train.train_and_evaluate(config, workdir)
+  trainers.train_and_evaluate(config, workdir)
   return workdir
 
 

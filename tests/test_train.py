@@ -18,10 +18,13 @@ from xmatch_jax import Retriever
 from xmatch_jax import evaluate
 from xmatch_jax import losses
 from xmatch_jax import run_setup
-from xmatch_jax import train
+from xmatch_jax import trainers
 from xmatch_jax.checkpoints import RunCheckpoints
+from xmatch_jax.data import batching
 from xmatch_jax.data import load_split
 from xmatch_jax.data import validation
+from xmatch_jax.trainers import loop
+from xmatch_jax.trainers import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +56,7 @@ def tiny_config(data_dir, module=scan_config, **overrides):
 def trained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('scan_run'))
   config = tiny_config(data_dir, num_epochs=6, **{'model.embed_size': 256, 'model.word_dim': 128})
-  dev = train.train_and_evaluate(config, workdir)
+  dev = trainers.train_and_evaluate(config, workdir)
   return workdir, config, dev
 
 
@@ -127,21 +130,21 @@ def test_retriever_matches_evaluation_scores(trained, data_dir):
 def test_resume_after_interruption_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
   config = tiny_config(data_dir, num_epochs=1)
   full_dir, cut_dir = str(tmp_path / 'full'), str(tmp_path / 'cut')
-  train.train_and_evaluate(config, full_dir)
+  trainers.train_and_evaluate(config, full_dir)
 
-  original = train.batching.TrainBatcher.batch
+  original = batching.TrainBatcher.batch
 
   def crash_at_25(self, step):
     if step == 25:  # after the checkpoint at step 20
       raise KeyboardInterrupt('simulated kill')
     return original(self, step)
 
-  monkeypatch.setattr(train.batching.TrainBatcher, 'batch', crash_at_25)
+  monkeypatch.setattr(batching.TrainBatcher, 'batch', crash_at_25)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, cut_dir)
-  monkeypatch.setattr(train.batching.TrainBatcher, 'batch', original)
+    trainers.train_and_evaluate(config, cut_dir)
+  monkeypatch.setattr(batching.TrainBatcher, 'batch', original)
   assert RunCheckpoints(cut_dir).latest.latest_step() == 20
-  train.train_and_evaluate(config, cut_dir)
+  trainers.train_and_evaluate(config, cut_dir)
   jax.tree.map(
     lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), _params(full_dir), _params(cut_dir)
   )
@@ -150,12 +153,12 @@ def test_resume_after_interruption_equals_uninterrupted(data_dir, tmp_path, monk
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'nan')
   config = tiny_config(data_dir, num_epochs=1)
-  train.train_and_evaluate(config, workdir)
+  trainers.train_and_evaluate(config, workdir)
   good_step = RunCheckpoints(workdir).latest.latest_step()
   good = _params(workdir)
-  monkeypatch.setattr(train.losses, 'contrastive_loss', lambda scores, *a, **k: jnp.sum(scores) * jnp.nan)
+  monkeypatch.setattr(losses, 'contrastive_loss', lambda scores, *a, **k: jnp.sum(scores) * jnp.nan)
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
-    train.train_and_evaluate(tiny_config(data_dir, num_epochs=2), workdir)
+    trainers.train_and_evaluate(tiny_config(data_dir, num_epochs=2), workdir)
   assert RunCheckpoints(workdir).latest.latest_step() == good_step
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), good, _params(workdir))
 
@@ -163,13 +166,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 def test_workdir_of_another_model_is_refused(trained, data_dir):
   workdir, _, _ = trained
   with pytest.raises(ValueError, match="model 'scan'.*model 'vsepp'"):
-    train.train_and_evaluate(tiny_config(data_dir, module=vsepp_config), workdir)
+    trainers.train_and_evaluate(tiny_config(data_dir, module=vsepp_config), workdir)
 
 
 def test_vsepp_trains_two_epochs_with_a_sum_of_violations_warmup(data_dir, tmp_path):
   workdir = str(tmp_path / 'v')
   config = tiny_config(data_dir, module=vsepp_config, num_epochs=2, log_every_steps=1, **{'loss.warmup_epochs': 1})
-  dev = train.train_and_evaluate(config, workdir)
+  dev = trainers.train_and_evaluate(config, workdir)
   assert np.isfinite(dev['rsum'])
   logged = {r['step']: r['loss'] for r in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl'))) if 'loss' in r}
   per_epoch = 1500 // 32
@@ -179,7 +182,7 @@ def test_vsepp_trains_two_epochs_with_a_sum_of_violations_warmup(data_dir, tmp_p
 
 
 def test_collapse_watch_warns_once_after_a_run_at_the_collapse_value():
-  watch = train.CollapseWatch(losses.collapse_value(128, 0.2, True), intervals=3)
+  watch = loop.CollapseWatch(losses.collapse_value(128, 0.2, True), intervals=3)
   assert watch.collapsed_loss == pytest.approx(51.2)
   assert [watch.update(v) for v in (51.2, 51.3, 40.0, 51.2, 51.0, 51.25, 51.2, 51.2)] == [
     False,
@@ -205,7 +208,7 @@ def test_collapse_watch_warns_once_after_a_run_at_the_collapse_value():
 )
 def test_impossible_config_values(data_dir, tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(tiny_config(data_dir, **{key: value}), str(tmp_path))
+    trainers.train_and_evaluate(tiny_config(data_dir, **{key: value}), str(tmp_path))
 
 
 def test_paper_dataset_without_its_files(tmp_path, monkeypatch):
@@ -213,10 +216,10 @@ def test_paper_dataset_without_its_files(tmp_path, monkeypatch):
   config = scan_config.get_config('f30k')
   config.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(FileNotFoundError, match=r'manual/f30k_precomp: manual dir not found'):
-    train.train_and_evaluate(config, str(tmp_path / 'w'))
+    trainers.train_and_evaluate(config, str(tmp_path / 'w'))
   config.dataset = 'flickr8k'
   with pytest.raises(ValueError, match="no dataset builder named 'flickr8k'"):
-    train.train_and_evaluate(config, str(tmp_path / 'w2'))
+    trainers.train_and_evaluate(config, str(tmp_path / 'w2'))
   with pytest.raises(ValueError, match='unknown dataset'):
     scan_config.get_config('flickr')
 
@@ -313,7 +316,7 @@ def test_ensemble_of_two_runs_is_the_weighted_score_sum(trained, data_dir, tmp_p
 
   workdir, _, _ = trained
   other = str(tmp_path / 'vsepp')
-  train.train_and_evaluate(tiny_config(data_dir, module=vsepp_config, num_epochs=1), other)
+  trainers.train_and_evaluate(tiny_config(data_dir, module=vsepp_config, num_epochs=1), other)
   result = ensemble.ensemble([workdir, other], [0.7, 0.3], 'test')
   a = np.load(evaluate.scores_path(workdir, 'test'))
   b = np.load(evaluate.scores_path(other, 'test'))
@@ -357,10 +360,10 @@ def test_learning_rate_decays_every_lr_decay_epochs_as_the_official_code():
   config = ml_collections.ConfigDict(
     {'learning_rate': 2e-4, 'lr_decay_epochs': 15, 'lr_decay_factor': 0.1, 'grad_clip': 0.0, 'warmup_steps': 0}
   )
-  _, schedule = train.make_optimizer(config, steps_per_epoch=10)
+  _, schedule = optim.make_optimizer(config, steps_per_epoch=10)
   for epoch, want in ((0, 2e-4), (14, 2e-4), (15, 2e-5), (29, 2e-5), (30, 2e-6), (39, 2e-6)):
     assert float(schedule(epoch * 10)) == pytest.approx(want, rel=1e-6), epoch
   config.warmup_steps = 100
-  _, schedule = train.make_optimizer(config, steps_per_epoch=10)
+  _, schedule = optim.make_optimizer(config, steps_per_epoch=10)
   assert [float(schedule(s)) for s in (0, 50)] == pytest.approx([0.0, 1e-4])
   assert float(schedule(149)) == pytest.approx(2e-4) and float(schedule(150)) == pytest.approx(2e-5)

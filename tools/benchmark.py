@@ -302,9 +302,9 @@ def check_train_batch(config, train_batch: int) -> None:
   """Refuses a training step for models `child_train` cannot time."""
   if train_batch and config.model.name == 'daer':
     raise errors.UserError(
-      f'--train_batch={train_batch}: DAER trains in stages (xmatch_jax/train_stages.py: classifiers, '
+      f'--train_batch={train_batch}: DAER trains in stages (xmatch_jax/trainers/staged.py: classifiers, '
       "then the relation network on eq 11's category loss, with BatchNorm statistics and per-stage "
-      'optimisers), not with the contrastive train.train_step timed here; use --train_batch=0 '
+      'optimisers), not with the contrastive trainer step timed here; use --train_batch=0 '
       '(scoring only).'
     )
 
@@ -350,19 +350,20 @@ def child_train(args) -> dict:
   """One optimiser step (encoders + pair head + loss + Adam) on a random batch of `train_batch` pairs."""
   import jax
 
-  from xmatch_jax import train
+  from xmatch_jax.trainers import contrastive
+  from xmatch_jax.trainers import optim
 
   config = load_config(args.config)
   apply_overrides(config, args)
   check_train_batch(config, args.train_batch)
   b, img_dim = args.train_batch, 2048
   model, variables = _init_model(config, 10000, img_dim, args.k, args.n)
-  tx, schedule = train.make_optimizer(config.optim, steps_per_epoch=1000)
-  tx = train.freeze(tx, variables['params'], getattr(model, 'frozen_params', ()))
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=1000)
+  tx = optim.freeze(tx, variables['params'], getattr(model, 'frozen_params', ()))
   state = {'params': variables['params'], 'opt_state': tx.init(variables['params']), 'step': 0}
   images, text = random_inputs(model, args.seed, b, args.k, args.n, args.min_len, img_dim)
   batch = {'images': images, 'text': text, 'image_ids': np.arange(b, dtype=np.int32)}
-  step = jax.jit(lambda s, x: train.train_step(s, x, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
+  step = jax.jit(lambda s, x: contrastive.train_step(s, x, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)

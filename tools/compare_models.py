@@ -37,7 +37,7 @@ from xmatch_jax import cli  # pylint: disable=g-import-not-at-top
 from xmatch_jax import ensemble  # pylint: disable=g-import-not-at-top
 from xmatch_jax import errors  # pylint: disable=g-import-not-at-top
 from xmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
-from xmatch_jax import train  # pylint: disable=g-import-not-at-top
+from xmatch_jax import trainers  # pylint: disable=g-import-not-at-top
 
 MAP_KEYS = ('i2t_map', 't2i_map', 'mean_map')
 
@@ -119,7 +119,7 @@ def run_model(name: str, parts: list, seed: int, workdir: str, split: str) -> di
   dirs = [seed_dir] if len(parts) == 1 else [os.path.join(seed_dir, f'part_{i}') for i in range(len(parts))]
   for config, run_dir in zip(parts, dirs):
     config.seed = seed
-    train.train_and_evaluate(config, run_dir)
+    trainers.train_and_evaluate(config, run_dir)
   if len(parts) == 1:
     return evaluate.evaluate_workdir(seed_dir, split)
   result = ensemble.ensemble(dirs, fusion_weights(parts), split=split)

@@ -38,11 +38,11 @@ from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
-from xmatch_jax import train  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import glfn_checkpoint  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import scan_checkpoint  # pylint: disable=g-import-not-at-top
 from xmatch_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
 from xmatch_jax.data import wordpiece  # pylint: disable=g-import-not-at-top
+from xmatch_jax.trainers import optim
 
 FORMATS = scan_checkpoint.FORMATS + ('glfn',)
 
@@ -55,8 +55,8 @@ def _check_new_workdir(workdir: str) -> None:
 def _save(config, params, meta, model, img_dim: int, checkpoint_path: str, fmt: str, workdir: str) -> int:
   """Optimizer state as training builds it (frozen groups without state), config.json and the best checkpoint."""
   params = jax.tree.map(jnp.asarray, params)
-  tx, _ = train.make_optimizer(config.optim, steps_per_epoch=1)
-  tx = train.freeze(tx, params, getattr(model, 'frozen_params', ()))
+  tx, _ = optim.make_optimizer(config.optim, steps_per_epoch=1)
+  tx = optim.freeze(tx, params, getattr(model, 'frozen_params', ()))
   step = int(meta.get('Eiters', 0))
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.asarray(step, jnp.int32)}
   run_setup.save_config(config, workdir, img_dim)

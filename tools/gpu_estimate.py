@@ -75,12 +75,13 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
   import jax.numpy as jnp
 
   from xmatch_jax import run_setup
-  from xmatch_jax import train
   from xmatch_jax.models import build_model
+  from xmatch_jax.trainers import contrastive
+  from xmatch_jax.trainers import optim
 
   if config.model.name not in MODELS:
     raise errors.UserError(
-      f'{config.model.name!r}: this estimate covers the models trained by train.train_step '
+      f'{config.model.name!r}: this estimate covers the models trained by contrastive.train_step '
       f'{MODELS} (DAER trains in stages)'
     )
   vocab_size = 10000
@@ -95,10 +96,10 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
   model = build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
   batch = batch_shapes(model, b, k, n, img_dim)
   params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x['images'], x['text']), batch)['params']
-  tx, schedule = train.make_optimizer(config.optim, steps_per_epoch=1000)
-  tx = train.freeze(tx, params, getattr(model, 'frozen_params', ()))
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=1000)
+  tx = optim.freeze(tx, params, getattr(model, 'frozen_params', ()))
   state = {'params': params, 'opt_state': jax.eval_shape(tx.init, params), 'step': jax.ShapeDtypeStruct((), jnp.int32)}
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
+  step = jax.jit(functools.partial(contrastive.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
   cost = step.lower(state, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   n_params = sum(int(x.size) for x in jax.tree.leaves(params))

@@ -21,7 +21,7 @@ if REPO not in sys.path:
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
-from xmatch_jax import train  # pylint: disable=g-import-not-at-top
+from xmatch_jax import trainers  # pylint: disable=g-import-not-at-top
 
 METRICS = evaluate.RECALL_KEYS
 
@@ -63,7 +63,7 @@ def run(spec: str, seeds: list, workdir: str, split: str, sets: list) -> dict:
     apply_sets(config, sets)
     config.seed = seed
     seed_dir = os.path.join(workdir, f'seed_{seed}')
-    train.train_and_evaluate(config, seed_dir)
+    trainers.train_and_evaluate(config, seed_dir)
     results[seed] = evaluate.evaluate_workdir(seed_dir, split)
   table = np.array([[results[s][k] for k in METRICS] for s in seeds], np.float64)
   summary = {

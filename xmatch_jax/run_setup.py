@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -116,10 +117,14 @@ def _upgrade_model_fields(model: dict) -> None:
         model.setdefault(field, value)
   if model.get('name') == 'glfn':
     model.setdefault('official_init', False)
+  if model.get('name') == 'daer':
+    model.setdefault('spatial_attention_at', 'projection')
 
 
 def _upgrade_stage_fields(config: dict) -> None:
-  """DAER stages trained before the per-stage optimiser field used Adam."""
+  """Runs written before `trainer` existed are staged exactly when they have stages; DAER stages trained before the
+  per-stage optimiser field used Adam."""
+  config.setdefault('trainer', 'staged' if 'stages' in config else 'contrastive')
   for stage in (config.get('stage') or {}).values():
     if isinstance(stage, dict):
       stage.setdefault('optimizer', 'adam')
@@ -162,6 +167,35 @@ def load_vocab(workdir: str):
   if os.path.isdir(workdir_bert_dir(workdir)):
     return wordpiece.WordPieceVocab(workdir_bert_dir(workdir))
   return vocab_lib.Vocabulary.from_json(os.path.join(workdir, VOCAB_FILE))
+
+
+def prepare_vocab(config: ml_collections.ConfigDict, workdir: str, train_captions: list):
+  """A training run's caption vocabulary: kept from W when resuming; else SCAN's word vocabulary (from
+  config.vocab_path or built from the training captions), or for BERT-based models the BERT's WordPiece tokenizer
+  (copied to W/bert). Process 0 writes it."""
+  if uses_bert(config):
+    bert_dir = workdir_bert_dir(workdir)
+    if os.path.exists(os.path.join(bert_dir, 'config.json')):
+      return wordpiece.WordPieceVocab(bert_dir)
+    if not config.model.bert_dir:
+      raise errors.UserError(
+        'config.model.bert_dir is empty; set it to a Hugging Face BERT directory (e.g. your '
+        "bert-base-uncased) or to 'minilm'."
+      )
+    vocab = wordpiece.WordPieceVocab(config.model.bert_dir)
+    if jax.process_index() == 0:
+      vocab.save(workdir)
+    return vocab
+  path = os.path.join(workdir, VOCAB_FILE)
+  if os.path.exists(path):  # resuming: keep the vocabulary the checkpoint was trained with
+    return vocab_lib.Vocabulary.from_json(path)
+  if config.vocab_path:
+    vocab = vocab_lib.Vocabulary.load(config.vocab_path)
+  else:
+    vocab = vocab_lib.Vocabulary.build(train_captions, min_count=config.vocab_min_count)
+  if jax.process_index() == 0:
+    vocab.to_json(path)
+  return vocab
 
 
 def encode_captions(vocab: vocab_lib.Vocabulary, captions: list, config: ml_collections.ConfigDict):

@@ -10,10 +10,12 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from xmatch_jax import errors
 from xmatch_jax.convert import torch_pickle
+from xmatch_jax.models import mobilenet_v3
 
 _BLOCK = re.compile(r'^features\.(\d+)\.block\.(\d+)\.(.+)$')
 _STEM = re.compile(r'^features\.(\d+)\.([01])\.(.+)$')
@@ -107,4 +109,20 @@ def convert_state_dict(state: dict, expected: dict, source: str = 'state_dict') 
     for part in key[:-1]:
       node = node.setdefault(part, {})
     node[key[-1]] = value
+  return variables
+
+
+def load_imagenet_mobilenet(path: str, width_mult: float) -> dict:
+  """torchvision mobilenet_v3_large weights (.pth / .safetensors) -> {'params', 'batch_stats'} of the plain
+  network and 'head': its classifier's first layer (FC 1280), without the classification layer (any number of
+  classes)."""
+  state = read_state_dict(path)
+  classes = int(np.shape(state['classifier.3.weight'])[0]) if 'classifier.3.weight' in state else 0
+  net = mobilenet_v3.MobileNetV3Large(num_classes=classes, width_mult=width_mult)
+  expected = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  variables = convert_state_dict(state, expected, path)
+  head = variables['params'].get('classifier_0')
+  variables['params'] = {k: v for k, v in variables['params'].items() if not k.startswith('classifier_')}
+  if head is not None:
+    variables['head'] = head
   return variables
