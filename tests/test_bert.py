@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from xmatch_jax.convert import hf_bert
+from xmatch_jax.data import wordpiece
 from xmatch_jax.models.bert import BertConfig
 from xmatch_jax.models.bert import BertModel
 
@@ -31,7 +32,7 @@ def test_tiny_bert_equals_transformers_reference_at_every_layer_padding_included
   expected = np.load(os.path.join(FIXTURES, 'tiny_bert_expected.npz'))
   config, params, skipped = hf_bert.load_checkpoint(TINY)
   assert config.num_hidden_layers == 2 and config.hidden_size == 16 and skipped == []
-  tokens, mask = _pad(hf_bert.load_tokenizer(TINY), SENTENCES)
+  tokens, mask = _pad(wordpiece.load_tokenizer(TINY), SENTENCES)
   np.testing.assert_array_equal(tokens, expected['input_ids'])  # WordPiece from vocab.txt as BertTokenizer
   assert mask.min() == 0  # the batch has padding
   out = BertModel(config).apply({'params': params}, tokens, mask, output_hidden_states=True)
@@ -47,7 +48,7 @@ def test_minilm_tokens_and_hidden_states_equal_transformers_reference():
   expected = np.load(os.path.join(FIXTURES, 'minilm_expected.npz'))
   config, params, _ = hf_bert.load_checkpoint('minilm')
   assert (config.num_hidden_layers, config.hidden_size) == (6, 384)
-  tokens, mask = _pad(hf_bert.load_tokenizer('minilm'), SENTENCES)
+  tokens, mask = _pad(wordpiece.load_tokenizer('minilm'), SENTENCES)
   np.testing.assert_array_equal(tokens, expected['input_ids'])
   out = jax.jit(lambda t, m: BertModel(config).apply({'params': params}, t, m))(tokens, mask)
   np.testing.assert_allclose(out['last_hidden_state'], expected['last_hidden_state'], atol=1e-4, rtol=0)
@@ -55,7 +56,7 @@ def test_minilm_tokens_and_hidden_states_equal_transformers_reference():
 
 @minilm_installed
 def test_minilm_tokenizer_keeps_long_captions_whole():
-  tokenizer = hf_bert.load_tokenizer('minilm')  # tokenizer.json asks for truncation and padding to 128
+  tokenizer = wordpiece.load_tokenizer('minilm')  # tokenizer.json asks for truncation and padding to 128
   ids = tokenizer.encode(' '.join(['circle'] * 200)).ids
   assert len(ids) == 202
 

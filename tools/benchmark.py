@@ -268,7 +268,7 @@ def build(config, vocab_size: int, img_dim: int):
   from xmatch_jax.models import build_model
 
   if run_setup.uses_bert(config):
-    from xmatch_jax.convert import hf_bert
+    from xmatch_jax.data import bert_dir
     from xmatch_jax.models.bert import BertConfig
 
     if not config.model.bert_dir:
@@ -276,7 +276,7 @@ def build(config, vocab_size: int, img_dim: int):
         f"model {config.model.name!r} needs a BERT: pass --bert_dir (a Hugging Face BERT directory, or 'minilm')"
       )
     vocab_size = BertConfig.from_json(
-      os.path.join(hf_bert.resolve_dir(config.model.bert_dir), 'config.json')
+      os.path.join(bert_dir.resolve_dir(config.model.bert_dir), 'config.json')
     ).vocab_size
   return build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
 

@@ -19,6 +19,8 @@ import numpy as np
 
 from xmatch_jax import cli
 from xmatch_jax.convert import hf_bert
+from xmatch_jax.data import bert_dir
+from xmatch_jax.data import wordpiece
 
 
 def check_against_transformers(directory: str, config, params, text: str) -> float:
@@ -28,7 +30,7 @@ def check_against_transformers(directory: str, config, params, text: str) -> flo
 
   from xmatch_jax.models.bert import BertModel  # pylint: disable=g-import-not-at-top
 
-  ids = hf_bert.load_tokenizer(directory).encode(text).ids
+  ids = wordpiece.load_tokenizer(directory).encode(text).ids
   tokens = np.zeros((1, len(ids) + 3), np.int64)
   mask = np.zeros_like(tokens)
   tokens[0, : len(ids)], mask[0, : len(ids)] = ids, 1
@@ -47,14 +49,14 @@ def main(argv=None) -> int:
   parser.add_argument('--check_text', default='a small red circle to the left of a blue square')
   args = parser.parse_args(argv)
 
-  source = hf_bert.resolve_dir(args.checkpoint)
+  source = bert_dir.resolve_dir(args.checkpoint)
   config, params, skipped = hf_bert.load_checkpoint(source)
   if os.path.abspath(source) == os.path.abspath(args.out):
     parser.error('--out must differ from --checkpoint')
   os.makedirs(args.out, exist_ok=True)
   shutil.copy(os.path.join(source, 'config.json'), os.path.join(args.out, 'config.json'))
   copied = []
-  for name in hf_bert.TOKENIZER_FILES:
+  for name in bert_dir.TOKENIZER_FILES:
     if os.path.exists(os.path.join(source, name)):
       shutil.copy(os.path.join(source, name), os.path.join(args.out, name))
       copied.append(name)

@@ -86,10 +86,10 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
     )
   vocab_size = 10000
   if run_setup.uses_bert(config):
-    from xmatch_jax.convert import hf_bert  # pylint: disable=g-import-not-at-top
+    from xmatch_jax.data import bert_dir  # pylint: disable=g-import-not-at-top
     from xmatch_jax.models.bert import BertConfig  # pylint: disable=g-import-not-at-top
 
-    bert_json = os.path.join(hf_bert.resolve_dir(config.model.bert_dir), 'config.json')
+    bert_json = os.path.join(bert_dir.resolve_dir(config.model.bert_dir), 'config.json')
     vocab_size = BertConfig.from_json(bert_json).vocab_size
   if 'block_size' in config.model:
     config.model.block_size = b

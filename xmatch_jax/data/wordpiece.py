@@ -5,6 +5,7 @@ batcher pads WordPiece ids exactly as word ids ([PAD] is id 0 in BERT vocabulari
 as [CLS] tokens [SEP]; nothing is truncated here (the batcher's buckets decide, and count truncations).
 """
 
+import json
 import os
 import shutil
 from typing import Iterable
@@ -12,18 +13,48 @@ from typing import Iterable
 import numpy as np
 
 from xmatch_jax import errors
-from xmatch_jax.convert import hf_bert
+from xmatch_jax.data import bert_dir
 
 # Copied into a workdir so that evaluation and the Retriever need nothing outside it.
 BERT_SUBDIR = 'bert'
+
+
+def load_tokenizer(directory: str):
+  """The checkpoint's own WordPiece tokenizer (a `tokenizers.Tokenizer`) with padding and truncation off
+  (the caller pads and decides about truncation)."""
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+  from tokenizers.implementations import BertWordPieceTokenizer  # pylint: disable=g-import-not-at-top
+
+  directory = bert_dir.resolve_dir(directory)
+  tokenizer_json = os.path.join(directory, 'tokenizer.json')
+  vocab_txt = os.path.join(directory, 'vocab.txt')
+  if os.path.exists(tokenizer_json):
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+  elif os.path.exists(vocab_txt):
+    options = {}
+    tokenizer_config = os.path.join(directory, 'tokenizer_config.json')
+    if os.path.exists(tokenizer_config):
+      with open(tokenizer_config) as f:
+        options = json.load(f)
+    tokenizer = BertWordPieceTokenizer(
+      vocab_txt,
+      lowercase=options.get('do_lower_case', True),
+      strip_accents=options.get('strip_accents'),
+      handle_chinese_chars=options.get('tokenize_chinese_chars', True),
+    )._tokenizer  # pylint: disable=protected-access
+  else:
+    raise errors.MissingFileError(f'{directory}: no tokenizer.json or vocab.txt')
+  tokenizer.no_padding()
+  tokenizer.no_truncation()
+  return tokenizer
 
 
 class WordPieceVocab:
   """A BERT checkpoint's WordPiece tokenizer."""
 
   def __init__(self, directory: str):
-    self.directory = hf_bert.resolve_dir(directory)
-    self._tokenizer = hf_bert.load_tokenizer(self.directory)
+    self.directory = bert_dir.resolve_dir(directory)
+    self._tokenizer = load_tokenizer(self.directory)
     pad = self._tokenizer.token_to_id('[PAD]')
     if pad != 0:
       raise errors.UserError(f"{self.directory}: the tokenizer's [PAD] id is {pad}; the batcher pads with id 0")
@@ -50,7 +81,7 @@ class WordPieceVocab:
     """Copies the BERT's config.json and tokenizer files to W/bert (the weights go into the checkpoint)."""
     out = os.path.join(workdir, BERT_SUBDIR)
     os.makedirs(out, exist_ok=True)
-    for name in ('config.json',) + hf_bert.TOKENIZER_FILES:
+    for name in ('config.json',) + bert_dir.TOKENIZER_FILES:
       source = os.path.join(self.directory, name)
       if os.path.exists(source) and os.path.abspath(source) != os.path.abspath(os.path.join(out, name)):
         shutil.copy(source, os.path.join(out, name))

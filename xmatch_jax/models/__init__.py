@@ -12,6 +12,7 @@ from typing import Mapping
 import flax.linen as nn
 
 from xmatch_jax import errors
+from xmatch_jax.data import bert_dir as bert_dir_lib
 from xmatch_jax.models.bert import BertConfig
 from xmatch_jax.models.daer import DAER
 from xmatch_jax.models.glfn import GLFN
@@ -72,13 +73,11 @@ def build_model(model_config: Any, vocab_size: int, img_dim: int) -> nn.Module:
       raise errors.UserError(f'model config for {name!r} has unknown field {field!r}; known fields: {list(allowed)}')
   if 'bert' in {f.name for f in dataclasses.fields(model_cls)}:
     # Models with a BERT text encoder take its sizes from the checkpoint's config.json.
-    from xmatch_jax.convert import hf_bert  # pylint: disable=g-import-not-at-top
-
     bert_dir = kwargs.get('bert_dir', model_cls.bert_dir)
     if not bert_dir:
       raise errors.UserError(
         f"model config for {name!r} needs bert_dir: a Hugging Face BERT directory (e.g. bert-base-uncased) or 'minilm'"
       )
-    bert_dir = hf_bert.resolve_dir(bert_dir)
+    bert_dir = bert_dir_lib.resolve_dir(bert_dir)
     kwargs['bert'] = BertConfig.from_json(os.path.join(bert_dir, 'config.json'))
   return model_cls(vocab_size=vocab_size, img_dim=img_dim, **kwargs)
