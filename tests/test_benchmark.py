@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -49,18 +50,23 @@ def _variables(model, k, n):
   ],
 )
 def test_analytic_flops_match_xlas_count(spec, overrides):
-  config, model = _model(spec, **overrides)
   n_img, n_cap, k, n, d = 3, 5, 36, 20, 512
-  reps = benchmark.random_reps(0, n_img, n_cap, k, n, n, d)
-  image_rep, text_rep = benchmark.pair_inputs(config.model.name, reps)
+  _, model = _model(spec, embed_size=d, **overrides)
+  image_rep, text_rep = model.example_reps(0, n_img, n_cap, k, n, n)
   fn = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
   variables = benchmark.init_pair_head(model, 0, image_rep, text_rep)
   cost = fn.lower(variables, image_rep, text_rep).compile().cost_analysis()
   xla_flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
-  ours = benchmark.scoring_flops(config.model.to_dict(), n_img, n_cap, k, n, d)['total']
+  ours = benchmark.scoring_flops(model, n_img, n_cap, k, n)['total']
   # XLA also counts element-wise work (which we leave out) and skips the zero taps of 'same' padding (which
   # we count), so the two agree to a few percent, not exactly.
   assert 0.85 * xla_flops <= ours <= 1.1 * xla_flops, (ours, xla_flops)
+
+
+def _reps(model, *args):
+  """model.example_reps as one dict {'regions', 'words', 'mask'}."""
+  image_rep, text_rep = model.example_reps(*args)
+  return {**image_rep, **text_rep}
 
 
 def _jax_scores(model, variables, reps):
@@ -74,8 +80,8 @@ def _jax_scores(model, variables, reps):
 @pytest.mark.torch
 def test_torch_scan_t2i_loop_equals_the_model():
   torch = pytest.importorskip('torch')
-  config, model = _model('configs/scan.py:f30k', cross_attn='t2i')
-  reps = benchmark.random_reps(1, 6, 7, 9, 11, 3, 16)
+  config, model = _model('configs/scan.py:f30k', cross_attn='t2i', embed_size=16)
+  reps = _reps(model, 1, 6, 7, 9, 11, 3)
   expected = _jax_scores(model, _variables(model, 9, 11), reps)
   m = config.model
   got = benchmark.torch_scan_t2i_official(
@@ -92,8 +98,8 @@ def test_torch_scan_t2i_loop_equals_the_model():
 @pytest.mark.parametrize('block', [1, 4, 100])
 def test_torch_rdan_head_equals_the_model(block):
   torch = pytest.importorskip('torch')
-  config, model = _model('configs/rdan.py:f30k', cnn_channels=4)
-  reps = benchmark.random_reps(2, 5, 7, 9, 11, 3, 16)
+  config, model = _model('configs/rdan.py:f30k', cnn_channels=4, embed_size=16)
+  reps = _reps(model, 2, 5, 7, 9, 11, 3)
   variables = _variables(model, 9, 11)
   expected = _jax_scores(model, variables, reps)
   got = benchmark.torch_rdan(
@@ -174,7 +180,8 @@ def test_cli_reports_glfn_and_daer(tmp_path, capsys, spec, flags, flop_keys):
   report = json.loads(out.read_text())
   assert sorted(report['flops']) == sorted(flop_keys + ['total'])
   s = report['sizes']
-  assert report['flops'] == benchmark.scoring_flops(report['model'], 6, 5, s['k'], s['n'], 32)
+  model = benchmark.build(ml_collections.ConfigDict({'model': report['model']}), 100, 16)
+  assert report['flops'] == benchmark.scoring_flops(model, 6, 5, s['k'], s['n'])
   assert report['pair_gflops_per_s'] == pytest.approx(report['flops']['total'] / report['score_time_s']['median'] / 1e9)
   assert ('train_step_s' in report) == (s['train_batch'] > 0)
   assert 'pairs/s' in capsys.readouterr().out

@@ -44,5 +44,5 @@ def test_bad_arguments_and_stage_trained_models_are_refused(capsys):
   from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
 
   config = run_setup.load_config_file('configs/daer.py:shapes', ROOT)
-  with pytest.raises(ValueError, match='DAER trains in stages'):
+  with pytest.raises(ValueError, match="trains with the 'staged' trainer"):
     gpu_estimate.step_cost(config, 4, 6, 5, 24)

@@ -53,7 +53,7 @@ def test_rerank_candidates_carry_full_scores_and_k_all_equals_exhaustive(name):
   full = scorer.pair_scores(image_rep, text_rep)
 
   i2t, t2i = rerank.rerank(scorer, image_rep, text_rep, k=3, query_chunk=4)
-  coarse = np.asarray(rerank.global_scores(image_rep, text_rep))
+  coarse = np.asarray(rerank.global_scores(model, image_rep, text_rep))
   for c in range(5 * n_img):  # each caption: its 3 shortlisted images hold full scores, ranked first
     top = np.argsort(-coarse[:, c], kind='stable')[:3]
     np.testing.assert_allclose(t2i[top, c], full[top, c], rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ from xmatch_jax import inference
 from xmatch_jax.data import batching
 from xmatch_jax.data import lazy
 from xmatch_jax.data import validation
+from xmatch_jax.models import matcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -208,16 +209,16 @@ def test_image_inputs_keeps_lazy_fields_and_chunks_read_them(built, monkeypatch)
   lazy_split = load(built, monkeypatch, 'test', '1')
   memory = load(built, monkeypatch, 'test', '0')
 
-  class Model:
+  class Model(matcher.Matcher):
     image_keys = ('regions', 'pfan_blocks')
 
-  inputs = inference.image_inputs(Model(), lazy_split.images)
+  inputs = Model().image_inputs(lazy_split.images)
   assert all(inputs[k] is lazy_split.images[k] for k in Model.image_keys)
-  assert inference.image_inputs(object(), lazy_split.images)['regions'] is lazy_split.images['regions']
+  assert matcher.Matcher().image_inputs(lazy_split.images)['regions'] is lazy_split.images['regions']
   got = inference.map_chunks(lambda x: x, inputs, 3)
   for k in Model.image_keys:
     np.testing.assert_array_equal(got[k], memory.images[k])
-  assert isinstance(inference.image_inputs(object(), memory.images)['regions'], np.ndarray)
+  assert isinstance(matcher.Matcher().image_inputs(memory.images)['regions'], np.ndarray)
 
 
 _MEMORY_SCRIPT = r"""
@@ -225,6 +226,7 @@ import json, os, resource, sys
 import numpy as np
 from xmatch_jax import data as data_lib, inference
 from xmatch_jax.data import batching
+from xmatch_jax.models import matcher
 
 
 def reset_peak():
@@ -245,12 +247,12 @@ def peak_mb():
 
 encode = lambda x: x['regions'].sum(axis=(1, 2))   # stands in for encode_image: one chunk in memory at a time
 warm = data_lib.load_split('precomp', 'dev', sys.argv[1])   # imports, TFDS reader, jax: before the baseline
-inference.map_chunks(encode, inference.image_inputs(object(), warm.images), 32)
+inference.map_chunks(encode, matcher.Matcher().image_inputs(warm.images), 32)
 reset_peak()
 base = peak_mb()
 split = data_lib.load_split('precomp', 'train', sys.argv[1])
 loaded = peak_mb()
-inputs = inference.image_inputs(object(), split.images)
+inputs = matcher.Matcher().image_inputs(split.images)
 batcher = batching.TrainBatcher(inputs, [np.ones(3, np.int32)] * len(split.captions), split.caption_to_image,
                                 batch_size=32, seed=0, buckets=(4,))
 for step in range(10):

@@ -126,7 +126,7 @@ def test_bf16_train_step_from_config_keeps_params_float32(module):
   batch = {'images': images, 'text': text, 'image_ids': np.arange(N_IMG, dtype=np.int32)}
   params = model.init(jax.random.key(2), images, text)['params']
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=10)
-  tx = optim.freeze(tx, params, getattr(model, 'frozen_params', ()))
+  tx = optim.freeze(tx, params, model.frozen_params)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   step = jax.jit(functools.partial(contrastive.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
   new_state, metrics = step(state, batch)

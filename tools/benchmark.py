@@ -44,115 +44,13 @@ from xmatch_jax import errors
 
 
 # ----------------------------------------------------------------------------------------------- FLOP counts
-def _rdan_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
-  flops = {'similarity': 2 * k * n * d}
-  if m.get('use_cnn', True):
-    c = m['cnn_channels']
-    out = 1 if m.get('one_path', False) else 2
-    # 3x1 (1 -> c), 1x3 (c -> c), 3x3 (c -> c), 1x1 (c -> out) at every one of the k x n positions.
-    flops['convolution'] = 2 * k * n * (3 * c + 3 * c * c + 9 * c * c + c * out)
-  attention = 0
-  if m['mu'] != 1:  # row-wise: alpha . (S |e|), alpha^T G_txt alpha
-    attention += 2 * k * n + 2 * k * n * n + 2 * k * n
-  if m['mu'] != 0:  # column-wise: beta . (S |v|), beta^T G_img beta
-    attention += 2 * k * n + 2 * k * k * n + 2 * k * n
-  flops['attention'] = attention
-  return flops
-
-
-def _scan_attention_flops(direction: str, k: int, n: int) -> int:
-  # t2i: w . S over regions, w^T G_img w; i2t: w . S over words, w^T G_txt w.
-  gram = 2 * k * k * n if direction == 't2i' else 2 * k * n * n
-  return 2 * k * n + gram + 2 * k * n
-
-
-def _scan_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
-  return {'similarity': 2 * k * n * d, 'attention': _scan_attention_flops(m['cross_attn'], k, n)}
-
-
-_GLFN_DIRECTIONS = {'fused': ('t2i', 'i2t'), 't2i': ('t2i',), 'i2t': ('i2t',)}
-
-
-def _glfn_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
-  # 'fused' computes S once ([I, k, C, n]) and hands i2t its transpose.
-  directions = _GLFN_DIRECTIONS[m['score']]
-  return {'similarity': 2 * k * n * d, 'attention': sum(_scan_attention_flops(x, k, n) for x in directions)}
-
-
-def _vsepp_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
-  del m, k, n
-  return {'similarity': 2 * d}
-
-
-def _mmca_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
-  flops = {'self_score': 2 * d}
-  if m['alpha']:
-    f, t = m['cnn_filters'], k + n
-    flops['attention'] = 2 * k * n * d * 2 + 2 * t * t * d  # Q_R K_E^T, Q_E K_R^T; weights x [V_R; V_E]
-    flops['transformer_ffn'] = 2 * t * d * d * 3  # W^O and the two FFN layers, per token
-    flops['text_cnn'] = sum(2 * (n - w + 1) * w * d * f for w in (1, 2, 3)) + 2 * 3 * f * d
-    flops['cross_score'] = 2 * d
-  return flops
-
-
-def _daer_widths(m: dict) -> list:
-  """[h0, ..., 1]: the relation MLP's widths after its first layer (DAER's default hidden (1024, 512))."""
-  hidden = m.get('relation_hidden')
-  if hidden is None:
-    from xmatch_jax.models.daer import DAER  # pylint: disable=g-import-not-at-top
-
-    hidden = DAER.relation_hidden
-  return list(hidden) + [1]
-
-
-def _daer_pair_flops(m: dict, k: int, n: int, d: int) -> dict:
-  # The first layer is split per item (item_flops); per pair only its sum, then h0 -> h1 -> ... -> 1.
-  del k, n, d
-  widths = _daer_widths(m)
-  return {'relation_mlp': sum(2 * a * b for a, b in zip(widths, widths[1:]))}
-
-
-PAIR_FLOPS = {
-  'rdan': _rdan_pair_flops,
-  'scan': _scan_pair_flops,
-  'vsepp': _vsepp_pair_flops,
-  'mmca': _mmca_pair_flops,
-  'glfn': _glfn_pair_flops,
-  'daer': _daer_pair_flops,
-}
-# scoring_flops' key of the per-item FLOPs.
-_ITEM_KEY = {'daer': 'item_first_layer'}
-
-
-def item_flops(m: dict, k: int, n: int, d: int) -> tuple[int, int]:
-  """FLOPs per image and per caption computed once per item, outside the pair loop: Gram matrices, or DAER's
-  first relation layer (W_i R^e_i per image, W_t R^e_t per caption; d = embed_size)."""
-  name = m['name']
-  if name == 'rdan':
-    return 2 * k * k * d, 2 * n * n * d
-  if name == 'scan':
-    return (2 * k * k * d, 0) if m['cross_attn'] == 't2i' else (0, 2 * n * n * d)
-  if name == 'glfn':
-    directions = _GLFN_DIRECTIONS[m['score']]
-    return 2 * k * k * d * ('t2i' in directions), 2 * n * n * d * ('i2t' in directions)
-  if name == 'daer':
-    h0 = _daer_widths(m)[0]
-    return 2 * d * h0, 2 * d * h0
-  if name == 'mmca' and m['alpha']:
-    return 2 * k * k * d, 2 * n * n * d  # Q_R K_R^T per image, Q_E K_E^T per caption
-  return 0, 0
-
-
-def scoring_flops(model_config: dict, n_images: int, n_captions: int, k: int, n: int, d: int) -> dict:
-  """FLOPs of scoring every image against every caption: {'similarity', ..., 'total'} for the whole call."""
-  name = model_config['name']
-  if name not in PAIR_FLOPS:
-    raise errors.UserError(f'no FLOP count for model {name!r}; known: {sorted(PAIR_FLOPS)}')
-  per_pair = PAIR_FLOPS[name](model_config, k, n, d)
+def scoring_flops(model, n_images: int, n_captions: int, k: int, n: int) -> dict:
+  """FLOPs of scoring every image against every caption: {'similarity', ..., 'total'} for the whole call, from the
+  model's analytic counts (`pair_flops` per pair, `item_flops` per item; models/matcher.py)."""
   pairs = n_images * n_captions
-  out = {key: value * pairs for key, value in per_pair.items()}
-  per_image, per_caption = item_flops(model_config, k, n, d)
-  out[_ITEM_KEY.get(name, 'item_gram')] = per_image * n_images + per_caption * n_captions
+  out = {key: value * pairs for key, value in model.pair_flops(k, n).items()}
+  per_image, per_caption = model.item_flops(k, n)
+  out[model.item_flops_key] = per_image * n_images + per_caption * n_captions
   out['total'] = sum(out.values())
   return out
 
@@ -172,52 +70,6 @@ def apply_overrides(config, args) -> None:
       if flag not in config.model:
         raise errors.UserError(f'--{flag}: model {config.model.name!r} has no field {flag}')
       config.model[flag] = value
-
-
-def random_reps(seed: int, n_images: int, n_captions: int, k: int, n: int, min_len: int, d: int) -> dict:
-  """Encoder outputs of random items: regions [I, k, D], words [C, n, D], mask [C, n] with lengths in [min_len, n]."""
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(min_len, n + 1, size=n_captions)
-  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
-  return {
-    'regions': rng.standard_normal((n_images, k, d)).astype(np.float32),
-    'words': rng.standard_normal((n_captions, n, d)).astype(np.float32) * mask[..., None],
-    'mask': mask,
-  }
-
-
-def pair_inputs(model_name: str, reps: dict) -> tuple:
-  """(image_rep, text_rep) of `pair_scores` from `random_reps`; global-embedding models take one vector per item
-  (VSE++: {'embedding': [I, D]} / [C, D], DAER: arrays [I, D] / [C, D])."""
-  if model_name == 'vsepp':
-    return {'embedding': reps['regions'][:, 0]}, {'embedding': reps['words'][:, 0]}
-  if model_name == 'daer':
-    return reps['regions'][:, 0], reps['words'][:, 0]
-  return {'regions': reps['regions']}, {'words': reps['words'], 'mask': reps['mask']}
-
-
-_TAG_LEN = 4  # GLFN tag tokens: [CLS] + a two-word tag such as "white plate" + [SEP]
-
-
-def random_inputs(model, seed: int, b: int, k: int, n: int, min_len: int, img_dim: int) -> tuple[dict, dict]:
-  """A random dataset-format batch of b pairs as the model reads it (inference.image_inputs): images {'regions':
-  [b, k, img_dim]} (GLFN: + pfan_blocks / pfan_weights [b, k, L] from random boxes, tag_tokens / tag_mask
-  [b, k, 4]), text {'tokens', 'mask': [b, n]} with lengths in [min_len, n]."""
-  from xmatch_jax import inference
-
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(min_len, n + 1, size=b)
-  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
-  images = {'regions': rng.standard_normal((b, k, img_dim)).astype(np.float32)}
-  text = {'tokens': (rng.integers(1, model.vocab_size, (b, n)) * mask).astype(np.int32), 'mask': mask}
-  keys = getattr(model, 'image_keys', ('regions',))
-  if 'pfan_blocks' in keys:  # x1, y1, x2, y2 in [0, 1]; the model's prepare_images finds the blocks
-    corners = rng.uniform(0, 0.7, (b, k, 2))
-    images['boxes'] = np.concatenate([corners, corners + rng.uniform(0.05, 0.3, (b, k, 2))], axis=-1)
-  if 'tag_tokens' in keys:
-    images['tag_tokens'] = rng.integers(1, model.vocab_size, (b, k, _TAG_LEN)).astype(np.int32)
-    images['tag_mask'] = np.ones((b, k, _TAG_LEN), np.float32)
-  return inference.image_inputs(model, images), text
 
 
 def _time(fn, repeats: int, warmup: int = 1) -> list:
@@ -287,7 +139,7 @@ def _init_model(config, vocab_size: int, img_dim: int, k: int, n: int):
 
   model = build(config, vocab_size, img_dim)
   init = jax.jit(model.init)  # eager init of a BERT takes longer than compiling it
-  return model, init(jax.random.key(config.seed), *random_inputs(model, 0, 1, k, n, n, img_dim))
+  return model, init(jax.random.key(config.seed), *model.example_inputs(batch=1, regions=k, words=n))
 
 
 def init_pair_head(model, seed: int, image_rep, text_rep):
@@ -300,7 +152,7 @@ def init_pair_head(model, seed: int, image_rep, text_rep):
 
 def check_train_batch(config, train_batch: int) -> None:
   """Refuses a training step for models `child_train` cannot time."""
-  if train_batch and config.model.name == 'daer':
+  if train_batch and config.get('trainer') == 'staged':
     raise errors.UserError(
       f'--train_batch={train_batch}: DAER trains in stages (xmatch_jax/trainers/staged.py: classifiers, '
       "then the relation network on eq 11's category loss, with BatchNorm statistics and per-stage "
@@ -326,13 +178,13 @@ def child_score(args) -> dict:
 
   config = load_config(args.config)
   apply_overrides(config, args)
-  reps = random_reps(args.seed, args.n_images, args.n_captions, args.k, args.n, args.min_len, config.model.embed_size)
-  if config.model.name == 'mmca':  # its reps hold per-item projections: encode random inputs (not timed)
+  model = build(config, 100, 16)
+  if not model.random_reps:  # its reps hold per-item projections (MMCA): encode random inputs (not timed)
     model, variables = _init_model(config, 100, 16, args.k, args.n)
-    image_rep, text_rep = _encoded_reps(model, variables, reps, args.seed)
+    image_rep, text_rep = _encoded_reps(model, variables, args)
   else:  # the pair head's own variables: a full init would run DAER's MobileNet or GLFN's BERT for nothing
-    model = build(config, 100, 16)
-    image_rep, text_rep = jax.device_put(pair_inputs(config.model.name, reps))
+    reps = model.example_reps(args.seed, args.n_images, args.n_captions, args.k, args.n, args.min_len)
+    image_rep, text_rep = jax.device_put(reps)
     variables = init_pair_head(model, config.seed, image_rep, text_rep)
   score = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
   t0 = time.perf_counter()
@@ -359,9 +211,9 @@ def child_train(args) -> dict:
   b, img_dim = args.train_batch, 2048
   model, variables = _init_model(config, 10000, img_dim, args.k, args.n)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=1000)
-  tx = optim.freeze(tx, variables['params'], getattr(model, 'frozen_params', ()))
+  tx = optim.freeze(tx, variables['params'], model.frozen_params)
   state = {'params': variables['params'], 'opt_state': tx.init(variables['params']), 'step': 0}
-  images, text = random_inputs(model, args.seed, b, args.k, args.n, args.min_len, img_dim)
+  images, text = model.example_inputs(batch=b, regions=args.k, words=args.n, min_len=args.min_len, seed=args.seed)
   batch = {'images': images, 'text': text, 'image_ids': np.arange(b, dtype=np.int32)}
   step = jax.jit(lambda s, x: contrastive.train_step(s, x, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
   t0 = time.perf_counter()
@@ -378,15 +230,17 @@ def child_train(args) -> dict:
   return {'train_step_s': _summary(times), 'train_first_call_s': compile_s, **_peak_memory()}
 
 
-def _encoded_reps(model, variables, reps: dict, seed: int):
+def _encoded_reps(model, variables, args):
+  """Encoder outputs of random inputs: n_images images and n_captions captions (lengths in [min_len, n])."""
   import jax
 
-  rng = np.random.default_rng(seed)
-  images = {'regions': rng.standard_normal(reps['regions'].shape[:2] + (16,)).astype(np.float32)}
-  tokens = (rng.integers(1, model.vocab_size, reps['mask'].shape) * reps['mask']).astype(np.int32)
   encode_image = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
   encode_text = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_text))
-  return encode_image(variables, images), encode_text(variables, {'tokens': tokens, 'mask': reps['mask']})
+  images, _ = model.example_inputs(batch=args.n_images, regions=args.k, words=args.n, seed=args.seed)
+  _, text = model.example_inputs(
+    batch=args.n_captions, regions=args.k, words=args.n, min_len=args.min_len, seed=args.seed
+  )
+  return encode_image(variables, images), encode_text(variables, text)
 
 
 def _run_child(kind: str, argv: list) -> dict:
@@ -488,6 +342,9 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
     return {}
   torch.set_num_threads(os.cpu_count())
   m = config.model.to_dict()
+  if 'regions' not in reps:
+    print(f'--compare-torch: no PyTorch reference for this model configuration ({m["name"]}); skipped.')
+    return {}
   regions, words = torch.from_numpy(reps['regions']), torch.from_numpy(reps['words'])
   mask = torch.from_numpy(reps['mask'])
   if (
@@ -539,7 +396,7 @@ def run(args) -> dict:
   config = load_config(args.config)
   apply_overrides(config, args)
   check_train_batch(config, args.train_batch)
-  build(config, 100, 16)  # a config the children cannot build (e.g. no bert_dir) fails here, before any timing
+  model = build(config, 100, 16)  # a config the children cannot build (e.g. no bert_dir) fails here, before any timing
   m = config.model.to_dict()
   d = m.get('embed_size')
   child_argv = [f'--{name}={getattr(args, name)}' for name in _CHILD_FLAGS]
@@ -554,6 +411,7 @@ def run(args) -> dict:
       'min_len': args.min_len,
       'embed_size': d,
       'block_size': m.get('block_size'),
+      'regions_and_words': 'regions' in model.image_keys,
       'train_batch': args.train_batch,
       'dtype': m.get('dtype', 'float32'),
     },
@@ -568,7 +426,7 @@ def run(args) -> dict:
 
   pairs = args.n_images * args.n_captions
   t = score['score_time_s']['median']
-  flops = scoring_flops(m, args.n_images, args.n_captions, args.k, args.n, d)
+  flops = scoring_flops(model, args.n_images, args.n_captions, args.k, args.n)
   result.update(
     {
       'matmul_gflops_per_s': rate,
@@ -598,7 +456,8 @@ def run(args) -> dict:
       result['train_peak_device_bytes'] = train_result['peak_device_bytes']
   result['peak_memory_bytes'] = max(peaks)
   if args.compare_torch:
-    reps = random_reps(args.seed, args.n_images, args.n_captions, args.k, args.n, args.min_len, d)
+    image_rep, text_rep = model.example_reps(args.seed, args.n_images, args.n_captions, args.k, args.n, args.min_len)
+    reps = {**image_rep, **text_rep} if isinstance(image_rep, dict) else {}
     params = dict(np.load(scores_file + '.params.npz'))
     torch_result = compare_torch(args, config, reps, np.load(scores_file), params)
     for f in (scores_file, scores_file + '.params.npz'):
@@ -626,7 +485,7 @@ def format_table(r: dict) -> str:
     (
       'sizes',
       f'{s["n_images"]} images x {s["n_captions"]} captions, '
-      + ('' if r['model']['name'] == 'daer' else f'k={s["k"]}, n={s["min_len"]}..{s["n"]}, ')
+      + (f'k={s["k"]}, n={s["min_len"]}..{s["n"]}, ' if s.get('regions_and_words', True) else '')
       + f'D={s["embed_size"]}, block={s["block_size"]}, {s["dtype"]}',
     ),
     (

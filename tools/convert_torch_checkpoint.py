@@ -56,7 +56,7 @@ def _save(config, params, meta, model, img_dim: int, checkpoint_path: str, fmt: 
   """Optimizer state as training builds it (frozen groups without state), config.json and the best checkpoint."""
   params = jax.tree.map(jnp.asarray, params)
   tx, _ = optim.make_optimizer(config.optim, steps_per_epoch=1)
-  tx = optim.freeze(tx, params, getattr(model, 'frozen_params', ()))
+  tx = optim.freeze(tx, params, model.frozen_params)
   step = int(meta.get('Eiters', 0))
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.asarray(step, jnp.int32)}
   run_setup.save_config(config, workdir, img_dim)
@@ -82,7 +82,7 @@ def convert_glfn(checkpoint_path: str, bert_dir: str, workdir: str, dataset: str
   os.makedirs(workdir, exist_ok=True)
   vocab.save(workdir)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
-  expected = glfn_checkpoint.expected_params(model, img_dim, config.model.top_l)
+  expected = glfn_checkpoint.expected_params(model)
   checkpoints.check_params_match(params, expected, checkpoint_path)
   step = _save(config, params, meta, model, img_dim, checkpoint_path, 'glfn', workdir)
   return {

@@ -50,17 +50,16 @@ GPUS = {  # dense peak FLOP/s by compute dtype, HBM bytes/s (datasheets)
   'h100_sxm': {'bfloat16': 989e12, 'float32': 495e12, 'bandwidth': 3.35e12},  # float32 matmuls as TF32
   'a100_sxm': {'bfloat16': 312e12, 'float32': 156e12, 'bandwidth': 2.04e12},
 }
-MODELS = ('vsepp', 'scan', 'rdan', 'mmca', 'glfn')
 
 
 def batch_shapes(model, b: int, k: int, n: int, img_dim: int) -> dict:
   """Abstract training batch of `b` pairs for `model`: the shapes of the benchmark's random batch (the model's own
   input fields, e.g. GLFN's block positions and tag tokens), as jax.ShapeDtypeStruct leaves."""
-  import benchmark  # pylint: disable=g-import-not-at-top  (tools/, beside this file)
   import jax
   import numpy as np
 
-  images, text = benchmark.random_inputs(model, 0, b, k, n, n, img_dim)
+  del img_dim  # the model's own
+  images, text = model.example_inputs(batch=b, regions=k, words=n)
   batch = {'images': images, 'text': text, 'image_ids': np.arange(b, dtype=np.int32)}
   return jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)), batch
@@ -79,10 +78,10 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
   from xmatch_jax.trainers import contrastive
   from xmatch_jax.trainers import optim
 
-  if config.model.name not in MODELS:
+  if config.get('trainer', 'contrastive') != 'contrastive':
     raise errors.UserError(
-      f'{config.model.name!r}: this estimate covers the models trained by contrastive.train_step '
-      f'{MODELS} (DAER trains in stages)'
+      f'{config.model.name!r} trains with the {config.trainer!r} trainer; this estimate covers the contrastive '
+      "trainer's step (xmatch_jax/trainers/contrastive.py)"
     )
   vocab_size = 10000
   if run_setup.uses_bert(config):
@@ -97,7 +96,7 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
   batch = batch_shapes(model, b, k, n, img_dim)
   params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x['images'], x['text']), batch)['params']
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=1000)
-  tx = optim.freeze(tx, params, getattr(model, 'frozen_params', ()))
+  tx = optim.freeze(tx, params, model.frozen_params)
   state = {'params': params, 'opt_state': jax.eval_shape(tx.init, params), 'step': jax.ShapeDtypeStruct((), jnp.int32)}
   step = jax.jit(functools.partial(contrastive.train_step, model=model, tx=tx, schedule=schedule, loss_cfg=config.loss))
   cost = step.lower(state, batch).compile().cost_analysis()

@@ -54,7 +54,7 @@ class Retriever:
       raise errors.UserError(
         f'images must be a dict of dataset fields such as {{"regions": [n_images, k, d]}}; got {type(images).__name__}.'
       )
-    inputs = inference.image_inputs(self.model, images)
+    inputs = self.model.image_inputs(images)
     counts = {key: len(value) for key, value in inputs.items()}
     if min(counts.values()) == 0:
       raise errors.UserError(f'images hold no image (fields {counts}); pass at least one.')
@@ -82,13 +82,5 @@ class Retriever:
 def _load_model(workdir: str, config, vocab):
   img_dim = int(config.data_info.img_dim)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
-  # A two-image probe with every field a model may derive its inputs from (GLFN: boxes, tags).
-  probe = {
-    'regions': np.zeros((2, 1, img_dim), np.float32),
-    'boxes': np.tile(np.float32([0, 0, 1, 1]), (2, 1, 1)),
-    'tags': np.array([['object'], ['object']], dtype=object),
-  }
-  if 'pixels' in getattr(model, 'image_keys', ()):
-    probe = {'pixels': np.zeros((2, 64, 64, 3), np.uint8)}  # DAER: any canvas; the CNN pools globally
-  variables, _, which = evaluate.load_variables(workdir, model, probe)
+  variables, _, which = evaluate.load_variables(workdir, model)
   return model, variables, which

@@ -117,7 +117,7 @@ def evaluate_workdir(
   vocab = run_setup.load_vocab(workdir)
   data = load_split(config.dataset, split, config.data_dir or None)
   model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(data.images), workdir)
-  variables, meta, which = load_variables(workdir, model, data.images)
+  variables, meta, which = load_variables(workdir, model)
   tokens, mask = run_setup.encode_captions(vocab, data.captions, config)
   metric = config.get('eval_metric', 'recall')
   if metric == 'map' and protocol is not None:
@@ -169,12 +169,10 @@ def evaluate_workdir(
   return result
 
 
-def load_variables(workdir: str, model, images: dict):
+def load_variables(workdir: str, model):
   """Best (else latest) variables of W (params, and BatchNorm statistics where the model has them), checked against
   the model's parameter shapes. Returns (variables, meta, which)."""
-  inputs = {k: v[:2] for k, v in inference.image_inputs(model, images).items()}
-  text = {'tokens': np.ones((2, 4), np.int32), 'mask': np.ones((2, 4), np.float32)}
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), inputs, text)
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.example_inputs())
   state, meta, which = checkpoints.RunCheckpoints(workdir).restore_for_eval()
   for collection in expected:
     if collection not in state:

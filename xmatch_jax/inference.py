@@ -9,23 +9,6 @@ import numpy as np
 
 from xmatch_jax import errors
 from xmatch_jax import progress
-from xmatch_jax.data import lazy
-
-
-def image_inputs(model, images: dict) -> dict:
-  """The image fields the model reads (`model.image_keys`, default `regions`), as numpy arrays; models that derive
-  inputs from dataset fields (GLFN: block positions from boxes, tag tokens from tags) do it in `prepare_images`.
-  Lazy fields (data/lazy.py LazyRows: a large split read from disk on demand) are passed on as they are, unread."""
-  prepare = getattr(model, 'prepare_images', None)
-  if prepare is not None:
-    images = prepare(images)
-  keys = getattr(model, 'image_keys', ('regions',))
-  missing = [k for k in keys if k not in images]
-  if missing:
-    raise errors.UserError(
-      f'image inputs lack field(s) {missing} that model {type(model).__name__} needs; got {sorted(images)}.'
-    )
-  return {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in keys}
 
 
 def _pad_rows(tree, size: int):
@@ -90,7 +73,7 @@ class Scorer:
 
   def encode_images(self, images: dict):
     """images: dataset-format dict -> image rep pytree with leading dim n_img."""
-    inputs = image_inputs(self.model, images)
+    inputs = self.model.image_inputs(images)
     return map_chunks(
       lambda x: self._encode_image(self.variables, x),
       inputs,

@@ -2,11 +2,11 @@
 query, the model's full pair head re-scores only those (docs/architecture.md, "Two-stage retrieval";
 `evaluate --rerank_k=K`, `Retriever.score`).
 
-Global score, from the encoded reps (no parameters): MMCA's i0 . c0 when the reps carry them, the global embeddings
-of VSE++, else for region / word models (SCAN, RDAN, GLFN) the mean over real words of each word's best region
-cosine: one pass of the batch-wide similarity tensor S, without the attention head. (The cosine of mean-pooled
-region and word vectors was tried first: on RDAN/shapes it kept the true image in a caption's top 10 only 31% of
-the time.)
+Global score, from the encoded reps (no parameters), each model's `global_scores` (models/matcher.py): MMCA's
+i0 . c0, the global embeddings of VSE++, and for region / word models (SCAN, RDAN, GLFN) the mean over real words of
+each word's best region cosine: one pass of the batch-wide similarity tensor S, without the attention head. (The
+cosine of mean-pooled region and word vectors was tried first: on RDAN/shapes it kept the true image in a caption's
+top 10 only 31% of the time.)
 
 Re-ranked score matrices keep the [n_img, n_txt] layout: in the query direction's matrix every query's K candidates
 hold their full scores and rank above all other items, which follow in global-score order. Text-to-image and
@@ -16,71 +16,28 @@ image-to-text shortlists differ, so each direction has its own matrix.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from xmatch_jax import errors
 from xmatch_jax import inference
 from xmatch_jax import metrics as metrics_lib
-from xmatch_jax import pairwise
 
 
-def _l2norm(x, eps=1e-8):
-  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
+def global_scores(model, image_rep, text_rep, block_size: int = 16) -> jax.Array:
+  """[n_img, n_txt] shortlist scores from encoded reps: the model's `global_scores` (the matcher contract), jitted."""
+  return jax.jit(functools.partial(model.global_scores, block_size=block_size))(image_rep, text_rep)
 
 
-def _best_region_cosine(regions: jax.Array, words: jax.Array, mask: jax.Array) -> jax.Array:
-  """regions [b, k, D], words [C, n, D], mask [C, n] -> [b, C]: mean over real words of max over regions of S."""
-  s = pairwise.region_word_similarity(_l2norm(regions), _l2norm(words))  # [b, C, k, n]
-  best = jnp.max(s, axis=2)
-  return jnp.sum(best * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
-
-
-def _global_kind(image_rep: dict, text_rep: dict) -> str:
-  """Which global score the reps allow: 'i0' (i0 . c0), 'embedding' or 'regions' (best region cosine)."""
-  if 'i0' in image_rep and 'c0' in text_rep:
-    return 'i0'
-  if 'embedding' in image_rep and 'embedding' in text_rep:
-    return 'embedding'
-  if 'regions' in image_rep and 'words' in text_rep and 'mask' in text_rep:
-    return 'regions'
-  raise errors.UserError(
-    f'no global score for reps with image fields {sorted(image_rep)} and text fields '
-    f'{sorted(text_rep)}; re-ranking needs i0/c0, embedding, or regions/words/mask.'
-  )
-
-
-@functools.partial(jax.jit, static_argnames='block_size')
-def global_scores(image_rep: dict, text_rep: dict, block_size: int = 16) -> jax.Array:
-  """[n_img, n_txt] shortlist scores from encoded reps (region / word models: in blocks of block_size images)."""
-  kind = _global_kind(image_rep, text_rep)
-  if kind == 'i0':
-    return image_rep['i0'] @ text_rep['c0'].T
-  if kind == 'embedding':
-    return image_rep['embedding'] @ text_rep['embedding'].T
-  return pairwise.score_in_blocks(
-    lambda regions, text: _best_region_cosine(regions, *text),
-    image_rep['regions'],
-    (text_rep['words'], text_rep['mask']),
-    block_size,
-  )
-
-
-def _shortlist_scores(
-  image_rep: dict, text_rep: dict, desc: str, block_size: int = 16, chunk_blocks: int = 8
-) -> np.ndarray:
-  """`global_scores` as numpy. The region / word score (a pass of S over all pairs, minutes for a large split on
-  CPU) runs `chunk_blocks` blocks of images per call with a progress bar; every call scores the same
-  `block_size`-image blocks global_scores would, so the values are the same."""
+def _shortlist_scores(model, image_rep, text_rep, desc: str, block_size: int = 16, chunk_blocks: int = 8) -> np.ndarray:
+  """`global_scores` as numpy, `chunk_blocks` blocks of `block_size` images per call with a progress bar (a region /
+  word score is a pass of S over all pairs, minutes for a large split on CPU). Every call scores the same
+  `block_size`-image blocks one call over all images would, so the values are the same."""
   n_img = jax.tree.leaves(image_rep)[0].shape[0]
   chunk = block_size * chunk_blocks
-  if _global_kind(image_rep, text_rep) != 'regions' or n_img <= chunk:
-    return np.asarray(global_scores(image_rep, text_rep, block_size=block_size))
-  return np.asarray(
-    inference.map_chunks(
-      lambda x: global_scores(x, text_rep, block_size=block_size), image_rep, chunk, desc=desc, unit='image'
-    )
-  )
+  score = jax.jit(functools.partial(model.global_scores, block_size=block_size))
+  if n_img <= chunk:
+    return np.asarray(score(image_rep, text_rep))
+  return np.asarray(inference.map_chunks(lambda x: score(x, text_rep), image_rep, chunk, desc=desc, unit='image'))
 
 
 def shortlist(scores: np.ndarray, k: int) -> np.ndarray:
@@ -102,7 +59,7 @@ def _merge(global_rows: np.ndarray, candidates: np.ndarray, full: np.ndarray) ->
 def rerank(scorer, image_rep, text_rep, k: int, query_chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
   """Two-stage scores of all pairs. Returns (i2t [n_img, n_txt]: per image its top-k captions re-scored,
   t2i [n_img, n_txt]: per caption its top-k images re-scored). A k above the number of items re-scores them all."""
-  coarse = _shortlist_scores(image_rep, text_rep, desc=f'{getattr(scorer, "desc", "scoring")} (shortlist)')
+  coarse = _shortlist_scores(scorer.model, image_rep, text_rep, desc=f'{scorer.desc} (shortlist)')
   images_per_caption = shortlist(coarse.T, k)  # [n_txt, k]
   captions_per_image = shortlist(coarse, k)  # [n_img, k]
   t2i = scorer.candidate_scores(image_rep, text_rep, images_per_caption, query_side='text', chunk=query_chunk)

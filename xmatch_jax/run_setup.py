@@ -146,7 +146,7 @@ def check_same_model(saved: ml_collections.ConfigDict, config: ml_collections.Co
 def uses_bert(config: ml_collections.ConfigDict) -> bool:
   """The model reads WordPiece tokens through a BERT (its captions use the BERT's tokenizer)."""
   model_cls = models.MODELS.get(config.model.name)
-  return getattr(model_cls, 'text_input', 'words') == 'wordpiece'
+  return model_cls is not None and model_cls.text_input == 'wordpiece'
 
 
 def workdir_bert_dir(workdir: str) -> str:

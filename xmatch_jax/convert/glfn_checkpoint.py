@@ -520,18 +520,8 @@ def opt_from_config(config, img_dim: int | None = None, source: str = 'config') 
   return argparse.Namespace(**opt)
 
 
-def expected_params(model, img_dim: int, top_l: int) -> dict:
+def expected_params(model) -> dict:
   """Param shapes of a GLFN model (for key / shape checks of imported or exported weights)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  k = 2
-  images = {
-    'regions': jnp.zeros((2, k, img_dim)),
-    'pfan_blocks': jnp.zeros((2, k, top_l), jnp.int32),
-    'pfan_weights': jnp.ones((2, k, top_l)),
-    'tag_tokens': jnp.ones((2, k, 3), jnp.int32),
-    'tag_mask': jnp.ones((2, k, 3)),
-  }
-  text = {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))}
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images, text)['params']
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.example_inputs())['params']

@@ -1,7 +1,6 @@
 """Matcher registry: model name -> Flax module, and `build_model` from a config.
 
-Every matcher has `encode_image(images)`, `encode_text(text)`, `pair_scores(image_rep, text_rep)`
-and `__call__(images, text)` (see docs/architecture.md, "The matcher interface").
+Every matcher subclasses `matcher.Matcher` (the contract: docs/architecture.md, "The matcher contract").
 """
 
 import dataclasses
@@ -13,6 +12,7 @@ import flax.linen as nn
 
 from xmatch_jax import errors
 from xmatch_jax.data import bert_dir as bert_dir_lib
+from xmatch_jax.models import matcher
 from xmatch_jax.models.bert import BertConfig
 from xmatch_jax.models.daer import DAER
 from xmatch_jax.models.glfn import GLFN
@@ -21,7 +21,7 @@ from xmatch_jax.models.rdan import RDAN
 from xmatch_jax.models.scan import SCAN
 from xmatch_jax.models.vsepp import VSEPP
 
-MODELS: dict[str, type[nn.Module]] = {
+MODELS: dict[str, type[matcher.Matcher]] = {
   'vsepp': VSEPP,
   'scan': SCAN,
   'rdan': RDAN,
@@ -29,6 +29,16 @@ MODELS: dict[str, type[nn.Module]] = {
   'glfn': GLFN,
   'daer': DAER,
 }
+
+
+def register(name: str, model_cls: type[matcher.Matcher]) -> None:
+  """Adds a matcher under `name` (a config's `model.name`); it must subclass `matcher.Matcher`."""
+  if not (isinstance(model_cls, type) and issubclass(model_cls, matcher.Matcher)):
+    raise errors.UserError(f'models.register({name!r}, ...): {model_cls!r} is not a matcher.Matcher subclass')
+  if name in MODELS and MODELS[name] is not model_cls:
+    raise errors.UserError(f'models.register: {name!r} is already {MODELS[name].__name__}')
+  MODELS[name] = model_cls
+
 
 # Set from the data, not from the model config.
 _DATA_FIELDS = ('vocab_size', 'img_dim', 'bert')

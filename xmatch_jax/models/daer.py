@@ -20,8 +20,11 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from xmatch_jax import errors
 from xmatch_jax import pairwise
+from xmatch_jax.models import matcher
 from xmatch_jax.models import mobilenet_v3
 from xmatch_jax.models.mobilenet_v3 import MobileNetV3Large
 
@@ -220,7 +223,7 @@ class DAERImage(nn.Module):
     return nn.Dense(self.embed_size, name='fc')(head), features
 
 
-class DAER(nn.Module):
+class DAER(matcher.Matcher):
   """DAER (Huang, Hu and Su, Entropy 2023): text and image modules, the enhanced relation network on all pairs.
 
   The matcher interface scores pairs with the relation network (eq 10, a probability of "same category");
@@ -250,6 +253,8 @@ class DAER(nn.Module):
   block_size: int = 256  # images per block of the all-pairs relation MLP
 
   image_keys = ('pixels',)
+  item_flops_key = 'item_first_layer'
+  example_canvas = 32  # height and width of `example_images` (any size works: the CNN pools globally)
 
   def setup(self):
     self.text = DAERText(
@@ -290,3 +295,31 @@ class DAER(nn.Module):
 
   def __call__(self, images: dict, text: dict, train: bool = False) -> jax.Array:
     return self.pair_scores(self.encode_image(images, train), self.encode_text(text))
+
+  def example_images(self, rng: np.random.Generator, batch: int, regions: int) -> dict:
+    del regions
+    size = self.example_canvas
+    return {'pixels': rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8)}
+
+  def example_reps(self, seed, n_images, n_captions, regions, words, min_len):
+    """One random 1 x embed_size representation per item: [I, D], [C, D]."""
+    image_rep, text_rep = super().example_reps(seed, n_images, n_captions, regions, words, min_len)
+    return image_rep['regions'][:, 0], text_rep['words'][:, 0]
+
+  def global_scores(self, image_rep, text_rep, block_size: int = 16) -> jax.Array:
+    raise errors.UserError('DAER scores by mAP over categories; two-stage retrieval (--rerank_k) does not apply')
+
+  def _relation_widths(self) -> list:
+    return list(self.relation_hidden) + [1]
+
+  def pair_flops(self, regions: int, words: int) -> dict:
+    # The first layer is split per item (item_flops); per pair only its sum, then h0 -> h1 -> ... -> 1.
+    del regions, words
+    widths = self._relation_widths()
+    return {'relation_mlp': sum(2 * a * b for a, b in zip(widths, widths[1:]))}
+
+  def item_flops(self, regions: int, words: int) -> tuple[int, int]:
+    """The relation network's first layer, W_i R^e_i per image and W_t R^e_t per caption."""
+    del regions, words
+    h0 = self._relation_widths()[0]
+    return 2 * self.embed_size * h0, 2 * self.embed_size * h0

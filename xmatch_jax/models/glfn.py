@@ -47,9 +47,12 @@ from xmatch_jax.data import pfan
 from xmatch_jax.data import wordpiece
 from xmatch_jax.models import bert as bert_lib
 from xmatch_jax.models import layers
+from xmatch_jax.models import matcher
 from xmatch_jax.models import scan
 
 SCORES = ('fused', 't2i', 'i2t')
+_DIRECTIONS = {'fused': ('t2i', 'i2t'), 't2i': ('t2i',), 'i2t': ('i2t',)}
+_TAG_LEN = 4  # example tags: [CLS] + a two-word tag such as "white plate" + [SEP]
 TEXT_ENCODERS = ('bert_gru', 'gru', 'bert')
 
 
@@ -67,7 +70,7 @@ def position_attention(
   return jnp.einsum('...kl,...kld->...kd', p, v)  # eq 12
 
 
-class GLFN(nn.Module):
+class GLFN(matcher.Matcher):
   """GLFN matcher.
 
   Attributes:
@@ -279,8 +282,25 @@ class GLFN(nn.Module):
 
     return pairwise.score_in_blocks(head, image_rep, text, self.block_size, remat=self.remat)
 
-  def __call__(self, images: dict, text: dict) -> jax.Array:
-    return self.pair_scores(self.encode_image(images), self.encode_text(text))
+  def example_images(self, rng: np.random.Generator, batch: int, regions: int) -> dict:
+    """Regions, random boxes (x1, y1, x2, y2 in [0, 1]; `prepare_images` finds their blocks) and, with tags,
+    random tag tokens [batch, regions, 4]."""
+    images = super().example_images(rng, batch, regions)
+    corners = rng.uniform(0, 0.7, (batch, regions, 2))
+    images['boxes'] = np.concatenate([corners, corners + rng.uniform(0.05, 0.3, (batch, regions, 2))], axis=-1)
+    if self.use_tags:
+      images['tag_tokens'] = rng.integers(1, self.vocab_size, (batch, regions, _TAG_LEN)).astype(np.int32)
+      images['tag_mask'] = np.ones((batch, regions, _TAG_LEN), np.float32)
+    return images
+
+  def pair_flops(self, regions: int, words: int) -> dict:
+    # 'fused' computes S once ([I, k, C, n]) and hands i2t its transpose.
+    attention = sum(matcher.scan_attention_flops(x, regions, words) for x in _DIRECTIONS[self.score])
+    return {'similarity': 2 * regions * words * self.embed_size, 'attention': attention}
+
+  def item_flops(self, regions: int, words: int) -> tuple[int, int]:
+    directions, d = _DIRECTIONS[self.score], self.embed_size
+    return 2 * regions * regions * d * ('t2i' in directions), 2 * words * words * d * ('i2t' in directions)
 
 
 @functools.lru_cache(maxsize=4)

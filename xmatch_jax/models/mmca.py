@@ -41,6 +41,7 @@ from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.models import bert as bert_lib
 from xmatch_jax.models import layers
+from xmatch_jax.models import matcher
 
 LAYER_NORM_EPS = 1e-5
 TEXT_NORMS = ('l2', 'layernorm')
@@ -233,7 +234,7 @@ class TextCNNParams(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ the matcher
-class MMCA(nn.Module):
+class MMCA(matcher.Matcher):
   """MMCA matcher: region FC + Transformer (i_0), frozen BERT + 1d-CNN (c_0), joint cross Transformer (i_1, c_1).
 
   Attributes:
@@ -272,6 +273,7 @@ class MMCA(nn.Module):
 
   text_input = 'wordpiece'  # captions are tokenised with the BERT's own WordPiece vocabulary
   frozen_params = ('bert',)  # not trained (sec 4.2: "the weights of BERT model is fixed")
+  random_reps = False  # the reps hold per-item Q / K / V projections
 
   def __post_init__(self):
     if self.bert is None:
@@ -363,5 +365,24 @@ class MMCA(nn.Module):
     )
     return self_scores + self.alpha * cross
 
-  def __call__(self, images: dict, text: dict) -> jax.Array:
-    return self.pair_scores(self.encode_image(images), self.encode_text(text))
+  def global_scores(self, image_rep: dict, text_rep: dict, block_size: int = 16) -> jax.Array:
+    """The self-attention branch's i_0 . c_0 (no parameters), without the cross branch."""
+    del block_size
+    return image_rep['i0'] @ text_rep['c0'].T
+
+  def pair_flops(self, regions: int, words: int) -> dict:
+    d, k, n = self.embed_size, regions, words
+    flops = {'self_score': 2 * d}
+    if self.alpha:
+      f, t = self.cnn_filters, k + n
+      flops['attention'] = 2 * k * n * d * 2 + 2 * t * t * d  # Q_R K_E^T, Q_E K_R^T; weights x [V_R; V_E]
+      flops['transformer_ffn'] = 2 * t * d * d * 3  # W^O and the two FFN layers, per token
+      flops['text_cnn'] = sum(2 * (n - w + 1) * w * d * f for w in (1, 2, 3)) + 2 * 3 * f * d
+      flops['cross_score'] = 2 * d
+    return flops
+
+  def item_flops(self, regions: int, words: int) -> tuple[int, int]:
+    d = self.embed_size
+    if not self.alpha:
+      return 0, 0
+    return 2 * regions * regions * d, 2 * words * words * d  # Q_R K_R^T per image, Q_E K_E^T per caption

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.models import layers
+from xmatch_jax.models import matcher
 
 _EPS = 1e-8
 # (name, kernel height over regions, kernel width over words) of the relation layers, eq 6.
@@ -300,7 +301,7 @@ def rdan_block_scores(
   return score
 
 
-class RDAN(nn.Module):
+class RDAN(matcher.Matcher):
   """RDAN matcher: region FC + bi-GRU words, relation CNN over S, dual pathway attention.
 
   Attributes:
@@ -421,5 +422,20 @@ class RDAN(nn.Module):
       dtype=dtype,
     )
 
-  def __call__(self, images: dict, text: dict) -> jax.Array:
-    return self.pair_scores(self.encode_image(images), self.encode_text(text))
+  def pair_flops(self, regions: int, words: int) -> dict:
+    k, n = regions, words
+    flops = {'similarity': 2 * k * n * self.embed_size}
+    if self.use_cnn:
+      c, out = self.cnn_channels, 1 if self.one_path else 2
+      # 3x1 (1 -> c), 1x3 (c -> c), 3x3 (c -> c), 1x1 (c -> out) at every one of the k x n positions.
+      flops['convolution'] = 2 * k * n * (3 * c + 3 * c * c + 9 * c * c + c * out)
+    attention = 0
+    if self.mu != 1:  # row-wise: alpha . (S |e|), alpha^T G_txt alpha
+      attention += 2 * k * n + 2 * k * n * n + 2 * k * n
+    if self.mu != 0:  # column-wise: beta . (S |v|), beta^T G_img beta
+      attention += 2 * k * n + 2 * k * k * n + 2 * k * n
+    flops['attention'] = attention
+    return flops
+
+  def item_flops(self, regions: int, words: int) -> tuple[int, int]:
+    return 2 * regions * regions * self.embed_size, 2 * words * words * self.embed_size

@@ -13,13 +13,13 @@ the attended vector a = sum w v has query . a = sum w S and |a|^2 = w^T G w.
 import functools
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.models import layers
+from xmatch_jax.models import matcher
 
 CROSS_ATTN = ('t2i', 'i2t')
 RAW_FEATURE_NORMS = ('softmax', 'l2norm', 'clipped_l2norm', 'l1norm', 'clipped_l1norm', 'clipped', 'no_norm')
@@ -202,7 +202,7 @@ def i2t_scores(
   return aggregate(dots / denom, agg_func, lambda_lse, mask=None).T
 
 
-class SCAN(nn.Module):
+class SCAN(matcher.Matcher):
   """SCAN matcher: region encoder + (bi)GRU word encoder, stacked cross attention scores.
 
   Attributes:
@@ -301,5 +301,12 @@ class SCAN(nn.Module):
       lambda image_block, text_: head(image_block['regions'], text_), image_rep, text, self.block_size, remat=self.remat
     )
 
-  def __call__(self, images: dict, text: dict) -> jax.Array:
-    return self.pair_scores(self.encode_image(images), self.encode_text(text))
+  def pair_flops(self, regions: int, words: int) -> dict:
+    return {
+      'similarity': 2 * regions * words * self.embed_size,
+      'attention': matcher.scan_attention_flops(self.cross_attn, regions, words),
+    }
+
+  def item_flops(self, regions: int, words: int) -> tuple[int, int]:
+    d = self.embed_size
+    return (2 * regions * regions * d, 0) if self.cross_attn == 't2i' else (0, 2 * words * words * d)

@@ -8,15 +8,15 @@ at `lengths - 1`). Normalisation uses SCAN's l2norm (eps 1e-8; VSE++'s has none)
 `no_txtnorm` is an addition (VSE++ always normalises the caption vector).
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from xmatch_jax import pairwise
 from xmatch_jax.models import layers
+from xmatch_jax.models import matcher
 
 
-class VSEPP(nn.Module):
+class VSEPP(matcher.Matcher):
   """VSE++ matcher.
 
   Attributes:
@@ -84,5 +84,16 @@ class VSEPP(nn.Module):
     """[I, C] dot products of the image and caption vectors."""
     return pairwise.matmul(image_rep['embedding'], text_rep['embedding'].T, layers.DTYPES[self.dtype])
 
-  def __call__(self, images: dict, text: dict) -> jax.Array:
-    return self.pair_scores(self.encode_image(images), self.encode_text(text))
+  def global_scores(self, image_rep: dict, text_rep: dict, block_size: int = 16) -> jax.Array:
+    """The full score itself (one matmul): re-ranking has nothing to gain."""
+    del block_size
+    return image_rep['embedding'] @ text_rep['embedding'].T
+
+  def example_reps(self, seed, n_images, n_captions, regions, words, min_len):
+    """One random vector per item: {'embedding': [I, D]}, {'embedding': [C, D]}."""
+    image_rep, text_rep = super().example_reps(seed, n_images, n_captions, regions, words, min_len)
+    return {'embedding': image_rep['regions'][:, 0]}, {'embedding': text_rep['words'][:, 0]}
+
+  def pair_flops(self, regions: int, words: int) -> dict:
+    del regions, words
+    return {'similarity': 2 * self.embed_size}

@@ -129,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run_setup.save_config(config, workdir, img_dim)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
 
-  train_inputs = inference.image_inputs(model, train.images)
+  train_inputs = model.image_inputs(train.images)
   batcher = batching.TrainBatcher(
     images=train_inputs,
     image_keys=tuple(train_inputs),
@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = jax.jit(model.init, out_shardings=replicated)(init_rng, first['images'], first['text'])['params']
   if not resuming:
     params = jax.device_put(load_pretrained(config, params), replicated)
-  tx = optim.freeze(tx, params, getattr(model, 'frozen_params', ()))
+  tx = optim.freeze(tx, params, model.frozen_params)
   # Replicated before restoring: the checkpoint is read into this sharding (a single-device array restored on
   # each process could not become a global one).
   state = jax.device_put({'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}, replicated)

@@ -223,7 +223,7 @@ def plan_memory(budget_gb: float, model, make_step: Callable, state, batch):
   make_step: model -> compiled step function. Returns (model, compiled step function).
   """
   budget = budget_gb * 1e9
-  block = getattr(model, 'block_size', None)
+  block = model.block_size
   while True:
     step_fn = make_step(model)
     memory = step_memory_bytes(step_fn, state, batch)

@@ -205,7 +205,7 @@ class ImageStage(Stage):
   def __init__(self, config, model, train, vocab, workdir):
     super().__init__(config, model, train, vocab, workdir)
     batch_size = self.stage_config.batch_size
-    self.images = inference.image_inputs(model, train.images)
+    self.images = model.image_inputs(train.images)
     self.steps_per_epoch = len(self.image_labels) // batch_size
     if self.steps_per_epoch < 1:
       raise errors.UserError(
@@ -234,7 +234,7 @@ class ImageStage(Stage):
 
   def evaluate(self, variables, dev):
     image_labels, _ = split_labels(dev)
-    inputs = inference.image_inputs(self.model, dev.images)
+    inputs = self.model.image_inputs(dev.images)
     return self._classify_dev(
       variables, self.model.classify_image, inputs, image_labels, self.config.eval_image_chunk, 'image'
     )

@@ -1,0 +1,137 @@
+"""The matcher contract: everything the trainers, evaluation, the Retriever, re-ranking, the converters and the tools
+may ask of a model (docs/architecture.md, "The matcher contract"). Every model in `models.MODELS` subclasses
+`Matcher`; nothing outside `models/` probes a model with `getattr` or switches on its name.
+
+A subclass is a Flax module whose fields include `vocab_size` and `img_dim` (set from the data) and which implements
+`encode_image`, `encode_text` and `pair_scores`; the other hooks have defaults for a region / word matcher.
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xmatch_jax import errors
+from xmatch_jax import pairwise
+from xmatch_jax.data import lazy
+
+
+class Matcher(nn.Module):
+  """Base class of the matchers.
+
+  Class attributes (hooks with defaults):
+    image_keys: the image fields `encode_image` reads, after `prepare_images` (a property where it depends on
+      fields, as GLFN's tags).
+    text_input: 'words' (the run's word vocabulary) or 'wordpiece' (the tokenizer of the model's `bert_dir`).
+    frozen_params: top-level param groups the trainers leave untouched (no optimizer state, zero updates).
+    block_size: images per block of the all-pairs scorer, which `trainers.loop.plan_memory` may lower (None: the
+      model has no such field).
+    random_reps: `pair_scores` accepts `example_reps` (random encoder outputs); False when its reps hold
+      projections made with parameters, which the benchmark then encodes (MMCA).
+    item_flops_key: the name `item_flops` is reported under.
+  """
+
+  image_keys = ('regions',)
+  text_input = 'words'
+  frozen_params = ()
+  block_size = None
+  random_reps = True
+  item_flops_key = 'item_gram'
+
+  # ------------------------------------------------------------------------------------------ the model proper
+  def encode_image(self, images: dict):
+    """Image inputs (`image_keys`, [I, ...]) -> an image rep (a dict or array with leading axis I)."""
+    raise NotImplementedError
+
+  def encode_text(self, text: dict):
+    """{'tokens': [C, n] int32, 'mask': [C, n] float32} -> a text rep (leading axis C)."""
+    raise NotImplementedError
+
+  def pair_scores(self, image_rep, text_rep) -> jax.Array:
+    """Every image against every caption -> [I, C] scores."""
+    raise NotImplementedError
+
+  def __call__(self, images: dict, text: dict) -> jax.Array:
+    return self.pair_scores(self.encode_image(images), self.encode_text(text))
+
+  # ------------------------------------------------------------------------------------------ inputs
+  def prepare_images(self, images: dict) -> dict:
+    """Dataset-format image fields -> the fields the model reads (outside jit; default: as they are)."""
+    return images
+
+  def image_inputs(self, images: dict) -> dict:
+    """The `image_keys` fields of dataset-format images, after `prepare_images`, as numpy arrays; lazily read
+    fields (data/lazy.py) stay lazy. A missing field is an error naming it."""
+    images = self.prepare_images(images)
+    missing = [k for k in self.image_keys if k not in images]
+    if missing:
+      raise errors.UserError(
+        f'image inputs lack field(s) {missing} that model {type(self).__name__} needs; got {sorted(images)}.'
+      )
+    return {k: images[k] if lazy.is_lazy(images[k]) else np.asarray(images[k]) for k in self.image_keys}
+
+  def example_images(self, rng: np.random.Generator, batch: int, regions: int) -> dict:
+    """Random dataset-format image fields of `batch` images with `regions` regions (default: region features)."""
+    return {'regions': rng.standard_normal((batch, regions, self.img_dim)).astype(np.float32)}
+
+  def example_inputs(
+    self, batch: int = 2, regions: int = 4, words: int = 4, min_len: Optional[int] = None, seed: int = 0
+  ) -> tuple[dict, dict]:
+    """A random batch in the model's input format: (images as `image_inputs` gives them, text {'tokens', 'mask':
+    [batch, words]} with lengths in [min_len, words]). For shape probes (`model.init`) and benchmarks."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_len or words, words + 1, size=batch)
+    mask = (np.arange(words)[None] < lengths[:, None]).astype(np.float32)
+    text = {'tokens': (rng.integers(1, self.vocab_size, (batch, words)) * mask).astype(np.int32), 'mask': mask}
+    return self.image_inputs(self.example_images(rng, batch, regions)), text
+
+  def example_reps(self, seed: int, n_images: int, n_captions: int, regions: int, words: int, min_len: int):
+    """Random encoder outputs in the form `pair_scores` takes: {'regions': [I, k, D]}, {'words': [C, n, D],
+    'mask': [C, n]} (lengths in [min_len, n]); D = the model's `embed_size`. Used when `random_reps`."""
+    rng = np.random.default_rng(seed)
+    d = self.embed_size
+    lengths = rng.integers(min_len, words + 1, size=n_captions)
+    mask = (np.arange(words)[None] < lengths[:, None]).astype(np.float32)
+    image_rep = {'regions': rng.standard_normal((n_images, regions, d)).astype(np.float32)}
+    text_rep = {'words': rng.standard_normal((n_captions, words, d)).astype(np.float32) * mask[..., None], 'mask': mask}
+    return image_rep, text_rep
+
+  # ------------------------------------------------------------------------------------------ re-ranking
+  def global_scores(self, image_rep, text_rep, block_size: int = 16) -> jax.Array:
+    """[I, C] cheap scores from encoded reps, without parameters: the shortlist of two-stage retrieval
+    (xmatch_jax/rerank.py). Default, for region / word reps: each real word's best region cosine, averaged."""
+    if not isinstance(image_rep, dict) or 'regions' not in image_rep:
+      raise errors.UserError(f'{type(self).__name__} has no global score for re-ranking')
+    return pairwise.score_in_blocks(
+      lambda regions, text: best_region_cosine(regions, *text),
+      image_rep['regions'],
+      (text_rep['words'], text_rep['mask']),
+      block_size,
+    )
+
+  # ------------------------------------------------------------------------------------------ cost model
+  def pair_flops(self, regions: int, words: int) -> dict:
+    """Analytic forward FLOPs of `pair_scores` per image-caption pair, by part ({'similarity': ..., ...})."""
+    raise errors.UserError(f'{type(self).__name__} has no FLOP count')
+
+  def item_flops(self, regions: int, words: int) -> tuple[int, int]:
+    """FLOPs per image and per caption computed once per item, outside the pair loop (Gram matrices)."""
+    del regions, words
+    return 0, 0
+
+
+def best_region_cosine(regions: jax.Array, words: jax.Array, mask: jax.Array) -> jax.Array:
+  """regions [b, k, D], words [C, n, D], mask [C, n] -> [b, C]: mean over real words of max over regions of S."""
+  unit = lambda x: x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+  s = pairwise.region_word_similarity(unit(regions), unit(words))  # [b, C, k, n]
+  best = jnp.max(s, axis=2)
+  return jnp.sum(best * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
+
+
+def scan_attention_flops(direction: str, regions: int, words: int) -> int:
+  """SCAN's attention per pair: t2i: w . S over regions, w^T G_img w; i2t: w . S over words, w^T G_txt w."""
+  k, n = regions, words
+  gram = 2 * k * k * n if direction == 't2i' else 2 * k * n * n
+  return 2 * k * n + gram + 2 * k * n
