@@ -309,11 +309,12 @@ def test_paper_datasets_train_every_stage_by_sgd(dataset):
 
 
 def test_workdirs_trained_before_the_optimizer_field_resume_with_adam(tmp_path):
-  from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+
+  from xmatch_jax import workdirs  # pylint: disable=g-import-not-at-top
 
   config = daer_config.get_config('wikipedia').to_dict()
   for stage in config['stage'].values():
     del stage['optimizer']  # config.json of a run trained with Adam before the field
   (tmp_path / 'config.json').write_text(json.dumps(config))
-  loaded = run_setup.load_config(str(tmp_path))
+  loaded = workdirs.load_config(str(tmp_path))
   assert [loaded.stage[s].optimizer for s in ('text', 'image', 'relation')] == ['adam'] * 3

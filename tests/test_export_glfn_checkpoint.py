@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from xmatch_jax import Retriever
-from xmatch_jax import run_setup
+from xmatch_jax import workdirs
 from xmatch_jax.convert import glfn_checkpoint
 from xmatch_jax.convert import torch_pickle
 from xmatch_jax.data import pfan
@@ -116,7 +116,7 @@ def test_export_holds_the_original_tensors_and_opt(trip):
 
 
 def test_opt_round_trip_of_i2t_and_export_params_inverts_convert_params(trip):
-  config = run_setup.load_config(trip[0])
+  config = workdirs.load_config(trip[0])
   config.model.score, config.model.i2t_lambda_softmax = 'i2t', 4.0
   config.model.t2i_agg_func = config.model.i2t_agg_func = 'Mean'  # official opt: one agg_func for both
   sizes = glfn_checkpoint.sizes_of(*torch_pickle.load(CHECKPOINT)['model'])
@@ -144,7 +144,7 @@ def test_opt_round_trip_of_i2t_and_export_params_inverts_convert_params(trip):
   ],
 )
 def test_non_official_configs_are_refused(trip, tmp_path, field, value, message):
-  config = run_setup.load_config(trip[0])
+  config = workdirs.load_config(trip[0])
   config.model[field] = value
   with pytest.raises(ValueError, match=message):
     glfn_checkpoint.opt_from_config(config)
@@ -160,9 +160,9 @@ def test_tool_says_the_bert_is_not_exported_and_refuses_non_official_workdirs(tr
   assert 'BERT weights are not part of official GLFN checkpoints' in capsys.readouterr().out
   fused = str(tmp_path / 'fused')
   os.makedirs(fused)
-  config = run_setup.load_config(trip[0])
+  config = workdirs.load_config(trip[0])
   config.model.score = 'fused'
-  run_setup.save_config(config, fused, int(config.data_info.img_dim))
+  workdirs.save_config(config, fused, int(config.data_info.img_dim))
   with pytest.raises(ValueError, match="config.json: cannot export .*model.score is 'fused'"):
     export_torch_checkpoint.export(fused, str(tmp_path / 'x.pth.tar'))
   assert not os.path.exists(tmp_path / 'x.pth.tar')

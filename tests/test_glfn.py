@@ -16,7 +16,7 @@ from test_scan import np_softmax  # pylint: disable=g-import-not-at-top
 from test_scan import np_xattn_scores  # pylint: disable=g-import-not-at-top
 
 from configs import glfn as glfn_config
-from xmatch_jax import run_setup
+from xmatch_jax import workdirs
 from xmatch_jax.data import pfan
 from xmatch_jax.data import wordpiece
 from xmatch_jax.models import build_model
@@ -273,5 +273,5 @@ def test_workdirs_with_one_aggregation_keep_their_meaning(tmp_path):
     del config['model'][field]
   config['model']['agg_func'] = 'LogSumExp'  # config.json of a run trained before the split
   (tmp_path / 'config.json').write_text(json.dumps(config))
-  model = run_setup.load_config(str(tmp_path)).model
+  model = workdirs.load_config(str(tmp_path)).model
   assert (model.t2i_agg_func, model.i2t_agg_func, model.official_init) == ('LogSumExp', 'LogSumExp', False)

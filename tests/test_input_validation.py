@@ -24,6 +24,7 @@ from xmatch_jax import api
 from xmatch_jax import checkpoints
 from xmatch_jax import retrieve
 from xmatch_jax import run_setup
+from xmatch_jax import workdirs
 from xmatch_jax.convert import hf_bert
 from xmatch_jax.convert import scan_checkpoint
 from xmatch_jax.convert import torch_pickle
@@ -138,7 +139,7 @@ def test_resume_with_another_model_setting_or_dataset(field, value, diff):
   config = scan_config.get_config('shapes_tiny')
   _set(config, field, value)
   with pytest.raises(ValueError, match='Use a new --workdir') as error:
-    run_setup.check_same_model(saved, config, '/runs/w')
+    workdirs.check_same_model(saved, config, '/runs/w')
   assert "/runs/w holds a checkpoint of model 'scan' on dataset 'shapes_tiny'" in str(error.value)
   assert diff in str(error.value)
 
@@ -153,7 +154,7 @@ def test_resume_with_another_model_setting_or_dataset(field, value, diff):
 def test_corrupt_workdir_config_json(tmp_path, text, message):
   (tmp_path / 'config.json').write_text(text)
   with pytest.raises(ValueError, match=message):
-    run_setup.load_config(str(tmp_path))
+    workdirs.load_config(str(tmp_path))
 
 
 # --- data files ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import mmca as mmca_config
-from xmatch_jax import run_setup
+from xmatch_jax import workdirs
 from xmatch_jax.models import build_model
 from xmatch_jax.models import mmca as mmca_lib
 
@@ -323,6 +323,6 @@ def test_workdirs_with_the_single_attention_scale_keep_their_meaning(tmp_path):
   del config['model']['self_attention_scale'], config['model']['cross_attention_scale']
   config['model']['attention_scale'] = 'head'  # config.json of a run trained before the split
   (tmp_path / 'config.json').write_text(json.dumps(config))
-  model = run_setup.load_config(str(tmp_path)).model
+  model = workdirs.load_config(str(tmp_path)).model
   assert (model.self_attention_scale, model.cross_attention_scale) == ('head', 'head')
   assert 'attention_scale' not in model

@@ -19,6 +19,7 @@ from xmatch_jax import evaluate
 from xmatch_jax import losses
 from xmatch_jax import run_setup
 from xmatch_jax import trainers
+from xmatch_jax import workdirs
 from xmatch_jax.checkpoints import RunCheckpoints
 from xmatch_jax.data import batching
 from xmatch_jax.data import load_split
@@ -318,8 +319,8 @@ def test_ensemble_of_two_runs_is_the_weighted_score_sum(trained, data_dir, tmp_p
   other = str(tmp_path / 'vsepp')
   trainers.train_and_evaluate(tiny_config(data_dir, module=vsepp_config, num_epochs=1), other)
   result = ensemble.ensemble([workdir, other], [0.7, 0.3], 'test')
-  a = np.load(evaluate.scores_path(workdir, 'test'))
-  b = np.load(evaluate.scores_path(other, 'test'))
+  a = np.load(workdirs.scores_path(workdir, 'test'))
+  b = np.load(workdirs.scores_path(other, 'test'))
   assert result['rsum'] == pytest.approx(metrics.recall_metrics(0.7 * a.astype(np.float64) + 0.3 * b)['rsum'])
   assert result['protocol'] == 'all' and result['weights'] == [0.7, 0.3] and result['kind'] == 'ensemble'
   assert json.load(open(os.path.join(workdir, 'eval', 'test.json')))['kind'] == 'single'

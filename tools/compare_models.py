@@ -38,6 +38,7 @@ from xmatch_jax import ensemble  # pylint: disable=g-import-not-at-top
 from xmatch_jax import errors  # pylint: disable=g-import-not-at-top
 from xmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
 from xmatch_jax import trainers  # pylint: disable=g-import-not-at-top
+from xmatch_jax import workdirs  # pylint: disable=g-import-not-at-top
 
 MAP_KEYS = ('i2t_map', 't2i_map', 'mean_map')
 
@@ -123,8 +124,8 @@ def run_model(name: str, parts: list, seed: int, workdir: str, split: str) -> di
   if len(parts) == 1:
     return evaluate.evaluate_workdir(seed_dir, split)
   result = ensemble.ensemble(dirs, fusion_weights(parts), split=split)
-  os.makedirs(os.path.join(seed_dir, 'eval'), exist_ok=True)
-  with open(os.path.join(seed_dir, 'eval', f'{split}_fused.json'), 'w') as f:
+  os.makedirs(workdirs.eval_dir(seed_dir), exist_ok=True)
+  with open(workdirs.result_path(seed_dir, split, fused=True), 'w') as f:
     json.dump(result, f, indent=2)
   return result
 

@@ -38,6 +38,7 @@ from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+from xmatch_jax import workdirs  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import glfn_checkpoint  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import scan_checkpoint  # pylint: disable=g-import-not-at-top
 from xmatch_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
@@ -48,7 +49,7 @@ FORMATS = scan_checkpoint.FORMATS + ('glfn',)
 
 
 def _check_new_workdir(workdir: str) -> None:
-  if os.path.exists(os.path.join(workdir, 'checkpoints')) or os.path.exists(os.path.join(workdir, 'best')):
+  if workdirs.has_checkpoints(workdir):
     raise errors.UserError(f'{workdir} already holds checkpoints; convert into a new directory')
 
 
@@ -59,7 +60,7 @@ def _save(config, params, meta, model, img_dim: int, checkpoint_path: str, fmt: 
   tx = optim.freeze(tx, params, model.frozen_params)
   step = int(meta.get('Eiters', 0))
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.asarray(step, jnp.int32)}
-  run_setup.save_config(config, workdir, img_dim)
+  workdirs.save_config(config, workdir, img_dim)
   meta = {
     **meta,
     'step': step,
@@ -132,7 +133,7 @@ def convert(
     {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))},
   )['params']
   checkpoints.check_params_match(params, expected, checkpoint_path)
-  vocab.to_json(os.path.join(workdir, run_setup.VOCAB_FILE))
+  vocab.to_json(os.path.join(workdir, workdirs.VOCAB_FILE))
   step = _save(config, params, meta, model, img_dim, checkpoint_path, fmt, workdir)
   return {
     'model': config.model.name,

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xmatch_jax import checkpoints  # noqa: E402  pylint: disable=g-import-not-at-top
 from xmatch_jax import cli
 from xmatch_jax import errors
-from xmatch_jax import run_setup  # noqa: E402  pylint: disable=g-import-not-at-top
+from xmatch_jax import workdirs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def flatten(variables: dict) -> dict:
@@ -31,7 +31,7 @@ def flatten(variables: dict) -> dict:
 
 
 def export(workdir: str, out: str) -> dict:
-  config = run_setup.load_config(workdir)
+  config = workdirs.load_config(workdir)
   state, meta, which = checkpoints.RunCheckpoints(workdir).restore_for_eval()
   variables = {k: state[k] for k in ('params', 'batch_stats') if k in state}
   flat = flatten(variables)

@@ -30,13 +30,13 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
+from xmatch_jax import workdirs  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import glfn_checkpoint  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import scan_checkpoint  # pylint: disable=g-import-not-at-top
 from xmatch_jax.convert import torch_writer  # pylint: disable=g-import-not-at-top
@@ -63,15 +63,15 @@ def _finished_epochs(meta: dict) -> int:
 
 def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
   """A GLFN workdir -> OUT ({'epoch', 'model': [image, text state_dicts], 'best_rsum', 'opt', 'Eiters'}, no BERT)."""
-  source = os.path.join(workdir, run_setup.CONFIG_FILE)
+  source = os.path.join(workdir, workdirs.CONFIG_FILE)
   if vocab_out:
     raise errors.UserError(
       "--vocab_out does not apply to GLFN: its captions use the BERT's WordPiece tokenizer "
-      f'({run_setup.workdir_bert_dir(workdir)}), not a vocabulary json'
+      f'({workdirs.bert_dir(workdir)}), not a vocabulary json'
     )
   img_dim = int(config.data_info.img_dim)
   opt = glfn_checkpoint.opt_from_config(config, img_dim, source)  # refuses what official code lacks
-  vocab = run_setup.load_vocab(workdir)
+  vocab = workdirs.load_vocab(workdir)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
   expected = glfn_checkpoint.expected_params(model)
   params, meta, which, step = _restore(workdir, expected)
@@ -94,14 +94,14 @@ def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
     'step': step,
     'epoch': checkpoint['epoch'],
     'params': sum(int(np.size(x)) for x in jax.tree.leaves([image_state, text_state])),
-    'bert_not_exported': run_setup.workdir_bert_dir(workdir),
+    'bert_not_exported': workdirs.bert_dir(workdir),
   }
 
 
 def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   """Writes OUT (and the vocabulary to vocab_out if given); returns a summary dict."""
-  config = run_setup.load_config(workdir)
-  source = os.path.join(workdir, run_setup.CONFIG_FILE)
+  config = workdirs.load_config(workdir)
+  source = os.path.join(workdir, workdirs.CONFIG_FILE)
   name = config.model.get('name') if 'model' in config else None
   if name not in FORMATS:
     raise errors.UserError(
@@ -109,7 +109,7 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
     )
   if name == 'glfn':
     return export_glfn(workdir, config, out, vocab_out)
-  vocab_path = os.path.join(workdir, run_setup.VOCAB_FILE)
+  vocab_path = os.path.join(workdir, workdirs.VOCAB_FILE)
   if not os.path.exists(vocab_path):
     raise errors.MissingFileError(f'{vocab_path} not found: a SCAN / VSE++ workdir keeps its vocabulary there')
   vocab = vocab_lib.Vocabulary.from_json(vocab_path)
@@ -117,12 +117,7 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   opt = scan_checkpoint.opt_from_config(config, len(vocab), img_dim, source)  # refuses what official code lacks
 
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
-  expected = jax.eval_shape(
-    model.init,
-    jax.random.PRNGKey(0),
-    {'regions': jnp.zeros((2, 1, img_dim))},
-    {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))},
-  )['params']
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.example_inputs())['params']
   params, meta, which, step = _restore(workdir, expected)
   image_state, text_state = scan_checkpoint.export_params(
     params, int(config.model.num_layers), bool(config.model.get('bidirectional', False)), f'{workdir}/{which}'

@@ -16,13 +16,14 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from xmatch_jax import cli
 from xmatch_jax import errors
+from xmatch_jax import workdirs
 
 PANELS = (('loss', 'training loss'), ('learning_rate', 'learning rate'), ('dev_rsum', 'dev rsum'))
 
 
 def read_metrics(workdir: str) -> dict:
   """{'loss': ([steps], [values]), ...} from W/metrics.jsonl; errors name the file and line."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = workdirs.metrics_path(workdir)
   if not os.path.exists(path):
     raise errors.MissingFileError(f'{path} not found: {workdir} is not a training workdir (or logged nothing yet)')
   series = {key: ([], []) for key, _ in PANELS}

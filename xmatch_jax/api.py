@@ -13,6 +13,7 @@ from xmatch_jax import evaluate
 from xmatch_jax import inference
 from xmatch_jax import rerank
 from xmatch_jax import run_setup
+from xmatch_jax import workdirs
 
 
 class Retriever:
@@ -29,8 +30,8 @@ class Retriever:
 
   @classmethod
   def from_workdir(cls, workdir: str) -> 'Retriever':
-    config = run_setup.load_config(workdir)
-    vocab = run_setup.load_vocab(workdir)
+    config = workdirs.load_config(workdir)
+    vocab = workdirs.load_vocab(workdir)
     model, variables, which = _load_model(workdir, config, vocab)
     return cls(config, vocab, model, variables, checkpoint=which)
 

@@ -13,6 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from xmatch_jax import errors
+from xmatch_jax import workdirs
 
 
 class _DropMissingMetadataWarning(logging.Filter):
@@ -45,8 +46,8 @@ class RunCheckpoints:
 
   def __init__(self, workdir: str, keep: int = 2):
     self.workdir = workdir
-    self.latest = _manager(os.path.join(workdir, 'checkpoints'), keep)
-    self.best = _manager(os.path.join(workdir, 'best'), 1)
+    self.latest = _manager(workdirs.checkpoints_dir(workdir), keep)
+    self.best = _manager(workdirs.best_dir(workdir), 1)
 
   def save(self, step: int, state, meta: dict, is_best: bool = False) -> None:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))

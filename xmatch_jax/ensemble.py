@@ -17,7 +17,6 @@ import numpy as np
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import evaluate
-from xmatch_jax import run_setup
 
 
 def ensemble(
@@ -28,14 +27,14 @@ def ensemble(
   weights = weights or [1.0 / len(workdirs)] * len(workdirs)
   if len(weights) != len(workdirs):
     raise errors.UserError(f'{len(weights)} weights for {len(workdirs)} workdirs')
-  datasets = {w: run_setup.load_config(w).dataset for w in workdirs}
+  datasets = {w: workdirs.load_config(w).dataset for w in workdirs}
   if len(set(datasets.values())) != 1:
     raise errors.UserError(f'the runs are on different datasets: {datasets}')
   dataset = next(iter(datasets.values()))
   split, base, name = evaluate.resolve_protocol(protocol, dataset, split)
   total = None
   for workdir, weight in zip(workdirs, weights):
-    path = evaluate.scores_path(workdir, split)
+    path = workdirs.scores_path(workdir, split)
     if not os.path.exists(path):
       evaluate.evaluate_workdir(workdir, split, protocol, save_scores=True)
     sims = np.load(path, allow_pickle=False)

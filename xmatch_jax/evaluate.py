@@ -24,6 +24,7 @@ from xmatch_jax import inference
 from xmatch_jax import metrics as metrics_lib
 from xmatch_jax import rerank
 from xmatch_jax import run_setup
+from xmatch_jax import workdirs
 from xmatch_jax.data import load_split
 
 PROTOCOLS = {
@@ -86,14 +87,6 @@ def resolve_protocol(protocol: str | None, dataset: str, split: str | None) -> t
   return want_split, base, protocol
 
 
-def result_path(workdir: str, split: str, rerank_k: int = 0) -> str:
-  return os.path.join(workdir, 'eval', f'{split}_rerank{rerank_k}.json' if rerank_k else f'{split}.json')
-
-
-def scores_path(workdir: str, split: str) -> str:
-  return os.path.join(workdir, 'eval', f'{split}_scores.npy')
-
-
 def metrics_for(sims: np.ndarray, protocol: str | None) -> tuple[dict, str]:
   """Recall metrics of a split's score matrix under `protocol` (None: from its size). Returns (metrics, protocol)."""
   protocol = protocol or default_protocol(sims.shape[0])
@@ -112,9 +105,9 @@ def evaluate_workdir(
   `rerank_k` > 0: two-stage retrieval (xmatch_jax.rerank), the full head scores each query's top k candidates of
   the global score; recall protocols only; written to W/eval/<split>_rerank<k>.json.
   """
-  config = run_setup.load_config(workdir)
+  config = workdirs.load_config(workdir)
   split, protocol, name = resolve_protocol(protocol, config.dataset, split)
-  vocab = run_setup.load_vocab(workdir)
+  vocab = workdirs.load_vocab(workdir)
   data = load_split(config.dataset, split, config.data_dir or None)
   model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(data.images), workdir)
   variables, meta, which = load_variables(workdir, model)
@@ -161,11 +154,11 @@ def evaluate_workdir(
     'rerank_k': int(rerank_k),
     'scoring_seconds': round(seconds, 3),
   }
-  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-  with open(result_path(workdir, split, rerank_k), 'w') as f:
+  os.makedirs(workdirs.eval_dir(workdir), exist_ok=True)
+  with open(workdirs.result_path(workdir, split, rerank_k), 'w') as f:
     json.dump(result, f, indent=2)
   if save_scores:
-    np.save(scores_path(workdir, split), np.asarray(sims, np.float32))
+    np.save(workdirs.scores_path(workdir, split), np.asarray(sims, np.float32))
   return result
 
 
@@ -204,7 +197,7 @@ def main(argv):
     f'scoring took {result["scoring_seconds"]:.1f} s'
     + (f' (re-ranking the top {f.rerank_k})' if f.rerank_k else ' (exhaustive)')
   )
-  print(f'written to {result_path(f.workdir, result["split"], f.rerank_k)}')
+  print(f'written to {workdirs.result_path(f.workdir, result["split"], f.rerank_k)}')
 
 
 if __name__ == '__main__':

@@ -15,9 +15,6 @@ import numpy as np
 from xmatch_jax import errors
 from xmatch_jax.data import bert_dir
 
-# Copied into a workdir so that evaluation and the Retriever need nothing outside it.
-BERT_SUBDIR = 'bert'
-
 
 def load_tokenizer(directory: str):
   """The checkpoint's own WordPiece tokenizer (a `tokenizers.Tokenizer`) with padding and truncation off
@@ -77,9 +74,9 @@ class WordPieceVocab:
       out.append(token)
     return out
 
-  def save(self, workdir: str) -> str:
-    """Copies the BERT's config.json and tokenizer files to W/bert (the weights go into the checkpoint)."""
-    out = os.path.join(workdir, BERT_SUBDIR)
+  def save(self, out: str) -> str:
+    """Copies the BERT's config.json and tokenizer files to directory `out` (a workdir's W/bert: evaluation and the
+    Retriever then need nothing outside the workdir; the weights go into the checkpoint)."""
     os.makedirs(out, exist_ok=True)
     for name in ('config.json',) + bert_dir.TOKENIZER_FILES:
       source = os.path.join(self.directory, name)

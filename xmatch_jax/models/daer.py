@@ -256,6 +256,10 @@ class DAER(matcher.Matcher):
   item_flops_key = 'item_first_layer'
   example_canvas = 32  # height and width of `example_images` (any size works: the CNN pools globally)
 
+  @classmethod
+  def upgrade_fields(cls, fields: dict) -> None:
+    fields.setdefault('spatial_attention_at', 'projection')  # the only place before the field existed
+
   def setup(self):
     self.text = DAERText(
       self.vocab_size, self.word_dim, self.lstm_size, self.embed_size, self.region_attention, self.attention_hidden

@@ -141,6 +141,14 @@ class GLFN(matcher.Matcher):
     keys = ('regions', 'pfan_blocks', 'pfan_weights')
     return keys + ('tag_tokens', 'tag_mask') if self.use_tags else keys
 
+  @classmethod
+  def upgrade_fields(cls, fields: dict) -> None:
+    if 'agg_func' in fields:  # one aggregation both ways before t2i_agg_func / i2t_agg_func
+      value = fields.pop('agg_func')
+      fields.setdefault('t2i_agg_func', value)
+      fields.setdefault('i2t_agg_func', value)
+    fields.setdefault('official_init', False)
+
   def __post_init__(self):
     if self.bert is None:
       raise errors.UserError('GLFN needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model')

@@ -56,6 +56,12 @@ class Matcher(nn.Module):
   def __call__(self, images: dict, text: dict) -> jax.Array:
     return self.pair_scores(self.encode_image(images), self.encode_text(text))
 
+  @classmethod
+  def upgrade_fields(cls, fields: dict) -> None:
+    """Rewrites, in place, the model fields of a config.json written by an earlier version into today's fields with
+    the same meaning (xmatch_jax/workdirs.py calls it on every load). Default: nothing to do."""
+    del fields
+
   # ------------------------------------------------------------------------------------------ inputs
   def prepare_images(self, images: dict) -> dict:
     """Dataset-format image fields -> the fields the model reads (outside jit; default: as they are)."""

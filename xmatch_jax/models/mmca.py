@@ -275,6 +275,13 @@ class MMCA(matcher.Matcher):
   frozen_params = ('bert',)  # not trained (sec 4.2: "the weights of BERT model is fixed")
   random_reps = False  # the reps hold per-item Q / K / V projections
 
+  @classmethod
+  def upgrade_fields(cls, fields: dict) -> None:
+    if 'attention_scale' in fields:  # one scale for both units before the split
+      value = fields.pop('attention_scale')
+      fields.setdefault('self_attention_scale', value)
+      fields.setdefault('cross_attention_scale', value)
+
   def __post_init__(self):
     if self.bert is None:
       raise errors.UserError(

@@ -23,6 +23,7 @@ from xmatch_jax import metrics as metrics_lib
 from xmatch_jax import parallel
 from xmatch_jax import progress as progress_lib
 from xmatch_jax import run_setup
+from xmatch_jax import workdirs
 from xmatch_jax.convert import hf_bert
 from xmatch_jax.data import batching
 from xmatch_jax.data import load_split
@@ -116,17 +117,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpts = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   resuming = ckpts.has_checkpoint()
   if resuming:
-    run_setup.check_same_model(run_setup.load_config(workdir), config, workdir)
+    workdirs.check_same_model(workdirs.load_config(workdir), config, workdir)
 
   # Process 0 first: it generates a built-in dataset that is not there yet; the others then read it.
   train, dev = parallel.first_on_process_zero(
     lambda: tuple(load_split(config.dataset, split, config.data_dir or None) for split in ('train', 'dev')), 'data'
   )
   # Process 0 keeps or writes W's vocabulary first, the others then read it (every process read W before that).
-  vocab = parallel.first_on_process_zero(lambda: run_setup.prepare_vocab(config, workdir, train.captions), 'vocab')
+  vocab = parallel.first_on_process_zero(lambda: workdirs.prepare_vocab(config, workdir, train.captions), 'vocab')
   img_dim = run_setup.img_dim_of(train.images)
   if jax.process_index() == 0:
-    run_setup.save_config(config, workdir, img_dim)
+    workdirs.save_config(config, workdir, img_dim)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
 
   train_inputs = model.image_inputs(train.images)

@@ -11,7 +11,6 @@ loop owns the order of events, which is the same for every trainer:
 
 import dataclasses
 import json
-import os
 import signal
 import time
 from typing import Callable
@@ -23,6 +22,7 @@ import numpy as np
 from xmatch_jax import errors
 from xmatch_jax import parallel
 from xmatch_jax import progress as progress_lib
+from xmatch_jax import workdirs
 
 
 class MetricsWriter:
@@ -33,8 +33,8 @@ class MetricsWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self._jsonl = open(workdirs.metrics_path(workdir), 'a')
+      self._tb = SummaryWriter(workdirs.tensorboard_dir(workdir))
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:

@@ -36,6 +36,7 @@ from xmatch_jax import inference
 from xmatch_jax import metrics as metrics_lib
 from xmatch_jax import progress as progress_lib
 from xmatch_jax import run_setup
+from xmatch_jax import workdirs
 from xmatch_jax.convert import torchvision_mobilenet
 from xmatch_jax.data import batching
 from xmatch_jax.data import load_split
@@ -114,7 +115,7 @@ class Stage:
     self.config, self.model, self.vocab = config, model, vocab
     self.stage_config = config.stage[self.name]
     self.index = STAGE_ORDER.index(self.name)  # seeds of batches, init and dropout (kept from the first layout)
-    self.workdir = os.path.join(workdir, 'stages', self.name)
+    self.workdir = workdirs.stage_dir(workdir, self.name)
     self.image_labels, self.caption_labels = split_labels(train)
 
   def _caption_batcher(self, train, image_keys: tuple) -> batching.TrainBatcher:
@@ -387,16 +388,16 @@ def _same_field(a: dict, b: dict, key: str) -> bool:
 def reuse_stage(name: str, config: ml_collections.ConfigDict, source: str, workdir: str) -> bool:
   """Copies `source`'s checkpoints of stage `name` into `workdir` if its stage fields equal ours (and `workdir` has
   none yet). Returns whether it did; prints why not otherwise."""
-  target = os.path.join(workdir, 'stages', name)
-  if os.path.isdir(os.path.join(target, 'checkpoints')):
+  target = workdirs.stage_dir(workdir, name)
+  if os.path.isdir(workdirs.checkpoints_dir(target)):
     return False  # this run's own stage (resumed or done) wins
-  src = os.path.join(source, 'stages', name)
-  if not os.path.isdir(os.path.join(src, 'checkpoints')):
+  src = workdirs.stage_dir(source, name)
+  if not os.path.isdir(workdirs.checkpoints_dir(src)):
     raise errors.MissingFileError(
       f'config.stages_from = {source!r}: {src}/checkpoints not found; expected a DAER workdir '
       f'whose stage {name!r} has been trained.'
     )
-  theirs = stage_fields(run_setup.load_config(source).to_dict(), name)
+  theirs = stage_fields(workdirs.load_config(source).to_dict(), name)
   ours = stage_fields(config.to_dict(), name)
   differ = sorted(k for k in set(theirs) | set(ours) if not _same_field(theirs, ours, k))
   if differ:
@@ -525,18 +526,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
   check_stage_config(config)
   os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(os.path.join(workdir, run_setup.CONFIG_FILE)):
-    run_setup.check_same_model(run_setup.load_config(workdir), config, workdir)
+  if os.path.exists(os.path.join(workdir, workdirs.CONFIG_FILE)):
+    workdirs.check_same_model(workdirs.load_config(workdir), config, workdir)
   train = load_split(config.dataset, 'train', config.data_dir or None)
   dev = load_split(config.dataset, 'dev', config.data_dir or None)
-  vocab = run_setup.prepare_vocab(config, workdir, train.captions)
+  vocab = workdirs.prepare_vocab(config, workdir, train.captions)
   image_labels, _ = split_labels(train)
   if config.model.num_classes <= int(image_labels.max()):
     raise errors.UserError(
       f'config.model.num_classes = {config.model.num_classes}, but dataset {config.dataset} has label '
       f'{int(image_labels.max())}; expected num_classes > every label.'
     )
-  run_setup.save_config(config, workdir, 0)
+  workdirs.save_config(config, workdir, 0)
   model = run_setup.build_model(config, len(vocab), 0, workdir)
   writer = loop.MetricsWriter(workdir)
   previous, dev_metrics = {}, {}
