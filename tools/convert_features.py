@@ -36,9 +36,7 @@ region); the file is written at the end in the split's order.
 
 import argparse
 import base64
-import codecs
 import csv
-import importlib
 import os
 import pickle
 import sys
@@ -53,6 +51,7 @@ if REPO not in sys.path:
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import progress
+from xmatch_jax import safe_pickle
 from xmatch_jax.data import pfan  # pylint: disable=g-import-not-at-top
 
 TSV_FIELDS = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features')
@@ -140,29 +139,8 @@ def read_tsv(paths: list, fields: tuple | None = None):
         yield record['image_id'], _decode(record['features'], count, where, 'features'), boxes, size, labels
 
 
-class _NumpyUnpickler(pickle.Unpickler):
-  """Builds numpy arrays, scalars and plain values only; any other global (code) is refused, naming it."""
-
-  def __init__(self, file, where: str):
-    super().__init__(file)
-    self._where = where
-
-  def find_class(self, module: str, name: str):
-    if module in ('numpy.core.multiarray', 'numpy._core.multiarray') and name in ('_reconstruct', 'scalar'):
-      try:
-        return getattr(importlib.import_module('numpy._core.multiarray'), name)
-      except ImportError:
-        return getattr(importlib.import_module('numpy.core.multiarray'), name)
-    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype, ('_codecs', 'encode'): codecs.encode}
-    if (module, name) not in allowed:
-      raise pickle.UnpicklingError(
-        f'{self._where}: refusing to load global {module}.{name}; only numpy arrays and plain values are read'
-      )
-    return allowed[(module, name)]
-
-
 def _read_pickled_member(path: str, member: str):
-  """The object array `member` (e.g. 'info') of an .npz, unpickled by _NumpyUnpickler."""
+  """The object array `member` (e.g. 'info') of an .npz, unpickled with numpy arrays and plain values only."""
   where = f'{path} field {member}'
   with zipfile.ZipFile(path) as archive, archive.open(f'{member}.npy') as f:
     version = np.lib.format.read_magic(f)
@@ -170,7 +148,9 @@ def _read_pickled_member(path: str, member: str):
     _, _, dtype = read_header(f)
     if not dtype.hasobject:
       raise errors.UserError(f'{where}: dtype {dtype}; expected a pickled dict (object array)')
-    value = _NumpyUnpickler(f, where).load()
+    value = safe_pickle.AllowListUnpickler(
+      f, safe_pickle.NUMPY_VALUES, 'only numpy arrays and plain values are read', where, numpy_values=True
+    ).load()
   return value.item() if isinstance(value, np.ndarray) and value.shape == () else value
 
 

@@ -10,9 +10,7 @@ Tensors become numpy arrays (bfloat16 as ml_dtypes.bfloat16); nn.Parameter becom
 becomes a `types.SimpleNamespace`.
 """
 
-import codecs
 import collections
-import importlib
 import io
 import os
 import pickle
@@ -26,6 +24,7 @@ import numpy as np
 
 from xmatch_jax import errors
 from xmatch_jax import progress
+from xmatch_jax import safe_pickle
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -111,46 +110,24 @@ _ALLOWED = {
   ('torch', 'Tensor'): _rebuild_parameter,
   ('torch.nn.parameter', 'Parameter'): _rebuild_parameter,
   ('argparse', 'Namespace'): _Namespace,
-  ('numpy', 'dtype'): np.dtype,
-  ('numpy', 'ndarray'): np.ndarray,
-  ('_codecs', 'encode'): codecs.encode,  # numpy scalars pickled by Python 3 carry latin-1 text
+  **safe_pickle.NUMPY_VALUES,
+  **{('torch', name): _StorageType(name) for name in _STORAGE_DTYPES},
 }
-# numpy's pickled scalars and arrays (e.g. a best_rsum saved as numpy.float64); numpy 2 renamed core -> _core.
-_NUMPY_MULTIARRAY = {
-  (m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('scalar', '_reconstruct')
-}
+_REFUSAL = (
+  'only tensors, state_dicts and plain values are read (the file may hold a whole pickled model or code; save its '
+  'state_dict instead)'
+)
 
 
-def _multiarray():
-  try:
-    return importlib.import_module('numpy._core.multiarray')
-  except ImportError:
-    return importlib.import_module('numpy.core.multiarray')
-
-
-class _SafeUnpickler(pickle.Unpickler):
-  def __init__(self, file, where: str, storage_loader):
-    super().__init__(file)
-    self._where = where
-    self._storage_loader = storage_loader
-
-  def find_class(self, module: str, name: str) -> Any:
-    if module == 'torch' and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    if (module, name) in _NUMPY_MULTIARRAY:
-      return getattr(_multiarray(), name)
-    target = _ALLOWED.get((module, name))
-    if target is None:
-      raise pickle.UnpicklingError(
-        f'{self._where}: refusing to load global {module}.{name}: only tensors, state_dicts and plain '
-        'values are read (the file may hold a whole pickled model or code; save its state_dict instead)'
-      )
-    return target
-
-  def persistent_load(self, saved_id):
+def _unpickler(file, where: str, storage_loader) -> safe_pickle.AllowListUnpickler:
+  def persistent_load(saved_id):
     if not isinstance(saved_id, tuple) or not saved_id or saved_id[0] != 'storage':
-      raise pickle.UnpicklingError(f'{self._where}: unknown persistent id {saved_id!r:.80}')
-    return self._storage_loader(saved_id[1:])
+      raise pickle.UnpicklingError(f'{where}: unknown persistent id {saved_id!r:.80}')
+    return storage_loader(saved_id[1:])
+
+  return safe_pickle.AllowListUnpickler(
+    file, _ALLOWED, _REFUSAL, where, numpy_values=True, persistent_load=persistent_load
+  )
 
 
 def _materialise(obj, where: str):
@@ -196,7 +173,7 @@ def _load_zip(path: str) -> Any:
       return storages[key]
 
     with bar, archive.open(pickles[0]) as f:  # the storages are read as the pickle refers to them
-      result = _SafeUnpickler(io.BytesIO(f.read()), path, load_storage).load()
+      result = _unpickler(io.BytesIO(f.read()), path, load_storage).load()
   return _materialise(result, path)
 
 
@@ -227,7 +204,7 @@ def _load_legacy(path: str) -> Any:
       views.append((storage, root_key, offset))
       return storage
 
-    result = _SafeUnpickler(f, path, load_storage).load()
+    result = _unpickler(f, path, load_storage).load()
     keys = pickle.load(f)
     # The raw storages fill the rest of the file.
     with progress.bar(total=os.path.getsize(path) - f.tell(), desc=f'reading {path}', unit='B', unit_scale=True) as bar:

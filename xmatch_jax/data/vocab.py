@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from xmatch_jax import errors
+from xmatch_jax import safe_pickle
 
 PAD, START, END, UNK = '<pad>', '<start>', '<end>', '<unk>'
 SPECIAL_TOKENS = (PAD, START, END, UNK)
@@ -237,7 +238,9 @@ class Vocabulary:
       raise errors.MissingFileError(f'{path}: vocabulary file not found; expected a VSE++ vocab .pkl.')
     with open(path, 'rb') as f:
       try:
-        data = _VocabUnpickler(f).load()
+        data = safe_pickle.AllowListUnpickler(
+          f, _VOCAB_GLOBALS, 'only a pickled vocab.Vocabulary is read', encoding='utf-8'
+        ).load()
       except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError) as e:
         raise errors.UserError(f'{path}: not a readable VSE++ vocabulary pickle ({e}).') from None
     if not isinstance(data, _PickledVocabulary):
@@ -318,23 +321,12 @@ def _reconstruct(cls, base, state):
   return _PickledVocabulary.__new__(_PickledVocabulary)
 
 
-class _VocabUnpickler(pickle.Unpickler):
-  """Resolves only the Vocabulary class (and what Python 2 pickles need to build it)."""
-
-  _ALLOWED = {
-    ('__main__', 'Vocabulary'): _PickledVocabulary,
-    ('vocab', 'Vocabulary'): _PickledVocabulary,
-    ('copy_reg', '_reconstructor'): _reconstruct,
-    ('copyreg', '_reconstructor'): _reconstruct,
-    ('__builtin__', 'object'): object,
-    ('builtins', 'object'): object,
-  }
-
-  def __init__(self, file):
-    super().__init__(file, encoding='utf-8')  # Python 2 byte strings (the attribute names) are ASCII
-
-  def find_class(self, module: str, name: str):
-    target = self._ALLOWED.get((module, name))
-    if target is None:
-      raise pickle.UnpicklingError(f'refusing to load global {module}.{name}: only a pickled vocab.Vocabulary is read')
-    return target
+# What a VSE++ vocabulary pickle may name (Python 2 pickles build the class through copy_reg).
+_VOCAB_GLOBALS = {
+  ('__main__', 'Vocabulary'): _PickledVocabulary,
+  ('vocab', 'Vocabulary'): _PickledVocabulary,
+  ('copy_reg', '_reconstructor'): _reconstruct,
+  ('copyreg', '_reconstructor'): _reconstruct,
+  ('__builtin__', 'object'): object,
+  ('builtins', 'object'): object,
+}
