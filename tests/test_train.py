@@ -17,6 +17,7 @@ from configs import vsepp as vsepp_config
 from xmatch_jax import Retriever
 from xmatch_jax import evaluate
 from xmatch_jax import losses
+from xmatch_jax import metrics as metrics_lib
 from xmatch_jax import run_setup
 from xmatch_jax import trainers
 from xmatch_jax import workdirs
@@ -81,12 +82,12 @@ def test_evaluate_writes_protocol_keys(trained):
   saved = json.load(open(os.path.join(workdir, 'eval', 'test.json')))
   for key in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum'):
     assert saved[key] == pytest.approx(result[key])
-  assert saved['rsum'] == pytest.approx(sum(saved[k] for k in evaluate.RECALL_KEYS[:6]))
+  assert saved['rsum'] == pytest.approx(sum(saved[k] for k in metrics_lib.RESULT_KEYS[:6]))
   assert saved['n_images'] == 100 and saved['n_captions'] == 500
 
   # Two-stage retrieval: shortlisting every item reproduces exhaustive scoring; a short list is written apart.
   every = evaluate.evaluate_workdir(workdir, split='test', rerank_k=500)
-  for key in evaluate.RECALL_KEYS:
+  for key in metrics_lib.RESULT_KEYS:
     assert every[key] == pytest.approx(result[key])
   short = evaluate.evaluate_workdir(workdir, split='test', rerank_k=5)
   assert short['rerank_k'] == 5 and os.path.exists(os.path.join(workdir, 'eval', 'test_rerank5.json'))
@@ -96,11 +97,11 @@ def test_evaluate_writes_protocol_keys(trained):
 def test_protocols_refuse_wrong_split_sizes():
   sims = np.random.default_rng(0).normal(size=(100, 500))
   with pytest.raises(ValueError, match='1000 images'):
-    evaluate.protocol_metrics(sims, '1k')
+    metrics_lib.protocol_metrics(sims, '1k')
   with pytest.raises(ValueError, match='5000 images'):
-    evaluate.protocol_metrics(sims, '5k')
-  folds = evaluate.protocol_metrics(sims, 'fold5')
-  assert folds['rsum'] == pytest.approx(sum(folds[k] for k in evaluate.RECALL_KEYS[:6]))
+    metrics_lib.protocol_metrics(sims, '5k')
+  folds = metrics_lib.protocol_metrics(sims, 'fold5')
+  assert folds['rsum'] == pytest.approx(sum(folds[k] for k in metrics_lib.RESULT_KEYS[:6]))
 
 
 def test_retriever_matches_evaluation_scores(trained, data_dir):
@@ -301,14 +302,14 @@ def test_retrieve_ranks_by_the_retrievers_scores(trained, data_dir, monkeypatch,
 
 
 def test_named_protocols_fix_dataset_and_split():
-  assert evaluate.resolve_protocol('coco_5k', 'coco', None) == ('testall', '5k', 'coco_5k')
-  assert evaluate.resolve_protocol('coco_1k_fold5', 'coco', 'testall') == ('testall', 'fold5', 'coco_1k_fold5')
-  assert evaluate.resolve_protocol('f30k_1k', 'f30k', None) == ('test', '1k', 'f30k_1k')
-  assert evaluate.resolve_protocol(None, 'shapes', None) == ('test', None, None)
+  assert metrics_lib.resolve_protocol('coco_5k', 'coco', None) == ('testall', '5k', 'coco_5k')
+  assert metrics_lib.resolve_protocol('coco_1k_fold5', 'coco', 'testall') == ('testall', 'fold5', 'coco_1k_fold5')
+  assert metrics_lib.resolve_protocol('f30k_1k', 'f30k', None) == ('test', '1k', 'f30k_1k')
+  assert metrics_lib.resolve_protocol(None, 'shapes', None) == ('test', None, None)
   with pytest.raises(ValueError, match="'coco_5k' evaluates split 'testall'; got --split=test"):
-    evaluate.resolve_protocol('coco_5k', 'coco', 'test')
+    metrics_lib.resolve_protocol('coco_5k', 'coco', 'test')
   with pytest.raises(ValueError, match="defined on dataset 'f30k'; this workdir was trained on 'shapes'"):
-    evaluate.resolve_protocol('f30k_1k', 'shapes', None)
+    metrics_lib.resolve_protocol('f30k_1k', 'shapes', None)
 
 
 def test_ensemble_of_two_runs_is_the_weighted_score_sum(trained, data_dir, tmp_path, monkeypatch):

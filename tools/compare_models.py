@@ -37,10 +37,9 @@ from xmatch_jax import cli  # pylint: disable=g-import-not-at-top
 from xmatch_jax import ensemble  # pylint: disable=g-import-not-at-top
 from xmatch_jax import errors  # pylint: disable=g-import-not-at-top
 from xmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
+from xmatch_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 from xmatch_jax import trainers  # pylint: disable=g-import-not-at-top
 from xmatch_jax import workdirs  # pylint: disable=g-import-not-at-top
-
-MAP_KEYS = ('i2t_map', 't2i_map', 'mean_map')
 
 
 def parse_models(items: list) -> dict:
@@ -132,7 +131,11 @@ def run_model(name: str, parts: list, seed: int, workdir: str, split: str) -> di
 
 def compare(models: dict, seeds: list, workdir: str, split: str, sets: list) -> dict:
   configs = build_configs(models, split_sets(sets, models))
-  keys = MAP_KEYS if next(iter(configs.values()))[0].get('eval_metric', 'recall') == 'map' else evaluate.RECALL_KEYS
+  keys = (
+    metrics_lib.MAP_KEYS
+    if next(iter(configs.values()))[0].get('eval_metric', 'recall') == 'map'
+    else metrics_lib.RESULT_KEYS
+  )
   summary = {
     'split': split,
     'seeds': seeds,

@@ -21,9 +21,10 @@ if REPO not in sys.path:
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
+from xmatch_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 from xmatch_jax import trainers  # pylint: disable=g-import-not-at-top
 
-METRICS = evaluate.RECALL_KEYS
+METRICS = metrics_lib.RESULT_KEYS
 
 
 def load_config(spec: str):

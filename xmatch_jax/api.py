@@ -8,8 +8,8 @@ scores = r.score({k: v[:10] for k, v in images.items()}, ['a red circle above a 
 
 import numpy as np
 
+from xmatch_jax import checkpoints
 from xmatch_jax import errors
-from xmatch_jax import evaluate
 from xmatch_jax import inference
 from xmatch_jax import rerank
 from xmatch_jax import run_setup
@@ -83,5 +83,5 @@ class Retriever:
 def _load_model(workdir: str, config, vocab):
   img_dim = int(config.data_info.img_dim)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
-  variables, _, which = evaluate.load_variables(workdir, model)
+  variables, _, which = checkpoints.load_variables(workdir, model)
   return model, variables, which

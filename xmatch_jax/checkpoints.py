@@ -153,3 +153,15 @@ def check_params_match(params, expected, source: str) -> None:
       raise errors.UserError(
         f'{source}: parameter {key} has shape {got[key]} in the checkpoint; the model expects {shape}.'
       )
+
+
+def load_variables(workdir: str, model):
+  """Best (else latest) variables of W (params, and BatchNorm statistics where the model has them), checked against
+  the model's parameter shapes. Returns (variables, meta, which)."""
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.example_inputs())
+  state, meta, which = RunCheckpoints(workdir).restore_for_eval()
+  for collection in expected:
+    if collection not in state:
+      raise errors.UserError(f'{workdir}/{which}: the checkpoint has no {collection!r}; the model needs it.')
+    check_params_match(state[collection], expected[collection], f'{workdir}/{which}')
+  return {collection: state[collection] for collection in expected}, meta, which

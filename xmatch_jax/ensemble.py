@@ -17,6 +17,7 @@ import numpy as np
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import evaluate
+from xmatch_jax import metrics as metrics_lib
 
 
 def ensemble(
@@ -31,7 +32,7 @@ def ensemble(
   if len(set(datasets.values())) != 1:
     raise errors.UserError(f'the runs are on different datasets: {datasets}')
   dataset = next(iter(datasets.values()))
-  split, base, name = evaluate.resolve_protocol(protocol, dataset, split)
+  split, base, name = metrics_lib.resolve_protocol(protocol, dataset, split)
   total = None
   for workdir, weight in zip(workdirs, weights):
     path = workdirs.scores_path(workdir, split)
@@ -41,7 +42,7 @@ def ensemble(
     if total is not None and sims.shape != total.shape:
       raise errors.UserError(f'{path}: scores of shape {sims.shape}; the first run has {total.shape}')
     total = weight * sims.astype(np.float64) if total is None else total + weight * sims
-  metrics, base = evaluate.metrics_for(total, base)
+  metrics, base = metrics_lib.metrics_for(total, base)
   return {
     **metrics,
     'kind': 'ensemble',
@@ -62,7 +63,7 @@ def main(argv):
   f = flags.FLAGS
   weights = [float(w) for w in f.weights.split(',')] if f.weights else None
   result = ensemble(f.workdir, weights, f.split, f.protocol)
-  print(' '.join(f'{k} {result[k]:.1f}' for k in evaluate.RECALL_KEYS) + f'  ({result["protocol"]})')
+  print(' '.join(f'{k} {result[k]:.1f}' for k in metrics_lib.RESULT_KEYS) + f'  ({result["protocol"]})')
   if f.out:
     with open(f.out, 'w') as out:
       json.dump(result, out, indent=2)

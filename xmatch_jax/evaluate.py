@@ -27,72 +27,6 @@ from xmatch_jax import run_setup
 from xmatch_jax import workdirs
 from xmatch_jax.data import load_split
 
-PROTOCOLS = {
-  '1k': 'all images of a 1000-image split (Flickr30K test, shapes test)',
-  '5k': 'all images of a 5000-image split (MS-COCO 5K test)',
-  'fold5': 'mean over 5 sequential folds of n/5 images (MS-COCO 1K: 5 folds of 1000); rsum = sum of mean recalls',
-}
-# The field's named protocols: (dataset, split, protocol). Results carry the name.
-NAMED_PROTOCOLS = {
-  'f30k_1k': ('f30k', 'test', '1k'),
-  'coco_1k_fold5': ('coco', 'testall', 'fold5'),
-  'coco_5k': ('coco', 'testall', '5k'),
-}
-RECALL_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum')
-MAP_KEYS = ('i2t_map', 't2i_map', 'mean_map')
-
-
-def protocol_metrics(sims: np.ndarray, protocol: str) -> dict:
-  """Recall metrics of an [n_img, 5 n_img] score matrix under a named protocol."""
-  n_img = sims.shape[0]
-  if protocol not in PROTOCOLS:
-    raise errors.UserError(f'unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.')
-  if protocol == '1k' and n_img != 1000 or protocol == '5k' and n_img != 5000:
-    raise errors.UserError(
-      f'protocol {protocol!r} needs a split of {1000 if protocol == "1k" else 5000} images; '
-      f'this split has {n_img}. Use --protocol=fold5 for fold-wise evaluation.'
-    )
-  if protocol == 'fold5':
-    if n_img % 5:
-      raise errors.UserError(f'protocol "fold5" needs a number of images divisible by 5; got {n_img}.')
-    fold = n_img // 5
-    return metrics_lib.fold_metrics(
-      [sims[f * fold : (f + 1) * fold, 5 * f * fold : 5 * (f + 1) * fold] for f in range(5)]
-    )
-  return metrics_lib.recall_metrics(sims)
-
-
-def default_protocol(n_img: int) -> str:
-  if n_img == 1000:
-    return '1k'
-  if n_img == 5000:
-    raise errors.UserError(
-      'a 5000-image split is ambiguous (MS-COCO 5K or 5 folds of 1K): pass --protocol=5k or fold5.'
-    )
-  return 'all'
-
-
-def resolve_protocol(protocol: str | None, dataset: str, split: str | None) -> tuple[str, str | None, str | None]:
-  """A named protocol (f30k_1k, coco_1k_fold5, coco_5k) -> (split, base protocol, name); checks that the dataset
-  and an explicitly given split agree with it. Other protocols pass through with split defaulting to test."""
-  if protocol not in NAMED_PROTOCOLS:
-    return split or 'test', protocol, protocol
-  want_dataset, want_split, base = NAMED_PROTOCOLS[protocol]
-  if dataset != want_dataset:
-    raise errors.UserError(
-      f'protocol {protocol!r} is defined on dataset {want_dataset!r}; this workdir was trained on {dataset!r}.'
-    )
-  if split is not None and split != want_split:
-    raise errors.UserError(f'protocol {protocol!r} evaluates split {want_split!r}; got --split={split}.')
-  return want_split, base, protocol
-
-
-def metrics_for(sims: np.ndarray, protocol: str | None) -> tuple[dict, str]:
-  """Recall metrics of a split's score matrix under `protocol` (None: from its size). Returns (metrics, protocol)."""
-  protocol = protocol or default_protocol(sims.shape[0])
-  metrics = metrics_lib.recall_metrics(sims) if protocol == 'all' else protocol_metrics(sims, protocol)
-  return metrics, protocol
-
 
 def evaluate_workdir(
   workdir: str, split: str | None = 'test', protocol: str | None = None, save_scores: bool = False, rerank_k: int = 0
@@ -106,11 +40,11 @@ def evaluate_workdir(
   the global score; recall protocols only; written to W/eval/<split>_rerank<k>.json.
   """
   config = workdirs.load_config(workdir)
-  split, protocol, name = resolve_protocol(protocol, config.dataset, split)
+  split, protocol, name = metrics_lib.resolve_protocol(protocol, config.dataset, split)
   vocab = workdirs.load_vocab(workdir)
   data = load_split(config.dataset, split, config.data_dir or None)
   model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(data.images), workdir)
-  variables, meta, which = load_variables(workdir, model)
+  variables, meta, which = checkpoints.load_variables(workdir, model)
   tokens, mask = run_setup.encode_captions(vocab, data.captions, config)
   metric = config.get('eval_metric', 'recall')
   if metric == 'map' and protocol is not None:
@@ -137,7 +71,7 @@ def evaluate_workdir(
     labels = np.asarray(data.images['label'])
     metrics, protocol = metrics_lib.map_metrics(sims, labels, labels[data.caption_to_image]), 'map'
   else:
-    metrics, protocol = metrics_for(sims, protocol)
+    metrics, protocol = metrics_lib.metrics_for(sims, protocol)
     if rerank_k:
       metrics = rerank.two_way_recall(sims_i2t, sims)
   result = {
@@ -162,25 +96,13 @@ def evaluate_workdir(
   return result
 
 
-def load_variables(workdir: str, model):
-  """Best (else latest) variables of W (params, and BatchNorm statistics where the model has them), checked against
-  the model's parameter shapes. Returns (variables, meta, which)."""
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.example_inputs())
-  state, meta, which = checkpoints.RunCheckpoints(workdir).restore_for_eval()
-  for collection in expected:
-    if collection not in state:
-      raise errors.UserError(f'{workdir}/{which}: the checkpoint has no {collection!r}; the model needs it.')
-    checkpoints.check_params_match(state[collection], expected[collection], f'{workdir}/{which}')
-  return {collection: state[collection] for collection in expected}, meta, which
-
-
 def format_table(result: dict) -> str:
   head = (
     f'{result["model"]} on {result["dataset"]}/{result["split"]} ({result["n_images"]} images, '
     f'{result["n_captions"]} captions, protocol {result["protocol"]}, {result["checkpoint"]} checkpoint '
     f'step {result["checkpoint_step"]})'
   )
-  keys = MAP_KEYS if result['protocol'] == 'map' else RECALL_KEYS
+  keys = metrics_lib.MAP_KEYS if result['protocol'] == 'map' else metrics_lib.RESULT_KEYS
   names = '  '.join(f'{k:>8}' for k in keys)
   values = '  '.join(f'{result[k]:8.4f}' if result['protocol'] == 'map' else f'{result[k]:8.1f}' for k in keys)
   return f'{head}\n{names}\n{values}'
@@ -204,7 +126,10 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Training workdir.')
   flags.DEFINE_string('split', None, "Split to evaluate (default: test, or the named protocol's split).")
   flags.DEFINE_enum(
-    'protocol', None, sorted(PROTOCOLS) + sorted(NAMED_PROTOCOLS), 'Evaluation protocol (default: from the split size).'
+    'protocol',
+    None,
+    sorted(metrics_lib.PROTOCOLS) + sorted(metrics_lib.NAMED_PROTOCOLS),
+    'Evaluation protocol (default: from the split size).',
   )
   flags.DEFINE_bool('save_scores', False, 'Also write W/eval/<split>_scores.npy (for xmatch_jax.ensemble).')
   flags.DEFINE_integer(

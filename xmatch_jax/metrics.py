@@ -11,6 +11,8 @@ from xmatch_jax import errors
 
 RECALL_KS = (1, 5, 10)
 RECALL_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10')
+RESULT_KEYS = RECALL_KEYS + ('rsum',)  # what a recall evaluation reports
+MAP_KEYS = ('i2t_map', 't2i_map', 'mean_map')  # what an mAP evaluation reports
 # Temporaries per chunk hold about this many elements (int64 argsort output: 64 MB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
@@ -192,3 +194,67 @@ def map_metrics(sims, image_labels, text_labels) -> dict:
   i2t = mean_average_precision(sims, image_labels, text_labels)
   t2i = mean_average_precision(sims.T, text_labels, image_labels)
   return {'i2t_map': i2t, 't2i_map': t2i, 'mean_map': (i2t + t2i) / 2}
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+PROTOCOLS = {
+  '1k': 'all images of a 1000-image split (Flickr30K test, shapes test)',
+  '5k': 'all images of a 5000-image split (MS-COCO 5K test)',
+  'fold5': 'mean over 5 sequential folds of n/5 images (MS-COCO 1K: 5 folds of 1000); rsum = sum of mean recalls',
+}
+# The field's named protocols: (dataset, split, protocol). Results carry the name.
+NAMED_PROTOCOLS = {
+  'f30k_1k': ('f30k', 'test', '1k'),
+  'coco_1k_fold5': ('coco', 'testall', 'fold5'),
+  'coco_5k': ('coco', 'testall', '5k'),
+}
+
+
+def protocol_metrics(sims: np.ndarray, protocol: str) -> dict:
+  """Recall metrics of an [n_img, 5 n_img] score matrix under a named protocol."""
+  n_img = sims.shape[0]
+  if protocol not in PROTOCOLS:
+    raise errors.UserError(f'unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.')
+  if protocol == '1k' and n_img != 1000 or protocol == '5k' and n_img != 5000:
+    raise errors.UserError(
+      f'protocol {protocol!r} needs a split of {1000 if protocol == "1k" else 5000} images; '
+      f'this split has {n_img}. Use --protocol=fold5 for fold-wise evaluation.'
+    )
+  if protocol == 'fold5':
+    if n_img % 5:
+      raise errors.UserError(f'protocol "fold5" needs a number of images divisible by 5; got {n_img}.')
+    fold = n_img // 5
+    return fold_metrics([sims[f * fold : (f + 1) * fold, 5 * f * fold : 5 * (f + 1) * fold] for f in range(5)])
+  return recall_metrics(sims)
+
+
+def default_protocol(n_img: int) -> str:
+  if n_img == 1000:
+    return '1k'
+  if n_img == 5000:
+    raise errors.UserError(
+      'a 5000-image split is ambiguous (MS-COCO 5K or 5 folds of 1K): pass --protocol=5k or fold5.'
+    )
+  return 'all'
+
+
+def resolve_protocol(protocol: str | None, dataset: str, split: str | None) -> tuple[str, str | None, str | None]:
+  """A named protocol (f30k_1k, coco_1k_fold5, coco_5k) -> (split, base protocol, name); checks that the dataset
+  and an explicitly given split agree with it. Other protocols pass through with split defaulting to test."""
+  if protocol not in NAMED_PROTOCOLS:
+    return split or 'test', protocol, protocol
+  want_dataset, want_split, base = NAMED_PROTOCOLS[protocol]
+  if dataset != want_dataset:
+    raise errors.UserError(
+      f'protocol {protocol!r} is defined on dataset {want_dataset!r}; this workdir was trained on {dataset!r}.'
+    )
+  if split is not None and split != want_split:
+    raise errors.UserError(f'protocol {protocol!r} evaluates split {want_split!r}; got --split={split}.')
+  return want_split, base, protocol
+
+
+def metrics_for(sims: np.ndarray, protocol: str | None) -> tuple[dict, str]:
+  """Recall metrics of a split's score matrix under `protocol` (None: from its size). Returns (metrics, protocol)."""
+  protocol = protocol or default_protocol(sims.shape[0])
+  metrics = recall_metrics(sims) if protocol == 'all' else protocol_metrics(sims, protocol)
+  return metrics, protocol
