@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from xmatch_jax import cli
+from xmatch_jax import data as data_lib
 from xmatch_jax import errors
 from xmatch_jax.data import shapes_scenes as scenes
 
@@ -140,13 +141,9 @@ def load_split(data_dir: str, config: str, split: str) -> tuple:
   objects, captions = [], []
   for i in range(len(source)):
     example = source[i]
-    objects.append(json.loads(_text(example['scene']))['objects'])
-    captions.extend(_text(c) for c in example['captions'])
+    objects.append(json.loads(data_lib.as_text(example['scene']))['objects'])
+    captions.extend(data_lib.as_text(c) for c in example['captions'])
   return objects, captions
-
-
-def _text(value) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
 def weight_by_specificity(compatible: np.ndarray) -> np.ndarray:

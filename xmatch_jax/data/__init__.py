@@ -46,10 +46,10 @@ def _load_shapes(split: str, data_dir: str, builder_config: str) -> Split:
     'pixels': np.stack([e['pixels'] for e in examples]),
     'label': np.array([e['label'] for e in examples], np.int64),
     'image_id': np.array([e['image_id'] for e in examples], np.int64),
-    'tags': np.array([[_text(t) for t in e['tags']] for e in examples], dtype=object),
-    'scene': np.array([_text(e['scene']) for e in examples], dtype=object),
+    'tags': np.array([[as_text(t) for t in e['tags']] for e in examples], dtype=object),
+    'scene': np.array([as_text(e['scene']) for e in examples], dtype=object),
   }
-  captions = [_text(c) for e in examples for c in e['captions']]
+  captions = [as_text(c) for e in examples for c in e['captions']]
   caption_to_image = np.repeat(np.arange(len(examples)), shapes.CAPTIONS_PER_IMAGE)
   return Split(images, captions, caption_to_image)
 
@@ -118,7 +118,7 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
           )
         images[f][i] = e[f]
       images['image_id'][i] = e['image_id']
-      captions.extend(_text(c) for c in e['captions'])
+      captions.extend(as_text(c) for c in e['captions'])
       if tags is not None:
         tags.set(i, e['tags'])
       bar.update(1)
@@ -143,7 +143,7 @@ class _Tags:
         'like row 0 (one per region).'
       )
     for r, tag in enumerate(row):
-      self.values[i, r] = self._interned.setdefault(tag, _text(tag))
+      self.values[i, r] = self._interned.setdefault(tag, as_text(tag))
 
 
 def _load_precomp_lazy(
@@ -162,7 +162,7 @@ def _load_precomp_lazy(
       rows = np.arange(start, min(start + lazy.SCAN_CHUNK, n))
       for i, e in enumerate(reader.read(rows, cache=False)):
         image_ids[start + i] = e['image_id']
-        captions.extend(_text(c) for c in e['captions'])
+        captions.extend(as_text(c) for c in e['captions'])
         if tags is not None:
           tags.set(start + i, e['tags'])
       bar.update(len(rows))
@@ -197,12 +197,13 @@ def _load_category(name: str, split: str, data_dir: str) -> Split:
     for i in range(n):
       e = source[i]
       pixels[i], labels[i], image_ids[i] = e['pixels'], e['label'], e['image_id']
-      captions.append(_text(e['text']))
+      captions.append(as_text(e['text']))
       bar.update(1)
   return Split({'pixels': pixels, 'label': labels, 'image_id': image_ids}, captions, np.arange(n))
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+  """A TFDS text field (bytes, or str) as str."""
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xmatch_jax import data as data_lib
 from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.data import lazy
@@ -369,7 +370,7 @@ def prepare_images(
   for i, image_tags in enumerate(images['tags']):
     row = []
     for r, tag in enumerate(image_tags):
-      tag = tag.decode() if isinstance(tag, bytes) else str(tag)
+      tag = data_lib.as_text(tag)
       if not tag.strip():
         raise errors.UserError(f'{where}: image {i} region {r} has an empty tag')
       if tag not in cache:
