@@ -46,6 +46,19 @@ def test_plain_lines_with_counts_when_not_a_terminal():
   assert 'pair/s' in lines[-1]
 
 
+def test_nested_bars_write_no_cursor_moves_to_a_log():
+  """Dev scoring inside the training bar: tqdm moves the cursor between the two; a log gets whole lines only."""
+  with captured_stderr() as stderr, progress.bar(total=3, desc='train', delay=0) as outer:
+    outer.update(1)
+    with progress.bar(total=4, desc='dev scoring', delay=0) as inner:
+      for _ in range(4):
+        inner.update(1)
+    outer.update(2)
+  text = stderr.getvalue()
+  assert '\x1b' not in text and 'dev scoring' in text and 'train' in text
+  assert all(line.strip() for line in text.splitlines())
+
+
 def test_short_jobs_stay_quiet_unless_the_delay_is_overridden(monkeypatch):
   with captured_stderr() as stderr:
     with progress.bar(total=3, desc='quiet', unit='step') as bar:  # default delay 10 s

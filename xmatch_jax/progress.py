@@ -8,6 +8,7 @@ from its start and every update, as the tests do).
 """
 
 import os
+import re
 import sys
 
 import tqdm
@@ -18,14 +19,19 @@ _PLAIN_INTERVAL_ENV = 'XMATCH_PROGRESS_SECONDS'
 _DELAY_ENV = 'XMATCH_PROGRESS_DELAY'
 
 
+# Terminal control sequences (cursor moves of nested bars), which a log file would keep as junk.
+_ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
+
+
 class _PlainLines:
-  """A file for tqdm that turns its carriage-return redraws into whole lines (non-terminal stderr)."""
+  """A file for tqdm that turns its carriage-return redraws into whole lines and drops cursor moves (non-terminal
+  stderr)."""
 
   def __init__(self, stream):
     self.stream = stream
 
   def write(self, text: str) -> None:
-    for part in text.replace('\r', '\n').split('\n'):
+    for part in _ANSI.sub('', text).replace('\r', '\n').split('\n'):
       if part.strip():
         self.stream.write(part.rstrip() + '\n')
 
