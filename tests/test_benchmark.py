@@ -113,6 +113,7 @@ def test_torch_rdan_head_equals_the_model(block):
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_json_report(tmp_path, capsys):
   out = tmp_path / 'bench.json'
   assert (
@@ -158,6 +159,7 @@ def test_cli_writes_the_json_report(tmp_path, capsys):
     ('configs/daer.py:wikipedia', ['--train_batch=0'], ['relation_mlp', 'item_first_layer']),
   ],
 )
+@pytest.mark.slow
 def test_cli_reports_glfn_and_daer(tmp_path, capsys, spec, flags, flop_keys):
   out = tmp_path / 'bench.json'
   assert (

@@ -61,6 +61,7 @@ def test_minilm_tokenizer_keeps_long_captions_whole():
   assert len(ids) == 202
 
 
+@pytest.mark.slow
 def test_convert_bert_cli_writes_a_directory_that_loads_the_same(tmp_path, capsys):
   sys.path.insert(0, os.path.join(os.path.dirname(FIXTURES), '..', 'tools'))
   import convert_bert  # pylint: disable=g-import-not-at-top

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from absl import logging as absl_logging
+import pytest
 
 from xmatch_jax import checkpoints  # noqa: F401  (installs the orbax warning filter)
 
@@ -89,6 +90,7 @@ def _cases(tmp):
   ]
 
 
+@pytest.mark.slow
 def test_user_errors_print_one_line_and_exit_2(tmp_path):
   cases = _cases(tmp_path)
   data_dir = str(tmp_path / 'empty_data_dir')
@@ -103,12 +105,14 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path):
     assert sum(line.startswith('error: ') for line in lines) == 1, where
 
 
+@pytest.mark.slow
 def test_debug_env_shows_the_traceback(tmp_path):
   proc = _run(['-m', 'xmatch_jax.evaluate', f'--workdir={tmp_path / "none"}'], env={'XMATCH_DEBUG': '1'})
   assert proc.returncode == 1
   assert 'Traceback' in proc.stderr and 'MissingFileError: ' in proc.stderr
 
 
+@pytest.mark.slow
 def test_bugs_keep_their_traceback():
   code = 'from xmatch_jax import cli; import sys; sys.exit(cli.run_tool(lambda: {}["missing"]))'
   proc = _run(['-c', code])
@@ -143,6 +147,7 @@ def test_orbax_missing_metadata_warning_is_dropped():
   assert seen == ['some other warning']
 
 
+@pytest.mark.slow
 def test_help_is_not_an_error():
   proc = _run(['-m', 'xmatch_jax.evaluate', '--helpshort'])
   assert proc.returncode in (0, 1) and '--workdir' in proc.stdout + proc.stderr and 'error:' not in proc.stderr

@@ -13,6 +13,7 @@ import compare_models  # pylint: disable=g-import-not-at-top
 TINY = ['num_epochs=1', 'batch_size=32', 'model.embed_size=32', 'model.word_dim=16']
 
 
+@pytest.mark.slow
 def test_two_models_over_two_seeds(tmp_path, capsys):
   data_dir = str(tmp_path / 'tfds')
   sets = [f'--set={s}' for s in TINY + [f'data_dir="{data_dir}"']]

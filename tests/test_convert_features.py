@@ -70,6 +70,7 @@ def test_tsv_in_id_order_with_pfan_positions(tmp_path):
   np.testing.assert_allclose(weights[0], want_weights[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_tsv_order_without_ids_and_npz(tmp_path):
   images = _images(3)
   _write_tsv(tmp_path / 'a.tsv', images)
@@ -91,6 +92,7 @@ def test_tsv_order_without_ids_and_npz(tmp_path):
   np.testing.assert_array_equal(np.load(tmp_path / 'p' / 'test_ims.npy'), np.stack([images[1][1], images[2][1]]))
 
 
+@pytest.mark.slow
 def test_malformed_input_is_named(tmp_path):
   images = _images(2)
   _write_tsv(tmp_path / 'a.tsv', images)
@@ -158,6 +160,7 @@ def _vocab_args(tmp_path, attributes=True):
   )
 
 
+@pytest.mark.slow
 def test_tsv_with_detections_writes_tags_in_id_order(tmp_path, capsys):
   images = _images(3, k=3)
   labels = [

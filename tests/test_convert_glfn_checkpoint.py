@@ -68,6 +68,7 @@ def _convert_and_score(checkpoint, workdir, expected):
   return retriever, retriever.score(_images(expected), expected['captions'].tolist())
 
 
+@pytest.mark.slow
 def test_converted_t2i_workdir_reproduces_the_official_forward(expected, tmp_path):
   workdir = str(tmp_path / 'w')
   retriever, scores = _convert_and_score(CHECKPOINT, workdir, expected)
@@ -92,6 +93,7 @@ def test_converted_t2i_workdir_reproduces_the_official_forward(expected, tmp_pat
   np.testing.assert_allclose(words, expected['word_embeddings'], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_i2t_checkpoint_scores_as_the_official_i2t(expected, tmp_path):
   path = _rewritten(tmp_path, 'i2t', opt={'cross_attn': 'i2t', 'agg_func': 'Mean', 'lambda_softmax': 4.0})
   retriever, scores = _convert_and_score(path, str(tmp_path / 'w'), expected)

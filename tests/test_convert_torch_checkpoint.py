@@ -20,6 +20,7 @@ import convert_torch_checkpoint  # pylint: disable=g-import-not-at-top
 
 
 @pytest.mark.parametrize('fmt,name,dataset', [('scan', 'scan_t2i', 'f30k'), ('vsepp', 'vsepp', 'coco')])
+@pytest.mark.slow
 def test_converted_workdir_reproduces_the_official_scores(fmt, name, dataset, tmp_path):
   workdir = str(tmp_path / 'w')
   assert (
@@ -49,6 +50,7 @@ def test_converted_workdir_reproduces_the_official_scores(fmt, name, dataset, tm
   assert meta['loss']['mask_same_image'] is False  # the official ContrastiveLoss masks only the diagonal
 
 
+@pytest.mark.slow
 def test_scan_weight_norm_image_encoder_scores_as_the_official(tmp_path):
   """opt.precomp_enc_type='weight_norm' (SCAN's EncoderImageWeightNormPrecomp: weight_norm(fc, dim=None)) stores
   fc.weight_g (a scalar) and fc.weight_v; the fixture's fc.weight W as v = 3.7 W, g = ||W|| computes the same W."""
@@ -93,6 +95,7 @@ def test_weight_norm_fold_equals_torch(dim):
   np.testing.assert_allclose(folded, layer.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_vsepp_pickled_vocab_converts_like_the_json(tmp_path):
   """VSE++ ships its vocabulary as vocab/<data_name>_vocab.pkl (a Python 2 pickle of vocab.Vocabulary)."""
   sys.path.insert(0, os.path.dirname(FIXTURES))

@@ -161,6 +161,7 @@ def test_word_vectors_fill_the_vocabulary_rows(tmp_path):
     word_vectors.load_for_vocab(str(path), vocab, init)
 
 
+@pytest.mark.slow
 def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypatch, capsys):
   from xmatch_jax import Retriever  # pylint: disable=g-import-not-at-top
   from xmatch_jax import trainers  # pylint: disable=g-import-not-at-top

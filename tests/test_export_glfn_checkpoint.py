@@ -51,6 +51,7 @@ def _flat(tree, prefix=()):
       yield '/'.join(prefix + (key,)), np.asarray(value)
 
 
+@pytest.mark.slow
 def test_import_export_import_gives_the_same_params_config_and_scores(trip):
   ra, rb = Retriever.from_workdir(trip[0]), Retriever.from_workdir(trip[1])
   pa, pb = dict(_flat(ra.params)), dict(_flat(rb.params))
@@ -72,6 +73,7 @@ def test_import_export_import_gives_the_same_params_config_and_scores(trip):
   np.testing.assert_allclose(scores_b, expected['t2i_scores'], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_holds_the_original_tensors_and_opt(trip):
   original, exported = torch_pickle.load(CHECKPOINT), torch_pickle.load(trip[2])
   assert sorted(exported) == ['Eiters', 'best_rsum', 'epoch', 'model', 'opt']
@@ -115,6 +117,7 @@ def test_export_holds_the_original_tensors_and_opt(trip):
   assert config_a.to_dict() == config_b.to_dict()
 
 
+@pytest.mark.slow
 def test_opt_round_trip_of_i2t_and_export_params_inverts_convert_params(trip):
   config = workdirs.load_config(trip[0])
   config.model.score, config.model.i2t_lambda_softmax = 'i2t', 4.0
@@ -143,6 +146,7 @@ def test_opt_round_trip_of_i2t_and_export_params_inverts_convert_params(trip):
     ('top_l', 8, 'model.top_l is 8; official GLFN has 15'),
   ],
 )
+@pytest.mark.slow
 def test_non_official_configs_are_refused(trip, tmp_path, field, value, message):
   config = workdirs.load_config(trip[0])
   config.model[field] = value
@@ -154,6 +158,7 @@ def test_non_official_configs_are_refused(trip, tmp_path, field, value, message)
   assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_tool_says_the_bert_is_not_exported_and_refuses_non_official_workdirs(trip, tmp_path, capsys):
   out = str(tmp_path / 'again.pth.tar')
   assert export_torch_checkpoint.main([f'--workdir={trip[0]}', f'--out={out}']) == 0

@@ -105,6 +105,7 @@ def round_trip(request, tmp_path_factory):
   return types.SimpleNamespace(fmt=fmt, original=original, a=a, b=b, out=out, vocab=vocab)
 
 
+@pytest.mark.slow
 def test_import_export_import_gives_the_same_workdir(round_trip):
   ra, rb = Retriever.from_workdir(round_trip.a), Retriever.from_workdir(round_trip.b)
   leaves = lambda r: {'/'.join(p): np.asarray(v) for p, v in _flat(r.params)}
@@ -151,6 +152,7 @@ def _check_against_original(exported: dict, original: dict) -> None:
     assert np.array_equal(exported[key][:rz] + exported[hh][:rz], original[key][:rz] + original[hh][:rz]), key
 
 
+@pytest.mark.slow
 def test_exported_file_holds_the_original_tensors_and_opt(round_trip):
   original, exported = torch_pickle.load(round_trip.original), torch_pickle.load(round_trip.out)
   assert sorted(exported) == ['Eiters', 'best_rsum', 'epoch', 'model', 'opt']
@@ -282,6 +284,7 @@ def _fake_workdir(src: str, dst: str, **model_fields) -> str:
   return dst
 
 
+@pytest.mark.slow
 def test_other_models_and_inexpressible_variants_are_refused(round_trip, tmp_path):
   out = str(tmp_path / 'x.pth.tar')
   with pytest.raises(ValueError, match="model 'rdan' cannot be exported: only .'scan', 'vsepp'."):
@@ -303,6 +306,7 @@ def test_other_models_and_inexpressible_variants_are_refused(round_trip, tmp_pat
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_torch_loads_the_export_into_the_official_modules(round_trip):
   torch = pytest.importorskip('torch')
   loaded = torch.load(round_trip.out, weights_only=False)

@@ -23,6 +23,7 @@ def data_dir(tmp_path_factory):
 # A small random BERT stands in for MiniLM (too slow for a unit test here). Measured dev rsum after 6 epochs:
 # 122.6 (fused, BERT + GRU) and 107.4 (only-GRU, t2i).
 @pytest.mark.parametrize('variant', ['shapes_tiny', 'shapes_tiny,only_gru,t2i'])
+@pytest.mark.slow
 def test_glfn_trains_and_the_workdir_scores_alone(variant, data_dir, tmp_path):
   c = glfn_config.get_config(variant)
   c.data_dir = data_dir

@@ -269,6 +269,7 @@ print(json.dumps({**result, 'in_memory_load_mb': peak_mb() - base}))
 """
 
 
+@pytest.mark.slow
 def test_lazy_split_of_200_mb_adds_little_resident_memory(tmp_path):
   n, k, d = 700, 36, 2048  # 206 MB of float32 regions
   write_precomp(tmp_path / 'manual' / 'custom_precomp', {'train': n, 'dev': 2, 'test': 1}, k=k, d=d)

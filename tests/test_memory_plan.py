@@ -26,11 +26,13 @@ def seen():
   return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_estimate_shrinks_with_the_block_size(seen):
   peaks = {int(b): p for b, p in seen['peaks'].items()}
   assert peaks[16] > peaks[8] > peaks[4] > peaks[2] > 0
 
 
+@pytest.mark.slow
 def test_budget_halves_the_block_size_until_the_step_fits(seen):
   fitted = seen['fitted']
   assert fitted['block_size'] == 4
@@ -39,6 +41,7 @@ def test_budget_halves_the_block_size_until_the_step_fits(seen):
   assert math.isfinite(seen['fitted_loss'])
 
 
+@pytest.mark.slow
 def test_no_budget_keeps_the_configured_block_and_an_impossible_one_is_an_error(seen):
   assert seen['unbudgeted']['block_size'] == 16 and 'block_size 16' in seen['unbudgeted']['printed']
   assert 'memory_budget_gb = 1e-09: a training step needs' in seen['impossible']['error']

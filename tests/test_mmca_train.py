@@ -43,6 +43,7 @@ def tiny_run(data_dir, tmp_path_factory):
 
 
 @pytest.mark.minilm
+@pytest.mark.slow
 def test_mmca_with_minilm_learns_far_above_chance(data_dir, tmp_path):
   c = _config(data_dir)  # the shapes config: MiniLM, d=128, 16 heads
   c.num_epochs = 2
@@ -50,6 +51,7 @@ def test_mmca_with_minilm_learns_far_above_chance(data_dir, tmp_path):
   assert dev['rsum'] > 150, dev  # chance is ~32 on 100 images / 500 captions (measured: ~200 after 2 epochs)
 
 
+@pytest.mark.slow
 def test_bert_stays_frozen_and_the_workdir_holds_its_tokenizer(tiny_run):
   state, _, _ = RunCheckpoints(tiny_run).restore_for_eval()
   _, bert, _ = hf_bert.load_checkpoint(TINY_BERT)
@@ -58,6 +60,7 @@ def test_bert_stays_frozen_and_the_workdir_holds_its_tokenizer(tiny_run):
   assert sorted(os.listdir(os.path.join(tiny_run, 'bert'))) == ['config.json', 'tokenizer_config.json', 'vocab.txt']
 
 
+@pytest.mark.slow
 def test_evaluation_and_retriever_agree_from_the_workdir_alone(tiny_run, data_dir):
   result = evaluate.evaluate_workdir(tiny_run, split='test')
   retriever = Retriever.from_workdir(tiny_run)

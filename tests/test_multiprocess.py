@@ -93,6 +93,7 @@ def runs(tmp_path_factory):
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_both_runs_print_their_topology_and_process_count(runs):
   assert 'topology: process 0 of 2' in runs['2x2'][1] and '0: [0, 1], 1: [2048, 2049]' in runs['2x2'][1]
   assert 'topology: process 0 of 1' in runs['1x4'][1] and '0: [0, 1, 2, 3]' in runs['1x4'][1]
@@ -100,6 +101,7 @@ def test_both_runs_print_their_topology_and_process_count(runs):
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_two_processes_of_two_devices_log_the_losses_of_one_process_of_four(runs):
   multi, single = _losses(runs['2x2'][0]), _losses(runs['1x4'][0])
   assert sorted(multi) == list(range(1, STEPS + 1)) == sorted(single)
@@ -108,6 +110,7 @@ def test_two_processes_of_two_devices_log_the_losses_of_one_process_of_four(runs
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_two_processes_of_two_devices_save_the_parameters_of_one_process_of_four(runs):
   multi, multi_meta, which = _state(runs['2x2'][0])
   single, single_meta, _ = _state(runs['1x4'][0])

@@ -59,6 +59,7 @@ def workdir(tmp_path_factory):
   return path, config
 
 
+@pytest.mark.slow
 def test_trains_evaluates_reranks_and_serves(workdir):
   path, config = workdir
   result = evaluate.evaluate_workdir(path, 'test')
@@ -70,6 +71,7 @@ def test_trains_evaluates_reranks_and_serves(workdir):
   assert scores.shape == (len(test.images['regions']), 7) and np.isfinite(scores).all()
 
 
+@pytest.mark.slow
 def test_benchmark_and_export(workdir, tmp_path):
   path, _ = workdir
   model = BestRegion(vocab_size=20, img_dim=8)

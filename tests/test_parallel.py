@@ -30,6 +30,7 @@ def report(tmp_path_factory):
 
 
 @pytest.mark.parametrize('model', ['scan', 'rdan'])
+@pytest.mark.slow
 def test_eight_devices_equal_one(report, model):
   result = report[0][model]
   assert result['devices'] == 8
@@ -40,12 +41,14 @@ def test_eight_devices_equal_one(report, model):
 
 
 @pytest.mark.parametrize('model', ['scan', 'rdan'])
+@pytest.mark.slow
 def test_checkpoint_saved_on_one_device_restores_on_eight(report, model):
   result = report[0][model]
   assert result['restored_on_mesh'] and result['restore_one_to_mesh_diff'] == 0.0
 
 
 @pytest.mark.parametrize('model', ['scan', 'rdan'])
+@pytest.mark.slow
 def test_checkpoint_saved_on_eight_devices_restores_on_one(report, model):
   out = report[1]
   state, meta, which = RunCheckpoints(str(out / model)).restore_for_eval()

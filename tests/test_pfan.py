@@ -50,6 +50,7 @@ def test_small_box_is_padded_with_weight_zero():
   assert (indices[0, 0, 1:] == 256).all() and (weights[0, 0, 1:] == 0).all()
 
 
+@pytest.mark.slow
 def test_the_pfan_fixture_satisfies_the_invariants_and_round_trips(tmp_path):
   raw = np.load(FIXTURE, allow_pickle=False)
   indices, weights = pfan.from_pfan_layout(raw, where=FIXTURE)

@@ -17,6 +17,7 @@ def _write(workdir, records):
     f.write('\n'.join(json.dumps(r) for r in records) + '\n')
 
 
+@pytest.mark.slow
 def test_plots_every_series(tmp_path):
   _write(
     tmp_path / 'a',

@@ -91,6 +91,7 @@ def test_map_chunks_counts_rows_and_keeps_results(monkeypatch):
   assert 'image/s' in text
 
 
+@pytest.mark.slow
 def test_evaluate_shows_plain_progress_lines_in_a_log(tmp_path):
   """A real entry point in a non-terminal subprocess: encoding and all-pairs scoring report counts."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')

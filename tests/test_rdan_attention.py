@@ -31,6 +31,7 @@ def rdan_workdir(data_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_words_point_at_the_argmax_of_the_models_column_attention(rdan_workdir, data_dir):
   retriever = Retriever.from_workdir(rdan_workdir)
   split = load_split('shapes_tiny', 'test', data_dir)
@@ -53,6 +54,7 @@ def test_words_point_at_the_argmax_of_the_models_column_attention(rdan_workdir, 
   np.testing.assert_allclose(weights, np.max(expected[1, 0, :, : len(encoded)], axis=0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_png_grid_with_one_panel_per_word(rdan_workdir, data_dir, tmp_path, monkeypatch, capsys):
   monkeypatch.setenv('XMATCH_DATA_DIR', data_dir)
   out = str(tmp_path / 'fig' / 'attention.png')
@@ -78,6 +80,7 @@ def test_objects_in_box():
   assert rdan_attention.objects_in_box(scene, np.array([0.5, 0, 0.6, 0.1])) == []
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused(rdan_workdir, data_dir, tmp_path, monkeypatch):
   monkeypatch.setenv('XMATCH_DATA_DIR', data_dir)
   out = str(tmp_path / 'x.png')

@@ -6,6 +6,8 @@ import os
 import re
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -194,6 +196,7 @@ def test_readme_commands_name_existing_programs():
       assert os.path.exists(os.path.join(ROOT, program)), f'README runs python {program}, which does not exist'
 
 
+@pytest.mark.slow
 def test_readme_commands_use_only_flags_their_program_defines():
   helps = _help_of_every_program()
   problems = []

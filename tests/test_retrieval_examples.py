@@ -52,6 +52,7 @@ def scores(retriever, split):
   return retriever.score(split.images, split.captions)  # [100, 500]
 
 
+@pytest.mark.slow
 def test_caption_png_draws_rank_images_rows(workdir, split, retriever, scores, tmp_path):
   # A caption whose image the model ranks in its top 3, so a green frame is drawn.
   t2i_rank = (scores > scores[split.caption_to_image, np.arange(500)]).sum(axis=0)
@@ -105,6 +106,7 @@ def test_caption_png_draws_rank_images_rows(workdir, split, retriever, scores, t
     assert colour == ', '.join(map(str, rex.GREEN if mark else rex.RED))
 
 
+@pytest.mark.slow
 def test_image_html_lists_rank_captions_and_marks_ground_truth(workdir, split, retriever, scores, tmp_path):
   own = scores[split.caption_to_image, np.arange(500)]
   best_own = np.array([(scores[i] > own[split.caption_to_image == i].max()).sum() for i in range(100)])
@@ -130,6 +132,7 @@ def test_image_html_lists_rank_captions_and_marks_ground_truth(workdir, split, r
   assert f'first own caption at rank {examples[0].truth_rank}' in page
 
 
+@pytest.mark.slow
 def test_image_png_size(workdir, tmp_path):
   out = str(tmp_path / 'images.png')
   rex.run(
@@ -149,6 +152,7 @@ def test_image_png_size(workdir, tmp_path):
   assert Image.open(out).size == (side + 2 * rex.PAD + rex.CAPTIONS_WIDTH, rex.TITLE_HEIGHT + 3 * row_h)
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused(workdir, tmp_path):
   out = str(tmp_path / 'x.png')
   with pytest.raises(
@@ -180,6 +184,7 @@ def test_bad_input_is_refused(workdir, tmp_path):
   assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_split_without_pixels_is_refused(workdir, monkeypatch, tmp_path):
   real = rex.data_lib.load_split
 

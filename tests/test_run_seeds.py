@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import run_seeds  # pylint: disable=g-import-not-at-top
 
 
+@pytest.mark.slow
 def test_two_seeds_mean_and_std(tmp_path, capsys):
   data_dir = str(tmp_path / 'tfds')
   out = tmp_path / 'summary.json'

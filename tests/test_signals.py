@@ -82,6 +82,7 @@ def uninterrupted(data_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_then_resumes(data_dir, uninterrupted, tmp_path):
   workdir = str(tmp_path / 'w')
   proc = _start(workdir, data_dir)
@@ -97,6 +98,7 @@ def test_sigterm_saves_and_exits_then_resumes(data_dir, uninterrupted, tmp_path)
   jax.tree.map(np.testing.assert_array_equal, _params(workdir), _params(uninterrupted))
 
 
+@pytest.mark.slow
 def test_kill_9_at_a_random_step_then_resume_equals_uninterrupted(data_dir, uninterrupted, tmp_path):
   workdir = str(tmp_path / 'w')
   proc = _start(workdir, data_dir)
@@ -111,6 +113,7 @@ def test_kill_9_at_a_random_step_then_resume_equals_uninterrupted(data_dir, unin
   jax.tree.map(np.testing.assert_array_equal, _params(workdir), _params(uninterrupted))
 
 
+@pytest.mark.slow
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, caplog):
   workdir = str(tmp_path / 'copy')
   shutil.copytree(uninterrupted, workdir)

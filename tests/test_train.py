@@ -67,6 +67,7 @@ def _params(workdir):
   return state['params']
 
 
+@pytest.mark.slow
 def test_training_learns_far_above_chance(trained):
   workdir, _, dev = trained
   # Chance rsum on 100 images / 500 captions is ~32 (R@K = K% each way, i2t a little higher with 5 positives).
@@ -76,6 +77,7 @@ def test_training_learns_far_above_chance(trained):
   assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_evaluate_writes_protocol_keys(trained):
   workdir, _, _ = trained
   result = evaluate.evaluate_workdir(workdir, split='test')
@@ -104,6 +106,7 @@ def test_protocols_refuse_wrong_split_sizes():
   assert folds['rsum'] == pytest.approx(sum(folds[k] for k in metrics_lib.RESULT_KEYS[:6]))
 
 
+@pytest.mark.slow
 def test_retriever_matches_evaluation_scores(trained, data_dir):
   workdir, _, _ = trained
   images, captions, _ = load_split('shapes_tiny', 'test', data_dir)
@@ -129,6 +132,7 @@ def test_retriever_matches_evaluation_scores(trained, data_dir):
     r.score({'regions': bad}, captions[:2])
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
   config = tiny_config(data_dir, num_epochs=1)
   full_dir, cut_dir = str(tmp_path / 'full'), str(tmp_path / 'cut')
@@ -152,6 +156,7 @@ def test_resume_after_interruption_equals_uninterrupted(data_dir, tmp_path, monk
   )
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'nan')
   config = tiny_config(data_dir, num_epochs=1)
@@ -165,12 +170,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), good, _params(workdir))
 
 
+@pytest.mark.slow
 def test_workdir_of_another_model_is_refused(trained, data_dir):
   workdir, _, _ = trained
   with pytest.raises(ValueError, match="model 'scan'.*model 'vsepp'"):
     trainers.train_and_evaluate(tiny_config(data_dir, module=vsepp_config), workdir)
 
 
+@pytest.mark.slow
 def test_vsepp_trains_two_epochs_with_a_sum_of_violations_warmup(data_dir, tmp_path):
   workdir = str(tmp_path / 'v')
   config = tiny_config(data_dir, module=vsepp_config, num_epochs=2, log_every_steps=1, **{'loss.warmup_epochs': 1})
@@ -213,6 +220,7 @@ def test_impossible_config_values(data_dir, tmp_path, key, value, message):
     trainers.train_and_evaluate(tiny_config(data_dir, **{key: value}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_paper_dataset_without_its_files(tmp_path, monkeypatch):
   monkeypatch.setenv('XMATCH_MANUAL_DIR', str(tmp_path / 'manual'))
   config = scan_config.get_config('f30k')
@@ -226,6 +234,7 @@ def test_paper_dataset_without_its_files(tmp_path, monkeypatch):
     scan_config.get_config('flickr')
 
 
+@pytest.mark.slow
 def test_unknown_config_key_on_command_line(tmp_path):
   proc = subprocess.run(
     [
@@ -272,6 +281,7 @@ def test_split_validation_errors():
     validation.check_split({'regions': regions}, ['a b'] * 3 + [''] + ['a'] * 6, np.arange(10) // 5, 'src')
 
 
+@pytest.mark.slow
 def test_retrieve_ranks_by_the_retrievers_scores(trained, data_dir, monkeypatch, capsys):
   from xmatch_jax import retrieve  # pylint: disable=g-import-not-at-top
 
@@ -312,6 +322,7 @@ def test_named_protocols_fix_dataset_and_split():
     metrics_lib.resolve_protocol('f30k_1k', 'shapes', None)
 
 
+@pytest.mark.slow
 def test_ensemble_of_two_runs_is_the_weighted_score_sum(trained, data_dir, tmp_path, monkeypatch):
   from xmatch_jax import ensemble  # pylint: disable=g-import-not-at-top
   from xmatch_jax import metrics  # pylint: disable=g-import-not-at-top
@@ -330,6 +341,7 @@ def test_ensemble_of_two_runs_is_the_weighted_score_sum(trained, data_dir, tmp_p
 
 
 @pytest.mark.parametrize('suffix', ['safetensors', 'npz'])
+@pytest.mark.slow
 def test_export_params_writes_every_variable_under_its_path(trained, tmp_path, suffix):
   sys.path.insert(0, os.path.join(ROOT, 'tools'))
   import export_params  # pylint: disable=g-import-not-at-top
