@@ -1,6 +1,10 @@
 """GLFN (Zhao et al., Neurocomputing 2023): tag-fused regions with PFAN position attention, BERT + bi-GRU words,
 SCAN t2i / i2t similarity fused as S = alpha S_i2t + (1 - alpha) S_t2i.
 
+  # The paper's procedure (sec 4.2, Table 1): a t2i and an i2t model trained apart, scored by eq 33's fusion:
+  python tools/compare_models.py --workdir=W --seeds=0 --set=model.bert_dir=PATH/bert-base-uncased \
+      --model=glfn=configs/glfn.py:f30k,t2i+configs/glfn.py:f30k,i2t
+  # One model trained on the fused score (a variant of the paper's procedure; docs/fidelity.md#glfn-1):
   python -m xmatch_jax.train --config=configs/glfn.py:f30k --config.model.bert_dir=PATH/bert-base-uncased --workdir=W
   python -m xmatch_jax.train --config=configs/glfn.py:shapes --workdir=W          # all-MiniLM-L6-v2
 
