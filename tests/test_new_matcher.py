@@ -13,6 +13,7 @@ import pytest
 
 from configs import common
 from xmatch_jax import Retriever
+from xmatch_jax import api
 from xmatch_jax import evaluate
 from xmatch_jax import models
 from xmatch_jax import trainers
@@ -69,6 +70,30 @@ def test_trains_evaluates_reranks_and_serves(workdir):
   test = load_split('shapes_tiny', 'test', config.data_dir)
   scores = Retriever.from_workdir(path).score(test.images, test.captions[:7])
   assert scores.shape == (len(test.images['regions']), 7) and np.isfinite(scores).all()
+
+
+@pytest.mark.slow
+def test_gallery_encoded_once_and_saved_scores_as_score(workdir, tmp_path):
+  path, config = workdir
+  retriever = Retriever.from_workdir(path)
+  test = load_split('shapes_tiny', 'test', config.data_dir)
+  captions = test.captions[:9]
+  api.save_reps(str(tmp_path / 'gallery.npz'), retriever.encode_images(test.images))
+  gallery = api.load_reps(str(tmp_path / 'gallery.npz'))
+  queries = retriever.encode_texts(captions)
+  np.testing.assert_allclose(
+    retriever.score_encoded(gallery, queries), retriever.score(test.images, captions), rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    retriever.score_encoded(gallery, queries, rerank_k=3),
+    retriever.score(test.images, captions, rerank_k=3),
+    rtol=1e-6,
+    atol=1e-6,
+  )
+  with pytest.raises(ValueError, match='not one string'):
+    retriever.encode_texts('a red circle')
+  with pytest.raises(FileNotFoundError, match='save_reps'):
+    api.load_reps(str(tmp_path / 'none.npz'))
 
 
 @pytest.mark.slow

@@ -4,8 +4,16 @@ from xmatch_jax import Retriever
 r = Retriever.from_workdir('runs/rdan_shapes')
 images, captions, caption_to_image = xmatch_jax.data.load_split('shapes', 'test')
 scores = r.score({k: v[:10] for k, v in images.items()}, ['a red circle above a blue square'])  # [10, 1]
+
+# A gallery encoded once, saved, and queried later without encoding it again:
+gallery = r.encode_images(images)                      # a rep pytree, leading dim n_images
+save_reps('gallery.npz', gallery)
+scores = r.score_encoded(load_reps('gallery.npz'), r.encode_texts(['a red circle above a blue square']))
 """
 
+import os
+
+import jax
 import numpy as np
 
 from xmatch_jax import checkpoints
@@ -39,18 +47,56 @@ class Retriever:
   def params(self) -> dict:
     return self.variables['params']
 
+  def encode_images(self, images: dict):
+    """Dataset-format images (`regions` [n_img, k, d], or the fields the model reads) -> the image rep: numpy arrays
+    (a dict of them, or one array for DAER) with leading dim n_img."""
+    self._check_images(images)
+    return jax.tree.map(np.asarray, self._scorer.encode_images(images))
+
+  def encode_texts(self, captions: list):
+    """Caption strings -> the text rep: numpy arrays with leading dim n_captions (tokenised with this run's
+    vocabulary or BERT tokenizer)."""
+    self._check_captions(captions)
+    tokens, mask = run_setup.encode_captions(self.vocab, list(captions), self.config)
+    return jax.tree.map(np.asarray, self._scorer.encode_text(tokens, mask))
+
+  def score_encoded(self, image_rep, text_rep, rerank_k: int = 0) -> np.ndarray:
+    """Reps from `encode_images` / `encode_texts` (or `load_reps`) -> [n_img, n_captions] scores, the same as
+    `score` on the inputs they came from; `rerank_k` as in `score`."""
+    self._check_rerank_k(rerank_k)
+    if rerank_k:
+      return rerank.rerank(self._scorer, image_rep, text_rep, rerank_k)[1]
+    return self._scorer.pair_scores(image_rep, text_rep)
+
   def score(self, images: dict, captions: list, rerank_k: int = 0) -> np.ndarray:
     """images: dataset-format dict (`regions` [n_img, k, d], ...); captions: raw strings -> [n_img, n_cap].
 
     rerank_k > 0: two-stage text-to-image retrieval (xmatch_jax.rerank): per caption only the top rerank_k images
     of the global score get the full score; the others rank below them in global-score order.
     """
+    self._check_captions(captions)
+    self._check_rerank_k(rerank_k)
+    inputs = self._check_images(images)
+    tokens, mask = run_setup.encode_captions(self.vocab, list(captions), self.config)
+    if rerank_k:
+      image_rep, text_rep = self._scorer.encode_images(inputs), self._scorer.encode_text(tokens, mask)
+      return rerank.rerank(self._scorer, image_rep, text_rep, rerank_k)[1]
+    return self._scorer.score(inputs, tokens, mask)
+
+  @staticmethod
+  def _check_captions(captions) -> None:
     if isinstance(captions, str):
       raise errors.UserError('captions must be a list of strings, not one string.')
     if not captions:
       raise errors.UserError('captions is empty; pass at least one caption string.')
+
+  @staticmethod
+  def _check_rerank_k(rerank_k) -> None:
     if not isinstance(rerank_k, (int, np.integer)) or rerank_k < 0:
       raise errors.UserError(f'rerank_k must be an int >= 0 (0: score every pair); got {rerank_k!r}.')
+
+  def _check_images(self, images) -> dict:
+    """The model's inputs of dataset-format images, checked (one row per image in every field, finite regions)."""
     if not hasattr(images, 'keys'):
       raise errors.UserError(
         f'images must be a dict of dataset fields such as {{"regions": [n_images, k, d]}}; got {type(images).__name__}.'
@@ -69,11 +115,7 @@ class Retriever:
         raise errors.UserError(f'images["regions"] must be [n_images, k, {self.img_dim}]; got shape {regions.shape}.')
       if not np.isfinite(regions).all():
         raise errors.UserError('images["regions"] holds NaN or inf; features must be finite.')
-    tokens, mask = run_setup.encode_captions(self.vocab, list(captions), self.config)
-    if rerank_k:
-      image_rep, text_rep = self._scorer.encode_images(inputs), self._scorer.encode_text(tokens, mask)
-      return rerank.rerank(self._scorer, image_rep, text_rep, rerank_k)[1]
-    return self._scorer.score(inputs, tokens, mask)
+    return inputs
 
   @property
   def img_dim(self) -> int:
@@ -85,3 +127,19 @@ def _load_model(workdir: str, config, vocab):
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
   variables, _, which = checkpoints.load_variables(workdir, model)
   return model, variables, which
+
+
+def save_reps(path: str, rep) -> None:
+  """Writes a rep (from `Retriever.encode_images` / `encode_texts`) to an .npz: one array per field ('.' for a
+  single-array rep)."""
+  fields = rep if isinstance(rep, dict) else {'.': rep}
+  np.savez(path, **{k: np.asarray(v) for k, v in fields.items()})
+
+
+def load_reps(path: str):
+  """The rep `save_reps` wrote."""
+  if not os.path.isfile(path):
+    raise errors.MissingFileError(f'{path}: rep file not found; expected an .npz written by save_reps.')
+  with np.load(path, allow_pickle=False) as f:
+    fields = {k: f[k] for k in f.files}
+  return fields['.'] if set(fields) == {'.'} else fields
