@@ -18,23 +18,24 @@ from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import evaluate
 from xmatch_jax import metrics as metrics_lib
+from xmatch_jax import workdirs
 
 
 def ensemble(
-  workdirs: list, weights: list | None = None, split: str | None = None, protocol: str | None = None
+  run_dirs: list, weights: list | None = None, split: str | None = None, protocol: str | None = None
 ) -> dict:
-  if len(workdirs) < 2:
-    raise errors.UserError(f'an ensemble needs at least 2 workdirs, got {len(workdirs)}')
-  weights = weights or [1.0 / len(workdirs)] * len(workdirs)
-  if len(weights) != len(workdirs):
-    raise errors.UserError(f'{len(weights)} weights for {len(workdirs)} workdirs')
-  datasets = {w: workdirs.load_config(w).dataset for w in workdirs}
+  if len(run_dirs) < 2:
+    raise errors.UserError(f'an ensemble needs at least 2 workdirs, got {len(run_dirs)}')
+  weights = weights or [1.0 / len(run_dirs)] * len(run_dirs)
+  if len(weights) != len(run_dirs):
+    raise errors.UserError(f'{len(weights)} weights for {len(run_dirs)} workdirs')
+  datasets = {w: workdirs.load_config(w).dataset for w in run_dirs}
   if len(set(datasets.values())) != 1:
     raise errors.UserError(f'the runs are on different datasets: {datasets}')
   dataset = next(iter(datasets.values()))
   split, base, name = metrics_lib.resolve_protocol(protocol, dataset, split)
   total = None
-  for workdir, weight in zip(workdirs, weights):
+  for workdir, weight in zip(run_dirs, weights):
     path = workdirs.scores_path(workdir, split)
     if not os.path.exists(path):
       evaluate.evaluate_workdir(workdir, split, protocol, save_scores=True)
@@ -49,7 +50,7 @@ def ensemble(
     'protocol': name or base,
     'dataset': dataset,
     'split': split,
-    'workdirs': workdirs,
+    'workdirs': run_dirs,
     'weights': weights,
     'n_images': total.shape[0],
     'n_captions': total.shape[1],
