@@ -81,7 +81,7 @@ def convert_glfn(checkpoint_path: str, bert_dir: str, workdir: str, dataset: str
   img_dim = params['region_fc']['kernel'].shape[0] - config.model.position_dim - params['word_fc']['kernel'].shape[0]
   _check_new_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  vocab.save(workdir)
+  vocab.save(workdirs.bert_dir(workdir))
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
   expected = glfn_checkpoint.expected_params(model)
   checkpoints.check_params_match(params, expected, checkpoint_path)
@@ -133,7 +133,7 @@ def convert(
     {'tokens': jnp.ones((2, 3), jnp.int32), 'mask': jnp.ones((2, 3))},
   )['params']
   checkpoints.check_params_match(params, expected, checkpoint_path)
-  vocab.to_json(os.path.join(workdir, workdirs.VOCAB_FILE))
+  vocab.to_json(workdirs.vocab_path(workdir))
   step = _save(config, params, meta, model, img_dim, checkpoint_path, fmt, workdir)
   return {
     'model': config.model.name,

@@ -63,7 +63,7 @@ def _finished_epochs(meta: dict) -> int:
 
 def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
   """A GLFN workdir -> OUT ({'epoch', 'model': [image, text state_dicts], 'best_rsum', 'opt', 'Eiters'}, no BERT)."""
-  source = os.path.join(workdir, workdirs.CONFIG_FILE)
+  source = workdirs.config_path(workdir)
   if vocab_out:
     raise errors.UserError(
       "--vocab_out does not apply to GLFN: its captions use the BERT's WordPiece tokenizer "
@@ -101,7 +101,7 @@ def export_glfn(workdir: str, config, out: str, vocab_out: str = '') -> dict:
 def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   """Writes OUT (and the vocabulary to vocab_out if given); returns a summary dict."""
   config = workdirs.load_config(workdir)
-  source = os.path.join(workdir, workdirs.CONFIG_FILE)
+  source = workdirs.config_path(workdir)
   name = config.model.get('name') if 'model' in config else None
   if name not in FORMATS:
     raise errors.UserError(
@@ -109,7 +109,7 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
     )
   if name == 'glfn':
     return export_glfn(workdir, config, out, vocab_out)
-  vocab_path = os.path.join(workdir, workdirs.VOCAB_FILE)
+  vocab_path = workdirs.vocab_path(workdir)
   if not os.path.exists(vocab_path):
     raise errors.MissingFileError(f'{vocab_path} not found: a SCAN / VSE++ workdir keeps its vocabulary there')
   vocab = vocab_lib.Vocabulary.from_json(vocab_path)

@@ -526,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
   check_stage_config(config)
   os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(os.path.join(workdir, workdirs.CONFIG_FILE)):
+  if os.path.exists(workdirs.config_path(workdir)):
     workdirs.check_same_model(workdirs.load_config(workdir), config, workdir)
   train = load_split(config.dataset, 'train', config.data_dir or None)
   dev = load_split(config.dataset, 'dev', config.data_dir or None)
