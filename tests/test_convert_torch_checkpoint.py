@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -146,3 +147,25 @@ def test_wrong_vocab_format_or_target_are_refused(tmp_path):
     convert_torch_checkpoint.convert(
       'scan', f'{FIXTURES}/scan_t2i.pth.tar', f'{FIXTURES}/vocab_small.json', str(tmp_path / 'd')
     )
+
+
+@pytest.mark.parametrize('data_name', ['f8k_precomp', '10crop_precomp', 'precomp'])
+def test_vsepp_data_names_import_as_dataset_precomp(data_name):
+  """VSE++'s other data names have the same weight layout; their features are a custom precomp dataset."""
+  opt = types.SimpleNamespace(
+    data_name=data_name,
+    embed_size=8,
+    word_dim=4,
+    num_layers=1,
+    img_dim=16,
+    margin=0.2,
+    max_violation=True,
+    learning_rate=2e-4,
+    lr_update=15,
+    num_epochs=30,
+    batch_size=128,
+    grad_clip=2.0,
+  )
+  config = scan_checkpoint.config_from_opt('vsepp', opt, 'model_best.pth.tar')
+  assert config.dataset == 'precomp' and config.model.name == 'vsepp'
+  assert scan_checkpoint.opt_from_config(config, 20, 16).data_name == 'precomp'

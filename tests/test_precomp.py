@@ -110,3 +110,18 @@ def test_real_flickr30k_captions_load_through_the_builder(tmp_path, monkeypatch)
   ids = [vocab.encode(c) for c in split.captions]
   unknown = sum(int((t == vocab_lib.UNK_ID).sum()) for t in ids)
   assert unknown / sum(len(t) - 2 for t in ids) < 0.01  # SCAN's train vocabulary covers its own train captions
+
+
+def test_one_vector_per_image_is_read_as_one_region(tmp_path):
+  """VSE++'s precomp releases hold [n_images, d] (e.g. ResNet features): dataset precomp reads them as k = 1."""
+  arrays = _write(tmp_path / 'm', {'train': 2, 'dev': 1, 'test': 3}, k=1, d=8)
+  for split in ('train', 'dev', 'test'):
+    np.save(tmp_path / 'm' / f'{split}_ims.npy', arrays[split][:, 0])  # 2-D
+  source = precomp.build('custom', str(tmp_path / 'm'), str(tmp_path / 'tfds')).as_data_source('test')
+  np.testing.assert_array_equal(np.stack([source[i]['regions'] for i in range(3)]), arrays['test'])
+  _write(tmp_path / 'f', {'train': 2, 'dev': 1, 'test': 3}, k=1, d=2048)
+  np.save(tmp_path / 'f' / 'train_ims.npy', np.zeros((2, 2048), np.float32))
+  with pytest.raises(
+    ValueError, match=r'train_ims.npy: shape \(2, 2048\), one vector per image .* use dataset precomp'
+  ):
+    precomp.build('f30k', str(tmp_path / 'f'), str(tmp_path / 'tfds'))

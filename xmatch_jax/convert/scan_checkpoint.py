@@ -30,6 +30,19 @@ DATA_NAMES = {
   'coco_precomp': 'coco',
   'shapes_precomp': 'shapes',
   'shapes_tiny_precomp': 'shapes_tiny',
+  # VSE++'s other data names (its weights have the same layout): their features go in the custom_precomp manual
+  # dir, dataset precomp (one vector per image is read as k = 1).
+  'f8k_precomp': 'precomp',
+  '10crop_precomp': 'precomp',
+  'precomp': 'precomp',
+}
+# xmatch dataset -> the data_name an export writes.
+EXPORT_DATA_NAMES = {
+  'f30k': 'f30k_precomp',
+  'coco': 'coco_precomp',
+  'shapes': 'shapes_precomp',
+  'shapes_tiny': 'shapes_tiny_precomp',
+  'precomp': 'precomp',
 }
 
 
@@ -133,8 +146,9 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
   if dataset is None:
     raise errors.UserError(f'{source}: opt.data_name is {data_name!r}; expected one of {sorted(DATA_NAMES)}')
   get = lambda name, default=None, required=False: _opt(opt, name, default, required, source)
+  base = 'f30k' if dataset == 'precomp' else dataset  # no config file takes the custom dataset: F30K's schedule
   if fmt == 'scan':
-    c = scan_config.get_config(dataset)
+    c = scan_config.get_config(base)
     m = c.model
     m.bidirectional = bool(get('bi_gru', False))
     m.cross_attn = get('cross_attn', required=True)
@@ -147,7 +161,7 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
     if precomp not in PRECOMP_ENC_TYPES:
       raise errors.UserError(f'{source}: opt.precomp_enc_type is {precomp!r}; expected one of {PRECOMP_ENC_TYPES}')
   else:
-    c = vsepp_config.get_config(dataset)
+    c = vsepp_config.get_config(base)
     m = c.model
     m.use_abs = bool(get('use_abs', False))
     if get('measure', 'cosine') != 'cosine':
@@ -159,6 +173,7 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
   c.loss.margin = float(get('margin', c.loss.margin))
   c.loss.max_violation = bool(get('max_violation', c.loss.max_violation))
   c.loss.mask_same_image = False  # the official ContrastiveLoss masks only the diagonal (docs/fidelity.md, LOSS-1)
+  c.dataset = dataset
   return c
 
 
@@ -319,10 +334,10 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None, source:
     f.name: f.default for f in dataclasses.fields(models.MODELS[name]) if f.default is not dataclasses.MISSING
   }
   get = lambda field: fields.get(field, defaults.get(field))
-  data_name = {v: k for k, v in DATA_NAMES.items()}.get(config.dataset)
+  data_name = EXPORT_DATA_NAMES.get(config.dataset)
   if data_name is None:
     raise errors.UserError(
-      f'{source}: dataset {config.dataset!r} has no official data_name; expected one of {sorted(DATA_NAMES.values())}'
+      f'{source}: dataset {config.dataset!r} has no official data_name; expected one of {sorted(EXPORT_DATA_NAMES)}'
     )
   opt = {
     'data_name': data_name,

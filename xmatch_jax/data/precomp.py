@@ -3,7 +3,8 @@
 Expected files in the manual dir (SCAN's `data/<name>_precomp/`, e.g. f30k_precomp):
 
   {split}_ims.npy     [n_images, k, d] float32 bottom-up-attention region features (k = 36, d = 2048), or one row
-                      per caption (images repeated 5 times, as some SCAN releases store them)
+                      per caption (images repeated 5 times, as some SCAN releases store them); for dataset
+                      `precomp` also [n_images, d], one vector per image (VSE++'s releases), read as k = 1
   {split}_caps.txt    one caption per line, 5 consecutive lines per image
   {split}_boxes.npy   optional, PFAN block positions [n_images, k, 2L] (see xmatch_jax.data.pfan)
   {split}_tags.txt    optional, per-region tags (GLFN): line i holds the k tags of image i ("red car", ...), in the
@@ -120,14 +121,21 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
           f'{split}_caps.txt in {manual_dir}'
         )
     ims = _load_npy(ims_path, 'float32 [n_images, k, d] region features')
-    if ims.ndim != 3:
-      raise errors.UserError(f'{ims_path}: shape {ims.shape}; expected [n_images, k, d]')
+    if ims.ndim not in (2, 3):
+      raise errors.UserError(f'{ims_path}: shape {ims.shape}; expected [n_images, k, d] (or [n_images, d]: k = 1)')
     if ims.dtype != np.float32:
       raise errors.UserError(f'{ims_path}: dtype {ims.dtype}; expected float32')
-    if config.region_dim and ims.shape[2] != config.region_dim:
-      raise errors.UserError(f'{ims_path}: feature size {ims.shape[2]}; expected {config.region_dim}')
-    if config.num_regions and ims.shape[1] != config.num_regions:
-      raise errors.UserError(f'{ims_path}: {ims.shape[1]} regions per image; expected {config.num_regions}')
+    k = 1 if ims.ndim == 2 else ims.shape[1]  # [n, d]: one vector per image (VSE++'s precomp releases)
+    if config.num_regions and ims.ndim == 2:
+      raise errors.UserError(
+        f'{ims_path}: shape {ims.shape}, one vector per image (as in the VSE++ releases); the {config.name} layout has '
+        f'{config.num_regions} regions per image. Put these files in the custom_precomp manual dir and use dataset '
+        'precomp (--config.dataset=precomp), which takes them as k = 1 region.'
+      )
+    if config.region_dim and ims.shape[-1] != config.region_dim:
+      raise errors.UserError(f'{ims_path}: feature size {ims.shape[-1]}; expected {config.region_dim}')
+    if config.num_regions and k != config.num_regions:
+      raise errors.UserError(f'{ims_path}: {k} regions per image; expected {config.num_regions}')
     try:
       with open(caps_path, encoding='utf-8') as f:
         captions = [line.rstrip('\n') for line in f]
@@ -155,12 +163,12 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
     boxes = None
     boxes_path = os.path.join(manual_dir, f'{split}_boxes.npy')
     if os.path.exists(boxes_path):
-      boxes = _load_npy(boxes_path, f'PFAN block positions [{n_images}, {ims.shape[1]}, 2L]')
-      if boxes.shape[:2] != (n_images, ims.shape[1]):
-        raise errors.UserError(f'{boxes_path}: shape {boxes.shape}; expected [{n_images}, {ims.shape[1]}, 2L]')
+      boxes = _load_npy(boxes_path, f'PFAN block positions [{n_images}, {k}, 2L]')
+      if boxes.shape[:2] != (n_images, k):
+        raise errors.UserError(f'{boxes_path}: shape {boxes.shape}; expected [{n_images}, {k}, 2L]')
     tags_path = tags_paths[split] if have_tags else None
     if tags_path:
-      _check_tags(tags_path, n_images, ims.shape[1], ims_path)
+      _check_tags(tags_path, n_images, k, ims_path)
     out[split] = (ims, captions, boxes, repeat, tags_path)
   return out
 
@@ -314,7 +322,7 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
     ):
       try:
         for i in range(start, stop):
-          regions = _read_row(features, ims, i * repeat).astype(np.float32)
+          regions = _read_row(features, ims, i * repeat).astype(np.float32).reshape(-1, ims.shape[-1])  # [k, d]
           if not np.isfinite(regions).all():
             raise errors.UserError(f'{ims_path}: image {i} holds NaN or inf')
           if boxes is not None:
