@@ -200,8 +200,8 @@ def test_truncated_or_foreign_npy_file(tmp_path, edit, message):
   [
     (
       'custom',
-      lambda d: np.save(d / 'dev_ims.npy', np.zeros((2, 36), np.float32)),
-      r'dev_ims.npy: shape \(2, 36\); expected \[n_images, k, d\]',
+      lambda d: np.save(d / 'dev_ims.npy', np.zeros((2, 36, 1, 1), np.float32)),
+      r'dev_ims.npy: shape \(2, 36, 1, 1\); expected \[n_images, k, d\] \(or \[n_images, d\]: k = 1\)',
     ),
     ('f30k', lambda d: _write_precomp(d, k=35, dim=2048), r'train_ims.npy: 35 regions per image; expected 36'),
   ],
