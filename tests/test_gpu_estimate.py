@@ -21,7 +21,8 @@ def test_step_flops_cover_the_pair_head_forward_and_backward():
     config = run_setup.load_config_file('configs/scan.py:shapes_tiny', ROOT)
     config.model.update(embed_size=d, word_dim=16)
     costs[b] = gpu_estimate.step_cost(config, b, k, n, img_dim=24)
-  pair = {b: benchmark.scoring_flops(config.model.to_dict(), b, b, k, n, d)['total'] for b in (4, 8)}
+  model = benchmark.build(config, 100, 24)
+  pair = {b: benchmark.scoring_flops(model, b, b, k, n)['total'] for b in (4, 8)}
   # Pairs grow 4x, encoders 2x: the extra FLOPs hold at least forward + backward (3x) of the extra pairs.
   assert costs[8]['flops'] - costs[4]['flops'] >= 3 * (pair[8] - pair[4])
   assert costs[8]['bytes'] > costs[4]['bytes'] > 0 and costs[4]['params'] == costs[8]['params']
