@@ -30,12 +30,10 @@ DATA_NAMES = {
   'coco_precomp': 'coco',
   'shapes_precomp': 'shapes',
   'shapes_tiny_precomp': 'shapes_tiny',
-  # VSE++'s other data names (its weights have the same layout): their features go in the custom_precomp manual
-  # dir, dataset precomp (one vector per image is read as k = 1).
-  'f8k_precomp': 'precomp',
-  '10crop_precomp': 'precomp',
-  'precomp': 'precomp',
 }
+# VSE++'s other data names (its weights have the same layout): their features go in the custom_precomp manual dir,
+# dataset precomp (one vector per image is read as k = 1).
+VSEPP_DATA_NAMES = {**DATA_NAMES, 'f8k_precomp': 'precomp', '10crop_precomp': 'precomp', 'precomp': 'precomp'}
 # xmatch dataset -> the data_name an export writes.
 EXPORT_DATA_NAMES = {
   'f30k': 'f30k_precomp',
@@ -142,9 +140,10 @@ def config_from_opt(fmt: str, opt, source: str) -> ml_collections.ConfigDict:
   from configs import vsepp as vsepp_config  # pylint: disable=g-import-not-at-top
 
   data_name = _opt(opt, 'data_name', 'f30k_precomp')
-  dataset = DATA_NAMES.get(data_name)
+  names = VSEPP_DATA_NAMES if fmt == 'vsepp' else DATA_NAMES
+  dataset = names.get(data_name)
   if dataset is None:
-    raise errors.UserError(f'{source}: opt.data_name is {data_name!r}; expected one of {sorted(DATA_NAMES)}')
+    raise errors.UserError(f'{source}: opt.data_name is {data_name!r}; expected one of {sorted(names)}')
   get = lambda name, default=None, required=False: _opt(opt, name, default, required, source)
   base = 'f30k' if dataset == 'precomp' else dataset  # no config file takes the custom dataset: F30K's schedule
   if fmt == 'scan':
@@ -335,6 +334,8 @@ def opt_from_config(config, vocab_size: int, img_dim: int | None = None, source:
   }
   get = lambda field: fields.get(field, defaults.get(field))
   data_name = EXPORT_DATA_NAMES.get(config.dataset)
+  if data_name == 'precomp' and name != 'vsepp':
+    data_name = None  # only VSE++'s code takes that name
   if data_name is None:
     raise errors.UserError(
       f'{source}: dataset {config.dataset!r} has no official data_name; expected one of {sorted(EXPORT_DATA_NAMES)}'
