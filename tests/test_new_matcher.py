@@ -57,7 +57,8 @@ def workdir(tmp_path_factory):
   config.optim.learning_rate = 1e-2
   path = str(tmp_path_factory.mktemp('best_region'))
   trainers.train_and_evaluate(config, path)
-  return path, config
+  yield path, config
+  del models.MODELS['best_region']  # the registry is global: other tests list its names
 
 
 @pytest.mark.slow
