@@ -103,6 +103,7 @@ def _tiny_daer(**kwargs):
   return build_model(fields, vocab_size=15, img_dim=0)
 
 
+@pytest.mark.slow
 def test_pair_scores_are_the_relation_network_of_every_pair_in_any_block_size():
   rng = np.random.default_rng(3)
   images = {'pixels': rng.integers(0, 256, size=(5, 32, 32, 3)).astype(np.uint8)}
@@ -268,6 +269,7 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
   np.testing.assert_array_equal(np.asarray(variables['params']['image']['head']['kernel']), imagenet['head']['kernel'])
 
 
+@pytest.mark.slow
 def test_stage_two_trains_the_300d_representation_and_drops_only_the_classifier():
   """Sec 4.4: the classification layer sits on the 1 x 300 output and is removed after stage 2, so stage 2 trains
   the FC to 300; MobileNetV3's head (FC, hard-swish, dropout 0.2) stays in the image module."""

@@ -243,6 +243,7 @@ def test_extra_padding_changes_nothing():
   np.testing.assert_allclose(model.apply(variables, images, padded), model.apply(variables, images, text), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_blocked_remat_gradients_equal_unblocked_and_bert_gets_none():
   images, text = _inputs()
   variables = _model().init(jax.random.key(0), images, text)
