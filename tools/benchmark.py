@@ -116,10 +116,10 @@ def _peak_memory() -> dict:
 
 def build(config, vocab_size: int, img_dim: int):
   """The config's (unbound) model; a BERT-based one takes the vocabulary of its own BERT (WordPiece ids)."""
-  from xmatch_jax import run_setup
+  from xmatch_jax import models
   from xmatch_jax.models import build_model
 
-  if run_setup.uses_bert(config):
+  if models.uses_bert(config.model.name):
     from xmatch_jax.data import bert_dir
     from xmatch_jax.models.bert import BertConfig
 

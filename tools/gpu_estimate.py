@@ -73,7 +73,7 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from xmatch_jax import run_setup
+  from xmatch_jax import models
   from xmatch_jax.models import build_model
   from xmatch_jax.trainers import contrastive
   from xmatch_jax.trainers import optim
@@ -84,7 +84,7 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
       "trainer's step (xmatch_jax/trainers/contrastive.py)"
     )
   vocab_size = 10000
-  if run_setup.uses_bert(config):
+  if models.uses_bert(config.model.name):
     from xmatch_jax.data import bert_dir  # pylint: disable=g-import-not-at-top
     from xmatch_jax.models.bert import BertConfig  # pylint: disable=g-import-not-at-top
 

@@ -79,8 +79,7 @@ class Retriever:
     inputs = self._check_images(images)
     tokens, mask = run_setup.encode_captions(self.vocab, list(captions), self.config)
     if rerank_k:
-      image_rep, text_rep = self._scorer.encode_images(inputs), self._scorer.encode_text(tokens, mask)
-      return rerank.rerank(self._scorer, image_rep, text_rep, rerank_k)[1]
+      return self.score_encoded(self._scorer.encode_images(inputs), self._scorer.encode_text(tokens, mask), rerank_k)
     return self._scorer.score(inputs, tokens, mask)
 
   @staticmethod

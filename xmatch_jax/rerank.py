@@ -25,7 +25,11 @@ from xmatch_jax import metrics as metrics_lib
 
 def global_scores(model, image_rep, text_rep, block_size: int = 16) -> jax.Array:
   """[n_img, n_txt] shortlist scores from encoded reps: the model's `global_scores` (the matcher contract), jitted."""
-  return jax.jit(functools.partial(model.global_scores, block_size=block_size))(image_rep, text_rep)
+  return _global_fn(model, block_size)(image_rep, text_rep)
+
+
+def _global_fn(model, block_size: int):
+  return jax.jit(functools.partial(model.global_scores, block_size=block_size))
 
 
 def _shortlist_scores(model, image_rep, text_rep, desc: str, block_size: int = 16, chunk_blocks: int = 8) -> np.ndarray:
@@ -34,7 +38,7 @@ def _shortlist_scores(model, image_rep, text_rep, desc: str, block_size: int = 1
   `block_size`-image blocks one call over all images would, so the values are the same."""
   n_img = jax.tree.leaves(image_rep)[0].shape[0]
   chunk = block_size * chunk_blocks
-  score = jax.jit(functools.partial(model.global_scores, block_size=block_size))
+  score = _global_fn(model, block_size)
   if n_img <= chunk:
     return np.asarray(score(image_rep, text_rep))
   return np.asarray(inference.map_chunks(lambda x: score(x, text_rep), image_rep, chunk, desc=desc, unit='image'))

@@ -74,16 +74,14 @@ def check_config_overrides(argv: list[str]) -> None:
       raise errors.UserError(f'--config.{key}: {where} of {spec} is a value ({node!r}), not a group of fields.')
 
 
-def uses_bert(config: ml_collections.ConfigDict) -> bool:
-  """The model reads WordPiece tokens through a BERT (its captions use the BERT's tokenizer)."""
-  model_cls = models.MODELS.get(config.model.name)
-  return model_cls is not None and model_cls.text_input == 'wordpiece'
-
-
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, img_dim: int, workdir: str = ''):
   """The model of `config`; a BERT-based model of a workdir takes the BERT config saved in W/bert."""
   model_config = config.model
-  if workdir and uses_bert(config) and os.path.exists(os.path.join(workdirs.bert_dir(workdir), 'config.json')):
+  if (
+    workdir
+    and models.uses_bert(config.model.name)
+    and os.path.exists(os.path.join(workdirs.bert_dir(workdir), 'config.json'))
+  ):
     model_config = ml_collections.ConfigDict(config.model.to_dict())
     model_config.bert_dir = workdirs.bert_dir(workdir)
   return models.build_model(model_config, vocab_size=vocab_size, img_dim=img_dim)

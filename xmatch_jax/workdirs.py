@@ -136,7 +136,7 @@ def prepare_vocab(config: ml_collections.ConfigDict, workdir: str, train_caption
   """A training run's caption vocabulary: kept from W when resuming; else SCAN's word vocabulary (from
   config.vocab_path or built from the training captions), or for BERT-based models the BERT's WordPiece tokenizer
   (copied to W/bert). Process 0 writes it."""
-  if models.MODELS[config.model.name].text_input == 'wordpiece':
+  if models.uses_bert(config.model.name):
     saved = bert_dir(workdir)
     if os.path.exists(os.path.join(saved, 'config.json')):
       return wordpiece.WordPieceVocab(saved)

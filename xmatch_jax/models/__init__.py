@@ -40,6 +40,12 @@ def register(name: str, model_cls: type[matcher.Matcher]) -> None:
   MODELS[name] = model_cls
 
 
+def uses_bert(name: str) -> bool:
+  """Model `name` reads WordPiece tokens through a BERT (its captions use the BERT's own tokenizer)."""
+  model_cls = MODELS.get(name)
+  return model_cls is not None and model_cls.text_input == 'wordpiece'
+
+
 # Set from the data, not from the model config.
 _DATA_FIELDS = ('vocab_size', 'img_dim', 'bert')
 # Fields every Flax module has that are not model hyper-parameters.

@@ -20,6 +20,7 @@ from xmatch_jax import errors
 from xmatch_jax import inference
 from xmatch_jax import losses
 from xmatch_jax import metrics as metrics_lib
+from xmatch_jax import models
 from xmatch_jax import parallel
 from xmatch_jax import progress as progress_lib
 from xmatch_jax import run_setup
@@ -99,7 +100,7 @@ def train_step(state, batch, *, model, tx, schedule, loss_cfg, max_violation=Non
 
 def load_pretrained(config: ml_collections.ConfigDict, params: dict) -> dict:
   """Puts the pre-trained weights a model starts from into freshly initialised params (the BERT of MMCA/GLFN)."""
-  if not run_setup.uses_bert(config) or 'bert' not in params:
+  if not models.uses_bert(config.model.name) or 'bert' not in params:
     return params
   _, bert, _ = hf_bert.load_checkpoint(config.model.bert_dir)
   bert.pop('pooler_dense', None)  # the matchers read token states, not the pooled [CLS]
