@@ -1,4 +1,11 @@
-"""Shared handling of optional test dependencies.
+"""Shared test setup: one XLA compilation cache and one data dir per test process, optional dependencies.
+
+The suite runs in two pytest-xdist workers (`-n 2 --dist loadfile` in pyproject.toml: a module's tests and its
+module-scoped training fixtures stay in one worker); `-n 0` runs it in one process.
+
+Data: datasets are built under `$XMATCH_DATA_DIR/<worker>` (a temporary directory when XMATCH_DATA_DIR is unset,
+so the tests never write into a user's dataset cache): two workers never build the same dataset into one directory
+at once. The `data_dir` fixture is that directory.
 
 The README's test command installs every package the tests need except PyTorch, an optional multi-GB install
 (`pip install torch==2.13.0`, plus transformers / torchvision for some comparisons): tests that compare against
@@ -8,12 +15,40 @@ missing, except under CI (CI=true), where they fail: CI fails whenever the READM
 without it.
 """
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
-import pytest
+# One persistent XLA compilation cache for the whole test session, set before jax is imported so that every test
+# and every subprocess a test starts (they inherit the environment) reuses what an earlier one compiled: the
+# suite compiles the same small training steps in dozens of processes. It starts empty (CI's fresh clone compiles
+# everything once) and is removed at exit; XMATCH_TEST_NO_COMPILE_CACHE=1 turns it off.
+if not os.environ.get('XMATCH_TEST_NO_COMPILE_CACHE') and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix='xmatch-jax-test-xla-cache-')
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ.update(
+    JAX_COMPILATION_CACHE_DIR=_cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
 
-from xmatch_jax.data import bert_dir
+# The controller (or the only process) picks the base directory; workers inherit it and add their name.
+if 'XMATCH_TEST_DATA_BASE' not in os.environ:
+  if os.environ.get('XMATCH_DATA_DIR'):
+    os.environ['XMATCH_TEST_DATA_BASE'] = os.environ['XMATCH_DATA_DIR']
+  else:
+    _data_base = tempfile.mkdtemp(prefix='xmatch-jax-test-data-')
+    atexit.register(shutil.rmtree, _data_base, ignore_errors=True)
+    os.environ['XMATCH_TEST_DATA_BASE'] = _data_base
+os.environ['XMATCH_DATA_DIR'] = os.path.join(
+  os.environ['XMATCH_TEST_DATA_BASE'], os.environ.get('PYTEST_XDIST_WORKER', 'main')
+)
+
+import pytest  # noqa: E402
+
+from xmatch_jax.data import bert_dir  # noqa: E402
 
 MINILM_MISSING = importlib.util.find_spec(bert_dir.MINILM_PACKAGE) is None
 MINILM_REASON = (
@@ -41,3 +76,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def _fail_without_minilm():
   pytest.fail(f'CI=true: {MINILM_REASON}', pytrace=False)
+
+
+@pytest.fixture(scope='session')
+def data_dir() -> str:
+  """This process's dataset directory (= $XMATCH_DATA_DIR, see the module docstring)."""
+  return os.environ['XMATCH_DATA_DIR']

@@ -284,17 +284,20 @@ def test_stage_two_trains_the_300d_representation_and_drops_only_the_classifier(
   assert variables['params']['image_classifier']['kernel'].shape == (6, 4)  # 300-d (here 6) -> classes
   batch = {'images': images, 'labels': np.array([0, 1, 2, 3])}
   loss = functools.partial(staged.ImageStage.loss, model)
-  grads = jax.grad(lambda p: loss({**variables, 'params': p}, batch, jax.random.key(1))[0])(variables['params'])
+  grads = jax.jit(jax.grad(lambda p: loss({**variables, 'params': p}, batch, jax.random.key(1))[0]))(
+    variables['params']
+  )
   assert float(np.abs(grads['image']['fc']['kernel']).max()) > 0
   assert float(np.abs(grads['image']['head']['kernel']).max()) > 0
   # Dropout acts in training only.
-  train = lambda key: model.apply(
-    variables, images, train=True, method=model.encode_image, rngs={'dropout': key}, mutable=['batch_stats']
-  )[0]
-  assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
-  np.testing.assert_array_equal(
-    model.apply(variables, images, method=model.encode_image), model.apply(variables, images, method=model.encode_image)
+  train = jax.jit(
+    lambda key: model.apply(
+      variables, images, train=True, method=model.encode_image, rngs={'dropout': key}, mutable=['batch_stats']
+    )[0]
   )
+  assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
+  infer = jax.jit(lambda: model.apply(variables, images, method=model.encode_image))
+  np.testing.assert_array_equal(infer(), infer())
 
 
 @pytest.mark.parametrize('dataset', ['wikipedia', 'pascal', 'xmedianet'])

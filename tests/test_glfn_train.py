@@ -15,11 +15,6 @@ from xmatch_jax.data import load_split
 TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 # A small random BERT stands in for MiniLM (too slow for a unit test here). Measured dev rsum after 6 epochs:
 # 122.6 (fused, BERT + GRU) and 107.4 (only-GRU, t2i).
 @pytest.mark.parametrize('variant', ['shapes_tiny', 'shapes_tiny,only_gru,t2i'])

@@ -19,11 +19,6 @@ from xmatch_jax.data import load_split
 TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def _config(data_dir, **model):
   c = mmca_config.get_config('shapes_tiny')
   c.data_dir = data_dir

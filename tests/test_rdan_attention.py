@@ -19,11 +19,6 @@ from test_train import tiny_config  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
 def rdan_workdir(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('rdan_run'))
   config = tiny_config(data_dir, module=rdan_config, num_epochs=1, **{'model.cnn_channels': 4, 'model.block_size': 8})

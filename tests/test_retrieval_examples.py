@@ -24,11 +24,6 @@ SIDE = 64 * 4  # shapes pixels upscaled 4x
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return os.environ.get('XMATCH_DATA_DIR') or str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
 def workdir(data_dir, tmp_path_factory):
   """A barely trained tiny SCAN: the tool needs a workdir, not a good model."""
   workdir = str(tmp_path_factory.mktemp('scan_run'))

@@ -28,11 +28,6 @@ FLAGS = [
 ]  # 93 steps; a checkpoint every 4 steps and at the end
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def _start(workdir, data_dir):
   env = {**os.environ, 'XMATCH_DATA_DIR': data_dir}
   return subprocess.Popen(
@@ -61,6 +56,17 @@ def _wait_for_step(proc, workdir, step, timeout=300):
     if time.time() > deadline:
       proc.kill()
       raise AssertionError(f'no step {step} within {timeout} s')
+    time.sleep(0.2)
+
+
+def _wait_for_checkpoint(proc, workdir, timeout=300):
+  deadline = time.time() + timeout
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints')) or not RunCheckpoints(workdir).latest.all_steps():
+    if proc.poll() is not None:
+      raise AssertionError(f'training ended early ({proc.returncode}):\n{proc.stdout.read()}')
+    if time.time() > deadline:
+      proc.kill()
+      raise AssertionError(f'no committed checkpoint within {timeout} s')
     time.sleep(0.2)
 
 
@@ -104,6 +110,9 @@ def test_kill_9_at_a_random_step_then_resume_equals_uninterrupted(data_dir, unin
   proc = _start(workdir, data_dir)
   kill_at = int(np.random.default_rng().integers(5, 40))
   _wait_for_step(proc, workdir, kill_at)
+  # Saves are asynchronous: right after step 5 the step-4 save may not be committed yet, and a kill then leaves
+  # nothing to resume from. Wait for a committed one so that the resume below is always exercised.
+  _wait_for_checkpoint(proc, workdir)
   proc.kill()  # SIGKILL: no handler runs
   proc.communicate()
   saved = max(RunCheckpoints(workdir).latest.all_steps())

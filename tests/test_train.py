@@ -31,11 +31,6 @@ from xmatch_jax.trainers import optim
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def tiny_config(data_dir, module=scan_config, **overrides):
   c = module.get_config('shapes_tiny')
   c.data_dir = data_dir

@@ -32,6 +32,9 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -334,6 +337,33 @@ def torch_rdan(regions, words, mask, params: dict, m: dict, block: int):
   return torch.cat(out, 0)
 
 
+class TorchReference(NamedTuple):
+  """A PyTorch implementation of a pair head for `--compare-torch`: whether it covers a model config's fields, how
+  to run it on the encoded reps (regions [I, k, D], words [C, n, D], mask [C, n]; params; fields) -> [I, C]."""
+
+  applies: Callable[[dict], bool]
+  run: Callable[..., Any]
+  kind: str
+
+
+TORCH_REFERENCES = {
+  'scan': TorchReference(
+    applies=lambda m: (
+      m['cross_attn'] == 't2i' and m['raw_feature_norm'] == 'clipped_l2norm' and m['agg_func'] == 'LogSumExp'
+    ),
+    run=lambda regions, words, mask, params, m: torch_scan_t2i_official(
+      regions, words, mask.sum(1).int(), m['lambda_softmax'], m['lambda_lse']
+    ),
+    kind='official SCAN xattn_score_t2i loop',
+  ),
+  'rdan': TorchReference(
+    applies=lambda m: m['use_cnn'] and m['use_residual'] and not m['one_path'],
+    run=lambda regions, words, mask, params, m: torch_rdan(regions, words, mask, params, m, m['block_size']),
+    kind='batched channels_last RDAN head',
+  ),
+}
+
+
 def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) -> dict:
   try:
     import torch
@@ -347,21 +377,12 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
     return {}
   regions, words = torch.from_numpy(reps['regions']), torch.from_numpy(reps['words'])
   mask = torch.from_numpy(reps['mask'])
-  if (
-    m['name'] == 'scan'
-    and m['cross_attn'] == 't2i'
-    and m['raw_feature_norm'] == 'clipped_l2norm'
-    and m['agg_func'] == 'LogSumExp'
-  ):
-    lengths = mask.sum(1).int()
-    fn = lambda: torch_scan_t2i_official(regions, words, lengths, m['lambda_softmax'], m['lambda_lse'])
-    kind = 'official SCAN xattn_score_t2i loop'
-  elif m['name'] == 'rdan' and m['use_cnn'] and m['use_residual'] and not m['one_path']:
-    fn = lambda: torch_rdan(regions, words, mask, params, m, m['block_size'])
-    kind = 'batched channels_last RDAN head'
-  else:
+  reference = TORCH_REFERENCES.get(m['name'])
+  if reference is None or not reference.applies(m):
     print(f'--compare-torch: no PyTorch reference for this model configuration ({m["name"]}); skipped.')
     return {}
+  fn = lambda: reference.run(regions, words, mask, params, m)
+  kind = reference.kind
   with torch.no_grad():
     reference = fn().numpy()
     times = _time(fn, args.repeats, warmup=0)

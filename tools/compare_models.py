@@ -38,6 +38,7 @@ from xmatch_jax import ensemble  # pylint: disable=g-import-not-at-top
 from xmatch_jax import errors  # pylint: disable=g-import-not-at-top
 from xmatch_jax import evaluate  # pylint: disable=g-import-not-at-top
 from xmatch_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+from xmatch_jax import models  # pylint: disable=g-import-not-at-top
 from xmatch_jax import trainers  # pylint: disable=g-import-not-at-top
 from xmatch_jax import workdirs  # pylint: disable=g-import-not-at-top
 
@@ -105,11 +106,11 @@ def build_configs(models: dict, sets: dict) -> dict:
 
 
 def fusion_weights(parts: list) -> list:
-  """Weights of the parts' score matrices: GLFN's eq 33 (alpha S_i2t + (1 - alpha) S_t2i) for a GLFN t2i + i2t
-  pair, else equal weights."""
-  scores = [p.model.get('score') if p.model.name == 'glfn' else None for p in parts]
-  if sorted(map(str, scores)) == ['i2t', 't2i']:
-    return [parts[i].model.alpha if score == 'i2t' else 1.0 - parts[i].model.alpha for i, score in enumerate(scores)]
+  """Weights of the parts' score matrices: the matcher's `fusion_weights` when all parts are one matcher (GLFN's
+  t2i + i2t pair: eq 33, alpha S_i2t + (1 - alpha) S_t2i), else equal weights."""
+  names = {p.model.name for p in parts}
+  if len(names) == 1:
+    return models.MODELS[names.pop()].fusion_weights([p.model.to_dict() for p in parts])
   return [1.0 / len(parts)] * len(parts)
 
 

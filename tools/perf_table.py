@@ -14,6 +14,7 @@ import sys
 
 from xmatch_jax import cli
 from xmatch_jax import errors
+from xmatch_jax import models
 
 HEADER = (
   '| pair head | pairs/s | GFLOP/s (% of matmul) | vs PyTorch | train step (batch) | peak host memory |\n'
@@ -22,16 +23,12 @@ HEADER = (
 
 
 def describe(result: dict) -> str:
-  """'SCAN t2i, D 1024, n 14' from the model config and sizes of a result."""
-  model, sizes = result['model'], result['sizes']
-  name = model['name']
-  if name == 'scan':
-    return f'SCAN {model.get("cross_attn", "t2i")}, D {sizes["embed_size"]}, n {sizes["n"]}'
-  if name == 'rdan':
-    return f'RDAN, D {sizes["embed_size"]}, {model["cnn_channels"]} channels, n {sizes["min_len"]}-{sizes["n"]}'
-  if name == 'mmca':
-    return f'MMCA, d {model["embed_size"]}, {model["num_heads"]} heads, n {sizes["min_len"]}-{sizes["n"]}'
-  return f'{name.upper()}, D {sizes["embed_size"]}'
+  """'SCAN t2i, D 1024, n 14' from the model config and sizes of a result (the matcher's `describe`)."""
+  fields = result['model']
+  model_cls = models.MODELS.get(fields['name'])
+  if model_cls is None:
+    return f'{fields["name"]}, D {result["sizes"]["embed_size"]}'
+  return model_cls.describe(fields, result['sizes'])
 
 
 def row(result: dict) -> str:

@@ -150,6 +150,16 @@ class GLFN(matcher.Matcher):
       fields.setdefault('i2t_agg_func', value)
     fields.setdefault('official_init', False)
 
+  @classmethod
+  def fusion_weights(cls, parts: list[dict]) -> list[float]:
+    """Eq 33 across runs: a t2i run and an i2t run fuse as alpha S_i2t + (1 - alpha) S_t2i (the i2t run's alpha);
+    any other set of runs gets equal weights."""
+    scores = [p.get('score') for p in parts]
+    if sorted(map(str, scores)) != ['i2t', 't2i']:
+      return super().fusion_weights(parts)
+    alpha = float(parts[scores.index('i2t')].get('alpha', 0.5))
+    return [alpha if score == 'i2t' else 1.0 - alpha for score in scores]
+
   def __post_init__(self):
     if self.bert is None:
       raise errors.UserError('GLFN needs `bert` (a BertConfig); build it with xmatch_jax.models.build_model')

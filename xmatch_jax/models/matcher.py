@@ -62,6 +62,19 @@ class Matcher(nn.Module):
     the same meaning (xmatch_jax/workdirs.py calls it on every load). Default: nothing to do."""
     del fields
 
+  @classmethod
+  def describe(cls, fields: dict, sizes: dict) -> str:
+    """One line naming the model and the sizes that set its cost, from a config's model fields and a benchmark's
+    sizes ({'embed_size', 'n', 'min_len', 'k', ...}): the first column of tools/perf_table.py."""
+    del fields
+    return f'{cls.__name__}, D {sizes["embed_size"]}'
+
+  @classmethod
+  def fusion_weights(cls, parts: list[dict]) -> list[float]:
+    """Weights of the score matrices of several runs of this matcher (their model fields) when their scores are
+    fused into one model (tools/compare_models.py). Default: equal weights."""
+    return [1.0 / len(parts)] * len(parts)
+
   # ------------------------------------------------------------------------------------------ inputs
   def prepare_images(self, images: dict) -> dict:
     """Dataset-format image fields -> the fields the model reads (outside jit; default: as they are)."""

@@ -276,6 +276,10 @@ class MMCA(matcher.Matcher):
   random_reps = False  # the reps hold per-item Q / K / V projections
 
   @classmethod
+  def describe(cls, fields: dict, sizes: dict) -> str:
+    return f'MMCA, d {fields["embed_size"]}, {fields["num_heads"]} heads, n {sizes["min_len"]}-{sizes["n"]}'
+
+  @classmethod
   def upgrade_fields(cls, fields: dict) -> None:
     if 'attention_scale' in fields:  # one scale for both units before the split
       value = fields.pop('attention_scale')

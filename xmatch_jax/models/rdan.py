@@ -345,6 +345,10 @@ class RDAN(matcher.Matcher):
   remat: bool = False
   dtype: str = 'float32'
 
+  @classmethod
+  def describe(cls, fields: dict, sizes: dict) -> str:
+    return f'RDAN, D {sizes["embed_size"]}, {fields["cnn_channels"]} channels, n {sizes["min_len"]}-{sizes["n"]}'
+
   def __post_init__(self):
     if not 0 <= self.mu <= 1:
       raise errors.UserError(f'RDAN.mu must be in [0, 1], got {self.mu}')

@@ -246,6 +246,10 @@ class SCAN(matcher.Matcher):
   remat: bool = False
   dtype: str = 'float32'
 
+  @classmethod
+  def describe(cls, fields: dict, sizes: dict) -> str:
+    return f'SCAN {fields.get("cross_attn", "t2i")}, D {sizes["embed_size"]}, n {sizes["n"]}'
+
   def __post_init__(self):
     choices_by_field = (
       ('cross_attn', self.cross_attn, CROSS_ATTN),
