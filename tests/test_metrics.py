@@ -128,6 +128,39 @@ def test_fold_metrics_average_and_true_rsum():
     metrics.fold_metrics([])
 
 
+def _loop_ranks_by_index(sims, owner):
+  """Brute force over an arbitrary caption -> image index: per image the best position of any of its captions,
+  per caption the position of its image, positions from the same np.argsort(row)[::-1] as SCAN."""
+  i2t = [
+    min(int(np.where(np.argsort(row)[::-1] == c)[0][0]) for c in np.where(owner == i)[0]) for i, row in enumerate(sims)
+  ]
+  t2i = [int(np.where(np.argsort(col)[::-1] == owner[c])[0][0]) for c, col in enumerate(sims.T)]
+  return np.array(i2t), np.array(t2i)
+
+
+@pytest.mark.parametrize('kind', ['float32', 'ties_float'])
+def test_any_number_of_captions_per_image(kind):
+  rng = np.random.default_rng(3)
+  owner = np.concatenate([np.arange(12), rng.integers(0, 12, size=17)])  # 1 to ~4 captions each, shuffled
+  rng.shuffle(owner)
+  sims = random_sims(rng, 12, kind)[:, : len(owner)]
+  want_i2t, want_t2i = _loop_ranks_by_index(sims, owner)
+  np.testing.assert_array_equal(metrics.i2t_ranks(sims, caption_to_image=owner, chunk_elements=40), want_i2t)
+  np.testing.assert_array_equal(metrics.t2i_ranks(sims, caption_to_image=owner, chunk_elements=40), want_t2i)
+  got, protocol = metrics.metrics_for(sims, None, owner)
+  assert protocol == 'all' and got['t2i_r1'] == pytest.approx(100 * np.mean(want_t2i < 1))
+  # The 5-per-image layout given as an index is the protocols' own: same numbers as without it.
+  square = random_sims(rng, 7, kind)
+  same = np.arange(35) // 5
+  assert metrics.recall_metrics(square, caption_to_image=same) == metrics.recall_metrics(square)
+  with pytest.raises(ValueError, match='needs 5 consecutive captions per image'):
+    metrics.metrics_for(sims, '1k', owner)
+  with pytest.raises(ValueError, match='image row 11 has no caption'):
+    metrics.recall_metrics(sims[:, owner != 11], caption_to_image=owner[owner != 11])
+  with pytest.raises(ValueError, match='one entry per caption column'):
+    metrics.recall_metrics(sims, caption_to_image=owner[:-1])
+
+
 def test_recall_shape_errors():
   with pytest.raises(ValueError, match='5 captions per image'):
     metrics.recall_metrics(np.zeros((4, 19)))

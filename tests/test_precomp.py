@@ -125,3 +125,98 @@ def test_one_vector_per_image_is_read_as_one_region(tmp_path):
     ValueError, match=r'train_ims.npy: shape \(2, 2048\), one vector per image .* use dataset precomp'
   ):
     precomp.build('f30k', str(tmp_path / 'f'), str(tmp_path / 'tfds'))
+
+
+def test_ids_file_becomes_the_image_id_per_image_or_per_caption(tmp_path, monkeypatch):
+  manual = tmp_path / 'manual' / 'custom_precomp'
+  _write(manual, {'train': 2, 'dev': 1, 'test': 3})
+  (manual / 'test_ids.txt').write_text('391895\n522418\n184613\n')  # one per image (COCO-style ids)
+  (manual / 'train_ids.txt').write_text(''.join(f'{i}\n' for i in (7, 7, 7, 7, 7, 9, 9, 9, 9, 9)))  # per caption
+  monkeypatch.setenv('XMATCH_MANUAL_DIR', str(tmp_path / 'manual'))
+  test = data_lib.load_split('precomp', 'test', str(tmp_path / 'tfds'))
+  assert list(test.images['image_id']) == [391895, 522418, 184613]
+  assert list(data_lib.load_split('precomp', 'train', str(tmp_path / 'tfds')).images['image_id']) == [7, 9]
+  assert list(data_lib.load_split('precomp', 'dev', str(tmp_path / 'tfds')).images['image_id']) == [0]  # no file
+
+
+@pytest.mark.parametrize(
+  'text,message',
+  [
+    ('1\n2\n1\n', r'test_ids.txt: id 1 is given to images 0 and 2; expected unique ids'),
+    ('1\nfoo\n3\n', r"test_ids.txt: line 2 is 'foo'; expected one integer per line"),
+    ('1\n2\n', r'test_ids.txt: 2 lines; expected one id per image \(3\) or per caption \(15\)'),
+    ('1\n' * 4 + '2\n' + '3\n' * 5 + '4\n' * 5, r'test_ids.txt: line 5 \(a caption of image 0\) has id 2, another'),
+  ],
+)
+def test_bad_ids_files_name_the_line(text, message, tmp_path):
+  _write(tmp_path / 'm', {'train': 2, 'dev': 1, 'test': 3})
+  (tmp_path / 'm' / 'test_ids.txt').write_text(text)
+  with pytest.raises(ValueError, match=message):
+    precomp.build('custom', str(tmp_path / 'm'), str(tmp_path / 'tfds'))
+
+
+def test_any_number_of_captions_per_image_with_a_caption_index(tmp_path, monkeypatch):
+  manual = tmp_path / 'manual' / 'custom_precomp'
+  arrays = _write(manual, {'train': 2, 'dev': 1, 'test': 3})
+  owner = [2, 0, 2, 1, 2]  # image 0: 1 caption, image 1: 1, image 2: 3, listed out of order
+  (manual / 'test_caps.txt').write_text(''.join(f'caption {c} of image {i}\n' for c, i in enumerate(owner)))
+  (manual / 'test_caption_images.txt').write_text(''.join(f'{i}\n' for i in owner))
+  monkeypatch.setenv('XMATCH_MANUAL_DIR', str(tmp_path / 'manual'))
+  split = data_lib.load_split('precomp', 'test', str(tmp_path / 'tfds'))
+  np.testing.assert_array_equal(split.images['regions'], arrays['test'])
+  assert split.captions == [
+    'caption 1 of image 0',
+    'caption 3 of image 1',
+    'caption 0 of image 2',
+    'caption 2 of image 2',
+    'caption 4 of image 2',
+  ]  # grouped by image, file order within an image
+  assert list(split.caption_to_image) == [0, 1, 2, 2, 2]
+  assert len(data_lib.load_split('precomp', 'train', str(tmp_path / 'tfds')).captions) == 10  # 5 each, no index
+
+
+@pytest.mark.parametrize(
+  'owner,message',
+  [
+    ('0\n0\n2\n2\n2\n', r'test_caption_images.txt: image row 1 has no caption'),
+    ('0\n1\n2\n3\n2\n', r'test_caption_images.txt: line 4 names image row 3; expected a row in \[0, 3\)'),
+    ('0\n1\n2\n', r'test_caption_images.txt: 3 lines for 5 captions'),
+  ],
+)
+def test_caption_index_errors_name_the_file(owner, message, tmp_path):
+  _write(tmp_path / 'm', {'train': 2, 'dev': 1, 'test': 3})
+  (tmp_path / 'm' / 'test_caps.txt').write_text('a\nb\nc\nd\ne\n')
+  (tmp_path / 'm' / 'test_caption_images.txt').write_text(owner)
+  with pytest.raises(ValueError, match=message):
+    precomp.build('custom', str(tmp_path / 'm'), str(tmp_path / 'tfds'))
+  _write(tmp_path / 'f', {'train': 2, 'dev': 1, 'test': 3}, d=2048)
+  (tmp_path / 'f' / 'train_caption_images.txt').write_text('0\n')
+  with pytest.raises(ValueError, match='caption index is read for dataset precomp .* only'):
+    precomp.build('f30k', str(tmp_path / 'f'), str(tmp_path / 'tfds'))
+
+
+def test_a_1_1_0_build_is_reused_until_an_ids_file_appears(tmp_path):
+  """Version 1.2.0 only adds what the new files give: a 1.1.0 build of a manual dir without them holds the same
+  data and is read as it is (no rebuild of a large dataset); adding an ids file builds 1.2.0."""
+  _write(tmp_path / 'm', {'train': 2, 'dev': 1, 'test': 3})
+
+  class Release110(precomp.XmatchPrecomp, skip_registration=True):  # the code of 1.1.0 wrote these same examples
+    name = 'xmatch_precomp'
+    VERSION = precomp.tfds.core.Version('1.1.0')
+    SUPPORTED_VERSIONS = []
+
+  old = Release110(config='custom', data_dir=str(tmp_path / 'tfds'), file_format='array_record')
+  old.download_and_prepare(download_config=precomp.tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'm')))
+  assert os.path.exists(tmp_path / 'tfds' / 'xmatch_precomp' / 'custom' / '1.1.0' / 'dataset_info.json')
+  builder = precomp.build('custom', str(tmp_path / 'm'), str(tmp_path / 'tfds'))
+  assert str(builder.version) == '1.1.0'
+  (tmp_path / 'm' / 'test_ids.txt').write_text('5\n6\n7\n')
+  builder = precomp.build('custom', str(tmp_path / 'm'), str(tmp_path / 'tfds'))
+  assert str(builder.version) == '1.2.0' and builder.as_data_source('test')[2]['image_id'] == 7
+
+
+def test_build_defaults_to_the_librarys_data_dir(tmp_path, monkeypatch):
+  _write(tmp_path / 'm', {'train': 2, 'dev': 1, 'test': 3})
+  monkeypatch.setenv('XMATCH_DATA_DIR', str(tmp_path / 'lib'))
+  builder = precomp.build('custom', str(tmp_path / 'm'))
+  assert builder.data_dir.startswith(str(tmp_path / 'lib' / 'xmatch_precomp' / 'custom'))

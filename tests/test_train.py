@@ -91,6 +91,52 @@ def test_evaluate_writes_protocol_keys(trained):
   assert short['t2i_r5'] <= 100 and short['rsum'] != result['rsum']
 
 
+@pytest.mark.slow
+def test_topk_lists_and_cross_dataset_evaluation_with_1_to_n_captions(trained, data_dir, tmp_path, monkeypatch):
+  workdir, _, _ = trained
+  result = evaluate.evaluate_workdir(workdir, split='test', save_scores=True, topk=3)
+  sims = np.load(os.path.join(workdir, 'eval', 'test_scores.npy'))
+  lists = json.load(open(os.path.join(workdir, 'eval', 'test_topk.json')))
+  test = load_split('shapes_tiny', 'test', data_dir)
+  ids = test.images['image_id']
+  for i in (0, 57):  # the k best of the dense matrix, best first, with ids
+    entry = lists['i2t'][i]
+    assert entry['image_id'] == ids[i] and entry['captions'] == list(np.argsort(-sims[i], kind='stable')[:3])
+    np.testing.assert_allclose(entry['scores'], np.sort(sims[i])[::-1][:3], rtol=1e-6)
+  entry = lists['t2i'][123]
+  assert entry['text'] == test.captions[123]
+  assert entry['image_ids'] == [int(ids[j]) for j in np.argsort(-sims[:, 123], kind='stable')[:3]]
+  assert len(lists['i2t']) == 100 and len(lists['t2i']) == 500 and result['n_captions'] == 500
+
+  # The same test images as custom precomp data with ids and 1-3 captions each, evaluated from the shapes run.
+  manual = tmp_path / 'manual' / 'custom_precomp'
+  manual.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  keep = np.sort(
+    np.concatenate(
+      [np.arange(0, 500, 5), rng.choice(np.setdiff1d(np.arange(500), np.arange(0, 500, 5)), 150, replace=False)]
+    )
+  )
+  for split in ('train', 'dev', 'test'):
+    np.save(manual / f'{split}_ims.npy', np.asarray(test.images['regions'], np.float32))
+    (manual / f'{split}_caps.txt').write_text(''.join(test.captions[c] + '\n' for c in keep))
+    (manual / f'{split}_caption_images.txt').write_text(''.join(f'{c // 5}\n' for c in keep))
+    (manual / f'{split}_ids.txt').write_text(''.join(f'{1000 + i}\n' for i in range(100)))
+  monkeypatch.setenv('XMATCH_MANUAL_DIR', str(tmp_path / 'manual'))
+  cross = evaluate.evaluate_workdir(
+    workdir, split='test', topk=2, overrides={'dataset': 'precomp', 'data_dir': str(tmp_path / 'tfds')}
+  )
+  assert cross['dataset'] == 'precomp' and cross['trained_on'] == 'shapes_tiny' and cross['n_captions'] == 250
+  assert cross == json.load(open(os.path.join(workdir, 'eval', 'precomp_test.json')))
+  want = metrics_lib.recall_metrics(sims[:, keep], caption_to_image=keep // 5)
+  for key in metrics_lib.RESULT_KEYS:
+    assert cross[key] == pytest.approx(want[key], abs=1e-9)
+  topk = json.load(open(os.path.join(workdir, 'eval', 'precomp_test_topk.json')))
+  assert topk['i2t'][4]['image_id'] == 1004 and len(topk['t2i'][0]['image_ids']) == 2
+  with pytest.raises(ValueError, match='not an evaluation field'):
+    evaluate.evaluate_workdir(workdir, overrides={'batch_size': 3})
+
+
 def test_protocols_refuse_wrong_split_sizes():
   sims = np.random.default_rng(0).normal(size=(100, 500))
   with pytest.raises(ValueError, match='1000 images'):

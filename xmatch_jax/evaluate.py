@@ -1,10 +1,15 @@
-"""Evaluation: `python -m xmatch_jax.evaluate --workdir=W [--split=test] [--protocol=PROTOCOL]`.
+"""Evaluation: `python -m xmatch_jax.evaluate --workdir=W [--split=test] [--protocol=PROTOCOL] [--topk=K]`.
 
 PROTOCOL: 1k, 5k, fold5, f30k_1k, coco_1k_fold5 or coco_5k.
 
 Scores every image against every caption of the split with the workdir's best checkpoint (latest if no best),
 computes recall exactly as SCAN's evaluation.py (or, for runs with config.eval_metric = 'map' such as DAER on
-category datasets, mAP both ways, eq 12 of the DAER paper) and writes W/eval/<split>.json.
+category datasets, mAP both ways, eq 12 of the DAER paper) and writes W/eval/<split>.json. The evaluation fields of
+the run's config can be overridden (`--config.eval_image_chunk=64` on a smaller machine, `--config.eval_text_batch`,
+`--config.data_dir`), and `--config.dataset=NAME` evaluates on another dataset with the same feature size
+(cross-dataset: the run's vocabulary encodes its captions; written to W/eval/<NAME>_<split>.json, which names both
+datasets). `--topk=K` also writes W/eval/<split>_topk.json: per image its K best captions, per caption its K best
+images, with image ids ({split}_ids.txt of precomp data) and scores.
 """
 
 import json
@@ -27,9 +32,65 @@ from xmatch_jax import run_setup
 from xmatch_jax import workdirs
 from xmatch_jax.data import load_split
 
+# The config fields an evaluation may override (--config.<field>), and their types.
+EVAL_FIELDS = {'dataset': str, 'data_dir': str, 'eval_image_chunk': int, 'eval_text_batch': int}
+
+
+def _apply_overrides(config, overrides: dict, source: str) -> str:
+  """Sets the evaluation fields of `overrides` on `config`; returns the dataset the run was trained on."""
+  trained_on = config.dataset
+  for key, value in (overrides or {}).items():
+    if key not in EVAL_FIELDS:
+      raise errors.UserError(f'--config.{key}: not an evaluation field; expected one of {sorted(EVAL_FIELDS)}')
+    if value is None:
+      continue
+    if EVAL_FIELDS[key] is int and (not isinstance(value, int) or value < 1):
+      raise errors.UserError(f'--config.{key}={value!r}: expected a positive integer')
+    with config.unlocked():
+      config[key] = value
+  if config.dataset != trained_on and config.get('eval_metric', 'recall') != 'recall':
+    raise errors.UserError(f'{source}: cross-dataset evaluation is for recall runs; this one is evaluated by mAP')
+  return trained_on
+
+
+def top_k(sims: np.ndarray, k: int, image_ids: np.ndarray, captions: list) -> dict:
+  """Per image its k best captions and per caption its k best images (ids and scores), best first.
+
+  Args:
+    sims: [n_img, n_cap] scores.
+    k: list length (at most the number of items).
+    image_ids: [n_img] ids of the images.
+    captions: the n_cap caption strings.
+  """
+  sims = np.asarray(sims)
+  k_cap, k_img = min(k, sims.shape[1]), min(k, sims.shape[0])
+  best_caps = np.argsort(-sims, axis=1, kind='stable')[:, :k_cap]
+  best_imgs = np.argsort(-sims.T, axis=1, kind='stable')[:, :k_img]
+  return {
+    'i2t': [
+      {'image_id': int(image_ids[i]), 'captions': [int(c) for c in cs], 'scores': [float(sims[i, c]) for c in cs]}
+      for i, cs in enumerate(best_caps)
+    ],
+    't2i': [
+      {
+        'caption': c,
+        'text': captions[c],
+        'image_ids': [int(image_ids[i]) for i in ims],
+        'scores': [float(sims[i, c]) for i in ims],
+      }
+      for c, ims in enumerate(best_imgs)
+    ],
+  }
+
 
 def evaluate_workdir(
-  workdir: str, split: str | None = 'test', protocol: str | None = None, save_scores: bool = False, rerank_k: int = 0
+  workdir: str,
+  split: str | None = 'test',
+  protocol: str | None = None,
+  save_scores: bool = False,
+  rerank_k: int = 0,
+  overrides: dict | None = None,
+  topk: int = 0,
 ) -> dict:
   """Scores `split` with W's best checkpoint and writes W/eval/<split>.json. Returns the result dict.
 
@@ -37,13 +98,24 @@ def evaluate_workdir(
   None (from the split size; a 5000-image split is ambiguous and must be named). `save_scores` also writes the
   [n_images, n_captions] float32 score matrix to W/eval/<split>_scores.npy (for ensembles, xmatch_jax.ensemble).
   `rerank_k` > 0: two-stage retrieval (xmatch_jax.rerank), the full head scores each query's top k candidates of
-  the global score; recall protocols only; written to W/eval/<split>_rerank<k>.json.
+  the global score; recall protocols only; written to W/eval/<split>_rerank<k>.json. `overrides`: evaluation
+  fields of the config (EVAL_FIELDS; a `dataset` other than the run's is a cross-dataset evaluation). `topk` > 0:
+  also writes the k best of every query (`top_k`) to W/eval/<split>_topk.json.
   """
   config = workdirs.load_config(workdir)
+  trained_on = _apply_overrides(config, overrides, workdirs.config_path(workdir))
+  cross = config.dataset if config.dataset != trained_on else ''
   split, protocol, name = metrics_lib.resolve_protocol(protocol, config.dataset, split)
   vocab = workdirs.load_vocab(workdir)
   data = load_split(config.dataset, split, config.data_dir or None)
-  model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(data.images), workdir)
+  img_dim = run_setup.img_dim_of(data.images)
+  trained_dim = config.get('data_info', {}).get('img_dim')
+  if trained_dim is not None and img_dim and img_dim != int(trained_dim):
+    raise errors.UserError(
+      f'dataset {config.dataset}/{split} has {img_dim}-d image features; the run in {workdir} was trained on '
+      f'{trained_on} with {trained_dim}-d features'
+    )
+  model = run_setup.build_model(config, len(vocab), img_dim, workdir)
   variables, meta, which = checkpoints.load_variables(workdir, model)
   tokens, mask = run_setup.encode_captions(vocab, data.captions, config)
   metric = config.get('eval_metric', 'recall')
@@ -71,9 +143,9 @@ def evaluate_workdir(
     labels = np.asarray(data.images['label'])
     metrics, protocol = metrics_lib.map_metrics(sims, labels, labels[data.caption_to_image]), 'map'
   else:
-    metrics, protocol = metrics_lib.metrics_for(sims, protocol)
+    metrics, protocol = metrics_lib.metrics_for(sims, protocol, data.caption_to_image)
     if rerank_k:
-      metrics = rerank.two_way_recall(sims_i2t, sims)
+      metrics = rerank.two_way_recall(sims_i2t, sims, data.caption_to_image)
   result = {
     **metrics,
     'kind': 'single',
@@ -88,9 +160,18 @@ def evaluate_workdir(
     'rerank_k': int(rerank_k),
     'scoring_seconds': round(seconds, 3),
   }
+  if cross:
+    result['trained_on'] = trained_on
   os.makedirs(workdirs.eval_dir(workdir), exist_ok=True)
-  with open(workdirs.result_path(workdir, split, rerank_k), 'w') as f:
+  with open(workdirs.result_path(workdir, split, rerank_k, dataset=cross), 'w') as f:
     json.dump(result, f, indent=2)
+  if topk:
+    image_ids = np.asarray(data.images.get('image_id', np.arange(n_img)))
+    lists = top_k(sims if not rerank_k else sims_i2t, topk, image_ids, data.captions)
+    if rerank_k:  # each direction from its own re-ranked matrix
+      lists['t2i'] = top_k(sims, topk, image_ids, data.captions)['t2i']
+    with open(workdirs.topk_path(workdir, split, rerank_k, dataset=cross), 'w') as f:
+      json.dump({'dataset': config.dataset, 'split': split, 'k': int(topk), **lists}, f)
   if save_scores:
     np.save(workdirs.scores_path(workdir, split), np.asarray(sims, np.float32))
   return result
@@ -113,13 +194,19 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   f = flags.FLAGS
-  result = evaluate_workdir(f.workdir, f.split, f.protocol, save_scores=f.save_scores, rerank_k=f.rerank_k)
+  overrides = {key: f[f'config.{key}'].value for key in EVAL_FIELDS}
+  result = evaluate_workdir(
+    f.workdir, f.split, f.protocol, save_scores=f.save_scores, rerank_k=f.rerank_k, overrides=overrides, topk=f.topk
+  )
   print(format_table(result))
   print(
     f'scoring took {result["scoring_seconds"]:.1f} s'
     + (f' (re-ranking the top {f.rerank_k})' if f.rerank_k else ' (exhaustive)')
   )
-  print(f'written to {workdirs.result_path(f.workdir, result["split"], f.rerank_k)}')
+  cross = result['dataset'] if 'trained_on' in result else ''
+  print(f'written to {workdirs.result_path(f.workdir, result["split"], f.rerank_k, dataset=cross)}')
+  if f.topk:
+    print(f'top {f.topk} lists written to {workdirs.topk_path(f.workdir, result["split"], f.rerank_k, dataset=cross)}')
 
 
 if __name__ == '__main__':
@@ -137,5 +224,10 @@ if __name__ == '__main__':
     0,
     'Two-stage retrieval: re-score only the top K candidates of the global score per query (0: score every pair).',
   )
+  flags.DEFINE_integer('topk', 0, 'Also write W/eval/<split>_topk.json: the K best captions / images of every query.')
+  flags.DEFINE_string('config.dataset', None, "Evaluate on this dataset instead of the run's (cross-dataset).")
+  flags.DEFINE_string('config.data_dir', None, "Dataset directory (default: the run's, else $XMATCH_DATA_DIR).")
+  flags.DEFINE_integer('config.eval_image_chunk', None, 'Images per scoring chunk (lower it on a smaller machine).')
+  flags.DEFINE_integer('config.eval_text_batch', None, 'Captions per text-encoding batch.')
   flags.mark_flags_as_required(['workdir'])
   cli.run_absl(main)

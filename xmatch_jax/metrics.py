@@ -17,22 +17,40 @@ MAP_KEYS = ('i2t_map', 't2i_map', 'mean_map')  # what an mAP evaluation reports
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
 
-def _check_sims(sims, captions_per_image: int) -> np.ndarray:
+def _check_sims(sims, captions_per_image: int, caption_to_image=None) -> tuple[np.ndarray, np.ndarray]:
+  """The score matrix as an array and caption_to_image [n_cap] (c // captions_per_image when not given)."""
   sims = np.asarray(sims)
   if sims.ndim != 2 or sims.shape[0] < 1:
     raise errors.UserError(
       f'sims must be a 2-D [n_images, n_captions] matrix with n_images >= 1; got shape {sims.shape}.'
     )
   n_img, n_cap = sims.shape
-  if n_cap != captions_per_image * n_img:
-    raise errors.UserError(
-      f'sims has {n_cap} caption columns for {n_img} image rows; the protocol needs '
-      f'{captions_per_image} captions per image ({captions_per_image} x {n_img} = '
-      f'{captions_per_image * n_img} columns, caption c belonging to image c // {captions_per_image}).'
-    )
+  if caption_to_image is None:
+    if n_cap != captions_per_image * n_img:
+      raise errors.UserError(
+        f'sims has {n_cap} caption columns for {n_img} image rows; the protocol needs '
+        f'{captions_per_image} captions per image ({captions_per_image} x {n_img} = '
+        f'{captions_per_image * n_img} columns, caption c belonging to image c // {captions_per_image}).'
+      )
+    caption_to_image = np.arange(n_cap) // captions_per_image
+  else:
+    caption_to_image = np.asarray(caption_to_image)
+    if caption_to_image.shape != (n_cap,) or not np.issubdtype(caption_to_image.dtype, np.integer):
+      raise errors.UserError(
+        f'caption_to_image must be an integer array with one entry per caption column ({n_cap}); got shape '
+        f'{caption_to_image.shape}, dtype {caption_to_image.dtype}.'
+      )
+    if n_cap and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
+      raise errors.UserError(f'caption_to_image must index the {n_img} image rows; got values outside [0, {n_img}).')
+    without = np.setdiff1d(np.arange(n_img), caption_to_image)
+    if without.size:
+      raise errors.UserError(
+        f'image row {int(without[0])} has no caption ({without.size} such rows); every image needs at least one '
+        'for image-to-text recall.'
+      )
   if np.issubdtype(sims.dtype, np.floating) and np.isnan(sims).any():
     raise errors.UserError(f'sims holds {int(np.isnan(sims).sum())} NaN score(s); rankings would be meaningless.')
-  return sims
+  return sims, caption_to_image
 
 
 def _row_chunks(n_rows: int, n_cols: int, chunk_elements: int):
@@ -41,47 +59,54 @@ def _row_chunks(n_rows: int, n_cols: int, chunk_elements: int):
     yield start, min(start + step, n_rows)
 
 
-def i2t_ranks(sims, captions_per_image: int = 5, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> np.ndarray:
+def i2t_ranks(
+  sims, captions_per_image: int = 5, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, caption_to_image=None
+) -> np.ndarray:
   """Image-to-text ranks as SCAN's `i2t`.
 
   Args:
-    sims: [n_img, 5 n_img] scores, caption c belongs to image c // 5.
+    sims: [n_img, n_cap] scores; caption c belongs to image c // captions_per_image, or to caption_to_image[c].
     captions_per_image: captions per image (5 in every paper's protocol).
     chunk_elements: bound on the elements of the per-chunk temporaries.
+    caption_to_image: optional [n_cap] int, the image row of each caption (any number of captions per image, at
+      least one); replaces the c // captions_per_image layout.
 
   Returns:
     [n_img] int64: for each image, the 0-based position of its best-ranked ground-truth caption in
     `np.argsort(sims[i])[::-1]`.
   """
-  sims = _check_sims(sims, captions_per_image)
+  sims, owner = _check_sims(sims, captions_per_image, caption_to_image)
   n_img, n_cap = sims.shape
   ranks = np.empty(n_img, np.int64)
   for start, stop in _row_chunks(n_img, n_cap, chunk_elements):
     inds = np.argsort(sims[start:stop], axis=1)[:, ::-1]
     # SCAN takes the min over the image's captions of their positions = the first position holding one of them.
-    is_gt = (inds // captions_per_image) == np.arange(start, stop)[:, None]
+    is_gt = owner[inds] == np.arange(start, stop)[:, None]
     ranks[start:stop] = np.argmax(is_gt, axis=1)
   return ranks
 
 
-def t2i_ranks(sims, captions_per_image: int = 5, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> np.ndarray:
+def t2i_ranks(
+  sims, captions_per_image: int = 5, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, caption_to_image=None
+) -> np.ndarray:
   """Text-to-image ranks as SCAN's `t2i`.
 
   Args:
-    sims: [n_img, 5 n_img] scores, caption c belongs to image c // 5.
+    sims: [n_img, n_cap] scores; caption c belongs to image c // captions_per_image, or to caption_to_image[c].
     captions_per_image: captions per image.
     chunk_elements: bound on the elements of the per-chunk temporaries.
+    caption_to_image: optional [n_cap] int, the image row of each caption (see `i2t_ranks`).
 
   Returns:
-    [5 n_img] int64: for each caption c, the 0-based position of image c // 5 in `np.argsort(sims.T[c])[::-1]`.
+    [n_cap] int64: for each caption c, the 0-based position of its image in `np.argsort(sims.T[c])[::-1]`.
   """
-  sims_t = _check_sims(sims, captions_per_image).T
+  sims, owner = _check_sims(sims, captions_per_image, caption_to_image)
+  sims_t = sims.T
   n_cap, n_img = sims_t.shape
   ranks = np.empty(n_cap, np.int64)
   for start, stop in _row_chunks(n_cap, n_img, chunk_elements):
     inds = np.argsort(sims_t[start:stop], axis=1)[:, ::-1]
-    targets = np.arange(start, stop) // captions_per_image
-    ranks[start:stop] = np.argmax(inds == targets[:, None], axis=1)
+    ranks[start:stop] = np.argmax(inds == owner[start:stop, None], axis=1)
   return ranks
 
 
@@ -92,20 +117,23 @@ def _rank_summary(ranks: np.ndarray, prefix: str) -> dict:
   return out
 
 
-def recall_metrics(sims, captions_per_image: int = 5, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> dict:
+def recall_metrics(
+  sims, captions_per_image: int = 5, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, caption_to_image=None
+) -> dict:
   """R@1/5/10 both ways (percent), rsum (sum of the six), and median/mean rank (1-based) as SCAN prints them.
 
   Args:
-    sims: [n_img, 5 n_img] scores, caption c belongs to image c // 5.
+    sims: [n_img, n_cap] scores; caption c belongs to image c // captions_per_image, or to caption_to_image[c].
     captions_per_image: captions per image.
     chunk_elements: bound on the elements of the per-chunk temporaries.
+    caption_to_image: optional [n_cap] int, the image row of each caption (see `i2t_ranks`).
 
   Returns:
     dict with `i2t_r1 i2t_r5 i2t_r10 t2i_r1 t2i_r5 t2i_r10 rsum i2t_medr i2t_meanr t2i_medr t2i_meanr` (floats).
   """
   out = {
-    **_rank_summary(i2t_ranks(sims, captions_per_image, chunk_elements), 'i2t'),
-    **_rank_summary(t2i_ranks(sims, captions_per_image, chunk_elements), 't2i'),
+    **_rank_summary(i2t_ranks(sims, captions_per_image, chunk_elements, caption_to_image), 'i2t'),
+    **_rank_summary(t2i_ranks(sims, captions_per_image, chunk_elements, caption_to_image), 't2i'),
   }
   out['rsum'] = sum(out[k] for k in RECALL_KEYS)
   return out
@@ -253,8 +281,24 @@ def resolve_protocol(protocol: str | None, dataset: str, split: str | None) -> t
   return want_split, base, protocol
 
 
-def metrics_for(sims: np.ndarray, protocol: str | None) -> tuple[dict, str]:
-  """Recall metrics of a split's score matrix under `protocol` (None: from its size). Returns (metrics, protocol)."""
+def metrics_for(sims: np.ndarray, protocol: str | None, caption_to_image=None) -> tuple[dict, str]:
+  """Recall metrics of a split's score matrix under `protocol` (None: from its size). Returns (metrics, protocol).
+
+  `caption_to_image` ([n_cap] int, see `i2t_ranks`): a split whose captions are not 5 consecutive ones per image
+  (custom data with 1-N captions); it is scored over all images ('all') and a named protocol is refused."""
+  if caption_to_image is not None:
+    caption_to_image = np.asarray(caption_to_image)
+    uniform = np.arange(5 * sims.shape[0]) // 5
+    if caption_to_image.shape == uniform.shape and (caption_to_image == uniform).all():
+      caption_to_image = None  # the protocols' own layout
+    elif protocol not in (None, 'all'):
+      raise errors.UserError(
+        f'protocol {protocol!r} needs 5 consecutive captions per image; this split has '
+        f'{len(caption_to_image)} captions for {sims.shape[0]} images in another layout (evaluate it without '
+        '--protocol: recall over all images).'
+      )
+    else:
+      return recall_metrics(sims, caption_to_image=caption_to_image), 'all'
   protocol = protocol or default_protocol(sims.shape[0])
   metrics = recall_metrics(sims) if protocol == 'all' else protocol_metrics(sims, protocol)
   return metrics, protocol

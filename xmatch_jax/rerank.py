@@ -71,10 +71,11 @@ def rerank(scorer, image_rep, text_rep, k: int, query_chunk: int = 64) -> tuple[
   return _merge(coarse, captions_per_image, i2t), _merge(coarse.T, images_per_caption, t2i).T
 
 
-def two_way_recall(sims_i2t: np.ndarray, sims_t2i: np.ndarray) -> dict:
-  """Recall metrics with image-to-text ranks from one matrix and text-to-image ranks from the other."""
-  i2t = metrics_lib.recall_metrics(sims_i2t)
-  t2i = metrics_lib.recall_metrics(sims_t2i)
+def two_way_recall(sims_i2t: np.ndarray, sims_t2i: np.ndarray, caption_to_image=None) -> dict:
+  """Recall metrics with image-to-text ranks from one matrix and text-to-image ranks from the other
+  (`caption_to_image`: see metrics.i2t_ranks)."""
+  i2t = metrics_lib.recall_metrics(sims_i2t, caption_to_image=caption_to_image)
+  t2i = metrics_lib.recall_metrics(sims_t2i, caption_to_image=caption_to_image)
   out = {
     **{k: v for k, v in i2t.items() if k.startswith('i2t')},
     **{k: v for k, v in t2i.items() if k.startswith('t2i')},

@@ -60,10 +60,21 @@ def eval_dir(workdir: str) -> str:
   return os.path.join(workdir, 'eval')
 
 
-def result_path(workdir: str, split: str, rerank_k: int = 0, fused: bool = False) -> str:
-  """W/eval/<split>.json, <split>_rerank<k>.json (two-stage retrieval) or <split>_fused.json (an ensemble)."""
+def result_name(split: str, rerank_k: int = 0, fused: bool = False, dataset: str = '') -> str:
+  """<split>, <split>_rerank<k> (two-stage retrieval) or <split>_fused (an ensemble); prefixed <dataset>_ when a
+  run is evaluated on a dataset other than its own (cross-dataset)."""
   name = f'{split}_fused' if fused else f'{split}_rerank{rerank_k}' if rerank_k else split
-  return os.path.join(eval_dir(workdir), f'{name}.json')
+  return f'{dataset}_{name}' if dataset else name
+
+
+def result_path(workdir: str, split: str, rerank_k: int = 0, fused: bool = False, dataset: str = '') -> str:
+  """W/eval/<result_name>.json: the metrics of one evaluation."""
+  return os.path.join(eval_dir(workdir), f'{result_name(split, rerank_k, fused, dataset)}.json')
+
+
+def topk_path(workdir: str, split: str, rerank_k: int = 0, dataset: str = '') -> str:
+  """W/eval/<result_name>_topk.json: per query its k best items with ids and scores (evaluate --topk)."""
+  return os.path.join(eval_dir(workdir), f'{result_name(split, rerank_k, dataset=dataset)}_topk.json')
 
 
 def scores_path(workdir: str, split: str) -> str:

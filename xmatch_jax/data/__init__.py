@@ -18,16 +18,13 @@ from xmatch_jax import errors
 from xmatch_jax import progress
 from xmatch_jax.data import lazy
 from xmatch_jax.data import validation
+from xmatch_jax.data.data_dir import default_data_dir  # noqa: F401 (re-exported)
 
 
 class Split(NamedTuple):
   images: dict
   captions: list
   caption_to_image: np.ndarray
-
-
-def default_data_dir() -> str:
-  return os.environ.get('XMATCH_DATA_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'xmatch_jax', 'tfds')
 
 
 def _load_shapes(split: str, data_dir: str, builder_config: str) -> Split:
@@ -103,11 +100,11 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
   fields = ['regions'] + (['pfan_blocks', 'pfan_weights'] if first['pfan_blocks'].size else [])
   tags = _Tags(n, len(first['tags']), where) if len(first['tags']) else None
   if _lazy_wanted(n * sum(first[f].nbytes for f in fields), where):
-    return _load_precomp_lazy(source, first, fields, where, precomp.CAPTIONS_PER_IMAGE, tags)
+    return _load_precomp_lazy(source, first, fields, where, tags)
   # Filled in place, one example at a time: stacking a list of examples would hold the features twice.
   images = {f: np.empty((n,) + first[f].shape, np.float32 if f == 'regions' else first[f].dtype) for f in fields}
   images['image_id'] = np.empty(n, np.int64)
-  captions = []
+  captions, counts = [], np.empty(n, np.int64)
   with progress.bar(total=n, desc=f'loading {name}/{split}', unit='image') as bar:
     for i in range(n):
       e = source[i]
@@ -119,13 +116,13 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
         images[f][i] = e[f]
       images['image_id'][i] = e['image_id']
       captions.extend(as_text(c) for c in e['captions'])
+      counts[i] = len(e['captions'])
       if tags is not None:
         tags.set(i, e['tags'])
       bar.update(1)
   if tags is not None:
     images['tags'] = tags.values
-  caption_to_image = np.repeat(np.arange(n), precomp.CAPTIONS_PER_IMAGE)
-  return Split(images, captions, caption_to_image)
+  return Split(images, captions, _caption_to_image(counts, where))
 
 
 class _Tags:
@@ -146,9 +143,14 @@ class _Tags:
       self.values[i, r] = self._interned.setdefault(tag, as_text(tag))
 
 
-def _load_precomp_lazy(
-  source, first: dict, fields: list, where: str, captions_per_image: int, tags: _Tags | None = None
-) -> Split:
+def _caption_to_image(counts: np.ndarray, where: str) -> np.ndarray:
+  """[n_captions] image row of each caption, from the number of captions of each image (in order)."""
+  if not counts.all():
+    raise errors.UserError(f'{where}: image row {int(np.argmin(counts))} has no caption; expected at least one.')
+  return np.repeat(np.arange(len(counts)), counts)
+
+
+def _load_precomp_lazy(source, first: dict, fields: list, where: str, tags: _Tags | None = None) -> Split:
   """Image fields as LazyRows over `source` (row shape and dtype of the first example, checked on every read);
   one pass over the examples, a chunk at a time, collects the captions, image ids and tags (in memory)."""
   reader = lazy.RowReader(source, where)
@@ -156,20 +158,21 @@ def _load_precomp_lazy(
     f: lazy.LazyRows(reader, f, first[f].shape, np.float32 if f == 'regions' else first[f].dtype) for f in fields
   }
   n = len(source)
-  image_ids, captions = np.empty(n, np.int64), []
+  image_ids, captions, counts = np.empty(n, np.int64), [], np.empty(n, np.int64)
   with progress.bar(total=n, desc=f'scanning {where}', unit='image') as bar:
     for start in range(0, n, lazy.SCAN_CHUNK):
       rows = np.arange(start, min(start + lazy.SCAN_CHUNK, n))
       for i, e in enumerate(reader.read(rows, cache=False)):
         image_ids[start + i] = e['image_id']
         captions.extend(as_text(c) for c in e['captions'])
+        counts[start + i] = len(e['captions'])
         if tags is not None:
           tags.set(start + i, e['tags'])
       bar.update(len(rows))
   images['image_id'] = image_ids
   if tags is not None:
     images['tags'] = tags.values
-  return Split(images, captions, np.repeat(np.arange(n), captions_per_image))
+  return Split(images, captions, _caption_to_image(counts, where))
 
 
 def category_manual_dir(name: str, data_dir: str) -> str:
@@ -223,8 +226,8 @@ DATASETS: dict[str, Callable[[str, str], Split]] = {
   'category': lambda split, data_dir: _load_category('category', split, data_dir),
 }
 
-# Datasets whose layout is not 5 captions per image (checked by load_split).
-CAPTIONS_PER_IMAGE = {'wikipedia': 1, 'pascal': 1, 'xmedianet': 1, 'category': 1}
+# Datasets whose layout is not 5 captions per image (checked by load_split; None: any number, at least one).
+CAPTIONS_PER_IMAGE = {'wikipedia': 1, 'pascal': 1, 'xmedianet': 1, 'category': 1, 'precomp': None}
 
 
 def load_split(dataset_name: str, split: str, data_dir: str | None = None) -> Split:

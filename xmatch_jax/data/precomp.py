@@ -5,7 +5,16 @@ Expected files in the manual dir (SCAN's `data/<name>_precomp/`, e.g. f30k_preco
   {split}_ims.npy     [n_images, k, d] float32 bottom-up-attention region features (k = 36, d = 2048), or one row
                       per caption (images repeated 5 times, as some SCAN releases store them); for dataset
                       `precomp` also [n_images, d], one vector per image (VSE++'s releases), read as k = 1
-  {split}_caps.txt    one caption per line, 5 consecutive lines per image
+  {split}_caps.txt    one caption per line, 5 consecutive lines per image (dataset `precomp`: any number per
+                      image with {split}_caption_images.txt)
+  {split}_ids.txt     optional, one integer id per line: per image (n_images lines) or per caption (the
+                      SCAN releases: the 5 lines of an image carry its id); becomes each image's `image_id`,
+                      which evaluation outputs carry (W/eval/<split>_topk.json). Ids must be unique per image.
+                      Without it, image_id = the image's row.
+  {split}_caption_images.txt
+                      optional, dataset `precomp` only: line c holds the 0-based row in {split}_ims.npy of the
+                      image caption c describes, so an image may have 1 to N captions (every image at least
+                      one), in any order; the build groups each image's captions in file order.
   {split}_boxes.npy   optional, PFAN block positions [n_images, k, 2L] (see xmatch_jax.data.pfan)
   {split}_tags.txt    optional, per-region tags (GLFN): line i holds the k tags of image i ("red car", ...), in the
                       order of its regions in {split}_ims.npy, separated by TAB characters (a tag may contain
@@ -13,7 +22,8 @@ Expected files in the manual dir (SCAN's `data/<name>_precomp/`, e.g. f30k_preco
                       {split}_ims.npy repeats each image per caption. Every split has one, or none does.
 
 Splits: train, dev, test (and testall for coco). Checks on build, each naming the file and the expected value:
-Flickr30K test = 1000 images / 5000 captions, COCO testall = 5000 / 25000, captions = 5 x images, feature size,
+Flickr30K test = 1000 images / 5000 captions, COCO testall = 5000 / 25000, captions = 5 x images (or the caption
+index file's rows, each image at least one), ids integer and unique per image, feature size,
 dtype float32, no NaN / inf, no empty caption, boxes matching the images, tags files for all splits or none, one
 line per image with exactly k non-empty tags (named by line). Features are read one image at a time and written
 shard by shard (StreamingArrayRecordBuilder: 256 MB of examples per shard), so COCO's ~17 GB train file never has to
@@ -29,12 +39,16 @@ features carry no class ids, so for them the detector has to be re-run on their 
 
   python -c "from xmatch_jax.data import precomp; precomp.build('f30k', manual_dir='data/f30k_precomp')"
 
+(data_dir defaults to the library's, $XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds, where training looks.)
+
 The name does not clash with TFDS's own flickr30k / coco datasets. A build is stored in
 <data_dir>/xmatch_precomp/<config>/<VERSION> and reused from then on; TFDS does not look at the manual dir again.
 Version 1.1.0 added `tags`, so the first load after that update rebuilds every config from its manual dir (which must
 still hold the files; as slow as the first build; the 1.0.0 directory is no longer read and may be deleted). Tags
-files added after a build need a rebuild too: delete <data_dir>/xmatch_precomp/<config>/1.1.0 (a load refuses a
-build whose tags disagree with the manual dir, naming that directory).
+files added after a build need a rebuild too: delete <data_dir>/xmatch_precomp/<config>/<version> (a load refuses a
+build whose tags disagree with the manual dir, naming that directory). Version 1.2.0 added image ids from
+{split}_ids.txt and any number of captions per image; a 1.1.0 build is still used as it is while its manual dir
+has neither file (its data would be the same), and the first load after adding one builds 1.2.0.
 """
 
 import contextlib
@@ -42,6 +56,7 @@ import dataclasses
 import functools
 import itertools
 import os
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -49,6 +64,7 @@ import tensorflow_datasets as tfds
 from xmatch_jax import errors
 from xmatch_jax import progress
 from xmatch_jax.data import array_record
+from xmatch_jax.data import data_dir as data_dir_lib
 from xmatch_jax.data import pfan
 
 CAPTIONS_PER_IMAGE = 5
@@ -98,9 +114,95 @@ def _load_npy(path: str, expected: str) -> np.ndarray:
     ) from None
 
 
+class _SplitFiles(NamedTuple):
+  """A checked split: features (memmap; row i * repeat is image i), captions in file order, image i's captions are
+  captions[order[offsets[i]:offsets[i + 1]]], ids [n_images] int64 (None: the row), optional boxes and tags."""
+
+  ims: np.ndarray
+  captions: list
+  repeat: int
+  order: np.ndarray
+  offsets: np.ndarray
+  ids: np.ndarray | None
+  boxes: np.ndarray | None
+  tags_path: str | None
+
+  @property
+  def n_images(self) -> int:
+    return len(self.offsets) - 1
+
+
+def _int_lines(path: str, what: str) -> np.ndarray:
+  """The integers of a text file with one per line (trailing empty lines ignored); errors name the line."""
+  values = []
+  with open(path, 'rb') as f:
+    for lineno, raw in enumerate(f, 1):
+      text = raw.strip()
+      try:
+        values.append(int(text))
+      except ValueError:
+        if text:
+          shown = text[:40].decode('utf-8', 'replace')
+          raise errors.UserError(
+            f'{path}: line {lineno} is {shown!r}; expected one integer per line ({what})'
+          ) from None
+        values.append(None)
+  while values and values[-1] is None:
+    values.pop()
+  if None in values:
+    raise errors.UserError(f'{path}: line {values.index(None) + 1} is empty; expected one integer per line ({what})')
+  return np.array(values, np.int64)
+
+
+def _caption_owners(path: str, n_captions: int, n_images: int, caps_path: str) -> np.ndarray:
+  """{split}_caption_images.txt -> [n_captions] image rows, each in range, every image with a caption."""
+  owner = _int_lines(path, f"the row of each caption's image in [0, {n_images})")
+  if len(owner) != n_captions:
+    raise errors.UserError(
+      f'{path}: {len(owner)} lines for {n_captions} captions in {caps_path}; expected one per caption'
+    )
+  bad = np.flatnonzero((owner < 0) | (owner >= n_images))
+  if bad.size:
+    raise errors.UserError(
+      f'{path}: line {bad[0] + 1} names image row {owner[bad[0]]}; expected a row in [0, {n_images})'
+    )
+  without = np.flatnonzero(np.bincount(owner, minlength=n_images) == 0)
+  if without.size:
+    raise errors.UserError(
+      f'{path}: image row {without[0]} has no caption ({without.size} such images); expected at least one each'
+    )
+  return owner
+
+
+def _image_ids(path: str, n_images: int, order: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+  """{split}_ids.txt -> [n_images] ids: one line per image, or one per caption (an image's captions agree)."""
+  ids = _int_lines(path, 'an image id')
+  n_captions = len(order)
+  if len(ids) == n_captions and n_captions != n_images:
+    per_caption = ids[order]  # grouped by image
+    first = per_caption[offsets[:-1]]
+    differ = np.flatnonzero(per_caption != np.repeat(first, np.diff(offsets)))
+    if differ.size:
+      image = int(np.searchsorted(offsets, differ[0], 'right')) - 1
+      raise errors.UserError(
+        f'{path}: line {int(order[differ[0]]) + 1} (a caption of image {image}) has id {per_caption[differ[0]]}, '
+        f'another caption of that image {first[image]}; expected one id per image'
+      )
+    ids = first
+  elif len(ids) != n_images:
+    raise errors.UserError(
+      f'{path}: {len(ids)} lines; expected one id per image ({n_images}) or per caption ({n_captions})'
+    )
+  values, counts = np.unique(ids, return_counts=True)
+  if (counts > 1).any():
+    dup = values[counts > 1][0]
+    rows = np.flatnonzero(ids == dup)[:2]
+    raise errors.UserError(f'{path}: id {dup} is given to images {rows[0]} and {rows[1]}; expected unique ids')
+  return ids
+
+
 def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
-  """Opens and checks every split's files; returns {split: (ims memmap, captions, boxes or None, repeat, tags path
-  or None)}."""
+  """Opens and checks every split's files; returns {split: _SplitFiles}."""
   out = {}
   tags_paths = {split: os.path.join(manual_dir, f'{split}_tags.txt') for split in config.splits}
   have_tags = [split for split in config.splits if os.path.exists(tags_paths[split])]
@@ -147,14 +249,31 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
     if empty:
       raise errors.UserError(f'{caps_path}: line {empty[0]} is empty ({len(empty)} empty caption(s))')
     repeat = 1
-    if ims.shape[0] == len(captions) and ims.shape[0] % CAPTIONS_PER_IMAGE == 0 and ims.shape[0] > 1:
-      repeat = CAPTIONS_PER_IMAGE  # one feature row per caption: the image repeated 5 times
-    n_images = ims.shape[0] // repeat
-    if len(captions) != CAPTIONS_PER_IMAGE * n_images:
-      raise errors.UserError(
-        f'{caps_path}: {len(captions)} captions for {n_images} images in {ims_path}; expected '
-        f'{CAPTIONS_PER_IMAGE} x {n_images} = {CAPTIONS_PER_IMAGE * n_images}'
-      )
+    index_path = os.path.join(manual_dir, f'{split}_caption_images.txt')
+    if os.path.exists(index_path):
+      if config.name != 'custom':
+        raise errors.UserError(
+          f'{index_path}: a caption index is read for dataset precomp (your own data) only; {config.name} has '
+          f'{CAPTIONS_PER_IMAGE} consecutive captions per image'
+        )
+      n_images = ims.shape[0]
+      owner = _caption_owners(index_path, len(captions), n_images, caps_path)
+      order = np.argsort(owner, kind='stable')
+      offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n_images))])
+    else:
+      if ims.shape[0] == len(captions) and ims.shape[0] % CAPTIONS_PER_IMAGE == 0 and ims.shape[0] > 1:
+        repeat = CAPTIONS_PER_IMAGE  # one feature row per caption: the image repeated 5 times
+      n_images = ims.shape[0] // repeat
+      if len(captions) != CAPTIONS_PER_IMAGE * n_images:
+        more = f' (or a {split}_caption_images.txt for another number per image)' if config.name == 'custom' else ''
+        raise errors.UserError(
+          f'{caps_path}: {len(captions)} captions for {n_images} images in {ims_path}; expected '
+          f'{CAPTIONS_PER_IMAGE} x {n_images} = {CAPTIONS_PER_IMAGE * n_images}{more}'
+        )
+      order = np.arange(len(captions))
+      offsets = np.arange(n_images + 1) * CAPTIONS_PER_IMAGE
+    ids_path = os.path.join(manual_dir, f'{split}_ids.txt')
+    ids = _image_ids(ids_path, n_images, order, offsets) if os.path.exists(ids_path) else None
     if split in config.expected and n_images != config.expected[split]:
       raise errors.UserError(
         f'{ims_path}: {n_images} images; {config.name} {split} has {config.expected[split]} '
@@ -169,7 +288,7 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
     tags_path = tags_paths[split] if have_tags else None
     if tags_path:
       _check_tags(tags_path, n_images, k, ims_path)
-    out[split] = (ims, captions, boxes, repeat, tags_path)
+    out[split] = _SplitFiles(ims, captions, repeat, order, offsets, ids, boxes, tags_path)
   return out
 
 
@@ -255,10 +374,12 @@ class _SplitProgress:
 class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
   """Region features + 5 captions per image from SCAN's precomp files (manual download)."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
+  SUPPORTED_VERSIONS = ['1.1.0']  # read, never written: see `build`
   RELEASE_NOTES = {
     '1.0.0': 'SCAN precomp layout: regions, 5 captions, optional PFAN positions.',
     '1.1.0': 'Optional per-region tags from {split}_tags.txt (feature `tags`, empty when the dataset has none).',
+    '1.2.0': 'image_id from {split}_ids.txt; dataset precomp: 1-N captions per image ({split}_caption_images.txt).',
   }
   BUILDER_CONFIGS = list(CONFIGS.values())
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
@@ -271,7 +392,7 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
         {
           'image_id': tfds.features.Scalar(np.int64),
           'regions': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=_RAW),
-          'captions': tfds.features.Sequence(tfds.features.Text(), length=CAPTIONS_PER_IMAGE),
+          'captions': tfds.features.Sequence(tfds.features.Text()),  # 5, or 1-N for dataset precomp
           'pfan_blocks': tfds.features.Tensor(shape=(None, None), dtype=np.int32, encoding='zlib'),
           'pfan_weights': tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding='zlib'),
           'tags': tfds.features.Sequence(tfds.features.Text()),  # k tags, or none
@@ -285,32 +406,23 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
     files = _check_files(manual_dir, self.builder_config)
     out = {}
     for split in self.builder_config.splits:
-      ims, captions, boxes, repeat, tags_path = files[split]
-      n_images = len(captions) // CAPTIONS_PER_IMAGE
+      split_files = files[split]
+      n_images, ims = split_files.n_images, split_files.ims
       per_shard = max(1, self.SHARD_BYTES // max(1, int(np.prod(ims.shape[1:])) * ims.itemsize))
       bar = _SplitProgress(f'building xmatch_precomp/{self.builder_config.name} {split}', n_images)
       out[split] = [
         functools.partial(
-          self._generate_examples,
-          split,
-          manual_dir,
-          ims,
-          captions,
-          boxes,
-          repeat,
-          tags_path,
-          start,
-          min(start + per_shard, n_images),
-          bar,
+          self._generate_examples, split, manual_dir, split_files, start, min(start + per_shard, n_images), bar
         )
         for start in range(0, max(n_images, 1), per_shard)
       ]
     return out
 
   def _generate_examples(
-    self, split, manual_dir, ims, captions, boxes, repeat, tags_path, start, stop, bar: _SplitProgress | None = None
+    self, split, manual_dir, split_files: _SplitFiles, start, stop, bar: _SplitProgress | None = None
   ):
     """Images [start, stop) of a split: one shard; `bar` counts the images the writer has taken."""
+    ims, captions, repeat, order, offsets, ids, boxes, tags_path = split_files
     ims_path = os.path.join(manual_dir, f'{split}_ims.npy')
     # Read in step with the images (checked by _check_files): the file is never held in memory.
     lines = _tag_lines(tags_path) if tags_path else None
@@ -339,9 +451,9 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
           yield (
             i,
             {
-              'image_id': i,
+              'image_id': i if ids is None else int(ids[i]),
               'regions': regions,
-              'captions': captions[i * CAPTIONS_PER_IMAGE : (i + 1) * CAPTIONS_PER_IMAGE],
+              'captions': [captions[c] for c in order[offsets[i] : offsets[i + 1]]],
               'pfan_blocks': blocks,
               'pfan_weights': weights,
               'tags': tags,
@@ -362,7 +474,16 @@ def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrec
     raise errors.MissingFileError(
       f'{manual_dir}: manual dir not found; it must hold the SCAN precomp files ({{split}}_ims.npy, {{split}}_caps.txt)'
     )
-  builder = XmatchPrecomp(config=name, data_dir=data_dir, file_format='array_record')
+  data_dir = data_dir or data_dir_lib.default_data_dir()
+  version = None
+  if not any(
+    os.path.exists(os.path.join(manual_dir, f'{split}_{kind}.txt'))
+    for split in CONFIGS[name].splits
+    for kind in ('ids', 'caption_images')
+  ):
+    older = os.path.join(data_dir, XmatchPrecomp.name, name, '1.1.0', 'dataset_info.json')
+    version = '1.1.0' if os.path.exists(older) else None  # same data as a 1.2.0 build would have: no rebuild
+  builder = XmatchPrecomp(config=name, data_dir=data_dir, file_format='array_record', version=version)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   _check_built_tags(builder, manual_dir)
   return builder

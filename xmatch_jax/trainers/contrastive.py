@@ -220,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config.eval_text_batch,
       desc='dev scoring',
     )
-    dev_metrics = parallel.agree(metrics_lib.recall_metrics(scorer.score(dev.images, dev_tokens, dev_mask)))
+    sims = scorer.score(dev.images, dev_tokens, dev_mask)
+    dev_metrics = parallel.agree(metrics_lib.recall_metrics(sims, caption_to_image=dev.caption_to_image))
     del scorer  # holds the params' buffers, which the next step donates
     writer.write(done, {f'dev_{k}': v for k, v in dev_metrics.items()})
     is_best = dev_metrics['rsum'] > meta['best_rsum']
