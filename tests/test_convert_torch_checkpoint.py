@@ -4,6 +4,7 @@ tests/fixtures/make_fixtures.py) become workdirs whose Retriever reproduces the 
 import argparse
 import json
 import os
+import shutil
 import sys
 import types
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from xmatch_jax import Retriever
+from xmatch_jax import bundles
 from xmatch_jax.convert import scan_checkpoint
 from xmatch_jax.convert import torch_pickle
 from xmatch_jax.convert import torch_writer
@@ -49,6 +51,11 @@ def test_converted_workdir_reproduces_the_official_scores(fmt, name, dataset, tm
   meta = json.load(open(os.path.join(workdir, 'config.json')))
   assert meta['data_info']['img_dim'] == 10
   assert meta['loss']['mask_same_image'] is False  # the official ContrastiveLoss masks only the diagonal
+  # A bundle of the imported checkpoint scores exactly as the workdir, with no workdir.
+  bundle = bundles.from_workdir(workdir, str(tmp_path / 'bundle'))
+  shutil.rmtree(workdir)
+  from_bundle = Retriever.from_pretrained(bundle).score({'regions': expected['regions']}, [' '.join(w) for w in words])
+  np.testing.assert_array_equal(from_bundle, by_string)
 
 
 @pytest.mark.slow

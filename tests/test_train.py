@@ -137,6 +137,39 @@ def test_topk_lists_and_cross_dataset_evaluation_with_1_to_n_captions(trained, d
     evaluate.evaluate_workdir(workdir, overrides={'batch_size': 3})
 
 
+@pytest.mark.slow
+def test_bundle_round_trip_scores_as_the_workdir(trained, data_dir, tmp_path, monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'tools'))
+  import export_bundle  # pylint: disable=g-import-not-at-top
+
+  from configs import from_json  # pylint: disable=g-import-not-at-top
+
+  workdir, _, _ = trained
+  evaluate.evaluate_workdir(workdir, split='test')
+  out = str(tmp_path / 'bundle')
+  assert export_bundle.main([f'--workdir={workdir}', f'--out={out}']) == 0
+  assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'eval', 'model.safetensors', 'vocab.json']
+  test = load_split('shapes_tiny', 'test', data_dir)
+  images, captions = {'regions': test.images['regions'][:7]}, test.captions[:11]
+  bundled = Retriever.from_pretrained(out)
+  np.testing.assert_array_equal(
+    bundled.score(images, captions), Retriever.from_workdir(workdir).score(images, captions)
+  )
+  assert bundled.checkpoint == 'best'
+  card = open(os.path.join(out, 'README.md')).read()
+  result = json.load(open(os.path.join(workdir, 'eval', 'test.json')))
+  assert f'{result["rsum"]:.1f}' in card and 'configs/from_json.py:THIS_DIRECTORY/config.json' in card
+  # The bundle's config trains again as it is: configs/from_json.py gives the run's config without data_info.
+  again = from_json.get_config(os.path.join(out, 'config.json'))
+  want = workdirs.load_config(workdir)
+  del want['data_info']
+  assert again.to_json(sort_keys=True) == want.to_json(sort_keys=True)
+  with pytest.raises(ValueError, match='exists and is not empty'):
+    bundled.save_pretrained(out)
+  with pytest.raises(FileNotFoundError, match='is not a bundle'):
+    Retriever.from_pretrained(workdir)
+
+
 def test_protocols_refuse_wrong_split_sizes():
   sims = np.random.default_rng(0).normal(size=(100, 500))
   with pytest.raises(ValueError, match='1000 images'):

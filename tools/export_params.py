@@ -12,29 +12,21 @@ import argparse
 import os
 import sys
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from xmatch_jax import checkpoints  # noqa: E402  pylint: disable=g-import-not-at-top
+from xmatch_jax import bundles  # noqa: E402  pylint: disable=g-import-not-at-top
+from xmatch_jax import checkpoints
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import workdirs  # noqa: E402  pylint: disable=g-import-not-at-top
-
-
-def flatten(variables: dict) -> dict:
-  """{'params': {...}} -> {'params/a/b/kernel': np.ndarray}."""
-  flat = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-    flat['/'.join(str(getattr(p, 'key', p)) for p in path)] = np.asarray(leaf)
-  return flat
 
 
 def export(workdir: str, out: str) -> dict:
   config = workdirs.load_config(workdir)
   state, meta, which = checkpoints.RunCheckpoints(workdir).restore_for_eval()
   variables = {k: state[k] for k in ('params', 'batch_stats') if k in state}
-  flat = flatten(variables)
+  flat = bundles.flatten(variables)
   config_json = config.to_json(sort_keys=True)
   if out.endswith('.safetensors'):
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top

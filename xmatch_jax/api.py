@@ -5,6 +5,10 @@ r = Retriever.from_workdir('runs/rdan_shapes')
 images, captions, caption_to_image = xmatch_jax.data.load_split('shapes', 'test')
 scores = r.score({k: v[:10] for k, v in images.items()}, ['a red circle above a blue square'])  # [10, 1]
 
+# One directory to hand to someone else, loaded without the workdir:
+r.save_pretrained('rdan_shapes_bundle')
+r = Retriever.from_pretrained('rdan_shapes_bundle')
+
 # A gallery encoded once, saved, and queried later without encoding it again:
 gallery = r.encode_images(images)                      # a rep pytree, leading dim n_images
 save_reps('gallery.npz', gallery)
@@ -16,6 +20,7 @@ import os
 import jax
 import numpy as np
 
+from xmatch_jax import bundles
 from xmatch_jax import checkpoints
 from xmatch_jax import errors
 from xmatch_jax import inference
@@ -42,6 +47,17 @@ class Retriever:
     vocab = workdirs.load_vocab(workdir)
     model, variables, which = _load_model(workdir, config, vocab)
     return cls(config, vocab, model, variables, checkpoint=which)
+
+  @classmethod
+  def from_pretrained(cls, bundle_dir: str) -> 'Retriever':
+    """A bundle written by `save_pretrained` or tools/export_bundle.py (xmatch_jax/bundles.py); no workdir needed."""
+    config, vocab, model, variables, checkpoint = bundles.load(bundle_dir)
+    return cls(config, vocab, model, variables, checkpoint=checkpoint)
+
+  def save_pretrained(self, out_dir: str, results: dict | None = None) -> str:
+    """Writes this matcher as a bundle directory (config, vocabulary or BERT tokenizer files, safetensors weights,
+    model card; `results`: {name: evaluation result} for the card). Returns out_dir."""
+    return bundles.save(out_dir, self.config, self.vocab, self.variables, self.checkpoint, results=results)
 
   @property
   def params(self) -> dict:

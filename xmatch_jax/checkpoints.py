@@ -155,10 +155,15 @@ def check_params_match(params, expected, source: str) -> None:
       )
 
 
+def expected_variables(model) -> dict:
+  """The variable collections of `model` as shape / dtype structs (no computation)."""
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.example_inputs())
+
+
 def load_variables(workdir: str, model):
   """Best (else latest) variables of W (params, and BatchNorm statistics where the model has them), checked against
   the model's parameter shapes. Returns (variables, meta, which)."""
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.example_inputs())
+  expected = expected_variables(model)
   state, meta, which = RunCheckpoints(workdir).restore_for_eval()
   for collection in expected:
     if collection not in state:
