@@ -77,3 +77,26 @@ def test_rerank_candidates_carry_full_scores_and_k_all_equals_exhaustive(name):
     assert got[key] == pytest.approx(want[key])
   with pytest.raises(ValueError, match='rerank k must be >= 1'):
     rerank.rerank(scorer, image_rep, text_rep, k=0)
+
+
+@pytest.mark.slow
+def test_scores_split_over_eight_devices_equal_one_device():
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  run = subprocess.run(
+    [sys.executable, os.path.join(here, 'sharded_scoring_check.py')],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  seen = json.loads(run.stdout.strip().splitlines()[-1])
+  for name in ('rdan', 'mmca'):
+    assert seen[name]['devices'] == 8 and seen[name]['shape'] == [37, 23], seen
+    assert seen[name]['max_abs_diff'] == 0.0, seen  # the same program on the same shapes per device

@@ -53,9 +53,22 @@ def map_chunks(fn, tree, chunk: int, desc: str | None = None, unit: str = 'row')
 
 
 class Scorer:
-  """Jitted `encode_image`, `encode_text` and `pair_scores` of one model and its variables."""
+  """Jitted `encode_image`, `encode_text` and `pair_scores` of one model and its variables.
 
-  def __init__(self, model, variables, image_chunk: int = 128, text_batch: int = 256, desc: str = 'scoring'):
+  All-pairs scoring, the cost of an evaluation, is split over `devices` (default: every local device): each call
+  scores image_chunk images per device against a tile of captions (shard_map over the images, no collectives),
+  so every device runs the same program on the same shapes as a one-device scorer and the scores are the same.
+  """
+
+  def __init__(
+    self,
+    model,
+    variables,
+    image_chunk: int = 128,
+    text_batch: int = 256,
+    desc: str = 'scoring',
+    devices: list | None = None,
+  ):
     if image_chunk < 1 or text_batch < 1:
       raise errors.UserError(f'image_chunk and text_batch must be >= 1; got {image_chunk}, {text_batch}.')
     self.model = model
@@ -63,9 +76,20 @@ class Scorer:
     self.image_chunk = image_chunk
     self.text_batch = text_batch
     self.desc = desc  # the progress bar's label (bars appear for scoring that lasts over 10 s)
+    self.devices = list(devices or jax.local_devices())
     self._encode_image = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
     self._encode_text = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_text))
-    self._pair_scores = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
+    mesh = jax.sharding.Mesh(np.array(self.devices), ('images',))
+    spec = jax.sharding.PartitionSpec
+    self._pair_scores = jax.jit(
+      jax.shard_map(
+        lambda v, i, t: model.apply(v, i, t, method=model.pair_scores),
+        mesh=mesh,
+        in_specs=(spec(), spec('images'), spec()),
+        out_specs=spec('images'),
+        check_vma=False,
+      )
+    )
     # pair_scores of many small (images, captions) groups at once: [G, a, ...], [G, b, ...] -> [G, a, b].
     self._group_scores = jax.jit(
       jax.vmap(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores), in_axes=(None, 0, 0))
@@ -94,7 +118,7 @@ class Scorer:
     )
 
   def pair_scores(self, image_rep, text_rep) -> np.ndarray:
-    """All pairs -> [n_img, n_txt] numpy, streamed in tiles of image_chunk images x text_batch captions.
+    """All pairs -> [n_img, n_txt] numpy, streamed in tiles of image_chunk images (per device) x text_batch captions.
 
     Tiling both sides bounds memory for heads whose pair tensors grow with the caption count (MMCA's joint
     sequence); the columns of zero-padded captions in the last tile are dropped.
@@ -108,7 +132,9 @@ class Scorer:
         rows = jax.tree.leaves(part)[0].shape[0]
         if rows < self.text_batch:
           part = _pad_rows(part, self.text_batch)
-        tile = map_chunks(lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk)
+        tile = map_chunks(
+          lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk * len(self.devices)
+        )
         columns.append(np.asarray(tile)[:, :rows])
         bar.update(n_img * rows)
     return np.concatenate(columns, axis=1)

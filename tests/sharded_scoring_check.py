@@ -1,0 +1,48 @@
+"""Run by test_inference.py with 8 fake CPU devices: all-pairs scores split over the 8 devices equal one device's,
+for a region matcher (RDAN) and a joint-sequence one (MMCA, tiny BERT). Prints one JSON line."""
+
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from xmatch_jax import inference  # noqa: E402
+from xmatch_jax.models import build_model  # noqa: E402
+
+TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
+
+
+def check(fields: dict) -> dict:
+  rng = np.random.default_rng(0)
+  n_img, n_txt, k, n, vocab = (
+    37,
+    23,
+    5,
+    7,
+    34,
+  )  # 34: the tiny BERT's vocabulary; 37 images: 8 devices x chunk 2 = 16 per call, the last padded
+  model = build_model(ml_collections.ConfigDict(fields), vocab_size=vocab, img_dim=6)
+  images = {'regions': rng.normal(size=(n_img, k, 6)).astype(np.float32)}
+  lengths = rng.integers(2, n + 1, size=n_txt)
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+  tokens = (rng.integers(1, vocab, size=(n_txt, n)) * mask).astype(np.int32)
+  variables = model.init(jax.random.key(0), *model.example_inputs())
+  sharded = inference.Scorer(model, variables, image_chunk=2, text_batch=8)
+  single = inference.Scorer(model, variables, image_chunk=2, text_batch=8, devices=jax.local_devices()[:1])
+  got, want = sharded.score(images, tokens, mask), single.score(images, tokens, mask)
+  return {'devices': len(sharded.devices), 'max_abs_diff': float(np.max(np.abs(got - want))), 'shape': got.shape}
+
+
+if __name__ == '__main__':
+  print(
+    json.dumps(
+      {
+        'rdan': check({'name': 'rdan', 'embed_size': 8, 'word_dim': 8, 'cnn_channels': 4, 'block_size': 2}),
+        'mmca': check({'name': 'mmca', 'embed_size': 8, 'num_heads': 2, 'cnn_filters': 4, 'bert_dir': TINY_BERT}),
+      }
+    )
+  )
