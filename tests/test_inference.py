@@ -1,5 +1,7 @@
 """Scorer: tiled encoding and all-pairs scoring equal one unchunked call of the model."""
 
+import os
+
 import jax
 import ml_collections
 import numpy as np
@@ -100,3 +102,48 @@ def test_scores_split_over_eight_devices_equal_one_device():
   for name in ('rdan', 'mmca'):
     assert seen[name]['devices'] == 8 and seen[name]['shape'] == [37, 23], seen
     assert seen[name]['max_abs_diff'] == 0.0, seen  # the same program on the same shapes per device
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_interrupted_scoring_resumes_from_its_finished_columns(tmp_path):
+  rng = np.random.default_rng(1)
+  config = ml_collections.ConfigDict({'name': 'scan', 'embed_size': 8, 'word_dim': 8, 'cross_attn': 't2i'})
+  model = build_model(config, vocab_size=20, img_dim=7)
+  images = {'regions': rng.normal(size=(9, 4, 7)).astype(np.float32)}
+  mask = (np.arange(6)[None] < rng.integers(1, 7, size=23)[:, None]).astype(np.float32)
+  tokens = (rng.integers(1, 20, size=(23, 6)) * mask).astype(np.int32)
+  variables = model.init(jax.random.key(0), images, {'tokens': tokens, 'mask': mask})
+  scorer = inference.Scorer(model, variables, image_chunk=4, text_batch=5)  # 5 column blocks
+  image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
+  want = scorer.pair_scores(image_rep, text_rep)
+
+  calls, real, killed = [], scorer._pair_scores, []  # pylint: disable=protected-access
+
+  def dies_in_the_third_block(*args):
+    calls.append(1)
+    if len(calls) == 7 and not killed:  # 3 image chunks per block: the third block's first chunk
+      killed.append(1)
+      raise _Killed
+    return real(*args)
+
+  scorer._pair_scores = dies_in_the_third_block  # pylint: disable=protected-access
+  partial = str(tmp_path / 'partial')
+  identity = {'checkpoint': 'best', 'step': 7}
+  with pytest.raises(_Killed):
+    scorer.pair_scores(image_rep, text_rep, partial, identity)
+  assert len([n for n in os.listdir(partial) if n.startswith('columns_')]) == 2
+  calls.clear()
+  got = scorer.pair_scores(image_rep, text_rep, partial, identity)
+  np.testing.assert_array_equal(got, want)
+  assert len(calls) == 3 * 3 and not os.path.exists(partial)  # only blocks 3-5 computed; the store removed
+
+  # Columns of another checkpoint are never reused.
+  os.makedirs(partial)
+  scorer._pair_scores = real  # pylint: disable=protected-access
+  inference._ColumnStore(partial, {'checkpoint': 'best', 'step': 6, 'shape': [9, 23], 'text_batch': 5}).put(  # pylint: disable=protected-access
+    0, np.zeros((9, 5), np.float32)
+  )
+  np.testing.assert_array_equal(scorer.pair_scores(image_rep, text_rep, partial, identity), want)

@@ -135,8 +135,16 @@ def evaluate_workdir(
   start = time.perf_counter()
   if rerank_k:
     sims_i2t, sims = rerank.rerank(scorer, image_rep, text_rep, rerank_k)  # sims: the text-to-image matrix
-  else:
-    sims = scorer.pair_scores(image_rep, text_rep)
+  else:  # finished column blocks are kept in W/eval/.partial_<name> until the matrix is complete (resumable)
+    partial = workdirs.partial_scores_dir(workdir, workdirs.result_name(split, dataset=cross))
+    identity = {
+      'checkpoint': which,
+      'step': int(meta.get('step', -1)),
+      'dataset': config.dataset,
+      'split': split,
+      'model': json.loads(config.model.to_json()),
+    }
+    sims = scorer.pair_scores(image_rep, text_rep, partial, identity)
   seconds = time.perf_counter() - start
   n_img = sims.shape[0]
   if metric == 'map':

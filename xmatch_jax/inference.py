@@ -3,6 +3,10 @@
 Used by dev evaluation during training, `xmatch_jax.evaluate` and the `Retriever` API.
 """
 
+import json
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,26 +121,35 @@ class Scorer:
       unit='caption',
     )
 
-  def pair_scores(self, image_rep, text_rep) -> np.ndarray:
+  def pair_scores(self, image_rep, text_rep, resume_dir: str | None = None, identity: dict | None = None) -> np.ndarray:
     """All pairs -> [n_img, n_txt] numpy, streamed in tiles of image_chunk images (per device) x text_batch captions.
 
     Tiling both sides bounds memory for heads whose pair tensors grow with the caption count (MMCA's joint
-    sequence); the columns of zero-padded captions in the last tile are dropped.
+    sequence); the columns of zero-padded captions in the last tile are dropped. With `resume_dir`, every finished
+    column of tiles (all images x text_batch captions) is saved there and a later call with the same `identity`
+    (what the scores depend on: checkpoint, data, sizes) computes only the missing ones: an interrupted COCO-5K
+    evaluation resumes. The directory is removed when the matrix is complete.
     """
     n_txt = jax.tree.leaves(text_rep)[0].shape[0]
     n_img = jax.tree.leaves(image_rep)[0].shape[0]
+    done = _ColumnStore(resume_dir, {**(identity or {}), 'shape': [n_img, n_txt], 'text_batch': self.text_batch})
     columns = []
     with progress.bar(total=n_img * n_txt, desc=self.desc, unit='pair', unit_scale=True) as bar:
       for start in range(0, n_txt, self.text_batch):
         part = jax.tree.map(lambda x: x[start : start + self.text_batch], text_rep)
         rows = jax.tree.leaves(part)[0].shape[0]
-        if rows < self.text_batch:
-          part = _pad_rows(part, self.text_batch)
-        tile = map_chunks(
-          lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk * len(self.devices)
-        )
-        columns.append(np.asarray(tile)[:, :rows])
+        column = done.get(start, (n_img, rows))
+        if column is None:
+          if rows < self.text_batch:
+            part = _pad_rows(part, self.text_batch)
+          tile = map_chunks(
+            lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk * len(self.devices)
+          )
+          column = np.asarray(tile)[:, :rows]
+          done.put(start, column)
+        columns.append(column)
         bar.update(n_img * rows)
+    done.finish()
     return np.concatenate(columns, axis=1)
 
   def candidate_scores(
@@ -172,3 +185,52 @@ class Scorer:
 
   def score(self, images: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return self.pair_scores(self.encode_images(images), self.encode_text(tokens, mask))
+
+
+class _ColumnStore:
+  """Finished score columns of one `Scorer.pair_scores` call on disk (`resume_dir`), valid for one identity."""
+
+  def __init__(self, directory: str | None, identity: dict):
+    self.directory = directory
+    if directory is None:
+      return
+    manifest = os.path.join(directory, 'identity.json')
+    identity = json.loads(json.dumps(identity))  # as it reads back
+    if os.path.exists(manifest):
+      with open(manifest) as f:
+        try:
+          same = json.load(f) == identity
+        except json.JSONDecodeError:
+          same = False
+      if not same:  # another checkpoint, split or size: nothing here is valid
+        shutil.rmtree(directory)
+    os.makedirs(directory, exist_ok=True)
+    if not os.path.exists(manifest):
+      with open(manifest, 'w') as f:
+        json.dump(identity, f)
+    found = sorted(n for n in os.listdir(directory) if n.startswith('columns_') and n.endswith('.npy'))
+    if found:
+      progress.write(f'{directory}: resuming with {len(found)} finished column block(s)')
+
+  def _path(self, start: int) -> str:
+    return os.path.join(self.directory, f'columns_{start:09d}.npy')
+
+  def get(self, start: int, shape: tuple) -> np.ndarray | None:
+    if self.directory is None or not os.path.exists(self._path(start)):
+      return None
+    try:
+      column = np.load(self._path(start), allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # cut short by the interruption: compute it again
+      return None
+    return column if column.shape == shape else None
+
+  def put(self, start: int, column: np.ndarray) -> None:
+    if self.directory is None:
+      return
+    tmp = self._path(start) + '.tmp.npy'
+    np.save(tmp, column)
+    os.replace(tmp, self._path(start))  # a column file is whole or absent
+
+  def finish(self) -> None:
+    if self.directory is not None:
+      shutil.rmtree(self.directory, ignore_errors=True)

@@ -6,7 +6,8 @@ W/bert/                       the BERT's config.json and tokenizer files (its we
 W/checkpoints/<step>/         the latest checkpoints;  W/best/<step>/  the best on dev (xmatch_jax/checkpoints.py)
 W/stages/<stage>/             DAER's stages 1-2, each a workdir of checkpoints of its own
 W/metrics.jsonl, W/tb/        training logs (JSON lines, TensorBoard)
-W/eval/<split>.json, <split>_rerank<k>.json, <split>_scores.npy, <split>_fused.json   evaluation outputs
+W/eval/<split>.json, <split>_rerank<k>.json, <split>_scores.npy, <split>_fused.json, <split>_topk.json
+                              evaluation outputs; .partial_<split>/ the finished score columns of an interrupted one
 """
 
 import json
@@ -75,6 +76,11 @@ def result_path(workdir: str, split: str, rerank_k: int = 0, fused: bool = False
 def topk_path(workdir: str, split: str, rerank_k: int = 0, dataset: str = '') -> str:
   """W/eval/<result_name>_topk.json: per query its k best items with ids and scores (evaluate --topk)."""
   return os.path.join(eval_dir(workdir), f'{result_name(split, rerank_k, dataset=dataset)}_topk.json')
+
+
+def partial_scores_dir(workdir: str, name: str) -> str:
+  """W/eval/.partial_<name>/: finished score columns of an evaluation in progress (removed when it completes)."""
+  return os.path.join(eval_dir(workdir), f'.partial_{name}')
 
 
 def scores_path(workdir: str, split: str) -> str:
