@@ -6,12 +6,16 @@ W/bert/                       the BERT's config.json and tokenizer files (its we
 W/checkpoints/<step>/         the latest checkpoints;  W/best/<step>/  the best on dev (xmatch_jax/checkpoints.py)
 W/stages/<stage>/             DAER's stages 1-2, each a workdir of checkpoints of its own
 W/metrics.jsonl, W/tb/        training logs (JSON lines, TensorBoard)
+W/.lock                       the pid and host of the training run using W (run_lock)
 W/eval/<split>.json, <split>_rerank<k>.json, <split>_scores.npy, <split>_fused.json, <split>_topk.json
                               evaluation outputs; .partial_<split>/ the finished score columns of an interrupted one
 """
 
+import contextlib
 import json
 import os
+import socket
+import time
 
 import jax
 import ml_collections
@@ -176,3 +180,80 @@ def prepare_vocab(config: ml_collections.ConfigDict, workdir: str, train_caption
   if jax.process_index() == 0:
     vocab.to_json(path)
   return vocab
+
+
+LOCK_FILE = '.lock'
+
+
+def lock_path(workdir: str) -> str:
+  return os.path.join(workdir, LOCK_FILE)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+def _read_lock(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {}  # half-written by a process killed while writing it: stale
+
+
+def _age(path: str) -> float:
+  try:
+    return time.time() - os.path.getmtime(path)
+  except FileNotFoundError:
+    return 0.0
+
+
+@contextlib.contextmanager
+def run_lock(workdir: str):
+  """Holds W/.lock (pid, host, start time) while a training run uses W, so that a second run into the same workdir
+  is refused with a message naming the first. A lock left by a dead process of this host (kill -9, a crash) is
+  taken over with a warning; one of another host is refused (its liveness cannot be checked from here), saying
+  how to remove it. Only process 0 of a multi-process run holds it."""
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path, host, pid = lock_path(workdir), socket.gethostname(), os.getpid()
+  mine = {'pid': pid, 'host': host, 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+  while True:
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      held = _read_lock(path)
+      if not held and _age(path) < 10:  # being written by a run starting right now
+        time.sleep(0.5)
+        continue
+      owner = f'pid {held.get("pid")} on host {held.get("host")} (since {held.get("started")})'
+      if held and held.get('host') != host:
+        raise errors.UserError(
+          f'{workdir} is in use by the training run of {owner}; wait for it, use another --workdir, or delete '
+          f'{path} if that run is gone'
+        ) from None
+      if held and held.get('pid') != pid and _alive(int(held['pid'])):
+        raise errors.UserError(
+          f'{workdir} is in use by the training run of {owner}; wait for it or use another --workdir'
+        ) from None
+      gone = owner if held else 'an unreadable lock file'
+      print(f'warning: {path}: taking over the lock of {gone}, whose run is no longer running', flush=True)
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+      continue
+    with os.fdopen(fd, 'w') as f:
+      json.dump(mine, f)
+    break
+  try:
+    yield
+  finally:
+    if _read_lock(path).get('pid') == pid:
+      os.remove(path)

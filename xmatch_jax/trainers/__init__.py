@@ -4,6 +4,7 @@ VSE++, RDAN, MMCA, GLFN) and 'staged' (DAER's Algorithm 1). Both run on trainers
 import ml_collections
 
 from xmatch_jax import errors
+from xmatch_jax import workdirs
 from xmatch_jax.trainers import contrastive
 from xmatch_jax.trainers import staged
 
@@ -16,8 +17,10 @@ def trainer_name(config: ml_collections.ConfigDict) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` into `workdir` (resuming if it has a checkpoint) with its trainer; returns the last dev metrics."""
+  """Trains `config` into `workdir` (resuming if it has a checkpoint) with its trainer; returns the last dev metrics.
+  A second run into a workdir in use is refused (workdirs.run_lock)."""
   name = trainer_name(config)
   if name not in TRAINERS:
     raise errors.UserError(f'config.trainer = {name!r}; expected one of {sorted(TRAINERS)}.')
-  return TRAINERS[name](config, workdir)
+  with workdirs.run_lock(workdir):
+    return TRAINERS[name](config, workdir)
