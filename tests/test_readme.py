@@ -174,7 +174,9 @@ def _has_field(config, dotted: str) -> bool:
 def _every_model_config() -> tuple:
   """Each configs/<model>.py at its default dataset (to check overrides shown without a config file)."""
   names = sorted(
-    n for n in os.listdir(os.path.join(ROOT, 'configs')) if n.endswith('.py') and n not in ('__init__.py', 'common.py')
+    n
+    for n in os.listdir(os.path.join(ROOT, 'configs'))
+    if n.endswith('.py') and n not in ('__init__.py', 'common.py', 'from_json.py')
   )
   return tuple(_load_config(f'configs/{name}') for name in names)
 
