@@ -48,26 +48,24 @@ def _logged_step(workdir) -> int:
   return max(steps, default=0)
 
 
-def _wait_for_step(proc, workdir, step, timeout=300):
+def _wait_until(proc, done, what: str, timeout=300):
   deadline = time.time() + timeout
-  while _logged_step(workdir) < step:
+  while not done():
     if proc.poll() is not None:
       raise AssertionError(f'training ended early ({proc.returncode}):\n{proc.stdout.read()}')
     if time.time() > deadline:
       proc.kill()
-      raise AssertionError(f'no step {step} within {timeout} s')
+      raise AssertionError(f'no {what} within {timeout} s')
     time.sleep(0.2)
 
 
-def _wait_for_checkpoint(proc, workdir, timeout=300):
-  deadline = time.time() + timeout
-  while not os.path.isdir(os.path.join(workdir, 'checkpoints')) or not RunCheckpoints(workdir).latest.all_steps():
-    if proc.poll() is not None:
-      raise AssertionError(f'training ended early ({proc.returncode}):\n{proc.stdout.read()}')
-    if time.time() > deadline:
-      proc.kill()
-      raise AssertionError(f'no committed checkpoint within {timeout} s')
-    time.sleep(0.2)
+def _wait_for_step(proc, workdir, step):
+  _wait_until(proc, lambda: _logged_step(workdir) >= step, f'step {step}')
+
+
+def _wait_for_checkpoint(proc, workdir):
+  committed = lambda: os.path.isdir(os.path.join(workdir, 'checkpoints')) and RunCheckpoints(workdir).latest.all_steps()
+  _wait_until(proc, committed, 'committed checkpoint')
 
 
 def _params(workdir):

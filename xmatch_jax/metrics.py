@@ -8,6 +8,7 @@ processed in chunks so that a COCO 5K matrix (5000 x 25000) never needs more tha
 import numpy as np
 
 from xmatch_jax import errors
+from xmatch_jax.data import validation
 
 RECALL_KS = (1, 5, 10)
 RECALL_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10')
@@ -34,14 +35,7 @@ def _check_sims(sims, captions_per_image: int, caption_to_image=None) -> tuple[n
       )
     caption_to_image = np.arange(n_cap) // captions_per_image
   else:
-    caption_to_image = np.asarray(caption_to_image)
-    if caption_to_image.shape != (n_cap,) or not np.issubdtype(caption_to_image.dtype, np.integer):
-      raise errors.UserError(
-        f'caption_to_image must be an integer array with one entry per caption column ({n_cap}); got shape '
-        f'{caption_to_image.shape}, dtype {caption_to_image.dtype}.'
-      )
-    if n_cap and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
-      raise errors.UserError(f'caption_to_image must index the {n_img} image rows; got values outside [0, {n_img}).')
+    caption_to_image = validation.check_caption_index(caption_to_image, n_cap, n_img)
     without = np.setdiff1d(np.arange(n_img), caption_to_image)
     if without.size:
       raise errors.UserError(

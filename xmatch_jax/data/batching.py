@@ -15,6 +15,7 @@ import numpy as np
 
 from xmatch_jax import errors
 from xmatch_jax.data import lazy
+from xmatch_jax.data import validation
 
 
 def _check_buckets(buckets: Sequence[int]) -> tuple:
@@ -139,17 +140,7 @@ class TrainBatcher:
         )
     self._captions = [_check_token_array(c, i) for i, c in enumerate(captions)]
     n_cap = len(self._captions)
-    caption_to_image = np.asarray(caption_to_image)
-    if caption_to_image.shape != (n_cap,) or not np.issubdtype(caption_to_image.dtype, np.integer):
-      raise errors.UserError(
-        f'caption_to_image must be an integer array of shape ({n_cap},) (one per caption); got '
-        f'shape {caption_to_image.shape}, dtype {caption_to_image.dtype}.'
-      )
-    if n_cap and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
-      raise errors.UserError(
-        f'caption_to_image must index images in [0, {n_img}); got values in '
-        f'[{caption_to_image.min()}, {caption_to_image.max()}].'
-      )
+    caption_to_image = validation.check_caption_index(caption_to_image, n_cap, n_img)
     self._caption_to_image = caption_to_image.astype(np.int32)
     if not 1 <= batch_size <= n_cap:
       raise errors.UserError(f'batch_size must be in [1, n_captions = {n_cap}]; got {batch_size}.')

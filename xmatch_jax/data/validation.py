@@ -75,3 +75,19 @@ def check_split(
   for i, caption in enumerate(captions):
     if not isinstance(caption, str) or not caption.strip():
       raise errors.UserError(f'{source}: caption {i} is empty; every caption needs at least one word.')
+
+
+def check_caption_index(caption_to_image, n_cap: int, n_img: int) -> np.ndarray:
+  """caption_to_image as an array: integer, one entry per caption, each an image row in [0, n_img)."""
+  caption_to_image = np.asarray(caption_to_image)
+  if caption_to_image.shape != (n_cap,) or not np.issubdtype(caption_to_image.dtype, np.integer):
+    raise errors.UserError(
+      f'caption_to_image must be an integer array of shape ({n_cap},) (one per caption); got '
+      f'shape {caption_to_image.shape}, dtype {caption_to_image.dtype}.'
+    )
+  if n_cap and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
+    raise errors.UserError(
+      f'caption_to_image must index images in [0, {n_img}); got values in '
+      f'[{caption_to_image.min()}, {caption_to_image.max()}].'
+    )
+  return caption_to_image
