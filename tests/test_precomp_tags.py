@@ -102,7 +102,7 @@ def test_tags_round_trip_in_memory_and_lazy_and_glfn_tokenises_them(tmp_path, mo
 
   # Tags added after the build: the reused build is refused, naming the directory to delete; then it rebuilds.
   _write_tags(tmp_path / 'bare' / 'custom_precomp', SIZES)
-  built = tmp_path / 'tfds2' / 'xmatch_precomp' / 'custom' / '1.1.0'
+  built = tmp_path / 'tfds2' / 'xmatch_precomp' / 'custom' / str(precomp.XmatchPrecomp.VERSION)
   with pytest.raises(ValueError, match=rf'{built}: this build .* has no tags, but .* now holds train_tags.txt'):
     data_lib.load_split('precomp', 'test', str(tmp_path / 'tfds2'))
   shutil.rmtree(built)

@@ -110,7 +110,7 @@ def evaluate_workdir(
   data = load_split(config.dataset, split, config.data_dir or None)
   img_dim = run_setup.img_dim_of(data.images)
   trained_dim = config.get('data_info', {}).get('img_dim')
-  if trained_dim is not None and img_dim and img_dim != int(trained_dim):
+  if trained_dim and img_dim and img_dim != int(trained_dim):  # 0: a pixel model (DAER) reads no features
     raise errors.UserError(
       f'dataset {config.dataset}/{split} has {img_dim}-d image features; the run in {workdir} was trained on '
       f'{trained_on} with {trained_dim}-d features'

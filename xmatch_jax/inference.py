@@ -80,11 +80,17 @@ class Scorer:
     self.image_chunk = image_chunk
     self.text_batch = text_batch
     self.desc = desc  # the progress bar's label (bars appear for scoring that lasts over 10 s)
-    self.devices = list(devices or jax.local_devices())
+    # One process's local devices; in a multi-process job each process scores alone on its first device.
+    self.devices = list(devices or (jax.local_devices() if jax.process_count() == 1 else jax.local_devices()[:1]))
     self._encode_image = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
     self._encode_text = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_text))
     mesh = jax.sharding.Mesh(np.array(self.devices), ('images',))
     spec = jax.sharding.PartitionSpec
+    # Inputs committed to one device (the trainer's local copy of the params, reps computed from them) are placed
+    # on the mesh first: replicated variables and captions, images split.
+    self._replicated = jax.sharding.NamedSharding(mesh, spec())
+    self._split = jax.sharding.NamedSharding(mesh, spec('images'))
+    self._mesh_variables = None
     self._pair_scores = jax.jit(
       jax.shard_map(
         lambda v, i, t: model.apply(v, i, t, method=model.pair_scores),
@@ -142,8 +148,13 @@ class Scorer:
         if column is None:
           if rows < self.text_batch:
             part = _pad_rows(part, self.text_batch)
+          if self._mesh_variables is None:
+            self._mesh_variables = jax.device_put(self.variables, self._replicated)
+          on_mesh = jax.device_put(part, self._replicated)
           tile = map_chunks(
-            lambda i: self._pair_scores(self.variables, i, part), image_rep, self.image_chunk * len(self.devices)
+            lambda i: self._pair_scores(self._mesh_variables, jax.device_put(i, self._split), on_mesh),
+            image_rep,
+            self.image_chunk * len(self.devices),
           )
           column = np.asarray(tile)[:, :rows]
           done.put(start, column)
