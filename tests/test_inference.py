@@ -1,6 +1,9 @@
 """Scorer: tiled encoding and all-pairs scoring equal one unchunked call of the model."""
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -83,11 +86,6 @@ def test_rerank_candidates_carry_full_scores_and_k_all_equals_exhaustive(name):
 
 @pytest.mark.slow
 def test_scores_split_over_eight_devices_equal_one_device():
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-
   here = os.path.dirname(os.path.abspath(__file__))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
   run = subprocess.run(

@@ -65,29 +65,25 @@ def check_split(
       f'{source}: {len(captions)} captions for {n_img} images; expected '
       f'{captions_per_image} x {n_img} = {captions_per_image * n_img}.'
     )
-  caption_to_image = np.asarray(caption_to_image)
-  if caption_to_image.shape != (len(captions),):
-    raise errors.UserError(
-      f'{source}: caption_to_image has shape {caption_to_image.shape}; expected ({len(captions)},).'
-    )
-  if len(captions) and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
-    raise errors.UserError(f'{source}: caption_to_image must index images in [0, {n_img}).')
+  check_caption_index(caption_to_image, len(captions), n_img, source)
   for i, caption in enumerate(captions):
     if not isinstance(caption, str) or not caption.strip():
       raise errors.UserError(f'{source}: caption {i} is empty; every caption needs at least one word.')
 
 
-def check_caption_index(caption_to_image, n_cap: int, n_img: int) -> np.ndarray:
-  """caption_to_image as an array: integer, one entry per caption, each an image row in [0, n_img)."""
+def check_caption_index(caption_to_image, n_cap: int, n_img: int, source: str = '') -> np.ndarray:
+  """caption_to_image as an array: integer, one entry per caption, each an image row in [0, n_img). `source`
+  (where the data came from) starts every message."""
+  where = f'{source}: ' if source else ''
   caption_to_image = np.asarray(caption_to_image)
   if caption_to_image.shape != (n_cap,) or not np.issubdtype(caption_to_image.dtype, np.integer):
     raise errors.UserError(
-      f'caption_to_image must be an integer array of shape ({n_cap},) (one per caption); got '
-      f'shape {caption_to_image.shape}, dtype {caption_to_image.dtype}.'
+      f'{where}caption_to_image has shape {caption_to_image.shape}; expected ({n_cap},), one integer per caption '
+      f'(got dtype {caption_to_image.dtype}).'
     )
   if n_cap and (caption_to_image.min() < 0 or caption_to_image.max() >= n_img):
     raise errors.UserError(
-      f'caption_to_image must index images in [0, {n_img}); got values in '
+      f'{where}caption_to_image must index images in [0, {n_img}); got values in '
       f'[{caption_to_image.min()}, {caption_to_image.max()}].'
     )
   return caption_to_image
