@@ -47,6 +47,8 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.loss.margin = 0.2  # hinge margin alpha
   c.loss.max_violation = True  # hardest negative (VSE++) instead of the sum over negatives
   c.loss.mask_same_image = True  # captions of the same image in a batch are not negatives of each other
+  c.loss.rescore_hardest = True  # with max_violation: gradients through the 3 B pairs the loss uses, not all B^2
+  # (same loss and gradient; trainers/contrastive.rescored_hardest_loss). False: backpropagate the dense B x B scores
   c.loss.warmup_epochs = 0  # with max_violation: sum over all negatives for this many epochs first (VSE++)
 
   c.optim = ml_collections.ConfigDict()

@@ -11,6 +11,7 @@ import pytest
 from configs import common as config_common
 from configs import rdan as rdan_config
 from xmatch_jax.models import model_fields
+from xmatch_jax.models import rdan as rdan_module
 from xmatch_jax.models.rdan import RDAN
 from xmatch_jax.models.rdan import same_conv
 
@@ -235,8 +236,14 @@ def test_blocked_equals_unblocked_values_and_gradients():
       np.testing.assert_allclose(grad, want, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize('kernel_shape', [(3, 1, 1, 4), (1, 3, 4, 4), (3, 3, 4, 4), (1, 1, 4, 2)])
-def test_conv_backward_equals_autodiff_of_lax_conv(kernel_shape):
+def _conv_without_bias(x, kernel):
+  return rdan_module._conv(x, kernel, jnp.zeros(kernel.shape[-1]))
+
+
+@pytest.mark.parametrize('conv', [same_conv, _conv_without_bias], ids=['same_conv', 'relation_layer'])
+@pytest.mark.parametrize('kernel_shape', [(3, 1, 1, 4), (3, 3, 1, 4), (1, 3, 4, 4), (3, 3, 4, 4), (1, 1, 4, 2)])
+def test_conv_backward_equals_autodiff_of_lax_conv(conv, kernel_shape):
+  # The relation layers' single-input-channel path is a sum of shifted maps, not a convolution.
   rng = np.random.default_rng(10)
   x = jnp.asarray(rng.normal(size=(6, 5, 7, kernel_shape[2])), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
@@ -245,7 +252,7 @@ def test_conv_backward_equals_autodiff_of_lax_conv(kernel_shape):
   def lax_conv(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
-  got_out, got_vjp = jax.vjp(same_conv, x, kernel)
+  got_out, got_vjp = jax.vjp(conv, x, kernel)
   want_out, want_vjp = jax.vjp(lax_conv, x, kernel)
   np.testing.assert_allclose(got_out, want_out, rtol=1e-6, atol=1e-6)
   for got, want in zip(got_vjp(cotangent), want_vjp(cotangent)):

@@ -238,6 +238,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
   good_step = RunCheckpoints(workdir).latest.latest_step()
   good = _params(workdir)
   monkeypatch.setattr(losses, 'contrastive_loss', lambda scores, *a, **k: jnp.sum(scores) * jnp.nan)
+  monkeypatch.setattr(losses, 'hardest_negative_loss', lambda positive, *a, **k: jnp.sum(positive) * jnp.nan)
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
     trainers.train_and_evaluate(tiny_config(data_dir, num_epochs=2), workdir)
   assert RunCheckpoints(workdir).latest.latest_step() == good_step

@@ -60,6 +60,40 @@ def contrastive_loss(scores, margin: float, max_violation: bool, image_ids=None)
   return cost_s.sum() + cost_im.sum()
 
 
+def hardest_negatives(scores, image_ids=None) -> tuple:
+  """The hardest negative of every row and column of a [B, B] score matrix (no gradient flows through it).
+
+  Returns:
+    (hard_caption [B] int, row_has_negative [B] bool, hard_image [B] int, column_has_negative [B] bool):
+    hard_caption[i] is the caption j maximising scores[i, j] over image i's negatives, hard_image[j] the image
+    maximising scores[i, j] over caption j's negatives; the first such index on ties, as PyTorch's `max(1)`
+    (docs/fidelity.md, LOSS-4). A row or column without negatives gets index 0 and has_negative False.
+  """
+  scores = jnp.asarray(scores)
+  negatives = _negatives_mask(scores.shape[0], image_ids)
+  masked = jnp.where(negatives, scores, -jnp.inf)
+  return (
+    jnp.argmax(masked, axis=1),
+    negatives.any(axis=1),
+    jnp.argmax(masked, axis=0),
+    negatives.any(axis=0),
+  )
+
+
+def hardest_negative_loss(positive, hard_caption, hard_image, row_has_negative, column_has_negative, margin: float):
+  """`contrastive_loss(..., max_violation=True)` from the scores of the pairs it depends on.
+
+  max_j relu(margin + s_ij - s_ii) = relu(margin + max_j s_ij - s_ii), so the loss is a function of 3 B scores:
+  positive [B] (s_ii), hard_caption [B] (image i with its hardest negative caption) and hard_image [B] (caption j
+  with its hardest negative image), as chosen by `hardest_negatives`; row_has_negative / column_has_negative [B]
+  zero the terms of rows and columns without negatives.
+  """
+  _check_margin(margin)
+  cost_s = jnp.where(row_has_negative, jnp.maximum(margin + hard_caption - positive, 0.0), 0.0)
+  cost_im = jnp.where(column_has_negative, jnp.maximum(margin + hard_image - positive, 0.0), 0.0)
+  return cost_s.sum() + cost_im.sum()
+
+
 def collapse_value(batch: int, margin: float, max_violation: bool, image_ids=None) -> float:
   """The loss when all scores are equal (a collapsed embedding), for a "training has collapsed" warning.
 

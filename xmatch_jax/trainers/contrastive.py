@@ -80,9 +80,12 @@ def train_step(state, batch, *, model, tx, schedule, loss_cfg, max_violation=Non
   """
   hardest = loss_cfg.max_violation if max_violation is None else max_violation
 
+  image_ids = batch['image_ids'] if loss_cfg.mask_same_image else None
+
   def loss_fn(params):
+    if hardest and loss_cfg.get('rescore_hardest', True):
+      return rescored_hardest_loss(model, {'params': params}, batch, loss_cfg.margin, image_ids)
     scores = model.apply({'params': params}, batch['images'], batch['text'])
-    image_ids = batch['image_ids'] if loss_cfg.mask_same_image else None
     return losses.contrastive_loss(scores, loss_cfg.margin, hardest, image_ids=image_ids)
 
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])
@@ -96,6 +99,38 @@ def train_step(state, batch, *, model, tx, schedule, loss_cfg, max_violation=Non
     'learning_rate': schedule(state['step']),
   }
   return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+
+
+def rescored_hardest_loss(model, variables: dict, batch: dict, margin: float, image_ids=None) -> jax.Array:
+  """The hardest-negative loss with gradients through the 3 B pairs it depends on, not all B^2 (same value).
+
+  The B x B scores are computed without gradient (no stored or rematerialised intermediates) to choose each row's
+  and column's hardest negative; the positives and the chosen negatives are then scored again, pair by pair, with
+  gradient. The gradient equals the dense `losses.contrastive_loss`'s, whose max passes no gradient to the other
+  B^2 - 3 B pairs, except on exact ties (docs/fidelity.md, LOSS-4). This makes a step of a cross-attention head
+  cost one all-pairs forward plus a 3 B-pair forward and backward (docs/architecture.md, "The train step").
+  """
+  image_rep = model.apply(variables, batch['images'], method=model.encode_image)
+  text_rep = model.apply(variables, batch['text'], method=model.encode_text)
+  frozen = jax.lax.stop_gradient
+  scores = model.apply(frozen(variables), frozen(image_rep), frozen(text_rep), method=model.pair_scores)
+  hard_caption, row_has_negative, hard_image, column_has_negative = losses.hardest_negatives(scores, image_ids)
+  own = jnp.arange(scores.shape[0])
+  image_index = jnp.concatenate([own, own, hard_image])
+  caption_index = jnp.concatenate([own, hard_caption, own])
+
+  def one_pair(image, text):
+    one = functools.partial(jax.tree.map, lambda x: x[None])
+    return model.apply(variables, one(image), one(text), method=model.pair_scores)[0, 0]
+
+  def take(rep, index):
+    return jax.tree.map(lambda x: jnp.take(x, index, axis=0), rep)
+
+  pairs = jax.vmap(one_pair)(take(image_rep, image_index), take(text_rep, caption_index))
+  positive, hard_caption_scores, hard_image_scores = jnp.split(pairs, 3)
+  return losses.hardest_negative_loss(
+    positive, hard_caption_scores, hard_image_scores, row_has_negative, column_has_negative, margin
+  )
 
 
 def load_pretrained(config: ml_collections.ConfigDict, params: dict) -> dict:
