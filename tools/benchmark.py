@@ -382,14 +382,13 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
     print(f'--compare-torch: no PyTorch reference for this model configuration ({m["name"]}); skipped.')
     return {}
   fn = lambda: reference.run(regions, words, mask, params, m)
-  kind = reference.kind
   with torch.no_grad():
-    reference = fn().numpy()
+    torch_scores = fn().numpy()
     times = _time(fn, args.repeats, warmup=0)
   return {
-    'torch_implementation': kind,
+    'torch_implementation': reference.kind,
     'torch_time_s': _summary(times),
-    'max_abs_diff': float(np.max(np.abs(reference - scores))),
+    'max_abs_diff': float(np.max(np.abs(torch_scores - scores))),
   }
 
 
