@@ -62,6 +62,7 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.log_every_steps = 100  # metrics to workdir/metrics.jsonl and TensorBoard
   c.eval_every_epochs = 1  # dev recall + checkpoint (latest, and best on dev rsum)
   c.checkpoint_every_steps = 1000  # extra saves inside long epochs
+  c.checkpoint_every_minutes = 10.0  # and whenever this much wall time passed since the last save (0: off)
   c.keep_checkpoints = 2
   c.eval_image_chunk = 128  # images per scoring tile in evaluation
   c.eval_text_batch = 256  # captions per encoding batch and per scoring tile in evaluation

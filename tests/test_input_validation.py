@@ -104,6 +104,7 @@ def test_missing_config_file():
     ('log_every_steps', 0, 'an int >= 1'),
     ('eval_every_epochs', 0, 'an int >= 1'),
     ('checkpoint_every_steps', 0, 'an int >= 1'),
+    ('checkpoint_every_minutes', -1.0, 'a float >= 0 (0: no saves by wall time)'),
     ('keep_checkpoints', 0, 'an int >= 1'),
     ('caption_buckets', (), 'a non-empty tuple of ints >= 1'),
     ('caption_buckets', (0, 16), 'a non-empty tuple of ints >= 1'),

@@ -47,6 +47,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     ('log_every_steps', config.log_every_steps >= 1, 'an int >= 1'),
     ('eval_every_epochs', config.eval_every_epochs >= 1, 'an int >= 1'),
     ('checkpoint_every_steps', config.checkpoint_every_steps >= 1, 'an int >= 1'),
+    (
+      'checkpoint_every_minutes',
+      config.get('checkpoint_every_minutes', 0.0) >= 0,
+      'a float >= 0 (0: no saves by wall time)',
+    ),
     ('memory_budget_gb', config.memory_budget_gb >= 0, 'a float >= 0 (0: no budget)'),
     ('keep_checkpoints', config.keep_checkpoints >= 1, 'an int >= 1'),
     (
@@ -286,6 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log_every=config.log_every_steps,
     eval_every=config.eval_every_epochs,
     checkpoint_every=config.checkpoint_every_steps,
+    checkpoint_every_minutes=config.get('checkpoint_every_minutes', 0.0),
     collapse=collapse,
     watch_after=warmup_steps,
   )

@@ -6,7 +6,8 @@ loop owns the order of events, which is the same for every trainer:
   for each step: dispatch it (one step stays in flight, so the bar and its ETA count completed steps) ->
   at a log point fetch the pending metrics, stop on a non-finite loss, write them -> at an evaluation point (every
   `eval_every` epochs and the last step) call the trainer's `evaluate`, which checkpoints -> else every
-  `checkpoint_every` steps save -> on SIGTERM / SIGINT save (unless just saved) and raise `Interrupted`.
+  `checkpoint_every` steps, or when `checkpoint_every_minutes` of wall time have passed since the last save, save
+  -> on SIGTERM / SIGINT save (unless just saved) and raise `Interrupted`.
 """
 
 import dataclasses
@@ -111,8 +112,12 @@ class StepLoop:
     writer: the run's MetricsWriter.
     total: steps in all; steps_per_epoch: steps of one epoch.
     log_every / eval_every (epochs) / checkpoint_every (steps, 0: only at evaluations): the intervals.
+    checkpoint_every_minutes: also save when this much wall time has passed since the last save (0: off), so a kill
+      loses at most about that much work whatever the step time. With several processes the clock of process 0
+      decides, at log points, so that all save at the same step.
     desc: the progress bar's label; prefix: of the logged metric names (a DAER stage: 'text/').
     collapse: a CollapseWatch checked at every log after `watch_after` steps, or None.
+    clock: seconds, for the wall-time saves.
   """
 
   workdir: str
@@ -122,10 +127,12 @@ class StepLoop:
   log_every: int
   eval_every: int = 1
   checkpoint_every: int = 0
+  checkpoint_every_minutes: float = 0.0
   desc: str = 'train'
   prefix: str = ''
   collapse: Optional[CollapseWatch] = None
   watch_after: int = 0
+  clock: Callable[[], float] = time.monotonic
 
   def run(
     self,
@@ -152,6 +159,7 @@ class StepLoop:
     )
     stop = parallel.StopRequest()
     pending, t0, saved_at = [], time.time(), start
+    saved_time = self.clock()
     in_flight = None  # the last dispatched step's metrics, not yet known to be computed
 
     def write_pending(done):
@@ -184,12 +192,12 @@ class StepLoop:
         epoch = done // self.steps_per_epoch
         if (end_of_epoch and epoch % self.eval_every == 0) or done == self.total:
           evaluate(done, end_of_epoch, state)
-          saved_at = done
-        elif self.checkpoint_every and done % self.checkpoint_every == 0:
+          saved_at, saved_time = done, self.clock()
+        elif (self.checkpoint_every and done % self.checkpoint_every == 0) or self._time_to_save(done, saved_time):
           if pending:
             write_pending(done)
           save(done, state)
-          saved_at = done
+          saved_at, saved_time = done, self.clock()
         if done < self.total and stop.should_stop(done, self.log_every):
           if pending:
             write_pending(done)
@@ -200,6 +208,14 @@ class StepLoop:
       stop.close()
       progress.close()
     return state
+
+  def _time_to_save(self, done: int, saved_time: float) -> bool:
+    if not self.checkpoint_every_minutes:
+      return False
+    if jax.process_count() > 1 and done % self.log_every:
+      return False  # processes agree only at log points
+    due = self.clock() - saved_time >= 60 * self.checkpoint_every_minutes
+    return parallel.on_process_0(due) if jax.process_count() > 1 else due
 
 
 def step_memory_bytes(step_fn, state, batch) -> dict:

@@ -330,6 +330,7 @@ _IGNORED_BY_ALL = (
   'eval_metric',
   'log_every_steps',
   'checkpoint_every_steps',
+  'checkpoint_every_minutes',
   'keep_checkpoints',
   'data_info',
 )
@@ -498,6 +499,7 @@ def run_stage(stage: Stage, dev, writer: loop.MetricsWriter, previous: dict) -> 
     steps_per_epoch=stage.steps_per_epoch,
     log_every=config.log_every_steps,
     checkpoint_every=config.checkpoint_every_steps,
+    checkpoint_every_minutes=config.get('checkpoint_every_minutes', 0.0),
     desc=f'stage {name}',
     prefix=f'{name}/',
   )
