@@ -145,11 +145,6 @@ def agree(values: dict) -> dict:
   return {k: float(v) for k, v in zip(keys, got)}
 
 
-def on_process_0(flag: bool) -> bool:
-  """Process 0's value of `flag` on every process (a collective: every process must call it at the same step)."""
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
-
-
 class StopRequest:
   """SIGTERM / SIGINT (cluster preemption, Ctrl-C) recorded as a request to save and stop at a step boundary.
 

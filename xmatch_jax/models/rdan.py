@@ -119,19 +119,21 @@ def _same_conv_fwd(x, kernel):
   return _lax_same_conv(x, kernel), (x, kernel)
 
 
+def _shifted_maps(x: jax.Array, kh: int, kw: int) -> list:
+  """The kh * kw windows of the zero-padded x [P, H, W, C] seen by a 'same' kernel's taps, in (row, column) order,
+  each [P, H, W, C]: window (a, b) at (h, w) is x[h + a - kh // 2, w + b - kw // 2] (zero outside)."""
+  height, width = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  return [padded[:, a : a + height, b : b + width] for a in range(kh) for b in range(kw)]
+
+
 def _same_conv_bwd(residuals, grad):
   x, kernel = residuals
   kh, kw, in_channels, out_channels = kernel.shape
-  height, width = x.shape[1:3]
   grad = grad.astype(x.dtype)
   dx = _lax_same_conv(grad, jnp.flip(kernel, (0, 1)).swapaxes(2, 3)).astype(x.dtype)
-  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
   grad = grad.reshape(-1, out_channels)
-  taps = [
-    pairwise.matmul(padded[:, a : a + height, b : b + width].reshape(-1, in_channels).T, grad, x.dtype)
-    for a in range(kh)
-    for b in range(kw)
-  ]
+  taps = [pairwise.matmul(tap.reshape(-1, in_channels).T, grad, x.dtype) for tap in _shifted_maps(x, kh, kw)]
   return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -152,13 +154,10 @@ def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: pairwise.DTyp
     return same_conv(x.astype(dtype), kernel.astype(dtype)) + bias
   # bfloat16 operands multiply exactly in float32, so this equals same_conv's float32 accumulation.
   x = x.astype(dtype).astype(jnp.float32)
-  kernel = kernel.astype(dtype).astype(jnp.float32)
-  height, width = x.shape[1:3]
-  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  weights = kernel.astype(dtype).astype(jnp.float32).reshape(kh * kw, -1)  # [taps, O]
   out = bias
-  for a in range(kh):
-    for b in range(kw):
-      out = out + padded[:, a : a + height, b : b + width] * kernel[a, b]
+  for tap, weight in zip(_shifted_maps(x, kh, kw), weights):
+    out = out + tap * weight
   return out
 
 

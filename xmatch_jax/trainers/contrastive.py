@@ -113,7 +113,7 @@ def rescored_hardest_loss(model, variables: dict, batch: dict, margin: float, im
   and column's hardest negative; the positives and the chosen negatives are then scored again, pair by pair, with
   gradient. The gradient equals the dense `losses.contrastive_loss`'s, whose max passes no gradient to the other
   B^2 - 3 B pairs, except on exact ties (docs/fidelity.md, LOSS-4). This makes a step of a cross-attention head
-  cost one all-pairs forward plus a 3 B-pair forward and backward (docs/architecture.md, "The train step").
+  cost one all-pairs forward plus a 3 B-pair forward and backward (docs/architecture.md, "A training step").
   """
   image_rep = model.apply(variables, batch['images'], method=model.encode_image)
   text_rep = model.apply(variables, batch['text'], method=model.encode_text)

@@ -215,7 +215,7 @@ class StepLoop:
     if jax.process_count() > 1 and done % self.log_every:
       return False  # processes agree only at log points
     due = self.clock() - saved_time >= 60 * self.checkpoint_every_minutes
-    return parallel.on_process_0(due) if jax.process_count() > 1 else due
+    return parallel.agree({'due': float(due)})['due'] > 0
 
 
 def step_memory_bytes(step_fn, state, batch) -> dict:
