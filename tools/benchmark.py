@@ -25,17 +25,18 @@ same head on the same inputs (SCAN t2i: the official code's loop over captions w
 vectors; RDAN: batched channels_last convolutions) and checks that the outputs agree.
 """
 
-import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+import types
 from typing import Any
 from typing import Callable
 from typing import NamedTuple
 
+from absl import flags
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -549,46 +550,52 @@ def _fmt_time(t: dict) -> str:
   return f'{t["median"] * 1e3:.1f} ms median (min {t["min"] * 1e3:.1f}, max {t["max"] * 1e3:.1f}, {t["repeats"]} runs)'
 
 
-def parse_args(argv):
-  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--config', default='configs/rdan.py:f30k', help='config file:arg, as for xmatch_jax.train')
-  p.add_argument('--n_images', type=int, default=128)
-  p.add_argument('--n_captions', type=int, default=128)
-  p.add_argument('--k', type=int, default=36, help='regions per image')
-  p.add_argument('--n', type=int, default=20, help='padded caption length')
-  p.add_argument(
-    '--min_len', type=int, default=None, help='shortest caption (lengths uniform in [min_len, n]); default n'
-  )
-  p.add_argument('--block_size', type=int, default=0, help="images per scoring block (0: the config's)")
-  p.add_argument('--embed_size', type=int, default=0, help="D (0: the config's)")
-  p.add_argument('--cnn_channels', type=int, default=0, help="RDAN relation CNN channels (0: the config's)")
-  p.add_argument('--bert_dir', default='', help="BERT of a BERT-based model ('minilm', or a directory)")
-  p.add_argument(
-    '--dtype',
-    default='',
-    choices=['', 'float32', 'bfloat16'],
-    help="config.model.dtype: compute dtype of the model's matmuls ('': the config's)",
-  )
-  p.add_argument('--train_batch', type=int, default=128, help='batch of the timed training step (0: skip)')
-  p.add_argument('--repeats', type=int, default=5)
-  p.add_argument('--train_repeats', type=int, default=3)
-  p.add_argument('--matmul_size', type=int, default=2048)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--compare-torch', dest='compare_torch', action='store_true')
-  p.add_argument('--json', default='', help='also write the results to this JSON file')
-  p.add_argument('--tmpdir', default='/tmp')
-  p.add_argument('--scores_out', default='', help=argparse.SUPPRESS)
-  p.add_argument('--_child', default='', choices=['', 'score', 'train'], help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('config', 'configs/rdan.py:f30k', 'config file:arg, as for xmatch_jax.train', flag_values=FLAGS)
+flags.DEFINE_integer('n_images', 128, 'images scored', flag_values=FLAGS)
+flags.DEFINE_integer('n_captions', 128, 'captions scored against every image', flag_values=FLAGS)
+flags.DEFINE_integer('k', 36, 'regions per image', flag_values=FLAGS)
+flags.DEFINE_integer('n', 20, 'padded caption length', flag_values=FLAGS)
+flags.DEFINE_integer(
+  'min_len', None, 'shortest caption (lengths uniform in [min_len, n]); default n', flag_values=FLAGS
+)
+flags.DEFINE_integer('block_size', 0, "images per scoring block (0: the config's)", flag_values=FLAGS)
+flags.DEFINE_integer('embed_size', 0, "D (0: the config's)", flag_values=FLAGS)
+flags.DEFINE_integer('cnn_channels', 0, "RDAN relation CNN channels (0: the config's)", flag_values=FLAGS)
+flags.DEFINE_string('bert_dir', '', "BERT of a BERT-based model ('minilm', or a directory)", flag_values=FLAGS)
+cli.define_enum(
+  'dtype',
+  '',
+  ('', 'float32', 'bfloat16'),
+  "config.model.dtype: compute dtype of the model's matmuls ('': the config's)",
+  FLAGS,
+)
+flags.DEFINE_integer('train_batch', 128, 'batch of the timed training step (0: skip)', flag_values=FLAGS)
+flags.DEFINE_integer('repeats', 5, 'timed runs of the scoring (and of the matmul rate)', flag_values=FLAGS)
+flags.DEFINE_integer('train_repeats', 3, 'timed training steps', flag_values=FLAGS)
+flags.DEFINE_integer('matmul_size', 2048, 'side of the square matmul that measures the rate', flag_values=FLAGS)
+flags.DEFINE_integer('seed', 0, 'seed of the random inputs', flag_values=FLAGS)
+flags.DEFINE_boolean('compare-torch', False, 'also time a PyTorch version of the head (see above)', flag_values=FLAGS)
+flags.DEFINE_string('json', '', 'also write the results to this JSON file', flag_values=FLAGS)
+flags.DEFINE_string('tmpdir', '/tmp', 'directory of the scores --compare-torch compares', flag_values=FLAGS)
+flags.DEFINE_string('scores_out', '', 'internal: where a scoring child writes its scores', flag_values=FLAGS)
+cli.define_enum('_child', '', ('', 'score', 'train'), 'internal: run as the scoring or training child', FLAGS)
+
+
+def parse_args(argv) -> types.SimpleNamespace:
+  """The command line (the arguments after the program name) as a namespace: one attribute per flag
+  (`--compare-torch` as compare_torch), min_len filled in."""
+  cli.parse_flags(FLAGS, argv, __doc__)
+  args = types.SimpleNamespace(**{name.replace('-', '_'): value for name, value in FLAGS.flag_values_dict().items()})
   if args.min_len is None:
     args.min_len = args.n
   for name in ('n_images', 'n_captions', 'k', 'n', 'min_len', 'repeats', 'train_repeats', 'matmul_size'):
     if getattr(args, name) < 1:
-      p.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+      cli.usage_error(f'--{name} must be >= 1, got {getattr(args, name)}')
   if args.min_len > args.n:
-    p.error(f'--min_len ({args.min_len}) must be <= --n ({args.n})')
+    cli.usage_error(f'--min_len ({args.min_len}) must be <= --n ({args.n})')
   if args.train_batch < 0 or args.block_size < 0:
-    p.error('--train_batch and --block_size must be >= 0')
+    cli.usage_error('--train_batch and --block_size must be >= 0')
   return args
 
 

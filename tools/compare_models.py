@@ -19,11 +19,11 @@ per part. Each run trains into W/NAME/seed_<s>[/part_<i>] (resuming there), keep
 recall (or dev mAP) only, and is then scored on `--split`.
 """
 
-import argparse
 import json
 import os
 import sys
 
+from absl import flags
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,24 +174,23 @@ def format_table(summary: dict) -> str:
   return '\n'.join(rows) + f'\n({summary["split"]} split; budget per run: {summary["budget"]})'
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_multi_string('model', [], 'NAME=SPEC or NAME=SPEC1+SPEC2', flag_values=FLAGS)
+flags.DEFINE_string('seeds', '0,1,2', 'comma-separated seeds', flag_values=FLAGS)
+flags.DEFINE_string('workdir', None, 'directory of the runs: W/NAME/seed_<s>', flag_values=FLAGS)
+flags.DEFINE_string('split', 'test', 'split to score', flag_values=FLAGS)
+flags.DEFINE_multi_string(
+  'set', [], 'config override key=value for every model, or NAME:key=value for one', flag_values=FLAGS
+)
+flags.DEFINE_string('json', '', 'also write the summary here (default: W/summary.json)', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', action='append', default=[], help='NAME=SPEC or NAME=SPEC1+SPEC2 (repeatable)')
-  parser.add_argument('--seeds', default='0,1,2', help='comma-separated seeds')
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--split', default='test')
-  parser.add_argument(
-    '--set',
-    action='append',
-    default=[],
-    help='config override key=value for every model, or NAME:key=value for one (repeatable)',
-  )
-  parser.add_argument('--json', default='', help='also write the summary here (default: W/summary.json)')
-  args = parser.parse_args(argv)
-  seeds = run_seeds.parse_seeds(parser, args.seeds)
-  summary = compare(parse_models(args.model), seeds, args.workdir, args.split, args.set)
+  cli.parse_flags(FLAGS, argv, __doc__, required=('workdir',))
+  seeds = run_seeds.parse_seeds(FLAGS.seeds)
+  summary = compare(parse_models(FLAGS.model), seeds, FLAGS.workdir, FLAGS.split, FLAGS.set)
   print(format_table(summary))
-  with open(args.json or os.path.join(args.workdir, 'summary.json'), 'w') as f:
+  with open(FLAGS.json or os.path.join(FLAGS.workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   return 0
 

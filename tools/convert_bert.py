@@ -10,11 +10,11 @@ The output directory is itself a checkpoint directory: point a config's BERT pat
 the hidden states from transformers' BertModel on a sample sentence.
 """
 
-import argparse
 import os
 import shutil
 import sys
 
+from absl import flags
 import numpy as np
 
 from xmatch_jax import cli
@@ -41,37 +41,40 @@ def check_against_transformers(directory: str, config, params, text: str) -> flo
   return float(np.max(np.abs(np.asarray(ours['last_hidden_state']) - theirs.last_hidden_state.numpy())))
 
 
-def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--checkpoint', required=True, help="Hugging Face BERT directory, or 'minilm'")
-  parser.add_argument('--out', required=True, help='output directory')
-  parser.add_argument('--check', action='store_true', help='compare with transformers (needs torch)')
-  parser.add_argument('--check_text', default='a small red circle to the left of a blue square')
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('checkpoint', None, "Hugging Face BERT directory, or 'minilm'", flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'output directory', flag_values=FLAGS)
+flags.DEFINE_boolean('check', False, 'compare with transformers (needs torch)', flag_values=FLAGS)
+flags.DEFINE_string(
+  'check_text', 'a small red circle to the left of a blue square', 'sentence of --check', flag_values=FLAGS
+)
 
-  source = bert_dir.resolve_dir(args.checkpoint)
+
+def main(argv=None) -> int:
+  cli.parse_flags(FLAGS, argv, __doc__, required=('checkpoint', 'out'))
+  source = bert_dir.resolve_dir(FLAGS.checkpoint)
   config, params, skipped = hf_bert.load_checkpoint(source)
-  if os.path.abspath(source) == os.path.abspath(args.out):
-    parser.error('--out must differ from --checkpoint')
-  os.makedirs(args.out, exist_ok=True)
-  shutil.copy(os.path.join(source, 'config.json'), os.path.join(args.out, 'config.json'))
+  if os.path.abspath(source) == os.path.abspath(FLAGS.out):
+    cli.usage_error('--out must differ from --checkpoint')
+  os.makedirs(FLAGS.out, exist_ok=True)
+  shutil.copy(os.path.join(source, 'config.json'), os.path.join(FLAGS.out, 'config.json'))
   copied = []
   for name in bert_dir.TOKENIZER_FILES:
     if os.path.exists(os.path.join(source, name)):
-      shutil.copy(os.path.join(source, name), os.path.join(args.out, name))
+      shutil.copy(os.path.join(source, name), os.path.join(FLAGS.out, name))
       copied.append(name)
-  hf_bert.write_flax_params(params, os.path.join(args.out, hf_bert.FLAX_WEIGHTS))
+  hf_bert.write_flax_params(params, os.path.join(FLAGS.out, hf_bert.FLAX_WEIGHTS))
   n_params = sum(int(np.prod(v.shape)) for v in _leaves(params))
   print(
     f'{source}: BERT with {config.num_hidden_layers} layers, hidden {config.hidden_size}, '
-    f'{n_params:,} params -> {os.path.join(args.out, hf_bert.FLAX_WEIGHTS)}'
+    f'{n_params:,} params -> {os.path.join(FLAGS.out, hf_bert.FLAX_WEIGHTS)}'
   )
   print(f'tokenizer files: {copied}')
   if skipped:
     print(f'skipped (not part of the encoder): {skipped}')
-  if args.check:
+  if FLAGS.check:
     try:
-      diff = check_against_transformers(source, config, params, args.check_text)
+      diff = check_against_transformers(source, config, params, FLAGS.check_text)
     except ImportError as e:
       print(f'--check skipped: {e} (pip install torch==2.13.0 transformers)')
     else:

@@ -22,9 +22,10 @@ instead) and an orbax checkpoint marked best, so `python -m xmatch_jax.evaluate 
 allow-listed unpickler: no code in it runs.
 """
 
-import argparse
 import os
 import sys
+
+from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -145,27 +146,31 @@ def convert(
   }
 
 
+FLAGS = flags.FlagValues()
+cli.define_enum('format', None, FORMATS, 'layout of the checkpoint (its codebase)', FLAGS)
+flags.DEFINE_string('checkpoint', None, 'model_best.pth.tar / checkpoint.pth.tar', flag_values=FLAGS)
+flags.DEFINE_string(
+  'vocab',
+  '',
+  'vocabulary the checkpoint was trained with: SCAN json or VSE++ vocab .pkl (scan, vsepp; not glfn)',
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  'bert_dir',
+  '',
+  "glfn (required): Hugging Face BERT directory whose last hidden states the checkpoint's "
+  'precomputed caption / tag features were (the paper: a 768-d BERT-base); the checkpoint holds '
+  'no BERT',
+  flag_values=FLAGS,
+)
+flags.DEFINE_string('dataset', '', 'glfn: xmatch dataset (f30k, coco) when opt.data_name names none', flag_values=FLAGS)
+flags.DEFINE_string('workdir', None, 'workdir to write', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--format', required=True, choices=FORMATS)
-  parser.add_argument('--checkpoint', required=True, help='model_best.pth.tar / checkpoint.pth.tar')
-  parser.add_argument(
-    '--vocab',
-    default='',
-    help='vocabulary the checkpoint was trained with: SCAN json or VSE++ vocab .pkl (scan, vsepp; not glfn)',
-  )
-  parser.add_argument(
-    '--bert_dir',
-    default='',
-    help="glfn (required): Hugging Face BERT directory whose last hidden states the checkpoint's "
-    'precomputed caption / tag features were (the paper: a 768-d BERT-base); the checkpoint holds '
-    'no BERT',
-  )
-  parser.add_argument('--dataset', default='', help='glfn: xmatch dataset (f30k, coco) when opt.data_name names none')
-  parser.add_argument('--workdir', required=True)
-  args = parser.parse_args(argv)
-  summary = convert(args.format, args.checkpoint, args.vocab, args.workdir, args.bert_dir, args.dataset)
-  print(f'{args.checkpoint} -> {args.workdir}: {summary}')
+  cli.parse_flags(FLAGS, argv, __doc__, required=('format', 'checkpoint', 'workdir'))
+  summary = convert(FLAGS.format, FLAGS.checkpoint, FLAGS.vocab, FLAGS.workdir, FLAGS.bert_dir, FLAGS.dataset)
+  print(f'{FLAGS.checkpoint} -> {FLAGS.workdir}: {summary}')
   return 0
 
 

@@ -7,23 +7,25 @@ the latest), the workdir's evaluation results and a model card (README.md). Load
 `xmatch_jax.Retriever.from_pretrained('bundles/rdan_shapes')`.
 """
 
-import argparse
 import os
 import sys
+
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xmatch_jax import bundles  # noqa: E402  pylint: disable=g-import-not-at-top
 from xmatch_jax import cli
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('workdir', None, 'trained workdir', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'bundle directory to write (new or empty)', flag_values=FLAGS)
+
 
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='trained workdir')
-  parser.add_argument('--out', required=True, help='bundle directory to write (new or empty)')
-  args = parser.parse_args(argv)
-  out = bundles.from_workdir(args.workdir, args.out)
+  cli.parse_flags(FLAGS, argv, __doc__, required=('workdir', 'out'))
+  out = bundles.from_workdir(FLAGS.workdir, FLAGS.out)
   files = sorted(os.listdir(out))
-  print(f'{args.workdir} -> {out}: {", ".join(files)}')
+  print(f'{FLAGS.workdir} -> {out}: {", ".join(files)}')
   return 0
 
 

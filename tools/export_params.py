@@ -8,10 +8,10 @@ safetensors metadata holds `model` (the model name) and `config` (the workdir's 
 same keys plus `__config__` (a 0-d string array). Best checkpoint, else the latest.
 """
 
-import argparse
 import os
 import sys
 
+from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,13 +48,15 @@ def export(workdir: str, out: str) -> dict:
   return flat
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('workdir', None, 'trained workdir', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'FILE.safetensors or FILE.npz', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--out', required=True, help='FILE.safetensors or FILE.npz')
-  args = parser.parse_args(argv)
-  flat = export(args.workdir, args.out)
-  print(f'wrote {len(flat)} arrays ({sum(v.size for v in flat.values()):,} values) to {args.out}')
+  cli.parse_flags(FLAGS, argv, __doc__, required=('workdir', 'out'))
+  flat = export(FLAGS.workdir, FLAGS.out)
+  print(f'wrote {len(flat)} arrays ({sum(v.size for v in flat.values()):,} values) to {FLAGS.out}')
   return 0
 
 

@@ -20,10 +20,11 @@ hold no BERT: OUT has none either (keep the BERT directory; W/bert has its confi
 vocabulary to write (--vocab_out is refused).
 """
 
-import argparse
 import math
 import os
 import sys
+
+from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -150,22 +151,24 @@ def export(workdir: str, out: str, vocab_out: str = '') -> dict:
   }
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('workdir', None, 'trained xmatch SCAN / VSE++ / GLFN workdir', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'checkpoint to write, e.g. model_best.pth.tar', flag_values=FLAGS)
+flags.DEFINE_string('vocab_out', '', 'also write the SCAN-format vocabulary json here (scan, vsepp)', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='trained xmatch SCAN / VSE++ / GLFN workdir')
-  parser.add_argument('--out', required=True, help='checkpoint to write, e.g. model_best.pth.tar')
-  parser.add_argument('--vocab_out', default='', help='also write the SCAN-format vocabulary json here (scan, vsepp)')
-  args = parser.parse_args(argv)
-  summary = export(args.workdir, args.out, args.vocab_out)
-  print(f'{args.workdir} -> {args.out}: {summary}')
+  cli.parse_flags(FLAGS, argv, __doc__, required=('workdir', 'out'))
+  summary = export(FLAGS.workdir, FLAGS.out, FLAGS.vocab_out)
+  print(f'{FLAGS.workdir} -> {FLAGS.out}: {summary}')
   if summary['model'] == 'glfn':
     print(
       f'BERT weights are not part of official GLFN checkpoints and were not written: keep the BERT directory '
       f'(its config and tokenizer are in {summary["bert_not_exported"]}); importing OUT again needs it as '
       '--bert_dir'
     )
-  if args.vocab_out:
-    print(f'vocabulary -> {args.vocab_out} (official code reads <vocab_path>/{summary["data_name"]}_vocab.json)')
+  if FLAGS.vocab_out:
+    print(f'vocabulary -> {FLAGS.vocab_out} (official code reads <vocab_path>/{summary["data_name"]}_vocab.json)')
   return 0
 
 

@@ -20,6 +20,8 @@ import os
 import sys
 import tempfile
 
+from absl import flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
@@ -117,26 +119,29 @@ def predict(cost: dict, gpu: str, dtype: str, flop_efficiency: float, byte_effic
   }
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('config', None, 'e.g. configs/rdan.py:f30k', flag_values=FLAGS)
+flags.DEFINE_integer('batch', 0, "pairs per step (default: the config's batch_size)", flag_values=FLAGS)
+flags.DEFINE_integer('k', 36, 'regions per image', flag_values=FLAGS)
+flags.DEFINE_integer('n', 16, 'caption length in tokens (the bucket F30K captions fill)', flag_values=FLAGS)
+flags.DEFINE_integer('img_dim', 2048, 'region feature dimension', flag_values=FLAGS)
+flags.DEFINE_string('bert', '', "'base' = bert-base-uncased's shape (paper configs), or a BERT dir", flag_values=FLAGS)
+cli.define_enum('gpu', 'h100_sxm', sorted(GPUS), 'GPU whose datasheet figures predict the time', FLAGS)
+flags.DEFINE_float('flop_efficiency', 0.5, 'fraction of the peak FLOP/s the step sustains', flag_values=FLAGS)
+flags.DEFINE_float('byte_efficiency', 0.7, 'fraction of the memory bandwidth the step sustains', flag_values=FLAGS)
+flags.DEFINE_string('json', '', 'also write the result here', flag_values=FLAGS)
+
+
 def parse_args(argv):
-  p = cli.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--config', required=True, help='e.g. configs/rdan.py:f30k')
-  p.add_argument('--batch', type=int, default=0, help="pairs per step (default: the config's batch_size)")
-  p.add_argument('--k', type=int, default=36, help='regions per image')
-  p.add_argument('--n', type=int, default=16, help='caption length in tokens (the bucket F30K captions fill)')
-  p.add_argument('--img_dim', type=int, default=2048)
-  p.add_argument('--bert', default='', help="'base' = bert-base-uncased's shape (paper configs), or a BERT dir")
-  p.add_argument('--gpu', default='h100_sxm', choices=sorted(GPUS))
-  p.add_argument('--flop_efficiency', type=float, default=0.5)
-  p.add_argument('--byte_efficiency', type=float, default=0.7)
-  p.add_argument('--json', default='', help='also write the result here')
-  args = p.parse_args(argv)
+  """Parses the command line (the arguments after the program name) into FLAGS and returns FLAGS."""
+  cli.parse_flags(FLAGS, argv, __doc__.split('\n')[0], required=('config',))
   for name in ('batch', 'k', 'n', 'img_dim'):
-    if getattr(args, name) < 0 or (name != 'batch' and getattr(args, name) < 1):
-      p.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+    if FLAGS[name].value < 0 or (name != 'batch' and FLAGS[name].value < 1):
+      cli.usage_error(f'--{name} must be >= 1, got {FLAGS[name].value}')
   for name in ('flop_efficiency', 'byte_efficiency'):
-    if not 0 < getattr(args, name) <= 1:
-      p.error(f'--{name} must be in (0, 1], got {getattr(args, name)}')
-  return args
+    if not 0 < FLAGS[name].value <= 1:
+      cli.usage_error(f'--{name} must be in (0, 1], got {FLAGS[name].value}')
+  return FLAGS
 
 
 def run(args) -> dict:
@@ -196,4 +201,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run_tool(main))

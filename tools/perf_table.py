@@ -8,9 +8,10 @@ the PyTorch implementation, training step time and batch, peak host memory) and 
 tests/test_readme.py checks that README.md holds exactly this output for the files in tools/perf_results.
 """
 
-import argparse
 import json
 import sys
+
+from absl import flags
 
 from xmatch_jax import cli
 from xmatch_jax import errors
@@ -63,10 +64,14 @@ def table(paths: list) -> str:
   return '\n'.join(lines)
 
 
+FLAGS = flags.FlagValues()  # no flags: the arguments are tools/benchmark.py --json files, one per table row
+
+
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('results', nargs='+', help='tools/benchmark.py --json files, one per table row')
-  print(table(parser.parse_args(argv).results))
+  results = cli.parse_flags(FLAGS, argv, __doc__, args='RESULT.json [RESULT.json ...]')
+  if not results:
+    cli.usage_error('the following arguments are required: results')
+  print(table(results))
   return 0
 
 

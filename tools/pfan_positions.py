@@ -8,41 +8,42 @@ width, height. Writes [n_images, k, 2L]: the top-L block indices (16 x 16 grid, 
 overlap weights (eqs 2-5 of GLFN / PFAN). Files are read with allow_pickle=False.
 """
 
-import argparse
 import sys
 
+from absl import flags
 import numpy as np
 
 from xmatch_jax import cli
 from xmatch_jax.data import pfan
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('boxes', None, '[n_images, k, 4] npy of pixel boxes', flag_values=FLAGS)
+flags.DEFINE_string('sizes', None, '[n_images, 2] npy of (width, height)', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'output npy in PFAN layout', flag_values=FLAGS)
+flags.DEFINE_integer('grid', pfan.GRID, 'blocks per side of the image grid', flag_values=FLAGS)
+flags.DEFINE_integer('top_l', pfan.TOP_L, 'L: blocks kept per region', flag_values=FLAGS)
+flags.DEFINE_string('check', None, 'validate a PFAN-layout npy and print its summary', flag_values=FLAGS)
+
 
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--boxes', help='[n_images, k, 4] npy of pixel boxes')
-  parser.add_argument('--sizes', help='[n_images, 2] npy of (width, height)')
-  parser.add_argument('--out', help='output npy in PFAN layout')
-  parser.add_argument('--grid', type=int, default=pfan.GRID)
-  parser.add_argument('--top_l', type=int, default=pfan.TOP_L)
-  parser.add_argument('--check', help='validate a PFAN-layout npy and print its summary')
-  args = parser.parse_args(argv)
-  if args.check:
-    indices, weights = pfan.from_pfan_layout(np.load(args.check, allow_pickle=False), args.grid, args.check)
-    padded = indices == args.grid * args.grid
+  cli.parse_flags(FLAGS, argv, __doc__)
+  if FLAGS.check:
+    indices, weights = pfan.from_pfan_layout(np.load(FLAGS.check, allow_pickle=False), FLAGS.grid, FLAGS.check)
+    padded = indices == FLAGS.grid * FLAGS.grid
     print(
-      f'{args.check}: {indices.shape[0]} images x {indices.shape[1]} regions x L={indices.shape[2]}; '
+      f'{FLAGS.check}: {indices.shape[0]} images x {indices.shape[1]} regions x L={indices.shape[2]}; '
       f'{padded.mean():.1%} padding entries; weights sum to 1: ok'
     )
     return 0
-  if not (args.boxes and args.sizes and args.out):
-    parser.error('give --boxes, --sizes and --out (or --check)')
-  boxes = np.load(args.boxes, allow_pickle=False)
-  sizes = np.load(args.sizes, allow_pickle=False)
-  indices, weights = pfan.block_positions(boxes, sizes, args.grid, args.top_l, where=args.boxes)
-  np.save(args.out, pfan.to_pfan_layout(indices, weights))
+  if not (FLAGS.boxes and FLAGS.sizes and FLAGS.out):
+    cli.usage_error('give --boxes, --sizes and --out (or --check)')
+  boxes = np.load(FLAGS.boxes, allow_pickle=False)
+  sizes = np.load(FLAGS.sizes, allow_pickle=False)
+  indices, weights = pfan.block_positions(boxes, sizes, FLAGS.grid, FLAGS.top_l, where=FLAGS.boxes)
+  np.save(FLAGS.out, pfan.to_pfan_layout(indices, weights))
   print(
-    f'wrote {args.out}: {indices.shape[0]} images x {indices.shape[1]} regions, L={args.top_l}, '
-    f'grid {args.grid} x {args.grid}'
+    f'wrote {FLAGS.out}: {indices.shape[0]} images x {indices.shape[1]} regions, L={FLAGS.top_l}, '
+    f'grid {FLAGS.grid} x {FLAGS.grid}'
   )
   return 0
 

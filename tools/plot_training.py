@@ -4,11 +4,11 @@ python tools/plot_training.py --workdir=runs/rdan_shapes --out=runs/rdan_shapes/
 python tools/plot_training.py --workdir=runs/scan_shapes --workdir=runs/rdan_shapes --out=compare.png
 """
 
-import argparse
 import json
 import os
 import sys
 
+from absl import flags
 import matplotlib
 
 matplotlib.use('Agg')
@@ -63,13 +63,15 @@ def plot(workdirs: list, out: str) -> None:
   plt.close(fig)
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_multi_string('workdir', None, 'training workdir; repeat to overlay runs', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'PNG file', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', action='append', required=True, help='repeat to overlay runs')
-  parser.add_argument('--out', required=True, help='PNG file')
-  args = parser.parse_args(argv)
-  plot(args.workdir, args.out)
-  print(f'wrote {args.out}')
+  cli.parse_flags(FLAGS, argv, __doc__, required=('workdir', 'out'))
+  plot(FLAGS.workdir, FLAGS.out)
+  print(f'wrote {FLAGS.out}')
   return 0
 
 

@@ -13,7 +13,6 @@ Afterwards it checks the built train split (image count, first and last image eq
 directory unless --keep. Linux only (/proc). --json writes the figures.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,43 +102,45 @@ def check_build(manual: str, data_dir: str, images: int) -> None:
       raise AssertionError(f'built train image {i} differs from train_ims.npy row {i}')
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer('images', 20000, 'train images (COCO train: 113,287)', flag_values=FLAGS)
+flags.DEFINE_integer('regions', 36, 'regions per image', flag_values=FLAGS)
+flags.DEFINE_integer('dim', 2048, 'feature dimension', flag_values=FLAGS)
+flags.DEFINE_string('dir', None, 'scratch directory (manual dir and TFDS data dir go inside)', flag_values=FLAGS)
+flags.DEFINE_boolean('keep', False, 'keep the scratch directory', flag_values=FLAGS)
+flags.DEFINE_string('json', '', 'also write the figures here', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--images', type=int, default=20000, help='train images (COCO train: 113,287)')
-  parser.add_argument('--regions', type=int, default=36)
-  parser.add_argument('--dim', type=int, default=2048)
-  parser.add_argument('--dir', required=True, help='scratch directory (manual dir and TFDS data dir go inside)')
-  parser.add_argument('--keep', action='store_true', help='keep the scratch directory')
-  parser.add_argument('--json', default='')
-  args = parser.parse_args(argv)
-  if args.images < 1 or args.regions < 1 or args.dim < 1:
-    parser.error('--images, --regions and --dim must be >= 1')
+  cli.parse_flags(FLAGS, argv, __doc__, required=('dir',))
+  if FLAGS.images < 1 or FLAGS.regions < 1 or FLAGS.dim < 1:
+    cli.usage_error('--images, --regions and --dim must be >= 1')
   if not os.path.exists('/proc/self/status'):
-    parser.error("needs Linux /proc to sample the build's memory")
-  if os.path.exists(args.dir) and os.listdir(args.dir):
-    parser.error(f'--dir {args.dir} is not empty; give a new scratch directory (it is deleted afterwards)')
-  manual, data_dir = os.path.join(args.dir, 'manual'), os.path.join(args.dir, 'tfds')
+    cli.usage_error("needs Linux /proc to sample the build's memory")
+  if os.path.exists(FLAGS.dir) and os.listdir(FLAGS.dir):
+    cli.usage_error(f'--dir {FLAGS.dir} is not empty; give a new scratch directory (it is deleted afterwards)')
+  manual, data_dir = os.path.join(FLAGS.dir, 'manual'), os.path.join(FLAGS.dir, 'tfds')
   try:
-    input_bytes = write_manual_dir(manual, args.images, args.regions, args.dim)
+    input_bytes = write_manual_dir(manual, FLAGS.images, FLAGS.regions, FLAGS.dim)
     result = {
-      'images': args.images,
-      'regions': args.regions,
-      'dim': args.dim,
+      'images': FLAGS.images,
+      'regions': FLAGS.regions,
+      'dim': FLAGS.dim,
       'input_bytes': input_bytes,
       **build_and_sample(manual, data_dir),
     }
-    check_build(manual, data_dir, args.images)
+    check_build(manual, data_dir, FLAGS.images)
   finally:
-    if not args.keep:
-      shutil.rmtree(args.dir, ignore_errors=True)
+    if not FLAGS.keep:
+      shutil.rmtree(FLAGS.dir, ignore_errors=True)
   gb = lambda b: f'{b / 2**30:.2f} GiB'
   print(
-    f'train features {gb(result["input_bytes"])} ({args.images} x {args.regions} x {args.dim} float32); build '
+    f'train features {gb(result["input_bytes"])} ({FLAGS.images} x {FLAGS.regions} x {FLAGS.dim} float32); build '
     f'{result["build_seconds"]:.0f} s; peak RssAnon {gb(result["peak_anon_bytes"])}, peak RssFile '
     f'{gb(result["peak_file_bytes"])}, VmHWM {gb(result["peak_rss_bytes"])}; built split checked'
   )
-  if args.json:
-    with open(args.json, 'w') as f:
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
       json.dump(result, f, indent=2)
   return 0
 

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from absl import flags
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
@@ -102,43 +103,48 @@ def render(pixels: np.ndarray, boxes: np.ndarray, words: list, regions: np.ndarr
   return sheet
 
 
-def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True, help='trained RDAN workdir')
-  parser.add_argument('--split', default='test')
-  parser.add_argument('--image_index', type=int, default=0)
-  group = parser.add_mutually_exclusive_group()
-  group.add_argument('--caption_index', type=int, help="caption of the split (default: the image's first)")
-  group.add_argument('--caption', help='a free caption string')
-  parser.add_argument('--out', default='rdan_attention.png', help='PNG path')
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('workdir', None, 'trained RDAN workdir', flag_values=FLAGS)
+flags.DEFINE_string('split', 'test', 'split of the image and caption', flag_values=FLAGS)
+flags.DEFINE_integer('image_index', 0, 'image of the split', flag_values=FLAGS)
+flags.DEFINE_integer(
+  'caption_index', None, "caption of the split (default: the image's first); not with --caption", flag_values=FLAGS
+)
+flags.DEFINE_string('caption', None, 'a free caption string; not with --caption_index', flag_values=FLAGS)
+flags.DEFINE_string('out', 'rdan_attention.png', 'PNG path', flag_values=FLAGS)
 
-  retriever = api.Retriever.from_workdir(args.workdir)
+
+def main(argv=None) -> int:
+  cli.parse_flags(FLAGS, argv, __doc__.split('\n')[0], required=('workdir',))
+  if FLAGS.caption_index is not None and FLAGS.caption is not None:
+    cli.usage_error('give --caption_index or --caption, not both')
+
+  retriever = api.Retriever.from_workdir(FLAGS.workdir)
   config = retriever.config
-  split = data_lib.load_split(config.dataset, args.split, config.data_dir or None)
+  split = data_lib.load_split(config.dataset, FLAGS.split, config.data_dir or None)
   n_images = len(split.images['regions'])
-  if not 0 <= args.image_index < n_images:
+  if not 0 <= FLAGS.image_index < n_images:
     raise errors.UserError(
-      f'--image_index={args.image_index} is out of range: {config.dataset}/{args.split} has {n_images} images.'
+      f'--image_index={FLAGS.image_index} is out of range: {config.dataset}/{FLAGS.split} has {n_images} images.'
     )
   for key in ('pixels', 'boxes'):
     if key not in split.images:
       raise errors.UserError(f'dataset {config.dataset} has no "{key}" field; the figure needs pixels and boxes.')
-  caption = args.caption
+  caption = FLAGS.caption
   if caption is None:
-    index = args.caption_index
+    index = FLAGS.caption_index
     if index is None:
-      index = int(np.flatnonzero(split.caption_to_image == args.image_index)[0])
+      index = int(np.flatnonzero(split.caption_to_image == FLAGS.image_index)[0])
     if not 0 <= index < len(split.captions):
       raise errors.UserError(f'--caption_index={index} is out of range: {len(split.captions)} captions.')
     caption = split.captions[index]
 
-  image = {k: v[args.image_index : args.image_index + 1] for k, v in split.images.items()}
+  image = {k: v[FLAGS.image_index : FLAGS.image_index + 1] for k, v in split.images.items()}
   words, beta = word_attention(retriever, image, caption)
   regions, weights = most_attended_regions(beta)
   keep = [j for j, w in enumerate(words) if w not in (vocab_lib.START, vocab_lib.END)]
   boxes = image['boxes'][0]
-  print(f'image {args.image_index}, caption: {caption!r}')
+  print(f'image {FLAGS.image_index}, caption: {caption!r}')
   for j in keep:
     contents = ''
     if 'scene' in image:
@@ -148,9 +154,9 @@ def main(argv=None) -> int:
       f'weight {weights[j]:.2f}  [{contents}]'
     )
   sheet = render(image['pixels'][0], boxes, [words[j] for j in keep], regions[keep], weights[keep])
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  sheet.save(args.out)
-  print(f'written to {args.out}')
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  sheet.save(FLAGS.out)
+  print(f'written to {FLAGS.out}')
   return 0
 
 

@@ -14,7 +14,6 @@ xmatch_jax.retrieve's rank_images / rank_captions. --out=*.png draws a sheet; --
 (images embedded as base64 PNG). Needs a dataset with `pixels` (shapes, the category datasets).
 """
 
-import argparse
 import base64
 import html
 import io
@@ -22,6 +21,7 @@ import os
 import sys
 from typing import NamedTuple
 
+from absl import flags
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
@@ -317,54 +317,69 @@ def html_images(
   return '\n'.join(page + ['</body></html>\n'])
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('workdir', None, 'trained workdir', flag_values=FLAGS)
+flags.DEFINE_string('split', 'test', 'split to query', flag_values=FLAGS)
+flags.DEFINE_multi_integer('caption_index', [], 'caption of the split to query with', flag_values=FLAGS)
+flags.DEFINE_multi_string('caption', [], 'free query text', flag_values=FLAGS)
+flags.DEFINE_multi_integer('image_index', [], 'query image', flag_values=FLAGS)
+flags.DEFINE_integer('k', 5, 'results per query (-k 5 or --k=5)', flag_values=FLAGS)
+flags.DEFINE_integer(
+  'scale', 0, f'upscale factor of the images (0: to about {PANEL} pixels a side, 4x for shapes)', flag_values=FLAGS
+)
+flags.DEFINE_string('out', None, '.png or .html file', flag_values=FLAGS)
+
+
+def caption_queries(argv: list[str]) -> list:
+  """The --caption_index (int) and --caption (str) values in command-line order: the two kinds of caption query
+  mix. absl keeps each flag's values apart, so the order is read back from the flag names in argv."""
+  indices, texts = list(FLAGS.caption_index), list(FLAGS.caption)
+  kinds = []
+  tokens = iter(argv)
+  for token in tokens:
+    if token == '--':
+      break
+    if not token.startswith('-'):
+      continue
+    name, has_value, _ = token.lstrip('-').partition('=')
+    if name in ('caption_index', 'caption'):
+      kinds.append(name)
+    if not has_value:
+      next(tokens, None)  # every flag of this tool takes a value: `--name value`
+  if kinds.count('caption_index') != len(indices) or kinds.count('caption') != len(texts):
+    kinds = ['caption_index'] * len(indices) + ['caption'] * len(texts)  # not all on the command line (--flagfile)
+  return [indices.pop(0) if kind == 'caption_index' else texts.pop(0) for kind in kinds]
+
+
 def run(argv=None) -> list:
   """The CLI; returns the CaptionExamples or ImageExamples it drew."""
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='trained workdir')
-  parser.add_argument('--split', default='test')
-  parser.add_argument(
-    '--caption_index',
-    dest='captions',
-    action='append',
-    type=int,
-    default=[],
-    help='caption of the split to query with (repeatable)',
-  )
-  parser.add_argument('--caption', dest='captions', action='append', type=str, help='free query text (repeatable)')
-  parser.add_argument('--image_index', action='append', type=int, default=[], help='query image (repeatable)')
-  parser.add_argument('-k', '--k', type=int, default=5, help='results per query')
-  parser.add_argument(
-    '--scale',
-    type=int,
-    default=0,
-    help=f'upscale factor of the images (0: to about {PANEL} pixels a side, 4x for shapes)',
-  )
-  parser.add_argument('--out', required=True, help='.png or .html file')
-  args = parser.parse_args(argv)
-  if bool(args.captions) == bool(args.image_index):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  cli.parse_flags(FLAGS, argv, __doc__, required=('workdir', 'out'))
+  captions = caption_queries(argv)
+  if bool(captions) == bool(FLAGS.image_index):
     raise errors.UserError(
       'give caption queries (--caption_index / --caption) or image queries (--image_index); '
-      f'got {len(args.captions)} caption and {len(args.image_index)} image queries.'
+      f'got {len(captions)} caption and {len(FLAGS.image_index)} image queries.'
     )
-  if args.k < 1:
-    raise errors.UserError(f'-k must be >= 1; got {args.k}.')
-  if args.scale < 0:
-    raise errors.UserError(f'--scale must be >= 0 (0: automatic); got {args.scale}.')
-  kind = os.path.splitext(args.out)[1].lower()
+  if FLAGS.k < 1:
+    raise errors.UserError(f'-k must be >= 1; got {FLAGS.k}.')
+  if FLAGS.scale < 0:
+    raise errors.UserError(f'--scale must be >= 0 (0: automatic); got {FLAGS.scale}.')
+  kind = os.path.splitext(FLAGS.out)[1].lower()
   if kind not in ('.png', '.html'):
-    raise errors.UserError(f'--out={args.out}: expected a .png or .html file name.')
-  for q in args.captions:
+    raise errors.UserError(f'--out={FLAGS.out}: expected a .png or .html file name.')
+  for q in captions:
     if isinstance(q, str) and not q.strip():
       raise errors.UserError('--caption is empty; expected some query text.')
 
-  retriever, split = load(args.workdir, args.split)
+  retriever, split = load(FLAGS.workdir, FLAGS.split)
   config = retriever.config
-  where = f'{config.dataset}/{args.split}'
+  where = f'{config.dataset}/{FLAGS.split}'
   pixels = split.images['pixels']
   model = f'{config.model.name} ({retriever.checkpoint} checkpoint)'
-  if args.captions:
-    examples = caption_examples(retriever, split, args.captions, args.k, where)
-    title = f'{where}, {model}: top-{args.k} images per caption; green frame = ground truth, red = not'
+  if captions:
+    examples = caption_examples(retriever, split, captions, FLAGS.k, where)
+    title = f'{where}, {model}: top-{FLAGS.k} images per caption; green frame = ground truth, red = not'
     for e in examples:
       print(
         f'"{e.caption}": '
@@ -372,13 +387,13 @@ def run(argv=None) -> list:
         + ('' if e.truth is None else f'; ground truth image {e.truth} at rank {e.truth_rank}')
       )
     output = (
-      render_captions(pixels, examples, args.k, title, args.scale)
+      render_captions(pixels, examples, FLAGS.k, title, FLAGS.scale)
       if kind == '.png'
-      else html_captions(pixels, examples, args.k, title, args.scale)
+      else html_captions(pixels, examples, FLAGS.k, title, FLAGS.scale)
     )
   else:
-    examples = image_examples(retriever, split, args.image_index, args.k, where)
-    title = f'{where}, {model}: top-{args.k} captions per image; green = a caption of the image'
+    examples = image_examples(retriever, split, FLAGS.image_index, FLAGS.k, where)
+    title = f'{where}, {model}: top-{FLAGS.k} captions per image; green = a caption of the image'
     for e in examples:
       print(
         f'image {e.image_index}: '
@@ -386,17 +401,17 @@ def run(argv=None) -> list:
         + f'; first own caption at rank {e.truth_rank}'
       )
     output = (
-      render_images(pixels, split.captions, examples, args.k, title, args.scale)
+      render_images(pixels, split.captions, examples, FLAGS.k, title, FLAGS.scale)
       if kind == '.png'
-      else html_images(pixels, split.captions, examples, args.k, title, args.scale)
+      else html_images(pixels, split.captions, examples, FLAGS.k, title, FLAGS.scale)
     )
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   if kind == '.png':
-    output.save(args.out, optimize=True)
+    output.save(FLAGS.out, optimize=True)
   else:
-    with open(args.out, 'w', encoding='utf-8') as f:
+    with open(FLAGS.out, 'w', encoding='utf-8') as f:
       f.write(output)
-  print(f'written to {args.out}')
+  print(f'written to {FLAGS.out}')
   return examples
 
 

@@ -7,11 +7,11 @@ Each seed trains into W/seed_<s> (resuming if it already has checkpoints), selec
 evaluates `--split`. The table lists every seed's recalls and the mean +- std (sample std, n - 1).
 """
 
-import argparse
 import json
 import os
 import sys
 
+from absl import flags
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,31 +87,33 @@ def format_table(summary: dict) -> str:
   return '\n'.join([head] + rows)
 
 
-def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list:
+def parse_seeds(text: str) -> list:
   """'0,1,2' -> [0, 1, 2]; anything else is a usage error."""
   try:
     seeds = [int(s) for s in text.split(',') if s.strip()]
   except ValueError:
-    parser.error(f'--seeds must be comma-separated integers, got {text!r}')
+    cli.usage_error(f'--seeds must be comma-separated integers, got {text!r}')
   if not seeds or len(set(seeds)) != len(seeds):
-    parser.error(f'--seeds must list distinct seeds, got {text!r}')
+    cli.usage_error(f'--seeds must list distinct seeds, got {text!r}')
   return seeds
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('config', None, 'config file:arg, as for xmatch_jax.train', flag_values=FLAGS)
+flags.DEFINE_string('seeds', '0,1,2', 'comma-separated seeds', flag_values=FLAGS)
+flags.DEFINE_string('workdir', None, 'directory of the runs: W/seed_<s>', flag_values=FLAGS)
+flags.DEFINE_string('split', 'test', 'split to evaluate', flag_values=FLAGS)
+flags.DEFINE_multi_string('set', [], 'config override key=value', flag_values=FLAGS)
+flags.DEFINE_string('json', '', 'also write the summary here', flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', required=True)
-  parser.add_argument('--seeds', default='0,1,2', help='comma-separated seeds')
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--split', default='test')
-  parser.add_argument('--set', action='append', default=[], help='config override key=value (repeatable)')
-  parser.add_argument('--json', default='')
-  args = parser.parse_args(argv)
-  seeds = parse_seeds(parser, args.seeds)
-  summary = run(args.config, seeds, args.workdir, args.split, args.set)
+  cli.parse_flags(FLAGS, argv, __doc__, required=('config', 'workdir'))
+  seeds = parse_seeds(FLAGS.seeds)
+  summary = run(FLAGS.config, seeds, FLAGS.workdir, FLAGS.split, FLAGS.set)
   print(format_table(summary))
-  if args.json:
-    with open(args.json, 'w') as f:
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
       json.dump(summary, f, indent=2)
   return 0
 

@@ -14,12 +14,13 @@ Ties are broken by expected rank (the mean over all orderings of the tied items)
 Recalls are in percent, rsum is the sum of the six, as in SCAN's evaluation.py.
 """
 
-import argparse
 from collections.abc import Sequence
 import itertools
 import json
 import math
+import sys
 
+from absl import flags
 import numpy as np
 
 from xmatch_jax import cli
@@ -173,23 +174,26 @@ def format_table(table: dict) -> str:
   return '\n'.join(lines)
 
 
+FLAGS = flags.FlagValues()
+cli.define_enum('config', 'default', ('default', 'tiny'), 'xmatch_shapes config', FLAGS)
+flags.DEFINE_string(
+  'data_dir',
+  None,
+  "TFDS data dir (the dataset is built there if missing); default: the library's, "
+  '$XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds',
+  flag_values=FLAGS,
+)
+cli.define_enum('split', 'test', ('train', 'dev', 'test'), 'split to score', FLAGS)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', default='default', choices=('default', 'tiny'))
-  parser.add_argument(
-    '--data_dir',
-    default=None,
-    help="TFDS data dir (the dataset is built there if missing); default: the library's, "
-    '$XMATCH_DATA_DIR or ~/.cache/xmatch_jax/tfds',
-  )
-  parser.add_argument('--split', default='test', choices=('train', 'dev', 'test'))
-  args = parser.parse_args(argv)
+  cli.parse_flags(FLAGS, argv, __doc__)
   from xmatch_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
-  objects, captions = load_split(args.data_dir or data_lib.default_data_dir(), args.config, args.split)
-  print(f'xmatch_shapes/{args.config} {args.split}: {len(objects)} images, {len(captions)} captions')
+  objects, captions = load_split(FLAGS.data_dir or data_lib.default_data_dir(), FLAGS.config, FLAGS.split)
+  print(f'xmatch_shapes/{FLAGS.config} {FLAGS.split}: {len(objects)} images, {len(captions)} captions')
   print(format_table(baseline_table(objects, captions)))
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run_tool(main))
