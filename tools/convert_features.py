@@ -34,14 +34,17 @@ region); the file is written at the end in the split's order.
       --split=test --objects_vocab=objects_vocab.txt --attributes_vocab=attributes_vocab.txt
 """
 
-import argparse
 import base64
+import contextlib
 import csv
+import math
 import os
-import pickle
 import sys
+import tokenize
 import zipfile
+import zlib
 
+from absl import flags
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,32 +114,46 @@ def read_tsv(paths: list, fields: tuple | None = None):
   csv.field_size_limit(sys.maxsize)
   layouts = {len(f): f for f in ((fields,) if fields else (TSV_FIELDS, TSV_FIELDS_DETECTIONS))}
   for path in paths:
-    with open(path, newline='') as f:
-      names = None
-      for line, row in enumerate(csv.reader(f, delimiter='\t'), 1):
-        where = f'{path}:{line}'
-        if names is None:
-          if len(row) not in layouts:
-            expected = ' or '.join(f'{n} ({", ".join(v)})' for n, v in layouts.items())
-            raise errors.UserError(
-              f'{where}: {len(row)} columns; expected {expected}{"" if fields else ", or name them with --tsv_fields"}'
-            )
-          names = tuple(_canonical(n) for n in layouts[len(row)])
-          if tuple(_canonical(c) for c in row) == names:
-            continue  # a header row
-        if len(row) != len(names):
-          raise errors.UserError(f'{where}: {len(row)} columns; expected {len(names)} ({", ".join(names)}) like line 1')
-        record = dict(zip(names, row))
-        try:
-          count = int(record['num_boxes'])
-          size = (float(record['image_w']), float(record['image_h']))
-        except ValueError:
-          raise errors.UserError(f'{where}: num_boxes / image_w / image_h must be numbers') from None
-        boxes = _decode(record['boxes'], count, where, 'boxes')
-        if boxes.shape[1] != 4:
-          raise errors.UserError(f'{where}: field boxes has {boxes.shape[1]} values per box; expected 4')
-        labels = {k: _decode_vector(record[k], count, where, k) for k in LABEL_FIELDS if k in record}
-        yield record['image_id'], _decode(record['features'], count, where, 'features'), boxes, size, labels
+    with open(path, newline='', encoding='utf-8') as f:
+      yield from _read_tsv_rows(path, f, layouts, fields)
+
+
+def _read_tsv_rows(path: str, f, layouts: dict, fields: tuple | None):
+  line = 0
+  try:
+    names = None
+    for line, row in enumerate(csv.reader(f, delimiter='\t'), 1):
+      where = f'{path}:{line}'
+      if names is None:
+        if len(row) not in layouts:
+          expected = ' or '.join(f'{n} ({", ".join(v)})' for n, v in layouts.items())
+          raise errors.UserError(
+            f'{where}: {len(row)} columns; expected {expected}{"" if fields else ", or name them with --tsv_fields"}'
+          )
+        names = tuple(_canonical(n) for n in layouts[len(row)])
+        if tuple(_canonical(c) for c in row) == names:
+          continue  # a header row
+      if len(row) != len(names):
+        raise errors.UserError(f'{where}: {len(row)} columns; expected {len(names)} ({", ".join(names)}) like line 1')
+      record = dict(zip(names, row))
+      try:
+        count = int(record['num_boxes'])
+        size = (float(record['image_w']), float(record['image_h']))
+      except ValueError:
+        raise errors.UserError(f'{where}: num_boxes / image_w / image_h must be numbers') from None
+      if count < 1:
+        raise errors.UserError(f'{where}: num_boxes is {count}; expected at least 1')
+      boxes = _decode(record['boxes'], count, where, 'boxes')
+      if boxes.shape[1] != 4:
+        raise errors.UserError(f'{where}: field boxes has {boxes.shape[1]} values per box; expected 4')
+      labels = {k: _decode_vector(record[k], count, where, k) for k in LABEL_FIELDS if k in record}
+      yield record['image_id'], _decode(record['features'], count, where, 'features'), boxes, size, labels
+  except UnicodeDecodeError as e:
+    raise errors.UserError(
+      f'{path}:{line + 1}: not UTF-8 text ({e.reason}); expected a tab-separated bottom-up-attention TSV'
+    ) from None
+  except csv.Error as e:
+    raise errors.UserError(f'{path}:{line + 1}: {e}; expected a tab-separated bottom-up-attention TSV') from None
 
 
 def _read_pickled_member(path: str, member: str):
@@ -168,7 +185,29 @@ def _npz_labels(z, path: str) -> dict:
         f'{path}: field info is a {type(info).__name__}; expected a dict with objects_id, attrs_id'
       )
     labels = {k: np.asarray(info[k]).reshape(-1) for k in LABEL_FIELDS if k in info}
+  for key, value in labels.items():
+    if value.dtype.kind not in 'biuf':
+      raise errors.UserError(f'{path}: field {key} holds {value.dtype} values; expected numbers (one per region)')
   return labels
+
+
+def _check_npz_sizes(path: str, archive: zipfile.ZipFile) -> None:
+  """Every array of an .npz must fit in its member, and every member in the file: numpy allocates the shape a .npy
+  header claims before reading it, so a corrupt header or zip size would allocate any amount."""
+  size = os.path.getsize(path)
+  for info in archive.infolist():
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else 1032  # deflate expands at most 1032-fold
+    if info.compress_size > size or info.file_size > max(info.compress_size, 1) * ratio:
+      raise errors.UserError(f'{path}: member {info.filename} claims {info.file_size} bytes in a file of {size}')
+    with archive.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+      shape, _, dtype = read_header(f)
+      if math.prod(shape) * dtype.itemsize > info.file_size:
+        raise errors.UserError(
+          f'{path}: field {info.filename[: -len(".npy")]} claims shape {shape} of {dtype} in a member of '
+          f'{info.file_size} bytes'
+        )
 
 
 def read_npz(directory: str, image_ids: list, with_labels: bool = False):
@@ -178,11 +217,29 @@ def read_npz(directory: str, image_ids: list, with_labels: bool = False):
     path = os.path.join(directory, f'{image_id}.npz')
     if not os.path.exists(path):
       raise errors.MissingFileError(f'{path}: missing (image {image_id} of --image_ids)')
-    unreadable = (zipfile.BadZipFile, ValueError, EOFError, OSError)
+    # tokenize.TokenError: a .npy header numpy cannot parse; NotImplementedError / RuntimeError: an unknown
+    # compression / an encrypted zip member.
+    unreadable = (
+      zipfile.BadZipFile,
+      zlib.error,
+      tokenize.TokenError,
+      NotImplementedError,
+      RuntimeError,
+      EOFError,
+      OSError,
+    )
+    unreadable += safe_pickle.LOAD_ERRORS
     expected = 'expected an .npz with x (or features) [k, d], bbox (or boxes) [k, 4], image_w, image_h'
     try:
       z = np.load(path, allow_pickle=False)
+      if isinstance(z, np.lib.npyio.NpzFile):
+        with contextlib.ExitStack() as on_error:
+          on_error.callback(z.close)
+          _check_npz_sizes(path, z.zip)
+          on_error.pop_all()
     except unreadable as e:
+      if isinstance(e, errors.UserError):
+        raise
       raise errors.UserError(
         f'{path}: not a readable .npz file ({type(e).__name__}: {e}); {expected} (truncated or partly copied?)'
       ) from None
@@ -202,8 +259,13 @@ def read_npz(directory: str, image_ids: list, with_labels: bool = False):
           (float(z['image_w']), float(z['image_h'])),
         )
         labels = _npz_labels(z, path) if with_labels else {}
-      except (pickle.UnpicklingError, KeyError, *unreadable) as e:
+      except unreadable as e:  # also TypeError: image_w / image_h not one number
+        if isinstance(e, errors.UserError) and not isinstance(e, safe_pickle.RefusedPickleError):
+          raise
         raise errors.UserError(f'{path}: a field cannot be read ({type(e).__name__}: {e}); {expected}') from None
+    regions, boxes = record[0], record[1]
+    if regions.ndim != 2 or boxes.ndim != 2 or boxes.shape[1] != 4:
+      raise errors.UserError(f'{path}: features of shape {regions.shape} and boxes of shape {boxes.shape}; {expected}')
     yield (image_id, *record, labels)
 
 
@@ -360,48 +422,61 @@ def convert(
   }
 
 
+FORMATS = ('tsv', 'npz')
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_multi_string('input', None, 'TSV file(s), or the npz directory', flag_values=FLAGS)
+flags.DEFINE_string(
+  'image_ids', None, "file with one image id per line, in the split's caption order", flag_values=FLAGS
+)
+flags.DEFINE_string('out_dir', None, 'precomp directory to write', flag_values=FLAGS)
+flags.DEFINE_string('split', None, 'split name of the output files ({split}_ims.npy, ...)', flag_values=FLAGS)
+flags.DEFINE_string(
+  'tsv_fields', None, 'comma-separated TSV column names (default: by column count, see above)', flag_values=FLAGS
+)
+flags.DEFINE_string(
+  'objects_vocab', None, 'class names, one per line (objects_vocab.txt): write {split}_tags.txt', flag_values=FLAGS
+)
+flags.DEFINE_string('attributes_vocab', None, 'attribute names, one per line (attributes_vocab.txt)', flag_values=FLAGS)
+flags.DEFINE_float(
+  'attr_threshold', 0.0, 'drop an attribute whose confidence (attrs_conf) is <= this (default 0)', flag_values=FLAGS
+)
+
+
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('format', choices=('tsv', 'npz'))
-  parser.add_argument('--input', action='append', required=True, help='TSV file(s), or the npz directory')
-  parser.add_argument('--image_ids', help="file with one image id per line, in the split's caption order")
-  parser.add_argument('--out_dir', required=True)
-  parser.add_argument('--split', required=True)
-  parser.add_argument('--tsv_fields', help='comma-separated TSV column names (default: by column count, see above)')
-  parser.add_argument('--objects_vocab', help='class names, one per line (objects_vocab.txt): write {split}_tags.txt')
-  parser.add_argument('--attributes_vocab', help='attribute names, one per line (attributes_vocab.txt)')
-  parser.add_argument(
-    '--attr_threshold',
-    type=float,
-    default=0.0,
-    help='drop an attribute whose confidence (attrs_conf) is <= this (default 0)',
-  )
-  args = parser.parse_args(argv)
-  if args.attributes_vocab and not args.objects_vocab:
-    parser.error('--attributes_vocab needs --objects_vocab (tags are "attribute class")')
-  tagger = Tagger(args.objects_vocab, args.attributes_vocab, args.attr_threshold) if args.objects_vocab else None
+  positional = cli.parse_flags(FLAGS, argv, __doc__, required=('input', 'out_dir', 'split'), args='{tsv,npz}')
+  if not positional:
+    cli.usage_error('the following arguments are required: format')
+  if len(positional) > 1:
+    cli.usage_error(f'unrecognized arguments: {" ".join(positional[1:])}')
+  fmt = positional[0]
+  if fmt not in FORMATS:
+    cli.usage_error(f'argument format: invalid choice: {fmt!r} (choose from {", ".join(map(repr, FORMATS))})')
+  if FLAGS.attributes_vocab and not FLAGS.objects_vocab:
+    cli.usage_error('--attributes_vocab needs --objects_vocab (tags are "attribute class")')
+  tagger = Tagger(FLAGS.objects_vocab, FLAGS.attributes_vocab, FLAGS.attr_threshold) if FLAGS.objects_vocab else None
   fields = None
-  if args.tsv_fields:
-    fields = tuple(_canonical(n.strip()) for n in args.tsv_fields.split(','))
+  if FLAGS.tsv_fields:
+    fields = tuple(_canonical(n.strip()) for n in FLAGS.tsv_fields.split(','))
     missing = [n for n in ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features') if n not in fields]
     if missing:
-      parser.error(f'--tsv_fields lacks {missing}; got {list(fields)}')
+      cli.usage_error(f'--tsv_fields lacks {missing}; got {list(fields)}')
   image_ids = None
-  if args.image_ids:
-    with open(args.image_ids) as f:
+  if FLAGS.image_ids:
+    with open(FLAGS.image_ids) as f:
       image_ids = [line.strip() for line in f if line.strip()]
-  if args.format == 'npz':
+  if fmt == 'npz':
     if image_ids is None:
-      parser.error('npz needs --image_ids (the order of the split)')
-    records = read_npz(args.input[0], image_ids, with_labels=tagger is not None)
+      cli.usage_error('npz needs --image_ids (the order of the split)')
+    records = read_npz(FLAGS.input[0], image_ids, with_labels=tagger is not None)
   else:
-    records = read_tsv(args.input, fields)
-  summary = convert(records, args.out_dir, args.split, image_ids, ', '.join(args.input), tagger)
+    records = read_tsv(FLAGS.input, fields)
+  summary = convert(records, FLAGS.out_dir, FLAGS.split, image_ids, ', '.join(FLAGS.input), tagger)
   print(
-    f'{args.split}: {summary["images"]} images x {summary["regions"]} regions x {summary["dim"]} -> '
-    f'{args.out_dir}/{args.split}_ims.npy, {args.split}_boxes.npy{f", {args.split}_tags.txt" if tagger else ""}'
+    f'{FLAGS.split}: {summary["images"]} images x {summary["regions"]} regions x {summary["dim"]} -> '
+    f'{FLAGS.out_dir}/{FLAGS.split}_ims.npy, {FLAGS.split}_boxes.npy{f", {FLAGS.split}_tags.txt" if tagger else ""}'
   )
-  stale = os.path.join(args.out_dir, f'{args.split}_tags.txt')
+  stale = os.path.join(FLAGS.out_dir, f'{FLAGS.split}_tags.txt')
   if not tagger and os.path.exists(stale):
     print(
       f'Note: {stale} was not rewritten (no --objects_vocab); the precomp builder reads it, so it must describe '
@@ -413,7 +488,7 @@ def main(argv=None) -> int:
       '--attributes_vocab=attributes_vocab.txt would also write the region tags GLFN uses.'
     )
   if image_ids is None:
-    with open(os.path.join(args.out_dir, f'{args.split}_ids.txt'), 'w') as f:
+    with open(os.path.join(FLAGS.out_dir, f'{FLAGS.split}_ids.txt'), 'w') as f:
       f.write('\n'.join(summary['order']) + '\n')
   return 0
 

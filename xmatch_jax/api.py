@@ -15,7 +15,12 @@ save_reps('gallery.npz', gallery)
 scores = r.score_encoded(load_reps('gallery.npz'), r.encode_texts(['a red circle above a blue square']))
 """
 
+import math
 import os
+import struct
+import tokenize
+import zipfile
+import zlib
 
 import jax
 import numpy as np
@@ -151,10 +156,58 @@ def save_reps(path: str, rep) -> None:
   np.savez(path, **{k: np.asarray(v) for k, v in fields.items()})
 
 
+# What numpy raises on a corrupt .npz (tokenize.TokenError: a .npy header it cannot parse; zipfile: NotImplementedError
+# for an unknown compression, RuntimeError for an encrypted member, OSError without a file name for a bad offset).
+_NPZ_ERRORS = (
+  zipfile.BadZipFile,
+  zipfile.LargeZipFile,
+  zlib.error,
+  tokenize.TokenError,
+  ValueError,
+  EOFError,
+  KeyError,
+  NotImplementedError,
+  RuntimeError,
+  struct.error,
+)
+
+
+def _check_npz_sizes(path: str, archive: zipfile.ZipFile) -> None:
+  """Every array of an .npz must fit in its member, and every member in the file: numpy allocates the shape a .npy
+  header claims before reading it, so a corrupt header or zip size would allocate any amount."""
+  size = os.path.getsize(path)
+  for info in archive.infolist():
+    if info.compress_size > size or info.file_size > max(info.compress_size, 1) * (
+      1 if info.compress_type == zipfile.ZIP_STORED else 1032  # deflate expands at most 1032-fold
+    ):
+      raise errors.UserError(f'{path}: member {info.filename} claims {info.file_size} bytes in a file of {size}')
+    with archive.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+      shape, _, dtype = read_header(f)
+      if math.prod(shape) * dtype.itemsize > info.file_size:
+        raise errors.UserError(
+          f'{path}: field {info.filename[: -len(".npy")]} claims shape {shape} of {dtype} in a member of '
+          f'{info.file_size} bytes'
+        )
+
+
 def load_reps(path: str):
   """The rep `save_reps` wrote."""
   if not os.path.isfile(path):
     raise errors.MissingFileError(f'{path}: rep file not found; expected an .npz written by save_reps.')
-  with np.load(path, allow_pickle=False) as f:
-    fields = {k: f[k] for k in f.files}
+  try:
+    data = np.load(path, mmap_mode='r', allow_pickle=False)  # mmap: a lone .npy is refused without reading it
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise errors.UserError(f'{path}: a single array, not an .npz archive; expected an .npz written by save_reps.')
+    with data:
+      _check_npz_sizes(path, data.zip)
+      fields = {k: data[k] for k in data.files}
+  except (*_NPZ_ERRORS, OSError) as e:
+    if isinstance(e, errors.UserError) or (isinstance(e, OSError) and e.filename):  # filename: cannot be opened
+      raise
+    raise errors.UserError(
+      f'{path}: not a readable .npz file ({type(e).__name__}: {e}); expected an .npz written by save_reps '
+      '(truncated or partly copied?)'
+    ) from None
   return fields['.'] if set(fields) == {'.'} else fields

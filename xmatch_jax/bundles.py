@@ -120,13 +120,22 @@ def load(bundle_dir: str):
     )
   config = workdirs.load_config(bundle_dir)
   vocab = workdirs.load_vocab(bundle_dir)
-  model = run_setup.build_model(config, len(vocab), int(config.data_info.img_dim), bundle_dir)
+  config_path = workdirs.config_path(bundle_dir)
+  try:  # the model the config describes (a config.json edited or corrupted by hand fails here)
+    model = run_setup.build_model(config, len(vocab), int(config.data_info.img_dim), bundle_dir)
+    expected = checkpoints.expected_variables(model)
+  except errors.UserError as e:
+    raise errors.UserError(f'{config_path}: {e}') from None
+  except (AttributeError, TypeError, ValueError, KeyError, OverflowError) as e:
+    raise errors.UserError(
+      f'{config_path}: no model can be built from it ({type(e).__name__}: {e}); expected the config.json a bundle '
+      'is saved with'
+    ) from None
   try:
     flat = load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
     raise errors.UserError(f'{path}: not a readable safetensors file ({e})') from None
   variables = unflatten(flat)
-  expected = checkpoints.expected_variables(model)
   for collection in expected:
     if collection not in variables:
       raise errors.UserError(f'{path}: no {collection!r} tensors; the model needs them')

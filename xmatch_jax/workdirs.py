@@ -109,10 +109,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   if not os.path.exists(path):
     raise errors.MissingFileError(f'{path} not found: {workdir} is not a training workdir (train into it first).')
-  with open(path) as f:
+  with open(path, encoding='utf-8') as f:
     try:
       data = json.load(f)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
       raise errors.UserError(f'{path}: not valid JSON ({e}); expected the config.json that training writes.') from None
   if not isinstance(data, dict) or not isinstance(data.get('model'), dict):
     raise errors.UserError(f'{path}: no "model" object; expected the config.json that training writes.')
@@ -128,7 +128,8 @@ def _upgrade(config: dict) -> None:
   for stage in (config.get('stage') or {}).values():
     if isinstance(stage, dict):
       stage.setdefault('optimizer', 'adam')
-  model_cls = models.MODELS.get(config['model'].get('name'))
+  name = config['model'].get('name')
+  model_cls = models.MODELS.get(name) if isinstance(name, str) else None
   if model_cls is not None:
     model_cls.upgrade_fields(config['model'])
 

@@ -91,6 +91,9 @@ def convert_state_dict(state: dict, config: BertConfig, source: str = 'state_dic
   Raises:
     ValueError: unknown key, missing weight, or a shape that disagrees with the config.
   """
+  _check_layer_count(
+    config, {int(m.group(1)) for k in state if (m := re.search(r'encoder\.layer\.(\d{1,9})\.', k))}, source
+  )
   expected = _expected_shapes(config)
   has_prefix = any(k.startswith('bert.') for k in state)
   flat, skipped = {}, []
@@ -116,6 +119,16 @@ def convert_state_dict(state: dict, config: BertConfig, source: str = 'state_dic
   return _nest(flat), skipped
 
 
+def _check_layer_count(config: BertConfig, layers: set, source: str) -> None:
+  """The weights must hold as many encoder layers as config.json says (checked before the model's shapes are
+  traced layer by layer: a corrupt layer count would take forever)."""
+  held = max(layers) + 1 if layers else 0
+  if config.num_hidden_layers > held:
+    raise errors.UserError(
+      f'{source}: holds encoder layers 0 .. {held - 1}; config.json has num_hidden_layers = {config.num_hidden_layers}'
+    )
+
+
 def _expected_shapes(config: BertConfig) -> dict:
   """{flax param path tuple: shape} of BertModel(config)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -124,7 +137,7 @@ def _expected_shapes(config: BertConfig) -> dict:
   from xmatch_jax.models.bert import BertModel  # pylint: disable=g-import-not-at-top
 
   params = jax.eval_shape(
-    lambda: BertModel(config).init(jax.random.key(0), jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2)))
+    lambda: BertModel(config).init(jax.random.key(0), jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1)))
   )['params']
   return {tuple(str(p.key) for p in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
@@ -161,6 +174,9 @@ def read_flax_params(path: str, config: BertConfig) -> dict:
       f'{path}: cannot read safetensors file ({type(e).__name__}: {e}); expected the Flax BERT '
       'params that tools/convert_bert.py writes'
     ) from None
+  _check_layer_count(
+    config, {int(k[0][len('encoder_layer_') :]) for k in flat if re.fullmatch(r'encoder_layer_\d{1,9}', k[0])}, path
+  )
   expected = _expected_shapes(config)
   unknown = sorted('/'.join(k) for k in set(flat) - set(expected))
   missing = sorted('/'.join(k) for k in set(expected) - set(flat))

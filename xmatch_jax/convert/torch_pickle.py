@@ -12,12 +12,14 @@ becomes a `types.SimpleNamespace`.
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
 import types
 from typing import Any
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -28,6 +30,8 @@ from xmatch_jax import safe_pickle
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
+# A tensor may repeat its storage (zero strides) only up to this size: a corrupt stride would allocate any amount.
+_MAX_EXPANDED_BYTES = 2**30
 
 _STORAGE_DTYPES = {
   'DoubleStorage': np.float64,
@@ -55,6 +59,9 @@ class _Storage:
   def __init__(self, dtype: np.dtype, numel: int, data: np.ndarray | None = None):
     self.dtype, self.numel, self.data = dtype, numel, data
 
+  def __setstate__(self, state):  # a pickle BUILD on it: never part of torch.save's format
+    raise pickle.UnpicklingError('a storage does not take a pickled state')
+
 
 class _Tensor:
   """A tensor to build once its storage has data (legacy files store the data after the pickle)."""
@@ -62,16 +69,36 @@ class _Tensor:
   def __init__(self, storage, offset, size, stride):
     self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
+  def __setstate__(self, state):  # a pickle BUILD on it: never part of torch.save's format
+    raise pickle.UnpicklingError('a tensor does not take a pickled state')
+
   def materialise(self, where: str) -> np.ndarray:
     storage = self.storage
-    if storage.data is None:
+    if not isinstance(storage, _Storage) or storage.data is None:
       raise errors.UserError(f'{where}: a tensor refers to a storage that the file does not contain')
+    ints = lambda values: all(type(v) is int and v >= 0 for v in values)  # noqa: E731
+    if type(self.offset) is not int or not ints((self.offset, *self.size, *self.stride)):
+      raise errors.UserError(
+        f'{where}: tensor with storage offset {self.offset!r:.40}, shape {self.size!r:.60} and strides '
+        f'{self.stride!r:.60}; expected integers >= 0 (corrupt checkpoint?)'
+      )
+    if len(self.stride) != len(self.size):
+      raise errors.UserError(f'{where}: tensor of shape {self.size} has {len(self.stride)} strides')
     if not self.size:
+      if self.offset >= storage.data.size:
+        raise errors.UserError(f'{where}: scalar tensor at offset {self.offset} of a storage of {storage.data.size}')
       return storage.data[self.offset].copy()
     extent = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride)) + 1
     if min(self.size) > 0 and extent > storage.data.size:
       raise errors.UserError(
         f'{where}: tensor of shape {self.size} runs past the end of its storage ({storage.data.size} elements)'
+      )
+    count = math.prod(self.size)
+    if count > storage.data.size and count * storage.data.itemsize > _MAX_EXPANDED_BYTES:
+      raise errors.UserError(
+        f'{where}: tensor of shape {self.size} repeats its storage of {storage.data.size} elements (zero or '
+        f'overlapping strides {self.stride}) into {count * storage.data.itemsize / 2**30:.1f} GiB; refusing more than '
+        f'{_MAX_EXPANDED_BYTES / 2**30:.0f} GiB (corrupt checkpoint?)'
       )
     item = storage.data.itemsize
     return np.lib.stride_tricks.as_strided(
@@ -144,8 +171,21 @@ def _materialise(obj, where: str):
   return obj
 
 
+def _check_members(path: str, archive: zipfile.ZipFile) -> None:
+  """Every member's sizes must fit in the file: a corrupt size would make zipfile allocate it before reading."""
+  size = os.path.getsize(path)
+  for info in archive.infolist():
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if info.compress_size > size or (stored and info.file_size != info.compress_size):
+      raise errors.UserError(
+        f'{path}: zip member {info.filename} claims {info.compress_size} bytes ({info.file_size} unpacked) in a '
+        f'file of {size}; expected a complete torch.save archive (corrupt or truncated?)'
+      )
+
+
 def _load_zip(path: str) -> Any:
   with zipfile.ZipFile(path) as archive:
+    _check_members(path, archive)
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if len(pickles) != 1:
@@ -153,21 +193,26 @@ def _load_zip(path: str) -> Any:
     prefix = pickles[0][: -len('data.pkl')]
     byteorder = 'little'
     if prefix + 'byteorder' in names:
-      byteorder = archive.read(prefix + 'byteorder').decode().strip()
+      byteorder = archive.read(prefix + 'byteorder').decode('ascii', 'replace').strip()
+      if byteorder not in ('little', 'big'):
+        raise errors.UserError(f'{path}: {prefix}byteorder is {byteorder!r:.40}; expected "little" or "big"')
     storages = {}
     data_bytes = sum(archive.getinfo(n).file_size for n in names if n.startswith(f'{prefix}data/'))
     bar = progress.bar(total=data_bytes, desc=f'reading {path}', unit='B', unit_scale=True)
 
     def load_storage(saved):
+      if len(saved) < 4 or not isinstance(saved[0], _StorageType):
+        raise pickle.UnpicklingError(f'storage id {saved!r:.80}; expected (storage type, key, location, numel)')
       storage_type, key, _, numel = saved[:4]
       if key not in storages:
         entry = f'{prefix}data/{key}'
         if entry not in names:
           raise errors.UserError(f'{path}: storage {key} ({entry}) is missing from the archive')
         dtype = storage_type.dtype.newbyteorder('<' if byteorder == 'little' else '>')
+        size = archive.getinfo(entry).file_size
+        if type(numel) is not int or size != numel * dtype.itemsize:
+          raise errors.UserError(f'{path}: storage {entry} has {size} bytes; expected {numel!r:.20} x {dtype.itemsize}')
         raw = archive.read(entry)
-        if len(raw) != numel * dtype.itemsize:
-          raise errors.UserError(f'{path}: storage {entry} has {len(raw)} bytes; expected {numel} x {dtype.itemsize}')
         storages[key] = _Storage(dtype, numel, np.frombuffer(raw, dtype).astype(dtype.newbyteorder('=')))
         bar.update(len(raw))
       return storages[key]
@@ -177,23 +222,35 @@ def _load_zip(path: str) -> Any:
   return _materialise(result, path)
 
 
+def _plain_pickle(f, path: str, what: str):
+  """One of the legacy format's pickles of plain values (magic number, protocol, sys info, storage keys)."""
+  unpickler = safe_pickle.AllowListUnpickler(f, {}, f'the {what} of a legacy checkpoint is a plain value', path)
+  return unpickler.load()
+
+
 def _load_legacy(path: str) -> Any:
   with open(path, 'rb') as f:
     try:
-      magic = pickle.load(f)
-    except Exception as e:  # pylint: disable=broad-except
-      raise errors.UserError(f'{path}: not a PyTorch checkpoint (neither a zip archive nor the legacy format): {e}')
+      magic = _plain_pickle(f, path, 'magic number')
+    except (errors.UserError, *safe_pickle.LOAD_ERRORS) as e:
+      raise errors.UserError(
+        f'{path}: not a PyTorch checkpoint (neither a zip archive nor the legacy format): {e}'
+      ) from None
     if magic != _LEGACY_MAGIC:
       raise errors.UserError(f'{path}: not a PyTorch checkpoint (wrong magic number)')
-    protocol = pickle.load(f)
+    protocol = _plain_pickle(f, path, 'protocol')
     if protocol != _LEGACY_PROTOCOL:
-      raise errors.UserError(f'{path}: legacy checkpoint protocol {protocol}; expected {_LEGACY_PROTOCOL}')
-    sys_info = pickle.load(f)
+      raise errors.UserError(f'{path}: legacy checkpoint protocol {protocol!r:.40}; expected {_LEGACY_PROTOCOL}')
+    sys_info = _plain_pickle(f, path, 'sys info')
+    if not isinstance(sys_info, dict):
+      raise errors.UserError(f'{path}: legacy checkpoint sys info is a {type(sys_info).__name__}; expected a dict')
     if not sys_info.get('little_endian', True):
       raise errors.UserError(f'{path}: big-endian legacy checkpoints are not supported')
     storages, views = {}, []
 
     def load_storage(saved):
+      if not isinstance(saved, tuple) or len(saved) != 5 or not isinstance(saved[0], _StorageType):
+        raise pickle.UnpicklingError(f'storage id {saved!r:.80}; expected (type, key, location, numel, view)')
       storage_type, root_key, _, numel, view = saved
       if root_key not in storages:
         storages[root_key] = _Storage(storage_type.dtype, numel)
@@ -205,34 +262,63 @@ def _load_legacy(path: str) -> Any:
       return storage
 
     result = _unpickler(f, path, load_storage).load()
-    keys = pickle.load(f)
+    keys = _plain_pickle(f, path, 'storage keys')
+    if not isinstance(keys, list):
+      raise errors.UserError(f'{path}: legacy checkpoint storage keys are a {type(keys).__name__}; expected a list')
     # The raw storages fill the rest of the file.
-    with progress.bar(total=os.path.getsize(path) - f.tell(), desc=f'reading {path}', unit='B', unit_scale=True) as bar:
+    end = os.path.getsize(path)
+    with progress.bar(total=end - f.tell(), desc=f'reading {path}', unit='B', unit_scale=True) as bar:
       for key in keys:
-        storage = storages.get(key)
+        storage = storages.get(key) if isinstance(key, str) else None
         if storage is None:
-          raise errors.UserError(f'{path}: storage key {key} is not used by the pickle')
-        (numel,) = struct.unpack('<q', f.read(8))
-        raw = f.read(numel * storage.dtype.itemsize)
-        if len(raw) != numel * storage.dtype.itemsize:
+          raise errors.UserError(f'{path}: storage key {key!r:.40} is not used by the pickle')
+        header = f.read(8)
+        numel = struct.unpack('<q', header)[0] if len(header) == 8 else -1
+        nbytes = numel * storage.dtype.itemsize
+        if numel < 0 or nbytes > end - f.tell():
           raise errors.UserError(f'{path}: file ends inside storage {key} (truncated checkpoint)')
+        raw = f.read(nbytes)
         storage.data = np.frombuffer(raw, storage.dtype)
         bar.update(8 + len(raw))
     for storage, root_key, offset in views:
-      storage.data = storages[root_key].data[offset : offset + storage.numel]
+      root = storages[root_key].data
+      if root is None or type(offset) is not int or type(storage.numel) is not int or offset < 0:
+        raise errors.UserError(f'{path}: a storage view of {root_key!r:.40} at {offset!r:.20} (corrupt checkpoint?)')
+      storage.data = root[offset : offset + storage.numel]
   return _materialise(result, path)
+
+
+# What a corrupt file makes the readers above raise, besides UserErrors (zipfile: NotImplementedError for an unknown
+# compression, RuntimeError for an encrypted member, OSError without a file name for a seek before the start).
+_CORRUPT = (
+  *safe_pickle.LOAD_ERRORS,
+  zipfile.BadZipFile,
+  zipfile.LargeZipFile,
+  zlib.error,
+  NotImplementedError,
+  RuntimeError,
+)
 
 
 def load(path: str) -> Any:
   """Loads a torch.save file: state_dicts become dicts of numpy arrays.
 
   Raises:
-    FileNotFoundError: no such file.
-    ValueError / pickle.UnpicklingError: not a PyTorch checkpoint, truncated, or holding globals outside the
-      allow-list (the message names the file and the global).
+    errors.MissingFileError: no such file.
+    errors.UserError: not a PyTorch checkpoint, truncated or corrupt (the message names the file), or holding
+      globals outside the allow-list (`safe_pickle.RefusedPickleError`, also a pickle.UnpicklingError, naming the
+      file and the global).
   """
   if not os.path.exists(path):
     raise errors.MissingFileError(f'{path}: no such checkpoint file')
-  if zipfile.is_zipfile(path):
-    return _load_zip(path)
-  return _load_legacy(path)
+  try:
+    return _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+  except errors.UserError:
+    raise
+  except (*_CORRUPT, OSError) as e:
+    if isinstance(e, OSError) and e.filename:  # the file itself cannot be opened: not a corrupt checkpoint
+      raise
+    raise errors.UserError(
+      f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); expected a complete torch.save file '
+      '(truncated or corrupt?)'
+    ) from None

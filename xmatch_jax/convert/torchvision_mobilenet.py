@@ -45,10 +45,17 @@ def read_state_dict(path: str) -> dict:
   return dict(state)
 
 
-def _conv_bn(part: str, rest: str, value: np.ndarray):
+def _hwio(value: np.ndarray, where: str) -> np.ndarray:
+  """A PyTorch convolution kernel [out, in, kh, kw] -> Flax's [kh, kw, in, out]."""
+  if value.ndim != 4:
+    raise errors.UserError(f'{where} has shape {value.shape}; expected a convolution kernel [out, in, kh, kw]')
+  return value.transpose(2, 3, 1, 0)
+
+
+def _conv_bn(part: str, rest: str, value: np.ndarray, where: str = 'weight'):
   """'0'/'1' (conv / bn) + leaf -> (collection, sub-path, array)."""
   if part == '0' and rest == 'weight':
-    return 'params', ('conv', 'kernel'), value.transpose(2, 3, 1, 0)
+    return 'params', ('conv', 'kernel'), _hwio(value, where)
   if part == '1':
     return {
       'weight': ('params', ('bn', 'scale')),
@@ -71,17 +78,18 @@ def convert_state_dict(state: dict, expected: dict, source: str = 'state_dict') 
       layer, index, rest = m.groups()
       prefix = (f'features_{layer}', f'block_{index}')
       if rest.startswith(('fc1.', 'fc2.')):
-        name, leaf = rest.split('.')
-        collection = 'params'
-        path = prefix + (name, 'kernel' if leaf == 'weight' else 'bias')
-        value = value.transpose(2, 3, 1, 0) if leaf == 'weight' else value
+        name, _, leaf = rest.partition('.')
+        if leaf in ('weight', 'bias'):
+          collection = 'params'
+          path = prefix + (name, 'kernel' if leaf == 'weight' else 'bias')
+          value = _hwio(value, f'{source}: {key}') if leaf == 'weight' else value
       else:
         part, _, leaf = rest.partition('.')
-        collection, sub, value = _conv_bn(part, leaf, value)
+        collection, sub, value = _conv_bn(part, leaf, value, f'{source}: {key}')
         path = prefix + sub if sub else None
     elif m := _STEM.match(key):
       layer, part, leaf = m.groups()
-      collection, sub, value = _conv_bn(part, leaf, value)
+      collection, sub, value = _conv_bn(part, leaf, value, f'{source}: {key}')
       path = (f'features_{layer}',) + sub if sub else None
     elif m := re.match(r'^classifier\.(\d+)\.(weight|bias)$', key):
       collection, path = 'params', (f'classifier_{m.group(1)}', 'kernel' if m.group(2) == 'weight' else 'bias')

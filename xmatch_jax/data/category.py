@@ -173,7 +173,7 @@ def _wikipedia_text(path: str) -> str:
   try:
     node = next(ElementTree.fromstring(raw).iter('text'), None)
     text = None if node is None else ''.join(node.itertext())
-  except ElementTree.ParseError:  # some release files hold unescaped '&' and the like
+  except (ElementTree.ParseError, LookupError):  # some release files hold unescaped '&', an unknown encoding, ...
     match = re.search(r'<text\b[^>]*>(.*)</text>', raw.decode('utf-8', errors='replace'), re.DOTALL)
     text = None if match is None else html.unescape(match.group(1))
   if text is None or not text.strip():
@@ -194,7 +194,7 @@ def _scan_wikipedia(root: str) -> tuple[list[Pair], int, str]:
     lines = _read_lines(list_path)
     for number, line in _counted(lines, len(lines), f'wikipedia {list_name}', 'pair'):
       fields = line.split()
-      if len(fields) != 3 or not re.fullmatch(r'-?\d+', fields[2]):
+      if len(fields) != 3 or not re.fullmatch(r'-?\d{1,18}', fields[2]):
         raise errors.UserError(
           f'{list_path}: line {number} is {line!r}; expected <text_id>\\t<image_name>\\t<category 1-based integer>'
         )
@@ -245,7 +245,7 @@ def _scan_manifest(root: str, num_classes: int | None) -> list[Pair]:
     if not line.strip():
       continue
     fields = line.split('\t')
-    if len(fields) != 3 or not re.fullmatch(r'\s*-?\d+\s*', fields[2]):
+    if len(fields) != 3 or not re.fullmatch(r'\s*-?\d{1,18}\s*', fields[2]):
       raise errors.UserError(
         f'{path}: line {number} has {len(fields)} tab-separated field(s) {fields[:3]!r}; expected '
         'image path, text, integer label'
@@ -299,7 +299,7 @@ def split_indices(n: int, manual_dir: str) -> dict[str, np.ndarray]:
   with open(path, encoding='utf-8') as f:
     try:
       raw = json.load(f)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
       raise errors.UserError(f'{path}: not valid JSON ({e})') from None
   if not isinstance(raw, dict) or sorted(raw) != sorted(SPLITS):
     raise errors.UserError(

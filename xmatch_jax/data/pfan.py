@@ -87,6 +87,8 @@ def from_pfan_layout(
       padding, or weights not summing to 1 (named by image and region).
   """
   array = np.asarray(array)
+  if array.dtype.kind not in 'biuf':
+    raise errors.UserError(f'{where}: dtype {array.dtype}; expected real numbers (block indices and weights)')
   if array.ndim != 3 or array.shape[-1] % 2:
     raise errors.UserError(f'{where}: expected [n_images, k, 2L] (L block indices then L weights); got {array.shape}')
   if not np.isfinite(array).all():

@@ -56,6 +56,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import tokenize
 from typing import NamedTuple
 
 import numpy as np
@@ -107,7 +108,7 @@ def _load_npy(path: str, expected: str) -> np.ndarray:
   """Memory-maps a .npy file; an unreadable one (truncated, empty, pickled objects, not .npy) names the file."""
   try:
     return np.load(path, mmap_mode='r', allow_pickle=False)
-  except (ValueError, EOFError, OSError) as e:
+  except (ValueError, EOFError, OSError, OverflowError, tokenize.TokenError) as e:  # a header numpy cannot parse
     raise errors.UserError(
       f'{path}: not a readable .npy array ({type(e).__name__}: {e}); expected a complete .npy file '
       f'of {expected} written by numpy.save (truncated or partly copied?)'
@@ -147,6 +148,8 @@ def _int_lines(path: str, what: str) -> np.ndarray:
             f'{path}: line {lineno} is {shown!r}; expected one integer per line ({what})'
           ) from None
         values.append(None)
+      if values[-1] is not None and not -(2**63) <= values[-1] < 2**63:
+        raise errors.UserError(f'{path}: line {lineno} is {str(values[-1])[:40]}; expected a 64-bit integer ({what})')
   while values and values[-1] is None:
     values.pop()
   if None in values:
@@ -227,6 +230,8 @@ def _check_files(manual_dir: str, config: PrecompConfig) -> dict:
       raise errors.UserError(f'{ims_path}: shape {ims.shape}; expected [n_images, k, d] (or [n_images, d]: k = 1)')
     if ims.dtype != np.float32:
       raise errors.UserError(f'{ims_path}: dtype {ims.dtype}; expected float32')
+    if 0 in ims.shape[1:]:
+      raise errors.UserError(f'{ims_path}: shape {ims.shape}; expected at least one region of at least one feature')
     k = 1 if ims.ndim == 2 else ims.shape[1]  # [n, d]: one vector per image (VSE++'s precomp releases)
     if config.num_regions and ims.ndim == 2:
       raise errors.UserError(

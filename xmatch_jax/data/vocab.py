@@ -217,10 +217,10 @@ class Vocabulary:
     with open(path, encoding='utf-8') as f:
       try:
         data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise errors.UserError(f'{path}: not valid json ({e}); expected a SCAN vocabulary file.') from e
       except UnicodeDecodeError as e:
         raise errors.UserError(f'{path}: not UTF-8 text ({e}); expected a SCAN vocabulary json file.') from None
+      except ValueError as e:  # JSONDecodeError, or an integer of too many digits
+        raise errors.UserError(f'{path}: not valid json ({e}); expected a SCAN vocabulary file.') from None
     if not isinstance(data, dict):
       raise errors.UserError(
         f'{path}: expected a json object with fields idx2word, word2idx, idx; got {type(data).__name__}.'
@@ -241,7 +241,7 @@ class Vocabulary:
         data = safe_pickle.AllowListUnpickler(
           f, _VOCAB_GLOBALS, 'only a pickled vocab.Vocabulary is read', encoding='utf-8'
         ).load()
-      except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError) as e:
+      except safe_pickle.LOAD_ERRORS as e:  # RefusedPickleError (code, another class) is one: an UnpicklingError
         raise errors.UserError(f'{path}: not a readable VSE++ vocabulary pickle ({e}).') from None
     if not isinstance(data, _PickledVocabulary):
       raise errors.UserError(

@@ -26,19 +26,41 @@ def load_tokenizer(directory: str):
   tokenizer_json = os.path.join(directory, 'tokenizer.json')
   vocab_txt = os.path.join(directory, 'vocab.txt')
   if os.path.exists(tokenizer_json):
-    tokenizer = Tokenizer.from_file(tokenizer_json)
+    try:
+      tokenizer = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:  # pylint: disable=broad-except - tokenizers raises plain Exception
+      raise errors.UserError(
+        f'{tokenizer_json}: not a readable tokenizer.json ({e}); expected the Hugging Face tokenizers file of a BERT'
+      ) from None
   elif os.path.exists(vocab_txt):
     options = {}
     tokenizer_config = os.path.join(directory, 'tokenizer_config.json')
     if os.path.exists(tokenizer_config):
-      with open(tokenizer_config) as f:
-        options = json.load(f)
-    tokenizer = BertWordPieceTokenizer(
-      vocab_txt,
-      lowercase=options.get('do_lower_case', True),
-      strip_accents=options.get('strip_accents'),
-      handle_chinese_chars=options.get('tokenize_chinese_chars', True),
-    )._tokenizer  # pylint: disable=protected-access
+      with open(tokenizer_config, encoding='utf-8') as f:
+        try:
+          options = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+          raise errors.UserError(f'{tokenizer_config}: not valid JSON ({e})') from None
+      if not isinstance(options, dict):
+        raise errors.UserError(f'{tokenizer_config}: a JSON {type(options).__name__}; expected an object')
+      for key, kinds in (
+        ('do_lower_case', (bool,)),
+        ('strip_accents', (bool, type(None))),
+        ('tokenize_chinese_chars', (bool,)),
+      ):
+        if key in options and not isinstance(options[key], kinds):
+          raise errors.UserError(f'{tokenizer_config}: "{key}" is {options[key]!r:.40}; expected true or false')
+    try:
+      tokenizer = BertWordPieceTokenizer(
+        vocab_txt,
+        lowercase=options.get('do_lower_case', True),
+        strip_accents=options.get('strip_accents'),
+        handle_chinese_chars=options.get('tokenize_chinese_chars', True),
+      )._tokenizer  # pylint: disable=protected-access
+    except Exception as e:  # pylint: disable=broad-except - tokenizers raises plain Exception
+      raise errors.UserError(
+        f'{vocab_txt}: not a readable WordPiece vocabulary ({e}); expected one token per line'
+      ) from None
   else:
     raise errors.MissingFileError(f'{directory}: no tokenizer.json or vocab.txt')
   tokenizer.no_padding()
@@ -52,6 +74,24 @@ class WordPieceVocab:
   def __init__(self, directory: str):
     self.directory = bert_dir.resolve_dir(directory)
     self._tokenizer = load_tokenizer(self.directory)
+    all_ids = self._tokenizer.get_vocab(with_added_tokens=True).values()
+    if all_ids and not 0 <= min(all_ids) <= max(all_ids) < 2**31:
+      raise errors.UserError(
+        f'{self.directory}: the tokenizer has token ids {min(all_ids)} .. {max(all_ids)}; expected ids >= 0'
+      )
+    ids = {t: self._tokenizer.token_to_id(t) for t in ('[CLS]', '[SEP]', '[UNK]')}
+    missing = [t for t, i in ids.items() if i is None or self._tokenizer.id_to_token(i) != t]
+    if missing:
+      raise errors.UserError(
+        f'{self.directory}: the tokenizer has no {missing} token(s); expected a BERT WordPiece one'
+      )
+    probe = self._tokenizer.encode('a')  # the post-processor's [CLS] / [SEP] ids must be the vocabulary's
+    wrong = [(t, i) for t, i in zip(probe.tokens, probe.ids) if self._tokenizer.token_to_id(t) != i]
+    if wrong:
+      raise errors.UserError(
+        f'{self.directory}: the tokenizer encodes (token, id) {wrong[:3]}, ids its vocabulary does not give those '
+        'tokens; expected a consistent tokenizer.json'
+      )
     pad = self._tokenizer.token_to_id('[PAD]')
     if pad != 0:
       raise errors.UserError(f"{self.directory}: the tokenizer's [PAD] id is {pad}; the batcher pads with id 0")

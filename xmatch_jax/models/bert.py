@@ -43,13 +43,8 @@ class BertConfig:
   pad_token_id: int = 0
 
   def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
+    if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTIVATIONS:
       raise errors.UserError(f'BertConfig.hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}')
-    if self.hidden_size % self.num_attention_heads:
-      raise errors.UserError(
-        f'BertConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads '
-        f'({self.num_attention_heads})'
-      )
     for name in (
       'vocab_size',
       'hidden_size',
@@ -59,15 +54,31 @@ class BertConfig:
       'max_position_embeddings',
       'type_vocab_size',
     ):
-      if getattr(self, name) < 1:
-        raise errors.UserError(f'BertConfig.{name} must be >= 1, got {getattr(self, name)}')
+      value = getattr(self, name)
+      if type(value) is not int or not 1 <= value < 2**31:  # type(): JSON true / 2.5 are not sizes
+        raise errors.UserError(f'BertConfig.{name} must be an integer in [1, 2**31), got {value!r:.40}')
+    if type(self.pad_token_id) is not int or not 0 <= self.pad_token_id < self.vocab_size:
+      raise errors.UserError(f'BertConfig.pad_token_id must be an id in [0, vocab_size), got {self.pad_token_id!r:.40}')
+    eps = self.layer_norm_eps
+    if type(eps) not in (int, float) or not 0 < eps < 1:
+      raise errors.UserError(f'BertConfig.layer_norm_eps must be a number in (0, 1), got {eps!r:.40}')
+    if self.hidden_size % self.num_attention_heads:
+      raise errors.UserError(
+        f'BertConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads '
+        f'({self.num_attention_heads})'
+      )
 
   @classmethod
   def from_json(cls, path: str) -> 'BertConfig':
     """Reads a Hugging Face config.json; refuses non-BERT models and position encodings other than absolute."""
-    with open(path) as f:
-      raw = json.load(f)
     where = os.path.abspath(path)
+    with open(path, encoding='utf-8') as f:
+      try:
+        raw = json.load(f)
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise errors.UserError(f'{where}: not valid JSON ({e}); expected a Hugging Face BERT config.json') from None
+    if not isinstance(raw, dict):
+      raise errors.UserError(f'{where}: a JSON {type(raw).__name__}; expected an object of BERT config fields')
     model_type = raw.get('model_type', 'bert')
     if model_type != 'bert':
       raise errors.UserError(f'{where}: model_type is {model_type!r}; expected "bert"')
