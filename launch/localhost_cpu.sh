@@ -4,12 +4,13 @@
 #   launch/localhost_cpu.sh N D TRAIN_FLAGS...
 #   e.g. launch/localhost_cpu.sh 2 2 --config=configs/scan.py:shapes_tiny --workdir=runs/scan_2x2 --config.max_steps=20
 #
-# Every process runs `python -m xmatch_jax.train TRAIN_FLAGS --coordinator=localhost:PORT --num_processes=N
+# Every process runs `python -m $MODULE TRAIN_FLAGS --coordinator=localhost:PORT --num_processes=N
 # --process_id=i` with JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=D and
 # XMATCH_CPU_COLLECTIVES=gloo; N = 1 runs one process without a coordinator. Each prints the device topology first.
 # Process 0 prints here; process i > 0 writes $LOG_DIR/process_i.log (default: a new temporary directory).
-# $PYTHON is the interpreter (default python), $PORT the coordinator's port (default: a free one). Installs
-# nothing. When a process fails, the others are stopped and the script exits with its status.
+# $PYTHON is the interpreter (default python), $PORT the coordinator's port (default: a free one), $MODULE the
+# entry point (default xmatch_jax.train; MODULE=xmatch_jax.evaluate scores a split split over the processes, e.g.
+# MODULE=xmatch_jax.evaluate launch/localhost_cpu.sh 2 2 --workdir=W). Installs nothing. When a process fails, the others are stopped and the script exits with its status.
 set -euo pipefail
 
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ || ! $2 =~ ^[1-9][0-9]*$ ]]; then
@@ -20,6 +21,7 @@ N=$1
 D=$2
 shift 2
 PYTHON=${PYTHON:-python}
+MODULE=${MODULE:-xmatch_jax.train}
 PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
 LOG_DIR=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$LOG_DIR"
@@ -29,7 +31,7 @@ export XMATCH_CPU_COLLECTIVES=gloo
 
 if [[ $N == 1 ]]; then
   echo "localhost_cpu: 1 process x $D CPU device(s)"
-  exec "$PYTHON" -m xmatch_jax.train "$@"
+  exec "$PYTHON" -m "$MODULE" "$@"
 fi
 echo "localhost_cpu: $N processes x $D CPU device(s), coordinator localhost:$PORT, logs of processes 1-$((N - 1)) in $LOG_DIR"
 
@@ -45,9 +47,9 @@ trap stop_all EXIT INT TERM
 for ((i = 0; i < N; i++)); do
   args=("$@" "--coordinator=localhost:$PORT" "--num_processes=$N" "--process_id=$i")
   if ((i == 0)); then
-    "$PYTHON" -m xmatch_jax.train "${args[@]}" &
+    "$PYTHON" -m "$MODULE" "${args[@]}" &
   else
-    "$PYTHON" -m xmatch_jax.train "${args[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+    "$PYTHON" -m "$MODULE" "${args[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
   fi
   pids+=($!)
 done

@@ -1,6 +1,7 @@
 """Multi-process training on localhost: launch/localhost_cpu.sh with 2 processes x 2 CPU devices (gloo collectives)
 trains 3 SCAN steps on shapes_tiny like 1 process x 4 devices: the same losses in metrics.jsonl and the same final
-checkpoint to 1e-5, written by both processes after a dev evaluation run in each. The 2 x 2 run goes first on a
+checkpoint to 1e-5, written by both processes after a dev evaluation split over both; `evaluate` split over the
+2 processes gives the score matrix and results of a 1-process evaluation. The 2 x 2 run goes first on a
 fresh data directory, so process 0 also generates the dataset while process 1 waits for it. Also: the settings that
 start a multi-process run are checked, and a negative config.max_steps is refused."""
 
@@ -51,11 +52,14 @@ GLOO_MISSING = _gloo_missing()
 needs_gloo = pytest.mark.skipif(bool(GLOO_MISSING), reason=f'multi-process CPU test skipped: {GLOO_MISSING}')
 
 
-def _launch(processes: int, devices: int, workdir: str, data_dir: str, log_dir: str) -> str:
-  """Runs launch/localhost_cpu.sh; returns process 0's output."""
-  env = {**os.environ, 'PYTHON': sys.executable, 'XMATCH_DATA_DIR': data_dir, 'LOG_DIR': log_dir}
+def _launch(
+  processes: int, devices: int, workdir: str, data_dir: str, log_dir: str, module: str = 'xmatch_jax.train'
+) -> str:
+  """Runs launch/localhost_cpu.sh (training, or `module` with only --workdir); returns process 0's output."""
+  env = {**os.environ, 'PYTHON': sys.executable, 'XMATCH_DATA_DIR': data_dir, 'LOG_DIR': log_dir, 'MODULE': module}
   env.pop('PORT', None)  # the script picks a free port
-  command = ['bash', SCRIPT, str(processes), str(devices), *TRAIN_FLAGS, f'--workdir={workdir}']
+  flags = TRAIN_FLAGS if module == 'xmatch_jax.train' else ['--save_scores']
+  command = ['bash', SCRIPT, str(processes), str(devices), *flags, f'--workdir={workdir}']
   proc = subprocess.Popen(
     command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
   )
@@ -119,6 +123,28 @@ def test_two_processes_of_two_devices_save_the_parameters_of_one_process_of_four
   assert sorted(multi) == sorted(single)
   diff = {key: float(np.max(np.abs(multi[key] - single[key]))) for key in single}
   assert max(diff.values()) <= 1e-5, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_evaluation_split_over_two_processes_equals_one_process(runs, tmp_path):
+  workdir = runs['2x2'][0]
+  data_dir = os.path.join(os.path.dirname(workdir), 'tfds')
+  results = {}
+  for processes, devices in ((2, 2), (1, 1)):
+    log_dir = tmp_path / f'eval_{processes}x{devices}'
+    os.makedirs(log_dir)
+    out = _launch(processes, devices, workdir, data_dir, str(log_dir), module='xmatch_jax.evaluate')
+    assert 'written to' in out, out
+    with open(os.path.join(workdir, 'eval', 'test.json')) as f:
+      result = json.load(f)
+    results[processes] = (result, np.load(os.path.join(workdir, 'eval', 'test_scores.npy')))
+  (multi, multi_scores), (single, single_scores) = results[2], results[1]
+  assert multi_scores.shape == single_scores.shape == (multi['n_images'], multi['n_captions'])
+  assert float(np.max(np.abs(multi_scores - single_scores))) <= 1e-6
+  assert {k: v for k, v in multi.items() if k != 'scoring_seconds'} == {
+    k: v for k, v in single.items() if k != 'scoring_seconds'
+  }
 
 
 def test_negative_max_steps_is_refused():

@@ -9,7 +9,9 @@ the run's config can be overridden (`--config.eval_image_chunk=64` on a smaller 
 `--config.data_dir`), and `--config.dataset=NAME` evaluates on another dataset with the same feature size
 (cross-dataset: the run's vocabulary encodes its captions; written to W/eval/<NAME>_<split>.json, which names both
 datasets). `--topk=K` also writes W/eval/<split>_topk.json: per image its K best captions, per caption its K best
-images, with image ids ({split}_ids.txt of precomp data) and scores.
+images, with image ids ({split}_ids.txt of precomp data) and scores. Several processes (`--coordinator=host:port
+--num_processes=N --process_id=i` on each, srun, or `MODULE=xmatch_jax.evaluate launch/localhost_cpu.sh N D
+--workdir=W`) split the exhaustive scoring's images between them; process 0 writes the outputs.
 """
 
 import json
@@ -27,6 +29,7 @@ from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import inference
 from xmatch_jax import metrics as metrics_lib
+from xmatch_jax import parallel
 from xmatch_jax import rerank
 from xmatch_jax import run_setup
 from xmatch_jax import workdirs
@@ -107,7 +110,8 @@ def evaluate_workdir(
   cross = config.dataset if config.dataset != trained_on else ''
   split, protocol, name = metrics_lib.resolve_protocol(protocol, config.dataset, split)
   vocab = workdirs.load_vocab(workdir)
-  data = load_split(config.dataset, split, config.data_dir or None)
+  # Process 0 builds a dataset not built yet, the others then read it.
+  data = parallel.first_on_process_zero(lambda: load_split(config.dataset, split, config.data_dir or None), 'data')
   img_dim = run_setup.img_dim_of(data.images)
   trained_dim = config.get('data_info', {}).get('img_dim')
   if trained_dim and img_dim and img_dim != int(trained_dim):  # 0: a pixel model (DAER) reads no features
@@ -170,6 +174,8 @@ def evaluate_workdir(
   }
   if cross:
     result['trained_on'] = trained_on
+  if jax.process_index() > 0:  # every process holds the same matrix; process 0 writes
+    return result
   os.makedirs(workdirs.eval_dir(workdir), exist_ok=True)
   with open(workdirs.result_path(workdir, split, rerank_k, dataset=cross), 'w') as f:
     json.dump(result, f, indent=2)
@@ -202,10 +208,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   f = flags.FLAGS
+  parallel.initialize_from_flags()
   overrides = {key: f[f'config.{key}'].value for key in EVAL_FIELDS}
   result = evaluate_workdir(
     f.workdir, f.split, f.protocol, save_scores=f.save_scores, rerank_k=f.rerank_k, overrides=overrides, topk=f.topk
   )
+  if jax.process_index() > 0:
+    return
   print(format_table(result))
   print(
     f'scoring took {result["scoring_seconds"]:.1f} s'
@@ -237,5 +246,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('config.data_dir', None, "Dataset directory (default: the run's, else $XMATCH_DATA_DIR).")
   flags.DEFINE_integer('config.eval_image_chunk', None, 'Images per scoring chunk (lower it on a smaller machine).')
   flags.DEFINE_integer('config.eval_text_batch', None, 'Captions per text-encoding batch.')
+  parallel.define_flags()
+  flags.adopt_module_key_flags(parallel)  # listed by --helpshort
   flags.mark_flags_as_required(['workdir'])
   cli.run_absl(main)

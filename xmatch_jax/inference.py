@@ -8,10 +8,12 @@ import os
 import shutil
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
 from xmatch_jax import errors
+from xmatch_jax import parallel
 from xmatch_jax import progress
 
 
@@ -62,6 +64,10 @@ class Scorer:
   All-pairs scoring, the cost of an evaluation, is split over `devices` (default: every local device): each call
   scores image_chunk images per device against a tile of captions (shard_map over the images, no collectives),
   so every device runs the same program on the same shapes as a one-device scorer and the scores are the same.
+  In a multi-process job with `devices` not given, the images are also split over the processes: each scores its
+  contiguous share on its local devices, and every finished column of tiles is all-gathered, so every process
+  returns the whole matrix (docs/architecture.md, "Parallelism"). Every process must then call `pair_scores` with
+  the same reps, as training's dev scoring and a multi-process `evaluate` do.
   """
 
   def __init__(
@@ -80,8 +86,8 @@ class Scorer:
     self.image_chunk = image_chunk
     self.text_batch = text_batch
     self.desc = desc  # the progress bar's label (bars appear for scoring that lasts over 10 s)
-    # One process's local devices; in a multi-process job each process scores alone on its first device.
-    self.devices = list(devices or (jax.local_devices() if jax.process_count() == 1 else jax.local_devices()[:1]))
+    self.devices = list(devices or jax.local_devices())
+    self.processes = 1 if devices else jax.process_count()  # given devices: this process scores alone
     self._encode_image = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
     self._encode_text = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_text))
     mesh = jax.sharding.Mesh(np.array(self.devices), ('images',))
@@ -138,30 +144,51 @@ class Scorer:
     """
     n_txt = jax.tree.leaves(text_rep)[0].shape[0]
     n_img = jax.tree.leaves(image_rep)[0].shape[0]
-    done = _ColumnStore(resume_dir, {**(identity or {}), 'shape': [n_img, n_txt], 'text_batch': self.text_batch})
+    chief = self.processes == 1 or jax.process_index() == 0
+    identity = {**(identity or {}), 'shape': [n_img, n_txt], 'text_batch': self.text_batch}
+    done = _ColumnStore(resume_dir if chief else None, identity)  # process 0 keeps the finished columns
+    share = -(-n_img // self.processes)  # images per process, the last share zero-padded
+    if self.processes > 1:
+      first = jax.process_index() * share
+      image_rep = _pad_rows(jax.tree.map(lambda x: np.asarray(x[first : first + share]), image_rep), share)
     columns = []
     with progress.bar(total=n_img * n_txt, desc=self.desc, unit='pair', unit_scale=True) as bar:
       for start in range(0, n_txt, self.text_batch):
         part = jax.tree.map(lambda x: x[start : start + self.text_batch], text_rep)
         rows = jax.tree.leaves(part)[0].shape[0]
-        column = done.get(start, (n_img, rows))
+        column = self._finished_column(done, start, (n_img, rows), resume_dir)
         if column is None:
           if rows < self.text_batch:
             part = _pad_rows(part, self.text_batch)
           if self._mesh_variables is None:
             self._mesh_variables = jax.device_put(self.variables, self._replicated)
           on_mesh = jax.device_put(part, self._replicated)
-          tile = map_chunks(
-            lambda i: self._pair_scores(self._mesh_variables, jax.device_put(i, self._split), on_mesh),
-            image_rep,
-            self.image_chunk * len(self.devices),
+          tile = np.asarray(
+            map_chunks(
+              lambda i: self._pair_scores(self._mesh_variables, jax.device_put(i, self._split), on_mesh),
+              image_rep,
+              self.image_chunk * len(self.devices),
+            )
           )
-          column = np.asarray(tile)[:, :rows]
+          if self.processes > 1:  # [processes, share, text_batch] -> every image's row, in order
+            tile = np.asarray(multihost_utils.process_allgather(tile)).reshape(-1, tile.shape[1])
+          column = tile[:n_img, :rows]
           done.put(start, column)
         columns.append(column)
         bar.update(n_img * rows)
     done.finish()
     return np.concatenate(columns, axis=1)
+
+  def _finished_column(self, done, start: int, shape: tuple, resume_dir: str | None) -> np.ndarray | None:
+    """The column from an earlier, interrupted call; with several processes process 0's copy, sent to all."""
+    column = done.get(start, shape)
+    if self.processes == 1 or resume_dir is None:
+      return column
+    if not parallel.agree({'found': float(column is not None)})['found']:
+      return None
+    return np.asarray(
+      multihost_utils.broadcast_one_to_all(column if column is not None else np.zeros(shape, np.float32))
+    )
 
   def candidate_scores(
     self, image_rep, text_rep, candidates: np.ndarray, query_side: str, chunk: int = 64

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 
+from absl import flags
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -63,6 +64,30 @@ def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = 
     jax.distributed.initialize()  # jax reads coordinator, process count and id from SLURM
     return True
   return False
+
+
+def define_flags() -> None:
+  """The multi-process flags of `train` and `evaluate` (absl's global FLAGS), read by `initialize_from_flags`."""
+  flags.DEFINE_string(
+    'coordinator',
+    '',
+    'host:port of process 0 in a multi-process run (or $XMATCH_COORDINATOR); '
+    'not needed under srun, where SLURM is detected.',
+  )
+  flags.DEFINE_integer('num_processes', 0, 'Processes in the run, with --coordinator (or $XMATCH_NUM_PROCESSES).')
+  flags.DEFINE_integer('process_id', -1, 'This process, 0 ... num_processes - 1 (or $XMATCH_PROCESS_ID).')
+  flags.DEFINE_string(
+    'cpu_collectives',
+    '',
+    "Cross-process collectives on CPU: 'gloo' or 'mpi' (or "
+    '$XMATCH_CPU_COLLECTIVES); for several CPU processes, e.g. launch/localhost_cpu.sh.',
+  )
+
+
+def initialize_from_flags() -> bool:
+  """`initialize` with the flags of `define_flags`."""
+  f = flags.FLAGS
+  return initialize(f.coordinator, f.num_processes, f.process_id, f.cpu_collectives)
 
 
 def topology() -> str:

@@ -25,9 +25,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-  parallel.initialize(
-    flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id, flags.FLAGS.cpu_collectives
-  )
+  parallel.initialize_from_flags()
   print(parallel.topology(), flush=True)
   try:
     trainers.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
@@ -42,20 +40,8 @@ if __name__ == '__main__':
   # Flags are defined here, not at import, so train and evaluate can be imported together.
   config_flags.DEFINE_config_file('config', None, 'Model config file, e.g. configs/scan.py:shapes.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, eval).')
-  flags.DEFINE_string(
-    'coordinator',
-    '',
-    'host:port of process 0 in a multi-process run (or $XMATCH_COORDINATOR); '
-    'not needed under srun, where SLURM is detected.',
-  )
-  flags.DEFINE_integer('num_processes', 0, 'Processes in the run, with --coordinator (or $XMATCH_NUM_PROCESSES).')
-  flags.DEFINE_integer('process_id', -1, 'This process, 0 ... num_processes - 1 (or $XMATCH_PROCESS_ID).')
-  flags.DEFINE_string(
-    'cpu_collectives',
-    '',
-    "Cross-process collectives on CPU: 'gloo' or 'mpi' (or "
-    '$XMATCH_CPU_COLLECTIVES); for several CPU processes, e.g. launch/localhost_cpu.sh.',
-  )
+  parallel.define_flags()
+  flags.adopt_module_key_flags(parallel)  # listed by --helpshort
   flags.mark_flags_as_required(['config', 'workdir'])
   with cli.user_errors():
     run_setup.check_config_overrides(sys.argv[1:])

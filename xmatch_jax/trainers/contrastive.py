@@ -252,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return (warmup_fn if index < warmup_steps else step_fn)(state, batch)
 
   def evaluate(done, end_of_epoch, state):
-    # Every process scores dev alone on its first device; process 0's numbers decide for all.
+    # The images are split over every device of every process (inference.Scorer); process 0's numbers decide.
     scorer = inference.Scorer(
       model,
       {'params': parallel.local_copy(state['params'])},

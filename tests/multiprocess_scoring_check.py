@@ -1,0 +1,69 @@
+"""Run by test_multiprocess_scoring.py as one of 2 localhost processes x 2 CPU devices (gloo): all-pairs scores
+split over the processes equal one device's, and an interrupted evaluation's finished column (kept by process 0)
+reaches every process. Writes one JSON file per process.
+
+  python tests/multiprocess_scoring_check.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_JSON RESUME_DIR
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xmatch_jax import parallel  # noqa: E402  (before any JAX computation)
+
+coordinator, num_processes, process_id, out_path, resume_dir = sys.argv[1:]
+parallel.initialize(coordinator, int(num_processes), int(process_id), 'gloo')
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from xmatch_jax import inference  # noqa: E402
+from xmatch_jax.models import build_model  # noqa: E402
+
+TEXT_BATCH = 8
+
+
+def check(fields: dict) -> dict:
+  rng = np.random.default_rng(0)  # the same inputs on every process
+  n_img, n_txt, k, n, vocab = 29, 21, 5, 7, 34  # 29 images over 2 processes: shares of 15, the last one padded
+  model = build_model(ml_collections.ConfigDict(fields), vocab_size=vocab, img_dim=6)
+  images = {'regions': rng.normal(size=(n_img, k, 6)).astype(np.float32)}
+  lengths = rng.integers(2, n + 1, size=n_txt)
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+  tokens = (rng.integers(1, vocab, size=(n_txt, n)) * mask).astype(np.int32)
+  variables = model.init(jax.random.key(0), *model.example_inputs())
+  split = inference.Scorer(model, variables, image_chunk=2, text_batch=TEXT_BATCH)
+  alone = inference.Scorer(model, variables, image_chunk=2, text_batch=TEXT_BATCH, devices=jax.local_devices()[:1])
+  image_rep, text_rep = split.encode_images(images), split.encode_text(tokens, mask)
+  got, want = split.pair_scores(image_rep, text_rep), alone.pair_scores(image_rep, text_rep)
+  # An interrupted evaluation left its second column on process 0 (marked +1000 so its use is visible).
+  store_dir = os.path.join(resume_dir, fields['name'])
+  identity = {'run': fields['name']}
+  if jax.process_index() == 0:
+    store = inference._ColumnStore(store_dir, {**identity, 'shape': [n_img, n_txt], 'text_batch': TEXT_BATCH})  # pylint: disable=protected-access
+    store.put(TEXT_BATCH, want[:, TEXT_BATCH : 2 * TEXT_BATCH] + 1000.0)
+  parallel.sync('column stored')
+  resumed = split.pair_scores(image_rep, text_rep, store_dir, identity)
+  parallel.sync('store removed')  # process 0 removes it after its last column
+  marked = want.copy()
+  marked[:, TEXT_BATCH : 2 * TEXT_BATCH] += 1000.0
+  return {
+    'processes': split.processes,
+    'devices': len(split.devices),
+    'shape': list(got.shape),
+    'max_abs_diff': float(np.max(np.abs(got - want))),
+    'resumed_max_abs_diff': float(np.max(np.abs(resumed - marked))),
+    'store_removed': not os.path.exists(store_dir),
+  }
+
+
+if __name__ == '__main__':
+  result = {
+    'scan': check({'name': 'scan', 'embed_size': 8, 'word_dim': 8}),
+    'rdan': check({'name': 'rdan', 'embed_size': 8, 'word_dim': 8, 'cnn_channels': 4, 'block_size': 2}),
+  }
+  with open(out_path, 'w') as f:
+    json.dump(result, f)
