@@ -37,7 +37,6 @@ region); the file is written at the end in the split's order.
 import base64
 import contextlib
 import csv
-import math
 import os
 import sys
 import tokenize
@@ -54,6 +53,7 @@ if REPO not in sys.path:
 from xmatch_jax import cli
 from xmatch_jax import errors
 from xmatch_jax import progress
+from xmatch_jax import safe_npz
 from xmatch_jax import safe_pickle
 from xmatch_jax.data import pfan  # pylint: disable=g-import-not-at-top
 
@@ -191,25 +191,6 @@ def _npz_labels(z, path: str) -> dict:
   return labels
 
 
-def _check_npz_sizes(path: str, archive: zipfile.ZipFile) -> None:
-  """Every array of an .npz must fit in its member, and every member in the file: numpy allocates the shape a .npy
-  header claims before reading it, so a corrupt header or zip size would allocate any amount."""
-  size = os.path.getsize(path)
-  for info in archive.infolist():
-    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else 1032  # deflate expands at most 1032-fold
-    if info.compress_size > size or info.file_size > max(info.compress_size, 1) * ratio:
-      raise errors.UserError(f'{path}: member {info.filename} claims {info.file_size} bytes in a file of {size}')
-    with archive.open(info) as f:
-      version = np.lib.format.read_magic(f)
-      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-      shape, _, dtype = read_header(f)
-      if math.prod(shape) * dtype.itemsize > info.file_size:
-        raise errors.UserError(
-          f'{path}: field {info.filename[: -len(".npy")]} claims shape {shape} of {dtype} in a member of '
-          f'{info.file_size} bytes'
-        )
-
-
 def read_npz(directory: str, image_ids: list, with_labels: bool = False):
   """Yields (image_id, regions, boxes, (width, height), labels) from `<image_id>.npz` files; labels (see read_tsv)
   only with_labels, else {}."""
@@ -235,7 +216,7 @@ def read_npz(directory: str, image_ids: list, with_labels: bool = False):
       if isinstance(z, np.lib.npyio.NpzFile):
         with contextlib.ExitStack() as on_error:
           on_error.callback(z.close)
-          _check_npz_sizes(path, z.zip)
+          safe_npz.check_sizes(path, z.zip)
           on_error.pop_all()
     except unreadable as e:
       if isinstance(e, errors.UserError):

@@ -15,7 +15,6 @@ save_reps('gallery.npz', gallery)
 scores = r.score_encoded(load_reps('gallery.npz'), r.encode_texts(['a red circle above a blue square']))
 """
 
-import math
 import os
 import struct
 import tokenize
@@ -31,6 +30,7 @@ from xmatch_jax import errors
 from xmatch_jax import inference
 from xmatch_jax import rerank
 from xmatch_jax import run_setup
+from xmatch_jax import safe_npz
 from xmatch_jax import workdirs
 
 
@@ -172,26 +172,6 @@ _NPZ_ERRORS = (
 )
 
 
-def _check_npz_sizes(path: str, archive: zipfile.ZipFile) -> None:
-  """Every array of an .npz must fit in its member, and every member in the file: numpy allocates the shape a .npy
-  header claims before reading it, so a corrupt header or zip size would allocate any amount."""
-  size = os.path.getsize(path)
-  for info in archive.infolist():
-    if info.compress_size > size or info.file_size > max(info.compress_size, 1) * (
-      1 if info.compress_type == zipfile.ZIP_STORED else 1032  # deflate expands at most 1032-fold
-    ):
-      raise errors.UserError(f'{path}: member {info.filename} claims {info.file_size} bytes in a file of {size}')
-    with archive.open(info) as f:
-      version = np.lib.format.read_magic(f)
-      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-      shape, _, dtype = read_header(f)
-      if math.prod(shape) * dtype.itemsize > info.file_size:
-        raise errors.UserError(
-          f'{path}: field {info.filename[: -len(".npy")]} claims shape {shape} of {dtype} in a member of '
-          f'{info.file_size} bytes'
-        )
-
-
 def load_reps(path: str):
   """The rep `save_reps` wrote."""
   if not os.path.isfile(path):
@@ -201,7 +181,7 @@ def load_reps(path: str):
     if not isinstance(data, np.lib.npyio.NpzFile):
       raise errors.UserError(f'{path}: a single array, not an .npz archive; expected an .npz written by save_reps.')
     with data:
-      _check_npz_sizes(path, data.zip)
+      safe_npz.check_sizes(path, data.zip)
       fields = {k: data[k] for k in data.files}
   except (*_NPZ_ERRORS, OSError) as e:
     if isinstance(e, errors.UserError) or (isinstance(e, OSError) and e.filename):  # filename: cannot be opened
