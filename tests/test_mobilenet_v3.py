@@ -84,7 +84,7 @@ def test_block_attention_places(place, channels, output_is_input):
 
 @pytest.mark.skipif(
   importlib.util.find_spec('torchvision') is None,
-  reason='torchvision is not installed (pip install torch==2.14.1 torchvision==0.29.1 here)',
+  reason='torchvision is not installed (pip install torch==2.13.0, then the torchvision built for it)',
 )
 def test_equals_torchvision_live_full_width():
   import torch  # pylint: disable=g-import-not-at-top
