@@ -3,13 +3,15 @@
 import json
 import os
 import pickle
-import struct
 import sys
 
 import numpy as np
 import pytest
 
 from xmatch_jax.data import vocab as vocab_lib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
+import fuzz_readers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Copies of ../shared/fixtures/f30k_sample (SCAN's Flickr30K vocabulary and a slice of its train captions), shipped so
 # the tests run in any clone.
@@ -210,27 +212,6 @@ class _VsePPVocabulary:
 _VsePPVocabulary.__module__, _VsePPVocabulary.__qualname__ = '__main__', 'Vocabulary'
 
 
-def python2_pickle(words, idx=None) -> bytes:
-  """What Python 2.7's pickle.dump(vocab, f, 2) writes: attribute names as byte strings (SHORT_BINSTRING), the
-  words (unicode from nltk on decoded captions) as BINUNICODE, integers as BININT."""
-
-  def name(b):
-    return b'U' + bytes([len(b)]) + b
-
-  def word(w):
-    e = w.encode('utf-8')
-    return b'X' + struct.pack('<I', len(e)) + e
-
-  def integer(n):
-    return b'J' + struct.pack('<i', n)
-
-  out = b'\x80\x02c__main__\nVocabulary\n)\x81}('
-  out += name(b'word2idx') + b'}(' + b''.join(word(w) + integer(i) for i, w in enumerate(words)) + b'u'
-  out += name(b'idx2word') + b'}(' + b''.join(integer(i) + word(w) for i, w in enumerate(words)) + b'u'
-  out += name(b'idx') + integer(len(words) if idx is None else idx) + b'ub.'
-  return out
-
-
 @pytest.mark.parametrize('protocol', [0, 2, pickle.HIGHEST_PROTOCOL])
 def test_vsepp_pickle_reads_as_the_same_vocabulary(f30k_vocab, tmp_path, monkeypatch, protocol):
   monkeypatch.setattr(sys.modules['__main__'], 'Vocabulary', _VsePPVocabulary, raising=False)
@@ -246,7 +227,7 @@ def test_vsepp_pickle_reads_as_the_same_vocabulary(f30k_vocab, tmp_path, monkeyp
 def test_python2_vsepp_pickle(f30k_vocab, tmp_path):
   path = tmp_path / 'vocab.pkl'
   words = list(f30k_vocab.words[:50]) + ['café']
-  path.write_bytes(python2_pickle(words))
+  path.write_bytes(fuzz_readers.vsepp_pickle_protocol2(words))
   loaded = vocab_lib.Vocabulary.load(str(path))
   assert loaded.words == tuple(words)
   np.testing.assert_array_equal(loaded.encode('a café dog'), [1, loaded('a'), 50, 3, 2])
@@ -271,7 +252,7 @@ def test_vocab_pickle_refuses_code_and_bad_fields(tmp_path, monkeypatch):
     vocab_lib.Vocabulary.load(str(evil))
   assert not (tmp_path / 'pwned').exists()
   bad = tmp_path / 'bad.pkl'
-  bad.write_bytes(python2_pickle(list(vocab_lib.SPECIAL_TOKENS) + ['dog'], idx=7))
+  bad.write_bytes(fuzz_readers.vsepp_pickle_protocol2(list(vocab_lib.SPECIAL_TOKENS) + ['dog'], idx=7))
   with pytest.raises(ValueError, match=r'bad.pkl: field "idx" is 7; expected the vocabulary size 5'):
     vocab_lib.Vocabulary.load(str(bad))
   plain = tmp_path / 'dict.pkl'
@@ -279,6 +260,6 @@ def test_vocab_pickle_refuses_code_and_bad_fields(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r'dict.pkl: expected a pickled Vocabulary object .*got dict'):
     vocab_lib.Vocabulary.load(str(plain))
   cut = tmp_path / 'cut.pkl'
-  cut.write_bytes(python2_pickle(list(vocab_lib.SPECIAL_TOKENS))[:40])
+  cut.write_bytes(fuzz_readers.vsepp_pickle_protocol2(list(vocab_lib.SPECIAL_TOKENS))[:40])
   with pytest.raises(ValueError, match=r'cut.pkl: not a readable VSE\+\+ vocabulary pickle'):
     vocab_lib.Vocabulary.load(str(cut))

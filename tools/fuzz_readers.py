@@ -142,8 +142,9 @@ def _real_torch_zip() -> bytes | None:
   return buffer.getvalue()
 
 
-def _vsepp_pickle_protocol2(words) -> bytes:
-  """What Python 2.7's pickle.dump(vocab, f, 2) writes for VSE++'s vocab.Vocabulary (see tests/test_vocab.py)."""
+def vsepp_pickle_protocol2(words, idx=None) -> bytes:
+  """What Python 2.7's pickle.dump(vocab, f, 2) writes for VSE++'s vocab.Vocabulary: attribute names as byte
+  strings (SHORT_BINSTRING), the words (unicode from nltk on decoded captions) as BINUNICODE, integers as BININT."""
 
   def name(b):
     return b'U' + bytes([len(b)]) + b
@@ -158,7 +159,7 @@ def _vsepp_pickle_protocol2(words) -> bytes:
   out = b'\x80\x02c__main__\nVocabulary\n)\x81}('
   out += name(b'word2idx') + b'}(' + b''.join(word(w) + integer(i) for i, w in enumerate(words)) + b'u'
   out += name(b'idx2word') + b'}(' + b''.join(integer(i) + word(w) for i, w in enumerate(words)) + b'u'
-  out += name(b'idx') + integer(len(words)) + b'ub.'
+  out += name(b'idx') + integer(len(words) if idx is None else idx) + b'ub.'
   return out
 
 
@@ -276,7 +277,7 @@ def _seeds_vocab_pickle() -> list:
   f30k = json.loads(_fixture('f30k_sample/f30k_vocab.json'))
   f30k_words = [f30k['idx2word'][str(i)] for i in range(200)]
   return [
-    Seed('Python 2 protocol 2 pickle', {'vocab.pkl': _vsepp_pickle_protocol2(words)}, 'vocab.pkl', 'vocab', 'pickle'),
+    Seed('Python 2 protocol 2 pickle', {'vocab.pkl': vsepp_pickle_protocol2(words)}, 'vocab.pkl', 'vocab', 'pickle'),
     Seed('protocol 0 pickle', {'vocab.pkl': _vsepp_pickle(words, 0)}, 'vocab.pkl', 'vocab', 'pickle', {'pickle': True}),
     Seed('protocol 2 pickle', {'vocab.pkl': _vsepp_pickle(words, 2)}, 'vocab.pkl', 'vocab', 'pickle'),
     Seed(
