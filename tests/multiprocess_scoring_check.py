@@ -17,24 +17,20 @@ coordinator, num_processes, process_id, out_path, resume_dir = sys.argv[1:]
 parallel.initialize(coordinator, int(num_processes), int(process_id), 'gloo')
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from xmatch_jax import inference  # noqa: E402
-from xmatch_jax.models import build_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sharded_scoring_check  # noqa: E402
 
 TEXT_BATCH = 8
 
 
 def check(fields: dict) -> dict:
-  rng = np.random.default_rng(0)  # the same inputs on every process
-  n_img, n_txt, k, n, vocab = 29, 21, 5, 7, 34  # 29 images over 2 processes: shares of 15, the last one padded
-  model = build_model(ml_collections.ConfigDict(fields), vocab_size=vocab, img_dim=6)
-  images = {'regions': rng.normal(size=(n_img, k, 6)).astype(np.float32)}
-  lengths = rng.integers(2, n + 1, size=n_txt)
-  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
-  tokens = (rng.integers(1, vocab, size=(n_txt, n)) * mask).astype(np.int32)
-  variables = model.init(jax.random.key(0), *model.example_inputs())
+  # 29 images over 2 processes: shares of 15, the last one padded; the same inputs on every process.
+  n_img, n_txt = 29, 21
+  model, variables, images, tokens, mask = sharded_scoring_check.random_inputs(fields, n_img, n_txt)
   split = inference.Scorer(model, variables, image_chunk=2, text_batch=TEXT_BATCH)
   alone = inference.Scorer(model, variables, image_chunk=2, text_batch=TEXT_BATCH, devices=jax.local_devices()[:1])
   image_rep, text_rep = split.encode_images(images), split.encode_text(tokens, mask)

@@ -16,21 +16,23 @@ from xmatch_jax.models import build_model  # noqa: E402
 TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
 
 
-def check(fields: dict) -> dict:
+def random_inputs(fields: dict, n_img: int, n_txt: int, k: int = 5, n: int = 7, vocab: int = 34):
+  """A model with its variables and seeded random images / captions: the same on every process that asks.
+
+  vocab 34: the tiny BERT's vocabulary. Returns (model, variables, images, tokens, mask).
+  """
   rng = np.random.default_rng(0)
-  n_img, n_txt, k, n, vocab = (
-    37,
-    23,
-    5,
-    7,
-    34,
-  )  # 34: the tiny BERT's vocabulary; 37 images: 8 devices x chunk 2 = 16 per call, the last padded
   model = build_model(ml_collections.ConfigDict(fields), vocab_size=vocab, img_dim=6)
   images = {'regions': rng.normal(size=(n_img, k, 6)).astype(np.float32)}
   lengths = rng.integers(2, n + 1, size=n_txt)
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
   tokens = (rng.integers(1, vocab, size=(n_txt, n)) * mask).astype(np.int32)
-  variables = model.init(jax.random.key(0), *model.example_inputs())
+  return model, model.init(jax.random.key(0), *model.example_inputs()), images, tokens, mask
+
+
+def check(fields: dict) -> dict:
+  # 37 images: 8 devices x chunk 2 = 16 per call, the last padded.
+  model, variables, images, tokens, mask = random_inputs(fields, n_img=37, n_txt=23)
   sharded = inference.Scorer(model, variables, image_chunk=2, text_batch=8)
   single = inference.Scorer(model, variables, image_chunk=2, text_batch=8, devices=jax.local_devices()[:1])
   got, want = sharded.score(images, tokens, mask), single.score(images, tokens, mask)
