@@ -106,12 +106,12 @@ def test_weight_norm_fold_equals_torch(dim):
 @pytest.mark.slow
 def test_vsepp_pickled_vocab_converts_like_the_json(tmp_path):
   """VSE++ ships its vocabulary as vocab/<data_name>_vocab.pkl (a Python 2 pickle of vocab.Vocabulary)."""
-  sys.path.insert(0, os.path.dirname(FIXTURES))
-  from test_vocab import python2_pickle  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
+  from fuzz_readers import vsepp_pickle_protocol2  # pylint: disable=g-import-not-at-top
 
   words = json.load(open(os.path.join(FIXTURES, 'vocab_small.json')))['idx2word']
   pkl = tmp_path / 'coco_precomp_vocab.pkl'
-  pkl.write_bytes(python2_pickle([words[str(i)] for i in range(len(words))]))
+  pkl.write_bytes(vsepp_pickle_protocol2([words[str(i)] for i in range(len(words))]))
   for vocab, workdir in ((str(pkl), tmp_path / 'from_pkl'), (f'{FIXTURES}/vocab_small.json', tmp_path / 'from_json')):
     assert (
       convert_torch_checkpoint.main(
