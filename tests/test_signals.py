@@ -1,9 +1,11 @@
 """Crash safety with real processes: SIGTERM saves a checkpoint and exits 143; kill -9 at a random step, then the
 same command, ends with the parameters of an uninterrupted run; a corrupted newest checkpoint falls back to the
-previous one."""
+previous one; a checkpoint write that fails (a file size limit) stops the run with one line, the earlier checkpoints
+intact, and the same command then resumes."""
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -28,15 +30,19 @@ FLAGS = [
 ]  # 93 steps; a checkpoint every 4 steps and at the end
 
 
-def _start(workdir, data_dir):
+def _start(workdir, data_dir, extra=(), file_size_limit=None):
   env = {**os.environ, 'XMATCH_DATA_DIR': data_dir}
+  limit = None
+  if file_size_limit is not None:  # what `ulimit -f` sets: a write past it fails with EFBIG (Python ignores SIGXFSZ)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
   return subprocess.Popen(
-    [sys.executable, '-m', 'xmatch_jax.train', *FLAGS, f'--workdir={workdir}'],
+    [sys.executable, '-m', 'xmatch_jax.train', *FLAGS, *extra, f'--workdir={workdir}'],
     cwd=ROOT,
     env=env,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
+    preexec_fn=limit,
   )
 
 
@@ -139,3 +145,30 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(uninterrupted, t
   restored = ckpts.restore_latest(None)
   assert restored is not None and int(restored[1]['step']) == steps[-2]
   assert any('could not be read' in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_failed_checkpoint_write_stops_with_one_line_and_the_rerun_resumes(data_dir, uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'w')
+  proc = _start(workdir, data_dir, extra=['--config.max_steps=8'])
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  # Each data file of this model's checkpoint is 35-100 KB: under a 64 KB limit the step-12 save cannot be written.
+  proc = _start(workdir, data_dir, file_size_limit=64 * 1024)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 2, out
+  assert 'Traceback' not in out and 'Event loop is closed' not in out, out
+  error = [line for line in out.splitlines() if line.startswith('error:')]
+  assert error == [
+    f'error: {workdir}/checkpoints/12: writing the checkpoint failed (File too large [errno EFBIG]); training '
+    f'stopped. Intact: {workdir}/checkpoints/4, {workdir}/checkpoints/8, {workdir}/best/8. Free disk space, raise '
+    f'the file size limit (ulimit -f) or make {workdir} writable, then run the same command: it resumes from step 8.'
+  ], out
+  ckpts = RunCheckpoints(workdir)
+  assert sorted(ckpts.latest.all_steps()) == [4, 8]  # the half-written step 12 is not taken as a checkpoint
+  assert int(ckpts.restore_latest(None)[1]['step']) == 8
+  assert ckpts.restore_for_eval()[2] == 'best'
+  out = _finish(workdir, data_dir)
+  assert f'resumed from {workdir} at step 8' in out
+  latest = lambda w: RunCheckpoints(w).restore_latest(None)[0]['params']
+  jax.tree.map(np.testing.assert_array_equal, latest(workdir), latest(uninterrupted))

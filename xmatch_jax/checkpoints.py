@@ -5,8 +5,12 @@ Layout in the workdir: `checkpoints/<step>/` (latest, `keep` of them) and `best/
 the step itself: batches are a pure function of (seed, step).
 """
 
+import contextlib
+import errno
 import logging
 import os
+import re
+import sys
 
 from absl import logging as absl_logging
 import jax
@@ -25,6 +29,44 @@ class _DropMissingMetadataWarning(logging.Filter):
 
 
 absl_logging.get_absl_logger().addFilter(_DropMissingMetadataWarning())
+
+
+class _DropOrbaxSaveErrors(logging.Filter):
+  """A failed background save makes orbax log the same OSError with a stack from each of its threads; the run stops
+  with CheckpointWriteError, which names the step, the reason and what is intact. XMATCH_DEBUG=1 keeps them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname and not _debug())
+
+
+absl_logging.get_absl_logger().addFilter(_DropOrbaxSaveErrors())
+
+
+def _debug() -> bool:
+  return os.environ.get('XMATCH_DEBUG', '') not in ('', '0')
+
+
+def _drop_closed_loop_callbacks(hook):
+  """After a failed write, tensorstore completes the save's remaining writes and calls back into the event loop
+  orbax already closed: 'RuntimeError: Event loop is closed' for each, and at exit an ImportError from every
+  pending write coroutine. They are consequences of the error CheckpointWriteError reports; others pass on."""
+
+  def unraisable(info):
+    message = str(info.exc_value)
+    closed_loop = isinstance(info.exc_value, RuntimeError) and message == 'Event loop is closed'
+    at_exit = isinstance(info.exc_value, ImportError) and 'Python is likely shutting down' in message
+    if (closed_loop or at_exit) and not _debug():
+      return
+    hook(info)
+
+  return unraisable
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+
+
+class CheckpointWriteError(errors.UserError):
+  """A checkpoint could not be written (full disk, file size limit, permissions); the earlier ones are intact."""
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -48,16 +90,63 @@ class RunCheckpoints:
     self.workdir = workdir
     self.latest = _manager(workdirs.checkpoints_dir(workdir), keep)
     self.best = _manager(workdirs.best_dir(workdir), 1)
+    self._writing = None  # (step, saved to best too) of the last save, written in the background
+    self._failed = False
 
   def save(self, step: int, state, meta: dict, is_best: bool = False) -> None:
+    """Starts writing `step` in the background (orbax finishes it into checkpoints/<step> by an atomic rename).
+
+    Raises CheckpointWriteError when this or the previous background write fails.
+    """
+    self.wait()  # an earlier write's failure surfaces here, before the next one starts
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    self.latest.save(step, args=args, force=True)
-    if is_best:
-      self.best.save(step, args=args, force=True)
+    self._writing = (step, is_best)
+    with self._reporting_failures():
+      self.latest.save(step, args=args, force=True)
+      if is_best:
+        self.best.save(step, args=args, force=True)
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    """Waits for the background write; CheckpointWriteError if it failed."""
+    with self._reporting_failures():
+      self.latest.wait_until_finished()
+      self.best.wait_until_finished()
+    self._writing = None
+
+  def check(self) -> None:
+    """Raises CheckpointWriteError if a background write has failed; does not wait for one in progress."""
+    with self._reporting_failures():
+      self.latest.check_for_errors()
+      self.best.check_for_errors()
+
+  @contextlib.contextmanager
+  def _reporting_failures(self):
+    """Turns an exception of orbax's save path into `write_error` (once: later ones repeat the first)."""
+    try:
+      yield
+    except CheckpointWriteError:
+      raise
+    except Exception as e:  # noqa: BLE001 - whatever stopped the write (OSError, tensorstore's ValueError)
+      if self._failed:
+        raise
+      raise self.write_error(e) from e
+
+  def write_error(self, error: Exception) -> CheckpointWriteError:
+    """The one-line error for a failed write of the current step: the reason, and which checkpoints are intact."""
+    self._failed = True
+    step, is_best = self._writing or (None, False)
+    where = workdirs.best_dir(self.workdir) if is_best else workdirs.checkpoints_dir(self.workdir)
+    latest, best = _finished_steps(self.latest.directory, step), _finished_steps(self.best.directory, step)
+    intact = ', '.join(
+      [f'{workdirs.checkpoints_dir(self.workdir)}/{s}' for s in latest]
+      + [f'{workdirs.best_dir(self.workdir)}/{s}' for s in best]
+    )
+    resume = f'it resumes from step {latest[-1]}' if latest else 'it starts from step 0'
+    return CheckpointWriteError(
+      f'{where}/{step}: writing the checkpoint failed ({_write_failure_reason(error)}); training stopped. '
+      f'Intact: {intact or "none"}. Free disk space, raise the file size limit (ulimit -f) or make {self.workdir} '
+      f'writable, then run the same command: {resume}.'
+    )
 
   def has_checkpoint(self) -> bool:
     return self.latest.latest_step() is not None or self.best.latest_step() is not None
@@ -90,9 +179,42 @@ class RunCheckpoints:
     raise errors.MissingFileError(f'{self.workdir}: no checkpoint in best/ or checkpoints/; train first.')
 
   def close(self) -> None:
-    self.wait()
-    self.latest.close()
-    self.best.close()
+    """Finishes the background write and closes. After a reported write failure it only closes (the error was
+    raised already)."""
+    try:
+      self.wait()
+    except CheckpointWriteError:
+      if not self._failed:
+        raise
+    finally:
+      for manager in (self.latest, self.best):
+        try:
+          manager.close()
+        except Exception:  # noqa: BLE001 - the failed write is what is reported; closing must not replace it
+          if not self._failed:
+            raise
+
+
+def _finished_steps(directory, excluding) -> list:
+  """Steps with a finished checkpoint in `directory` (orbax renames a step's directory to its number only when
+  its write completed), without `excluding`."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit() and int(name) != excluding)
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _write_failure_reason(error: Exception) -> str:
+  """'File too large [errno 27]' from an OSError or from tensorstore's message; else the message's first line."""
+  code = getattr(error, 'errno', None)
+  if code is None:
+    found = _OS_ERROR_CODE.search(str(error))
+    code = int(found.group(1)) if found else None
+  if code is not None:
+    return f'{os.strerror(code)} [errno {errno.errorcode.get(code, code)}]'
+  return f'{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ""}'
 
 
 def _local_target(manager: ocp.CheckpointManager, step: int):

@@ -294,6 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoint_every_minutes=config.get('checkpoint_every_minutes', 0.0),
     collapse=collapse,
     watch_after=warmup_steps,
+    check_saves=ckpts.check,
   )
   try:
     steps.run(

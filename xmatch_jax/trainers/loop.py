@@ -7,7 +7,8 @@ loop owns the order of events, which is the same for every trainer:
   at a log point fetch the pending metrics, stop on a non-finite loss, write them -> at an evaluation point (every
   `eval_every` epochs and the last step) call the trainer's `evaluate`, which checkpoints -> else every
   `checkpoint_every` steps, or when `checkpoint_every_minutes` of wall time have passed since the last save, save
-  -> on SIGTERM / SIGINT save (unless just saved) and raise `Interrupted`.
+  (in the background; a failed write stops the run at the next log point) -> on SIGTERM / SIGINT save (unless
+  just saved) and raise `Interrupted`.
 """
 
 import dataclasses
@@ -34,20 +35,32 @@ class MetricsWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-      self._jsonl = open(workdirs.metrics_path(workdir), 'a')
+      self._path, self._failed = workdirs.metrics_path(workdir), False
+      self._jsonl = open(self._path, 'a')
       self._tb = SummaryWriter(workdirs.tensorboard_dir(workdir))
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in values.items()}}) + '\n')
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in values.items()}}) + '\n')
+      self._jsonl.flush()
+    except OSError as e:  # a full disk or a file size limit; the checkpoints so far are intact
+      self._failed = True
+      raise errors.UserError(
+        f'{self._path}: writing the metrics of step {step} failed ({e.strerror}); training stopped. Free disk '
+        'space or raise the file size limit, then run the same command to resume from the last checkpoint.'
+      ) from e
     for k, v in values.items():
       self._tb.add_scalar(k, float(v), step)
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      try:
+        self._jsonl.close()
+      except OSError:
+        if not self._failed:
+          raise  # else the failed write raised already; closing flushes the same bytes again
       self._tb.close()
 
 
@@ -118,6 +131,8 @@ class StepLoop:
     desc: the progress bar's label; prefix: of the logged metric names (a DAER stage: 'text/').
     collapse: a CollapseWatch checked at every log after `watch_after` steps, or None.
     clock: seconds, for the wall-time saves.
+    check_saves: called at every log point; raises if a background checkpoint write has failed, so a full disk
+      stops the run within a log interval of the failed save instead of at the next save.
   """
 
   workdir: str
@@ -133,6 +148,7 @@ class StepLoop:
   collapse: Optional[CollapseWatch] = None
   watch_after: int = 0
   clock: Callable[[], float] = time.monotonic
+  check_saves: Callable[[], None] = lambda: None
 
   def run(
     self,
@@ -183,6 +199,7 @@ class StepLoop:
         end_of_epoch = done % self.steps_per_epoch == 0
         if done % self.log_every == 0 or end_of_epoch or done == self.total:
           summary = write_pending(done)
+          self.check_saves()
           progress.update(done - progress.n)  # the flush waited for every pending step
           in_flight = None
           loss = summary[f'{self.prefix}loss']

@@ -502,6 +502,7 @@ def run_stage(stage: Stage, dev, writer: loop.MetricsWriter, previous: dict) -> 
     checkpoint_every_minutes=config.get('checkpoint_every_minutes', 0.0),
     desc=f'stage {name}',
     prefix=f'{name}/',
+    check_saves=ckpts.check,
   )
   try:
     state = steps.run(
