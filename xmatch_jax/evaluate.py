@@ -210,9 +210,10 @@ def main(argv):
   f = flags.FLAGS
   parallel.initialize_from_flags()
   overrides = {key: f[f'config.{key}'].value for key in EVAL_FIELDS}
-  result = evaluate_workdir(
-    f.workdir, f.split, f.protocol, save_scores=f.save_scores, rerank_k=f.rerank_k, overrides=overrides, topk=f.topk
-  )
+  with parallel.lost_process_stops_this_one():
+    result = evaluate_workdir(
+      f.workdir, f.split, f.protocol, save_scores=f.save_scores, rerank_k=f.rerank_k, overrides=overrides, topk=f.topk
+    )
   if jax.process_index() > 0:
     return
   print(format_table(result))

@@ -4,10 +4,14 @@ One code path from 1 CPU to many hosts (docs/architecture.md, "Parallelism"). `p
 device topology (after starting `jax.distributed` when the environment asks for it, as training does).
 """
 
+import contextlib
 import os
+import re
 import signal
 import socket
+import sys
 import threading
+import time
 
 from absl import flags
 import jax
@@ -18,6 +22,10 @@ import numpy as np
 from xmatch_jax import errors
 
 CPU_COLLECTIVES = ('gloo', 'mpi')
+DEFAULT_HEARTBEAT_TIMEOUT = 60  # seconds without a heartbeat before a process counts as lost
+JAX_HEARTBEAT_MARGIN = 30  # jax's own heartbeat timeout is this much longer, so that _watch_processes acts first
+_ALIVE = 'xmatch_alive/'  # key prefix of the processes' counters in the coordination service
+LOST_PROCESS_STATUS = 75  # EX_TEMPFAIL: a peer was lost; relaunching every process resumes the run
 
 
 def _env_int(name: str, default: int) -> int:
@@ -28,19 +36,34 @@ def _env_int(name: str, default: int) -> int:
     raise errors.UserError(f'${name} = {value!r}; expected an int.') from None
 
 
-def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = -1, cpu_collectives: str = '') -> bool:
+def initialize(
+  coordinator: str = '',
+  num_processes: int = 0,
+  process_id: int = -1,
+  cpu_collectives: str = '',
+  heartbeat_timeout: int = 0,
+) -> bool:
   """Starts `jax.distributed` when a multi-process run is asked for; returns whether it did.
 
   Explicit arguments win over $XMATCH_COORDINATOR (host:port of process 0), $XMATCH_NUM_PROCESSES,
-  $XMATCH_PROCESS_ID and $XMATCH_CPU_COLLECTIVES. Without a coordinator, a SLURM job step of several tasks
-  (srun, $SLURM_STEP_NUM_TASKS > 1) is detected by jax itself (one process per task, the task's GPU by
-  $SLURM_LOCALID unless $JAX_LOCAL_DEVICE_IDS says otherwise). `cpu_collectives` ('gloo' or 'mpi') sets the
-  CPU backend's cross-process collectives. Must run before any JAX computation.
+  $XMATCH_PROCESS_ID, $XMATCH_CPU_COLLECTIVES and $XMATCH_HEARTBEAT_TIMEOUT. Without a coordinator, a SLURM job
+  step of several tasks (srun, $SLURM_STEP_NUM_TASKS > 1) is detected by jax itself (one process per task, the
+  task's GPU by $SLURM_LOCALID unless $JAX_LOCAL_DEVICE_IDS says otherwise). `cpu_collectives` ('gloo' or 'mpi')
+  sets the CPU backend's cross-process collectives. Must run before any JAX computation.
+
+  A process that stops sending heartbeats for `heartbeat_timeout` seconds (default 60; killed, crashed, preempted,
+  its host gone) makes every other process print one line naming it and exit with status 75 (`lose_process`),
+  instead of waiting in a collective or aborting with a stack dump: docs/architecture.md, "Faults".
   """
   coordinator = coordinator or os.environ.get('XMATCH_COORDINATOR', '')
   num_processes = num_processes or _env_int('XMATCH_NUM_PROCESSES', 0)
   process_id = process_id if process_id >= 0 else _env_int('XMATCH_PROCESS_ID', -1)
   cpu_collectives = cpu_collectives or os.environ.get('XMATCH_CPU_COLLECTIVES', '')
+  heartbeat_timeout = heartbeat_timeout or _env_int('XMATCH_HEARTBEAT_TIMEOUT', DEFAULT_HEARTBEAT_TIMEOUT)
+  if heartbeat_timeout < 1:
+    raise errors.UserError(f'heartbeat_timeout = {heartbeat_timeout}; expected seconds >= 1.')
+  global _heartbeat_timeout
+  _heartbeat_timeout = heartbeat_timeout
   if cpu_collectives:
     if cpu_collectives not in CPU_COLLECTIVES:
       raise errors.UserError(f'cpu_collectives = {cpu_collectives!r}; expected one of {CPU_COLLECTIVES}.')
@@ -53,7 +76,10 @@ def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = 
         f'num_processes = {num_processes}, process_id = {process_id}; expected num_processes >= 1 '
         'and 0 <= process_id < num_processes with a coordinator.'
       )
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    jax.distributed.initialize(
+      coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout + JAX_HEARTBEAT_MARGIN
+    )
+    _watch_processes(heartbeat_timeout)
     return True
   if num_processes > 1 or process_id >= 0:
     raise errors.UserError(
@@ -61,9 +87,113 @@ def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = 
       '--coordinator=host:port (or $XMATCH_COORDINATOR) as well.'
     )
   if 'SLURM_JOB_ID' in os.environ and _env_int('SLURM_STEP_NUM_TASKS', 1) > 1:
-    jax.distributed.initialize()  # jax reads coordinator, process count and id from SLURM
+    # jax reads the coordinator, process count and id from SLURM
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout + JAX_HEARTBEAT_MARGIN)
+    _watch_processes(heartbeat_timeout)
     return True
   return False
+
+
+def lose_process(status, heartbeat_timeout: int) -> None:
+  """What a process does when another one of the run is lost: one line naming it, exit 75.
+
+  Called by the watch thread of `_watch_processes`, or by `lost_process_stops_this_one`. The main thread may be
+  inside a collective that will never finish, and jax's own shutdown would wait for the lost process and abort, so
+  this exits at once (os._exit) after the `on_lost_process` cleanups. The checkpoints written so far are complete (orbax renames a step's directory only when every
+  process finished it): relaunching every process resumes from the last one.
+  """
+  for cleanup in list(_on_lost):
+    try:
+      cleanup()
+    except Exception:  # noqa: BLE001 - exiting regardless; a cleanup must not keep this process alive
+      pass
+  text = ' '.join(str(status).split())
+  lost = re.search(r'stopped sending heartbeats\):\s*([\d, ]+?)\s*The tasks', text)
+  if lost:
+    what = f'lost process {lost.group(1)} (no heartbeat for {heartbeat_timeout} s: killed, crashed or preempted)'
+  else:
+    what = f'lost another process of the run ({text[:240]})'
+  print(
+    f'error: process {jax.process_index()} of {jax.process_count()}: {what}. Stopping this one too (exit '
+    f'{LOST_PROCESS_STATUS}); relaunch every process with the same command to resume from the last checkpoint.',
+    file=sys.stderr,
+    flush=True,
+  )
+  sys.stdout.flush()
+  os._exit(LOST_PROCESS_STATUS)  # pylint: disable=protected-access
+
+
+_on_lost = []  # run by lose_process before it exits: e.g. releasing the workdir lock for the relaunch
+
+
+@contextlib.contextmanager
+def on_lost_process(cleanup):
+  """Runs `cleanup()` if `lose_process` ends this process inside the block (its os._exit skips `finally`)."""
+  _on_lost.append(cleanup)
+  try:
+    yield
+  finally:
+    _on_lost.remove(cleanup)
+
+
+_PEER_LOSS = re.compile(r'connection (reset|closed) by peer|socket closed|broken pipe|heartbeat|UNAVAILABLE', re.I)
+_heartbeat_timeout = DEFAULT_HEARTBEAT_TIMEOUT
+
+
+@contextlib.contextmanager
+def lost_process_stops_this_one():
+  """Around a multi-process job's main work: a collective that fails because a peer vanished (gloo's 'Connection
+  reset by peer') waits for the coordination service to name the lost process (`lose_process`, within the
+  heartbeat timeout), then exits with one line either way. Other errors pass."""
+  try:
+    yield
+  except Exception as e:
+    if jax.process_count() > 1 and _PEER_LOSS.search(str(e)):
+      deadline = time.monotonic() + _heartbeat_timeout + 15
+      while time.monotonic() < deadline:  # the client's thread calls lose_process with the lost process's id
+        time.sleep(0.5)
+      lose_process(f'{type(e).__name__}: {e}', _heartbeat_timeout)
+    raise
+
+
+def _watch_processes(timeout: int, every: float = 2.0) -> None:
+  """Starts a daemon thread through which the processes watch each other: every `every` seconds each one bumps its
+  counter in the coordination service's key-value store and reads the others'; a counter that has not moved for
+  `timeout` seconds means that process is lost (killed, crashed, preempted, its host gone), and `lose_process`
+  ends this one with a line naming it.
+
+  jax's own heartbeats (timeout set `JAX_HEARTBEAT_MARGIN` s longer in `initialize`) would abort every other
+  process with a C++ stack dump, and its missed-heartbeat callback cannot be set from Python in jax 0.10
+  (std::bad_cast); so this watch acts first. A lost process 0 takes the service with it: the others then stop at
+  once through jax's abort (docs/architecture.md, "Faults").
+  """
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
+  client = jax_distributed.global_state.client
+  if client is None:
+    return
+  me, everyone = jax.process_index(), range(jax.process_count())
+
+  def watch():
+    beat, seen = 0, {}  # process -> (its last counter, when it last moved)
+    while True:
+      beat += 1
+      try:
+        client.key_value_set(f'{_ALIVE}{me}', str(beat), allow_overwrite=True)
+        counters = dict(client.key_value_dir_get(_ALIVE))
+      except Exception:  # noqa: BLE001 - the service is unreachable: jax's own error handling takes over
+        return
+      now = time.monotonic()
+      for p in everyone:
+        counter = counters.get(f'{_ALIVE}{p}')
+        if p not in seen or seen[p][0] != counter:
+          seen[p] = (counter, now)
+      lost = [p for p in everyone if p != me and now - seen[p][1] > timeout]
+      if lost:
+        lose_process(f'stopped sending heartbeats): {", ".join(map(str, lost))} The tasks', timeout)
+      time.sleep(every)
+
+  threading.Thread(target=watch, name='xmatch-process-watch', daemon=True).start()
 
 
 def define_flags() -> None:
@@ -82,12 +212,18 @@ def define_flags() -> None:
     "Cross-process collectives on CPU: 'gloo' or 'mpi' (or "
     '$XMATCH_CPU_COLLECTIVES); for several CPU processes, e.g. launch/localhost_cpu.sh.',
   )
+  flags.DEFINE_integer(
+    'heartbeat_timeout',
+    0,
+    f'Seconds without a heartbeat after which a process counts as lost and the others stop with one line (exit '
+    f'{LOST_PROCESS_STATUS}); 0: $XMATCH_HEARTBEAT_TIMEOUT or {DEFAULT_HEARTBEAT_TIMEOUT}.',
+  )
 
 
 def initialize_from_flags() -> bool:
   """`initialize` with the flags of `define_flags`."""
   f = flags.FLAGS
-  return initialize(f.coordinator, f.num_processes, f.process_id, f.cpu_collectives)
+  return initialize(f.coordinator, f.num_processes, f.process_id, f.cpu_collectives, f.heartbeat_timeout)
 
 
 def topology() -> str:

@@ -28,7 +28,8 @@ def main(argv):
   parallel.initialize_from_flags()
   print(parallel.topology(), flush=True)
   try:
-    trainers.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    with parallel.lost_process_stops_this_one():
+      trainers.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except FloatingPointError as e:
     raise SystemExit(f'error: {e}') from e
   except loop.Interrupted as e:

@@ -22,6 +22,7 @@ import ml_collections
 
 from xmatch_jax import errors
 from xmatch_jax import models
+from xmatch_jax import parallel
 from xmatch_jax.data import vocab as vocab_lib
 from xmatch_jax.data import wordpiece
 
@@ -253,8 +254,13 @@ def run_lock(workdir: str):
     with os.fdopen(fd, 'w') as f:
       json.dump(mine, f)
     break
-  try:
-    yield
-  finally:
+
+  def release():
     if _read_lock(path).get('pid') == pid:
       os.remove(path)
+
+  try:
+    with parallel.on_lost_process(release):  # another process lost: the relaunch (maybe on another host) may start
+      yield
+  finally:
+    release()
