@@ -99,8 +99,9 @@ def lose_process(status, heartbeat_timeout: int) -> None:
 
   Called by the watch thread of `_watch_processes`, or by `lost_process_stops_this_one`. The main thread may be
   inside a collective that will never finish, and jax's own shutdown would wait for the lost process and abort, so
-  this exits at once (os._exit) after the `on_lost_process` cleanups. The checkpoints written so far are complete (orbax renames a step's directory only when every
-  process finished it): relaunching every process resumes from the last one.
+  this exits at once (os._exit) after the `on_lost_process` cleanups. The checkpoints written so far are complete
+  (orbax renames a step's directory only when every process finished it): relaunching every process resumes from
+  the last one.
   """
   for cleanup in list(_on_lost):
     try:
