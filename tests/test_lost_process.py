@@ -2,7 +2,8 @@
 
 - kill -9 of process 1: process 0 prints one line naming process 1 and exits 75 within the heartbeat timeout plus
   the watcher's poll, instead of waiting in a collective or aborting with a C++ stack dump;
-- SIGTERM to process 1 only (a preempted task): both processes save the same step and exit 143;
+- SIGTERM to process 1 only (a preempted task): both processes save the same step, within a few steps of the
+  signal (not at the next log point, 50 steps away), and exit 143;
 - relaunching both after each resumes from the last checkpoint and ends with exactly the parameters of an
   uninterrupted 2-process run.
 """
@@ -45,7 +46,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, data_dir):
+def _start(workdir, data_dir, extra=()):
   """Both processes of one run, each on 1 CPU device; their outputs go to W/../process_<i>.log."""
   env = {
     **os.environ,
@@ -58,7 +59,7 @@ def _start(workdir, data_dir):
   procs = []
   for i in range(2):
     log = open(f'{workdir}.process_{i}.log', 'w')
-    command = [sys.executable, '-m', 'xmatch_jax.train', *FLAGS, f'--workdir={workdir}']
+    command = [sys.executable, '-m', 'xmatch_jax.train', *FLAGS, *extra, f'--workdir={workdir}']
     command += [f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}']
     procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
   return procs
@@ -132,14 +133,21 @@ def test_a_lost_process_stops_the_other_with_one_line_and_relaunches_resume(data
   ], out
   assert not os.path.exists(os.path.join(workdir, '.lock'))  # released for the relaunch
 
-  # Relaunch; this time a preemption notice reaches process 1 only.
+  # Relaunch; this time a preemption notice reaches process 1 only, 50 steps away from a log point.
   resumed_from = max(RunCheckpoints(workdir).latest.all_steps())
-  procs = _start(workdir, data_dir)
-  _wait_for_a_checkpoint_and_step(procs, workdir, resumed_from + 4)
+  procs = _start(workdir, data_dir, extra=['--config.log_every_steps=50'])
+  deadline = time.time() + 300
+  while max(RunCheckpoints(workdir).latest.all_steps()) <= resumed_from:
+    assert time.time() < deadline and all(p.poll() is None for p in procs), _output(workdir, 0)[-3000:]
+    time.sleep(0.2)
+  saved_before_signal = max(RunCheckpoints(workdir).latest.all_steps())
   procs[1].send_signal(signal.SIGTERM)
-  assert _wait(procs) == [128 + signal.SIGTERM] * 2
+  assert _wait(procs) == [128 + signal.SIGTERM] * 2, _output(workdir, 1)[-3000:]
   stopped = [int(_output(workdir, i).split('stopped by signal SIGTERM at step ')[1].split(';')[0]) for i in (0, 1)]
   assert stopped[0] == stopped[1] and stopped[0] in RunCheckpoints(workdir).latest.all_steps(), stopped
+  # The save at `saved_before_signal` committed while the run went on (asynchronous); the stop comes 2 steps
+  # after the boundary where process 1 saw the signal.
+  assert saved_before_signal < stopped[0] <= saved_before_signal + 8, (saved_before_signal, stopped)
   assert f'resumed from {workdir} at step {resumed_from}' in _output(workdir, 0)
 
   _finish(workdir, data_dir)

@@ -25,6 +25,7 @@ CPU_COLLECTIVES = ('gloo', 'mpi')
 DEFAULT_HEARTBEAT_TIMEOUT = 60  # seconds without a heartbeat before a process counts as lost
 JAX_HEARTBEAT_MARGIN = 30  # jax's own heartbeat timeout is this much longer, so that _watch_processes acts first
 _ALIVE = 'xmatch_alive/'  # key prefix of the processes' counters in the coordination service
+_STOP = 'xmatch_stop/'  # key prefix of the stop requests: '<step> <signal>' per signalled process
 LOST_PROCESS_STATUS = 75  # EX_TEMPFAIL: a peer was lost; relaunching every process resumes the run
 
 
@@ -168,9 +169,7 @@ def _watch_processes(timeout: int, every: float = 2.0) -> None:
   (std::bad_cast); so this watch acts first. A lost process 0 takes the service with it: the others then stop at
   once through jax's abort (docs/architecture.md, "Faults").
   """
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-
-  client = jax_distributed.global_state.client
+  client = _distributed_client()
   if client is None:
     return
   me, everyone = jax.process_index(), range(jax.process_count())
@@ -310,12 +309,18 @@ def agree(values: dict) -> dict:
 class StopRequest:
   """SIGTERM / SIGINT (cluster preemption, Ctrl-C) recorded as a request to save and stop at a step boundary.
 
-  Handlers are installed in the main thread only and restored by `close`. With several processes a request on any
-  of them stops all at the same step: the flags are all-gathered every `every` steps.
+  Handlers are installed in the main thread only and restored by `close`. With several processes a signal on any
+  of them stops all at the same step, two steps after the boundary where the signalled process noticed it: that
+  process writes the step into the coordination service's key-value store, and every process reads the keys at
+  every boundary (one small request a step). A process at boundary b has finished step b - 1, which needs every
+  process to have dispatched it, so no process is past boundary b + 1 and a key written at b is seen by all before
+  any reaches b + 2; each stops at the smallest step written. Without jax's client the flags are all-gathered
+  every `every` steps instead.
   """
 
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.signum = 0
+    self._stop_at = None
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for s in signals:
@@ -326,18 +331,35 @@ class StopRequest:
     self.signum = signum
 
   def should_stop(self, step: int, every: int) -> bool:
+    """Whether to save and stop at boundary `step` (steps < `step` done, as in `StepLoop`)."""
     if jax.process_count() == 1:
       return bool(self.signum)
-    if step % every:
-      return False
-    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.signum)))
-    self.signum = int(flags.max())
-    return bool(self.signum)
+    client = _distributed_client()
+    if client is None:
+      if step % every:
+        return False
+      flags = np.asarray(multihost_utils.process_allgather(np.int32(self.signum)))
+      self.signum = int(flags.max())
+      return bool(self.signum)
+    if self.signum and self._stop_at is None:
+      client.key_value_set(f'{_STOP}{jax.process_index()}', f'{step + 2} {self.signum}', allow_overwrite=True)
+    requests = [value.split() for _, value in client.key_value_dir_get(_STOP)]
+    if requests:
+      self._stop_at, signum = min((int(at), int(signum)) for at, signum in requests)
+      self.signum = self.signum or signum
+    return self._stop_at is not None and step >= self._stop_at
 
   def close(self) -> None:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     self._previous = {}
+
+
+def _distributed_client():
+  """jax's coordination-service client of a multi-process run, or None."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
+  return getattr(jax_distributed.global_state, 'client', None)
 
 
 if __name__ == '__main__':
