@@ -35,7 +35,7 @@ def _load_shapes(split: str, data_dir: str, builder_config: str) -> Split:
     raise errors.UserError(
       f'dataset xmatch_shapes/{builder_config}: no split {split!r}; expected one of {sorted(builder.info.splits)}.'
     )
-  source = builder.as_data_source(split)
+  source = builder.open_split(split)  # shards checked; a damaged record is an error naming its shard
   examples = [source[i] for i in range(len(source))]
   images = {
     'regions': np.stack([e['regions'] for e in examples]).astype(np.float32),
@@ -91,7 +91,7 @@ def _load_precomp(name: str, split: str, data_dir: str) -> Split:
     raise errors.UserError(
       f'dataset xmatch_precomp/{name}: no split {split!r}; expected one of {sorted(builder.info.splits)}.'
     )
-  source = builder.as_data_source(split)
+  source = builder.open_split(split)  # shards checked; a damaged record, now or in a lazy read, names its shard
   where = f'dataset xmatch_precomp/{name} split {split}'
   n = len(source)
   if not n:
@@ -190,7 +190,7 @@ def _load_category(name: str, split: str, data_dir: str) -> Split:
     raise errors.UserError(
       f'dataset xmatch_category/{name}: no split {split!r}; expected one of {sorted(builder.info.splits)}.'
     )
-  source = builder.as_data_source(split)
+  source = builder.open_split(split)  # shards checked; a damaged record is an error naming its shard
   n = len(source)
   size = builder.builder_config.image_size
   # Filled in place: stacking a list of examples would hold XMediaNet's 4.8 GB train pixels twice.

@@ -385,13 +385,12 @@ def build(name: str, manual_dir: str, data_dir: str | None = None, image_size: i
   """Builds (once) and returns the `xmatch_category/<name>` builder from `manual_dir`, images at image_size^2."""
   if name not in CONFIGS:
     raise errors.UserError(f'xmatch_category has no config {name!r}; expected one of {sorted(CONFIGS)}')
-  if not os.path.isdir(manual_dir):
-    raise errors.MissingFileError(
-      f'{manual_dir}: manual dir not found; the {name} layout is: {LAYOUTS[name]}; plus an {_OPTIONAL}'
-    )
   config = CONFIGS[name]
   if image_size != config.image_size:  # a config of its own, so builds of different sizes do not collide
     config = dataclasses.replace(config, name=f'{name}_{image_size}px', image_size=image_size)
-  builder = XmatchCategory(config=config, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return builder
+  if not os.path.isdir(manual_dir):
+    note = array_record.other_versions_note(XmatchCategory, config.name, data_dir) if data_dir else ''
+    raise errors.MissingFileError(
+      f'{manual_dir}: manual dir not found; the {name} layout is: {LAYOUTS[name]}; plus an {_OPTIONAL}{note}'
+    )
+  return XmatchCategory.prepare(config=config, data_dir=data_dir, manual_dir=manual_dir)

@@ -5,6 +5,9 @@ A split of SCAN precomp features is an array_record dataset (data/precomp.py);
 float32) with `shape`, `dtype`, `ndim`, `len()` and row indexing (`x[i]`, `x[a:b]`, `x[index_array]`), which is all
 the training batcher and the chunked encoders use. Each read returns a numpy array of only the rows asked for; values
 are checked as they are read (row shape, dtype, finite floats) and errors name the dataset, split, field and row.
+A shard damaged since the split was loaded (truncated, corrupt record, gone) stops the read with
+`array_record.CorruptDatasetError` naming the shard and the directory to delete: the loader gives a checked source
+(`builder.open_split`), and RowReader wraps a plain TFDS array_record source in one.
 
 `np.asarray(x)` reads every row, with a warning (code that still converts a whole field, e.g. GLFN's prepare_images,
 keeps working where the field fits in memory); above `materialize_limit()` it is refused with a message instead of
@@ -66,6 +69,13 @@ def take_rows(value, index: np.ndarray) -> np.ndarray:
   return rows.reshape(index.shape + rows.shape[1:])
 
 
+def _is_tfds_array_record_source(source) -> bool:
+  """A TFDS ArrayRecordDataSource (checked without importing tfds, which such a source has loaded)."""
+  return type(source).__module__.startswith('tensorflow_datasets.') and all(
+    hasattr(source, a) for a in ('dataset_info', 'data_source', 'split')
+  )
+
+
 class RowReader:
   """Random access to the examples of one split (a TFDS `as_data_source(split)` object or any sequence of example
   dicts), shared by the LazyRows of its fields: the last read of <= READ_CHUNK rows is kept, so the fields of one
@@ -79,7 +89,12 @@ class RowReader:
 
   def __init__(self, source, where: str, use_getitems: bool = False):
     """source: len(source) = N, source[i] -> example dict; where: e.g. 'dataset xmatch_precomp/coco split train',
-    named in every error."""
+    named in every error. A TFDS array_record source (`as_data_source(split)`) is read through
+    `array_record.CheckedSource`, so that a damaged shard is an error naming it, not Riegeli's RuntimeError."""
+    if _is_tfds_array_record_source(source):
+      from xmatch_jax.data import array_record  # pylint: disable=g-import-not-at-top (imports tfds, loaded already)
+
+      source = array_record.CheckedSource(source)
     self.source = source
     self.where = where
     self.use_getitems = use_getitems and hasattr(source, '__getitems__')

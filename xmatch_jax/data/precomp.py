@@ -475,11 +475,12 @@ def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrec
   """Builds (once) and returns the `xmatch_precomp/<name>` builder from `manual_dir`."""
   if name not in CONFIGS:
     raise errors.UserError(f'xmatch_precomp has no config {name!r}; expected one of {sorted(CONFIGS)}')
+  data_dir = data_dir or data_dir_lib.default_data_dir()
   if not os.path.isdir(manual_dir):
     raise errors.MissingFileError(
       f'{manual_dir}: manual dir not found; it must hold the SCAN precomp files ({{split}}_ims.npy, {{split}}_caps.txt)'
+      + array_record.other_versions_note(XmatchPrecomp, name, data_dir)
     )
-  data_dir = data_dir or data_dir_lib.default_data_dir()
   version = None
   if not any(
     os.path.exists(os.path.join(manual_dir, f'{split}_{kind}.txt'))
@@ -488,8 +489,7 @@ def build(name: str, manual_dir: str, data_dir: str | None = None) -> XmatchPrec
   ):
     older = os.path.join(data_dir, XmatchPrecomp.name, name, '1.1.0', 'dataset_info.json')
     version = '1.1.0' if os.path.exists(older) else None  # same data as a 1.2.0 build would have: no rebuild
-  builder = XmatchPrecomp(config=name, data_dir=data_dir, file_format='array_record', version=version)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder = XmatchPrecomp.prepare(config=name, data_dir=data_dir, version=version, manual_dir=manual_dir)
   _check_built_tags(builder, manual_dir)
   return builder
 
@@ -500,7 +500,7 @@ def _check_built_tags(builder: XmatchPrecomp, manual_dir: str) -> None:
   files = [f'{split}_tags.txt' for split in splits if os.path.exists(os.path.join(manual_dir, f'{split}_tags.txt'))]
   built = False
   for split in splits:  # the first split with an image tells
-    source = builder.as_data_source(split)
+    source = builder.open_split(split)
     if len(source):
       built = len(source[0]['tags']) > 0
       break

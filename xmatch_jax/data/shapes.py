@@ -115,6 +115,5 @@ def shapes_builder(data_dir: str, config: str = 'default') -> XmatchShapes:
   names = [c.name for c in XmatchShapes.BUILDER_CONFIGS]
   if config not in names:
     raise errors.UserError(f'xmatch_shapes has no config {config!r}; expected one of {names}.')
-  builder = XmatchShapes(config=config, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare()  # no-op when the data is already there
-  return builder
+  # Generated when missing; an incomplete or foreign build is an error naming the directory to delete.
+  return XmatchShapes.prepare(config=config, data_dir=data_dir)
