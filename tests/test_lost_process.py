@@ -24,14 +24,14 @@ from xmatch_jax import parallel
 from xmatch_jax.checkpoints import RunCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEARTBEAT = 10  # seconds; the default is parallel.DEFAULT_HEARTBEAT_TIMEOUT
+HEARTBEAT = 6  # seconds; the default is parallel.DEFAULT_HEARTBEAT_TIMEOUT
 FLAGS = [
   '--config=configs/scan.py:shapes_tiny',
   '--config.model.embed_size=32',
   '--config.model.word_dim=16',
   '--config.batch_size=16',
   '--config.num_epochs=1',
-  '--config.max_steps=24',
+  '--config.max_steps=16',
   '--config.log_every_steps=1',
   '--config.checkpoint_every_steps=4',
   f'--heartbeat_timeout={HEARTBEAT}',
