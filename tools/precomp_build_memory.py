@@ -34,19 +34,24 @@ _CHUNK_BYTES = 256 << 20
 _BUILD = 'import sys; from xmatch_jax.data import precomp; precomp.build("custom", sys.argv[1], sys.argv[2])'
 
 
+def write_features(path: str, n: int, regions: int, dim: int, rng: np.random.Generator) -> int:
+  """Random [n, regions, dim] float32 features in [0, 1) written to the .npy file `path` through a memory map,
+  _CHUNK_BYTES at a time (memory stays bounded whatever n); returns the features' bytes."""
+  ims = np.lib.format.open_memmap(path, mode='w+', dtype=np.float32, shape=(n, regions, dim))
+  step = max(1, _CHUNK_BYTES // (regions * dim * 4))
+  for start in range(0, n, step):
+    ims[start : start + step] = rng.random((min(step, n - start), regions, dim), dtype=np.float32)
+  ims.flush()
+  del ims
+  return n * regions * dim * 4
+
+
 def write_manual_dir(manual: str, images: int, regions: int, dim: int, seed: int = 0) -> int:
   """SCAN precomp files for splits train (`images`), dev and test (5 each); returns the train features' bytes."""
   os.makedirs(manual, exist_ok=True)
   rng = np.random.default_rng(seed)
   for split, n in (('train', images), ('dev', 5), ('test', 5)):
-    ims = np.lib.format.open_memmap(
-      os.path.join(manual, f'{split}_ims.npy'), mode='w+', dtype=np.float32, shape=(n, regions, dim)
-    )
-    step = max(1, _CHUNK_BYTES // (regions * dim * 4))
-    for start in range(0, n, step):
-      ims[start : start + step] = rng.random((min(step, n - start), regions, dim), dtype=np.float32)
-    ims.flush()
-    del ims
+    write_features(os.path.join(manual, f'{split}_ims.npy'), n, regions, dim, rng)
     with open(os.path.join(manual, f'{split}_caps.txt'), 'w') as f:
       f.writelines(f'a synthetic caption {c} of image {c // 5}\n' for c in range(5 * n))
   return images * regions * dim * 4

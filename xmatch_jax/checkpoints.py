@@ -90,7 +90,7 @@ class RunCheckpoints:
     self.workdir = workdir
     self.latest = _manager(workdirs.checkpoints_dir(workdir), keep)
     self.best = _manager(workdirs.best_dir(workdir), 1)
-    self._writing = None  # (step, saved to best too) of the last save, written in the background
+    self._writing = None  # the step being written in the background
     self._failed = False
 
   def save(self, step: int, state, meta: dict, is_best: bool = False) -> None:
@@ -100,7 +100,7 @@ class RunCheckpoints:
     """
     self.wait()  # an earlier write's failure surfaces here, before the next one starts
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    self._writing = (step, is_best)
+    self._writing = step
     with self._reporting_failures():
       self.latest.save(step, args=args, force=True)
       if is_best:
@@ -134,9 +134,10 @@ class RunCheckpoints:
   def write_error(self, error: Exception) -> CheckpointWriteError:
     """The one-line error for a failed write of the current step: the reason, and which checkpoints are intact."""
     self._failed = True
-    step, is_best = self._writing or (None, False)
-    where = workdirs.best_dir(self.workdir) if is_best else workdirs.checkpoints_dir(self.workdir)
-    latest, best = _finished_steps(self.latest.directory, step), _finished_steps(self.best.directory, step)
+    step = self._writing
+    latest, best = _finished_steps(self.latest.directory), _finished_steps(self.best.directory)
+    # latest/ is written first; if its step finished, the failed write was best/'s
+    where = workdirs.best_dir(self.workdir) if step in latest else workdirs.checkpoints_dir(self.workdir)
     intact = ', '.join(
       [f'{workdirs.checkpoints_dir(self.workdir)}/{s}' for s in latest]
       + [f'{workdirs.best_dir(self.workdir)}/{s}' for s in best]
@@ -195,12 +196,12 @@ class RunCheckpoints:
             raise
 
 
-def _finished_steps(directory, excluding) -> list:
-  """Steps with a finished checkpoint in `directory` (orbax renames a step's directory to its number only when
-  its write completed), without `excluding`."""
+def _finished_steps(directory) -> list:
+  """Steps with a finished checkpoint in `directory`: orbax renames a step's directory to its number only when its
+  write completed."""
   if not os.path.isdir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit() and int(name) != excluding)
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
