@@ -184,7 +184,7 @@ class RunCheckpoints:
     raised already)."""
     try:
       self.wait()
-    except CheckpointWriteError:
+    except Exception:  # noqa: BLE001 - after a reported failure orbax raises the same error again here
       if not self._failed:
         raise
     finally:
