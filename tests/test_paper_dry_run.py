@@ -80,7 +80,7 @@ def test_dry_run_end_to_end(tmp_path):
     f'--dir={scratch}',
     '--scale=0.004',
     '--steps=2',
-    '--models=scan',  # RDAN goes through the same commands; one model keeps this test to ~1 minute
+    '--models=scan',  # RDAN goes through the same commands; one model keeps this test short
     '--coco_5k',
     '--rerank_k=8',
     '--set=batch_size=32',

@@ -260,23 +260,13 @@ def probe(workdir: str, steps: int) -> None:
 
   from xmatch_jax import run_setup  # pylint: disable=g-import-not-at-top
   from xmatch_jax import workdirs  # pylint: disable=g-import-not-at-top
-  from xmatch_jax.data import batching  # pylint: disable=g-import-not-at-top
   from xmatch_jax.data import load_split  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
 
   config, vocab = workdirs.load_config(workdir), workdirs.load_vocab(workdir)
   train = load_split(config.dataset, 'train', config.data_dir or None)
   model = run_setup.build_model(config, len(vocab), run_setup.img_dim_of(train.images), workdir)
-  inputs = model.image_inputs(train.images)
-  batcher = batching.TrainBatcher(
-    images=inputs,
-    image_keys=tuple(inputs),
-    captions=[vocab.encode(c) for c in train.captions],
-    caption_to_image=train.caption_to_image,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    buckets=tuple(config.caption_buckets),
-    truncate=bool(config.truncate_captions),
-  )
+  batcher = contrastive.train_batcher(config, model, vocab, train)  # the batches training makes
   seconds = []
   for i in range(steps):
     start = time.perf_counter()

@@ -32,6 +32,21 @@ from xmatch_jax.trainers import loop
 from xmatch_jax.trainers import optim
 
 
+def train_batcher(config: ml_collections.ConfigDict, model, vocab, train) -> batching.TrainBatcher:
+  """The training batches of a run: (seed, step) -> the same global batch on every process."""
+  inputs = model.image_inputs(train.images)
+  return batching.TrainBatcher(
+    images=inputs,
+    image_keys=tuple(inputs),
+    captions=[vocab.encode(c) for c in train.captions],
+    caption_to_image=train.caption_to_image,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    buckets=tuple(config.caption_buckets),
+    truncate=bool(config.truncate_captions),
+  )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Impossible values are errors before any work starts."""
   rules = [
@@ -171,17 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdirs.save_config(config, workdir, img_dim)
   model = run_setup.build_model(config, len(vocab), img_dim, workdir)
 
-  train_inputs = model.image_inputs(train.images)
-  batcher = batching.TrainBatcher(
-    images=train_inputs,
-    image_keys=tuple(train_inputs),
-    captions=[vocab.encode(c) for c in train.captions],
-    caption_to_image=train.caption_to_image,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    buckets=tuple(config.caption_buckets),
-    truncate=bool(config.truncate_captions),
-  )
+  batcher = train_batcher(config, model, vocab, train)
   dev_tokens, dev_mask = run_setup.encode_captions(vocab, dev.captions, config)
   steps_per_epoch = batcher.steps_per_epoch
   if batcher.num_truncated and jax.process_index() == 0:
