@@ -95,8 +95,9 @@ def initialize(
   return False
 
 
-def lose_process(status, heartbeat_timeout: int) -> None:
-  """What a process does when another one of the run is lost: one line naming it, exit 75.
+def lose_process(lost: list, detail: str, heartbeat_timeout: int) -> None:
+  """What a process does when another one of the run is lost: one line naming it (`lost`, the ids the watch saw
+  go quiet; else `detail`, the failure that showed it), exit 75.
 
   Called by the watch thread of `_watch_processes`, or by `lost_process_stops_this_one`. The main thread may be
   inside a collective that will never finish, and jax's own shutdown would wait for the lost process and abort, so
@@ -109,12 +110,11 @@ def lose_process(status, heartbeat_timeout: int) -> None:
       cleanup()
     except Exception:  # noqa: BLE001 - exiting regardless; a cleanup must not keep this process alive
       pass
-  text = ' '.join(str(status).split())
-  lost = re.search(r'stopped sending heartbeats\):\s*([\d, ]+?)\s*The tasks', text)
   if lost:
-    what = f'lost process {lost.group(1)} (no heartbeat for {heartbeat_timeout} s: killed, crashed or preempted)'
+    ids = ', '.join(map(str, lost))
+    what = f'lost process {ids} (no heartbeat for {heartbeat_timeout} s: killed, crashed or preempted)'
   else:
-    what = f'lost another process of the run ({text[:240]})'
+    what = f'lost another process of the run ({" ".join(detail.split())[:240]})'
   print(
     f'error: process {jax.process_index()} of {jax.process_count()}: {what}. Stopping this one too (exit '
     f'{LOST_PROCESS_STATUS}); relaunch every process with the same command to resume from the last checkpoint.',
@@ -145,16 +145,16 @@ _heartbeat_timeout = DEFAULT_HEARTBEAT_TIMEOUT
 @contextlib.contextmanager
 def lost_process_stops_this_one():
   """Around a multi-process job's main work: a collective that fails because a peer vanished (gloo's 'Connection
-  reset by peer') waits for the coordination service to name the lost process (`lose_process`, within the
-  heartbeat timeout), then exits with one line either way. Other errors pass."""
+  reset by peer') waits for the watch thread of `_watch_processes` to name the lost process (within the heartbeat
+  timeout), then exits with one line either way (`lose_process`). Other errors pass."""
   try:
     yield
   except Exception as e:
     if jax.process_count() > 1 and _PEER_LOSS.search(str(e)):
       deadline = time.monotonic() + _heartbeat_timeout + 15
-      while time.monotonic() < deadline:  # the client's thread calls lose_process with the lost process's id
+      while time.monotonic() < deadline:  # the watch thread calls lose_process with the lost process's id
         time.sleep(0.5)
-      lose_process(f'{type(e).__name__}: {e}', _heartbeat_timeout)
+      lose_process([], f'{type(e).__name__}: {e}', _heartbeat_timeout)
     raise
 
 
@@ -190,7 +190,7 @@ def _watch_processes(timeout: int, every: float = 2.0) -> None:
           seen[p] = (counter, now)
       lost = [p for p in everyone if p != me and now - seen[p][1] > timeout]
       if lost:
-        lose_process(f'stopped sending heartbeats): {", ".join(map(str, lost))} The tasks', timeout)
+        lose_process(lost, '', timeout)
       time.sleep(every)
 
   threading.Thread(target=watch, name='xmatch-process-watch', daemon=True).start()
