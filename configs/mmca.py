@@ -30,6 +30,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.text_norm = 'l2'  # sec 3.5's unit-norm embeddings; 'layernorm' = eq 7 literally
   m.self_attention_scale = 'head'  # eq 1: softmax(QK^T / sqrt(d_k)), d_k = d / h
   m.cross_attention_scale = 'model'  # eq 11: softmax(QK^T / sqrt(d)) over [R; E]
+  m.projection_bias = False  # Q, K, V, W^O without biases (eqs 1-3, 8-10); docs/fidelity.md#mmca-3
   m.block_size = 2  # images per block of the cross branch's all-pairs scorer; on 2 CPU cores
   # block 2 scores 4,239 pairs/s at k=36, n=12..20 (8: 2,885; 32: 2,767)
   m.remat = True

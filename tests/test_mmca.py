@@ -27,7 +27,7 @@ def np_layer_norm(p, x, eps=1e-5):
 
 
 def np_linear(p, x):
-  return x @ p['kernel'] + p['bias']
+  return x @ p['kernel'] + p['bias'] if 'bias' in p else x @ p['kernel']
 
 
 def np_softmax(x):
@@ -136,6 +136,7 @@ def _numpy_params(model, variables):
     {'self_attention_scale': 'model', 'cross_attention_scale': 'head', 'block_size': 1},
     {'block_size': 100, 'num_heads': 2},
     {'alpha': 0.0},
+    {'projection_bias': True},
   ],
 )
 def test_scores_equal_numpy_equations(fields):
@@ -163,12 +164,17 @@ def test_scores_equal_numpy_equations(fields):
   np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_default_scales_follow_eq_1_and_eq_11():
+def test_default_scales_and_projections_follow_eqs_1_to_4_and_8_to_11():
   """The self-attention unit divides by sqrt(d_k) (eq 1), the joint cross unit by sqrt(d) (eq 11): the
-  reference is given the paper's scales, not the model's fields, so a default that reads them otherwise fails."""
+  reference is given the paper's scales, not the model's fields, so a default that reads them otherwise fails.
+  Q, K, V and W^O are plain matrices (eqs 1-3, 8-10: "Q_F = F W_i^Q"); only eq 4's FFN has biases."""
   model = _model()
   images, text = _inputs()
   variables = model.init(jax.random.key(3), images, text)
+  for unit in ('image_unit', 'cross_unit'):
+    names = set(variables['params'][unit])
+    assert {'q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'ffn1_bias', 'ffn2_bias'} <= names, names
+    assert not {'q_bias', 'k_bias', 'v_bias', 'o_bias'} & names, names
   scores = np.asarray(model.apply(variables, images, text))
   features = np.asarray(
     model.apply(
@@ -294,6 +300,7 @@ PAPER = {
   'model.alpha': 0.2,  # Table 6's best alpha
   'model.self_attention_scale': 'head',
   'model.cross_attention_scale': 'model',  # eq 1 sqrt(d_k), eq 11 sqrt(d)
+  'model.projection_bias': False,  # "Q_F = F W_i^Q", "K_Y = Y W^K": no biases
   'eval_metric': 'recall',
 }
 
@@ -322,8 +329,20 @@ def test_variants_change_what_they_name_and_nothing_else(variant, changes):
 def test_workdirs_with_the_single_attention_scale_keep_their_meaning(tmp_path):
   config = mmca_config.get_config('shapes').to_dict()
   del config['model']['self_attention_scale'], config['model']['cross_attention_scale']
+  del config['model']['projection_bias']
   config['model']['attention_scale'] = 'head'  # config.json of a run trained before the split
   (tmp_path / 'config.json').write_text(json.dumps(config))
   model = workdirs.load_config(str(tmp_path)).model
   assert (model.self_attention_scale, model.cross_attention_scale) == ('head', 'head')
   assert 'attention_scale' not in model
+  assert model.projection_bias  # trained with Q, K, V, W^O biases, as every run saved before the field
+
+
+def test_workdirs_saved_before_projection_bias_keep_their_biases(tmp_path):
+  config = mmca_config.get_config('shapes').to_dict()
+  del config['model']['projection_bias']
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  assert workdirs.load_config(str(tmp_path)).model.projection_bias
+  config['model']['projection_bias'] = False
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  assert not workdirs.load_config(str(tmp_path)).model.projection_bias

@@ -18,6 +18,8 @@ No official code was released. Readings where the paper is not explicit (module 
 - Eq 1 (the self-attention unit) scales each head by sqrt(d_k), d_k = d / h; eq 11 (the joint cross unit) scales
   by sqrt(d). Each unit has its own setting, defaulting to its equation's text: `self_attention_scale='head'`,
   `cross_attention_scale='model'` (docs/fidelity.md, MMCA).
+- Q, K, V and W^O have no biases (eqs 1-3, 8-10); `projection_bias=True` adds them (nn.MultiheadAttention's
+  default; docs/fidelity.md#mmca-3).
 - LayerNorm epsilon 1e-5 (PyTorch's default, the paper's framework); no dropout (not described).
 - The CNN runs over all WordPiece tokens including [CLS] and [SEP]; a window is used only if all its tokens are
   real (padding never enters a max); a caption shorter than a window contributes 0 for it (ReLU outputs are >= 0).
@@ -51,7 +53,8 @@ ATTENTION_SCALES = ('head', 'model')
 # ------------------------------------------------------------------------------------------ pure functions
 # `dtype` below is the compute dtype of the matmuls' operands; their results and everything else are float32.
 def _linear(p: dict, x: jax.Array, dtype: pairwise.DTypeLike = jnp.float32) -> jax.Array:
-  return pairwise.matmul(x, p['kernel'], dtype) + p['bias']
+  y = pairwise.matmul(x, p['kernel'], dtype)
+  return y + p['bias'] if 'bias' in p else y  # Q, K, V and W^O have no bias unless `projection_bias`
 
 
 def layer_norm(p: dict, x: jax.Array) -> jax.Array:
@@ -185,13 +188,13 @@ def cross_block_scores(
 
 
 # ------------------------------------------------------------------------------------------ parameters
-def _torch_linear(fan_in: int, out: int, name: str, module: nn.Module) -> dict:
+def _torch_linear(fan_in: int, out: int, name: str, module: nn.Module, bias: bool = True) -> dict:
   """nn.Linear's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
   init = layers.symmetric_uniform(fan_in**-0.5)
-  return {
-    'kernel': module.param(f'{name}_kernel', init, (fan_in, out)),
-    'bias': module.param(f'{name}_bias', init, (out,)),
-  }
+  p = {'kernel': module.param(f'{name}_kernel', init, (fan_in, out))}
+  if bias:
+    p['bias'] = module.param(f'{name}_bias', init, (out,))
+  return p
 
 
 def _layer_norm_params(dim: int, name: str, module: nn.Module) -> dict:
@@ -203,14 +206,17 @@ def _layer_norm_params(dim: int, name: str, module: nn.Module) -> dict:
 
 class TransformerParams(nn.Module):
   """Creates one Transformer unit's params and returns them as a dict (for the pure functions above, which
-  also run inside the blocked scorer's lax.map where linen submodules cannot be called)."""
+  also run inside the blocked scorer's lax.map where linen submodules cannot be called). `projection_bias`: Q, K,
+  V and W^O get biases (eqs 1-3 and 8-10 have none; eq 4's FFN has b_1, b_2 either way)."""
 
   dim: int
+  projection_bias: bool = False
 
   @nn.compact
   def __call__(self) -> dict:
     d = self.dim
-    p = {name: _torch_linear(d, d, name, self) for name in ('q', 'k', 'v', 'o', 'ffn1', 'ffn2')}
+    p = {name: _torch_linear(d, d, name, self, self.projection_bias) for name in ('q', 'k', 'v', 'o')}
+    p.update({name: _torch_linear(d, d, name, self) for name in ('ffn1', 'ffn2')})
     p['ln1'] = _layer_norm_params(d, 'ln1', self)
     p['ln2'] = _layer_norm_params(d, 'ln2', self)
     return p
@@ -249,6 +255,8 @@ class MMCA(matcher.Matcher):
     text_norm: 'l2' (sec 3.5) or 'layernorm' (eq 7) for c_0 and c_1.
     self_attention_scale: the self-attention unit's logits over 'head' = sqrt(d/h) (eq 1) or 'model' = sqrt(d).
     cross_attention_scale: the joint cross unit's logits over 'model' = sqrt(d) (eq 11) or 'head' = sqrt(d/h).
+    projection_bias: biases on Q, K, V and W^O of both units (False: eqs 1-3 and 8-10; True: PyTorch's
+      nn.MultiheadAttention default and this library before 2026-12-04; docs/fidelity.md#mmca-3).
     block_size: images per block of the cross branch's all-pairs scorer.
     remat: recompute each block in the backward pass.
     dtype: 'float32' or 'bfloat16': compute dtype of the matmuls outside the (float32) BERT. Params, softmaxes,
@@ -267,6 +275,7 @@ class MMCA(matcher.Matcher):
   text_norm: str = 'l2'
   self_attention_scale: str = 'head'
   cross_attention_scale: str = 'model'
+  projection_bias: bool = False
   block_size: int = 16
   remat: bool = False
   dtype: str = 'float32'
@@ -285,6 +294,7 @@ class MMCA(matcher.Matcher):
       value = fields.pop('attention_scale')
       fields.setdefault('self_attention_scale', value)
       fields.setdefault('cross_attention_scale', value)
+    fields.setdefault('projection_bias', True)  # runs saved before the field had these biases
 
   def __post_init__(self):
     if self.bert is None:
@@ -319,9 +329,9 @@ class MMCA(matcher.Matcher):
     )
     self.bert_encoder = bert_lib.BertModel(self.bert, add_pooling_layer=False, name='bert')
     self.word_fc = nn.Dense(d, kernel_init=nn.initializers.glorot_uniform(), dot_general=dot_general, name='word_fc')
-    self.image_unit = TransformerParams(d, name='image_unit')
+    self.image_unit = TransformerParams(d, self.projection_bias, name='image_unit')
     self.text_cnn0 = TextCNNParams(self.bert.hidden_size, self.cnn_filters, d, self.text_norm, name='text_cnn0')
-    self.cross_unit = TransformerParams(d, name='cross_unit')
+    self.cross_unit = TransformerParams(d, self.projection_bias, name='cross_unit')
     self.text_cnn1 = TextCNNParams(d, self.cnn_filters, d, self.text_norm, name='text_cnn1')
 
   def encode_image(self, images: dict) -> dict:
