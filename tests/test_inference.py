@@ -34,6 +34,40 @@ def test_tiled_scores_equal_one_call(image_chunk, text_batch):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
+TRIMMING = {  # every model whose text rep has a token axis, with its vocabulary size
+  'scan': ({'name': 'scan', 'word_dim': 8, 'block_size': 3}, 40),
+  'rdan': ({'name': 'rdan', 'word_dim': 8, 'cnn_channels': 4, 'block_size': 3}, 40),
+  'mmca': ({'name': 'mmca', 'bert_dir': TINY_BERT, 'num_heads': 2, 'cnn_filters': 8, 'block_size': 3}, 34),
+  'glfn': ({'name': 'glfn', 'bert_dir': TINY_BERT, 'word_dim': 8, 'position_dim': 6, 'block_size': 3}, 34),
+}
+
+
+@pytest.mark.parametrize('name', list(TRIMMING))
+def test_caption_tiles_cut_to_their_longest_caption_score_as_the_padded_split(name):
+  """Captions of 1-30 tokens padded to 32 are scored by length, each tile cut to its longest caption rounded up to
+  TOKEN_STEP: the matrix, in the given caption order, equals one call of the model on the padded split."""
+  fields, vocab = TRIMMING[name]
+  model = build_model({**fields, 'embed_size': 8}, vocab_size=vocab, img_dim=7)
+  rng = np.random.default_rng(3)
+  images = model.example_images(rng, 5, 4)
+  lengths = np.array([30, 1, 9, 2, 3, 29, 5, 6, 7, 12, 16, 17, 20, 24, 25, 26, 28, 4, 30, 11])
+  mask = (np.arange(32)[None] < lengths[:, None]).astype(np.float32)
+  tokens = (rng.integers(1, vocab, size=mask.shape) * mask).astype(np.int32)
+  variables = model.init(jax.random.key(0), *model.example_inputs(seed=1))
+  scorer = inference.Scorer(model, variables, image_chunk=2, text_batch=6)
+  image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
+  np.testing.assert_array_equal(model.text_lengths(text_rep), lengths)
+
+  widths, real = [], scorer._pair_scores  # pylint: disable=protected-access
+  scorer._pair_scores = lambda v, i, t: widths.append(t['mask'].shape[1]) or real(v, i, t)  # pylint: disable=protected-access
+  got = scorer.pair_scores(image_rep, text_rep)
+  want = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Tiles of 6 by length, longest 6 / 17 / 29 / 30 tokens: cut to 8, 24, 32 and 32 (the split's padding).
+  assert sorted(set(widths)) == [8, 24, 32] and widths[0] == 8, widths
+
+
 def test_chunk_sizes_must_be_positive():
   with pytest.raises(ValueError, match='image_chunk and text_batch'):
     inference.Scorer(None, {}, image_chunk=0)

@@ -31,6 +31,7 @@ class Matcher(nn.Module):
     random_reps: `pair_scores` accepts `example_reps` (random encoder outputs); False when its reps hold
       projections made with parameters, which the benchmark then encodes (MMCA).
     item_flops_key: the name `item_flops` is reported under.
+    untrimmed_text_keys: keys of a dict text rep that have no token axis (`trim_text_rep` leaves them whole).
   """
 
   image_keys = ('regions',)
@@ -39,6 +40,7 @@ class Matcher(nn.Module):
   block_size = None
   random_reps = True
   item_flops_key = 'item_gram'
+  untrimmed_text_keys = ()
 
   # ------------------------------------------------------------------------------------------ the model proper
   def encode_image(self, images: dict):
@@ -116,6 +118,21 @@ class Matcher(nn.Module):
     image_rep = {'regions': rng.standard_normal((n_images, regions, d)).astype(np.float32)}
     text_rep = {'words': rng.standard_normal((n_captions, words, d)).astype(np.float32) * mask[..., None], 'mask': mask}
     return image_rep, text_rep
+
+  # ------------------------------------------------------------------------------------------ all-pairs scoring
+  def text_lengths(self, text_rep) -> Optional[np.ndarray]:
+    """Tokens up to each caption's last real one, [C], when `trim_text_rep` can cut the rep's token axis; None
+    when it cannot (the scorer then scores the rep as it is). Default: dict reps with a 'mask' [C, n]."""
+    if not isinstance(text_rep, dict) or 'mask' not in text_rep:
+      return None
+    real = np.asarray(text_rep['mask']) > 0
+    return np.where(real.any(axis=1), real.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
+
+  def trim_text_rep(self, text_rep, length: int):
+    """The same captions' rep with its token axis cut to `length` (>= every `text_lengths`), so that a tile of short
+    captions is scored without the padding of the split's longest one. `pair_scores` must not depend on padding
+    (every model's padding test). Default: axis 1 of every leaf but `untrimmed_text_keys`."""
+    return {key: x if key in self.untrimmed_text_keys else x[:, :length] for key, x in text_rep.items()}
 
   # ------------------------------------------------------------------------------------------ re-ranking
   def global_scores(self, image_rep, text_rep, block_size: int = 16) -> jax.Array:

@@ -283,6 +283,7 @@ class MMCA(matcher.Matcher):
   text_input = 'wordpiece'  # captions are tokenised with the BERT's own WordPiece vocabulary
   frozen_params = ('bert',)  # not trained (sec 4.2: "the weights of BERT model is fixed")
   random_reps = False  # the reps hold per-item Q / K / V projections
+  untrimmed_text_keys = ('c0',)  # the sentence embedding; every other text rep leaf is per token
 
   @classmethod
   def describe(cls, fields: dict, sizes: dict) -> str:
