@@ -113,6 +113,34 @@ def test_torch_rdan_head_equals_the_model(block):
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize(
+  'block, fields',
+  [
+    (1, {}),
+    (3, {'text_norm': 'layernorm', 'cross_attention_scale': 'head', 'projection_bias': True}),
+    (100, {'alpha': 0.0}),
+  ],
+)
+def test_torch_mmca_head_equals_the_model(block, fields):
+  torch = pytest.importorskip('torch')
+  tiny_bert = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
+  config, model = _model(
+    'configs/mmca.py:f30k', bert_dir=tiny_bert, embed_size=16, num_heads=4, cnn_filters=6, **fields
+  )
+  variables = model.init(jax.random.key(0), *model.example_inputs(regions=5, words=9))
+  images, _ = model.example_inputs(batch=7, regions=5, words=9, seed=1)
+  _, text = model.example_inputs(batch=11, regions=5, words=9, min_len=1, seed=2)  # 1-token captions: no 2-, 3-windows
+  image_rep = model.apply(variables, images, method=model.encode_image)
+  text_rep = model.apply(variables, text, method=model.encode_text)
+  expected = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
+  as_torch = lambda rep: {key: torch.from_numpy(np.array(value)) for key, value in rep.items()}
+  got = benchmark.torch_mmca(
+    as_torch(image_rep), as_torch(text_rep), benchmark.flat_params(variables), config.model.to_dict(), block
+  ).numpy()
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_cli_writes_the_json_report(tmp_path, capsys):
   out = tmp_path / 'bench.json'

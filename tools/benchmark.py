@@ -22,7 +22,8 @@ The scoring benchmark initialises only the variables `pair_scores` reads. DAER's
 Scoring and the training step each run in a fresh subprocess, so their peak host memory (ru_maxrss) is their own;
 on a GPU the device's peak_bytes_in_use is reported too. `--compare-torch` times a plain PyTorch version of the
 same head on the same inputs (SCAN t2i: the official code's loop over captions with materialised context
-vectors; RDAN: batched channels_last convolutions) and checks that the outputs agree.
+vectors; RDAN: batched channels_last convolutions; MMCA: the cross branch batched over a block of images x all
+captions with `scaled_dot_product_attention` and `conv1d`) and checks that the outputs agree.
 """
 
 import json
@@ -199,6 +200,7 @@ def child_score(args) -> dict:
   if args.scores_out:
     np.save(args.scores_out, scores)
     np.savez(args.scores_out + '.params.npz', **flat_params(variables))
+    np.savez(args.scores_out + '.reps.npz', **flat_params({'image': image_rep, 'text': text_rep}))
   return out
 
 
@@ -338,9 +340,87 @@ def torch_rdan(regions, words, mask, params: dict, m: dict, block: int):
   return torch.cat(out, 0)
 
 
+def torch_mmca(image: dict, text: dict, params: dict, m: dict, block: int):
+  """MMCA's pair head in PyTorch at its best on CPU: S = i_0 . c_0 + alpha i_1 . c_1 (sec 3.5), the cross branch
+  (eqs 8-14) for a block of images x all captions at once from the per-item Q / K / V the encoders computed: one
+  joint [R; E] sequence per pair through `scaled_dot_product_attention` (padded words masked as keys), W^O, the FFN
+  and the LayerNorms as batched matmuls, then the cross 1d-CNN (eqs 6-7) as `conv1d` over every pair's words.
+
+  image: {'i0' [I, d], 'regions' [I, k, d], 'q', 'k', 'v' [I, k, h, d/h]}; text: {'c0' [C, d], 'words' [C, n, d],
+  'mask' [C, n], 'q', 'k', 'v' [C, n, h, d/h]} (torch tensors); params: `flat_params` of the model -> [I, C].
+  """
+  import torch
+  import torch.nn.functional as F
+
+  def param(name):
+    key = f'params/{name}'
+    return torch.from_numpy(np.array(params[key])) if key in params else None
+
+  def linear(x, name):
+    bias = param(f'{name}_bias')
+    y = x @ param(f'{name}_kernel')
+    return y if bias is None else y + bias
+
+  def layer_norm(x, name):
+    return F.layer_norm(x, x.shape[-1:], param(f'{name}_scale'), param(f'{name}_bias'), eps=1e-5)
+
+  self_scores = image['i0'] @ text['c0'].T
+  if not m['alpha']:
+    return self_scores
+  valid = text['mask'] > 0
+  lengths = valid.sum(-1)
+  c, n, d = text['words'].shape
+  k, h = image['regions'].size(1), image['q'].size(2)
+  dh = d // h
+  scale = (d if m['cross_attention_scale'] == 'model' else dh) ** -0.5
+  convs = []
+  for w in (1, 2, 3):  # [w * d, filters] (window positions outer) -> conv1d's [filters, d, w]
+    kernel = param(f'text_cnn1/conv{w}_kernel')
+    convs.append((w, kernel.reshape(w, d, -1).permute(2, 1, 0).contiguous(), param(f'text_cnn1/conv{w}_bias')))
+  out = []
+  for start in range(0, image['regions'].size(0), block):
+    b = min(block, image['regions'].size(0) - start)
+
+    def joint(name):  # [b, C, k + n, h, dh] -> [b * C, h, k + n, dh]
+      seq = torch.cat(
+        [image[name][start : start + b, None].expand(b, c, k, h, dh), text[name][None].expand(b, c, n, h, dh)], 2
+      )
+      return seq.reshape(b * c, k + n, h, dh).transpose(1, 2)
+
+    keys = torch.cat([torch.ones(c, k, dtype=torch.bool), valid], 1)  # [C, k + n]
+    attn_mask = keys[None].expand(b, c, k + n).reshape(b * c, 1, 1, k + n)
+    attended = F.scaled_dot_product_attention(joint('q'), joint('k'), joint('v'), attn_mask=attn_mask, scale=scale)
+    attended = attended.transpose(1, 2).reshape(b, c, k + n, d)
+    x = torch.cat(
+      [image['regions'][start : start + b, None].expand(b, c, k, d), text['words'][None].expand(b, c, n, d)], 2
+    )
+    y = layer_norm(x + linear(attended, 'cross_unit/o'), 'cross_unit/ln1')
+    y = layer_norm(y + linear(F.relu(linear(y, 'cross_unit/ffn1')), 'cross_unit/ffn2'), 'cross_unit/ln2')
+    i1 = y[:, :, :k].mean(2)
+    i1 = i1 / (i1.norm(dim=-1, keepdim=True) + 1e-8)
+    words = y[:, :, k:].reshape(b * c, n, d).transpose(1, 2)  # [b * C, d, n]
+    pair_lengths = lengths[None].expand(b, c).reshape(b * c, 1)
+    pooled = []
+    for w, kernel, bias in convs:
+      if n < w:
+        pooled.append(torch.zeros(b * c, kernel.size(0)))
+        continue
+      p = F.relu(F.conv1d(words, kernel, bias))  # [b * C, filters, n - w + 1]
+      inside = torch.arange(n - w + 1)[None] + w <= pair_lengths  # windows within the real tokens
+      pooled.append((p * inside[:, None]).amax(-1))
+    sentence = linear(torch.cat(pooled, -1), 'text_cnn1/fc')
+    if m['text_norm'] == 'layernorm':
+      c1 = layer_norm(sentence, 'text_cnn1/ln')
+    else:
+      c1 = sentence / (sentence.norm(dim=-1, keepdim=True) + 1e-8)
+    out.append((i1 * c1.reshape(b, c, d)).sum(-1))
+  return self_scores + m['alpha'] * torch.cat(out, 0)
+
+
 class TorchReference(NamedTuple):
   """A PyTorch implementation of a pair head for `--compare-torch`: whether it covers a model config's fields, how
-  to run it on the encoded reps (regions [I, k, D], words [C, n, D], mask [C, n]; params; fields) -> [I, C]."""
+  to run it on the encoded reps (dicts of torch tensors as `encode_image` / `encode_text` return them; params;
+  fields) -> [I, C]."""
 
   applies: Callable[[dict], bool]
   run: Callable[..., Any]
@@ -352,20 +432,28 @@ TORCH_REFERENCES = {
     applies=lambda m: (
       m['cross_attn'] == 't2i' and m['raw_feature_norm'] == 'clipped_l2norm' and m['agg_func'] == 'LogSumExp'
     ),
-    run=lambda regions, words, mask, params, m: torch_scan_t2i_official(
-      regions, words, mask.sum(1).int(), m['lambda_softmax'], m['lambda_lse']
+    run=lambda image, text, params, m: torch_scan_t2i_official(
+      image['regions'], text['words'], text['mask'].sum(1).int(), m['lambda_softmax'], m['lambda_lse']
     ),
     kind='official SCAN xattn_score_t2i loop',
   ),
   'rdan': TorchReference(
     applies=lambda m: m['use_cnn'] and m['use_residual'] and not m['one_path'],
-    run=lambda regions, words, mask, params, m: torch_rdan(regions, words, mask, params, m, m['block_size']),
+    run=lambda image, text, params, m: torch_rdan(
+      image['regions'], text['words'], text['mask'], params, m, m['block_size']
+    ),
     kind='batched channels_last RDAN head',
+  ),
+  'mmca': TorchReference(
+    applies=lambda m: True,
+    run=lambda image, text, params, m: torch_mmca(image, text, params, m, m['block_size']),
+    kind='batched MMCA head (scaled_dot_product_attention, conv1d)',
   ),
 }
 
 
 def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) -> dict:
+  """reps: the scoring child's encoded reps, {'image/<key>': array, 'text/<key>': array}."""
   try:
     import torch
   except ImportError:
@@ -373,16 +461,15 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
     return {}
   torch.set_num_threads(os.cpu_count())
   m = config.model.to_dict()
-  if 'regions' not in reps:
-    print(f'--compare-torch: no PyTorch reference for this model configuration ({m["name"]}); skipped.')
-    return {}
-  regions, words = torch.from_numpy(reps['regions']), torch.from_numpy(reps['words'])
-  mask = torch.from_numpy(reps['mask'])
   reference = TORCH_REFERENCES.get(m['name'])
   if reference is None or not reference.applies(m):
     print(f'--compare-torch: no PyTorch reference for this model configuration ({m["name"]}); skipped.')
     return {}
-  fn = lambda: reference.run(regions, words, mask, params, m)
+  image, text = (
+    {key.split('/', 1)[1]: torch.from_numpy(value) for key, value in reps.items() if key.startswith(side)}
+    for side in ('image/', 'text/')
+  )
+  fn = lambda: reference.run(image, text, params, m)
   with torch.no_grad():
     torch_scores = fn().numpy()
     times = _time(fn, args.repeats, warmup=0)
@@ -477,11 +564,10 @@ def run(args) -> dict:
       result['train_peak_device_bytes'] = train_result['peak_device_bytes']
   result['peak_memory_bytes'] = max(peaks)
   if args.compare_torch:
-    image_rep, text_rep = model.example_reps(args.seed, args.n_images, args.n_captions, args.k, args.n, args.min_len)
-    reps = {**image_rep, **text_rep} if isinstance(image_rep, dict) else {}
+    reps = dict(np.load(scores_file + '.reps.npz'))
     params = dict(np.load(scores_file + '.params.npz'))
     torch_result = compare_torch(args, config, reps, np.load(scores_file), params)
-    for f in (scores_file, scores_file + '.params.npz'):
+    for f in (scores_file, scores_file + '.params.npz', scores_file + '.reps.npz'):
       os.remove(f)
     if torch_result:
       result.update(torch_result)
