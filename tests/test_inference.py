@@ -45,15 +45,17 @@ TRIMMING = {  # every model whose text rep has a token axis, with its vocabulary
 
 @pytest.mark.parametrize('name', list(TRIMMING))
 def test_caption_tiles_cut_to_their_longest_caption_score_as_the_padded_split(name):
-  """Captions of 1-30 tokens padded to 32 are scored by length, each tile cut to its longest caption rounded up to
-  TOKEN_STEP: the matrix, in the given caption order, equals one call of the model on the padded split."""
+  """Captions of 1-30 tokens padded to 32 are scored at their length rounded up to TOKEN_STEP, in tiles of one
+  width: the matrix, in the given caption order, equals one call of the model on the padded split, and two copies
+  of a caption score exactly alike wherever they sit (ties rank as without trimming)."""
   fields, vocab = TRIMMING[name]
   model = build_model({**fields, 'embed_size': 8}, vocab_size=vocab, img_dim=7)
   rng = np.random.default_rng(3)
   images = model.example_images(rng, 5, 4)
-  lengths = np.array([30, 1, 9, 2, 3, 29, 5, 6, 7, 12, 16, 17, 20, 24, 25, 26, 28, 4, 30, 11])
+  lengths = np.array([30, 1, 9, 2, 3, 29, 5, 7, 6, 12, 16, 17, 20, 24, 25, 26, 28, 7, 30, 11])
   mask = (np.arange(32)[None] < lengths[:, None]).astype(np.float32)
   tokens = (rng.integers(1, vocab, size=mask.shape) * mask).astype(np.int32)
+  tokens[17] = tokens[7]  # a copy of a 7-token caption: of the 7 captions of width 8, the first tile holds 6
   variables = model.init(jax.random.key(0), *model.example_inputs(seed=1))
   scorer = inference.Scorer(model, variables, image_chunk=2, text_batch=6)
   image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
@@ -64,8 +66,9 @@ def test_caption_tiles_cut_to_their_longest_caption_score_as_the_padded_split(na
   got = scorer.pair_scores(image_rep, text_rep)
   want = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  # Tiles of 6 by length, longest 6 / 17 / 29 / 30 tokens: cut to 8, 24, 32 and 32 (the split's padding).
-  assert sorted(set(widths)) == [8, 24, 32] and widths[0] == 8, widths
+  np.testing.assert_array_equal(got[:, 17], got[:, 7])
+  # Widths 8 (7 captions: two tiles of 6), 16, 24 and 32 (= the split's padding).
+  assert sorted(set(widths)) == [8, 16, 24, 32] and widths[0] == 8, widths
 
 
 def test_chunk_sizes_must_be_positive():

@@ -141,9 +141,9 @@ class Scorer:
     """All pairs -> [n_img, n_txt] numpy, streamed in tiles of image_chunk images (per device) x text_batch captions.
 
     Tiling both sides bounds memory for heads whose pair tensors grow with the caption count (MMCA's joint
-    sequence); the columns of zero-padded captions in the last tile are dropped. Captions are scored in order of
-    length when the model can cut its text rep's token axis (`Matcher.text_lengths`, `trim_text_rep`), each tile
-    cut to its longest caption (rounded up to TOKEN_STEP): a split padded to its longest caption (96 tokens for
+    sequence); the columns of zero-padded captions in the last tile are dropped. When the model can cut its text
+    rep's token axis (`Matcher.text_lengths`, `trim_text_rep`), each caption is scored at its length rounded up to
+    TOKEN_STEP, in tiles of captions of one such width: a split padded to its longest caption (96 tokens for
     Flickr30K's, 14 on average) is not scored at that length. The returned columns are in the given order. With
     `resume_dir`, every finished
     column of tiles (all images x text_batch captions) is saved there and a later call with the same `identity`
@@ -154,13 +154,25 @@ class Scorer:
     n_img = jax.tree.leaves(image_rep)[0].shape[0]
     chief = self.processes == 1 or jax.process_index() == 0
     lengths = self.model.text_lengths(text_rep)
-    order = None
+    order, tiles = (
+      None,
+      [(start, min(start + self.text_batch, n_txt), None) for start in range(0, n_txt, self.text_batch)],
+    )
     if lengths is not None:
-      order = np.argsort(lengths, kind='stable')
+      # Every caption is scored at its own width (its length rounded up to TOKEN_STEP), whatever its neighbours:
+      # tiles never mix widths, so identical captions get identical scores (ties rank as without trimming).
+      widths = np.maximum(-(-lengths // TOKEN_STEP) * TOKEN_STEP, TOKEN_STEP)
+      order = np.argsort(widths, kind='stable')
       text_rep = jax.tree.map(lambda x: x[order], text_rep)
-      lengths = lengths[order]
+      widths = widths[order]
+      tiles = []
+      for width in np.unique(widths):
+        first, end = np.searchsorted(widths, width), np.searchsorted(widths, width, side='right')
+        tiles += [
+          (start, min(start + self.text_batch, end), int(width)) for start in range(first, end, self.text_batch)
+        ]
     identity = {**(identity or {}), 'shape': [n_img, n_txt], 'text_batch': self.text_batch}
-    identity['caption_order'] = 'by_length' if order is not None else 'given'
+    identity['caption_order'] = 'by_width' if order is not None else 'given'
     done = _ColumnStore(resume_dir if chief else None, identity)  # process 0 keeps the finished columns
     share = -(-n_img // self.processes)  # images per process, the last share zero-padded
     if self.processes > 1:
@@ -168,12 +180,11 @@ class Scorer:
       image_rep = _pad_rows(jax.tree.map(lambda x: np.asarray(x[first : first + share]), image_rep), share)
     columns = []
     with progress.bar(total=n_img * n_txt, desc=self.desc, unit='pair', unit_scale=True) as bar:
-      for start in range(0, n_txt, self.text_batch):
-        part = jax.tree.map(lambda x: x[start : start + self.text_batch], text_rep)
-        rows = jax.tree.leaves(part)[0].shape[0]
-        if order is not None:
-          longest = int(lengths[start : start + rows].max())
-          part = self.model.trim_text_rep(part, max(-(-longest // TOKEN_STEP) * TOKEN_STEP, TOKEN_STEP))
+      for start, stop, width in tiles:
+        part = jax.tree.map(lambda x: x[start:stop], text_rep)
+        rows = stop - start
+        if width is not None:
+          part = self.model.trim_text_rep(part, width)
         column = self._finished_column(done, start, (n_img, rows), resume_dir)
         if column is None:
           if rows < self.text_batch:
