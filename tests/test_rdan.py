@@ -10,6 +10,7 @@ import pytest
 
 from configs import common as config_common
 from configs import rdan as rdan_config
+from configs import scan as scan_config
 from xmatch_jax.models import model_fields
 from xmatch_jax.models import rdan as rdan_module
 from xmatch_jax.models.rdan import RDAN
@@ -322,6 +323,14 @@ def test_model_end_to_end_gradients_and_pad_tokens():
     variables, images, {'tokens': jnp.asarray(other_pads, jnp.int32), 'mask': jnp.asarray(longer_mask)}
   )
   np.testing.assert_allclose(scores_padded, scores, rtol=1e-6, atol=1e-6)
+
+
+def test_shapes_warms_up_like_scan_and_the_paper_configs_do_not():
+  for dataset in ('f30k', 'coco', 'shapes_tiny'):
+    assert rdan_config.get_config(dataset).optim.warmup_steps == 0, dataset
+  assert (
+    rdan_config.get_config('shapes').optim.warmup_steps == scan_config.get_config('shapes').optim.warmup_steps == 100
+  )
 
 
 def test_l2norm_features_normalises_both_modalities():
