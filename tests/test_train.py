@@ -124,8 +124,17 @@ def test_topk_lists_and_cross_dataset_evaluation_with_1_to_n_captions(trained, d
     (manual / f'{split}_ids.txt').write_text(''.join(f'{1000 + i}\n' for i in range(100)))
   monkeypatch.setenv('XMATCH_MANUAL_DIR', str(tmp_path / 'manual'))
   cross = evaluate.evaluate_workdir(
-    workdir, split='test', topk=2, overrides={'dataset': 'precomp', 'data_dir': str(tmp_path / 'tfds')}
+    workdir,
+    split='test',
+    topk=2,
+    save_scores=True,
+    overrides={'dataset': 'precomp', 'data_dir': str(tmp_path / 'tfds')},
   )
+  # The cross-dataset matrix and layout are saved under the dataset's name, beside (not over) the run's own.
+  np.testing.assert_array_equal(np.load(workdirs.scores_path(workdir, 'test')), sims)
+  np.testing.assert_array_equal(np.load(workdirs.scores_path(workdir, 'test', 'precomp')), sims[:, keep])
+  with np.load(workdirs.layout_path(workdir, 'test', 'precomp')) as layout:
+    np.testing.assert_array_equal(layout['caption_to_image'], keep // 5)
   assert cross['dataset'] == 'precomp' and cross['trained_on'] == 'shapes_tiny' and cross['n_captions'] == 250
   assert cross == json.load(open(os.path.join(workdir, 'eval', 'precomp_test.json')))
   want = metrics_lib.recall_metrics(sims[:, keep], caption_to_image=keep // 5)

@@ -3,7 +3,8 @@
 t2i + i2t fusion of two runs, eq 33, or SCAN's t2i + i2t ensemble).
 
 Each run's matrix is read from W/eval/<split>_scores.npy, or computed (and saved) with its best checkpoint. The runs
-must be on the same dataset and split; the result goes to --out (json) if given.
+must be on the same dataset and split, with the same caption layout (W/eval/<split>_layout.npz: any 1-N captions per
+image) and metric (recall, or mAP over category labels for DAER runs); the result goes to --out (json) if given.
 """
 
 import json
@@ -32,18 +33,37 @@ def ensemble(
   datasets = {w: workdirs.load_config(w).dataset for w in run_dirs}
   if len(set(datasets.values())) != 1:
     raise errors.UserError(f'the runs are on different datasets: {datasets}')
+  metric = {w: workdirs.load_config(w).get('eval_metric', 'recall') for w in run_dirs}
+  if len(set(metric.values())) != 1:
+    raise errors.UserError(f'the runs are evaluated by different metrics: {metric}')
+  if protocol is not None and metric[run_dirs[0]] == 'map':
+    raise errors.UserError(f'--protocol={protocol} is a recall protocol; these runs are evaluated by mAP.')
   dataset = next(iter(datasets.values()))
   split, base, name = metrics_lib.resolve_protocol(protocol, dataset, split)
-  total = None
+  total, layout = None, None
   for workdir, weight in zip(run_dirs, weights):
-    path = workdirs.scores_path(workdir, split)
-    if not os.path.exists(path):
+    path, layout_file = workdirs.scores_path(workdir, split), workdirs.layout_path(workdir, split)
+    if not (os.path.exists(path) and os.path.exists(layout_file)):  # scores saved before layouts: scored again
       evaluate.evaluate_workdir(workdir, split, protocol, save_scores=True)
     sims = np.load(path, allow_pickle=False)
     if total is not None and sims.shape != total.shape:
       raise errors.UserError(f'{path}: scores of shape {sims.shape}; the first run has {total.shape}')
+    with np.load(layout_file, allow_pickle=False) as f:
+      this = {key: f[key] for key in f.files}
+    if layout is not None and (
+      this.keys() != layout.keys() or any(not np.array_equal(this[k], layout[k]) for k in this)
+    ):
+      raise errors.UserError(
+        f'{layout_file}: other captions per image or labels than {workdirs.layout_path(run_dirs[0], split)} '
+        '(the runs were evaluated on different data)'
+      )
+    layout = this
     total = weight * sims.astype(np.float64) if total is None else total + weight * sims
-  metrics, base = metrics_lib.metrics_for(total, base)
+  if 'labels' in layout:
+    labels = layout['labels']
+    metrics, base = metrics_lib.map_metrics(total, labels, labels[layout['caption_to_image']]), 'map'
+  else:
+    metrics, base = metrics_lib.metrics_for(total, base, layout['caption_to_image'])
   return {
     **metrics,
     'kind': 'ensemble',
@@ -64,7 +84,8 @@ def main(argv):
   f = flags.FLAGS
   weights = [float(w) for w in f.weights.split(',')] if f.weights else None
   result = ensemble(f.workdir, weights, f.split, f.protocol)
-  print(' '.join(f'{k} {result[k]:.1f}' for k in metrics_lib.RESULT_KEYS) + f'  ({result["protocol"]})')
+  keys, digits = (metrics_lib.MAP_KEYS, 3) if result['protocol'] == 'map' else (metrics_lib.RESULT_KEYS, 1)
+  print(' '.join(f'{k} {result[k]:.{digits}f}' for k in keys) + f'  ({result["protocol"]})')
   if f.out:
     with open(f.out, 'w') as out:
       json.dump(result, out, indent=2)

@@ -187,7 +187,11 @@ def evaluate_workdir(
     with open(workdirs.topk_path(workdir, split, rerank_k, dataset=cross), 'w') as f:
       json.dump({'dataset': config.dataset, 'split': split, 'k': int(topk), **lists}, f)
   if save_scores:
-    np.save(workdirs.scores_path(workdir, split), np.asarray(sims, np.float32))
+    np.save(workdirs.scores_path(workdir, split, cross), np.asarray(sims, np.float32))
+    layout = {'caption_to_image': np.asarray(data.caption_to_image, np.int64)}
+    if metric == 'map':
+      layout['labels'] = np.asarray(data.images['label'])
+    np.savez(workdirs.layout_path(workdir, split, cross), **layout)
   return result
 
 

@@ -88,9 +88,15 @@ def partial_scores_dir(workdir: str, name: str) -> str:
   return os.path.join(eval_dir(workdir), f'.partial_{name}')
 
 
-def scores_path(workdir: str, split: str) -> str:
-  """W/eval/<split>_scores.npy: the [n_images, n_captions] float32 score matrix (for ensembles)."""
-  return os.path.join(eval_dir(workdir), f'{split}_scores.npy')
+def scores_path(workdir: str, split: str, dataset: str = '') -> str:
+  """W/eval/<result_name>_scores.npy: the [n_images, n_captions] float32 score matrix (for ensembles)."""
+  return os.path.join(eval_dir(workdir), f'{result_name(split, dataset=dataset)}_scores.npy')
+
+
+def layout_path(workdir: str, split: str, dataset: str = '') -> str:
+  """W/eval/<result_name>_layout.npz, beside the scores: `caption_to_image` [n_captions] and, for runs evaluated by
+  mAP, the images' `labels` [n_images]: what turns the matrix into metrics without the dataset."""
+  return os.path.join(eval_dir(workdir), f'{result_name(split, dataset=dataset)}_layout.npz')
 
 
 def has_checkpoints(workdir: str) -> bool:
