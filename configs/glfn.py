@@ -9,7 +9,8 @@ SCAN t2i / i2t similarity fused as S = alpha S_i2t + (1 - alpha) S_t2i.
   python -m xmatch_jax.train --config=configs/glfn.py:shapes --workdir=W          # all-MiniLM-L6-v2
 
 Variants: t2i / i2t (train and score one direction; default the fused score), no_tag, only_gru, only_bert
-(Table 3), official (the official code's behaviour where it departs from the equations; see models/glfn.py).
+(Table 3), official (the official code's behaviour where it departs from the equations; with t2i or i2t, as the
+official code trains one direction per model; see models/glfn.py).
 Real datasets need per-region tags and PFAN block positions (tools/pfan_positions.py).
 """
 
@@ -67,6 +68,12 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
     if score in variants:
       m.score = score
   if 'official' in variants:
+    if 't2i' not in variants and 'i2t' not in variants:
+      raise ValueError(
+        'configs/glfn.py: official needs a direction, official,t2i or official,i2t: the official code trains one '
+        'direction per model and never the fused score (fuse the two runs with xmatch_jax.ensemble; '
+        'docs/fidelity.md#glfn-7)'
+      )
     m.tag_in_fusion = 'once'
     m.train_position_attention = False
     m.t2i_max_attention_weight = 0.5

@@ -265,6 +265,8 @@ def test_official_variant_trains_as_the_official_script():
   wrong = config_tables.mismatches(config, OFFICIAL_TRAINING)
   assert not wrong, f'config field: (config, official): {wrong}'
   assert glfn_config.get_config('f30k').loss.mask_same_image
+  with pytest.raises(ValueError, match='official needs a direction'):  # the official code never trains the fused S
+    glfn_config.get_config('f30k,official')
 
 
 def test_workdirs_with_one_aggregation_keep_their_meaning(tmp_path):
