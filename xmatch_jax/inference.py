@@ -16,8 +16,8 @@ from xmatch_jax import errors
 from xmatch_jax import parallel
 from xmatch_jax import progress
 
-# Caption tiles are cut to their longest caption rounded up to a multiple of this: one compiled program per multiple
-# (3 for captions up to 24 tokens), against padding every tile to the split's longest caption.
+# All-pairs scoring takes each caption at its length rounded up to a multiple of this: one compiled program per
+# multiple (3 for captions up to 24 tokens), not every caption at the split's longest.
 TOKEN_STEP = 8
 
 
@@ -145,8 +145,8 @@ class Scorer:
     rep's token axis (`Matcher.text_lengths`, `trim_text_rep`), each caption is scored at its length rounded up to
     TOKEN_STEP, in tiles of captions of one such width: a split padded to its longest caption (96 tokens for
     Flickr30K's, 14 on average) is not scored at that length. The returned columns are in the given order. With
-    `resume_dir`, every finished
-    column of tiles (all images x text_batch captions) is saved there and a later call with the same `identity`
+    `resume_dir`, every finished column of tiles (all images x text_batch captions) is saved there and a later
+    call with the same `identity`
     (what the scores depend on: checkpoint, data, sizes) computes only the missing ones: an interrupted COCO-5K
     evaluation resumes. The directory is removed when the matrix is complete.
     """
@@ -154,16 +154,13 @@ class Scorer:
     n_img = jax.tree.leaves(image_rep)[0].shape[0]
     chief = self.processes == 1 or jax.process_index() == 0
     lengths = self.model.text_lengths(text_rep)
-    order, tiles = (
-      None,
-      [(start, min(start + self.text_batch, n_txt), None) for start in range(0, n_txt, self.text_batch)],
-    )
+    order = None  # positions of the captions in scoring order (None: as given)
+    tiles = [(start, min(start + self.text_batch, n_txt), None) for start in range(0, n_txt, self.text_batch)]
     if lengths is not None:
       # Every caption is scored at its own width (its length rounded up to TOKEN_STEP), whatever its neighbours:
       # tiles never mix widths, so identical captions get identical scores (ties rank as without trimming).
       widths = np.maximum(-(-lengths // TOKEN_STEP) * TOKEN_STEP, TOKEN_STEP)
       order = np.argsort(widths, kind='stable')
-      text_rep = jax.tree.map(lambda x: x[order], text_rep)
       widths = widths[order]
       tiles = []
       for width in np.unique(widths):
@@ -181,10 +178,11 @@ class Scorer:
     columns = []
     with progress.bar(total=n_img * n_txt, desc=self.desc, unit='pair', unit_scale=True) as bar:
       for start, stop, width in tiles:
-        part = jax.tree.map(lambda x: x[start:stop], text_rep)
         rows = stop - start
-        if width is not None:
-          part = self.model.trim_text_rep(part, width)
+        if width is None:
+          part = jax.tree.map(lambda x: x[start:stop], text_rep)
+        else:  # gathered tile by tile: no reordered copy of the whole rep
+          part = self.model.trim_text_rep(jax.tree.map(lambda x: x[order[start:stop]], text_rep), width)
         column = self._finished_column(done, start, (n_img, rows), resume_dir)
         if column is None:
           if rows < self.text_batch:
