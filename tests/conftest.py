@@ -92,6 +92,30 @@ LONGEST_FIRST = (
 )
 
 
+# Tests not marked `slow` by what they do (train, start a subprocess) but measured over 8 s in that run: mostly
+# compilations of BERT-sized models. They count as slow, so `pytest -m 'not slow'` stays a short edit loop.
+MEASURED_SLOW = (
+  'test_rescored_hardest.py::test_rescored_loss_and_gradients_equal_the_dense_loss[mmca]',
+  'test_rescored_hardest.py::test_rescored_loss_and_gradients_equal_the_dense_loss[glfn]',
+  'test_rescored_hardest.py::test_rescored_loss_and_gradients_equal_the_dense_loss[scan_t2i]',
+  'test_rescored_hardest.py::test_train_steps_with_and_without_rescoring_are_equal',
+  'test_mixed_precision.py::test_bf16_gradients_finite_float32_and_aligned[mmca]',
+  'test_mixed_precision.py::test_bf16_gradients_finite_float32_and_aligned[rdan]',
+  'test_mixed_precision.py::test_bf16_scores_within_tolerance_of_float32[mmca]',
+  'test_mixed_precision.py::test_bf16_train_step_from_config_keeps_params_float32[mmca]',
+  'test_mixed_precision.py::test_bf16_train_step_from_config_keeps_params_float32[rdan]',
+  'test_mmca.py::test_cross_branch_of_a_pair_equals_the_stacked_sequence_alone',
+  'test_mmca.py::test_scores_equal_numpy_equations[fields0]',
+  'test_glfn.py::test_text_side_is_bert_fc_then_bigru_and_bert_is_frozen',
+  'test_glfn.py::test_scores_equal_numpy_equations[fields0]',
+  'test_daer.py::test_stage_two_starts_from_converted_torchvision_weights',
+  'test_inference.py::test_rerank_candidates_carry_full_scores_and_k_all_equals_exhaustive[scan]',
+  'test_rdan.py::test_model_end_to_end_gradients_and_pad_tokens',
+  'test_mobilenet_v3.py::test_dual_spatial_attention_goes_inside_every_bottleneck',
+  'test_benchmark.py::test_analytic_flops_match_xlas_count[configs/rdan.py:f30k-overrides0]',
+)
+
+
 def _file_rank(item) -> int:
   name = os.path.basename(item.nodeid.split('::')[0])
   return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
@@ -100,6 +124,10 @@ def _file_rank(item) -> int:
 def pytest_collection_modifyitems(config, items):
   del config
   items.sort(key=_file_rank)  # stable: the order within a file and of the unlisted files stays
+  for item in items:
+    path, name = item.nodeid.split('::', 1)
+    if f'{os.path.basename(path)}::{name}' in MEASURED_SLOW:
+      item.add_marker(pytest.mark.slow)
   if not MINILM_MISSING:
     return
   for item in items:
