@@ -35,11 +35,14 @@ def check(fields: dict) -> dict:
   alone = inference.Scorer(model, variables, image_chunk=2, text_batch=TEXT_BATCH, devices=jax.local_devices()[:1])
   image_rep, text_rep = split.encode_images(images), split.encode_text(tokens, mask)
   got, want = split.pair_scores(image_rep, text_rep), alone.pair_scores(image_rep, text_rep)
-  # An interrupted evaluation left its second column on process 0 (marked +1000 so its use is visible).
+  # An interrupted evaluation left its second column on process 0 (marked +1000 so its use is visible). Every caption
+  # here is scored at width 8 (7 tokens), so the scorer's order by width is the given one and column 2 is captions
+  # 8-15; the store's identity is the one the scorer gives it.
   store_dir = os.path.join(resume_dir, fields['name'])
   identity = {'run': fields['name']}
   if jax.process_index() == 0:
-    store = inference._ColumnStore(store_dir, {**identity, 'shape': [n_img, n_txt], 'text_batch': TEXT_BATCH})  # pylint: disable=protected-access
+    stored = {**identity, 'shape': [n_img, n_txt], 'text_batch': TEXT_BATCH, 'caption_order': 'by_width'}
+    store = inference._ColumnStore(store_dir, stored)  # pylint: disable=protected-access
     store.put(TEXT_BATCH, want[:, TEXT_BATCH : 2 * TEXT_BATCH] + 1000.0)
   parallel.sync('column stored')
   resumed = split.pair_scores(image_rep, text_rep, store_dir, identity)
