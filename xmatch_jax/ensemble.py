@@ -30,10 +30,11 @@ def ensemble(
   weights = weights or [1.0 / len(run_dirs)] * len(run_dirs)
   if len(weights) != len(run_dirs):
     raise errors.UserError(f'{len(weights)} weights for {len(run_dirs)} workdirs')
-  datasets = {w: workdirs.load_config(w).dataset for w in run_dirs}
+  configs = {w: workdirs.load_config(w) for w in run_dirs}
+  datasets = {w: c.dataset for w, c in configs.items()}
   if len(set(datasets.values())) != 1:
     raise errors.UserError(f'the runs are on different datasets: {datasets}')
-  metric = {w: workdirs.load_config(w).get('eval_metric', 'recall') for w in run_dirs}
+  metric = {w: c.get('eval_metric', 'recall') for w, c in configs.items()}
   if len(set(metric.values())) != 1:
     raise errors.UserError(f'the runs are evaluated by different metrics: {metric}')
   if protocol is not None and metric[run_dirs[0]] == 'map':
