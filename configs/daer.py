@@ -63,6 +63,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.power = 0.6  # eqs 8-9
   m.width_mult = 1.0  # MobileNetV3-large
   m.image_dropout = 0.2  # MobileNetV3's head dropout, before the FC to 300
+  m.keras_init = True  # TensorFlow 2.4's Keras initialisers outside MobileNetV3 (docs/fidelity.md#daer-12)
   m.block_size = 256  # images per block of the all-pairs relation MLP
   if variants & {'c', 'i'}:
     m.region_attention = False

@@ -56,14 +56,20 @@ def np_region_attention(p, x):
   return out
 
 
-@pytest.mark.parametrize('region_attention', [True, False])
-def test_text_module_equals_numpy_lstm_attention_pool_fc(region_attention):
+@pytest.mark.parametrize('region_attention,keras_init', [(True, False), (False, False), (True, True)])
+def test_text_module_equals_numpy_lstm_attention_pool_fc(region_attention, keras_init):
   rng = np.random.default_rng(0)
   lengths = [6, 2, 4]
   mask = (np.arange(6)[None] < np.array(lengths)[:, None]).astype(np.float32)
   tokens = (rng.integers(1, 12, size=(3, 6)) * mask).astype(np.int32)
   module = daer.DAERText(
-    vocab_size=12, word_dim=5, lstm_size=4, embed_size=3, region_attention=region_attention, attention_hidden=(6, 8, 6)
+    vocab_size=12,
+    word_dim=5,
+    lstm_size=4,
+    embed_size=3,
+    region_attention=region_attention,
+    attention_hidden=(6, 8, 6),
+    keras_init=keras_init,
   )
   variables = module.init(jax.random.key(1), tokens, mask)
   got = np.asarray(module.apply(variables, tokens, mask))
@@ -74,6 +80,56 @@ def test_text_module_equals_numpy_lstm_attention_pool_fc(region_attention):
       states = np_region_attention(p['region_attention'], states)
     want = states.mean(0) @ p['fc']['kernel'] + p['fc']['bias']
     np.testing.assert_allclose(got[q], want, atol=1e-5)
+
+
+def test_keras_init_draws_as_tensorflow_2_keras_layers():
+  """DAER-12: each LSTM gate's recurrent block is a block of an orthogonal [H, 4H] (rows of norm ~1/2: squared
+  entries sum to ~H / 4 per block, H for Flax's orthogonal [H, H]), the stacked input kernel uniform within
+  the glorot bound of [in, 4H], the forget bias 1; embeddings U(+-0.05); dense kernels glorot_uniform; the relation
+  network's split first layer takes the bound of the whole [d_t + d_i, h0] kernel. Flax's init differs in each."""
+  word_dim, hidden, vocab = 40, 64, 500
+  tokens, mask = np.ones((2, 3), np.int32), np.ones((2, 3), np.float32)
+  for keras_init in (True, False):
+    module = daer.DAERText(vocab, word_dim, hidden, 32, attention_hidden=(48, 96, 48), keras_init=keras_init)
+    p = module.init(jax.random.key(0), tokens, mask)['params']
+    lstm = jax.tree.map(np.asarray, p['lstm'])
+    block_energy = [np.sum(np.square(lstm[f'h{g}']['kernel'])) / hidden for g in 'ifgo']
+    stacked_input = np.concatenate([lstm[f'i{g}']['kernel'] for g in 'ifgo'], axis=1)  # [in, 4H]
+    limit = np.sqrt(6 / (word_dim + 4 * hidden))
+    embedding = np.asarray(p['embed']['embedding'])
+    fc = np.asarray(p['fc']['kernel'])
+    if keras_init:
+      np.testing.assert_allclose(block_energy, 0.25, atol=0.03)
+      assert np.abs(stacked_input).max() <= limit and stacked_input.std() == pytest.approx(limit / 3**0.5, 0.05)
+      for g in 'ifgo':
+        np.testing.assert_array_equal(lstm[f'h{g}']['bias'], 1.0 if g == 'f' else 0.0)
+      assert np.abs(embedding).max() <= 0.05 and embedding.std() == pytest.approx(0.05 / 3**0.5, 0.05)
+      assert np.abs(fc).max() <= np.sqrt(6 / (hidden + 32))
+    else:
+      np.testing.assert_allclose(block_energy, 1.0, atol=1e-5)
+      np.testing.assert_array_equal(lstm['hf']['bias'], 0.0)
+      assert embedding.std() == pytest.approx(word_dim**-0.5, 0.05)  # variance_scaling over the word axis
+
+  relation = daer.RelationNetwork(hidden=(256, 16), keras_init=True)
+  rp = relation.init(jax.random.key(1), np.ones((2, 300), np.float32), np.ones((3, 300), np.float32))['params']
+  first = np.concatenate([np.asarray(rp['fc0_text']['kernel']), np.asarray(rp['fc0_image']['kernel'])])
+  whole = np.sqrt(6 / (600 + 256))
+  assert np.abs(first).max() <= whole and first.std() == pytest.approx(whole / 3**0.5, 0.05)
+
+
+def test_keras_init_is_the_default_and_keeps_the_parameter_tree():
+  assert daer_config.get_config('shapes').model.keras_init is True
+  assert daer_config.get_config('wikipedia').model.keras_init is True
+  images = {'pixels': np.zeros((2, 32, 32, 3), np.uint8)}
+  text = {'tokens': np.ones((2, 3), np.int32), 'mask': np.ones((2, 3), np.float32)}
+  trees = [
+    jax.tree.map(np.shape, jax.eval_shape(_tiny_daer(keras_init=k).init, jax.random.key(0), images, text))
+    for k in (True, False)
+  ]
+  assert trees[0] == trees[1]  # checkpoints of either init load into the other
+  fields = {'name': 'daer'}
+  daer.DAER.upgrade_fields(fields)
+  assert fields['keras_init'] is False  # workdirs from before the field trained with Flax's init
 
 
 def test_text_padding_does_not_change_the_representation():

@@ -15,6 +15,7 @@ into per-item projections W_t R^e_t + W_i R^e_i computed once per text and per i
 1024 -> 512 -> 1 layers only).
 """
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -26,12 +27,24 @@ from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.models import matcher
 from xmatch_jax.models import mobilenet_v3
+from xmatch_jax.models.layers import symmetric_uniform
 from xmatch_jax.models.mobilenet_v3 import MobileNetV3Large
 
 POWER = 0.6
 # torchvision's ImageNet normalisation, which the MobileNetV3 weights a user converts were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+KERAS_EMBEDDING_LIMIT = 0.05  # tf.keras.layers.Embedding: uniform(-0.05, 0.05)
+
+
+def kernel_init(keras: bool) -> nn.initializers.Initializer:
+  """Dense / conv kernels: Keras' glorot_uniform (the paper's TensorFlow 2.4) or Flax's lecun_normal (DAER-12)."""
+  return nn.initializers.glorot_uniform() if keras else nn.initializers.lecun_normal()
+
+
+def glorot_of_whole(fan_in: int, fan_out: int) -> nn.initializers.Initializer:
+  """glorot_uniform for a piece of a larger Keras kernel: U(+-sqrt(6 / (fan_in + fan_out))), fans of the whole."""
+  return symmetric_uniform((6.0 / (fan_in + fan_out)) ** 0.5)
 
 
 @jax.custom_jvp
@@ -73,11 +86,13 @@ class DualRegionAttention(nn.Module):
   small: int = 3
   large: int = 7
   hidden: Sequence[int] = (512, 1024, 512)
+  keras_init: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    layers = [nn.Dense(h, name=f'mlp_{i}') for i, h in enumerate(self.hidden)] + [nn.Dense(d, name='mlp_out')]
+    dense = functools.partial(nn.Dense, kernel_init=kernel_init(self.keras_init))
+    layers = [dense(h, name=f'mlp_{i}') for i, h in enumerate(self.hidden)] + [dense(d, name='mlp_out')]
 
     def f(h):  # f_theta, shared by both kernel sizes
       for layer in layers[:-1]:
@@ -87,7 +102,7 @@ class DualRegionAttention(nn.Module):
     weights = []
     for window, name in ((self.small, 'w0'), (self.large, 'w1')):
       avg, mx = _masked_window_pool(x, valid, window)
-      shared = nn.Dense(d, use_bias=False, name=name)  # W_0 / W_1, shared by the avg and max pools
+      shared = dense(d, use_bias=False, name=name)  # W_0 / W_1, shared by the avg and max pools
       weights.append(jax.nn.sigmoid(f(shared(avg) + shared(mx))))
     return jnp.where(valid[..., None], weights[0] * weights[1] * x, 0.0)
 
@@ -97,6 +112,7 @@ class DualSpatialAttention(nn.Module):
 
   small: int = 3
   large: int = 7
+  keras_init: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -104,21 +120,67 @@ class DualSpatialAttention(nn.Module):
     out = x
     for size, name in ((self.small, 'conv_small'), (self.large, 'conv_large')):
       pad = size // 2
-      out = out * jax.nn.sigmoid(nn.Conv(1, (size, size), padding=[(pad, pad), (pad, pad)], name=name)(pooled))
+      conv = nn.Conv(
+        1, (size, size), padding=[(pad, pad), (pad, pad)], kernel_init=kernel_init(self.keras_init), name=name
+      )
+      out = out * jax.nn.sigmoid(conv(pooled))
     return out
 
 
 class DenseParams(nn.Module):
-  """The params of an nn.Dense (same names and initialisers), returned for use inside jax transforms."""
+  """The params of an nn.Dense (same names; Flax's initialisers by default), returned for use inside jax transforms
+  or fused matmuls. in_features -> {'kernel': [in, features], 'bias': [features] (with use_bias)}."""
 
   features: int
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, in_features: int) -> dict:
-    return {
-      'kernel': self.param('kernel', nn.initializers.lecun_normal(), (in_features, self.features)),
-      'bias': self.param('bias', nn.initializers.zeros_init(), (self.features,)),
-    }
+    params = {'kernel': self.param('kernel', self.kernel_init, (in_features, self.features))}
+    if self.use_bias:
+      params['bias'] = self.param('bias', self.bias_init, (self.features,))
+    return params
+
+
+class KerasLSTMCell(nn.LSTMCell):
+  """nn.LSTMCell's equations and parameter names, initialised as tf.keras.layers.LSTM (DAER-12): glorot_uniform
+  over the stacked [in, 4H] input kernel, zero biases except the forget gate's 1 (`unit_forget_bias`), and each
+  gate's recurrent [H, H] block drawn as a block of an orthogonal [H, 4H] (Keras draws one stacked matrix, so its
+  blocks are also orthogonal jointly; here each gate draws its own). The cell's initialiser fields are not used.
+
+  carry (c, h) [..., H], inputs [..., in] -> ((c', h'), h').
+  """
+
+  @nn.compact
+  def __call__(self, carry, inputs):
+    c, h = carry
+    hidden, fan_in = h.shape[-1], inputs.shape[-1]
+
+    def recurrent_block(key, shape, dtype=jnp.float32):
+      return nn.initializers.orthogonal()(key, (shape[0], 4 * shape[1]), dtype)[:, : shape[1]]
+
+    input_kernels, recurrent_kernels, biases = [], [], []
+    for gate in 'ifgo':
+      input_kernels.append(
+        DenseParams(hidden, use_bias=False, kernel_init=glorot_of_whole(fan_in, 4 * hidden), name=f'i{gate}')(fan_in)[
+          'kernel'
+        ]
+      )
+      bias_init = nn.initializers.ones_init() if gate == 'f' else nn.initializers.zeros_init()
+      recurrent = DenseParams(hidden, kernel_init=recurrent_block, bias_init=bias_init, name=f'h{gate}')(hidden)
+      recurrent_kernels.append(recurrent['kernel'])
+      biases.append(recurrent['bias'])
+    y = (
+      inputs @ jnp.concatenate(input_kernels, axis=-1)
+      + h @ jnp.concatenate(recurrent_kernels, axis=-1)
+      + jnp.concatenate(biases)
+    )
+    i, f, g, o = jnp.split(y, 4, axis=-1)
+    new_c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    new_h = jax.nn.sigmoid(o) * jnp.tanh(new_c)
+    return (new_c, new_h), new_h
 
 
 def _relation_head(first_image: jax.Array, first_text: jax.Array, layers: list) -> jax.Array:
@@ -139,15 +201,26 @@ class RelationNetwork(nn.Module):
   hidden: Sequence[int] = (1024, 512)
   power: float = POWER
   block_size: int = 0
+  keras_init: bool = False
 
   @nn.compact
   def __call__(self, text: jax.Array, image: jax.Array) -> jax.Array:
-    # First layer on [R^e_t; R^e_i] = W_t R^e_t + W_i R^e_i + b: per item, then broadcast over pairs.
-    first_t = nn.Dense(self.hidden[0], name='fc0_text')(signed_power(text, self.power))
-    first_i = nn.Dense(self.hidden[0], use_bias=False, name='fc0_image')(signed_power(image, self.power))
+    # First layer on [R^e_t; R^e_i] = W_t R^e_t + W_i R^e_i + b: per item, then broadcast over pairs. Keras would
+    # initialise the one [d_t + d_i, h0] kernel, so each half takes the whole kernel's glorot bound.
+    first_init = (
+      glorot_of_whole(text.shape[-1] + image.shape[-1], self.hidden[0]) if self.keras_init else kernel_init(False)
+    )
+    first_t = nn.Dense(self.hidden[0], kernel_init=first_init, name='fc0_text')(signed_power(text, self.power))
+    first_i = nn.Dense(self.hidden[0], use_bias=False, kernel_init=first_init, name='fc0_image')(
+      signed_power(image, self.power)
+    )
     widths = list(self.hidden) + [1]
     layers = [
-      DenseParams(widths[i + 1], name=f'fc{i + 1}' if i + 1 < len(self.hidden) else 'out')(widths[i])
+      DenseParams(
+        widths[i + 1],
+        kernel_init=kernel_init(self.keras_init),
+        name=f'fc{i + 1}' if i + 1 < len(self.hidden) else 'out',
+      )(widths[i])
       for i in range(len(self.hidden))
     ]
     block = self.block_size or image.shape[0]
@@ -176,18 +249,23 @@ class DAERText(nn.Module):
   embed_size: int = 300
   region_attention: bool = True
   attention_hidden: Sequence[int] = (512, 1024, 512)
+  keras_init: bool = False  # DAER-12
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     valid = mask > 0
-    x = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
+    embedding_init = symmetric_uniform(KERAS_EMBEDDING_LIMIT) if self.keras_init else nn.linear.default_embed_init
+    x = nn.Embed(self.vocab_size, self.word_dim, embedding_init=embedding_init, name='embed')(tokens)
     lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
     # Padding is at the end, so a forward LSTM's states at real words do not see it.
-    x = nn.RNN(nn.OptimizedLSTMCell(self.lstm_size, name='lstm'))(x, seq_lengths=lengths)
+    cell = KerasLSTMCell if self.keras_init else nn.OptimizedLSTMCell
+    x = nn.RNN(cell(self.lstm_size, name='lstm'))(x, seq_lengths=lengths)
     if self.region_attention:
-      x = DualRegionAttention(hidden=self.attention_hidden, name='region_attention')(x, valid)
+      x = DualRegionAttention(hidden=self.attention_hidden, keras_init=self.keras_init, name='region_attention')(
+        x, valid
+      )
     pooled = jnp.sum(jnp.where(valid[..., None], x, 0.0), axis=1) / jnp.maximum(lengths, 1)[:, None]
-    return nn.Dense(self.embed_size, name='fc')(pooled)
+    return nn.Dense(self.embed_size, kernel_init=kernel_init(self.keras_init), name='fc')(pooled)
 
 
 class DAERImage(nn.Module):
@@ -205,6 +283,7 @@ class DAERImage(nn.Module):
   head_hidden: int = mobilenet_v3.LAST_CHANNEL
   dropout: float = 0.2
   spatial_attention_at: str = 'projection'  # place in each bottleneck (docs/fidelity.md#daer-5)
+  keras_init: bool = False  # the attention convs, head and FC (DAER-12); MobileNetV3 itself as torchvision
 
   @nn.compact
   def __call__(self, pixels: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -213,14 +292,17 @@ class DAERImage(nn.Module):
       num_classes=0,
       width_mult=self.width_mult,
       name='mobilenet',
-      block_attention=DualSpatialAttention if self.spatial_attention else None,
+      block_attention=(
+        functools.partial(DualSpatialAttention, keras_init=self.keras_init) if self.spatial_attention else None
+      ),
       block_attention_at=self.spatial_attention_at,
     )
     features = cnn(x, train=train)['features']
     width = mobilenet_v3.make_divisible(self.head_hidden * self.width_mult)  # torchvision's last_channel
-    head = jax.nn.hard_swish(nn.Dense(width, name='head')(features))
+    dense = functools.partial(nn.Dense, kernel_init=kernel_init(self.keras_init))
+    head = jax.nn.hard_swish(dense(width, name='head')(features))
     head = nn.Dropout(self.dropout, deterministic=not train)(head)
-    return nn.Dense(self.embed_size, name='fc')(head), features
+    return dense(self.embed_size, name='fc')(head), features
 
 
 class DAER(matcher.Matcher):
@@ -251,6 +333,7 @@ class DAER(matcher.Matcher):
   image_head_hidden: int = 1280  # MobileNetV3's head width (x width_mult, as torchvision)
   image_dropout: float = 0.2  # MobileNetV3's head dropout
   block_size: int = 256  # images per block of the all-pairs relation MLP
+  keras_init: bool = False  # TensorFlow 2's Keras initialisers (DAER-12); the config's default is True
 
   image_keys = ('pixels',)
   item_flops_key = 'item_first_layer'
@@ -259,10 +342,17 @@ class DAER(matcher.Matcher):
   @classmethod
   def upgrade_fields(cls, fields: dict) -> None:
     fields.setdefault('spatial_attention_at', 'projection')  # the only place before the field existed
+    fields.setdefault('keras_init', False)  # Flax's initialisers before the field existed
 
   def setup(self):
     self.text = DAERText(
-      self.vocab_size, self.word_dim, self.lstm_size, self.embed_size, self.region_attention, self.attention_hidden
+      self.vocab_size,
+      self.word_dim,
+      self.lstm_size,
+      self.embed_size,
+      self.region_attention,
+      self.attention_hidden,
+      self.keras_init,
     )
     self.image = DAERImage(
       self.embed_size,
@@ -271,10 +361,13 @@ class DAER(matcher.Matcher):
       self.image_head_hidden,
       self.image_dropout,
       self.spatial_attention_at,
+      self.keras_init,
     )
-    self.relation = RelationNetwork(hidden=self.relation_hidden, power=self.power, block_size=self.block_size)
-    self.text_classifier = nn.Dense(max(self.num_classes, 1))
-    self.image_classifier = nn.Dense(max(self.num_classes, 1))
+    self.relation = RelationNetwork(
+      hidden=self.relation_hidden, power=self.power, block_size=self.block_size, keras_init=self.keras_init
+    )
+    self.text_classifier = nn.Dense(max(self.num_classes, 1), kernel_init=kernel_init(self.keras_init))
+    self.image_classifier = nn.Dense(max(self.num_classes, 1), kernel_init=kernel_init(self.keras_init))
 
   def encode_image(self, images: dict, train: bool = False) -> jax.Array:
     """{'pixels': [B, H, W, 3]} -> [B, embed_size]."""
