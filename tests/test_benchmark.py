@@ -95,6 +95,72 @@ def test_torch_scan_t2i_loop_equals_the_model():
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize(
+  'fields', [{'cross_attn': 'i2t', 'agg_func': 'Mean'}, {'cross_attn': 't2i', 'agg_func': 'Max'}]
+)
+def test_torch_scan_loops_equal_the_model_in_both_directions(fields):
+  torch = pytest.importorskip('torch')
+  config, model = _model('configs/scan.py:f30k', embed_size=16, **fields)
+  reps = _reps(model, 4, 6, 7, 9, 11, 3)
+  expected = _jax_scores(model, _variables(model, 9, 11), reps)
+  m = config.model
+  got = benchmark.torch_xattn_official(
+    torch.from_numpy(reps['regions']),
+    torch.from_numpy(reps['words']),
+    reps['mask'].sum(1).astype(int),
+    m.cross_attn,
+    m.lambda_softmax,
+    m.agg_func,
+    m.lambda_lse,
+  ).numpy()
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+  'spec, fields',
+  [
+    ('configs/glfn.py:f30k', {}),  # eq 33: alpha S_i2t + (1 - alpha) S_t2i, both by the mean
+    ('configs/glfn.py:f30k,t2i', {'t2i_agg_func': 'LogSumExp'}),
+    ('configs/glfn.py:f30k,official,t2i', {}),  # the extra 0.5 x max attention term
+    ('configs/glfn.py:f30k,official,i2t', {}),
+  ],
+)
+def test_torch_glfn_official_loops_equal_the_model(spec, fields):
+  torch = pytest.importorskip('torch')
+  tiny_bert = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
+  config, model = _model(spec, bert_dir=tiny_bert, embed_size=16, **fields)
+  image_rep, text_rep = model.example_reps(5, 6, 7, 9, 11, 3)
+  variables = benchmark.init_pair_head(model, 0, image_rep, text_rep)
+  expected = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
+  got = benchmark.torch_glfn_official(
+    torch.from_numpy(np.asarray(image_rep['regions'])),
+    torch.from_numpy(np.asarray(text_rep['words'])),
+    np.asarray(text_rep['mask']).sum(1).astype(int),
+    config.model.to_dict(),
+  ).numpy()
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize('block', [1, 4, 100])
+def test_torch_daer_relation_network_equals_the_model(block):
+  torch = pytest.importorskip('torch')
+  config, model = _model('configs/daer.py:wikipedia', embed_size=12, relation_hidden=(10, 6))
+  image_rep, text_rep = model.example_reps(6, 7, 9, 1, 1, 1)
+  variables = benchmark.init_pair_head(model, 0, image_rep, text_rep)
+  expected = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
+  got = benchmark.torch_daer(
+    torch.from_numpy(np.asarray(image_rep)),
+    torch.from_numpy(np.asarray(text_rep)),
+    benchmark.flat_params(variables),
+    config.model.to_dict(),
+    block,
+  ).numpy()
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize('block', [1, 4, 100])
 def test_torch_rdan_head_equals_the_model(block):
   torch = pytest.importorskip('torch')

@@ -13,17 +13,19 @@ run (before and after the model measurements), so the ratio holds on a noisy or 
 
 FLOPs are counted analytically, 2 per multiply-add, for the matmuls, convolutions (all taps, as an im2col
 formulation computes them) and attention contractions of the pair head; element-wise work (softmax, norms) is
-not counted. `similarity` is the batch-wide region-word similarity tensor alone (2 k n D per pair; twice for GLFN's
-fused t2i + i2t score, whose two directions compute it in different layouts). Per-item work (Gram matrices; DAER's
+not counted. `similarity` is the batch-wide region-word similarity tensor alone (2 k n D per pair; GLFN's fused t2i + i2t
+score computes it once for both directions). Per-item work (Gram matrices; DAER's
 first relation layer, which splits into a projection of each image and of each caption) is counted once per item.
 The scoring benchmark initialises only the variables `pair_scores` reads. DAER's staged training has no
 `--train_batch` benchmark.
 
 Scoring and the training step each run in a fresh subprocess, so their peak host memory (ru_maxrss) is their own;
 on a GPU the device's peak_bytes_in_use is reported too. `--compare-torch` times a plain PyTorch version of the
-same head on the same inputs (SCAN t2i: the official code's loop over captions with materialised context
-vectors; RDAN: batched channels_last convolutions; MMCA: the cross branch batched over a block of images x all
-captions with `scaled_dot_product_attention` and `conv1d`) and checks that the outputs agree.
+same head on the same inputs (SCAN t2i / i2t and GLFN's t2i / i2t / eq 33 fusion: the official code's loops over
+captions with materialised context vectors; RDAN: batched channels_last convolutions; MMCA: the cross branch
+batched over a block of images x all captions with `scaled_dot_product_attention` and `conv1d`; DAER: the relation
+network with its first layer per item and the rest as `addmm` over a block of images x all texts) and checks that
+the outputs agree.
 """
 
 import json
@@ -258,8 +260,37 @@ def _run_child(kind: str, argv: list) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- torch
-def torch_scan_t2i_official(regions, words, lengths, lambda_softmax: float, lambda_lse: float):
-  """SCAN's xattn_score_t2i (kuanghuei/SCAN model.py, clipped_l2norm + LogSumExp): a loop over captions."""
+def _official_aggregate(x, agg_func: str, lambda_lse: float):
+  """SCAN's / GLFN's aggregation of row_sim over the query axis (dim 1), keepdim."""
+  import torch
+
+  if agg_func == 'LogSumExp':
+    return torch.log(torch.exp(x * lambda_lse).sum(dim=1, keepdim=True)) / lambda_lse
+  if agg_func == 'Max':
+    return x.max(dim=1, keepdim=True)[0]
+  if agg_func == 'Sum':
+    return x.sum(dim=1, keepdim=True)
+  if agg_func == 'Mean':
+    return x.mean(dim=1, keepdim=True)
+  raise ValueError(f'unknown agg_func {agg_func!r}')
+
+
+def torch_xattn_official(
+  regions,
+  words,
+  lengths,
+  direction: str,
+  lambda_softmax: float,
+  agg_func: str,
+  lambda_lse: float,
+  max_attention_weight: float = 0.0,
+):
+  """xattn_score_t2i / xattn_score_i2t of kuanghuei/SCAN's and smileslabsh/Generative-Label-Fused-Network's
+  model.py (clipped_l2norm): a loop over captions, each cut to its length. GLFN's t2i adds
+  `max_attention_weight` (0.5 there) x the aggregated per-word maximum attention over regions.
+
+  regions [I, k, d], words [C, n, d], lengths [C] -> [I, C].
+  """
   import torch
   import torch.nn.functional as F
 
@@ -267,13 +298,14 @@ def torch_scan_t2i_official(regions, words, lengths, lambda_softmax: float, lamb
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
 
   def func_attention(query, context, smooth):
+    """query [b, q, d], context [b, s, d] -> (weighted context [b, q, d], max attention over context [b, q])."""
     batch, query_len, source_len = context.size(0), query.size(1), context.size(1)
     attn = torch.bmm(context, query.transpose(1, 2))
     attn = l2norm(F.leaky_relu(attn, 0.1), 2)
     attn = attn.transpose(1, 2).contiguous().view(batch * query_len, source_len)
     attn = F.softmax(attn * smooth, dim=1).view(batch, query_len, source_len)
     weighted = torch.bmm(context.transpose(1, 2), attn.transpose(1, 2).contiguous())
-    return weighted.transpose(1, 2)
+    return weighted.transpose(1, 2), attn.max(dim=2)[0]
 
   def cosine_similarity(x1, x2, dim, eps=1e-8):
     w12 = (x1 * x2).sum(dim)
@@ -283,11 +315,71 @@ def torch_scan_t2i_official(regions, words, lengths, lambda_softmax: float, lamb
   n_image = regions.size(0)
   for i in range(words.size(0)):
     cap = words[i, : int(lengths[i])].unsqueeze(0).repeat(n_image, 1, 1)
-    context = func_attention(cap, regions, lambda_softmax)
-    row = cosine_similarity(cap, context, dim=2)
-    row = torch.log(torch.exp(row * lambda_lse).sum(dim=1, keepdim=True)) / lambda_lse
+    if direction == 't2i':
+      context, max_attn = func_attention(cap, regions, lambda_softmax)
+      row = _official_aggregate(cosine_similarity(cap, context, dim=2), agg_func, lambda_lse)
+      if max_attention_weight:
+        row = row + max_attention_weight * _official_aggregate(max_attn, agg_func, lambda_lse)
+    else:
+      context, _ = func_attention(regions, cap, lambda_softmax)
+      row = _official_aggregate(cosine_similarity(regions, context, dim=2), agg_func, lambda_lse)
     similarities.append(row)
   return torch.cat(similarities, 1)
+
+
+def torch_scan_t2i_official(regions, words, lengths, lambda_softmax: float, lambda_lse: float):
+  """SCAN's published t2i head (clipped_l2norm + LogSumExp), the official loop."""
+  return torch_xattn_official(regions, words, lengths, 't2i', lambda_softmax, 'LogSumExp', lambda_lse)
+
+
+def torch_glfn_official(regions, words, lengths, m: dict):
+  """GLFN's scores with the official scoring functions: S_t2i, S_i2t, or eq 33's alpha S_i2t + (1 - alpha) S_t2i,
+  each direction with its own lambda_softmax, aggregation and lambda_lse (m: the model config's fields)."""
+  scores = {
+    direction: torch_xattn_official(
+      regions,
+      words,
+      lengths,
+      direction,
+      m[f'{direction}_lambda_softmax'],
+      m[f'{direction}_agg_func'],
+      m[f'{direction}_lambda_lse'],
+      m['t2i_max_attention_weight'] if direction == 't2i' else 0.0,
+    )
+    for direction in (('t2i', 'i2t') if m['score'] == 'fused' else (m['score'],))
+  }
+  if m['score'] != 'fused':
+    return scores[m['score']]
+  return m['alpha'] * scores['i2t'] + (1 - m['alpha']) * scores['t2i']
+
+
+def torch_daer(image, text, params: dict, m: dict, block: int):
+  """DAER's relation network (eqs 7-10) on every pair in PyTorch: the first layer split into per-item projections
+  of sign(R) |R|^k, then blocks of images x all texts through the remaining layers and the sigmoid.
+
+  image [I, d], text [C, d] (torch tensors); params: `flat_params` of the model -> [I, C].
+  """
+  import torch
+
+  def param(name):
+    return torch.from_numpy(np.array(params[f'params/relation/{name}']))
+
+  def power(x):
+    return torch.sign(x) * x.abs() ** m['power']
+
+  first_t = power(text) @ param('fc0_text/kernel') + param('fc0_text/bias')
+  first_i = power(image) @ param('fc0_image/kernel')
+  depth = sum(1 for key in params if key.startswith('params/relation/fc') and key.endswith('/kernel')) - 2
+  names = [f'fc{i}' for i in range(1, depth + 1)] + ['out']  # after fc0_text / fc0_image
+  layers = [(param(f'{name}/kernel'), param(f'{name}/bias')) for name in names]
+  out = []
+  for start in range(0, image.size(0), block):
+    h = torch.relu(first_i[start : start + block, None] + first_t[None])  # [b, C, h0]
+    for kernel, bias in layers[:-1]:
+      h = torch.relu(torch.addmm(bias, h.reshape(-1, h.size(-1)), kernel).reshape(*h.shape[:2], -1))
+    kernel, bias = layers[-1]
+    out.append(torch.sigmoid(h @ kernel[:, 0] + bias[0]))
+  return torch.cat(out, 0)
 
 
 def torch_rdan(regions, words, mask, params: dict, m: dict, block: int):
@@ -429,13 +521,17 @@ class TorchReference(NamedTuple):
 
 TORCH_REFERENCES = {
   'scan': TorchReference(
-    applies=lambda m: (
-      m['cross_attn'] == 't2i' and m['raw_feature_norm'] == 'clipped_l2norm' and m['agg_func'] == 'LogSumExp'
+    applies=lambda m: m['raw_feature_norm'] == 'clipped_l2norm',
+    run=lambda image, text, params, m: torch_xattn_official(
+      image['regions'],
+      text['words'],
+      text['mask'].sum(1).int(),
+      m['cross_attn'],
+      m['lambda_softmax'],
+      m['agg_func'],
+      m['lambda_lse'],
     ),
-    run=lambda image, text, params, m: torch_scan_t2i_official(
-      image['regions'], text['words'], text['mask'].sum(1).int(), m['lambda_softmax'], m['lambda_lse']
-    ),
-    kind='official SCAN xattn_score_t2i loop',
+    kind='official SCAN xattn_score loop',
   ),
   'rdan': TorchReference(
     applies=lambda m: m['use_cnn'] and m['use_residual'] and not m['one_path'],
@@ -448,6 +544,18 @@ TORCH_REFERENCES = {
     applies=lambda m: True,
     run=lambda image, text, params, m: torch_mmca(image, text, params, m, m['block_size']),
     kind='batched MMCA head (scaled_dot_product_attention, conv1d)',
+  ),
+  'glfn': TorchReference(
+    applies=lambda m: m['raw_feature_norm'] == 'clipped_l2norm',
+    run=lambda image, text, params, m: torch_glfn_official(
+      image['regions'], text['words'], text['mask'].sum(1).int(), m
+    ),
+    kind='official GLFN xattn_score loops',
+  ),
+  'daer': TorchReference(
+    applies=lambda m: True,
+    run=lambda image, text, params, m: torch_daer(image, text, params, m, m['block_size']),
+    kind='batched DAER relation network (per-item first layer, addmm)',
   ),
 }
 
@@ -465,9 +573,12 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
   if reference is None or not reference.applies(m):
     print(f'--compare-torch: no PyTorch reference for this model configuration ({m["name"]}); skipped.')
     return {}
+  # A dict rep is saved as 'image/<key>' entries, an array rep (DAER's [I, d]) as 'image' itself.
   image, text = (
-    {key.split('/', 1)[1]: torch.from_numpy(value) for key, value in reps.items() if key.startswith(side)}
-    for side in ('image/', 'text/')
+    torch.from_numpy(reps[side])
+    if side in reps
+    else {key.split('/', 1)[1]: torch.from_numpy(value) for key, value in reps.items() if key.startswith(side + '/')}
+    for side in ('image', 'text')
   )
   fn = lambda: reference.run(image, text, params, m)
   with torch.no_grad():
