@@ -13,9 +13,9 @@ run (before and after the model measurements), so the ratio holds on a noisy or 
 
 FLOPs are counted analytically, 2 per multiply-add, for the matmuls, convolutions (all taps, as an im2col
 formulation computes them) and attention contractions of the pair head; element-wise work (softmax, norms) is
-not counted. `similarity` is the batch-wide region-word similarity tensor alone (2 k n D per pair; GLFN's fused t2i + i2t
-score computes it once for both directions). Per-item work (Gram matrices; DAER's
-first relation layer, which splits into a projection of each image and of each caption) is counted once per item.
+not counted. `similarity` is the batch-wide region-word similarity tensor alone (2 k n D per pair; GLFN's fused
+t2i + i2t score computes it once for both directions). Per-item work (Gram matrices; DAER's first relation layer,
+which splits into a projection of each image and of each caption) is counted once per item.
 The scoring benchmark initialises only the variables `pair_scores` reads. DAER's staged training has no
 `--train_batch` benchmark.
 
