@@ -51,6 +51,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.official_init = False  # True = official code's init (block embeddings N(0, 1), Xavier f and word FC)
   m.block_size = 16
   m.remat = True
+  m.tag_batch = 2048  # distinct tags per BERT call (a detector's label set; more: every region's tag)
 
   common.apply_schedule(c, dataset)
   if dataset in common.PAPER_DATASETS:
@@ -61,6 +62,7 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   else:
     m.bert_dir = 'minilm'
     m.position_dim = 32
+    m.tag_batch = 64  # shapes has 31 distinct tags
 
   if 't2i' in variants and 'i2t' in variants:
     raise ValueError('configs/glfn.py: choose at most one of the variants t2i, i2t')

@@ -155,6 +155,32 @@ def test_scores_equal_numpy_equations(fields):
   np.testing.assert_allclose(scores, expected, atol=1e-5)
 
 
+def test_distinct_rows_says_when_they_fit():
+  rows = np.array([[3, 1], [2, 2], [3, 1], [0, 0], [2, 2], [2, 5]], np.int32)  # 4 distinct rows
+  for size in (4, 6):
+    distinct, inverse, fits = jax.jit(glfn_lib.distinct_rows, static_argnums=1)(rows, size)
+    assert bool(fits) and distinct.shape == (size, 2)
+    np.testing.assert_array_equal(np.asarray(distinct)[np.asarray(inverse)], rows)
+  assert not bool(glfn_lib.distinct_rows(rows, 3)[2])
+
+
+@pytest.mark.parametrize('tag_batch', [5, 8, 4])  # the inputs hold 5 distinct tags: fits, fits padded, overflows
+def test_tag_batch_gives_every_region_the_same_tag_features(tag_batch):
+  model, dedup = _model(), _model(tag_batch=tag_batch)
+  images, text = _inputs()
+  inputs = {k: images[k] for k in model.image_keys}
+  variables = model.init(jax.random.key(0), inputs, text)
+  assert jax.tree.structure(dedup.init(jax.random.key(0), inputs, text)) == jax.tree.structure(variables)
+  tags = (images['tag_tokens'], images['tag_mask'])
+  want = model.apply(variables, *tags, method=model.tag_features)
+  got = jax.jit(lambda v: dedup.apply(v, *tags, method=dedup.tag_features))(variables)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  loss = lambda m: jax.value_and_grad(lambda p: m.apply({'params': p}, inputs, text).sum())(variables['params'])
+  (value, grads), (want_value, want_grads) = loss(dedup), loss(model)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, want_grads)
+
+
 def test_text_side_is_bert_fc_then_bigru_and_bert_is_frozen():
   model = _model()
   images, text = _inputs()

@@ -103,6 +103,9 @@ class GLFN(matcher.Matcher):
       attention weight; 0 (the paper's eqs 28-31) leaves it out.
     position_eps: 0 renormalises the position weights exactly (eq 11); the official code adds 1e-6 to the sum.
     block_size: images per block of the all-pairs scorer; remat: recompute blocks in the backward pass.
+    tag_batch: the frozen BERT runs on at most this many distinct tags per call, each region then reads its tag's
+      vector (tags repeat: a detector has a fixed label set); when a call holds more, it runs on every region's
+      tag as with 0 (off). Same features either way.
   """
 
   vocab_size: int
@@ -133,6 +136,7 @@ class GLFN(matcher.Matcher):
   official_init: bool = False
   block_size: int = 32
   remat: bool = False
+  tag_batch: int = 0
 
   text_input = 'wordpiece'
   frozen_params = ('bert',)
@@ -222,12 +226,29 @@ class GLFN(matcher.Matcher):
   def _bert_states(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(self.bert_encoder(tokens, mask)['last_hidden_state'])
 
+  def _tag_vectors(self, rows: jax.Array) -> jax.Array:
+    """rows [m, 2t]: a tag's tokens then its mask -> mean BERT state over its real tokens, [m, H]."""
+    t = rows.shape[1] // 2
+    mask = rows[:, t:].astype(jnp.float32)
+    states = self._bert_states(rows[:, :t], mask)
+    return jnp.sum(states * mask[..., None], axis=1) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+
   def tag_features(self, tag_tokens: jax.Array, tag_mask: jax.Array) -> jax.Array:
     """tag_tokens, tag_mask [I, k, t] -> mean BERT state over each tag's real tokens, [I, k, H]."""
     i, k, t = tag_tokens.shape
-    states = self._bert_states(tag_tokens.reshape(i * k, t), tag_mask.reshape(i * k, t)).reshape(i, k, t, -1)
-    mask = tag_mask[..., None]
-    return jnp.sum(states * mask, axis=2) / jnp.maximum(jnp.sum(mask, axis=2), 1.0)
+    rows = jnp.concatenate([tag_tokens.reshape(i * k, t), tag_mask.reshape(i * k, t).astype(tag_tokens.dtype)], 1)
+    if not 0 < self.tag_batch < i * k:
+      return self._tag_vectors(rows).reshape(i, k, -1)
+    distinct, inverse, fits = distinct_rows(rows, self.tag_batch)
+    vectors = nn.cond(
+      fits,
+      lambda mdl, d, r: mdl._tag_vectors(d)[inverse],
+      lambda mdl, d, r: mdl._tag_vectors(r),
+      self,
+      distinct,
+      rows,
+    )
+    return vectors.reshape(i, k, -1)
 
   def encode_image(self, images: dict) -> dict:
     """regions [I, k, img_dim], pfan_blocks / pfan_weights [I, k, L], tag_tokens / tag_mask [I, k, t] ->
@@ -320,6 +341,15 @@ class GLFN(matcher.Matcher):
   def item_flops(self, regions: int, words: int) -> tuple[int, int]:
     directions, d = _DIRECTIONS[self.score], self.embed_size
     return 2 * regions * regions * d * ('t2i' in directions), 2 * words * words * d * ('i2t' in directions)
+
+
+def distinct_rows(rows: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """rows [m, w] -> (distinct [size, w] padded with zero rows, inverse [m], fits): when `fits` (at most `size`
+  distinct rows), distinct[inverse] == rows; otherwise distinct and inverse are not usable. Jit-compatible."""
+  distinct, inverse = jnp.unique(rows, axis=0, size=size, fill_value=0, return_inverse=True)
+  ordered = rows[jnp.lexsort(rows.T[::-1])]
+  count = 1 + jnp.sum(jnp.any(ordered[1:] != ordered[:-1], axis=1))
+  return distinct, inverse.reshape(-1), count <= size
 
 
 @functools.lru_cache(maxsize=4)
