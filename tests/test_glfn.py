@@ -16,6 +16,7 @@ from test_scan import np_softmax  # pylint: disable=g-import-not-at-top
 from test_scan import np_xattn_scores  # pylint: disable=g-import-not-at-top
 
 from configs import glfn as glfn_config
+from configs import scan as scan_config
 from xmatch_jax import workdirs
 from xmatch_jax.data import pfan
 from xmatch_jax.data import wordpiece
@@ -303,3 +304,10 @@ def test_workdirs_with_one_aggregation_keep_their_meaning(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(config))
   model = workdirs.load_config(str(tmp_path)).model
   assert (model.t2i_agg_func, model.i2t_agg_func, model.official_init) == ('LogSumExp', 'LogSumExp', False)
+
+
+def test_shapes_warms_up_like_scan_and_the_paper_configs_do_not():
+  for arg in ('f30k', 'coco', 'shapes_tiny', 'f30k,official,t2i'):
+    assert glfn_config.get_config(arg).optim.warmup_steps == 0, arg
+  for arg in ('shapes', 'shapes,t2i', 'shapes,i2t', 'shapes,no_tag'):
+    assert glfn_config.get_config(arg).optim.warmup_steps == scan_config.get_config('shapes').optim.warmup_steps == 100
