@@ -63,6 +63,22 @@ def test_analytic_flops_match_xlas_count(spec, overrides):
   assert 0.85 * xla_flops <= ours <= 1.1 * xla_flops, (ours, xla_flops)
 
 
+def test_mmca_analytic_flops_match_xlas_count():
+  tiny_bert = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
+  _, model = _model('configs/mmca.py:f30k', bert_dir=tiny_bert, embed_size=64, num_heads=4, cnn_filters=64)
+  n_img, n_cap, k, n = 3, 5, 36, 20
+  variables = model.init(jax.random.key(0), *model.example_inputs(regions=k, words=n))
+  images, _ = model.example_inputs(batch=n_img, regions=k, words=n, seed=1)
+  _, text = model.example_inputs(batch=n_cap, regions=k, words=n, min_len=n, seed=2)
+  image_rep = model.apply(variables, images, method=model.encode_image)
+  text_rep = model.apply(variables, text, method=model.encode_text)
+  fn = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
+  cost = fn.lower(variables, image_rep, text_rep).compile().cost_analysis()
+  xla_flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+  ours = benchmark.scoring_flops(model, n_img, n_cap, k, n)['total']
+  assert 0.85 * xla_flops <= ours <= 1.1 * xla_flops, (ours, xla_flops)
+
+
 def _reps(model, *args):
   """model.example_reps as one dict {'regions', 'words', 'mask'}."""
   image_rep, text_rep = model.example_reps(*args)

@@ -1,5 +1,6 @@
 """MMCA against plain numpy implementations of the paper's equations (1-7 and 8-14) with the same weights."""
 
+import functools
 import json
 import os
 
@@ -238,6 +239,97 @@ def test_cross_branch_of_a_pair_equals_the_stacked_sequence_alone():
   for i in range(N_IMG):
     for c in range(len(LENGTHS)):
       np.testing.assert_allclose(cross[i, c], model.apply(variables, i, c, method=alone), atol=1e-5)
+
+
+def l2norm(x):
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+
+
+def concat_softmax_cross_block_scores(
+  image: dict,
+  text: dict,
+  p_cross: dict,
+  p_cnn: dict,
+  *,
+  heads: int,
+  text_norm: str,
+  attention_scale: str,
+) -> jax.Array:
+  """The cross branch as first written: one softmax over the concatenated [regions; words] keys of every pair."""
+  regions, words, valid = image['regions'], text['words'], text['valid']
+  b, k, d = regions.shape
+  c, n, _ = words.shape
+  scale = mmca_lib._scale(image['q'].shape[-1], d, attention_scale)
+  key_valid = valid[None, :, None, None, :]  # [1, C, 1, 1, n]
+  # Region queries over [regions; words] keys: Q_R K_R^T is per image, Q_R K_E^T per pair.
+  rr = jnp.einsum('bkhd,blhd->bhkl', image['q'], image['k']) * scale  # [b, h, k, k]
+  re = jnp.einsum('bkhd,cnhd->bchkn', image['q'], text['k']) * scale  # [b, C, h, k, n]
+  logits = jnp.concatenate(
+    [jnp.broadcast_to(rr[:, None], (b, c) + rr.shape[1:]), jnp.where(key_valid, re, -jnp.inf)], axis=-1
+  )
+  w = jax.nn.softmax(logits, axis=-1)
+  att_r = jnp.einsum('bchkl,blhd->bckhd', w[..., :k], image['v']) + jnp.einsum(
+    'bchkn,cnhd->bckhd', w[..., k:], text['v']
+  )  # eq 13
+  # Word queries: Q_E K_R^T per pair, Q_E K_E^T per caption.
+  er = jnp.einsum('cnhd,bkhd->bchnk', text['q'], image['k']) * scale  # [b, C, h, n, k]
+  ee = jnp.einsum('cnhd,cmhd->chnm', text['q'], text['k']) * scale  # [C, h, n, n]
+  ee = jnp.where(valid[:, None, None, :], ee, -jnp.inf)
+  logits = jnp.concatenate([er, jnp.broadcast_to(ee[None], (b,) + ee.shape)], axis=-1)
+  w = jax.nn.softmax(logits, axis=-1)
+  att_e = jnp.einsum('bchnk,bkhd->bcnhd', w[..., :k], image['v']) + jnp.einsum(
+    'bchnm,cmhd->bcnhd', w[..., k:], text['v']
+  )  # eq 14
+  x = jnp.concatenate(
+    [jnp.broadcast_to(regions[:, None], (b, c, k, d)), jnp.broadcast_to(words[None], (b, c, n, d))], axis=2
+  )
+  attended = jnp.concatenate([att_r, att_e], axis=2).reshape(b, c, k + n, d)
+  y = mmca_lib.transformer_finish(p_cross, x, attended)  # Y_c [b, C, k + n, d]
+  i1 = l2norm(jnp.mean(y[:, :, :k], axis=2))  # [b, C, d]
+  c1 = mmca_lib.text_cnn(
+    p_cnn,
+    y[:, :, k:].reshape(b * c, n, d),
+    jnp.broadcast_to(valid[None], (b, c, n)).reshape(b * c, n),
+    text_norm,
+  ).reshape(b, c, d)
+  return jnp.sum(i1 * c1, axis=-1)
+
+
+def test_split_softmax_equals_the_concatenated_softmax_in_values_and_gradients():
+  """The cross branch scores each key block once per item (own modality) and once per pair (cross); the first
+  implementation concatenated the blocks of every pair and took one softmax. Values and gradients agree."""
+  model = _model()
+  images, text = _inputs(seed=5)
+  variables = model.init(jax.random.key(4), images, text)
+  image_rep = model.apply(variables, images, method=model.encode_image)
+  text_rep = model.apply(variables, text, method=model.encode_text)
+  image = {k: image_rep[k] for k in ('regions', 'q', 'k', 'v')}
+  words = {k: text_rep[k] for k in ('words', 'q', 'k', 'v')}
+  valid = text_rep['mask'] > 0
+  params = variables['params']
+
+  def loss(fn, image, words, p_cross, p_cnn):
+    scores = fn(
+      image, {**words, 'valid': valid}, p_cross, p_cnn, heads=model.num_heads, text_norm='l2', attention_scale='model'
+    )
+    return jnp.sum(jnp.sin(3 * scores)), scores
+
+  args = (
+    image,
+    words,
+    model.apply(variables, method=lambda m: m.cross_unit()),
+    model.apply(variables, method=lambda m: m.text_cnn1()),
+  )
+  (value, scores), grads = jax.value_and_grad(functools.partial(loss, mmca_lib.cross_block_scores), (0, 1, 2, 3), True)(
+    *args
+  )
+  (want_value, want_scores), want_grads = jax.value_and_grad(
+    functools.partial(loss, concat_softmax_cross_block_scores), (0, 1, 2, 3), True
+  )(*args)
+  del params
+  np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, want_grads)
 
 
 def test_extra_padding_changes_nothing():

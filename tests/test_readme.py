@@ -48,7 +48,7 @@ def test_performance_table_is_generated_from_the_benchmark_json():
   sys.path.insert(0, os.path.join(ROOT, 'tools'))
   import perf_table  # pylint: disable=g-import-not-at-top
 
-  names = ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k')
+  names = ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k', 'glfn_f30k', 'daer_wikipedia')
   table = perf_table.table([os.path.join(ROOT, 'tools', 'perf_results', f'{n}.json') for n in names])
   assert table in open(os.path.join(ROOT, 'README.md')).read()
 

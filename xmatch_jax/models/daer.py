@@ -340,6 +340,11 @@ class DAER(matcher.Matcher):
   example_canvas = 32  # height and width of `example_images` (any size works: the CNN pools globally)
 
   @classmethod
+  def describe(cls, fields: dict, sizes: dict) -> str:
+    hidden = '-'.join(str(h) for h in fields.get('relation_hidden', cls.relation_hidden))
+    return f'DAER relation network, D {sizes["embed_size"]}, MLP {2 * sizes["embed_size"]}-{hidden}-1'
+
+  @classmethod
   def upgrade_fields(cls, fields: dict) -> None:
     fields.setdefault('spatial_attention_at', 'projection')  # the only place before the field existed
     fields.setdefault('keras_init', False)  # Flax's initialisers before the field existed

@@ -147,6 +147,12 @@ class GLFN(matcher.Matcher):
     return keys + ('tag_tokens', 'tag_mask') if self.use_tags else keys
 
   @classmethod
+  def describe(cls, fields: dict, sizes: dict) -> str:
+    score = fields.get('score', 'fused')
+    score = 'fused t2i + i2t' if score == 'fused' else score
+    return f'GLFN {score}, D {sizes["embed_size"]}, n {sizes["min_len"]}-{sizes["n"]}'
+
+  @classmethod
   def upgrade_fields(cls, fields: dict) -> None:
     if 'agg_func' in fields:  # one aggregation both ways before t2i_agg_func / i2t_agg_func
       value = fields.pop('agg_func')

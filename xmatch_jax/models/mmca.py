@@ -126,6 +126,34 @@ def text_cnn(
   return layers.l2norm(sentence)
 
 
+def _joint_attention(
+  own_logits: jax.Array,
+  own_values: jax.Array,
+  own_spec: str,
+  cross_logits: jax.Array,
+  cross_values: jax.Array,
+  cross_spec: str,
+  own_axis: int,
+  dtype: pairwise.DTypeLike = jnp.float32,
+) -> jax.Array:
+  """softmax([own; cross]) @ [V_own; V_cross] without concatenating: the own block (logits [X, h, q, m] of one
+  item, X = b images or C captions) is reduced once per item, the cross block (logits [b, C, h, q, m'], -inf at
+  masked keys) per pair; both are scaled to the pair's joint maximum. `own_axis` says where X sits among (b, C).
+
+  Returns [b, C, h, q, head_dim].
+  """
+  own_max = jax.lax.stop_gradient(jnp.max(own_logits, axis=-1))  # [X, h, q]; the result does not depend on it
+  own_exp = jnp.exp(own_logits - own_max[..., None])
+  own_sum = jnp.sum(own_exp, axis=-1)  # [X, h, q]
+  own_out = pairwise.einsum(own_spec, own_exp, own_values, dtype=dtype)  # [X, h, q, head_dim]
+  expand = (lambda x: x[:, None]) if own_axis == 0 else (lambda x: x[None])
+  joint_max = jnp.maximum(expand(own_max), jax.lax.stop_gradient(jnp.max(cross_logits, axis=-1)))  # [b, C, h, q]
+  cross_exp = jnp.exp(cross_logits - joint_max[..., None])
+  rescale = jnp.exp(expand(own_max) - joint_max)  # [b, C, h, q]
+  numerator = rescale[..., None] * expand(own_out) + pairwise.einsum(cross_spec, cross_exp, cross_values, dtype=dtype)
+  return numerator / (rescale * expand(own_sum) + jnp.sum(cross_exp, axis=-1))[..., None]
+
+
 def cross_block_scores(
   image: dict,
   text: dict,
@@ -151,30 +179,29 @@ def cross_block_scores(
   b, k, d = regions.shape
   c, n, _ = words.shape
   scale = _scale(image['q'].shape[-1], d, attention_scale)
-  key_valid = valid[None, :, None, None, :]  # [1, C, 1, 1, n]
-  # Region queries over [regions; words] keys: Q_R K_R^T is per image, Q_R K_E^T per pair.
+  # Each query attends over the joint sequence [regions; words] of its pair. The softmax is split at the join:
+  # the key block of the query's own modality is the same for every pair of that image (or caption), so its
+  # exp-sum and weighted values are computed once per item, and only the cross block is computed per pair.
+  # Region queries (eq 13): keys of the image itself (per image), keys of the caption's words (per pair).
   rr = pairwise.einsum('bkhd,blhd->bhkl', image['q'], image['k'], dtype=dtype) * scale  # [b, h, k, k]
   re = pairwise.einsum('bkhd,cnhd->bchkn', image['q'], text['k'], dtype=dtype) * scale  # [b, C, h, k, n]
-  logits = jnp.concatenate(
-    [jnp.broadcast_to(rr[:, None], (b, c) + rr.shape[1:]), jnp.where(key_valid, re, -jnp.inf)], axis=-1
+  re = jnp.where(valid[None, :, None, None, :], re, -jnp.inf)
+  att_r = _joint_attention(
+    rr, image['v'], 'bhkl,blhd->bhkd', re, text['v'], 'bchkn,cnhd->bchkd', own_axis=0, dtype=dtype
   )
-  w = jax.nn.softmax(logits, axis=-1)
-  att_r = pairwise.einsum('bchkl,blhd->bckhd', w[..., :k], image['v'], dtype=dtype) + pairwise.einsum(
-    'bchkn,cnhd->bckhd', w[..., k:], text['v'], dtype=dtype
-  )  # eq 13
-  # Word queries: Q_E K_R^T per pair, Q_E K_E^T per caption.
-  er = pairwise.einsum('cnhd,bkhd->bchnk', text['q'], image['k'], dtype=dtype) * scale  # [b, C, h, n, k]
+  # Word queries (eq 14): keys of the pair's image regions (per pair), keys of the caption's own words (per caption).
   ee = pairwise.einsum('cnhd,cmhd->chnm', text['q'], text['k'], dtype=dtype) * scale  # [C, h, n, n]
   ee = jnp.where(valid[:, None, None, :], ee, -jnp.inf)
-  logits = jnp.concatenate([er, jnp.broadcast_to(ee[None], (b,) + ee.shape)], axis=-1)
-  w = jax.nn.softmax(logits, axis=-1)
-  att_e = pairwise.einsum('bchnk,bkhd->bcnhd', w[..., :k], image['v'], dtype=dtype) + pairwise.einsum(
-    'bchnm,cmhd->bcnhd', w[..., k:], text['v'], dtype=dtype
-  )  # eq 14
+  er = pairwise.einsum('cnhd,bkhd->bchnk', text['q'], image['k'], dtype=dtype) * scale  # [b, C, h, n, k]
+  att_e = _joint_attention(
+    ee, text['v'], 'chnm,cmhd->chnd', er, image['v'], 'bchnk,bkhd->bchnd', own_axis=1, dtype=dtype
+  )
+  att_r = att_r.transpose(0, 1, 3, 2, 4).reshape(b, c, k, d)  # heads concatenated
+  att_e = att_e.transpose(0, 1, 3, 2, 4).reshape(b, c, n, d)
   x = jnp.concatenate(
     [jnp.broadcast_to(regions[:, None], (b, c, k, d)), jnp.broadcast_to(words[None], (b, c, n, d))], axis=2
   )
-  attended = jnp.concatenate([att_r, att_e], axis=2).reshape(b, c, k + n, d)
+  attended = jnp.concatenate([att_r, att_e], axis=2)
   y = transformer_finish(p_cross, x, attended, dtype)  # Y_c [b, C, k + n, d]
   i1 = layers.l2norm(jnp.mean(y[:, :, :k], axis=2))  # [b, C, d]
   c1 = text_cnn(
@@ -397,7 +424,8 @@ class MMCA(matcher.Matcher):
     flops = {'self_score': 2 * d}
     if self.alpha:
       f, t = self.cnn_filters, k + n
-      flops['attention'] = 2 * k * n * d * 2 + 2 * t * t * d  # Q_R K_E^T, Q_E K_R^T; weights x [V_R; V_E]
+      # Per pair only the cross blocks: Q_R K_E^T and Q_E K_R^T, then those weights x V_E and x V_R.
+      flops['attention'] = 2 * k * n * d * 4
       flops['transformer_ffn'] = 2 * t * d * d * 3  # W^O and the two FFN layers, per token
       flops['text_cnn'] = sum(2 * (n - w + 1) * w * d * f for w in (1, 2, 3)) + 2 * 3 * f * d
       flops['cross_score'] = 2 * d
@@ -407,4 +435,5 @@ class MMCA(matcher.Matcher):
     d = self.embed_size
     if not self.alpha:
       return 0, 0
-    return 2 * regions * regions * d, 2 * words * words * d  # Q_R K_R^T per image, Q_E K_E^T per caption
+    # Q_R K_R^T and its weights x V_R per image; Q_E K_E^T and its weights x V_E per caption.
+    return 4 * regions * regions * d, 4 * words * words * d
