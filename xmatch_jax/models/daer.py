@@ -161,13 +161,11 @@ class KerasLSTMCell(nn.LSTMCell):
     def recurrent_block(key, shape, dtype=jnp.float32):
       return nn.initializers.orthogonal()(key, (shape[0], 4 * shape[1]), dtype)[:, : shape[1]]
 
+    input_init = glorot_of_whole(fan_in, 4 * hidden)
     input_kernels, recurrent_kernels, biases = [], [], []
     for gate in 'ifgo':
-      input_kernels.append(
-        DenseParams(hidden, use_bias=False, kernel_init=glorot_of_whole(fan_in, 4 * hidden), name=f'i{gate}')(fan_in)[
-          'kernel'
-        ]
-      )
+      inputs_part = DenseParams(hidden, use_bias=False, kernel_init=input_init, name=f'i{gate}')(fan_in)
+      input_kernels.append(inputs_part['kernel'])
       bias_init = nn.initializers.ones_init() if gate == 'f' else nn.initializers.zeros_init()
       recurrent = DenseParams(hidden, kernel_init=recurrent_block, bias_init=bias_init, name=f'h{gate}')(hidden)
       recurrent_kernels.append(recurrent['kernel'])

@@ -248,10 +248,11 @@ class GLFN(matcher.Matcher):
     distinct, inverse, fits = distinct_rows(rows, self.tag_batch)
     vectors = nn.cond(
       fits,
-      lambda mdl, d, r: mdl._tag_vectors(d)[inverse],
-      lambda mdl, d, r: mdl._tag_vectors(r),
+      lambda mdl, d, inv, r: mdl._tag_vectors(d)[inv],
+      lambda mdl, d, inv, r: mdl._tag_vectors(r),
       self,
       distinct,
+      inverse,
       rows,
     )
     return vectors.reshape(i, k, -1)
