@@ -68,3 +68,13 @@ def test_glfn_pair_is_fused_by_eq_33():
   models = compare_models.parse_models(['s=configs/scan.py:shapes+configs/scan.py:shapes,i2t+configs/vsepp.py:shapes'])
   configs = compare_models.build_configs(models, compare_models.split_sets([], models))
   assert compare_models.fusion_weights(configs['s']) == pytest.approx([1 / 3] * 3)
+
+
+def test_summaries_of_comparable_runs_into_one_workdir_merge():
+  def summary(models, budget=('shapes', 'epochs', 1)):
+    return {'split': 'test', 'seeds': [0, 1], 'budget': list(budget), 'metric': 'rsum', 'models': models}
+
+  merged = compare_models.merge_summary(summary({'a': 1, 'b': 2}), summary({'b': 3, 'c': 4}))
+  assert merged['models'] == {'a': 1, 'b': 3, 'c': 4}
+  other_budget = summary({'c': 4}, budget=('shapes', 'epochs', 2))
+  assert compare_models.merge_summary(summary({'a': 1}), other_budget) == other_budget

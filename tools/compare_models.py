@@ -16,7 +16,8 @@ paper's two-run protocol (docs/fidelity.md#glfn-1). GLFN as in the paper, one se
 `--set=key=value` overrides every model's config, `--set=NAME:key=value` one model's. Every model must end with the
 same budget (dataset, epochs or max_steps x batch size, or DAER's per-stage epochs); a fused entry spends it once
 per part. Each run trains into W/NAME/seed_<s>[/part_<i>] (resuming there), keeps its best checkpoint by dev
-recall (or dev mAP) only, and is then scored on `--split`.
+recall (or dev mAP) only, and is then scored on `--split`. W/summary.json collects the models of every run into W
+at the same split, seeds and budget (a model run again replaces its entry), and the table printed covers them all.
 """
 
 import json
@@ -161,6 +162,15 @@ def compare(models: dict, seeds: list, workdir: str, split: str, sets: list) -> 
   return summary
 
 
+def merge_summary(previous: dict, summary: dict) -> dict:
+  """A workdir's summary after another compare_models run into it: the models of both when the runs are comparable
+  (same split, seeds, budget and metric; a model run again replaces its entry), else this run's alone."""
+  keys = ('split', 'seeds', 'budget', 'metric')
+  if any(previous.get(k) != summary[k] for k in keys):
+    return summary
+  return {**summary, 'models': {**previous.get('models', {}), **summary['models']}}
+
+
 def format_table(summary: dict) -> str:
   metric, seeds = summary['metric'], summary['seeds']
   width = max(len(n) for n in summary['models'])
@@ -189,8 +199,12 @@ def main(argv=None) -> int:
   cli.parse_flags(FLAGS, argv, __doc__, required=('workdir',))
   seeds = run_seeds.parse_seeds(FLAGS.seeds)
   summary = compare(parse_models(FLAGS.model), seeds, FLAGS.workdir, FLAGS.split, FLAGS.set)
+  path = FLAGS.json or os.path.join(FLAGS.workdir, 'summary.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      summary = merge_summary(json.load(f), summary)
   print(format_table(summary))
-  with open(FLAGS.json or os.path.join(FLAGS.workdir, 'summary.json'), 'w') as f:
+  with open(path, 'w') as f:
     json.dump(summary, f, indent=2)
   return 0
 
