@@ -43,7 +43,7 @@ def _variables(model, k, n):
     ('configs/scan.py:f30k', {'cross_attn': 't2i'}),
     ('configs/scan.py:f30k', {'cross_attn': 'i2t'}),
     ('configs/vsepp.py:f30k', {}),
-    pytest.param('configs/glfn.py:f30k', {'bert_dir': 'minilm'}, marks=pytest.mark.minilm),  # fused: S twice
+    pytest.param('configs/glfn.py:f30k,fused', {'bert_dir': 'minilm'}, marks=pytest.mark.minilm),  # S once, both ways
     pytest.param('configs/glfn.py:f30k,t2i', {'bert_dir': 'minilm'}, marks=pytest.mark.minilm),
     pytest.param('configs/glfn.py:f30k,i2t', {'bert_dir': 'minilm'}, marks=pytest.mark.minilm),
     ('configs/daer.py:wikipedia', {}),
@@ -136,7 +136,7 @@ def test_torch_scan_loops_equal_the_model_in_both_directions(fields):
 @pytest.mark.parametrize(
   'spec, fields',
   [
-    ('configs/glfn.py:f30k', {}),  # eq 33: alpha S_i2t + (1 - alpha) S_t2i, both by the mean
+    ('configs/glfn.py:f30k,fused', {}),  # eq 33: alpha S_i2t + (1 - alpha) S_t2i, both by the mean
     ('configs/glfn.py:f30k,t2i', {'t2i_agg_func': 'LogSumExp'}),
     ('configs/glfn.py:f30k,official,t2i', {}),  # the extra 0.5 x max attention term
     ('configs/glfn.py:f30k,official,i2t', {}),
@@ -261,7 +261,7 @@ def test_cli_writes_the_json_report(tmp_path, capsys):
   'spec,flags,flop_keys',
   [
     pytest.param(
-      'configs/glfn.py:f30k',
+      'configs/glfn.py:f30k,fused',
       ['--bert_dir=minilm', '--k=8', '--n=7', '--min_len=3', '--train_batch=2'],
       ['similarity', 'attention', 'item_gram'],
       marks=pytest.mark.minilm,

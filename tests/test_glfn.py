@@ -292,8 +292,18 @@ def test_official_variant_trains_as_the_official_script():
   wrong = config_tables.mismatches(config, OFFICIAL_TRAINING)
   assert not wrong, f'config field: (config, official): {wrong}'
   assert glfn_config.get_config('f30k').loss.mask_same_image
-  with pytest.raises(ValueError, match='official needs a direction'):  # the official code never trains the fused S
-    glfn_config.get_config('f30k,official')
+  assert glfn_config.get_config('f30k,official').model.score == 't2i'
+  with pytest.raises(ValueError, match='official trains one direction'):  # the official code never trains eq 33
+    glfn_config.get_config('f30k,official,fused')
+
+
+def test_the_default_is_a_run_of_the_papers_two_run_procedure():
+  # Sec 4.2 / Table 1: t2i and i2t are trained apart and fused at evaluation; one fused model is the variant.
+  assert glfn_config.get_config('f30k').model.score == glfn_config.get_config('shapes').model.score == 't2i'
+  assert glfn_config.get_config('shapes,i2t').model.score == 'i2t'
+  assert glfn_config.get_config('shapes,fused').model.score == 'fused'
+  with pytest.raises(ValueError, match='at most one of the variants t2i, i2t, fused'):
+    glfn_config.get_config('shapes,t2i,fused')
 
 
 def test_workdirs_with_one_aggregation_keep_their_meaning(tmp_path):
