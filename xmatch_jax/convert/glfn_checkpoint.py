@@ -390,6 +390,7 @@ _DATA_NAME_OF = {
 _NOT_CARRIED = {
   'block_size',
   'remat',
+  'tag_batch',
   'dtype',
   'bert_dir',
   'bert',
