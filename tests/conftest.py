@@ -122,6 +122,11 @@ MEASURED_SLOW = (
   'test_rescored_hardest.py::test_rescored_loss_and_gradients_equal_the_dense_loss[scan_i2t]',
   'test_inference.py::test_caption_tiles_cut_to_their_longest_caption_score_as_the_padded_split[rdan]',
   'test_rdan.py::test_blocked_equals_unblocked_values_and_gradients',
+  'test_glfn.py::test_tag_batch_gives_every_region_the_same_tag_features[5]',
+  'test_glfn.py::test_tag_batch_gives_every_region_the_same_tag_features[8]',
+  'test_glfn.py::test_tag_batch_gives_every_region_the_same_tag_features[4]',
+  'test_mmca.py::test_split_softmax_equals_the_concatenated_softmax_in_values_and_gradients',
+  'test_benchmark.py::test_mmca_analytic_flops_match_xlas_count',
 )
 
 
