@@ -3,7 +3,10 @@ same command, ends with the parameters of an uninterrupted run; a corrupted newe
 previous one; a checkpoint write that fails (a file size limit) stops the run with one line, the earlier checkpoints
 intact, and the same command then resumes."""
 
+import asyncio
+import gc
 import json
+import logging
 import os
 import resource
 import shutil
@@ -198,3 +201,25 @@ def test_a_write_failure_seen_at_a_log_point_is_reported_once(tmp_path):
     'writable, then run the same command: it resumes from step 4.'
   )
   ckpts.close()  # no second error
+
+
+def test_asyncio_reporting_a_failed_orbax_write_task_is_dropped_and_others_are_kept(caplog):
+  """asyncio logs 'Task exception was never retrieved' with the stack when it collects a failed task; for orbax's
+  write tasks that repeats the one-line CheckpointWriteError (seen in CI after the EFBIG test's error line)."""
+
+  def collect_failed_task(filename):
+    namespace = {}
+    exec(compile('async def write_fragment():\n  raise OSError(27, "File too large")\n', filename, 'exec'), namespace)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(namespace['write_fragment']())
+    loop.run_until_complete(asyncio.sleep(0))
+    assert task.done()
+    del task
+    gc.collect()
+    loop.close()
+
+  with caplog.at_level(logging.ERROR, logger='asyncio'):
+    collect_failed_task(os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', 'serialization.py'))
+    assert caplog.records == []
+    collect_failed_task(os.path.join(os.sep, 'site-packages', 'mylib', 'io.py'))
+    assert [r.msg.splitlines()[0] for r in caplog.records] == ['Task exception was never retrieved']

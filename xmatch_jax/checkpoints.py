@@ -42,6 +42,19 @@ class _DropOrbaxSaveErrors(logging.Filter):
 absl_logging.get_absl_logger().addFilter(_DropOrbaxSaveErrors())
 
 
+class _DropOrbaxUnretrievedTasks(logging.Filter):
+  """The same failed save, seen by asyncio when it collects orbax's write task: 'Task exception was never
+  retrieved' with the OSError's stack, at a moment that depends on the garbage collector. XMATCH_DEBUG=1 keeps it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    unretrieved = message.startswith('Task exception was never retrieved') and f'{os.sep}orbax{os.sep}' in message
+    return not (unretrieved and not _debug())
+
+
+logging.getLogger('asyncio').addFilter(_DropOrbaxUnretrievedTasks())
+
+
 def _debug() -> bool:
   return os.environ.get('XMATCH_DEBUG', '') not in ('', '0')
 
