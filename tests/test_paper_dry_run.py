@@ -4,6 +4,7 @@ are measured by the tool, never tested.)"""
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -49,6 +50,40 @@ def test_refuses_before_writing_when_the_disk_is_short(tmp_path, monkeypatch, ca
   with pytest.raises(paper_dry_run.errors.UserError, match=r'1.00 GiB free, 2[0-9.]+ GiB needed'):
     paper_dry_run.main([f'--dir={tmp_path / "dry"}', '--coco_5k'])
   assert 'disk: 2' in capsys.readouterr().out and not (tmp_path / 'dry').exists()
+
+
+@pytest.mark.parametrize(
+  'argv, error',
+  [
+    (['--models=scan', '--exhaustive=rdan', '--coco_5k'], r'--exhaustive=rdan: expected models of --models \(scan\)'),
+    (['--models=scan,rdan', '--exhaustive=scan', '--coco_5k', '--rerank_k=0'], 'needs --coco_5k and --rerank_k > 0'),
+    (['--models=scan,rdan', '--exhaustive=scan'], 'needs --coco_5k and --rerank_k > 0'),
+  ],
+)
+def test_a_model_left_out_of_the_exhaustive_coco_5k_must_be_reranked(tmp_path, capsys, argv, error):
+  with pytest.raises(SystemExit) as exit_:
+    paper_dry_run.main([f'--dir={tmp_path / "dry"}'] + argv)
+  assert exit_.value.code == 2 and re.search(error, capsys.readouterr().err)
+  assert not (tmp_path / 'dry').exists()
+
+
+def test_the_table_says_which_evaluation_a_model_did_not_run():
+  def evaluation(n_images):
+    return {'scoring_seconds': 2.0, 'seconds': 3.0, 'peak_rss_bytes': 1 << 30, 'n_images': n_images, 'n_captions': 5}
+
+  train = {'steps_per_s': 0.5, 'data_share': 0.01, 'peak_rss_bytes': 2 << 30}
+  report = {
+    'evaluations': [('f30k_1k', [], 'test'), ('coco_5k', [], 'test'), ('coco_5k_rerank100', [], 'test')],
+    'models': {
+      'scan': {'train': train, 'evaluations': {'f30k_1k': evaluation(1), 'coco_5k': evaluation(5)}},
+      'rdan': {'train': train, 'evaluations': {'f30k_1k': evaluation(1), 'coco_5k_rerank100': evaluation(5)}},
+    },
+    'batch_size': 128,
+    'scale': 1.0,
+  }
+  table = paper_dry_run.format_table(report).splitlines()
+  assert table[2].endswith('| 2.0 (3) | 2.0 (3) | not run |') and table[3].endswith('| 2.0 (3) | not run | 2.0 (3) |')
+  assert table[4].endswith('f30k_1k: 1 x 5, coco_5k: 5 x 5, coco_5k_rerank100: 5 x 5)')
 
 
 @pytest.mark.parametrize('scale', [1.0, 0.02])
