@@ -190,7 +190,8 @@ class StepLoop:
         state, metrics = step(index, state)
         pending.append(metrics)
         # At most one step runs ahead of the host: the next batch is prepared while this step computes, the bar
-        # (and its ETA) counts completed steps, and a stop request is acted on within a step.
+        # (and its ETA) counts completed steps, and a stop request is acted on within two steps (this one and the
+        # one in flight) plus the save.
         if in_flight is not None:
           jax.block_until_ready(in_flight)
           progress.update(1)
