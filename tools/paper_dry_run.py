@@ -544,8 +544,7 @@ def main(argv=None) -> int:
         shutil.rmtree(d, ignore_errors=True)
   print(format_table(report))
   if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(report, f, indent=2)
+    cli.write_json(FLAGS.json, report)
     log(f'wrote {FLAGS.json}')
   return 0
 

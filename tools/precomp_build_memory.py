@@ -13,7 +13,6 @@ Afterwards it checks the built train split (image count, first and last image eq
 directory unless --keep. Linux only (/proc). --json writes the figures.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -144,9 +143,7 @@ def main(argv=None) -> int:
     f'{result["build_seconds"]:.0f} s; peak RssAnon {gb(result["peak_anon_bytes"])}, peak RssFile '
     f'{gb(result["peak_file_bytes"])}, VmHWM {gb(result["peak_rss_bytes"])}; built split checked'
   )
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(result, f, indent=2)
+  cli.write_json(FLAGS.json, result)
   return 0
 
 

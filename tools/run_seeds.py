@@ -112,9 +112,7 @@ def main(argv=None) -> int:
   seeds = parse_seeds(FLAGS.seeds)
   summary = run(FLAGS.config, seeds, FLAGS.workdir, FLAGS.split, FLAGS.set)
   print(format_table(summary))
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(summary, f, indent=2)
+  cli.write_json(FLAGS.json, summary)
   return 0
 
 

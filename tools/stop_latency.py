@@ -13,7 +13,6 @@ The bar redraws at most once a second, so with steps much shorter than a second 
 --after_steps. The workdir must be new or empty, so that the run starts at step 0.
 """
 
-import json
 import os
 import re
 import signal
@@ -137,9 +136,7 @@ def main(argv=None) -> int:
     f'{result["stopped_at_step"]} ({result["steps_after_signal"]} steps later, {per_step}), exit status '
     f'{result["returncode"]} after {result["seconds_to_exit"]:.1f} s'
   )
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(result, f, indent=2)
+  cli.write_json(FLAGS.json, result)
   return 0
 
 

@@ -21,6 +21,7 @@ defaults on every call.
 """
 
 import contextlib
+import json
 import os
 import sys
 from typing import Callable
@@ -208,3 +209,10 @@ def parse_flags(
   if positional and not args:
     usage_error(f'unrecognized arguments: {" ".join(positional)}')
   return positional
+
+
+def write_json(path: str, value) -> None:
+  """A tool's --json output: `value` as indented JSON at `path`; nothing when `path` is empty."""
+  if path:
+    with open(path, 'w') as f:
+      json.dump(value, f, indent=2)
