@@ -40,8 +40,8 @@ The table:
               (lazy) and times `TrainBatcher.batch(i)` + `jax.device_put` for the same steps; median batch time /
               median step time. The files were just written and read, so the page cache is warm; a cold read from
               a slow disk costs more.
-  RSS         peak resident memory (ru_maxrss from os.wait4: the kernel's VmHWM of the child, mapped file pages
-              included) of the training child / of the largest evaluation child.
+  RSS         peak resident memory (the child's VmHWM, sampled every 0.2 s, mapped file pages included) of the
+              training child / of the largest evaluation child.
   f30k_1k ... seconds of each evaluation: `scoring_seconds` of its JSON (all-pairs scoring, or shortlist and
               re-scoring, after the images and captions are encoded; compiles included), then in brackets the wall
               time of the evaluate process (start-up, data loading, encoding, metrics).
@@ -202,15 +202,17 @@ class ChildFailed(errors.UserError):
   pass
 
 
-def _anon_kb(pid: int) -> int:
+def _status_kb(pid: int) -> dict:
+  """RssAnon and VmHWM (kB) of a running process, from /proc/<pid>/status; {} once it is gone."""
+  out = {}
   try:
     with open(f'/proc/{pid}/status') as f:
       for line in f:
-        if line.startswith('RssAnon:'):
-          return int(line.split()[1])
+        if line.startswith(('RssAnon:', 'VmHWM:')):
+          out[line.split(':')[0]] = int(line.split()[1])
   except (FileNotFoundError, ProcessLookupError):
     pass
-  return 0
+  return out
 
 
 def _last_line(path: str) -> str:
@@ -220,18 +222,21 @@ def _last_line(path: str) -> str:
 
 
 def run_child(args: list, env: dict, log_path: str, what: str, interval: float = 0.2) -> dict:
-  """Runs `args` (stdout and stderr to `log_path`); returns wall seconds, peak RSS (ru_maxrss: the kernel's VmHWM)
-  and the sampled peak RssAnon. A failure is one line naming the log."""
+  """Runs `args` (stdout and stderr to `log_path`); returns wall seconds and the sampled peak RSS (the child's VmHWM)
+  and RssAnon. A failure is one line naming the log. (Not ru_maxrss: Linux carries the forking process's own high
+  water mark into it at exec, so after writing 8.5 GiB of features through a memory map every child reported it.)"""
   start = time.perf_counter()
-  peak_anon = 0
+  peak_anon = peak_rss = 0
   with open(log_path, 'w') as out:
     child = subprocess.Popen(args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
       while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        status_kb = _status_kb(child.pid)  # read before wait4 reaps it; VmHWM only grows
+        pid, status, _ = os.wait4(child.pid, os.WNOHANG)
         if pid:
           break
-        peak_anon = max(peak_anon, _anon_kb(child.pid))
+        peak_anon = max(peak_anon, status_kb.get('RssAnon', 0))
+        peak_rss = max(peak_rss, status_kb.get('VmHWM', 0))
         time.sleep(interval)
     except BaseException:
       child.kill()
@@ -242,7 +247,7 @@ def run_child(args: list, env: dict, log_path: str, what: str, interval: float =
     raise ChildFailed(f'{what} failed (exit {child.returncode}): {_last_line(log_path)} (log: {log_path})')
   return {
     'seconds': round(time.perf_counter() - start, 2),
-    'peak_rss_bytes': usage.ru_maxrss * 1024,
+    'peak_rss_bytes': peak_rss * 1024,
     'peak_anon_bytes': peak_anon * 1024,
   }
 
