@@ -13,6 +13,7 @@ The bar redraws at most once a second, so with steps much shorter than a second 
 --after_steps. The workdir must be new or empty, so that the run starts at step 0.
 """
 
+import collections
 import os
 import re
 import signal
@@ -47,7 +48,7 @@ class BarWatch:
   def __init__(self, stream):
     self.seen = []  # (monotonic seconds, steps)
     self.stopped = None  # (signal name, step)
-    self.lines = []
+    self.lines = collections.deque(maxlen=5)  # the last lines, for an error
     self.changed = threading.Condition()
     self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
     self._thread.start()
@@ -87,7 +88,7 @@ def measure(train_flags: list, after_steps: int, signum: int) -> dict:
       watch.changed.wait(timeout=0.2)
   if child.poll() is not None:
     watch.join()
-    tail = '\n'.join(watch.lines[-5:])
+    tail = '\n'.join(watch.lines)
     raise errors.UserError(
       f'the training run exited (status {child.returncode}) before its bar reached {after_steps} steps; its last '
       f'lines:\n{tail}'
@@ -100,11 +101,8 @@ def measure(train_flags: list, after_steps: int, signum: int) -> dict:
   watch.join()
   if watch.stopped is None:
     raise errors.UserError(f'the run exited with status {returncode} without "stopped by signal ... at step N"')
-  first_time, first_steps = watch.seen[0]
-  for t, steps in watch.seen:  # the first redraw after step 1: the compile of step 0 is not a step time
-    if steps >= 1:
-      first_time, first_steps = t, steps
-      break
+  # From the first redraw after step 1: the compile of step 0 is not a step time.
+  first_time, first_steps = next(((t, steps) for t, steps in watch.seen if steps >= 1), watch.seen[0])
   step_seconds = (signalled_at - first_time) / (bar_steps - first_steps) if bar_steps > first_steps else None
   return {
     'train_flags': train_flags,
