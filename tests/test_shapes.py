@@ -6,10 +6,13 @@ import itertools
 import json
 import math
 import pathlib
+import tempfile
 
 import numpy as np
 import pytest
 
+from xmatch_jax.data import category
+from xmatch_jax.data import precomp
 from xmatch_jax.data import shapes
 from xmatch_jax.data import shapes_scenes as ss
 
@@ -129,6 +132,21 @@ def test_second_build_is_identical(builder, test_split, tmp_path):
 def test_builder_rejects_unknown_config(tmp_path):
   with pytest.raises(ValueError, match='no config'):
     shapes.shapes_builder(str(tmp_path), config='huge')
+
+
+@pytest.mark.parametrize(
+  'builder_class, config',
+  [(shapes.XmatchShapes, 'tiny'), (precomp.XmatchPrecomp, 'f30k'), (category.XmatchCategory, 'pascal')],
+)
+def test_a_builder_of_a_dataset_not_built_yet_leaves_no_temporary_directory(
+  builder_class, config, tmp_path, monkeypatch
+):
+  # TFDS's DatasetInfo.initialize_from_bucket made an empty /tmp/tmp*tfds directory per such builder and kept it.
+  temporary = tmp_path / 'tmp'
+  temporary.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(temporary))
+  builder = builder_class(config=config, data_dir=str(tmp_path / 'tfds'))
+  assert builder.info.features is not None and list(temporary.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- scenes and examples

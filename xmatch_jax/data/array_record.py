@@ -214,6 +214,16 @@ def _reason(reader, path: str) -> str:
   return 'its footer does not read'
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The DatasetInfo of every xmatch builder: its datasets are built on this machine, never fetched. A builder whose
+  dataset is not built yet asks `initialize_from_bucket` for TFDS's pre-computed info on GCS; TFDS's version makes a
+  temporary directory first and never removes it (GCS access is off, so that is all it does), which left one empty
+  /tmp/tmp*tfds per build and per test that builds."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class _ModuleCodePath:
   """TFDS finds a builder's file through importlib.resources, which fails while `xmatch_jax` is a namespace package
   spread over several path entries (editable installs); the module file itself is what it needs.

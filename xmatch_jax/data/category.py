@@ -345,7 +345,7 @@ class XmatchCategory(array_record.ArrayRecordBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
-    return tfds.core.DatasetInfo(
+    return array_record.LocalDatasetInfo(
       builder=self,
       description=__doc__,
       features=tfds.features.FeaturesDict(

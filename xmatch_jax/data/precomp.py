@@ -390,7 +390,7 @@ class XmatchPrecomp(array_record.StreamingArrayRecordBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return array_record.LocalDatasetInfo(
       builder=self,
       description=__doc__,
       features=tfds.features.FeaturesDict(

@@ -77,7 +77,7 @@ class XmatchShapes(array_record.ArrayRecordBuilder):
   DEFAULT_CONFIG_NAME = 'default'
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return array_record.LocalDatasetInfo(
       builder=self,
       description=__doc__,
       features=tfds.features.FeaturesDict(
