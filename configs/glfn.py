@@ -50,7 +50,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.train_position_attention = True  # False = official code (position vectors detached)
   m.t2i_max_attention_weight = 0.0  # 0.5 = official code's extra t2i term
   m.position_eps = 0.0  # eq 11 exactly; 1e-6 = official code (sum + 1e-6)
-  m.official_init = False  # True = official code's init (block embeddings N(0, 1), Xavier f and word FC)
+  m.official_init = True  # paper silent: the official code's init (block embeddings N(0, 1), Xavier f and word
+  # FC); False = Flax's defaults, README's GLFN rows before 2026-12-05 (docs/fidelity.md#glfn-8)
   m.block_size = 16
   m.remat = True
   m.tag_batch = 2048  # distinct tags per BERT call (a detector's label set; more: every region's tag)

@@ -225,6 +225,14 @@ def test_official_init_follows_the_official_code():
   assert float(np.abs(stats[True]['word_fc']['bias']).max()) == 0
 
 
+def test_the_default_starts_as_the_official_code():
+  # Paper silent on the init; the configs follow the official code (docs/fidelity.md#glfn-8). The model field's
+  # own default stays False so that workdirs written before the field keep their meaning.
+  for arg in ('shapes', 'shapes,i2t', 'f30k', 'coco,fused', 'f30k,official,t2i'):
+    assert glfn_config.get_config(arg).model.official_init is True, arg
+  assert glfn_lib.GLFN.official_init is False
+
+
 def test_ablations_change_the_parameters_they_should():
   images, text = _inputs()
   params = {}
