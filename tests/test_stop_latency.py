@@ -39,3 +39,20 @@ def test_refuses_a_workdir_that_would_resume(tmp_path, capsys):
 def test_a_run_that_ends_before_the_signal_is_one_error(tmp_path):
   with pytest.raises(stop_latency.errors.UserError, match=r'exited \(status 2\) before its bar reached 5 steps'):
     stop_latency.main(['--after_steps=5', '--'] + TRAIN + ['--config.no_such_field=1', f'--workdir={tmp_path / "w"}'])
+
+
+@pytest.mark.slow
+def test_a_kill_reports_the_newest_checkpoint_and_what_it_lost(tmp_path, capsys):
+  workdir = tmp_path / 'w'
+  out = tmp_path / 'kill.json'
+  train = TRAIN + ['--config.checkpoint_every_steps=4', f'--workdir={workdir}']
+  assert stop_latency.main(['--signal=KILL', '--after_steps=10', f'--json={out}', '--'] + train) == 0
+  result = json.loads(out.read_text())
+  assert result['signal'] == 'SIGKILL' and result['returncode'] == -9
+  # Saves every 4 steps, written in the background: the newest complete one is at most two saves (+ the step in
+  # flight) behind the step the bar showed; the bar may also lag the steps done, so nothing bounds it from above.
+  step = result['newest_checkpoint']
+  assert step % 4 == 0 and step >= result['bar_steps_at_signal'] - 9 and result['seconds_lost'] >= 0
+  assert result['steps_lost'] == result['bar_steps_at_signal'] - step
+  assert step == max(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert f'newest complete checkpoint: step {step}' in capsys.readouterr().out
