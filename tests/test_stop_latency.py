@@ -49,10 +49,11 @@ def test_a_kill_reports_the_newest_checkpoint_and_what_it_lost(tmp_path, capsys)
   assert stop_latency.main(['--signal=KILL', '--after_steps=10', f'--json={out}', '--'] + train) == 0
   result = json.loads(out.read_text())
   assert result['signal'] == 'SIGKILL' and result['returncode'] == -9
-  # Saves every 4 steps, written in the background: the newest complete one is at most two saves (+ the step in
-  # flight) behind the step the bar showed; the bar may also lag the steps done, so nothing bounds it from above.
+  # Saves every 4 steps (and at the epoch end), written in the background: the newest complete one is at most two
+  # saves (+ the step in flight) behind the step the bar showed; the bar may lag the steps done, so nothing bounds
+  # it from above.
   step = result['newest_checkpoint']
-  assert step % 4 == 0 and step >= result['bar_steps_at_signal'] - 9 and result['seconds_lost'] >= 0
+  assert step > 0 and step >= result['bar_steps_at_signal'] - 9 and result['seconds_lost'] >= 0
   assert result['steps_lost'] == result['bar_steps_at_signal'] - step
   assert step == max(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
   assert f'newest complete checkpoint: step {step}' in capsys.readouterr().out
