@@ -58,6 +58,8 @@ def test_refuses_before_writing_when_the_disk_is_short(tmp_path, monkeypatch, ca
     (['--models=scan', '--exhaustive=rdan', '--coco_5k'], r'--exhaustive=rdan: expected models of --models \(scan\)'),
     (['--models=scan,rdan', '--exhaustive=scan', '--coco_5k', '--rerank_k=0'], 'needs --coco_5k and --rerank_k > 0'),
     (['--models=scan,rdan', '--exhaustive=scan'], 'needs --coco_5k and --rerank_k > 0'),
+    (['--evaluations=coco_5k'], r'--evaluations=coco_5k: expected some of f30k_1k \(--helpshort'),
+    (['--coco_5k', '--evaluations=coco_5k_rerank10'], 'expected some of f30k_1k,coco_5k,coco_5k_rerank100'),
   ],
 )
 def test_a_model_left_out_of_the_exhaustive_coco_5k_must_be_reranked(tmp_path, capsys, argv, error):

@@ -422,6 +422,13 @@ flags.DEFINE_list(
   'only re-rank, e.g. --exhaustive=scan: RDAN scores ~5,000 pairs/s on 2 CPU cores, ~7 h for 125 M pairs)',
   flag_values=FLAGS,
 )
+flags.DEFINE_list(
+  'evaluations',
+  None,
+  'evaluations to run, of f30k_1k, coco_5k, coco_5k_rerank<K> (default: all; e.g. the coco_5k rows alone: '
+  '--evaluations=coco_5k,coco_5k_rerank100)',
+  flag_values=FLAGS,
+)
 flags.DEFINE_multi_string(
   'set', [], 'training config override key=value (--config.key=value), e.g. model.bert_dir=PATH', flag_values=FLAGS
 )
@@ -462,6 +469,10 @@ def main(argv=None) -> int:
   if not os.path.exists('/proc/self/status'):
     cli.usage_error("needs Linux /proc to read the children's memory")
   root = os.path.abspath(FLAGS.dir)
+  planned = [label for label, *_ in evaluations({'paper_names': True}, FLAGS.coco_5k, FLAGS.rerank_k, root)]
+  wanted = planned if FLAGS.evaluations is None else [x.strip() for x in FLAGS.evaluations if x.strip()]
+  if not wanted or [x for x in wanted if x not in planned]:
+    cli.usage_error(f'--evaluations={",".join(wanted)}: expected some of {",".join(planned)}')
   if os.path.exists(root) and os.listdir(root):
     cli.usage_error(f'--dir {FLAGS.dir} is not empty; give a new scratch directory')
   batch_size = _batch_size(FLAGS.set)
@@ -532,7 +543,7 @@ def main(argv=None) -> int:
     report['disk']['used_bytes'] = sum(
       os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
     )
-    report['evaluations'] = evaluations(layout, FLAGS.coco_5k, FLAGS.rerank_k, root)
+    report['evaluations'] = [e for e in evaluations(layout, FLAGS.coco_5k, FLAGS.rerank_k, root) if e[0] in wanted]
     env = child_env(data_dir)
     for model in models:
       log(f'{model}: training {FLAGS.steps} steps of {batch_size} ...')
