@@ -37,8 +37,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from xmatch_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from xmatch_jax import cli  # pylint: disable=g-import-not-at-top
 from xmatch_jax import errors  # pylint: disable=g-import-not-at-top
+from xmatch_jax import workdirs  # pylint: disable=g-import-not-at-top
 
 _BAR = re.compile(r'(?:^|\s)(?:train|stage \w+):\s+\d+%.*?\|\s*(\d+)/(\d+) ')  # the training loop's bar
 _STOPPED = re.compile(r'stopped by signal (\w+) at step (\d+)')
@@ -83,13 +85,13 @@ class BarWatch:
 
 def newest_checkpoint(workdir: str) -> tuple:
   """(step, commit time in seconds since the epoch) of the newest complete checkpoint of `workdir`, or (0, None)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+  directory = workdirs.checkpoints_dir(workdir)
+  steps = checkpoints.finished_steps(directory)
   if not steps:
     return 0, None
-  path = os.path.join(directory, str(max(steps)))
+  path = os.path.join(directory, str(steps[-1]))
   marker = os.path.join(path, 'commit_success.txt')
-  return max(steps), os.path.getmtime(marker if os.path.exists(marker) else path)
+  return steps[-1], os.path.getmtime(marker if os.path.exists(marker) else path)
 
 
 def measure(train_flags: list, after_steps: int, signum: int, workdir: str) -> dict:

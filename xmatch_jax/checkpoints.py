@@ -148,7 +148,7 @@ class RunCheckpoints:
     """The one-line error for a failed write of the current step: the reason, and which checkpoints are intact."""
     self._failed = True
     step = self._writing
-    latest, best = _finished_steps(self.latest.directory), _finished_steps(self.best.directory)
+    latest, best = finished_steps(self.latest.directory), finished_steps(self.best.directory)
     # latest/ is written first; if its step finished, the failed write was best/'s
     where = workdirs.best_dir(self.workdir) if step in latest else workdirs.checkpoints_dir(self.workdir)
     intact = ', '.join(
@@ -209,7 +209,7 @@ class RunCheckpoints:
             raise
 
 
-def _finished_steps(directory) -> list:
+def finished_steps(directory) -> list:
   """Steps with a finished checkpoint in `directory`: orbax renames a step's directory to its number only when its
   write completed."""
   if not os.path.isdir(directory):
