@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -119,6 +120,36 @@ def test_rerank_candidates_carry_full_scores_and_k_all_equals_exhaustive(name):
     assert got[key] == pytest.approx(want[key])
   with pytest.raises(ValueError, match='rerank k must be >= 1'):
     rerank.rerank(scorer, image_rep, text_rep, k=0)
+
+
+@pytest.mark.parametrize('name', ['rdan', 'mmca'])
+def test_shortlist_scores_caption_groups_of_one_width_as_the_padded_split(name):
+  from xmatch_jax import rerank  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(3)
+  n_img, n_txt, width, dim = 11, 23, 33, 8
+  lengths = rng.integers(1, 20, size=n_txt)
+  lengths[5] = width  # one caption fills the split's padding
+  mask = (np.arange(width)[None] < lengths[:, None]).astype(np.float32)
+  image_rep = {'regions': jnp.asarray(rng.normal(size=(n_img, 5, dim)), jnp.float32)}
+  text_rep = {'words': jnp.asarray(rng.normal(size=(n_txt, width, dim)) * mask[..., None], jnp.float32), 'mask': mask}
+  extra = {'word_dim': dim} if name == 'rdan' else {'num_heads': 2}
+  config = ml_collections.ConfigDict({'name': name, 'embed_size': dim, **extra})
+  model = build_model(config, vocab_size=20 if name == 'rdan' else 30522, img_dim=7)  # MMCA: BERT's vocabulary
+  if name == 'mmca':  # its own global score, i0 . c0, with c0 a key that trimming keeps whole
+    image_rep['i0'] = jnp.asarray(rng.normal(size=(n_img, dim)), jnp.float32)
+    text_rep = {**text_rep, 'c0': jnp.asarray(rng.normal(size=(n_txt, dim)), jnp.float32)}
+  want = np.asarray(rerank.global_scores(model, image_rep, text_rep))  # one call at the padded width
+  widths, real = [], rerank._global_fn  # pylint: disable=protected-access
+  rerank._global_fn = lambda m, b: lambda i, t: widths.append(t['mask'].shape[1]) or real(m, b)(i, t)  # pylint: disable=protected-access
+  try:
+    got = rerank._shortlist_scores(model, image_rep, text_rep, desc='', block_size=2, chunk_blocks=2)  # pylint: disable=protected-access
+  finally:
+    rerank._global_fn = real  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert got.shape == (n_img, n_txt) and got.dtype == np.float32
+  # Widths 8, 16 and 24, and 33 for the caption of 33 tokens (40 is cut at the split's 33); each once per chunk.
+  assert widths == [8, 16, 24, 33] * 3, widths
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from xmatch_jax import progress
 TOKEN_STEP = 8
 
 
-def _pad_rows(tree, size: int):
+def pad_rows(tree, size: int):
   """Pads the leading axis of every leaf to `size` with zeros."""
 
   def pad(x):
@@ -29,6 +29,11 @@ def _pad_rows(tree, size: int):
     return np.pad(x, widths)
 
   return jax.tree.map(pad, tree)
+
+
+def caption_widths(lengths: np.ndarray) -> np.ndarray:
+  """[C] token counts -> [C] scoring widths: each length rounded up to TOKEN_STEP, at least TOKEN_STEP."""
+  return np.maximum(-(-lengths // TOKEN_STEP) * TOKEN_STEP, TOKEN_STEP)
 
 
 def map_chunks(fn, tree, chunk: int, desc: str | None = None, unit: str = 'row'):
@@ -45,7 +50,7 @@ def map_chunks(fn, tree, chunk: int, desc: str | None = None, unit: str = 'row')
     for start in range(0, n, chunk):
       part = jax.tree.map(lambda x: x[start : start + chunk], tree)
       rows = jax.tree.leaves(part)[0].shape[0]
-      out = fn(_pad_rows(part, chunk) if rows < chunk else part)
+      out = fn(pad_rows(part, chunk) if rows < chunk else part)
       outputs.append(jax.tree.map(lambda y: y[:rows], out))
       if bar is not None:
         if in_flight is not None:
@@ -159,7 +164,7 @@ class Scorer:
     if lengths is not None:
       # Every caption is scored at its own width (its length rounded up to TOKEN_STEP), whatever its neighbours:
       # tiles never mix widths, so identical captions get identical scores (ties rank as without trimming).
-      widths = np.maximum(-(-lengths // TOKEN_STEP) * TOKEN_STEP, TOKEN_STEP)
+      widths = caption_widths(lengths)
       order = np.argsort(widths, kind='stable')
       widths = widths[order]
       tiles = []
@@ -174,7 +179,7 @@ class Scorer:
     share = -(-n_img // self.processes)  # images per process, the last share zero-padded
     if self.processes > 1:
       first = jax.process_index() * share
-      image_rep = _pad_rows(jax.tree.map(lambda x: np.asarray(x[first : first + share]), image_rep), share)
+      image_rep = pad_rows(jax.tree.map(lambda x: np.asarray(x[first : first + share]), image_rep), share)
     columns = []
     with progress.bar(total=n_img * n_txt, desc=self.desc, unit='pair', unit_scale=True) as bar:
       for start, stop, width in tiles:
@@ -186,7 +191,7 @@ class Scorer:
         column = self._finished_column(done, start, (n_img, rows), resume_dir)
         if column is None:
           if rows < self.text_batch:
-            part = _pad_rows(part, self.text_batch)
+            part = pad_rows(part, self.text_batch)
           if self._mesh_variables is None:
             self._mesh_variables = jax.device_put(self.variables, self._replicated)
           on_mesh = jax.device_put(part, self._replicated)

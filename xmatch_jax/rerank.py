@@ -21,6 +21,7 @@ import numpy as np
 from xmatch_jax import errors
 from xmatch_jax import inference
 from xmatch_jax import metrics as metrics_lib
+from xmatch_jax import progress
 
 
 def global_scores(model, image_rep, text_rep, block_size: int = 16) -> jax.Array:
@@ -33,15 +34,37 @@ def _global_fn(model, block_size: int):
 
 
 def _shortlist_scores(model, image_rep, text_rep, desc: str, block_size: int = 16, chunk_blocks: int = 8) -> np.ndarray:
-  """`global_scores` as numpy, `chunk_blocks` blocks of `block_size` images per call with a progress bar (a region /
-  word score is a pass of S over all pairs, minutes for a large split on CPU). Every call scores the same
-  `block_size`-image blocks one call over all images would, so the values are the same."""
+  """`global_scores` as numpy [n_img, n_txt], `chunk_blocks` blocks of `block_size` images per call, with a progress
+  bar (a region / word score is a pass of S over all pairs: minutes for a large split on CPU).
+
+  When the model can cut its text rep's token axis, captions are scored in groups of one width (their length rounded
+  up to TOKEN_STEP, as `Scorer.pair_scores` does), so a split padded to its longest caption is not scored at that
+  length: COCO-5K's shortlist was ~3x slower padded. Every call scores the same `block_size`-image blocks one call
+  over all images would, and a score depends only on its own image and caption."""
   n_img = jax.tree.leaves(image_rep)[0].shape[0]
-  chunk = block_size * chunk_blocks
+  n_txt = jax.tree.leaves(text_rep)[0].shape[0]
   score = _global_fn(model, block_size)
-  if n_img <= chunk:
-    return np.asarray(score(image_rep, text_rep))
-  return np.asarray(inference.map_chunks(lambda x: score(x, text_rep), image_rep, chunk, desc=desc, unit='image'))
+  lengths = model.text_lengths(text_rep)
+  if lengths is None:
+    groups = [(slice(None), text_rep)]
+  else:
+    widths = inference.caption_widths(lengths)
+    groups = []
+    for width in np.unique(widths):
+      columns = np.flatnonzero(widths == width)
+      groups.append((columns, model.trim_text_rep(jax.tree.map(lambda x: x[columns], text_rep), int(width))))
+  chunk = min(block_size * chunk_blocks, n_img)
+  out = np.empty((n_img, n_txt), np.float32)
+  with progress.bar(total=n_img, desc=desc, unit='image') as bar:
+    for start in range(0, n_img, chunk):
+      part = jax.tree.map(lambda x: x[start : start + chunk], image_rep)
+      rows = jax.tree.leaves(part)[0].shape[0]
+      if rows < chunk:  # one compiled shape per group
+        part = inference.pad_rows(part, chunk)
+      for columns, rep in groups:
+        out[start : start + rows, columns] = np.asarray(score(part, rep))[:rows]
+      bar.update(rows)
+  return out
 
 
 def shortlist(scores: np.ndarray, k: int) -> np.ndarray:

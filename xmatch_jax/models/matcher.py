@@ -140,10 +140,11 @@ class Matcher(nn.Module):
     (xmatch_jax/rerank.py). Default, for region / word reps: each real word's best region cosine, averaged."""
     if not isinstance(image_rep, dict) or 'regions' not in image_rep:
       raise errors.UserError(f'{type(self).__name__} has no global score for re-ranking')
+    # Unit vectors once per call, not once per image block.
     return pairwise.score_in_blocks(
-      lambda regions, text: best_region_cosine(regions, *text),
-      image_rep['regions'],
-      (text_rep['words'], text_rep['mask']),
+      lambda regions, text: best_region_score(regions, *text),
+      unit_vectors(image_rep['regions']),
+      (unit_vectors(text_rep['words']), text_rep['mask']),
       block_size,
     )
 
@@ -158,10 +159,19 @@ class Matcher(nn.Module):
     return 0, 0
 
 
+def unit_vectors(x: jax.Array) -> jax.Array:
+  """x / (||x|| + 1e-8) along the last axis."""
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+
+
 def best_region_cosine(regions: jax.Array, words: jax.Array, mask: jax.Array) -> jax.Array:
   """regions [b, k, D], words [C, n, D], mask [C, n] -> [b, C]: mean over real words of max over regions of S."""
-  unit = lambda x: x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
-  s = pairwise.region_word_similarity(unit(regions), unit(words))  # [b, C, k, n]
+  return best_region_score(unit_vectors(regions), unit_vectors(words), mask)
+
+
+def best_region_score(unit_regions: jax.Array, unit_words: jax.Array, mask: jax.Array) -> jax.Array:
+  """`best_region_cosine` of inputs that are unit vectors already: [b, k, D], [C, n, D], [C, n] -> [b, C]."""
+  s = pairwise.region_word_similarity(unit_regions, unit_words)  # [b, C, k, n]
   best = jnp.max(s, axis=2)
   return jnp.sum(best * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
 
