@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 
 from absl import logging as absl_logging
 import jax
@@ -44,12 +45,27 @@ absl_logging.get_absl_logger().addFilter(_DropOrbaxSaveErrors())
 
 class _DropOrbaxUnretrievedTasks(logging.Filter):
   """The same failed save, seen by asyncio when it collects orbax's write task: 'Task exception was never
-  retrieved' with the OSError's stack, at a moment that depends on the garbage collector. XMATCH_DEBUG=1 keeps it."""
+  retrieved' with the OSError's stack, at a moment that depends on the garbage collector. Likewise a failed read of
+  a corrupted checkpoint, already reported by `restore_latest` ('could not be read') and recovered from, whose task
+  is a wrapper named outside orbax: its traceback runs through orbax. XMATCH_DEBUG=1 keeps them."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = str(record.msg)
-    unretrieved = message.startswith('Task exception was never retrieved') and f'{os.sep}orbax{os.sep}' in message
+    unretrieved = message.startswith('Task exception was never retrieved') and (
+      _in_orbax(message) or _raised_in_orbax(record.exc_info)
+    )
     return not (unretrieved and not _debug())
+
+
+def _in_orbax(path: str) -> bool:
+  return f'{os.sep}orbax{os.sep}' in path
+
+
+def _raised_in_orbax(exc_info) -> bool:
+  """Whether the exception of a log record's exc_info passed through a frame of orbax's files."""
+  exc = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+  tb = exc.__traceback__ if exc is not None else None
+  return any(_in_orbax(frame.filename) for frame in traceback.extract_tb(tb)) if tb is not None else False
 
 
 logging.getLogger('asyncio').addFilter(_DropOrbaxUnretrievedTasks())
