@@ -16,12 +16,12 @@ image-to-text shortlists differ, so each direction has its own matrix.
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from xmatch_jax import errors
 from xmatch_jax import inference
 from xmatch_jax import metrics as metrics_lib
-from xmatch_jax import progress
 
 
 def global_scores(model, image_rep, text_rep, block_size: int = 16) -> jax.Array:
@@ -41,30 +41,20 @@ def _shortlist_scores(model, image_rep, text_rep, desc: str, block_size: int = 1
   up to TOKEN_STEP, as `Scorer.pair_scores` does), so a split padded to its longest caption is not scored at that
   length: COCO-5K's shortlist was ~3x slower padded. Every call scores the same `block_size`-image blocks one call
   over all images would, and a score depends only on its own image and caption."""
-  n_img = jax.tree.leaves(image_rep)[0].shape[0]
-  n_txt = jax.tree.leaves(text_rep)[0].shape[0]
+  chunk = min(block_size * chunk_blocks, jax.tree.leaves(image_rep)[0].shape[0])
   score = _global_fn(model, block_size)
   lengths = model.text_lengths(text_rep)
   if lengths is None:
-    groups = [(slice(None), text_rep)]
-  else:
-    widths = inference.caption_widths(lengths)
-    groups = []
-    for width in np.unique(widths):
-      columns = np.flatnonzero(widths == width)
-      groups.append((columns, model.trim_text_rep(jax.tree.map(lambda x: x[columns], text_rep), int(width))))
-  chunk = min(block_size * chunk_blocks, n_img)
-  out = np.empty((n_img, n_txt), np.float32)
-  with progress.bar(total=n_img, desc=desc, unit='image') as bar:
-    for start in range(0, n_img, chunk):
-      part = jax.tree.map(lambda x: x[start : start + chunk], image_rep)
-      rows = jax.tree.leaves(part)[0].shape[0]
-      if rows < chunk:  # one compiled shape per group
-        part = inference.pad_rows(part, chunk)
-      for columns, rep in groups:
-        out[start : start + rows, columns] = np.asarray(score(part, rep))[:rows]
-      bar.update(rows)
-  return out
+    return np.asarray(inference.map_chunks(lambda x: score(x, text_rep), image_rep, chunk, desc=desc, unit='image'))
+  widths = inference.caption_widths(lengths)
+  columns = [np.flatnonzero(widths == width) for width in np.unique(widths)]
+  groups = [model.trim_text_rep(jax.tree.map(lambda x: x[c], text_rep), int(widths[c[0]])) for c in columns]
+  given = np.argsort(np.concatenate(columns))  # the groups' columns back in the given order
+
+  def chunk_scores(images):
+    return jnp.concatenate([score(images, rep) for rep in groups], axis=1)[:, given]
+
+  return np.asarray(inference.map_chunks(chunk_scores, image_rep, chunk, desc=desc, unit='image'))
 
 
 def shortlist(scores: np.ndarray, k: int) -> np.ndarray:

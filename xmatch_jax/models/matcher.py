@@ -16,6 +16,7 @@ import numpy as np
 from xmatch_jax import errors
 from xmatch_jax import pairwise
 from xmatch_jax.data import lazy
+from xmatch_jax.models import layers
 
 
 class Matcher(nn.Module):
@@ -143,8 +144,8 @@ class Matcher(nn.Module):
     # Unit vectors once per call, not once per image block.
     return pairwise.score_in_blocks(
       lambda regions, text: best_region_score(regions, *text),
-      unit_vectors(image_rep['regions']),
-      (unit_vectors(text_rep['words']), text_rep['mask']),
+      layers.l2norm(image_rep['regions']),
+      (layers.l2norm(text_rep['words']), text_rep['mask']),
       block_size,
     )
 
@@ -159,14 +160,9 @@ class Matcher(nn.Module):
     return 0, 0
 
 
-def unit_vectors(x: jax.Array) -> jax.Array:
-  """x / (||x|| + 1e-8) along the last axis."""
-  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
-
-
 def best_region_cosine(regions: jax.Array, words: jax.Array, mask: jax.Array) -> jax.Array:
   """regions [b, k, D], words [C, n, D], mask [C, n] -> [b, C]: mean over real words of max over regions of S."""
-  return best_region_score(unit_vectors(regions), unit_vectors(words), mask)
+  return best_region_score(layers.l2norm(regions), layers.l2norm(words), mask)
 
 
 def best_region_score(unit_regions: jax.Array, unit_words: jax.Array, mask: jax.Array) -> jax.Array:
