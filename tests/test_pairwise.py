@@ -121,3 +121,59 @@ def test_similarity_gram_and_attended_norms_match_explicit_vectors():
   np.testing.assert_allclose(
     pairwise.attended_word_sq_norms(f32(weights), word_gram), np.sum(over_words**2, axis=-1), rtol=1e-4, atol=1e-4
   )
+
+
+def _width_marker(n_img):
+  """A score that reveals its input's token width and caption order: 100 x width + the caption's id."""
+
+  def score(text_rep):
+    width = text_rep['mask'].shape[1]
+    return jnp.broadcast_to(100.0 * width + text_rep['id'][None], (n_img, text_rep['id'].shape[0]))
+
+  return score
+
+
+def _trim(text_rep, width):
+  return {'id': text_rep['id'], 'mask': text_rep['mask'][:, :width]}
+
+
+@pytest.mark.parametrize('chunk', [1, 3, 4, 10, 16])
+def test_caption_width_groups_score_each_caption_at_its_chunks_width_in_the_given_order(chunk):
+  lengths = np.array([5, 1, 3, 9, 2, 6, 4, 8, 1, 2])  # the rep is 9 tokens wide
+  mask = (np.arange(9)[None] < lengths[:, None]).astype(np.float32)
+  text_rep = {'id': jnp.arange(10, dtype=jnp.float32), 'mask': jnp.asarray(mask)}
+  got = jax.jit(
+    lambda rep, lengths: pairwise.score_by_caption_width(_width_marker(3), _trim, rep, lengths, 9, chunk, 2)
+  )(text_rep, jnp.asarray(lengths))
+  # By hand: sort by length (stably), cut into chunks, each chunk's longest rounded up to a multiple of 2 (at most 9).
+  order = np.argsort(lengths, kind='stable')
+  width = np.empty(10)
+  for start in range(0, 10, chunk):
+    members = order[start : start + chunk]
+    width[members] = min(-(-lengths[members].max() // 2) * 2, 9)
+  np.testing.assert_array_equal(got, np.broadcast_to(100 * width + np.arange(10), (3, 10)))
+  if chunk == 1:  # every caption at its own length rounded up, as evaluation scores it
+    np.testing.assert_array_equal(width, [6, 2, 4, 9, 2, 6, 4, 8, 2, 2])
+
+
+def test_caption_width_groups_equal_full_width_scores():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 12, size=13)
+  mask = jnp.asarray(np.arange(11)[None] < lengths[:, None], jnp.float32)
+  words = jnp.asarray(rng.normal(size=(13, 11, 4)), jnp.float32) * mask[..., None]
+  regions = jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32)
+
+  def score(text_rep):  # a padding-free head: mean over real words of the best region's dot product
+    s = pairwise.region_word_similarity(regions, text_rep['words'])  # [I, C, k, n]
+    m = text_rep['mask']
+    return jnp.sum(jnp.max(s, axis=2) * m, axis=-1) / jnp.sum(m, axis=-1)
+
+  def trim(text_rep, width):
+    return jax.tree.map(lambda x: x[:, :width], text_rep)
+
+  text_rep = {'words': words, 'mask': mask}
+  want = score(text_rep)
+  got = pairwise.score_by_caption_width(score, trim, text_rep, jnp.asarray(lengths), 11, 4, 4)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='chunk and step must be >= 1'):
+    pairwise.score_by_caption_width(score, trim, text_rep, jnp.asarray(lengths), 11, 0, 4)

@@ -43,8 +43,12 @@ def _max_abs(tree):
   return max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(tree))
 
 
+@pytest.mark.parametrize('width_chunk,pair_block', [(0, 0), (3, 4)])
 @pytest.mark.parametrize('name', list(CASES))
-def test_rescored_loss_and_gradients_equal_the_dense_loss(name):
+def test_rescored_loss_and_gradients_equal_the_dense_loss(name, width_chunk, pair_block):
+  """width_chunk 3: the all-pairs forward that picks the negatives scores the captions (2-7 tokens) three at a time
+  at their chunk's width, a multiple of 2 (`pairwise.score_by_caption_width`); pair_block 4: the 30 rescored pairs
+  are scored in blocks of 4 (the last one 2)."""
   model, params, batch = _setup(name)
   ids = batch['image_ids']
 
@@ -53,7 +57,7 @@ def test_rescored_loss_and_gradients_equal_the_dense_loss(name):
     return losses.contrastive_loss(scores, 0.2, True, image_ids=ids)
 
   def rescored(p):
-    return contrastive.rescored_hardest_loss(model, {'params': p}, batch, 0.2, ids)
+    return contrastive.rescored_hardest_loss(model, {'params': p}, batch, 0.2, ids, width_chunk, 2, pair_block)
 
   want_loss, want = jax.jit(jax.value_and_grad(dense))(params)
   got_loss, got = jax.jit(jax.value_and_grad(rescored))(params)

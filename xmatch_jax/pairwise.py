@@ -85,6 +85,50 @@ def score_in_blocks(
   return jax.tree_util.tree_map(lambda y: y.reshape((n_blocks * block_size,) + y.shape[2:])[:n_img], out)
 
 
+def score_by_caption_width(
+  score_fn: Callable[[PyTree], jax.Array],
+  trim_fn: Callable[[PyTree, int], PyTree],
+  text_rep: PyTree,
+  lengths: jax.Array,
+  width: int,
+  chunk: int,
+  step: int,
+) -> jax.Array:
+  """All-pairs scores with the captions sorted by length and scored `chunk` at a time at their chunk's width.
+
+  Inside `jit`, where widths must be static: each chunk of the length-sorted captions is cut to its longest
+  caption's length rounded up to `step` (at most `width`) by one `lax.switch` branch per width, so a batch padded
+  to its longest caption is not scored at that length (docs/architecture.md, "A training step"). Requires scores
+  that do not depend on padding (every trimmable model's padding test).
+
+  Args:
+    score_fn: `text_rep` of `chunk` captions -> [I, chunk] scores against every image.
+    trim_fn: `(text_rep, w)` -> the same captions' rep with its token axis cut to w (`Matcher.trim_text_rep`).
+    text_rep: pytree of arrays with leading dim C (captions), token axis `width` long.
+    lengths: [C] int, tokens up to each caption's last real one (traced).
+    width: the rep's token axis length (static).
+    chunk: captions per chunk; the last chunk is filled with copies of the longest caption, dropped afterwards.
+    step: widths are multiples of `step`, and `width` itself.
+
+  Returns:
+    [I, C] scores, columns in the given caption order.
+  """
+  if chunk < 1 or step < 1:
+    raise errors.UserError(f'chunk and step must be >= 1, got chunk={chunk}, step={step}')
+  n_txt = lengths.shape[0]
+  widths = tuple(range(step, width, step)) + (width,)
+  n_chunks = -(-n_txt // chunk)
+  order = jnp.argsort(lengths, stable=True)
+  order = jnp.concatenate([order, jnp.full((n_chunks * chunk - n_txt,), order[-1])])
+  longest = lengths[order].reshape(n_chunks, chunk)[:, -1]
+  branch = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), longest), len(widths) - 1)
+  chunks = jax.tree_util.tree_map(lambda x: x[order].reshape((n_chunks, chunk) + x.shape[1:]), text_rep)
+  branches = [lambda rep, w=w: score_fn(trim_fn(rep, w)) for w in widths]
+  out = jax.lax.map(lambda args: jax.lax.switch(args[0], branches, args[1]), (branch, chunks))  # [chunks, I, chunk]
+  scores = jnp.moveaxis(out, 0, 1).reshape(out.shape[1], n_chunks * chunk)
+  return scores[:, jnp.argsort(order[:n_txt])]
+
+
 def region_word_similarity(regions: jax.Array, words: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
   """Dot products of every region of every image with every word of every caption.
 

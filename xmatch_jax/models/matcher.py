@@ -121,13 +121,14 @@ class Matcher(nn.Module):
     return image_rep, text_rep
 
   # ------------------------------------------------------------------------------------------ all-pairs scoring
-  def text_lengths(self, text_rep) -> Optional[np.ndarray]:
+  def text_lengths(self, text_rep, xp=np) -> Optional[np.ndarray]:
     """Tokens up to each caption's last real one, [C], when `trim_text_rep` can cut the rep's token axis; None
-    when it cannot (the scorer then scores the rep as it is). Default: dict reps with a 'mask' [C, n]."""
+    when it cannot (the scorer then scores the rep as it is). Default: dict reps with a 'mask' [C, n].
+    xp: `np` (host arrays) or `jnp` (inside `jit`)."""
     if not isinstance(text_rep, dict) or 'mask' not in text_rep:
       return None
-    real = np.asarray(text_rep['mask']) > 0
-    return np.where(real.any(axis=1), real.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
+    real = xp.asarray(text_rep['mask']) > 0
+    return xp.where(real.any(axis=1), real.shape[1] - xp.argmax(real[:, ::-1], axis=1), 0)
 
   def trim_text_rep(self, text_rep, length: int):
     """The same captions' rep with its token axis cut to `length` (>= every `text_lengths`), so that a tile of short

@@ -21,6 +21,7 @@ from xmatch_jax import inference
 from xmatch_jax import losses
 from xmatch_jax import metrics as metrics_lib
 from xmatch_jax import models
+from xmatch_jax import pairwise
 from xmatch_jax import parallel
 from xmatch_jax import progress as progress_lib
 from xmatch_jax import run_setup
@@ -104,7 +105,15 @@ def train_step(state, batch, *, model, tx, schedule, loss_cfg, max_violation=Non
 
   def loss_fn(params):
     if hardest and loss_cfg.get('rescore_hardest', True):
-      return rescored_hardest_loss(model, {'params': params}, batch, loss_cfg.margin, image_ids)
+      return rescored_hardest_loss(
+        model,
+        {'params': params},
+        batch,
+        loss_cfg.margin,
+        image_ids,
+        width_chunk=loss_cfg.get('width_chunk', 0),
+        pair_block=loss_cfg.get('pair_block', 0),
+      )
     scores = model.apply({'params': params}, batch['images'], batch['text'])
     return losses.contrastive_loss(scores, loss_cfg.margin, hardest, image_ids=image_ids)
 
@@ -121,7 +130,16 @@ def train_step(state, batch, *, model, tx, schedule, loss_cfg, max_violation=Non
   return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
 
 
-def rescored_hardest_loss(model, variables: dict, batch: dict, margin: float, image_ids=None) -> jax.Array:
+def rescored_hardest_loss(
+  model,
+  variables: dict,
+  batch: dict,
+  margin: float,
+  image_ids=None,
+  width_chunk: int = 0,
+  width_step: int = inference.TOKEN_STEP,
+  pair_block: int = 0,
+) -> jax.Array:
   """The hardest-negative loss with gradients through the 3 B pairs it depends on, not all B^2 (same value).
 
   The B x B scores are computed without gradient (no stored or rematerialised intermediates) to choose each row's
@@ -129,11 +147,26 @@ def rescored_hardest_loss(model, variables: dict, batch: dict, margin: float, im
   gradient. The gradient equals the dense `losses.contrastive_loss`'s, whose max passes no gradient to the other
   B^2 - 3 B pairs, except on exact ties (docs/fidelity.md, LOSS-4). This makes a step of a cross-attention head
   cost one all-pairs forward plus a 3 B-pair forward and backward (docs/architecture.md, "A training step").
+  With `width_chunk` > 0 and a model that can cut its text rep's token axis, that forward scores the length-sorted
+  captions `width_chunk` at a time at their chunk's width, a multiple of `width_step` (as evaluation does,
+  `pairwise.score_by_caption_width`). With `pair_block` > 0 the 3 B pairs are scored (and backpropagated) that
+  many at a time (on a CPU, blocks whose maps stay in cache run faster than one batch of 3 B).
   """
   image_rep = model.apply(variables, batch['images'], method=model.encode_image)
   text_rep = model.apply(variables, batch['text'], method=model.encode_text)
   frozen = jax.lax.stop_gradient
-  scores = model.apply(frozen(variables), frozen(image_rep), frozen(text_rep), method=model.pair_scores)
+
+  def all_pairs(text):
+    return model.apply(frozen(variables), frozen(image_rep), text, method=model.pair_scores)
+
+  lengths = model.text_lengths(text_rep, xp=jnp) if width_chunk else None
+  if lengths is None:
+    scores = all_pairs(frozen(text_rep))
+  else:
+    width = text_rep['mask'].shape[1]
+    scores = pairwise.score_by_caption_width(
+      all_pairs, model.trim_text_rep, frozen(text_rep), lengths, width, width_chunk, width_step
+    )
   hard_caption, row_has_negative, hard_image, column_has_negative = losses.hardest_negatives(scores, image_ids)
   own = jnp.arange(scores.shape[0])
   image_index = jnp.concatenate([own, own, hard_image])
@@ -146,7 +179,11 @@ def rescored_hardest_loss(model, variables: dict, batch: dict, margin: float, im
   def take(rep, index):
     return jax.tree.map(lambda x: jnp.take(x, index, axis=0), rep)
 
-  pairs = jax.vmap(one_pair)(take(image_rep, image_index), take(text_rep, caption_index))
+  pairs = (take(image_rep, image_index), take(text_rep, caption_index))
+  if pair_block:  # blocks of pairs whose maps stay in cache, forward and backward
+    pairs = jax.lax.map(lambda pair: one_pair(*pair), pairs, batch_size=pair_block)
+  else:
+    pairs = jax.vmap(one_pair)(*pairs)
   positive, hard_caption_scores, hard_image_scores = jnp.split(pairs, 3)
   return losses.hardest_negative_loss(
     positive, hard_caption_scores, hard_image_scores, row_has_negative, column_has_negative, margin
