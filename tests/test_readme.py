@@ -44,12 +44,21 @@ def test_main_job_names_existing_config_and_default_dataset():
   assert 'xmatch_jax.evaluate' in main_command
 
 
-def test_performance_table_is_generated_from_the_benchmark_json():
+@pytest.mark.parametrize(
+  'folder,names',
+  [
+    ('perf_results', ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k', 'glfn_f30k', 'daer_wikipedia')),
+    (
+      'perf_results/amd_epyc',
+      ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k', 'glfn_f30k', 'daer_wikipedia', 'rdan_shapes'),
+    ),
+  ],
+)
+def test_performance_table_is_generated_from_the_benchmark_json(folder, names):
   sys.path.insert(0, os.path.join(ROOT, 'tools'))
   import perf_table  # pylint: disable=g-import-not-at-top
 
-  names = ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k', 'glfn_f30k', 'daer_wikipedia')
-  table = perf_table.table([os.path.join(ROOT, 'tools', 'perf_results', f'{n}.json') for n in names])
+  table = perf_table.table([os.path.join(ROOT, 'tools', folder, f'{n}.json') for n in names])
   assert table in open(os.path.join(ROOT, 'README.md')).read()
 
 
