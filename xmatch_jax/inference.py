@@ -151,7 +151,7 @@ class Scorer:
     TOKEN_STEP, in tiles of captions of one such width (of equal size within a width, at most text_batch): a split
     padded to its longest caption (96 tokens for Flickr30K's, 14 on average) is not scored at that length, nor a
     width's last tile padded to text_batch captions. The returned columns are in the given order. With
-    `resume_dir`, every finished column of tiles (all images x one tile of captions) is saved there and a later
+    `resume_dir`, every finished column of tiles (all images x text_batch captions) is saved there and a later
     call with the same `identity`
     (what the scores depend on: checkpoint, data, sizes) computes only the missing ones: an interrupted COCO-5K
     evaluation resumes. The directory is removed when the matrix is complete.
