@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sharded_scoring_check  # noqa: E402
 
 TEXT_BATCH = 8
-TILE = 7  # 21 captions of one width in tiles of at most TEXT_BATCH: three of 7
 
 
 def check(fields: dict) -> dict:
@@ -37,20 +36,19 @@ def check(fields: dict) -> dict:
   image_rep, text_rep = split.encode_images(images), split.encode_text(tokens, mask)
   got, want = split.pair_scores(image_rep, text_rep), alone.pair_scores(image_rep, text_rep)
   # An interrupted evaluation left its second column on process 0 (marked +1000 so its use is visible). Every caption
-  # here is scored at width 8 (7 tokens), so the scorer's order by width is the given one, its 21 captions go in
-  # three tiles of 7 (the fewest of at most TEXT_BATCH, of equal size) and column 2 is captions 7-13; the store's
-  # identity is the one the scorer gives it.
+  # here is scored at width 8 (7 tokens), so the scorer's order by width is the given one and column 2 is captions
+  # 8-15; the store's identity is the one the scorer gives it.
   store_dir = os.path.join(resume_dir, fields['name'])
   identity = {'run': fields['name']}
   if jax.process_index() == 0:
-    stored = {**identity, 'shape': [n_img, n_txt], 'text_batch': TEXT_BATCH, 'caption_order': 'by_width_even_tiles'}
+    stored = {**identity, 'shape': [n_img, n_txt], 'text_batch': TEXT_BATCH, 'caption_order': 'by_width'}
     store = inference._ColumnStore(store_dir, stored)  # pylint: disable=protected-access
-    store.put(TILE, want[:, TILE : 2 * TILE] + 1000.0)
+    store.put(TEXT_BATCH, want[:, TEXT_BATCH : 2 * TEXT_BATCH] + 1000.0)
   parallel.sync('column stored')
   resumed = split.pair_scores(image_rep, text_rep, store_dir, identity)
   parallel.sync('store removed')  # process 0 removes it after its last column
   marked = want.copy()
-  marked[:, TILE : 2 * TILE] += 1000.0
+  marked[:, TEXT_BATCH : 2 * TEXT_BATCH] += 1000.0
   return {
     'processes': split.processes,
     'devices': len(split.devices),

@@ -148,9 +148,8 @@ class Scorer:
     Tiling both sides bounds memory for heads whose pair tensors grow with the caption count (MMCA's joint
     sequence); the columns of zero-padded captions in the last tile are dropped. When the model can cut its text
     rep's token axis (`Matcher.text_lengths`, `trim_text_rep`), each caption is scored at its length rounded up to
-    TOKEN_STEP, in tiles of captions of one such width (of equal size within a width, at most text_batch): a split
-    padded to its longest caption (96 tokens for Flickr30K's, 14 on average) is not scored at that length, nor a
-    width's last tile padded to text_batch captions. The returned columns are in the given order. With
+    TOKEN_STEP, in tiles of captions of one such width: a split padded to its longest caption (96 tokens for
+    Flickr30K's, 14 on average) is not scored at that length. The returned columns are in the given order. With
     `resume_dir`, every finished column of tiles (all images x text_batch captions) is saved there and a later
     call with the same `identity`
     (what the scores depend on: checkpoint, data, sizes) computes only the missing ones: an interrupted COCO-5K
@@ -161,9 +160,7 @@ class Scorer:
     chief = self.processes == 1 or jax.process_index() == 0
     lengths = self.model.text_lengths(text_rep)
     order = None  # positions of the captions in scoring order (None: as given)
-    tiles = [
-      (start, min(start + self.text_batch, n_txt), None, self.text_batch) for start in range(0, n_txt, self.text_batch)
-    ]
+    tiles = [(start, min(start + self.text_batch, n_txt), None) for start in range(0, n_txt, self.text_batch)]
     if lengths is not None:
       # Every caption is scored at its own width (its length rounded up to TOKEN_STEP), whatever its neighbours:
       # tiles never mix widths, so identical captions get identical scores (ties rank as without trimming).
@@ -173,12 +170,11 @@ class Scorer:
       tiles = []
       for width in np.unique(widths):
         first, end = np.searchsorted(widths, width), np.searchsorted(widths, width, side='right')
-        # Tiles of equal size within a width (one compiled shape, so copies of a caption score alike), as few as
-        # text_batch allows: the last tile is not padded up to text_batch.
-        size = -(-(end - first) // -(-(end - first) // self.text_batch))
-        tiles += [(start, min(start + size, end), int(width), size) for start in range(first, end, size)]
+        tiles += [
+          (start, min(start + self.text_batch, end), int(width)) for start in range(first, end, self.text_batch)
+        ]
     identity = {**(identity or {}), 'shape': [n_img, n_txt], 'text_batch': self.text_batch}
-    identity['caption_order'] = 'by_width_even_tiles' if order is not None else 'given'
+    identity['caption_order'] = 'by_width' if order is not None else 'given'
     done = _ColumnStore(resume_dir if chief else None, identity)  # process 0 keeps the finished columns
     share = -(-n_img // self.processes)  # images per process, the last share zero-padded
     if self.processes > 1:
@@ -186,7 +182,7 @@ class Scorer:
       image_rep = pad_rows(jax.tree.map(lambda x: np.asarray(x[first : first + share]), image_rep), share)
     columns = []
     with progress.bar(total=n_img * n_txt, desc=self.desc, unit='pair', unit_scale=True) as bar:
-      for start, stop, width, size in tiles:
+      for start, stop, width in tiles:
         rows = stop - start
         if width is None:
           part = jax.tree.map(lambda x: x[start:stop], text_rep)
@@ -194,8 +190,8 @@ class Scorer:
           part = self.model.trim_text_rep(jax.tree.map(lambda x: x[order[start:stop]], text_rep), width)
         column = self._finished_column(done, start, (n_img, rows), resume_dir)
         if column is None:
-          if rows < size:
-            part = pad_rows(part, size)
+          if rows < self.text_batch:
+            part = pad_rows(part, self.text_batch)
           if self._mesh_variables is None:
             self._mesh_variables = jax.device_put(self.variables, self._replicated)
           on_mesh = jax.device_put(part, self._replicated)
