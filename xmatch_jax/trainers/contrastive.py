@@ -179,11 +179,11 @@ def rescored_hardest_loss(
   def take(rep, index):
     return jax.tree.map(lambda x: jnp.take(x, index, axis=0), rep)
 
-  pairs = (take(image_rep, image_index), take(text_rep, caption_index))
+  pair_reps = (take(image_rep, image_index), take(text_rep, caption_index))
   if pair_block:  # blocks of pairs whose maps stay in cache, forward and backward
-    pairs = jax.lax.map(lambda pair: one_pair(*pair), pairs, batch_size=pair_block)
+    pairs = jax.lax.map(lambda pair: one_pair(*pair), pair_reps, batch_size=pair_block)
   else:
-    pairs = jax.vmap(one_pair)(*pairs)
+    pairs = jax.vmap(one_pair)(*pair_reps)
   positive, hard_caption_scores, hard_image_scores = jnp.split(pairs, 3)
   return losses.hardest_negative_loss(
     positive, hard_caption_scores, hard_image_scores, row_has_negative, column_has_negative, margin
