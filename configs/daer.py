@@ -62,6 +62,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   # 'residual' (docs/fidelity.md#daer-5)
   m.power = 0.6  # eqs 8-9
   m.width_mult = 1.0  # MobileNetV3-large
+  m.image_head_hidden = 1280  # MobileNetV3's head (FC 1280, hard-swish) before the FC to 300; 0: removed with
+  # the classifier, the FC to 300 on the pooled 960-d features (docs/fidelity.md#daer-2)
   m.image_dropout = 0.2  # MobileNetV3's head dropout, before the FC to 300
   m.keras_init = True  # TensorFlow 2.4's Keras initialisers outside MobileNetV3 (docs/fidelity.md#daer-12)
   m.block_size = 256  # images per block of the all-pairs relation MLP

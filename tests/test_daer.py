@@ -16,6 +16,7 @@ from xmatch_jax.data import vocab as vocab_lib
 from xmatch_jax.data import word_vectors
 from xmatch_jax.models import build_model
 from xmatch_jax.models import daer
+from xmatch_jax.models import mobilenet_v3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -290,7 +291,8 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
     staged.reuse_stage('text', other, str(tmp_path / 'nothing'), str(tmp_path / 'u'))
 
 
-def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_path):
+@pytest.mark.parametrize('head_hidden', [1280, 0])
+def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_path, head_hidden):
   from xmatch_jax.convert import torchvision_mobilenet  # pylint: disable=g-import-not-at-top
   from xmatch_jax.data import load_split  # pylint: disable=g-import-not-at-top
   from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
@@ -299,6 +301,7 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
   weights = os.path.join(ROOT, 'tests', 'fixtures', 'mobilenet_v3_large_w025.safetensors')
   config = daer_config.get_config('shapes_tiny')
   config.model.update(width_mult=0.25, word_dim=8, lstm_size=8, embed_size=8, attention_hidden=(8, 8, 8))
+  config.model.image_head_hidden = head_hidden
   config.mobilenet_weights = weights
   model = build_model(config.model, vocab_size=10, img_dim=0)
   train = load_split('shapes_tiny', 'train')
@@ -321,8 +324,13 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
     'DualSpatialAttention' in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(got['params'])
   )
   # MobileNetV3's FC 1280 (torchvision classifier.0) starts the image module's head; the classification layer
-  # (classifier.3) is not used.
-  np.testing.assert_array_equal(np.asarray(variables['params']['image']['head']['kernel']), imagenet['head']['kernel'])
+  # (classifier.3) is not used. Without the head (DAER-2's alternative) classifier.0 is not used either.
+  if head_hidden:
+    np.testing.assert_array_equal(
+      np.asarray(variables['params']['image']['head']['kernel']), imagenet['head']['kernel']
+    )
+  else:
+    assert set(variables['params']['image']) == {'mobilenet', 'fc'}
 
 
 @pytest.mark.slow
@@ -354,6 +362,28 @@ def test_stage_two_trains_the_300d_representation_and_drops_only_the_classifier(
   assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
   infer = jax.jit(lambda: model.apply(variables, images, method=model.encode_image))
   np.testing.assert_array_equal(infer(), infer())
+
+
+def test_without_mobilenets_head_the_fc_to_300_reads_the_pooled_features_and_trains_in_stage_two():
+  """DAER-2's alternative reading: MobileNetV3's head removed with its classifier, the FC to 300 on the 960 x width
+  pooled features (through the dropout); stage 2 still trains that FC."""
+  from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(1)
+  images = {'pixels': rng.integers(0, 256, size=(4, 32, 32, 3)).astype(np.uint8)}
+  model = _tiny_daer(image_head_hidden=0)
+  variables = model.init(jax.random.key(0), images, method=model.classify_image)
+  image = variables['params']['image']
+  assert set(image) == {'mobilenet', 'fc'}
+  rep, features = model.apply(variables, images, method=lambda m, x: m.image(x['pixels']))
+  assert features.shape == (4, mobilenet_v3.make_divisible(960 * 0.25)) and image['fc']['kernel'].shape[0] == 240
+  np.testing.assert_allclose(rep, features @ image['fc']['kernel'] + image['fc']['bias'], rtol=1e-5, atol=1e-6)
+  batch = {'images': images, 'labels': np.array([0, 1, 2, 3])}
+  loss = functools.partial(staged.ImageStage.loss, model)
+  grads = jax.jit(jax.grad(lambda p: loss({**variables, 'params': p}, batch, jax.random.key(1))[0]))(
+    variables['params']
+  )
+  assert float(np.abs(grads['image']['fc']['kernel']).max()) > 0
 
 
 @pytest.mark.parametrize('dataset', ['wikipedia', 'pascal', 'xmedianet'])

@@ -269,7 +269,8 @@ class DAERText(nn.Module):
 class DAERImage(nn.Module):
   """Sec 3.2 / 4.4: MobileNetV3-large (dual spatial attention in every bottleneck, eqs 4-6) with its head (FC 1280,
   hard-swish, dropout 0.2) and, in place of its classification layer, an FC to the 1 x 300 representation. Stage 2
-  trains a classification layer on that representation and removes it (docs/fidelity.md, DAER).
+  trains a classification layer on that representation and removes it (docs/fidelity.md#daer-2).
+  `head_hidden=0` removes MobileNetV3's head with its classifier: dropout, then the FC to 300 on the pooled features.
 
   pixels [B, H, W, 3] uint8 -> (representation [B, embed_size], pooled CNN features [B, 960 x width]).
   `train=True` needs a 'dropout' rng.
@@ -296,9 +297,11 @@ class DAERImage(nn.Module):
       block_attention_at=self.spatial_attention_at,
     )
     features = cnn(x, train=train)['features']
-    width = mobilenet_v3.make_divisible(self.head_hidden * self.width_mult)  # torchvision's last_channel
     dense = functools.partial(nn.Dense, kernel_init=kernel_init(self.keras_init))
-    head = jax.nn.hard_swish(dense(width, name='head')(features))
+    head = features
+    if self.head_hidden:
+      width = mobilenet_v3.make_divisible(self.head_hidden * self.width_mult)  # torchvision's last_channel
+      head = jax.nn.hard_swish(dense(width, name='head')(features))
     head = nn.Dropout(self.dropout, deterministic=not train)(head)
     return dense(self.embed_size, name='fc')(head), features
 
@@ -328,7 +331,7 @@ class DAER(matcher.Matcher):
   width_mult: float = 1.0
   power: float = POWER  # eqs 8-9; 1.0 = plain relation network
   relation_hidden: Sequence[int] = (1024, 512)
-  image_head_hidden: int = 1280  # MobileNetV3's head width (x width_mult, as torchvision)
+  image_head_hidden: int = 1280  # MobileNetV3's head width (x width_mult, as torchvision); 0: no head (DAER-2)
   image_dropout: float = 0.2  # MobileNetV3's head dropout
   block_size: int = 256  # images per block of the all-pairs relation MLP
   keras_init: bool = False  # TensorFlow 2's Keras initialisers (DAER-12); the config's default is True

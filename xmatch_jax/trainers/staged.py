@@ -246,7 +246,7 @@ class ImageStage(Stage):
       imagenet = torchvision_mobilenet.load_imagenet_mobilenet(path, self.config.model.width_mult)
       image = variables['params']['image']
       image['mobilenet'] = merge(image['mobilenet'], imagenet['params'], path)
-      if 'head' in imagenet:
+      if 'head' in imagenet and 'head' in image:  # no 'head' when `image_head_hidden` is 0 (DAER-2)
         image['head'] = merge(image['head'], imagenet['head'], f'{path} (classifier.0)')
       stats = variables['batch_stats']['image']['mobilenet']
       variables['batch_stats']['image'] = {'mobilenet': merge(stats, imagenet['batch_stats'], path)}
