@@ -255,7 +255,8 @@ def concat_softmax_cross_block_scores(
   text_norm: str,
   attention_scale: str,
 ) -> jax.Array:
-  """The cross branch as first written: one softmax over the concatenated [regions; words] keys of every pair."""
+  """The cross branch as first written: one softmax over the concatenated [regions; words] keys of every pair, and
+  the unit's W^O, FFN and LayerNorms on the joint sequence Y_c [b, C, k + n, d] (the code runs them per half)."""
   regions, words, valid = image['regions'], text['words'], text['valid']
   b, k, d = regions.shape
   c, n, _ = words.shape
@@ -296,8 +297,9 @@ def concat_softmax_cross_block_scores(
 
 
 def test_split_softmax_equals_the_concatenated_softmax_in_values_and_gradients():
-  """The cross branch scores each key block once per item (own modality) and once per pair (cross); the first
-  implementation concatenated the blocks of every pair and took one softmax. Values and gradients agree."""
+  """The cross branch scores each key block once per item (own modality) and once per pair (cross), and finishes
+  the unit on the region and word halves separately; the first implementation concatenated the blocks of every pair,
+  took one softmax and finished the joint sequence. Values and gradients agree."""
   model = _model()
   images, text = _inputs(seed=5)
   variables = model.init(jax.random.key(4), images, text)

@@ -198,15 +198,14 @@ def cross_block_scores(
   )
   att_r = att_r.transpose(0, 1, 3, 2, 4).reshape(b, c, k, d)  # heads concatenated
   att_e = att_e.transpose(0, 1, 3, 2, 4).reshape(b, c, n, d)
-  x = jnp.concatenate(
-    [jnp.broadcast_to(regions[:, None], (b, c, k, d)), jnp.broadcast_to(words[None], (b, c, n, d))], axis=2
-  )
-  attended = jnp.concatenate([att_r, att_e], axis=2)
-  y = transformer_finish(p_cross, x, attended, dtype)  # Y_c [b, C, k + n, d]
-  i1 = layers.l2norm(jnp.mean(y[:, :, :k], axis=2))  # [b, C, d]
+  # After the attention the unit acts per token, so Y_c = [Y_R; Y_E] is computed as its two halves, without
+  # materialising the joint sequence (the residual's inputs broadcast over the pairs inside the add).
+  y_r = transformer_finish(p_cross, regions[:, None], att_r, dtype)  # [b, C, k, d]
+  y_e = transformer_finish(p_cross, words[None], att_e, dtype)  # [b, C, n, d]
+  i1 = layers.l2norm(jnp.mean(y_r, axis=2))  # [b, C, d]
   c1 = text_cnn(
     p_cnn,
-    y[:, :, k:].reshape(b * c, n, d),
+    y_e.reshape(b * c, n, d),
     jnp.broadcast_to(valid[None], (b, c, n)).reshape(b * c, n),
     text_norm,
     dtype,
