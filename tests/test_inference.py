@@ -72,6 +72,37 @@ def test_caption_tiles_cut_to_their_longest_caption_score_as_the_padded_split(na
   assert sorted(set(widths)) == [8, 16, 24, 32] and widths[0] == 8, widths
 
 
+@pytest.mark.parametrize('name', ['scan', 'rdan'])
+def test_pair_list_scores_equal_the_exhaustive_matrix_for_any_list(name):
+  """Re-rank scoring: pairs in any order, repeated, several tiles of one image, captions of several widths."""
+  rng = np.random.default_rng(4)
+  n_img, n_txt, n, vocab = 5, 23, 26, 20
+  config = ml_collections.ConfigDict({'name': name, 'embed_size': 8, 'word_dim': 8})
+  if name == 'rdan':
+    config.update(cnn_channels=4, block_size=2)
+  model = build_model(config, vocab_size=vocab, img_dim=7)
+  images = {'regions': rng.normal(size=(n_img, 4, 7)).astype(np.float32)}
+  lengths = rng.integers(2, n + 1, size=n_txt)
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+  tokens = (rng.integers(1, vocab, size=(n_txt, n)) * mask).astype(np.int32)
+  variables = model.init(jax.random.key(0), images, {'tokens': tokens, 'mask': mask})
+  scorer = inference.Scorer(model, variables, image_chunk=4, text_batch=6)
+  image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
+  full = scorer.pair_scores(image_rep, text_rep)
+  images_of, captions_of = rng.integers(0, n_img, 70), rng.integers(0, n_txt, 70)
+  images_of[:9], captions_of[:9] = 2, np.arange(9)  # image 2: more than one tile of 3 at some widths
+  calls, real = [], scorer._tile_program  # pylint: disable=protected-access
+  scorer._tile_program = lambda width, per_call: calls.append((width, per_call)) or real(width, per_call)  # pylint: disable=protected-access
+  got = scorer.pair_list_scores(image_rep, text_rep, images_of, captions_of, tile=3)
+  np.testing.assert_allclose(got, full[images_of, captions_of], rtol=1e-5, atol=1e-6)
+  # One program per caption width present (8 / 16 / 24 / 32), each running block_size x text_batch / size tiles
+  # of size 1, 2 or 3 (at most `tile`).
+  widths = sorted({int(w) for w in inference.caption_widths(lengths[captions_of])})
+  assert [w for w, _ in calls] == widths
+  assert {p for _, p in calls} <= {model.block_size * 6 // size for size in (1, 2, 3)}
+  assert scorer.pair_list_scores(image_rep, text_rep, [], []).shape == (0,)
+
+
 def test_chunk_sizes_must_be_positive():
   with pytest.raises(ValueError, match='image_chunk and text_batch'):
     inference.Scorer(None, {}, image_chunk=0)
@@ -95,7 +126,7 @@ def test_rerank_candidates_carry_full_scores_and_k_all_equals_exhaustive(name):
   image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
   full = scorer.pair_scores(image_rep, text_rep)
 
-  i2t, t2i = rerank.rerank(scorer, image_rep, text_rep, k=3, query_chunk=4)
+  i2t, t2i = rerank.rerank(scorer, image_rep, text_rep, k=3, tile=4)
   coarse = np.asarray(rerank.global_scores(model, image_rep, text_rep))
   for c in range(5 * n_img):  # each caption: its 3 shortlisted images hold full scores, ranked first
     top = np.argsort(-coarse[:, c], kind='stable')[:3]
@@ -110,9 +141,9 @@ def test_rerank_candidates_carry_full_scores_and_k_all_equals_exhaustive(name):
     np.testing.assert_allclose(i2t[i, top], full[i, top], rtol=1e-5, atol=1e-6)
 
   # Shortlisting everything is exhaustive scoring.
-  _, t2i_all = rerank.rerank(scorer, image_rep, text_rep, k=n_img, query_chunk=4)
+  _, t2i_all = rerank.rerank(scorer, image_rep, text_rep, k=n_img, tile=4)
   np.testing.assert_allclose(t2i_all, full, rtol=1e-5, atol=1e-6)
-  i2t_every, t2i_every = rerank.rerank(scorer, image_rep, text_rep, k=5 * n_img, query_chunk=4)
+  i2t_every, t2i_every = rerank.rerank(scorer, image_rep, text_rep, k=5 * n_img, tile=4)
   np.testing.assert_allclose(i2t_every, full, rtol=1e-5, atol=1e-6)
   got = rerank.two_way_recall(i2t_every, t2i_every)
   want = metrics_lib.recall_metrics(full)

@@ -115,10 +115,7 @@ class Scorer:
         check_vma=False,
       )
     )
-    # pair_scores of many small (images, captions) groups at once: [G, a, ...], [G, b, ...] -> [G, a, b].
-    self._group_scores = jax.jit(
-      jax.vmap(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores), in_axes=(None, 0, 0))
-    )
+    self._tile_scores = {}  # `pair_list_scores`' jitted programs, one per (width, tiles per call)
 
   def encode_images(self, images: dict):
     """images: dataset-format dict -> image rep pytree with leading dim n_img."""
@@ -227,36 +224,70 @@ class Scorer:
       multihost_utils.broadcast_one_to_all(column if column is not None else np.zeros(shape, np.float32))
     )
 
-  def candidate_scores(
-    self, image_rep, text_rep, candidates: np.ndarray, query_side: str, chunk: int = 64
-  ) -> np.ndarray:
-    """Full scores of each query with its candidates (two-stage retrieval, `xmatch_jax.rerank`).
+  def pair_list_scores(self, image_rep, text_rep, image_index, caption_index, tile: int = 64) -> np.ndarray:
+    """Full scores of the listed pairs (image image_index[p], caption caption_index[p]) -> [P] numpy; two-stage
+    retrieval (`xmatch_jax.rerank`) scores its candidates with it.
 
-    candidates: [n_query, k] indices of images (query_side='text': query q is caption q) or of captions
-    (query_side='image': query q is image q). Returns [n_query, k] numpy, `chunk` queries per call.
+    The pairs are grouped by caption width (each caption at its length rounded up to TOKEN_STEP, as `pair_scores`
+    scores it) and then by image: a tile is one image against up to `tile` of its listed captions, scored as a dense
+    [1, size] block, so a pair costs what it costs in exhaustive scoring plus the gather of its caption's rep. The
+    size is the mean number of pairs per image at that width rounded up to a power of 2, at most `tile`. Tiles run
+    `block_size x text_batch / size` at a time (the memory of one exhaustive block), in lax.map.
     """
-    if query_side not in ('text', 'image'):
-      raise errors.UserError(f"query_side must be 'text' or 'image'; got {query_side!r}.")
-    candidates = np.asarray(candidates)
-    n_query = candidates.shape[0]
-    take = lambda rep, index: jax.tree.map(lambda x: x[index], rep)
-    out = []
-    bar = progress.bar(total=n_query * candidates.shape[1], desc=f'{self.desc} (re-rank)', unit='pair', unit_scale=True)
-    for start in range(0, n_query, chunk):
-      index = candidates[start : start + chunk]
-      queries = np.arange(start, start + len(index))[:, None]
-      rows = len(index)
-      if rows < chunk:  # one compiled shape: repeat the first query in the padding rows
-        index = np.concatenate([index, np.repeat(index[:1], chunk - rows, axis=0)])
-        queries = np.concatenate([queries, np.repeat(queries[:1], chunk - rows, axis=0)])
-      if query_side == 'text':
-        scores = self._group_scores(self.variables, take(image_rep, index), take(text_rep, queries))[:, :, 0]
-      else:
-        scores = self._group_scores(self.variables, take(image_rep, queries), take(text_rep, index))[:, 0, :]
-      out.append(np.asarray(scores)[:rows])
-      bar.update(rows * candidates.shape[1])
-    bar.close()
-    return np.concatenate(out)
+    image_index, caption_index = np.asarray(image_index, np.int64), np.asarray(caption_index, np.int64)
+    if image_index.shape != caption_index.shape or image_index.ndim != 1:
+      raise errors.UserError(
+        f'image_index and caption_index must be two [P] arrays; got shapes {image_index.shape}, {caption_index.shape}.'
+      )
+    scores = np.zeros(len(image_index), np.float32)
+    if not len(image_index):
+      return scores
+    lengths = self.model.text_lengths(text_rep)
+    widths = caption_widths(lengths)[caption_index] if lengths is not None else np.zeros_like(caption_index)
+    order = np.lexsort((caption_index, image_index, widths))  # by width, then image
+    image_rep = jax.device_put(image_rep)
+    with progress.bar(total=len(order), desc=f'{self.desc} (re-rank)', unit='pair', unit_scale=True) as bar:
+      for width in np.unique(widths):
+        in_width = order[widths[order] == width]
+        # Tiles: runs of one image, cut every `tile` pairs; padding slots repeat the tile's first pair.
+        runs = np.flatnonzero(np.r_[True, np.diff(image_index[in_width]) != 0])
+        run_ends = np.r_[runs[1:], len(in_width)]
+        # Few pairs per image (sparse lists): smaller tiles, so padding does not dominate.
+        size = int(min(tile, 2 ** np.ceil(np.log2(np.mean(run_ends - runs)))))
+        per_call = max(1, (getattr(self.model, 'block_size', None) or 1) * self.text_batch // size)
+        bounds = [(a, min(a + size, end)) for run, end in zip(runs, run_ends) for a in range(run, end, size)]
+        slots = np.array([np.r_[np.arange(a, e), np.full(size - (e - a), a)] for a, e in bounds])  # [T, size]
+        pairs = in_width[slots]  # positions in the given list
+        real = np.array([np.arange(size) < e - a for a, e in bounds])
+        part = text_rep if lengths is None else self.model.trim_text_rep(text_rep, int(width))
+        part = jax.device_put(part)
+        fn = self._tile_program(int(width), per_call)
+        for start in range(0, len(pairs), per_call):
+          chunk = pairs[start : start + per_call]
+          rows = len(chunk)
+          if rows < per_call:  # one compiled shape per width
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], per_call - rows, axis=0)])
+          out = np.asarray(fn(self.variables, image_rep, part, image_index[chunk[:, 0]], caption_index[chunk]))
+          keep = real[start : start + rows]
+          scores[chunk[:rows][keep]] = out[:rows][keep]
+          bar.update(int(keep.sum()))
+    return scores
+
+  def _tile_program(self, width: int, per_call: int):
+    """jit: (variables, image_rep, text_rep, images [G], captions [G, tile]) -> [G, tile], one image per tile."""
+    key = (width, per_call)
+    if key not in self._tile_scores:
+      model = self.model
+
+      def tiles(variables, image_rep, text_rep, images, captions):
+        take = lambda rep, index: jax.tree.map(lambda x: x[index], rep)
+        one = lambda it: model.apply(
+          variables, take(image_rep, it[0][None]), take(text_rep, it[1]), method=model.pair_scores
+        )[0]
+        return jax.lax.map(one, (images, captions))
+
+      self._tile_scores[key] = jax.jit(tiles)
+    return self._tile_scores[key]
 
   def score(self, images: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return self.pair_scores(self.encode_images(images), self.encode_text(tokens, mask))

@@ -73,14 +73,24 @@ def _merge(global_rows: np.ndarray, candidates: np.ndarray, full: np.ndarray) ->
   return out
 
 
-def rerank(scorer, image_rep, text_rep, k: int, query_chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def rerank(scorer, image_rep, text_rep, k: int, tile: int = 64) -> tuple[np.ndarray, np.ndarray]:
   """Two-stage scores of all pairs. Returns (i2t [n_img, n_txt]: per image its top-k captions re-scored,
-  t2i [n_img, n_txt]: per caption its top-k images re-scored). A k above the number of items re-scores them all."""
+  t2i [n_img, n_txt]: per caption its top-k images re-scored). A k above the number of items re-scores them all.
+  A pair shortlisted in both directions is scored once (`Scorer.pair_list_scores`, `tile` captions per image)."""
   coarse = _shortlist_scores(scorer.model, image_rep, text_rep, desc=f'{scorer.desc} (shortlist)')
+  n_img, n_txt = coarse.shape
   images_per_caption = shortlist(coarse.T, k)  # [n_txt, k]
   captions_per_image = shortlist(coarse, k)  # [n_img, k]
-  t2i = scorer.candidate_scores(image_rep, text_rep, images_per_caption, query_side='text', chunk=query_chunk)
-  i2t = scorer.candidate_scores(image_rep, text_rep, captions_per_image, query_side='image', chunk=query_chunk)
+  keys = np.concatenate(
+    [
+      images_per_caption.ravel() * n_txt + np.repeat(np.arange(n_txt), images_per_caption.shape[1]),
+      np.repeat(np.arange(n_img), captions_per_image.shape[1]) * n_txt + captions_per_image.ravel(),
+    ]
+  )
+  unique, inverse = np.unique(keys, return_inverse=True)
+  full = scorer.pair_list_scores(image_rep, text_rep, unique // n_txt, unique % n_txt, tile=tile)[inverse]
+  t2i, i2t = np.split(full, [images_per_caption.size])
+  t2i, i2t = t2i.reshape(images_per_caption.shape), i2t.reshape(captions_per_image.shape)
   return _merge(coarse, captions_per_image, i2t), _merge(coarse.T, images_per_caption, t2i).T
 
 
