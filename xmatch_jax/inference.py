@@ -231,8 +231,9 @@ class Scorer:
     The pairs are grouped by caption width (each caption at its length rounded up to TOKEN_STEP, as `pair_scores`
     scores it) and then by image: a tile is one image against up to `tile` of its listed captions, scored as a dense
     [1, size] block, so a pair costs what it costs in exhaustive scoring plus the gather of its caption's rep. The
-    size is the mean number of pairs per image at that width rounded up to a power of 2, at most `tile`. Tiles run
-    `block_size x text_batch / size` at a time (the memory of one exhaustive block), in lax.map.
+    size is the mean number of pairs per image at that width rounded up to a power of 2, at most `tile`. One call
+    runs `block_size x text_batch / size` tiles (the pairs of one exhaustive block), one tile at a time in lax.map:
+    sequential tiles stay in cache, and were faster than vmapped ones (SCAN f30k: 5.9 k vs 2.9 k pairs/s).
     """
     image_index, caption_index = np.asarray(image_index, np.int64), np.asarray(caption_index, np.int64)
     if image_index.shape != caption_index.shape or image_index.ndim != 1:
@@ -274,7 +275,7 @@ class Scorer:
     return scores
 
   def _tile_program(self, width: int, per_call: int):
-    """jit: (variables, image_rep, text_rep, images [G], captions [G, tile]) -> [G, tile], one image per tile."""
+    """jit: (variables, image_rep, text_rep, images [G], captions [G, size]) -> [G, size], one image per tile."""
     key = (width, per_call)
     if key not in self._tile_scores:
       model = self.model
