@@ -72,8 +72,9 @@ def project_qkv(p: dict, x: jax.Array, heads: int, dtype: pairwise.DTypeLike = j
 def transformer_finish(
   p: dict, x: jax.Array, attended: jax.Array, dtype: pairwise.DTypeLike = jnp.float32
 ) -> jax.Array:
-  """The rest of the unit after the attention heads: x, attended [..., m, d] (heads concatenated) ->
-  LN(y + FFN(y)), y = LN(x + attended W^O) (eqs 3-4 with the residual + LayerNorm around each sub-layer)."""
+  """The rest of the unit after the attention heads: x, attended [..., m, d] (heads concatenated; x may broadcast
+  against attended) -> LN(y + FFN(y)), y = LN(x + attended W^O) (eqs 3-4 with the residual + LayerNorm around each
+  sub-layer)."""
   y = layer_norm(p['ln1'], x + _linear(p['o'], attended, dtype))
   ffn = _linear(p['ffn2'], jax.nn.relu(_linear(p['ffn1'], y, dtype)), dtype)
   return layer_norm(p['ln2'], y + ffn)
