@@ -296,3 +296,9 @@ def test_bad_sizes_are_refused():
     benchmark.main(['--config=configs/glfn.py:f30k', '--train_batch=0'])
   with pytest.raises(ValueError, match='DAER trains in stages'):
     benchmark.main(['--config=configs/daer.py:wikipedia', '--train_batch=4'])
+
+
+@pytest.mark.parametrize('json_args', [['--json=r.json'], ['--json', 'r.json'], ['-json', 'r.json']])
+def test_recorded_command_leaves_out_the_json_destination(json_args):
+  argv = ['--config=configs/rdan.py:f30k', *json_args, '--n=20']
+  assert benchmark.command_args(argv) == ['--config=configs/rdan.py:f30k', '--n=20']

@@ -796,6 +796,19 @@ def parse_args(argv) -> types.SimpleNamespace:
   return args
 
 
+def command_args(argv: list) -> list:
+  """argv without `--json=FILE` / `--json FILE`: the command a JSON result records."""
+  kept, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg in ('--json', '-json'):
+      skip = True
+    elif not arg.lstrip('-').startswith('json='):
+      kept.append(arg)
+  return kept
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
@@ -804,7 +817,7 @@ def main(argv=None) -> int:
     print(json.dumps(result))
     return 0
   result = run(args)
-  result['command'] = 'python tools/benchmark.py ' + ' '.join(a for a in argv if not a.startswith('--json'))
+  result['command'] = 'python tools/benchmark.py ' + ' '.join(command_args(argv))
   print(format_table(result))
   if args.json:
     with open(args.json, 'w') as f:
