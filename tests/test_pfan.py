@@ -9,7 +9,7 @@ import pytest
 
 from xmatch_jax.data import pfan
 
-# The first 8 images of ../shared/fixtures/f30k_sample/train_boxes.npy (a real PFAN file for Flickr30K).
+# The first 8 images of PFAN's Flickr30K train_boxes.npy (a real file from the field).
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'f30k_sample_train_boxes_8.npy')
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tools'))
 import pfan_positions  # pylint: disable=g-import-not-at-top

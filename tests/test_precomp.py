@@ -93,8 +93,8 @@ def test_flickr30k_counts_and_feature_size_are_checked(tmp_path):
 
 
 def test_real_flickr30k_captions_load_through_the_builder(tmp_path, monkeypatch):
-  """The Flickr30K fixture (SCAN's train_caps.txt, first 250 lines = 50 images; shipped copy of
-  ../shared/fixtures/f30k_sample) goes through the precomp caption reader and SCAN's vocabulary unchanged."""
+  """The Flickr30K fixture (SCAN's train_caps.txt, first 250 lines = 50 images; shipped in
+  tests/fixtures/f30k_sample) goes through the precomp caption reader and SCAN's vocabulary unchanged."""
   sample = os.path.join(FIXTURES, 'f30k_sample')
   manual = tmp_path / 'manual' / 'custom_precomp'
   _write(manual, {'train': 50, 'dev': 1, 'test': 1})

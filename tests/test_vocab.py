@@ -13,8 +13,8 @@ from xmatch_jax.data import vocab as vocab_lib
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
 import fuzz_readers  # noqa: E402  pylint: disable=g-import-not-at-top
 
-# Copies of ../shared/fixtures/f30k_sample (SCAN's Flickr30K vocabulary and a slice of its train captions), shipped so
-# the tests run in any clone.
+# Real files from the field, shipped so the tests run in any clone: SCAN's Flickr30K vocabulary and a slice of its
+# train captions.
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'f30k_sample')
 VOCAB_JSON = os.path.join(FIXTURES, 'f30k_vocab.json')
 CAPTIONS_TXT = os.path.join(FIXTURES, 'train_caps.txt')

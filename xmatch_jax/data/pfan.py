@@ -5,8 +5,8 @@ area with every block is computed (eq 2), the top L (= 15) blocks by overlap are
 normalised to weights summing to 1 (eqs 4-5). A region covering fewer than L blocks is padded with the index
 G * G (the padding row of the block embedding) and weight 0.
 
-File layout (PFAN's `{split}_boxes.npy`, e.g. ../shared/fixtures/f30k_sample/train_boxes.npy): float array
-[n_images, k, 2L], the L block indices (as floats) then the L weights, weights in decreasing order.
+File layout (PFAN's `{split}_boxes.npy`, e.g. its Flickr30K train_boxes.npy; tests/fixtures holds 8 images of
+it): float array [n_images, k, 2L], the L block indices (as floats) then the L weights, weights in decreasing order.
 
 Overlaps are areas of the continuous boxes (pixel coordinates x1, y1, x2, y2) with blocks of size W/G x H/G;
 ties keep the smaller block index first.
