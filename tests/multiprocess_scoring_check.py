@@ -1,6 +1,6 @@
-"""Run by test_multiprocess_scoring.py as one of 2 localhost processes x 2 CPU devices (gloo): all-pairs scores
-split over the processes equal one device's, and an interrupted evaluation's finished column (kept by process 0)
-reaches every process. Writes one JSON file per process.
+"""Run by test_multiprocess_scoring.py as one of 2 localhost processes x 2 CPU devices (gloo): all-pairs scores and
+a re-rank pair list's scores split over the processes equal one device's, and an interrupted evaluation's finished
+column (kept by process 0) reaches every process. Writes one JSON file per process.
 
   python tests/multiprocess_scoring_check.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_JSON RESUME_DIR
 """
@@ -35,6 +35,10 @@ def check(fields: dict) -> dict:
   alone = inference.Scorer(model, variables, image_chunk=2, text_batch=TEXT_BATCH, devices=jax.local_devices()[:1])
   image_rep, text_rep = split.encode_images(images), split.encode_text(tokens, mask)
   got, want = split.pair_scores(image_rep, text_rep), alone.pair_scores(image_rep, text_rep)
+  # Re-rank: the tiles split over 2 processes x 2 devices, every process gets every pair's score.
+  images_of, captions_of = sharded_scoring_check.listed_pairs(n_img, n_txt)
+  listed = split.pair_list_scores(image_rep, text_rep, images_of, captions_of, tile=4)
+  listed_alone = alone.pair_list_scores(image_rep, text_rep, images_of, captions_of, tile=4)
   # An interrupted evaluation left its second column on process 0 (marked +1000 so its use is visible). Every caption
   # here is scored at width 8 (7 tokens), so the scorer's order by width is the given one and column 2 is captions
   # 8-15; the store's identity is the one the scorer gives it.
@@ -54,6 +58,7 @@ def check(fields: dict) -> dict:
     'devices': len(split.devices),
     'shape': list(got.shape),
     'max_abs_diff': float(np.max(np.abs(got - want))),
+    'list_max_abs_diff': float(np.max(np.abs(listed - listed_alone))),
     'resumed_max_abs_diff': float(np.max(np.abs(resumed - marked))),
     'store_removed': not os.path.exists(store_dir),
   }

@@ -1,5 +1,6 @@
-"""Run by test_inference.py with 8 fake CPU devices: all-pairs scores split over the 8 devices equal one device's,
-for a region matcher (RDAN) and a joint-sequence one (MMCA, tiny BERT). Prints one JSON line."""
+"""Run by test_inference.py with 8 fake CPU devices: all-pairs scores and a re-rank pair list's scores split over the
+8 devices equal one device's, for a region matcher (RDAN) and a joint-sequence one (MMCA, tiny BERT). Prints one
+JSON line."""
 
 import json
 import os
@@ -30,13 +31,30 @@ def random_inputs(fields: dict, n_img: int, n_txt: int, k: int = 5, n: int = 7, 
   return model, model.init(jax.random.key(0), *model.example_inputs()), images, tokens, mask
 
 
+def listed_pairs(n_img: int, n_txt: int, count: int = 150) -> tuple:
+  """A seeded re-rank list: (image_index, caption_index), repeats included, the same on every process."""
+  rng = np.random.default_rng(1)
+  return rng.integers(0, n_img, count), rng.integers(0, n_txt, count)
+
+
 def check(fields: dict) -> dict:
   # 37 images: 8 devices x chunk 2 = 16 per call, the last padded.
   model, variables, images, tokens, mask = random_inputs(fields, n_img=37, n_txt=23)
   sharded = inference.Scorer(model, variables, image_chunk=2, text_batch=8)
   single = inference.Scorer(model, variables, image_chunk=2, text_batch=8, devices=jax.local_devices()[:1])
   got, want = sharded.score(images, tokens, mask), single.score(images, tokens, mask)
-  return {'devices': len(sharded.devices), 'max_abs_diff': float(np.max(np.abs(got - want))), 'shape': got.shape}
+  # Re-rank: tiles of up to 4 captions of one image, 8 devices x (block_size x 8 / size) tiles a call.
+  image_rep, text_rep = single.encode_images(images), single.encode_text(tokens, mask)
+  images_of, captions_of = listed_pairs(37, 23)
+  listed = sharded.pair_list_scores(image_rep, text_rep, images_of, captions_of, tile=4)
+  listed_one = single.pair_list_scores(image_rep, text_rep, images_of, captions_of, tile=4)
+  return {
+    'devices': len(sharded.devices),
+    'max_abs_diff': float(np.max(np.abs(got - want))),
+    'shape': got.shape,
+    'list_max_abs_diff': float(np.max(np.abs(listed - listed_one))),
+    'list_vs_matrix': float(np.max(np.abs(listed - want[images_of, captions_of]))),
+  }
 
 
 if __name__ == '__main__':

@@ -199,6 +199,8 @@ def test_scores_split_over_eight_devices_equal_one_device():
   for name in ('rdan', 'mmca'):
     assert seen[name]['devices'] == 8 and seen[name]['shape'] == [37, 23], seen
     assert seen[name]['max_abs_diff'] == 0.0, seen  # the same program on the same shapes per device
+    assert seen[name]['list_max_abs_diff'] == 0.0, seen  # re-rank tiles: the same program per tile
+    assert seen[name]['list_vs_matrix'] <= 1e-5, seen
 
 
 class _Killed(Exception):

@@ -1,6 +1,6 @@
-"""All-pairs scoring split over 2 localhost processes x 2 CPU devices (gloo) equals one device's, for SCAN and
-RDAN, with the last process's share of images padded; an interrupted evaluation's finished column, kept by process
-0, is sent to every process (tests/multiprocess_scoring_check.py runs in each process)."""
+"""All-pairs and re-rank scoring split over 2 localhost processes x 2 CPU devices (gloo) equal one device's, for
+SCAN and RDAN, with the last process's share of images padded; an interrupted evaluation's finished column, kept by
+process 0, is sent to every process (tests/multiprocess_scoring_check.py runs in each process)."""
 
 import json
 import os
@@ -56,5 +56,6 @@ def test_scores_split_over_two_processes_equal_one_device(tmp_path):
     for name, got in result.items():
       assert got['processes'] == 2 and got['devices'] == 2 and got['shape'] == [29, 21], (i, name, got)
       assert got['max_abs_diff'] <= 1e-6, (i, name, got)
+      assert got['list_max_abs_diff'] <= 1e-6, (i, name, got)
       assert got['resumed_max_abs_diff'] <= 1e-6, (i, name, got)  # process 0's stored column, on both
       assert got['store_removed'], (i, name, got)

@@ -232,8 +232,11 @@ class Scorer:
     scores it) and then by image: a tile is one image against up to `tile` of its listed captions, scored as a dense
     [1, size] block, so a pair costs what it costs in exhaustive scoring plus the gather of its caption's rep. The
     size is the mean number of pairs per image at that width rounded up to a power of 2, at most `tile`. One call
-    runs `block_size x text_batch / size` tiles (the pairs of one exhaustive block), one tile at a time in lax.map:
-    sequential tiles stay in cache, and were faster than vmapped ones (SCAN f30k: 5.9 k vs 2.9 k pairs/s).
+    runs `block_size x text_batch / size` tiles per device (the pairs of one exhaustive block), one tile at a time in
+    lax.map: sequential tiles stay in cache, and were faster than vmapped ones (SCAN f30k: 5.9 k vs 2.9 k pairs/s).
+    The tiles of a width are split as `pair_scores` splits images: contiguous shares over the processes (each
+    process's scores all-gathered), and within a process over its devices; every tile runs the same program
+    wherever it runs, so the scores do not depend on the split. Every process must pass the same list.
     """
     image_index, caption_index = np.asarray(image_index, np.int64), np.asarray(caption_index, np.int64)
     if image_index.shape != caption_index.shape or image_index.ndim != 1:
@@ -246,7 +249,9 @@ class Scorer:
     lengths = self.model.text_lengths(text_rep)
     widths = caption_widths(lengths)[caption_index] if lengths is not None else np.zeros_like(caption_index)
     order = np.lexsort((caption_index, image_index, widths))  # by width, then image
-    image_rep = jax.device_put(image_rep)
+    if self._mesh_variables is None:
+      self._mesh_variables = jax.device_put(self.variables, self._replicated)
+    on_mesh = jax.device_put(image_rep, self._replicated)
     with progress.bar(total=len(order), desc=f'{self.desc} (re-rank)', unit='pair', unit_scale=True) as bar:
       for width in np.unique(widths):
         in_width = order[widths[order] == width]
@@ -255,30 +260,43 @@ class Scorer:
         run_ends = np.r_[runs[1:], len(in_width)]
         # Few pairs per image (sparse lists): smaller tiles, so padding does not dominate.
         size = int(min(tile, 2 ** np.ceil(np.log2(np.mean(run_ends - runs)))))
-        per_call = max(1, (getattr(self.model, 'block_size', None) or 1) * self.text_batch // size)
+        per_device = max(1, (getattr(self.model, 'block_size', None) or 1) * self.text_batch // size)
+        per_call = per_device * len(self.devices)
         bounds = [(a, min(a + size, end)) for run, end in zip(runs, run_ends) for a in range(run, end, size)]
         slots = np.array([np.r_[np.arange(a, e), np.full(size - (e - a), a)] for a, e in bounds])  # [T, size]
         pairs = in_width[slots]  # positions in the given list
         real = np.array([np.arange(size) < e - a for a, e in bounds])
         part = text_rep if lengths is None else self.model.trim_text_rep(text_rep, int(width))
-        part = jax.device_put(part)
+        part = jax.device_put(part, self._replicated)
         fn = self._tile_program(int(width), per_call)
-        for start in range(0, len(pairs), per_call):
-          chunk = pairs[start : start + per_call]
+        share = -(-len(pairs) // self.processes)  # tiles per process, the last share padded
+        first = jax.process_index() * share if self.processes > 1 else 0
+        mine = pairs[first : first + share]
+        out = np.zeros((share, size), np.float32)
+        for start in range(0, len(mine), per_call):
+          chunk = mine[start : start + per_call]
           rows = len(chunk)
           if rows < per_call:  # one compiled shape per width
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], per_call - rows, axis=0)])
-          out = np.asarray(fn(self.variables, image_rep, part, image_index[chunk[:, 0]], caption_index[chunk]))
-          keep = real[start : start + rows]
-          scores[chunk[:rows][keep]] = out[:rows][keep]
-          bar.update(int(keep.sum()))
+          images = jax.device_put(image_index[chunk[:, 0]], self._split)
+          captions = jax.device_put(caption_index[chunk], self._split)
+          out[start : start + rows] = np.asarray(fn(self._mesh_variables, on_mesh, part, images, captions))[:rows]
+          if self.processes == 1:
+            bar.update(int(real[start : start + rows].sum()))
+        if self.processes > 1:  # [processes, share, size] -> every tile's scores, in order
+          out = np.asarray(multihost_utils.process_allgather(out)).reshape(-1, size)
+          bar.update(int(real.sum()))
+        out = out[: len(pairs)]
+        scores[pairs[real]] = out[real]
     return scores
 
   def _tile_program(self, width: int, per_call: int):
-    """jit: (variables, image_rep, text_rep, images [G], captions [G, size]) -> [G, size], one image per tile."""
+    """jit: (variables, image_rep, text_rep, images [G], captions [G, size]) -> [G, size], one image per tile, the G
+    tiles split over the devices (G = per_call)."""
     key = (width, per_call)
     if key not in self._tile_scores:
       model = self.model
+      spec = jax.sharding.PartitionSpec
 
       def tiles(variables, image_rep, text_rep, images, captions):
         take = lambda rep, index: jax.tree.map(lambda x: x[index], rep)
@@ -287,7 +305,15 @@ class Scorer:
         )[0]
         return jax.lax.map(one, (images, captions))
 
-      self._tile_scores[key] = jax.jit(tiles)
+      self._tile_scores[key] = jax.jit(
+        jax.shard_map(
+          tiles,
+          mesh=self._split.mesh,
+          in_specs=(spec(), spec(), spec(), spec('images'), spec('images')),
+          out_specs=spec('images'),
+          check_vma=False,
+        )
+      )
     return self._tile_scores[key]
 
   def score(self, images: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
