@@ -1,6 +1,6 @@
-"""Run by test_multiprocess_scoring.py as one of 2 localhost processes x 2 CPU devices (gloo): all-pairs scores and
-a re-rank pair list's scores split over the processes equal one device's, and an interrupted evaluation's finished
-column (kept by process 0) reaches every process. Writes one JSON file per process.
+"""Run by test_multiprocess_scoring.py as one of 2 localhost processes x 2 CPU devices (gloo): all-pairs scores, a
+re-rank pair list's scores and the shortlist's scores split over the processes equal one device's, and an
+interrupted evaluation's finished column (kept by process 0) reaches every process. Writes one JSON file per process.
 
   python tests/multiprocess_scoring_check.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_JSON RESUME_DIR
 """
@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from xmatch_jax import inference  # noqa: E402
+from xmatch_jax import rerank  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sharded_scoring_check  # noqa: E402
@@ -39,6 +40,8 @@ def check(fields: dict) -> dict:
   images_of, captions_of = sharded_scoring_check.listed_pairs(n_img, n_txt)
   listed = split.pair_list_scores(image_rep, text_rep, images_of, captions_of, tile=4)
   listed_alone = alone.pair_list_scores(image_rep, text_rep, images_of, captions_of, tile=4)
+  coarse = rerank._shortlist_scores(split, image_rep, text_rep, desc='', block_size=2, chunk_blocks=2)  # pylint: disable=protected-access
+  coarse_alone = rerank._shortlist_scores(alone, image_rep, text_rep, desc='', block_size=2, chunk_blocks=2)  # pylint: disable=protected-access
   # An interrupted evaluation left its second column on process 0 (marked +1000 so its use is visible). Every caption
   # here is scored at width 8 (7 tokens), so the scorer's order by width is the given one and column 2 is captions
   # 8-15; the store's identity is the one the scorer gives it.
@@ -59,6 +62,8 @@ def check(fields: dict) -> dict:
     'shape': list(got.shape),
     'max_abs_diff': float(np.max(np.abs(got - want))),
     'list_max_abs_diff': float(np.max(np.abs(listed - listed_alone))),
+    'shortlist_max_abs_diff': float(np.max(np.abs(coarse - coarse_alone))),
+    'shortlist_shape': list(coarse.shape),
     'resumed_max_abs_diff': float(np.max(np.abs(resumed - marked))),
     'store_removed': not os.path.exists(store_dir),
   }

@@ -1,6 +1,6 @@
-"""Run by test_inference.py with 8 fake CPU devices: all-pairs scores and a re-rank pair list's scores split over the
-8 devices equal one device's, for a region matcher (RDAN) and a joint-sequence one (MMCA, tiny BERT). Prints one
-JSON line."""
+"""Run by test_inference.py with 8 fake CPU devices: all-pairs scores, a re-rank pair list's scores and the
+shortlist's global scores split over the 8 devices equal one device's, for a region matcher (RDAN) and a
+joint-sequence one (MMCA, tiny BERT). Prints one JSON line."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xmatch_jax import inference  # noqa: E402
+from xmatch_jax import rerank  # noqa: E402
 from xmatch_jax.models import build_model  # noqa: E402
 
 TINY_BERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
@@ -48,12 +49,17 @@ def check(fields: dict) -> dict:
   images_of, captions_of = listed_pairs(37, 23)
   listed = sharded.pair_list_scores(image_rep, text_rep, images_of, captions_of, tile=4)
   listed_one = single.pair_list_scores(image_rep, text_rep, images_of, captions_of, tile=4)
+  # The shortlist's global scores: 8 devices x 2 blocks of 2 images a call, against 1 device x 2 blocks.
+  coarse = rerank._shortlist_scores(sharded, image_rep, text_rep, desc='', block_size=2, chunk_blocks=2)  # pylint: disable=protected-access
+  coarse_one = rerank._shortlist_scores(single, image_rep, text_rep, desc='', block_size=2, chunk_blocks=2)  # pylint: disable=protected-access
   return {
     'devices': len(sharded.devices),
     'max_abs_diff': float(np.max(np.abs(got - want))),
     'shape': got.shape,
     'list_max_abs_diff': float(np.max(np.abs(listed - listed_one))),
     'list_vs_matrix': float(np.max(np.abs(listed - want[images_of, captions_of]))),
+    'shortlist_max_abs_diff': float(np.max(np.abs(coarse - coarse_one))),
+    'shortlist_shape': coarse.shape,
   }
 
 

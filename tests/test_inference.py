@@ -172,9 +172,10 @@ def test_shortlist_scores_caption_groups_of_one_width_as_the_padded_split(name):
     text_rep = {**text_rep, 'c0': jnp.asarray(rng.normal(size=(n_txt, dim)), jnp.float32)}
   want = np.asarray(rerank.global_scores(model, image_rep, text_rep))  # one call at the padded width
   widths, real = [], rerank._global_fn  # pylint: disable=protected-access
-  rerank._global_fn = lambda m, b: lambda i, t: widths.append(t['mask'].shape[1]) or real(m, b)(i, t)  # pylint: disable=protected-access
+  rerank._global_fn = lambda *a: lambda i, t: widths.append(t['mask'].shape[1]) or real(*a)(i, t)  # pylint: disable=protected-access
+  scorer = inference.Scorer(model, {}, devices=jax.local_devices()[:1])
   try:
-    got = rerank._shortlist_scores(model, image_rep, text_rep, desc='', block_size=2, chunk_blocks=2)  # pylint: disable=protected-access
+    got = rerank._shortlist_scores(scorer, image_rep, text_rep, desc='', block_size=2, chunk_blocks=2)  # pylint: disable=protected-access
   finally:
     rerank._global_fn = real  # pylint: disable=protected-access
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -201,6 +202,7 @@ def test_scores_split_over_eight_devices_equal_one_device():
     assert seen[name]['max_abs_diff'] == 0.0, seen  # the same program on the same shapes per device
     assert seen[name]['list_max_abs_diff'] == 0.0, seen  # re-rank tiles: the same program per tile
     assert seen[name]['list_vs_matrix'] <= 1e-5, seen
+    assert seen[name]['shortlist_shape'] == [37, 23] and seen[name]['shortlist_max_abs_diff'] <= 1e-6, seen
 
 
 class _Killed(Exception):

@@ -57,5 +57,6 @@ def test_scores_split_over_two_processes_equal_one_device(tmp_path):
       assert got['processes'] == 2 and got['devices'] == 2 and got['shape'] == [29, 21], (i, name, got)
       assert got['max_abs_diff'] <= 1e-6, (i, name, got)
       assert got['list_max_abs_diff'] <= 1e-6, (i, name, got)
+      assert got['shortlist_shape'] == [29, 21] and got['shortlist_max_abs_diff'] <= 1e-6, (i, name, got)
       assert got['resumed_max_abs_diff'] <= 1e-6, (i, name, got)  # process 0's stored column, on both
       assert got['store_removed'], (i, name, got)

@@ -99,7 +99,7 @@ class Scorer:
     self.processes = 1 if devices else jax.process_count()  # given devices: this process scores alone
     self._encode_image = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
     self._encode_text = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_text))
-    mesh = jax.sharding.Mesh(np.array(self.devices), ('images',))
+    self.mesh = mesh = jax.sharding.Mesh(np.array(self.devices), ('images',))  # the devices, along `images`
     spec = jax.sharding.PartitionSpec
     # Inputs committed to one device (the trainer's local copy of the params, reps computed from them) are placed
     # on the mesh first: replicated variables and captions, images split.
@@ -308,7 +308,7 @@ class Scorer:
       self._tile_scores[key] = jax.jit(
         jax.shard_map(
           tiles,
-          mesh=self._split.mesh,
+          mesh=self.mesh,
           in_specs=(spec(), spec(), spec(), spec('images'), spec('images')),
           out_specs=spec('images'),
           check_vma=False,

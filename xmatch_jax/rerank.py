@@ -16,6 +16,7 @@ image-to-text shortlists differ, so each direction has its own matrix.
 import functools
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,32 +30,61 @@ def global_scores(model, image_rep, text_rep, block_size: int = 16) -> jax.Array
   return _global_fn(model, block_size)(image_rep, text_rep)
 
 
-def _global_fn(model, block_size: int):
-  return jax.jit(functools.partial(model.global_scores, block_size=block_size))
+def _global_fn(model, block_size: int, mesh: jax.sharding.Mesh | None = None):
+  """jit of the model's `global_scores`; with a mesh, the images split over its `images` axis (shard_map)."""
+  fn = functools.partial(model.global_scores, block_size=block_size)
+  if mesh is None:
+    return jax.jit(fn)
+  spec = jax.sharding.PartitionSpec
+  return jax.jit(
+    jax.shard_map(fn, mesh=mesh, in_specs=(spec('images'), spec()), out_specs=spec('images'), check_vma=False)
+  )
 
 
-def _shortlist_scores(model, image_rep, text_rep, desc: str, block_size: int = 16, chunk_blocks: int = 8) -> np.ndarray:
-  """`global_scores` as numpy [n_img, n_txt], `chunk_blocks` blocks of `block_size` images per call, with a progress
-  bar (a region / word score is a pass of S over all pairs: minutes for a large split on CPU).
+def _shortlist_scores(
+  scorer, image_rep, text_rep, desc: str, block_size: int = 16, chunk_blocks: int = 8
+) -> np.ndarray:
+  """`global_scores` as numpy [n_img, n_txt], `chunk_blocks` blocks of `block_size` images per device and call, with
+  a progress bar (a region / word score is a pass of S over all pairs: minutes for a large split on CPU).
 
-  When the model can cut its text rep's token axis, captions are scored in groups of one width (their length rounded
-  up to TOKEN_STEP, as `Scorer.pair_scores` does), so a split padded to its longest caption is not scored at that
-  length: COCO-5K's shortlist was ~3x slower padded. Every call scores the same `block_size`-image blocks one call
-  over all images would, and a score depends only on its own image and caption."""
-  chunk = min(block_size * chunk_blocks, jax.tree.leaves(image_rep)[0].shape[0])
-  score = _global_fn(model, block_size)
+  The images are split as `Scorer.pair_scores` splits them: contiguous shares over the processes (the rows
+  all-gathered), each share over the scorer's devices. When the model can cut its text rep's token axis, captions
+  are scored in groups of one width (their length rounded up to TOKEN_STEP, as `Scorer.pair_scores` does), so a split
+  padded to its longest caption is not scored at that length: COCO-5K's shortlist was ~3x slower padded. A score
+  depends only on its own image and caption, whatever the chunks."""
+  model = scorer.model
+  n_img = jax.tree.leaves(image_rep)[0].shape[0]
+  n_txt = jax.tree.leaves(text_rep)[0].shape[0]
+  share = -(-n_img // scorer.processes)  # images per process, the last share zero-padded
+  if scorer.processes > 1:
+    first = jax.process_index() * share
+    image_rep = inference.pad_rows(jax.tree.map(lambda x: np.asarray(x[first : first + share]), image_rep), share)
+  devices = len(scorer.devices)
+  chunk = min(block_size * chunk_blocks, -(-share // devices)) * devices
+  score = _global_fn(model, block_size, scorer.mesh)
+  split = jax.sharding.NamedSharding(scorer.mesh, jax.sharding.PartitionSpec('images'))
+  replicated = jax.sharding.NamedSharding(scorer.mesh, jax.sharding.PartitionSpec())
   lengths = model.text_lengths(text_rep)
   if lengths is None:
-    return np.asarray(inference.map_chunks(lambda x: score(x, text_rep), image_rep, chunk, desc=desc, unit='image'))
-  widths = inference.caption_widths(lengths)
-  columns = [np.flatnonzero(widths == width) for width in np.unique(widths)]
-  groups = [model.trim_text_rep(jax.tree.map(lambda x: x[c], text_rep), int(widths[c[0]])) for c in columns]
-  given = np.argsort(np.concatenate(columns))  # the groups' columns back in the given order
+    groups, given = [jax.device_put(text_rep, replicated)], None
+  else:
+    widths = inference.caption_widths(lengths)
+    columns = [np.flatnonzero(widths == width) for width in np.unique(widths)]
+    groups = [
+      jax.device_put(model.trim_text_rep(jax.tree.map(lambda x: x[c], text_rep), int(widths[c[0]])), replicated)
+      for c in columns
+    ]
+    given = np.argsort(np.concatenate(columns))  # the groups' columns back in the given order
 
   def chunk_scores(images):
-    return jnp.concatenate([score(images, rep) for rep in groups], axis=1)[:, given]
+    images = jax.device_put(images, split)
+    out = jnp.concatenate([score(images, rep) for rep in groups], axis=1)
+    return out if given is None else out[:, given]
 
-  return np.asarray(inference.map_chunks(chunk_scores, image_rep, chunk, desc=desc, unit='image'))
+  coarse = np.asarray(inference.map_chunks(chunk_scores, image_rep, chunk, desc=desc, unit='image'))
+  if scorer.processes > 1:  # [processes, share, n_txt] -> every image's row, in order
+    coarse = np.asarray(multihost_utils.process_allgather(coarse)).reshape(-1, n_txt)[:n_img]
+  return coarse
 
 
 def shortlist(scores: np.ndarray, k: int) -> np.ndarray:
@@ -77,7 +107,7 @@ def rerank(scorer, image_rep, text_rep, k: int, tile: int = 64) -> tuple[np.ndar
   """Two-stage scores of all pairs. Returns (i2t [n_img, n_txt]: per image its top-k captions re-scored,
   t2i [n_img, n_txt]: per caption its top-k images re-scored). A k above the number of items re-scores them all.
   A pair shortlisted in both directions is scored once (`Scorer.pair_list_scores`, `tile` captions per image)."""
-  coarse = _shortlist_scores(scorer.model, image_rep, text_rep, desc=f'{scorer.desc} (shortlist)')
+  coarse = _shortlist_scores(scorer, image_rep, text_rep, desc=f'{scorer.desc} (shortlist)')
   n_img, n_txt = coarse.shape
   images_per_caption = shortlist(coarse.T, k)  # [n_txt, k]
   captions_per_image = shortlist(coarse, k)  # [n_img, k]
