@@ -103,8 +103,8 @@ class Scorer:
     spec = jax.sharding.PartitionSpec
     # Inputs committed to one device (the trainer's local copy of the params, reps computed from them) are placed
     # on the mesh first: replicated variables and captions, images split.
-    self._replicated = jax.sharding.NamedSharding(mesh, spec())
-    self._split = jax.sharding.NamedSharding(mesh, spec('images'))
+    self.replicated = jax.sharding.NamedSharding(mesh, spec())
+    self.split = jax.sharding.NamedSharding(mesh, spec('images'))
     self._mesh_variables = None
     self._pair_scores = jax.jit(
       jax.shard_map(
@@ -116,6 +116,21 @@ class Scorer:
       )
     )
     self._tile_scores = {}  # `pair_list_scores`' jitted programs, one per (width, tiles per call)
+
+  def process_share(self, tree, n: int):
+    """This process's contiguous share of the n rows of `tree`, zero-padded to ceil(n / processes) rows (the whole
+    tree in one process). `gather_shares` puts the shares' results back together."""
+    if self.processes == 1:
+      return tree
+    share = -(-n // self.processes)
+    first = jax.process_index() * share
+    return pad_rows(jax.tree.map(lambda x: np.asarray(x[first : first + share]), tree), share)
+
+  def gather_shares(self, rows: np.ndarray, n: int) -> np.ndarray:
+    """Every process's result rows for its `process_share`, all-gathered in process order and cut to n rows."""
+    if self.processes > 1:
+      rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1, *rows.shape[1:])
+    return np.asarray(rows)[:n]
 
   def encode_images(self, images: dict):
     """images: dataset-format dict -> image rep pytree with leading dim n_img."""
@@ -173,10 +188,7 @@ class Scorer:
     identity = {**(identity or {}), 'shape': [n_img, n_txt], 'text_batch': self.text_batch}
     identity['caption_order'] = 'by_width' if order is not None else 'given'
     done = _ColumnStore(resume_dir if chief else None, identity)  # process 0 keeps the finished columns
-    share = -(-n_img // self.processes)  # images per process, the last share zero-padded
-    if self.processes > 1:
-      first = jax.process_index() * share
-      image_rep = pad_rows(jax.tree.map(lambda x: np.asarray(x[first : first + share]), image_rep), share)
+    image_rep = self.process_share(image_rep, n_img)
     columns = []
     with progress.bar(total=n_img * n_txt, desc=self.desc, unit='pair', unit_scale=True) as bar:
       for start, stop, width in tiles:
@@ -190,18 +202,16 @@ class Scorer:
           if rows < self.text_batch:
             part = pad_rows(part, self.text_batch)
           if self._mesh_variables is None:
-            self._mesh_variables = jax.device_put(self.variables, self._replicated)
-          on_mesh = jax.device_put(part, self._replicated)
+            self._mesh_variables = jax.device_put(self.variables, self.replicated)
+          on_mesh = jax.device_put(part, self.replicated)
           tile = np.asarray(
             map_chunks(
-              lambda i: self._pair_scores(self._mesh_variables, jax.device_put(i, self._split), on_mesh),
+              lambda i: self._pair_scores(self._mesh_variables, jax.device_put(i, self.split), on_mesh),
               image_rep,
               self.image_chunk * len(self.devices),
             )
           )
-          if self.processes > 1:  # [processes, share, text_batch] -> every image's row, in order
-            tile = np.asarray(multihost_utils.process_allgather(tile)).reshape(-1, tile.shape[1])
-          column = tile[:n_img, :rows]
+          column = self.gather_shares(tile, n_img)[:, :rows]
           done.put(start, column)
         columns.append(column)
         bar.update(n_img * rows)
@@ -250,8 +260,8 @@ class Scorer:
     widths = caption_widths(lengths)[caption_index] if lengths is not None else np.zeros_like(caption_index)
     order = np.lexsort((caption_index, image_index, widths))  # by width, then image
     if self._mesh_variables is None:
-      self._mesh_variables = jax.device_put(self.variables, self._replicated)
-    on_mesh = jax.device_put(image_rep, self._replicated)
+      self._mesh_variables = jax.device_put(self.variables, self.replicated)
+    on_mesh = jax.device_put(image_rep, self.replicated)
     with progress.bar(total=len(order), desc=f'{self.desc} (re-rank)', unit='pair', unit_scale=True) as bar:
       for width in np.unique(widths):
         in_width = order[widths[order] == width]
@@ -267,26 +277,23 @@ class Scorer:
         pairs = in_width[slots]  # positions in the given list
         real = np.array([np.arange(size) < e - a for a, e in bounds])
         part = text_rep if lengths is None else self.model.trim_text_rep(text_rep, int(width))
-        part = jax.device_put(part, self._replicated)
+        part = jax.device_put(part, self.replicated)
         fn = self._tile_program(int(width), per_call)
-        share = -(-len(pairs) // self.processes)  # tiles per process, the last share padded
-        first = jax.process_index() * share if self.processes > 1 else 0
-        mine = pairs[first : first + share]
-        out = np.zeros((share, size), np.float32)
+        mine = self.process_share(pairs, len(pairs))  # this process's tiles
+        out = np.zeros((len(mine), size), np.float32)
         for start in range(0, len(mine), per_call):
           chunk = mine[start : start + per_call]
           rows = len(chunk)
           if rows < per_call:  # one compiled shape per width
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], per_call - rows, axis=0)])
-          images = jax.device_put(image_index[chunk[:, 0]], self._split)
-          captions = jax.device_put(caption_index[chunk], self._split)
+          images = jax.device_put(image_index[chunk[:, 0]], self.split)
+          captions = jax.device_put(caption_index[chunk], self.split)
           out[start : start + rows] = np.asarray(fn(self._mesh_variables, on_mesh, part, images, captions))[:rows]
           if self.processes == 1:
             bar.update(int(real[start : start + rows].sum()))
-        if self.processes > 1:  # [processes, share, size] -> every tile's scores, in order
-          out = np.asarray(multihost_utils.process_allgather(out)).reshape(-1, size)
+        out = self.gather_shares(out, len(pairs))
+        if self.processes > 1:
           bar.update(int(real.sum()))
-        out = out[: len(pairs)]
         scores[pairs[real]] = out[real]
     return scores
 

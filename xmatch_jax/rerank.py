@@ -16,7 +16,6 @@ image-to-text shortlists differ, so each direction has its own matrix.
 import functools
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,37 +53,30 @@ def _shortlist_scores(
   depends only on its own image and caption, whatever the chunks."""
   model = scorer.model
   n_img = jax.tree.leaves(image_rep)[0].shape[0]
-  n_txt = jax.tree.leaves(text_rep)[0].shape[0]
-  share = -(-n_img // scorer.processes)  # images per process, the last share zero-padded
-  if scorer.processes > 1:
-    first = jax.process_index() * share
-    image_rep = inference.pad_rows(jax.tree.map(lambda x: np.asarray(x[first : first + share]), image_rep), share)
+  image_rep = scorer.process_share(image_rep, n_img)
   devices = len(scorer.devices)
-  chunk = min(block_size * chunk_blocks, -(-share // devices)) * devices
+  chunk = min(block_size * chunk_blocks, -(-jax.tree.leaves(image_rep)[0].shape[0] // devices)) * devices
   score = _global_fn(model, block_size, scorer.mesh)
-  split = jax.sharding.NamedSharding(scorer.mesh, jax.sharding.PartitionSpec('images'))
-  replicated = jax.sharding.NamedSharding(scorer.mesh, jax.sharding.PartitionSpec())
   lengths = model.text_lengths(text_rep)
   if lengths is None:
-    groups, given = [jax.device_put(text_rep, replicated)], None
+    groups, given = [jax.device_put(text_rep, scorer.replicated)], None
   else:
     widths = inference.caption_widths(lengths)
     columns = [np.flatnonzero(widths == width) for width in np.unique(widths)]
     groups = [
-      jax.device_put(model.trim_text_rep(jax.tree.map(lambda x: x[c], text_rep), int(widths[c[0]])), replicated)
+      jax.device_put(model.trim_text_rep(jax.tree.map(lambda x: x[c], text_rep), int(widths[c[0]])), scorer.replicated)
       for c in columns
     ]
     given = np.argsort(np.concatenate(columns))  # the groups' columns back in the given order
 
   def chunk_scores(images):
-    images = jax.device_put(images, split)
+    images = jax.device_put(images, scorer.split)
     out = jnp.concatenate([score(images, rep) for rep in groups], axis=1)
     return out if given is None else out[:, given]
 
-  coarse = np.asarray(inference.map_chunks(chunk_scores, image_rep, chunk, desc=desc, unit='image'))
-  if scorer.processes > 1:  # [processes, share, n_txt] -> every image's row, in order
-    coarse = np.asarray(multihost_utils.process_allgather(coarse)).reshape(-1, n_txt)[:n_img]
-  return coarse
+  return scorer.gather_shares(
+    np.asarray(inference.map_chunks(chunk_scores, image_rep, chunk, desc=desc, unit='image')), n_img
+  )
 
 
 def shortlist(scores: np.ndarray, k: int) -> np.ndarray:
