@@ -54,8 +54,8 @@ def _shortlist_scores(
   model = scorer.model
   n_img = jax.tree.leaves(image_rep)[0].shape[0]
   image_rep = scorer.process_share(image_rep, n_img)
-  devices = len(scorer.devices)
-  chunk = min(block_size * chunk_blocks, -(-jax.tree.leaves(image_rep)[0].shape[0] // devices)) * devices
+  share, devices = jax.tree.leaves(image_rep)[0].shape[0], len(scorer.devices)
+  chunk = min(block_size * chunk_blocks, -(-share // devices)) * devices  # images per call, over all devices
   score = _global_fn(model, block_size, scorer.mesh)
   lengths = model.text_lengths(text_rep)
   if lengths is None:
