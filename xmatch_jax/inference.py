@@ -117,6 +117,13 @@ class Scorer:
     )
     self._tile_scores = {}  # `pair_list_scores`' jitted programs, one per (width, tiles per call)
 
+  @property
+  def mesh_variables(self):
+    """The variables replicated over the mesh, placed on first use (the trainer's copy may sit on one device)."""
+    if self._mesh_variables is None:
+      self._mesh_variables = jax.device_put(self.variables, self.replicated)
+    return self._mesh_variables
+
   def process_share(self, tree, n: int):
     """This process's contiguous share of the n rows of `tree`, zero-padded to ceil(n / processes) rows (the whole
     tree in one process). `gather_shares` puts the shares' results back together."""
@@ -201,12 +208,10 @@ class Scorer:
         if column is None:
           if rows < self.text_batch:
             part = pad_rows(part, self.text_batch)
-          if self._mesh_variables is None:
-            self._mesh_variables = jax.device_put(self.variables, self.replicated)
           on_mesh = jax.device_put(part, self.replicated)
           tile = np.asarray(
             map_chunks(
-              lambda i: self._pair_scores(self._mesh_variables, jax.device_put(i, self.split), on_mesh),
+              lambda i: self._pair_scores(self.mesh_variables, jax.device_put(i, self.split), on_mesh),
               image_rep,
               self.image_chunk * len(self.devices),
             )
@@ -259,8 +264,6 @@ class Scorer:
     lengths = self.model.text_lengths(text_rep)
     widths = caption_widths(lengths)[caption_index] if lengths is not None else np.zeros_like(caption_index)
     order = np.lexsort((caption_index, image_index, widths))  # by width, then image
-    if self._mesh_variables is None:
-      self._mesh_variables = jax.device_put(self.variables, self.replicated)
     on_mesh = jax.device_put(image_rep, self.replicated)
     with progress.bar(total=len(order), desc=f'{self.desc} (re-rank)', unit='pair', unit_scale=True) as bar:
       for width in np.unique(widths):
@@ -288,7 +291,7 @@ class Scorer:
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], per_call - rows, axis=0)])
           images = jax.device_put(image_index[chunk[:, 0]], self.split)
           captions = jax.device_put(caption_index[chunk], self.split)
-          out[start : start + rows] = np.asarray(fn(self._mesh_variables, on_mesh, part, images, captions))[:rows]
+          out[start : start + rows] = np.asarray(fn(self.mesh_variables, on_mesh, part, images, captions))[:rows]
           if self.processes == 1:
             bar.update(int(real[start : start + rows].sum()))
         out = self.gather_shares(out, len(pairs))
