@@ -147,8 +147,8 @@ def test_torch_glfn_official_loops_equal_the_model(spec, fields):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize('block', [1, 4, 100])
-def test_torch_daer_relation_network_equals_the_model(block):
+@pytest.mark.parametrize('block, compiled', [(1, False), (4, False), (100, False), (4, True)])
+def test_torch_daer_relation_network_equals_the_model(block, compiled):
   torch = pytest.importorskip('torch')
   config, model = _model('configs/daer.py:wikipedia', embed_size=12, relation_hidden=(10, 6))
   image_rep, text_rep = model.example_reps(6, 7, 9, 1, 1, 1)
@@ -160,13 +160,14 @@ def test_torch_daer_relation_network_equals_the_model(block):
     benchmark.flat_params(variables),
     config.model.to_dict(),
     block,
+    compiled,
   ).numpy()
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize('block', [1, 4, 100])
-def test_torch_rdan_head_equals_the_model(block):
+@pytest.mark.parametrize('block, compiled', [(1, False), (4, False), (100, False), (4, True)])
+def test_torch_rdan_head_equals_the_model(block, compiled):
   torch = pytest.importorskip('torch')
   config, model = _model('configs/rdan.py:f30k', cnn_channels=4, embed_size=16)
   reps = _reps(model, 2, 5, 7, 9, 11, 3)
@@ -179,20 +180,22 @@ def test_torch_rdan_head_equals_the_model(block):
     benchmark.flat_params(variables),
     config.model.to_dict(),
     block,
+    compiled,
   ).numpy()
   np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize(
-  'block, fields',
+  'block, fields, compiled',
   [
-    (1, {}),
-    (3, {'text_norm': 'layernorm', 'cross_attention_scale': 'head', 'projection_bias': True}),
-    (100, {'alpha': 0.0}),
+    (1, {}, False),
+    (3, {'text_norm': 'layernorm', 'cross_attention_scale': 'head', 'projection_bias': True}, False),
+    (100, {'alpha': 0.0}, False),
+    (3, {}, True),  # torch.compile'd blocks, as `--torch-compile` times them
   ],
 )
-def test_torch_mmca_head_equals_the_model(block, fields):
+def test_torch_mmca_head_equals_the_model(block, fields, compiled):
   torch = pytest.importorskip('torch')
   tiny_bert = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
   config, model = _model(
@@ -206,7 +209,7 @@ def test_torch_mmca_head_equals_the_model(block, fields):
   expected = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
   as_torch = lambda rep: {key: torch.from_numpy(np.array(value)) for key, value in rep.items()}
   got = benchmark.torch_mmca(
-    as_torch(image_rep), as_torch(text_rep), benchmark.flat_params(variables), config.model.to_dict(), block
+    as_torch(image_rep), as_torch(text_rep), benchmark.flat_params(variables), config.model.to_dict(), block, compiled
   ).numpy()
   np.testing.assert_allclose(got, expected, atol=1e-5)
 

@@ -2,6 +2,7 @@
 
   python tools/benchmark.py --config=configs/rdan.py:f30k --n=20 --min_len=12 --json=rdan.json
   python tools/benchmark.py --config=configs/scan.py:f30k --n=14 --min_len=14 --compare-torch
+  python tools/benchmark.py --config=configs/rdan.py:f30k --n=20 --min_len=12 --compare-torch --torch-compile
   python tools/benchmark.py --config=configs/rdan.py:f30k --train_batch=0      # scoring only
   python tools/benchmark.py --config=configs/scan.py:f30k --dtype=bfloat16      # mixed precision (config.model.dtype)
   python tools/benchmark.py --config=configs/glfn.py:f30k --bert_dir=minilm --n=14 --train_batch=0
@@ -25,9 +26,12 @@ same head on the same inputs (SCAN t2i / i2t and GLFN's t2i / i2t / eq 33 fusion
 captions with materialised context vectors; RDAN: batched channels_last convolutions; MMCA: the cross branch
 batched over a block of images x all captions with `scaled_dot_product_attention` and `conv1d`; DAER: the relation
 network with its first layer per item and the rest as `addmm` over a block of images x all texts) and checks that
-the outputs agree.
+the outputs agree. `--torch-compile` also runs the batched heads' blocks (RDAN, MMCA, DAER) through `torch.compile`
+(inductor's C++ code; compilation on the first call, not timed) and takes the speed-up against the faster of the
+two; the official SCAN and GLFN loops are compared as their authors run them.
 """
 
+import functools
 import json
 import os
 import resource
@@ -353,9 +357,33 @@ def torch_glfn_official(regions, words, lengths, m: dict):
   return m['alpha'] * scores['i2t'] + (1 - m['alpha']) * scores['t2i']
 
 
-def torch_daer(image, text, params: dict, m: dict, block: int):
+def _block_fn(fn, compiled: bool):
+  """fn, or fn through `torch.compile` (one compiled program per block shape, cached across calls)."""
+  return _torch_compiled(fn) if compiled else fn
+
+
+@functools.cache
+def _torch_compiled(fn):
+  import torch
+
+  return torch.compile(fn, dynamic=False)
+
+
+def _daer_block(first_i, first_t, layers):
+  """[b, h0] image and [C, h0] text first-layer outputs -> [b, C] relation scores through the remaining layers."""
+  import torch
+
+  h = torch.relu(first_i[:, None] + first_t[None])  # [b, C, h0]
+  for kernel, bias in layers[:-1]:
+    h = torch.relu(torch.addmm(bias, h.reshape(-1, h.size(-1)), kernel).reshape(*h.shape[:2], -1))
+  kernel, bias = layers[-1]
+  return torch.sigmoid(h @ kernel[:, 0] + bias[0])
+
+
+def torch_daer(image, text, params: dict, m: dict, block: int, compiled: bool = False):
   """DAER's relation network (eqs 7-10) on every pair in PyTorch: the first layer split into per-item projections
-  of sign(R) |R|^k, then blocks of images x all texts through the remaining layers and the sigmoid.
+  of sign(R) |R|^k, then blocks of images x all texts through the remaining layers and the sigmoid (each block
+  through `torch.compile` if `compiled`).
 
   image [I, d], text [C, d] (torch tensors); params: `flat_params` of the model -> [I, C].
   """
@@ -372,21 +400,46 @@ def torch_daer(image, text, params: dict, m: dict, block: int):
   depth = sum(1 for key in params if key.startswith('params/relation/fc') and key.endswith('/kernel')) - 2
   names = [f'fc{i}' for i in range(1, depth + 1)] + ['out']  # after fc0_text / fc0_image
   layers = [(param(f'{name}/kernel'), param(f'{name}/bias')) for name in names]
-  out = []
-  for start in range(0, image.size(0), block):
-    h = torch.relu(first_i[start : start + block, None] + first_t[None])  # [b, C, h0]
-    for kernel, bias in layers[:-1]:
-      h = torch.relu(torch.addmm(bias, h.reshape(-1, h.size(-1)), kernel).reshape(*h.shape[:2], -1))
-    kernel, bias = layers[-1]
-    out.append(torch.sigmoid(h @ kernel[:, 0] + bias[0]))
-  return torch.cat(out, 0)
+  fn = _block_fn(_daer_block, compiled)
+  return torch.cat([fn(first_i[start : start + block], first_t, layers) for start in range(0, image.size(0), block)])
 
 
-def torch_rdan(regions, words, mask, params: dict, m: dict, block: int):
-  """RDAN's head (eqs 5-11) in PyTorch at its best on CPU: S as one einsum, the relation CNN as channels_last
-  convolutions over a block of images x all captions, and the Gram-matrix cosines."""
+def _rdan_block(r_unit, r_norm, g_img, w_unit, w_norm, g_txt, valid, convs, lam: float, mu: float):
+  """RDAN's eqs 5-11 for a block of b images x all C captions -> [b, C] (the inputs as `torch_rdan` makes them)."""
   import torch
   import torch.nn.functional as F
+
+  eps = 1e-8
+  c, k, n = w_unit.size(0), r_unit.size(1), w_unit.size(1)
+  colmask = valid[None, :, None, :].float()
+  sim = torch.einsum('ikd,cnd->ickn', r_unit, w_unit)
+  b = sim.size(0)
+  x = (sim * colmask).reshape(b * c, 1, k, n).contiguous(memory_format=torch.channels_last)
+  pm = colmask.expand(b, c, 1, n).reshape(b * c, 1, 1, n)
+  for i, (kernel, bias) in enumerate(convs):
+    pad = (kernel.size(2) // 2, kernel.size(3) // 2)
+    x = F.conv2d(x, kernel, bias, padding=pad)
+    if i < 3:
+      x = F.relu(x) * pm
+  maps = x.reshape(b, c, -1, k, n)
+  s1, s2 = maps[:, :, 0] + sim, maps[:, :, -1] + sim
+  rn, wn = r_norm[:, None], w_norm[None]
+  alpha = torch.softmax((lam * s2).masked_fill(~valid[None, :, None, :], float('-inf')), dim=-1)
+  dots = rn * (alpha * sim * wn[:, :, None, :]).sum(-1)
+  att = (alpha * torch.einsum('cnm,ickm->ickn', g_txt, alpha)).sum(-1)
+  rr = dots / (rn * att.clamp(min=0).sqrt()).clamp(min=eps)
+  beta = torch.softmax(lam * s1, dim=-2)
+  dots = wn * (beta * sim * rn[..., None]).sum(-2)
+  att = (beta * torch.einsum('ikl,icln->ickn', g_img, beta)).sum(-2)
+  wr = (dots / (wn * att.clamp(min=0).sqrt()).clamp(min=eps)) * valid[None]
+  return (1 - mu) * rr.mean(-1) + mu * wr.sum(-1) / valid.sum(-1)[None]
+
+
+def torch_rdan(regions, words, mask, params: dict, m: dict, block: int, compiled: bool = False):
+  """RDAN's head (eqs 5-11) in PyTorch at its best on CPU: S as one einsum, the relation CNN as channels_last
+  convolutions over a block of images x all captions, and the Gram-matrix cosines (each block through
+  `torch.compile` if `compiled`)."""
+  import torch
 
   eps = 1e-8
   valid = mask > 0
@@ -403,126 +456,144 @@ def torch_rdan(regions, words, mask, params: dict, m: dict, block: int):
         torch.from_numpy(np.array(params[f'params/relation_cnn/{name}_bias'])),
       )
     )
-  lam, mu = m['lambda_'], m['mu']
-  c, k, n = words.size(0), regions.size(1), words.size(1)
-  colmask = valid[None, :, None, :].float()
+  fn = _block_fn(_rdan_block, compiled)
   out = []
   for start in range(0, regions.size(0), block):
-    sim = torch.einsum('ikd,cnd->ickn', r_unit[start : start + block], w_unit)
-    b = sim.size(0)
-    x = (sim * colmask).reshape(b * c, 1, k, n).contiguous(memory_format=torch.channels_last)
-    pm = colmask.expand(b, c, 1, n).reshape(b * c, 1, 1, n)
-    for i, (kernel, bias) in enumerate(convs):
-      pad = (kernel.size(2) // 2, kernel.size(3) // 2)
-      x = F.conv2d(x, kernel, bias, padding=pad)
-      if i < 3:
-        x = F.relu(x) * pm
-    maps = x.reshape(b, c, -1, k, n)
-    s1, s2 = maps[:, :, 0] + sim, maps[:, :, -1] + sim
-    rn, wn = r_norm[start : start + b][:, None], w_norm[None]
-    alpha = torch.softmax((lam * s2).masked_fill(~valid[None, :, None, :], float('-inf')), dim=-1)
-    dots = rn * (alpha * sim * wn[:, :, None, :]).sum(-1)
-    att = (alpha * torch.einsum('cnm,ickm->ickn', g_txt, alpha)).sum(-1)
-    rr = dots / (rn * att.clamp(min=0).sqrt()).clamp(min=eps)
-    beta = torch.softmax(lam * s1, dim=-2)
-    dots = wn * (beta * sim * rn[..., None]).sum(-2)
-    att = (beta * torch.einsum('ikl,icln->ickn', g_img[start : start + b], beta)).sum(-2)
-    wr = (dots / (wn * att.clamp(min=0).sqrt()).clamp(min=eps)) * valid[None]
-    out.append((1 - mu) * rr.mean(-1) + mu * wr.sum(-1) / valid.sum(-1)[None])
+    end = start + block
+    out.append(
+      fn(
+        r_unit[start:end],
+        r_norm[start:end],
+        g_img[start:end],
+        w_unit,
+        w_norm,
+        g_txt,
+        valid,
+        convs,
+        m['lambda_'],
+        m['mu'],
+      )
+    )
   return torch.cat(out, 0)
 
 
-def torch_mmca(image: dict, text: dict, params: dict, m: dict, block: int):
+def _mmca_block(image: dict, text: dict, weights: dict, convs: list, scale: float, text_norm: str):
+  """MMCA's cross branch (eqs 8-14, 6-7) for a block of b images x all C captions -> [b, C] i_1 . c_1.
+
+  image: {'regions' [b, k, d], 'q', 'k', 'v' [b, k, h, d/h]}; text as `torch_mmca`'s; weights: {name: tensor or
+  None} of the cross unit and the text CNN; convs: [(width, kernel [filters, d, width], bias)].
+  """
+  import torch
+  import torch.nn.functional as F
+
+  def linear(x, name):
+    bias = weights[f'{name}_bias']
+    y = x @ weights[f'{name}_kernel']
+    return y if bias is None else y + bias
+
+  def layer_norm(x, name):
+    return F.layer_norm(x, x.shape[-1:], weights[f'{name}_scale'], weights[f'{name}_bias'], eps=1e-5)
+
+  valid = text['mask'] > 0
+  lengths = valid.sum(-1)
+  c, n, d = text['words'].shape
+  b, k, h = image['q'].shape[:3]
+  dh = d // h
+
+  def joint(name):  # [b, C, k + n, h, dh] -> [b * C, h, k + n, dh]
+    seq = torch.cat([image[name][:, None].expand(b, c, k, h, dh), text[name][None].expand(b, c, n, h, dh)], 2)
+    return seq.reshape(b * c, k + n, h, dh).transpose(1, 2)
+
+  keys = torch.cat([torch.ones(c, k, dtype=torch.bool), valid], 1)  # [C, k + n]
+  attn_mask = keys[None].expand(b, c, k + n).reshape(b * c, 1, 1, k + n)
+  attended = F.scaled_dot_product_attention(joint('q'), joint('k'), joint('v'), attn_mask=attn_mask, scale=scale)
+  attended = attended.transpose(1, 2).reshape(b, c, k + n, d)
+  x = torch.cat([image['regions'][:, None].expand(b, c, k, d), text['words'][None].expand(b, c, n, d)], 2)
+  y = layer_norm(x + linear(attended, 'cross_unit/o'), 'cross_unit/ln1')
+  y = layer_norm(y + linear(F.relu(linear(y, 'cross_unit/ffn1')), 'cross_unit/ffn2'), 'cross_unit/ln2')
+  i1 = y[:, :, :k].mean(2)
+  i1 = i1 / (i1.norm(dim=-1, keepdim=True) + 1e-8)
+  words = y[:, :, k:].reshape(b * c, n, d).transpose(1, 2)  # [b * C, d, n]
+  pair_lengths = lengths[None].expand(b, c).reshape(b * c, 1)
+  pooled = []
+  for w, kernel, bias in convs:
+    if n < w:
+      pooled.append(torch.zeros(b * c, kernel.size(0)))
+      continue
+    p = F.relu(F.conv1d(words, kernel, bias))  # [b * C, filters, n - w + 1]
+    inside = torch.arange(n - w + 1)[None] + w <= pair_lengths  # windows within the real tokens
+    pooled.append((p * inside[:, None]).amax(-1))
+  sentence = linear(torch.cat(pooled, -1), 'text_cnn1/fc')
+  if text_norm == 'layernorm':
+    c1 = layer_norm(sentence, 'text_cnn1/ln')
+  else:
+    c1 = sentence / (sentence.norm(dim=-1, keepdim=True) + 1e-8)
+  return (i1 * c1.reshape(b, c, d)).sum(-1)
+
+
+def torch_mmca(image: dict, text: dict, params: dict, m: dict, block: int, compiled: bool = False):
   """MMCA's pair head in PyTorch at its best on CPU: S = i_0 . c_0 + alpha i_1 . c_1 (sec 3.5), the cross branch
   (eqs 8-14) for a block of images x all captions at once from the per-item Q / K / V the encoders computed: one
   joint [R; E] sequence per pair through `scaled_dot_product_attention` (padded words masked as keys), W^O, the FFN
-  and the LayerNorms as batched matmuls, then the cross 1d-CNN (eqs 6-7) as `conv1d` over every pair's words.
+  and the LayerNorms as batched matmuls, then the cross 1d-CNN (eqs 6-7) as `conv1d` over every pair's words (each
+  block through `torch.compile` if `compiled`).
 
   image: {'i0' [I, d], 'regions' [I, k, d], 'q', 'k', 'v' [I, k, h, d/h]}; text: {'c0' [C, d], 'words' [C, n, d],
   'mask' [C, n], 'q', 'k', 'v' [C, n, h, d/h]} (torch tensors); params: `flat_params` of the model -> [I, C].
   """
   import torch
-  import torch.nn.functional as F
-
-  def param(name):
-    key = f'params/{name}'
-    return torch.from_numpy(np.array(params[key])) if key in params else None
-
-  def linear(x, name):
-    bias = param(f'{name}_bias')
-    y = x @ param(f'{name}_kernel')
-    return y if bias is None else y + bias
-
-  def layer_norm(x, name):
-    return F.layer_norm(x, x.shape[-1:], param(f'{name}_scale'), param(f'{name}_bias'), eps=1e-5)
 
   self_scores = image['i0'] @ text['c0'].T
   if not m['alpha']:
     return self_scores
-  valid = text['mask'] > 0
-  lengths = valid.sum(-1)
-  c, n, d = text['words'].shape
-  k, h = image['regions'].size(1), image['q'].size(2)
-  dh = d // h
-  scale = (d if m['cross_attention_scale'] == 'model' else dh) ** -0.5
+  weights = {}
+  for unit, names in (
+    ('cross_unit', ('o', 'ffn1', 'ffn2')),
+    ('cross_unit', ('ln1', 'ln2')),
+    ('text_cnn1', ('fc', 'ln')),
+  ):
+    for name in names:
+      for part in ('kernel', 'bias', 'scale'):
+        key = f'params/{unit}/{name}_{part}'
+        weights[f'{unit}/{name}_{part}'] = torch.from_numpy(np.array(params[key])) if key in params else None
+  d = text['words'].size(-1)
+  scale = (d if m['cross_attention_scale'] == 'model' else d // image['q'].size(2)) ** -0.5
   convs = []
   for w in (1, 2, 3):  # [w * d, filters] (window positions outer) -> conv1d's [filters, d, w]
-    kernel = param(f'text_cnn1/conv{w}_kernel')
-    convs.append((w, kernel.reshape(w, d, -1).permute(2, 1, 0).contiguous(), param(f'text_cnn1/conv{w}_bias')))
-  out = []
-  for start in range(0, image['regions'].size(0), block):
-    b = min(block, image['regions'].size(0) - start)
-
-    def joint(name):  # [b, C, k + n, h, dh] -> [b * C, h, k + n, dh]
-      seq = torch.cat(
-        [image[name][start : start + b, None].expand(b, c, k, h, dh), text[name][None].expand(b, c, n, h, dh)], 2
-      )
-      return seq.reshape(b * c, k + n, h, dh).transpose(1, 2)
-
-    keys = torch.cat([torch.ones(c, k, dtype=torch.bool), valid], 1)  # [C, k + n]
-    attn_mask = keys[None].expand(b, c, k + n).reshape(b * c, 1, 1, k + n)
-    attended = F.scaled_dot_product_attention(joint('q'), joint('k'), joint('v'), attn_mask=attn_mask, scale=scale)
-    attended = attended.transpose(1, 2).reshape(b, c, k + n, d)
-    x = torch.cat(
-      [image['regions'][start : start + b, None].expand(b, c, k, d), text['words'][None].expand(b, c, n, d)], 2
+    kernel = torch.from_numpy(np.array(params[f'params/text_cnn1/conv{w}_kernel']))
+    bias = torch.from_numpy(np.array(params[f'params/text_cnn1/conv{w}_bias']))
+    convs.append((w, kernel.reshape(w, d, -1).permute(2, 1, 0).contiguous(), bias))
+  fn = _block_fn(_mmca_block, compiled)
+  cross = [
+    fn(
+      {key: image[key][start : start + block] for key in ('regions', 'q', 'k', 'v')},
+      text,
+      weights,
+      convs,
+      scale,
+      m['text_norm'],
     )
-    y = layer_norm(x + linear(attended, 'cross_unit/o'), 'cross_unit/ln1')
-    y = layer_norm(y + linear(F.relu(linear(y, 'cross_unit/ffn1')), 'cross_unit/ffn2'), 'cross_unit/ln2')
-    i1 = y[:, :, :k].mean(2)
-    i1 = i1 / (i1.norm(dim=-1, keepdim=True) + 1e-8)
-    words = y[:, :, k:].reshape(b * c, n, d).transpose(1, 2)  # [b * C, d, n]
-    pair_lengths = lengths[None].expand(b, c).reshape(b * c, 1)
-    pooled = []
-    for w, kernel, bias in convs:
-      if n < w:
-        pooled.append(torch.zeros(b * c, kernel.size(0)))
-        continue
-      p = F.relu(F.conv1d(words, kernel, bias))  # [b * C, filters, n - w + 1]
-      inside = torch.arange(n - w + 1)[None] + w <= pair_lengths  # windows within the real tokens
-      pooled.append((p * inside[:, None]).amax(-1))
-    sentence = linear(torch.cat(pooled, -1), 'text_cnn1/fc')
-    if m['text_norm'] == 'layernorm':
-      c1 = layer_norm(sentence, 'text_cnn1/ln')
-    else:
-      c1 = sentence / (sentence.norm(dim=-1, keepdim=True) + 1e-8)
-    out.append((i1 * c1.reshape(b, c, d)).sum(-1))
-  return self_scores + m['alpha'] * torch.cat(out, 0)
+    for start in range(0, image['regions'].size(0), block)
+  ]
+  return self_scores + m['alpha'] * torch.cat(cross, 0)
 
 
 class TorchReference(NamedTuple):
   """A PyTorch implementation of a pair head for `--compare-torch`: whether it covers a model config's fields, how
   to run it on the encoded reps (dicts of torch tensors as `encode_image` / `encode_text` return them; params;
-  fields) -> [I, C]."""
+  fields; whether its blocks go through `torch.compile`) -> [I, C]. Only the batched heads have compiled blocks:
+  the official loops are compared as their authors run them."""
 
   applies: Callable[[dict], bool]
   run: Callable[..., Any]
   kind: str
+  compilable: bool = False
 
 
 TORCH_REFERENCES = {
   'scan': TorchReference(
     applies=lambda m: m['raw_feature_norm'] == 'clipped_l2norm',
-    run=lambda image, text, params, m: torch_xattn_official(
+    run=lambda image, text, params, m, compiled: torch_xattn_official(
       image['regions'],
       text['words'],
       text['mask'].sum(1).int(),
@@ -535,27 +606,30 @@ TORCH_REFERENCES = {
   ),
   'rdan': TorchReference(
     applies=lambda m: m['use_cnn'] and m['use_residual'] and not m['one_path'],
-    run=lambda image, text, params, m: torch_rdan(
-      image['regions'], text['words'], text['mask'], params, m, m['block_size']
+    run=lambda image, text, params, m, compiled: torch_rdan(
+      image['regions'], text['words'], text['mask'], params, m, m['block_size'], compiled
     ),
     kind='batched channels_last RDAN head',
+    compilable=True,
   ),
   'mmca': TorchReference(
     applies=lambda m: True,
-    run=lambda image, text, params, m: torch_mmca(image, text, params, m, m['block_size']),
+    run=lambda image, text, params, m, compiled: torch_mmca(image, text, params, m, m['block_size'], compiled),
     kind='batched MMCA head (scaled_dot_product_attention, conv1d)',
+    compilable=True,
   ),
   'glfn': TorchReference(
     applies=lambda m: m['raw_feature_norm'] == 'clipped_l2norm',
-    run=lambda image, text, params, m: torch_glfn_official(
+    run=lambda image, text, params, m, compiled: torch_glfn_official(
       image['regions'], text['words'], text['mask'].sum(1).int(), m
     ),
     kind='official GLFN xattn_score loops',
   ),
   'daer': TorchReference(
     applies=lambda m: True,
-    run=lambda image, text, params, m: torch_daer(image, text, params, m, m['block_size']),
+    run=lambda image, text, params, m, compiled: torch_daer(image, text, params, m, m['block_size'], compiled),
     kind='batched DAER relation network (per-item first layer, addmm)',
+    compilable=True,
   ),
 }
 
@@ -580,15 +654,31 @@ def compare_torch(args, config, reps: dict, scores: np.ndarray, params: dict) ->
     else {key.split('/', 1)[1]: torch.from_numpy(value) for key, value in reps.items() if key.startswith(side + '/')}
     for side in ('image', 'text')
   )
-  fn = lambda: reference.run(image, text, params, m)
+  fn = lambda: reference.run(image, text, params, m, False)
   with torch.no_grad():
     torch_scores = fn().numpy()
     times = _time(fn, args.repeats, warmup=0)
-  return {
-    'torch_implementation': reference.kind,
-    'torch_time_s': _summary(times),
-    'max_abs_diff': float(np.max(np.abs(torch_scores - scores))),
-  }
+    result = {
+      'torch_implementation': reference.kind,
+      'torch_time_s': _summary(times),
+      'max_abs_diff': float(np.max(np.abs(torch_scores - scores))),
+    }
+    if args.torch_compile and reference.compilable:
+      # The faster of eager and compiled is the reference the speed-up is taken against; both are recorded.
+      compiled = lambda: reference.run(image, text, params, m, True)
+      start = time.perf_counter()
+      compiled_scores = compiled().numpy()  # compiles each block shape once
+      result['torch_compile_first_call_s'] = time.perf_counter() - start
+      result['torch_compiled_max_abs_diff'] = float(np.max(np.abs(compiled_scores - scores)))
+      result['torch_eager_time_s'] = result['torch_time_s']
+      result['torch_compiled_time_s'] = _summary(_time(compiled, args.repeats, warmup=0))
+      if result['torch_compiled_time_s']['median'] < result['torch_time_s']['median']:
+        result['torch_implementation'] = f'{reference.kind}, torch.compile'
+        result['torch_time_s'] = result['torch_compiled_time_s']
+        result['max_abs_diff'] = result['torch_compiled_max_abs_diff']
+    elif args.torch_compile:
+      print(f'--torch-compile: the {reference.kind} is compared as written, not compiled.')
+  return result
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -738,6 +828,14 @@ def format_table(r: dict) -> str:
     rows.append(
       ('torch', f'{r["torch_implementation"]}: {_fmt_time(r["torch_time_s"])}, {r["torch_pairs_per_s"]:,.0f} pairs/s')
     )
+    if 'torch_compiled_time_s' in r:
+      rows.append(('torch eager', _fmt_time(r['torch_eager_time_s'])))
+      rows.append(
+        (
+          'torch.compile',
+          f'{_fmt_time(r["torch_compiled_time_s"])}; first call {r["torch_compile_first_call_s"]:.1f} s',
+        )
+      )
     rows.append(('speed-up over torch', f'{r["speedup_vs_torch"]:.2f}x (max |diff| {r["max_abs_diff"]:.2e})'))
   width = max(len(k) for k, _ in rows)
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
@@ -773,6 +871,13 @@ flags.DEFINE_integer('train_repeats', 3, 'timed training steps', flag_values=FLA
 flags.DEFINE_integer('matmul_size', 2048, 'side of the square matmul that measures the rate', flag_values=FLAGS)
 flags.DEFINE_integer('seed', 0, 'seed of the random inputs', flag_values=FLAGS)
 flags.DEFINE_boolean('compare-torch', False, 'also time a PyTorch version of the head (see above)', flag_values=FLAGS)
+flags.DEFINE_boolean(
+  'torch-compile',
+  False,
+  'with --compare-torch: also time the batched PyTorch heads (RDAN, MMCA, DAER) with torch.compile (needs a C++ '
+  'compiler) and compare against the faster',
+  flag_values=FLAGS,
+)
 flags.DEFINE_string('json', '', 'also write the results to this JSON file', flag_values=FLAGS)
 flags.DEFINE_string('tmpdir', '/tmp', 'directory of the scores --compare-torch compares', flag_values=FLAGS)
 flags.DEFINE_string('scores_out', '', 'internal: where a scoring child writes its scores', flag_values=FLAGS)
@@ -791,6 +896,8 @@ def parse_args(argv) -> types.SimpleNamespace:
       cli.usage_error(f'--{name} must be >= 1, got {getattr(args, name)}')
   if args.min_len > args.n:
     cli.usage_error(f'--min_len ({args.min_len}) must be <= --n ({args.n})')
+  if args.torch_compile and not args.compare_torch:
+    cli.usage_error('--torch-compile needs --compare-torch')
   if args.train_batch < 0 or args.block_size < 0:
     cli.usage_error('--train_batch and --block_size must be >= 0')
   return args
