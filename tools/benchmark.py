@@ -357,13 +357,11 @@ def torch_glfn_official(regions, words, lengths, m: dict):
   return m['alpha'] * scores['i2t'] + (1 - m['alpha']) * scores['t2i']
 
 
-def _block_fn(fn, compiled: bool):
-  """fn, or fn through `torch.compile` (one compiled program per block shape, cached across calls)."""
-  return _torch_compiled(fn) if compiled else fn
-
-
 @functools.cache
-def _torch_compiled(fn):
+def _block_fn(fn, compiled: bool):
+  """fn, or fn through `torch.compile` (one compiled program per block shape, kept across calls)."""
+  if not compiled:
+    return fn
   import torch
 
   return torch.compile(fn, dynamic=False)
@@ -546,16 +544,19 @@ def torch_mmca(image: dict, text: dict, params: dict, m: dict, block: int, compi
   self_scores = image['i0'] @ text['c0'].T
   if not m['alpha']:
     return self_scores
-  weights = {}
-  for unit, names in (
-    ('cross_unit', ('o', 'ffn1', 'ffn2')),
-    ('cross_unit', ('ln1', 'ln2')),
-    ('text_cnn1', ('fc', 'ln')),
+  weights = {}  # {name_part: tensor}, None where the config has no such parameter (biases, the text LayerNorm)
+  for name in (
+    'cross_unit/o',
+    'cross_unit/ffn1',
+    'cross_unit/ffn2',
+    'cross_unit/ln1',
+    'cross_unit/ln2',
+    'text_cnn1/fc',
+    'text_cnn1/ln',
   ):
-    for name in names:
-      for part in ('kernel', 'bias', 'scale'):
-        key = f'params/{unit}/{name}_{part}'
-        weights[f'{unit}/{name}_{part}'] = torch.from_numpy(np.array(params[key])) if key in params else None
+    for part in ('kernel', 'bias', 'scale'):
+      key = f'params/{name}_{part}'
+      weights[f'{name}_{part}'] = torch.from_numpy(np.array(params[key])) if key in params else None
   d = text['words'].size(-1)
   scale = (d if m['cross_attention_scale'] == 'model' else d // image['q'].size(2)) ** -0.5
   convs = []
