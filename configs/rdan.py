@@ -38,6 +38,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.remat = True  # recompute each block in the backward pass instead of storing it
   m.dtype = 'float32'  # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
   # params, softmaxes, norms, scores and the loss stay float32)
+  m.conv_impl = 'auto'  # 'auto': the relation CNN's forward passes run the compiled CPU kernel where one builds
+  # (xmatch_jax/kernels, docs/architecture.md); 'xla': always XLA's convolutions (same scores to float32 rounding)
 
   common.apply_schedule(c, dataset)
   if dataset not in common.PAPER_DATASETS:

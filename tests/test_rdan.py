@@ -11,6 +11,7 @@ import pytest
 from configs import common as config_common
 from configs import rdan as rdan_config
 from configs import scan as scan_config
+from xmatch_jax import kernels
 from xmatch_jax.models import model_fields
 from xmatch_jax.models import rdan as rdan_module
 from xmatch_jax.models.rdan import RDAN
@@ -237,6 +238,87 @@ def test_blocked_equals_unblocked_values_and_gradients():
       np.testing.assert_allclose(grad, want, rtol=1e-5, atol=2e-5)
 
 
+# ---------------------------------------------------------------- the compiled CPU kernel (xmatch_jax/kernels)
+needs_compiler = pytest.mark.skipif(kernels._compiler() is None, reason='no C compiler: RDAN runs on XLA only')
+
+
+@needs_compiler
+@pytest.mark.parametrize('channels', [4, 8, 32])
+@pytest.mark.parametrize('variant', ['full', 'one_path', 'no_res', 'mu1'])
+def test_compiled_kernel_matches_numpy_equations(variant, channels):
+  image_rep, text_rep = random_reps(seed=11)
+  model = make_model(block_size=2, cnn_channels=channels, **VARIANTS[variant])
+  variables = head_params(model, image_rep, text_rep)
+  assert rdan_module.uses_kernel(variables['params']['relation_cnn'], jnp.float32, 'auto')
+  fn = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
+  assert f'xmatch_relation_cnn_c{channels}' in fn.lower(variables, image_rep, text_rep).as_text()
+  want = np_rdan_scores(
+    image_rep['regions'], text_rep['words'], CAP_LENS, numpy_cnn(variables), **reference_opts(model)
+  )
+  np.testing.assert_allclose(fn(variables, image_rep, text_rep), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_compiled_kernel_equals_xla_path_in_values_and_gradients():
+  # 5 images x 40 captions = 200 pairs per unblocked call: several chunks of pairs, split over XLA's threads.
+  rng = np.random.default_rng(12)
+  lens = rng.integers(1, 10, size=40)
+  mask = np.arange(9)[None] < lens[:, None]
+  image_rep = {'regions': jnp.asarray(rng.normal(size=(N_IMG, K, D)), jnp.float32)}
+  text_rep = {'words': jnp.asarray(rng.normal(size=(40, 9, D)), jnp.float32), 'mask': jnp.asarray(mask, jnp.float32)}
+  weights = jnp.asarray(rng.normal(size=(N_IMG, 40)), jnp.float32)
+  results = {}
+  for impl in ('xla', 'auto'):
+    model = make_model(block_size=N_IMG, cnn_channels=8, conv_impl=impl)
+    variables = head_params(model, image_rep, text_rep)
+
+    def total(variables, regions, words, model=model):
+      scores = model.apply(
+        variables, {'regions': regions}, {'words': words, 'mask': text_rep['mask']}, method=model.pair_scores
+      )
+      return jnp.sum(weights * scores), scores
+
+    fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True))
+    assert ('xmatch_relation_cnn' in fn.lower(variables, image_rep['regions'], text_rep['words']).as_text()) == (
+      impl == 'auto'
+    )
+    (_, scores), grads = fn(variables, image_rep['regions'], text_rep['words'])
+    results[impl] = (scores, jax.tree_util.tree_leaves(grads))
+  np.testing.assert_allclose(results['auto'][0], results['xla'][0], rtol=1e-6, atol=1e-6)
+  for got, want in zip(results['auto'][1], results['xla'][1]):
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_falls_back_to_xla_without_a_working_compiler(monkeypatch, tmp_path, caplog):
+  kernels.relation_cnn_target.cache_clear()
+  monkeypatch.setenv('XMATCH_KERNEL_DIR', str(tmp_path))
+  try:
+    monkeypatch.setenv('CC', 'false')  # found on PATH, fails every build
+    with caplog.at_level('WARNING', logger='xmatch_jax.kernels'):
+      assert kernels.relation_cnn_target(8) is None
+    assert 'relation CNN kernel unavailable, using XLA' in caplog.text
+    assert not list(tmp_path.glob('*.so'))
+    kernels.relation_cnn_target.cache_clear()
+    monkeypatch.setenv('CC', 'no-such-compiler-xmatch')
+    assert kernels.relation_cnn_target(8) is None
+    kernels.relation_cnn_target.cache_clear()
+    monkeypatch.delenv('CC')
+    monkeypatch.setenv('XMATCH_KERNELS', '0')
+    assert kernels.relation_cnn_target(8) is None
+    assert not rdan_module.uses_kernel({'conv1_kernel': jnp.zeros((3, 1, 1, 8))}, jnp.float32, 'auto')
+    # Channel counts the kernel is not built for, bfloat16 and conv_impl='xla' use XLA whatever the machine has.
+    monkeypatch.delenv('XMATCH_KERNELS')
+    kernels.relation_cnn_target.cache_clear()
+    assert kernels.relation_cnn_target(3) is None and kernels.relation_cnn_target(256) is None
+    cnn = {'conv1_kernel': jnp.zeros((3, 1, 1, 8))}
+    assert not rdan_module.uses_kernel(cnn, jnp.bfloat16, 'auto') and not rdan_module.uses_kernel(
+      cnn, jnp.float32, 'xla'
+    )
+  finally:
+    kernels.relation_cnn_target.cache_clear()
+
+
 def _conv_without_bias(x, kernel):
   return rdan_module._conv(x, kernel, jnp.zeros(kernel.shape[-1]))
 
@@ -375,12 +457,15 @@ def test_relation_cnn_shapes_and_pytorch_init():
     ({'mu': 1.5}, 'RDAN.mu must be in [0, 1]'),
     ({'cnn_channels': 0}, 'RDAN.cnn_channels must be >= 1'),
     ({'block_size': 0}, 'RDAN.block_size must be >= 1'),
+    ({'conv_impl': 'cuda'}, "RDAN.conv_impl must be one of ('auto', 'xla')"),
     ({'use_cnn': False, 'one_path': True}, 'RDAN.use_cnn=False'),
     ({'use_cnn': False, 'use_residual': False}, 'RDAN.use_cnn=False'),
   ],
 )
 def test_bad_fields_raise(fields, message):
-  with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(']', r'\]')):
+  with pytest.raises(
+    ValueError, match=message.replace('[', r'\[').replace(']', r'\]').replace('(', r'\(').replace(')', r'\)')
+  ):
     make_model(**fields)
 
 

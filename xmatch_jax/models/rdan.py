@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from xmatch_jax import errors
+from xmatch_jax import kernels
 from xmatch_jax import pairwise
 from xmatch_jax.models import layers
 from xmatch_jax.models import matcher
@@ -56,6 +57,7 @@ _EPS = 1e-8
 # (name, kernel height over regions, kernel width over words) of the relation layers, eq 6.
 RELATION_LAYERS = (('conv1', 3, 1), ('conv2', 1, 3), ('conv3', 3, 3))
 _CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
+CONV_IMPLS = ('auto', 'xla')
 
 
 def _torch_conv_init(fan_in: int) -> nn.initializers.Initializer:
@@ -161,6 +163,76 @@ def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: pairwise.DTyp
   return out
 
 
+def _relation_cnn_xla(sim: jax.Array, column_mask: jax.Array, cnn_params: dict, dtype: pairwise.DTypeLike) -> jax.Array:
+  """The relation CNN's output maps (eq 6, before eq 7's residual) with XLA's convolutions.
+
+  Args:
+    sim: cosine maps S [b, C, k, n].
+    column_mask: [C, n] float, 1 for real words and 0 for padding.
+    cnn_params: output of `RelationCNN`.
+    dtype: compute dtype of the convolutions' operands.
+
+  Returns:
+    [out_channels, b, C, k, n].
+  """
+  b, c, k, n = sim.shape
+  # One batched convolution over the b * C pair maps, NHWC = [pairs, regions, words, channels].
+  mask = jnp.broadcast_to(column_mask[None, :, None, :], (b, c, 1, n)).reshape(b * c, 1, n, 1).astype(sim.dtype)
+  x = sim.reshape(b * c, k, n, 1) * mask
+  for name, _, _ in RELATION_LAYERS:
+    x = jax.nn.relu(_conv(x, cnn_params[f'{name}_kernel'], cnn_params[f'{name}_bias'], dtype))
+    # Re-zero padded columns: the next layer's 'same' padding sees zeros past the real words.
+    x = x * mask
+  out = _conv(x, cnn_params['out_kernel'], cnn_params['out_bias'], dtype)  # [pairs, k, n, 1|2]
+  return jnp.moveaxis(out, -1, 0).reshape(out.shape[-1], b, c, k, n)
+
+
+_KERNEL_ARGS = ('conv1_kernel', 'conv1_bias', 'conv2_kernel', 'conv2_bias', 'conv3_kernel', 'conv3_bias')
+_KERNEL_ARGS += ('out_kernel', 'out_bias')
+
+
+@jax.custom_vjp
+def _relation_cnn_kernel(sim: jax.Array, column_mask: jax.Array, cnn_params: dict) -> jax.Array:
+  """`_relation_cnn_xla` in float32, run on CPUs by the compiled kernel (xmatch_jax/kernels/relation_cnn.c).
+
+  Other platforms lower the XLA path. The gradient is the XLA path's (recomputed from the inputs):
+  training differentiates only the 3 B rescored pairs, so the kernel serves the all-pairs passes.
+  """
+  channels = cnn_params['conv1_kernel'].shape[-1]
+  target = kernels.relation_cnn_target(channels)
+  shape = (cnn_params['out_kernel'].shape[-1],) + sim.shape
+  on_cpu = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method='sequential')
+  return jax.lax.platform_dependent(
+    sim,
+    column_mask,
+    *(cnn_params[name] for name in _KERNEL_ARGS),
+    cpu=on_cpu,
+    default=lambda sim, mask, *weights: _relation_cnn_xla(sim, mask, dict(zip(_KERNEL_ARGS, weights)), jnp.float32),
+  )
+
+
+def _relation_cnn_kernel_fwd(sim, column_mask, cnn_params):
+  return _relation_cnn_kernel(sim, column_mask, cnn_params), (sim, column_mask, cnn_params)
+
+
+def _relation_cnn_kernel_bwd(residuals, grad):
+  _, vjp = jax.vjp(lambda *args: _relation_cnn_xla(*args, jnp.float32), *residuals)
+  return vjp(grad)
+
+
+_relation_cnn_kernel.defvjp(_relation_cnn_kernel_fwd, _relation_cnn_kernel_bwd)
+
+
+def uses_kernel(cnn_params: Optional[dict], dtype: pairwise.DTypeLike, conv_impl: str) -> bool:
+  """Whether `relation_maps` runs the compiled CPU kernel (float32, a power-of-two channel count, a C
+  compiler; `conv_impl='auto'`)."""
+  if conv_impl not in CONV_IMPLS:
+    raise errors.UserError(f'RDAN.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
+  if cnn_params is None or conv_impl == 'xla' or jnp.dtype(dtype) != jnp.float32:
+    return False
+  return kernels.relation_cnn_target(cnn_params['conv1_kernel'].shape[-1]) is not None
+
+
 def relation_maps(
   sim: jax.Array,
   word_valid: jax.Array,
@@ -168,6 +240,7 @@ def relation_maps(
   *,
   use_residual: bool,
   dtype: pairwise.DTypeLike = jnp.float32,
+  conv_impl: str = 'auto',
 ) -> tuple[jax.Array, jax.Array]:
   """The attention logit maps S^1 (column-wise) and S^2 (row-wise) of eqs 6-7.
 
@@ -178,23 +251,18 @@ def relation_maps(
       (S^1 = S^2 = S).
     use_residual: add S to the CNN outputs (eq 7); False is the no-res ablation.
     dtype: compute dtype of the convolutions' operands.
+    conv_impl: 'auto' (the compiled CPU kernel where `uses_kernel`, else XLA) or 'xla'.
 
   Returns:
     (S^1, S^2), each [b, C, k, n]; the same array twice for one-path and no-cnn.
   """
   if cnn_params is None:
     return sim, sim
-  b, c, k, n = sim.shape
-  # One batched convolution over the b * C pair maps, NHWC = [pairs, regions, words, channels].
-  column_mask = jnp.broadcast_to(word_valid[None, :, None, :], (b, c, 1, n))
-  column_mask = column_mask.reshape(b * c, 1, n, 1).astype(sim.dtype)
-  x = sim.reshape(b * c, k, n, 1) * column_mask
-  for name, _, _ in RELATION_LAYERS:
-    x = jax.nn.relu(_conv(x, cnn_params[f'{name}_kernel'], cnn_params[f'{name}_bias'], dtype))
-    # Re-zero padded columns: the next layer's 'same' padding sees zeros past the real words.
-    x = x * column_mask
-  out = _conv(x, cnn_params['out_kernel'], cnn_params['out_bias'], dtype)  # [pairs, k, n, 1|2]
-  out = jnp.moveaxis(out, -1, 0).reshape(out.shape[-1], b, c, k, n)
+  column_mask = word_valid.astype(sim.dtype)
+  if uses_kernel(cnn_params, dtype, conv_impl):
+    out = _relation_cnn_kernel(sim.astype(jnp.float32), column_mask, cnn_params)
+  else:
+    out = _relation_cnn_xla(sim, column_mask, cnn_params, dtype)
   if use_residual:
     out = out + sim[None]
   return out[0], out[-1]
@@ -242,6 +310,7 @@ def dual_attention_weights(
   lambda_: float,
   use_residual: bool,
   dtype: pairwise.DTypeLike = jnp.float32,
+  conv_impl: str = 'auto',
 ) -> dict:
   """The attention weights of eqs 8-9 (e.g. for a figure like the paper's Figure 3).
 
@@ -253,7 +322,7 @@ def dual_attention_weights(
   """
   sim = pairwise.region_word_similarity(image['unit'], text['unit'], dtype)
   valid = text['valid']
-  s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype)
+  s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype, conv_impl=conv_impl)
   return {
     'alpha': _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :]),
     'beta': jax.nn.softmax(lambda_ * s1, axis=-2),
@@ -274,6 +343,7 @@ def rdan_block_scores(
   mu: float,
   use_residual: bool,
   dtype: pairwise.DTypeLike = jnp.float32,
+  conv_impl: str = 'auto',
 ) -> jax.Array:
   """RDAN scores F (eqs 5-11) of a block of images against all captions.
 
@@ -286,13 +356,14 @@ def rdan_block_scores(
     mu: weight of the word relevance (eq 11).
     use_residual: add S to the CNN maps (eq 7).
     dtype: compute dtype of the operands of S and of the relation convolutions.
+    conv_impl: how the relation CNN runs, as in `relation_maps`.
 
   Returns:
     [b, C] scores.
   """
   sim = pairwise.region_word_similarity(image['unit'], text['unit'], dtype)  # S [b, C, k, n]
   valid = text['valid']  # [C, n]
-  s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype)
+  s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype, conv_impl=conv_impl)
   region_norms = image['norms'][:, None]  # [b, 1, k]
   word_norms = text['norms'][None]  # [1, C, n]
   score = 0.0
@@ -341,6 +412,9 @@ class RDAN(matcher.Matcher):
       the operands of S, the Gram matrices and the relation convolutions. Params, norms,
       softmaxes and the returned scores stay float32. bfloat16 scores are within 2e-3 of float32
       ones (measured 5e-4 at D=64, tests/test_mixed_precision.py).
+    conv_impl: 'auto' runs the relation CNN's all-pairs forward passes on CPUs with the compiled
+      kernel of xmatch_jax/kernels (float32, power-of-two channels, a C compiler present), else
+      XLA; 'xla' always XLA. Both give the same scores to float32 rounding.
   """
 
   vocab_size: int
@@ -359,6 +433,7 @@ class RDAN(matcher.Matcher):
   block_size: int = 16
   remat: bool = False
   dtype: str = 'float32'
+  conv_impl: str = 'auto'
 
   @classmethod
   def describe(cls, fields: dict, sizes: dict) -> str:
@@ -378,6 +453,8 @@ class RDAN(matcher.Matcher):
         f'use_residual={self.use_residual}'
       )
     layers.compute_dtype(self.dtype, 'RDAN')
+    if self.conv_impl not in CONV_IMPLS:
+      raise errors.UserError(f'RDAN.conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}')
     super().__post_init__()
 
   def setup(self):
@@ -416,7 +493,12 @@ class RDAN(matcher.Matcher):
     text = prepare_items(words, mask > 0, dtype)
     cnn_params = self.relation_cnn() if self.use_cnn else None
     head = functools.partial(
-      rdan_block_scores, lambda_=self.lambda_, mu=self.mu, use_residual=self.use_residual, dtype=dtype
+      rdan_block_scores,
+      lambda_=self.lambda_,
+      mu=self.mu,
+      use_residual=self.use_residual,
+      dtype=dtype,
+      conv_impl=self.conv_impl,
     )
     # The CNN params go with the (unblocked) text argument: jax.checkpoint sees them as inputs.
     return pairwise.score_in_blocks(
@@ -439,6 +521,7 @@ class RDAN(matcher.Matcher):
       lambda_=self.lambda_,
       use_residual=self.use_residual,
       dtype=dtype,
+      conv_impl=self.conv_impl,
     )
 
   def pair_flops(self, regions: int, words: int) -> dict:

@@ -1,0 +1,272 @@
+// RDAN's relation CNN (eq 6) over a block of pair maps, forward only: an XLA FFI handler for the CPU.
+//
+// Compiled on first use by xmatch_jax/kernels/__init__.py with -DCHANNELS=<c> (a power of two): the
+// channels are one GCC vector, so each multiply-add of a 3x1, 1x3 or 3x3 tap is one broadcast FMA over
+// all output channels, and JB output positions of a row accumulate in registers. Each thread keeps one
+// pair's zero-haloed activation maps in its own scratch (~250 KB at the paper's sizes: in L2) and runs all
+// four layers on it before the next pair; XLA:CPU instead writes every layer's maps of the whole block to
+// memory (docs/architecture.md, "RDAN's relation CNN kernel"). Pairs are split over XLA's own thread pool.
+//
+// Arguments (all float32): sim [b, C, k, n] (S), column_mask [C, n] (1 for a real word, 0 for padding),
+// w1 [3, 1, 1, c], b1 [c], w2 [1, 3, c, c], b2 [c], w3 [3, 3, c, c], b3 [c], wo [1, 1, c, o], bo [o].
+// Result: [o, b, C, k, n], the output layer's maps before the residual of eq 7.
+// Padded columns are zeroed in S and after every ReLU layer, as rdan.relation_maps does.
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "xla/ffi/api/c_api.h"
+
+#ifndef CHANNELS
+#error "compile with -DCHANNELS=<a power of two, 4 to 128>"
+#endif
+
+// The machine's vector width in floats and register count; CHANNELS / VW vectors hold one position's channels.
+#if defined(__AVX512F__)
+#define VW 16
+#define REGS 32
+#elif defined(__AVX__)
+#define VW 8
+#define REGS 16
+#else
+#define VW 4
+#define REGS 16
+#endif
+#if CHANNELS < VW
+#undef VW
+#define VW CHANNELS
+#endif
+#define NV (CHANNELS / VW)
+// Output positions of a row accumulated at once: JB * NV accumulators and NV weight vectors stay in registers.
+#define JB_FIT ((REGS - 2 * NV) / NV)
+#define JB (JB_FIT > 8 ? 8 : (JB_FIT < 1 ? 1 : JB_FIT))
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vmask __attribute__((vector_size(VW * 4)));
+
+static inline vf vload(const float* p) {
+  vf v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline void vstore(float* p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf relu(vf v) {
+  vf zero = {0};
+  return (vf)((vmask)v & (v > zero));
+}
+
+// One call's work, shared by the calling thread and the tasks it schedules on XLA's thread pool. Each thread takes
+// chunks of pairs until none is left; a task that starts after the work is done (or never) does nothing, so the
+// call never waits on the pool, and the job is freed by whichever holder drops the last reference.
+typedef struct {
+  int64_t b, c, k, n, o;
+  const float *sim, *column_mask, *w1, *b1, *w2, *b2, *w3, *b3, *wo, *bo;
+  float* wo_t;  // wo transposed, [o, c]
+  float* out;
+  atomic_llong next;  // first pair of the next chunk
+  atomic_llong done;  // pairs finished
+  atomic_int refs;
+} Job;
+
+#define CHUNK 8
+
+// acc[jj] += sum over taps t and input channels ci of row_t[j0 + jj, ci] * w_t[ci, :], for JB positions; the taps'
+// input rows are `rows[t]` (already shifted by the tap's column offset) and weights `w + t * CHANNELS * CHANNELS`.
+static inline void accumulate(vf acc[JB][NV], const float* const* rows, int taps, const float* w) {
+  for (int t = 0; t < taps; t++)
+    for (int ci = 0; ci < CHANNELS; ci++) {
+      vf wv[NV];
+      for (int v = 0; v < NV; v++) wv[v] = vload(w + (t * CHANNELS + ci) * CHANNELS + v * VW);
+      for (int jj = 0; jj < JB; jj++) {
+        const float x = rows[t][jj * CHANNELS + ci];
+        for (int v = 0; v < NV; v++) acc[jj][v] += x * wv[v];
+      }
+    }
+}
+
+static inline void init(vf acc[JB][NV], const float* bias) {
+  for (int jj = 0; jj < JB; jj++)
+    for (int v = 0; v < NV; v++) acc[jj][v] = vload(bias + v * VW);
+}
+
+static void pair_maps(const Job* job, int64_t p, float* xs, float* h1, float* h2, int64_t width) {
+  const int64_t k = job->k, n = job->n, o = job->o, pairs = job->b * job->c;
+  const int64_t nb = (n + JB - 1) / JB * JB;
+  const float* s = job->sim + p * k * n;
+  const float* m = job->column_mask + (p % job->c) * n;
+  for (int64_t i = 0; i < k; i++)
+    for (int64_t j = 0; j < n; j++) xs[(i + 1) * width + j + 1] = s[i * n + j] * m[j];
+  // 3x1 layer, 1 -> c channels.
+  for (int64_t i = 0; i < k; i++)
+    for (int64_t j = 0; j < n; j++)
+      for (int v = 0; v < NV; v++) {
+        vf acc = vload(job->b1 + v * VW);
+        for (int a = 0; a < 3; a++) acc += xs[(i + a) * width + j + 1] * vload(job->w1 + a * CHANNELS + v * VW);
+        vstore(h1 + ((i + 1) * width + j + 1) * CHANNELS + v * VW, relu(acc) * m[j]);
+      }
+  // 1x3 layer, c -> c.
+  for (int64_t i = 0; i < k; i++)
+    for (int64_t j0 = 0; j0 < nb; j0 += JB) {
+      vf acc[JB][NV];
+      init(acc, job->b2);
+      const float* row = h1 + ((i + 1) * width + j0) * CHANNELS;
+      const float* rows[3] = {row, row + CHANNELS, row + 2 * CHANNELS};
+      accumulate(acc, rows, 3, job->w2);
+      for (int jj = 0; jj < JB && j0 + jj < n; jj++)
+        for (int v = 0; v < NV; v++)
+          vstore(h2 + ((i + 1) * width + j0 + jj + 1) * CHANNELS + v * VW, relu(acc[jj][v]) * m[j0 + jj]);
+    }
+  // 3x3 layer, c -> c, then the 1x1 output layer (no ReLU) on each finished position.
+  for (int64_t i = 0; i < k; i++)
+    for (int64_t j0 = 0; j0 < nb; j0 += JB) {
+      vf acc[JB][NV];
+      init(acc, job->b3);
+      const float* rows[9];
+      for (int a = 0; a < 3; a++)
+        for (int t = 0; t < 3; t++) rows[a * 3 + t] = h2 + ((i + a) * width + j0 + t) * CHANNELS;
+      accumulate(acc, rows, 9, job->w3);
+      for (int jj = 0; jj < JB && j0 + jj < n; jj++)
+        for (int64_t q = 0; q < o; q++) {
+          vf sum = {0};
+          for (int v = 0; v < NV; v++) sum += relu(acc[jj][v]) * vload(job->wo_t + q * CHANNELS + v * VW);
+          float t = 0;
+          for (int lane = 0; lane < VW; lane++) t += sum[lane];
+          job->out[((q * pairs + p) * k + i) * n + j0 + jj] = job->bo[q] + t * m[j0 + jj];
+        }
+    }
+}
+
+static void work(Job* job) {
+  const int64_t pairs = job->b * job->c, nb = (job->n + JB - 1) / JB * JB;
+  const int64_t width = nb + 2, height = job->k + 2;  // a zero halo of one position on every side
+  const size_t map_bytes = (size_t)height * width * CHANNELS * sizeof(float);
+  float* scratch = calloc(2 * (size_t)height * width * CHANNELS + (size_t)height * width, sizeof(float));
+  if (scratch == NULL) abort();
+  float *h1 = scratch, *h2 = scratch + map_bytes / sizeof(float), *xs = h2 + map_bytes / sizeof(float);
+  for (;;) {
+    const int64_t start = atomic_fetch_add(&job->next, CHUNK);
+    if (start >= pairs) break;
+    const int64_t end = start + CHUNK < pairs ? start + CHUNK : pairs;
+    for (int64_t p = start; p < end; p++) pair_maps(job, p, xs, h1, h2, width);
+    atomic_fetch_add(&job->done, end - start);
+  }
+  free(scratch);
+}
+
+static void release(Job* job) {
+  if (atomic_fetch_sub(&job->refs, 1) == 1) {
+    free(job->wo_t);
+    free(job);
+  }
+}
+
+static void task(void* data) {
+  work((Job*)data);
+  release((Job*)data);
+}
+
+static void run(XLA_FFI_CallFrame* frame, Job* job) {
+  const int64_t pairs = job->b * job->c;
+  int64_t threads = 1;
+  XLA_FFI_ThreadPool_NumThreads_Args count;
+  memset(&count, 0, sizeof count);
+  count.struct_size = XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE;
+  count.ctx = frame->ctx;
+  count.num_threads = &threads;
+  XLA_FFI_Error* err = frame->api->XLA_FFI_ThreadPool_NumThreads(&count);
+  if (err != NULL) {  // no pool: this thread does all the work
+    XLA_FFI_Error_Destroy_Args destroy = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
+    frame->api->XLA_FFI_Error_Destroy(&destroy);
+    threads = 1;
+  }
+  int64_t tasks = (pairs + CHUNK - 1) / CHUNK - 1;
+  if (tasks > threads) tasks = threads;
+  atomic_store(&job->refs, 1);
+  for (int64_t t = 0; t < tasks; t++) {
+    atomic_fetch_add(&job->refs, 1);
+    XLA_FFI_ThreadPool_Schedule_Args schedule;
+    memset(&schedule, 0, sizeof schedule);
+    schedule.struct_size = XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE;
+    schedule.ctx = frame->ctx;
+    schedule.task = task;
+    schedule.data = job;
+    err = frame->api->XLA_FFI_ThreadPool_Schedule(&schedule);
+    if (err != NULL) {
+      XLA_FFI_Error_Destroy_Args destroy = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
+      frame->api->XLA_FFI_Error_Destroy(&destroy);
+      atomic_fetch_sub(&job->refs, 1);
+      break;
+    }
+  }
+  work(job);
+  while (atomic_load(&job->done) < pairs) sched_yield();  // at most one chunk still running elsewhere
+  release(job);
+}
+
+static XLA_FFI_Error* error(const XLA_FFI_Api* api, const char* message) {
+  XLA_FFI_Error_Create_Args args;
+  memset(&args, 0, sizeof args);
+  args.struct_size = XLA_FFI_Error_Create_Args_STRUCT_SIZE;
+  args.message = message;
+  args.errc = XLA_FFI_Error_Code_INVALID_ARGUMENT;
+  return api->XLA_FFI_Error_Create(&args);
+}
+
+static XLA_FFI_Buffer* arg(XLA_FFI_CallFrame* frame, int i) { return (XLA_FFI_Buffer*)frame->args.args[i]; }
+
+static int shape_is(const XLA_FFI_Buffer* buffer, int64_t rank, const int64_t* dims) {
+  if (buffer->dtype != XLA_FFI_DataType_F32 || buffer->rank != rank) return 0;
+  for (int64_t i = 0; i < rank; i++)
+    if (buffer->dims[i] != dims[i]) return 0;
+  return 1;
+}
+
+// The handler XLA calls (jax.ffi.register_ffi_target, platform 'cpu').
+XLA_FFI_Error* RelationCnn(XLA_FFI_CallFrame* frame) {
+  if (frame->extension_start != NULL && frame->extension_start->type == XLA_FFI_Extension_Metadata) {
+    XLA_FFI_Metadata_Extension* extension = (XLA_FFI_Metadata_Extension*)frame->extension_start;
+    extension->metadata->api_version.struct_size = XLA_FFI_Api_Version_STRUCT_SIZE;
+    extension->metadata->api_version.extension_start = NULL;
+    extension->metadata->api_version.major_version = XLA_FFI_API_MAJOR;
+    extension->metadata->api_version.minor_version = XLA_FFI_API_MINOR;
+    extension->metadata->traits = 0;
+    return NULL;
+  }
+  if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
+  if (frame->args.size != 10 || frame->rets.size != 1) return error(frame->api, "relation_cnn: expected 10 arguments, 1 result");
+  for (int i = 0; i < 10; i++)
+    if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return error(frame->api, "relation_cnn: arguments must be buffers");
+  const XLA_FFI_Buffer* sim = arg(frame, 0);
+  const XLA_FFI_Buffer* wo = arg(frame, 8);
+  if (sim->rank != 4 || wo->rank != 4) return error(frame->api, "relation_cnn: sim must be [b, C, k, n], wo [1, 1, c, o]");
+  const int64_t b = sim->dims[0], c = sim->dims[1], k = sim->dims[2], n = sim->dims[3], o = wo->dims[3];
+  const int64_t ch = CHANNELS;
+  const int64_t dims[][4] = {{b, c, k, n}, {c, n}, {3, 1, 1, ch}, {ch}, {1, 3, ch, ch},
+                             {ch},         {3, 3, ch, ch},      {ch},  {1, 1, ch, o}, {o}};
+  const int64_t ranks[] = {4, 2, 4, 1, 4, 1, 4, 1, 4, 1};
+  for (int i = 0; i < 10; i++)
+    if (!shape_is(arg(frame, i), ranks[i], dims[i]))
+      return error(frame->api, "relation_cnn: an argument has the wrong dtype or shape (see relation_cnn.c)");
+  const int64_t out_dims[] = {o, b, c, k, n};
+  XLA_FFI_Buffer* out = (XLA_FFI_Buffer*)frame->rets.rets[0];
+  if (!shape_is(out, 5, out_dims)) return error(frame->api, "relation_cnn: the result must be float32 [o, b, C, k, n]");
+  if (b * c * k * n == 0) return NULL;
+  Job* job = calloc(1, sizeof(Job));
+  if (job == NULL) return error(frame->api, "relation_cnn: out of memory");
+  *job = (Job){b, c, k, n, o};
+  const float** inputs[] = {&job->sim, &job->column_mask, &job->w1, &job->b1, &job->w2,
+                            &job->b2,  &job->w3,          &job->b3, &job->wo, &job->bo};
+  for (int i = 0; i < 10; i++) *inputs[i] = (const float*)arg(frame, i)->data;
+  job->out = (float*)out->data;
+  job->wo_t = malloc((size_t)o * ch * sizeof(float));
+  if (job->wo_t == NULL) {
+    free(job);
+    return error(frame->api, "relation_cnn: out of memory");
+  }
+  for (int64_t q = 0; q < o; q++)
+    for (int64_t ci = 0; ci < ch; ci++) job->wo_t[q * ch + ci] = job->wo[ci * o + q];
+  run(frame, job);
+  return NULL;
+}
