@@ -249,7 +249,7 @@ def test_compiled_kernel_matches_numpy_equations(variant, channels):
   image_rep, text_rep = random_reps(seed=11)
   model = make_model(block_size=2, cnn_channels=channels, **VARIANTS[variant])
   variables = head_params(model, image_rep, text_rep)
-  assert rdan_module.uses_kernel(variables['params']['relation_cnn'], jnp.float32, 'auto')
+  assert rdan_module.uses_kernel(channels, jnp.float32, 'auto')
   fn = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
   assert f'xmatch_relation_cnn_c{channels}' in fn.lower(variables, image_rep, text_rep).as_text()
   want = np_rdan_scores(
@@ -306,7 +306,7 @@ def test_kernel_falls_back_to_xla_without_a_working_compiler(monkeypatch, tmp_pa
     monkeypatch.delenv('CC')
     monkeypatch.setenv('XMATCH_KERNELS', '0')
     assert kernels.relation_cnn_target(8) is None
-    assert not rdan_module.uses_kernel({'conv1_kernel': jnp.zeros((3, 1, 1, 8))}, jnp.float32, 'auto')
+    assert not rdan_module.uses_kernel(8, jnp.float32, 'auto')
     # Channel counts the kernel is not built for, bfloat16 and conv_impl='xla' use XLA whatever the machine has.
     monkeypatch.delenv('XMATCH_KERNELS')
     kernels.relation_cnn_target.cache_clear()

@@ -75,7 +75,7 @@ def load_config(spec: str):
 
 
 def apply_overrides(config, args) -> None:
-  for flag in ('block_size', 'embed_size', 'cnn_channels', 'bert_dir', 'dtype'):
+  for flag in ('block_size', 'embed_size', 'cnn_channels', 'bert_dir', 'dtype', 'conv_impl'):
     value = getattr(args, flag)
     if value:
       if flag not in config.model:
@@ -695,6 +695,7 @@ _CHILD_FLAGS = (
   'cnn_channels',
   'bert_dir',
   'dtype',
+  'conv_impl',
   'train_batch',
   'repeats',
   'train_repeats',
@@ -727,6 +728,12 @@ def run(args) -> dict:
     },
     'devices': _devices(),
   }
+  if 'conv_impl' in m and m.get('use_cnn', True):  # RDAN: which relation CNN ran (xmatch_jax/kernels)
+    from xmatch_jax.models import layers  # pylint: disable=g-import-not-at-top
+    from xmatch_jax.models import rdan  # pylint: disable=g-import-not-at-top
+
+    kernel = rdan.uses_kernel(m['cnn_channels'], layers.DTYPES[m.get('dtype', 'float32')], m['conv_impl'])
+    result['sizes']['relation_cnn'] = 'compiled kernel' if kernel else 'xla'
   rate_before = matmul_gflops(args.matmul_size, args.repeats)
   scores_file = os.path.join(args.tmpdir, f'benchmark_scores_{os.getpid()}.npy')
   score = _run_child('score', child_argv + [f'--scores_out={scores_file}'] if args.compare_torch else child_argv)
@@ -864,6 +871,13 @@ cli.define_enum(
   '',
   ('', 'float32', 'bfloat16'),
   "config.model.dtype: compute dtype of the model's matmuls ('': the config's)",
+  FLAGS,
+)
+cli.define_enum(
+  'conv_impl',
+  '',
+  ('', 'auto', 'xla'),
+  "config.model.conv_impl of RDAN: 'auto' (the compiled CPU relation CNN kernel) or 'xla' ('': the config's)",
   FLAGS,
 )
 flags.DEFINE_integer('train_batch', 128, 'batch of the timed training step (0: skip)', flag_values=FLAGS)

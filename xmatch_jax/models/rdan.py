@@ -223,14 +223,14 @@ def _relation_cnn_kernel_bwd(residuals, grad):
 _relation_cnn_kernel.defvjp(_relation_cnn_kernel_fwd, _relation_cnn_kernel_bwd)
 
 
-def uses_kernel(cnn_params: Optional[dict], dtype: pairwise.DTypeLike, conv_impl: str) -> bool:
-  """Whether `relation_maps` runs the compiled CPU kernel (float32, a power-of-two channel count, a C
-  compiler; `conv_impl='auto'`)."""
+def uses_kernel(channels: Optional[int], dtype: pairwise.DTypeLike, conv_impl: str) -> bool:
+  """Whether `relation_maps` runs the compiled CPU kernel for a relation CNN of `channels` (None: no CNN):
+  `conv_impl='auto'`, float32, and a kernel built for that channel count (xmatch_jax/kernels)."""
   if conv_impl not in CONV_IMPLS:
     raise errors.UserError(f'RDAN.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
-  if cnn_params is None or conv_impl == 'xla' or jnp.dtype(dtype) != jnp.float32:
+  if channels is None or conv_impl == 'xla' or jnp.dtype(dtype) != jnp.float32:
     return False
-  return kernels.relation_cnn_target(cnn_params['conv1_kernel'].shape[-1]) is not None
+  return kernels.relation_cnn_target(channels) is not None
 
 
 def relation_maps(
@@ -259,7 +259,7 @@ def relation_maps(
   if cnn_params is None:
     return sim, sim
   column_mask = word_valid.astype(sim.dtype)
-  if uses_kernel(cnn_params, dtype, conv_impl):
+  if uses_kernel(cnn_params['conv1_kernel'].shape[-1], dtype, conv_impl):
     out = _relation_cnn_kernel(sim.astype(jnp.float32), column_mask, cnn_params)
   else:
     out = _relation_cnn_xla(sim, column_mask, cnn_params, dtype)
@@ -437,7 +437,10 @@ class RDAN(matcher.Matcher):
 
   @classmethod
   def describe(cls, fields: dict, sizes: dict) -> str:
-    return f'RDAN, D {sizes["embed_size"]}, {fields["cnn_channels"]} channels, n {sizes["min_len"]}-{sizes["n"]}'
+    kernel = ', compiled relation CNN' if sizes.get('relation_cnn') == 'compiled kernel' else ''
+    return (
+      f'RDAN, D {sizes["embed_size"]}, {fields["cnn_channels"]} channels{kernel}, n {sizes["min_len"]}-{sizes["n"]}'
+    )
 
   def __post_init__(self):
     if not 0 <= self.mu <= 1:
