@@ -42,6 +42,9 @@
 // Output positions of a row accumulated at once: JB * NV accumulators and NV weight vectors stay in registers.
 #define JB_FIT ((REGS - 2 * NV) / NV)
 #define JB (JB_FIT > 8 ? 8 : (JB_FIT < 1 ? 1 : JB_FIT))
+// Rows of output positions accumulated at once: two when their accumulators fit too (each weight load then feeds
+// 2 * JB FMAs).
+#define RB (2 * JB * NV + NV <= REGS - 2 ? 2 : 1)
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vmask __attribute__((vector_size(VW * 4)));
@@ -52,6 +55,14 @@ static inline vf vload(const float* p) {
   return v;
 }
 static inline void vstore(float* p, vf v) { memcpy(p, &v, sizeof v); }
+// The sum of a vector's lanes, halving: log2(VW) vector adds instead of VW scalar ones.
+static inline float hsum(vf v) {
+  float t[VW];
+  memcpy(t, &v, sizeof t);
+  for (int width = VW / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; i++) t[i] += t[i + width];
+  return t[0];
+}
 static inline vf relu(vf v) {
   vf zero = {0};
   return (vf)((vmask)v & (v > zero));
@@ -72,23 +83,25 @@ typedef struct {
 
 #define CHUNK 8
 
-// acc[jj] += sum over taps t and input channels ci of row_t[j0 + jj, ci] * w_t[ci, :], for JB positions; the taps'
-// input rows are `rows[t]` (already shifted by the tap's column offset) and weights `w + t * CHANNELS * CHANNELS`.
-static inline void accumulate(vf acc[JB][NV], const float* const* rows, int taps, const float* w) {
+// acc[r][jj] += sum over taps t and input channels ci of rows[r][t][jj * c + ci] * w[t][ci, :], for RB rows of JB
+// output positions each (`rows[r][t]` is row r's input row for tap t, already shifted to the tap's column).
+static inline void accumulate(vf acc[RB][JB][NV], const float* rows[RB][9], int taps, const float* w) {
   for (int t = 0; t < taps; t++)
     for (int ci = 0; ci < CHANNELS; ci++) {
       vf wv[NV];
       for (int v = 0; v < NV; v++) wv[v] = vload(w + (t * CHANNELS + ci) * CHANNELS + v * VW);
-      for (int jj = 0; jj < JB; jj++) {
-        const float x = rows[t][jj * CHANNELS + ci];
-        for (int v = 0; v < NV; v++) acc[jj][v] += x * wv[v];
-      }
+      for (int r = 0; r < RB; r++)
+        for (int jj = 0; jj < JB; jj++) {
+          const float x = rows[r][t][jj * CHANNELS + ci];
+          for (int v = 0; v < NV; v++) acc[r][jj][v] += x * wv[v];
+        }
     }
 }
 
-static inline void init(vf acc[JB][NV], const float* bias) {
-  for (int jj = 0; jj < JB; jj++)
-    for (int v = 0; v < NV; v++) acc[jj][v] = vload(bias + v * VW);
+static inline void init(vf acc[RB][JB][NV], const float* bias) {
+  for (int r = 0; r < RB; r++)
+    for (int jj = 0; jj < JB; jj++)
+      for (int v = 0; v < NV; v++) acc[r][jj][v] = vload(bias + v * VW);
 }
 
 static void pair_maps(const Job* job, int64_t p, float* xs, float* h1, float* h2, int64_t width) {
@@ -106,41 +119,44 @@ static void pair_maps(const Job* job, int64_t p, float* xs, float* h1, float* h2
         for (int a = 0; a < 3; a++) acc += xs[(i + a) * width + j + 1] * vload(job->w1 + a * CHANNELS + v * VW);
         vstore(h1 + ((i + 1) * width + j + 1) * CHANNELS + v * VW, relu(acc) * m[j]);
       }
-  // 1x3 layer, c -> c.
-  for (int64_t i = 0; i < k; i++)
+  // 1x3 layer, c -> c. (Rows past k read the scratch's spare zero rows and are not stored.)
+  for (int64_t i = 0; i < k; i += RB)
     for (int64_t j0 = 0; j0 < nb; j0 += JB) {
-      vf acc[JB][NV];
+      vf acc[RB][JB][NV];
       init(acc, job->b2);
-      const float* row = h1 + ((i + 1) * width + j0) * CHANNELS;
-      const float* rows[3] = {row, row + CHANNELS, row + 2 * CHANNELS};
+      const float* rows[RB][9];
+      for (int r = 0; r < RB; r++)
+        for (int t = 0; t < 3; t++) rows[r][t] = h1 + ((i + r + 1) * width + j0 + t) * CHANNELS;
       accumulate(acc, rows, 3, job->w2);
-      for (int jj = 0; jj < JB && j0 + jj < n; jj++)
-        for (int v = 0; v < NV; v++)
-          vstore(h2 + ((i + 1) * width + j0 + jj + 1) * CHANNELS + v * VW, relu(acc[jj][v]) * m[j0 + jj]);
+      for (int r = 0; r < RB && i + r < k; r++)
+        for (int jj = 0; jj < JB && j0 + jj < n; jj++)
+          for (int v = 0; v < NV; v++)
+            vstore(h2 + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + v * VW, relu(acc[r][jj][v]) * m[j0 + jj]);
     }
   // 3x3 layer, c -> c, then the 1x1 output layer (no ReLU) on each finished position.
-  for (int64_t i = 0; i < k; i++)
+  for (int64_t i = 0; i < k; i += RB)
     for (int64_t j0 = 0; j0 < nb; j0 += JB) {
-      vf acc[JB][NV];
+      vf acc[RB][JB][NV];
       init(acc, job->b3);
-      const float* rows[9];
-      for (int a = 0; a < 3; a++)
-        for (int t = 0; t < 3; t++) rows[a * 3 + t] = h2 + ((i + a) * width + j0 + t) * CHANNELS;
+      const float* rows[RB][9];
+      for (int r = 0; r < RB; r++)
+        for (int a = 0; a < 3; a++)
+          for (int t = 0; t < 3; t++) rows[r][a * 3 + t] = h2 + ((i + r + a) * width + j0 + t) * CHANNELS;
       accumulate(acc, rows, 9, job->w3);
-      for (int jj = 0; jj < JB && j0 + jj < n; jj++)
-        for (int64_t q = 0; q < o; q++) {
-          vf sum = {0};
-          for (int v = 0; v < NV; v++) sum += relu(acc[jj][v]) * vload(job->wo_t + q * CHANNELS + v * VW);
-          float t = 0;
-          for (int lane = 0; lane < VW; lane++) t += sum[lane];
-          job->out[((q * pairs + p) * k + i) * n + j0 + jj] = job->bo[q] + t * m[j0 + jj];
-        }
+      for (int r = 0; r < RB && i + r < k; r++)
+        for (int jj = 0; jj < JB && j0 + jj < n; jj++)
+          for (int64_t q = 0; q < o; q++) {
+            vf sum = {0};
+            for (int v = 0; v < NV; v++) sum += relu(acc[r][jj][v]) * vload(job->wo_t + q * CHANNELS + v * VW);
+            job->out[((q * pairs + p) * k + i + r) * n + j0 + jj] = job->bo[q] + hsum(sum) * m[j0 + jj];
+          }
     }
 }
 
 static void work(Job* job) {
   const int64_t pairs = job->b * job->c, nb = (job->n + JB - 1) / JB * JB;
-  const int64_t width = nb + 2, height = job->k + 2;  // a zero halo of one position on every side
+  // A zero halo of one position on every side, and RB - 1 spare zero rows read by the last block of rows.
+  const int64_t width = nb + 2, height = job->k + 2 + RB - 1;
   const size_t map_bytes = (size_t)height * width * CHANNELS * sizeof(float);
   float* scratch = calloc(2 * (size_t)height * width * CHANNELS + (size_t)height * width, sizeof(float));
   if (scratch == NULL) abort();
