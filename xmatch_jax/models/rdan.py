@@ -195,8 +195,8 @@ _KERNEL_ARGS += ('out_kernel', 'out_bias')
 def _relation_cnn_kernel(sim: jax.Array, column_mask: jax.Array, cnn_params: dict) -> jax.Array:
   """`_relation_cnn_xla` in float32, run on CPUs by the compiled kernel (xmatch_jax/kernels/relation_cnn.c).
 
-  Other platforms lower the XLA path. The gradient is the XLA path's (recomputed from the inputs):
-  training differentiates only the 3 B rescored pairs, so the kernel serves the all-pairs passes.
+  Other platforms lower the XLA path. A differentiated call runs the XLA path, forward and backward: training
+  differentiates only the 3 B rescored pairs, so the kernel serves the all-pairs passes.
   """
   channels = cnn_params['conv1_kernel'].shape[-1]
   target = kernels.relation_cnn_target(channels)
@@ -212,11 +212,12 @@ def _relation_cnn_kernel(sim: jax.Array, column_mask: jax.Array, cnn_params: dic
 
 
 def _relation_cnn_kernel_fwd(sim, column_mask, cnn_params):
-  return _relation_cnn_kernel(sim, column_mask, cnn_params), (sim, column_mask, cnn_params)
+  # Differentiated passes (the training step's 3 B rescored pairs, vmapped) run XLA's forward and keep its
+  # residuals: the kernel has no backward, and vmapping it would loop over one call per pair.
+  return jax.vjp(lambda *args: _relation_cnn_xla(*args, jnp.float32), sim, column_mask, cnn_params)
 
 
-def _relation_cnn_kernel_bwd(residuals, grad):
-  _, vjp = jax.vjp(lambda *args: _relation_cnn_xla(*args, jnp.float32), *residuals)
+def _relation_cnn_kernel_bwd(vjp, grad):
   return vjp(grad)
 
 
