@@ -31,9 +31,10 @@ layer, so with 'same' zero padding a real position sees exactly what it would se
 the truncated k x n_c map; the row-wise softmax and the word mean run over real words only.
 
 All pairs of a block of images are scored together from the batch-wide cosine tensor S
-[b, C, k, n] (docs/architecture.md, "The batch-wide similarity tensor"): the relation CNN is one
-batched convolution over the b * C pair maps, and
-the cosines of eq 10 use S, the weights and per-item Gram matrices, never per-pair D-dim vectors:
+[b, C, k, n] (docs/architecture.md, "The batch-wide similarity tensor"): the relation CNN runs over
+the b * C pair maps at once (on a CPU, its all-pairs forward passes in the compiled kernel of
+xmatch_jax/kernels; docs/architecture.md, "RDAN's relation CNN kernel"), and the cosines of eq 10
+use S, the weights and per-item Gram matrices, never per-pair D-dim vectors:
 v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T (E E^T) alpha_i (same for b_j).
 
 With `dtype='bfloat16'` the operands of S, of the Gram matrices and of the relation convolutions
