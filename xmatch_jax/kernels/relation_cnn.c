@@ -183,6 +183,12 @@ static void task(void* data) {
   release((Job*)data);
 }
 
+// An error of a pool call this kernel can do without (it then works alone).
+static void discard(const XLA_FFI_Api* api, XLA_FFI_Error* err) {
+  XLA_FFI_Error_Destroy_Args destroy = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
+  api->XLA_FFI_Error_Destroy(&destroy);
+}
+
 static void run(XLA_FFI_CallFrame* frame, Job* job) {
   const int64_t pairs = job->b * job->c;
   int64_t threads = 1;
@@ -193,8 +199,7 @@ static void run(XLA_FFI_CallFrame* frame, Job* job) {
   count.num_threads = &threads;
   XLA_FFI_Error* err = frame->api->XLA_FFI_ThreadPool_NumThreads(&count);
   if (err != NULL) {  // no pool: this thread does all the work
-    XLA_FFI_Error_Destroy_Args destroy = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
-    frame->api->XLA_FFI_Error_Destroy(&destroy);
+    discard(frame->api, err);
     threads = 1;
   }
   int64_t tasks = (pairs + CHUNK - 1) / CHUNK - 1;
@@ -210,8 +215,7 @@ static void run(XLA_FFI_CallFrame* frame, Job* job) {
     schedule.data = job;
     err = frame->api->XLA_FFI_ThreadPool_Schedule(&schedule);
     if (err != NULL) {
-      XLA_FFI_Error_Destroy_Args destroy = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
-      frame->api->XLA_FFI_Error_Destroy(&destroy);
+      discard(frame->api, err);
       atomic_fetch_sub(&job->refs, 1);
       break;
     }
