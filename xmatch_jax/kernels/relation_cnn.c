@@ -275,7 +275,7 @@ XLA_FFI_Error* RelationCnn(XLA_FFI_CallFrame* frame) {
   if (b * c * k * n == 0) return NULL;
   Job* job = calloc(1, sizeof(Job));
   if (job == NULL) return error(frame->api, "relation_cnn: out of memory");
-  *job = (Job){b, c, k, n, o};
+  *job = (Job){.b = b, .c = c, .k = k, .n = n, .o = o};
   const float** inputs[] = {&job->sim, &job->column_mask, &job->w1, &job->b1, &job->w2,
                             &job->b2,  &job->w3,          &job->b3, &job->wo, &job->bo};
   for (int i = 0; i < 10; i++) *inputs[i] = (const float*)arg(frame, i)->data;
