@@ -1,8 +1,8 @@
 // RDAN's relation CNN (eq 6) over a block of pair maps, forward only: an XLA FFI handler for the CPU.
 //
-// Compiled on first use by xmatch_jax/kernels/__init__.py with -DCHANNELS=<c> (a power of two): the
-// channels are one GCC vector, so each multiply-add of a 3x1, 1x3 or 3x3 tap is one broadcast FMA over
-// all output channels, and JB output positions of a row accumulate in registers. Each thread keeps one
+// Compiled on first use by xmatch_jax/kernels/__init__.py with -DCHANNELS=<c> (a power of two): a
+// position's channels are CHANNELS / VW native vectors, so each multiply-add of a 3x1, 1x3 or 3x3 tap is
+// one broadcast FMA per vector, and JB output positions of RB rows accumulate in registers. Each thread keeps one
 // pair's zero-haloed activation maps in its own scratch (~250 KB at the paper's sizes: in L2) and runs all
 // four layers on it before the next pair; XLA:CPU instead writes every layer's maps of the whole block to
 // memory (docs/architecture.md, "RDAN's relation CNN kernel"). Pairs are split over XLA's own thread pool.
