@@ -225,11 +225,15 @@ def _relation_cnn_kernel_bwd(vjp, grad):
 _relation_cnn_kernel.defvjp(_relation_cnn_kernel_fwd, _relation_cnn_kernel_bwd)
 
 
+def _check_conv_impl(conv_impl: str) -> None:
+  if conv_impl not in CONV_IMPLS:
+    raise errors.UserError(f'RDAN.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
+
+
 def uses_kernel(channels: Optional[int], dtype: pairwise.DTypeLike, conv_impl: str) -> bool:
   """Whether `relation_maps` runs the compiled CPU kernel for a relation CNN of `channels` (None: no CNN):
   `conv_impl='auto'`, float32, and a kernel built for that channel count (xmatch_jax/kernels)."""
-  if conv_impl not in CONV_IMPLS:
-    raise errors.UserError(f'RDAN.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
+  _check_conv_impl(conv_impl)
   if channels is None or conv_impl == 'xla' or jnp.dtype(dtype) != jnp.float32:
     return False
   return kernels.relation_cnn_target(channels) is not None
@@ -458,8 +462,7 @@ class RDAN(matcher.Matcher):
         f'use_residual={self.use_residual}'
       )
     layers.compute_dtype(self.dtype, 'RDAN')
-    if self.conv_impl not in CONV_IMPLS:
-      raise errors.UserError(f'RDAN.conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}')
+    _check_conv_impl(self.conv_impl)
     super().__post_init__()
 
   def setup(self):
