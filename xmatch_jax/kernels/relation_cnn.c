@@ -39,12 +39,15 @@
 #define VW CHANNELS
 #endif
 #define NV (CHANNELS / VW)
-// Output positions of a row accumulated at once: JB * NV accumulators and NV weight vectors stay in registers.
-#define JB_FIT ((REGS - 2 * NV) / NV)
-#define JB (JB_FIT > 8 ? 8 : (JB_FIT < 1 ? 1 : JB_FIT))
-// Rows of output positions accumulated at once: two when their accumulators fit too (each weight load then feeds
-// 2 * JB FMAs).
-#define RB (2 * JB * NV + NV <= REGS - 2 ? 2 : 1)
+// Rows of output positions accumulated at once: two when a position's channels are one vector (each weight load
+// then feeds twice as many FMAs), else one.
+#define RB (NV == 1 ? 2 : 1)
+// The most output positions of a row accumulated at once: RB * JBMAX * NV accumulators, NV weight vectors and a
+// broadcast input stay in the registers. A row of n positions is cut into the fewest blocks of at most JBMAX, of
+// sizes as equal as possible (n = 20: two of 10), so no block computes padding.
+#define JB_FIT ((REGS - NV - 2) / (NV * RB))
+#define JBMAX (JB_FIT > 16 ? 16 : (JB_FIT < 1 ? 1 : JB_FIT))
+#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vmask __attribute__((vector_size(VW * 4)));
@@ -83,89 +86,128 @@ typedef struct {
 
 #define CHUNK 8
 
-// acc[r][jj] += sum over taps t and input channels ci of rows[r][t][jj * c + ci] * w[t][ci, :], for RB rows of JB
-// output positions each (`rows[r][t]` is row r's input row for tap t, already shifted to the tap's column).
-static inline void accumulate(vf acc[RB][JB][NV], const float* rows[RB][9], int taps, const float* w) {
+// acc[r][jj] += sum over taps t and input channels ci of rows[r][t][jj * c + ci] * w[t][ci, :], for RB rows of jb
+// output positions each (`rows[r][t]` is row r's input row for tap t, already shifted to the tap's column). jb is a
+// constant at every call (see `row_block`), so the accumulators are registers.
+static ALWAYS_INLINE void accumulate(vf acc[RB][JBMAX][NV], const float* rows[RB][9], int taps, int jb, const float* w) {
   for (int t = 0; t < taps; t++)
     for (int ci = 0; ci < CHANNELS; ci++) {
       vf wv[NV];
       for (int v = 0; v < NV; v++) wv[v] = vload(w + (t * CHANNELS + ci) * CHANNELS + v * VW);
       for (int r = 0; r < RB; r++)
-        for (int jj = 0; jj < JB; jj++) {
+        for (int jj = 0; jj < jb; jj++) {
           const float x = rows[r][t][jj * CHANNELS + ci];
           for (int v = 0; v < NV; v++) acc[r][jj][v] += x * wv[v];
         }
     }
 }
 
-static inline void init(vf acc[RB][JB][NV], const float* bias) {
+// Maps of one pair: xs (S, masked, one channel), h1 and h2 (the first two layers' outputs, c channels), each with a
+// zero halo of one position on every side and RB - 1 spare zero rows read by the last block of rows.
+typedef struct {
+  const Job* job;
+  int64_t p, width;
+  const float* m;  // the pair's column mask [n]
+  float *xs, *h1, *h2;
+} Pair;
+
+// One block of RB rows from row i x jb positions from column j0: the 1x3 layer (h1 -> h2, ReLU, mask) when `taps`
+// is 3, else the 3x3 layer and the 1x1 output layer (h2 -> out).
+static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0, int jb) {
+  const Job* job = pr->job;
+  const int64_t k = job->k, n = job->n, width = pr->width;
+  const float* bias = taps == 3 ? job->b2 : job->b3;
+  vf acc[RB][JBMAX][NV];
   for (int r = 0; r < RB; r++)
-    for (int jj = 0; jj < JB; jj++)
+    for (int jj = 0; jj < jb; jj++)
       for (int v = 0; v < NV; v++) acc[r][jj][v] = vload(bias + v * VW);
+  const float* rows[RB][9];
+  for (int r = 0; r < RB; r++)
+    for (int a = 0; a < taps / 3; a++)
+      for (int t = 0; t < 3; t++) {
+        const int64_t row = taps == 3 ? i + r + 1 : i + r + a;  // the 1x3 layer reads only its own row
+        rows[r][a * 3 + t] = (taps == 3 ? pr->h1 : pr->h2) + (row * width + j0 + t) * CHANNELS;
+      }
+  accumulate(acc, rows, taps, jb, taps == 3 ? job->w2 : job->w3);
+  for (int r = 0; r < RB && i + r < k; r++)
+    for (int jj = 0; jj < jb; jj++) {
+      const float mask = pr->m[j0 + jj];
+      if (taps == 3) {
+        for (int v = 0; v < NV; v++)
+          vstore(pr->h2 + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + v * VW, relu(acc[r][jj][v]) * mask);
+        continue;
+      }
+      const int64_t pairs = job->b * job->c;
+      for (int64_t q = 0; q < job->o; q++) {
+        vf sum = {0};
+        for (int v = 0; v < NV; v++) sum += relu(acc[r][jj][v]) * vload(job->wo_t + q * CHANNELS + v * VW);
+        job->out[((q * pairs + pr->p) * k + i + r) * n + j0 + jj] = job->bo[q] + hsum(sum) * mask;
+      }
+    }
 }
 
-static void pair_maps(const Job* job, int64_t p, float* xs, float* h1, float* h2, int64_t width) {
-  const int64_t k = job->k, n = job->n, o = job->o, pairs = job->b * job->c;
-  const int64_t nb = (n + JB - 1) / JB * JB;
-  const float* s = job->sim + p * k * n;
-  const float* m = job->column_mask + (p % job->c) * n;
+// `block` with jb as a constant: one specialisation per block width.
+#define BLOCK_CASE(w) \
+  case w:             \
+    block(pr, taps, i, j0, w <= JBMAX ? w : JBMAX); \
+    break;
+static void row_block(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t jb) {
+  switch (jb) {
+    BLOCK_CASE(1) BLOCK_CASE(2) BLOCK_CASE(3) BLOCK_CASE(4) BLOCK_CASE(5) BLOCK_CASE(6) BLOCK_CASE(7) BLOCK_CASE(8)
+    BLOCK_CASE(9) BLOCK_CASE(10) BLOCK_CASE(11) BLOCK_CASE(12) BLOCK_CASE(13) BLOCK_CASE(14) BLOCK_CASE(15)
+    BLOCK_CASE(16)
+    default:
+      abort();  // jb <= JBMAX <= 16
+  }
+}
+
+// A 1x3 or 3x3 layer over the whole map: blocks of RB rows x the row's column blocks.
+static void layer(const Pair* pr, int taps) {
+  const int64_t k = pr->job->k, n = pr->job->n;
+  const int64_t blocks = (n + JBMAX - 1) / JBMAX, base = n / blocks, wider = n % blocks;
+  for (int64_t i = 0; i < k; i += RB)
+    for (int64_t blk = 0, j0 = 0; blk < blocks; blk++) {
+      const int64_t jb = base + (blk < wider);
+      row_block(pr, taps, i, j0, jb);
+      j0 += jb;
+    }
+}
+
+static void pair_maps(const Pair* pr) {
+  const Job* job = pr->job;
+  const int64_t k = job->k, n = job->n, width = pr->width;
+  const float* s = job->sim + pr->p * k * n;
+  const float* m = pr->m;
   for (int64_t i = 0; i < k; i++)
-    for (int64_t j = 0; j < n; j++) xs[(i + 1) * width + j + 1] = s[i * n + j] * m[j];
+    for (int64_t j = 0; j < n; j++) pr->xs[(i + 1) * width + j + 1] = s[i * n + j] * m[j];
   // 3x1 layer, 1 -> c channels.
   for (int64_t i = 0; i < k; i++)
     for (int64_t j = 0; j < n; j++)
       for (int v = 0; v < NV; v++) {
         vf acc = vload(job->b1 + v * VW);
-        for (int a = 0; a < 3; a++) acc += xs[(i + a) * width + j + 1] * vload(job->w1 + a * CHANNELS + v * VW);
-        vstore(h1 + ((i + 1) * width + j + 1) * CHANNELS + v * VW, relu(acc) * m[j]);
+        for (int a = 0; a < 3; a++) acc += pr->xs[(i + a) * width + j + 1] * vload(job->w1 + a * CHANNELS + v * VW);
+        vstore(pr->h1 + ((i + 1) * width + j + 1) * CHANNELS + v * VW, relu(acc) * m[j]);
       }
-  // 1x3 layer, c -> c. (Rows past k read the scratch's spare zero rows and are not stored.)
-  for (int64_t i = 0; i < k; i += RB)
-    for (int64_t j0 = 0; j0 < nb; j0 += JB) {
-      vf acc[RB][JB][NV];
-      init(acc, job->b2);
-      const float* rows[RB][9];
-      for (int r = 0; r < RB; r++)
-        for (int t = 0; t < 3; t++) rows[r][t] = h1 + ((i + r + 1) * width + j0 + t) * CHANNELS;
-      accumulate(acc, rows, 3, job->w2);
-      for (int r = 0; r < RB && i + r < k; r++)
-        for (int jj = 0; jj < JB && j0 + jj < n; jj++)
-          for (int v = 0; v < NV; v++)
-            vstore(h2 + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + v * VW, relu(acc[r][jj][v]) * m[j0 + jj]);
-    }
-  // 3x3 layer, c -> c, then the 1x1 output layer (no ReLU) on each finished position.
-  for (int64_t i = 0; i < k; i += RB)
-    for (int64_t j0 = 0; j0 < nb; j0 += JB) {
-      vf acc[RB][JB][NV];
-      init(acc, job->b3);
-      const float* rows[RB][9];
-      for (int r = 0; r < RB; r++)
-        for (int a = 0; a < 3; a++)
-          for (int t = 0; t < 3; t++) rows[r][a * 3 + t] = h2 + ((i + r + a) * width + j0 + t) * CHANNELS;
-      accumulate(acc, rows, 9, job->w3);
-      for (int r = 0; r < RB && i + r < k; r++)
-        for (int jj = 0; jj < JB && j0 + jj < n; jj++)
-          for (int64_t q = 0; q < o; q++) {
-            vf sum = {0};
-            for (int v = 0; v < NV; v++) sum += relu(acc[r][jj][v]) * vload(job->wo_t + q * CHANNELS + v * VW);
-            job->out[((q * pairs + p) * k + i + r) * n + j0 + jj] = job->bo[q] + hsum(sum) * m[j0 + jj];
-          }
-    }
+  layer(pr, 3);  // 1x3, c -> c
+  layer(pr, 9);  // 3x3, c -> c, and the 1x1 output layer
 }
 
 static void work(Job* job) {
-  const int64_t pairs = job->b * job->c, nb = (job->n + JB - 1) / JB * JB;
-  // A zero halo of one position on every side, and RB - 1 spare zero rows read by the last block of rows.
-  const int64_t width = nb + 2, height = job->k + 2 + RB - 1;
-  const size_t map_bytes = (size_t)height * width * CHANNELS * sizeof(float);
-  float* scratch = calloc(2 * (size_t)height * width * CHANNELS + (size_t)height * width, sizeof(float));
+  const int64_t pairs = job->b * job->c;
+  const int64_t width = job->n + 2, height = job->k + 2 + RB - 1;
+  const size_t map = (size_t)height * width;
+  float* scratch = calloc((2 * CHANNELS + 1) * map, sizeof(float));
   if (scratch == NULL) abort();
-  float *h1 = scratch, *h2 = scratch + map_bytes / sizeof(float), *xs = h2 + map_bytes / sizeof(float);
+  Pair pr = {.job = job, .width = width, .h1 = scratch, .h2 = scratch + CHANNELS * map, .xs = scratch + 2 * CHANNELS * map};
   for (;;) {
     const int64_t start = atomic_fetch_add(&job->next, CHUNK);
     if (start >= pairs) break;
     const int64_t end = start + CHUNK < pairs ? start + CHUNK : pairs;
-    for (int64_t p = start; p < end; p++) pair_maps(job, p, xs, h1, h2, width);
+    for (int64_t p = start; p < end; p++) {
+      pr.p = p;
+      pr.m = job->column_mask + (p % job->c) * job->n;
+      pair_maps(&pr);
+    }
     atomic_fetch_add(&job->done, end - start);
   }
   free(scratch);
