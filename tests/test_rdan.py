@@ -251,7 +251,7 @@ def test_compiled_kernel_matches_numpy_equations(variant, channels):
   variables = head_params(model, image_rep, text_rep)
   assert rdan_module.uses_kernel(channels, jnp.float32, 'auto')
   fn = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
-  assert f'xmatch_relation_cnn_c{channels}' in fn.lower(variables, image_rep, text_rep).as_text()
+  assert kernels.relation_cnn_target(channels) in fn.lower(variables, image_rep, text_rep).as_text()
   want = np_rdan_scores(
     image_rep['regions'], text_rep['words'], CAP_LENS, numpy_cnn(variables), **reference_opts(model)
   )
@@ -279,11 +279,11 @@ def test_compiled_kernel_equals_xla_path_in_values_and_gradients():
       return jnp.sum(weights * scores)
 
     score_fn = jax.jit(lambda v, i, t, model=model: model.apply(v, i, t, method=model.pair_scores))
-    assert ('xmatch_relation_cnn' in score_fn.lower(variables, image_rep, text_rep).as_text()) == (impl == 'auto')
+    assert ('xmatch_RelationCnn' in score_fn.lower(variables, image_rep, text_rep).as_text()) == (impl == 'auto')
     scores[impl] = score_fn(variables, image_rep, text_rep)
     # A differentiated call runs XLA's forward and backward (the kernel has no backward pass).
     grad_fn = jax.jit(jax.grad(total, argnums=(0, 1, 2)))
-    assert 'xmatch_relation_cnn' not in grad_fn.lower(variables, image_rep['regions'], text_rep['words']).as_text()
+    assert 'xmatch_RelationCnn' not in grad_fn.lower(variables, image_rep['regions'], text_rep['words']).as_text()
     grads[impl] = jax.tree_util.tree_leaves(grad_fn(variables, image_rep['regions'], text_rep['words']))
   np.testing.assert_allclose(scores['auto'], scores['xla'], rtol=1e-6, atol=1e-6)
   for got, want in zip(grads['auto'], grads['xla']):
@@ -298,7 +298,7 @@ def test_kernel_falls_back_to_xla_without_a_working_compiler(monkeypatch, tmp_pa
     monkeypatch.setenv('CC', 'false')  # found on PATH, fails every build
     with caplog.at_level('WARNING', logger='xmatch_jax.kernels'):
       assert kernels.relation_cnn_target(8) is None
-    assert 'relation CNN kernel unavailable, using XLA' in caplog.text
+    assert 'relation_cnn.c kernel unavailable, using XLA' in caplog.text
     assert not list(tmp_path.glob('*.so'))
     kernels.relation_cnn_target.cache_clear()
     monkeypatch.setenv('CC', 'no-such-compiler-xmatch')
@@ -312,10 +312,7 @@ def test_kernel_falls_back_to_xla_without_a_working_compiler(monkeypatch, tmp_pa
     monkeypatch.delenv('XMATCH_KERNELS')
     kernels.relation_cnn_target.cache_clear()
     assert kernels.relation_cnn_target(3) is None and kernels.relation_cnn_target(256) is None
-    cnn = {'conv1_kernel': jnp.zeros((3, 1, 1, 8))}
-    assert not rdan_module.uses_kernel(cnn, jnp.bfloat16, 'auto') and not rdan_module.uses_kernel(
-      cnn, jnp.float32, 'xla'
-    )
+    assert not rdan_module.uses_kernel(8, jnp.bfloat16, 'auto') and not rdan_module.uses_kernel(8, jnp.float32, 'xla')
   finally:
     kernels.relation_cnn_target.cache_clear()
 

@@ -1,13 +1,13 @@
 """CPU kernels compiled on first use and registered with XLA as FFI targets.
 
-XLA:CPU runs RDAN's small-channel relation convolutions far below the machine's matmul rate
-(docs/architecture.md, "RDAN's relation CNN kernel"); `relation_cnn.c` runs them per pair in cache. It
-is compiled here with the machine's C compiler (`$CC`, else `cc` / `gcc`) for this CPU
-(`-march=native`) against jaxlib's FFI headers, once per channel count, into
-`$XMATCH_KERNEL_DIR` (default `~/.cache/xmatch_jax/kernels`), keyed by the source, the flags, jax's
-version and the CPU, so a home directory shared by different machines gets one build per CPU. Without a
-compiler, or with `XMATCH_KERNELS=0`, `relation_cnn_target` returns None and callers use their XLA path
-(same values to float32 rounding).
+XLA:CPU runs RDAN's small-channel relation convolutions and MMCA's per-pair attention over 16-dimensional
+heads far below the machine's matmul rate (docs/architecture.md, "Compiled CPU kernels"); `relation_cnn.c`
+and `mmca_attention.c` run them per pair in cache. Each is compiled here with the machine's C compiler
+(`$CC`, else `cc` / `gcc`) for this CPU (`-march=native`) against jaxlib's FFI headers, once per size
+(channel count, head width), into `$XMATCH_KERNEL_DIR` (default `~/.cache/xmatch_jax/kernels`), keyed by the
+sources, the flags, jax's version and the CPU, so a home directory shared by different machines gets one
+build per CPU. Without a compiler, or with `XMATCH_KERNELS=0`, the `*_target` functions return None and
+callers use their XLA path (same values to float32 rounding).
 """
 
 import ctypes
@@ -24,7 +24,8 @@ from typing import Optional
 
 import jax
 
-_SOURCE = pathlib.Path(__file__).with_name('relation_cnn.c')
+_HERE = pathlib.Path(__file__).parent
+_HEADER = _HERE / 'ffi_pool.h'
 _FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=gnu11')
 _log = logging.getLogger(__name__)
 
@@ -54,13 +55,13 @@ def _cpu_id() -> str:
   return '\n'.join(sorted(set(keep)))
 
 
-def _build(compiler: str, channels: int) -> pathlib.Path:
-  """Compiles relation_cnn.c for `channels` (cached); raises RuntimeError with the compiler's message."""
-  flags = _FLAGS + (f'-DCHANNELS={channels}', f'-I{jax.ffi.include_dir()}')
+def _build(compiler: str, source: pathlib.Path, define: str, value: int) -> pathlib.Path:
+  """Compiles `source` with -D<define>=<value> (cached); raises RuntimeError with the compiler's message."""
+  flags = _FLAGS + (f'-D{define}={value}', f'-I{jax.ffi.include_dir()}', f'-I{_HERE}')
   key = hashlib.sha256(
-    '\0'.join([_SOURCE.read_text(), ' '.join(flags), compiler, jax.__version__, _cpu_id()]).encode()
+    '\0'.join([source.read_text(), _HEADER.read_text(), ' '.join(flags), compiler, jax.__version__, _cpu_id()]).encode()
   ).hexdigest()[:20]
-  target = kernel_dir() / f'relation_cnn_c{channels}_{key}.so'
+  target = kernel_dir() / f'{source.stem}_{define.lower()}{value}_{key}.so'
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,10 +69,10 @@ def _build(compiler: str, channels: int) -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
   os.close(fd)
   try:
-    result = subprocess.run([compiler, *flags, str(_SOURCE), '-o', tmp], capture_output=True, text=True)
+    result = subprocess.run([compiler, *flags, str(source), '-o', tmp], capture_output=True, text=True)
     if result.returncode != 0:
       first = (result.stderr.strip().splitlines() or ['no message'])[0]
-      raise RuntimeError(f'{compiler} failed on {_SOURCE.name}: {first}')
+      raise RuntimeError(f'{compiler} failed on {source.name}: {first}')
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
@@ -79,29 +80,49 @@ def _build(compiler: str, channels: int) -> pathlib.Path:
   return target
 
 
+def _target(source: str, define: str, value: int, handlers: tuple) -> Optional[dict]:
+  """Builds and registers `source`'s `handlers` for -D<define>=<value>: {handler: FFI target name}, or None."""
+  if os.environ.get('XMATCH_KERNELS', '1') == '0':
+    return None
+  compiler = _compiler()
+  if compiler is None:
+    _log.info('no C compiler found ($CC, cc, gcc): %s runs on XLA', source)
+    return None
+  try:
+    library = ctypes.CDLL(str(_build(compiler, _HERE / source, define, value)))
+  except (RuntimeError, OSError) as exc:
+    _log.warning('%s kernel unavailable, using XLA: %s', source, exc)
+    return None
+  names = {}
+  for handler in handlers:
+    name = f'xmatch_{handler}_{define.lower()}{value}'
+    if name not in _REGISTERED:  # a target is registered once per process (the caches can be cleared)
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, handler)), platform='cpu')
+      _REGISTERED[name] = library  # the handler must outlive every compiled program that calls it
+    names[handler] = name
+  return names
+
+
 @functools.cache
 def relation_cnn_target(channels: int) -> Optional[str]:
-  """The FFI target name of the relation CNN kernel for `channels`, or None when it is not available.
+  """The FFI target name of RDAN's relation CNN kernel for `channels`, or None when it is not available.
 
   Available for a power-of-two channel count from 4 to 128 on a machine with a C compiler, unless
   XMATCH_KERNELS=0. A failed build is logged once (warning) and the caller falls back to XLA.
   """
-  if os.environ.get('XMATCH_KERNELS', '1') == '0' or channels < 4 or channels > 128 or channels & (channels - 1):
+  if channels < 4 or channels > 128 or channels & (channels - 1):
     return None
-  compiler = _compiler()
-  if compiler is None:
-    _log.info('no C compiler found ($CC, cc, gcc): RDAN relation CNN runs on XLA')
+  names = _target('relation_cnn.c', 'CHANNELS', channels, ('RelationCnn',))
+  return names and names['RelationCnn']
+
+
+@functools.cache
+def mmca_attention_targets(head_dim: int) -> Optional[dict]:
+  """FFI target names of MMCA's cross-attention kernel for heads of `head_dim` (a power of two from 4 to 64):
+  {'MmcaCrossImageMajor': ..., 'MmcaCrossTextMajor': ...}, or None when it is not available (as above)."""
+  if head_dim < 4 or head_dim > 64 or head_dim & (head_dim - 1):
     return None
-  try:
-    library = ctypes.CDLL(str(_build(compiler, channels)))
-  except (RuntimeError, OSError) as exc:
-    _log.warning('relation CNN kernel unavailable, using XLA: %s', exc)
-    return None
-  name = f'xmatch_relation_cnn_c{channels}'
-  if name not in _REGISTERED:  # a target is registered once per process (the cache can be cleared)
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(library.RelationCnn), platform='cpu')
-    _REGISTERED[name] = library  # the handler must outlive every compiled program that calls it
-  return name
+  return _target('mmca_attention.c', 'HEAD_DIM', head_dim, ('MmcaCrossImageMajor', 'MmcaCrossTextMajor'))
 
 
 _REGISTERED: dict = {}

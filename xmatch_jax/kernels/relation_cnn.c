@@ -11,13 +11,7 @@
 // w1 [3, 1, 1, c], b1 [c], w2 [1, 3, c, c], b2 [c], w3 [3, 3, c, c], b3 [c], wo [1, 1, c, o], bo [o].
 // Result: [o, b, C, k, n], the output layer's maps before the residual of eq 7.
 // Padded columns are zeroed in S and after every ReLU layer, as rdan.relation_maps does.
-#include <sched.h>
-#include <stdatomic.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include "xla/ffi/api/c_api.h"
+#include "ffi_pool.h"
 
 #ifndef CHANNELS
 #error "compile with -DCHANNELS=<a power of two, 4 to 128>"
@@ -71,17 +65,12 @@ static inline vf relu(vf v) {
   return (vf)((vmask)v & (v > zero));
 }
 
-// One call's work, shared by the calling thread and the tasks it schedules on XLA's thread pool. Each thread takes
-// chunks of pairs until none is left; a task that starts after the work is done (or never) does nothing, so the
-// call never waits on the pool, and the job is freed by whichever holder drops the last reference.
+// One call's inputs and output.
 typedef struct {
   int64_t b, c, k, n, o;
   const float *sim, *column_mask, *w1, *b1, *w2, *b2, *w3, *b3, *wo, *bo;
   float* wo_t;  // wo transposed, [o, c]
   float* out;
-  atomic_llong next;  // first pair of the next chunk
-  atomic_llong done;  // pairs finished
-  atomic_int refs;
 } Job;
 
 #define CHUNK 8
@@ -192,143 +181,63 @@ static void pair_maps(const Pair* pr) {
   layer(pr, 9);  // 3x3, c -> c, and the 1x1 output layer
 }
 
-static void work(Job* job) {
-  const int64_t pairs = job->b * job->c;
+// Pairs [start, end) of the block; `scratch` holds a pair's three zero-haloed maps (see `Pair`).
+static void pairs_chunk(const void* ctx, int64_t start, int64_t end, void* scratch) {
+  const Job* job = ctx;
   const int64_t width = job->n + 2, height = job->k + 2 + RB - 1;
   const size_t map = (size_t)height * width;
-  float* scratch = calloc((2 * CHANNELS + 1) * map, sizeof(float));
-  if (scratch == NULL) abort();
-  Pair pr = {.job = job, .width = width, .h1 = scratch, .h2 = scratch + CHANNELS * map, .xs = scratch + 2 * CHANNELS * map};
-  for (;;) {
-    const int64_t start = atomic_fetch_add(&job->next, CHUNK);
-    if (start >= pairs) break;
-    const int64_t end = start + CHUNK < pairs ? start + CHUNK : pairs;
-    for (int64_t p = start; p < end; p++) {
-      pr.p = p;
-      pr.m = job->column_mask + (p % job->c) * job->n;
-      pair_maps(&pr);
-    }
-    atomic_fetch_add(&job->done, end - start);
-  }
-  free(scratch);
-}
-
-static void release(Job* job) {
-  if (atomic_fetch_sub(&job->refs, 1) == 1) {
-    free(job->wo_t);
-    free(job);
+  float* maps = scratch;
+  Pair pr = {.job = job, .width = width, .h1 = maps, .h2 = maps + CHANNELS * map, .xs = maps + 2 * CHANNELS * map};
+  for (int64_t p = start; p < end; p++) {
+    pr.p = p;
+    pr.m = job->column_mask + (p % job->c) * job->n;
+    pair_maps(&pr);
   }
 }
 
-static void task(void* data) {
-  work((Job*)data);
-  release((Job*)data);
-}
-
-// An error of a pool call this kernel can do without (it then works alone).
-static void discard(const XLA_FFI_Api* api, XLA_FFI_Error* err) {
-  XLA_FFI_Error_Destroy_Args destroy = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
-  api->XLA_FFI_Error_Destroy(&destroy);
-}
-
-static void run(XLA_FFI_CallFrame* frame, Job* job) {
-  const int64_t pairs = job->b * job->c;
-  int64_t threads = 1;
-  XLA_FFI_ThreadPool_NumThreads_Args count;
-  memset(&count, 0, sizeof count);
-  count.struct_size = XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE;
-  count.ctx = frame->ctx;
-  count.num_threads = &threads;
-  XLA_FFI_Error* err = frame->api->XLA_FFI_ThreadPool_NumThreads(&count);
-  if (err != NULL) {  // no pool: this thread does all the work
-    discard(frame->api, err);
-    threads = 1;
-  }
-  int64_t tasks = (pairs + CHUNK - 1) / CHUNK - 1;
-  if (tasks > threads) tasks = threads;
-  atomic_store(&job->refs, 1);
-  for (int64_t t = 0; t < tasks; t++) {
-    atomic_fetch_add(&job->refs, 1);
-    XLA_FFI_ThreadPool_Schedule_Args schedule;
-    memset(&schedule, 0, sizeof schedule);
-    schedule.struct_size = XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE;
-    schedule.ctx = frame->ctx;
-    schedule.task = task;
-    schedule.data = job;
-    err = frame->api->XLA_FFI_ThreadPool_Schedule(&schedule);
-    if (err != NULL) {
-      discard(frame->api, err);
-      atomic_fetch_sub(&job->refs, 1);
-      break;
-    }
-  }
-  work(job);
-  while (atomic_load(&job->done) < pairs) sched_yield();  // at most one chunk still running elsewhere
-  release(job);
-}
-
-static XLA_FFI_Error* error(const XLA_FFI_Api* api, const char* message) {
-  XLA_FFI_Error_Create_Args args;
-  memset(&args, 0, sizeof args);
-  args.struct_size = XLA_FFI_Error_Create_Args_STRUCT_SIZE;
-  args.message = message;
-  args.errc = XLA_FFI_Error_Code_INVALID_ARGUMENT;
-  return api->XLA_FFI_Error_Create(&args);
-}
-
-static XLA_FFI_Buffer* arg(XLA_FFI_CallFrame* frame, int i) { return (XLA_FFI_Buffer*)frame->args.args[i]; }
-
-static int shape_is(const XLA_FFI_Buffer* buffer, int64_t rank, const int64_t* dims) {
-  if (buffer->dtype != XLA_FFI_DataType_F32 || buffer->rank != rank) return 0;
-  for (int64_t i = 0; i < rank; i++)
-    if (buffer->dims[i] != dims[i]) return 0;
-  return 1;
+static void free_job(const void* ctx) {
+  Job* job = (Job*)ctx;
+  free(job->wo_t);
+  free(job);
 }
 
 // The handler XLA calls (jax.ffi.register_ffi_target, platform 'cpu').
 XLA_FFI_Error* RelationCnn(XLA_FFI_CallFrame* frame) {
-  if (frame->extension_start != NULL && frame->extension_start->type == XLA_FFI_Extension_Metadata) {
-    XLA_FFI_Metadata_Extension* extension = (XLA_FFI_Metadata_Extension*)frame->extension_start;
-    extension->metadata->api_version.struct_size = XLA_FFI_Api_Version_STRUCT_SIZE;
-    extension->metadata->api_version.extension_start = NULL;
-    extension->metadata->api_version.major_version = XLA_FFI_API_MAJOR;
-    extension->metadata->api_version.minor_version = XLA_FFI_API_MINOR;
-    extension->metadata->traits = 0;
-    return NULL;
-  }
-  if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
-  if (frame->args.size != 10 || frame->rets.size != 1) return error(frame->api, "relation_cnn: expected 10 arguments, 1 result");
-  for (int i = 0; i < 10; i++)
-    if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return error(frame->api, "relation_cnn: arguments must be buffers");
-  const XLA_FFI_Buffer* sim = arg(frame, 0);
-  const XLA_FFI_Buffer* wo = arg(frame, 8);
-  if (sim->rank != 4 || wo->rank != 4) return error(frame->api, "relation_cnn: sim must be [b, C, k, n], wo [1, 1, c, o]");
+  if (ffi_not_executing(frame)) return NULL;
+  if (!ffi_counts(frame, 10, 1)) return ffi_error(frame->api, "relation_cnn: expected 10 buffer arguments, 1 result");
+  const XLA_FFI_Buffer* sim = ffi_arg(frame, 0);
+  const XLA_FFI_Buffer* wo = ffi_arg(frame, 8);
+  if (sim->rank != 4 || wo->rank != 4)
+    return ffi_error(frame->api, "relation_cnn: sim must be [b, C, k, n], wo [1, 1, c, o]");
   const int64_t b = sim->dims[0], c = sim->dims[1], k = sim->dims[2], n = sim->dims[3], o = wo->dims[3];
   const int64_t ch = CHANNELS;
   const int64_t dims[][4] = {{b, c, k, n}, {c, n}, {3, 1, 1, ch}, {ch}, {1, 3, ch, ch},
                              {ch},         {3, 3, ch, ch},      {ch},  {1, 1, ch, o}, {o}};
   const int64_t ranks[] = {4, 2, 4, 1, 4, 1, 4, 1, 4, 1};
   for (int i = 0; i < 10; i++)
-    if (!shape_is(arg(frame, i), ranks[i], dims[i]))
-      return error(frame->api, "relation_cnn: an argument has the wrong dtype or shape (see relation_cnn.c)");
+    if (!ffi_shape_is(ffi_arg(frame, i), ranks[i], dims[i]))
+      return ffi_error(frame->api, "relation_cnn: an argument has the wrong dtype or shape (see relation_cnn.c)");
   const int64_t out_dims[] = {o, b, c, k, n};
-  XLA_FFI_Buffer* out = (XLA_FFI_Buffer*)frame->rets.rets[0];
-  if (!shape_is(out, 5, out_dims)) return error(frame->api, "relation_cnn: the result must be float32 [o, b, C, k, n]");
+  XLA_FFI_Buffer* out = ffi_ret(frame, 0);
+  if (!ffi_shape_is(out, 5, out_dims))
+    return ffi_error(frame->api, "relation_cnn: the result must be float32 [o, b, C, k, n]");
   if (b * c * k * n == 0) return NULL;
   Job* job = calloc(1, sizeof(Job));
-  if (job == NULL) return error(frame->api, "relation_cnn: out of memory");
+  if (job == NULL) return ffi_error(frame->api, "relation_cnn: out of memory");
   *job = (Job){.b = b, .c = c, .k = k, .n = n, .o = o};
   const float** inputs[] = {&job->sim, &job->column_mask, &job->w1, &job->b1, &job->w2,
                             &job->b2,  &job->w3,          &job->b3, &job->wo, &job->bo};
-  for (int i = 0; i < 10; i++) *inputs[i] = (const float*)arg(frame, i)->data;
+  for (int i = 0; i < 10; i++) *inputs[i] = (const float*)ffi_arg(frame, i)->data;
   job->out = (float*)out->data;
   job->wo_t = malloc((size_t)o * ch * sizeof(float));
   if (job->wo_t == NULL) {
     free(job);
-    return error(frame->api, "relation_cnn: out of memory");
+    return ffi_error(frame->api, "relation_cnn: out of memory");
   }
   for (int64_t q = 0; q < o; q++)
     for (int64_t ci = 0; ci < ch; ci++) job->wo_t[q * ch + ci] = job->wo[ci * o + q];
-  run(frame, job);
+  const size_t map = (size_t)(k + 2 + RB - 1) * (n + 2);
+  if (parallel_for(frame, b * c, CHUNK, (2 * CHANNELS + 1) * map * sizeof(float), pairs_chunk, job, free_job) != 0)
+    return ffi_error(frame->api, "relation_cnn: out of memory");
   return NULL;
 }
