@@ -35,6 +35,8 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   # block 2 scores 4,239 pairs/s at k=36, n=12..20 (8: 2,885; 32: 2,767); at `shapes` sizes (k 12, n 16-24,
   # d 128) 10,904-22,730 pairs/s against 8,752-12,807 at block 16, training step 424 vs 578 ms (batch 64)
   m.remat = True
+  m.attention_impl = 'auto'  # 'auto': the cross attention's all-pairs passes run the compiled CPU kernel where one
+  # builds (float32, a C compiler; docs/architecture.md, "Compiled CPU kernels"), else XLA; 'xla': always XLA
   m.dtype = 'float32'  # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
   # params, softmaxes, norms, scores and the loss stay float32)
 

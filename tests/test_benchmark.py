@@ -67,7 +67,9 @@ def test_analytic_flops_match_xlas_count(spec, overrides):
 
 def test_mmca_analytic_flops_match_xlas_count():
   tiny_bert = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tiny_bert')
-  _, model = _model('configs/mmca.py:f30k', bert_dir=tiny_bert, embed_size=64, num_heads=4, cnn_filters=64)
+  _, model = _model(
+    'configs/mmca.py:f30k', bert_dir=tiny_bert, embed_size=64, num_heads=4, cnn_filters=64, attention_impl='xla'
+  )
   n_img, n_cap, k, n = 3, 5, 36, 20
   variables = model.init(jax.random.key(0), *model.example_inputs(regions=k, words=n))
   images, _ = model.example_inputs(batch=n_img, regions=k, words=n, seed=1)

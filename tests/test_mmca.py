@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from configs import mmca as mmca_config
+from xmatch_jax import errors
+from xmatch_jax import kernels
 from xmatch_jax import workdirs
 from xmatch_jax.models import build_model
 from xmatch_jax.models import mmca as mmca_lib
@@ -440,3 +442,104 @@ def test_workdirs_saved_before_projection_bias_keep_their_biases(tmp_path):
   config['model']['projection_bias'] = False
   (tmp_path / 'config.json').write_text(json.dumps(config))
   assert not workdirs.load_config(str(tmp_path)).model.projection_bias
+
+
+# ---------------------------------------------------------------- the compiled CPU kernel (xmatch_jax/kernels)
+needs_compiler = pytest.mark.skipif(kernels._compiler() is None, reason='no C compiler: MMCA runs on XLA only')
+
+
+@needs_compiler
+@pytest.mark.parametrize('num_heads', [4, 2, 1])  # heads of 4, 8 and 16 dimensions
+def test_compiled_attention_matches_numpy_equations(num_heads):
+  model = _model(num_heads=num_heads, block_size=3)
+  images, text = _inputs(seed=7)
+  variables = model.init(jax.random.key(6), images, text)
+  assert mmca_lib.uses_kernel(16 // num_heads, N, jnp.float32, 'auto')
+  fn = jax.jit(lambda v, i, t: model.apply(v, i, t))
+  assert (
+    kernels.mmca_attention_targets(16 // num_heads)['MmcaCrossImageMajor']
+    in fn.lower(variables, images, text).as_text()
+  )
+  features = np.asarray(
+    model.apply(
+      variables, text['tokens'], text['mask'], method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']
+    ),
+    np.float64,
+  )
+  expected = np_mmca_scores(
+    _numpy_params(model, variables),
+    images['regions'].astype(np.float64),
+    features,
+    LENGTHS,
+    model.num_heads,
+    model.alpha,
+    model.text_norm,
+    model.self_attention_scale,
+    model.cross_attention_scale,
+  )
+  np.testing.assert_allclose(fn(variables, images, text), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize('head_dim', [8, 16])
+def test_compiled_attention_equals_xla_path_in_values_and_gradients(head_dim):
+  # 5 images x 40 captions = 200 pairs per call (several chunks over XLA's threads); 20 regions and 1-19 words, so
+  # both query sets span more than one vector of 16 lanes and captions have padded keys.
+  rng = np.random.default_rng(13)
+  b, c, k, n, heads = 5, 40, 20, 19, 3
+  lens = rng.integers(1, n + 1, size=c)
+  valid = jnp.asarray(np.arange(n)[None] < lens[:, None])
+  image = {x: jnp.asarray(rng.normal(size=(b, k, heads, head_dim)), jnp.float32) for x in 'qkv'}
+  text = {x: jnp.asarray(rng.normal(size=(c, n, heads, head_dim)), jnp.float32) for x in 'qkv'}
+  weights = [jnp.asarray(rng.normal(size=(b, c, m, heads * head_dim)), jnp.float32) for m in (k, n)]
+  scale = 0.3
+  values, grads = {}, {}
+  for impl in ('xla', 'auto'):
+    attend = jax.jit(
+      lambda image, text, impl=impl: mmca_lib.cross_attention(image, text, valid, scale, jnp.float32, impl)
+    )
+    assert ('xmatch_MmcaCross' in attend.lower(image, text).as_text()) == (impl == 'auto')
+    values[impl] = attend(image, text)
+
+    def total(image, text, impl=impl):
+      att_r, att_e = mmca_lib.cross_attention(image, text, valid, scale, jnp.float32, impl)
+      return jnp.sum(weights[0] * att_r) + jnp.sum(jnp.where(valid[None, :, :, None], weights[1] * att_e, 0.0))
+
+    # A differentiated call runs XLA's forward and backward (the kernel has no backward pass).
+    grad_fn = jax.jit(jax.grad(total, argnums=(0, 1)))
+    assert 'xmatch_MmcaCross' not in grad_fn.lower(image, text).as_text()
+    grads[impl] = jax.tree_util.tree_leaves(grad_fn(image, text))
+  for got, want in zip(values['auto'], values['xla']):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for got, want in zip(grads['auto'], grads['xla']):
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_kernel_falls_back_to_xla(monkeypatch, tmp_path, caplog):
+  kernels.mmca_attention_targets.cache_clear()
+  monkeypatch.setenv('XMATCH_KERNEL_DIR', str(tmp_path))
+  try:
+    monkeypatch.setenv('CC', 'false')  # found on PATH, fails every build
+    with caplog.at_level('WARNING', logger='xmatch_jax.kernels'):
+      assert kernels.mmca_attention_targets(8) is None
+    assert 'mmca_attention.c kernel unavailable, using XLA' in caplog.text
+    assert not list(tmp_path.glob('*.so'))
+    kernels.mmca_attention_targets.cache_clear()
+    monkeypatch.delenv('CC')
+    monkeypatch.setenv('XMATCH_KERNELS', '0')
+    assert kernels.mmca_attention_targets(8) is None
+    assert not mmca_lib.uses_kernel(8, 20, jnp.float32, 'auto')
+    monkeypatch.delenv('XMATCH_KERNELS')
+    kernels.mmca_attention_targets.cache_clear()
+    # Head sizes the kernel is not built for, more than 256 keys, bfloat16 and 'xla' use XLA whatever the machine has.
+    assert kernels.mmca_attention_targets(3) is None and kernels.mmca_attention_targets(128) is None
+    assert not mmca_lib.uses_kernel(8, 257, jnp.float32, 'auto')
+    assert not mmca_lib.uses_kernel(8, 20, jnp.bfloat16, 'auto') and not mmca_lib.uses_kernel(8, 20, jnp.float32, 'xla')
+  finally:
+    kernels.mmca_attention_targets.cache_clear()
+
+
+def test_attention_impl_is_checked():
+  with pytest.raises(errors.UserError, match='attention_impl must be one of'):
+    _model(attention_impl='c')

@@ -75,7 +75,7 @@ def load_config(spec: str):
 
 
 def apply_overrides(config, args) -> None:
-  for flag in ('block_size', 'embed_size', 'cnn_channels', 'bert_dir', 'dtype', 'conv_impl'):
+  for flag in ('block_size', 'embed_size', 'cnn_channels', 'bert_dir', 'dtype', 'conv_impl', 'attention_impl'):
     value = getattr(args, flag)
     if value:
       if flag not in config.model:
@@ -696,6 +696,7 @@ _CHILD_FLAGS = (
   'bert_dir',
   'dtype',
   'conv_impl',
+  'attention_impl',
   'train_batch',
   'repeats',
   'train_repeats',
@@ -734,6 +735,13 @@ def run(args) -> dict:
 
     kernel = rdan.uses_kernel(m['cnn_channels'], layers.DTYPES[m.get('dtype', 'float32')], m['conv_impl'])
     result['sizes']['relation_cnn'] = 'compiled kernel' if kernel else 'xla'
+  if 'attention_impl' in m and m.get('alpha', 1):  # MMCA: which cross attention ran (xmatch_jax/kernels)
+    from xmatch_jax.models import layers  # pylint: disable=g-import-not-at-top
+    from xmatch_jax.models import mmca  # pylint: disable=g-import-not-at-top
+
+    dtype = layers.DTYPES[m.get('dtype', 'float32')]
+    kernel = mmca.uses_kernel(d // m['num_heads'], max(args.k, args.n), dtype, m['attention_impl'])
+    result['sizes']['cross_attention'] = 'compiled kernel' if kernel else 'xla'
   rate_before = matmul_gflops(args.matmul_size, args.repeats)
   scores_file = os.path.join(args.tmpdir, f'benchmark_scores_{os.getpid()}.npy')
   score = _run_child('score', child_argv + [f'--scores_out={scores_file}'] if args.compare_torch else child_argv)
@@ -878,6 +886,13 @@ cli.define_enum(
   '',
   ('', 'auto', 'xla'),
   "config.model.conv_impl of RDAN: 'auto' (the compiled CPU relation CNN kernel) or 'xla' ('': the config's)",
+  FLAGS,
+)
+cli.define_enum(
+  'attention_impl',
+  '',
+  ('', 'auto', 'xla'),
+  "config.model.attention_impl of MMCA: 'auto' (the compiled CPU cross-attention kernel) or 'xla' ('': the config's)",
   FLAGS,
 )
 flags.DEFINE_integer('train_batch', 128, 'batch of the timed training step (0: skip)', flag_values=FLAGS)

@@ -94,8 +94,9 @@ def step_cost(config, b: int, k: int, n: int, img_dim: int) -> dict:
     vocab_size = BertConfig.from_json(bert_json).vocab_size
   if 'block_size' in config.model:
     config.model.block_size = b
-  if 'conv_impl' in config.model:
-    config.model.conv_impl = 'xla'  # what a GPU runs (and what XLA's cost analysis can count)
+  for field in ('conv_impl', 'attention_impl'):  # the compiled CPU kernels' switches (RDAN, MMCA)
+    if field in config.model:
+      config.model[field] = 'xla'  # what a GPU runs (and what XLA's cost analysis can count)
   model = build_model(config.model, vocab_size=vocab_size, img_dim=img_dim)
   batch = batch_shapes(model, b, k, n, img_dim)
   params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x['images'], x['text']), batch)['params']

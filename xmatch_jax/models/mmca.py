@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from xmatch_jax import errors
+from xmatch_jax import kernels
 from xmatch_jax import pairwise
 from xmatch_jax.models import bert as bert_lib
 from xmatch_jax.models import layers
@@ -48,6 +49,7 @@ from xmatch_jax.models import matcher
 LAYER_NORM_EPS = 1e-5
 TEXT_NORMS = ('l2', 'layernorm')
 ATTENTION_SCALES = ('head', 'model')
+ATTENTION_IMPLS = ('auto', 'xla')
 
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -127,32 +129,159 @@ def text_cnn(
   return layers.l2norm(sentence)
 
 
+def _own_attention(own_logits: jax.Array, own_values: jax.Array, own_spec: str, dtype: pairwise.DTypeLike) -> tuple:
+  """The own-modality key block of one item's queries, reduced once per item: logits [X, h, q, m] -> (max [X, h, q],
+  exp-sum [X, h, q], exp-weighted values [X, h, q, head_dim]), all relative to the max."""
+  own_max = jax.lax.stop_gradient(jnp.max(own_logits, axis=-1))  # the result does not depend on it
+  own_exp = jnp.exp(own_logits - own_max[..., None])
+  return own_max, jnp.sum(own_exp, axis=-1), pairwise.einsum(own_spec, own_exp, own_values, dtype=dtype)
+
+
 def _joint_attention(
-  own_logits: jax.Array,
-  own_values: jax.Array,
-  own_spec: str,
+  own: tuple,
   cross_logits: jax.Array,
   cross_values: jax.Array,
   cross_spec: str,
   own_axis: int,
   dtype: pairwise.DTypeLike = jnp.float32,
 ) -> jax.Array:
-  """softmax([own; cross]) @ [V_own; V_cross] without concatenating: the own block (logits [X, h, q, m] of one
-  item, X = b images or C captions) is reduced once per item, the cross block (logits [b, C, h, q, m'], -inf at
-  masked keys) per pair; both are scaled to the pair's joint maximum. `own_axis` says where X sits among (b, C).
+  """softmax([own; cross]) @ [V_own; V_cross] without concatenating: `own` is `_own_attention` of one item (X = b
+  images or C captions), the cross block (logits [b, C, h, q, m'], -inf at masked keys) is done per pair; both are
+  scaled to the pair's joint maximum. `own_axis` says where X sits among (b, C).
 
   Returns [b, C, h, q, head_dim].
   """
-  own_max = jax.lax.stop_gradient(jnp.max(own_logits, axis=-1))  # [X, h, q]; the result does not depend on it
-  own_exp = jnp.exp(own_logits - own_max[..., None])
-  own_sum = jnp.sum(own_exp, axis=-1)  # [X, h, q]
-  own_out = pairwise.einsum(own_spec, own_exp, own_values, dtype=dtype)  # [X, h, q, head_dim]
+  own_max, own_sum, own_out = own
   expand = (lambda x: x[:, None]) if own_axis == 0 else (lambda x: x[None])
   joint_max = jnp.maximum(expand(own_max), jax.lax.stop_gradient(jnp.max(cross_logits, axis=-1)))  # [b, C, h, q]
   cross_exp = jnp.exp(cross_logits - joint_max[..., None])
   rescale = jnp.exp(expand(own_max) - joint_max)  # [b, C, h, q]
   numerator = rescale[..., None] * expand(own_out) + pairwise.einsum(cross_spec, cross_exp, cross_values, dtype=dtype)
   return numerator / (rescale * expand(own_sum) + jnp.sum(cross_exp, axis=-1))[..., None]
+
+
+def _own_blocks(image: dict, text: dict, valid: jax.Array, scale: float, dtype: pairwise.DTypeLike) -> tuple:
+  """`_own_attention` of the region queries over their image's regions and of the word queries over their caption's
+  words (eqs 13-14's own-modality key blocks)."""
+  rr = pairwise.einsum('bkhd,blhd->bhkl', image['q'], image['k'], dtype=dtype) * scale  # [b, h, k, k]
+  ee = pairwise.einsum('cnhd,cmhd->chnm', text['q'], text['k'], dtype=dtype) * scale  # [C, h, n, n]
+  ee = jnp.where(valid[:, None, None, :], ee, -jnp.inf)
+  return _own_attention(rr, image['v'], 'bhkl,blhd->bhkd', dtype), _own_attention(
+    ee, text['v'], 'chnm,cmhd->chnd', dtype
+  )
+
+
+def _cross_attention_xla(image: dict, text: dict, valid: jax.Array, scale: float, dtype: pairwise.DTypeLike) -> tuple:
+  """Eqs 13-14's attention heads of every pair of a block, with XLA: (att_r [b, C, k, d], att_e [b, C, n, d])."""
+  b, k, h, hd = image['q'].shape
+  c, n = valid.shape
+  own_r, own_e = _own_blocks(image, text, valid, scale, dtype)
+  # Region queries: keys of the image itself (own_r, per image), keys of the caption's words (per pair).
+  re = pairwise.einsum('bkhd,cnhd->bchkn', image['q'], text['k'], dtype=dtype) * scale  # [b, C, h, k, n]
+  re = jnp.where(valid[None, :, None, None, :], re, -jnp.inf)
+  att_r = _joint_attention(own_r, re, text['v'], 'bchkn,cnhd->bchkd', own_axis=0, dtype=dtype)
+  # Word queries: keys of the pair's image regions (per pair), keys of the caption's own words (own_e, per caption).
+  er = pairwise.einsum('cnhd,bkhd->bchnk', text['q'], image['k'], dtype=dtype) * scale  # [b, C, h, n, k]
+  att_e = _joint_attention(own_e, er, image['v'], 'bchnk,bkhd->bchnd', own_axis=1, dtype=dtype)
+  # Heads concatenated.
+  return att_r.transpose(0, 1, 3, 2, 4).reshape(b, c, k, h * hd), att_e.transpose(0, 1, 3, 2, 4).reshape(
+    b, c, n, h * hd
+  )
+
+
+_QKV = ('q', 'k', 'v')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cross_attention_kernel(image: dict, text: dict, valid: jax.Array, scale: float) -> tuple:
+  """`_cross_attention_xla` in float32, its per-pair part run on CPUs by the compiled kernel
+  (xmatch_jax/kernels/mmca_attention.c); the own blocks stay XLA (per item). Other platforms lower the XLA path; a
+  differentiated call runs the XLA path, forward and backward (training differentiates only the 3 B rescored pairs)."""
+  b, k, h, hd = image['q'].shape
+  c, n = valid.shape
+  targets = kernels.mmca_attention_targets(hd)
+  own_r, own_e = _own_blocks(image, text, valid, scale, jnp.float32)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  region_call = jax.ffi.ffi_call(targets['MmcaCrossImageMajor'], f32((b, c, k, h * hd)), vmap_method='sequential')
+  word_call = jax.ffi.ffi_call(targets['MmcaCrossTextMajor'], f32((b, c, n, h * hd)), vmap_method='sequential')
+
+  def queries_last(x: jax.Array) -> jax.Array:  # [..., Q] padded to a multiple of 16 queries (the kernel's lanes)
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, -x.shape[-1] % 16),))
+
+  def call(target, queries, keys, values, key_mask, own):
+    own_max, own_sum, own_out = own  # [X, h, q], [X, h, q], [X, h, q, hd]
+    return target(
+      queries_last(queries.transpose(0, 2, 3, 1)),  # [X, h, hd, q]
+      keys,
+      values,
+      key_mask.astype(jnp.float32),
+      queries_last(own_max),
+      queries_last(own_sum),
+      queries_last(own_out.transpose(0, 1, 3, 2)),
+      jnp.asarray(scale, jnp.float32),
+    )
+
+  def on_cpu(image, text, valid, own_r, own_e):
+    att_r = call(region_call, image['q'], text['k'], text['v'], valid, own_r)
+    att_e = call(word_call, text['q'], image['k'], image['v'], jnp.ones((b, k), bool), own_e)
+    return att_r, att_e
+
+  return jax.lax.platform_dependent(
+    image,
+    text,
+    valid,
+    own_r,
+    own_e,
+    cpu=on_cpu,
+    default=lambda image, text, valid, *_: _cross_attention_xla(image, text, valid, scale, jnp.float32),
+  )
+
+
+def _cross_attention_kernel_fwd(image, text, valid, scale):
+  return jax.vjp(lambda image, text: _cross_attention_xla(image, text, valid, scale, jnp.float32), image, text)
+
+
+def _cross_attention_kernel_bwd(scale, vjp, grads):
+  del scale
+  return (*vjp(grads), None)
+
+
+_cross_attention_kernel.defvjp(_cross_attention_kernel_fwd, _cross_attention_kernel_bwd)
+
+
+def _check_attention_impl(attention_impl: str) -> None:
+  if attention_impl not in ATTENTION_IMPLS:
+    raise errors.UserError(f'MMCA.attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}')
+
+
+def uses_kernel(head_dim: int, keys: int, dtype: pairwise.DTypeLike, attention_impl: str) -> bool:
+  """Whether the cross attention runs the compiled CPU kernel: `attention_impl='auto'`, float32, at most 256 keys
+  (regions or words) per item, and a kernel built for `head_dim` (xmatch_jax/kernels)."""
+  _check_attention_impl(attention_impl)
+  if attention_impl == 'xla' or jnp.dtype(dtype) != jnp.float32 or keys > 256:
+    return False
+  return kernels.mmca_attention_targets(head_dim) is not None
+
+
+def cross_attention(
+  image: dict, text: dict, valid: jax.Array, scale: float, dtype: pairwise.DTypeLike, attention_impl: str = 'auto'
+) -> tuple:
+  """The cross unit's attention heads (eqs 13-14) of every pair of a block of b images and C captions.
+
+  Args:
+    image: {'q', 'k', 'v'} [b, k, h, d/h]; text: {'q', 'k', 'v'} [C, n, h, d/h]; valid [C, n] bool.
+    scale: the logits' factor; dtype: compute dtype of the contractions' operands.
+    attention_impl: 'auto' (the compiled CPU kernel where `uses_kernel`, else XLA) or 'xla'.
+
+  Returns:
+    (att_r [b, C, k, d], att_e [b, C, n, d]): each region's and word's attended values, heads concatenated.
+  """
+  image = {key: image[key] for key in _QKV}
+  text = {key: text[key] for key in _QKV}
+  k, n = image['q'].shape[1], valid.shape[1]
+  if uses_kernel(image['q'].shape[-1], max(k, n), dtype, attention_impl):
+    return _cross_attention_kernel(image, text, valid, scale)
+  return _cross_attention_xla(image, text, valid, scale, dtype)
 
 
 def cross_block_scores(
@@ -165,6 +294,7 @@ def cross_block_scores(
   text_norm: str,
   attention_scale: str,
   dtype: pairwise.DTypeLike = jnp.float32,
+  attention_impl: str = 'auto',
 ) -> jax.Array:
   """i_1 . c_1 (eqs 8-14) of a block of b images against all C captions.
 
@@ -172,6 +302,7 @@ def cross_block_scores(
     image: {'regions' [b, k, d], 'q', 'k', 'v' [b, k, h, d/h]}.
     text: {'words' [C, n, d], 'q', 'k', 'v' [C, n, h, d/h], 'valid' [C, n] bool}.
     p_cross: the cross Transformer unit's params; p_cnn: the cross text CNN's params.
+    attention_impl: as in `cross_attention`.
 
   Returns:
     [b, C].
@@ -183,22 +314,7 @@ def cross_block_scores(
   # Each query attends over the joint sequence [regions; words] of its pair. The softmax is split at the join:
   # the key block of the query's own modality is the same for every pair of that image (or caption), so its
   # exp-sum and weighted values are computed once per item, and only the cross block is computed per pair.
-  # Region queries (eq 13): keys of the image itself (per image), keys of the caption's words (per pair).
-  rr = pairwise.einsum('bkhd,blhd->bhkl', image['q'], image['k'], dtype=dtype) * scale  # [b, h, k, k]
-  re = pairwise.einsum('bkhd,cnhd->bchkn', image['q'], text['k'], dtype=dtype) * scale  # [b, C, h, k, n]
-  re = jnp.where(valid[None, :, None, None, :], re, -jnp.inf)
-  att_r = _joint_attention(
-    rr, image['v'], 'bhkl,blhd->bhkd', re, text['v'], 'bchkn,cnhd->bchkd', own_axis=0, dtype=dtype
-  )
-  # Word queries (eq 14): keys of the pair's image regions (per pair), keys of the caption's own words (per caption).
-  ee = pairwise.einsum('cnhd,cmhd->chnm', text['q'], text['k'], dtype=dtype) * scale  # [C, h, n, n]
-  ee = jnp.where(valid[:, None, None, :], ee, -jnp.inf)
-  er = pairwise.einsum('cnhd,bkhd->bchnk', text['q'], image['k'], dtype=dtype) * scale  # [b, C, h, n, k]
-  att_e = _joint_attention(
-    ee, text['v'], 'chnm,cmhd->chnd', er, image['v'], 'bchnk,bkhd->bchnd', own_axis=1, dtype=dtype
-  )
-  att_r = att_r.transpose(0, 1, 3, 2, 4).reshape(b, c, k, d)  # heads concatenated
-  att_e = att_e.transpose(0, 1, 3, 2, 4).reshape(b, c, n, d)
+  att_r, att_e = cross_attention(image, text, valid, scale, dtype, attention_impl)
   # After the attention the unit acts per token, so Y_c = [Y_R; Y_E] is computed as its two halves, without
   # materialising the joint sequence (the residual's inputs broadcast over the pairs inside the add).
   y_r = transformer_finish(p_cross, regions[:, None], att_r, dtype)  # [b, C, k, d]
@@ -286,6 +402,8 @@ class MMCA(matcher.Matcher):
       nn.MultiheadAttention default and this library before 2026-12-04; docs/fidelity.md#mmca-3).
     block_size: images per block of the cross branch's all-pairs scorer.
     remat: recompute each block in the backward pass.
+    attention_impl: 'auto' (the cross attention's per-pair part runs in a compiled CPU kernel where
+      `uses_kernel`: float32 on a CPU with a C compiler; docs/architecture.md, "Compiled CPU kernels") or 'xla'.
     dtype: 'float32' or 'bfloat16': compute dtype of the matmuls outside the (float32) BERT. Params, softmaxes,
       LayerNorms, norms and the returned scores stay float32. bfloat16 scores are within 5e-3 of float32 ones
       (measured 1.2e-3 at D=64, tests/test_mixed_precision.py).
@@ -305,6 +423,7 @@ class MMCA(matcher.Matcher):
   projection_bias: bool = False
   block_size: int = 16
   remat: bool = False
+  attention_impl: str = 'auto'
   dtype: str = 'float32'
 
   text_input = 'wordpiece'  # captions are tokenised with the BERT's own WordPiece vocabulary
@@ -314,7 +433,8 @@ class MMCA(matcher.Matcher):
 
   @classmethod
   def describe(cls, fields: dict, sizes: dict) -> str:
-    return f'MMCA, d {fields["embed_size"]}, {fields["num_heads"]} heads, n {sizes["min_len"]}-{sizes["n"]}'
+    kernel = ', compiled cross attention' if sizes.get('cross_attention') == 'compiled kernel' else ''
+    return f'MMCA, d {fields["embed_size"]}, {fields["num_heads"]} heads{kernel}, n {sizes["min_len"]}-{sizes["n"]}'
 
   @classmethod
   def upgrade_fields(cls, fields: dict) -> None:
@@ -343,6 +463,7 @@ class MMCA(matcher.Matcher):
         f'MMCA: the tokenizer has {self.vocab_size} tokens but the BERT has {self.bert.vocab_size}'
       )
     layers.compute_dtype(self.dtype, 'MMCA')
+    _check_attention_impl(self.attention_impl)
     super().__post_init__()
 
   @property
@@ -404,6 +525,7 @@ class MMCA(matcher.Matcher):
       text_norm=self.text_norm,
       attention_scale=self.cross_attention_scale,
       dtype=self._dtype,
+      attention_impl=self.attention_impl,
     )
     cross = pairwise.score_in_blocks(
       lambda image_block, shared: head(image_block, shared[0], shared[1], shared[2]),
