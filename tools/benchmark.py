@@ -828,7 +828,8 @@ def format_table(r: dict) -> str:
       'achieved',
       f'{r["pair_gflops_per_s"]:.1f} GFLOP/s = {r["pct_of_matmul"]:.0f}% of matmul'
       + (
-        f' (similarity tensor alone: {r["similarity_gflops_per_s"]:.1f} GFLOP/s = {r["similarity_pct_of_matmul"]:.0f}%)'
+        f" (the similarity tensor's FLOPs over the whole head's time: {r['similarity_gflops_per_s']:.1f} GFLOP/s"
+        f' = {r["similarity_pct_of_matmul"]:.0f}%)'
         if r['flops'].get('similarity')
         else ''
       ),

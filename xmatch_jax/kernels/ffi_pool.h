@@ -6,7 +6,7 @@
 // chunks until none is left, with its own zeroed scratch of `scratch_bytes`. A task that starts after the work is
 // done (or never) does nothing, so the call never waits on a task that has not started, and the shared state is
 // freed by whichever holder drops the last reference. (An OpenMP version oversubscribed the cores next to XLA's
-// own threads: docs/architecture.md, "RDAN's relation CNN kernel".)
+// own threads: docs/architecture.md, "Compiled CPU kernels".)
 #ifndef XMATCH_FFI_POOL_H_
 #define XMATCH_FFI_POOL_H_
 

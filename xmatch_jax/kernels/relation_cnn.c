@@ -5,7 +5,7 @@
 // one broadcast FMA per vector, and JB output positions of RB rows accumulate in registers. Each thread keeps one
 // pair's zero-haloed activation maps in its own scratch (~250 KB at the paper's sizes: in L2) and runs all
 // four layers on it before the next pair; XLA:CPU instead writes every layer's maps of the whole block to
-// memory (docs/architecture.md, "RDAN's relation CNN kernel"). Pairs are split over XLA's own thread pool.
+// memory (docs/architecture.md, "Compiled CPU kernels"). Pairs are split over XLA's own thread pool.
 //
 // Arguments (all float32): sim [b, C, k, n] (S), column_mask [C, n] (1 for a real word, 0 for padding),
 // w1 [3, 1, 1, c], b1 [c], w2 [1, 3, c, c], b2 [c], w3 [3, 3, c, c], b3 [c], wo [1, 1, c, o], bo [o].

@@ -33,7 +33,7 @@ the truncated k x n_c map; the row-wise softmax and the word mean run over real 
 All pairs of a block of images are scored together from the batch-wide cosine tensor S
 [b, C, k, n] (docs/architecture.md, "The batch-wide similarity tensor"): the relation CNN runs over
 the b * C pair maps at once (on a CPU, its all-pairs forward passes in the compiled kernel of
-xmatch_jax/kernels; docs/architecture.md, "RDAN's relation CNN kernel"), and the cosines of eq 10
+xmatch_jax/kernels; docs/architecture.md, "Compiled CPU kernels"), and the cosines of eq 10
 use S, the weights and per-item Gram matrices, never per-pair D-dim vectors:
 v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T (E E^T) alpha_i (same for b_j).
 
