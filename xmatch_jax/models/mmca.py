@@ -26,7 +26,9 @@ No official code was released. Readings where the paper is not explicit (module 
 
 The cross branch is pair-dependent. Its Q/K/V projections are per item (computed once per image and caption in
 `encode_image` / `encode_text`); the joint softmax over [regions; words] keys, the FFN and the pools run per pair,
-for a block of images against all captions at a time (`pairwise.score_in_blocks`, `block_size`, `remat`).
+for a block of images against all captions at a time (`pairwise.score_in_blocks`, `block_size`, `remat`). On a CPU
+the per-pair attention of the all-pairs passes runs in a compiled kernel (`attention_impl`; docs/architecture.md,
+"Compiled CPU kernels").
 
 With `dtype='bfloat16'` every matmul outside the BERT (linear layers, attention logits and weighted sums, text CNNs,
 i_0 . c_0) takes bfloat16 operands and accumulates in float32; softmaxes, LayerNorms, l2 norms and scores are float32.
