@@ -130,6 +130,27 @@ def _numpy_params(model, variables):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), model.apply(variables, method=collect))
 
 
+def _numpy_scores(model, variables, images, text):
+  """`np_mmca_scores` with the model's weights, fields and (frozen) BERT features."""
+  features = np.asarray(
+    model.apply(
+      variables, text['tokens'], text['mask'], method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']
+    ),
+    np.float64,
+  )
+  return np_mmca_scores(
+    _numpy_params(model, variables),
+    images['regions'].astype(np.float64),
+    features,
+    LENGTHS,
+    model.num_heads,
+    model.alpha,
+    model.text_norm,
+    model.self_attention_scale,
+    model.cross_attention_scale,
+  )
+
+
 # ------------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize(
   'fields',
@@ -147,23 +168,7 @@ def test_scores_equal_numpy_equations(fields):
   images, text = _inputs()
   variables = model.init(jax.random.key(1), images, text)
   scores = np.asarray(model.apply(variables, images, text))
-  features = np.asarray(
-    model.apply(
-      variables, text['tokens'], text['mask'], method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']
-    ),
-    np.float64,
-  )
-  expected = np_mmca_scores(
-    _numpy_params(model, variables),
-    images['regions'].astype(np.float64),
-    features,
-    LENGTHS,
-    model.num_heads,
-    model.alpha,
-    model.text_norm,
-    model.self_attention_scale,
-    model.cross_attention_scale,
-  )
+  expected = _numpy_scores(model, variables, images, text)
   np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -460,23 +465,7 @@ def test_compiled_attention_matches_numpy_equations(num_heads):
     kernels.mmca_attention_targets(16 // num_heads)['MmcaCrossImageMajor']
     in fn.lower(variables, images, text).as_text()
   )
-  features = np.asarray(
-    model.apply(
-      variables, text['tokens'], text['mask'], method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']
-    ),
-    np.float64,
-  )
-  expected = np_mmca_scores(
-    _numpy_params(model, variables),
-    images['regions'].astype(np.float64),
-    features,
-    LENGTHS,
-    model.num_heads,
-    model.alpha,
-    model.text_norm,
-    model.self_attention_scale,
-    model.cross_attention_scale,
-  )
+  expected = _numpy_scores(model, variables, images, text)
   np.testing.assert_allclose(fn(variables, images, text), expected, atol=1e-5, rtol=1e-5)
 
 

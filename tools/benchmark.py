@@ -704,6 +704,22 @@ _CHILD_FLAGS = (
 )
 
 
+def _kernels_used(m: dict, k: int, n: int) -> dict:
+  """Which compiled CPU kernels (xmatch_jax/kernels) the model's scoring runs: {'relation_cnn' (RDAN) /
+  'cross_attention' (MMCA): 'compiled kernel' or 'xla'}."""
+  from xmatch_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.models import mmca  # pylint: disable=g-import-not-at-top
+  from xmatch_jax.models import rdan  # pylint: disable=g-import-not-at-top
+
+  dtype = layers.DTYPES[m.get('dtype', 'float32')]
+  used = {}
+  if 'conv_impl' in m and m.get('use_cnn', True):
+    used['relation_cnn'] = rdan.uses_kernel(m['cnn_channels'], dtype, m['conv_impl'])
+  if 'attention_impl' in m and m.get('alpha', 1):
+    used['cross_attention'] = mmca.uses_kernel(m['embed_size'] // m['num_heads'], max(k, n), dtype, m['attention_impl'])
+  return {name: 'compiled kernel' if on else 'xla' for name, on in used.items()}
+
+
 def run(args) -> dict:
   config = load_config(args.config)
   apply_overrides(config, args)
@@ -729,19 +745,7 @@ def run(args) -> dict:
     },
     'devices': _devices(),
   }
-  if 'conv_impl' in m and m.get('use_cnn', True):  # RDAN: which relation CNN ran (xmatch_jax/kernels)
-    from xmatch_jax.models import layers  # pylint: disable=g-import-not-at-top
-    from xmatch_jax.models import rdan  # pylint: disable=g-import-not-at-top
-
-    kernel = rdan.uses_kernel(m['cnn_channels'], layers.DTYPES[m.get('dtype', 'float32')], m['conv_impl'])
-    result['sizes']['relation_cnn'] = 'compiled kernel' if kernel else 'xla'
-  if 'attention_impl' in m and m.get('alpha', 1):  # MMCA: which cross attention ran (xmatch_jax/kernels)
-    from xmatch_jax.models import layers  # pylint: disable=g-import-not-at-top
-    from xmatch_jax.models import mmca  # pylint: disable=g-import-not-at-top
-
-    dtype = layers.DTYPES[m.get('dtype', 'float32')]
-    kernel = mmca.uses_kernel(d // m['num_heads'], max(args.k, args.n), dtype, m['attention_impl'])
-    result['sizes']['cross_attention'] = 'compiled kernel' if kernel else 'xla'
+  result['sizes'].update(_kernels_used(m, args.k, args.n))
   rate_before = matmul_gflops(args.matmul_size, args.repeats)
   scores_file = os.path.join(args.tmpdir, f'benchmark_scores_{os.getpid()}.npy')
   score = _run_child('score', child_argv + [f'--scores_out={scores_file}'] if args.compare_torch else child_argv)

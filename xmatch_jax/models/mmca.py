@@ -202,7 +202,6 @@ def _cross_attention_kernel(image: dict, text: dict, valid: jax.Array, scale: fl
   b, k, h, hd = image['q'].shape
   c, n = valid.shape
   targets = kernels.mmca_attention_targets(hd)
-  own_r, own_e = _own_blocks(image, text, valid, scale, jnp.float32)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   region_call = jax.ffi.ffi_call(targets['MmcaCrossImageMajor'], f32((b, c, k, h * hd)), vmap_method='sequential')
   word_call = jax.ffi.ffi_call(targets['MmcaCrossTextMajor'], f32((b, c, n, h * hd)), vmap_method='sequential')
@@ -223,7 +222,8 @@ def _cross_attention_kernel(image: dict, text: dict, valid: jax.Array, scale: fl
       jnp.asarray(scale, jnp.float32),
     )
 
-  def on_cpu(image, text, valid, own_r, own_e):
+  def on_cpu(image, text, valid):
+    own_r, own_e = _own_blocks(image, text, valid, scale, jnp.float32)
     att_r = call(region_call, image['q'], text['k'], text['v'], valid, own_r)
     att_e = call(word_call, text['q'], image['k'], image['v'], jnp.ones((b, k), bool), own_e)
     return att_r, att_e
@@ -232,10 +232,8 @@ def _cross_attention_kernel(image: dict, text: dict, valid: jax.Array, scale: fl
     image,
     text,
     valid,
-    own_r,
-    own_e,
     cpu=on_cpu,
-    default=lambda image, text, valid, *_: _cross_attention_xla(image, text, valid, scale, jnp.float32),
+    default=lambda image, text, valid: _cross_attention_xla(image, text, valid, scale, jnp.float32),
   )
 
 
