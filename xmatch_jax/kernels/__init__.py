@@ -6,8 +6,9 @@ and `mmca_attention.c` run them per pair in cache. Each is compiled here with th
 (`$CC`, else `cc` / `gcc`) for this CPU (`-march=native`) against jaxlib's FFI headers, once per size
 (channel count, head width), into `$XMATCH_KERNEL_DIR` (default `~/.cache/xmatch_jax/kernels`), keyed by the
 sources, the flags, jax's version and the CPU, so a home directory shared by different machines gets one
-build per CPU. Without a compiler, or with `XMATCH_KERNELS=0`, the `*_target` functions return None and
-callers use their XLA path (same values to float32 rounding).
+build per CPU. `$XMATCH_KERNEL_MARCH` replaces `native` (e.g. `x86-64-v3`: AVX2 without AVX-512; the tests
+build that way to run the AVX2 code paths). Without a compiler, or with `XMATCH_KERNELS=0`, the `*_target`
+functions return None and callers use their XLA path (same values to float32 rounding).
 """
 
 import ctypes
@@ -26,7 +27,7 @@ import jax
 
 _HERE = pathlib.Path(__file__).parent
 _HEADER = _HERE / 'ffi_pool.h'
-_FLAGS = ('-O3', '-march=native', '-shared', '-fPIC', '-std=gnu11')
+_FLAGS = ('-O3', '-shared', '-fPIC', '-std=gnu11')
 _log = logging.getLogger(__name__)
 
 
@@ -57,7 +58,8 @@ def _cpu_id() -> str:
 
 def _build(compiler: str, source: pathlib.Path, define: str, value: int) -> pathlib.Path:
   """Compiles `source` with -D<define>=<value> (cached); raises RuntimeError with the compiler's message."""
-  flags = _FLAGS + (f'-D{define}={value}', f'-I{jax.ffi.include_dir()}', f'-I{_HERE}')
+  march = os.environ.get('XMATCH_KERNEL_MARCH', 'native')
+  flags = _FLAGS + (f'-march={march}', f'-D{define}={value}', f'-I{jax.ffi.include_dir()}', f'-I{_HERE}')
   key = hashlib.sha256(
     '\0'.join([source.read_text(), _HEADER.read_text(), ' '.join(flags), compiler, jax.__version__, _cpu_id()]).encode()
   ).hexdigest()[:20]
@@ -89,13 +91,14 @@ def _target(source: str, define: str, value: int, handlers: tuple) -> Optional[d
     _log.info('no C compiler found ($CC, cc, gcc): %s runs on XLA', source)
     return None
   try:
-    library = ctypes.CDLL(str(_build(compiler, _HERE / source, define, value)))
+    path = _build(compiler, _HERE / source, define, value)
+    library = ctypes.CDLL(str(path))
   except (RuntimeError, OSError) as exc:
     _log.warning('%s kernel unavailable, using XLA: %s', source, exc)
     return None
   names = {}
   for handler in handlers:
-    name = f'xmatch_{handler}_{define.lower()}{value}'
+    name = f'xmatch_{handler}_{path.stem}'  # one per build (size, flags, CPU)
     if name not in _REGISTERED:  # a target is registered once per process (the caches can be cleared)
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, handler)), platform='cpu')
       _REGISTERED[name] = library  # the handler must outlive every compiled program that calls it
