@@ -130,8 +130,9 @@ def _numpy_params(model, variables):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), model.apply(variables, method=collect))
 
 
-def _numpy_scores(model, variables, images, text):
-  """`np_mmca_scores` with the model's weights, fields and (frozen) BERT features."""
+def _numpy_scores(model, variables, images, text, scales=None):
+  """`np_mmca_scores` with the model's weights, fields and (frozen) BERT features; `scales` = (self-attention,
+  cross-attention) replaces the model's fields."""
   features = np.asarray(
     model.apply(
       variables, text['tokens'], text['mask'], method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']
@@ -146,8 +147,7 @@ def _numpy_scores(model, variables, images, text):
     model.num_heads,
     model.alpha,
     model.text_norm,
-    model.self_attention_scale,
-    model.cross_attention_scale,
+    *(scales or (model.self_attention_scale, model.cross_attention_scale)),
   )
 
 
@@ -184,36 +184,9 @@ def test_default_scales_and_projections_follow_eqs_1_to_4_and_8_to_11():
     assert {'q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'ffn1_bias', 'ffn2_bias'} <= names, names
     assert not {'q_bias', 'k_bias', 'v_bias', 'o_bias'} & names, names
   scores = np.asarray(model.apply(variables, images, text))
-  features = np.asarray(
-    model.apply(
-      variables, text['tokens'], text['mask'], method=lambda m, t, k: m.bert_encoder(t, k)['last_hidden_state']
-    ),
-    np.float64,
-  )
-  params = _numpy_params(model, variables)
-  paper = np_mmca_scores(
-    params,
-    images['regions'].astype(np.float64),
-    features,
-    LENGTHS,
-    model.num_heads,
-    model.alpha,
-    model.text_norm,
-    'head',
-    'model',
-  )
+  paper = _numpy_scores(model, variables, images, text, ('head', 'model'))
   np.testing.assert_allclose(scores, paper, atol=1e-5, rtol=1e-5)
-  one_scale = np_mmca_scores(
-    params,
-    images['regions'].astype(np.float64),
-    features,
-    LENGTHS,
-    model.num_heads,
-    model.alpha,
-    model.text_norm,
-    'head',
-    'head',
-  )
+  one_scale = _numpy_scores(model, variables, images, text, ('head', 'head'))
   assert np.max(np.abs(scores - one_scale)) > 1e-4  # the old single sqrt(d/h) setting differs
 
 
