@@ -82,9 +82,10 @@ def _build(compiler: str, source: pathlib.Path, define: str, value: int) -> path
   return target
 
 
-def _target(source: str, define: str, value: int, handlers: tuple) -> Optional[dict]:
-  """Builds and registers `source`'s `handlers` for -D<define>=<value>: {handler: FFI target name}, or None."""
-  if os.environ.get('XMATCH_KERNELS', '1') == '0':
+def _target(source: str, define: str, value: int, largest: int, handlers: tuple) -> Optional[dict]:
+  """Builds and registers `source`'s `handlers` for -D<define>=<value>: {handler: FFI target name}, or None when
+  `value` is not a power of two from 4 to `largest` (the sizes the kernels are written for) or no build runs."""
+  if value < 4 or value > largest or value & (value - 1) or os.environ.get('XMATCH_KERNELS', '1') == '0':
     return None
   compiler = _compiler()
   if compiler is None:
@@ -113,9 +114,7 @@ def relation_cnn_target(channels: int) -> Optional[str]:
   Available for a power-of-two channel count from 4 to 128 on a machine with a C compiler, unless
   XMATCH_KERNELS=0. A failed build is logged once (warning) and the caller falls back to XLA.
   """
-  if channels < 4 or channels > 128 or channels & (channels - 1):
-    return None
-  names = _target('relation_cnn.c', 'CHANNELS', channels, ('RelationCnn',))
+  names = _target('relation_cnn.c', 'CHANNELS', channels, 128, ('RelationCnn',))
   return names and names['RelationCnn']
 
 
@@ -123,9 +122,7 @@ def relation_cnn_target(channels: int) -> Optional[str]:
 def mmca_attention_targets(head_dim: int) -> Optional[dict]:
   """FFI target names of MMCA's cross-attention kernel for heads of `head_dim` (a power of two from 4 to 64):
   {'MmcaCrossImageMajor': ..., 'MmcaCrossTextMajor': ...}, or None when it is not available (as above)."""
-  if head_dim < 4 or head_dim > 64 or head_dim & (head_dim - 1):
-    return None
-  return _target('mmca_attention.c', 'HEAD_DIM', head_dim, ('MmcaCrossImageMajor', 'MmcaCrossTextMajor'))
+  return _target('mmca_attention.c', 'HEAD_DIM', head_dim, 64, ('MmcaCrossImageMajor', 'MmcaCrossTextMajor'))
 
 
 _REGISTERED: dict = {}
