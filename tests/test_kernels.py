@@ -31,10 +31,10 @@ pytestmark = pytest.mark.skipif(not _has_avx2(), reason='needs an x86-64 CPU wit
 def avx2_build(monkeypatch, tmp_path):
   monkeypatch.setenv('XMATCH_KERNEL_MARCH', 'x86-64-v3')
   monkeypatch.setenv('XMATCH_KERNEL_DIR', str(tmp_path))
-  kernels.relation_cnn_target.cache_clear()
+  kernels.relation_cnn_targets.cache_clear()
   kernels.mmca_attention_targets.cache_clear()
   yield tmp_path
-  kernels.relation_cnn_target.cache_clear()
+  kernels.relation_cnn_targets.cache_clear()
   kernels.mmca_attention_targets.cache_clear()
 
 
@@ -49,7 +49,7 @@ def test_relation_cnn_avx2_build_equals_xla(avx2_build, channels):
     impl: jax.jit(lambda s, impl=impl: rdan.relation_maps(s, valid, params, use_residual=True, conv_impl=impl))
     for impl in ('auto', 'xla')
   }
-  target = kernels.relation_cnn_target(channels)
+  target = kernels.relation_cnn_targets(channels)['RelationCnn']
   assert target and list(avx2_build.glob('relation_cnn_*.so'))
   assert target in fns['auto'].lower(sim).as_text()
   for got, want in zip(fns['auto'](sim), fns['xla'](sim)):

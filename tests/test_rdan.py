@@ -244,14 +244,14 @@ needs_compiler = pytest.mark.skipif(kernels._compiler() is None, reason='no C co
 
 @needs_compiler
 @pytest.mark.parametrize('channels', [4, 8, 32])
-@pytest.mark.parametrize('variant', ['full', 'one_path', 'no_res', 'mu1'])
+@pytest.mark.parametrize('variant', ['full', 'one_path', 'no_res', 'mu0', 'mu1'])
 def test_compiled_kernel_matches_numpy_equations(variant, channels):
   image_rep, text_rep = random_reps(seed=11)
   model = make_model(block_size=2, cnn_channels=channels, **VARIANTS[variant])
   variables = head_params(model, image_rep, text_rep)
   assert rdan_module.uses_kernel(channels, jnp.float32, 'auto')
   fn = jax.jit(lambda v, i, t: model.apply(v, i, t, method=model.pair_scores))
-  assert kernels.relation_cnn_target(channels) in fn.lower(variables, image_rep, text_rep).as_text()
+  assert kernels.relation_cnn_targets(channels)['RdanScores'] in fn.lower(variables, image_rep, text_rep).as_text()
   want = np_rdan_scores(
     image_rep['regions'], text_rep['words'], CAP_LENS, numpy_cnn(variables), **reference_opts(model)
   )
@@ -279,11 +279,11 @@ def test_compiled_kernel_equals_xla_path_in_values_and_gradients():
       return jnp.sum(weights * scores)
 
     score_fn = jax.jit(lambda v, i, t, model=model: model.apply(v, i, t, method=model.pair_scores))
-    assert ('xmatch_RelationCnn' in score_fn.lower(variables, image_rep, text_rep).as_text()) == (impl == 'auto')
+    assert ('xmatch_RdanScores' in score_fn.lower(variables, image_rep, text_rep).as_text()) == (impl == 'auto')
     scores[impl] = score_fn(variables, image_rep, text_rep)
     # A differentiated call runs XLA's forward and backward (the kernel has no backward pass).
     grad_fn = jax.jit(jax.grad(total, argnums=(0, 1, 2)))
-    assert 'xmatch_RelationCnn' not in grad_fn.lower(variables, image_rep['regions'], text_rep['words']).as_text()
+    assert 'xmatch_RdanScores' not in grad_fn.lower(variables, image_rep['regions'], text_rep['words']).as_text()
     grads[impl] = jax.tree_util.tree_leaves(grad_fn(variables, image_rep['regions'], text_rep['words']))
   np.testing.assert_allclose(scores['auto'], scores['xla'], rtol=1e-6, atol=1e-6)
   for got, want in zip(grads['auto'], grads['xla']):
@@ -292,29 +292,29 @@ def test_compiled_kernel_equals_xla_path_in_values_and_gradients():
 
 
 def test_kernel_falls_back_to_xla_without_a_working_compiler(monkeypatch, tmp_path, caplog):
-  kernels.relation_cnn_target.cache_clear()
+  kernels.relation_cnn_targets.cache_clear()
   monkeypatch.setenv('XMATCH_KERNEL_DIR', str(tmp_path))
   try:
     monkeypatch.setenv('CC', 'false')  # found on PATH, fails every build
     with caplog.at_level('WARNING', logger='xmatch_jax.kernels'):
-      assert kernels.relation_cnn_target(8) is None
+      assert kernels.relation_cnn_targets(8) is None
     assert 'relation_cnn.c kernel unavailable, using XLA' in caplog.text
     assert not list(tmp_path.glob('*.so'))
-    kernels.relation_cnn_target.cache_clear()
+    kernels.relation_cnn_targets.cache_clear()
     monkeypatch.setenv('CC', 'no-such-compiler-xmatch')
-    assert kernels.relation_cnn_target(8) is None
-    kernels.relation_cnn_target.cache_clear()
+    assert kernels.relation_cnn_targets(8) is None
+    kernels.relation_cnn_targets.cache_clear()
     monkeypatch.delenv('CC')
     monkeypatch.setenv('XMATCH_KERNELS', '0')
-    assert kernels.relation_cnn_target(8) is None
+    assert kernels.relation_cnn_targets(8) is None
     assert not rdan_module.uses_kernel(8, jnp.float32, 'auto')
     # Channel counts the kernel is not built for, bfloat16 and conv_impl='xla' use XLA whatever the machine has.
     monkeypatch.delenv('XMATCH_KERNELS')
-    kernels.relation_cnn_target.cache_clear()
-    assert kernels.relation_cnn_target(3) is None and kernels.relation_cnn_target(256) is None
+    kernels.relation_cnn_targets.cache_clear()
+    assert kernels.relation_cnn_targets(3) is None and kernels.relation_cnn_targets(256) is None
     assert not rdan_module.uses_kernel(8, jnp.bfloat16, 'auto') and not rdan_module.uses_kernel(8, jnp.float32, 'xla')
   finally:
-    kernels.relation_cnn_target.cache_clear()
+    kernels.relation_cnn_targets.cache_clear()
 
 
 def _conv_without_bias(x, kernel):

@@ -26,7 +26,6 @@ from typing import Optional
 import jax
 
 _HERE = pathlib.Path(__file__).parent
-_HEADER = _HERE / 'ffi_pool.h'
 _FLAGS = ('-O3', '-shared', '-fPIC', '-std=gnu11')
 _log = logging.getLogger(__name__)
 
@@ -56,12 +55,17 @@ def _cpu_id() -> str:
   return '\n'.join(sorted(set(keep)))
 
 
+def _headers() -> str:
+  """The text of the headers the kernels include (part of every build's cache key)."""
+  return '\0'.join(path.read_text() for path in sorted(_HERE.glob('*.h')))
+
+
 def _build(compiler: str, source: pathlib.Path, define: str, value: int) -> pathlib.Path:
   """Compiles `source` with -D<define>=<value> (cached); raises RuntimeError with the compiler's message."""
   march = os.environ.get('XMATCH_KERNEL_MARCH', 'native')
   flags = _FLAGS + (f'-march={march}', f'-D{define}={value}', f'-I{jax.ffi.include_dir()}', f'-I{_HERE}')
   key = hashlib.sha256(
-    '\0'.join([source.read_text(), _HEADER.read_text(), ' '.join(flags), compiler, jax.__version__, _cpu_id()]).encode()
+    '\0'.join([source.read_text(), _headers(), ' '.join(flags), compiler, jax.__version__, _cpu_id()]).encode()
   ).hexdigest()[:20]
   target = kernel_dir() / f'{source.stem}_{define.lower()}{value}_{key}.so'
   if target.exists():
@@ -108,14 +112,14 @@ def _target(source: str, define: str, value: int, largest: int, handlers: tuple)
 
 
 @functools.cache
-def relation_cnn_target(channels: int) -> Optional[str]:
-  """The FFI target name of RDAN's relation CNN kernel for `channels`, or None when it is not available.
+def relation_cnn_targets(channels: int) -> Optional[dict]:
+  """FFI target names of RDAN's relation CNN kernel for `channels`: {'RelationCnn': the maps, 'RdanScores': the
+  pair scores of eqs 7-11 from them}, or None when it is not available.
 
   Available for a power-of-two channel count from 4 to 128 on a machine with a C compiler, unless
   XMATCH_KERNELS=0. A failed build is logged once (warning) and the caller falls back to XLA.
   """
-  names = _target('relation_cnn.c', 'CHANNELS', channels, 128, ('RelationCnn',))
-  return names and names['RelationCnn']
+  return _target('relation_cnn.c', 'CHANNELS', channels, 128, ('RelationCnn', 'RdanScores'))
 
 
 @functools.cache

@@ -22,6 +22,7 @@
 #include <math.h>
 
 #include "ffi_pool.h"
+#include "vector_exp.h"
 
 #ifndef HEAD_DIM
 #error "compile with -DHEAD_DIM=<a power of two, 4 to 64>"
@@ -42,27 +43,8 @@ static inline vl lload(const float* p) {
 }
 static inline vl lmax(vl a, vl b) { return lselect(a > b, a, b); }
 
-// exp on every lane (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial for e^r, 2^n by the
-// exponent bits); within 2 ulp of expf for x in [-87.3, 88], the range used here (x <= 0).
-static inline vl vexp(vl x) {
-  const vl lo = lbroadcast(-87.3f), hi = lbroadcast(88.0f);
-  x = lselect(x < lo, lo, x);
-  x = lselect(x > hi, hi, x);
-  const vl t = x * 1.44269504088896341f;
-  vli n = __builtin_convertvector(t + lselect(t < 0, lbroadcast(-0.5f), lbroadcast(0.5f)), vli);  // round half away
-  const vl nf = __builtin_convertvector(n, vl);
-  const vl r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  vl y = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const vli bits = (n + 127) << 23;
-  vl pow2;
-  memcpy(&pow2, &bits, sizeof pow2);
-  return y * pow2;
-}
+// exp on every lane (vector_exp.h); the logits here are <= 0 after the max is taken out.
+DEFINE_VEXP(vexp, vl, vli)
 
 typedef struct {
   int64_t a, b, q, qp, h, m;

@@ -1,4 +1,4 @@
-// RDAN's relation CNN (eq 6) over a block of pair maps, forward only: an XLA FFI handler for the CPU.
+// RDAN's relation CNN (eq 6) over a block of pair maps, forward only: XLA FFI handlers for the CPU.
 //
 // Compiled on first use by xmatch_jax/kernels/__init__.py with -DCHANNELS=<c> (a power of two): a
 // position's channels are CHANNELS / VW native vectors, so each multiply-add of a 3x1, 1x3 or 3x3 tap is
@@ -7,11 +7,19 @@
 // four layers on it before the next pair; XLA:CPU instead writes every layer's maps of the whole block to
 // memory (docs/architecture.md, "Compiled CPU kernels"). Pairs are split over XLA's own thread pool.
 //
-// Arguments (all float32): sim [b, C, k, n] (S), column_mask [C, n] (1 for a real word, 0 for padding),
-// w1 [3, 1, 1, c], b1 [c], w2 [1, 3, c, c], b2 [c], w3 [3, 3, c, c], b3 [c], wo [1, 1, c, o], bo [o].
+// RelationCnn: the maps. Arguments (all float32): sim [b, C, k, n] (S), column_mask [C, n] (1 for a real word, 0
+// for padding), w1 [3, 1, 1, c], b1 [c], w2 [1, 3, c, c], b2 [c], w3 [3, 3, c, c], b3 [c], wo [1, 1, c, o], bo [o].
 // Result: [o, b, C, k, n], the output layer's maps before the residual of eq 7.
 // Padded columns are zeroed in S and after every ReLU layer, as rdan.relation_maps does.
+//
+// RdanScores: the pair scores of eqs 7-11 from the same maps, which then never leave the thread's cache. Arguments:
+// the ten above, then region_norms [b, k], word_norms [C, n], image_gram [b, k, k], text_gram [C, n, n] and
+// params [6] = (lambda, 1 - mu, mu, use_residual, row pathway on, column pathway on). Result: scores [b, C], as
+// rdan._dual_scores computes them.
+#include <math.h>
+
 #include "ffi_pool.h"
+#include "vector_exp.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -84,16 +92,30 @@ static inline vf relu(vf v) {
   vf zero = {0};
   return (vf)((vmask)v & (v > zero));
 }
+// mask ? a : b per lane; mask lanes are all ones or zero, as comparisons give.
+static inline vf vselect(vmask mask, vf a, vf b) { return (vf)(((vmask)a & mask) | ((vmask)b & ~mask)); }
+static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+static inline float hmax(vf v) {
+  float t[VW];
+  memcpy(t, &v, sizeof t);
+  float m = t[0];
+  for (int i = 1; i < VW; i++) m = t[i] > m ? t[i] : m;
+  return m;
+}
+DEFINE_VEXP(vexp, vf, vmask)
 
 // One call's inputs and output.
 typedef struct {
   int64_t b, c, k, n, o;
+  int64_t np;  // n rounded up to whole vectors: the row stride of the score pathways' maps
   const float *sim, *column_mask, *w1, *b1, *w2, *b2, *w3, *b3, *wo, *bo;
+  const float *region_norms, *word_norms, *image_gram, *text_gram, *params;  // RdanScores only (else NULL)
   float* wo_t;  // wo transposed, [o, c]
-  float* out;
+  float* out;   // RelationCnn: the maps [o, b, C, k, n]; RdanScores: the scores [b, C]
 } Job;
 
 #define CHUNK 8
+#define EPS 1e-8f  // rdan._EPS, the cosine clamp
 
 // acc[r][jj] += sum over taps t and input channels ci of rows[r][t][jj * c + ci] * w[t][ci, :], for RB rows of jb
 // output positions each (`rows[r][t]` is row r's input row for tap t, already shifted to the tap's column). jb is a
@@ -118,13 +140,19 @@ typedef struct {
   int64_t p, width;
   const float* m;  // the pair's column mask [n]
   float *xs, *h1, *h2;
+  // Where the output layer writes map q's row i: out + q * out_map + i * out_row (the result, or `om` for scores).
+  float* out;
+  int64_t out_map, out_row;
+  // RdanScores' per-pair scratch, rows of np floats (zero past n): om [o, k] output maps, ss [k] S, wt [k] softmax
+  // weights, gt [n] the caption's Gram matrix, and wn, mv [1] the word norms and the column mask.
+  float *om, *ss, *wt, *gt, *wn, *mv;
 } Pair;
 
 // One block of RB rows from row i x jb positions from column j0: the 1x3 layer (h1 -> h2, ReLU, mask) when `taps`
 // is 3, else the 3x3 layer and the 1x1 output layer (h2 -> out).
 static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0, int jb) {
   const Job* job = pr->job;
-  const int64_t k = job->k, n = job->n, width = pr->width;
+  const int64_t k = job->k, width = pr->width;
   const float* bias = taps == 3 ? job->b2 : job->b3;
   vf acc[RB][JBMAX][NV];
   for (int r = 0; r < RB; r++)
@@ -146,11 +174,10 @@ static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0,
           vstore(pr->h2 + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + v * VW, relu(acc[r][jj][v]) * mask);
         continue;
       }
-      const int64_t pairs = job->b * job->c;
       for (int64_t q = 0; q < job->o; q++) {
         vf sum = {0};
         for (int v = 0; v < NV; v++) sum += relu(acc[r][jj][v]) * vload(job->wo_t + q * CHANNELS + v * VW);
-        job->out[((q * pairs + pr->p) * k + i + r) * n + j0 + jj] = job->bo[q] + hsum(sum) * mask;
+        pr->out[q * pr->out_map + (i + r) * pr->out_row + j0 + jj] = job->bo[q] + hsum(sum) * mask;
       }
     }
 }
@@ -201,17 +228,144 @@ static void pair_maps(const Pair* pr) {
   layer(pr, 9);  // 3x3, c -> c, and the 1x1 output layer
 }
 
-// Pairs [start, end) of the block; `scratch` holds a pair's three zero-haloed maps (see `Pair`).
+// Eqs 7-11 for one pair from its output maps in pr->om: the pair's score.
+static float pair_score(const Pair* pr) {
+  const Job* job = pr->job;
+  const int64_t k = job->k, n = job->n, np = job->np, nv = np / VW;
+  const int64_t image = pr->p / job->c, caption = pr->p % job->c;
+  const float lambda = job->params[0], row_weight = job->params[1], column_weight = job->params[2];
+  const int residual = job->params[3] != 0;
+  const float* rn = job->region_norms + image * k;
+  const float* s = job->sim + pr->p * k * n;
+  for (int64_t i = 0; i < k; i++) memcpy(pr->ss + i * np, s + i * n, n * sizeof(float));
+  memcpy(pr->wn, job->word_norms + caption * n, n * sizeof(float));
+  memcpy(pr->mv, pr->m, n * sizeof(float));
+  float score = 0;
+  const vf zero = {0};
+  if (job->params[4] != 0) {
+    // Row-wise pathway, eq 8: alpha = softmax over the real words of lambda S^2; R_r = cos(v_i, a_i) with
+    // v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T G_txt alpha_i.
+    const float* gram = job->text_gram + caption * n * n;
+    for (int64_t j = 0; j < n; j++) memcpy(pr->gt + j * np, gram + j * n, n * sizeof(float));
+    const float* s2 = pr->om + (job->o - 1) * k * np;
+    float total = 0;
+    for (int64_t i = 0; i < k; i++) {
+      vf x[nv];
+      vmask real[nv];
+      vf top = zero - INFINITY;
+      for (int64_t v = 0; v < nv; v++) {
+        const int64_t at = i * np + v * VW;
+        real[v] = vload(pr->mv + v * VW) > zero;
+        x[v] = vselect(real[v], (vload(s2 + at) + (residual ? vload(pr->ss + at) : zero)) * lambda, zero - INFINITY);
+        top = vmax(top, x[v]);
+      }
+      const float most = hmax(top);
+      vf sum = zero;
+      for (int64_t v = 0; v < nv; v++) {
+        x[v] = vselect(real[v], vexp(x[v] - most), zero);
+        sum += x[v];
+      }
+      const float denominator = hsum(sum);
+      float* alpha = pr->wt;
+      vf dot = zero;
+      for (int64_t v = 0; v < nv; v++) {
+        const vf a = x[v] / denominator;
+        vstore(alpha + v * VW, a);
+        dot += a * vload(pr->ss + i * np + v * VW) * vload(pr->wn + v * VW);
+      }
+      vf quad = zero;
+      for (int64_t v = 0; v < nv; v++) {
+        vf g = zero;
+        for (int64_t j = 0; j < n; j++) g += alpha[j] * vload(pr->gt + j * np + v * VW);
+        quad += vload(alpha + v * VW) * g;
+      }
+      const float attended_sq = hsum(quad);
+      const float norm = rn[i] * (attended_sq > 0 ? sqrtf(attended_sq) : 0.0f);
+      total += rn[i] * hsum(dot) / (norm > EPS ? norm : EPS);
+    }
+    score += row_weight * (total / k);
+  }
+  if (job->params[5] != 0) {
+    // Column-wise pathway, eq 9: beta = softmax over the regions of lambda S^1; R_w = cos(e_j, b_j) with
+    // e_j . b_j = |e_j| sum_i beta_ij S_ij |v_i| and |b_j|^2 = beta_j^T G_img beta_j, over the real words.
+    const float* gram = job->image_gram + image * k * k;
+    const float* s1 = pr->om;
+    float dots[np], quads[np];
+    for (int64_t v = 0; v < nv; v++) {
+      vf top = zero - INFINITY;
+      for (int64_t i = 0; i < k; i++) {
+        const int64_t at = i * np + v * VW;
+        const vf x = (vload(s1 + at) + (residual ? vload(pr->ss + at) : zero)) * lambda;
+        vstore(pr->wt + at, x);
+        top = vmax(top, x);
+      }
+      vf sum = zero;
+      for (int64_t i = 0; i < k; i++) {
+        const vf e = vexp(vload(pr->wt + i * np + v * VW) - top);
+        vstore(pr->wt + i * np + v * VW, e);
+        sum += e;
+      }
+      vf dot = zero;
+      for (int64_t i = 0; i < k; i++) {
+        const vf beta = vload(pr->wt + i * np + v * VW) / sum;
+        vstore(pr->wt + i * np + v * VW, beta);
+        dot += beta * vload(pr->ss + i * np + v * VW) * rn[i];
+      }
+      vf quad = zero;
+      for (int64_t i = 0; i < k; i++) {
+        vf g = zero;
+        for (int64_t l = 0; l < k; l++) g += gram[i * k + l] * vload(pr->wt + l * np + v * VW);
+        quad += vload(pr->wt + i * np + v * VW) * g;
+      }
+      vstore(dots + v * VW, dot * vload(pr->wn + v * VW));
+      vstore(quads + v * VW, quad);
+    }
+    float total = 0;
+    int64_t words = 0;
+    for (int64_t j = 0; j < n; j++) {
+      if (!(pr->mv[j] > 0)) continue;
+      const float norm = pr->wn[j] * (quads[j] > 0 ? sqrtf(quads[j]) : 0.0f);
+      total += dots[j] / (norm > EPS ? norm : EPS);
+      words++;
+    }
+    score += column_weight * (total / words);
+  }
+  return score;
+}
+// Floats of a thread's scratch: a pair's three zero-haloed maps (see `Pair`) and, for RdanScores, its rows of np.
+static size_t scratch_floats(const Job* job) {
+  const size_t map = (size_t)(job->k + 2 + RB - 1) * (job->n + 2);
+  const size_t rows = job->params ? (size_t)(job->o + 2) * job->k + job->n + 2 : 0;
+  return (2 * CHANNELS + 1) * map + rows * job->np;
+}
+
+// Pairs [start, end) of the block.
 static void pairs_chunk(const void* ctx, int64_t start, int64_t end, void* scratch) {
   const Job* job = ctx;
-  const int64_t width = job->n + 2, height = job->k + 2 + RB - 1;
+  const int64_t k = job->k, n = job->n, np = job->np, width = n + 2, height = k + 2 + RB - 1;
   const size_t map = (size_t)height * width;
   float* maps = scratch;
   Pair pr = {.job = job, .width = width, .h1 = maps, .h2 = maps + CHANNELS * map, .xs = maps + 2 * CHANNELS * map};
+  if (job->params) {
+    pr.om = pr.xs + map;
+    pr.ss = pr.om + job->o * k * np;
+    pr.wt = pr.ss + k * np;
+    pr.gt = pr.wt + k * np;
+    pr.wn = pr.gt + n * np;
+    pr.mv = pr.wn + np;
+    pr.out = pr.om;
+    pr.out_map = k * np;
+    pr.out_row = np;
+  } else {
+    pr.out_map = job->b * job->c * k * n;
+    pr.out_row = n;
+  }
   for (int64_t p = start; p < end; p++) {
     pr.p = p;
-    pr.m = job->column_mask + (p % job->c) * job->n;
+    pr.m = job->column_mask + (p % job->c) * n;
+    if (!job->params) pr.out = job->out + p * k * n;
     pair_maps(&pr);
+    if (job->params) job->out[p] = pair_score(&pr);
   }
 }
 
@@ -221,43 +375,92 @@ static void free_job(const void* ctx) {
   free(job);
 }
 
-// The handler XLA calls (jax.ffi.register_ffi_target, platform 'cpu').
-XLA_FFI_Error* RelationCnn(XLA_FFI_CallFrame* frame) {
-  if (ffi_not_executing(frame)) return NULL;
-  if (!ffi_counts(frame, 10, 1)) return ffi_error(frame->api, "relation_cnn: expected 10 buffer arguments, 1 result");
+// Checks the ten arguments both handlers share and fills a Job with them (NULL and *error set when they are wrong).
+static Job* shared_job(XLA_FFI_CallFrame* frame, XLA_FFI_Error** error) {
   const XLA_FFI_Buffer* sim = ffi_arg(frame, 0);
   const XLA_FFI_Buffer* wo = ffi_arg(frame, 8);
-  if (sim->rank != 4 || wo->rank != 4)
-    return ffi_error(frame->api, "relation_cnn: sim must be [b, C, k, n], wo [1, 1, c, o]");
+  if (sim->rank != 4 || wo->rank != 4) {
+    *error = ffi_error(frame->api, "relation_cnn: sim must be [b, C, k, n], wo [1, 1, c, o]");
+    return NULL;
+  }
   const int64_t b = sim->dims[0], c = sim->dims[1], k = sim->dims[2], n = sim->dims[3], o = wo->dims[3];
   const int64_t ch = CHANNELS;
   const int64_t dims[][4] = {{b, c, k, n}, {c, n}, {3, 1, 1, ch}, {ch}, {1, 3, ch, ch},
                              {ch},         {3, 3, ch, ch},      {ch},  {1, 1, ch, o}, {o}};
   const int64_t ranks[] = {4, 2, 4, 1, 4, 1, 4, 1, 4, 1};
   for (int i = 0; i < 10; i++)
-    if (!ffi_shape_is(ffi_arg(frame, i), ranks[i], dims[i]))
-      return ffi_error(frame->api, "relation_cnn: an argument has the wrong dtype or shape (see relation_cnn.c)");
-  const int64_t out_dims[] = {o, b, c, k, n};
-  XLA_FFI_Buffer* out = ffi_ret(frame, 0);
-  if (!ffi_shape_is(out, 5, out_dims))
-    return ffi_error(frame->api, "relation_cnn: the result must be float32 [o, b, C, k, n]");
-  if (b * c * k * n == 0) return NULL;
+    if (!ffi_shape_is(ffi_arg(frame, i), ranks[i], dims[i])) {
+      *error = ffi_error(frame->api, "relation_cnn: an argument has the wrong dtype or shape (see relation_cnn.c)");
+      return NULL;
+    }
   Job* job = calloc(1, sizeof(Job));
-  if (job == NULL) return ffi_error(frame->api, "relation_cnn: out of memory");
-  *job = (Job){.b = b, .c = c, .k = k, .n = n, .o = o};
+  float* wo_t = malloc((size_t)o * ch * sizeof(float));
+  if (job == NULL || wo_t == NULL) {
+    free(job);
+    free(wo_t);
+    *error = ffi_error(frame->api, "relation_cnn: out of memory");
+    return NULL;
+  }
+  *job = (Job){.b = b, .c = c, .k = k, .n = n, .o = o, .np = (n + VW - 1) / VW * VW, .wo_t = wo_t};
   const float** inputs[] = {&job->sim, &job->column_mask, &job->w1, &job->b1, &job->w2,
                             &job->b2,  &job->w3,          &job->b3, &job->wo, &job->bo};
   for (int i = 0; i < 10; i++) *inputs[i] = (const float*)ffi_arg(frame, i)->data;
-  job->out = (float*)out->data;
-  job->wo_t = malloc((size_t)o * ch * sizeof(float));
-  if (job->wo_t == NULL) {
-    free(job);
-    return ffi_error(frame->api, "relation_cnn: out of memory");
-  }
   for (int64_t q = 0; q < o; q++)
     for (int64_t ci = 0; ci < ch; ci++) job->wo_t[q * ch + ci] = job->wo[ci * o + q];
-  const size_t map = (size_t)(k + 2 + RB - 1) * (n + 2);
-  if (parallel_for(frame, b * c, CHUNK, (2 * CHANNELS + 1) * map * sizeof(float), pairs_chunk, job, free_job) != 0)
+  *error = NULL;
+  return job;
+}
+
+static XLA_FFI_Error* run(XLA_FFI_CallFrame* frame, Job* job) {
+  const int64_t pairs = job->b * job->c;
+  if (pairs * job->k * job->n == 0) {
+    free_job(job);
+    return NULL;
+  }
+  if (parallel_for(frame, pairs, CHUNK, scratch_floats(job) * sizeof(float), pairs_chunk, job, free_job) != 0)
     return ffi_error(frame->api, "relation_cnn: out of memory");
   return NULL;
+}
+
+// The handlers XLA calls (jax.ffi.register_ffi_target, platform 'cpu').
+XLA_FFI_Error* RelationCnn(XLA_FFI_CallFrame* frame) {
+  if (ffi_not_executing(frame)) return NULL;
+  if (!ffi_counts(frame, 10, 1)) return ffi_error(frame->api, "RelationCnn: expected 10 buffer arguments, 1 result");
+  XLA_FFI_Error* error;
+  Job* job = shared_job(frame, &error);
+  if (job == NULL) return error;
+  const int64_t out_dims[] = {job->o, job->b, job->c, job->k, job->n};
+  XLA_FFI_Buffer* out = ffi_ret(frame, 0);
+  if (!ffi_shape_is(out, 5, out_dims)) {
+    free_job(job);
+    return ffi_error(frame->api, "RelationCnn: the result must be float32 [o, b, C, k, n]");
+  }
+  job->out = (float*)out->data;
+  return run(frame, job);
+}
+
+XLA_FFI_Error* RdanScores(XLA_FFI_CallFrame* frame) {
+  if (ffi_not_executing(frame)) return NULL;
+  if (!ffi_counts(frame, 15, 1)) return ffi_error(frame->api, "RdanScores: expected 15 buffer arguments, 1 result");
+  XLA_FFI_Error* error;
+  Job* job = shared_job(frame, &error);
+  if (job == NULL) return error;
+  const int64_t b = job->b, c = job->c, k = job->k, n = job->n;
+  const int64_t dims[][3] = {{b, k}, {c, n}, {b, k, k}, {c, n, n}, {6}};
+  const int64_t ranks[] = {2, 2, 3, 3, 1};
+  for (int i = 0; i < 5; i++)
+    if (!ffi_shape_is(ffi_arg(frame, 10 + i), ranks[i], dims[i])) {
+      free_job(job);
+      return ffi_error(frame->api, "RdanScores: a norm, Gram or params argument has the wrong dtype or shape");
+    }
+  const int64_t out_dims[] = {b, c};
+  XLA_FFI_Buffer* out = ffi_ret(frame, 0);
+  if (!ffi_shape_is(out, 2, out_dims) || job->o > 2) {
+    free_job(job);
+    return ffi_error(frame->api, "RdanScores: the result must be float32 [b, C], from 1 or 2 output maps");
+  }
+  const float** inputs[] = {&job->region_norms, &job->word_norms, &job->image_gram, &job->text_gram, &job->params};
+  for (int i = 0; i < 5; i++) *inputs[i] = (const float*)ffi_arg(frame, 10 + i)->data;
+  job->out = (float*)out->data;
+  return run(frame, job);
 }

@@ -200,7 +200,7 @@ def _relation_cnn_kernel(sim: jax.Array, column_mask: jax.Array, cnn_params: dic
   differentiates only the 3 B rescored pairs, so the kernel serves the all-pairs passes.
   """
   channels = cnn_params['conv1_kernel'].shape[-1]
-  target = kernels.relation_cnn_target(channels)
+  target = kernels.relation_cnn_targets(channels)['RelationCnn']
   shape = (cnn_params['out_kernel'].shape[-1],) + sim.shape
   on_cpu = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method='sequential')
   return jax.lax.platform_dependent(
@@ -236,7 +236,7 @@ def uses_kernel(channels: Optional[int], dtype: pairwise.DTypeLike, conv_impl: s
   _check_conv_impl(conv_impl)
   if channels is None or conv_impl == 'xla' or jnp.dtype(dtype) != jnp.float32:
     return False
-  return kernels.relation_cnn_target(channels) is not None
+  return kernels.relation_cnn_targets(channels) is not None
 
 
 def relation_maps(
@@ -340,6 +340,92 @@ def _cosine(dots: jax.Array, norms_a: jax.Array, sq_norms_b: jax.Array) -> jax.A
   return dots / jnp.maximum(norms_a * layers.safe_sqrt(sq_norms_b), _EPS)
 
 
+def _dual_scores(
+  sim: jax.Array, s1: jax.Array, s2: jax.Array, image: dict, text: dict, *, lambda_: float, mu: float
+) -> jax.Array:
+  """Eqs 8-11 from S [b, C, k, n] and the logit maps S^1, S^2 [b, C, k, n]: scores [b, C] (arguments as
+  `rdan_block_scores`; `image` and `text` need `norms` and `gram`, `text` also `valid`)."""
+  valid = text['valid']  # [C, n]
+  region_norms = image['norms'][:, None]  # [b, 1, k]
+  word_norms = text['norms'][None]  # [1, C, n]
+  score = 0.0
+  if mu != 1:
+    # Row-wise pathway, eq 8: each region attends over the caption's real words.
+    alpha = _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :])
+    # v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j|
+    dots = region_norms * jnp.sum(alpha * sim * word_norms[:, :, None, :], axis=-1)
+    attended_sq = pairwise.attended_word_sq_norms(alpha, text['gram'])
+    region_relevance = _cosine(dots, region_norms, attended_sq)  # R_r [b, C, k]
+    score = score + (1 - mu) * jnp.mean(region_relevance, axis=-1)
+  if mu != 0:
+    # Column-wise pathway, eq 9: each word attends over the image's regions.
+    beta = jax.nn.softmax(lambda_ * s1, axis=-2)
+    # e_j . b_j = |e_j| sum_i beta_ij S_ij |v_i|
+    dots = word_norms * jnp.sum(beta * sim * region_norms[..., None], axis=-2)
+    attended_sq = pairwise.attended_region_sq_norms(beta, image['gram'])
+    word_relevance = _cosine(dots, word_norms, attended_sq)  # R_w [b, C, n]
+    word_relevance = jnp.where(valid[None], word_relevance, 0.0)
+    score = score + mu * jnp.sum(word_relevance, axis=-1) / jnp.sum(valid, axis=-1)[None]
+  return score
+
+
+def _scores_xla(sim, column_mask, cnn_params, region_norms, word_norms, image_gram, text_gram, opts):
+  """`_scores_kernel`'s computation on XLA (float32)."""
+  lambda_, mu, use_residual = opts
+  valid = column_mask > 0
+  s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, conv_impl='xla')
+  image = {'norms': region_norms, 'gram': image_gram}
+  text = {'norms': word_norms, 'gram': text_gram, 'valid': valid}
+  return _dual_scores(sim, s1, s2, image, text, lambda_=lambda_, mu=mu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _scores_kernel(sim, column_mask, cnn_params, region_norms, word_norms, image_gram, text_gram, opts):
+  """Eqs 6-11 of a block in float32, run on CPUs by the compiled kernel's RdanScores handler
+  (xmatch_jax/kernels/relation_cnn.c): each pair's maps, softmaxes and cosines stay in the thread's cache.
+
+  opts: (lambda_, mu, use_residual). Other platforms and differentiated calls run `_scores_xla`, as
+  `_relation_cnn_kernel` does.
+  """
+  lambda_, mu, use_residual = opts
+  channels = cnn_params['conv1_kernel'].shape[-1]
+  target = kernels.relation_cnn_targets(channels)['RdanScores']
+  params = jnp.asarray([lambda_, 1 - mu, mu, float(use_residual), float(mu != 1), float(mu != 0)], jnp.float32)
+  on_cpu = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(sim.shape[:2], jnp.float32), vmap_method='sequential')
+  weights = [cnn_params[name] for name in _KERNEL_ARGS]
+  return jax.lax.platform_dependent(
+    sim,
+    column_mask,
+    *weights,
+    region_norms,
+    word_norms,
+    image_gram,
+    text_gram,
+    cpu=lambda *args: on_cpu(*args, params),
+    default=lambda sim, mask, *rest: _scores_xla(sim, mask, dict(zip(_KERNEL_ARGS, rest[:8])), *rest[8:], opts),
+  )
+
+
+def _scores_kernel_fwd(sim, column_mask, cnn_params, region_norms, word_norms, image_gram, text_gram, opts):
+  return jax.vjp(
+    lambda *args: _scores_xla(*args, opts),
+    sim,
+    column_mask,
+    cnn_params,
+    region_norms,
+    word_norms,
+    image_gram,
+    text_gram,
+  )
+
+
+def _scores_kernel_bwd(opts, vjp, grad):
+  return vjp(grad)
+
+
+_scores_kernel.defvjp(_scores_kernel_fwd, _scores_kernel_bwd)
+
+
 def rdan_block_scores(
   image: dict,
   text: dict,
@@ -362,35 +448,27 @@ def rdan_block_scores(
     mu: weight of the word relevance (eq 11).
     use_residual: add S to the CNN maps (eq 7).
     dtype: compute dtype of the operands of S and of the relation convolutions.
-    conv_impl: how the relation CNN runs, as in `relation_maps`.
+    conv_impl: how the relation CNN runs, as in `relation_maps`; where the compiled kernel runs, it also
+      computes eqs 7-11 (its RdanScores handler).
 
   Returns:
     [b, C] scores.
   """
   sim = pairwise.region_word_similarity(image['unit'], text['unit'], dtype)  # S [b, C, k, n]
   valid = text['valid']  # [C, n]
+  if cnn_params is not None and uses_kernel(cnn_params['conv1_kernel'].shape[-1], dtype, conv_impl):
+    return _scores_kernel(
+      sim,
+      valid.astype(jnp.float32),
+      cnn_params,
+      image['norms'],
+      text['norms'],
+      image['gram'],
+      text['gram'],
+      (float(lambda_), float(mu), bool(use_residual)),
+    )
   s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, dtype=dtype, conv_impl=conv_impl)
-  region_norms = image['norms'][:, None]  # [b, 1, k]
-  word_norms = text['norms'][None]  # [1, C, n]
-  score = 0.0
-  if mu != 1:
-    # Row-wise pathway, eq 8: each region attends over the caption's real words.
-    alpha = _masked_softmax(lambda_ * s2, axis=-1, mask=valid[None, :, None, :])
-    # v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j|
-    dots = region_norms * jnp.sum(alpha * sim * word_norms[:, :, None, :], axis=-1)
-    attended_sq = pairwise.attended_word_sq_norms(alpha, text['gram'])
-    region_relevance = _cosine(dots, region_norms, attended_sq)  # R_r [b, C, k]
-    score = score + (1 - mu) * jnp.mean(region_relevance, axis=-1)
-  if mu != 0:
-    # Column-wise pathway, eq 9: each word attends over the image's regions.
-    beta = jax.nn.softmax(lambda_ * s1, axis=-2)
-    # e_j . b_j = |e_j| sum_i beta_ij S_ij |v_i|
-    dots = word_norms * jnp.sum(beta * sim * region_norms[..., None], axis=-2)
-    attended_sq = pairwise.attended_region_sq_norms(beta, image['gram'])
-    word_relevance = _cosine(dots, word_norms, attended_sq)  # R_w [b, C, n]
-    word_relevance = jnp.where(valid[None], word_relevance, 0.0)
-    score = score + mu * jnp.sum(word_relevance, axis=-1) / jnp.sum(valid, axis=-1)[None]
-  return score
+  return _dual_scores(sim, s1, s2, image, text, lambda_=lambda_, mu=mu)
 
 
 class RDAN(matcher.Matcher):
