@@ -291,6 +291,38 @@ def test_compiled_kernel_equals_xla_path_in_values_and_gradients():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@needs_compiler
+@pytest.mark.parametrize('channels', [8, 16])
+def test_compiled_kernel_skips_trailing_padding_and_keeps_holes(channels):
+  # The kernel computes each pair's maps up to its caption's last real word; masks with padding between real words,
+  # an all-padding caption row and full-length captions must still give XLA's maps and scores.
+  rng = np.random.default_rng(channels)
+  b, c, k, n = 3, 7, 5, 19
+  valid = rng.uniform(size=(c, n)) < 0.6
+  valid[0] = True
+  valid[1, 4:] = False
+  valid[2] = np.arange(n) % 3 == 0
+  valid[3, :] = False
+  valid[3, n - 1] = True
+  valid = jnp.asarray(valid)
+  params = rdan_module.RelationCNN(channels=channels, out_channels=2).init(jax.random.key(channels))['params']
+  params = rdan_module.RelationCNN(channels=channels, out_channels=2).apply({'params': params})
+  image = rdan_module.prepare_items(jnp.asarray(rng.normal(size=(b, k, D)), jnp.float32))
+  text = rdan_module.prepare_items(jnp.asarray(rng.normal(size=(c, n, D)), jnp.float32), valid)
+  sim = jnp.einsum('ikd,cnd->ickn', image['unit'], text['unit'])
+  maps, scores = {}, {}
+  for impl in ('auto', 'xla'):
+    maps[impl] = jax.jit(
+      lambda s, impl=impl: rdan_module.relation_maps(s, valid, params, use_residual=True, conv_impl=impl)
+    )(sim)
+    head = functools.partial(rdan_module.rdan_block_scores, lambda_=4.0, mu=0.3, use_residual=True, conv_impl=impl)
+    scores[impl] = jax.jit(head)(image, text, params)
+  for got, want in zip(maps['auto'], maps['xla']):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert np.all(np.isfinite(scores['xla']))
+  np.testing.assert_allclose(scores['auto'], scores['xla'], rtol=1e-6, atol=1e-6)
+
+
 def test_kernel_falls_back_to_xla_without_a_working_compiler(monkeypatch, tmp_path, caplog):
   kernels.relation_cnn_targets.cache_clear()
   monkeypatch.setenv('XMATCH_KERNEL_DIR', str(tmp_path))

@@ -139,6 +139,7 @@ typedef struct {
   const Job* job;
   int64_t p, width;
   const float* m;  // the pair's column mask [n]
+  int64_t ne;      // columns up to the last real word: the maps are computed there, the rest is padding
   float *xs, *h1, *h2;
   // Where the output layer writes map q's row i: out + q * out_map + i * out_row (the result, or `om` for scores).
   float* out;
@@ -197,9 +198,10 @@ static void row_block(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t j
   }
 }
 
-// A 1x3 or 3x3 layer over the whole map: blocks of RB rows x the row's column blocks.
+// A 1x3 or 3x3 layer over the map's first ne columns: blocks of RB rows x the row's column blocks.
 static void layer(const Pair* pr, int taps) {
-  const int64_t k = pr->job->k, n = pr->job->n;
+  const int64_t k = pr->job->k, n = pr->ne;
+  if (n == 0) return;
   const int64_t blocks = (n + JBMAX - 1) / JBMAX, base = n / blocks, wider = n % blocks;
   for (int64_t i = 0; i < k; i += RB)
     for (int64_t blk = 0, j0 = 0; blk < blocks; blk++) {
@@ -209,16 +211,24 @@ static void layer(const Pair* pr, int taps) {
     }
 }
 
+// The maps of one pair. Past the last real word (columns ne..n-1) every layer's maps are zero, as the masks make
+// them, so only the first ne columns are computed (captions padded to a block's longest one skip the padding's
+// work); column ne of h1 and h2, which the last computed column reads, is zeroed, and the output there is the bias.
 static void pair_maps(const Pair* pr) {
   const Job* job = pr->job;
-  const int64_t k = job->k, n = job->n, width = pr->width;
+  const int64_t k = job->k, n = job->n, ne = pr->ne, width = pr->width;
   const float* s = job->sim + pr->p * k * n;
   const float* m = pr->m;
   for (int64_t i = 0; i < k; i++)
     for (int64_t j = 0; j < n; j++) pr->xs[(i + 1) * width + j + 1] = s[i * n + j] * m[j];
+  if (ne < n)
+    for (int64_t i = 1; i <= k; i++) {
+      memset(pr->h1 + (i * width + ne + 1) * CHANNELS, 0, CHANNELS * sizeof(float));
+      memset(pr->h2 + (i * width + ne + 1) * CHANNELS, 0, CHANNELS * sizeof(float));
+    }
   // 3x1 layer, 1 -> c channels.
   for (int64_t i = 0; i < k; i++)
-    for (int64_t j = 0; j < n; j++)
+    for (int64_t j = 0; j < ne; j++)
       for (int v = 0; v < NV; v++) {
         vf acc = vload(job->b1 + v * VW);
         for (int a = 0; a < 3; a++) acc += pr->xs[(i + a) * width + j + 1] * vload(job->w1 + a * CHANNELS + v * VW);
@@ -226,12 +236,16 @@ static void pair_maps(const Pair* pr) {
       }
   layer(pr, 3);  // 1x3, c -> c
   layer(pr, 9);  // 3x3, c -> c, and the 1x1 output layer
+  for (int64_t q = 0; q < job->o; q++)
+    for (int64_t i = 0; i < k; i++)
+      for (int64_t j = ne; j < n; j++) pr->out[q * pr->out_map + i * pr->out_row + j] = job->bo[q];
 }
 
 // Eqs 7-11 for one pair from its output maps in pr->om: the pair's score.
 static float pair_score(const Pair* pr) {
   const Job* job = pr->job;
-  const int64_t k = job->k, n = job->n, np = job->np, nv = np / VW;
+  const int64_t k = job->k, n = job->n, np = job->np;
+  const int64_t nv = pr->ne > 0 ? (pr->ne + VW - 1) / VW : 1;  // vectors up to the last real word
   const int64_t image = pr->p / job->c, caption = pr->p % job->c;
   const float lambda = job->params[0], row_weight = job->params[1], column_weight = job->params[2];
   const int residual = job->params[3] != 0;
@@ -246,7 +260,7 @@ static float pair_score(const Pair* pr) {
     // Row-wise pathway, eq 8: alpha = softmax over the real words of lambda S^2; R_r = cos(v_i, a_i) with
     // v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T G_txt alpha_i.
     const float* gram = job->text_gram + caption * n * n;
-    for (int64_t j = 0; j < n; j++) memcpy(pr->gt + j * np, gram + j * n, n * sizeof(float));
+    for (int64_t j = 0; j < pr->ne; j++) memcpy(pr->gt + j * np, gram + j * n, n * sizeof(float));
     const float* s2 = pr->om + (job->o - 1) * k * np;
     float total = 0;
     for (int64_t i = 0; i < k; i++) {
@@ -276,7 +290,7 @@ static float pair_score(const Pair* pr) {
       vf quad = zero;
       for (int64_t v = 0; v < nv; v++) {
         vf g = zero;
-        for (int64_t j = 0; j < n; j++) g += alpha[j] * vload(pr->gt + j * np + v * VW);
+        for (int64_t j = 0; j < pr->ne; j++) g += alpha[j] * vload(pr->gt + j * np + v * VW);
         quad += vload(alpha + v * VW) * g;
       }
       const float attended_sq = hsum(quad);
@@ -322,7 +336,7 @@ static float pair_score(const Pair* pr) {
     }
     float total = 0;
     int64_t words = 0;
-    for (int64_t j = 0; j < n; j++) {
+    for (int64_t j = 0; j < pr->ne; j++) {
       if (!(pr->mv[j] > 0)) continue;
       const float norm = pr->wn[j] * (quads[j] > 0 ? sqrtf(quads[j]) : 0.0f);
       total += dots[j] / (norm > EPS ? norm : EPS);
@@ -363,6 +377,7 @@ static void pairs_chunk(const void* ctx, int64_t start, int64_t end, void* scrat
   for (int64_t p = start; p < end; p++) {
     pr.p = p;
     pr.m = job->column_mask + (p % job->c) * n;
+    for (pr.ne = n; pr.ne > 0 && !(pr.m[pr.ne - 1] > 0);) pr.ne--;
     if (!job->params) pr.out = job->out + p * k * n;
     pair_maps(&pr);
     if (job->params) job->out[p] = pair_score(&pr);
