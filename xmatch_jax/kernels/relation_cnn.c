@@ -141,12 +141,17 @@ typedef struct {
   const float* m;  // the pair's column mask [n]
   int64_t ne;      // columns up to the last real word: the maps are computed there, the rest is padding
   float *xs, *h1, *h2;
-  // Where the output layer writes map q's row i: out + q * out_map + i * out_row (the result, or `om` for scores).
-  float* out;
-  int64_t out_map, out_row;
-  // RdanScores' per-pair scratch, rows of np floats (zero past n): om [o, k] output maps, ss [k] S, wt [k] softmax
-  // weights, gt [n] the caption's Gram matrix, and wn, mv [1] the word norms and the column mask.
-  float *om, *ss, *wt, *gt, *wn, *mv;
+  // Where the output layer writes: map out_q[t]'s value at (i, j) goes to out[t][i * out_rs[t] + j * out_cs[t]] for
+  // each of the `outs` targets (RelationCnn: the result's maps; RdanScores: s1 and s2t below).
+  int outs;
+  int64_t out_q[2], out_rs[2], out_cs[2];
+  float* out[2];
+  // RdanScores' per-pair scratch (zero past the real sizes): s1 [k, np] (the first output map: S^1 before the
+  // residual) with ss [k, np] (S), wt [k, np] (the column softmax) and wn [np] (word norms), for the
+  // column-wise pathway, whose lanes are words; s2t [n, kp] (the last output map, S^2, transposed) with sst [n, kp]
+  // (S transposed), at [n, kp] (the row softmax) and rnv [kp] (region norms), for the row-wise one, whose lanes are
+  // regions. Both softmaxes then run along the vectors, without horizontal reductions.
+  float *s1, *ss, *wt, *wn, *s2t, *sst, *at, *rnv;
 } Pair;
 
 // One block of RB rows from row i x jb positions from column j0: the 1x3 layer (h1 -> h2, ReLU, mask) when `taps`
@@ -175,11 +180,14 @@ static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0,
           vstore(pr->h2 + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + v * VW, relu(acc[r][jj][v]) * mask);
         continue;
       }
+      float values[2];
       for (int64_t q = 0; q < job->o; q++) {
         vf sum = {0};
         for (int v = 0; v < NV; v++) sum += relu(acc[r][jj][v]) * vload(job->wo_t + q * CHANNELS + v * VW);
-        pr->out[q * pr->out_map + (i + r) * pr->out_row + j0 + jj] = job->bo[q] + hsum(sum) * mask;
+        values[q] = job->bo[q] + hsum(sum) * mask;
       }
+      for (int t = 0; t < pr->outs; t++)
+        pr->out[t][(i + r) * pr->out_rs[t] + (j0 + jj) * pr->out_cs[t]] = values[pr->out_q[t]];
     }
 }
 
@@ -236,121 +244,148 @@ static void pair_maps(const Pair* pr) {
       }
   layer(pr, 3);  // 1x3, c -> c
   layer(pr, 9);  // 3x3, c -> c, and the 1x1 output layer
-  for (int64_t q = 0; q < job->o; q++)
+  for (int t = 0; t < pr->outs; t++)
     for (int64_t i = 0; i < k; i++)
-      for (int64_t j = ne; j < n; j++) pr->out[q * pr->out_map + i * pr->out_row + j] = job->bo[q];
+      for (int64_t j = ne; j < n; j++) pr->out[t][i * pr->out_rs[t] + j * pr->out_cs[t]] = job->bo[pr->out_q[t]];
 }
 
-// Eqs 7-11 for one pair from its output maps in pr->om: the pair's score.
-static float pair_score(const Pair* pr) {
+// sum over r < count of weights[r] * the vector at rows + r * stride, in four partial sums (a single sum would wait on
+// each FMA's latency).
+static inline vf weighted_rows(const float* weights, const float* rows, int64_t stride, int64_t count) {
+  vf part[4] = {{0}, {0}, {0}, {0}};
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4)
+    for (int u = 0; u < 4; u++) part[u] += weights[r + u] * vload(rows + (r + u) * stride);
+  for (; r < count; r++) part[0] += weights[r] * vload(rows + r * stride);
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+// cos = dot / max(norm_a sqrt(max(sq_norm_b, 0)), EPS), as rdan._cosine.
+static inline float cosine(float dot, float norm_a, float sq_norm_b) {
+  const float norm = norm_a * (sq_norm_b > 0 ? sqrtf(sq_norm_b) : 0.0f);
+  return dot / (norm > EPS ? norm : EPS);
+}
+
+// Row-wise pathway, eq 8, lanes = regions i: alpha_i = softmax over the real words j of lambda S^2_ij; R_r(i) =
+// cos(v_i, a_i) with v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T G_txt alpha_i. Returns the
+// mean of R_r over the regions.
+static float row_pathway(const Pair* pr, float lambda, int residual) {
   const Job* job = pr->job;
-  const int64_t k = job->k, n = job->n, np = job->np;
-  const int64_t nv = pr->ne > 0 ? (pr->ne + VW - 1) / VW : 1;  // vectors up to the last real word
-  const int64_t image = pr->p / job->c, caption = pr->p % job->c;
-  const float lambda = job->params[0], row_weight = job->params[1], column_weight = job->params[2];
-  const int residual = job->params[3] != 0;
-  const float* rn = job->region_norms + image * k;
-  const float* s = job->sim + pr->p * k * n;
-  for (int64_t i = 0; i < k; i++) memcpy(pr->ss + i * np, s + i * n, n * sizeof(float));
-  memcpy(pr->wn, job->word_norms + caption * n, n * sizeof(float));
-  memcpy(pr->mv, pr->m, n * sizeof(float));
-  float score = 0;
+  const int64_t k = job->k, n = job->n, kp = (k + VW - 1) / VW * VW, ne = pr->ne;
+  const float* gram = job->text_gram + (pr->p % job->c) * n * n;
+  const float* wn = job->word_norms + (pr->p % job->c) * n;
   const vf zero = {0};
-  if (job->params[4] != 0) {
-    // Row-wise pathway, eq 8: alpha = softmax over the real words of lambda S^2; R_r = cos(v_i, a_i) with
-    // v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T G_txt alpha_i.
-    const float* gram = job->text_gram + caption * n * n;
-    for (int64_t j = 0; j < pr->ne; j++) memcpy(pr->gt + j * np, gram + j * n, n * sizeof(float));
-    const float* s2 = pr->om + (job->o - 1) * k * np;
-    float total = 0;
-    for (int64_t i = 0; i < k; i++) {
-      vf x[nv];
-      vmask real[nv];
-      vf top = zero - INFINITY;
-      for (int64_t v = 0; v < nv; v++) {
-        const int64_t at = i * np + v * VW;
-        real[v] = vload(pr->mv + v * VW) > zero;
-        x[v] = vselect(real[v], (vload(s2 + at) + (residual ? vload(pr->ss + at) : zero)) * lambda, zero - INFINITY);
-        top = vmax(top, x[v]);
+  float total = 0;
+  for (int64_t u = 0; u < kp; u += VW) {
+    vf top = zero - INFINITY;
+    for (int64_t j = 0; j < ne; j++) {
+      if (!(pr->m[j] > 0)) {  // not a word: alpha_ij = 0
+        vstore(pr->at + j * kp + u, zero);
+        continue;
       }
-      const float most = hmax(top);
-      vf sum = zero;
-      for (int64_t v = 0; v < nv; v++) {
-        x[v] = vselect(real[v], vexp(x[v] - most), zero);
-        sum += x[v];
-      }
-      const float denominator = hsum(sum);
-      float* alpha = pr->wt;
-      vf dot = zero;
-      for (int64_t v = 0; v < nv; v++) {
-        const vf a = x[v] / denominator;
-        vstore(alpha + v * VW, a);
-        dot += a * vload(pr->ss + i * np + v * VW) * vload(pr->wn + v * VW);
-      }
-      vf quad = zero;
-      for (int64_t v = 0; v < nv; v++) {
-        vf g = zero;
-        for (int64_t j = 0; j < pr->ne; j++) g += alpha[j] * vload(pr->gt + j * np + v * VW);
-        quad += vload(alpha + v * VW) * g;
-      }
-      const float attended_sq = hsum(quad);
-      const float norm = rn[i] * (attended_sq > 0 ? sqrtf(attended_sq) : 0.0f);
-      total += rn[i] * hsum(dot) / (norm > EPS ? norm : EPS);
+      const vf x = (vload(pr->s2t + j * kp + u) + (residual ? vload(pr->sst + j * kp + u) : zero)) * lambda;
+      vstore(pr->at + j * kp + u, x);
+      top = vmax(top, x);
     }
-    score += row_weight * (total / k);
-  }
-  if (job->params[5] != 0) {
-    // Column-wise pathway, eq 9: beta = softmax over the regions of lambda S^1; R_w = cos(e_j, b_j) with
-    // e_j . b_j = |e_j| sum_i beta_ij S_ij |v_i| and |b_j|^2 = beta_j^T G_img beta_j, over the real words.
-    const float* gram = job->image_gram + image * k * k;
-    const float* s1 = pr->om;
-    float dots[np], quads[np];
-    for (int64_t v = 0; v < nv; v++) {
-      vf top = zero - INFINITY;
-      for (int64_t i = 0; i < k; i++) {
-        const int64_t at = i * np + v * VW;
-        const vf x = (vload(s1 + at) + (residual ? vload(pr->ss + at) : zero)) * lambda;
-        vstore(pr->wt + at, x);
-        top = vmax(top, x);
-      }
-      vf sum = zero;
-      for (int64_t i = 0; i < k; i++) {
-        const vf e = vexp(vload(pr->wt + i * np + v * VW) - top);
-        vstore(pr->wt + i * np + v * VW, e);
+    vf sum = zero;
+    for (int64_t j = 0; j < ne; j++)
+      if (pr->m[j] > 0) {
+        const vf e = vexp(vload(pr->at + j * kp + u) - top);
+        vstore(pr->at + j * kp + u, e);
         sum += e;
       }
-      vf dot = zero;
-      for (int64_t i = 0; i < k; i++) {
-        const vf beta = vload(pr->wt + i * np + v * VW) / sum;
-        vstore(pr->wt + i * np + v * VW, beta);
-        dot += beta * vload(pr->ss + i * np + v * VW) * rn[i];
-      }
-      vf quad = zero;
-      for (int64_t i = 0; i < k; i++) {
-        vf g = zero;
-        for (int64_t l = 0; l < k; l++) g += gram[i * k + l] * vload(pr->wt + l * np + v * VW);
-        quad += vload(pr->wt + i * np + v * VW) * g;
-      }
-      vstore(dots + v * VW, dot * vload(pr->wn + v * VW));
-      vstore(quads + v * VW, quad);
+    vf dot = zero;
+    for (int64_t j = 0; j < ne; j++) {
+      const vf alpha = vload(pr->at + j * kp + u) / sum;
+      vstore(pr->at + j * kp + u, alpha);
+      dot += alpha * vload(pr->sst + j * kp + u) * wn[j];
     }
-    float total = 0;
-    int64_t words = 0;
-    for (int64_t j = 0; j < pr->ne; j++) {
-      if (!(pr->mv[j] > 0)) continue;
-      const float norm = pr->wn[j] * (quads[j] > 0 ? sqrtf(quads[j]) : 0.0f);
-      total += dots[j] / (norm > EPS ? norm : EPS);
-      words++;
+    vf quad = zero;
+    for (int64_t j = 0; j < ne; j++)
+      quad += vload(pr->at + j * kp + u) * weighted_rows(gram + j * n, pr->at + u, kp, ne);
+    const vf rn = vload(pr->rnv + u);
+    float dots[VW], quads[VW], norms[VW];
+    vstore(dots, rn * dot);
+    vstore(quads, quad);
+    vstore(norms, rn);
+    for (int64_t l = 0; l < VW && u + l < k; l++) total += cosine(dots[l], norms[l], quads[l]);
+  }
+  return total / k;
+}
+
+// Column-wise pathway, eq 9, lanes = words j: beta_j = softmax over the regions i of lambda S^1_ij; R_w(j) =
+// cos(e_j, b_j) with e_j . b_j = |e_j| sum_i beta_ij S_ij |v_i| and |b_j|^2 = beta_j^T G_img beta_j. Returns the mean
+// of R_w over the real words.
+static float column_pathway(const Pair* pr, float lambda, int residual) {
+  const Job* job = pr->job;
+  const int64_t k = job->k, np = job->np, ne = pr->ne;
+  const float* gram = job->image_gram + (pr->p / job->c) * k * k;
+  const float* rn = job->region_norms + (pr->p / job->c) * k;
+  const vf zero = {0};
+  float total = 0;
+  int64_t words = 0;
+  for (int64_t v = 0; v < ne; v += VW) {
+    vf top = zero - INFINITY;
+    for (int64_t i = 0; i < k; i++) {
+      const int64_t at = i * np + v;
+      const vf x = (vload(pr->s1 + at) + (residual ? vload(pr->ss + at) : zero)) * lambda;
+      vstore(pr->wt + at, x);
+      top = vmax(top, x);
     }
-    score += column_weight * (total / words);
+    vf sum = zero;
+    for (int64_t i = 0; i < k; i++) {
+      const vf e = vexp(vload(pr->wt + i * np + v) - top);
+      vstore(pr->wt + i * np + v, e);
+      sum += e;
+    }
+    vf dot = zero;
+    for (int64_t i = 0; i < k; i++) {
+      const vf beta = vload(pr->wt + i * np + v) / sum;
+      vstore(pr->wt + i * np + v, beta);
+      dot += beta * vload(pr->ss + i * np + v) * rn[i];
+    }
+    vf quad = zero;
+    for (int64_t i = 0; i < k; i++) quad += vload(pr->wt + i * np + v) * weighted_rows(gram + i * k, pr->wt + v, np, k);
+    float dots[VW], quads[VW];
+    vstore(dots, dot * vload(pr->wn + v));
+    vstore(quads, quad);
+    for (int64_t l = 0; l < VW && v + l < ne; l++)
+      if (pr->m[v + l] > 0) {
+        total += cosine(dots[l], pr->wn[v + l], quads[l]);
+        words++;
+      }
+  }
+  return total / words;
+}
+
+// Eqs 7-11 for one pair from its output maps (pr->s1, pr->s2t): the pair's score.
+static float pair_score(const Pair* pr) {
+  const Job* job = pr->job;
+  const int64_t k = job->k, n = job->n, np = job->np, kp = (k + VW - 1) / VW * VW, ne = pr->ne;
+  const float lambda = job->params[0];
+  const int residual = job->params[3] != 0;
+  const float* s = job->sim + pr->p * k * n;
+  float score = 0;
+  if (job->params[4] != 0) {
+    for (int64_t i = 0; i < k; i++)
+      for (int64_t j = 0; j < ne; j++) pr->sst[j * kp + i] = s[i * n + j];
+    memcpy(pr->rnv, job->region_norms + (pr->p / job->c) * k, k * sizeof(float));
+    score += job->params[1] * row_pathway(pr, lambda, residual);
+  }
+  if (job->params[5] != 0) {
+    for (int64_t i = 0; i < k; i++) memcpy(pr->ss + i * np, s + i * n, ne * sizeof(float));
+    memcpy(pr->wn, job->word_norms + (pr->p % job->c) * n, ne * sizeof(float));
+    score += job->params[2] * column_pathway(pr, lambda, residual);
   }
   return score;
 }
+
 // Floats of a thread's scratch: a pair's three zero-haloed maps (see `Pair`) and, for RdanScores, its rows of np.
 static size_t scratch_floats(const Job* job) {
   const size_t map = (size_t)(job->k + 2 + RB - 1) * (job->n + 2);
-  const size_t rows = job->params ? (size_t)(job->o + 2) * job->k + job->n + 2 : 0;
-  return (2 * CHANNELS + 1) * map + rows * job->np;
+  const size_t kp = (job->k + VW - 1) / VW * VW;
+  const size_t scores = job->params ? (3 * job->k + 1) * job->np + (3 * job->n + 1) * kp : 0;
+  return (2 * CHANNELS + 1) * map + scores;
 }
 
 // Pairs [start, end) of the block.
@@ -361,24 +396,27 @@ static void pairs_chunk(const void* ctx, int64_t start, int64_t end, void* scrat
   float* maps = scratch;
   Pair pr = {.job = job, .width = width, .h1 = maps, .h2 = maps + CHANNELS * map, .xs = maps + 2 * CHANNELS * map};
   if (job->params) {
-    pr.om = pr.xs + map;
-    pr.ss = pr.om + job->o * k * np;
-    pr.wt = pr.ss + k * np;
-    pr.gt = pr.wt + k * np;
-    pr.wn = pr.gt + n * np;
-    pr.mv = pr.wn + np;
-    pr.out = pr.om;
-    pr.out_map = k * np;
-    pr.out_row = np;
+    const int64_t kp = (k + VW - 1) / VW * VW;
+    float** fields[] = {&pr.s1, &pr.ss, &pr.wt, &pr.wn, &pr.s2t, &pr.sst, &pr.at, &pr.rnv};
+    const int64_t sizes[] = {k * np, k * np, k * np, np, n * kp, n * kp, n * kp, kp};
+    float* next = pr.xs + map;
+    for (int a = 0; a < 8; a++) {
+      *fields[a] = next;
+      next += sizes[a];
+    }
+    pr.outs = 2;
+    pr.out[0] = pr.s1, pr.out_q[0] = 0, pr.out_rs[0] = np, pr.out_cs[0] = 1;
+    pr.out[1] = pr.s2t, pr.out_q[1] = job->o - 1, pr.out_rs[1] = 1, pr.out_cs[1] = kp;
   } else {
-    pr.out_map = job->b * job->c * k * n;
-    pr.out_row = n;
+    pr.outs = job->o;
+    for (int t = 0; t < job->o; t++) pr.out_q[t] = t, pr.out_rs[t] = n, pr.out_cs[t] = 1;
   }
   for (int64_t p = start; p < end; p++) {
     pr.p = p;
     pr.m = job->column_mask + (p % job->c) * n;
     for (pr.ne = n; pr.ne > 0 && !(pr.m[pr.ne - 1] > 0);) pr.ne--;
-    if (!job->params) pr.out = job->out + p * k * n;
+    if (!job->params)
+      for (int t = 0; t < job->o; t++) pr.out[t] = job->out + (t * job->b * job->c + p) * k * n;
     pair_maps(&pr);
     if (job->params) job->out[p] = pair_score(&pr);
   }
@@ -446,9 +484,9 @@ XLA_FFI_Error* RelationCnn(XLA_FFI_CallFrame* frame) {
   if (job == NULL) return error;
   const int64_t out_dims[] = {job->o, job->b, job->c, job->k, job->n};
   XLA_FFI_Buffer* out = ffi_ret(frame, 0);
-  if (!ffi_shape_is(out, 5, out_dims)) {
+  if (!ffi_shape_is(out, 5, out_dims) || job->o > 2) {
     free_job(job);
-    return ffi_error(frame->api, "RelationCnn: the result must be float32 [o, b, C, k, n]");
+    return ffi_error(frame->api, "RelationCnn: the result must be float32 [o, b, C, k, n], o 1 or 2");
   }
   job->out = (float*)out->data;
   return run(frame, job);
