@@ -49,11 +49,24 @@ def test_relation_cnn_avx2_build_equals_xla(avx2_build, channels):
     impl: jax.jit(lambda s, impl=impl: rdan.relation_maps(s, valid, params, use_residual=True, conv_impl=impl))
     for impl in ('auto', 'xla')
   }
-  target = kernels.relation_cnn_targets(channels)['RelationCnn']
-  assert target and list(avx2_build.glob('relation_cnn_*.so'))
-  assert target in fns['auto'].lower(sim).as_text()
+  targets = kernels.relation_cnn_targets(channels)
+  assert targets and list(avx2_build.glob('relation_cnn_*.so'))
+  assert targets['RelationCnn'] in fns['auto'].lower(sim).as_text()
   for got, want in zip(fns['auto'](sim), fns['xla'](sim)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  # The scores of eqs 7-11 (RdanScores): 8-float vectors over words and over regions.
+  image = rdan.prepare_items(jnp.asarray(rng.normal(size=(b, k, 16)), jnp.float32))
+  text = rdan.prepare_items(jnp.asarray(rng.normal(size=(c, n, 16)), jnp.float32), valid)
+  scores = {}
+  for impl in ('auto', 'xla'):
+    head = jax.jit(
+      lambda i, t, impl=impl: rdan.rdan_block_scores(
+        i, t, params, lambda_=4.0, mu=0.2, use_residual=True, conv_impl=impl
+      )
+    )
+    assert (targets['RdanScores'] in head.lower(image, text).as_text()) == (impl == 'auto')
+    scores[impl] = head(image, text)
+  np.testing.assert_allclose(scores['auto'], scores['xla'], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('head_dim', [8, 16])
