@@ -47,7 +47,11 @@ def test_main_job_names_existing_config_and_default_dataset():
 @pytest.mark.parametrize(
   'folder,names',
   [
-    ('perf_results', ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k', 'glfn_f30k', 'daer_wikipedia')),
+    (
+      'perf_results/intel_xeon',
+      ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k', 'glfn_f30k', 'daer_wikipedia', 'rdan_shapes'),
+    ),
+    ('perf_results/intel_xeon_2026-12-04', ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k', 'glfn_f30k', 'daer_wikipedia')),
     (
       'perf_results/amd_epyc',
       ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k', 'glfn_f30k', 'daer_wikipedia', 'rdan_shapes'),

@@ -95,13 +95,6 @@ static inline vf relu(vf v) {
 // mask ? a : b per lane; mask lanes are all ones or zero, as comparisons give.
 static inline vf vselect(vmask mask, vf a, vf b) { return (vf)(((vmask)a & mask) | ((vmask)b & ~mask)); }
 static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
-static inline float hmax(vf v) {
-  float t[VW];
-  memcpy(t, &v, sizeof t);
-  float m = t[0];
-  for (int i = 1; i < VW; i++) m = t[i] > m ? t[i] : m;
-  return m;
-}
 DEFINE_VEXP(vexp, vf, vmask)
 
 // One call's inputs and output.
@@ -466,7 +459,9 @@ static Job* shared_job(XLA_FFI_CallFrame* frame, XLA_FFI_Error** error) {
 
 static XLA_FFI_Error* run(XLA_FFI_CallFrame* frame, Job* job) {
   const int64_t pairs = job->b * job->c;
-  if (pairs * job->k * job->n == 0) {
+  if (pairs * job->k * job->n == 0) {  // no region or word: scores are means over nothing, as on XLA
+    if (job->params)
+      for (int64_t p = 0; p < pairs; p++) job->out[p] = NAN;
     free_job(job);
     return NULL;
   }
