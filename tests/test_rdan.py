@@ -292,7 +292,7 @@ def test_compiled_kernel_equals_xla_path_in_values_and_gradients():
 
 
 @needs_compiler
-@pytest.mark.parametrize('channels', [8, 16])
+@pytest.mark.parametrize('channels', [8, 16, 64])  # 64: output channels in groups with AVX-512
 def test_compiled_kernel_skips_trailing_padding_and_keeps_holes(channels):
   # The kernel computes each pair's maps up to its caption's last real word; masks with padding between real words,
   # an all-padding caption row and full-length captions must still give XLA's maps and scores.

@@ -45,13 +45,18 @@
 #define VW CHANNELS
 #endif
 #define NV (CHANNELS / VW)
+// Output channels are accumulated in groups of NVG vectors (all of them up to two vectors): with eight-float
+// vectors at 32 channels, four vectors a position would leave registers for two positions a block; two-vector
+// groups hold six, and each group re-reads the (cached) inputs.
+#define NVG (NV > 2 ? 2 : NV)
+#define NG (NV / NVG)
 // Rows of output positions accumulated at once: two when a position's channels are one vector (each weight load
 // then feeds twice as many FMAs), else one.
 #define RB (NV == 1 ? 2 : 1)
-// The most output positions of a row accumulated at once: RB * JBMAX * NV accumulators, NV weight vectors and a
+// The most output positions of a row accumulated at once: RB * JBMAX * NVG accumulators, NVG weight vectors and a
 // broadcast input stay in the registers. A row of n positions is cut into the fewest blocks of at most JBMAX, of
 // sizes as equal as possible (n = 20: two of 10), so no block computes padding.
-#define JB_FIT ((REGS - NV - 2) / (NV * RB))
+#define JB_FIT ((REGS - NVG - 2) / (NVG * RB))
 #define JBMAX (JB_FIT > 16 ? 16 : (JB_FIT < 1 ? 1 : JB_FIT))
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -110,18 +115,19 @@ typedef struct {
 #define CHUNK 8
 #define EPS 1e-8f  // rdan._EPS, the cosine clamp
 
-// acc[r][jj] += sum over taps t and input channels ci of rows[r][t][jj * c + ci] * w[t][ci, :], for RB rows of jb
-// output positions each (`rows[r][t]` is row r's input row for tap t, already shifted to the tap's column). jb is a
+// acc[r][jj] += sum over taps t and input channels ci of rows[r][t][jj * c + ci] * w[t][ci, group], for RB rows of jb
+// output positions each (w points at the group's first output channel) (`rows[r][t]` is row r's input row for tap t, already shifted to the tap's column). jb is a
 // constant at every call (see `row_block`), so the accumulators are registers.
-static ALWAYS_INLINE void accumulate(vf acc[RB][JBMAX][NV], const float* rows[RB][9], int taps, int jb, const float* w) {
+static ALWAYS_INLINE void accumulate(vf acc[RB][JBMAX][NVG], const float* rows[RB][9], int taps, int jb,
+                                     const float* w) {
   for (int t = 0; t < taps; t++)
     for (int ci = 0; ci < CHANNELS; ci++) {
-      vf wv[NV];
-      for (int v = 0; v < NV; v++) wv[v] = vload(w + (t * CHANNELS + ci) * CHANNELS + v * VW);
+      vf wv[NVG];
+      for (int v = 0; v < NVG; v++) wv[v] = vload(w + (t * CHANNELS + ci) * CHANNELS + v * VW);
       for (int r = 0; r < RB; r++)
         for (int jj = 0; jj < jb; jj++) {
           const float x = rows[r][t][jj * CHANNELS + ci];
-          for (int v = 0; v < NV; v++) acc[r][jj][v] += x * wv[v];
+          for (int v = 0; v < NVG; v++) acc[r][jj][v] += x * wv[v];
         }
     }
 }
@@ -153,10 +159,6 @@ static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0,
   const Job* job = pr->job;
   const int64_t k = job->k, width = pr->width;
   const float* bias = taps == 3 ? job->b2 : job->b3;
-  vf acc[RB][JBMAX][NV];
-  for (int r = 0; r < RB; r++)
-    for (int jj = 0; jj < jb; jj++)
-      for (int v = 0; v < NV; v++) acc[r][jj][v] = vload(bias + v * VW);
   const float* rows[RB][9];
   for (int r = 0; r < RB; r++)
     for (int a = 0; a < taps / 3; a++)
@@ -164,21 +166,35 @@ static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0,
         const int64_t row = taps == 3 ? i + r + 1 : i + r + a;  // the 1x3 layer reads only its own row
         rows[r][a * 3 + t] = (taps == 3 ? pr->h1 : pr->h2) + (row * width + j0 + t) * CHANNELS;
       }
-  accumulate(acc, rows, taps, jb, taps == 3 ? job->w2 : job->w3);
+  float dots[RB][JBMAX][2] = {{{0}}};  // the output layer's channel sums, over the groups
+  for (int g = 0; g < NG; g++) {
+    const int64_t first = g * NVG * VW;  // the group's first channel
+    vf acc[RB][JBMAX][NVG];
+    for (int r = 0; r < RB; r++)
+      for (int jj = 0; jj < jb; jj++)
+        for (int v = 0; v < NVG; v++) acc[r][jj][v] = vload(bias + first + v * VW);
+    accumulate(acc, rows, taps, jb, (taps == 3 ? job->w2 : job->w3) + first);
+    for (int r = 0; r < RB && i + r < k; r++)
+      for (int jj = 0; jj < jb; jj++) {
+        const float mask = pr->m[j0 + jj];
+        if (taps == 3) {
+          float* h2 = pr->h2 + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + first;
+          for (int v = 0; v < NVG; v++) vstore(h2 + v * VW, relu(acc[r][jj][v]) * mask);
+          continue;
+        }
+        for (int64_t q = 0; q < job->o; q++) {
+          vf sum = {0};
+          for (int v = 0; v < NVG; v++) sum += relu(acc[r][jj][v]) * vload(job->wo_t + q * CHANNELS + first + v * VW);
+          dots[r][jj][q] += hsum(sum);
+        }
+      }
+  }
+  if (taps == 3) return;
   for (int r = 0; r < RB && i + r < k; r++)
     for (int jj = 0; jj < jb; jj++) {
       const float mask = pr->m[j0 + jj];
-      if (taps == 3) {
-        for (int v = 0; v < NV; v++)
-          vstore(pr->h2 + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + v * VW, relu(acc[r][jj][v]) * mask);
-        continue;
-      }
       float values[2];
-      for (int64_t q = 0; q < job->o; q++) {
-        vf sum = {0};
-        for (int v = 0; v < NV; v++) sum += relu(acc[r][jj][v]) * vload(job->wo_t + q * CHANNELS + v * VW);
-        values[q] = job->bo[q] + hsum(sum) * mask;
-      }
+      for (int64_t q = 0; q < job->o; q++) values[q] = job->bo[q] + dots[r][jj][q] * mask;
       for (int t = 0; t < pr->outs; t++)
         pr->out[t][(i + r) * pr->out_rs[t] + (j0 + jj) * pr->out_cs[t]] = values[pr->out_q[t]];
     }
