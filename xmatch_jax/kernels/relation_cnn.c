@@ -275,43 +275,55 @@ static inline float cosine(float dot, float norm_a, float sq_norm_b) {
   return dot / (norm > EPS ? norm : EPS);
 }
 
+// The attention terms of one block of VW lanes, shared by both pathways: over `count` rows r (rows of a map at
+// stride `stride`, row r skipped, weight 0, where `real` is given and real[r] is not > 0), w_r = softmax over the
+// rows of lambda (map_r + residual * S_r) (written to `weights`); dot = sum_r w_r S_r scale[r] and quad = sum_r w_r
+// sum_r' gram[r, r'] w_r' (gram rows at stride gram_stride), each lane on its own.
+static void attention_terms(const float* map, const float* sim, float* weights, int64_t stride, int64_t count,
+                            const float* real, const float* scale, const float* gram, int64_t gram_stride,
+                            float lambda, int residual, vf* dot, vf* quad) {
+  const vf zero = {0};
+  vf top = zero - INFINITY;
+  for (int64_t r = 0; r < count; r++) {
+    if (real && !(real[r] > 0)) {
+      vstore(weights + r * stride, zero);
+      continue;
+    }
+    const vf x = (vload(map + r * stride) + (residual ? vload(sim + r * stride) : zero)) * lambda;
+    vstore(weights + r * stride, x);
+    top = vmax(top, x);
+  }
+  vf sum = zero;
+  for (int64_t r = 0; r < count; r++)
+    if (!real || real[r] > 0) {
+      const vf e = vexp(vload(weights + r * stride) - top);
+      vstore(weights + r * stride, e);
+      sum += e;
+    }
+  *dot = zero;
+  for (int64_t r = 0; r < count; r++) {
+    const vf w = vload(weights + r * stride) / sum;
+    vstore(weights + r * stride, w);
+    *dot += w * vload(sim + r * stride) * scale[r];
+  }
+  *quad = zero;
+  for (int64_t r = 0; r < count; r++)
+    *quad += vload(weights + r * stride) * weighted_rows(gram + r * gram_stride, weights, stride, count);
+}
+
 // Row-wise pathway, eq 8, lanes = regions i: alpha_i = softmax over the real words j of lambda S^2_ij; R_r(i) =
 // cos(v_i, a_i) with v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T G_txt alpha_i. Returns the
 // mean of R_r over the regions.
 static float row_pathway(const Pair* pr, float lambda, int residual) {
   const Job* job = pr->job;
-  const int64_t k = job->k, n = job->n, kp = (k + VW - 1) / VW * VW, ne = pr->ne;
+  const int64_t k = job->k, n = job->n, kp = (k + VW - 1) / VW * VW;
   const float* gram = job->text_gram + (pr->p % job->c) * n * n;
   const float* wn = job->word_norms + (pr->p % job->c) * n;
-  const vf zero = {0};
   float total = 0;
   for (int64_t u = 0; u < kp; u += VW) {
-    vf top = zero - INFINITY;
-    for (int64_t j = 0; j < ne; j++) {
-      if (!(pr->m[j] > 0)) {  // not a word: alpha_ij = 0
-        vstore(pr->at + j * kp + u, zero);
-        continue;
-      }
-      const vf x = (vload(pr->s2t + j * kp + u) + (residual ? vload(pr->sst + j * kp + u) : zero)) * lambda;
-      vstore(pr->at + j * kp + u, x);
-      top = vmax(top, x);
-    }
-    vf sum = zero;
-    for (int64_t j = 0; j < ne; j++)
-      if (pr->m[j] > 0) {
-        const vf e = vexp(vload(pr->at + j * kp + u) - top);
-        vstore(pr->at + j * kp + u, e);
-        sum += e;
-      }
-    vf dot = zero;
-    for (int64_t j = 0; j < ne; j++) {
-      const vf alpha = vload(pr->at + j * kp + u) / sum;
-      vstore(pr->at + j * kp + u, alpha);
-      dot += alpha * vload(pr->sst + j * kp + u) * wn[j];
-    }
-    vf quad = zero;
-    for (int64_t j = 0; j < ne; j++)
-      quad += vload(pr->at + j * kp + u) * weighted_rows(gram + j * n, pr->at + u, kp, ne);
+    vf dot, quad;
+    attention_terms(pr->s2t + u, pr->sst + u, pr->at + u, kp, pr->ne, pr->m, wn, gram, n, lambda, residual, &dot,
+                    &quad);
     const vf rn = vload(pr->rnv + u);
     float dots[VW], quads[VW], norms[VW];
     vstore(dots, rn * dot);
@@ -330,31 +342,11 @@ static float column_pathway(const Pair* pr, float lambda, int residual) {
   const int64_t k = job->k, np = job->np, ne = pr->ne;
   const float* gram = job->image_gram + (pr->p / job->c) * k * k;
   const float* rn = job->region_norms + (pr->p / job->c) * k;
-  const vf zero = {0};
   float total = 0;
   int64_t words = 0;
   for (int64_t v = 0; v < ne; v += VW) {
-    vf top = zero - INFINITY;
-    for (int64_t i = 0; i < k; i++) {
-      const int64_t at = i * np + v;
-      const vf x = (vload(pr->s1 + at) + (residual ? vload(pr->ss + at) : zero)) * lambda;
-      vstore(pr->wt + at, x);
-      top = vmax(top, x);
-    }
-    vf sum = zero;
-    for (int64_t i = 0; i < k; i++) {
-      const vf e = vexp(vload(pr->wt + i * np + v) - top);
-      vstore(pr->wt + i * np + v, e);
-      sum += e;
-    }
-    vf dot = zero;
-    for (int64_t i = 0; i < k; i++) {
-      const vf beta = vload(pr->wt + i * np + v) / sum;
-      vstore(pr->wt + i * np + v, beta);
-      dot += beta * vload(pr->ss + i * np + v) * rn[i];
-    }
-    vf quad = zero;
-    for (int64_t i = 0; i < k; i++) quad += vload(pr->wt + i * np + v) * weighted_rows(gram + i * k, pr->wt + v, np, k);
+    vf dot, quad;
+    attention_terms(pr->s1 + v, pr->ss + v, pr->wt + v, np, k, NULL, rn, gram, k, lambda, residual, &dot, &quad);
     float dots[VW], quads[VW];
     vstore(dots, dot * vload(pr->wn + v));
     vstore(quads, quad);
