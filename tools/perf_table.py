@@ -1,13 +1,13 @@
 """The README's performance table, generated from `tools/benchmark.py --json` results.
 
-  python tools/perf_table.py tools/perf_results/scan_t2i_f30k.json tools/perf_results/rdan_f30k.json \
-      tools/perf_results/mmca_f30k.json
+  python tools/perf_table.py tools/perf_results/intel_xeon/scan_t2i_f30k.json \
+      tools/perf_results/intel_xeon/rdan_f30k.json tools/perf_results/intel_xeon/mmca_f30k.json
 
 Prints a Markdown table (pairs/s, achieved GFLOP/s and % of the matmul rate measured in the same run, speed-up over
 the PyTorch implementation, training step time and batch, peak host memory) and the command of every row. FLOPs
 are the padded count (tools/benchmark.py); for RDAN's compiled kernel, which skips padded words, the share of the
 matmul rate at the captions' real lengths follows.
-tests/test_readme.py checks that README.md holds exactly this output for the files in tools/perf_results.
+tests/test_readme.py checks that README.md holds exactly this output for the folders of tools/perf_results.
 """
 
 import json
