@@ -105,7 +105,7 @@ DEFINE_VEXP(vexp, vf, vmask)
 // One call's inputs and output.
 typedef struct {
   int64_t b, c, k, n, o;
-  int64_t np;  // n rounded up to whole vectors: the row stride of the score pathways' maps
+  int64_t np, kp;  // n and k rounded up to whole vectors: the row strides of the score pathways' maps
   const float *sim, *column_mask, *w1, *b1, *w2, *b2, *w3, *b3, *wo, *bo;
   const float *region_norms, *word_norms, *image_gram, *text_gram, *params;  // RdanScores only (else NULL)
   float* wo_t;  // wo transposed, [o, c]
@@ -316,7 +316,7 @@ static void attention_terms(const float* map, const float* sim, float* weights, 
 // mean of R_r over the regions.
 static float row_pathway(const Pair* pr, float lambda, int residual) {
   const Job* job = pr->job;
-  const int64_t k = job->k, n = job->n, kp = (k + VW - 1) / VW * VW;
+  const int64_t k = job->k, n = job->n, kp = job->kp;
   const float* gram = job->text_gram + (pr->p % job->c) * n * n;
   const float* wn = job->word_norms + (pr->p % job->c) * n;
   float total = 0;
@@ -362,7 +362,7 @@ static float column_pathway(const Pair* pr, float lambda, int residual) {
 // Eqs 7-11 for one pair from its output maps (pr->s1, pr->s2t): the pair's score.
 static float pair_score(const Pair* pr) {
   const Job* job = pr->job;
-  const int64_t k = job->k, n = job->n, np = job->np, kp = (k + VW - 1) / VW * VW, ne = pr->ne;
+  const int64_t k = job->k, n = job->n, np = job->np, kp = job->kp, ne = pr->ne;
   const float lambda = job->params[0];
   const int residual = job->params[3] != 0;
   const float* s = job->sim + pr->p * k * n;
@@ -384,8 +384,7 @@ static float pair_score(const Pair* pr) {
 // Floats of a thread's scratch: a pair's three zero-haloed maps (see `Pair`) and, for RdanScores, its rows of np.
 static size_t scratch_floats(const Job* job) {
   const size_t map = (size_t)(job->k + 2 + RB - 1) * (job->n + 2);
-  const size_t kp = (job->k + VW - 1) / VW * VW;
-  const size_t scores = job->params ? (3 * job->k + 1) * job->np + (3 * job->n + 1) * kp : 0;
+  const size_t scores = job->params ? (3 * job->k + 1) * job->np + (3 * job->n + 1) * job->kp : 0;
   return (2 * CHANNELS + 1) * map + scores;
 }
 
@@ -397,7 +396,7 @@ static void pairs_chunk(const void* ctx, int64_t start, int64_t end, void* scrat
   float* maps = scratch;
   Pair pr = {.job = job, .width = width, .h1 = maps, .h2 = maps + CHANNELS * map, .xs = maps + 2 * CHANNELS * map};
   if (job->params) {
-    const int64_t kp = (k + VW - 1) / VW * VW;
+    const int64_t kp = job->kp;
     float** fields[] = {&pr.s1, &pr.ss, &pr.wt, &pr.wn, &pr.s2t, &pr.sst, &pr.at, &pr.rnv};
     const int64_t sizes[] = {k * np, k * np, k * np, np, n * kp, n * kp, n * kp, kp};
     float* next = pr.xs + map;
@@ -455,7 +454,8 @@ static Job* shared_job(XLA_FFI_CallFrame* frame, XLA_FFI_Error** error) {
     *error = ffi_error(frame->api, "relation_cnn: out of memory");
     return NULL;
   }
-  *job = (Job){.b = b, .c = c, .k = k, .n = n, .o = o, .np = (n + VW - 1) / VW * VW, .wo_t = wo_t};
+  *job = (Job){.b = b, .c = c, .k = k, .n = n, .o = o, .np = (n + VW - 1) / VW * VW, .kp = (k + VW - 1) / VW * VW,
+                   .wo_t = wo_t};
   const float** inputs[] = {&job->sim, &job->column_mask, &job->w1, &job->b1, &job->w2,
                             &job->b2,  &job->w3,          &job->b3, &job->wo, &job->bo};
   for (int i = 0; i < 10; i++) *inputs[i] = (const float*)ffi_arg(frame, i)->data;
