@@ -114,12 +114,12 @@ def _target(source: str, define: str, value: int, largest: int, handlers: tuple)
 @functools.cache
 def relation_cnn_targets(channels: int) -> Optional[dict]:
   """FFI target names of RDAN's relation CNN kernel for `channels`: {'RelationCnn': the maps, 'RdanScores': the
-  pair scores of eqs 7-11 from them}, or None when it is not available.
+  pair scores of eqs 7-11 from them, 'RelationCnnGrad': the maps' backward pass}, or None when it is not available.
 
   Available for a power-of-two channel count from 4 to 128 on a machine with a C compiler, unless
   XMATCH_KERNELS=0. A failed build is logged once (warning) and the caller falls back to XLA.
   """
-  return _target('relation_cnn.c', 'CHANNELS', channels, 128, ('RelationCnn', 'RdanScores'))
+  return _target('relation_cnn.c', 'CHANNELS', channels, 128, ('RelationCnn', 'RdanScores', 'RelationCnnGrad'))
 
 
 @functools.cache

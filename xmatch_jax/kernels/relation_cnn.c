@@ -1,4 +1,4 @@
-// RDAN's relation CNN (eq 6) over a block of pair maps, forward only: XLA FFI handlers for the CPU.
+// RDAN's relation CNN (eq 6) over a block of pair maps, forward and backward: XLA FFI handlers for the CPU.
 //
 // Compiled on first use by xmatch_jax/kernels/__init__.py with -DCHANNELS=<c> (a power of two): a
 // position's channels are CHANNELS / VW native vectors, so each multiply-add of a 3x1, 1x3 or 3x3 tap is
@@ -16,6 +16,11 @@
 // the ten above, then region_norms [b, k], word_norms [C, n], image_gram [b, k, k], text_gram [C, n, n] and
 // params [6] = (lambda, 1 - mu, mu, use_residual, row pathway on, column pathway on). Result: scores [b, C], as
 // rdan._dual_scores computes them.
+//
+// RelationCnnGrad: the backward pass of RelationCnn. Arguments: the ten above, then g [o, b, C, k, n] (the cotangent
+// of its result). Results: dsim [b, C, k, n] and dw [ceil(b C / CHUNK), grad_size(o)], one row of weight-gradient
+// sums per chunk of CHUNK pairs (a fixed split, so the sum over the rows does not depend on the threads). Each
+// thread recomputes a pair's maps in its scratch and backpropagates them there.
 #include <math.h>
 
 #include "ffi_pool.h"
@@ -110,6 +115,11 @@ typedef struct {
   const float *region_norms, *word_norms, *image_gram, *text_gram, *params;  // RdanScores only (else NULL)
   float* wo_t;  // wo transposed, [o, c]
   float* out;   // RelationCnn: the maps [o, b, C, k, n]; RdanScores: the scores [b, C]
+  // RelationCnnGrad only (else NULL): the maps' cotangent g [o, b, C, k, n]; the results dsim [b, C, k, n] and dw, a
+  // row of weight-gradient sums per chunk of pairs [chunks, GRAD_SIZE]; w2 and w3 flipped, in and out swapped (the
+  // transposed convolutions' kernels).
+  const float* g;
+  float *dsim, *dw, *w2b, *w3b;
 } Job;
 
 #define CHUNK 8
@@ -140,6 +150,8 @@ typedef struct {
   const float* m;  // the pair's column mask [n]
   int64_t ne;      // columns up to the last real word: the maps are computed there, the rest is padding
   float *xs, *h1, *h2;
+  float *h3, *ga3, *ga2, *ga1;  // RelationCnnGrad: the 3x3 layer's output and the cotangents of the layers' inputs
+  // to their ReLUs, zero-haloed as h1 and h2 (h3 NULL otherwise: the 3x3 layer then feeds the output layer)
   // Where the output layer writes: map out_q[t]'s value at (i, j) goes to out[t][i * out_rs[t] + j * out_cs[t]] for
   // each of the `outs` targets (RelationCnn: the result's maps; RdanScores: s1 and s2t below).
   int outs;
@@ -177,9 +189,9 @@ static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0,
     for (int r = 0; r < RB && i + r < k; r++)
       for (int jj = 0; jj < jb; jj++) {
         const float mask = pr->m[j0 + jj];
-        if (taps == 3) {
-          float* h2 = pr->h2 + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + first;
-          for (int v = 0; v < NVG; v++) vstore(h2 + v * VW, relu(acc[r][jj][v]) * mask);
+        if (taps == 3 || pr->h3) {
+          float* h = (taps == 3 ? pr->h2 : pr->h3) + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + first;
+          for (int v = 0; v < NVG; v++) vstore(h + v * VW, relu(acc[r][jj][v]) * mask);
           continue;
         }
         for (int64_t q = 0; q < job->o; q++) {
@@ -189,7 +201,7 @@ static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0,
         }
       }
   }
-  if (taps == 3) return;
+  if (taps == 3 || pr->h3) return;
   for (int r = 0; r < RB && i + r < k; r++)
     for (int jj = 0; jj < jb; jj++) {
       const float mask = pr->m[j0 + jj];
@@ -200,30 +212,63 @@ static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0,
     }
 }
 
-// `block` with jb as a constant: one specialisation per block width.
-#define BLOCK_CASE(w) \
-  case w:             \
-    block(pr, taps, i, j0, w <= JBMAX ? w : JBMAX); \
-    break;
-static void row_block(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t jb) {
-  switch (jb) {
-    BLOCK_CASE(1) BLOCK_CASE(2) BLOCK_CASE(3) BLOCK_CASE(4) BLOCK_CASE(5) BLOCK_CASE(6) BLOCK_CASE(7) BLOCK_CASE(8)
-    BLOCK_CASE(9) BLOCK_CASE(10) BLOCK_CASE(11) BLOCK_CASE(12) BLOCK_CASE(13) BLOCK_CASE(14) BLOCK_CASE(15)
-    BLOCK_CASE(16)
-    default:
-      abort();  // jb <= JBMAX <= 16
+// The transposed convolution of a layer (RelationCnnGrad), one block as `block`: the cotangent of the layer's input
+// at RB rows x jb positions, through the ReLU below it. For the 3x3 layer (`taps` 9), ga2 = (ga3 convolved with w3
+// flipped, in and out swapped) * (h2 > 0); for the 1x3 layer (`taps` 3), ga1 from ga2, w2 and h1 the same way.
+static ALWAYS_INLINE void back_block(const Pair* pr, int taps, int64_t i, int64_t j0, int jb) {
+  const Job* job = pr->job;
+  const int64_t k = job->k, width = pr->width;
+  const float* ga = taps == 3 ? pr->ga2 : pr->ga3;
+  const float* h = taps == 3 ? pr->h1 : pr->h2;
+  float* out = taps == 3 ? pr->ga1 : pr->ga2;
+  const float* rows[RB][9];
+  for (int r = 0; r < RB; r++)
+    for (int a = 0; a < taps / 3; a++)
+      for (int t = 0; t < 3; t++) {
+        const int64_t row = taps == 3 ? i + r + 1 : i + r + a;
+        rows[r][a * 3 + t] = ga + (row * width + j0 + t) * CHANNELS;
+      }
+  for (int g = 0; g < NG; g++) {
+    const int64_t first = g * NVG * VW;
+    vf acc[RB][JBMAX][NVG] = {{{{0}}}};
+    accumulate(acc, rows, taps, jb, (taps == 3 ? job->w2b : job->w3b) + first);
+    const vf zero = {0};
+    for (int r = 0; r < RB && i + r < k; r++)
+      for (int jj = 0; jj < jb; jj++) {
+        const int64_t at = ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + first;
+        for (int v = 0; v < NVG; v++) vstore(out + at + v * VW, vselect(vload(h + at + v * VW) > zero, acc[r][jj][v], zero));
+      }
   }
 }
 
-// A 1x3 or 3x3 layer over the map's first ne columns: blocks of RB rows x the row's column blocks.
-static void layer(const Pair* pr, int taps) {
+// `block` and `back_block` with jb as a constant: one specialisation per block width.
+#define BLOCK_CASE(fn, w) \
+  case w:                 \
+    fn(pr, taps, i, j0, w <= JBMAX ? w : JBMAX); \
+    break;
+#define BLOCK_SWITCH(fn)                                                                                         \
+  switch (jb) {                                                                                                  \
+    BLOCK_CASE(fn, 1) BLOCK_CASE(fn, 2) BLOCK_CASE(fn, 3) BLOCK_CASE(fn, 4) BLOCK_CASE(fn, 5) BLOCK_CASE(fn, 6) \
+    BLOCK_CASE(fn, 7) BLOCK_CASE(fn, 8) BLOCK_CASE(fn, 9) BLOCK_CASE(fn, 10) BLOCK_CASE(fn, 11)                  \
+    BLOCK_CASE(fn, 12) BLOCK_CASE(fn, 13) BLOCK_CASE(fn, 14) BLOCK_CASE(fn, 15) BLOCK_CASE(fn, 16)               \
+    default:                                                                                                     \
+      abort(); /* jb <= JBMAX <= 16 */                                                                           \
+  }
+static void row_block(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t jb) { BLOCK_SWITCH(block) }
+static void back_row_block(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t jb) { BLOCK_SWITCH(back_block) }
+
+typedef void (*block_fn)(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t jb);
+
+// A 1x3 or 3x3 layer (`row_block`) or its transposed convolution (`back_row_block`) over the map's first ne columns:
+// blocks of RB rows x the row's column blocks.
+static void layer(const Pair* pr, int taps, block_fn fn) {
   const int64_t k = pr->job->k, n = pr->ne;
   if (n == 0) return;
   const int64_t blocks = (n + JBMAX - 1) / JBMAX, base = n / blocks, wider = n % blocks;
   for (int64_t i = 0; i < k; i += RB)
     for (int64_t blk = 0, j0 = 0; blk < blocks; blk++) {
       const int64_t jb = base + (blk < wider);
-      row_block(pr, taps, i, j0, jb);
+      fn(pr, taps, i, j0, jb);
       j0 += jb;
     }
 }
@@ -251,8 +296,8 @@ static void pair_maps(const Pair* pr) {
         for (int a = 0; a < 3; a++) acc += pr->xs[(i + a) * width + j + 1] * vload(job->w1 + a * CHANNELS + v * VW);
         vstore(pr->h1 + ((i + 1) * width + j + 1) * CHANNELS + v * VW, relu(acc) * m[j]);
       }
-  layer(pr, 3);  // 1x3, c -> c
-  layer(pr, 9);  // 3x3, c -> c, and the 1x1 output layer
+  layer(pr, 3, row_block);  // 1x3, c -> c
+  layer(pr, 9, row_block);  // 3x3, c -> c, and the 1x1 output layer (or h3)
   for (int t = 0; t < pr->outs; t++)
     for (int64_t i = 0; i < k; i++)
       for (int64_t j = ne; j < n; j++) pr->out[t][i * pr->out_rs[t] + j * pr->out_cs[t]] = job->bo[pr->out_q[t]];
@@ -381,6 +426,146 @@ static float pair_score(const Pair* pr) {
   return score;
 }
 
+// Floats in a row of RelationCnnGrad's dw: the gradients of w1, b1, w2, b2, w3, b3, wo and bo, in that order, each in
+// its argument's layout.
+static int64_t grad_size(int64_t o) {
+  const int64_t c = CHANNELS;
+  return 3 * c + c + 3 * c * c + c + 9 * c * c + c + c * o + o;
+}
+
+// Input channels whose weight-gradient accumulators (NV vectors each) stay in registers in `weight_grad`.
+#define CB_FIT ((REGS - NV - 2) / NV)
+#define CB (CB_FIT >= CHANNELS ? CHANNELS : CB_FIT >= 16 ? 16 : CB_FIT >= 8 ? 8 : CB_FIT >= 4 ? 4 : CB_FIT >= 2 ? 2 : 1)
+
+// A kh x kw layer's kernel gradient: dw[t][ci][co] += the sum over the pair's positions (i, j), j < ne, of
+// in[(i, j) moved by tap t][ci] * ga[(i, j)][co] (in and ga zero-haloed maps of c channels).
+static void weight_grad(const Pair* pr, const float* in, const float* ga, int kh, int kw, float* dw) {
+  const int64_t k = pr->job->k, ne = pr->ne, width = pr->width;
+  for (int a = 0; a < kh; a++)
+    for (int b = 0; b < kw; b++)
+      for (int ci0 = 0; ci0 < CHANNELS; ci0 += CB) {
+        float* d = dw + ((a * kw + b) * CHANNELS + ci0) * CHANNELS;
+        vf acc[CB][NV];
+        for (int cb = 0; cb < CB; cb++)
+          for (int v = 0; v < NV; v++) acc[cb][v] = vload(d + cb * CHANNELS + v * VW);
+        for (int64_t i = 0; i < k; i++)
+          for (int64_t j = 0; j < ne; j++) {
+            const float* x = in + ((i + a + 1 - kh / 2) * width + j + b + 1 - kw / 2) * CHANNELS + ci0;
+            const float* gp = ga + ((i + 1) * width + j + 1) * CHANNELS;
+            vf gv[NV];
+            for (int v = 0; v < NV; v++) gv[v] = vload(gp + v * VW);
+            for (int cb = 0; cb < CB; cb++)
+              for (int v = 0; v < NV; v++) acc[cb][v] += x[cb] * gv[v];
+          }
+        for (int cb = 0; cb < CB; cb++)
+          for (int v = 0; v < NV; v++) vstore(d + cb * CHANNELS + v * VW, acc[cb][v]);
+      }
+}
+
+// db += the sum of the map's channel vectors over the pair's first ne columns.
+static void bias_grad(const Pair* pr, const float* ga, float* db) {
+  const int64_t k = pr->job->k, ne = pr->ne, width = pr->width;
+  for (int v = 0; v < NV; v++) {
+    vf sum = vload(db + v * VW);
+    for (int64_t i = 0; i < k; i++)
+      for (int64_t j = 0; j < ne; j++) sum += vload(ga + ((i + 1) * width + j + 1) * CHANNELS + v * VW);
+    vstore(db + v * VW, sum);
+  }
+}
+
+// The backward pass of one pair's maps (RelationCnnGrad): adds its weight gradients to dw (a row of grad_size(o))
+// and writes its dsim. The forward maps are recomputed into the thread's scratch (h3 kept), then each layer's
+// cotangent is the transposed convolution of the one above through the ReLU and mask (both in `h > 0`: masked
+// positions are zero). Padded columns past ne get no gradient but the output bias's.
+static void pair_grad(const Pair* pr, float* dw) {
+  const Job* job = pr->job;
+  const int64_t k = job->k, n = job->n, ne = pr->ne, width = pr->width, o = job->o, c = CHANNELS;
+  float *dw1 = dw, *db1 = dw1 + 3 * c, *dw2 = db1 + c, *db2 = dw2 + 3 * c * c, *dw3 = db2 + c, *db3 = dw3 + 9 * c * c;
+  float *dwo = db3 + c, *dbo = dwo + c * o;
+  pair_maps(pr);
+  const float* g[2];
+  for (int64_t q = 0; q < o; q++) {
+    g[q] = job->g + (q * job->b * job->c + pr->p) * k * n;
+    for (int64_t x = 0; x < k * n; x++) dbo[q] += g[q][x];
+  }
+  if (ne < n)
+    for (int64_t i = 1; i <= k; i++) {
+      memset(pr->ga3 + (i * width + ne + 1) * c, 0, c * sizeof(float));
+      memset(pr->ga2 + (i * width + ne + 1) * c, 0, c * sizeof(float));
+    }
+  // The 1x1 output layer, then the 3x3 layer's ReLU: ga3 = (wo g) * (h3 > 0), dwo += h3 g.
+  const vf zero = {0};
+  vf gwo[2][NV];
+  for (int64_t q = 0; q < o; q++)
+    for (int v = 0; v < NV; v++) gwo[q][v] = zero;
+  for (int64_t i = 0; i < k; i++)
+    for (int64_t j = 0; j < ne; j++) {
+      const int64_t at = ((i + 1) * width + j + 1) * c;
+      for (int v = 0; v < NV; v++) {
+        const vf h = vload(pr->h3 + at + v * VW);
+        vf gh = zero;
+        for (int64_t q = 0; q < o; q++) {
+          const float gq = g[q][i * n + j];
+          gh += gq * vload(job->wo_t + q * c + v * VW);
+          gwo[q][v] += gq * h;
+        }
+        vstore(pr->ga3 + at + v * VW, vselect(h > zero, gh, zero));
+      }
+    }
+  for (int64_t q = 0; q < o; q++) {
+    float sums[CHANNELS];
+    for (int v = 0; v < NV; v++) vstore(sums + v * VW, gwo[q][v]);
+    for (int64_t ci = 0; ci < c; ci++) dwo[ci * o + q] += sums[ci];
+  }
+  bias_grad(pr, pr->ga3, db3);
+  weight_grad(pr, pr->h2, pr->ga3, 3, 3, dw3);
+  layer(pr, 9, back_row_block);  // ga2
+  bias_grad(pr, pr->ga2, db2);
+  weight_grad(pr, pr->h1, pr->ga2, 1, 3, dw2);
+  layer(pr, 3, back_row_block);  // ga1
+  bias_grad(pr, pr->ga1, db1);
+  // The 3x1 layer over S (one input channel): dw1[a] += S moved by a - 1 times ga1, and dsim = m * (the sum over a
+  // of w1[2 - a] . ga1 moved by a - 1).
+  float* ds = job->dsim + pr->p * k * n;
+  vf gw1[3][NV];
+  for (int a = 0; a < 3; a++)
+    for (int v = 0; v < NV; v++) gw1[a][v] = zero;
+  for (int64_t i = 0; i < k; i++)
+    for (int64_t j = 0; j < n; j++) {
+      if (j >= ne || !(pr->m[j] > 0)) {
+        ds[i * n + j] = 0;
+        continue;
+      }
+      vf sum = zero;
+      for (int a = 0; a < 3; a++)
+        for (int v = 0; v < NV; v++) {
+          sum += vload(job->w1 + (2 - a) * c + v * VW) * vload(pr->ga1 + ((i + a) * width + j + 1) * c + v * VW);
+          gw1[a][v] += pr->xs[(i + a) * width + j + 1] * vload(pr->ga1 + ((i + 1) * width + j + 1) * c + v * VW);
+        }
+      ds[i * n + j] = hsum(sum) * pr->m[j];
+    }
+  for (int a = 0; a < 3; a++)
+    for (int v = 0; v < NV; v++) vstore(dw1 + a * c + v * VW, vload(dw1 + a * c + v * VW) + gw1[a][v]);
+}
+
+// Pairs [start, end) of RelationCnnGrad's block: their sums go to the chunk's row of dw.
+static void grad_chunk(const void* ctx, int64_t start, int64_t end, void* scratch) {
+  const Job* job = ctx;
+  const int64_t n = job->n, width = n + 2, map = (job->k + 2 + RB - 1) * width;
+  float* maps = scratch;
+  Pair pr = {.job = job, .width = width, .xs = maps};
+  float** fields[] = {&pr.h1, &pr.h2, &pr.h3, &pr.ga3, &pr.ga2, &pr.ga1};
+  for (int a = 0; a < 6; a++) *fields[a] = maps + map + a * CHANNELS * map;
+  float* dw = job->dw + start / CHUNK * grad_size(job->o);
+  memset(dw, 0, grad_size(job->o) * sizeof(float));
+  for (int64_t p = start; p < end; p++) {
+    pr.p = p;
+    pr.m = job->column_mask + (p % job->c) * n;
+    for (pr.ne = n; pr.ne > 0 && !(pr.m[pr.ne - 1] > 0);) pr.ne--;
+    pair_grad(&pr, dw);
+  }
+}
+
 // Floats of a thread's scratch: a pair's three zero-haloed maps (see `Pair`) and, for RdanScores, its rows of np.
 static size_t scratch_floats(const Job* job) {
   const size_t map = (size_t)(job->k + 2 + RB - 1) * (job->n + 2);
@@ -425,6 +610,8 @@ static void pairs_chunk(const void* ctx, int64_t start, int64_t end, void* scrat
 static void free_job(const void* ctx) {
   Job* job = (Job*)ctx;
   free(job->wo_t);
+  free(job->w2b);
+  free(job->w3b);
   free(job);
 }
 
@@ -519,4 +706,48 @@ XLA_FFI_Error* RdanScores(XLA_FFI_CallFrame* frame) {
   for (int i = 0; i < 5; i++) *inputs[i] = (const float*)ffi_arg(frame, 10 + i)->data;
   job->out = (float*)out->data;
   return run(frame, job);
+}
+
+XLA_FFI_Error* RelationCnnGrad(XLA_FFI_CallFrame* frame) {
+  if (ffi_not_executing(frame)) return NULL;
+  if (!ffi_counts(frame, 11, 2)) return ffi_error(frame->api, "RelationCnnGrad: expected 11 buffer arguments, 2 results");
+  XLA_FFI_Error* error;
+  Job* job = shared_job(frame, &error);
+  if (job == NULL) return error;
+  const int64_t b = job->b, c = job->c, k = job->k, n = job->n, o = job->o, ch = CHANNELS;
+  const int64_t pairs = b * c, chunks = (pairs + CHUNK - 1) / CHUNK;
+  const int64_t g_dims[] = {o, b, c, k, n}, dsim_dims[] = {b, c, k, n}, dw_dims[] = {chunks, grad_size(o)};
+  XLA_FFI_Buffer *dsim = ffi_ret(frame, 0), *dw = ffi_ret(frame, 1);
+  if (o > 2 || !ffi_shape_is(ffi_arg(frame, 10), 5, g_dims) || !ffi_shape_is(dsim, 4, dsim_dims) ||
+      !ffi_shape_is(dw, 2, dw_dims)) {
+    free_job(job);
+    return ffi_error(frame->api,
+                     "RelationCnnGrad: g must be float32 [o, b, C, k, n] (o 1 or 2), the results [b, C, k, n] and "
+                     "[ceil(b C / 8), weights]");
+  }
+  job->g = (const float*)ffi_arg(frame, 10)->data;
+  job->dsim = (float*)dsim->data;
+  job->dw = (float*)dw->data;
+  job->w2b = malloc(3 * ch * ch * sizeof(float));
+  job->w3b = malloc(9 * ch * ch * sizeof(float));
+  if (job->w2b == NULL || job->w3b == NULL) {
+    free_job(job);
+    return ffi_error(frame->api, "RelationCnnGrad: out of memory");
+  }
+  // The transposed convolutions' kernels: taps flipped, in and out channels swapped.
+  for (int64_t t = 0; t < 9; t++)
+    for (int64_t ci = 0; ci < ch; ci++)
+      for (int64_t co = 0; co < ch; co++) {
+        job->w3b[(t * ch + co) * ch + ci] = job->w3[((8 - t) * ch + ci) * ch + co];
+        if (t < 3) job->w2b[(t * ch + co) * ch + ci] = job->w2[((2 - t) * ch + ci) * ch + co];
+      }
+  if (pairs * k * n == 0) {  // nothing to differentiate: zero sums
+    memset(job->dw, 0, chunks * grad_size(o) * sizeof(float));
+    free_job(job);
+    return NULL;
+  }
+  const size_t map = (size_t)(k + 2 + RB - 1) * (n + 2);
+  if (parallel_for(frame, pairs, CHUNK, (6 * CHANNELS + 1) * map * sizeof(float), grad_chunk, job, free_job) != 0)
+    return ffi_error(frame->api, "RelationCnnGrad: out of memory");
+  return NULL;
 }

@@ -42,6 +42,7 @@ With `dtype='bfloat16'` the operands of S, of the Gram matrices and of the relat
 """
 
 import functools
+import itertools
 from typing import Optional
 
 import flax.linen as nn
@@ -192,34 +193,67 @@ _KERNEL_ARGS = ('conv1_kernel', 'conv1_bias', 'conv2_kernel', 'conv2_bias', 'con
 _KERNEL_ARGS += ('out_kernel', 'out_bias')
 
 
+def _relation_cnn_kernel_call(handler: str, results, *args) -> jax.Array:
+  """Calls the kernel's `handler` with `args` = (sim, column_mask, the 8 _KERNEL_ARGS weights, ...)."""
+  target = kernels.relation_cnn_targets(args[2].shape[-1])[handler]
+  return jax.ffi.ffi_call(target, results, vmap_method='sequential')(*args)
+
+
 @jax.custom_vjp
 def _relation_cnn_kernel(sim: jax.Array, column_mask: jax.Array, cnn_params: dict) -> jax.Array:
-  """`_relation_cnn_xla` in float32, run on CPUs by the compiled kernel (xmatch_jax/kernels/relation_cnn.c).
-
-  Other platforms lower the XLA path. A differentiated call runs the XLA path, forward and backward: training
-  differentiates only the 3 B rescored pairs, so the kernel serves the all-pairs passes.
-  """
-  channels = cnn_params['conv1_kernel'].shape[-1]
-  target = kernels.relation_cnn_targets(channels)['RelationCnn']
+  """`_relation_cnn_xla` in float32, run on CPUs by the compiled kernel (xmatch_jax/kernels/relation_cnn.c), forward
+  (its RelationCnn handler) and backward (RelationCnnGrad). Other platforms lower the XLA path."""
   shape = (cnn_params['out_kernel'].shape[-1],) + sim.shape
-  on_cpu = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method='sequential')
   return jax.lax.platform_dependent(
     sim,
     column_mask,
     *(cnn_params[name] for name in _KERNEL_ARGS),
-    cpu=on_cpu,
+    cpu=functools.partial(_relation_cnn_kernel_call, 'RelationCnn', jax.ShapeDtypeStruct(shape, jnp.float32)),
     default=lambda sim, mask, *weights: _relation_cnn_xla(sim, mask, dict(zip(_KERNEL_ARGS, weights)), jnp.float32),
   )
 
 
 def _relation_cnn_kernel_fwd(sim, column_mask, cnn_params):
-  # Differentiated passes (the training step's 3 B rescored pairs, vmapped) run XLA's forward and keep its
-  # residuals: the kernel has no backward, and vmapping it would loop over one call per pair.
-  return jax.vjp(lambda *args: _relation_cnn_xla(*args, jnp.float32), sim, column_mask, cnn_params)
+  return _relation_cnn_kernel(sim, column_mask, cnn_params), (sim, column_mask, cnn_params)
 
 
-def _relation_cnn_kernel_bwd(vjp, grad):
+# Pairs per row of RelationCnnGrad's weight-gradient sums (CHUNK in relation_cnn.c; the kernel checks the shape).
+_GRAD_CHUNK = 8
+
+
+def _relation_cnn_grad_kernel(sim, column_mask, *args):
+  """RelationCnnGrad: (dsim, the 8 weight gradients) for the cotangent args[-1] of the maps."""
+  weights = args[:-1]
+  rows = -(-sim.shape[0] * sim.shape[1] // _GRAD_CHUNK)
+  size = sum(w.size for w in weights)
+  results = (jax.ShapeDtypeStruct(sim.shape, jnp.float32), jax.ShapeDtypeStruct((rows, size), jnp.float32))
+  dsim, sums = _relation_cnn_kernel_call('RelationCnnGrad', results, sim, column_mask, *args)
+  flat = jnp.sum(sums, axis=0)
+  offsets = list(itertools.accumulate(w.size for w in weights))[:-1]
+  return (dsim, *(part.reshape(w.shape) for part, w in zip(jnp.split(flat, offsets), weights)))
+
+
+def _relation_cnn_xla_grad(sim, column_mask, *args):
+  weights, grad = args[:-1], args[-1]
+  _, vjp = jax.vjp(
+    lambda sim, *weights: _relation_cnn_xla(sim, column_mask, dict(zip(_KERNEL_ARGS, weights)), jnp.float32),
+    sim,
+    *weights,
+  )
   return vjp(grad)
+
+
+def _relation_cnn_kernel_bwd(residuals, grad):
+  sim, column_mask, cnn_params = residuals
+  grads = jax.lax.platform_dependent(
+    sim,
+    column_mask,
+    *(cnn_params[name] for name in _KERNEL_ARGS),
+    grad,
+    cpu=_relation_cnn_grad_kernel,
+    default=_relation_cnn_xla_grad,
+  )
+  return grads[0], jnp.zeros_like(column_mask), dict(zip(_KERNEL_ARGS, grads[1:]))
 
 
 _relation_cnn_kernel.defvjp(_relation_cnn_kernel_fwd, _relation_cnn_kernel_bwd)
@@ -369,11 +403,11 @@ def _dual_scores(
   return score
 
 
-def _scores_xla(sim, column_mask, cnn_params, region_norms, word_norms, image_gram, text_gram, opts):
-  """`_scores_kernel`'s computation on XLA (float32)."""
+def _scores_xla(sim, column_mask, cnn_params, region_norms, word_norms, image_gram, text_gram, opts, conv_impl='xla'):
+  """`_scores_kernel`'s computation on XLA (float32); with conv_impl 'auto', the maps from `_relation_cnn_kernel`."""
   lambda_, mu, use_residual = opts
   valid = column_mask > 0
-  s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, conv_impl='xla')
+  s1, s2 = relation_maps(sim, valid, cnn_params, use_residual=use_residual, conv_impl=conv_impl)
   image = {'norms': region_norms, 'gram': image_gram}
   text = {'norms': word_norms, 'gram': text_gram, 'valid': valid}
   return _dual_scores(sim, s1, s2, image, text, lambda_=lambda_, mu=mu)
@@ -384,8 +418,8 @@ def _scores_kernel(sim, column_mask, cnn_params, region_norms, word_norms, image
   """Eqs 6-11 of a block in float32, run on CPUs by the compiled kernel's RdanScores handler
   (xmatch_jax/kernels/relation_cnn.c): each pair's maps, softmaxes and cosines stay in the thread's cache.
 
-  opts: (lambda_, mu, use_residual). Other platforms and differentiated calls run `_scores_xla`, as
-  `_relation_cnn_kernel` does.
+  opts: (lambda_, mu, use_residual). Other platforms run `_scores_xla`; differentiated calls run it with the maps
+  (forward and backward) from the kernel's RelationCnn and RelationCnnGrad handlers and eqs 7-11 on XLA.
   """
   lambda_, mu, use_residual = opts
   channels = cnn_params['conv1_kernel'].shape[-1]
@@ -408,7 +442,7 @@ def _scores_kernel(sim, column_mask, cnn_params, region_norms, word_norms, image
 
 def _scores_kernel_fwd(sim, column_mask, cnn_params, region_norms, word_norms, image_gram, text_gram, opts):
   return jax.vjp(
-    lambda *args: _scores_xla(*args, opts),
+    lambda *args: _scores_xla(*args, opts, conv_impl='auto'),
     sim,
     column_mask,
     cnn_params,
