@@ -54,6 +54,19 @@ def test_relation_cnn_avx2_build_equals_xla(avx2_build, channels):
   assert targets['RelationCnn'] in fns['auto'].lower(sim).as_text()
   for got, want in zip(fns['auto'](sim), fns['xla'](sim)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  # The backward pass (RelationCnnGrad), dS and the weights.
+  cotangent = jnp.asarray(rng.normal(size=(2, b, c, k, n)), jnp.float32)
+  mask = valid.astype(jnp.float32)
+  grads = {}
+  for impl, fn in (
+    ('auto', rdan._relation_cnn_kernel),
+    ('xla', lambda s, m, p: rdan._relation_cnn_xla(s, m, p, 'float32')),
+  ):
+    vjp_fn = jax.jit(lambda s, p, fn=fn: jax.vjp(lambda s, p: fn(s, mask, p), s, p)[1](cotangent))
+    assert (targets['RelationCnnGrad'] in vjp_fn.lower(sim, params).as_text()) == (impl == 'auto')
+    grads[impl] = jax.tree.leaves(vjp_fn(sim, params))
+  for got, want in zip(grads['auto'], grads['xla']):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   # The scores of eqs 7-11 (RdanScores): 8-float vectors over words and over regions.
   image = rdan.prepare_items(jnp.asarray(rng.normal(size=(b, k, 16)), jnp.float32))
   text = rdan.prepare_items(jnp.asarray(rng.normal(size=(c, n, 16)), jnp.float32), valid)

@@ -281,14 +281,29 @@ def test_compiled_kernel_equals_xla_path_in_values_and_gradients():
     score_fn = jax.jit(lambda v, i, t, model=model: model.apply(v, i, t, method=model.pair_scores))
     assert ('xmatch_RdanScores' in score_fn.lower(variables, image_rep, text_rep).as_text()) == (impl == 'auto')
     scores[impl] = score_fn(variables, image_rep, text_rep)
-    # A differentiated call runs XLA's forward and backward (the kernel has no backward pass).
+    # A differentiated call runs the kernel's maps, forward and backward, and eqs 7-11 on XLA.
     grad_fn = jax.jit(jax.grad(total, argnums=(0, 1, 2)))
-    assert 'xmatch_RdanScores' not in grad_fn.lower(variables, image_rep['regions'], text_rep['words']).as_text()
+    grad_text = grad_fn.lower(variables, image_rep['regions'], text_rep['words']).as_text()
+    assert 'xmatch_RdanScores' not in grad_text
+    assert ('xmatch_RelationCnnGrad' in grad_text) == (impl == 'auto')
     grads[impl] = jax.tree_util.tree_leaves(grad_fn(variables, image_rep['regions'], text_rep['words']))
   np.testing.assert_allclose(scores['auto'], scores['xla'], rtol=1e-6, atol=1e-6)
   for got, want in zip(grads['auto'], grads['xla']):
     assert np.abs(want).max() > 0
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # Sums over 200 pairs in another order (per chunk of 8 pairs, then over the chunks): to 1e-5 of the largest
+    # (the output bias's gradient is 0 up to rounding: a softmax does not change when its logits shift).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=max(1e-6, 1e-5 * np.abs(want).max()))
+
+
+def _holey_masks(rng, c: int, n: int) -> jax.Array:
+  """[c, n] word masks with padding between real words, trailing padding, one real word last and full rows."""
+  valid = rng.uniform(size=(c, n)) < 0.6
+  valid[0] = True
+  valid[1, 4:] = False
+  valid[2] = np.arange(n) % 3 == 0
+  valid[3, :] = False
+  valid[3, n - 1] = True
+  return jnp.asarray(valid)
 
 
 @needs_compiler
@@ -298,13 +313,7 @@ def test_compiled_kernel_skips_trailing_padding_and_keeps_holes(channels):
   # an all-padding caption row and full-length captions must still give XLA's maps and scores.
   rng = np.random.default_rng(channels)
   b, c, k, n = 3, 7, 5, 19
-  valid = rng.uniform(size=(c, n)) < 0.6
-  valid[0] = True
-  valid[1, 4:] = False
-  valid[2] = np.arange(n) % 3 == 0
-  valid[3, :] = False
-  valid[3, n - 1] = True
-  valid = jnp.asarray(valid)
+  valid = _holey_masks(rng, c, n)
   params = rdan_module.RelationCNN(channels=channels, out_channels=2).init(jax.random.key(channels))['params']
   params = rdan_module.RelationCNN(channels=channels, out_channels=2).apply({'params': params})
   image = rdan_module.prepare_items(jnp.asarray(rng.normal(size=(b, k, D)), jnp.float32))
@@ -321,6 +330,74 @@ def test_compiled_kernel_skips_trailing_padding_and_keeps_holes(channels):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert np.all(np.isfinite(scores['xla']))
   np.testing.assert_allclose(scores['auto'], scores['xla'], rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize('out_channels', [1, 2])
+@pytest.mark.parametrize('channels', [8, 16, 64])
+def test_compiled_backward_equals_xla_on_padding_and_holes(channels, out_channels):
+  # RelationCnnGrad: the maps' vector-Jacobian product (dS and every weight) equals XLA's autodiff of the same
+  # convolutions, on 3 x 7 = 21 pairs (three chunks of pairs' weight-gradient sums).
+  rng = np.random.default_rng(channels + out_channels)
+  b, c, k, n = 3, 7, 5, 19
+  valid = _holey_masks(rng, c, n).at[4].set(False)  # and a caption of no word (its maps are still defined)
+  module = rdan_module.RelationCNN(channels=channels, out_channels=out_channels)
+  params = module.apply({'params': module.init(jax.random.key(channels))['params']})
+  sim = jnp.asarray(rng.normal(size=(b, c, k, n)), jnp.float32) * valid[None, :, None, :]
+  cotangent = jnp.asarray(rng.normal(size=(out_channels, b, c, k, n)), jnp.float32)
+  mask = valid.astype(jnp.float32)
+  grads = {}
+  for name, fn in (
+    ('kernel', rdan_module._relation_cnn_kernel),
+    ('xla', lambda s, m, p: rdan_module._relation_cnn_xla(s, m, p, jnp.float32)),
+  ):
+    vjp_fn = jax.jit(lambda s, p, g, fn=fn: jax.vjp(lambda s, p: fn(s, mask, p), s, p)[1](g))
+    text = vjp_fn.lower(sim, params, cotangent).as_text()
+    assert ('RelationCnnGrad' in text) == (name == 'kernel')
+    grads[name] = vjp_fn(sim, params, cotangent)
+  for got, want in zip(jax.tree.leaves(grads['kernel']), jax.tree.leaves(grads['xla'])):
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@needs_compiler
+@pytest.mark.parametrize('variant', ['full', 'one_path', 'no_cnn', 'mu0', 'mu1'])
+@pytest.mark.parametrize('conv_impl', ['auto', 'xla'])
+def test_paired_scores_equal_each_pair_scored_alone(conv_impl, variant):
+  # The training step's rescored pairs: RDAN.paired_scores (one block of P maps) against pair_scores of one image
+  # and one caption, vmapped, in values and in gradients (params and both reps).
+  rng = np.random.default_rng(21)
+  pairs = 11
+  valid = _holey_masks(rng, pairs, 9)
+  image_rep = {'regions': jnp.asarray(rng.normal(size=(pairs, K, D)), jnp.float32)}
+  text_rep = {'words': jnp.asarray(rng.normal(size=(pairs, 9, D)), jnp.float32), 'mask': valid.astype(jnp.float32)}
+  model = make_model(cnn_channels=8, conv_impl=conv_impl, **VARIANTS[variant])
+  variables = head_params(model, image_rep, text_rep)
+  weights = jnp.asarray(rng.normal(size=pairs), jnp.float32)
+
+  def paired(v, regions, words):
+    return model.apply(v, {'regions': regions}, {**text_rep, 'words': words}, method=model.paired_scores)
+
+  def alone(v, regions, words):
+    def one(r, w, m):
+      return model.apply(v, {'regions': r[None]}, {'words': w[None], 'mask': m[None]}, method=model.pair_scores)[0, 0]
+
+    return jax.vmap(one)(regions, words, text_rep['mask'])
+
+  results = {}
+  for name, fn in (('paired', paired), ('alone', alone)):
+    value_and_grad = jax.jit(jax.value_and_grad(lambda *a, fn=fn: jnp.sum(weights * fn(*a)), argnums=(0, 1, 2)))
+    results[name] = (jax.jit(fn)(variables, image_rep['regions'], text_rep['words']),) + value_and_grad(
+      variables, image_rep['regions'], text_rep['words']
+    )
+  if variant != 'no_cnn' and conv_impl == 'auto':
+    lowered = jax.jit(jax.grad(lambda *a: jnp.sum(paired(*a)))).lower(
+      variables, image_rep['regions'], text_rep['words']
+    )
+    assert 'RelationCnnGrad' in lowered.as_text()
+  assert np.all(np.isfinite(results['alone'][0]))
+  for got, want in zip(jax.tree.leaves(results['paired']), jax.tree.leaves(results['alone'])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_falls_back_to_xla_without_a_working_compiler(monkeypatch, tmp_path, caplog):

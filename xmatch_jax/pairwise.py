@@ -156,19 +156,20 @@ def gram(x: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
   return einsum('apd,aqd->apq', x, x, dtype=dtype)
 
 
-def attended_region_sq_norms(weights: jax.Array, region_gram: jax.Array) -> jax.Array:
+def attended_region_sq_norms(weights: jax.Array, region_gram: jax.Array, paired: bool = False) -> jax.Array:
   """Squared norms of region-attended vectors a_j = sum_r w[r, j] v_r, without forming them.
 
   |a_j|^2 = w_j^T G_img w_j.
 
   Args:
     weights: [I, C, k, n], weights over regions r (axis 2) for each word j.
-    region_gram: [I, k, k], G_img = V V^T per image.
+    region_gram: [I, k, k], G_img = V V^T per image; with `paired`, [C, k, k]: I = 1 and caption c's own image.
+    paired: see region_gram.
 
   Returns:
     [I, C, n].
   """
-  g_w = jnp.einsum('ikl,icln->ickn', region_gram, weights)
+  g_w = jnp.einsum('ckl,icln->ickn' if paired else 'ikl,icln->ickn', region_gram, weights)
   return jnp.sum(weights * g_w, axis=2)
 
 

@@ -33,6 +33,8 @@ class Matcher(nn.Module):
       projections made with parameters, which the benchmark then encodes (MMCA).
     item_flops_key: the name `item_flops` is reported under.
     untrimmed_text_keys: keys of a dict text rep that have no token axis (`trim_text_rep` leaves them whole).
+    has_paired_scores: the model implements `paired_scores`; else the training step scores its rescored pairs as
+      `pair_scores` of one image and one caption, vmapped.
   """
 
   image_keys = ('regions',)
@@ -42,6 +44,7 @@ class Matcher(nn.Module):
   random_reps = True
   item_flops_key = 'item_gram'
   untrimmed_text_keys = ()
+  has_paired_scores = False
 
   # ------------------------------------------------------------------------------------------ the model proper
   def encode_image(self, images: dict):
@@ -54,6 +57,12 @@ class Matcher(nn.Module):
 
   def pair_scores(self, image_rep, text_rep) -> jax.Array:
     """Every image against every caption -> [I, C] scores."""
+    raise NotImplementedError
+
+  def paired_scores(self, image_rep, text_rep) -> jax.Array:
+    """Image p against caption p only (reps with leading axis P) -> [P] scores: the training step's rescored pairs
+    (trainers/contrastive.py), where a model sets `has_paired_scores` because one call over P pairs runs faster than
+    `pair_scores` vmapped over them."""
     raise NotImplementedError
 
   def __call__(self, images: dict, text: dict) -> jax.Array:

@@ -375,12 +375,21 @@ def _cosine(dots: jax.Array, norms_a: jax.Array, sq_norms_b: jax.Array) -> jax.A
 
 
 def _dual_scores(
-  sim: jax.Array, s1: jax.Array, s2: jax.Array, image: dict, text: dict, *, lambda_: float, mu: float
+  sim: jax.Array,
+  s1: jax.Array,
+  s2: jax.Array,
+  image: dict,
+  text: dict,
+  *,
+  lambda_: float,
+  mu: float,
+  paired: bool = False,
 ) -> jax.Array:
   """Eqs 8-11 from S [b, C, k, n] and the logit maps S^1, S^2 [b, C, k, n]: scores [b, C] (arguments as
-  `rdan_block_scores`; `image` and `text` need `norms` and `gram`, `text` also `valid`)."""
+  `rdan_block_scores`; `image` and `text` need `norms` and `gram`, `text` also `valid`). With `paired`, b = 1 and
+  `image` holds C images, caption c's own (as `rdan_paired_scores`)."""
   valid = text['valid']  # [C, n]
-  region_norms = image['norms'][:, None]  # [b, 1, k]
+  region_norms = image['norms'][None] if paired else image['norms'][:, None]  # [1, C, k] or [b, 1, k]
   word_norms = text['norms'][None]  # [1, C, n]
   score = 0.0
   if mu != 1:
@@ -396,7 +405,7 @@ def _dual_scores(
     beta = jax.nn.softmax(lambda_ * s1, axis=-2)
     # e_j . b_j = |e_j| sum_i beta_ij S_ij |v_i|
     dots = word_norms * jnp.sum(beta * sim * region_norms[..., None], axis=-2)
-    attended_sq = pairwise.attended_region_sq_norms(beta, image['gram'])
+    attended_sq = pairwise.attended_region_sq_norms(beta, image['gram'], paired)
     word_relevance = _cosine(dots, word_norms, attended_sq)  # R_w [b, C, n]
     word_relevance = jnp.where(valid[None], word_relevance, 0.0)
     score = score + mu * jnp.sum(word_relevance, axis=-1) / jnp.sum(valid, axis=-1)[None]
@@ -505,6 +514,28 @@ def rdan_block_scores(
   return _dual_scores(sim, s1, s2, image, text, lambda_=lambda_, mu=mu)
 
 
+def rdan_paired_scores(
+  image: dict,
+  text: dict,
+  cnn_params: Optional[dict],
+  *,
+  lambda_: float,
+  mu: float,
+  use_residual: bool,
+  dtype: pairwise.DTypeLike = jnp.float32,
+  conv_impl: str = 'auto',
+) -> jax.Array:
+  """RDAN scores F of image p against caption p only, [P] (the training step's rescored pairs).
+
+  Arguments as `rdan_block_scores`, with P images and P captions. The P maps are one block [1, P, k, n] (the
+  caption axis carries the pairs), so on a CPU the relation CNN runs forward and backward in the compiled kernel,
+  each pair's maps cut at its caption's last real word; eqs 7-11 run on XLA.
+  """
+  sim = pairwise.einsum('pkd,pnd->pkn', image['unit'], text['unit'], dtype=dtype)[None]  # [1, P, k, n]
+  s1, s2 = relation_maps(sim, text['valid'], cnn_params, use_residual=use_residual, dtype=dtype, conv_impl=conv_impl)
+  return _dual_scores(sim, s1, s2, image, text, lambda_=lambda_, mu=mu, paired=True)[0]
+
+
 class RDAN(matcher.Matcher):
   """RDAN matcher: region FC + bi-GRU words, relation CNN over S, dual pathway attention.
 
@@ -552,6 +583,8 @@ class RDAN(matcher.Matcher):
   remat: bool = False
   dtype: str = 'float32'
   conv_impl: str = 'auto'
+
+  has_paired_scores = True
 
   @classmethod
   def describe(cls, fields: dict, sizes: dict) -> str:
@@ -627,6 +660,20 @@ class RDAN(matcher.Matcher):
       (text, cnn_params),
       self.block_size,
       remat=self.remat,
+    )
+
+  def paired_scores(self, image_rep: dict, text_rep: dict) -> jax.Array:
+    """Scores F of image p against caption p, [P] (`rdan_paired_scores`)."""
+    dtype = layers.DTYPES[self.dtype]
+    return rdan_paired_scores(
+      prepare_items(image_rep['regions'], dtype=dtype),
+      prepare_items(text_rep['words'], text_rep['mask'] > 0, dtype),
+      self.relation_cnn() if self.use_cnn else None,
+      lambda_=self.lambda_,
+      mu=self.mu,
+      use_residual=self.use_residual,
+      dtype=dtype,
+      conv_impl=self.conv_impl,
     )
 
   def attention_weights(self, image_rep: dict, text_rep: dict) -> dict:

@@ -150,7 +150,8 @@ def rescored_hardest_loss(
   With `width_chunk` > 0 and a model that can cut its text rep's token axis, that forward scores the length-sorted
   captions `width_chunk` at a time at their chunk's width, a multiple of `width_step` (as evaluation does,
   `pairwise.score_by_caption_width`). With `pair_block` > 0 the 3 B pairs are scored (and backpropagated) that
-  many at a time (on a CPU, blocks whose maps stay in cache run faster than one batch of 3 B).
+  many at a time (on a CPU, blocks whose maps stay in cache run faster than one batch of 3 B); a model with
+  `has_paired_scores` scores each block in one `paired_scores` call, the others vmap `pair_scores` over its pairs.
   """
   image_rep = model.apply(variables, batch['images'], method=model.encode_image)
   text_rep = model.apply(variables, batch['text'], method=model.encode_text)
@@ -180,7 +181,11 @@ def rescored_hardest_loss(
     return jax.tree.map(lambda x: jnp.take(x, index, axis=0), rep)
 
   pair_reps = (take(image_rep, image_index), take(text_rep, caption_index))
-  if pair_block:  # blocks of pairs whose maps stay in cache, forward and backward
+  if model.has_paired_scores:
+    pairs = _in_pair_blocks(
+      lambda reps: model.apply(variables, *reps, method=model.paired_scores), pair_reps, pair_block
+    )
+  elif pair_block:  # blocks of pairs whose maps stay in cache, forward and backward
     pairs = jax.lax.map(lambda pair: one_pair(*pair), pair_reps, batch_size=pair_block)
   else:
     pairs = jax.vmap(one_pair)(*pair_reps)
@@ -188,6 +193,19 @@ def rescored_hardest_loss(
   return losses.hardest_negative_loss(
     positive, hard_caption_scores, hard_image_scores, row_has_negative, column_has_negative, margin
   )
+
+
+def _in_pair_blocks(score_fn, reps, block: int) -> jax.Array:
+  """score_fn(reps) -> [P], called on `block` pairs at a time (the last call takes the remainder; 0: all at once)."""
+  count = jax.tree.leaves(reps)[0].shape[0]
+  if not block or block >= count:
+    return score_fn(reps)
+  full = count // block * block
+  blocks = jax.tree.map(lambda x: x[:full].reshape(count // block, block, *x.shape[1:]), reps)
+  scores = jax.lax.map(score_fn, blocks).reshape(full)
+  if full == count:
+    return scores
+  return jnp.concatenate([scores, score_fn(jax.tree.map(lambda x: x[full:], reps))])
 
 
 def load_pretrained(config: ml_collections.ConfigDict, params: dict) -> dict:
