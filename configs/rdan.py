@@ -38,8 +38,14 @@ def get_config(arg: str = 'shapes') -> ml_collections.ConfigDict:
   m.remat = True  # recompute each block in the backward pass instead of storing it
   m.dtype = 'float32'  # compute dtype of the large matmuls: 'float32' or 'bfloat16' (mixed precision:
   # params, softmaxes, norms, scores and the loss stay float32)
-  m.conv_impl = 'auto'  # 'auto': the relation CNN's forward passes run the compiled CPU kernel where one builds
-  # (xmatch_jax/kernels, docs/architecture.md); 'xla': always XLA's convolutions (same scores to float32 rounding)
+  m.conv_impl = 'auto'  # 'auto': the relation CNN runs the compiled CPU kernel where one builds, forward and
+  # backward (xmatch_jax/kernels, docs/architecture.md); 'xla': always XLA's convolutions (same scores to float32
+  # rounding)
+  # The training step's 3 B rescored pairs in one `paired_scores` call: the kernel splits them over the threads
+  # itself. Forward + backward of 384 pairs, 2 cores (AMD EPYC, 2026-12-06): `shapes` sizes 57 ms against 69 ms in
+  # blocks of 32, paper sizes 378 against 418 ms; XLA's convolutions are faster in blocks of 32 (134 against 157 ms
+  # and 604 against 869 ms), so with conv_impl='xla' on a CPU set loss.pair_block=32.
+  c.loss.pair_block = 0
 
   common.apply_schedule(c, dataset)
   if dataset not in common.PAPER_DATASETS:
