@@ -32,7 +32,7 @@ the truncated k x n_c map; the row-wise softmax and the word mean run over real 
 
 All pairs of a block of images are scored together from the batch-wide cosine tensor S
 [b, C, k, n] (docs/architecture.md, "The batch-wide similarity tensor"): the relation CNN runs over
-the b * C pair maps at once (on a CPU, its all-pairs forward passes in the compiled kernel of
+the b * C pair maps at once (on a CPU, forward and backward, in the compiled kernel of
 xmatch_jax/kernels; docs/architecture.md, "Compiled CPU kernels"), and the cosines of eq 10
 use S, the weights and per-item Gram matrices, never per-pair D-dim vectors:
 v_i . a_i = |v_i| sum_j alpha_ij S_ij |e_j| and |a_i|^2 = alpha_i^T (E E^T) alpha_i (same for b_j).
@@ -561,7 +561,7 @@ class RDAN(matcher.Matcher):
       the operands of S, the Gram matrices and the relation convolutions. Params, norms,
       softmaxes and the returned scores stay float32. bfloat16 scores are within 2e-3 of float32
       ones (measured 5e-4 at D=64, tests/test_mixed_precision.py).
-    conv_impl: 'auto' runs the relation CNN's all-pairs forward passes on CPUs with the compiled
+    conv_impl: 'auto' runs the relation CNN, forward and backward, on CPUs with the compiled
       kernel of xmatch_jax/kernels (float32, power-of-two channels, a C compiler present), else
       XLA; 'xla' always XLA. Both give the same scores to float32 rounding.
   """
