@@ -165,6 +165,18 @@ typedef struct {
   float *s1, *ss, *wt, *wn, *s2t, *sst, *at, *rnv;
 } Pair;
 
+// rows[r][t]: where tap t of output row i + r reads the zero-haloed map `in`, from column j0 (the 1x3 layer, `taps` 3,
+// reads only its own row; the 3x3 layer, `taps` 9, the rows above and below too).
+static ALWAYS_INLINE void tap_rows(const float* rows[RB][9], const float* in, int taps, int64_t i, int64_t j0,
+                                   int64_t width) {
+  for (int r = 0; r < RB; r++)
+    for (int a = 0; a < taps / 3; a++)
+      for (int t = 0; t < 3; t++) {
+        const int64_t row = taps == 3 ? i + r + 1 : i + r + a;
+        rows[r][a * 3 + t] = in + (row * width + j0 + t) * CHANNELS;
+      }
+}
+
 // One block of RB rows from row i x jb positions from column j0: the 1x3 layer (h1 -> h2, ReLU, mask) when `taps`
 // is 3, else the 3x3 layer and the 1x1 output layer (h2 -> out).
 static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0, int jb) {
@@ -172,12 +184,7 @@ static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0,
   const int64_t k = job->k, width = pr->width;
   const float* bias = taps == 3 ? job->b2 : job->b3;
   const float* rows[RB][9];
-  for (int r = 0; r < RB; r++)
-    for (int a = 0; a < taps / 3; a++)
-      for (int t = 0; t < 3; t++) {
-        const int64_t row = taps == 3 ? i + r + 1 : i + r + a;  // the 1x3 layer reads only its own row
-        rows[r][a * 3 + t] = (taps == 3 ? pr->h1 : pr->h2) + (row * width + j0 + t) * CHANNELS;
-      }
+  tap_rows(rows, taps == 3 ? pr->h1 : pr->h2, taps, i, j0, width);
   float dots[RB][JBMAX][2] = {{{0}}};  // the output layer's channel sums, over the groups
   for (int g = 0; g < NG; g++) {
     const int64_t first = g * NVG * VW;  // the group's first channel
@@ -222,12 +229,7 @@ static ALWAYS_INLINE void back_block(const Pair* pr, int taps, int64_t i, int64_
   const float* h = taps == 3 ? pr->h1 : pr->h2;
   float* out = taps == 3 ? pr->ga1 : pr->ga2;
   const float* rows[RB][9];
-  for (int r = 0; r < RB; r++)
-    for (int a = 0; a < taps / 3; a++)
-      for (int t = 0; t < 3; t++) {
-        const int64_t row = taps == 3 ? i + r + 1 : i + r + a;
-        rows[r][a * 3 + t] = ga + (row * width + j0 + t) * CHANNELS;
-      }
+  tap_rows(rows, ga, taps, i, j0, width);
   for (int g = 0; g < NG; g++) {
     const int64_t first = g * NVG * VW;
     vf acc[RB][JBMAX][NVG] = {{{{0}}}};
