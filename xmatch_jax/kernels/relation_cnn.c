@@ -114,6 +114,7 @@ typedef struct {
   const float *sim, *column_mask, *w1, *b1, *w2, *b2, *w3, *b3, *wo, *bo;
   const float *region_norms, *word_norms, *image_gram, *text_gram, *params;  // RdanScores only (else NULL)
   float* wo_t;  // wo transposed, [o, c]
+  float *u3, *u3b;  // w3's Winograd transform [16, c, c] (`winograd_kernel`); u3b the transposed convolution's (Grad only)
   float* out;   // RelationCnn: the maps [o, b, C, k, n]; RdanScores: the scores [b, C]
   // RelationCnnGrad only (else NULL): the maps' cotangent g [o, b, C, k, n]; the results dsim [b, C, k, n] and dw, a
   // row of weight-gradient sums per chunk of pairs [chunks, GRAD_SIZE]; w2 and w3 flipped, in and out swapped (the
@@ -150,6 +151,7 @@ typedef struct {
   const float* m;  // the pair's column mask [n]
   int64_t ne;      // columns up to the last real word: the maps are computed there, the rest is padding
   float *xs, *h1, *h2;
+  float *wv, *wm;  // `winograd_layer`'s transformed inputs and products of a row of tiles
   float *h3, *ga3, *ga2, *ga1;  // RelationCnnGrad: the 3x3 layer's output and the cotangents of the layers' inputs
   // to their ReLUs, zero-haloed as h1 and h2 (h3 NULL otherwise: the 3x3 layer then feeds the output layer)
   // Where the output layer writes: map out_q[t]'s value at (i, j) goes to out[t][i * out_rs[t] + j * out_cs[t]] for
@@ -261,6 +263,149 @@ static void back_row_block(const Pair* pr, int taps, int64_t i, int64_t j0, int6
 
 typedef void (*block_fn)(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t jb);
 
+// The 3x3 layer and its transposed convolution as Winograd's F(2x2, 3x3) (Lavin and Gray 2016, "Fast Algorithms for
+// Convolutional Neural Networks"): the 2x2 outputs of a tile are A^T [U . (B^T d B)] A from the 4x4 inputs d around
+// them, where U = G w G^T is the kernel's transform (per input and output channel, once per call: Job.u3). Summed over
+// input channels, the 16 elementwise products are 16 [tiles, c] x [c, c] products: 4 multiply-adds an output and
+// channel pair instead of 9 (docs/architecture.md, "Compiled CPU kernels").
+static const float WINO_G[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+
+// u [16, c, c] = G w G^T for a kernel w [3, 3, c, c] (HWIO): u[4 x + y][ci][co].
+static void winograd_kernel(const float* w, float* u) {
+  const int64_t c = CHANNELS;
+  for (int64_t ci = 0; ci < c; ci++)
+    for (int64_t co = 0; co < c; co++) {
+      float gw[4][3] = {{0}};
+      for (int x = 0; x < 4; x++)
+        for (int b = 0; b < 3; b++)
+          for (int a = 0; a < 3; a++) gw[x][b] += WINO_G[x][a] * w[((a * 3 + b) * c + ci) * c + co];
+      for (int x = 0; x < 4; x++)
+        for (int y = 0; y < 4; y++) {
+          float sum = 0;
+          for (int b = 0; b < 3; b++) sum += gw[x][b] * WINO_G[y][b];
+          u[((x * 4 + y) * c + ci) * c + co] = sum;
+        }
+    }
+}
+
+// Tiles whose products accumulate in registers at once (NVG vectors each).
+#define TB_FIT ((REGS - NVG - 1) / NVG)
+#define TBMAX (TB_FIT > 16 ? 16 : TB_FIT)
+
+// m[t] = v[t] u for tb tiles (v and m rows of c floats, u [c, c]); tb is a constant at every call.
+static ALWAYS_INLINE void tile_products(const float* v, const float* u, float* m, int tb) {
+  for (int g = 0; g < NG; g++) {
+    const int64_t first = g * NVG * VW;
+    vf acc[TBMAX][NVG];
+    for (int t = 0; t < tb; t++)
+      for (int x = 0; x < NVG; x++) acc[t][x] = (vf){0};
+    for (int ci = 0; ci < CHANNELS; ci++) {
+      vf wv[NVG];
+      for (int x = 0; x < NVG; x++) wv[x] = vload(u + ci * CHANNELS + first + x * VW);
+      for (int t = 0; t < tb; t++) {
+        const float d = v[t * CHANNELS + ci];
+        for (int x = 0; x < NVG; x++) acc[t][x] += d * wv[x];
+      }
+    }
+    for (int t = 0; t < tb; t++)
+      for (int x = 0; x < NVG; x++) vstore(m + t * CHANNELS + first + x * VW, acc[t][x]);
+  }
+}
+
+#define PRODUCTS_CASE(w) \
+  case w:                \
+    tile_products(v, u, m, w <= TBMAX ? w : TBMAX); \
+    break;
+static void tile_products_block(const float* v, const float* u, float* m, int64_t tb) {
+  switch (tb) {
+    PRODUCTS_CASE(1) PRODUCTS_CASE(2) PRODUCTS_CASE(3) PRODUCTS_CASE(4) PRODUCTS_CASE(5) PRODUCTS_CASE(6)
+    PRODUCTS_CASE(7) PRODUCTS_CASE(8) PRODUCTS_CASE(9) PRODUCTS_CASE(10) PRODUCTS_CASE(11) PRODUCTS_CASE(12)
+    PRODUCTS_CASE(13) PRODUCTS_CASE(14) PRODUCTS_CASE(15) PRODUCTS_CASE(16)
+    default:
+      abort(); /* tb <= TBMAX <= 16 */
+  }
+}
+
+// The 3x3 layer's output at (i, j) from its pre-activation y (bias not added): h3 (RelationCnnGrad) or the 1x1
+// output layer's values at the call's targets.
+static ALWAYS_INLINE void finish_3x3(const Pair* pr, int64_t i, int64_t j, const vf y[NV]) {
+  const Job* job = pr->job;
+  const float mask = pr->m[j];
+  if (pr->h3) {
+    float* h = pr->h3 + ((i + 1) * pr->width + j + 1) * CHANNELS;
+    for (int v = 0; v < NV; v++) vstore(h + v * VW, relu(y[v] + vload(job->b3 + v * VW)) * mask);
+    return;
+  }
+  float values[2];
+  for (int64_t q = 0; q < job->o; q++) {
+    vf sum = {0};
+    for (int v = 0; v < NV; v++) sum += relu(y[v] + vload(job->b3 + v * VW)) * vload(job->wo_t + q * CHANNELS + v * VW);
+    values[q] = job->bo[q] + hsum(sum) * mask;
+  }
+  for (int t = 0; t < pr->outs; t++) pr->out[t][i * pr->out_rs[t] + j * pr->out_cs[t]] = values[pr->out_q[t]];
+}
+
+// The 3x3 layer over the pair's first ne columns, from h2 (then h3 or the output layer: `finish_3x3`), or with `back`
+// its transposed convolution, ga2 = (ga3 convolved with w3 flipped, in and out swapped) * (h2 > 0). A row of tiles
+// at a time: its transformed inputs (pr->wv) and products (pr->wm), [16, tiles, c] each, stay in L1. The inputs' zero
+// halo covers the tiles past the last row or column (`pair_maps`).
+static void winograd_layer(const Pair* pr, int back) {
+  const Job* job = pr->job;
+  const int64_t k = job->k, ne = pr->ne, width = pr->width, c = CHANNELS;
+  const int64_t tiles = (ne + 1) / 2, blocks = (tiles + TBMAX - 1) / TBMAX;
+  const float* in = back ? pr->ga3 : pr->h2;
+  const float* u = back ? job->u3b : job->u3;
+  float *wv = pr->wv, *wm = pr->wm;
+  const vf zero = {0};
+  for (int64_t i0 = 0; i0 < k; i0 += 2) {
+    // B^T d B, d the 4 x 4 inputs from (i0, 2 t) of the haloed map (the outputs' tap (0, 0)).
+    for (int64_t t = 0; t < tiles; t++)
+      for (int v = 0; v < NV; v++) {
+        const float* d = in + (i0 * width + 2 * t) * c + v * VW;
+        vf r[4][4];
+        for (int y = 0; y < 4; y++) {
+          const vf d0 = vload(d + y * c), d1 = vload(d + (width + y) * c), d2 = vload(d + (2 * width + y) * c),
+                   d3 = vload(d + (3 * width + y) * c);
+          r[0][y] = d0 - d2, r[1][y] = d1 + d2, r[2][y] = d2 - d1, r[3][y] = d1 - d3;
+        }
+        for (int x = 0; x < 4; x++) {
+          const vf e[4] = {r[x][0] - r[x][2], r[x][1] + r[x][2], r[x][2] - r[x][1], r[x][1] - r[x][3]};
+          for (int y = 0; y < 4; y++) vstore(wv + ((x * 4 + y) * tiles + t) * c + v * VW, e[y]);
+        }
+      }
+    for (int e = 0; e < 16; e++)
+      for (int64_t blk = 0, t0 = 0; blk < blocks; blk++) {
+        const int64_t tb = tiles / blocks + (blk < tiles % blocks);
+        tile_products_block(wv + (e * tiles + t0) * c, u + e * c * c, wm + (e * tiles + t0) * c, tb);
+        t0 += tb;
+      }
+    // A^T M A, then each output's epilogue.
+    for (int64_t t = 0; t < tiles; t++) {
+      vf y[2][2][NV];
+      for (int v = 0; v < NV; v++) {
+        vf r[2][4];
+        for (int col = 0; col < 4; col++) {
+          vf m[4];
+          for (int x = 0; x < 4; x++) m[x] = vload(wm + ((x * 4 + col) * tiles + t) * c + v * VW);
+          r[0][col] = m[0] + m[1] + m[2], r[1][col] = m[1] - m[2] - m[3];
+        }
+        for (int a = 0; a < 2; a++)
+          y[a][0][v] = r[a][0] + r[a][1] + r[a][2], y[a][1][v] = r[a][1] - r[a][2] - r[a][3];
+      }
+      for (int a = 0; a < 2 && i0 + a < k; a++)
+        for (int b = 0; b < 2 && 2 * t + b < ne; b++) {
+          const int64_t i = i0 + a, j = 2 * t + b;
+          if (!back) {
+            finish_3x3(pr, i, j, y[a][b]);
+            continue;
+          }
+          const int64_t at = ((i + 1) * width + j + 1) * c;
+          for (int v = 0; v < NV; v++) vstore(pr->ga2 + at + v * VW, vselect(vload(pr->h2 + at + v * VW) > zero, y[a][b][v], zero));
+        }
+    }
+  }
+}
+
 // A 1x3 or 3x3 layer (`row_block`) or its transposed convolution (`back_row_block`) over the map's first ne columns:
 // blocks of RB rows x the row's column blocks.
 static void layer(const Pair* pr, int taps, block_fn fn) {
@@ -275,9 +420,17 @@ static void layer(const Pair* pr, int taps, block_fn fn) {
     }
 }
 
+// Zeroes columns ne and ne + 1 of a zero-haloed map (those left by a pair with more words): the last computed column
+// reads column ne, and the last Winograd tile (odd ne) column ne + 1.
+static void zero_past(const Pair* pr, float* map) {
+  const int64_t last = pr->ne + 2 < pr->job->n ? pr->ne + 2 : pr->job->n;  // in haloed columns, + 1
+  for (int64_t i = 1; i <= pr->job->k; i++)
+    for (int64_t j = pr->ne + 1; j <= last; j++) memset(map + (i * pr->width + j) * CHANNELS, 0, CHANNELS * sizeof(float));
+}
+
 // The maps of one pair. Past the last real word (columns ne..n-1) every layer's maps are zero, as the masks make
 // them, so only the first ne columns are computed (captions padded to a block's longest one skip the padding's
-// work); column ne of h1 and h2, which the last computed column reads, is zeroed, and the output there is the bias.
+// work); the columns the last ones read are zeroed (`zero_past`), and the output there is the bias.
 static void pair_maps(const Pair* pr) {
   const Job* job = pr->job;
   const int64_t k = job->k, n = job->n, ne = pr->ne, width = pr->width;
@@ -285,11 +438,8 @@ static void pair_maps(const Pair* pr) {
   const float* m = pr->m;
   for (int64_t i = 0; i < k; i++)
     for (int64_t j = 0; j < n; j++) pr->xs[(i + 1) * width + j + 1] = s[i * n + j] * m[j];
-  if (ne < n)
-    for (int64_t i = 1; i <= k; i++) {
-      memset(pr->h1 + (i * width + ne + 1) * CHANNELS, 0, CHANNELS * sizeof(float));
-      memset(pr->h2 + (i * width + ne + 1) * CHANNELS, 0, CHANNELS * sizeof(float));
-    }
+  zero_past(pr, pr->h1);
+  zero_past(pr, pr->h2);
   // 3x1 layer, 1 -> c channels.
   for (int64_t i = 0; i < k; i++)
     for (int64_t j = 0; j < ne; j++)
@@ -299,7 +449,7 @@ static void pair_maps(const Pair* pr) {
         vstore(pr->h1 + ((i + 1) * width + j + 1) * CHANNELS + v * VW, relu(acc) * m[j]);
       }
   layer(pr, 3, row_block);  // 1x3, c -> c
-  layer(pr, 9, row_block);  // 3x3, c -> c, and the 1x1 output layer (or h3)
+  winograd_layer(pr, 0);    // 3x3, c -> c, and the 1x1 output layer (or h3)
   for (int t = 0; t < pr->outs; t++)
     for (int64_t i = 0; i < k; i++)
       for (int64_t j = ne; j < n; j++) pr->out[t][i * pr->out_rs[t] + j * pr->out_cs[t]] = job->bo[pr->out_q[t]];
@@ -490,11 +640,8 @@ static void pair_grad(const Pair* pr, float* dw) {
     g[q] = job->g + (q * job->b * job->c + pr->p) * k * n;
     for (int64_t x = 0; x < k * n; x++) dbo[q] += g[q][x];
   }
-  if (ne < n)
-    for (int64_t i = 1; i <= k; i++) {
-      memset(pr->ga3 + (i * width + ne + 1) * c, 0, c * sizeof(float));
-      memset(pr->ga2 + (i * width + ne + 1) * c, 0, c * sizeof(float));
-    }
+  zero_past(pr, pr->ga3);
+  zero_past(pr, pr->ga2);
   // The 1x1 output layer, then the 3x3 layer's ReLU: ga3 = (wo g) * (h3 > 0), dwo += h3 g.
   const vf zero = {0};
   vf gwo[2][NV];
@@ -521,7 +668,7 @@ static void pair_grad(const Pair* pr, float* dw) {
   }
   bias_grad(pr, pr->ga3, db3);
   weight_grad(pr, pr->h2, pr->ga3, 3, 3, dw3);
-  layer(pr, 9, back_row_block);  // ga2
+  winograd_layer(pr, 1);  // ga2
   bias_grad(pr, pr->ga2, db2);
   weight_grad(pr, pr->h1, pr->ga2, 1, 3, dw2);
   layer(pr, 3, back_row_block);  // ga1
@@ -550,14 +697,24 @@ static void pair_grad(const Pair* pr, float* dw) {
     for (int v = 0; v < NV; v++) vstore(dw1 + a * c + v * VW, vload(dw1 + a * c + v * VW) + gw1[a][v]);
 }
 
+// A pair's zero-haloed maps (see `Pair`) are k + 3 rows of n + 3 positions: a halo of one on every side, one more row
+// and column read by the last 3x3 tiles (odd k or n) and the last block of RB = 2 rows.
+static int64_t map_width(const Job* job) { return job->n + 3; }
+static size_t map_floats(const Job* job) { return (size_t)(job->k + 3) * map_width(job); }
+// Floats of `winograd_layer`'s scratch, wv and wm.
+static size_t winograd_floats(const Job* job) { return 2 * 16 * (size_t)((job->n + 1) / 2) * CHANNELS; }
+
 // Pairs [start, end) of RelationCnnGrad's block: their sums go to the chunk's row of dw.
 static void grad_chunk(const void* ctx, int64_t start, int64_t end, void* scratch) {
   const Job* job = ctx;
-  const int64_t n = job->n, width = n + 2, map = (job->k + 2 + RB - 1) * width;
+  const int64_t n = job->n;
+  const size_t map = map_floats(job);
   float* maps = scratch;
-  Pair pr = {.job = job, .width = width, .xs = maps};
+  Pair pr = {.job = job, .width = map_width(job), .xs = maps};
   float** fields[] = {&pr.h1, &pr.h2, &pr.h3, &pr.ga3, &pr.ga2, &pr.ga1};
   for (int a = 0; a < 6; a++) *fields[a] = maps + map + a * CHANNELS * map;
+  pr.wv = maps + (6 * CHANNELS + 1) * map;
+  pr.wm = pr.wv + winograd_floats(job) / 2;
   float* dw = job->dw + start / CHUNK * grad_size(job->o);
   memset(dw, 0, grad_size(job->o) * sizeof(float));
   for (int64_t p = start; p < end; p++) {
@@ -568,25 +725,27 @@ static void grad_chunk(const void* ctx, int64_t start, int64_t end, void* scratc
   }
 }
 
-// Floats of a thread's scratch: a pair's three zero-haloed maps (see `Pair`) and, for RdanScores, its rows of np.
+// Floats of a thread's scratch: a pair's three zero-haloed maps, `winograd_layer`'s and, for RdanScores, its rows of
+// np (see `Pair`).
 static size_t scratch_floats(const Job* job) {
-  const size_t map = (size_t)(job->k + 2 + RB - 1) * (job->n + 2);
   const size_t scores = job->params ? (3 * job->k + 1) * job->np + (3 * job->n + 1) * job->kp : 0;
-  return (2 * CHANNELS + 1) * map + scores;
+  return (2 * CHANNELS + 1) * map_floats(job) + winograd_floats(job) + scores;
 }
 
 // Pairs [start, end) of the block.
 static void pairs_chunk(const void* ctx, int64_t start, int64_t end, void* scratch) {
   const Job* job = ctx;
-  const int64_t k = job->k, n = job->n, np = job->np, width = n + 2, height = k + 2 + RB - 1;
-  const size_t map = (size_t)height * width;
+  const int64_t k = job->k, n = job->n, np = job->np;
+  const size_t map = map_floats(job);
   float* maps = scratch;
-  Pair pr = {.job = job, .width = width, .h1 = maps, .h2 = maps + CHANNELS * map, .xs = maps + 2 * CHANNELS * map};
+  Pair pr = {.job = job, .width = map_width(job), .h1 = maps, .h2 = maps + CHANNELS * map, .xs = maps + 2 * CHANNELS * map};
+  pr.wv = pr.xs + map;
+  pr.wm = pr.wv + winograd_floats(job) / 2;
   if (job->params) {
     const int64_t kp = job->kp;
     float** fields[] = {&pr.s1, &pr.ss, &pr.wt, &pr.wn, &pr.s2t, &pr.sst, &pr.at, &pr.rnv};
     const int64_t sizes[] = {k * np, k * np, k * np, np, n * kp, n * kp, n * kp, kp};
-    float* next = pr.xs + map;
+    float* next = pr.wv + winograd_floats(job);
     for (int a = 0; a < 8; a++) {
       *fields[a] = next;
       next += sizes[a];
@@ -614,6 +773,8 @@ static void free_job(const void* ctx) {
   free(job->wo_t);
   free(job->w2b);
   free(job->w3b);
+  free(job->u3);
+  free(job->u3b);
   free(job);
 }
 
@@ -637,19 +798,22 @@ static Job* shared_job(XLA_FFI_CallFrame* frame, XLA_FFI_Error** error) {
     }
   Job* job = calloc(1, sizeof(Job));
   float* wo_t = malloc((size_t)o * ch * sizeof(float));
-  if (job == NULL || wo_t == NULL) {
+  float* u3 = malloc(16 * ch * ch * sizeof(float));
+  if (job == NULL || wo_t == NULL || u3 == NULL) {
     free(job);
     free(wo_t);
+    free(u3);
     *error = ffi_error(frame->api, "relation_cnn: out of memory");
     return NULL;
   }
   *job = (Job){.b = b, .c = c, .k = k, .n = n, .o = o, .np = (n + VW - 1) / VW * VW, .kp = (k + VW - 1) / VW * VW,
-                   .wo_t = wo_t};
+                   .wo_t = wo_t, .u3 = u3};
   const float** inputs[] = {&job->sim, &job->column_mask, &job->w1, &job->b1, &job->w2,
                             &job->b2,  &job->w3,          &job->b3, &job->wo, &job->bo};
   for (int i = 0; i < 10; i++) *inputs[i] = (const float*)ffi_arg(frame, i)->data;
   for (int64_t q = 0; q < o; q++)
     for (int64_t ci = 0; ci < ch; ci++) job->wo_t[q * ch + ci] = job->wo[ci * o + q];
+  winograd_kernel(job->w3, job->u3);
   *error = NULL;
   return job;
 }
@@ -732,7 +896,8 @@ XLA_FFI_Error* RelationCnnGrad(XLA_FFI_CallFrame* frame) {
   job->dw = (float*)dw->data;
   job->w2b = malloc(3 * ch * ch * sizeof(float));
   job->w3b = malloc(9 * ch * ch * sizeof(float));
-  if (job->w2b == NULL || job->w3b == NULL) {
+  job->u3b = malloc(16 * ch * ch * sizeof(float));
+  if (job->w2b == NULL || job->w3b == NULL || job->u3b == NULL) {
     free_job(job);
     return ffi_error(frame->api, "RelationCnnGrad: out of memory");
   }
@@ -743,13 +908,14 @@ XLA_FFI_Error* RelationCnnGrad(XLA_FFI_CallFrame* frame) {
         job->w3b[(t * ch + co) * ch + ci] = job->w3[((8 - t) * ch + ci) * ch + co];
         if (t < 3) job->w2b[(t * ch + co) * ch + ci] = job->w2[((2 - t) * ch + ci) * ch + co];
       }
+  winograd_kernel(job->w3b, job->u3b);
   if (pairs * k * n == 0) {  // nothing to differentiate: zero sums
     memset(job->dw, 0, chunks * grad_size(o) * sizeof(float));
     free_job(job);
     return NULL;
   }
-  const size_t map = (size_t)(k + 2 + RB - 1) * (n + 2);
-  if (parallel_for(frame, pairs, CHUNK, (6 * CHANNELS + 1) * map * sizeof(float), grad_chunk, job, free_job) != 0)
+  const size_t scratch = (6 * CHANNELS + 1) * map_floats(job) + winograd_floats(job);
+  if (parallel_for(frame, pairs, CHUNK, scratch * sizeof(float), grad_chunk, job, free_job) != 0)
     return ffi_error(frame->api, "RelationCnnGrad: out of memory");
   return NULL;
 }
