@@ -1,11 +1,12 @@
 // RDAN's relation CNN (eq 6) over a block of pair maps, forward and backward: XLA FFI handlers for the CPU.
 //
 // Compiled on first use by xmatch_jax/kernels/__init__.py with -DCHANNELS=<c> (a power of two): a
-// position's channels are CHANNELS / VW native vectors, so each multiply-add of a 3x1, 1x3 or 3x3 tap is
-// one broadcast FMA per vector, and JB output positions of RB rows accumulate in registers. Each thread keeps one
-// pair's zero-haloed activation maps in its own scratch (~250 KB at the paper's sizes: in L2) and runs all
-// four layers on it before the next pair; XLA:CPU instead writes every layer's maps of the whole block to
-// memory (docs/architecture.md, "Compiled CPU kernels"). Pairs are split over XLA's own thread pool.
+// position's channels are CHANNELS / VW native vectors. The 1x3 and 3x3 layers run as Winograd's F(2, 3) and
+// F(2x2, 3x3) (`winograd_layer`), whose channel sums are small matrix products with one broadcast FMA per vector and
+// up to 16 tiles accumulating in registers. Each thread keeps one pair's zero-haloed activation maps in its own
+// scratch (~250 KB at the paper's sizes: in L2) and runs all four layers on it before the next pair; XLA:CPU instead
+// writes every layer's maps of the whole block to memory (docs/architecture.md, "Compiled CPU kernels"). Pairs are
+// split over XLA's own thread pool.
 //
 // RelationCnn: the maps. Arguments (all float32): sim [b, C, k, n] (S), column_mask [C, n] (1 for a real word, 0
 // for padding), w1 [3, 1, 1, c], b1 [c], w2 [1, 3, c, c], b2 [c], w3 [3, 3, c, c], b3 [c], wo [1, 1, c, o], bo [o].
@@ -51,18 +52,10 @@
 #endif
 #define NV (CHANNELS / VW)
 // Output channels are accumulated in groups of NVG vectors (all of them up to two vectors): with eight-float
-// vectors at 32 channels, four vectors a position would leave registers for two positions a block; two-vector
-// groups hold six, and each group re-reads the (cached) inputs.
+// vectors at 32 channels, four vectors a tile would leave registers for two tiles a block; two-vector groups hold
+// six, and each group re-reads the (cached) inputs.
 #define NVG (NV > 2 ? 2 : NV)
 #define NG (NV / NVG)
-// Rows of output positions accumulated at once: two when a position's channels are one vector (each weight load
-// then feeds twice as many FMAs), else one.
-#define RB (NV == 1 ? 2 : 1)
-// The most output positions of a row accumulated at once: RB * JBMAX * NVG accumulators, NVG weight vectors and a
-// broadcast input stay in the registers. A row of n positions is cut into the fewest blocks of at most JBMAX, of
-// sizes as equal as possible (n = 20: two of 10), so no block computes padding.
-#define JB_FIT ((REGS - NVG - 2) / (NVG * RB))
-#define JBMAX (JB_FIT > 16 ? 16 : (JB_FIT < 1 ? 1 : JB_FIT))
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 typedef float vf __attribute__((vector_size(VW * 4)));
@@ -114,7 +107,9 @@ typedef struct {
   const float *sim, *column_mask, *w1, *b1, *w2, *b2, *w3, *b3, *wo, *bo;
   const float *region_norms, *word_norms, *image_gram, *text_gram, *params;  // RdanScores only (else NULL)
   float* wo_t;  // wo transposed, [o, c]
-  float *u3, *u3b;  // w3's Winograd transform [16, c, c] (`winograd_kernel`); u3b the transposed convolution's (Grad only)
+  // The kernels' Winograd transforms (`winograd_kernel`): w2's [4, c, c] and w3's [16, c, c]; u2b and u3b those of the
+  // transposed convolutions (RelationCnnGrad only).
+  float *u2, *u3, *u2b, *u3b;
   float* out;   // RelationCnn: the maps [o, b, C, k, n]; RdanScores: the scores [b, C]
   // RelationCnnGrad only (else NULL): the maps' cotangent g [o, b, C, k, n]; the results dsim [b, C, k, n] and dw, a
   // row of weight-gradient sums per chunk of pairs [chunks, GRAD_SIZE]; w2 and w3 flipped, in and out swapped (the
@@ -126,25 +121,8 @@ typedef struct {
 #define CHUNK 8
 #define EPS 1e-8f  // rdan._EPS, the cosine clamp
 
-// acc[r][jj] += sum over taps t and input channels ci of rows[r][t][jj * c + ci] * w[t][ci, group], for RB rows of jb
-// output positions each (w points at the group's first output channel) (`rows[r][t]` is row r's input row for tap t, already shifted to the tap's column). jb is a
-// constant at every call (see `row_block`), so the accumulators are registers.
-static ALWAYS_INLINE void accumulate(vf acc[RB][JBMAX][NVG], const float* rows[RB][9], int taps, int jb,
-                                     const float* w) {
-  for (int t = 0; t < taps; t++)
-    for (int ci = 0; ci < CHANNELS; ci++) {
-      vf wv[NVG];
-      for (int v = 0; v < NVG; v++) wv[v] = vload(w + (t * CHANNELS + ci) * CHANNELS + v * VW);
-      for (int r = 0; r < RB; r++)
-        for (int jj = 0; jj < jb; jj++) {
-          const float x = rows[r][t][jj * CHANNELS + ci];
-          for (int v = 0; v < NVG; v++) acc[r][jj][v] += x * wv[v];
-        }
-    }
-}
-
 // Maps of one pair: xs (S, masked, one channel), h1 and h2 (the first two layers' outputs, c channels), each with a
-// zero halo of one position on every side and RB - 1 spare zero rows read by the last block of rows.
+// zero halo of one position on every side and one more row and column (`map_width`).
 typedef struct {
   const Job* job;
   int64_t p, width;
@@ -167,124 +145,38 @@ typedef struct {
   float *s1, *ss, *wt, *wn, *s2t, *sst, *at, *rnv;
 } Pair;
 
-// rows[r][t]: where tap t of output row i + r reads the zero-haloed map `in`, from column j0 (the 1x3 layer, `taps` 3,
-// reads only its own row; the 3x3 layer, `taps` 9, the rows above and below too).
-static ALWAYS_INLINE void tap_rows(const float* rows[RB][9], const float* in, int taps, int64_t i, int64_t j0,
-                                   int64_t width) {
-  for (int r = 0; r < RB; r++)
-    for (int a = 0; a < taps / 3; a++)
-      for (int t = 0; t < 3; t++) {
-        const int64_t row = taps == 3 ? i + r + 1 : i + r + a;
-        rows[r][a * 3 + t] = in + (row * width + j0 + t) * CHANNELS;
-      }
-}
-
-// One block of RB rows from row i x jb positions from column j0: the 1x3 layer (h1 -> h2, ReLU, mask) when `taps`
-// is 3, else the 3x3 layer and the 1x1 output layer (h2 -> out).
-static ALWAYS_INLINE void block(const Pair* pr, int taps, int64_t i, int64_t j0, int jb) {
-  const Job* job = pr->job;
-  const int64_t k = job->k, width = pr->width;
-  const float* bias = taps == 3 ? job->b2 : job->b3;
-  const float* rows[RB][9];
-  tap_rows(rows, taps == 3 ? pr->h1 : pr->h2, taps, i, j0, width);
-  float dots[RB][JBMAX][2] = {{{0}}};  // the output layer's channel sums, over the groups
-  for (int g = 0; g < NG; g++) {
-    const int64_t first = g * NVG * VW;  // the group's first channel
-    vf acc[RB][JBMAX][NVG];
-    for (int r = 0; r < RB; r++)
-      for (int jj = 0; jj < jb; jj++)
-        for (int v = 0; v < NVG; v++) acc[r][jj][v] = vload(bias + first + v * VW);
-    accumulate(acc, rows, taps, jb, (taps == 3 ? job->w2 : job->w3) + first);
-    for (int r = 0; r < RB && i + r < k; r++)
-      for (int jj = 0; jj < jb; jj++) {
-        const float mask = pr->m[j0 + jj];
-        if (taps == 3 || pr->h3) {
-          float* h = (taps == 3 ? pr->h2 : pr->h3) + ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + first;
-          for (int v = 0; v < NVG; v++) vstore(h + v * VW, relu(acc[r][jj][v]) * mask);
-          continue;
-        }
-        for (int64_t q = 0; q < job->o; q++) {
-          vf sum = {0};
-          for (int v = 0; v < NVG; v++) sum += relu(acc[r][jj][v]) * vload(job->wo_t + q * CHANNELS + first + v * VW);
-          dots[r][jj][q] += hsum(sum);
-        }
-      }
-  }
-  if (taps == 3 || pr->h3) return;
-  for (int r = 0; r < RB && i + r < k; r++)
-    for (int jj = 0; jj < jb; jj++) {
-      const float mask = pr->m[j0 + jj];
-      float values[2];
-      for (int64_t q = 0; q < job->o; q++) values[q] = job->bo[q] + dots[r][jj][q] * mask;
-      for (int t = 0; t < pr->outs; t++)
-        pr->out[t][(i + r) * pr->out_rs[t] + (j0 + jj) * pr->out_cs[t]] = values[pr->out_q[t]];
-    }
-}
-
-// The transposed convolution of a layer (RelationCnnGrad), one block as `block`: the cotangent of the layer's input
-// at RB rows x jb positions, through the ReLU below it. For the 3x3 layer (`taps` 9), ga2 = (ga3 convolved with w3
-// flipped, in and out swapped) * (h2 > 0); for the 1x3 layer (`taps` 3), ga1 from ga2, w2 and h1 the same way.
-static ALWAYS_INLINE void back_block(const Pair* pr, int taps, int64_t i, int64_t j0, int jb) {
-  const Job* job = pr->job;
-  const int64_t k = job->k, width = pr->width;
-  const float* ga = taps == 3 ? pr->ga2 : pr->ga3;
-  const float* h = taps == 3 ? pr->h1 : pr->h2;
-  float* out = taps == 3 ? pr->ga1 : pr->ga2;
-  const float* rows[RB][9];
-  tap_rows(rows, ga, taps, i, j0, width);
-  for (int g = 0; g < NG; g++) {
-    const int64_t first = g * NVG * VW;
-    vf acc[RB][JBMAX][NVG] = {{{{0}}}};
-    accumulate(acc, rows, taps, jb, (taps == 3 ? job->w2b : job->w3b) + first);
-    const vf zero = {0};
-    for (int r = 0; r < RB && i + r < k; r++)
-      for (int jj = 0; jj < jb; jj++) {
-        const int64_t at = ((i + r + 1) * width + j0 + jj + 1) * CHANNELS + first;
-        for (int v = 0; v < NVG; v++) vstore(out + at + v * VW, vselect(vload(h + at + v * VW) > zero, acc[r][jj][v], zero));
-      }
-  }
-}
-
-// `block` and `back_block` with jb as a constant: one specialisation per block width.
-#define BLOCK_CASE(fn, w) \
-  case w:                 \
-    fn(pr, taps, i, j0, w <= JBMAX ? w : JBMAX); \
-    break;
-#define BLOCK_SWITCH(fn)                                                                                         \
-  switch (jb) {                                                                                                  \
-    BLOCK_CASE(fn, 1) BLOCK_CASE(fn, 2) BLOCK_CASE(fn, 3) BLOCK_CASE(fn, 4) BLOCK_CASE(fn, 5) BLOCK_CASE(fn, 6) \
-    BLOCK_CASE(fn, 7) BLOCK_CASE(fn, 8) BLOCK_CASE(fn, 9) BLOCK_CASE(fn, 10) BLOCK_CASE(fn, 11)                  \
-    BLOCK_CASE(fn, 12) BLOCK_CASE(fn, 13) BLOCK_CASE(fn, 14) BLOCK_CASE(fn, 15) BLOCK_CASE(fn, 16)               \
-    default:                                                                                                     \
-      abort(); /* jb <= JBMAX <= 16 */                                                                           \
-  }
-static void row_block(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t jb) { BLOCK_SWITCH(block) }
-static void back_row_block(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t jb) { BLOCK_SWITCH(back_block) }
-
-typedef void (*block_fn)(const Pair* pr, int taps, int64_t i, int64_t j0, int64_t jb);
-
-// The 3x3 layer and its transposed convolution as Winograd's F(2x2, 3x3) (Lavin and Gray 2016, "Fast Algorithms for
-// Convolutional Neural Networks"): the 2x2 outputs of a tile are A^T [U . (B^T d B)] A from the 4x4 inputs d around
-// them, where U = G w G^T is the kernel's transform (per input and output channel, once per call: Job.u3). Summed over
-// input channels, the 16 elementwise products are 16 [tiles, c] x [c, c] products: 4 multiply-adds an output and
-// channel pair instead of 9 (docs/architecture.md, "Compiled CPU kernels").
+// The 1x3 and 3x3 layers and their transposed convolutions as Winograd's minimal filtering (Lavin and Gray 2016,
+// "Fast Algorithms for Convolutional Neural Networks"): F(2, 3) along a row, the 2 outputs A^T [U . (B^T d)] of the 4
+// inputs d around them, and F(2x2, 3x3), the 2x2 outputs A^T [U . (B^T d B)] A of 4x4 inputs, where U = G w (1x3) or
+// G w G^T (3x3) is the kernel's transform, per input and output channel, once per call (Job.u2, Job.u3). Summed over
+// input channels, the 4 or 16 elementwise products are as many [tiles, c] x [c, c] matrix products: 2 multiply-adds
+// an output and channel pair instead of 3 (1x3), 4 instead of 9 (3x3) (docs/architecture.md, "Compiled CPU kernels").
 static const float WINO_G[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
 
-// u [16, c, c] = G w G^T for a kernel w [3, 3, c, c] (HWIO): u[4 x + y][ci][co].
-static void winograd_kernel(const float* w, float* u) {
+// u [16, c, c] = G w G^T (taps 9, w [3, 3, c, c] HWIO; u[4 x + y][ci][co]) or u [4, c, c] = G w (taps 3,
+// w [1, 3, c, c]).
+static void winograd_kernel(const float* w, int taps, float* u) {
   const int64_t c = CHANNELS;
   for (int64_t ci = 0; ci < c; ci++)
     for (int64_t co = 0; co < c; co++) {
-      float gw[4][3] = {{0}};
+      float gw[4][3] = {{0}};  // G applied along the kernel's rows (taps 9) or its only row (taps 3)
       for (int x = 0; x < 4; x++)
         for (int b = 0; b < 3; b++)
-          for (int a = 0; a < 3; a++) gw[x][b] += WINO_G[x][a] * w[((a * 3 + b) * c + ci) * c + co];
-      for (int x = 0; x < 4; x++)
+          if (taps == 3)
+            gw[x][b] = WINO_G[x][b] * w[(b * c + ci) * c + co];
+          else
+            for (int a = 0; a < 3; a++) gw[x][b] += WINO_G[x][a] * w[((a * 3 + b) * c + ci) * c + co];
+      for (int x = 0; x < 4; x++) {
+        if (taps == 3) {
+          u[(x * c + ci) * c + co] = gw[x][0] + gw[x][1] + gw[x][2];
+          continue;
+        }
         for (int y = 0; y < 4; y++) {
           float sum = 0;
           for (int b = 0; b < 3; b++) sum += gw[x][b] * WINO_G[y][b];
           u[((x * 4 + y) * c + ci) * c + co] = sum;
         }
+      }
     }
 }
 
@@ -326,41 +218,59 @@ static void tile_products_block(const float* v, const float* u, float* m, int64_
   }
 }
 
-// The 3x3 layer's output at (i, j) from its pre-activation y (bias not added): h3 (RelationCnnGrad) or the 1x1
-// output layer's values at the call's targets.
-static ALWAYS_INLINE void finish_3x3(const Pair* pr, int64_t i, int64_t j, const vf y[NV]) {
+// A layer's output at (i, j) from y, its convolution there (no bias): the forward 1x3 layer's h2 = ReLU(y + b2) * mask;
+// the 3x3 layer's h3 (RelationCnnGrad), or the 1x1 output layer's values at the call's targets; with `back`, the
+// transposed convolution's cotangent through the ReLU below, ga1 = y * (h1 > 0) (1x3) or ga2 = y * (h2 > 0) (3x3).
+static ALWAYS_INLINE void finish(const Pair* pr, int taps, int back, int64_t i, int64_t j, const vf y[NV]) {
   const Job* job = pr->job;
+  const int64_t at = ((i + 1) * pr->width + j + 1) * CHANNELS;
   const float mask = pr->m[j];
-  if (pr->h3) {
-    float* h = pr->h3 + ((i + 1) * pr->width + j + 1) * CHANNELS;
-    for (int v = 0; v < NV; v++) vstore(h + v * VW, relu(y[v] + vload(job->b3 + v * VW)) * mask);
+  const vf zero = {0};
+  if (back) {
+    const float* h = taps == 3 ? pr->h1 : pr->h2;
+    float* ga = taps == 3 ? pr->ga1 : pr->ga2;
+    for (int v = 0; v < NV; v++) vstore(ga + at + v * VW, vselect(vload(h + at + v * VW) > zero, y[v], zero));
+    return;
+  }
+  const float* bias = taps == 3 ? job->b2 : job->b3;
+  if (taps == 3 || pr->h3) {
+    float* h = (taps == 3 ? pr->h2 : pr->h3) + at;
+    for (int v = 0; v < NV; v++) vstore(h + v * VW, relu(y[v] + vload(bias + v * VW)) * mask);
     return;
   }
   float values[2];
   for (int64_t q = 0; q < job->o; q++) {
-    vf sum = {0};
-    for (int v = 0; v < NV; v++) sum += relu(y[v] + vload(job->b3 + v * VW)) * vload(job->wo_t + q * CHANNELS + v * VW);
+    vf sum = zero;
+    for (int v = 0; v < NV; v++) sum += relu(y[v] + vload(bias + v * VW)) * vload(job->wo_t + q * CHANNELS + v * VW);
     values[q] = job->bo[q] + hsum(sum) * mask;
   }
   for (int t = 0; t < pr->outs; t++) pr->out[t][i * pr->out_rs[t] + j * pr->out_cs[t]] = values[pr->out_q[t]];
 }
 
-// The 3x3 layer over the pair's first ne columns, from h2 (then h3 or the output layer: `finish_3x3`), or with `back`
-// its transposed convolution, ga2 = (ga3 convolved with w3 flipped, in and out swapped) * (h2 > 0). A row of tiles
-// at a time: its transformed inputs (pr->wv) and products (pr->wm), [16, tiles, c] each, stay in L1. The inputs' zero
-// halo covers the tiles past the last row or column (`pair_maps`).
-static void winograd_layer(const Pair* pr, int back) {
+// The 1x3 (`taps` 3: h1 -> h2) or 3x3 layer (`taps` 9: h2 -> h3 or the output layer) over the pair's first ne columns,
+// or with `back` its transposed convolution (ga2 -> ga1, ga3 -> ga2; the kernels flipped, in and out swapped), each
+// output through `finish`. Two output rows at a time: their tiles' transformed inputs (pr->wv) and products (pr->wm),
+// [4 or 16, tiles, c], stay in L1. The inputs' zero halo covers the tiles past the last row or column (`zero_past`).
+static void winograd_layer(const Pair* pr, int taps, int back) {
   const Job* job = pr->job;
   const int64_t k = job->k, ne = pr->ne, width = pr->width, c = CHANNELS;
-  const int64_t tiles = (ne + 1) / 2, blocks = (tiles + TBMAX - 1) / TBMAX;
-  const float* in = back ? pr->ga3 : pr->h2;
-  const float* u = back ? job->u3b : job->u3;
+  const int64_t row_tiles = (ne + 1) / 2, tiles = taps == 3 ? 2 * row_tiles : row_tiles;
+  const int64_t blocks = (tiles + TBMAX - 1) / TBMAX, terms = taps == 3 ? 4 : 16;
+  const float* in = taps == 3 ? (back ? pr->ga2 : pr->h1) : (back ? pr->ga3 : pr->h2);
+  const float* u = taps == 3 ? (back ? job->u2b : job->u2) : (back ? job->u3b : job->u3);
   float *wv = pr->wv, *wm = pr->wm;
-  const vf zero = {0};
   for (int64_t i0 = 0; i0 < k; i0 += 2) {
-    // B^T d B, d the 4 x 4 inputs from (i0, 2 t) of the haloed map (the outputs' tap (0, 0)).
+    // B^T d (B): d the inputs from the outputs' first tap, (i0 + a + 1, 2 t) (1x3: rows a = 0, 1) or (i0, 2 t) (3x3) of
+    // the haloed map.
     for (int64_t t = 0; t < tiles; t++)
       for (int v = 0; v < NV; v++) {
+        if (taps == 3) {
+          const float* d = in + ((i0 + t / row_tiles + 1) * width + 2 * (t % row_tiles)) * c + v * VW;
+          const vf d0 = vload(d), d1 = vload(d + c), d2 = vload(d + 2 * c), d3 = vload(d + 3 * c);
+          const vf e[4] = {d0 - d2, d1 + d2, d2 - d1, d1 - d3};
+          for (int x = 0; x < 4; x++) vstore(wv + (x * tiles + t) * c + v * VW, e[x]);
+          continue;
+        }
         const float* d = in + (i0 * width + 2 * t) * c + v * VW;
         vf r[4][4];
         for (int y = 0; y < 4; y++) {
@@ -373,51 +283,34 @@ static void winograd_layer(const Pair* pr, int back) {
           for (int y = 0; y < 4; y++) vstore(wv + ((x * 4 + y) * tiles + t) * c + v * VW, e[y]);
         }
       }
-    for (int e = 0; e < 16; e++)
+    for (int e = 0; e < terms; e++)
       for (int64_t blk = 0, t0 = 0; blk < blocks; blk++) {
         const int64_t tb = tiles / blocks + (blk < tiles % blocks);
         tile_products_block(wv + (e * tiles + t0) * c, u + e * c * c, wm + (e * tiles + t0) * c, tb);
         t0 += tb;
       }
-    // A^T M A, then each output's epilogue.
+    // A^T M (A), then each output's epilogue.
     for (int64_t t = 0; t < tiles; t++) {
-      vf y[2][2][NV];
+      const int64_t i = taps == 3 ? i0 + t / row_tiles : i0, j = 2 * (taps == 3 ? t % row_tiles : t);
+      vf y[2][2][NV];  // [row][column]: the 1x3 layer's tile is row 0
       for (int v = 0; v < NV; v++) {
         vf r[2][4];
-        for (int col = 0; col < 4; col++) {
+        for (int col = 0; col < (taps == 3 ? 1 : 4); col++) {
           vf m[4];
-          for (int x = 0; x < 4; x++) m[x] = vload(wm + ((x * 4 + col) * tiles + t) * c + v * VW);
+          for (int x = 0; x < 4; x++) m[x] = vload(wm + ((taps == 3 ? x : x * 4 + col) * tiles + t) * c + v * VW);
           r[0][col] = m[0] + m[1] + m[2], r[1][col] = m[1] - m[2] - m[3];
+        }
+        if (taps == 3) {
+          y[0][0][v] = r[0][0], y[0][1][v] = r[1][0];
+          continue;
         }
         for (int a = 0; a < 2; a++)
           y[a][0][v] = r[a][0] + r[a][1] + r[a][2], y[a][1][v] = r[a][1] - r[a][2] - r[a][3];
       }
-      for (int a = 0; a < 2 && i0 + a < k; a++)
-        for (int b = 0; b < 2 && 2 * t + b < ne; b++) {
-          const int64_t i = i0 + a, j = 2 * t + b;
-          if (!back) {
-            finish_3x3(pr, i, j, y[a][b]);
-            continue;
-          }
-          const int64_t at = ((i + 1) * width + j + 1) * c;
-          for (int v = 0; v < NV; v++) vstore(pr->ga2 + at + v * VW, vselect(vload(pr->h2 + at + v * VW) > zero, y[a][b][v], zero));
-        }
+      for (int a = 0; a < (taps == 3 ? 1 : 2) && i + a < k; a++)
+        for (int b = 0; b < 2 && j + b < ne; b++) finish(pr, taps, back, i + a, j + b, y[a][b]);
     }
   }
-}
-
-// A 1x3 or 3x3 layer (`row_block`) or its transposed convolution (`back_row_block`) over the map's first ne columns:
-// blocks of RB rows x the row's column blocks.
-static void layer(const Pair* pr, int taps, block_fn fn) {
-  const int64_t k = pr->job->k, n = pr->ne;
-  if (n == 0) return;
-  const int64_t blocks = (n + JBMAX - 1) / JBMAX, base = n / blocks, wider = n % blocks;
-  for (int64_t i = 0; i < k; i += RB)
-    for (int64_t blk = 0, j0 = 0; blk < blocks; blk++) {
-      const int64_t jb = base + (blk < wider);
-      fn(pr, taps, i, j0, jb);
-      j0 += jb;
-    }
 }
 
 // Zeroes columns ne and ne + 1 of a zero-haloed map (those left by a pair with more words): the last computed column
@@ -425,7 +318,8 @@ static void layer(const Pair* pr, int taps, block_fn fn) {
 static void zero_past(const Pair* pr, float* map) {
   const int64_t last = pr->ne + 2 < pr->job->n ? pr->ne + 2 : pr->job->n;  // in haloed columns, + 1
   for (int64_t i = 1; i <= pr->job->k; i++)
-    for (int64_t j = pr->ne + 1; j <= last; j++) memset(map + (i * pr->width + j) * CHANNELS, 0, CHANNELS * sizeof(float));
+    for (int64_t j = pr->ne + 1; j <= last; j++)
+      memset(map + (i * pr->width + j) * CHANNELS, 0, CHANNELS * sizeof(float));
 }
 
 // The maps of one pair. Past the last real word (columns ne..n-1) every layer's maps are zero, as the masks make
@@ -448,8 +342,8 @@ static void pair_maps(const Pair* pr) {
         for (int a = 0; a < 3; a++) acc += pr->xs[(i + a) * width + j + 1] * vload(job->w1 + a * CHANNELS + v * VW);
         vstore(pr->h1 + ((i + 1) * width + j + 1) * CHANNELS + v * VW, relu(acc) * m[j]);
       }
-  layer(pr, 3, row_block);  // 1x3, c -> c
-  winograd_layer(pr, 0);    // 3x3, c -> c, and the 1x1 output layer (or h3)
+  winograd_layer(pr, 3, 0);  // 1x3, c -> c
+  winograd_layer(pr, 9, 0);  // 3x3, c -> c, and the 1x1 output layer (or h3)
   for (int t = 0; t < pr->outs; t++)
     for (int64_t i = 0; i < k; i++)
       for (int64_t j = ne; j < n; j++) pr->out[t][i * pr->out_rs[t] + j * pr->out_cs[t]] = job->bo[pr->out_q[t]];
@@ -668,10 +562,10 @@ static void pair_grad(const Pair* pr, float* dw) {
   }
   bias_grad(pr, pr->ga3, db3);
   weight_grad(pr, pr->h2, pr->ga3, 3, 3, dw3);
-  winograd_layer(pr, 1);  // ga2
+  winograd_layer(pr, 9, 1);  // ga2
   bias_grad(pr, pr->ga2, db2);
   weight_grad(pr, pr->h1, pr->ga2, 1, 3, dw2);
-  layer(pr, 3, back_row_block);  // ga1
+  winograd_layer(pr, 3, 1);  // ga1
   bias_grad(pr, pr->ga1, db1);
   // The 3x1 layer over S (one input channel): dw1[a] += S moved by a - 1 times ga1, and dsim = m * (the sum over a
   // of w1[2 - a] . ga1 moved by a - 1).
@@ -697,8 +591,8 @@ static void pair_grad(const Pair* pr, float* dw) {
     for (int v = 0; v < NV; v++) vstore(dw1 + a * c + v * VW, vload(dw1 + a * c + v * VW) + gw1[a][v]);
 }
 
-// A pair's zero-haloed maps (see `Pair`) are k + 3 rows of n + 3 positions: a halo of one on every side, one more row
-// and column read by the last 3x3 tiles (odd k or n) and the last block of RB = 2 rows.
+// A pair's zero-haloed maps (see `Pair`) are k + 3 rows of n + 3 positions: a halo of one on every side and one more
+// row and column, read by the last Winograd tiles when k or ne is odd.
 static int64_t map_width(const Job* job) { return job->n + 3; }
 static size_t map_floats(const Job* job) { return (size_t)(job->k + 3) * map_width(job); }
 // Floats of `winograd_layer`'s scratch, wv and wm.
@@ -738,7 +632,8 @@ static void pairs_chunk(const void* ctx, int64_t start, int64_t end, void* scrat
   const int64_t k = job->k, n = job->n, np = job->np;
   const size_t map = map_floats(job);
   float* maps = scratch;
-  Pair pr = {.job = job, .width = map_width(job), .h1 = maps, .h2 = maps + CHANNELS * map, .xs = maps + 2 * CHANNELS * map};
+  Pair pr = {.job = job, .width = map_width(job), .h1 = maps, .h2 = maps + CHANNELS * map};
+  pr.xs = maps + 2 * CHANNELS * map;
   pr.wv = pr.xs + map;
   pr.wm = pr.wv + winograd_floats(job) / 2;
   if (job->params) {
@@ -773,7 +668,9 @@ static void free_job(const void* ctx) {
   free(job->wo_t);
   free(job->w2b);
   free(job->w3b);
+  free(job->u2);
   free(job->u3);
+  free(job->u2b);
   free(job->u3b);
   free(job);
 }
@@ -798,22 +695,25 @@ static Job* shared_job(XLA_FFI_CallFrame* frame, XLA_FFI_Error** error) {
     }
   Job* job = calloc(1, sizeof(Job));
   float* wo_t = malloc((size_t)o * ch * sizeof(float));
+  float* u2 = malloc(4 * ch * ch * sizeof(float));
   float* u3 = malloc(16 * ch * ch * sizeof(float));
-  if (job == NULL || wo_t == NULL || u3 == NULL) {
+  if (job == NULL || wo_t == NULL || u2 == NULL || u3 == NULL) {
     free(job);
     free(wo_t);
+    free(u2);
     free(u3);
     *error = ffi_error(frame->api, "relation_cnn: out of memory");
     return NULL;
   }
   *job = (Job){.b = b, .c = c, .k = k, .n = n, .o = o, .np = (n + VW - 1) / VW * VW, .kp = (k + VW - 1) / VW * VW,
-                   .wo_t = wo_t, .u3 = u3};
+                   .wo_t = wo_t, .u2 = u2, .u3 = u3};
   const float** inputs[] = {&job->sim, &job->column_mask, &job->w1, &job->b1, &job->w2,
                             &job->b2,  &job->w3,          &job->b3, &job->wo, &job->bo};
   for (int i = 0; i < 10; i++) *inputs[i] = (const float*)ffi_arg(frame, i)->data;
   for (int64_t q = 0; q < o; q++)
     for (int64_t ci = 0; ci < ch; ci++) job->wo_t[q * ch + ci] = job->wo[ci * o + q];
-  winograd_kernel(job->w3, job->u3);
+  winograd_kernel(job->w2, 3, job->u2);
+  winograd_kernel(job->w3, 9, job->u3);
   *error = NULL;
   return job;
 }
@@ -896,8 +796,9 @@ XLA_FFI_Error* RelationCnnGrad(XLA_FFI_CallFrame* frame) {
   job->dw = (float*)dw->data;
   job->w2b = malloc(3 * ch * ch * sizeof(float));
   job->w3b = malloc(9 * ch * ch * sizeof(float));
+  job->u2b = malloc(4 * ch * ch * sizeof(float));
   job->u3b = malloc(16 * ch * ch * sizeof(float));
-  if (job->w2b == NULL || job->w3b == NULL || job->u3b == NULL) {
+  if (job->w2b == NULL || job->w3b == NULL || job->u2b == NULL || job->u3b == NULL) {
     free_job(job);
     return ffi_error(frame->api, "RelationCnnGrad: out of memory");
   }
@@ -908,7 +809,8 @@ XLA_FFI_Error* RelationCnnGrad(XLA_FFI_CallFrame* frame) {
         job->w3b[(t * ch + co) * ch + ci] = job->w3[((8 - t) * ch + ci) * ch + co];
         if (t < 3) job->w2b[(t * ch + co) * ch + ci] = job->w2[((2 - t) * ch + ci) * ch + co];
       }
-  winograd_kernel(job->w3b, job->u3b);
+  winograd_kernel(job->w2b, 3, job->u2b);
+  winograd_kernel(job->w3b, 9, job->u3b);
   if (pairs * k * n == 0) {  // nothing to differentiate: zero sums
     memset(job->dw, 0, chunks * grad_size(o) * sizeof(float));
     free_job(job);
