@@ -15,6 +15,12 @@ from xmatch_jax import inference
 from xmatch_jax.models import build_model
 
 
+def _init(model):
+  """`model.init` with `jax.random.key(0)`. The variables depend on the key, not on the inputs: init runs on the
+  model's example inputs in every test, so its eager ops compile once per model."""
+  return model.init(jax.random.key(0), *model.example_inputs())
+
+
 @pytest.mark.parametrize('image_chunk,text_batch', [(2, 3), (4, 5), (16, 64)])
 def test_tiled_scores_equal_one_call(image_chunk, text_batch):
   rng = np.random.default_rng(0)
@@ -26,7 +32,7 @@ def test_tiled_scores_equal_one_call(image_chunk, text_batch):
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
   tokens = (rng.integers(1, vocab, size=(n_txt, n)) * mask).astype(np.int32)
   text = {'tokens': tokens, 'mask': mask}
-  variables = model.init(jax.random.key(0), images, text)
+  variables = _init(model)
 
   scorer = inference.Scorer(model, variables, image_chunk=image_chunk, text_batch=text_batch)
   got = scorer.score(images, tokens, mask)
@@ -85,7 +91,7 @@ def test_pair_list_scores_equal_the_exhaustive_matrix_for_any_list(name):
   lengths = rng.integers(2, n + 1, size=n_txt)
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
   tokens = (rng.integers(1, vocab, size=(n_txt, n)) * mask).astype(np.int32)
-  variables = model.init(jax.random.key(0), images, {'tokens': tokens, 'mask': mask})
+  variables = _init(model)
   scorer = inference.Scorer(model, variables, image_chunk=4, text_batch=6)
   image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
   full = scorer.pair_scores(image_rep, text_rep)
@@ -121,7 +127,7 @@ def test_rerank_candidates_carry_full_scores_and_k_all_equals_exhaustive(name):
   lengths = rng.integers(2, n + 1, size=5 * n_img)
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
   tokens = (rng.integers(1, vocab, size=(5 * n_img, n)) * mask).astype(np.int32)
-  variables = model.init(jax.random.key(0), images, {'tokens': tokens, 'mask': mask})
+  variables = _init(model)
   scorer = inference.Scorer(model, variables, image_chunk=4, text_batch=7)
   image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
   full = scorer.pair_scores(image_rep, text_rep)
@@ -216,7 +222,7 @@ def test_interrupted_scoring_resumes_from_its_finished_columns(tmp_path):
   images = {'regions': rng.normal(size=(9, 4, 7)).astype(np.float32)}
   mask = (np.arange(6)[None] < rng.integers(1, 7, size=23)[:, None]).astype(np.float32)
   tokens = (rng.integers(1, 20, size=(23, 6)) * mask).astype(np.int32)
-  variables = model.init(jax.random.key(0), images, {'tokens': tokens, 'mask': mask})
+  variables = _init(model)
   scorer = inference.Scorer(model, variables, image_chunk=4, text_batch=5)  # 5 column blocks
   image_rep, text_rep = scorer.encode_images(images), scorer.encode_text(tokens, mask)
   want = scorer.pair_scores(image_rep, text_rep)

@@ -56,6 +56,12 @@ def _inputs(seed, vocab, n_img=N_IMG, n_cap=N_CAP):
   )
 
 
+def _params(model, seed):
+  """`model.init`'s params for `jax.random.key(seed)`. They depend on the key, not on the inputs: init runs on the
+  shapes of `_inputs(0, ...)` in every test, so its eager ops compile once per model."""
+  return model.init(jax.random.key(seed), *_inputs(0, model.vocab_size))['params']
+
+
 def _ranks(x):
   return np.argsort(np.argsort(x, axis=-1), axis=-1).astype(np.float64)
 
@@ -89,7 +95,7 @@ def test_bf16_scores_within_tolerance_of_float32(name):
 def test_bf16_gradients_finite_float32_and_aligned(name):
   f32, bf16 = _models(name)
   images, text = _inputs(1, f32.vocab_size, n_cap=N_IMG)  # square: one caption per image
-  params = f32.init(jax.random.key(1), images, text)['params']
+  params = _params(f32, 1)
 
   def grads(model):
     loss = lambda p: losses.contrastive_loss(model.apply({'params': p}, images, text), 0.2, True)
@@ -124,7 +130,7 @@ def test_bf16_train_step_from_config_keeps_params_float32(module):
   assert model.dtype == 'bfloat16'
   images, text = _inputs(2, vocab, n_cap=N_IMG)
   batch = {'images': images, 'text': text, 'image_ids': np.arange(N_IMG, dtype=np.int32)}
-  params = model.init(jax.random.key(2), images, text)['params']
+  params = _params(model, 2)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=10)
   tx = optim.freeze(tx, params, model.frozen_params)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}

@@ -39,6 +39,21 @@ def _setup(name, seed=0):
   return model, params, {'images': images, 'text': text, 'image_ids': np.arange(B) // 2}
 
 
+@functools.cache
+def _dense_loss_and_gradients(name):
+  """`_setup(name)` and the dense loss's value and gradients, the reference of every (width_chunk, pair_block) case of
+  the model: computed (and compiled) once per model."""
+  model, params, batch = _setup(name)
+  ids = batch['image_ids']
+
+  def dense(p):
+    scores = model.apply({'params': p}, batch['images'], batch['text'])
+    return losses.contrastive_loss(scores, 0.2, True, image_ids=ids)
+
+  want_loss, want = jax.jit(jax.value_and_grad(dense))(params)
+  return model, params, batch, want_loss, want
+
+
 def _max_abs(tree):
   return max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(tree))
 
@@ -49,17 +64,12 @@ def test_rescored_loss_and_gradients_equal_the_dense_loss(name, width_chunk, pai
   """width_chunk 3: the all-pairs forward that picks the negatives scores the captions (2-7 tokens) three at a time
   at their chunk's width, a multiple of 2 (`pairwise.score_by_caption_width`); pair_block 4: the 30 rescored pairs
   are scored in blocks of 4 (the last one 2)."""
-  model, params, batch = _setup(name)
+  model, params, batch, want_loss, want = _dense_loss_and_gradients(name)
   ids = batch['image_ids']
-
-  def dense(p):
-    scores = model.apply({'params': p}, batch['images'], batch['text'])
-    return losses.contrastive_loss(scores, 0.2, True, image_ids=ids)
 
   def rescored(p):
     return contrastive.rescored_hardest_loss(model, {'params': p}, batch, 0.2, ids, width_chunk, 2, pair_block)
 
-  want_loss, want = jax.jit(jax.value_and_grad(dense))(params)
   got_loss, got = jax.jit(jax.value_and_grad(rescored))(params)
   assert float(want_loss) > 0
   np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
