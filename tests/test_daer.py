@@ -1,7 +1,6 @@
 """DAER matcher: the text module against a numpy LSTM + eqs 1-3, the all-pairs relation scores against the per-pair
 network, the Table 3 variant switches, and staged training on `shapes_tiny` (learns, resumes, evaluates by mAP)."""
 
-import functools
 import json
 import os
 import sys
@@ -92,7 +91,7 @@ def test_keras_init_draws_as_tensorflow_2_keras_layers():
   tokens, mask = np.ones((2, 3), np.int32), np.ones((2, 3), np.float32)
   for keras_init in (True, False):
     module = daer.DAERText(vocab, word_dim, hidden, 32, attention_hidden=(48, 96, 48), keras_init=keras_init)
-    p = module.init(jax.random.key(0), tokens, mask)['params']
+    p = jax.jit(module.init)(jax.random.key(0), tokens, mask)['params']  # one compilation, not one per operation
     lstm = jax.tree.map(np.asarray, p['lstm'])
     block_energy = [np.sum(np.square(lstm[f'h{g}']['kernel'])) / hidden for g in 'ifgo']
     stacked_input = np.concatenate([lstm[f'i{g}']['kernel'] for g in 'ifgo'], axis=1)  # [in, 4H]
@@ -112,7 +111,7 @@ def test_keras_init_draws_as_tensorflow_2_keras_layers():
       assert embedding.std() == pytest.approx(word_dim**-0.5, 0.05)  # variance_scaling over the word axis
 
   relation = daer.RelationNetwork(hidden=(256, 16), keras_init=True)
-  rp = relation.init(jax.random.key(1), np.ones((2, 300), np.float32), np.ones((3, 300), np.float32))['params']
+  rp = jax.jit(relation.init)(jax.random.key(1), np.ones((2, 300), np.float32), np.ones((3, 300), np.float32))['params']
   first = np.concatenate([np.asarray(rp['fc0_text']['kernel']), np.asarray(rp['fc0_image']['kernel'])])
   whole = np.sqrt(6 / (600 + 256))
   assert np.abs(first).max() <= whole and first.std() == pytest.approx(whole / 3**0.5, 0.05)
@@ -144,6 +143,11 @@ def test_text_padding_does_not_change_the_representation():
   np.testing.assert_allclose(padded, short, atol=1e-6)
 
 
+# Tests that run _tiny_daer's MobileNetV3 take this many 32 x 32 images: op-by-op (un-jitted) calls compile each
+# operation once per input shape, so one batch shape compiles them once for the whole module.
+N_IMAGES = 5
+
+
 def _tiny_daer(**kwargs):
   fields = dict(
     name='daer',
@@ -160,19 +164,33 @@ def _tiny_daer(**kwargs):
   return build_model(fields, vocab_size=15, img_dim=0)
 
 
+def _stage_two_grads(model, variables, images, names):
+  """Gradients of stage 2's loss with respect to the image module's parameters `names` (the others held fixed: the
+  same values as in the gradient of every parameter, without compiling the backward pass through MobileNetV3)."""
+  from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
+
+  batch = {'images': images, 'labels': np.arange(len(images['pixels'])) % 4}
+
+  def loss(part):
+    params = {**variables['params'], 'image': {**variables['params']['image'], **part}}
+    return staged.ImageStage.loss(model, {**variables, 'params': params}, batch, jax.random.key(1))[0]
+
+  return jax.jit(jax.grad(loss))({name: variables['params']['image'][name] for name in names})
+
+
 @pytest.mark.slow
 def test_pair_scores_are_the_relation_network_of_every_pair_in_any_block_size():
   rng = np.random.default_rng(3)
-  images = {'pixels': rng.integers(0, 256, size=(5, 32, 32, 3)).astype(np.uint8)}
+  images = {'pixels': rng.integers(0, 256, size=(N_IMAGES, 32, 32, 3)).astype(np.uint8)}
   text = {'tokens': rng.integers(1, 15, size=(7, 4)).astype(np.int32), 'mask': np.ones((7, 4), np.float32)}
-  model = _tiny_daer(block_size=2)
+  model = _tiny_daer(block_size=2)  # 3 blocks of 2 images, the last padded
   variables = model.init(jax.random.key(0), images, text)
   assert set(variables) == {'params', 'batch_stats'}
   assert 'text_classifier' not in variables['params'] and 'image_classifier' not in variables['params']
   image_rep = model.apply(variables, images, method=model.encode_image)
   text_rep = model.apply(variables, text, method=model.encode_text)
   got = np.asarray(model.apply(variables, image_rep, text_rep, method=model.pair_scores))
-  assert got.shape == (5, 7)
+  assert got.shape == (N_IMAGES, 7)
   relation = daer.RelationNetwork(hidden=(10, 6), block_size=0)
   want = np.asarray(relation.apply({'params': variables['params']['relation']}, text_rep, image_rep)).T
   np.testing.assert_allclose(got, want, atol=1e-6)
@@ -197,7 +215,7 @@ def test_variants_switch_the_parts_of_table_3():
   with pytest.raises(ValueError, match='unknown dataset'):
     daer_config.get_config('f30k')
   model = _tiny_daer(spatial_attention=False, region_attention=False)
-  images = {'pixels': np.zeros((2, 32, 32, 3), np.uint8)}
+  images = {'pixels': np.zeros((N_IMAGES, 32, 32, 3), np.uint8)}
   text = {'tokens': np.ones((2, 3), np.int32), 'mask': np.ones((2, 3), np.float32)}
   params = model.init(jax.random.key(0), images, text)['params']
   assert 'region_attention' not in params['text']
@@ -268,10 +286,19 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
   trainers.train_and_evaluate(config, workdir)
   assert len(open(os.path.join(workdir, 'metrics.jsonl')).readlines()) == lines
 
-  # A Table 3 sweep: DAER-I-T (power 1, a relation-stage field) takes stages 1-2 from this run and trains stage 3.
+  # A Table 3 sweep: DAER-I-T (power 1, a relation-stage field) takes stages 1-2 from this run (train_and_evaluate
+  # copies a stage when reuse_stage says so) ...
+  from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
+
   capsys.readouterr()
   sweep = config.copy_and_resolve_references()
   sweep.model.power = 1.0
+  for stage in ('text', 'image'):
+    assert staged.reuse_stage(stage, sweep, workdir, str(tmp_path / 'i_t_stages'))
+    assert f'stage {stage}: checkpoints copied from {workdir}' in capsys.readouterr().out
+  # ... and a run with stages_from takes stages 1-2 and trains stage 3. Here the relation-stage field that differs is
+  # only max_steps: stage 3 of DAER-I-T would compile its training and scoring again (power 1), 30 s of this test.
+  sweep = config.copy_and_resolve_references()
   sweep.stages_from = workdir
   sweep.stage.relation.max_steps = 2
   trainers.train_and_evaluate(sweep, str(tmp_path / 'i_t'))
@@ -280,8 +307,6 @@ def test_staged_training_learns_resumes_and_evaluates_by_map(tmp_path, monkeypat
     assert f'stage {stage}: checkpoints copied from {workdir}' in out and f'stage {stage}: done' in out
   assert 'stage relation: ' in out and 'stage relation: done' not in out
   # Without region attention the text stage differs (it is trained, not copied); the image stage does not.
-  from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
-
   other = config.copy_and_resolve_references()
   other.model.region_attention = False
   assert not staged.reuse_stage('text', other, workdir, str(tmp_path / 't'))
@@ -303,6 +328,7 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
   config.model.update(width_mult=0.25, word_dim=8, lstm_size=8, embed_size=8, attention_hidden=(8, 8, 8))
   config.model.image_head_hidden = head_hidden
   config.mobilenet_weights = weights
+  config.stage.image.batch_size = 32  # as in the staged training test: stage 2's (op-by-op) init compiles per shape
   model = build_model(config.model, vocab_size=10, img_dim=0)
   train = load_split('shapes_tiny', 'train')
   vocab = vocab_lib.Vocabulary.build(train.captions, min_count=1)
@@ -337,22 +363,16 @@ def test_stage_two_starts_from_converted_torchvision_weights(monkeypatch, tmp_pa
 def test_stage_two_trains_the_300d_representation_and_drops_only_the_classifier():
   """Sec 4.4: the classification layer sits on the 1 x 300 output and is removed after stage 2, so stage 2 trains
   the FC to 300; MobileNetV3's head (FC, hard-swish, dropout 0.2) stays in the image module."""
-  from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
-
   rng = np.random.default_rng(0)
-  images = {'pixels': rng.integers(0, 256, size=(4, 32, 32, 3)).astype(np.uint8)}
+  images = {'pixels': rng.integers(0, 256, size=(N_IMAGES, 32, 32, 3)).astype(np.uint8)}
   model = _tiny_daer()
   variables = model.init(jax.random.key(0), images, method=model.classify_image)
   image = variables['params']['image']
   assert set(image) == {'mobilenet', 'head', 'fc'} and image['fc']['kernel'].shape[1] == 6
   assert variables['params']['image_classifier']['kernel'].shape == (6, 4)  # 300-d (here 6) -> classes
-  batch = {'images': images, 'labels': np.array([0, 1, 2, 3])}
-  loss = functools.partial(staged.ImageStage.loss, model)
-  grads = jax.jit(jax.grad(lambda p: loss({**variables, 'params': p}, batch, jax.random.key(1))[0]))(
-    variables['params']
-  )
-  assert float(np.abs(grads['image']['fc']['kernel']).max()) > 0
-  assert float(np.abs(grads['image']['head']['kernel']).max()) > 0
+  grads = _stage_two_grads(model, variables, images, ('fc', 'head'))
+  assert float(np.abs(grads['fc']['kernel']).max()) > 0
+  assert float(np.abs(grads['head']['kernel']).max()) > 0
   # Dropout acts in training only.
   train = jax.jit(
     lambda key: model.apply(
@@ -367,23 +387,16 @@ def test_stage_two_trains_the_300d_representation_and_drops_only_the_classifier(
 def test_without_mobilenets_head_the_fc_to_300_reads_the_pooled_features_and_trains_in_stage_two():
   """DAER-2's alternative reading: MobileNetV3's head removed with its classifier, the FC to 300 on the 960 x width
   pooled features (through the dropout); stage 2 still trains that FC."""
-  from xmatch_jax.trainers import staged  # pylint: disable=g-import-not-at-top
-
   rng = np.random.default_rng(1)
-  images = {'pixels': rng.integers(0, 256, size=(4, 32, 32, 3)).astype(np.uint8)}
+  images = {'pixels': rng.integers(0, 256, size=(N_IMAGES, 32, 32, 3)).astype(np.uint8)}
   model = _tiny_daer(image_head_hidden=0)
   variables = model.init(jax.random.key(0), images, method=model.classify_image)
   image = variables['params']['image']
   assert set(image) == {'mobilenet', 'fc'}
   rep, features = model.apply(variables, images, method=lambda m, x: m.image(x['pixels']))
-  assert features.shape == (4, mobilenet_v3.make_divisible(960 * 0.25)) and image['fc']['kernel'].shape[0] == 240
+  assert features.shape == (N_IMAGES, mobilenet_v3.make_divisible(960 * 0.25)) and image['fc']['kernel'].shape[0] == 240
   np.testing.assert_allclose(rep, features @ image['fc']['kernel'] + image['fc']['bias'], rtol=1e-5, atol=1e-6)
-  batch = {'images': images, 'labels': np.array([0, 1, 2, 3])}
-  loss = functools.partial(staged.ImageStage.loss, model)
-  grads = jax.jit(jax.grad(lambda p: loss({**variables, 'params': p}, batch, jax.random.key(1))[0]))(
-    variables['params']
-  )
-  assert float(np.abs(grads['image']['fc']['kernel']).max()) > 0
+  assert float(np.abs(_stage_two_grads(model, variables, images, ('fc',))['fc']['kernel']).max()) > 0
 
 
 @pytest.mark.parametrize('dataset', ['wikipedia', 'pascal', 'xmedianet'])

@@ -86,6 +86,12 @@ def _inputs(seed=0):
   return images, {'tokens': tokens, 'mask': mask}
 
 
+def _sum_and_grads(model, params, inputs, text):
+  """The sum of all scores and its gradients, compiled as one program (op by op, the backward pass through BERT
+  compiles for ~10 s); the tests below share its compilations through the persistent compilation cache."""
+  return jax.jit(jax.value_and_grad(lambda p, x, t: model.apply({'params': p}, x, t).sum()))(params, inputs, text)
+
+
 def _np_image_side(model, variables, images):
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), variables['params'])
   tags = (
@@ -171,12 +177,13 @@ def test_tag_batch_gives_every_region_the_same_tag_features(tag_batch):
   images, text = _inputs()
   inputs = {k: images[k] for k in model.image_keys}
   variables = model.init(jax.random.key(0), inputs, text)
-  assert jax.tree.structure(dedup.init(jax.random.key(0), inputs, text)) == jax.tree.structure(variables)
+  dedup_tree = jax.eval_shape(dedup.init, jax.random.key(0), inputs, text)  # init's tree, traced, not compiled
+  assert jax.tree.structure(dedup_tree) == jax.tree.structure(variables)
   tags = (images['tag_tokens'], images['tag_mask'])
   want = model.apply(variables, *tags, method=model.tag_features)
   got = jax.jit(lambda v: dedup.apply(v, *tags, method=dedup.tag_features))(variables)
   np.testing.assert_allclose(got, want, atol=1e-6)
-  loss = lambda m: jax.value_and_grad(lambda p: m.apply({'params': p}, inputs, text).sum())(variables['params'])
+  loss = lambda m: _sum_and_grads(m, variables['params'], inputs, text)
   (value, grads), (want_value, want_grads) = loss(dedup), loss(model)
   np.testing.assert_allclose(value, want_value, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, want_grads)
@@ -187,7 +194,7 @@ def test_text_side_is_bert_fc_then_bigru_and_bert_is_frozen():
   images, text = _inputs()
   inputs = {k: images[k] for k in model.image_keys}
   variables = model.init(jax.random.key(1), inputs, text)
-  grads = jax.grad(lambda p: model.apply({'params': p}, inputs, text).sum())(variables['params'])
+  _, grads = _sum_and_grads(model, variables['params'], inputs, text)
   assert all(float(np.abs(g).max()) == 0 for g in jax.tree.leaves(grads['bert']))
   assert float(np.abs(grads['gru']['forward_0']['ir']['kernel']).max()) > 0
   assert 'embed' not in variables['params']['gru']  # the GRU reads projected BERT features (eq 16)
@@ -199,7 +206,7 @@ def test_official_code_never_trains_the_position_attention():
     model = _model(train_position_attention=train_position)
     inputs = {k: images[k] for k in model.image_keys}
     params = model.init(jax.random.key(1), inputs, text)['params']
-    grads = jax.grad(lambda p, m=model: m.apply({'params': p}, inputs, text).sum())(params)
+    _, grads = _sum_and_grads(model, params, inputs, text)
     for name in ('object_fc', 'block_embed'):
       assert (float(np.abs(jax.tree.leaves(grads[name])[0]).max()) == 0) == expect_zero, (name, train_position)
 

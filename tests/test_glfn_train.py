@@ -27,6 +27,7 @@ def test_glfn_trains_and_the_workdir_scores_alone(variant, data_dir, tmp_path):
   c.model.word_dim = 32
   c.batch_size = 32
   c.num_epochs = 6
+  c.eval_every_epochs = c.num_epochs  # the dev evaluation (and checkpoint) the assertion reads: after the last epoch
   dev = trainers.train_and_evaluate(c, str(tmp_path))
   assert dev['rsum'] > 80, dev  # chance is ~32 on 100 images / 500 captions
   result = evaluate.evaluate_workdir(str(tmp_path), split='test')
