@@ -144,7 +144,7 @@ typedef struct {
   const float* m;  // the pair's column mask [n]
   int64_t ne;      // columns up to the last real word: the maps are computed there, the rest is padding
   float *xs, *h1, *h2;
-  float *wv, *wm;  // `winograd_layer`'s transformed inputs and products of a row of tiles
+  float *wv, *wm;  // `winograd_layer`'s transformed inputs and products of two output rows' tiles
   float *h3, *ga3, *ga2, *ga1;  // RelationCnnGrad: the 3x3 layer's output and the cotangents of the layers' inputs
   // to their ReLUs, zero-haloed as h1 and h2 (h3 NULL otherwise: the 3x3 layer then feeds the output layer)
   // Where the output layer writes: map out_q[t]'s value at (i, j) goes to out[t][i * out_rs[t] + j * out_cs[t]] for
