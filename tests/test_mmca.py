@@ -316,6 +316,61 @@ def test_split_softmax_equals_the_concatenated_softmax_in_values_and_gradients()
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, want_grads)
 
 
+def windows_text_cnn(p, words, valid, text_norm):
+  """Eqs 6-7 as the first implementation computed them: each width's windows concatenated (im2col), one matmul."""
+  n = words.shape[1]
+  lengths = jnp.sum(valid, axis=-1)
+  pooled = []
+  for width in (1, 2, 3):
+    kernel, bias = p[f'conv{width}']['kernel'], p[f'conv{width}']['bias']
+    positions = max(n - width + 1, 0)
+    if positions == 0:
+      pooled.append(jnp.zeros(words.shape[:1] + kernel.shape[-1:]))
+      continue
+    windows = jnp.concatenate([words[:, j : j + positions] for j in range(width)], axis=-1)
+    p_l = jax.nn.relu(windows @ kernel + bias)
+    inside = jnp.arange(positions)[None, :] + width <= lengths[:, None]
+    pooled.append(jnp.max(jnp.where(inside[..., None], p_l, 0.0), axis=1))
+  sentence = jnp.concatenate(pooled, axis=-1) @ p['fc']['kernel'] + p['fc']['bias']
+  return (
+    mmca_lib.layer_norm(p['ln'], sentence)
+    if text_norm == 'layernorm'
+    else sentence / jnp.linalg.norm(sentence, axis=-1, keepdims=True)
+  )
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 4, 7, 20])
+def test_winograd_text_cnn_equals_the_windows_matmul_in_values_and_gradients(n):
+  """`text_cnn` runs widths 2 and 3 as Winograd F(2, w) tiles (odd and even output counts, captions shorter than
+  a window, padding): the same embeddings and gradients as the windows' matmul, in float32."""
+  rng = np.random.default_rng(n)
+  dim, filters, batch = 24, 16, 6
+  words = jnp.asarray(rng.standard_normal((batch, n, dim)), jnp.float32)
+  valid = jnp.asarray(np.arange(n)[None] < rng.integers(1, n + 1, batch)[:, None])
+  p = {
+    f'conv{w}': {
+      'kernel': jnp.asarray(rng.standard_normal((w * dim, filters)) / np.sqrt(w * dim), jnp.float32),
+      'bias': jnp.asarray(0.1 * rng.standard_normal(filters), jnp.float32),
+    }
+    for w in (1, 2, 3)
+  }
+  p['fc'] = {'kernel': jnp.asarray(rng.standard_normal((3 * filters, dim)) / 5, jnp.float32), 'bias': jnp.zeros(dim)}
+  p['ln'] = {'scale': jnp.asarray(1 + 0.1 * rng.standard_normal(dim), jnp.float32), 'bias': jnp.zeros(dim)}
+  for text_norm in mmca_lib.TEXT_NORMS:
+
+    def loss(fn, p, words):
+      out = fn(p, words, valid, text_norm)
+      return jnp.sum(jnp.sin(3 * out)), out
+
+    (value, out), grads = jax.value_and_grad(functools.partial(loss, mmca_lib.text_cnn), (0, 1), True)(p, words)
+    (want_value, want), want_grads = jax.value_and_grad(functools.partial(loss, windows_text_cnn), (0, 1), True)(
+      p, words
+    )
+    np.testing.assert_allclose(out, want, atol=1e-6)
+    np.testing.assert_allclose(value, want_value, atol=1e-5)  # a sum of 6 x 24 terms
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, want_grads)
+
+
 def test_extra_padding_changes_nothing():
   model = _model()
   images, text = _inputs()
