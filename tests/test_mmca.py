@@ -502,10 +502,11 @@ def test_compiled_attention_matches_numpy_equations(num_heads):
 @needs_compiler
 @pytest.mark.parametrize('head_dim', [8, 16])
 def test_compiled_attention_equals_xla_path_in_values_and_gradients(head_dim):
-  # 5 images x 40 captions = 200 pairs per call (several chunks over XLA's threads); 20 regions and 1-19 words, so
-  # both query sets span more than one vector of 16 lanes and captions have padded keys.
+  # 5 images x 40 captions = 200 pairs per call (several chunks over XLA's threads); 20 regions and 1-27 words, so
+  # both query sets span more than one vector of 16 lanes (tails of 4 and 11 queries) and captions have padded
+  # keys.
   rng = np.random.default_rng(13)
-  b, c, k, n, heads = 5, 40, 20, 19, 3
+  b, c, k, n, heads = 5, 40, 20, 27, 3
   lens = rng.integers(1, n + 1, size=c)
   valid = jnp.asarray(np.arange(n)[None] < lens[:, None])
   image = {x: jnp.asarray(rng.normal(size=(b, k, heads, head_dim)), jnp.float32) for x in 'qkv'}
