@@ -62,6 +62,10 @@ def test_main_job_names_existing_config_and_default_dataset():
     ),
     ('perf_results/amd_epyc_b_winograd', ('rdan_f30k', 'rdan_shapes')),
     ('perf_results/amd_epyc_b_winograd', ('mmca_f30k',)),
+    (
+      'perf_results/amd_epyc_b_2026-12-06',
+      ('scan_t2i_f30k', 'rdan_f30k', 'mmca_f30k', 'glfn_f30k', 'daer_wikipedia', 'rdan_shapes'),
+    ),
   ],
 )
 def test_performance_table_is_generated_from_the_benchmark_json(folder, names):
