@@ -44,17 +44,20 @@ absl_logging.get_absl_logger().addFilter(_DropOrbaxSaveErrors())
 
 
 class _DropOrbaxUnretrievedTasks(logging.Filter):
-  """The same failed save, seen by asyncio when it collects orbax's write task: 'Task exception was never
-  retrieved' with the OSError's stack, at a moment that depends on the garbage collector. Likewise a failed read of
-  a corrupted checkpoint, already reported by `restore_latest` ('could not be read') and recovered from, whose task
-  is a wrapper named outside orbax: its traceback runs through orbax. XMATCH_DEBUG=1 keeps them."""
+  """The same failed save, seen by asyncio when it collects orbax's write task or the future gathering its write
+  fragments: 'Task (or _GatheringFuture) exception was never retrieved' with the OSError's stack, at a moment that
+  depends on the garbage collector. Likewise a failed read of a corrupted checkpoint, already reported by
+  `restore_latest` ('could not be read') and recovered from, whose task is a wrapper named outside orbax: its
+  traceback runs through orbax. XMATCH_DEBUG=1 keeps them."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = str(record.msg)
-    unretrieved = message.startswith('Task exception was never retrieved') and (
-      _in_orbax(message) or _raised_in_orbax(record.exc_info)
-    )
+    unretrieved = _UNRETRIEVED.match(message) is not None and (_in_orbax(message) or _raised_in_orbax(record.exc_info))
     return not (unretrieved and not _debug())
+
+
+# asyncio's words for any Task or Future subclass collected with an exception nobody retrieved.
+_UNRETRIEVED = re.compile(r'\w+ exception was never retrieved')
 
 
 def _in_orbax(path: str) -> bool:

@@ -4,6 +4,7 @@ One code path from 1 CPU to many hosts (docs/architecture.md, "Parallelism"). `p
 device topology (after starting `jax.distributed` when the environment asks for it, as training does).
 """
 
+import atexit
 import contextlib
 import os
 import re
@@ -168,15 +169,21 @@ def _watch_processes(timeout: int, every: float = 2.0) -> None:
   process with a C++ stack dump, and its missed-heartbeat callback cannot be set from Python in jax 0.10
   (std::bad_cast); so this watch acts first. A lost process 0 takes the service with it: the others then stop at
   once through jax's abort (docs/architecture.md, "Faults").
+
+  At exit the thread is stopped and joined before jax shuts down: Python ends a daemon thread that returns from
+  the client's C++ call during finalization by unwinding it (pthread_exit), which aborts the process through the
+  binding's noexcept frames ('terminate called after throwing an instance of ...'; seen in CI after a clean
+  SIGTERM save, exit -6 instead of 143).
   """
   client = _distributed_client()
   if client is None:
     return
   me, everyone = jax.process_index(), range(jax.process_count())
+  stop = threading.Event()
 
   def watch():
     beat, seen = 0, {}  # process -> (its last counter, when it last moved)
-    while True:
+    while not stop.is_set():
       beat += 1
       try:
         client.key_value_set(f'{_ALIVE}{me}', str(beat), allow_overwrite=True)
@@ -191,9 +198,16 @@ def _watch_processes(timeout: int, every: float = 2.0) -> None:
       lost = [p for p in everyone if p != me and now - seen[p][1] > timeout]
       if lost:
         lose_process(lost, '', timeout)
-      time.sleep(every)
+      stop.wait(every)
 
-  threading.Thread(target=watch, name='xmatch-process-watch', daemon=True).start()
+  thread = threading.Thread(target=watch, name='xmatch-process-watch', daemon=True)
+  thread.start()
+
+  def stop_watching():
+    stop.set()
+    thread.join(timeout=every + 10)  # a client call in flight ends or fails within seconds
+
+  atexit.register(stop_watching)  # runs before jax's own atexit shutdown, registered when jax was imported
 
 
 def define_flags() -> None:
